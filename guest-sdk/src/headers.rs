@@ -1,0 +1,166 @@
+//! An ordered list of HTTP headers, as the host passes them.
+
+/// HTTP headers in order, where a name may occur more than once.
+///
+/// Names from the host are lower-case, and [`Headers::append`] lower-cases the
+/// names it stores. Lookups ignore ASCII case.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Headers {
+    entries: Vec<(String, String)>,
+}
+
+impl Headers {
+    /// Creates an empty list.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Returns the first value of the header `name`, ignoring ASCII case.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.get_all(name).next()
+    }
+
+    /// Returns every value of the header `name` in order, ignoring ASCII case.
+    pub fn get_all<'a, 'n>(&'a self, name: &'n str) -> impl Iterator<Item = &'a str> + use<'a, 'n> {
+        self.entries
+            .iter()
+            .filter(move |(entry_name, _)| entry_name.eq_ignore_ascii_case(name))
+            .map(|(_, value)| value.as_str())
+    }
+
+    /// Returns `(name, value)` pairs in order.
+    pub fn iter(&self) -> HeaderIter<'_> {
+        HeaderIter {
+            entries: self.entries.iter(),
+        }
+    }
+
+    /// Adds a header after the existing ones, keeping earlier values of the
+    /// same name. The name is stored lower-case.
+    pub fn append(&mut self, name: impl Into<String>, value: impl Into<String>) {
+        let mut name = name.into();
+        name.make_ascii_lowercase();
+        self.entries.push((name, value.into()));
+    }
+
+    /// Returns the number of entries, counting each value of a repeated name.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Returns `true` when there are no headers.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// Wraps pairs that are already in the host's form, without lower-casing.
+    pub(crate) fn from_pairs(entries: Vec<(String, String)>) -> Self {
+        Self { entries }
+    }
+
+    pub(crate) fn into_pairs(self) -> Vec<(String, String)> {
+        self.entries
+    }
+}
+
+impl<N, V> FromIterator<(N, V)> for Headers
+where
+    N: Into<String>,
+    V: Into<String>,
+{
+    fn from_iter<I: IntoIterator<Item = (N, V)>>(iter: I) -> Self {
+        let mut headers = Headers::new();
+        for (name, value) in iter {
+            headers.append(name, value);
+        }
+        headers
+    }
+}
+
+/// An iterator over the `(name, value)` pairs of [`Headers`], in order.
+#[derive(Debug, Clone)]
+pub struct HeaderIter<'a> {
+    entries: std::slice::Iter<'a, (String, String)>,
+}
+
+impl<'a> Iterator for HeaderIter<'a> {
+    type Item = (&'a str, &'a str);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let (name, value) = self.entries.next()?;
+        Some((name.as_str(), value.as_str()))
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        self.entries.size_hint()
+    }
+}
+
+impl<'a> IntoIterator for &'a Headers {
+    type Item = (&'a str, &'a str);
+    type IntoIter = HeaderIter<'a>;
+
+    fn into_iter(self) -> Self::IntoIter {
+        self.iter()
+    }
+}
+
+/// Records a header to set in a list of changes. Names are lower-cased, and
+/// the last call for a name wins over an earlier set or removal of it, so the
+/// order in which the host applies the two lists does not matter.
+pub(crate) fn record_set(
+    set_headers: &mut Vec<(String, String)>,
+    remove_headers: &mut Vec<String>,
+    name: String,
+    value: String,
+) {
+    let name = name.to_ascii_lowercase();
+    remove_headers.retain(|removed| *removed != name);
+    set_headers.retain(|(set_name, _)| *set_name != name);
+    set_headers.push((name, value));
+}
+
+/// Records a header to remove in a list of changes, cancelling an earlier set
+/// of the same name.
+pub(crate) fn record_remove(
+    set_headers: &mut Vec<(String, String)>,
+    remove_headers: &mut Vec<String>,
+    name: String,
+) {
+    let name = name.to_ascii_lowercase();
+    set_headers.retain(|(set_name, _)| *set_name != name);
+    if !remove_headers.contains(&name) {
+        remove_headers.push(name);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn get_ignores_case() {
+        let headers: Headers = [("X-Api-Key", "k1")].into_iter().collect();
+        assert_eq!(headers.get("x-api-key"), Some("k1"));
+        assert_eq!(headers.get("X-API-KEY"), Some("k1"));
+        assert_eq!(headers.get("x-other"), None);
+    }
+
+    #[test]
+    fn append_lowercases_name() {
+        let mut headers = Headers::new();
+        headers.append("Content-Type", "text/plain");
+        assert_eq!(headers.iter().next(), Some(("content-type", "text/plain")));
+    }
+
+    #[test]
+    fn get_all_keeps_order() {
+        let headers: Headers = [("accept", "a"), ("x", "1"), ("accept", "b")]
+            .into_iter()
+            .collect();
+        assert_eq!(headers.get("accept"), Some("a"));
+        assert_eq!(headers.get_all("accept").collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(headers.len(), 3);
+        assert!(!headers.is_empty());
+    }
+}

@@ -1,0 +1,259 @@
+//! The `edge` command line.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{bail, Context as _};
+use clap::{Parser, Subcommand};
+
+use crate::config::Config;
+use crate::listener::Server;
+use crate::node::Node;
+
+/// Edge: an HTTP edge node that runs WebAssembly workers on each route
+/// before it proxies requests to upstream services.
+#[derive(Debug, Parser)]
+#[command(name = "edge", version, propagate_version = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve requests with the routes, workers and upstreams of a config file.
+    Serve {
+        /// The node's TOML config file.
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Validate a config file and load its worker modules without serving.
+    Check {
+        /// The node's TOML config file.
+        config: PathBuf,
+    },
+    /// Start a demo node with built-in demo upstreams and the example workers.
+    Demo {
+        /// Address the demo node listens on.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: std::net::SocketAddr,
+        /// Folder with add-header.wasm and path-router.wasm.
+        #[arg(long, default_value = "modules")]
+        modules: PathBuf,
+    },
+    /// Inspect routes.
+    #[command(subcommand)]
+    Routes(RoutesCommand),
+    /// Create and build workers.
+    #[command(subcommand)]
+    Worker(WorkerCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum RoutesCommand {
+    /// Show which route a request matches, the workers that run on it, and
+    /// why every other route does not match.
+    Explain {
+        /// The node's TOML config file.
+        #[arg(long, short)]
+        config: PathBuf,
+        /// The request method, such as GET.
+        method: String,
+        /// The request path, such as /users/7 (it is normalised first).
+        path: String,
+        /// The Host header of the request.
+        #[arg(long)]
+        host: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum WorkerCommand {
+    /// Create a worker crate that builds with the guest SDK.
+    New {
+        /// The crate name, such as my-worker; also the new folder's name.
+        name: String,
+        /// Folder to create the crate in.
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// Path to the guest SDK crate. Default: the guest-sdk folder of the
+        /// Edge source tree this binary was built from.
+        #[arg(long, conflicts_with = "sdk_git")]
+        sdk_path: Option<PathBuf>,
+        /// Git URL of an Edge repository to take the guest SDK from.
+        #[arg(long)]
+        sdk_git: Option<String>,
+    },
+    /// Build a worker crate for wasm32-wasip2 and copy the component to the
+    /// output folder as NAME.wasm.
+    Build {
+        /// The worker crate's folder.
+        path: PathBuf,
+        /// Where to put the component.
+        #[arg(long, default_value = "modules")]
+        out: PathBuf,
+    },
+}
+
+/// Runs the command line and returns the process exit code.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_tracing();
+    let result = match cli.command {
+        Command::Serve { config } => serve(&config),
+        Command::Check { config } => check(&config),
+        Command::Demo { listen, modules } => crate::demo::run(listen, &modules),
+        Command::Routes(RoutesCommand::Explain {
+            config,
+            method,
+            path,
+            host,
+        }) => explain(&config, &method, &path, host.as_deref()),
+        Command::Worker(WorkerCommand::New {
+            name,
+            dir,
+            sdk_path,
+            sdk_git,
+        }) => crate::scaffold::new_worker(&name, &dir, sdk_path.as_deref(), sdk_git.as_deref()),
+        Command::Worker(WorkerCommand::Build { path, out }) => crate::scaffold::build_worker(&path, &out),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_tracing() {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("EDGE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Loads a config and builds its node, loading every worker module.
+pub fn load_node(path: &Path) -> anyhow::Result<(Config, Node)> {
+    let config = Config::load(path)?;
+    let node = Node::build(&config)?;
+    Ok((config, node))
+}
+
+fn serve(path: &Path) -> anyhow::Result<()> {
+    let (config, node) = load_node(path)?;
+    run_node(&config, node)
+}
+
+/// Serves a built node until Ctrl-C or SIGTERM, printing its addresses.
+pub fn run_node(config: &Config, node: Node) -> anyhow::Result<()> {
+    let server = Server::start(
+        Arc::new(node),
+        &config.listeners,
+        config.threads(),
+        config.node.drain_timeout,
+    )?;
+    for addr in &server.addrs {
+        println!("listening on http://{addr}");
+    }
+    tracing::info!(node = %config.node.name, threads = config.threads(), "serving");
+    wait_for_signal()?;
+    tracing::info!("shutting down; draining open connections");
+    server.shutdown();
+    Ok(())
+}
+
+fn wait_for_signal() -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot build the signal runtime")?;
+    runtime.block_on(async {
+        let mut terminate =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .context("cannot listen for SIGTERM")?;
+        tokio::select! {
+            result = tokio::signal::ctrl_c() => result.context("cannot listen for Ctrl-C")?,
+            _ = terminate.recv() => {}
+        }
+        Ok(())
+    })
+}
+
+fn check(path: &Path) -> anyhow::Result<()> {
+    let (config, node) = load_node(path)?;
+    let workers: usize = node.routes.iter().map(|r| r.workers.len()).sum();
+    println!(
+        "{}: ok ({} listeners, {} upstreams, {} routes, {} workers)",
+        config.source.name,
+        config.listeners.len(),
+        config.upstreams.len(),
+        config.routes.len(),
+        workers
+    );
+    Ok(())
+}
+
+fn explain(path: &Path, method: &str, raw_path: &str, host: Option<&str>) -> anyhow::Result<()> {
+    let config = Config::load(path)?;
+    let node = Node::build(&config)?;
+    let method: http::Method = method
+        .to_ascii_uppercase()
+        .parse()
+        .with_context(|| format!("{method:?} is not an HTTP method"))?;
+    let normal = crate::route::normalize_path(raw_path)
+        .map_err(|e| anyhow::anyhow!("path {raw_path:?} is rejected with 400 invalid_path: {e}"))?;
+    let host = host.map(|h| crate::route::host_name(h).into_owned());
+    println!(
+        "request: {method} {normal}{}",
+        host.as_deref().map(|h| format!(" (host {h})")).unwrap_or_default()
+    );
+    if normal != raw_path {
+        println!("  the path {raw_path:?} is normalised to {normal:?}");
+    }
+    let verdicts = node.router.explain(host.as_deref(), &method, &normal);
+    let winner = verdicts.iter().find(|v| v.mismatch.is_none());
+    match winner {
+        Some(verdict) => {
+            let route = &node.routes[verdict.rule.index];
+            let config_route = &config.routes[verdict.rule.index];
+            println!("matches route {:?} ({})", route.name, verdict.rule.path);
+            match &config_route.upstream {
+                Some(upstream) => println!("  upstream: {}", upstream.get_ref()),
+                None => println!("  upstream: none; a worker must route or respond"),
+            }
+            println!("  max body: {}", config_route.max_body);
+            if route.workers.is_empty() {
+                println!("  workers: none");
+            }
+            for (index, (binding, worker)) in route.workers.iter().zip(&config_route.workers).enumerate() {
+                println!(
+                    "  worker {}: {} (sha256 {}, cpu deadline {:?}, memory cap {}{})",
+                    index + 1,
+                    config.resolve(worker.module.get_ref()).display(),
+                    &binding.module.hash[..12],
+                    worker.cpu_deadline,
+                    worker.max_memory.get_ref(),
+                    if binding.response_hook { ", response hook" } else { "" },
+                );
+            }
+        }
+        None => println!("no route matches: the node answers 404 no_route"),
+    }
+    println!("routes in the order they are tried:");
+    for verdict in &verdicts {
+        let outcome = match (&verdict.mismatch, winner) {
+            (None, Some(w)) if std::ptr::eq(w.rule, verdict.rule) => "matches".to_owned(),
+            (None, _) => "also matches, but a more specific route comes first".to_owned(),
+            (Some(reason), _) => reason.clone(),
+        };
+        println!("  {:<20} {outcome}", verdict.rule.name);
+    }
+    if winner.is_none() && verdicts.is_empty() {
+        bail!("the config has no routes");
+    }
+    Ok(())
+}

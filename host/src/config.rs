@@ -1,0 +1,417 @@
+//! The node's TOML config: listeners, the worker runtime, upstreams and routes.
+//!
+//! Parsing checks types and names field by field; [`Config::validate`] checks
+//! what spans several fields (a route naming an unknown upstream, a bad path
+//! pattern). Every error names the file, the line and the field.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use ipnet::IpNet;
+use serde::Deserialize;
+use toml::Spanned;
+
+use crate::route::PathMatch;
+
+/// The config an `edge` node runs with.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub node: NodeConfig,
+    /// Where the node accepts client connections. At least one is required.
+    #[serde(default)]
+    pub listeners: Vec<ListenerConfig>,
+    #[serde(default)]
+    pub runtime: RuntimeConfig,
+    /// Upstream services by name.
+    #[serde(default)]
+    pub upstreams: BTreeMap<String, UpstreamConfig>,
+    /// Routes, matched by host, method and path.
+    #[serde(default)]
+    pub routes: Vec<RouteConfig>,
+    /// The file this config came from, for errors and relative paths.
+    #[serde(skip)]
+    pub source: ConfigSource,
+}
+
+/// Where a config came from.
+#[derive(Debug, Clone, Default)]
+pub struct ConfigSource {
+    /// The file name shown in errors, such as `edge.toml` or `<built-in demo>`.
+    pub name: String,
+    /// The folder that relative paths in the config are resolved against.
+    pub base_dir: PathBuf,
+    /// The config text, to turn byte offsets into line numbers.
+    pub text: String,
+}
+
+/// Settings of the node as a whole.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeConfig {
+    /// The node's name, sent in `Via`. Default: `edge`.
+    pub name: String,
+    /// Runtime threads that serve connections. Default: the number of cores.
+    pub threads: Option<usize>,
+    /// How long open connections may take to finish on shutdown. Default: 10s.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+}
+
+impl Default for NodeConfig {
+    fn default() -> Self {
+        Self {
+            name: "edge".to_owned(),
+            threads: None,
+            drain_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// One address the node accepts plain-HTTP connections on (HTTP/1.1 and
+/// HTTP/2 with prior knowledge).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerConfig {
+    /// The socket address, such as `0.0.0.0:8080`. Port 0 picks a free port.
+    pub addr: SocketAddr,
+    /// Peers whose `X-Forwarded-For` is trusted and appended to; for every
+    /// other peer the header is replaced. Default: none.
+    #[serde(default)]
+    pub trusted_proxies: Vec<IpNet>,
+    /// Time allowed for a client to send a request's headers. Default: 30s.
+    #[serde(default = "default_header_timeout", with = "humantime_serde")]
+    pub header_timeout: Duration,
+}
+
+fn default_header_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+/// Settings of the worker runtime shared by every route.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RuntimeConfig {
+    /// Where compiled modules are cached, relative to the config file.
+    /// Default: `.edge-cache` beside the config file.
+    pub cache_dir: Option<PathBuf>,
+    /// Worker instances that may exist at once across the node; this sizes the
+    /// instance pool. Default: 128.
+    pub max_instances: u32,
+    /// Requests that may wait for a free instance at once. Default: 1024.
+    pub queue_limit: usize,
+    /// How long a request waits for a free instance before 503 `worker_busy`.
+    /// Default: 20ms.
+    #[serde(with = "humantime_serde")]
+    pub queue_timeout: Duration,
+    /// The largest memory cap a worker may be given; the size of each pool
+    /// slot. Default: 64 MiB.
+    pub max_memory: ByteSize,
+}
+
+impl Default for RuntimeConfig {
+    fn default() -> Self {
+        Self {
+            cache_dir: None,
+            max_instances: 128,
+            queue_limit: 1024,
+            queue_timeout: Duration::from_millis(20),
+            max_memory: ByteSize::mib(64),
+        }
+    }
+}
+
+/// An upstream service: one or more targets that receive proxied requests.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// Target addresses, such as `127.0.0.1:9000`; requests go to them in
+    /// turn.
+    pub targets: Vec<SocketAddr>,
+    /// Time allowed to open a TCP connection to a target. Default: 2s.
+    #[serde(default = "default_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// Time allowed from sending the request until the response headers
+    /// arrive. Default: 30s.
+    #[serde(default = "default_response_timeout", with = "humantime_serde")]
+    pub response_timeout: Duration,
+    /// Idle keep-alive connections kept per target and runtime thread.
+    /// Default: 64.
+    #[serde(default = "default_max_idle")]
+    pub max_idle_per_target: usize,
+}
+
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+
+fn default_response_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_max_idle() -> usize {
+    64
+}
+
+/// A route: which requests it matches, the workers that run on them and the
+/// upstream they go to.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RouteConfig {
+    /// A unique name, used in logs, errors and worker requests.
+    pub name: Spanned<String>,
+    /// The `Host` to match: an exact name, or `*.example.com` for any
+    /// subdomain. Default: any host.
+    pub host: Option<String>,
+    /// Methods to match. Default: any method.
+    #[serde(default)]
+    pub methods: Vec<String>,
+    /// Matches this path and everything below it, on whole segments.
+    pub prefix: Option<Spanned<String>>,
+    /// Matches exactly this path.
+    pub path: Option<Spanned<String>>,
+    /// Matches a path with named segments, such as `/{device}/home`.
+    pub pattern: Option<Spanned<String>>,
+    /// The upstream requests go to unless a worker routes them elsewhere.
+    pub upstream: Option<Spanned<String>>,
+    /// The largest request body accepted. Default: 10 MiB.
+    #[serde(default = "default_max_body")]
+    pub max_body: ByteSize,
+    /// Workers that run on each request, in order.
+    #[serde(default)]
+    pub workers: Vec<WorkerConfig>,
+}
+
+fn default_max_body() -> ByteSize {
+    ByteSize::mib(10)
+}
+
+/// One worker bound to a route.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerConfig {
+    /// The component file, relative to the config file.
+    pub module: Spanned<PathBuf>,
+    /// CPU time allowed per call before 503 `worker_timeout`. Default: 50ms.
+    /// A call runs on a serving thread, so keep this short.
+    #[serde(default = "default_cpu_deadline", with = "humantime_serde")]
+    pub cpu_deadline: Duration,
+    /// Linear memory the instance may grow to; must not exceed
+    /// `runtime.max_memory`. Default: 16 MiB.
+    #[serde(default = "default_worker_memory")]
+    pub max_memory: Spanned<ByteSize>,
+    /// The worker's own settings, readable through its `config` import.
+    #[serde(default)]
+    pub config: toml::Table,
+}
+
+fn default_cpu_deadline() -> Duration {
+    Duration::from_millis(50)
+}
+
+fn default_worker_memory() -> Spanned<ByteSize> {
+    Spanned::new(0..0, ByteSize::mib(16))
+}
+
+/// A config that could not be read or is invalid.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{file}: {message}")]
+    Parse { file: String, message: String },
+    #[error("{file}:{line}: {field}: {message}")]
+    Invalid {
+        file: String,
+        line: usize,
+        field: String,
+        message: String,
+    },
+}
+
+impl Config {
+    /// Reads, parses and validates the config file at `path`.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let base_dir = path
+            .parent()
+            .map(Path::to_owned)
+            .unwrap_or_default();
+        let source = ConfigSource {
+            name: path.display().to_string(),
+            base_dir,
+            text,
+        };
+        Config::parse(source)
+    }
+
+    /// Parses and validates config text.
+    pub fn parse(source: ConfigSource) -> Result<Config, ConfigError> {
+        let mut config: Config = toml::from_str(&source.text).map_err(|e| ConfigError::Parse {
+            file: source.name.clone(),
+            message: e.to_string().trim_end().to_owned(),
+        })?;
+        config.source = source;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what spans several fields.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.listeners.is_empty() {
+            return Err(self.invalid(0, "listeners", "at least one [[listeners]] is required"));
+        }
+        if self.node.threads == Some(0) {
+            return Err(self.invalid(0, "node.threads", "must be at least 1"));
+        }
+        if self.runtime.max_instances == 0 {
+            return Err(self.invalid(0, "runtime.max_instances", "must be at least 1"));
+        }
+        for (name, upstream) in &self.upstreams {
+            if upstream.targets.is_empty() {
+                let field = format!("upstreams.{name}.targets");
+                return Err(self.invalid(0, &field, "at least one target is required"));
+            }
+        }
+        let mut names = BTreeMap::new();
+        for (index, route) in self.routes.iter().enumerate() {
+            let field = |name: &str| format!("routes[{index}].{name}");
+            let line = self.line_of(route.name.span().start);
+            if let Some(first) = names.insert(route.name.get_ref().as_str(), line) {
+                let message = format!(
+                    "route name {:?} is already used on line {first}",
+                    route.name.get_ref()
+                );
+                return Err(self.invalid(line, &field("name"), &message));
+            }
+            self.path_match(route)
+                .map_err(|(span, field_name, message)| {
+                    self.invalid(self.line_of(span), &field(field_name), &message)
+                })?;
+            for method in &route.methods {
+                if http::Method::from_bytes(method.as_bytes()).is_err() {
+                    let message = format!("{method:?} is not a valid HTTP method");
+                    return Err(self.invalid(line, &field("methods"), &message));
+                }
+            }
+            if let Some(host) = &route.host {
+                if host.is_empty() || host.contains(['/', ' ']) {
+                    let message = format!("{host:?} is not a host name");
+                    return Err(self.invalid(line, &field("host"), &message));
+                }
+            }
+            if let Some(upstream) = &route.upstream {
+                if !self.upstreams.contains_key(upstream.get_ref()) {
+                    let message = format!(
+                        "no upstream named {:?}; declare it as [upstreams.{}]",
+                        upstream.get_ref(),
+                        upstream.get_ref()
+                    );
+                    let line = self.line_of(upstream.span().start);
+                    return Err(self.invalid(line, &field("upstream"), &message));
+                }
+            }
+            for (worker_index, worker) in route.workers.iter().enumerate() {
+                let cap = *worker.max_memory.get_ref();
+                if cap > self.runtime.max_memory {
+                    let message = format!(
+                        "{cap} is over runtime.max_memory ({})",
+                        self.runtime.max_memory
+                    );
+                    let line = self.line_of(worker.max_memory.span().start).max(line);
+                    let field = field(&format!("workers[{worker_index}].max_memory"));
+                    return Err(self.invalid(line, &field, &message));
+                }
+                if worker.cpu_deadline.is_zero() {
+                    let field = field(&format!("workers[{worker_index}].cpu_deadline"));
+                    return Err(self.invalid(line, &field, "must be more than zero"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Builds the path matcher of a route from its `prefix`, `path` or
+    /// `pattern`; on error returns the span, field and message.
+    pub fn path_match(
+        &self,
+        route: &RouteConfig,
+    ) -> Result<PathMatch, (usize, &'static str, String)> {
+        let given = [
+            ("prefix", &route.prefix),
+            ("path", &route.path),
+            ("pattern", &route.pattern),
+        ];
+        let mut set = given.iter().filter_map(|(name, value)| Some((*name, (*value).as_ref()?)));
+        let Some((field, value)) = set.next() else {
+            return Ok(PathMatch::Prefix("/".to_owned()));
+        };
+        if let Some((other, _)) = set.next() {
+            let message = format!("set only one of prefix, path and pattern, not {field} and {other}");
+            return Err((value.span().start, field, message));
+        }
+        let parsed = match field {
+            "prefix" => PathMatch::prefix(value.get_ref()),
+            "path" => PathMatch::exact(value.get_ref()),
+            _ => PathMatch::pattern(value.get_ref()),
+        };
+        parsed.map_err(|message| (value.span().start, field, message))
+    }
+
+    /// Resolves a path from the config against the config file's folder.
+    pub fn resolve(&self, path: &Path) -> PathBuf {
+        if path.is_absolute() {
+            path.to_owned()
+        } else {
+            self.source.base_dir.join(path)
+        }
+    }
+
+    /// The folder where compiled modules are cached.
+    pub fn cache_dir(&self) -> PathBuf {
+        match &self.runtime.cache_dir {
+            Some(dir) => self.resolve(dir),
+            None => self.source.base_dir.join(".edge-cache"),
+        }
+    }
+
+    /// Runtime threads to serve with.
+    pub fn threads(&self) -> usize {
+        self.node.threads.unwrap_or_else(|| {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        })
+    }
+
+    /// Returns the 1-based line of a byte offset in the config text.
+    pub fn line_of(&self, offset: usize) -> usize {
+        let end = offset.min(self.source.text.len());
+        self.source.text[..end].matches('\n').count() + 1
+    }
+
+    /// Builds an error that points at a line and field of this config.
+    pub fn invalid(&self, line: usize, field: &str, message: &str) -> ConfigError {
+        ConfigError::Invalid {
+            file: self.source.name.clone(),
+            line: line.max(1),
+            field: field.to_owned(),
+            message: message.to_owned(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.name)
+    }
+}

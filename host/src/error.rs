@@ -1,0 +1,133 @@
+//! Refusals: every way the node can fail a request, and the one place that
+//! turns each into a status, a JSON body and headers.
+
+use bytes::Bytes;
+use http::header::{CONTENT_TYPE, RETRY_AFTER};
+use http::{HeaderValue, Response, StatusCode};
+
+use crate::proxy::ResponseBody;
+
+/// Where a failure came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    /// The client sent something the node rejects.
+    Client,
+    /// A worker failed, timed out or made an invalid decision.
+    Worker,
+    /// The upstream could not be reached or was too slow.
+    Upstream,
+    /// The node itself: config or capacity.
+    Host,
+}
+
+/// A request the node answers itself with an error.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// No route matches the host, method and path.
+    NoRoute,
+    /// The path has malformed escapes, an encoded slash or invalid UTF-8.
+    InvalidPath(String),
+    /// The body is larger than the route allows.
+    BodyTooLarge { limit: u64 },
+    /// The route has no upstream and no worker chose one.
+    NoUpstream,
+    /// Connecting to the upstream failed, or the connection broke.
+    UpstreamUnavailable { upstream: String },
+    /// The upstream did not connect or answer in time.
+    UpstreamTimeout { upstream: String },
+    /// A worker trapped, panicked, ran out of memory or decided something
+    /// invalid.
+    WorkerFailed,
+    /// A worker ran past its CPU deadline.
+    WorkerTimeout,
+    /// No worker instance became free in time.
+    WorkerBusy,
+}
+
+impl Refusal {
+    /// The status code sent to the client.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Refusal::NoRoute => StatusCode::NOT_FOUND,
+            Refusal::InvalidPath(_) => StatusCode::BAD_REQUEST,
+            Refusal::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Refusal::NoUpstream | Refusal::WorkerFailed => StatusCode::INTERNAL_SERVER_ERROR,
+            Refusal::UpstreamUnavailable { .. } => StatusCode::BAD_GATEWAY,
+            Refusal::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            Refusal::WorkerTimeout | Refusal::WorkerBusy => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    /// The stable machine-readable code in the body's `error` field.
+    pub fn code(&self) -> &'static str {
+        match self {
+            Refusal::NoRoute => "no_route",
+            Refusal::InvalidPath(_) => "invalid_path",
+            Refusal::BodyTooLarge { .. } => "body_too_large",
+            Refusal::NoUpstream => "no_upstream",
+            Refusal::UpstreamUnavailable { .. } => "upstream_unavailable",
+            Refusal::UpstreamTimeout { .. } => "upstream_timeout",
+            Refusal::WorkerFailed => "worker_failed",
+            Refusal::WorkerTimeout => "worker_timeout",
+            Refusal::WorkerBusy => "worker_busy",
+        }
+    }
+
+    /// Where the failure came from.
+    pub fn source(&self) -> Source {
+        match self {
+            Refusal::NoRoute | Refusal::InvalidPath(_) | Refusal::BodyTooLarge { .. } => {
+                Source::Client
+            }
+            Refusal::WorkerFailed | Refusal::WorkerTimeout => Source::Worker,
+            Refusal::UpstreamUnavailable { .. } | Refusal::UpstreamTimeout { .. } => {
+                Source::Upstream
+            }
+            Refusal::NoUpstream | Refusal::WorkerBusy => Source::Host,
+        }
+    }
+
+    /// A sentence for the client. It names no internal detail beyond the
+    /// upstream's name; the log line carries the cause.
+    pub fn message(&self) -> String {
+        match self {
+            Refusal::NoRoute => "no route matches this request".to_owned(),
+            Refusal::InvalidPath(reason) => format!("invalid request path: {reason}"),
+            Refusal::BodyTooLarge { limit } => {
+                format!("the request body is larger than this route's limit of {limit} bytes")
+            }
+            Refusal::NoUpstream => "this route has no upstream and no worker chose one".to_owned(),
+            Refusal::UpstreamUnavailable { upstream } => {
+                format!("upstream {upstream} could not be reached")
+            }
+            Refusal::UpstreamTimeout { upstream } => {
+                format!("upstream {upstream} did not answer in time")
+            }
+            Refusal::WorkerFailed => "a worker on this route failed".to_owned(),
+            Refusal::WorkerTimeout => "a worker on this route ran past its CPU deadline".to_owned(),
+            Refusal::WorkerBusy => "all worker instances are busy; retry shortly".to_owned(),
+        }
+    }
+
+    /// Seconds the client should wait before retrying, for 503s.
+    fn retry_after(&self) -> Option<&'static str> {
+        match self {
+            Refusal::WorkerBusy | Refusal::WorkerTimeout => Some("1"),
+            _ => None,
+        }
+    }
+
+    /// Builds the response: the status, `{"error": code, "message": ...}`
+    /// and `Retry-After` where it applies.
+    pub fn to_response(&self) -> Response<ResponseBody> {
+        let body = serde_json::json!({ "error": self.code(), "message": self.message() });
+        let mut response = Response::new(ResponseBody::full(Bytes::from(body.to_string())));
+        *response.status_mut() = self.status();
+        let headers = response.headers_mut();
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        if let Some(seconds) = self.retry_after() {
+            headers.insert(RETRY_AFTER, HeaderValue::from_static(seconds));
+        }
+        response
+    }
+}

@@ -1,0 +1,20 @@
+//! Edge: a node that routes HTTP requests, runs WebAssembly workers on them
+//! and proxies them to upstream services.
+//!
+//! A request passes through the stages in [`pipeline`]: path normalisation
+//! and routing ([`route`]), the route's workers ([`worker`]), and the
+//! upstream call ([`proxy`]). [`config`] reads the TOML file, [`node`] builds
+//! the shared state from it, and [`listener`] accepts and serves connections.
+#![deny(unsafe_code)]
+
+pub mod cli;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod listener;
+pub mod node;
+pub mod pipeline;
+pub mod proxy;
+pub mod route;
+pub mod scaffold;
+pub mod worker;

@@ -1,0 +1,221 @@
+//! Listeners and serving threads.
+//!
+//! One acceptor thread takes connections from every listener and hands them
+//! in turn to the serving threads. Each serving thread runs a single-threaded
+//! tokio runtime, so a request stays on one core from accept to response and
+//! the upstream connection pool needs no lock. Connections speak HTTP/1.1 or
+//! HTTP/2 (prior knowledge), detected from the first bytes.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+
+use crate::config::ListenerConfig;
+use crate::node::Node;
+use crate::pipeline::{self, Connection};
+
+/// A connection on its way from the acceptor to a serving thread.
+struct Accepted {
+    stream: TcpStream,
+    connection: Connection,
+}
+
+/// A running node: its bound addresses and the threads serving them.
+pub struct Server {
+    /// The bound address of each listener, in config order.
+    pub addrs: Vec<SocketAddr>,
+    shutdown: watch::Sender<bool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Server {
+    /// Binds every listener and starts the acceptor and `threads` serving
+    /// threads.
+    pub fn start(
+        node: Arc<Node>,
+        listeners: &[ListenerConfig],
+        threads: usize,
+        drain_timeout: Duration,
+    ) -> anyhow::Result<Server> {
+        let mut bound = Vec::new();
+        let mut addrs = Vec::new();
+        for listener in listeners {
+            let socket = bind(listener.addr)
+                .with_context(|| format!("cannot listen on {}", listener.addr))?;
+            addrs.push(socket.local_addr()?);
+            bound.push(socket);
+        }
+        let (shutdown, shutdown_rx) = watch::channel(false);
+
+        let mut senders = Vec::new();
+        let mut handles = Vec::new();
+        for index in 0..threads {
+            let (sender, receiver) = mpsc::unbounded_channel();
+            senders.push(sender);
+            let node = node.clone();
+            let shutdown_rx = shutdown_rx.clone();
+            let header_timeouts: Vec<Duration> =
+                listeners.iter().map(|l| l.header_timeout).collect();
+            let handle = std::thread::Builder::new()
+                .name(format!("edge-serve-{index}"))
+                .spawn(move || {
+                    serve_thread(node, receiver, shutdown_rx, header_timeouts, drain_timeout)
+                })
+                .context("cannot start a serving thread")?;
+            handles.push(handle);
+        }
+
+        let acceptor_shutdown = shutdown_rx.clone();
+        let acceptor = std::thread::Builder::new()
+            .name("edge-accept".to_owned())
+            .spawn(move || accept_thread(bound, senders, acceptor_shutdown))
+            .context("cannot start the acceptor thread")?;
+        handles.push(acceptor);
+        Ok(Server {
+            addrs,
+            shutdown,
+            threads: handles,
+        })
+    }
+
+    /// Stops accepting, lets open connections finish within the drain
+    /// timeout, and waits for every thread to end.
+    pub fn shutdown(self) {
+        let _ = self.shutdown.send(true);
+        for thread in self.threads {
+            let _ = thread.join();
+        }
+    }
+}
+
+fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_nonblocking(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("cannot build a tokio runtime")
+}
+
+fn accept_thread(
+    listeners: Vec<std::net::TcpListener>,
+    senders: Vec<mpsc::UnboundedSender<Accepted>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    runtime().block_on(async move {
+        let senders = Arc::new(senders);
+        let mut tasks = tokio::task::JoinSet::new();
+        for (index, listener) in listeners.into_iter().enumerate() {
+            let listener = match TcpListener::from_std(listener) {
+                Ok(listener) => listener,
+                Err(error) => {
+                    tracing::error!(%error, "cannot register a listener");
+                    continue;
+                }
+            };
+            let senders = senders.clone();
+            tasks.spawn(async move {
+                let mut turn = index;
+                loop {
+                    match listener.accept().await {
+                        Ok((stream, peer)) => {
+                            let _ = stream.set_nodelay(true);
+                            let accepted = Accepted {
+                                stream,
+                                connection: Connection {
+                                    peer,
+                                    listener: index,
+                                },
+                            };
+                            let _ = senders[turn % senders.len()].send(accepted);
+                            turn = turn.wrapping_add(1);
+                        }
+                        Err(error) => {
+                            // Out of file descriptors or similar: back off
+                            // instead of spinning.
+                            tracing::warn!(%error, "accept failed");
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+            });
+        }
+        let _ = shutdown.wait_for(|stop| *stop).await;
+        tasks.abort_all();
+    });
+}
+
+fn serve_thread(
+    node: Arc<Node>,
+    mut connections: mpsc::UnboundedReceiver<Accepted>,
+    mut shutdown: watch::Receiver<bool>,
+    header_timeouts: Vec<Duration>,
+    drain_timeout: Duration,
+) {
+    runtime().block_on(async move {
+        let builders: Vec<Arc<auto::Builder<TokioExecutor>>> = header_timeouts
+            .iter()
+            .map(|&timeout| Arc::new(http_builder(timeout)))
+            .collect();
+        let graceful = GracefulShutdown::new();
+        loop {
+            tokio::select! {
+                accepted = connections.recv() => {
+                    let Some(Accepted { stream, connection }) = accepted else { break };
+                    let node = node.clone();
+                    let service = service_fn(move |request| {
+                        let node = node.clone();
+                        async move {
+                            Ok::<_, std::convert::Infallible>(
+                                pipeline::handle(&node, connection, request).await,
+                            )
+                        }
+                    });
+                    let builder = &builders[connection.listener];
+                    let served = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+                    let watched = graceful.watch(served);
+                    tokio::spawn(async move {
+                        if let Err(error) = watched.await {
+                            tracing::debug!(error = %error, "client connection ended with an error");
+                        }
+                    });
+                }
+                _ = shutdown.wait_for(|stop| *stop) => break,
+            }
+        }
+        if tokio::time::timeout(drain_timeout, graceful.shutdown()).await.is_err() {
+            tracing::warn!(?drain_timeout, "connections still open after the drain timeout; closing them");
+        }
+    });
+}
+
+fn http_builder(header_timeout: Duration) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .writev(false)
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    builder.http2().timer(TokioTimer::new());
+    builder
+}

@@ -1,0 +1,170 @@
+//! A node's shared state, built once from the config: routes with their
+//! bound workers, upstreams, and the worker runtime.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use http::{HeaderValue, Method};
+use ipnet::IpNet;
+
+use crate::config::{Config, ConfigError};
+use crate::proxy::Upstream;
+use crate::route::{HostMatch, RouteRule, Router};
+use crate::worker::{Binding, LoadError, Runtime, RuntimeSettings};
+
+/// A route, ready to serve.
+#[derive(Debug)]
+pub struct Route {
+    pub name: Arc<str>,
+    /// Index into [`Node::upstreams`].
+    pub upstream: Option<usize>,
+    /// The largest request body accepted, in bytes.
+    pub max_body: u64,
+    /// Workers in the order they run.
+    pub workers: Vec<Binding>,
+}
+
+/// Settings of one listener that the pipeline needs.
+#[derive(Debug)]
+pub struct Listener {
+    pub trusted_proxies: Vec<IpNet>,
+}
+
+/// Everything a serving thread needs to handle a request.
+pub struct Node {
+    pub name: String,
+    /// `Via` value added to requests and responses.
+    pub via: HeaderValue,
+    pub router: Router,
+    /// Routes by config index.
+    pub routes: Vec<Route>,
+    pub upstreams: Vec<Upstream>,
+    upstream_names: HashMap<String, usize>,
+    pub listeners: Vec<Listener>,
+    pub runtime: Runtime,
+}
+
+/// Why a node could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("{file}:{line}: routes[{route}].workers[{worker}]: {source}")]
+    Module {
+        file: String,
+        line: usize,
+        route: usize,
+        worker: usize,
+        source: LoadError,
+    },
+    #[error("cannot start the worker runtime: {0:#}")]
+    Runtime(anyhow::Error),
+}
+
+impl Node {
+    /// Builds the node: the router, upstreams, and every worker module
+    /// loaded, compiled (or taken from the cache) and bound to its route.
+    pub fn build(config: &Config) -> Result<Node, BuildError> {
+        let settings = RuntimeSettings {
+            cache_dir: config.cache_dir(),
+            max_instances: config.runtime.max_instances,
+            queue_limit: config.runtime.queue_limit,
+            queue_timeout: config.runtime.queue_timeout,
+            max_memory: config.runtime.max_memory.as_u64() as usize,
+        };
+        let runtime = Runtime::new(&settings).map_err(BuildError::Runtime)?;
+
+        let mut upstreams = Vec::new();
+        let mut upstream_names = HashMap::new();
+        let mut next_target = 0;
+        for (name, upstream) in &config.upstreams {
+            upstream_names.insert(name.clone(), upstreams.len());
+            upstreams.push(Upstream::new(
+                name.clone(),
+                &upstream.targets,
+                next_target,
+                upstream.connect_timeout,
+                upstream.response_timeout,
+                upstream.max_idle_per_target,
+            ));
+            next_target += upstream.targets.len();
+        }
+
+        let mut rules = Vec::new();
+        let mut routes = Vec::new();
+        for (index, route) in config.routes.iter().enumerate() {
+            let name: Arc<str> = Arc::from(route.name.get_ref().as_str());
+            let path = config
+                .path_match(route)
+                .map_err(|(span, field, message)| {
+                    config.invalid(config.line_of(span), &format!("routes[{index}].{field}"), &message)
+                })?;
+            rules.push(RouteRule {
+                index,
+                name: name.to_string(),
+                host: HostMatch::parse(route.host.as_deref()),
+                methods: route
+                    .methods
+                    .iter()
+                    .filter_map(|m| Method::from_bytes(m.to_ascii_uppercase().as_bytes()).ok())
+                    .collect(),
+                path,
+            });
+            let mut workers = Vec::new();
+            for (worker_index, worker) in route.workers.iter().enumerate() {
+                let module_error = |source: LoadError| BuildError::Module {
+                    file: config.source.name.clone(),
+                    line: config.line_of(worker.module.span().start),
+                    route: index,
+                    worker: worker_index,
+                    source,
+                };
+                let path = config.resolve(worker.module.get_ref());
+                let module = runtime.load(&path).map_err(module_error)?;
+                let binding = runtime
+                    .bind(
+                        module,
+                        name.clone(),
+                        &worker.config,
+                        worker.cpu_deadline,
+                        worker.max_memory.get_ref().as_u64() as usize,
+                    )
+                    .map_err(module_error)?;
+                workers.push(binding);
+            }
+            routes.push(Route {
+                name,
+                upstream: route
+                    .upstream
+                    .as_ref()
+                    .and_then(|u| upstream_names.get(u.get_ref()).copied()),
+                max_body: route.max_body.as_u64(),
+                workers,
+            });
+        }
+
+        let via = HeaderValue::from_str(&format!("1.1 {}", config.node.name))
+            .unwrap_or_else(|_| HeaderValue::from_static("1.1 edge"));
+        Ok(Node {
+            name: config.node.name.clone(),
+            via,
+            router: Router::new(rules),
+            routes,
+            upstreams,
+            upstream_names,
+            listeners: config
+                .listeners
+                .iter()
+                .map(|l| Listener {
+                    trusted_proxies: l.trusted_proxies.clone(),
+                })
+                .collect(),
+            runtime,
+        })
+    }
+
+    /// Finds an upstream by name.
+    pub fn upstream_index(&self, name: &str) -> Option<usize> {
+        self.upstream_names.get(name).copied()
+    }
+}

@@ -1,0 +1,426 @@
+//! The request pipeline: one function takes a request through every stage in
+//! order, and each stage can end it with a [`Refusal`].
+//!
+//! ```text
+//! normalise path ─ route ─ body limit ─ request workers ─ upstream ─ response workers ─ respond
+//!     400            404       413        own response /   502/504        500/503
+//!                                          500/503
+//! ```
+
+use std::net::{IpAddr, SocketAddr};
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::request::Parts;
+use http::uri::PathAndQuery;
+use http::{Request, Response, StatusCode, Uri};
+use hyper::body::Incoming;
+
+use crate::error::Refusal;
+use crate::node::{Node, Route};
+use crate::proxy::{RequestBody, ResponseBody};
+use crate::route::{encode_path, host_name, normalize_path};
+use crate::worker::{wit, Binding, WorkerError};
+
+/// The connection a request arrived on.
+#[derive(Debug, Clone, Copy)]
+pub struct Connection {
+    pub peer: SocketAddr,
+    /// Index into [`Node::listeners`].
+    pub listener: usize,
+}
+
+/// Handles one client request and returns the response to send, whether the
+/// upstream's, a worker's or the node's own refusal.
+pub async fn handle(node: &Node, connection: Connection, request: Request<Incoming>) -> Response<ResponseBody> {
+    let mut response = match serve(node, connection, request).await {
+        Ok(response) => response,
+        Err(refusal) => refusal.to_response(),
+    };
+    response.headers_mut().append(header::VIA, node.via.clone());
+    response
+}
+
+async fn serve(
+    node: &Node,
+    connection: Connection,
+    request: Request<Incoming>,
+) -> Result<Response<ResponseBody>, Refusal> {
+    let (mut parts, body) = request.into_parts();
+
+    // Route on the normalised path, never the raw one.
+    let uri = parts.uri.clone();
+    let raw_path = uri.path();
+    let path = normalize_path(raw_path).map_err(|e| Refusal::InvalidPath(e.to_string()))?;
+    let path_changed = path != raw_path;
+    let host = request_authority(&parts).map(|authority| host_name(authority).into_owned());
+    let matched = node
+        .router
+        .find(host.as_deref(), &parts.method, &path)
+        .ok_or(Refusal::NoRoute)?;
+    let route = &node.routes[matched.index];
+
+    // Refuse a body the route cannot take before anything else sees it.
+    if let Some(length) = content_length(&parts.headers) {
+        if length > route.max_body {
+            return Err(Refusal::BodyTooLarge { limit: route.max_body });
+        }
+    }
+
+    let listener = &node.listeners[connection.listener];
+    let client_ip = client_ip(&parts.headers, connection.peer.ip(), &listener.trusted_proxies);
+
+    // Request-phase workers, in order.
+    let mut upstream = route.upstream;
+    let mut worker_path: Option<String> = None;
+    let mut view = None;
+    if !route.workers.is_empty() {
+        let mut request_view = worker_request(&parts, &path, client_ip, route, matched.params);
+        for binding in &route.workers {
+            let action = {
+                let _slot = node.runtime.reserve().await.map_err(|e| worker_refusal(route, binding, e))?;
+                node.runtime
+                    .on_request(binding, &request_view)
+                    .map_err(|e| worker_refusal(route, binding, e))?
+            };
+            let changes = match action {
+                wit::Action::Continue(changes) => changes,
+                wit::Action::Respond(response) => {
+                    return worker_response(response).map_err(|reason| invalid_decision(route, binding, &reason));
+                }
+                wit::Action::Route(to) => {
+                    upstream = Some(node.upstream_index(&to.upstream).ok_or_else(|| {
+                        let reason = format!("routed to unknown upstream {:?}", to.upstream);
+                        invalid_decision(route, binding, &reason)
+                    })?);
+                    to.changes
+                }
+            };
+            apply_request_changes(changes, &mut parts.headers, &mut request_view, &mut worker_path)
+                .map_err(|reason| invalid_decision(route, binding, &reason))?;
+        }
+        view = Some(request_view);
+    }
+    let upstream = &node.upstreams[upstream.ok_or(Refusal::NoUpstream)?];
+
+    // Proxy to the upstream, streaming the body both ways.
+    let wire_path = match &worker_path {
+        Some(path) => Some(encode_path(path)),
+        None if path_changed => Some(encode_path(&path)),
+        None => None,
+    };
+    prepare_upstream_request(&mut parts, wire_path.as_deref(), connection.peer.ip(), listener, node)?;
+    drop(wire_path);
+    let request = Request::from_parts(parts, RequestBody::new(body, route.max_body));
+    let mut response = upstream.send(request).await?;
+    remove_hop_by_hop(response.headers_mut());
+
+    // Response-phase workers, in reverse order.
+    if let Some(view) = &view {
+        if route.workers.iter().any(|w| w.response_hook) {
+            run_response_hooks(node, route, view, &mut response).await?;
+        }
+    }
+    Ok(response.map(ResponseBody::Upstream))
+}
+
+/// The host the request was sent to: the URI's authority (HTTP/2, or an
+/// absolute-form HTTP/1.1 target), else the `Host` header.
+fn request_authority(parts: &Parts) -> Option<&str> {
+    match parts.uri.authority() {
+        Some(authority) => Some(authority.as_str()),
+        None => parts.headers.get(header::HOST)?.to_str().ok(),
+    }
+}
+
+fn content_length(headers: &HeaderMap) -> Option<u64> {
+    headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+}
+
+/// The client's address: the peer, or when the peer is a trusted proxy, the
+/// nearest address in `X-Forwarded-For` that is not itself trusted.
+fn client_ip(headers: &HeaderMap, peer: IpAddr, trusted: &[ipnet::IpNet]) -> IpAddr {
+    let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
+    if !is_trusted(&peer) {
+        return peer;
+    }
+    let mut client = peer;
+    for value in headers.get_all(&X_FORWARDED_FOR).iter().rev() {
+        let Ok(value) = value.to_str() else { break };
+        for hop in value.rsplit(',') {
+            let Ok(ip) = hop.trim().parse::<IpAddr>() else {
+                return client;
+            };
+            client = ip;
+            if !is_trusted(&ip) {
+                return client;
+            }
+        }
+    }
+    client
+}
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Headers that describe one connection and never cross a proxy (RFC 9110,
+/// section 7.6.1), besides those the `Connection` header names.
+static HOP_BY_HOP: [HeaderName; 9] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRAILER,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+];
+
+/// Removes hop-by-hop headers, including every header named in
+/// `Connection`.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
+    if headers.contains_key(header::CONNECTION) {
+        let named: Vec<HeaderName> = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|value| value.to_str().ok())
+            .flat_map(|value| value.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .collect();
+        for name in named {
+            headers.remove(name);
+        }
+    }
+    for name in &HOP_BY_HOP {
+        headers.remove(name);
+    }
+}
+
+/// Turns the client's request head into the one sent upstream: origin-form
+/// URI with the normalised path, hop-by-hop headers removed, `Host` kept,
+/// and the forwarding headers set.
+fn prepare_upstream_request(
+    parts: &mut Parts,
+    new_path: Option<&str>,
+    peer: IpAddr,
+    listener: &crate::node::Listener,
+    node: &Node,
+) -> Result<(), Refusal> {
+    let authority = parts.uri.authority().cloned();
+    let path_and_query = match new_path {
+        Some(path) => {
+            let text = match parts.uri.query() {
+                Some(query) => format!("{path}?{query}"),
+                None => path.to_owned(),
+            };
+            PathAndQuery::try_from(text).map_err(|e| Refusal::InvalidPath(e.to_string()))?
+        }
+        None => parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/")),
+    };
+    parts.uri = Uri::from(path_and_query);
+    parts.version = http::Version::HTTP_11;
+
+    let headers = &mut parts.headers;
+    remove_hop_by_hop(headers);
+    if !headers.contains_key(header::HOST) {
+        if let Some(authority) = &authority {
+            if let Ok(value) = HeaderValue::from_str(authority.as_str()) {
+                headers.insert(header::HOST, value);
+            }
+        }
+    }
+    if let Some(host) = headers.get(header::HOST).cloned() {
+        headers.insert(X_FORWARDED_HOST.clone(), host);
+    }
+    let peer_is_trusted = listener.trusted_proxies.iter().any(|net| net.contains(&peer));
+    let forwarded_for = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
+        Some(earlier) if peer_is_trusted => format!("{earlier}, {peer}"),
+        _ => peer.to_string(),
+    };
+    headers.insert(
+        X_FORWARDED_FOR.clone(),
+        HeaderValue::from_str(&forwarded_for).expect("an IP list is a valid header value"),
+    );
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    headers.append(header::VIA, node.via.clone());
+    Ok(())
+}
+
+/// Builds the request record workers see.
+fn worker_request(
+    parts: &Parts,
+    path: &str,
+    client_ip: IpAddr,
+    route: &Route,
+    params: Vec<(String, String)>,
+) -> wit::Request {
+    wit::Request {
+        method: parts.method.as_str().to_owned(),
+        path: path.to_owned(),
+        query: parts.uri.query().map(str::to_owned),
+        headers: wit_headers(&parts.headers),
+        client_addr: client_ip.to_string(),
+        route: route.name.to_string(),
+        params,
+    }
+}
+
+fn wit_headers(headers: &HeaderMap) -> Vec<wit::Header> {
+    headers
+        .iter()
+        .map(|(name, value)| wit::Header {
+            name: name.as_str().to_owned(),
+            value: String::from_utf8_lossy(value.as_bytes()).into_owned(),
+        })
+        .collect()
+}
+
+/// Applies a worker's request changes to the outgoing headers and to the
+/// view later workers see. Returns why a change is invalid.
+fn apply_request_changes(
+    changes: wit::RequestChanges,
+    headers: &mut HeaderMap,
+    view: &mut wit::Request,
+    path: &mut Option<String>,
+) -> Result<(), String> {
+    apply_header_changes(headers, Some(&mut view.headers), &changes.remove_headers, changes.set_headers)?;
+    if let Some(new_path) = changes.path {
+        if !new_path.starts_with('/') || new_path.bytes().any(|b| b < 0x20 || b == 0x7f) {
+            return Err(format!("set an invalid path {new_path:?}; a path starts with '/' and has no control characters"));
+        }
+        view.path.clone_from(&new_path);
+        *path = Some(new_path);
+    }
+    Ok(())
+}
+
+fn apply_header_changes(
+    headers: &mut HeaderMap,
+    mut view: Option<&mut Vec<wit::Header>>,
+    remove: &[String],
+    set: Vec<wit::Header>,
+) -> Result<(), String> {
+    for name in remove {
+        let parsed = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| format!("removed an invalid header name {name:?}"))?;
+        headers.remove(&parsed);
+        if let Some(view) = view.as_deref_mut() {
+            view.retain(|h| h.name != parsed.as_str());
+        }
+    }
+    for wit::Header { name, value } in set {
+        let parsed = HeaderName::from_bytes(name.as_bytes())
+            .map_err(|_| format!("set an invalid header name {name:?}"))?;
+        let header_value = HeaderValue::from_str(&value)
+            .map_err(|_| format!("set an invalid value for header {name:?}"))?;
+        headers.insert(parsed.clone(), header_value);
+        if let Some(view) = view.as_deref_mut() {
+            view.retain(|h| h.name != parsed.as_str());
+            view.push(wit::Header {
+                name: parsed.as_str().to_owned(),
+                value,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Builds the response a worker chose to send itself.
+fn worker_response(response: wit::Response) -> Result<Response<ResponseBody>, String> {
+    let status = StatusCode::from_u16(response.status)
+        .ok()
+        .filter(|status| status.as_u16() >= 200)
+        .ok_or_else(|| format!("responded with an invalid status {}", response.status))?;
+    let mut headers = HeaderMap::new();
+    apply_header_changes(&mut headers, None, &[], response.headers)?;
+    remove_hop_by_hop(&mut headers);
+    headers.remove(header::CONTENT_LENGTH);
+    let mut built = Response::new(ResponseBody::full(Bytes::from(response.body)));
+    *built.status_mut() = status;
+    *built.headers_mut() = headers;
+    Ok(built)
+}
+
+async fn run_response_hooks<B>(
+    node: &Node,
+    route: &Route,
+    view: &wit::Request,
+    response: &mut Response<B>,
+) -> Result<(), Refusal> {
+    for binding in route.workers.iter().rev().filter(|w| w.response_hook) {
+        let head = wit::ResponseHead {
+            status: response.status().as_u16(),
+            headers: wit_headers(response.headers()),
+        };
+        let changes = {
+            let _slot = node.runtime.reserve().await.map_err(|e| worker_refusal(route, binding, e))?;
+            node.runtime
+                .on_response(binding, view, &head)
+                .map_err(|e| worker_refusal(route, binding, e))?
+        };
+        apply_header_changes(response.headers_mut(), None, &changes.remove_headers, changes.set_headers)
+            .map_err(|reason| invalid_decision(route, binding, &reason))?;
+        remove_hop_by_hop(response.headers_mut());
+    }
+    Ok(())
+}
+
+/// Logs a failed worker call with its route and module, and returns the
+/// refusal to send.
+fn worker_refusal(route: &Route, binding: &Binding, error: WorkerError) -> Refusal {
+    let refusal = match &error {
+        WorkerError::Busy => Refusal::WorkerBusy,
+        WorkerError::Timeout(_) => Refusal::WorkerTimeout,
+        WorkerError::Failed(_) => Refusal::WorkerFailed,
+    };
+    if let Some(suppressed) = binding.log_throttle.admit() {
+        tracing::warn!(
+            route = %route.name,
+            worker = binding.module_name(),
+            error = %error,
+            suppressed,
+            "worker call failed"
+        );
+    }
+    refusal
+}
+
+fn invalid_decision(route: &Route, binding: &Binding, reason: &str) -> Refusal {
+    worker_refusal(route, binding, WorkerError::Failed(format!("worker {reason}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hop_by_hop_removes_connection_named_headers() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONNECTION, HeaderValue::from_static("close, x-hop"));
+        headers.insert("x-hop", HeaderValue::from_static("1"));
+        headers.insert("x-end", HeaderValue::from_static("1"));
+        headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+        remove_hop_by_hop(&mut headers);
+        assert!(headers.get("x-hop").is_none());
+        assert!(headers.get("keep-alive").is_none());
+        assert!(headers.get(header::CONNECTION).is_none());
+        assert!(headers.get("x-end").is_some());
+    }
+
+    #[test]
+    fn client_ip_walks_trusted_forwarded_for() {
+        let trusted: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
+        let mut headers = HeaderMap::new();
+        headers.insert("x-forwarded-for", HeaderValue::from_static("203.0.113.9, 10.1.1.1"));
+        let peer: IpAddr = "10.0.0.1".parse().unwrap();
+        assert_eq!(client_ip(&headers, peer, &trusted), "203.0.113.9".parse::<IpAddr>().unwrap());
+        let untrusted_peer: IpAddr = "198.51.100.1".parse().unwrap();
+        assert_eq!(client_ip(&headers, untrusted_peer, &trusted), untrusted_peer);
+    }
+}

@@ -1,0 +1,160 @@
+//! `edge worker new` and `edge worker build`: create a worker crate and
+//! build it into a component a config can point at.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{bail, Context as _};
+
+/// The WASI target workers are built for; it produces components directly.
+pub const WORKER_TARGET: &str = "wasm32-wasip2";
+
+/// The guest SDK in the source tree this binary was built from.
+fn default_sdk_path() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-sdk")
+}
+
+/// Creates a worker crate named `name` in `dir`.
+pub fn new_worker(
+    name: &str,
+    dir: &Path,
+    sdk_path: Option<&Path>,
+    sdk_git: Option<&str>,
+) -> anyhow::Result<()> {
+    let valid = !name.is_empty()
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+        && name.starts_with(|c: char| c.is_ascii_lowercase());
+    if !valid {
+        bail!("{name:?} is not a valid crate name; use lower-case letters, digits, '-' and '_', starting with a letter");
+    }
+    let root = dir.join(name);
+    if root.exists() {
+        bail!("{} already exists", root.display());
+    }
+    let dependency = match (sdk_path, sdk_git) {
+        (_, Some(url)) => format!("edge-sdk = {{ git = {url:?} }}"),
+        (path, None) => {
+            let path = path.map_or_else(default_sdk_path, Path::to_owned);
+            let path = std::fs::canonicalize(&path)
+                .with_context(|| format!("guest SDK not found at {}; pass --sdk-path or --sdk-git", path.display()))?;
+            format!("edge-sdk = {{ path = {:?} }}", path.display().to_string())
+        }
+    };
+    std::fs::create_dir_all(root.join("src"))
+        .with_context(|| format!("cannot create {}", root.display()))?;
+    let manifest = format!(
+        r#"[package]
+name = "{name}"
+version = "0.1.0"
+edition = "2021"
+
+# Build with `edge worker build .`; it produces a {WORKER_TARGET} component.
+[lib]
+crate-type = ["cdylib"]
+
+[dependencies]
+{dependency}
+
+[profile.release]
+opt-level = "s"
+
+# A worker is its own workspace, even inside another project's folder.
+[workspace]
+"#
+    );
+    let source = r#"//! A worker: it runs on each request of the routes it is bound to.
+
+use edge_sdk::{export_worker, Action, Request, RequestChanges, Worker};
+
+struct MyWorker;
+
+impl Worker for MyWorker {
+    fn on_request(request: Request) -> Action {
+        // Answer requests for /hello here; send the rest on with a header.
+        if request.path == "/hello" {
+            return Action::respond(edge_sdk::Response::new(200).body("hello from a worker\n"));
+        }
+        Action::Continue(RequestChanges::new().set_header("x-my-worker", "seen"))
+    }
+}
+
+export_worker!(MyWorker);
+"#;
+    std::fs::write(root.join("Cargo.toml"), manifest)?;
+    std::fs::write(root.join("src/lib.rs"), source)?;
+    println!("created worker crate {}", root.display());
+    println!("build it with: edge worker build {}", root.display());
+    Ok(())
+}
+
+/// Builds the worker crate at `path` for wasm32-wasip2 and copies the
+/// component to `out/<crate name>.wasm`.
+pub fn build_worker(path: &Path, out: &Path) -> anyhow::Result<()> {
+    let manifest = path.join("Cargo.toml");
+    if !manifest.exists() {
+        bail!("{} has no Cargo.toml; pass the worker crate's folder", path.display());
+    }
+    ensure_target()?;
+    let metadata = Command::new("cargo")
+        .args(["metadata", "--format-version", "1", "--no-deps", "--manifest-path"])
+        .arg(&manifest)
+        .output()
+        .context("cannot run cargo metadata")?;
+    if !metadata.status.success() {
+        bail!("cargo metadata failed: {}", String::from_utf8_lossy(&metadata.stderr).trim());
+    }
+    let metadata: serde_json::Value = serde_json::from_slice(&metadata.stdout)?;
+    let target_dir = metadata["target_directory"]
+        .as_str()
+        .context("cargo metadata has no target_directory")?;
+    let manifest_path = std::fs::canonicalize(&manifest)?;
+    let package = metadata["packages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|p| p["manifest_path"].as_str().map(Path::new) == Some(manifest_path.as_path()))
+        .context("cargo metadata does not list this crate")?;
+    let name = package["name"].as_str().context("package without a name")?;
+
+    let status = Command::new("cargo")
+        .args(["build", "--release", "--target", WORKER_TARGET, "--manifest-path"])
+        .arg(&manifest)
+        .status()
+        .context("cannot run cargo build")?;
+    if !status.success() {
+        bail!("cargo build failed for {}", path.display());
+    }
+    let artifact = Path::new(target_dir)
+        .join(WORKER_TARGET)
+        .join("release")
+        .join(format!("{}.wasm", name.replace('-', "_")));
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
+    let destination = out.join(format!("{name}.wasm"));
+    std::fs::copy(&artifact, &destination).with_context(|| {
+        format!("cannot copy {} to {}; is the crate a cdylib?", artifact.display(), destination.display())
+    })?;
+    let size = std::fs::metadata(&destination)?.len();
+    println!("built {} ({size} bytes)", destination.display());
+    println!("bind it to a route with: module = {:?}", destination.display().to_string());
+    Ok(())
+}
+
+/// Adds the wasm32-wasip2 target with rustup when it is missing.
+fn ensure_target() -> anyhow::Result<()> {
+    let installed = Command::new("rustup")
+        .args(["target", "list", "--installed"])
+        .output()
+        .context("cannot run rustup; install Rust with rustup so the wasm32-wasip2 target can be added")?;
+    let listed = String::from_utf8_lossy(&installed.stdout);
+    if listed.lines().any(|line| line.trim() == WORKER_TARGET) {
+        return Ok(());
+    }
+    let status = Command::new("rustup")
+        .args(["target", "add", WORKER_TARGET])
+        .status()
+        .context("cannot run rustup")?;
+    if !status.success() {
+        bail!("rustup target add {WORKER_TARGET} failed");
+    }
+    Ok(())
+}

@@ -1,0 +1,180 @@
+//! What a worker instance can reach: the per-call store state and the host
+//! side of the `log`, `config` and `clock` imports.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use wasmtime::component::ResourceTable;
+use wasmtime::ResourceLimiter;
+use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use super::bindings::edge::worker::{clock, config, log, types};
+
+/// Bytes of a guest's stderr kept per call, to show a panic message in logs.
+const STDERR_CAPTURE: usize = 2048;
+
+/// The state of one store: one call of one worker.
+pub struct StoreState {
+    wasi: WasiCtx,
+    table: ResourceTable,
+    pub(super) limiter: MemoryCap,
+    settings: Arc<WorkerSettings>,
+    stderr: MemoryOutputPipe,
+}
+
+impl StoreState {
+    /// Builds the state for one call: WASI with nothing granted (no
+    /// preopened directories, environment, arguments or network; stdin
+    /// empty, stdout discarded, stderr captured) and the worker's settings.
+    pub fn new(settings: Arc<WorkerSettings>, memory_cap: usize) -> StoreState {
+        let stderr = MemoryOutputPipe::new(STDERR_CAPTURE);
+        let wasi = WasiCtx::builder()
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .stderr(stderr.clone())
+            .build();
+        StoreState {
+            wasi,
+            table: ResourceTable::new(),
+            limiter: MemoryCap {
+                cap: memory_cap,
+                exceeded: None,
+            },
+            settings,
+            stderr,
+        }
+    }
+
+    /// Returns what the guest wrote to stderr, such as a panic message.
+    pub fn stderr(&self) -> String {
+        String::from_utf8_lossy(&self.stderr.contents()).trim_end().to_owned()
+    }
+}
+
+impl WasiView for StoreState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+/// Caps the linear memory of one instance, recording a growth past the cap
+/// so that the resulting trap can be reported as such.
+pub struct MemoryCap {
+    cap: usize,
+    /// The size a denied growth asked for.
+    pub exceeded: Option<usize>,
+}
+
+impl ResourceLimiter for MemoryCap {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.cap {
+            self.exceeded = Some(desired);
+            wasmtime::bail!(
+                "worker memory cap exceeded: growing to {desired} bytes, cap is {} bytes",
+                self.cap
+            );
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        // Each table element costs a pointer; hold tables to the same cap.
+        Ok(desired.saturating_mul(size_of::<usize>()) <= self.cap)
+    }
+}
+
+/// A worker's config from one route, prepared once at load for the
+/// `config` import.
+#[derive(Debug)]
+pub struct WorkerSettings {
+    /// The route the worker is bound to, added to its log lines.
+    pub route: Arc<str>,
+    /// The module's file name, added to its log lines.
+    pub module: Arc<str>,
+    /// Each top-level key: strings as they are, other values as JSON.
+    values: HashMap<String, String>,
+    /// The whole table as a JSON object.
+    json: String,
+}
+
+impl WorkerSettings {
+    /// Prepares the config table of a worker bound to `route`.
+    pub fn new(route: Arc<str>, module: Arc<str>, table: &toml::Table) -> WorkerSettings {
+        let values = table
+            .iter()
+            .map(|(key, value)| {
+                let text = match value {
+                    toml::Value::String(text) => text.clone(),
+                    other => serde_json::to_string(other).unwrap_or_default(),
+                };
+                (key.clone(), text)
+            })
+            .collect();
+        let json = serde_json::to_string(table).unwrap_or_else(|_| "{}".to_owned());
+        WorkerSettings {
+            route,
+            module,
+            values,
+            json,
+        }
+    }
+}
+
+impl types::Host for StoreState {}
+
+impl log::Host for StoreState {
+    fn write(&mut self, level: log::Level, message: String) {
+        let route = &*self.settings.route;
+        let worker = &*self.settings.module;
+        match level {
+            log::Level::Trace => tracing::trace!(route, worker, "{message}"),
+            log::Level::Debug => tracing::debug!(route, worker, "{message}"),
+            log::Level::Info => tracing::info!(route, worker, "{message}"),
+            log::Level::Warn => tracing::warn!(route, worker, "{message}"),
+            log::Level::Error => tracing::error!(route, worker, "{message}"),
+        }
+    }
+}
+
+impl config::Host for StoreState {
+    fn get(&mut self, key: String) -> Option<String> {
+        self.settings.values.get(&key).cloned()
+    }
+
+    fn json(&mut self) -> String {
+        self.settings.json.clone()
+    }
+}
+
+impl clock::Host for StoreState {
+    fn now_unix_ms(&mut self) -> u64 {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+    }
+
+    fn monotonic_ns(&mut self) -> u64 {
+        monotonic_start().elapsed().as_nanos() as u64
+    }
+}
+
+fn monotonic_start() -> Instant {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    *START.get_or_init(Instant::now)
+}

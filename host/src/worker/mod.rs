@@ -1,0 +1,440 @@
+//! The worker runtime: loads WebAssembly components and runs each hook call
+//! in a fresh instance with a CPU deadline and a memory cap.
+//!
+//! Isolation: every call gets a new `Store` and instance, made from a
+//! pre-instantiated component on wasmtime's pooling allocator, so nothing a
+//! worker keeps in memory reaches the next request. WASI is linked with an
+//! empty context, so a guest reaches only the `log`, `config` and `clock`
+//! imports.
+//!
+//! Bounds: the CPU deadline is enforced by epoch interruption (a ticker
+//! thread advances the engine's epoch every [`EPOCH_TICK`]); the memory cap
+//! by a resource limiter that traps a growth past it. Calls run synchronously
+//! on the serving thread, which is the cheapest way to call a guest, so the
+//! deadline also bounds how long a thread is held.
+
+mod cache;
+mod host_api;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::sync::{Semaphore, SemaphorePermit};
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{Engine, Enabled, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
+
+pub use cache::{content_hash, CacheOutcome};
+use cache::ModuleCache;
+use host_api::{StoreState, WorkerSettings};
+
+/// Host bindings generated from the `worker` world in `wit/`.
+pub mod bindings {
+    wasmtime::component::bindgen!({ path: "../wit", world: "worker" });
+}
+
+/// The records of the worker contract, as host types.
+pub use bindings::edge::worker::types as wit;
+
+/// How often the epoch advances; CPU deadlines are rounded up to it.
+pub const EPOCH_TICK: Duration = Duration::from_millis(1);
+
+/// The leading bytes of a WebAssembly binary.
+const WASM_MAGIC: &[u8; 4] = b"\0asm";
+/// Version and layer bytes of a core module.
+const CORE_MODULE_VERSION: [u8; 4] = [1, 0, 0, 0];
+/// Version and layer bytes of a component.
+const COMPONENT_VERSION: [u8; 4] = [0x0d, 0, 1, 0];
+
+/// Settings of the runtime, from the `[runtime]` table.
+#[derive(Debug, Clone)]
+pub struct RuntimeSettings {
+    pub cache_dir: PathBuf,
+    pub max_instances: u32,
+    pub queue_limit: usize,
+    pub queue_timeout: Duration,
+    pub max_memory: usize,
+}
+
+/// Why a worker call did not return a decision.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// Every instance slot stayed busy for the queue timeout, or the queue
+    /// was full.
+    #[error("no worker instance became free in time")]
+    Busy,
+    /// The call ran past its CPU deadline and was interrupted.
+    #[error("worker ran past its CPU deadline of {0:?}")]
+    Timeout(Duration),
+    /// The guest trapped, panicked, exceeded its memory cap or returned an
+    /// invalid decision.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Why a module could not be loaded or bound to a route.
+#[derive(Debug, thiserror::Error)]
+#[error("module {path}: {message}")]
+pub struct LoadError {
+    pub path: PathBuf,
+    pub message: String,
+}
+
+/// A compiled component, ready to instantiate.
+pub struct Module {
+    /// The file it was loaded from.
+    pub path: PathBuf,
+    /// The file name, used in logs and errors.
+    pub name: Arc<str>,
+    /// The SHA-256 of its bytes, in hex.
+    pub hash: String,
+    /// Whether it came from the compile cache.
+    pub cache: CacheOutcome,
+    pre: bindings::WorkerPre<StoreState>,
+}
+
+impl std::fmt::Debug for Module {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Module")
+            .field("path", &self.path)
+            .field("hash", &self.hash)
+            .field("cache", &self.cache)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A module bound to one route with that route's config and limits.
+#[derive(Debug)]
+pub struct Binding {
+    pub module: Arc<Module>,
+    settings: Arc<WorkerSettings>,
+    cpu_deadline: Duration,
+    deadline_ticks: u64,
+    memory_cap: usize,
+    /// Whether the worker asked for its response hook.
+    pub response_hook: bool,
+    /// Limits log lines about this binding's failed calls.
+    pub log_throttle: LogThrottle,
+}
+
+impl Binding {
+    /// The module's file name.
+    pub fn module_name(&self) -> &str {
+        &self.module.name
+    }
+}
+
+/// Loads modules and runs calls; one per node, shared by every thread.
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<StoreState>,
+    cache: ModuleCache,
+    /// Loaded modules by content hash, so a module used by several routes
+    /// is compiled and pre-instantiated once.
+    modules: Mutex<HashMap<String, Arc<Module>>>,
+    slots: Semaphore,
+    waiting: AtomicUsize,
+    queue_limit: usize,
+    queue_timeout: Duration,
+    max_memory: usize,
+    ticker_stop: Arc<AtomicBool>,
+}
+
+impl Runtime {
+    /// Creates the engine, instance pool, linker, cache and epoch ticker.
+    pub fn new(settings: &RuntimeSettings) -> anyhow::Result<Runtime> {
+        let mut pool = PoolingAllocationConfig::default();
+        let instances = settings.max_instances;
+        // A Rust component for wasm32-wasip2 holds a few core instances, one
+        // or two memories and a few tables; leave room for that per slot.
+        pool.total_component_instances(instances)
+            .total_core_instances(instances.saturating_mul(8))
+            .total_memories(instances.saturating_mul(2))
+            .total_tables(instances.saturating_mul(4))
+            .max_memory_size(settings.max_memory)
+            // Keeping the first pages of a memory or table resident between
+            // instances, with pagemap_scan resetting only dirty pages, keeps a
+            // fresh instance cheap under concurrency.
+            .linear_memory_keep_resident(2 << 20)
+            .table_keep_resident(2 << 20)
+            .pagemap_scan(Enabled::Auto);
+        let mut config = wasmtime::Config::new();
+        config
+            .wasm_component_model(true)
+            .epoch_interruption(true)
+            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        let engine = Engine::new(&config).map_err(anyhow::Error::from).context("cannot create the wasmtime engine")?;
+
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(anyhow::Error::from).context("cannot link WASI")?;
+        bindings::Worker::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)
+            .map_err(anyhow::Error::from)
+            .context("cannot link the worker host API")?;
+
+        let cache = ModuleCache::new(settings.cache_dir.clone(), &engine)?;
+        let ticker_stop = Arc::new(AtomicBool::new(false));
+        spawn_epoch_ticker(engine.clone(), ticker_stop.clone())?;
+        Ok(Runtime {
+            engine,
+            linker,
+            cache,
+            modules: Mutex::new(HashMap::new()),
+            slots: Semaphore::new(settings.max_instances as usize),
+            waiting: AtomicUsize::new(0),
+            queue_limit: settings.queue_limit,
+            queue_timeout: settings.queue_timeout,
+            max_memory: settings.max_memory,
+            ticker_stop,
+        })
+    }
+
+    /// Loads (or returns the already loaded) module at `path`, checking
+    /// that it is a component of the `worker` world.
+    pub fn load(&self, path: &Path) -> Result<Arc<Module>, LoadError> {
+        let fail = |message: String| LoadError {
+            path: path.to_owned(),
+            message,
+        };
+        let bytes = std::fs::read(path).map_err(|e| fail(format!("cannot read file: {e}")))?;
+        check_component_header(&bytes).map_err(fail)?;
+        let hash = content_hash(&bytes);
+        if let Some(module) = self.modules.lock().expect("module map poisoned").get(&hash) {
+            return Ok(module.clone());
+        }
+        let (component, cache) = self
+            .cache
+            .load(&self.engine, &bytes, &hash)
+            .map_err(|e| fail(format!("invalid component: {e:#}")))?;
+        let module = Arc::new(self.prepare(path, component, hash.clone(), cache).map_err(fail)?);
+        tracing::info!(
+            module = %path.display(),
+            hash = %&hash[..12],
+            cache = ?cache,
+            "loaded worker module"
+        );
+        let mut modules = self.modules.lock().expect("module map poisoned");
+        Ok(modules.entry(hash).or_insert(module).clone())
+    }
+
+    fn prepare(
+        &self,
+        path: &Path,
+        component: Component,
+        hash: String,
+        cache: CacheOutcome,
+    ) -> Result<Module, String> {
+        let instance_pre = self.linker.instantiate_pre(&component).map_err(|e| {
+            format!(
+                "it needs an import this host does not provide; build it against \
+                 the edge:worker@0.1.0 `worker` world: {e:#}"
+            )
+        })?;
+        let pre = bindings::WorkerPre::new(instance_pre).map_err(|e| {
+            format!(
+                "it does not export the edge:worker@0.1.0 `handler` interface; build it \
+                 with the guest SDK's export_worker! macro: {e:#}"
+            )
+        })?;
+        let name = path
+            .file_name()
+            .map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
+        Ok(Module {
+            path: path.to_owned(),
+            name: name.into(),
+            hash,
+            cache,
+            pre,
+        })
+    }
+
+    /// Binds a loaded module to a route with its config and limits, and
+    /// asks the worker which hooks it implements.
+    pub fn bind(
+        &self,
+        module: Arc<Module>,
+        route: Arc<str>,
+        config: &toml::Table,
+        cpu_deadline: Duration,
+        memory_cap: usize,
+    ) -> Result<Binding, LoadError> {
+        let settings = Arc::new(WorkerSettings::new(route, module.name.clone(), config));
+        let ticks = cpu_deadline.as_nanos().div_ceil(EPOCH_TICK.as_nanos()) as u64;
+        let mut binding = Binding {
+            module,
+            settings,
+            cpu_deadline,
+            // The first tick may come at once, so allow one more.
+            deadline_ticks: ticks + 1,
+            memory_cap: memory_cap.min(self.max_memory),
+            response_hook: false,
+            log_throttle: LogThrottle::default(),
+        };
+        let hooks = self
+            .call(&binding, |worker, store| {
+                worker.edge_worker_handler().call_hooks(store)
+            })
+            .map_err(|e| LoadError {
+                path: binding.module.path.clone(),
+                message: format!("its `hooks` call failed: {e}"),
+            })?;
+        binding.response_hook = hooks.contains(wit::HookSet::RESPONSE);
+        Ok(binding)
+    }
+
+    /// Waits for a free instance slot: at once when one is free, else in a
+    /// bounded queue for at most the queue timeout.
+    pub async fn reserve(&self) -> Result<SemaphorePermit<'_>, WorkerError> {
+        if let Ok(permit) = self.slots.try_acquire() {
+            return Ok(permit);
+        }
+        if self.waiting.fetch_add(1, Ordering::Relaxed) >= self.queue_limit {
+            self.waiting.fetch_sub(1, Ordering::Relaxed);
+            return Err(WorkerError::Busy);
+        }
+        let acquired = tokio::time::timeout(self.queue_timeout, self.slots.acquire()).await;
+        self.waiting.fetch_sub(1, Ordering::Relaxed);
+        match acquired {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err(WorkerError::Busy),
+        }
+    }
+
+    /// Runs the request hook in a fresh instance.
+    pub fn on_request(
+        &self,
+        binding: &Binding,
+        request: &wit::Request,
+    ) -> Result<wit::Action, WorkerError> {
+        self.call(binding, |worker, store| {
+            worker.edge_worker_handler().call_on_request(store, request)
+        })
+    }
+
+    /// Runs the response hook in a fresh instance.
+    pub fn on_response(
+        &self,
+        binding: &Binding,
+        request: &wit::Request,
+        response: &wit::ResponseHead,
+    ) -> Result<wit::ResponseChanges, WorkerError> {
+        self.call(binding, |worker, store| {
+            worker
+                .edge_worker_handler()
+                .call_on_response(store, request, response)
+        })
+    }
+
+    fn call<R>(
+        &self,
+        binding: &Binding,
+        run: impl FnOnce(&bindings::Worker, &mut Store<StoreState>) -> wasmtime::Result<R>,
+    ) -> Result<R, WorkerError> {
+        let state = StoreState::new(binding.settings.clone(), binding.memory_cap);
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|state| &mut state.limiter);
+        store.set_epoch_deadline(binding.deadline_ticks);
+        let result = binding
+            .module
+            .pre
+            .instantiate(&mut store)
+            .and_then(|worker| run(&worker, &mut store));
+        result.map_err(|error| classify_trap(error, &store, binding))
+    }
+}
+
+impl Drop for Runtime {
+    fn drop(&mut self) {
+        self.ticker_stop.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Turns a failed call into the error the pipeline reports.
+fn classify_trap(error: wasmtime::Error, store: &Store<StoreState>, binding: &Binding) -> WorkerError {
+    if let Some(Trap::Interrupt) = error.downcast_ref::<Trap>() {
+        return WorkerError::Timeout(binding.cpu_deadline);
+    }
+    if let Some(desired) = store.data().limiter.exceeded {
+        return WorkerError::Failed(format!(
+            "worker exceeded its memory cap of {} bytes (it asked for {desired})",
+            binding.memory_cap
+        ));
+    }
+    let stderr = store.data().stderr();
+    if stderr.is_empty() {
+        WorkerError::Failed(format!("worker trapped: {error:#}"))
+    } else {
+        WorkerError::Failed(format!("worker trapped: {error:#}; stderr: {stderr}"))
+    }
+}
+
+/// Checks the binary header, so that a core module or a non-wasm file gets
+/// a message that says what it is.
+fn check_component_header(bytes: &[u8]) -> Result<(), String> {
+    if bytes.len() < 8 || &bytes[..4] != WASM_MAGIC {
+        return Err("not a WebAssembly binary (it does not start with \\0asm)".to_owned());
+    }
+    let version: [u8; 4] = bytes[4..8].try_into().expect("slice of 4 bytes");
+    if version == CORE_MODULE_VERSION {
+        return Err("it is a core WebAssembly module, not a component; build the worker \
+                    for wasm32-wasip2 (edge worker build) so that it is a component"
+            .to_owned());
+    }
+    if version != COMPONENT_VERSION {
+        return Err(format!("unsupported WebAssembly version or layer {version:02x?}"));
+    }
+    Ok(())
+}
+
+/// Advances the engine's epoch every tick until `stop` is set.
+fn spawn_epoch_ticker(engine: Engine, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
+    std::thread::Builder::new()
+        .name("edge-epoch".to_owned())
+        .spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(EPOCH_TICK);
+                engine.increment_epoch();
+            }
+        })
+        .context("cannot start the epoch ticker thread")?;
+    Ok(())
+}
+
+/// Admits at most [`LogThrottle::PER_SECOND`] log lines a second, so that a
+/// worker failing on every request cannot flood the log.
+#[derive(Debug, Default)]
+pub struct LogThrottle {
+    /// The current second (since the Unix epoch) in the high 32 bits and the
+    /// lines logged in it in the low 32 bits.
+    state: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl LogThrottle {
+    /// Log lines admitted per second.
+    pub const PER_SECOND: u64 = 10;
+
+    /// Returns `Some(lines suppressed since the last admitted one)` when a
+    /// line may be logged now, else counts it as suppressed.
+    pub fn admit(&self) -> Option<u64> {
+        let second = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+            & 0xffff_ffff;
+        let state = self.state.load(Ordering::Relaxed);
+        let next = if state >> 32 == second {
+            if state & 0xffff_ffff >= Self::PER_SECOND {
+                self.suppressed.fetch_add(1, Ordering::Relaxed);
+                return None;
+            }
+            state + 1
+        } else {
+            (second << 32) | 1
+        };
+        // A lost race only lets one extra line through.
+        self.state.store(next, Ordering::Relaxed);
+        Some(self.suppressed.swap(0, Ordering::Relaxed))
+    }
+}

@@ -1,0 +1,368 @@
+//! `fixture-worker`: a test-only worker for the host's end-to-end tests. The
+//! config key `mode` selects what it does:
+//!
+//! | `mode` | behaviour | other config keys |
+//! |---|---|---|
+//! | `counter` | increments a `static` counter and responds 200 with its value as text; always `1`, because every call gets a fresh instance | |
+//! | `loop` | loops forever, until the host's CPU deadline stops it | |
+//! | `alloc` | allocates and writes `bytes` bytes in 1 MiB chunks, then responds 200 | `bytes` (default 1 GiB) |
+//! | `panic` | panics with the message `fixture panic` | |
+//! | `echo` | responds 200 with the request it saw as JSON | |
+//! | `spin` | busy-waits `ms` milliseconds of the host's monotonic clock, then continues | `ms` |
+//! | `set` | continues with header and path changes | `set_headers` (table), `remove_headers` (array), `path` |
+//! | `route` | routes to an upstream | `upstream`, `set_headers` (table) |
+//! | `respond` | responds itself | `status` (default 200), `body` (default empty), `headers` (table) |
+//! | `response-header` | continues, and in the response hook sets `response_headers` and `x-seen-status` (the upstream's status) | `response_headers` (table) |
+//! | `config` | responds 200 with the whole config as JSON | |
+//! | `log` | writes `fixture log` at each level, then continues | |
+//! | `clock` | responds 200 with `{"now_unix_ms":..,"monotonic_ns":..}` | |
+//!
+//! ```toml
+//! [[routes.workers]]
+//! module = "modules/fixture-worker.wasm"
+//!
+//! [routes.workers.config]
+//! mode = "set"
+//! set_headers = { "x-fixture" = "1" }
+//! remove_headers = ["x-remove-me"]
+//! path = "/rewritten"
+//! ```
+//!
+//! The fixture does not check header names, values or statuses, so tests can
+//! make it send invalid ones to the host. A missing or unknown `mode`, or a
+//! config value of the wrong type, makes it respond 500 with
+//! `{"error":"worker_config_invalid","message":"..."}`.
+
+use std::collections::BTreeMap;
+use std::hint::black_box;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use edge_sdk::{
+    Action, Hooks, Request, RequestChanges, Response, ResponseChanges, ResponseHead, Worker,
+};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+const MIB: u64 = 1024 * 1024;
+
+/// Counts calls within one instance; each call sees a fresh instance.
+static CALLS: AtomicU64 = AtomicU64::new(0);
+
+/// The modes the config key `mode` may name.
+const MODES: &[&str] = &[
+    "counter",
+    "loop",
+    "alloc",
+    "panic",
+    "echo",
+    "spin",
+    "set",
+    "route",
+    "respond",
+    "response-header",
+    "config",
+    "log",
+    "clock",
+];
+
+/// The JSON body of the fixture's error responses.
+#[derive(Debug, Serialize)]
+struct ErrorBody {
+    error: &'static str,
+    message: String,
+}
+
+/// Config of the `alloc` mode.
+#[derive(Debug, Deserialize)]
+struct AllocConfig {
+    /// Bytes to allocate. Default: 1 GiB.
+    bytes: Option<u64>,
+}
+
+/// Config of the `spin` mode.
+#[derive(Debug, Deserialize)]
+struct SpinConfig {
+    /// Milliseconds to busy-wait.
+    ms: u64,
+}
+
+/// Config of the `set` mode.
+#[derive(Debug, Deserialize)]
+struct SetConfig {
+    #[serde(default)]
+    set_headers: BTreeMap<String, String>,
+    #[serde(default)]
+    remove_headers: Vec<String>,
+    path: Option<String>,
+}
+
+/// Config of the `route` mode.
+#[derive(Debug, Deserialize)]
+struct RouteConfig {
+    upstream: String,
+    #[serde(default)]
+    set_headers: BTreeMap<String, String>,
+}
+
+/// Config of the `respond` mode.
+#[derive(Debug, Deserialize)]
+struct RespondConfig {
+    status: Option<u16>,
+    #[serde(default)]
+    body: String,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+}
+
+/// Config of the `response-header` mode.
+#[derive(Debug, Deserialize)]
+struct ResponseHeaderConfig {
+    #[serde(default)]
+    response_headers: BTreeMap<String, String>,
+}
+
+/// The request as the `echo` mode reports it.
+#[derive(Debug, Serialize)]
+struct EchoBody {
+    method: String,
+    path: String,
+    query: Option<String>,
+    /// Header values by name; repeated names are joined with `, `.
+    headers: BTreeMap<String, String>,
+    client_addr: String,
+    route: String,
+    params: BTreeMap<String, String>,
+}
+
+/// The body of the `clock` mode's response.
+#[derive(Debug, Serialize)]
+struct ClockBody {
+    now_unix_ms: u64,
+    monotonic_ns: u64,
+}
+
+/// A config that the fixture cannot act on, with the message it responds with.
+#[derive(Debug)]
+struct InvalidConfig(String);
+
+fn read_mode() -> Result<String, InvalidConfig> {
+    edge_sdk::config::get("mode").ok_or_else(|| {
+        InvalidConfig(format!(
+            "missing config key `mode`; expected one of {}",
+            MODES.join(", ")
+        ))
+    })
+}
+
+fn parse_config<T: DeserializeOwned>(mode: &str) -> Result<T, InvalidConfig> {
+    edge_sdk::config::parse()
+        .map_err(|error| InvalidConfig(format!("invalid config for mode `{mode}`: {error}")))
+}
+
+fn invalid_config_response(InvalidConfig(message): InvalidConfig) -> Action {
+    edge_sdk::log::error(&message);
+    Action::respond(Response::json(
+        500,
+        &ErrorBody {
+            error: "worker_config_invalid",
+            message,
+        },
+    ))
+}
+
+fn with_set_headers(
+    mut changes: RequestChanges,
+    headers: BTreeMap<String, String>,
+) -> RequestChanges {
+    for (name, value) in headers {
+        changes = changes.set_header(name, value);
+    }
+    changes
+}
+
+fn count_calls() -> Action {
+    let count = CALLS.fetch_add(1, Ordering::SeqCst) + 1;
+    Action::respond(
+        Response::new(200)
+            .header("content-type", "text/plain")
+            .body(count.to_string()),
+    )
+}
+
+fn loop_forever() -> ! {
+    let mut iterations: u64 = 0;
+    loop {
+        // `black_box` keeps the optimiser from proving the loop has no effect.
+        iterations = black_box(iterations.wrapping_add(1));
+    }
+}
+
+fn allocate(config: AllocConfig) -> Action {
+    const PAGE: usize = 4096;
+    let total = config.bytes.unwrap_or(1024 * MIB);
+    let mut chunks: Vec<Vec<u8>> = Vec::new();
+    let mut allocated: u64 = 0;
+    while allocated < total {
+        let size = (total - allocated).min(MIB) as usize;
+        let mut chunk = vec![0u8; size];
+        // Write one byte per page so every page is really used.
+        for index in (0..size).step_by(PAGE) {
+            chunk[index] = 1;
+        }
+        chunks.push(black_box(chunk));
+        allocated += size as u64;
+    }
+    black_box(&chunks);
+    Action::respond(
+        Response::new(200)
+            .header("content-type", "text/plain")
+            .body(format!("allocated {allocated} bytes")),
+    )
+}
+
+fn echo(request: Request) -> Action {
+    let mut headers: BTreeMap<String, String> = BTreeMap::new();
+    for (name, value) in request.headers.iter() {
+        headers
+            .entry(name.to_string())
+            .and_modify(|joined| {
+                joined.push_str(", ");
+                joined.push_str(value);
+            })
+            .or_insert_with(|| value.to_string());
+    }
+    let body = EchoBody {
+        method: request.method,
+        path: request.path,
+        query: request.query,
+        headers,
+        client_addr: request.client_addr,
+        route: request.route,
+        params: request.params.into_iter().collect(),
+    };
+    Action::respond(Response::json(200, &body))
+}
+
+fn spin(config: SpinConfig) -> Action {
+    let start = edge_sdk::clock::monotonic_ns();
+    let duration_ns = config.ms.saturating_mul(1_000_000);
+    while edge_sdk::clock::monotonic_ns().saturating_sub(start) < duration_ns {
+        black_box(());
+    }
+    Action::next()
+}
+
+fn set(config: SetConfig) -> Action {
+    let mut changes = with_set_headers(RequestChanges::new(), config.set_headers);
+    for name in config.remove_headers {
+        changes = changes.remove_header(name);
+    }
+    if let Some(path) = config.path {
+        changes = changes.path(path);
+    }
+    Action::Continue(changes)
+}
+
+fn route(config: RouteConfig) -> Action {
+    Action::Route {
+        upstream: config.upstream,
+        changes: with_set_headers(RequestChanges::new(), config.set_headers),
+    }
+}
+
+fn respond(config: RespondConfig) -> Action {
+    let mut response = Response::new(config.status.unwrap_or(200)).body(config.body);
+    for (name, value) in config.headers {
+        response = response.header(name, value);
+    }
+    Action::respond(response)
+}
+
+fn write_logs() -> Action {
+    edge_sdk::log::trace("fixture log");
+    edge_sdk::log::debug("fixture log");
+    edge_sdk::log::info("fixture log");
+    edge_sdk::log::warn("fixture log");
+    edge_sdk::log::error("fixture log");
+    Action::next()
+}
+
+fn read_clock() -> Action {
+    let body = ClockBody {
+        now_unix_ms: edge_sdk::clock::now_unix_ms(),
+        monotonic_ns: edge_sdk::clock::monotonic_ns(),
+    };
+    Action::respond(Response::json(200, &body))
+}
+
+fn config_response() -> Action {
+    Action::respond(
+        Response::new(200)
+            .header("content-type", "application/json")
+            .body(edge_sdk::config::json()),
+    )
+}
+
+/// Runs the request hook of the configured mode.
+fn handle_request(request: Request) -> Result<Action, InvalidConfig> {
+    let mode = read_mode()?;
+    let action = match mode.as_str() {
+        "counter" => count_calls(),
+        "loop" => loop_forever(),
+        "alloc" => allocate(parse_config(&mode)?),
+        "panic" => panic!("fixture panic"),
+        "echo" => echo(request),
+        "spin" => spin(parse_config(&mode)?),
+        "set" => set(parse_config(&mode)?),
+        "route" => route(parse_config(&mode)?),
+        "respond" => respond(parse_config(&mode)?),
+        "response-header" => {
+            // Check the config now, so a bad one fails the request visibly.
+            parse_config::<ResponseHeaderConfig>(&mode)?;
+            Action::next()
+        }
+        "config" => config_response(),
+        "log" => write_logs(),
+        "clock" => read_clock(),
+        other => {
+            return Err(InvalidConfig(format!(
+                "unknown mode {other:?}; expected one of {}",
+                MODES.join(", ")
+            )))
+        }
+    };
+    Ok(action)
+}
+
+struct Fixture;
+
+impl Worker for Fixture {
+    fn hooks() -> Hooks {
+        let response = read_mode().is_ok_and(|mode| mode == "response-header");
+        Hooks { response }
+    }
+
+    fn on_request(request: Request) -> Action {
+        handle_request(request).unwrap_or_else(invalid_config_response)
+    }
+
+    fn on_response(_request: Request, response: ResponseHead) -> ResponseChanges {
+        let config: ResponseHeaderConfig = match parse_config("response-header") {
+            Ok(config) => config,
+            Err(InvalidConfig(message)) => {
+                edge_sdk::log::error(&message);
+                return ResponseChanges::new();
+            }
+        };
+        let mut changes = ResponseChanges::new();
+        for (name, value) in config.response_headers {
+            changes = changes.set_header(name, value);
+        }
+        changes.set_header("x-seen-status", response.status.to_string())
+    }
+}
+
+edge_sdk::export_worker!(Fixture);
+
+#[cfg(test)]
+mod tests;

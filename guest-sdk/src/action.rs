@@ -2,7 +2,8 @@
 
 use crate::{RequestChanges, Response};
 
-/// What [`Worker::on_request`](crate::Worker::on_request) decided.
+/// The decision of [`Worker::on_request`](crate::Worker::on_request): continue,
+/// respond or route.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[must_use]
 pub enum Action {

@@ -1,4 +1,4 @@
-//! Time as the host sees it.
+//! The node's wall clock and a monotonic clock.
 //!
 //! On targets other than `wasm32`, for native unit tests, both functions read
 //! the standard library's clocks instead of calling the host.

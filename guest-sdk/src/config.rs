@@ -14,7 +14,7 @@ use std::fmt;
 use serde::de::DeserializeOwned;
 
 /// Returns the value of the top-level key `key`. Strings come back as they
-/// are; numbers, booleans, arrays and tables come back as JSON text.
+/// are, and numbers, booleans, arrays and tables as JSON text.
 pub fn get(key: &str) -> Option<String> {
     #[cfg(target_arch = "wasm32")]
     return crate::bindings::edge::worker::config::get(key);
@@ -58,7 +58,7 @@ pub struct ConfigError(serde_json::Error);
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let message = self.0.to_string();
-        // serde_json appends " at line L column C" when it knows a position.
+        // serde_json appends " at line L column C" when it has a position.
         let position = format!(" at line {} column {}", self.0.line(), self.0.column());
         f.write_str(message.strip_suffix(&position).unwrap_or(&message))
     }

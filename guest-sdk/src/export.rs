@@ -10,12 +10,12 @@ use crate::{
     Worker,
 };
 
-/// Implements the generated `handler` interface for the worker `W`.
-/// [`export_worker!`](crate::export_worker) names it; workers never do.
+/// Implementation of the generated `handler` interface for the worker `W`.
+/// Only [`export_worker!`](crate::export_worker) names it.
 pub struct Export<W>(PhantomData<fn() -> W>);
 
 impl<W: Worker + 'static> Guest for Export<W> {
-    fn hooks() -> wit::Hooks {
+    fn hooks() -> wit::HookSet {
         W::hooks().into()
     }
 
@@ -109,11 +109,11 @@ impl From<ResponseChanges> for wit::ResponseChanges {
     }
 }
 
-impl From<Hooks> for wit::Hooks {
+impl From<Hooks> for wit::HookSet {
     fn from(hooks: Hooks) -> Self {
-        let mut flags = wit::Hooks::empty();
+        let mut flags = wit::HookSet::empty();
         if hooks.response {
-            flags |= wit::Hooks::RESPONSE;
+            flags |= wit::HookSet::RESPONSE;
         }
         flags
     }
@@ -204,10 +204,10 @@ mod tests {
 
     #[test]
     fn hooks_to_wit_flags() {
-        assert_eq!(wit::Hooks::from(Hooks::default()), wit::Hooks::empty());
+        assert_eq!(wit::HookSet::from(Hooks::default()), wit::HookSet::empty());
         assert_eq!(
-            wit::Hooks::from(Hooks { response: true }),
-            wit::Hooks::RESPONSE
+            wit::HookSet::from(Hooks { response: true }),
+            wit::HookSet::RESPONSE
         );
     }
 }

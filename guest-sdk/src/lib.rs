@@ -4,8 +4,8 @@
 //!
 //! A worker is a WebAssembly component that runs on a route of an Edge node.
 //! The host calls its request hook after routing and before the upstream, and,
-//! if the worker asks for it, its response hook when the upstream's response
-//! headers arrive.
+//! if the worker implements one, its response hook when the upstream's
+//! response headers arrive.
 //!
 //! # Example
 //!
@@ -111,7 +111,7 @@
 //!
 //! The SDK also builds for the build machine's own target, so `cargo test`
 //! runs a worker's hooks natively. There the host imports are replaced by the
-//! [`testing`] module (on targets other than `wasm32` only): config comes
+//! `testing` module (on targets other than `wasm32` only): config comes
 //! from `testing::set_config` and log lines collect for `testing::take_logs`.
 //!
 //! # Limitations
@@ -142,12 +142,12 @@ pub use headers::{HeaderIter, Headers};
 pub use request::{Request, RequestChanges};
 pub use response::{Response, ResponseChanges, ResponseHead};
 
-/// Bindings generated from `wit/worker.wit`. Workers use the SDK's types
-/// instead; [`export_worker!`] refers to this module.
+/// Bindings generated from `wit/worker.wit`, for [`export_worker!`]. Workers
+/// use the SDK's types instead.
 #[doc(hidden)]
 pub mod bindings {
     wit_bindgen::generate!({
-        path: "/tmp/edge-wit-fixed",
+        path: "../wit",
         world: "worker",
         pub_export_macro: true,
         default_bindings_module: "edge_sdk::bindings",

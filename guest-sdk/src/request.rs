@@ -2,7 +2,7 @@
 
 use crate::headers::{record_remove, record_set, Headers};
 
-/// The request as the worker sees it, after routing.
+/// The request passed to the worker's hooks, after routing.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Request {
     /// The method in upper case, such as `GET`.
@@ -79,8 +79,8 @@ impl RequestChanges {
         self
     }
 
-    /// Replaces the path sent on. It must start with `/`; the SDK does not
-    /// check it.
+    /// Replaces the path sent on. It must start with `/`, which the SDK does
+    /// not check.
     pub fn path(mut self, path: impl Into<String>) -> Self {
         self.path = Some(path.into());
         self

@@ -8,7 +8,7 @@ use crate::headers::{record_remove, record_set, Headers};
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[must_use]
 pub struct Response {
-    /// The HTTP status code. The host accepts 100 to 599.
+    /// The HTTP status code, from 100 to 599.
     pub status: u16,
     /// The response headers, in order.
     pub headers: Headers,

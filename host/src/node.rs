@@ -90,6 +90,11 @@ impl Node {
             next_target += upstream.targets.len();
         }
 
+        // Binding calls each worker's `hooks` export, which is async.
+        let binder = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| BuildError::Runtime(e.into()))?;
         let mut rules = Vec::new();
         let mut routes = Vec::new();
         for (index, route) in config.routes.iter().enumerate() {
@@ -121,14 +126,14 @@ impl Node {
                 };
                 let path = config.resolve(worker.module.get_ref());
                 let module = runtime.load(&path).map_err(module_error)?;
-                let binding = runtime
-                    .bind(
+                let binding = binder
+                    .block_on(runtime.bind(
                         module,
                         name.clone(),
                         &worker.config,
                         worker.cpu_deadline,
                         worker.max_memory.get_ref().as_u64() as usize,
-                    )
+                    ))
                     .map_err(module_error)?;
                 workers.push(binding);
             }

@@ -81,6 +81,7 @@ async fn serve(
                 let _slot = node.runtime.reserve().await.map_err(|e| worker_refusal(route, binding, e))?;
                 node.runtime
                     .on_request(binding, &request_view)
+                    .await
                     .map_err(|e| worker_refusal(route, binding, e))?
             };
             let changes = match action {
@@ -362,6 +363,7 @@ async fn run_response_hooks<B>(
             let _slot = node.runtime.reserve().await.map_err(|e| worker_refusal(route, binding, e))?;
             node.runtime
                 .on_response(binding, view, &head)
+                .await
                 .map_err(|e| worker_refusal(route, binding, e))?
         };
         apply_header_changes(response.headers_mut(), None, &changes.remove_headers, changes.set_headers)

@@ -9,9 +9,9 @@
 //!
 //! Bounds: the CPU deadline is enforced by epoch interruption (a ticker
 //! thread advances the engine's epoch every [`EPOCH_TICK`]); the memory cap
-//! by a resource limiter that traps a growth past it. Calls run synchronously
-//! on the serving thread, which is the cheapest way to call a guest, so the
-//! deadline also bounds how long a thread is held.
+//! by a resource limiter that traps a growth past it. Calls are async: a
+//! running guest yields to the other requests of its serving thread at every
+//! tick, so a slow worker delays only its own request.
 
 mod cache;
 mod host_api;
@@ -25,7 +25,10 @@ use std::time::Duration;
 use anyhow::Context as _;
 use tokio::sync::{Semaphore, SemaphorePermit};
 use wasmtime::component::{Component, HasSelf, Linker};
-use wasmtime::{Engine, Enabled, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap};
+use wasmtime::{
+    Engine, Enabled, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap,
+    UpdateDeadline,
+};
 
 pub use cache::{content_hash, CacheOutcome};
 use cache::ModuleCache;
@@ -33,14 +36,22 @@ use host_api::{StoreState, WorkerSettings};
 
 /// Host bindings generated from the `worker` world in `wit/`.
 pub mod bindings {
-    wasmtime::component::bindgen!({ path: "../wit", world: "worker" });
+    wasmtime::component::bindgen!({
+        path: "../wit",
+        world: "worker",
+        exports: { default: async },
+    });
 }
 
 /// The records of the worker contract, as host types.
 pub use bindings::edge::worker::types as wit;
 
-/// How often the epoch advances; CPU deadlines are rounded up to it.
+/// How often the epoch advances. A running guest yields to other requests
+/// on its thread at every tick, and its deadline is checked then.
 pub const EPOCH_TICK: Duration = Duration::from_millis(1);
+
+/// The native stack a guest call runs on.
+const ASYNC_STACK_SIZE: usize = 512 << 10;
 
 /// The leading bytes of a WebAssembly binary.
 const WASM_MAGIC: &[u8; 4] = b"\0asm";
@@ -112,7 +123,6 @@ pub struct Binding {
     pub module: Arc<Module>,
     settings: Arc<WorkerSettings>,
     cpu_deadline: Duration,
-    deadline_ticks: u64,
     memory_cap: usize,
     /// Whether the worker asked for its response hook.
     pub response_hook: bool,
@@ -154,22 +164,25 @@ impl Runtime {
             .total_core_instances(instances.saturating_mul(8))
             .total_memories(instances.saturating_mul(2))
             .total_tables(instances.saturating_mul(4))
+            .total_stacks(instances)
             .max_memory_size(settings.max_memory)
             // Keeping the first pages of a memory or table resident between
             // instances, with pagemap_scan resetting only dirty pages, keeps a
             // fresh instance cheap under concurrency.
             .linear_memory_keep_resident(2 << 20)
             .table_keep_resident(2 << 20)
+            .async_stack_keep_resident(ASYNC_STACK_SIZE)
             .pagemap_scan(Enabled::Auto);
         let mut config = wasmtime::Config::new();
         config
             .wasm_component_model(true)
+            .async_stack_size(ASYNC_STACK_SIZE)
             .epoch_interruption(true)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         let engine = Engine::new(&config).map_err(anyhow::Error::from).context("cannot create the wasmtime engine")?;
 
         let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker).map_err(anyhow::Error::from).context("cannot link WASI")?;
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(anyhow::Error::from).context("cannot link WASI")?;
         bindings::Worker::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)
             .map_err(anyhow::Error::from)
             .context("cannot link the worker host API")?;
@@ -252,7 +265,7 @@ impl Runtime {
 
     /// Binds a loaded module to a route with its config and limits, and
     /// asks the worker which hooks it implements.
-    pub fn bind(
+    pub async fn bind(
         &self,
         module: Arc<Module>,
         route: Arc<str>,
@@ -261,21 +274,19 @@ impl Runtime {
         memory_cap: usize,
     ) -> Result<Binding, LoadError> {
         let settings = Arc::new(WorkerSettings::new(route, module.name.clone(), config));
-        let ticks = cpu_deadline.as_nanos().div_ceil(EPOCH_TICK.as_nanos()) as u64;
         let mut binding = Binding {
             module,
             settings,
             cpu_deadline,
-            // The first tick may come at once, so allow one more.
-            deadline_ticks: ticks + 1,
             memory_cap: memory_cap.min(self.max_memory),
             response_hook: false,
             log_throttle: LogThrottle::default(),
         };
         let hooks = self
-            .call(&binding, |worker, store| {
-                worker.edge_worker_handler().call_hooks(store)
+            .call(&binding, async |worker, store| {
+                worker.edge_worker_handler().call_hooks(store).await
             })
+            .await
             .map_err(|e| LoadError {
                 path: binding.module.path.clone(),
                 message: format!("its `hooks` call failed: {e}"),
@@ -303,44 +314,58 @@ impl Runtime {
     }
 
     /// Runs the request hook in a fresh instance.
-    pub fn on_request(
+    pub async fn on_request(
         &self,
         binding: &Binding,
         request: &wit::Request,
     ) -> Result<wit::Action, WorkerError> {
-        self.call(binding, |worker, store| {
-            worker.edge_worker_handler().call_on_request(store, request)
+        self.call(binding, async |worker, store| {
+            worker.edge_worker_handler().call_on_request(store, request).await
         })
+        .await
     }
 
     /// Runs the response hook in a fresh instance.
-    pub fn on_response(
+    pub async fn on_response(
         &self,
         binding: &Binding,
         request: &wit::Request,
         response: &wit::ResponseHead,
     ) -> Result<wit::ResponseChanges, WorkerError> {
-        self.call(binding, |worker, store| {
+        self.call(binding, async |worker, store| {
             worker
                 .edge_worker_handler()
                 .call_on_response(store, request, response)
+                .await
         })
+        .await
     }
 
-    fn call<R>(
+    /// Instantiates the binding's module in a new store and runs `run` on
+    /// it. The guest yields to other tasks at every epoch tick and is
+    /// interrupted once its CPU deadline has passed.
+    async fn call<R>(
         &self,
         binding: &Binding,
-        run: impl FnOnce(&bindings::Worker, &mut Store<StoreState>) -> wasmtime::Result<R>,
+        run: impl AsyncFnOnce(&bindings::Worker, &mut Store<StoreState>) -> wasmtime::Result<R>,
     ) -> Result<R, WorkerError> {
         let state = StoreState::new(binding.settings.clone(), binding.memory_cap);
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limiter);
-        store.set_epoch_deadline(binding.deadline_ticks);
-        let result = binding
-            .module
-            .pre
-            .instantiate(&mut store)
-            .and_then(|worker| run(&worker, &mut store));
+        let started = std::time::Instant::now();
+        let deadline = binding.cpu_deadline;
+        store.set_epoch_deadline(1);
+        store.epoch_deadline_callback(move |_| {
+            if started.elapsed() >= deadline {
+                Ok(UpdateDeadline::Interrupt)
+            } else {
+                Ok(UpdateDeadline::Yield(1))
+            }
+        });
+        let result = match binding.module.pre.instantiate_async(&mut store).await {
+            Ok(worker) => run(&worker, &mut store).await,
+            Err(error) => Err(error),
+        };
         result.map_err(|error| classify_trap(error, &store, binding))
     }
 }

@@ -1,21 +1,28 @@
 //! `fixture-worker`: a test-only worker for the host's end-to-end tests. The
 //! config key `mode` selects what it does:
 //!
-//! | `mode` | behaviour | other config keys |
-//! |---|---|---|
-//! | `counter` | increments a `static` counter and responds 200 with its value as text; always `1`, because every call gets a fresh instance | |
-//! | `loop` | loops forever, until the host's CPU deadline stops it | |
-//! | `alloc` | allocates and writes `bytes` bytes in 1 MiB chunks, then responds 200 | `bytes` (default 1 GiB) |
-//! | `panic` | panics with the message `fixture panic` | |
-//! | `echo` | responds 200 with the request it saw as JSON | |
-//! | `spin` | busy-waits `ms` milliseconds of the host's monotonic clock, then continues | `ms` |
-//! | `set` | continues with header and path changes | `set_headers` (table), `remove_headers` (array), `path` |
-//! | `route` | routes to an upstream | `upstream`, `set_headers` (table) |
-//! | `respond` | responds itself | `status` (default 200), `body` (default empty), `headers` (table) |
-//! | `response-header` | continues, and in the response hook sets `response_headers` and `x-seen-status` (the upstream's status) | `response_headers` (table) |
-//! | `config` | responds 200 with the whole config as JSON | |
-//! | `log` | writes `fixture log` at each level, then continues | |
-//! | `clock` | responds 200 with `{"now_unix_ms":..,"monotonic_ns":..}` | |
+//! - `counter`: increments a `static` counter and responds 200 with its value
+//!   as text, which is `1` when every call gets a fresh instance.
+//! - `loop`: loops forever, until the host's CPU deadline stops it.
+//! - `alloc`: allocates and writes `bytes` bytes (default 1 GiB) in 1 MiB
+//!   chunks that it keeps, then responds 200.
+//! - `panic`: panics with the message `fixture panic`.
+//! - `echo`: responds 200 with the request it received as JSON: `method`,
+//!   `path`, `query`, `headers` (name to value, repeated names joined by
+//!   `, `), `client_addr`, `route` and `params` (name to value).
+//! - `spin`: busy-waits `ms` milliseconds of the host's monotonic clock, then
+//!   continues.
+//! - `set`: continues, setting the `set_headers` table, removing the
+//!   `remove_headers` array and, if given, changing the path to `path`.
+//! - `route`: routes to `upstream`, setting the optional `set_headers` table.
+//! - `respond`: responds with `status` (default 200), `body` (default empty)
+//!   and the `headers` table.
+//! - `response-header`: continues, and implements the response hook, which
+//!   sets the `response_headers` table and `x-seen-status` to the upstream's
+//!   status.
+//! - `config`: responds 200 with the whole config as JSON.
+//! - `log`: writes `fixture log` at each level, then continues.
+//! - `clock`: responds 200 with `{"now_unix_ms":..,"monotonic_ns":..}`.
 //!
 //! ```toml
 //! [[routes.workers]]
@@ -45,7 +52,8 @@ use serde::{Deserialize, Serialize};
 
 const MIB: u64 = 1024 * 1024;
 
-/// Counts calls within one instance; each call sees a fresh instance.
+/// Calls made to this instance. The host creates a fresh instance for every
+/// call, so it never exceeds 1 there.
 static CALLS: AtomicU64 = AtomicU64::new(0);
 
 /// The modes the config key `mode` may name.
@@ -127,7 +135,7 @@ struct EchoBody {
     method: String,
     path: String,
     query: Option<String>,
-    /// Header values by name; repeated names are joined with `, `.
+    /// Header values by name, with the values of a repeated name joined by `, `.
     headers: BTreeMap<String, String>,
     client_addr: String,
     route: String,

@@ -14,9 +14,9 @@
 //! ]
 //! ```
 //!
-//! Each rule has exactly one of `prefix` or `exact`, and an `upstream` that the
-//! node's config declares. The worker checks rules in order and the first
-//! match wins:
+//! Each rule has exactly one of `prefix` or `exact`, and `upstream`, the name
+//! of an upstream in the node's config. The worker checks rules in order and
+//! the first match wins:
 //!
 //! - `prefix` matches whole path segments: `/users` matches `/users` and
 //!   `/users/7`, but not `/usersx`. A trailing `/` on a prefix is ignored.
@@ -61,7 +61,7 @@ struct ErrorBody {
     message: String,
 }
 
-/// Where a rule sends a request that it matches.
+/// The upstream and path for a request that a rule matches.
 #[derive(Debug, PartialEq, Eq)]
 struct Destination<'a> {
     upstream: &'a str,

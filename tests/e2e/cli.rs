@@ -1,0 +1,155 @@
+//! The `edge` command line: config and module errors, `routes explain`, and
+//! the worker scaffolding.
+
+use crate::harness::{edge, modules_dir};
+
+fn write_config(dir: &std::path::Path, text: &str) -> String {
+    let path = dir.join("edge.toml");
+    std::fs::write(&path, text.replace("{modules}", &modules_dir().display().to_string())).unwrap();
+    path.display().to_string()
+}
+
+const VALID: &str = r#"[[listeners]]
+addr = "127.0.0.1:0"
+
+[upstreams.users]
+targets = ["127.0.0.1:9"]
+
+[[routes]]
+name = "users"
+prefix = "/users"
+upstream = "users"
+
+[[routes.workers]]
+module = "{modules}/add-header.wasm"
+[routes.workers.config]
+headers = { "x-a" = "1" }
+
+[[routes]]
+name = "home"
+pattern = "/{device}/home"
+methods = ["GET"]
+upstream = "users"
+"#;
+
+#[test]
+fn check_accepts_a_valid_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = edge(&["check", &write_config(dir.path(), VALID)]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("ok (1 listeners, 1 upstreams, 2 routes, 1 workers)"), "{stdout}");
+}
+
+/// Runs `edge check` on `text` and returns its stderr, asserting failure.
+fn check_fails(text: &str) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), text);
+    let output = edge(&["check", &path]);
+    assert!(!output.status.success(), "check passed on an invalid config");
+    let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+    assert!(stderr.contains("edge.toml"), "the error names the file: {stderr}");
+    stderr
+}
+
+#[test]
+fn check_reports_line_and_field() {
+    let unknown_upstream = check_fails(&VALID.replace("upstream = \"users\"\n\n[[routes.workers]]", "upstream = \"nope\"\n\n[[routes.workers]]"));
+    assert!(unknown_upstream.contains(":10: routes[0].upstream: no upstream named \"nope\""), "{unknown_upstream}");
+
+    let bad_type = check_fails(&VALID.replace("prefix = \"/users\"", "prefix = 7"));
+    assert!(bad_type.contains("line 9") && bad_type.contains("prefix"), "{bad_type}");
+
+    let unknown_field = check_fails(&VALID.replace("prefix = \"/users\"", "prefx = \"/users\""));
+    assert!(unknown_field.contains("unknown field `prefx`"), "{unknown_field}");
+
+    let two_paths = check_fails(&VALID.replace("prefix = \"/users\"", "prefix = \"/users\"\npath = \"/x\""));
+    assert!(two_paths.contains("set only one of prefix, path and pattern"), "{two_paths}");
+
+    let bad_pattern = check_fails(&VALID.replace("/{device}/home", "/{dev ice}/home"));
+    assert!(bad_pattern.contains("routes[1].pattern"), "{bad_pattern}");
+
+    let bad_duration = check_fails(&VALID.replace("headers = {", "cpu_deadline = \"fast\"\nheaders = {"));
+    assert!(bad_duration.contains("cpu_deadline") || bad_duration.contains("line"), "{bad_duration}");
+
+    let duplicate = check_fails(&VALID.replace("name = \"home\"", "name = \"users\""));
+    assert!(duplicate.contains("already used on line 7"), "{duplicate}");
+
+    let no_listener = check_fails(&VALID.replace("[[listeners]]\naddr = \"127.0.0.1:0\"\n", ""));
+    assert!(no_listener.contains("listeners"), "{no_listener}");
+}
+
+#[test]
+fn check_rejects_bad_modules_with_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: [(&str, &[u8], &str); 4] = [
+        ("text.wasm", b"this is not wasm", "not a WebAssembly binary"),
+        ("core.wasm", b"\0asm\x01\0\0\0", "core WebAssembly module, not a component"),
+        // An empty component: valid, but it exports no handler.
+        ("empty.wasm", b"\0asm\x0d\0\x01\0", "does not export the edge:worker@0.1.0 `handler` interface"),
+        ("broken.wasm", b"\0asm\x0d\0\x01\0\x07\x05garbage", "invalid component"),
+    ];
+    for (name, bytes, expected) in cases {
+        let module = dir.path().join(name);
+        std::fs::write(&module, bytes).unwrap();
+        let text = VALID.replace("{modules}/add-header.wasm", &module.display().to_string());
+        let stderr = check_fails(&text);
+        assert!(stderr.contains(expected), "{name}: {stderr}");
+        assert!(stderr.contains("routes[0].workers[0]") && stderr.contains(name), "{name}: {stderr}");
+    }
+    let missing = check_fails(&VALID.replace("add-header.wasm", "missing.wasm"));
+    assert!(missing.contains("cannot read file"), "{missing}");
+}
+
+#[test]
+fn serve_refuses_an_invalid_config() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), &VALID.replace("targets = [\"127.0.0.1:9\"]", "targets = []"));
+    let output = edge(&["serve", "--config", &path]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("upstreams.users.targets: at least one target is required"), "{stderr}");
+}
+
+#[test]
+fn routes_explain_shows_match_and_misses() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), VALID);
+    let output = edge(&["routes", "explain", "--config", &path, "GET", "/x/../users/7"]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(stdout.contains("normalised to \"/users/7\""), "{stdout}");
+    assert!(stdout.contains("matches route \"users\""), "{stdout}");
+    assert!(stdout.contains("add-header.wasm"), "{stdout}");
+    assert!(stdout.contains("pattern /{device}/home does not match /users/7"), "{stdout}");
+
+    let output = edge(&["routes", "explain", "--config", &path, "POST", "/mobile/home"]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("no route matches"), "{stdout}");
+    assert!(stdout.contains("method POST is not one of GET"), "{stdout}");
+}
+
+#[test]
+fn worker_new_scaffolds_a_crate_that_builds() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().display().to_string();
+    let created = edge(&["worker", "new", "hello-worker", "--dir", &root]);
+    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    let crate_dir = dir.path().join("hello-worker").display().to_string();
+    let out = dir.path().join("out").display().to_string();
+    let built = edge(&["worker", "build", &crate_dir, "--out", &out]);
+    assert!(built.status.success(), "{}", String::from_utf8_lossy(&built.stderr));
+    let module = dir.path().join("out/hello-worker.wasm");
+    let bytes = std::fs::read(&module).unwrap();
+    assert_eq!(&bytes[..8], b"\0asm\x0d\0\x01\0", "the build output is a component");
+
+    // The new module loads into a node config.
+    let text = VALID.replace("{modules}/add-header.wasm", &module.display().to_string());
+    let path = write_config(dir.path(), &text);
+    let checked = edge(&["check", &path]);
+    assert!(checked.status.success(), "{}", String::from_utf8_lossy(&checked.stderr));
+
+    let again = edge(&["worker", "new", "hello-worker", "--dir", &root]);
+    assert!(!again.status.success());
+    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+}

@@ -1,0 +1,417 @@
+//! The shared harness: real `edge` nodes started as processes, real upstream
+//! HTTP servers on loopback, and plain HTTP clients.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{combinators::BoxBody, BodyExt, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+
+pub type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+/// The repository's root folder.
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The folder scripts/build-workers writes components to.
+pub fn modules_dir() -> PathBuf {
+    let dir = repo_root().join("modules");
+    for module in ["add-header.wasm", "path-router.wasm", "fixture-worker.wasm"] {
+        assert!(
+            dir.join(module).exists(),
+            "{} is missing; run scripts/build-workers first",
+            dir.join(module).display()
+        );
+    }
+    std::fs::canonicalize(dir).expect("modules folder")
+}
+
+/// A compile cache shared by every node in this test run, so each module
+/// compiles once.
+pub fn shared_cache_dir() -> PathBuf {
+    Path::new(env!("CARGO_TARGET_TMPDIR")).join("edge-e2e-cache")
+}
+
+/// A running `edge serve` process, killed on drop.
+pub struct Node {
+    child: Child,
+    pub addr: SocketAddr,
+    /// Holds the config file until the node stops.
+    _dir: tempfile::TempDir,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Node {
+    /// Starts a node on `config`, after replacing `{modules}` with the
+    /// modules folder and adding a loopback listener on a free port and the
+    /// shared compile cache, unless the config sets its own.
+    pub fn start(config: &str) -> Result<Node> {
+        let dir = tempfile::tempdir()?;
+        let mut text = config.replace("{modules}", &modules_dir().display().to_string());
+        if !text.contains("[[listeners]]") {
+            text = format!("[[listeners]]\naddr = \"127.0.0.1:0\"\n\n{text}");
+        }
+        if !text.contains("[runtime]") {
+            text.push_str(&format!("\n[runtime]\ncache_dir = {:?}\n", shared_cache_dir().display().to_string()));
+        }
+        let path = dir.path().join("edge.toml");
+        std::fs::write(&path, text)?;
+        Node::spawn(&path, dir)
+    }
+
+    fn spawn(config: &Path, dir: tempfile::TempDir) -> Result<Node> {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_edge"))
+            .args(["serve", "--config"])
+            .arg(config)
+            .env("EDGE_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?;
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let mut err_pipe = child.stderr.take().expect("piped stderr");
+        let sink = stderr.clone();
+        std::thread::spawn(move || {
+            let mut buffer = [0u8; 4096];
+            while let Ok(n) = err_pipe.read(&mut buffer) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buffer[..n]));
+            }
+        });
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut lines = BufReader::new(stdout).lines();
+        let addr = loop {
+            match lines.next() {
+                Some(Ok(line)) => {
+                    if let Some(addr) = line.strip_prefix("listening on http://") {
+                        break addr.parse()?;
+                    }
+                }
+                _ => {
+                    let _ = child.wait();
+                    std::thread::sleep(Duration::from_millis(100));
+                    return Err(format!("node exited before listening: {}", stderr.lock().unwrap()).into());
+                }
+            }
+        };
+        // Keep draining stdout so the node never blocks on a full pipe.
+        std::thread::spawn(move || for _ in lines {});
+        Ok(Node { child, addr, _dir: dir, stderr })
+    }
+
+    /// The URL of `path` on this node.
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    /// Everything the node has logged so far.
+    pub fn log(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// The node's resident memory in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS in /proc status")
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs the `edge` binary with `args` and returns its output.
+pub fn edge(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_edge"))
+        .args(args)
+        .output()
+        .expect("run edge")
+}
+
+/// A request as an upstream received it.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub method: String,
+    /// The request target as sent, path and query.
+    pub target: String,
+    pub headers: HeaderMap,
+    pub body_len: usize,
+}
+
+type Handler = Arc<dyn Fn(&Received) -> Reply + Send + Sync>;
+
+/// What a test upstream sends back.
+pub enum Reply {
+    /// A JSON echo of the request.
+    Echo,
+    /// This status with a small body.
+    Status(u16),
+    /// Waits, then echoes.
+    Delay(Duration),
+    /// A response with these extra headers and an echo body.
+    Headers(Vec<(&'static str, &'static str)>),
+    /// A streamed body of this many bytes, in 64 KiB chunks.
+    Bytes(usize),
+}
+
+/// A real HTTP/1.1 server on loopback that records what it receives.
+pub struct Upstream {
+    pub addr: SocketAddr,
+    received: Arc<Mutex<Vec<Received>>>,
+    count: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Upstream {
+    /// Starts an upstream that echoes every request as JSON.
+    pub async fn echo() -> Upstream {
+        Upstream::start(|_| Reply::Echo).await
+    }
+
+    /// Starts an upstream whose replies `handler` chooses.
+    pub async fn start(handler: impl Fn(&Received) -> Reply + Send + Sync + 'static) -> Upstream {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let count = Arc::new(AtomicUsize::new(0));
+        let handler: Handler = Arc::new(handler);
+        let (task_received, task_count) = (received.clone(), count.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else { continue };
+                let (received, count, handler) = (task_received.clone(), task_count.clone(), handler.clone());
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |request| {
+                        serve_upstream(request, received.clone(), count.clone(), handler.clone())
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+            }
+        });
+        Upstream { addr, received, count, task }
+    }
+
+    /// Requests received so far, including ones whose body broke.
+    pub fn count(&self) -> usize {
+        self.count.load(Ordering::SeqCst)
+    }
+
+    /// Requests received with their whole body.
+    pub fn complete_count(&self) -> usize {
+        self.received.lock().unwrap().len()
+    }
+
+    /// The last request received in full.
+    pub fn last(&self) -> Received {
+        self.received.lock().unwrap().last().cloned().expect("the upstream received a request")
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn serve_upstream(
+    request: Request<Incoming>,
+    received: Arc<Mutex<Vec<Received>>>,
+    count: Arc<AtomicUsize>,
+    handler: Handler,
+) -> std::result::Result<Response<BoxBody<Bytes, Infallible>>, hyper::Error> {
+    count.fetch_add(1, Ordering::SeqCst);
+    let (parts, mut body) = request.into_parts();
+    let mut body_len = 0;
+    while let Some(frame) = body.frame().await {
+        if let Some(data) = frame?.data_ref() {
+            body_len += data.len();
+        }
+    }
+    let record = Received {
+        method: parts.method.to_string(),
+        target: parts.uri.to_string(),
+        headers: parts.headers.clone(),
+        body_len,
+    };
+    received.lock().unwrap().push(record.clone());
+    let echo = || {
+        let headers: BTreeMap<String, String> = record
+            .headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_str().unwrap_or("").to_owned()))
+            .collect();
+        let json = serde_json::json!({
+            "method": record.method, "target": record.target,
+            "headers": headers, "body_len": record.body_len,
+        });
+        Full::new(Bytes::from(json.to_string())).boxed()
+    };
+    let response = match handler(&record) {
+        Reply::Echo => Response::new(echo()),
+        Reply::Status(status) => {
+            let mut response = Response::new(Full::new(Bytes::from("upstream says no")).boxed());
+            *response.status_mut() = StatusCode::from_u16(status).unwrap();
+            response
+        }
+        Reply::Delay(delay) => {
+            tokio::time::sleep(delay).await;
+            Response::new(echo())
+        }
+        Reply::Headers(headers) => {
+            let mut response = Response::new(echo());
+            for (name, value) in headers {
+                response.headers_mut().append(name, value.parse().unwrap());
+            }
+            response
+        }
+        Reply::Bytes(total) => {
+            let chunk = Bytes::from(vec![b'x'; 64 * 1024]);
+            let chunks = (0..total.div_ceil(chunk.len())).map(move |i| {
+                let len = chunk.len().min(total - i * chunk.len());
+                Ok::<_, Infallible>(Frame::data(chunk.slice(..len)))
+            });
+            Response::new(StreamBody::new(futures_util::stream::iter(chunks)).boxed())
+        }
+    };
+    Ok(response)
+}
+
+/// A response as the client saw it.
+#[derive(Debug)]
+pub struct Got {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Got {
+    /// The body parsed as JSON.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
+    }
+
+    /// A header's value as text.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+}
+
+/// Sends a request with a small body over a new HTTP/1.1 connection.
+pub async fn send(method: &str, url: &str, headers: &[(&str, &str)], body: &'static [u8]) -> Result<Got> {
+    let uri: http::Uri = url.parse()?;
+    let authority = uri.authority().unwrap().clone();
+    let stream = tokio::net::TcpStream::connect(authority.as_str()).await?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let mut request = Request::builder()
+        .method(method)
+        .uri(uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"));
+    if !headers.iter().any(|(name, _)| name.eq_ignore_ascii_case("host")) {
+        request = request.header("host", authority.as_str());
+    }
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = sender.send_request(request.body(Full::new(Bytes::from_static(body)))?).await?;
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await?.to_bytes();
+    Ok(Got { status: parts.status, headers: parts.headers, body })
+}
+
+/// Sends a GET over a new HTTP/1.1 connection.
+pub async fn get(url: &str) -> Result<Got> {
+    send("GET", url, &[], b"").await
+}
+
+/// Sends a GET over HTTP/2 with prior knowledge.
+pub async fn get_h2(url: &str) -> Result<Got> {
+    let uri: http::Uri = url.parse()?;
+    let stream = tokio::net::TcpStream::connect(uri.authority().unwrap().as_str()).await?;
+    let (mut sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let request = Request::builder().uri(uri).body(Full::new(Bytes::new()))?;
+    let response = sender.send_request(request).await?;
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await?.to_bytes();
+    Ok(Got { status: parts.status, headers: parts.headers, body })
+}
+
+/// Writes a raw HTTP/1.1 request and reads the raw response until the
+/// server closes the connection.
+pub fn raw_request(addr: SocketAddr, request: &str) -> Result<String> {
+    let mut stream = std::net::TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    stream.write_all(request.as_bytes())?;
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response)?;
+    Ok(String::from_utf8_lossy(&response).into_owned())
+}
+
+/// GETs `url` and returns the body's length, reading it frame by frame.
+pub async fn get_streaming(url: &str) -> Result<usize> {
+    let (mut sender, path) = connect(url).await?;
+    let request = Request::builder().uri(path).header("host", "test").body(Full::new(Bytes::new()))?;
+    let response = sender.send_request(request).await?;
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let mut total = 0;
+    while let Some(frame) = body.frame().await {
+        if let Some(data) = frame?.data_ref() {
+            total += data.len();
+        }
+    }
+    Ok(total)
+}
+
+/// POSTs `size` bytes to `url` as a chunked body made frame by frame.
+pub async fn post_streaming(url: &str, size: usize) -> Result<Got> {
+    let (mut sender, path) = connect(url).await?;
+    let chunk = Bytes::from(vec![b'y'; 64 * 1024]);
+    let frames = (0..size.div_ceil(chunk.len())).map(move |i| {
+        let len = chunk.len().min(size - i * chunk.len());
+        Ok::<_, Infallible>(Frame::data(chunk.slice(..len)))
+    });
+    let body = StreamBody::new(futures_util::stream::iter(frames));
+    let request = Request::builder().method("POST").uri(path).header("host", "test").body(body)?;
+    let response = sender.send_request(request).await?;
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await?.to_bytes();
+    Ok(Got { status: parts.status, headers: parts.headers, body })
+}
+
+async fn connect<B>(url: &str) -> Result<(hyper::client::conn::http1::SendRequest<B>, String)>
+where
+    B: hyper::body::Body + Send + 'static,
+    B::Data: Send,
+    B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let uri: http::Uri = url.parse()?;
+    let stream = tokio::net::TcpStream::connect(uri.authority().unwrap().as_str()).await?;
+    let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_owned();
+    Ok((sender, path))
+}

@@ -1,0 +1,284 @@
+//! Routing, forwarding headers, streaming and upstream failures.
+
+use std::time::Duration;
+
+use crate::harness::{get, get_h2, raw_request, send, Node, Reply, Result, Upstream};
+
+fn upstream_block(name: &str, upstream: &Upstream) -> String {
+    format!("[upstreams.{name}]\ntargets = [\"{}\"]\n", upstream.addr)
+}
+
+#[tokio::test]
+async fn routes_by_host_method_and_path() -> Result {
+    let (users, admin, writes, fallback) =
+        (Upstream::echo().await, Upstream::echo().await, Upstream::echo().await, Upstream::echo().await);
+    let config = format!(
+        r#"
+{}{}{}{}
+[[routes]]
+name = "fallback"
+prefix = "/"
+upstream = "fallback"
+
+[[routes]]
+name = "users"
+prefix = "/users"
+upstream = "users"
+
+[[routes]]
+name = "user-writes"
+prefix = "/users"
+methods = ["POST", "PUT"]
+upstream = "writes"
+
+[[routes]]
+name = "admin"
+host = "admin.example.com"
+prefix = "/"
+upstream = "admin"
+"#,
+        upstream_block("users", &users),
+        upstream_block("admin", &admin),
+        upstream_block("writes", &writes),
+        upstream_block("fallback", &fallback),
+    );
+    let node = Node::start(&config)?;
+
+    assert_eq!(get(&node.url("/users/7")).await?.status, 200);
+    assert_eq!(users.last().target, "/users/7");
+    send("POST", &node.url("/users"), &[], b"{}").await?;
+    assert_eq!(writes.last().method, "POST");
+    send("GET", &node.url("/users"), &[("host", "admin.example.com")], b"").await?;
+    assert_eq!(admin.count(), 1);
+    get(&node.url("/usersx")).await?;
+    assert_eq!(fallback.last().target, "/usersx");
+    assert_eq!(users.count(), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn unmatched_request_gets_404_json() -> Result {
+    let upstream = Upstream::echo().await;
+    let config = format!(
+        "{}\n[[routes]]\nname = \"users\"\nprefix = \"/users\"\nupstream = \"users\"\n",
+        upstream_block("users", &upstream)
+    );
+    let node = Node::start(&config)?;
+    let got = get(&node.url("/orders")).await?;
+    assert_eq!(got.status, 404);
+    assert_eq!(got.header("content-type"), Some("application/json"));
+    assert_eq!(got.json()["error"], "no_route");
+    assert_eq!(upstream.count(), 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn path_is_normalised_before_routing() -> Result {
+    let (users, admin) = (Upstream::echo().await, Upstream::echo().await);
+    let config = format!(
+        "{}{}\n[[routes]]\nname = \"users\"\nprefix = \"/users\"\nupstream = \"users\"\n\n\
+         [[routes]]\nname = \"admin\"\nprefix = \"/admin\"\nupstream = \"admin\"\n",
+        upstream_block("users", &users),
+        upstream_block("admin", &admin)
+    );
+    let node = Node::start(&config)?;
+    let got = get(&node.url("/admin/../users/%37")).await?;
+    assert_eq!(got.status, 200);
+    assert_eq!(users.last().target, "/users/7");
+    get(&node.url("/users/a%20b?x=1")).await?;
+    assert_eq!(users.last().target, "/users/a%20b?x=1");
+    assert_eq!(admin.count(), 0);
+
+    let encoded_slash = get(&node.url("/admin%2F..%2Fusers")).await?;
+    assert_eq!(encoded_slash.status, 400);
+    assert_eq!(encoded_slash.json()["error"], "invalid_path");
+    assert_eq!(admin.count(), 0);
+    assert_eq!(users.count(), 2);
+    Ok(())
+}
+
+#[tokio::test]
+async fn forwarding_headers_are_set() -> Result {
+    let upstream = Upstream::echo().await;
+    let config = format!(
+        "[node]\nname = \"edge-test\"\n[[listeners]]\naddr = \"127.0.0.1:0\"\n\n{}\n\
+         [[routes]]\nname = \"all\"\nupstream = \"app\"\n",
+        upstream_block("app", &upstream)
+    );
+    let node = Node::start(&config)?;
+    let got = send("GET", &node.url("/"), &[("x-forwarded-for", "6.6.6.6")], b"").await?;
+    assert_eq!(got.header("via"), Some("1.1 edge-test"));
+    let seen = upstream.last().headers;
+    // The peer is not a trusted proxy, so its claim is replaced.
+    assert_eq!(seen["x-forwarded-for"], "127.0.0.1");
+    assert_eq!(seen["x-forwarded-proto"], "http");
+    assert_eq!(seen["x-forwarded-host"], node.addr.to_string().as_str());
+    assert_eq!(seen["host"], node.addr.to_string().as_str());
+    assert_eq!(seen["via"], "1.1 edge-test");
+    Ok(())
+}
+
+#[tokio::test]
+async fn trusted_proxy_forwarded_for_is_appended() -> Result {
+    let upstream = Upstream::echo().await;
+    let config = format!(
+        "[[listeners]]\naddr = \"127.0.0.1:0\"\ntrusted_proxies = [\"127.0.0.0/8\"]\n\n{}\n\
+         [[routes]]\nname = \"all\"\nupstream = \"app\"\n",
+        upstream_block("app", &upstream)
+    );
+    let node = Node::start(&config)?;
+    send("GET", &node.url("/"), &[("x-forwarded-for", "203.0.113.5")], b"").await?;
+    assert_eq!(upstream.last().headers["x-forwarded-for"], "203.0.113.5, 127.0.0.1");
+    Ok(())
+}
+
+#[tokio::test]
+async fn hop_by_hop_headers_removed_both_ways() -> Result {
+    let upstream = Upstream::start(|_| {
+        Reply::Headers(vec![("connection", "x-hop-back"), ("x-hop-back", "1"), ("x-end-back", "1"), ("keep-alive", "timeout=5")])
+    })
+    .await;
+    let config = format!("{}\n[[routes]]\nname = \"all\"\nupstream = \"app\"\n", upstream_block("app", &upstream));
+    let node = Node::start(&config)?;
+    let response = raw_request(
+        node.addr,
+        "GET /hop HTTP/1.1\r\nHost: test\r\nConnection: close, x-hop\r\nX-Hop: 1\r\nX-End: 1\r\n\
+         Keep-Alive: timeout=5\r\nTE: trailers\r\nUpgrade: foo\r\nProxy-Authorization: secret\r\n\r\n",
+    )?;
+    let seen = upstream.last().headers;
+    assert!(seen.contains_key("x-end"));
+    for name in ["x-hop", "keep-alive", "te", "upgrade", "proxy-authorization"] {
+        assert!(!seen.contains_key(name), "upstream saw hop-by-hop header {name}");
+    }
+    assert_ne!(seen.get("connection").map(|v| v.to_str().unwrap()), Some("close, x-hop"));
+
+    let head = response.split("\r\n\r\n").next().unwrap().to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(head.contains("x-end-back: 1"), "{head}");
+    assert!(!head.contains("x-hop-back"), "client saw x-hop-back: {head}");
+    assert!(!head.contains("keep-alive"), "client saw keep-alive: {head}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn http2_prior_knowledge_is_proxied() -> Result {
+    let upstream = Upstream::echo().await;
+    let config = format!("{}\n[[routes]]\nname = \"all\"\nupstream = \"app\"\n", upstream_block("app", &upstream));
+    let node = Node::start(&config)?;
+    let got = get_h2(&node.url("/h2?q=1")).await?;
+    assert_eq!(got.status, 200);
+    let seen = upstream.last();
+    assert_eq!(seen.target, "/h2?q=1");
+    assert_eq!(seen.headers["host"], node.addr.to_string().as_str());
+    Ok(())
+}
+
+#[tokio::test]
+async fn upstream_down_gets_502_and_node_keeps_serving() -> Result {
+    let healthy = Upstream::echo().await;
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let config = format!(
+        "{}[upstreams.gone]\ntargets = [\"{closed}\"]\n\n[[routes]]\nname = \"gone\"\nprefix = \"/gone\"\n\
+         upstream = \"gone\"\n\n[[routes]]\nname = \"ok\"\nprefix = \"/\"\nupstream = \"ok\"\n",
+        upstream_block("ok", &healthy)
+    );
+    let node = Node::start(&config)?;
+    let got = get(&node.url("/gone")).await?;
+    assert_eq!(got.status, 502);
+    assert_eq!(got.json()["error"], "upstream_unavailable");
+    assert_eq!(get(&node.url("/fine")).await?.status, 200);
+    Ok(())
+}
+
+#[tokio::test]
+async fn slow_upstream_gets_504_and_node_keeps_serving() -> Result {
+    let slow = Upstream::start(|_| Reply::Delay(Duration::from_secs(3))).await;
+    let healthy = Upstream::echo().await;
+    let config = format!(
+        "[upstreams.slow]\ntargets = [\"{}\"]\nresponse_timeout = \"300ms\"\n{}\n\
+         [[routes]]\nname = \"slow\"\nprefix = \"/slow\"\nupstream = \"slow\"\n\n\
+         [[routes]]\nname = \"ok\"\nprefix = \"/\"\nupstream = \"ok\"\n",
+        slow.addr,
+        upstream_block("ok", &healthy)
+    );
+    let node = Node::start(&config)?;
+    let started = std::time::Instant::now();
+    let got = get(&node.url("/slow")).await?;
+    assert_eq!(got.status, 504);
+    assert_eq!(got.json()["error"], "upstream_timeout");
+    assert!(started.elapsed() < Duration::from_secs(3), "the timeout did not cut the wait");
+    assert_eq!(get(&node.url("/fine")).await?.status, 200);
+    Ok(())
+}
+
+#[tokio::test]
+async fn body_over_content_length_limit_gets_413() -> Result {
+    let upstream = Upstream::echo().await;
+    let config = format!(
+        "{}\n[[routes]]\nname = \"small\"\nupstream = \"app\"\nmax_body = \"1KiB\"\n",
+        upstream_block("app", &upstream)
+    );
+    let node = Node::start(&config)?;
+    let got = send("POST", &node.url("/upload"), &[], &[b'a'; 2048]).await?;
+    assert_eq!(got.status, 413);
+    assert_eq!(got.json()["error"], "body_too_large");
+    assert_eq!(upstream.count(), 0);
+    let fits = send("POST", &node.url("/upload"), &[], &[b'a'; 1000]).await?;
+    assert_eq!(fits.status, 200);
+    assert_eq!(upstream.last().body_len, 1000);
+    Ok(())
+}
+
+#[tokio::test]
+async fn chunked_body_over_limit_is_cut_off() -> Result {
+    let upstream = Upstream::echo().await;
+    let config = format!(
+        "{}\n[[routes]]\nname = \"small\"\nupstream = \"app\"\nmax_body = \"1KiB\"\n",
+        upstream_block("app", &upstream)
+    );
+    let node = Node::start(&config)?;
+    let chunk = "a".repeat(800);
+    let request = format!(
+        "POST /upload HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
+         320\r\n{chunk}\r\n320\r\n{chunk}\r\n0\r\n\r\n"
+    );
+    let response = raw_request(node.addr, &request)?;
+    assert!(response.starts_with("HTTP/1.1 413"), "{response}");
+    assert!(response.contains("\"body_too_large\""), "{response}");
+    // The upstream may have seen the start of the request, but never a
+    // complete one.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(upstream.count() <= 1);
+    assert_eq!(upstream.complete_count(), 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn large_bodies_stream_without_buffering() -> Result {
+    const SIZE: usize = 50 << 20;
+    let upstream = Upstream::start(|received| {
+        if received.method == "GET" { Reply::Bytes(SIZE) } else { Reply::Echo }
+    })
+    .await;
+    let config = format!(
+        "{}\n[[routes]]\nname = \"big\"\nupstream = \"app\"\nmax_body = \"100MiB\"\n",
+        upstream_block("app", &upstream)
+    );
+    let node = Node::start(&config)?;
+    // Warm up so the baseline includes the connection and buffers.
+    get(&node.url("/warm")).await?;
+    let before = node.rss_kib();
+
+    let response = crate::harness::get_streaming(&node.url("/download")).await?;
+    assert_eq!(response, SIZE);
+    let after_download = node.rss_kib();
+
+    let sent = crate::harness::post_streaming(&node.url("/upload"), SIZE).await?;
+    assert_eq!(sent.status, 200);
+    assert_eq!(upstream.last().body_len, SIZE);
+    let after_upload = node.rss_kib();
+
+    let growth = after_download.max(after_upload).saturating_sub(before);
+    assert!(growth < 10 * 1024, "resident memory grew by {growth} KiB while streaming 50 MiB");
+    Ok(())
+}

@@ -1,0 +1,304 @@
+//! Workers on the request path: the example workers, chaining, isolation,
+//! and what happens when a worker fails.
+
+use std::time::Duration;
+
+use crate::harness::{get, send, Node, Reply, Result, Upstream};
+
+/// A route `name` on `prefix` to upstream `app`, running the fixture worker
+/// with `mode` and extra TOML for its entry.
+fn fixture_route(name: &str, prefix: &str, mode: &str, extra: &str) -> String {
+    format!(
+        "[[routes]]\nname = \"{name}\"\nprefix = \"{prefix}\"\nupstream = \"app\"\n\n\
+         [[routes.workers]]\nmodule = \"{{modules}}/fixture-worker.wasm\"\n{extra}\n\
+         [routes.workers.config]\nmode = \"{mode}\"\n\n"
+    )
+}
+
+fn app(upstream: &Upstream) -> String {
+    format!("[upstreams.app]\ntargets = [\"{}\"]\n\n", upstream.addr)
+}
+
+#[tokio::test]
+async fn add_header() -> Result {
+    let upstream = Upstream::echo().await;
+    let config = format!(
+        "{}[[routes]]\nname = \"api\"\nupstream = \"app\"\n\n[[routes.workers]]\n\
+         module = \"{{modules}}/add-header.wasm\"\n[routes.workers.config]\n\
+         headers = {{ \"x-edge\" = \"hello\", \"x-team\" = \"platform\" }}\n\
+         response_headers = {{ \"x-served-by\" = \"edge\" }}\n",
+        app(&upstream)
+    );
+    let node = Node::start(&config)?;
+    let got = get(&node.url("/anything")).await?;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.header("x-served-by"), Some("edge"));
+    let seen = upstream.last().headers;
+    assert_eq!(seen["x-edge"], "hello");
+    assert_eq!(seen["x-team"], "platform");
+    Ok(())
+}
+
+#[tokio::test]
+async fn path_router() -> Result {
+    let (users, payments) = (Upstream::echo().await, Upstream::echo().await);
+    let config = format!(
+        "[upstreams.users]\ntargets = [\"{}\"]\n[upstreams.payments]\ntargets = [\"{}\"]\n\n\
+         [[routes]]\nname = \"api\"\nprefix = \"/\"\n\n[[routes.workers]]\n\
+         module = \"{{modules}}/path-router.wasm\"\n[routes.workers.config]\nrules = [\n\
+         {{ prefix = \"/users\", upstream = \"users\" }},\n\
+         {{ prefix = \"/checkout\", methods = [\"POST\"], upstream = \"payments\" }},\n]\n",
+        users.addr, payments.addr
+    );
+    let node = Node::start(&config)?;
+
+    assert_eq!(get(&node.url("/users/7")).await?.status, 200);
+    assert_eq!(users.last().target, "/users/7");
+    assert_eq!(send("POST", &node.url("/checkout"), &[], b"{}").await?.status, 200);
+    assert_eq!(payments.last().method, "POST");
+
+    let wrong_method = get(&node.url("/checkout")).await?;
+    assert_eq!(wrong_method.status, 404);
+    assert_eq!(wrong_method.json()["error"], "no_route");
+    let unknown = get(&node.url("/nothing")).await?;
+    assert_eq!(unknown.status, 404);
+    assert_eq!(unknown.header("content-type"), Some("application/json"));
+    assert_eq!(users.count(), 1);
+    assert_eq!(payments.count(), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn workers_change_headers_and_path_in_order() -> Result {
+    let upstream = Upstream::echo().await;
+    // The first worker sets x-step and a new path; the second sees the
+    // first one's changes and echoes them instead of calling the upstream
+    // when x-echo is sent.
+    let config = format!(
+        "{}[[routes]]\nname = \"chain\"\nupstream = \"app\"\n\n\
+         [[routes.workers]]\nmodule = \"{{modules}}/fixture-worker.wasm\"\n\
+         [routes.workers.config]\nmode = \"set\"\nset_headers = {{ \"x-step\" = \"one\" }}\n\
+         remove_headers = [\"x-secret\"]\npath = \"/rewritten\"\n\n\
+         [[routes.workers]]\nmodule = \"{{modules}}/add-header.wasm\"\n\
+         [routes.workers.config]\nheaders = {{ \"x-step\" = \"two\" }}\n",
+        app(&upstream)
+    );
+    let node = Node::start(&config)?;
+    let got = send("GET", &node.url("/original?q=1"), &[("x-secret", "s3cr3t")], b"").await?;
+    assert_eq!(got.status, 200);
+    let seen = upstream.last();
+    assert_eq!(seen.target, "/rewritten?q=1");
+    assert_eq!(seen.headers["x-step"], "two", "the later worker's value wins");
+    assert!(!seen.headers.contains_key("x-secret"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn worker_sees_request_and_responds_itself() -> Result {
+    let upstream = Upstream::echo().await;
+    let config = format!(
+        "{}[[routes]]\nname = \"device\"\npattern = \"/{{device}}/home\"\nupstream = \"app\"\n\n\
+         [[routes.workers]]\nmodule = \"{{modules}}/fixture-worker.wasm\"\n\
+         [routes.workers.config]\nmode = \"echo\"\n",
+        app(&upstream)
+    );
+    let node = Node::start(&config)?;
+    let got = send("GET", &node.url("/mobile/./home?x=1"), &[("x-test", "yes")], b"").await?;
+    assert_eq!(got.status, 200);
+    let seen = got.json();
+    assert_eq!(seen["method"], "GET");
+    assert_eq!(seen["path"], "/mobile/home");
+    assert_eq!(seen["query"], "x=1");
+    assert_eq!(seen["route"], "device");
+    assert_eq!(seen["client_addr"], "127.0.0.1");
+    assert_eq!(seen["params"]["device"], "mobile");
+    assert_eq!(seen["headers"]["x-test"], "yes");
+    assert_eq!(upstream.count(), 0, "a worker's own response never reaches the upstream");
+    Ok(())
+}
+
+#[tokio::test]
+async fn worker_chooses_upstream() -> Result {
+    let (main, other) = (Upstream::echo().await, Upstream::echo().await);
+    let config = format!(
+        "{}[upstreams.other]\ntargets = [\"{}\"]\n\n{}upstream = \"other\"\n",
+        app(&main),
+        other.addr,
+        fixture_route("choose", "/", "route", "")
+    );
+    let node = Node::start(&config)?;
+    assert_eq!(get(&node.url("/x")).await?.status, 200);
+    assert_eq!(other.count(), 1);
+    assert_eq!(main.count(), 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn worker_routing_to_unknown_upstream_fails_cleanly() -> Result {
+    let main = Upstream::echo().await;
+    let config = format!("{}{}upstream = \"missing\"\n", app(&main), fixture_route("choose", "/", "route", ""));
+    let node = Node::start(&config)?;
+    let got = get(&node.url("/x")).await?;
+    assert_eq!(got.status, 500);
+    assert_eq!(got.json()["error"], "worker_failed");
+    assert_eq!(main.count(), 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn worker_state_never_survives_a_request() -> Result {
+    let upstream = Upstream::echo().await;
+    let config = format!("{}{}", app(&upstream), fixture_route("counter", "/", "counter", ""));
+    let node = Node::start(&config)?;
+    for _ in 0..5 {
+        let got = get(&node.url("/count")).await?;
+        assert_eq!(got.status, 200);
+        assert_eq!(&got.body[..], b"1");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn looping_worker_stops_at_deadline() -> Result {
+    let upstream = Upstream::echo().await;
+    let config = format!(
+        "{}{}{}",
+        app(&upstream),
+        fixture_route("loop", "/loop", "loop", "cpu_deadline = \"100ms\""),
+        fixture_route("counter", "/", "counter", "")
+    );
+    let node = Node::start(&config)?;
+    let started = std::time::Instant::now();
+    let got = get(&node.url("/loop")).await?;
+    assert_eq!(got.status, 503);
+    assert_eq!(got.json()["error"], "worker_timeout");
+    assert_eq!(got.header("retry-after"), Some("1"));
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(get(&node.url("/after")).await?.status, 200);
+    assert_eq!(upstream.count(), 0);
+    let log = node.log();
+    assert!(log.contains("worker call failed") && log.contains("route=loop") && log.contains("fixture-worker.wasm"), "{log}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn worker_over_memory_cap_fails_cleanly() -> Result {
+    let upstream = Upstream::echo().await;
+    let config = format!(
+        "{}{}{}",
+        app(&upstream),
+        fixture_route("alloc", "/alloc", "alloc", "max_memory = \"8MiB\""),
+        fixture_route("counter", "/", "counter", "")
+    );
+    let node = Node::start(&config)?;
+    let got = get(&node.url("/alloc")).await?;
+    assert_eq!(got.status, 500);
+    assert_eq!(got.json()["error"], "worker_failed");
+    assert_eq!(upstream.count(), 0);
+    assert_eq!(get(&node.url("/after")).await?.status, 200);
+    assert!(node.log().contains("memory cap"), "{}", node.log());
+    Ok(())
+}
+
+#[tokio::test]
+async fn panicking_worker_gets_worker_failed() -> Result {
+    let upstream = Upstream::echo().await;
+    let config = format!(
+        "{}{}{}",
+        app(&upstream),
+        fixture_route("panic", "/panic", "panic", ""),
+        fixture_route("counter", "/", "counter", "")
+    );
+    let node = Node::start(&config)?;
+    let got = get(&node.url("/panic")).await?;
+    assert_eq!(got.status, 500);
+    assert_eq!(got.json()["error"], "worker_failed");
+    assert_eq!(upstream.count(), 0);
+    assert_eq!(get(&node.url("/after")).await?.status, 200);
+    let log = node.log();
+    assert!(log.contains("fixture panic"), "the guest's panic message is logged: {log}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn busy_instances_get_503_worker_busy() -> Result {
+    let upstream = Upstream::echo().await;
+    // One instance slot and two serving threads: while one thread runs a
+    // slow worker, a request on the other waits 20ms and is turned away.
+    let config = format!(
+        "[node]\nthreads = 2\n[[listeners]]\naddr = \"127.0.0.1:0\"\n\
+         [runtime]\nmax_instances = 1\nqueue_timeout = \"20ms\"\ncache_dir = {:?}\n\n{}{}",
+        crate::harness::shared_cache_dir().display().to_string(),
+        app(&upstream),
+        fixture_route("spin", "/", "spin", "cpu_deadline = \"2s\"").replace("mode = \"spin\"", "mode = \"spin\"\nms = 600")
+    );
+    let node = Node::start(&config)?;
+    let first_url = node.url("/first");
+    let first = tokio::spawn(async move { get(&first_url).await });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let second = get(&node.url("/second")).await?;
+    assert_eq!(second.status, 503);
+    assert_eq!(second.json()["error"], "worker_busy");
+    assert_eq!(second.header("retry-after"), Some("1"));
+    assert_eq!(first.await??.status, 200);
+    assert_eq!(upstream.count(), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn response_hook_sees_upstream_status() -> Result {
+    let upstream = Upstream::start(|_| Reply::Status(418)).await;
+    let config = format!(
+        "{}{}response_headers = {{ \"x-after\" = \"yes\" }}\n",
+        app(&upstream),
+        fixture_route("hook", "/", "response-header", "")
+    );
+    let node = Node::start(&config)?;
+    let got = get(&node.url("/")).await?;
+    assert_eq!(got.status, 418);
+    assert_eq!(got.header("x-seen-status"), Some("418"));
+    assert_eq!(got.header("x-after"), Some("yes"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn worker_reads_config_and_clock() -> Result {
+    let upstream = Upstream::echo().await;
+    let config = format!(
+        "{}{}{}number = 7\nnested = {{ a = [1, 2] }}\n",
+        app(&upstream),
+        fixture_route("clock", "/clock", "clock", ""),
+        fixture_route("config", "/", "config", "")
+    );
+    let node = Node::start(&config)?;
+    let config_seen = get(&node.url("/config")).await?.json();
+    assert_eq!(config_seen["mode"], "config");
+    assert_eq!(config_seen["number"], 7);
+    assert_eq!(config_seen["nested"]["a"][1], 2);
+    let clock = get(&node.url("/clock")).await?.json();
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
+    let worker_now = clock["now_unix_ms"].as_u64().unwrap();
+    assert!(worker_now.abs_diff(now) < 5_000, "worker clock {worker_now}, host {now}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn compiled_modules_come_from_cache_on_restart() -> Result {
+    let upstream = Upstream::echo().await;
+    let cache = tempfile::tempdir()?;
+    let config = format!(
+        "[[listeners]]\naddr = \"127.0.0.1:0\"\n[runtime]\ncache_dir = {:?}\n{}{}",
+        cache.path().display().to_string(),
+        app(&upstream),
+        fixture_route("counter", "/", "counter", "")
+    );
+    let first = Node::start(&config)?;
+    assert!(first.log().contains("cache=Compiled"), "{}", first.log());
+    drop(first);
+    let entries = std::fs::read_dir(cache.path())?.count();
+    assert_eq!(entries, 1, "one compiled module in the cache");
+    let second = Node::start(&config)?;
+    assert!(second.log().contains("cache=Hit"), "{}", second.log());
+    assert_eq!(get(&second.url("/")).await?.status, 200);
+    Ok(())
+}

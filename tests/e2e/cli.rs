@@ -69,11 +69,14 @@ fn check_reports_line_and_field() {
     let bad_pattern = check_fails(&VALID.replace("/{device}/home", "/{dev ice}/home"));
     assert!(bad_pattern.contains("routes[1].pattern"), "{bad_pattern}");
 
-    let bad_duration = check_fails(&VALID.replace("headers = {", "cpu_deadline = \"fast\"\nheaders = {"));
-    assert!(bad_duration.contains("cpu_deadline") || bad_duration.contains("line"), "{bad_duration}");
+    let bad_duration = check_fails(&VALID.replace(
+        "add-header.wasm\"",
+        "add-header.wasm\"\ncpu_deadline = \"fast\"",
+    ));
+    assert!(bad_duration.contains("line 14") && bad_duration.contains("fast"), "{bad_duration}");
 
     let duplicate = check_fails(&VALID.replace("name = \"home\"", "name = \"users\""));
-    assert!(duplicate.contains("already used on line 7"), "{duplicate}");
+    assert!(duplicate.contains("already used on line 8"), "{duplicate}");
 
     let no_listener = check_fails(&VALID.replace("[[listeners]]\naddr = \"127.0.0.1:0\"\n", ""));
     assert!(no_listener.contains("listeners"), "{no_listener}");

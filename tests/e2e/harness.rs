@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -361,12 +361,12 @@ pub async fn get_h2(url: &str) -> Result<Got> {
 
 /// Writes a raw HTTP/1.1 request and reads the raw response until the
 /// server closes the connection.
-pub fn raw_request(addr: SocketAddr, request: &str) -> Result<String> {
-    let mut stream = std::net::TcpStream::connect(addr)?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    stream.write_all(request.as_bytes())?;
+pub async fn raw_request(addr: SocketAddr, request: &str) -> Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.write_all(request.as_bytes()).await?;
     let mut response = Vec::new();
-    stream.read_to_end(&mut response)?;
+    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut response)).await??;
     Ok(String::from_utf8_lossy(&response).into_owned())
 }
 

@@ -144,7 +144,8 @@ async fn hop_by_hop_headers_removed_both_ways() -> Result {
         node.addr,
         "GET /hop HTTP/1.1\r\nHost: test\r\nConnection: close, x-hop\r\nX-Hop: 1\r\nX-End: 1\r\n\
          Keep-Alive: timeout=5\r\nTE: trailers\r\nUpgrade: foo\r\nProxy-Authorization: secret\r\n\r\n",
-    )?;
+    )
+    .await?;
     let seen = upstream.last().headers;
     assert!(seen.contains_key("x-end"));
     for name in ["x-hop", "keep-alive", "te", "upgrade", "proxy-authorization"] {
@@ -242,7 +243,7 @@ async fn chunked_body_over_limit_is_cut_off() -> Result {
         "POST /upload HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
          320\r\n{chunk}\r\n320\r\n{chunk}\r\n0\r\n\r\n"
     );
-    let response = raw_request(node.addr, &request)?;
+    let response = raw_request(node.addr, &request).await?;
     assert!(response.starts_with("HTTP/1.1 413"), "{response}");
     assert!(response.contains("\"body_too_large\""), "{response}");
     // The upstream may have seen the start of the request, but never a

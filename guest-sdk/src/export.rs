@@ -15,8 +15,9 @@ use crate::{
 pub struct Export<W>(PhantomData<fn() -> W>);
 
 impl<W: Worker + 'static> Guest for Export<W> {
-    fn hooks() -> wit::HookSet {
-        W::hooks().into()
+    fn hooks() -> Result<wit::HookSet, String> {
+        W::check_config()?;
+        Ok(W::hooks().into())
     }
 
     fn on_request(request: wit::Request) -> wit::Action {

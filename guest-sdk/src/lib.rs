@@ -179,6 +179,14 @@ pub trait Worker {
         Hooks::default()
     }
 
+    /// Checks the worker's config when the host loads the module, before any
+    /// request. An error rejects the binding: the node does not start, and
+    /// the message, which should name the bad key, is shown to the operator.
+    /// The default accepts any config.
+    fn check_config() -> Result<(), String> {
+        Ok(())
+    }
+
     /// Decides what happens to `request` before the upstream is called.
     fn on_request(request: Request) -> Action;
 

@@ -105,6 +105,18 @@ fn check_rejects_bad_modules_with_reason() {
 }
 
 #[test]
+fn check_reports_worker_config_errors() {
+    let text = VALID.replace("add-header.wasm", "path-router.wasm").replace(
+        "headers = { \"x-a\" = \"1\" }",
+        "rules = [{ prefix = \"users\", upstream = \"users\" }]",
+    );
+    let stderr = check_fails(&text);
+    assert!(stderr.contains("routes[0].workers[0]"), "{stderr}");
+    assert!(stderr.contains("the worker rejected its config"), "{stderr}");
+    assert!(stderr.contains("rules[0]"), "{stderr}");
+}
+
+#[test]
 fn serve_refuses_an_invalid_config() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(dir.path(), &VALID.replace("targets = [\"127.0.0.1:9\"]", "targets = []"));

@@ -290,6 +290,10 @@ impl Runtime {
             .map_err(|e| LoadError {
                 path: binding.module.path.clone(),
                 message: format!("its `hooks` call failed: {e}"),
+            })?
+            .map_err(|message| LoadError {
+                path: binding.module.path.clone(),
+                message: format!("the worker rejected its config: {message}"),
             })?;
         binding.response_hook = hooks.contains(wit::HookSet::RESPONSE);
         Ok(binding)

@@ -95,6 +95,10 @@ fn invalid_config_response(message: String) -> Action {
 struct AddHeader;
 
 impl Worker for AddHeader {
+    fn check_config() -> Result<(), String> {
+        load_config().map(drop)
+    }
+
     fn hooks() -> Hooks {
         // An invalid config needs no response hook: every request fails
         // before the upstream.

@@ -158,6 +158,10 @@ fn error_response(status: u16, error: &'static str, message: String) -> Action {
 struct PathRouter;
 
 impl Worker for PathRouter {
+    fn check_config() -> Result<(), String> {
+        load_config().map(drop)
+    }
+
     fn on_request(request: Request) -> Action {
         let config = match load_config() {
             Ok(config) => config,

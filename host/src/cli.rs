@@ -90,7 +90,7 @@ enum WorkerCommand {
     Build {
         /// The worker crate's folder.
         path: PathBuf,
-        /// Where to put the component.
+        /// The folder the component is copied to.
         #[arg(long, default_value = "modules")]
         out: PathBuf,
     },
@@ -116,7 +116,9 @@ pub fn main() -> ExitCode {
             sdk_path,
             sdk_git,
         }) => crate::scaffold::new_worker(&name, &dir, sdk_path.as_deref(), sdk_git.as_deref()),
-        Command::Worker(WorkerCommand::Build { path, out }) => crate::scaffold::build_worker(&path, &out),
+        Command::Worker(WorkerCommand::Build { path, out }) => {
+            crate::scaffold::build_worker(&path, &out)
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -210,7 +212,9 @@ fn explain(path: &Path, method: &str, raw_path: &str, host: Option<&str>) -> any
     let host = host.map(|h| crate::route::host_name(h).into_owned());
     println!(
         "request: {method} {normal}{}",
-        host.as_deref().map(|h| format!(" (host {h})")).unwrap_or_default()
+        host.as_deref()
+            .map(|h| format!(" (host {h})"))
+            .unwrap_or_default()
     );
     if normal != raw_path {
         println!("  the path {raw_path:?} is normalised to {normal:?}");
@@ -230,7 +234,9 @@ fn explain(path: &Path, method: &str, raw_path: &str, host: Option<&str>) -> any
             if route.workers.is_empty() {
                 println!("  workers: none");
             }
-            for (index, (binding, worker)) in route.workers.iter().zip(&config_route.workers).enumerate() {
+            for (index, (binding, worker)) in
+                route.workers.iter().zip(&config_route.workers).enumerate()
+            {
                 println!(
                     "  worker {}: {} (sha256 {}, cpu deadline {:?}, memory cap {}{})",
                     index + 1,
@@ -238,7 +244,11 @@ fn explain(path: &Path, method: &str, raw_path: &str, host: Option<&str>) -> any
                     &binding.module.hash[..12],
                     worker.cpu_deadline,
                     worker.max_memory.get_ref(),
-                    if binding.response_hook { ", response hook" } else { "" },
+                    if binding.response_hook {
+                        ", response hook"
+                    } else {
+                        ""
+                    },
                 );
             }
         }

@@ -23,7 +23,7 @@ use crate::route::PathMatch;
 pub struct Config {
     #[serde(default)]
     pub node: NodeConfig,
-    /// Where the node accepts client connections. At least one is required.
+    /// Addresses that accept client connections. At least one is required.
     #[serde(default)]
     pub listeners: Vec<ListenerConfig>,
     #[serde(default)]
@@ -39,7 +39,7 @@ pub struct Config {
     pub source: ConfigSource,
 }
 
-/// Where a config came from.
+/// The origin of a config: its name, folder and text.
 #[derive(Debug, Clone, Default)]
 pub struct ConfigSource {
     /// The file name shown in errors, such as `edge.toml` or `<built-in demo>`.
@@ -97,7 +97,7 @@ fn default_header_timeout() -> Duration {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RuntimeConfig {
-    /// Where compiled modules are cached, relative to the config file.
+    /// The folder of the compiled-module cache, relative to the config file.
     /// Default: `.edge-cache` beside the config file.
     pub cache_dir: Option<PathBuf>,
     /// Worker instances that may exist at once across the node; this sizes the
@@ -244,10 +244,7 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        let base_dir = path
-            .parent()
-            .map(Path::to_owned)
-            .unwrap_or_default();
+        let base_dir = path.parent().map(Path::to_owned).unwrap_or_default();
         let source = ConfigSource {
             name: path.display().to_string(),
             base_dir,
@@ -353,12 +350,15 @@ impl Config {
             ("path", &route.path),
             ("pattern", &route.pattern),
         ];
-        let mut set = given.iter().filter_map(|(name, value)| Some((*name, (*value).as_ref()?)));
+        let mut set = given
+            .iter()
+            .filter_map(|(name, value)| Some((*name, (*value).as_ref()?)));
         let Some((field, value)) = set.next() else {
             return Ok(PathMatch::Prefix("/".to_owned()));
         };
         if let Some((other, _)) = set.next() {
-            let message = format!("set only one of prefix, path and pattern, not {field} and {other}");
+            let message =
+                format!("set only one of prefix, path and pattern, not {field} and {other}");
             return Err((value.span().start, field, message));
         }
         let parsed = match field {
@@ -378,7 +378,7 @@ impl Config {
         }
     }
 
-    /// The folder where compiled modules are cached.
+    /// Returns the folder of the compiled-module cache.
     pub fn cache_dir(&self) -> PathBuf {
         match &self.runtime.cache_dir {
             Some(dir) => self.resolve(dir),
@@ -388,9 +388,9 @@ impl Config {
 
     /// Runtime threads to serve with.
     pub fn threads(&self) -> usize {
-        self.node.threads.unwrap_or_else(|| {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
-        })
+        self.node
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
     }
 
     /// Returns the 1-based line of a byte offset in the config text.

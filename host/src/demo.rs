@@ -53,7 +53,9 @@ pub fn run(listen: SocketAddr, modules: &Path) -> anyhow::Result<()> {
     println!("Try, in another terminal:");
     println!("  curl -i {base}/api/users/7                 # routed to the users upstream");
     println!("  curl -i -X POST {base}/api/checkout        # routed to the payments upstream");
-    println!("  curl -i {base}/api/unknown                 # answered 404 by the path-router worker");
+    println!(
+        "  curl -i {base}/api/unknown                 # answered 404 by the path-router worker"
+    );
     println!("  curl -i {base}/                            # the web upstream, x-powered-by added");
     println!("  curl -i '{base}/api/users/../../etc'       # normalised to /etc before routing");
     println!("Press Ctrl-C to stop.");
@@ -61,10 +63,13 @@ pub fn run(listen: SocketAddr, modules: &Path) -> anyhow::Result<()> {
 }
 
 /// Starts echo upstreams on free loopback ports, each on its own thread.
-fn start_demo_upstreams(names: &[&'static str]) -> anyhow::Result<BTreeMap<&'static str, SocketAddr>> {
+fn start_demo_upstreams(
+    names: &[&'static str],
+) -> anyhow::Result<BTreeMap<&'static str, SocketAddr>> {
     let mut addrs = BTreeMap::new();
     for &name in names {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").context("cannot bind a demo upstream")?;
+        let listener =
+            std::net::TcpListener::bind("127.0.0.1:0").context("cannot bind a demo upstream")?;
         listener.set_nonblocking(true)?;
         addrs.insert(name, listener.local_addr()?);
         std::thread::Builder::new()
@@ -82,7 +87,9 @@ fn serve_echo(name: &'static str, listener: std::net::TcpListener) {
     runtime.block_on(async move {
         let listener = tokio::net::TcpListener::from_std(listener).expect("register demo listener");
         loop {
-            let Ok((stream, _)) = listener.accept().await else { continue };
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
             tokio::spawn(async move {
                 let service = service_fn(move |request| echo(name, request));
                 let _ = hyper::server::conn::http1::Builder::new()
@@ -97,7 +104,12 @@ async fn echo(name: &str, request: Request<Incoming>) -> Result<Response<Full<By
     let headers: BTreeMap<&str, String> = request
         .headers()
         .iter()
-        .map(|(k, v)| (k.as_str(), String::from_utf8_lossy(v.as_bytes()).into_owned()))
+        .map(|(k, v)| {
+            (
+                k.as_str(),
+                String::from_utf8_lossy(v.as_bytes()).into_owned(),
+            )
+        })
         .collect();
     let body = serde_json::json!({
         "upstream": name,

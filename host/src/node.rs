@@ -44,7 +44,7 @@ pub struct Node {
     pub runtime: Runtime,
 }
 
-/// Why a node could not be built.
+/// An error that kept a node from being built.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
     #[error(transparent)]
@@ -99,11 +99,13 @@ impl Node {
         let mut routes = Vec::new();
         for (index, route) in config.routes.iter().enumerate() {
             let name: Arc<str> = Arc::from(route.name.get_ref().as_str());
-            let path = config
-                .path_match(route)
-                .map_err(|(span, field, message)| {
-                    config.invalid(config.line_of(span), &format!("routes[{index}].{field}"), &message)
-                })?;
+            let path = config.path_match(route).map_err(|(span, field, message)| {
+                config.invalid(
+                    config.line_of(span),
+                    &format!("routes[{index}].{field}"),
+                    &message,
+                )
+            })?;
             rules.push(RouteRule {
                 index,
                 name: name.to_string(),

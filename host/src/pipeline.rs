@@ -32,7 +32,11 @@ pub struct Connection {
 
 /// Handles one client request and returns the response to send, whether the
 /// upstream's, a worker's or the node's own refusal.
-pub async fn handle(node: &Node, connection: Connection, request: Request<Incoming>) -> Response<ResponseBody> {
+pub async fn handle(
+    node: &Node,
+    connection: Connection,
+    request: Request<Incoming>,
+) -> Response<ResponseBody> {
     let mut response = match serve(node, connection, request).await {
         Ok(response) => response,
         Err(refusal) => refusal.to_response(),
@@ -53,22 +57,28 @@ async fn serve(
     let raw_path = uri.path();
     let path = normalize_path(raw_path).map_err(|e| Refusal::InvalidPath(e.to_string()))?;
     let path_changed = path != raw_path;
-    let host = request_authority(&parts).map(|authority| host_name(authority).into_owned());
-    let matched = node
-        .router
-        .find(host.as_deref(), &parts.method, &path)
-        .ok_or(Refusal::NoRoute)?;
+    let matched = {
+        let host = request_authority(&parts).map(host_name);
+        node.router.find(host.as_deref(), &parts.method, &path)
+    };
+    let matched = matched.ok_or(Refusal::NoRoute)?;
     let route = &node.routes[matched.index];
 
     // Refuse a body the route cannot take before anything else sees it.
     if let Some(length) = content_length(&parts.headers) {
         if length > route.max_body {
-            return Err(Refusal::BodyTooLarge { limit: route.max_body });
+            return Err(Refusal::BodyTooLarge {
+                limit: route.max_body,
+            });
         }
     }
 
     let listener = &node.listeners[connection.listener];
-    let client_ip = client_ip(&parts.headers, connection.peer.ip(), &listener.trusted_proxies);
+    let client_ip = client_ip(
+        &parts.headers,
+        connection.peer.ip(),
+        &listener.trusted_proxies,
+    );
 
     // Request-phase workers, in order.
     let mut upstream = route.upstream;
@@ -78,7 +88,11 @@ async fn serve(
         let mut request_view = worker_request(&parts, &path, client_ip, route, matched.params);
         for binding in &route.workers {
             let action = {
-                let _slot = node.runtime.reserve().await.map_err(|e| worker_refusal(route, binding, e))?;
+                let _slot = node
+                    .runtime
+                    .reserve()
+                    .await
+                    .map_err(|e| worker_refusal(route, binding, e))?;
                 node.runtime
                     .on_request(binding, &request_view)
                     .await
@@ -87,7 +101,8 @@ async fn serve(
             let changes = match action {
                 wit::Action::Continue(changes) => changes,
                 wit::Action::Respond(response) => {
-                    return worker_response(response).map_err(|reason| invalid_decision(route, binding, &reason));
+                    return worker_response(response)
+                        .map_err(|reason| invalid_decision(route, binding, &reason));
                 }
                 wit::Action::Route(to) => {
                     upstream = Some(node.upstream_index(&to.upstream).ok_or_else(|| {
@@ -97,8 +112,13 @@ async fn serve(
                     to.changes
                 }
             };
-            apply_request_changes(changes, &mut parts.headers, &mut request_view, &mut worker_path)
-                .map_err(|reason| invalid_decision(route, binding, &reason))?;
+            apply_request_changes(
+                changes,
+                &mut parts.headers,
+                &mut request_view,
+                &mut worker_path,
+            )
+            .map_err(|reason| invalid_decision(route, binding, &reason))?;
         }
         view = Some(request_view);
     }
@@ -110,7 +130,13 @@ async fn serve(
         None if path_changed => Some(encode_path(&path)),
         None => None,
     };
-    prepare_upstream_request(&mut parts, wire_path.as_deref(), connection.peer.ip(), listener, node)?;
+    prepare_upstream_request(
+        &mut parts,
+        wire_path.as_deref(),
+        connection.peer.ip(),
+        listener,
+        node,
+    )?;
     drop(wire_path);
     let request = Request::from_parts(parts, RequestBody::new(body, route.max_body));
     let mut response = upstream.send(request).await?;
@@ -125,8 +151,8 @@ async fn serve(
     Ok(response.map(ResponseBody::Upstream))
 }
 
-/// The host the request was sent to: the URI's authority (HTTP/2, or an
-/// absolute-form HTTP/1.1 target), else the `Host` header.
+/// Returns the host the request was sent to: the URI's authority (HTTP/2,
+/// or an absolute-form HTTP/1.1 target), else the `Host` header.
 fn request_authority(parts: &Parts) -> Option<&str> {
     match parts.uri.authority() {
         Some(authority) => Some(authority.as_str()),
@@ -135,11 +161,16 @@ fn request_authority(parts: &Parts) -> Option<&str> {
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {
-    headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.parse().ok()
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
 }
 
-/// The client's address: the peer, or when the peer is a trusted proxy, the
-/// nearest address in `X-Forwarded-For` that is not itself trusted.
+/// Returns the client's address: the peer, or when the peer is a trusted
+/// proxy, the nearest address in `X-Forwarded-For` that is not trusted.
 fn client_ip(headers: &HeaderMap, peer: IpAddr, trusted: &[ipnet::IpNet]) -> IpAddr {
     let is_trusted = |ip: &IpAddr| trusted.iter().any(|net| net.contains(ip));
     if !is_trusted(&peer) {
@@ -239,7 +270,10 @@ fn prepare_upstream_request(
     if let Some(host) = headers.get(header::HOST).cloned() {
         headers.insert(X_FORWARDED_HOST.clone(), host);
     }
-    let peer_is_trusted = listener.trusted_proxies.iter().any(|net| net.contains(&peer));
+    let peer_is_trusted = listener
+        .trusted_proxies
+        .iter()
+        .any(|net| net.contains(&peer));
     let forwarded_for = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
         Some(earlier) if peer_is_trusted => format!("{earlier}, {peer}"),
         _ => peer.to_string(),
@@ -290,7 +324,12 @@ fn apply_request_changes(
     view: &mut wit::Request,
     path: &mut Option<String>,
 ) -> Result<(), String> {
-    apply_header_changes(headers, Some(&mut view.headers), &changes.remove_headers, changes.set_headers)?;
+    apply_header_changes(
+        headers,
+        Some(&mut view.headers),
+        &changes.remove_headers,
+        changes.set_headers,
+    )?;
     if let Some(new_path) = changes.path {
         if !new_path.starts_with('/') || new_path.bytes().any(|b| b < 0x20 || b == 0x7f) {
             return Err(format!("set an invalid path {new_path:?}; a path starts with '/' and has no control characters"));
@@ -360,14 +399,23 @@ async fn run_response_hooks<B>(
             headers: wit_headers(response.headers()),
         };
         let changes = {
-            let _slot = node.runtime.reserve().await.map_err(|e| worker_refusal(route, binding, e))?;
+            let _slot = node
+                .runtime
+                .reserve()
+                .await
+                .map_err(|e| worker_refusal(route, binding, e))?;
             node.runtime
                 .on_response(binding, view, &head)
                 .await
                 .map_err(|e| worker_refusal(route, binding, e))?
         };
-        apply_header_changes(response.headers_mut(), None, &changes.remove_headers, changes.set_headers)
-            .map_err(|reason| invalid_decision(route, binding, &reason))?;
+        apply_header_changes(
+            response.headers_mut(),
+            None,
+            &changes.remove_headers,
+            changes.set_headers,
+        )
+        .map_err(|reason| invalid_decision(route, binding, &reason))?;
         remove_hop_by_hop(response.headers_mut());
     }
     Ok(())
@@ -394,7 +442,11 @@ fn worker_refusal(route: &Route, binding: &Binding, error: WorkerError) -> Refus
 }
 
 fn invalid_decision(route: &Route, binding: &Binding, reason: &str) -> Refusal {
-    worker_refusal(route, binding, WorkerError::Failed(format!("worker {reason}")))
+    worker_refusal(
+        route,
+        binding,
+        WorkerError::Failed(format!("worker {reason}")),
+    )
 }
 
 #[cfg(test)]
@@ -419,10 +471,19 @@ mod tests {
     fn client_ip_walks_trusted_forwarded_for() {
         let trusted: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
         let mut headers = HeaderMap::new();
-        headers.insert("x-forwarded-for", HeaderValue::from_static("203.0.113.9, 10.1.1.1"));
+        headers.insert(
+            "x-forwarded-for",
+            HeaderValue::from_static("203.0.113.9, 10.1.1.1"),
+        );
         let peer: IpAddr = "10.0.0.1".parse().unwrap();
-        assert_eq!(client_ip(&headers, peer, &trusted), "203.0.113.9".parse::<IpAddr>().unwrap());
+        assert_eq!(
+            client_ip(&headers, peer, &trusted),
+            "203.0.113.9".parse::<IpAddr>().unwrap()
+        );
         let untrusted_peer: IpAddr = "198.51.100.1".parse().unwrap();
-        assert_eq!(client_ip(&headers, untrusted_peer, &trusted), untrusted_peer);
+        assert_eq!(
+            client_ip(&headers, untrusted_peer, &trusted),
+            untrusted_peer
+        );
     }
 }

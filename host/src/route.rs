@@ -10,7 +10,7 @@ use std::fmt::Write as _;
 use http::Method;
 use percent_encoding::{percent_encode, AsciiSet, CONTROLS};
 
-/// Why a request path was rejected before routing.
+/// The reason a request path was rejected before routing.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum PathError {
     #[error("malformed percent-encoding in the path")]
@@ -96,7 +96,10 @@ fn decode_segment(raw: &str) -> Result<String, PathError> {
             i += 1;
         }
     }
-    if decoded.iter().any(|&b| b == b'/' || b == b'\\' || b < 0x20 || b == 0x7f) {
+    if decoded
+        .iter()
+        .any(|&b| b == b'/' || b == b'\\' || b < 0x20 || b == 0x7f)
+    {
         return Err(PathError::ForbiddenByte);
     }
     String::from_utf8(decoded).map_err(|_| PathError::NotUtf8)
@@ -123,7 +126,10 @@ const SEGMENT: &AsciiSet = &CONTROLS
 /// percent-encoded where needed. Borrows when nothing needs encoding.
 pub fn encode_path(path: &str) -> Cow<'_, str> {
     let needs = path.split('/').any(|segment| {
-        matches!(Cow::from(percent_encode(segment.as_bytes(), SEGMENT)), Cow::Owned(_))
+        matches!(
+            Cow::from(percent_encode(segment.as_bytes(), SEGMENT)),
+            Cow::Owned(_)
+        )
     });
     if !needs {
         return Cow::Borrowed(path);
@@ -138,7 +144,7 @@ pub fn encode_path(path: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
-/// How a route matches the path.
+/// The path rule of a route.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PathMatch {
     /// This path and everything below it, on whole segments.
@@ -161,7 +167,9 @@ impl PathMatch {
     pub fn prefix(value: &str) -> Result<PathMatch, String> {
         let normal = config_path(value)?;
         let trimmed = normal.trim_end_matches('/');
-        Ok(PathMatch::Prefix(if trimmed.is_empty() { "/" } else { trimmed }.to_owned()))
+        Ok(PathMatch::Prefix(
+            if trimmed.is_empty() { "/" } else { trimmed }.to_owned(),
+        ))
     }
 
     /// Parses an exact path from the config.
@@ -179,19 +187,27 @@ impl PathMatch {
         for segment in value[1..].split('/') {
             if let Some(name) = segment.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
                 let valid = !name.is_empty()
-                    && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+                    && name
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
                 if !valid {
-                    return Err(format!("{segment:?} in pattern {value:?} is not a valid parameter name"));
+                    return Err(format!(
+                        "{segment:?} in pattern {value:?} is not a valid parameter name"
+                    ));
                 }
                 if names.contains(&name) {
-                    return Err(format!("parameter {name:?} appears twice in pattern {value:?}"));
+                    return Err(format!(
+                        "parameter {name:?} appears twice in pattern {value:?}"
+                    ));
                 }
                 names.push(name);
                 segments.push(PatternSegment::Param(name.to_owned()));
             } else if segment.contains(['{', '}']) {
                 return Err(format!("segment {segment:?} in pattern {value:?} must be a whole {{name}} or plain text"));
             } else {
-                segments.push(PatternSegment::Literal(config_path(&format!("/{segment}"))?[1..].to_owned()));
+                segments.push(PatternSegment::Literal(
+                    config_path(&format!("/{segment}"))?[1..].to_owned(),
+                ));
             }
         }
         Ok(PathMatch::Pattern(segments))
@@ -267,7 +283,7 @@ fn config_path(value: &str) -> Result<String, String> {
         .map_err(|e| format!("path {value:?} is invalid: {e}"))
 }
 
-/// How a route matches the `Host` header.
+/// The `Host` rule of a route.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HostMatch {
     Any,
@@ -328,7 +344,7 @@ pub struct RouteMatch {
     pub params: Vec<(String, String)>,
 }
 
-/// Why one route did or did not match, for `edge routes explain`.
+/// The outcome of matching one route, for `edge routes explain`.
 #[derive(Debug)]
 pub struct Verdict<'a> {
     pub rule: &'a RouteRule,
@@ -348,7 +364,13 @@ impl Router {
     /// Builds a router, ordering rules by specificity.
     pub fn new(mut rules: Vec<RouteRule>) -> Router {
         rules.sort_by(|a, b| {
-            let key = |r: &RouteRule| (r.host.specificity(), r.path.specificity(), !r.methods.is_empty());
+            let key = |r: &RouteRule| {
+                (
+                    r.host.specificity(),
+                    r.path.specificity(),
+                    !r.methods.is_empty(),
+                )
+            };
             key(b).cmp(&key(a)).then(a.index.cmp(&b.index))
         });
         Router { rules }
@@ -364,7 +386,10 @@ impl Router {
                 return None;
             }
             let params = rule.path.matches(path)?;
-            Some(RouteMatch { index: rule.index, params })
+            Some(RouteMatch {
+                index: rule.index,
+                params,
+            })
         })
     }
 
@@ -375,7 +400,11 @@ impl Router {
             .iter()
             .map(|rule| {
                 let mismatch = if !rule.host.matches(host) {
-                    Some(format!("host {} does not match {:?}", describe_host(&rule.host), host.unwrap_or("")))
+                    Some(format!(
+                        "host {} does not match {:?}",
+                        describe_host(&rule.host),
+                        host.unwrap_or("")
+                    ))
                 } else if !rule.methods.is_empty() && !rule.methods.contains(method) {
                     let list: Vec<&str> = rule.methods.iter().map(Method::as_str).collect();
                     Some(format!("method {method} is not one of {}", list.join(", ")))
@@ -404,7 +433,9 @@ pub fn host_name(authority: &str) -> Cow<'_, str> {
     let host = if authority.starts_with('[') {
         authority.split_inclusive(']').next().unwrap_or(authority)
     } else {
-        authority.rsplit_once(':').map_or(authority, |(host, _)| host)
+        authority
+            .rsplit_once(':')
+            .map_or(authority, |(host, _)| host)
     };
     if host.bytes().any(|b| b.is_ascii_uppercase()) {
         Cow::Owned(host.to_ascii_lowercase())
@@ -440,8 +471,14 @@ mod tests {
 
     #[test]
     fn normalize_borrows_normal_paths() {
-        assert!(matches!(normalize_path("/users/7").unwrap(), Cow::Borrowed(_)));
-        assert!(matches!(normalize_path("/users/").unwrap(), Cow::Borrowed(_)));
+        assert!(matches!(
+            normalize_path("/users/7").unwrap(),
+            Cow::Borrowed(_)
+        ));
+        assert!(matches!(
+            normalize_path("/users/").unwrap(),
+            Cow::Borrowed(_)
+        ));
     }
 
     #[test]
@@ -469,7 +506,10 @@ mod tests {
         assert!(prefix.matches("/users").is_some());
         assert!(prefix.matches("/users/7").is_some());
         assert!(prefix.matches("/usersx").is_none());
-        assert!(PathMatch::prefix("/").unwrap().matches("/anything").is_some());
+        assert!(PathMatch::prefix("/")
+            .unwrap()
+            .matches("/anything")
+            .is_some());
     }
 
     #[test]
@@ -499,12 +539,24 @@ mod tests {
             rule(0, None, &[], PathMatch::prefix("/").unwrap()),
             rule(1, None, &[], PathMatch::prefix("/users").unwrap()),
             rule(2, None, &["POST"], PathMatch::prefix("/users").unwrap()),
-            rule(3, Some("api.example.com"), &[], PathMatch::prefix("/").unwrap()),
-            rule(4, Some("*.example.com"), &[], PathMatch::prefix("/").unwrap()),
+            rule(
+                3,
+                Some("api.example.com"),
+                &[],
+                PathMatch::prefix("/").unwrap(),
+            ),
+            rule(
+                4,
+                Some("*.example.com"),
+                &[],
+                PathMatch::prefix("/").unwrap(),
+            ),
             rule(5, None, &[], PathMatch::exact("/users/me").unwrap()),
         ]);
         let find = |host, method: &str, path| {
-            router.find(host, &method.parse().unwrap(), path).map(|m| m.index)
+            router
+                .find(host, &method.parse().unwrap(), path)
+                .map(|m| m.index)
         };
         assert_eq!(find(None, "GET", "/other"), Some(0));
         assert_eq!(find(None, "GET", "/users/7"), Some(1));

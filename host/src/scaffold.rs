@@ -22,7 +22,9 @@ pub fn new_worker(
     sdk_git: Option<&str>,
 ) -> anyhow::Result<()> {
     let valid = !name.is_empty()
-        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
         && name.starts_with(|c: char| c.is_ascii_lowercase());
     if !valid {
         bail!("{name:?} is not a valid crate name; use lower-case letters, digits, '-' and '_', starting with a letter");
@@ -35,8 +37,12 @@ pub fn new_worker(
         (_, Some(url)) => format!("edge-sdk = {{ git = {url:?} }}"),
         (path, None) => {
             let path = path.map_or_else(default_sdk_path, Path::to_owned);
-            let path = std::fs::canonicalize(&path)
-                .with_context(|| format!("guest SDK not found at {}; pass --sdk-path or --sdk-git", path.display()))?;
+            let path = std::fs::canonicalize(&path).with_context(|| {
+                format!(
+                    "guest SDK not found at {}; pass --sdk-path or --sdk-git",
+                    path.display()
+                )
+            })?;
             format!("edge-sdk = {{ path = {:?} }}", path.display().to_string())
         }
     };
@@ -92,16 +98,28 @@ export_worker!(MyWorker);
 pub fn build_worker(path: &Path, out: &Path) -> anyhow::Result<()> {
     let manifest = path.join("Cargo.toml");
     if !manifest.exists() {
-        bail!("{} has no Cargo.toml; pass the worker crate's folder", path.display());
+        bail!(
+            "{} has no Cargo.toml; pass the worker crate's folder",
+            path.display()
+        );
     }
     ensure_target()?;
     let metadata = Command::new("cargo")
-        .args(["metadata", "--format-version", "1", "--no-deps", "--manifest-path"])
+        .args([
+            "metadata",
+            "--format-version",
+            "1",
+            "--no-deps",
+            "--manifest-path",
+        ])
         .arg(&manifest)
         .output()
         .context("cannot run cargo metadata")?;
     if !metadata.status.success() {
-        bail!("cargo metadata failed: {}", String::from_utf8_lossy(&metadata.stderr).trim());
+        bail!(
+            "cargo metadata failed: {}",
+            String::from_utf8_lossy(&metadata.stderr).trim()
+        );
     }
     let metadata: serde_json::Value = serde_json::from_slice(&metadata.stdout)?;
     let target_dir = metadata["target_directory"]
@@ -117,7 +135,13 @@ pub fn build_worker(path: &Path, out: &Path) -> anyhow::Result<()> {
     let name = package["name"].as_str().context("package without a name")?;
 
     let status = Command::new("cargo")
-        .args(["build", "--release", "--target", WORKER_TARGET, "--manifest-path"])
+        .args([
+            "build",
+            "--release",
+            "--target",
+            WORKER_TARGET,
+            "--manifest-path",
+        ])
         .arg(&manifest)
         .status()
         .context("cannot run cargo build")?;
@@ -131,11 +155,18 @@ pub fn build_worker(path: &Path, out: &Path) -> anyhow::Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let destination = out.join(format!("{name}.wasm"));
     std::fs::copy(&artifact, &destination).with_context(|| {
-        format!("cannot copy {} to {}; is the crate a cdylib?", artifact.display(), destination.display())
+        format!(
+            "cannot copy {} to {}; is the crate a cdylib?",
+            artifact.display(),
+            destination.display()
+        )
     })?;
     let size = std::fs::metadata(&destination)?.len();
     println!("built {} ({size} bytes)", destination.display());
-    println!("bind it to a route with: module = {:?}", destination.display().to_string());
+    println!(
+        "bind it to a route with: module = {:?}",
+        destination.display().to_string()
+    );
     Ok(())
 }
 
@@ -144,7 +175,9 @@ fn ensure_target() -> anyhow::Result<()> {
     let installed = Command::new("rustup")
         .args(["target", "list", "--installed"])
         .output()
-        .context("cannot run rustup; install Rust with rustup so the wasm32-wasip2 target can be added")?;
+        .context(
+            "cannot run rustup; install Rust with rustup so the wasm32-wasip2 target can be added",
+        )?;
     let listed = String::from_utf8_lossy(&installed.stdout);
     if listed.lines().any(|line| line.trim() == WORKER_TARGET) {
         return Ok(());

@@ -5,7 +5,11 @@ use crate::harness::{edge, modules_dir};
 
 fn write_config(dir: &std::path::Path, text: &str) -> String {
     let path = dir.join("edge.toml");
-    std::fs::write(&path, text.replace("{modules}", &modules_dir().display().to_string())).unwrap();
+    std::fs::write(
+        &path,
+        text.replace("{modules}", &modules_dir().display().to_string()),
+    )
+    .unwrap();
     path.display().to_string()
 }
 
@@ -37,8 +41,15 @@ fn check_accepts_a_valid_config() {
     let dir = tempfile::tempdir().unwrap();
     let output = edge(&["check", &write_config(dir.path(), VALID)]);
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
-    assert!(stdout.contains("ok (1 listeners, 1 upstreams, 2 routes, 1 workers)"), "{stdout}");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("ok (1 listeners, 1 upstreams, 2 routes, 1 workers)"),
+        "{stdout}"
+    );
 }
 
 /// Runs `edge check` on `text` and returns its stderr, asserting failure.
@@ -46,25 +57,47 @@ fn check_fails(text: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(dir.path(), text);
     let output = edge(&["check", &path]);
-    assert!(!output.status.success(), "check passed on an invalid config");
+    assert!(
+        !output.status.success(),
+        "check passed on an invalid config"
+    );
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
-    assert!(stderr.contains("edge.toml"), "the error names the file: {stderr}");
+    assert!(
+        stderr.contains("edge.toml"),
+        "the error names the file: {stderr}"
+    );
     stderr
 }
 
 #[test]
 fn check_reports_line_and_field() {
-    let unknown_upstream = check_fails(&VALID.replace("upstream = \"users\"\n\n[[routes.workers]]", "upstream = \"nope\"\n\n[[routes.workers]]"));
-    assert!(unknown_upstream.contains(":10: routes[0].upstream: no upstream named \"nope\""), "{unknown_upstream}");
+    let unknown_upstream = check_fails(&VALID.replace(
+        "upstream = \"users\"\n\n[[routes.workers]]",
+        "upstream = \"nope\"\n\n[[routes.workers]]",
+    ));
+    assert!(
+        unknown_upstream.contains(":10: routes[0].upstream: no upstream named \"nope\""),
+        "{unknown_upstream}"
+    );
 
     let bad_type = check_fails(&VALID.replace("prefix = \"/users\"", "prefix = 7"));
-    assert!(bad_type.contains("line 9") && bad_type.contains("prefix"), "{bad_type}");
+    assert!(
+        bad_type.contains("line 9") && bad_type.contains("prefix"),
+        "{bad_type}"
+    );
 
     let unknown_field = check_fails(&VALID.replace("prefix = \"/users\"", "prefx = \"/users\""));
-    assert!(unknown_field.contains("unknown field `prefx`"), "{unknown_field}");
+    assert!(
+        unknown_field.contains("unknown field `prefx`"),
+        "{unknown_field}"
+    );
 
-    let two_paths = check_fails(&VALID.replace("prefix = \"/users\"", "prefix = \"/users\"\npath = \"/x\""));
-    assert!(two_paths.contains("set only one of prefix, path and pattern"), "{two_paths}");
+    let two_paths =
+        check_fails(&VALID.replace("prefix = \"/users\"", "prefix = \"/users\"\npath = \"/x\""));
+    assert!(
+        two_paths.contains("set only one of prefix, path and pattern"),
+        "{two_paths}"
+    );
 
     let bad_pattern = check_fails(&VALID.replace("/{device}/home", "/{dev ice}/home"));
     assert!(bad_pattern.contains("routes[1].pattern"), "{bad_pattern}");
@@ -73,7 +106,10 @@ fn check_reports_line_and_field() {
         "add-header.wasm\"",
         "add-header.wasm\"\ncpu_deadline = \"fast\"",
     ));
-    assert!(bad_duration.contains("line 14") && bad_duration.contains("fast"), "{bad_duration}");
+    assert!(
+        bad_duration.contains("line 14") && bad_duration.contains("fast"),
+        "{bad_duration}"
+    );
 
     let duplicate = check_fails(&VALID.replace("name = \"home\"", "name = \"users\""));
     assert!(duplicate.contains("already used on line 8"), "{duplicate}");
@@ -87,10 +123,22 @@ fn check_rejects_bad_modules_with_reason() {
     let dir = tempfile::tempdir().unwrap();
     let cases: [(&str, &[u8], &str); 4] = [
         ("text.wasm", b"this is not wasm", "not a WebAssembly binary"),
-        ("core.wasm", b"\0asm\x01\0\0\0", "core WebAssembly module, not a component"),
+        (
+            "core.wasm",
+            b"\0asm\x01\0\0\0",
+            "core WebAssembly module, not a component",
+        ),
         // An empty component: valid, but it exports no handler.
-        ("empty.wasm", b"\0asm\x0d\0\x01\0", "does not export the edge:worker@0.1.0 `handler` interface"),
-        ("broken.wasm", b"\0asm\x0d\0\x01\0\x07\x05garbage", "invalid component"),
+        (
+            "empty.wasm",
+            b"\0asm\x0d\0\x01\0",
+            "does not export the edge:worker@0.1.0 `handler` interface",
+        ),
+        (
+            "broken.wasm",
+            b"\0asm\x0d\0\x01\0\x07\x05garbage",
+            "invalid component",
+        ),
     ];
     for (name, bytes, expected) in cases {
         let module = dir.path().join(name);
@@ -98,7 +146,10 @@ fn check_rejects_bad_modules_with_reason() {
         let text = VALID.replace("{modules}/add-header.wasm", &module.display().to_string());
         let stderr = check_fails(&text);
         assert!(stderr.contains(expected), "{name}: {stderr}");
-        assert!(stderr.contains("routes[0].workers[0]") && stderr.contains(name), "{name}: {stderr}");
+        assert!(
+            stderr.contains("routes[0].workers[0]") && stderr.contains(name),
+            "{name}: {stderr}"
+        );
     }
     let missing = check_fails(&VALID.replace("add-header.wasm", "missing.wasm"));
     assert!(missing.contains("cannot read file"), "{missing}");
@@ -106,39 +157,71 @@ fn check_rejects_bad_modules_with_reason() {
 
 #[test]
 fn check_reports_worker_config_errors() {
-    let text = VALID.replace("add-header.wasm", "path-router.wasm").replace(
-        "headers = { \"x-a\" = \"1\" }",
-        "rules = [{ prefix = \"users\", upstream = \"users\" }]",
-    );
+    let text = VALID
+        .replace("add-header.wasm", "path-router.wasm")
+        .replace(
+            "headers = { \"x-a\" = \"1\" }",
+            "rules = [{ prefix = \"users\", upstream = \"users\" }]",
+        );
     let stderr = check_fails(&text);
     assert!(stderr.contains("routes[0].workers[0]"), "{stderr}");
-    assert!(stderr.contains("the worker rejected its config"), "{stderr}");
+    assert!(
+        stderr.contains("the worker rejected its config"),
+        "{stderr}"
+    );
     assert!(stderr.contains("rules[0]"), "{stderr}");
 }
 
 #[test]
 fn serve_refuses_an_invalid_config() {
     let dir = tempfile::tempdir().unwrap();
-    let path = write_config(dir.path(), &VALID.replace("targets = [\"127.0.0.1:9\"]", "targets = []"));
+    let path = write_config(
+        dir.path(),
+        &VALID.replace("targets = [\"127.0.0.1:9\"]", "targets = []"),
+    );
     let output = edge(&["serve", "--config", &path]);
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
-    assert!(stderr.contains("upstreams.users.targets: at least one target is required"), "{stderr}");
+    assert!(
+        stderr.contains("upstreams.users.targets: at least one target is required"),
+        "{stderr}"
+    );
 }
 
 #[test]
 fn routes_explain_shows_match_and_misses() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(dir.path(), VALID);
-    let output = edge(&["routes", "explain", "--config", &path, "GET", "/x/../users/7"]);
+    let output = edge(&[
+        "routes",
+        "explain",
+        "--config",
+        &path,
+        "GET",
+        "/x/../users/7",
+    ]);
     let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(output.status.success(), "{}", String::from_utf8_lossy(&output.stderr));
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
     assert!(stdout.contains("normalised to \"/users/7\""), "{stdout}");
     assert!(stdout.contains("matches route \"users\""), "{stdout}");
     assert!(stdout.contains("add-header.wasm"), "{stdout}");
-    assert!(stdout.contains("pattern /{device}/home does not match /users/7"), "{stdout}");
+    assert!(
+        stdout.contains("pattern /{device}/home does not match /users/7"),
+        "{stdout}"
+    );
 
-    let output = edge(&["routes", "explain", "--config", &path, "POST", "/mobile/home"]);
+    let output = edge(&[
+        "routes",
+        "explain",
+        "--config",
+        &path,
+        "POST",
+        "/mobile/home",
+    ]);
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("no route matches"), "{stdout}");
     assert!(stdout.contains("method POST is not one of GET"), "{stdout}");
@@ -149,20 +232,36 @@ fn worker_new_scaffolds_a_crate_that_builds() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().display().to_string();
     let created = edge(&["worker", "new", "hello-worker", "--dir", &root]);
-    assert!(created.status.success(), "{}", String::from_utf8_lossy(&created.stderr));
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
     let crate_dir = dir.path().join("hello-worker").display().to_string();
     let out = dir.path().join("out").display().to_string();
     let built = edge(&["worker", "build", &crate_dir, "--out", &out]);
-    assert!(built.status.success(), "{}", String::from_utf8_lossy(&built.stderr));
+    assert!(
+        built.status.success(),
+        "{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
     let module = dir.path().join("out/hello-worker.wasm");
     let bytes = std::fs::read(&module).unwrap();
-    assert_eq!(&bytes[..8], b"\0asm\x0d\0\x01\0", "the build output is a component");
+    assert_eq!(
+        &bytes[..8],
+        b"\0asm\x0d\0\x01\0",
+        "the build output is a component"
+    );
 
     // The new module loads into a node config.
     let text = VALID.replace("{modules}/add-header.wasm", &module.display().to_string());
     let path = write_config(dir.path(), &text);
     let checked = edge(&["check", &path]);
-    assert!(checked.status.success(), "{}", String::from_utf8_lossy(&checked.stderr));
+    assert!(
+        checked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&checked.stderr)
+    );
 
     let again = edge(&["worker", "new", "hello-worker", "--dir", &root]);
     assert!(!again.status.success());

@@ -63,7 +63,10 @@ impl Node {
             text = format!("[[listeners]]\naddr = \"127.0.0.1:0\"\n\n{text}");
         }
         if !text.contains("[runtime]") {
-            text.push_str(&format!("\n[runtime]\ncache_dir = {:?}\n", shared_cache_dir().display().to_string()));
+            text.push_str(&format!(
+                "\n[runtime]\ncache_dir = {:?}\n",
+                shared_cache_dir().display().to_string()
+            ));
         }
         let path = dir.path().join("edge.toml");
         std::fs::write(&path, text)?;
@@ -87,7 +90,9 @@ impl Node {
                 if n == 0 {
                     break;
                 }
-                sink.lock().unwrap().push_str(&String::from_utf8_lossy(&buffer[..n]));
+                sink.lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&buffer[..n]));
             }
         });
         let stdout = child.stdout.take().expect("piped stdout");
@@ -102,13 +107,22 @@ impl Node {
                 _ => {
                     let _ = child.wait();
                     std::thread::sleep(Duration::from_millis(100));
-                    return Err(format!("node exited before listening: {}", stderr.lock().unwrap()).into());
+                    return Err(format!(
+                        "node exited before listening: {}",
+                        stderr.lock().unwrap()
+                    )
+                    .into());
                 }
             }
         };
         // Keep draining stdout so the node never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
-        Ok(Node { child, addr, _dir: dir, stderr })
+        Ok(Node {
+            child,
+            addr,
+            _dir: dir,
+            stderr,
+        })
     }
 
     /// The URL of `path` on this node.
@@ -197,8 +211,11 @@ impl Upstream {
         let (task_received, task_count) = (received.clone(), count.clone());
         let task = tokio::spawn(async move {
             loop {
-                let Ok((stream, _)) = listener.accept().await else { continue };
-                let (received, count, handler) = (task_received.clone(), task_count.clone(), handler.clone());
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (received, count, handler) =
+                    (task_received.clone(), task_count.clone(), handler.clone());
                 tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |request| {
                         serve_upstream(request, received.clone(), count.clone(), handler.clone())
@@ -209,7 +226,12 @@ impl Upstream {
                 });
             }
         });
-        Upstream { addr, received, count, task }
+        Upstream {
+            addr,
+            received,
+            count,
+            task,
+        }
     }
 
     /// Requests received so far, including ones whose body broke.
@@ -224,7 +246,12 @@ impl Upstream {
 
     /// The last request received in full.
     pub fn last(&self) -> Received {
-        self.received.lock().unwrap().last().cloned().expect("the upstream received a request")
+        self.received
+            .lock()
+            .unwrap()
+            .last()
+            .cloned()
+            .expect("the upstream received a request")
     }
 }
 
@@ -308,8 +335,12 @@ pub struct Got {
 impl Got {
     /// The body parsed as JSON.
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", String::from_utf8_lossy(&self.body)))
+        serde_json::from_slice(&self.body).unwrap_or_else(|e| {
+            panic!(
+                "body is not JSON ({e}): {:?}",
+                String::from_utf8_lossy(&self.body)
+            )
+        })
     }
 
     /// A header's value as text.
@@ -319,25 +350,40 @@ impl Got {
 }
 
 /// Sends a request with a small body over a new HTTP/1.1 connection.
-pub async fn send(method: &str, url: &str, headers: &[(&str, &str)], body: &'static [u8]) -> Result<Got> {
+pub async fn send(
+    method: &str,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: &'static [u8],
+) -> Result<Got> {
     let uri: http::Uri = url.parse()?;
     let authority = uri.authority().unwrap().clone();
     let stream = tokio::net::TcpStream::connect(authority.as_str()).await?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(connection);
     let mut request = Request::builder()
         .method(method)
         .uri(uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"));
-    if !headers.iter().any(|(name, _)| name.eq_ignore_ascii_case("host")) {
+    if !headers
+        .iter()
+        .any(|(name, _)| name.eq_ignore_ascii_case("host"))
+    {
         request = request.header("host", authority.as_str());
     }
     for (name, value) in headers {
         request = request.header(*name, *value);
     }
-    let response = sender.send_request(request.body(Full::new(Bytes::from_static(body)))?).await?;
+    let response = sender
+        .send_request(request.body(Full::new(Bytes::from_static(body)))?)
+        .await?;
     let (parts, body) = response.into_parts();
     let body = body.collect().await?.to_bytes();
-    Ok(Got { status: parts.status, headers: parts.headers, body })
+    Ok(Got {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    })
 }
 
 /// Sends a GET over a new HTTP/1.1 connection.
@@ -356,7 +402,11 @@ pub async fn get_h2(url: &str) -> Result<Got> {
     let response = sender.send_request(request).await?;
     let (parts, body) = response.into_parts();
     let body = body.collect().await?.to_bytes();
-    Ok(Got { status: parts.status, headers: parts.headers, body })
+    Ok(Got {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    })
 }
 
 /// Writes a raw HTTP/1.1 request and reads the raw response until the
@@ -373,7 +423,10 @@ pub async fn raw_request(addr: SocketAddr, request: &str) -> Result<String> {
 /// GETs `url` and returns the body's length, reading it frame by frame.
 pub async fn get_streaming(url: &str) -> Result<usize> {
     let (mut sender, path) = connect(url).await?;
-    let request = Request::builder().uri(path).header("host", "test").body(Full::new(Bytes::new()))?;
+    let request = Request::builder()
+        .uri(path)
+        .header("host", "test")
+        .body(Full::new(Bytes::new()))?;
     let response = sender.send_request(request).await?;
     assert_eq!(response.status(), 200);
     let mut body = response.into_body();
@@ -395,11 +448,19 @@ pub async fn post_streaming(url: &str, size: usize) -> Result<Got> {
         Ok::<_, Infallible>(Frame::data(chunk.slice(..len)))
     });
     let body = StreamBody::new(futures_util::stream::iter(frames));
-    let request = Request::builder().method("POST").uri(path).header("host", "test").body(body)?;
+    let request = Request::builder()
+        .method("POST")
+        .uri(path)
+        .header("host", "test")
+        .body(body)?;
     let response = sender.send_request(request).await?;
     let (parts, body) = response.into_parts();
     let body = body.collect().await?.to_bytes();
-    Ok(Got { status: parts.status, headers: parts.headers, body })
+    Ok(Got {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    })
 }
 
 async fn connect<B>(url: &str) -> Result<(hyper::client::conn::http1::SendRequest<B>, String)>
@@ -412,6 +473,10 @@ where
     let stream = tokio::net::TcpStream::connect(uri.authority().unwrap().as_str()).await?;
     let (sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(connection);
-    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/").to_owned();
+    let path = uri
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/")
+        .to_owned();
     Ok((sender, path))
 }

@@ -10,8 +10,12 @@ fn upstream_block(name: &str, upstream: &Upstream) -> String {
 
 #[tokio::test]
 async fn routes_by_host_method_and_path() -> Result {
-    let (users, admin, writes, fallback) =
-        (Upstream::echo().await, Upstream::echo().await, Upstream::echo().await, Upstream::echo().await);
+    let (users, admin, writes, fallback) = (
+        Upstream::echo().await,
+        Upstream::echo().await,
+        Upstream::echo().await,
+        Upstream::echo().await,
+    );
     let config = format!(
         r#"
 {}{}{}{}
@@ -48,7 +52,13 @@ upstream = "admin"
     assert_eq!(users.last().target, "/users/7");
     send("POST", &node.url("/users"), &[], b"{}").await?;
     assert_eq!(writes.last().method, "POST");
-    send("GET", &node.url("/users"), &[("host", "admin.example.com")], b"").await?;
+    send(
+        "GET",
+        &node.url("/users"),
+        &[("host", "admin.example.com")],
+        b"",
+    )
+    .await?;
     assert_eq!(admin.count(), 1);
     get(&node.url("/usersx")).await?;
     assert_eq!(fallback.last().target, "/usersx");
@@ -106,7 +116,13 @@ async fn forwarding_headers_are_set() -> Result {
         upstream_block("app", &upstream)
     );
     let node = Node::start(&config)?;
-    let got = send("GET", &node.url("/"), &[("x-forwarded-for", "6.6.6.6")], b"").await?;
+    let got = send(
+        "GET",
+        &node.url("/"),
+        &[("x-forwarded-for", "6.6.6.6")],
+        b"",
+    )
+    .await?;
     assert_eq!(got.header("via"), Some("1.1 edge-test"));
     let seen = upstream.last().headers;
     // The peer is not a trusted proxy, so its claim is replaced.
@@ -127,18 +143,35 @@ async fn trusted_proxy_forwarded_for_is_appended() -> Result {
         upstream_block("app", &upstream)
     );
     let node = Node::start(&config)?;
-    send("GET", &node.url("/"), &[("x-forwarded-for", "203.0.113.5")], b"").await?;
-    assert_eq!(upstream.last().headers["x-forwarded-for"], "203.0.113.5, 127.0.0.1");
+    send(
+        "GET",
+        &node.url("/"),
+        &[("x-forwarded-for", "203.0.113.5")],
+        b"",
+    )
+    .await?;
+    assert_eq!(
+        upstream.last().headers["x-forwarded-for"],
+        "203.0.113.5, 127.0.0.1"
+    );
     Ok(())
 }
 
 #[tokio::test]
 async fn hop_by_hop_headers_removed_both_ways() -> Result {
     let upstream = Upstream::start(|_| {
-        Reply::Headers(vec![("connection", "x-hop-back"), ("x-hop-back", "1"), ("x-end-back", "1"), ("keep-alive", "timeout=5")])
+        Reply::Headers(vec![
+            ("connection", "x-hop-back"),
+            ("x-hop-back", "1"),
+            ("x-end-back", "1"),
+            ("keep-alive", "timeout=5"),
+        ])
     })
     .await;
-    let config = format!("{}\n[[routes]]\nname = \"all\"\nupstream = \"app\"\n", upstream_block("app", &upstream));
+    let config = format!(
+        "{}\n[[routes]]\nname = \"all\"\nupstream = \"app\"\n",
+        upstream_block("app", &upstream)
+    );
     let node = Node::start(&config)?;
     let response = raw_request(
         node.addr,
@@ -148,23 +181,48 @@ async fn hop_by_hop_headers_removed_both_ways() -> Result {
     .await?;
     let seen = upstream.last().headers;
     assert!(seen.contains_key("x-end"));
-    for name in ["x-hop", "keep-alive", "te", "upgrade", "proxy-authorization"] {
-        assert!(!seen.contains_key(name), "upstream saw hop-by-hop header {name}");
+    for name in [
+        "x-hop",
+        "keep-alive",
+        "te",
+        "upgrade",
+        "proxy-authorization",
+    ] {
+        assert!(
+            !seen.contains_key(name),
+            "upstream saw hop-by-hop header {name}"
+        );
     }
-    assert_ne!(seen.get("connection").map(|v| v.to_str().unwrap()), Some("close, x-hop"));
+    assert_ne!(
+        seen.get("connection").map(|v| v.to_str().unwrap()),
+        Some("close, x-hop")
+    );
 
-    let head = response.split("\r\n\r\n").next().unwrap().to_ascii_lowercase();
+    let head = response
+        .split("\r\n\r\n")
+        .next()
+        .unwrap()
+        .to_ascii_lowercase();
     assert!(head.starts_with("http/1.1 200"), "{head}");
     assert!(head.contains("x-end-back: 1"), "{head}");
-    assert!(!head.contains("x-hop-back"), "client saw x-hop-back: {head}");
-    assert!(!head.contains("keep-alive"), "client saw keep-alive: {head}");
+    assert!(
+        !head.contains("x-hop-back"),
+        "client saw x-hop-back: {head}"
+    );
+    assert!(
+        !head.contains("keep-alive"),
+        "client saw keep-alive: {head}"
+    );
     Ok(())
 }
 
 #[tokio::test]
 async fn http2_prior_knowledge_is_proxied() -> Result {
     let upstream = Upstream::echo().await;
-    let config = format!("{}\n[[routes]]\nname = \"all\"\nupstream = \"app\"\n", upstream_block("app", &upstream));
+    let config = format!(
+        "{}\n[[routes]]\nname = \"all\"\nupstream = \"app\"\n",
+        upstream_block("app", &upstream)
+    );
     let node = Node::start(&config)?;
     let got = get_h2(&node.url("/h2?q=1")).await?;
     assert_eq!(got.status, 200);
@@ -207,7 +265,10 @@ async fn slow_upstream_gets_504_and_node_keeps_serving() -> Result {
     let got = get(&node.url("/slow")).await?;
     assert_eq!(got.status, 504);
     assert_eq!(got.json()["error"], "upstream_timeout");
-    assert!(started.elapsed() < Duration::from_secs(3), "the timeout did not cut the wait");
+    assert!(
+        started.elapsed() < Duration::from_secs(3),
+        "the timeout did not cut the wait"
+    );
     assert_eq!(get(&node.url("/fine")).await?.status, 200);
     Ok(())
 }
@@ -258,7 +319,11 @@ async fn chunked_body_over_limit_is_cut_off() -> Result {
 async fn large_bodies_stream_without_buffering() -> Result {
     const SIZE: usize = 50 << 20;
     let upstream = Upstream::start(|received| {
-        if received.method == "GET" { Reply::Bytes(SIZE) } else { Reply::Echo }
+        if received.method == "GET" {
+            Reply::Bytes(SIZE)
+        } else {
+            Reply::Echo
+        }
     })
     .await;
     let config = format!(
@@ -280,6 +345,9 @@ async fn large_bodies_stream_without_buffering() -> Result {
     let after_upload = node.rss_kib();
 
     let growth = after_download.max(after_upload).saturating_sub(before);
-    assert!(growth < 10 * 1024, "resident memory grew by {growth} KiB while streaming 50 MiB");
+    assert!(
+        growth < 10 * 1024,
+        "resident memory grew by {growth} KiB while streaming 50 MiB"
+    );
     Ok(())
 }

@@ -54,7 +54,12 @@ async fn path_router() -> Result {
 
     assert_eq!(get(&node.url("/users/7")).await?.status, 200);
     assert_eq!(users.last().target, "/users/7");
-    assert_eq!(send("POST", &node.url("/checkout"), &[], b"{}").await?.status, 200);
+    assert_eq!(
+        send("POST", &node.url("/checkout"), &[], b"{}")
+            .await?
+            .status,
+        200
+    );
     assert_eq!(payments.last().method, "POST");
 
     let wrong_method = get(&node.url("/checkout")).await?;
@@ -84,11 +89,20 @@ async fn workers_change_headers_and_path_in_order() -> Result {
         app(&upstream)
     );
     let node = Node::start(&config)?;
-    let got = send("GET", &node.url("/original?q=1"), &[("x-secret", "s3cr3t")], b"").await?;
+    let got = send(
+        "GET",
+        &node.url("/original?q=1"),
+        &[("x-secret", "s3cr3t")],
+        b"",
+    )
+    .await?;
     assert_eq!(got.status, 200);
     let seen = upstream.last();
     assert_eq!(seen.target, "/rewritten?q=1");
-    assert_eq!(seen.headers["x-step"], "two", "the later worker's value wins");
+    assert_eq!(
+        seen.headers["x-step"], "two",
+        "the later worker's value wins"
+    );
     assert!(!seen.headers.contains_key("x-secret"));
     Ok(())
 }
@@ -103,7 +117,13 @@ async fn worker_sees_request_and_responds_itself() -> Result {
         app(&upstream)
     );
     let node = Node::start(&config)?;
-    let got = send("GET", &node.url("/mobile/./home?x=1"), &[("x-test", "yes")], b"").await?;
+    let got = send(
+        "GET",
+        &node.url("/mobile/./home?x=1"),
+        &[("x-test", "yes")],
+        b"",
+    )
+    .await?;
     assert_eq!(got.status, 200);
     let seen = got.json();
     assert_eq!(seen["method"], "GET");
@@ -113,7 +133,11 @@ async fn worker_sees_request_and_responds_itself() -> Result {
     assert_eq!(seen["client_addr"], "127.0.0.1");
     assert_eq!(seen["params"]["device"], "mobile");
     assert_eq!(seen["headers"]["x-test"], "yes");
-    assert_eq!(upstream.count(), 0, "a worker's own response never reaches the upstream");
+    assert_eq!(
+        upstream.count(),
+        0,
+        "a worker's own response never reaches the upstream"
+    );
     Ok(())
 }
 
@@ -136,7 +160,11 @@ async fn worker_chooses_upstream() -> Result {
 #[tokio::test]
 async fn worker_routing_to_unknown_upstream_fails_cleanly() -> Result {
     let main = Upstream::echo().await;
-    let config = format!("{}{}upstream = \"missing\"\n", app(&main), fixture_route("choose", "/", "route", ""));
+    let config = format!(
+        "{}{}upstream = \"missing\"\n",
+        app(&main),
+        fixture_route("choose", "/", "route", "")
+    );
     let node = Node::start(&config)?;
     let got = get(&node.url("/x")).await?;
     assert_eq!(got.status, 500);
@@ -148,7 +176,11 @@ async fn worker_routing_to_unknown_upstream_fails_cleanly() -> Result {
 #[tokio::test]
 async fn worker_state_never_survives_a_request() -> Result {
     let upstream = Upstream::echo().await;
-    let config = format!("{}{}", app(&upstream), fixture_route("counter", "/", "counter", ""));
+    let config = format!(
+        "{}{}",
+        app(&upstream),
+        fixture_route("counter", "/", "counter", "")
+    );
     let node = Node::start(&config)?;
     for _ in 0..5 {
         let got = get(&node.url("/count")).await?;
@@ -177,7 +209,12 @@ async fn looping_worker_stops_at_deadline() -> Result {
     assert_eq!(get(&node.url("/after")).await?.status, 200);
     assert_eq!(upstream.count(), 0);
     let log = node.log();
-    assert!(log.contains("worker call failed") && log.contains("route=loop") && log.contains("fixture-worker.wasm"), "{log}");
+    assert!(
+        log.contains("worker call failed")
+            && log.contains("route=loop")
+            && log.contains("fixture-worker.wasm"),
+        "{log}"
+    );
     Ok(())
 }
 
@@ -216,7 +253,10 @@ async fn panicking_worker_gets_worker_failed() -> Result {
     assert_eq!(upstream.count(), 0);
     assert_eq!(get(&node.url("/after")).await?.status, 200);
     let log = node.log();
-    assert!(log.contains("fixture panic"), "the guest's panic message is logged: {log}");
+    assert!(
+        log.contains("fixture panic"),
+        "the guest's panic message is logged: {log}"
+    );
     Ok(())
 }
 
@@ -230,7 +270,8 @@ async fn busy_instances_get_503_worker_busy() -> Result {
          [runtime]\nmax_instances = 1\nqueue_timeout = \"20ms\"\ncache_dir = {:?}\n\n{}{}",
         crate::harness::shared_cache_dir().display().to_string(),
         app(&upstream),
-        fixture_route("spin", "/", "spin", "cpu_deadline = \"2s\"").replace("mode = \"spin\"", "mode = \"spin\"\nms = 600")
+        fixture_route("spin", "/", "spin", "cpu_deadline = \"2s\"")
+            .replace("mode = \"spin\"", "mode = \"spin\"\nms = 600")
     );
     let node = Node::start(&config)?;
     let first_url = node.url("/first");
@@ -276,9 +317,14 @@ async fn worker_reads_config_and_clock() -> Result {
     assert_eq!(config_seen["number"], 7);
     assert_eq!(config_seen["nested"]["a"][1], 2);
     let clock = get(&node.url("/clock")).await?.json();
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis() as u64;
     let worker_now = clock["now_unix_ms"].as_u64().unwrap();
-    assert!(worker_now.abs_diff(now) < 5_000, "worker clock {worker_now}, host {now}");
+    assert!(
+        worker_now.abs_diff(now) < 5_000,
+        "worker clock {worker_now}, host {now}"
+    );
     Ok(())
 }
 

@@ -7,9 +7,9 @@
 //! empty context, so a guest reaches only the `log`, `config` and `clock`
 //! imports.
 //!
-//! Bounds: the CPU deadline is enforced by epoch interruption (a ticker
-//! thread advances the engine's epoch every [`EPOCH_TICK`]); the memory cap
-//! by a resource limiter that traps a growth past it. Calls are async: a
+//! Bounds: epoch interruption enforces the CPU deadline, with a ticker
+//! thread advancing the engine's epoch every [`EPOCH_TICK`]. A resource
+//! limiter enforces the memory cap by trapping a growth past it. Calls are async: a
 //! running guest yields to the other requests of its serving thread at every
 //! tick, so a slow worker delays only its own request.
 
@@ -70,7 +70,7 @@ pub struct RuntimeSettings {
     pub max_memory: usize,
 }
 
-/// Why a worker call did not return a decision.
+/// The failure of a worker call that returned no decision.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
     /// Every instance slot stayed busy for the queue timeout, or the queue

@@ -99,7 +99,9 @@ enum WorkerCommand {
 /// Runs the command line and returns the process exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_tracing();
+    // Commands that print a result keep the log to warnings and errors.
+    let serving = matches!(cli.command, Command::Serve { .. } | Command::Demo { .. });
+    init_tracing(if serving { "info" } else { "warn" });
     let result = match cli.command {
         Command::Serve { config } => serve(&config),
         Command::Check { config } => check(&config),
@@ -129,9 +131,11 @@ pub fn main() -> ExitCode {
     }
 }
 
-fn init_tracing() {
+/// Logs to stderr at `default_level`, or at the level the `EDGE_LOG`
+/// variable sets (for example `EDGE_LOG=debug`).
+fn init_tracing(default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("EDGE_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -230,7 +234,7 @@ fn explain(path: &Path, method: &str, raw_path: &str, host: Option<&str>) -> any
                 Some(upstream) => println!("  upstream: {}", upstream.get_ref()),
                 None => println!("  upstream: none; a worker must route or respond"),
             }
-            println!("  max body: {}", config_route.max_body);
+            println!("  max body: {}", crate::config::binary(config_route.max_body));
             if route.workers.is_empty() {
                 println!("  workers: none");
             }
@@ -243,7 +247,7 @@ fn explain(path: &Path, method: &str, raw_path: &str, host: Option<&str>) -> any
                     config.resolve(worker.module.get_ref()).display(),
                     &binding.module.hash[..12],
                     worker.cpu_deadline,
-                    worker.max_memory.get_ref(),
+                    crate::config::binary(*worker.max_memory.get_ref()),
                     if binding.response_hook {
                         ", response hook"
                     } else {

@@ -57,7 +57,7 @@ pub struct NodeConfig {
     /// The node's name, sent in `Via`. Default: `edge`.
     pub name: String,
     /// Runtime threads that serve connections. Default: the number of cores.
-    pub threads: Option<usize>,
+    pub threads: Option<Spanned<usize>>,
     /// How long open connections may take to finish on shutdown. Default: 10s.
     #[serde(with = "humantime_serde")]
     pub drain_timeout: Duration,
@@ -132,7 +132,7 @@ impl Default for RuntimeConfig {
 pub struct UpstreamConfig {
     /// Target addresses, such as `127.0.0.1:9000`; requests go to them in
     /// turn.
-    pub targets: Vec<SocketAddr>,
+    pub targets: Spanned<Vec<SocketAddr>>,
     /// Time allowed to open a TCP connection to a target. Default: 2s.
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
     pub connect_timeout: Duration,
@@ -218,13 +218,32 @@ fn default_worker_memory() -> Spanned<ByteSize> {
     Spanned::new(0..0, ByteSize::mib(16))
 }
 
+/// The largest `runtime.max_instances`: each instance slot reserves virtual
+/// address space for its memories (about 8 GiB), and x86-64 Linux gives a
+/// process 128 TiB.
+pub const MAX_INSTANCES: u32 = 4096;
+
+/// Formats a size in binary units, as the config writes them.
+pub fn binary(size: ByteSize) -> String {
+    size.to_string_as(true)
+}
+
+/// Checks a route's `host`: a DNS name, or `*.` and a DNS name.
+fn is_host_rule(host: &str) -> bool {
+    let name = host.strip_prefix("*.").unwrap_or(host);
+    !name.is_empty()
+        && name.split('.').all(|label| {
+            !label.is_empty() && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
+}
+
 /// A config that could not be read or is invalid.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read config file {path}: {source}")]
+    #[error("cannot read config file {path}: {error}")]
     Read {
         path: PathBuf,
-        source: std::io::Error,
+        error: std::io::Error,
     },
     #[error("{file}: {message}")]
     Parse { file: String, message: String },
@@ -240,9 +259,9 @@ pub enum ConfigError {
 impl Config {
     /// Reads, parses and validates the config file at `path`.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| ConfigError::Read {
             path: path.to_owned(),
-            source,
+            error,
         })?;
         let base_dir = path.parent().map(Path::to_owned).unwrap_or_default();
         let source = ConfigSource {
@@ -269,16 +288,37 @@ impl Config {
         if self.listeners.is_empty() {
             return Err(self.invalid(0, "listeners", "at least one [[listeners]] is required"));
         }
-        if self.node.threads == Some(0) {
-            return Err(self.invalid(0, "node.threads", "must be at least 1"));
+        if let Some(threads) = &self.node.threads {
+            if !(1..=1024).contains(threads.get_ref()) {
+                let line = self.line_of(threads.span().start);
+                return Err(self.invalid(line, "node.threads", "must be from 1 to 1024"));
+            }
         }
-        if self.runtime.max_instances == 0 {
-            return Err(self.invalid(0, "runtime.max_instances", "must be at least 1"));
+        let via = format!("1.1 {}", self.node.name);
+        let name_ok = !self.node.name.is_empty()
+            && !self.node.name.contains(char::is_whitespace)
+            && http::HeaderValue::from_str(&via).is_ok();
+        if !name_ok {
+            let message = format!(
+                "{:?} must be non-empty printable ASCII without spaces",
+                self.node.name
+            );
+            return Err(self.invalid(0, "node.name", &message));
+        }
+        if !(1..=MAX_INSTANCES).contains(&self.runtime.max_instances) {
+            let message = format!("must be from 1 to {MAX_INSTANCES}");
+            return Err(self.invalid(0, "runtime.max_instances", &message));
+        }
+        let memory = self.runtime.max_memory;
+        if memory < ByteSize::kib(64) || memory > ByteSize::gib(4) {
+            let message = format!("{} must be from 64 KiB to 4 GiB", binary(memory));
+            return Err(self.invalid(0, "runtime.max_memory", &message));
         }
         for (name, upstream) in &self.upstreams {
-            if upstream.targets.is_empty() {
+            if upstream.targets.get_ref().is_empty() {
                 let field = format!("upstreams.{name}.targets");
-                return Err(self.invalid(0, &field, "at least one target is required"));
+                let line = self.line_of(upstream.targets.span().start);
+                return Err(self.invalid(line, &field, "at least one target is required"));
             }
         }
         let mut names = BTreeMap::new();
@@ -303,10 +343,18 @@ impl Config {
                 }
             }
             if let Some(host) = &route.host {
-                if host.is_empty() || host.contains(['/', ' ']) {
-                    let message = format!("{host:?} is not a host name");
+                if !is_host_rule(host) {
+                    let message = format!(
+                        "{host:?} is not a host name; use a name such as api.example.com, \
+                         or *.example.com for any subdomain, without a port"
+                    );
                     return Err(self.invalid(line, &field("host"), &message));
                 }
+            }
+            if route.upstream.is_none() && route.workers.is_empty() {
+                let message = "the route has no upstream and no workers; set `upstream` \
+                               or add a worker that responds or routes";
+                return Err(self.invalid(line, &field("upstream"), message));
             }
             if let Some(upstream) = &route.upstream {
                 if !self.upstreams.contains_key(upstream.get_ref()) {
@@ -323,8 +371,9 @@ impl Config {
                 let cap = *worker.max_memory.get_ref();
                 if cap > self.runtime.max_memory {
                     let message = format!(
-                        "{cap} is over runtime.max_memory ({})",
-                        self.runtime.max_memory
+                        "{} is over runtime.max_memory ({})",
+                        binary(cap),
+                        binary(self.runtime.max_memory)
                     );
                     let line = self.line_of(worker.max_memory.span().start).max(line);
                     let field = field(&format!("workers[{worker_index}].max_memory"));
@@ -332,6 +381,7 @@ impl Config {
                 }
                 if worker.cpu_deadline.is_zero() {
                     let field = field(&format!("workers[{worker_index}].cpu_deadline"));
+                    let line = self.line_of(worker.module.span().start);
                     return Err(self.invalid(line, &field, "must be more than zero"));
                 }
             }
@@ -388,9 +438,10 @@ impl Config {
 
     /// Runtime threads to serve with.
     pub fn threads(&self) -> usize {
-        self.node
-            .threads
-            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()))
+        match &self.node.threads {
+            Some(threads) => *threads.get_ref(),
+            None => std::thread::available_parallelism().map_or(1, |n| n.get()),
+        }
     }
 
     /// Returns the 1-based line of a byte offset in the config text.

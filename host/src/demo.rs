@@ -57,7 +57,7 @@ pub fn run(listen: SocketAddr, modules: &Path) -> anyhow::Result<()> {
         "  curl -i {base}/api/unknown                 # answered 404 by the path-router worker"
     );
     println!("  curl -i {base}/                            # the web upstream, x-powered-by added");
-    println!("  curl -i '{base}/api/users/../../etc'       # normalised to /etc before routing");
+    println!("  curl -i --path-as-is '{base}/api/../api/users/7'  # normalised before routing");
     println!("Press Ctrl-C to stop.");
     crate::cli::run_node(&config, node)
 }

@@ -27,6 +27,8 @@ pub enum Refusal {
     NoRoute,
     /// The path has malformed escapes, an encoded slash or invalid UTF-8.
     InvalidPath(String),
+    /// The request has no `Host`, several, or an invalid one.
+    InvalidHost(String),
     /// The body is larger than the route allows.
     BodyTooLarge { limit: u64 },
     /// The route has no upstream and no worker chose one.
@@ -49,7 +51,7 @@ impl Refusal {
     pub fn status(&self) -> StatusCode {
         match self {
             Refusal::NoRoute => StatusCode::NOT_FOUND,
-            Refusal::InvalidPath(_) => StatusCode::BAD_REQUEST,
+            Refusal::InvalidPath(_) | Refusal::InvalidHost(_) => StatusCode::BAD_REQUEST,
             Refusal::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Refusal::NoUpstream | Refusal::WorkerFailed => StatusCode::INTERNAL_SERVER_ERROR,
             Refusal::UpstreamUnavailable { .. } => StatusCode::BAD_GATEWAY,
@@ -63,6 +65,7 @@ impl Refusal {
         match self {
             Refusal::NoRoute => "no_route",
             Refusal::InvalidPath(_) => "invalid_path",
+            Refusal::InvalidHost(_) => "invalid_host",
             Refusal::BodyTooLarge { .. } => "body_too_large",
             Refusal::NoUpstream => "no_upstream",
             Refusal::UpstreamUnavailable { .. } => "upstream_unavailable",
@@ -76,7 +79,10 @@ impl Refusal {
     /// Where the failure came from.
     pub fn source(&self) -> Source {
         match self {
-            Refusal::NoRoute | Refusal::InvalidPath(_) | Refusal::BodyTooLarge { .. } => {
+            Refusal::NoRoute
+            | Refusal::InvalidPath(_)
+            | Refusal::InvalidHost(_)
+            | Refusal::BodyTooLarge { .. } => {
                 Source::Client
             }
             Refusal::WorkerFailed | Refusal::WorkerTimeout => Source::Worker,
@@ -93,6 +99,7 @@ impl Refusal {
         match self {
             Refusal::NoRoute => "no route matches this request".to_owned(),
             Refusal::InvalidPath(reason) => format!("invalid request path: {reason}"),
+            Refusal::InvalidHost(reason) => format!("invalid Host: {reason}"),
             Refusal::BodyTooLarge { limit } => {
                 format!("the request body is larger than this route's limit of {limit} bytes")
             }

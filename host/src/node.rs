@@ -49,13 +49,13 @@ pub struct Node {
 pub enum BuildError {
     #[error(transparent)]
     Config(#[from] ConfigError),
-    #[error("{file}:{line}: routes[{route}].workers[{worker}]: {source}")]
+    #[error("{file}:{line}: routes[{route}].workers[{worker}]: {error}")]
     Module {
         file: String,
         line: usize,
         route: usize,
         worker: usize,
-        source: LoadError,
+        error: LoadError,
     },
     #[error("cannot start the worker runtime: {0:#}")]
     Runtime(anyhow::Error),
@@ -81,13 +81,13 @@ impl Node {
             upstream_names.insert(name.clone(), upstreams.len());
             upstreams.push(Upstream::new(
                 name.clone(),
-                &upstream.targets,
+                upstream.targets.get_ref(),
                 next_target,
                 upstream.connect_timeout,
                 upstream.response_timeout,
                 upstream.max_idle_per_target,
             ));
-            next_target += upstream.targets.len();
+            next_target += upstream.targets.get_ref().len();
         }
 
         // Binding calls each worker's `hooks` export, which is async.
@@ -119,12 +119,12 @@ impl Node {
             });
             let mut workers = Vec::new();
             for (worker_index, worker) in route.workers.iter().enumerate() {
-                let module_error = |source: LoadError| BuildError::Module {
+                let module_error = |error: LoadError| BuildError::Module {
                     file: config.source.name.clone(),
                     line: config.line_of(worker.module.span().start),
                     route: index,
                     worker: worker_index,
-                    source,
+                    error,
                 };
                 let path = config.resolve(worker.module.get_ref());
                 let module = runtime.load(&path).map_err(module_error)?;

@@ -52,13 +52,18 @@ async fn serve(
 ) -> Result<Response<ResponseBody>, Refusal> {
     let (mut parts, body) = request.into_parts();
 
+    // One Host, agreeing with the target, and no hop-by-hop headers before
+    // any route or worker looks at the request.
+    canonicalize_host(&mut parts)?;
+    remove_hop_by_hop(&mut parts.headers);
+
     // Route on the normalised path, never the raw one.
     let uri = parts.uri.clone();
     let raw_path = uri.path();
     let path = normalize_path(raw_path).map_err(|e| Refusal::InvalidPath(e.to_string()))?;
     let path_changed = path != raw_path;
     let matched = {
-        let host = request_authority(&parts).map(host_name);
+        let host = parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(host_name);
         node.router.find(host.as_deref(), &parts.method, &path)
     };
     let matched = matched.ok_or(Refusal::NoRoute)?;
@@ -141,6 +146,9 @@ async fn serve(
     let request = Request::from_parts(parts, RequestBody::new(body, route.max_body));
     let mut response = upstream.send(request).await?;
     remove_hop_by_hop(response.headers_mut());
+    // The node speaks its own HTTP version to the client, whatever the
+    // upstream spoke.
+    *response.version_mut() = http::Version::HTTP_11;
 
     // Response-phase workers, in reverse order.
     if let Some(view) = &view {
@@ -151,12 +159,24 @@ async fn serve(
     Ok(response.map(ResponseBody::Upstream))
 }
 
-/// Returns the host the request was sent to: the URI's authority (HTTP/2,
-/// or an absolute-form HTTP/1.1 target), else the `Host` header.
-fn request_authority(parts: &Parts) -> Option<&str> {
-    match parts.uri.authority() {
-        Some(authority) => Some(authority.as_str()),
-        None => parts.headers.get(header::HOST)?.to_str().ok(),
+/// Makes the `Host` header the one host the request is for: the target's
+/// authority when the request has one (HTTP/2, or an absolute-form HTTP/1.1
+/// target), replacing any `Host` the client sent, as RFC 9112, section 3.2.2
+/// requires of a proxy. Rejects a request with several `Host` headers, or an
+/// HTTP/1.1 request without one.
+fn canonicalize_host(parts: &mut Parts) -> Result<(), Refusal> {
+    if let Some(authority) = parts.uri.authority() {
+        let value = HeaderValue::from_str(authority.as_str())
+            .map_err(|_| Refusal::InvalidHost("the request target's authority is not a valid host".to_owned()))?;
+        parts.headers.insert(header::HOST, value);
+        return Ok(());
+    }
+    let mut hosts = parts.headers.get_all(header::HOST).iter();
+    match (hosts.next(), hosts.next()) {
+        (Some(_), None) => Ok(()),
+        (Some(_), Some(_)) => Err(Refusal::InvalidHost("the request has more than one Host header".to_owned())),
+        (None, _) if parts.version == http::Version::HTTP_10 => Ok(()),
+        (None, _) => Err(Refusal::InvalidHost("an HTTP/1.1 request needs a Host header".to_owned())),
     }
 }
 
@@ -211,7 +231,8 @@ static HOP_BY_HOP: [HeaderName; 9] = [
 ];
 
 /// Removes hop-by-hop headers, including every header named in
-/// `Connection`.
+/// `Connection`, except `Host` and `Content-Length`: a peer cannot strip
+/// those, because the message means something else without them.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     if headers.contains_key(header::CONNECTION) {
         let named: Vec<HeaderName> = headers
@@ -220,6 +241,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
             .filter_map(|value| value.to_str().ok())
             .flat_map(|value| value.split(','))
             .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .filter(|name| *name != header::HOST && *name != header::CONTENT_LENGTH)
             .collect();
         for name in named {
             headers.remove(name);
@@ -230,9 +252,16 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
-/// Turns the client's request head into the one sent upstream: origin-form
-/// URI with the normalised path, hop-by-hop headers removed, `Host` kept,
-/// and the forwarding headers set.
+/// True for headers that describe the message framing or the connection,
+/// which the node sets itself: `Content-Length` and the hop-by-hop headers.
+fn is_managed(name: &HeaderName) -> bool {
+    *name == header::CONTENT_LENGTH || HOP_BY_HOP.contains(name)
+}
+
+/// Turns the request head into the one sent upstream: origin-form URI with
+/// the normalised (or worker-set) path, `Host` kept, and the forwarding
+/// headers set. Hop-by-hop headers were removed on arrival, and workers
+/// cannot set them.
 fn prepare_upstream_request(
     parts: &mut Parts,
     new_path: Option<&str>,
@@ -240,7 +269,6 @@ fn prepare_upstream_request(
     listener: &crate::node::Listener,
     node: &Node,
 ) -> Result<(), Refusal> {
-    let authority = parts.uri.authority().cloned();
     let path_and_query = match new_path {
         Some(path) => {
             let text = match parts.uri.query() {
@@ -259,29 +287,26 @@ fn prepare_upstream_request(
     parts.version = http::Version::HTTP_11;
 
     let headers = &mut parts.headers;
-    remove_hop_by_hop(headers);
-    if !headers.contains_key(header::HOST) {
-        if let Some(authority) = &authority {
-            if let Ok(value) = HeaderValue::from_str(authority.as_str()) {
-                headers.insert(header::HOST, value);
-            }
-        }
-    }
+    // The node answered any `Expect: 100-continue` itself.
+    headers.remove(header::EXPECT);
     if let Some(host) = headers.get(header::HOST).cloned() {
         headers.insert(X_FORWARDED_HOST.clone(), host);
     }
-    let peer_is_trusted = listener
-        .trusted_proxies
-        .iter()
-        .any(|net| net.contains(&peer));
-    let forwarded_for = match headers.get(&X_FORWARDED_FOR).and_then(|v| v.to_str().ok()) {
-        Some(earlier) if peer_is_trusted => format!("{earlier}, {peer}"),
-        _ => peer.to_string(),
+    let peer_is_trusted = listener.trusted_proxies.iter().any(|net| net.contains(&peer));
+    let forwarded_for = if peer_is_trusted && headers.contains_key(&X_FORWARDED_FOR) {
+        let mut chain = String::new();
+        for value in headers.get_all(&X_FORWARDED_FOR) {
+            chain.push_str(&String::from_utf8_lossy(value.as_bytes()));
+            chain.push_str(", ");
+        }
+        chain.push_str(&peer.to_string());
+        chain
+    } else {
+        peer.to_string()
     };
-    headers.insert(
-        X_FORWARDED_FOR.clone(),
-        HeaderValue::from_str(&forwarded_for).expect("an IP list is a valid header value"),
-    );
+    let forwarded_for = HeaderValue::from_str(&forwarded_for)
+        .map_err(|_| Refusal::InvalidHost("X-Forwarded-For is not a valid header value".to_owned()))?;
+    headers.insert(X_FORWARDED_FOR.clone(), forwarded_for);
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
     headers.append(header::VIA, node.via.clone());
     Ok(())
@@ -357,6 +382,11 @@ fn apply_header_changes(
     for wit::Header { name, value } in set {
         let parsed = HeaderName::from_bytes(name.as_bytes())
             .map_err(|_| format!("set an invalid header name {name:?}"))?;
+        if is_managed(&parsed) {
+            return Err(format!(
+                "set the header {name:?}, which the node manages for each connection"
+            ));
+        }
         let header_value = HeaderValue::from_str(&value)
             .map_err(|_| format!("set an invalid value for header {name:?}"))?;
         headers.insert(parsed.clone(), header_value);
@@ -377,10 +407,15 @@ fn worker_response(response: wit::Response) -> Result<Response<ResponseBody>, St
         .ok()
         .filter(|status| status.as_u16() >= 200)
         .ok_or_else(|| format!("responded with an invalid status {}", response.status))?;
+    // The node frames the body itself, so the worker's framing and
+    // connection headers are dropped rather than refused.
+    let own_headers = response
+        .headers
+        .into_iter()
+        .filter(|h| HeaderName::from_bytes(h.name.as_bytes()).map_or(true, |n| !is_managed(&n)))
+        .collect();
     let mut headers = HeaderMap::new();
-    apply_header_changes(&mut headers, None, &[], response.headers)?;
-    remove_hop_by_hop(&mut headers);
-    headers.remove(header::CONTENT_LENGTH);
+    apply_header_changes(&mut headers, None, &[], own_headers)?;
     let mut built = Response::new(ResponseBody::full(Bytes::from(response.body)));
     *built.status_mut() = status;
     *built.headers_mut() = headers;

@@ -437,6 +437,8 @@ pub fn host_name(authority: &str) -> Cow<'_, str> {
             .rsplit_once(':')
             .map_or(authority, |(host, _)| host)
     };
+    // `example.com.` is the same name as `example.com`.
+    let host = host.strip_suffix('.').unwrap_or(host);
     if host.bytes().any(|b| b.is_ascii_uppercase()) {
         Cow::Owned(host.to_ascii_lowercase())
     } else {
@@ -572,5 +574,6 @@ mod tests {
         assert_eq!(host_name("API.example.com:8080"), "api.example.com");
         assert_eq!(host_name("[::1]:8080"), "[::1]");
         assert_eq!(host_name("localhost"), "localhost");
+        assert_eq!(host_name("example.com.:80"), "example.com");
     }
 }

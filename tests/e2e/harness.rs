@@ -70,13 +70,19 @@ impl Node {
         }
         let path = dir.path().join("edge.toml");
         std::fs::write(&path, text)?;
-        Node::spawn(&path, dir)
+        let config = path.display().to_string();
+        Node::spawn(&["serve", "--config", &config], dir)
     }
 
-    fn spawn(config: &Path, dir: tempfile::TempDir) -> Result<Node> {
+    /// Starts `edge` with `args`, such as `demo`, and waits until it listens.
+    pub fn start_with_args(args: &[&str]) -> Result<Node> {
+        Node::spawn(args, tempfile::tempdir()?)
+    }
+
+    fn spawn(args: &[&str], dir: tempfile::TempDir) -> Result<Node> {
         let mut child = Command::new(env!("CARGO_BIN_EXE_edge"))
-            .args(["serve", "--config"])
-            .arg(config)
+            .args(args)
+            .current_dir(dir.path())
             .env("EDGE_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -133,6 +139,18 @@ impl Node {
     /// Everything the node has logged so far.
     pub fn log(&self) -> String {
         self.stderr.lock().unwrap().clone()
+    }
+
+    /// Waits up to five seconds for the log to contain `needle`, because the
+    /// log is read from the node's stderr on another thread.
+    pub fn log_contains(&self, needle: &str) -> bool {
+        for _ in 0..100 {
+            if self.log().contains(needle) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        false
     }
 
     /// The node's resident memory in KiB.

@@ -108,6 +108,61 @@ async fn path_is_normalised_before_routing() -> Result {
 }
 
 #[tokio::test]
+async fn absolute_form_target_decides_the_host() -> Result {
+    let (public, secret) = (Upstream::echo().await, Upstream::echo().await);
+    let config = format!(
+        "{}{}\n[[routes]]\nname = \"public\"\nhost = \"public.example.com\"\nupstream = \"public\"\n\n\
+         [[routes]]\nname = \"secret\"\nhost = \"secret.example.com\"\nupstream = \"secret\"\n",
+        upstream_block("public", &public),
+        upstream_block("secret", &secret)
+    );
+    let node = Node::start(&config)?;
+    let response = raw_request(
+        node.addr,
+        "GET http://public.example.com/admin HTTP/1.1\r\nHost: secret.example.com\r\nConnection: close\r\n\r\n",
+    )
+    .await?;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert_eq!(public.last().headers["host"], "public.example.com");
+    assert_eq!(secret.count(), 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn bad_host_headers_get_400() -> Result {
+    let upstream = Upstream::echo().await;
+    let config = format!("{}\n[[routes]]\nname = \"all\"\nupstream = \"app\"\n", upstream_block("app", &upstream));
+    let node = Node::start(&config)?;
+    let two_hosts = raw_request(
+        node.addr,
+        "GET / HTTP/1.1\r\nHost: a.example.com\r\nHost: b.example.com\r\nConnection: close\r\n\r\n",
+    )
+    .await?;
+    assert!(two_hosts.starts_with("HTTP/1.1 400"), "{two_hosts}");
+    assert!(two_hosts.contains("\"invalid_host\""), "{two_hosts}");
+    let no_host = raw_request(node.addr, "GET / HTTP/1.1\r\nConnection: close\r\n\r\n").await?;
+    assert!(no_host.starts_with("HTTP/1.1 400"), "{no_host}");
+    assert!(no_host.contains("\"invalid_host\""), "{no_host}");
+    assert_eq!(upstream.count(), 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn connection_header_cannot_strip_host() -> Result {
+    let upstream = Upstream::echo().await;
+    let config = format!("{}\n[[routes]]\nname = \"all\"\nupstream = \"app\"\n", upstream_block("app", &upstream));
+    let node = Node::start(&config)?;
+    let response = raw_request(
+        node.addr,
+        "GET / HTTP/1.1\r\nHost: keep.example.com\r\nConnection: close, host\r\n\r\n",
+    )
+    .await?;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert_eq!(upstream.last().headers["host"], "keep.example.com");
+    Ok(())
+}
+
+#[tokio::test]
 async fn forwarding_headers_are_set() -> Result {
     let upstream = Upstream::echo().await;
     let config = format!(
@@ -153,6 +208,20 @@ async fn trusted_proxy_forwarded_for_is_appended() -> Result {
     assert_eq!(
         upstream.last().headers["x-forwarded-for"],
         "203.0.113.5, 127.0.0.1"
+    );
+    send(
+        "GET",
+        &node.url("/"),
+        &[
+            ("x-forwarded-for", "198.51.100.1"),
+            ("x-forwarded-for", "203.0.113.5"),
+        ],
+        b"",
+    )
+    .await?;
+    assert_eq!(
+        upstream.last().headers["x-forwarded-for"],
+        "198.51.100.1, 203.0.113.5, 127.0.0.1"
     );
     Ok(())
 }

@@ -208,6 +208,7 @@ async fn looping_worker_stops_at_deadline() -> Result {
     assert!(started.elapsed() < Duration::from_secs(2));
     assert_eq!(get(&node.url("/after")).await?.status, 200);
     assert_eq!(upstream.count(), 0);
+    assert!(node.log_contains("route=loop"));
     let log = node.log();
     assert!(
         log.contains("worker call failed")
@@ -233,7 +234,7 @@ async fn worker_over_memory_cap_fails_cleanly() -> Result {
     assert_eq!(got.json()["error"], "worker_failed");
     assert_eq!(upstream.count(), 0);
     assert_eq!(get(&node.url("/after")).await?.status, 200);
-    assert!(node.log().contains("memory cap"), "{}", node.log());
+    assert!(node.log_contains("memory cap"), "{}", node.log());
     Ok(())
 }
 
@@ -252,6 +253,7 @@ async fn panicking_worker_gets_worker_failed() -> Result {
     assert_eq!(got.json()["error"], "worker_failed");
     assert_eq!(upstream.count(), 0);
     assert_eq!(get(&node.url("/after")).await?.status, 200);
+    node.log_contains("fixture panic");
     let log = node.log();
     assert!(
         log.contains("fixture panic"),
@@ -303,6 +305,47 @@ async fn response_hook_sees_upstream_status() -> Result {
 }
 
 #[tokio::test]
+async fn worker_cannot_set_framing_headers() -> Result {
+    let upstream = Upstream::echo().await;
+    let config = format!(
+        "{}{}response_headers = {{ \"content-length\" = \"3\" }}\n{}set_headers = {{ \"transfer-encoding\" = \"chunked\" }}\n",
+        app(&upstream),
+        fixture_route("hook", "/hook", "response-header", ""),
+        fixture_route("set", "/", "set", "")
+    );
+    let node = Node::start(&config)?;
+    let hooked = get(&node.url("/hook")).await?;
+    assert_eq!(hooked.status, 500);
+    assert_eq!(hooked.json()["error"], "worker_failed");
+    let before = upstream.count();
+    let set = get(&node.url("/set")).await?;
+    assert_eq!(set.status, 500);
+    assert_eq!(set.json()["error"], "worker_failed");
+    assert_eq!(upstream.count(), before, "the request with the bad change never went upstream");
+    assert!(node.log_contains("which the node manages"), "{}", node.log());
+    Ok(())
+}
+
+#[tokio::test]
+async fn demo_serves_its_routes() -> Result {
+    let modules = crate::harness::modules_dir().display().to_string();
+    let node = Node::start_with_args(&["demo", "--listen", "127.0.0.1:0", "--modules", &modules])?;
+    let users = get(&node.url("/api/users/7")).await?;
+    assert_eq!(users.status, 200);
+    assert_eq!(users.json()["upstream"], "users");
+    assert_eq!(users.json()["headers"]["x-edge-demo"], "added by the add-header worker");
+    let checkout = send("POST", &node.url("/api/checkout"), &[], b"{}").await?;
+    assert_eq!(checkout.json()["upstream"], "payments");
+    let unknown = get(&node.url("/api/unknown")).await?;
+    assert_eq!(unknown.status, 404);
+    assert_eq!(unknown.json()["error"], "no_route");
+    let site = get(&node.url("/")).await?;
+    assert_eq!(site.json()["upstream"], "web");
+    assert_eq!(site.header("x-powered-by"), Some("edge"));
+    Ok(())
+}
+
+#[tokio::test]
 async fn worker_reads_config_and_clock() -> Result {
     let upstream = Upstream::echo().await;
     let config = format!(
@@ -339,12 +382,12 @@ async fn compiled_modules_come_from_cache_on_restart() -> Result {
         fixture_route("counter", "/", "counter", "")
     );
     let first = Node::start(&config)?;
-    assert!(first.log().contains("cache=Compiled"), "{}", first.log());
+    assert!(first.log_contains("cache=Compiled"), "{}", first.log());
     drop(first);
     let entries = std::fs::read_dir(cache.path())?.count();
     assert_eq!(entries, 1, "one compiled module in the cache");
     let second = Node::start(&config)?;
-    assert!(second.log().contains("cache=Hit"), "{}", second.log());
+    assert!(second.log_contains("cache=Hit"), "{}", second.log());
     assert_eq!(get(&second.url("/")).await?.status, 200);
     Ok(())
 }

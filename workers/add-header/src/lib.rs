@@ -13,9 +13,11 @@
 //! ```
 //!
 //! Header names must be HTTP tokens and values must not contain control
-//! characters other than tab. A config that is invalid, such as one without
-//! `headers` or with an unknown key, makes every request fail with 500 and the
-//! body `{"error":"worker_config_invalid","message":"..."}`, and logs an error.
+//! characters other than tab. The node rejects an invalid config when it
+//! loads the module: one with neither `headers` nor `response_headers`, with
+//! an unknown key, or with a bad header. Should one reach a request anyway,
+//! the request fails with 500 and the body
+//! `{"error":"worker_config_invalid","message":"..."}`, and an error is logged.
 
 use std::collections::BTreeMap;
 
@@ -29,6 +31,7 @@ use serde::{Deserialize, Serialize};
 #[serde(deny_unknown_fields)]
 struct Config {
     /// Headers set on the request to the upstream.
+    #[serde(default)]
     headers: BTreeMap<String, String>,
     /// Headers set on the upstream's response.
     #[serde(default)]
@@ -47,6 +50,9 @@ struct ErrorBody {
 fn load_config() -> Result<Config, String> {
     let config: Config =
         edge_sdk::config::parse().map_err(|error| format!("invalid add-header config: {error}"))?;
+    if config.headers.is_empty() && config.response_headers.is_empty() {
+        return Err("invalid add-header config: set `headers`, `response_headers` or both".to_owned());
+    }
     for (key, headers) in [
         ("headers", &config.headers),
         ("response_headers", &config.response_headers),
@@ -196,7 +202,7 @@ mod tests {
     }
 
     #[test]
-    fn missing_headers_is_500() {
+    fn no_headers_at_all_is_500() {
         testing::set_config(r#"{"response_headers":{}}"#);
         let Action::Respond(response) = AddHeader::on_request(request()) else {
             panic!("expected Action::Respond");
@@ -210,7 +216,7 @@ mod tests {
         assert_eq!(body["error"], "worker_config_invalid");
         assert_eq!(
             body["message"],
-            "invalid add-header config: missing field `headers`"
+            "invalid add-header config: set `headers`, `response_headers` or both"
         );
         let logs = testing::take_logs();
         assert_eq!(logs.len(), 1);

@@ -19,7 +19,7 @@ use hyper::body::Incoming;
 use crate::error::Refusal;
 use crate::node::{Node, Route};
 use crate::proxy::{RequestBody, ResponseBody};
-use crate::route::{encode_path, host_name, normalize_path};
+use crate::route::{encode_path, host_name, normalize_path, resolve_dot_segments};
 use crate::worker::{wit, Binding, WorkerError};
 
 /// The connection a request arrived on.
@@ -359,6 +359,7 @@ fn apply_request_changes(
         if !new_path.starts_with('/') || new_path.bytes().any(|b| b < 0x20 || b == 0x7f) {
             return Err(format!("set an invalid path {new_path:?}; a path starts with '/' and has no control characters"));
         }
+        let new_path = resolve_dot_segments(&new_path);
         view.path.clone_from(&new_path);
         *path = Some(new_path);
     }

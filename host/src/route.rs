@@ -33,33 +33,46 @@ pub fn normalize_path(raw: &str) -> Result<Cow<'_, str>, PathError> {
     if is_normal(raw) {
         return Ok(Cow::Borrowed(raw));
     }
-    let mut segments: Vec<String> = Vec::new();
-    let mut raw_segments = raw[1..].split('/').peekable();
+    let decoded = raw[1..]
+        .split('/')
+        .map(decode_segment)
+        .collect::<Result<Vec<String>, PathError>>()?;
+    Ok(Cow::Owned(resolve_segments(&decoded, raw.len())))
+}
+
+/// Resolves `.` and `..` segments and merges repeated slashes in a path that
+/// is already decoded, such as one a worker set. Never goes above the root.
+pub fn resolve_dot_segments(path: &str) -> String {
+    let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    resolve_segments(&segments, path.len())
+}
+
+fn resolve_segments<S: AsRef<str>>(segments: &[S], capacity: usize) -> String {
+    let mut kept: Vec<&str> = Vec::with_capacity(segments.len());
     let mut trailing_slash = false;
-    while let Some(raw_segment) = raw_segments.next() {
-        let last = raw_segments.peek().is_none();
-        let segment = decode_segment(raw_segment)?;
-        match segment.as_str() {
+    for (index, segment) in segments.iter().enumerate() {
+        let last = index + 1 == segments.len();
+        match segment.as_ref() {
             "" | "." => trailing_slash = last,
             ".." => {
-                segments.pop();
+                kept.pop();
                 trailing_slash = last;
             }
-            _ => {
-                segments.push(segment);
+            other => {
+                kept.push(other);
                 trailing_slash = false;
             }
         }
     }
-    let mut path = String::with_capacity(raw.len());
-    for segment in &segments {
+    let mut path = String::with_capacity(capacity);
+    for segment in kept {
         path.push('/');
         path.push_str(segment);
     }
     if path.is_empty() || trailing_slash {
         path.push('/');
     }
-    Ok(Cow::Owned(path))
+    path
 }
 
 /// True when normalising would change nothing: no escapes, dot segments or
@@ -469,6 +482,14 @@ mod tests {
         for (raw, normal) in cases {
             assert_eq!(normalize_path(raw).unwrap(), normal, "normalising {raw}");
         }
+    }
+
+    #[test]
+    fn resolve_dot_segments_of_decoded_paths() {
+        assert_eq!(resolve_dot_segments("/a b/../c"), "/c");
+        assert_eq!(resolve_dot_segments("/../../x/"), "/x/");
+        assert_eq!(resolve_dot_segments("//a//b"), "/a/b");
+        assert_eq!(resolve_dot_segments("/100%"), "/100%");
     }
 
     #[test]

@@ -29,6 +29,8 @@ pub enum Refusal {
     InvalidPath(String),
     /// The request has no `Host`, several, or an invalid one.
     InvalidHost(String),
+    /// The client's body broke off or had invalid chunked framing.
+    InvalidBody,
     /// The body is larger than the route allows.
     BodyTooLarge { limit: u64 },
     /// The route has no upstream and no worker chose one.
@@ -51,7 +53,9 @@ impl Refusal {
     pub fn status(&self) -> StatusCode {
         match self {
             Refusal::NoRoute => StatusCode::NOT_FOUND,
-            Refusal::InvalidPath(_) | Refusal::InvalidHost(_) => StatusCode::BAD_REQUEST,
+            Refusal::InvalidPath(_) | Refusal::InvalidHost(_) | Refusal::InvalidBody => {
+                StatusCode::BAD_REQUEST
+            }
             Refusal::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Refusal::NoUpstream | Refusal::WorkerFailed => StatusCode::INTERNAL_SERVER_ERROR,
             Refusal::UpstreamUnavailable { .. } => StatusCode::BAD_GATEWAY,
@@ -66,6 +70,7 @@ impl Refusal {
             Refusal::NoRoute => "no_route",
             Refusal::InvalidPath(_) => "invalid_path",
             Refusal::InvalidHost(_) => "invalid_host",
+            Refusal::InvalidBody => "invalid_body",
             Refusal::BodyTooLarge { .. } => "body_too_large",
             Refusal::NoUpstream => "no_upstream",
             Refusal::UpstreamUnavailable { .. } => "upstream_unavailable",
@@ -82,6 +87,7 @@ impl Refusal {
             Refusal::NoRoute
             | Refusal::InvalidPath(_)
             | Refusal::InvalidHost(_)
+            | Refusal::InvalidBody
             | Refusal::BodyTooLarge { .. } => {
                 Source::Client
             }
@@ -100,6 +106,9 @@ impl Refusal {
             Refusal::NoRoute => "no route matches this request".to_owned(),
             Refusal::InvalidPath(reason) => format!("invalid request path: {reason}"),
             Refusal::InvalidHost(reason) => format!("invalid Host: {reason}"),
+            Refusal::InvalidBody => {
+                "the request body broke off or has invalid chunked framing".to_owned()
+            }
             Refusal::BodyTooLarge { limit } => {
                 format!("the request body is larger than this route's limit of {limit} bytes")
             }

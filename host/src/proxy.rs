@@ -169,11 +169,26 @@ impl Upstream {
         if let Some(limit) = body_limit_cause(&error) {
             return Refusal::BodyTooLarge { limit };
         }
+        if has_cause::<ClientBodyError>(&error) {
+            tracing::debug!(upstream = %self.name, %error, "client request body failed");
+            return Refusal::InvalidBody;
+        }
         tracing::debug!(upstream = %self.name, target = %target.addr, %error, "upstream request failed");
         Refusal::UpstreamUnavailable {
             upstream: self.name.clone(),
         }
     }
+}
+
+fn has_cause<E: StdError + 'static>(error: &hyper::Error) -> bool {
+    let mut cause = error.source();
+    while let Some(inner) = cause {
+        if inner.is::<E>() {
+            return true;
+        }
+        cause = inner.source();
+    }
+    false
 }
 
 fn body_limit_cause(error: &hyper::Error) -> Option<u64> {
@@ -336,6 +351,12 @@ pub struct BodyTooLarge {
     pub limit: u64,
 }
 
+/// The error a request body yields when the client's body itself failed:
+/// invalid chunked framing, or the client went away mid-body.
+#[derive(Debug, thiserror::Error)]
+#[error("client request body failed: {0}")]
+pub struct ClientBodyError(#[source] hyper::Error);
+
 /// A client's request body on its way upstream, cut off with an error at the
 /// route's size limit.
 pub struct RequestBody {
@@ -366,7 +387,11 @@ impl Body for RequestBody {
         let this = &mut *self;
         let frame = match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => frame,
-            other => return other.map_err(Into::into),
+            Poll::Ready(Some(Err(error))) => {
+                return Poll::Ready(Some(Err(Box::new(ClientBodyError(error)))));
+            }
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Pending => return Poll::Pending,
         };
         if let Some(data) = frame.data_ref() {
             this.seen += data.len() as u64;

@@ -367,6 +367,17 @@ impl Got {
     }
 }
 
+/// Reads a whole response.
+async fn collect(response: Response<Incoming>) -> Result<Got> {
+    let (parts, body) = response.into_parts();
+    let body = body.collect().await?.to_bytes();
+    Ok(Got {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    })
+}
+
 /// Sends a request with a small body over a new HTTP/1.1 connection.
 pub async fn send(
     method: &str,
@@ -395,13 +406,7 @@ pub async fn send(
     let response = sender
         .send_request(request.body(Full::new(Bytes::from_static(body)))?)
         .await?;
-    let (parts, body) = response.into_parts();
-    let body = body.collect().await?.to_bytes();
-    Ok(Got {
-        status: parts.status,
-        headers: parts.headers,
-        body,
-    })
+    collect(response).await
 }
 
 /// Sends a GET over a new HTTP/1.1 connection.
@@ -418,13 +423,7 @@ pub async fn get_h2(url: &str) -> Result<Got> {
     tokio::spawn(connection);
     let request = Request::builder().uri(uri).body(Full::new(Bytes::new()))?;
     let response = sender.send_request(request).await?;
-    let (parts, body) = response.into_parts();
-    let body = body.collect().await?.to_bytes();
-    Ok(Got {
-        status: parts.status,
-        headers: parts.headers,
-        body,
-    })
+    collect(response).await
 }
 
 /// Writes a raw HTTP/1.1 request and reads the raw response until the
@@ -472,13 +471,7 @@ pub async fn post_streaming(url: &str, size: usize) -> Result<Got> {
         .header("host", "test")
         .body(body)?;
     let response = sender.send_request(request).await?;
-    let (parts, body) = response.into_parts();
-    let body = body.collect().await?.to_bytes();
-    Ok(Got {
-        status: parts.status,
-        headers: parts.headers,
-        body,
-    })
+    collect(response).await
 }
 
 async fn connect<B>(url: &str) -> Result<(hyper::client::conn::http1::SendRequest<B>, String)>

@@ -385,6 +385,26 @@ async fn chunked_body_over_limit_is_cut_off() -> Result {
 }
 
 #[tokio::test]
+async fn malformed_chunked_body_gets_400() -> Result {
+    let upstream = Upstream::echo().await;
+    let config = format!(
+        "{}\n[[routes]]\nname = \"all\"\nupstream = \"app\"\n",
+        upstream_block("app", &upstream)
+    );
+    let node = Node::start(&config)?;
+    let response = raw_request(
+        node.addr,
+        "POST /upload HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n\
+         zz\r\nabc\r\n0\r\n\r\n",
+    )
+    .await?;
+    assert!(response.starts_with("HTTP/1.1 400"), "{response}");
+    assert!(response.contains("\"invalid_body\""), "{response}");
+    assert_eq!(upstream.complete_count(), 0);
+    Ok(())
+}
+
+#[tokio::test]
 async fn large_bodies_stream_without_buffering() -> Result {
     const SIZE: usize = 50 << 20;
     let upstream = Upstream::start(|received| {

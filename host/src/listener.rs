@@ -24,8 +24,14 @@ use crate::node::Node;
 use crate::pipeline::{self, Connection};
 
 /// A connection on its way from the acceptor to a serving thread.
+///
+/// The stream travels as a std socket, deregistered from the acceptor's
+/// reactor. A tokio `TcpStream` stays bound to the reactor that created it,
+/// so otherwise every readiness event of the connection would wake the
+/// acceptor thread first and reach the serving thread by a cross-thread
+/// wake-up.
 struct Accepted {
-    stream: TcpStream,
+    stream: std::net::TcpStream,
     connection: Connection,
 }
 
@@ -140,6 +146,19 @@ fn accept_thread(
                     match listener.accept().await {
                         Ok((stream, peer)) => {
                             let _ = stream.set_nodelay(true);
+                            // Stays non-blocking, as `TcpStream::from_std`
+                            // on the serving thread requires.
+                            let stream = match stream.into_std() {
+                                Ok(stream) => stream,
+                                Err(error) => {
+                                    tracing::warn!(
+                                        %error,
+                                        %peer,
+                                        "failed to deregister an accepted connection; closing it"
+                                    );
+                                    continue;
+                                }
+                            };
                             let accepted = Accepted {
                                 stream,
                                 connection: Connection {
@@ -182,6 +201,17 @@ fn serve_thread(
             tokio::select! {
                 accepted = connections.recv() => {
                     let Some(Accepted { stream, connection }) = accepted else { break };
+                    let stream = match TcpStream::from_std(stream) {
+                        Ok(stream) => stream,
+                        Err(error) => {
+                            tracing::warn!(
+                                %error,
+                                peer = %connection.peer,
+                                "failed to register a connection with the serving thread; closing it"
+                            );
+                            continue;
+                        }
+                    };
                     let node = node.clone();
                     let service = service_fn(move |request| {
                         let node = node.clone();

@@ -17,47 +17,68 @@ const STDERR_CAPTURE: usize = 2048;
 
 /// The state of one store: one call of one worker.
 pub struct StoreState {
-    wasi: WasiCtx,
+    /// WASI, built on the guest's first WASI call. A worker that neither
+    /// panics nor prints makes none, which saves building a context (two
+    /// seeded random number generators and a stderr buffer) on every call.
+    wasi: Option<Wasi>,
     table: ResourceTable,
     pub(super) limiter: MemoryCap,
     settings: Arc<WorkerSettings>,
+}
+
+/// A WASI context that grants nothing, with the guest's stderr captured.
+struct Wasi {
+    ctx: WasiCtx,
     stderr: MemoryOutputPipe,
 }
 
-impl StoreState {
-    /// Builds the state for one call: WASI with nothing granted (no
-    /// preopened directories, environment, arguments or network; stdin
-    /// empty, stdout discarded, stderr captured) and the worker's settings.
-    pub fn new(settings: Arc<WorkerSettings>, memory_cap: usize) -> StoreState {
+impl Wasi {
+    /// Builds a WASI context that grants nothing: no preopened directories,
+    /// environment, arguments or network. Stdin is empty, stdout discarded
+    /// and stderr captured.
+    fn new() -> Wasi {
         let stderr = MemoryOutputPipe::new(STDERR_CAPTURE);
-        let wasi = WasiCtx::builder()
+        let ctx = WasiCtx::builder()
             .allow_tcp(false)
             .allow_udp(false)
             .allow_ip_name_lookup(false)
             .stderr(stderr.clone())
             .build();
+        Wasi { ctx, stderr }
+    }
+}
+
+impl StoreState {
+    /// Builds the state for one call with the worker's settings. WASI is
+    /// built on first use.
+    pub fn new(settings: Arc<WorkerSettings>, memory_cap: usize) -> StoreState {
         StoreState {
-            wasi,
+            wasi: None,
             table: ResourceTable::new(),
             limiter: MemoryCap {
                 cap: memory_cap,
                 exceeded: None,
             },
             settings,
-            stderr,
         }
     }
 
     /// Returns what the guest wrote to stderr, such as a panic message.
     pub fn stderr(&self) -> String {
-        String::from_utf8_lossy(&self.stderr.contents()).trim_end().to_owned()
+        match &self.wasi {
+            Some(wasi) => String::from_utf8_lossy(&wasi.stderr.contents())
+                .trim_end()
+                .to_owned(),
+            None => String::new(),
+        }
     }
 }
 
 impl WasiView for StoreState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
+        let wasi = self.wasi.get_or_insert_with(Wasi::new);
         WasiCtxView {
-            ctx: &mut self.wasi,
+            ctx: &mut wasi.ctx,
             table: &mut self.table,
         }
     }

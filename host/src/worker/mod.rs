@@ -24,7 +24,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::sync::{Semaphore, SemaphorePermit};
-use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::component::{
+    Component, ComponentExportIndex, HasSelf, Instance, InstancePre, Linker,
+};
 use wasmtime::{
     Engine, Enabled, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap,
     UpdateDeadline,
@@ -104,7 +106,44 @@ pub struct Module {
     pub hash: String,
     /// Whether it came from the compile cache.
     pub cache: CacheOutcome,
-    pre: bindings::WorkerPre<StoreState>,
+    instance_pre: InstancePre<StoreState>,
+    exports: HandlerExports,
+}
+
+/// The indices of the `handler` functions among a component's exports, looked
+/// up once at load so that a call fetches only the function it runs.
+struct HandlerExports {
+    hooks: ComponentExportIndex,
+    on_request: ComponentExportIndex,
+    on_response: ComponentExportIndex,
+}
+
+impl HandlerExports {
+    /// The exported interface, as the `worker` world names it.
+    const INTERFACE: &str = "edge:worker/handler@0.1.0";
+
+    fn find(component: &Component) -> Result<HandlerExports, String> {
+        let missing = |name: &str| {
+            format!(
+                "it does not export `{name}` of {}; build it with the guest SDK's \
+                 export_worker! macro",
+                Self::INTERFACE
+            )
+        };
+        let (_, interface) = component
+            .get_export(None, Self::INTERFACE)
+            .ok_or_else(|| missing("handler"))?;
+        let function = |name: &str| {
+            component
+                .get_export_index(Some(&interface), name)
+                .ok_or_else(|| missing(name))
+        };
+        Ok(HandlerExports {
+            hooks: function("hooks")?,
+            on_request: function("on-request")?,
+            on_response: function("on-response")?,
+        })
+    }
 }
 
 impl std::fmt::Debug for Module {
@@ -150,7 +189,7 @@ pub struct Runtime {
     queue_limit: usize,
     queue_timeout: Duration,
     max_memory: usize,
-    ticker_stop: Arc<AtomicBool>,
+    ticker: Arc<EpochTicker>,
 }
 
 impl Runtime {
@@ -188,8 +227,7 @@ impl Runtime {
             .context("cannot link the worker host API")?;
 
         let cache = ModuleCache::new(settings.cache_dir.clone(), &engine)?;
-        let ticker_stop = Arc::new(AtomicBool::new(false));
-        spawn_epoch_ticker(engine.clone(), ticker_stop.clone())?;
+        let ticker = EpochTicker::spawn(engine.clone())?;
         Ok(Runtime {
             engine,
             linker,
@@ -200,7 +238,7 @@ impl Runtime {
             queue_limit: settings.queue_limit,
             queue_timeout: settings.queue_timeout,
             max_memory: settings.max_memory,
-            ticker_stop,
+            ticker,
         })
     }
 
@@ -245,7 +283,10 @@ impl Runtime {
                  the edge:worker@0.1.0 `worker` world: {e:#}"
             )
         })?;
-        let pre = bindings::WorkerPre::new(instance_pre).map_err(|e| {
+        // The generated bindings check every export's type once here. Calls
+        // then instantiate from `instance_pre` and fetch one function each
+        // instead of all of them.
+        bindings::WorkerPre::new(instance_pre.clone()).map_err(|e| {
             format!(
                 "it does not export the edge:worker@0.1.0 `handler` interface; build it \
                  with the guest SDK's export_worker! macro: {e:#}"
@@ -254,12 +295,14 @@ impl Runtime {
         let name = path
             .file_name()
             .map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
+        let exports = HandlerExports::find(&component)?;
         Ok(Module {
             path: path.to_owned(),
             name: name.into(),
             hash,
             cache,
-            pre,
+            instance_pre,
+            exports,
         })
     }
 
@@ -282,9 +325,12 @@ impl Runtime {
             response_hook: false,
             log_throttle: LogThrottle::default(),
         };
+        let index = &binding.module.exports.hooks;
         let hooks = self
-            .call(&binding, async |worker, store| {
-                worker.edge_worker_handler().call_hooks(store).await
+            .call(&binding, async |instance, store| {
+                let hooks = instance
+                    .get_typed_func::<(), (Result<wit::HookSet, String>,)>(&mut *store, index)?;
+                Ok(hooks.call_async(&mut *store, ()).await?.0)
             })
             .await
             .map_err(|e| LoadError {
@@ -323,8 +369,11 @@ impl Runtime {
         binding: &Binding,
         request: &wit::Request,
     ) -> Result<wit::Action, WorkerError> {
-        self.call(binding, async |worker, store| {
-            worker.edge_worker_handler().call_on_request(store, request).await
+        let index = &binding.module.exports.on_request;
+        self.call(binding, async |instance, store| {
+            let on_request = instance
+                .get_typed_func::<(&wit::Request,), (wit::Action,)>(&mut *store, index)?;
+            Ok(on_request.call_async(&mut *store, (request,)).await?.0)
         })
         .await
     }
@@ -336,11 +385,13 @@ impl Runtime {
         request: &wit::Request,
         response: &wit::ResponseHead,
     ) -> Result<wit::ResponseChanges, WorkerError> {
-        self.call(binding, async |worker, store| {
-            worker
-                .edge_worker_handler()
-                .call_on_response(store, request, response)
-                .await
+        let index = &binding.module.exports.on_response;
+        self.call(binding, async |instance, store| {
+            let on_response = instance.get_typed_func::<
+                (&wit::Request, &wit::ResponseHead),
+                (wit::ResponseChanges,),
+            >(&mut *store, index)?;
+            Ok(on_response.call_async(&mut *store, (request, response)).await?.0)
         })
         .await
     }
@@ -351,8 +402,9 @@ impl Runtime {
     async fn call<R>(
         &self,
         binding: &Binding,
-        run: impl AsyncFnOnce(&bindings::Worker, &mut Store<StoreState>) -> wasmtime::Result<R>,
+        run: impl AsyncFnOnce(&Instance, &mut Store<StoreState>) -> wasmtime::Result<R>,
     ) -> Result<R, WorkerError> {
+        let _ticking = self.ticker.call_started();
         let state = StoreState::new(binding.settings.clone(), binding.memory_cap);
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limiter);
@@ -366,8 +418,8 @@ impl Runtime {
                 Ok(UpdateDeadline::Yield(1))
             }
         });
-        let result = match binding.module.pre.instantiate_async(&mut store).await {
-            Ok(worker) => run(&worker, &mut store).await,
+        let result = match binding.module.instance_pre.instantiate_async(&mut store).await {
+            Ok(instance) => run(&instance, &mut store).await,
             Err(error) => Err(error),
         };
         result.map_err(|error| classify_trap(error, &store, binding))
@@ -376,7 +428,7 @@ impl Runtime {
 
 impl Drop for Runtime {
     fn drop(&mut self) {
-        self.ticker_stop.store(true, Ordering::Relaxed);
+        self.ticker.stop();
     }
 }
 
@@ -417,18 +469,96 @@ fn check_component_header(bytes: &[u8]) -> Result<(), String> {
     Ok(())
 }
 
-/// Advances the engine's epoch every tick until `stop` is set.
-fn spawn_epoch_ticker(engine: Engine, stop: Arc<AtomicBool>) -> anyhow::Result<()> {
-    std::thread::Builder::new()
-        .name("edge-epoch".to_owned())
-        .spawn(move || {
-            while !stop.load(Ordering::Relaxed) {
-                std::thread::sleep(EPOCH_TICK);
-                engine.increment_epoch();
+/// The thread that advances the engine's epoch every [`EPOCH_TICK`] while
+/// calls run. It parks once a tick has passed with no call running or
+/// started, so an idle node, or one whose routes have no workers, does not
+/// wake a core every tick.
+struct EpochTicker {
+    /// Calls between `call_started` and the drop of its guard.
+    in_flight: AtomicUsize,
+    /// Calls started since the node began, to see whether any started
+    /// during the last tick.
+    started: AtomicU64,
+    parked: AtomicBool,
+    stop: AtomicBool,
+    thread: std::sync::OnceLock<std::thread::Thread>,
+}
+
+impl EpochTicker {
+    fn spawn(engine: Engine) -> anyhow::Result<Arc<EpochTicker>> {
+        let ticker = Arc::new(EpochTicker {
+            in_flight: AtomicUsize::new(0),
+            started: AtomicU64::new(0),
+            parked: AtomicBool::new(false),
+            stop: AtomicBool::new(false),
+            thread: std::sync::OnceLock::new(),
+        });
+        let running = ticker.clone();
+        std::thread::Builder::new()
+            .name("edge-epoch".to_owned())
+            .spawn(move || running.run(&engine))
+            .context("cannot start the epoch ticker thread")?;
+        Ok(ticker)
+    }
+
+    fn run(&self, engine: &Engine) {
+        // Set before the first park, so that a call that reads `parked` as
+        // true can wake this thread.
+        let _ = self.thread.set(std::thread::current());
+        let mut seen = self.started.load(Ordering::Relaxed);
+        while !self.stop.load(Ordering::SeqCst) {
+            std::thread::sleep(EPOCH_TICK);
+            engine.increment_epoch();
+            let started = self.started.load(Ordering::Relaxed);
+            let idle = started == seen;
+            seen = started;
+            if idle && self.in_flight.load(Ordering::SeqCst) == 0 {
+                // Store `parked` before reading `in_flight` again, both SeqCst.
+                // A call starting now is then either counted here, or it reads
+                // `parked` as true and unparks this thread.
+                self.parked.store(true, Ordering::SeqCst);
+                let still_idle = self.in_flight.load(Ordering::SeqCst) == 0;
+                if still_idle && !self.stop.load(Ordering::SeqCst) {
+                    std::thread::park();
+                }
+                self.parked.store(false, Ordering::SeqCst);
+                seen = self.started.load(Ordering::Relaxed);
             }
-        })
-        .context("cannot start the epoch ticker thread")?;
-    Ok(())
+        }
+    }
+
+    /// Counts a call as running until the returned guard drops, waking the
+    /// ticker if it is parked.
+    fn call_started(&self) -> CallGuard<'_> {
+        self.started.fetch_add(1, Ordering::Relaxed);
+        self.in_flight.fetch_add(1, Ordering::SeqCst);
+        if self.parked.load(Ordering::SeqCst) {
+            self.unpark();
+        }
+        CallGuard { ticker: self }
+    }
+
+    fn stop(&self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.unpark();
+    }
+
+    fn unpark(&self) {
+        if let Some(thread) = self.thread.get() {
+            thread.unpark();
+        }
+    }
+}
+
+/// A running call, as counted by [`EpochTicker`].
+struct CallGuard<'a> {
+    ticker: &'a EpochTicker,
+}
+
+impl Drop for CallGuard<'_> {
+    fn drop(&mut self) {
+        self.ticker.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Admits at most [`LogThrottle::PER_SECOND`] log lines a second, so that a

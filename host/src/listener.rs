@@ -22,6 +22,10 @@ use tokio::sync::{mpsc, watch};
 use crate::config::ListenerConfig;
 use crate::node::Node;
 use crate::pipeline::{self, Connection};
+use crate::worker::LogThrottle;
+
+/// Task polls between socket checks on a serving thread; see [`runtime`].
+const EVENT_INTERVAL: u32 = 8;
 
 /// A connection on its way from the acceptor to a serving thread.
 ///
@@ -119,6 +123,12 @@ fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        // A running worker yields at every epoch tick but stays runnable, and
+        // the runtime checks sockets only every `event_interval` task polls
+        // while tasks are runnable (61 by default, so 61 ms behind a busy
+        // worker). A smaller interval keeps other connections on the thread
+        // responsive.
+        .event_interval(EVENT_INTERVAL)
         .build()
         .expect("cannot build a tokio runtime")
 }
@@ -142,6 +152,7 @@ fn accept_thread(
             let senders = senders.clone();
             tasks.spawn(async move {
                 let mut turn = index;
+                let accept_errors = LogThrottle::default();
                 loop {
                     match listener.accept().await {
                         Ok((stream, peer)) => {
@@ -171,8 +182,11 @@ fn accept_thread(
                         }
                         Err(error) => {
                             // Out of file descriptors or similar: back off
-                            // instead of spinning.
-                            tracing::warn!(%error, "accept failed");
+                            // instead of spinning, and log at most ten lines
+                            // a second.
+                            if let Some(suppressed) = accept_errors.admit() {
+                                tracing::warn!(%error, suppressed, "accept failed");
+                            }
                             tokio::time::sleep(Duration::from_millis(50)).await;
                         }
                     }
@@ -221,11 +235,19 @@ fn serve_thread(
                             )
                         }
                     });
-                    let builder = &builders[connection.listener];
-                    let served = builder.serve_connection(TokioIo::new(stream), service).into_owned();
-                    let watched = graceful.watch(served);
+                    let builder = builders[connection.listener].clone();
+                    let header_timeout = header_timeouts[connection.listener];
+                    let watcher = graceful.watcher();
                     tokio::spawn(async move {
-                        if let Err(error) = watched.await {
+                        // hyper's header timer starts with the first bytes, which
+                        // also tell HTTP/1 from HTTP/2, so a client that sends
+                        // nothing would hold its connection forever.
+                        if tokio::time::timeout(header_timeout, stream.readable()).await.is_err() {
+                            tracing::debug!(peer = %connection.peer, "closing a connection that sent nothing");
+                            return;
+                        }
+                        let served = builder.serve_connection(TokioIo::new(stream), service);
+                        if let Err(error) = watcher.watch(served).await {
                             tracing::debug!(error = %error, "client connection ended with an error");
                         }
                     });

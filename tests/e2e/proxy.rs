@@ -385,6 +385,26 @@ async fn chunked_body_over_limit_is_cut_off() -> Result {
 }
 
 #[tokio::test]
+async fn silent_connection_is_closed() -> Result {
+    use tokio::io::AsyncReadExt;
+    let upstream = Upstream::echo().await;
+    let config = format!(
+        "[[listeners]]\naddr = \"127.0.0.1:0\"\nheader_timeout = \"300ms\"\n\n{}\n\
+         [[routes]]\nname = \"all\"\nupstream = \"app\"\n",
+        upstream_block("app", &upstream)
+    );
+    let node = Node::start(&config)?;
+    let mut stream = tokio::net::TcpStream::connect(node.addr).await?;
+    let mut buffer = [0u8; 16];
+    // The node closes the connection; the bound only keeps a broken node
+    // from hanging the test.
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buffer)).await?;
+    assert_eq!(read?, 0, "the node closed the connection without a response");
+    assert_eq!(get(&node.url("/")).await?.status, 200);
+    Ok(())
+}
+
+#[tokio::test]
 async fn malformed_chunked_body_gets_400() -> Result {
     let upstream = Upstream::echo().await;
     let config = format!(

@@ -405,6 +405,26 @@ async fn silent_connection_is_closed() -> Result {
 }
 
 #[tokio::test]
+async fn shutdown_lets_requests_in_flight_finish() -> Result {
+    let slow = Upstream::start(|_| Reply::Delay(Duration::from_millis(800))).await;
+    let config = format!(
+        "{}\n[[routes]]\nname = \"all\"\nupstream = \"app\"\n",
+        upstream_block("app", &slow)
+    );
+    let mut node = Node::start(&config)?;
+    let url = node.url("/slow");
+    let in_flight = tokio::spawn(async move { get(&url).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    node.interrupt();
+    let got = in_flight.await??;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.json()["target"], "/slow");
+    let status = tokio::task::spawn_blocking(move || node.wait_exit()).await?;
+    assert!(status.is_some_and(|s| s.success()), "node exit: {status:?}");
+    Ok(())
+}
+
+#[tokio::test]
 async fn malformed_chunked_body_gets_400() -> Result {
     let upstream = Upstream::echo().await;
     let config = format!(

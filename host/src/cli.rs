@@ -234,7 +234,10 @@ fn explain(path: &Path, method: &str, raw_path: &str, host: Option<&str>) -> any
                 Some(upstream) => println!("  upstream: {}", upstream.get_ref()),
                 None => println!("  upstream: none; a worker must route or respond"),
             }
-            println!("  max body: {}", crate::config::binary(config_route.max_body));
+            println!(
+                "  max body: {}",
+                crate::config::binary(config_route.max_body)
+            );
             if route.workers.is_empty() {
                 println!("  workers: none");
             }

@@ -88,9 +88,7 @@ impl Refusal {
             | Refusal::InvalidPath(_)
             | Refusal::InvalidHost(_)
             | Refusal::InvalidBody
-            | Refusal::BodyTooLarge { .. } => {
-                Source::Client
-            }
+            | Refusal::BodyTooLarge { .. } => Source::Client,
             Refusal::WorkerFailed | Refusal::WorkerTimeout => Source::Worker,
             Refusal::UpstreamUnavailable { .. } | Refusal::UpstreamTimeout { .. } => {
                 Source::Upstream

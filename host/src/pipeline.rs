@@ -63,7 +63,11 @@ async fn serve(
     let path = normalize_path(raw_path).map_err(|e| Refusal::InvalidPath(e.to_string()))?;
     let path_changed = path != raw_path;
     let matched = {
-        let host = parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()).map(host_name);
+        let host = parts
+            .headers
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok())
+            .map(host_name);
         node.router.find(host.as_deref(), &parts.method, &path)
     };
     let matched = matched.ok_or(Refusal::NoRoute)?;
@@ -92,17 +96,11 @@ async fn serve(
     if !route.workers.is_empty() {
         let mut request_view = worker_request(&parts, &path, client_ip, route, matched.params);
         for binding in &route.workers {
-            let action = {
-                let _slot = node
-                    .runtime
-                    .reserve()
-                    .await
-                    .map_err(|e| worker_refusal(route, binding, e))?;
-                node.runtime
-                    .on_request(binding, &request_view)
-                    .await
-                    .map_err(|e| worker_refusal(route, binding, e))?
-            };
+            let action = node
+                .runtime
+                .on_request(binding, &request_view)
+                .await
+                .map_err(|e| worker_refusal(route, binding, e))?;
             let changes = match action {
                 wit::Action::Continue(changes) => changes,
                 wit::Action::Respond(response) => {
@@ -166,17 +164,22 @@ async fn serve(
 /// HTTP/1.1 request without one.
 fn canonicalize_host(parts: &mut Parts) -> Result<(), Refusal> {
     if let Some(authority) = parts.uri.authority() {
-        let value = HeaderValue::from_str(authority.as_str())
-            .map_err(|_| Refusal::InvalidHost("the request target's authority is not a valid host".to_owned()))?;
+        let value = HeaderValue::from_str(authority.as_str()).map_err(|_| {
+            Refusal::InvalidHost("the request target's authority is not a valid host".to_owned())
+        })?;
         parts.headers.insert(header::HOST, value);
         return Ok(());
     }
     let mut hosts = parts.headers.get_all(header::HOST).iter();
     match (hosts.next(), hosts.next()) {
         (Some(_), None) => Ok(()),
-        (Some(_), Some(_)) => Err(Refusal::InvalidHost("the request has more than one Host header".to_owned())),
+        (Some(_), Some(_)) => Err(Refusal::InvalidHost(
+            "the request has more than one Host header".to_owned(),
+        )),
         (None, _) if parts.version == http::Version::HTTP_10 => Ok(()),
-        (None, _) => Err(Refusal::InvalidHost("an HTTP/1.1 request needs a Host header".to_owned())),
+        (None, _) => Err(Refusal::InvalidHost(
+            "an HTTP/1.1 request needs a Host header".to_owned(),
+        )),
     }
 }
 
@@ -297,7 +300,10 @@ fn prepare_upstream_request(
     if let Some(host) = headers.get(header::HOST).cloned() {
         headers.insert(X_FORWARDED_HOST.clone(), host);
     }
-    let peer_is_trusted = listener.trusted_proxies.iter().any(|net| net.contains(&peer));
+    let peer_is_trusted = listener
+        .trusted_proxies
+        .iter()
+        .any(|net| net.contains(&peer));
     let forwarded_for = if peer_is_trusted && headers.contains_key(&X_FORWARDED_FOR) {
         let mut chain = String::new();
         for value in headers.get_all(&X_FORWARDED_FOR) {
@@ -309,8 +315,9 @@ fn prepare_upstream_request(
     } else {
         peer.to_string()
     };
-    let forwarded_for = HeaderValue::from_str(&forwarded_for)
-        .map_err(|_| Refusal::InvalidHost("X-Forwarded-For is not a valid header value".to_owned()))?;
+    let forwarded_for = HeaderValue::from_str(&forwarded_for).map_err(|_| {
+        Refusal::InvalidHost("X-Forwarded-For is not a valid header value".to_owned())
+    })?;
     headers.insert(X_FORWARDED_FOR.clone(), forwarded_for);
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
     headers.append(header::VIA, node.via.clone());
@@ -439,17 +446,11 @@ async fn run_response_hooks<B>(
             status: response.status().as_u16(),
             headers: wit_headers(response.headers()),
         };
-        let changes = {
-            let _slot = node
-                .runtime
-                .reserve()
-                .await
-                .map_err(|e| worker_refusal(route, binding, e))?;
-            node.runtime
-                .on_response(binding, view, &head)
-                .await
-                .map_err(|e| worker_refusal(route, binding, e))?
-        };
+        let changes = node
+            .runtime
+            .on_response(binding, view, &head)
+            .await
+            .map_err(|e| worker_refusal(route, binding, e))?;
         apply_header_changes(
             response.headers_mut(),
             None,

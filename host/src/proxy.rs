@@ -126,7 +126,8 @@ impl Upstream {
     }
 
     async fn connect(&self, target: &Target) -> Result<http1::SendRequest<RequestBody>, Refusal> {
-        let connecting = tokio::time::timeout(self.connect_timeout, TcpStream::connect(target.addr));
+        let connecting =
+            tokio::time::timeout(self.connect_timeout, TcpStream::connect(target.addr));
         let stream = match connecting.await {
             Ok(Ok(stream)) => stream,
             Ok(Err(error)) => {
@@ -324,7 +325,9 @@ impl Body for ResponseBody {
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
             ResponseBody::Upstream(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
-            ResponseBody::Full(body) => Pin::new(body).poll_frame(cx).map_err(|never| match never {}),
+            ResponseBody::Full(body) => Pin::new(body)
+                .poll_frame(cx)
+                .map_err(|never| match never {}),
         }
     }
 

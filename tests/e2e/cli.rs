@@ -175,18 +175,57 @@ fn check_reports_worker_config_errors() {
 #[test]
 fn check_rejects_invalid_values() {
     let cases = [
-        (VALID.replace("[[listeners]]", "[node]\nthreads = 0\n\n[[listeners]]"), ":2: node.threads"),
-        (VALID.replace("[[listeners]]", "[node]\nname = \"my node\"\n\n[[listeners]]"), "node.name"),
-        (format!("{VALID}\n[runtime]\nmax_memory = \"8GiB\"\n"), "runtime.max_memory: 8.0 GiB must be from 64 KiB to 4 GiB"),
-        (format!("{VALID}\n[runtime]\nmax_instances = 4000000000\n"), "runtime.max_instances: must be from 1 to 4096"),
-        (VALID.replace("prefix = \"/users\"", "prefix = \"/users\"\nhost = \"*example.com\""), "routes[0].host"),
-        (VALID.replace("prefix = \"/users\"", "prefix = \"/users\"\nhost = \"example.com:8080\""), "without a port"),
-        (VALID.replace("methods = [\"GET\"]\nupstream = \"users\"", "methods = [\"GET\"]"), "routes[1].upstream: the route has no upstream and no workers"),
-        (VALID.replace("targets = [\"127.0.0.1:9\"]", "targets = []"), ":5: upstreams.users.targets"),
+        (
+            VALID.replace("[[listeners]]", "[node]\nthreads = 0\n\n[[listeners]]"),
+            ":2: node.threads",
+        ),
+        (
+            VALID.replace(
+                "[[listeners]]",
+                "[node]\nname = \"my node\"\n\n[[listeners]]",
+            ),
+            "node.name",
+        ),
+        (
+            format!("{VALID}\n[runtime]\nmax_memory = \"8GiB\"\n"),
+            "runtime.max_memory: 8.0 GiB must be from 64 KiB to 4 GiB",
+        ),
+        (
+            format!("{VALID}\n[runtime]\nmax_instances = 4000000000\n"),
+            "runtime.max_instances: must be from 1 to 4096",
+        ),
+        (
+            VALID.replace(
+                "prefix = \"/users\"",
+                "prefix = \"/users\"\nhost = \"*example.com\"",
+            ),
+            "routes[0].host",
+        ),
+        (
+            VALID.replace(
+                "prefix = \"/users\"",
+                "prefix = \"/users\"\nhost = \"example.com:8080\"",
+            ),
+            "without a port",
+        ),
+        (
+            VALID.replace(
+                "methods = [\"GET\"]\nupstream = \"users\"",
+                "methods = [\"GET\"]",
+            ),
+            "routes[1].upstream: the route has no upstream and no workers",
+        ),
+        (
+            VALID.replace("targets = [\"127.0.0.1:9\"]", "targets = []"),
+            ":5: upstreams.users.targets",
+        ),
     ];
     for (text, expected) in cases {
         let stderr = check_fails(&text);
-        assert!(stderr.contains(expected), "expected {expected:?} in: {stderr}");
+        assert!(
+            stderr.contains(expected),
+            "expected {expected:?} in: {stderr}"
+        );
     }
 }
 

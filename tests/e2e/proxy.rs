@@ -131,7 +131,10 @@ async fn absolute_form_target_decides_the_host() -> Result {
 #[tokio::test]
 async fn bad_host_headers_get_400() -> Result {
     let upstream = Upstream::echo().await;
-    let config = format!("{}\n[[routes]]\nname = \"all\"\nupstream = \"app\"\n", upstream_block("app", &upstream));
+    let config = format!(
+        "{}\n[[routes]]\nname = \"all\"\nupstream = \"app\"\n",
+        upstream_block("app", &upstream)
+    );
     let node = Node::start(&config)?;
     let two_hosts = raw_request(
         node.addr,
@@ -150,7 +153,10 @@ async fn bad_host_headers_get_400() -> Result {
 #[tokio::test]
 async fn connection_header_cannot_strip_host() -> Result {
     let upstream = Upstream::echo().await;
-    let config = format!("{}\n[[routes]]\nname = \"all\"\nupstream = \"app\"\n", upstream_block("app", &upstream));
+    let config = format!(
+        "{}\n[[routes]]\nname = \"all\"\nupstream = \"app\"\n",
+        upstream_block("app", &upstream)
+    );
     let node = Node::start(&config)?;
     let response = raw_request(
         node.addr,
@@ -399,7 +405,10 @@ async fn silent_connection_is_closed() -> Result {
     // The node closes the connection; the bound only keeps a broken node
     // from hanging the test.
     let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buffer)).await?;
-    assert_eq!(read?, 0, "the node closed the connection without a response");
+    assert_eq!(
+        read?, 0,
+        "the node closed the connection without a response"
+    );
     assert_eq!(get(&node.url("/")).await?.status, 200);
     Ok(())
 }

@@ -321,8 +321,16 @@ async fn worker_cannot_set_framing_headers() -> Result {
     let set = get(&node.url("/set")).await?;
     assert_eq!(set.status, 500);
     assert_eq!(set.json()["error"], "worker_failed");
-    assert_eq!(upstream.count(), before, "the request with the bad change never went upstream");
-    assert!(node.log_contains("which the node manages"), "{}", node.log());
+    assert_eq!(
+        upstream.count(),
+        before,
+        "the request with the bad change never went upstream"
+    );
+    assert!(
+        node.log_contains("which the node manages"),
+        "{}",
+        node.log()
+    );
     Ok(())
 }
 
@@ -333,7 +341,10 @@ async fn demo_serves_its_routes() -> Result {
     let users = get(&node.url("/api/users/7")).await?;
     assert_eq!(users.status, 200);
     assert_eq!(users.json()["upstream"], "users");
-    assert_eq!(users.json()["headers"]["x-edge-demo"], "added by the add-header worker");
+    assert_eq!(
+        users.json()["headers"]["x-edge-demo"],
+        "added by the add-header worker"
+    );
     let checkout = send("POST", &node.url("/api/checkout"), &[], b"{}").await?;
     assert_eq!(checkout.json()["upstream"], "payments");
     let unknown = get(&node.url("/api/unknown")).await?;

@@ -28,12 +28,12 @@ use wasmtime::component::{
     Component, ComponentExportIndex, HasSelf, Instance, InstancePre, Linker,
 };
 use wasmtime::{
-    Engine, Enabled, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap,
+    Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap,
     UpdateDeadline,
 };
 
-pub use cache::{content_hash, CacheOutcome};
 use cache::ModuleCache;
+pub use cache::{content_hash, CacheOutcome};
 use host_api::{StoreState, WorkerSettings};
 
 /// Host bindings generated from the `worker` world in `wit/`.
@@ -218,10 +218,14 @@ impl Runtime {
             .async_stack_size(ASYNC_STACK_SIZE)
             .epoch_interruption(true)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-        let engine = Engine::new(&config).map_err(anyhow::Error::from).context("cannot create the wasmtime engine")?;
+        let engine = Engine::new(&config)
+            .map_err(anyhow::Error::from)
+            .context("cannot create the wasmtime engine")?;
 
         let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_async(&mut linker).map_err(anyhow::Error::from).context("cannot link WASI")?;
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
+            .map_err(anyhow::Error::from)
+            .context("cannot link WASI")?;
         bindings::Worker::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)
             .map_err(anyhow::Error::from)
             .context("cannot link the worker host API")?;
@@ -259,7 +263,10 @@ impl Runtime {
             .cache
             .load(&self.engine, &bytes, &hash)
             .map_err(|e| fail(format!("invalid component: {e:#}")))?;
-        let module = Arc::new(self.prepare(path, component, hash.clone(), cache).map_err(fail)?);
+        let module = Arc::new(
+            self.prepare(path, component, hash.clone(), cache)
+                .map_err(fail)?,
+        );
         tracing::info!(
             module = %path.display(),
             hash = %&hash[..12],
@@ -292,9 +299,10 @@ impl Runtime {
                  with the guest SDK's export_worker! macro: {e:#}"
             )
         })?;
-        let name = path
-            .file_name()
-            .map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned());
+        let name = path.file_name().map_or_else(
+            || path.display().to_string(),
+            |n| n.to_string_lossy().into_owned(),
+        );
         let exports = HandlerExports::find(&component)?;
         Ok(Module {
             path: path.to_owned(),
@@ -347,7 +355,7 @@ impl Runtime {
 
     /// Waits for a free instance slot: at once when one is free, else in a
     /// bounded queue for at most the queue timeout.
-    pub async fn reserve(&self) -> Result<SemaphorePermit<'_>, WorkerError> {
+    async fn reserve(&self) -> Result<SemaphorePermit<'_>, WorkerError> {
         if let Ok(permit) = self.slots.try_acquire() {
             return Ok(permit);
         }
@@ -371,8 +379,8 @@ impl Runtime {
     ) -> Result<wit::Action, WorkerError> {
         let index = &binding.module.exports.on_request;
         self.call(binding, async |instance, store| {
-            let on_request = instance
-                .get_typed_func::<(&wit::Request,), (wit::Action,)>(&mut *store, index)?;
+            let on_request =
+                instance.get_typed_func::<(&wit::Request,), (wit::Action,)>(&mut *store, index)?;
             Ok(on_request.call_async(&mut *store, (request,)).await?.0)
         })
         .await
@@ -387,23 +395,28 @@ impl Runtime {
     ) -> Result<wit::ResponseChanges, WorkerError> {
         let index = &binding.module.exports.on_response;
         self.call(binding, async |instance, store| {
-            let on_response = instance.get_typed_func::<
-                (&wit::Request, &wit::ResponseHead),
-                (wit::ResponseChanges,),
-            >(&mut *store, index)?;
-            Ok(on_response.call_async(&mut *store, (request, response)).await?.0)
+            let on_response = instance
+                .get_typed_func::<(&wit::Request, &wit::ResponseHead), (wit::ResponseChanges,)>(
+                    &mut *store,
+                    index,
+                )?;
+            Ok(on_response
+                .call_async(&mut *store, (request, response))
+                .await?
+                .0)
         })
         .await
     }
 
-    /// Instantiates the binding's module in a new store and runs `run` on
-    /// it. The guest yields to other tasks at every epoch tick and is
-    /// interrupted once its CPU deadline has passed.
+    /// Waits for an instance slot, instantiates the binding's module in a new
+    /// store and runs `run` on it. The guest yields to other tasks at every
+    /// epoch tick and is interrupted once its CPU deadline has passed.
     async fn call<R>(
         &self,
         binding: &Binding,
         run: impl AsyncFnOnce(&Instance, &mut Store<StoreState>) -> wasmtime::Result<R>,
     ) -> Result<R, WorkerError> {
+        let _slot = self.reserve().await?;
         let _ticking = self.ticker.call_started();
         let state = StoreState::new(binding.settings.clone(), binding.memory_cap);
         let mut store = Store::new(&self.engine, state);
@@ -418,7 +431,12 @@ impl Runtime {
                 Ok(UpdateDeadline::Yield(1))
             }
         });
-        let result = match binding.module.instance_pre.instantiate_async(&mut store).await {
+        let result = match binding
+            .module
+            .instance_pre
+            .instantiate_async(&mut store)
+            .await
+        {
             Ok(instance) => run(&instance, &mut store).await,
             Err(error) => Err(error),
         };
@@ -433,7 +451,11 @@ impl Drop for Runtime {
 }
 
 /// Turns a failed call into the error the pipeline reports.
-fn classify_trap(error: wasmtime::Error, store: &Store<StoreState>, binding: &Binding) -> WorkerError {
+fn classify_trap(
+    error: wasmtime::Error,
+    store: &Store<StoreState>,
+    binding: &Binding,
+) -> WorkerError {
     if let Some(Trap::Interrupt) = error.downcast_ref::<Trap>() {
         return WorkerError::Timeout(binding.cpu_deadline);
     }
@@ -459,12 +481,16 @@ fn check_component_header(bytes: &[u8]) -> Result<(), String> {
     }
     let version: [u8; 4] = bytes[4..8].try_into().expect("slice of 4 bytes");
     if version == CORE_MODULE_VERSION {
-        return Err("it is a core WebAssembly module, not a component; build the worker \
+        return Err(
+            "it is a core WebAssembly module, not a component; build the worker \
                     for wasm32-wasip2 (edge worker build) so that it is a component"
-            .to_owned());
+                .to_owned(),
+        );
     }
     if version != COMPONENT_VERSION {
-        return Err(format!("unsupported WebAssembly version or layer {version:02x?}"));
+        return Err(format!(
+            "unsupported WebAssembly version or layer {version:02x?}"
+        ));
     }
     Ok(())
 }

@@ -51,7 +51,9 @@ fn load_config() -> Result<Config, String> {
     let config: Config =
         edge_sdk::config::parse().map_err(|error| format!("invalid add-header config: {error}"))?;
     if config.headers.is_empty() && config.response_headers.is_empty() {
-        return Err("invalid add-header config: set `headers`, `response_headers` or both".to_owned());
+        return Err(
+            "invalid add-header config: set `headers`, `response_headers` or both".to_owned(),
+        );
     }
     for (key, headers) in [
         ("headers", &config.headers),

@@ -25,6 +25,7 @@ use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
 
 use crate::error::Refusal;
+use crate::worker::LogThrottle;
 
 /// Boxed error of a body.
 pub type BoxError = Box<dyn StdError + Send + Sync>;
@@ -46,6 +47,8 @@ pub struct Upstream {
     pub response_timeout: Duration,
     pub max_idle: usize,
     next: AtomicUsize,
+    /// Limits log lines about failed upstream calls.
+    failures: LogThrottle,
 }
 
 impl Upstream {
@@ -73,6 +76,7 @@ impl Upstream {
             response_timeout,
             max_idle,
             next: AtomicUsize::new(0),
+            failures: LogThrottle::default(),
         }
     }
 
@@ -93,7 +97,7 @@ impl Upstream {
         match sent {
             Ok(result) => result,
             Err(_) => {
-                tracing::debug!(upstream = %self.name, target = %target.addr, "upstream timed out");
+                self.log_failure(|suppressed| tracing::info!(upstream = %self.name, target = %target.addr, suppressed, "upstream timed out"));
                 Err(Refusal::UpstreamTimeout {
                     upstream: self.name.clone(),
                 })
@@ -131,13 +135,13 @@ impl Upstream {
         let stream = match connecting.await {
             Ok(Ok(stream)) => stream,
             Ok(Err(error)) => {
-                tracing::debug!(upstream = %self.name, target = %target.addr, %error, "connect failed");
+                self.log_failure(|suppressed| tracing::info!(upstream = %self.name, target = %target.addr, %error, suppressed, "connect failed"));
                 return Err(Refusal::UpstreamUnavailable {
                     upstream: self.name.clone(),
                 });
             }
             Err(_) => {
-                tracing::debug!(upstream = %self.name, target = %target.addr, "connect timed out");
+                self.log_failure(|suppressed| tracing::info!(upstream = %self.name, target = %target.addr, suppressed, "connect timed out"));
                 return Err(Refusal::UpstreamTimeout {
                     upstream: self.name.clone(),
                 });
@@ -174,9 +178,19 @@ impl Upstream {
             tracing::debug!(upstream = %self.name, %error, "client request body failed");
             return Refusal::InvalidBody;
         }
-        tracing::debug!(upstream = %self.name, target = %target.addr, %error, "upstream request failed");
+        self.log_failure(|suppressed| tracing::info!(upstream = %self.name, target = %target.addr, %error, suppressed, "upstream request failed"));
         Refusal::UpstreamUnavailable {
             upstream: self.name.clone(),
+        }
+    }
+}
+
+impl Upstream {
+    /// Logs a failed call at info level, at most ten lines a second per
+    /// upstream; `log` gets the number of lines suppressed before it.
+    fn log_failure(&self, log: impl FnOnce(u64)) {
+        if let Some(suppressed) = self.failures.admit() {
+            log(suppressed);
         }
     }
 }

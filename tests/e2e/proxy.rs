@@ -320,6 +320,8 @@ async fn upstream_down_gets_502_and_node_keeps_serving() -> Result {
     let got = get(&node.url("/gone")).await?;
     assert_eq!(got.status, 502);
     assert_eq!(got.json()["error"], "upstream_unavailable");
+    assert!(node.log_contains("connect failed"), "{}", node.log());
+    assert!(node.log().contains("upstream=gone"), "{}", node.log());
     assert_eq!(get(&node.url("/fine")).await?.status, 200);
     Ok(())
 }

@@ -221,7 +221,8 @@ fn serve_thread(
                             tracing::warn!(
                                 %error,
                                 peer = %connection.peer,
-                                "failed to register a connection with the serving thread; closing it"
+                                "failed to register a connection with the serving thread; \
+                                 closing it"
                             );
                             continue;
                         }
@@ -243,20 +244,29 @@ fn serve_thread(
                         // also tell HTTP/1 from HTTP/2, so a client that sends
                         // nothing would hold its connection forever.
                         if tokio::time::timeout(header_timeout, stream.readable()).await.is_err() {
-                            tracing::debug!(peer = %connection.peer, "closing a connection that sent nothing");
+                            tracing::debug!(
+                                peer = %connection.peer,
+                                "closing a connection that sent nothing"
+                            );
                             return;
                         }
                         let served = builder.serve_connection(TokioIo::new(stream), service);
                         if let Err(error) = watcher.watch(served).await {
-                            tracing::debug!(error = %error, "client connection ended with an error");
+                            tracing::debug!(%error, "client connection ended with an error");
                         }
                     });
                 }
                 _ = shutdown.wait_for(|stop| *stop) => break,
             }
         }
-        if tokio::time::timeout(drain_timeout, graceful.shutdown()).await.is_err() {
-            tracing::warn!(?drain_timeout, "connections still open after the drain timeout; closing them");
+        if tokio::time::timeout(drain_timeout, graceful.shutdown())
+            .await
+            .is_err()
+        {
+            tracing::warn!(
+                ?drain_timeout,
+                "connections still open after the drain timeout; closing them"
+            );
         }
     });
 }

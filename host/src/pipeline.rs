@@ -2,9 +2,18 @@
 //! order, and each stage can end it with a [`Refusal`].
 //!
 //! ```text
-//! normalise path ─ route ─ body limit ─ request workers ─ upstream ─ response workers ─ respond
-//!     400            404       413        own response /   502/504        500/503
-//!                                          500/503
+//! stage               refusals
+//! one Host            400 invalid_host
+//! hop-by-hop removal
+//! normalise path      400 invalid_path
+//! route               404 no_route
+//! body limit          413 body_too_large
+//! request workers     the worker's own response, 500 worker_failed,
+//!                     503 worker_timeout or worker_busy
+//! upstream            502 upstream_unavailable, 504 upstream_timeout,
+//!                     400 invalid_body, 413 body_too_large
+//! response workers    500 worker_failed, 503 worker_timeout or worker_busy
+//! respond
 //! ```
 
 use std::net::{IpAddr, SocketAddr};
@@ -369,7 +378,10 @@ fn apply_request_changes(
     )?;
     if let Some(new_path) = changes.path {
         if !new_path.starts_with('/') || new_path.bytes().any(|b| b < 0x20 || b == 0x7f) {
-            return Err(format!("set an invalid path {new_path:?}; a path starts with '/' and has no control characters"));
+            return Err(format!(
+                "set an invalid path {new_path:?}; a path starts with '/' and has no \
+                 control characters"
+            ));
         }
         let new_path = resolve_dot_segments(&new_path);
         view.path.clone_from(&new_path);

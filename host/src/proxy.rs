@@ -97,7 +97,14 @@ impl Upstream {
         match sent {
             Ok(result) => result,
             Err(_) => {
-                self.log_failure(|suppressed| tracing::info!(upstream = %self.name, target = %target.addr, suppressed, "upstream timed out"));
+                self.log_failure(|suppressed| {
+                    tracing::info!(
+                        upstream = %self.name,
+                        target = %target.addr,
+                        suppressed,
+                        "upstream timed out"
+                    )
+                });
                 Err(Refusal::UpstreamTimeout {
                     upstream: self.name.clone(),
                 })
@@ -135,13 +142,28 @@ impl Upstream {
         let stream = match connecting.await {
             Ok(Ok(stream)) => stream,
             Ok(Err(error)) => {
-                self.log_failure(|suppressed| tracing::info!(upstream = %self.name, target = %target.addr, %error, suppressed, "connect failed"));
+                self.log_failure(|suppressed| {
+                    tracing::info!(
+                        upstream = %self.name,
+                        target = %target.addr,
+                        %error,
+                        suppressed,
+                        "connect failed"
+                    )
+                });
                 return Err(Refusal::UpstreamUnavailable {
                     upstream: self.name.clone(),
                 });
             }
             Err(_) => {
-                self.log_failure(|suppressed| tracing::info!(upstream = %self.name, target = %target.addr, suppressed, "connect timed out"));
+                self.log_failure(|suppressed| {
+                    tracing::info!(
+                        upstream = %self.name,
+                        target = %target.addr,
+                        suppressed,
+                        "connect timed out"
+                    )
+                });
                 return Err(Refusal::UpstreamTimeout {
                     upstream: self.name.clone(),
                 });
@@ -178,7 +200,15 @@ impl Upstream {
             tracing::debug!(upstream = %self.name, %error, "client request body failed");
             return Refusal::InvalidBody;
         }
-        self.log_failure(|suppressed| tracing::info!(upstream = %self.name, target = %target.addr, %error, suppressed, "upstream request failed"));
+        self.log_failure(|suppressed| {
+            tracing::info!(
+                upstream = %self.name,
+                target = %target.addr,
+                %error,
+                suppressed,
+                "upstream request failed"
+            )
+        });
         Refusal::UpstreamUnavailable {
             upstream: self.name.clone(),
         }
@@ -219,7 +249,8 @@ fn body_limit_cause(error: &hyper::Error) -> Option<u64> {
 
 thread_local! {
     /// Idle connections of this thread, indexed by target id.
-    static IDLE: RefCell<Vec<Vec<http1::SendRequest<RequestBody>>>> = const { RefCell::new(Vec::new()) };
+    static IDLE: RefCell<Vec<Vec<http1::SendRequest<RequestBody>>>> =
+        const { RefCell::new(Vec::new()) };
 }
 
 /// Takes the most recently used idle connection to a target that is still

@@ -216,7 +216,10 @@ impl PathMatch {
                 names.push(name);
                 segments.push(PatternSegment::Param(name.to_owned()));
             } else if segment.contains(['{', '}']) {
-                return Err(format!("segment {segment:?} in pattern {value:?} must be a whole {{name}} or plain text"));
+                return Err(format!(
+                    "segment {segment:?} in pattern {value:?} must be a whole {{name}} \
+                     or plain text"
+                ));
             } else {
                 segments.push(PatternSegment::Literal(
                     config_path(&format!("/{segment}"))?[1..].to_owned(),

@@ -27,7 +27,10 @@ pub fn new_worker(
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
         && name.starts_with(|c: char| c.is_ascii_lowercase());
     if !valid {
-        bail!("{name:?} is not a valid crate name; use lower-case letters, digits, '-' and '_', starting with a letter");
+        bail!(
+            "{name:?} is not a valid crate name; use lower-case letters, digits, '-' and \
+             '_', starting with a letter"
+        );
     }
     let root = dir.join(name);
     if root.exists() {

@@ -4,6 +4,14 @@ use std::time::Duration;
 
 use crate::harness::{get, get_h2, raw_request, send, Node, Reply, Result, Upstream};
 
+/// A config with one route, `all`, on every path to `upstream`.
+fn one_route(upstream: &Upstream) -> String {
+    format!(
+        "{}\n[[routes]]\nname = \"all\"\nupstream = \"app\"\n",
+        upstream_block("app", upstream)
+    )
+}
+
 fn upstream_block(name: &str, upstream: &Upstream) -> String {
     format!("[upstreams.{name}]\ntargets = [\"{}\"]\n", upstream.addr)
 }
@@ -131,10 +139,7 @@ async fn absolute_form_target_decides_the_host() -> Result {
 #[tokio::test]
 async fn bad_host_headers_get_400() -> Result {
     let upstream = Upstream::echo().await;
-    let config = format!(
-        "{}\n[[routes]]\nname = \"all\"\nupstream = \"app\"\n",
-        upstream_block("app", &upstream)
-    );
+    let config = one_route(&upstream);
     let node = Node::start(&config)?;
     let two_hosts = raw_request(
         node.addr,
@@ -153,10 +158,7 @@ async fn bad_host_headers_get_400() -> Result {
 #[tokio::test]
 async fn connection_header_cannot_strip_host() -> Result {
     let upstream = Upstream::echo().await;
-    let config = format!(
-        "{}\n[[routes]]\nname = \"all\"\nupstream = \"app\"\n",
-        upstream_block("app", &upstream)
-    );
+    let config = one_route(&upstream);
     let node = Node::start(&config)?;
     let response = raw_request(
         node.addr,
@@ -243,10 +245,7 @@ async fn hop_by_hop_headers_removed_both_ways() -> Result {
         ])
     })
     .await;
-    let config = format!(
-        "{}\n[[routes]]\nname = \"all\"\nupstream = \"app\"\n",
-        upstream_block("app", &upstream)
-    );
+    let config = one_route(&upstream);
     let node = Node::start(&config)?;
     let response = raw_request(
         node.addr,
@@ -294,10 +293,7 @@ async fn hop_by_hop_headers_removed_both_ways() -> Result {
 #[tokio::test]
 async fn http2_prior_knowledge_is_proxied() -> Result {
     let upstream = Upstream::echo().await;
-    let config = format!(
-        "{}\n[[routes]]\nname = \"all\"\nupstream = \"app\"\n",
-        upstream_block("app", &upstream)
-    );
+    let config = one_route(&upstream);
     let node = Node::start(&config)?;
     let got = get_h2(&node.url("/h2?q=1")).await?;
     assert_eq!(got.status, 200);
@@ -418,10 +414,7 @@ async fn silent_connection_is_closed() -> Result {
 #[tokio::test]
 async fn shutdown_lets_requests_in_flight_finish() -> Result {
     let slow = Upstream::start(|_| Reply::Delay(Duration::from_millis(800))).await;
-    let config = format!(
-        "{}\n[[routes]]\nname = \"all\"\nupstream = \"app\"\n",
-        upstream_block("app", &slow)
-    );
+    let config = one_route(&slow);
     let mut node = Node::start(&config)?;
     let url = node.url("/slow");
     let in_flight = tokio::spawn(async move { get(&url).await });
@@ -438,10 +431,7 @@ async fn shutdown_lets_requests_in_flight_finish() -> Result {
 #[tokio::test]
 async fn malformed_chunked_body_gets_400() -> Result {
     let upstream = Upstream::echo().await;
-    let config = format!(
-        "{}\n[[routes]]\nname = \"all\"\nupstream = \"app\"\n",
-        upstream_block("app", &upstream)
-    );
+    let config = one_route(&upstream);
     let node = Node::start(&config)?;
     let response = raw_request(
         node.addr,

@@ -25,6 +25,7 @@ use crate::pipeline::{self, Connection};
 use crate::worker::LogThrottle;
 
 /// Task polls between socket checks on a serving thread; see [`runtime`].
+// TODO: 8 is a first choice; it costs about 1 µs per request (BENCHMARKS.md), so tune it against worker-heavy load.
 const EVENT_INTERVAL: u32 = 8;
 
 /// A connection on its way from the acceptor to a serving thread.

@@ -355,6 +355,7 @@ impl Runtime {
 
     /// Waits for a free instance slot: at once when one is free, else in a
     /// bounded queue for at most the queue timeout.
+    // TODO: slots are shared by all routes, so one route with slow workers can starve the rest; give routes a share.
     async fn reserve(&self) -> Result<SemaphorePermit<'_>, WorkerError> {
         if let Ok(permit) = self.slots.try_acquire() {
             return Ok(permit);

@@ -1,5 +1,5 @@
 //! The upstream client: keep-alive HTTP/1.1 connections per target, kept in
-//! a small LIFO pool per serving thread, and the body types that stream
+//! a small FIFO pool per serving thread, and the body types that stream
 //! requests and responses through without buffering them.
 //!
 //! Each serving thread runs its own single-threaded runtime, so the pool is a
@@ -8,6 +8,7 @@
 //! body once more (it may never do so).
 
 use std::cell::RefCell;
+use std::collections::VecDeque;
 use std::error::Error as StdError;
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -249,15 +250,18 @@ fn body_limit_cause(error: &hyper::Error) -> Option<u64> {
 
 thread_local! {
     /// Idle connections of this thread, indexed by target id.
-    static IDLE: RefCell<Vec<Vec<http1::SendRequest<RequestBody>>>> =
+    static IDLE: RefCell<Vec<VecDeque<http1::SendRequest<RequestBody>>>> =
         const { RefCell::new(Vec::new()) };
 }
 
-/// Takes the most recently used idle connection to a target that is still
-/// open, waiting for it to finish its previous exchange if needed.
+/// Takes the longest-idle connection to a target that is still open, waiting
+/// for it to finish its previous exchange if needed. The most recently
+/// returned connection is often still finishing its last response, and
+/// waiting for it costs a task wake-up: first-in first-out measured about
+/// 0.9 µs per request less than last-in first-out (BENCHMARKS.md).
 async fn take_idle(target: usize) -> Option<http1::SendRequest<RequestBody>> {
     loop {
-        let mut sender = IDLE.with_borrow_mut(|idle| idle.get_mut(target)?.pop())?;
+        let mut sender = IDLE.with_borrow_mut(|idle| idle.get_mut(target)?.pop_front())?;
         if sender.is_closed() {
             continue;
         }
@@ -273,11 +277,11 @@ fn put_idle(target: usize, sender: http1::SendRequest<RequestBody>, max_idle: us
     }
     IDLE.with_borrow_mut(|idle| {
         if idle.len() <= target {
-            idle.resize_with(target + 1, Vec::new);
+            idle.resize_with(target + 1, VecDeque::new);
         }
         let list = &mut idle[target];
         if list.len() < max_idle {
-            list.push(sender);
+            list.push_back(sender);
         }
     });
 }

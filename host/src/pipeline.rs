@@ -187,7 +187,7 @@ fn canonicalize_host(parts: &mut Parts) -> Result<(), Refusal> {
         )),
         (None, _) if parts.version == http::Version::HTTP_10 => Ok(()),
         (None, _) => Err(Refusal::InvalidHost(
-            "an HTTP/1.1 request needs a Host header".to_owned(),
+            "the request has no Host header".to_owned(),
         )),
     }
 }
@@ -313,20 +313,18 @@ fn prepare_upstream_request(
         .trusted_proxies
         .iter()
         .any(|net| net.contains(&peer));
-    let forwarded_for = if peer_is_trusted && headers.contains_key(&X_FORWARDED_FOR) {
-        let mut chain = String::new();
+    // Bytes, not text: an earlier hop's value may hold obs-text, which is a
+    // valid header value but not UTF-8.
+    let mut forwarded_for = Vec::new();
+    if peer_is_trusted {
         for value in headers.get_all(&X_FORWARDED_FOR) {
-            chain.push_str(&String::from_utf8_lossy(value.as_bytes()));
-            chain.push_str(", ");
+            forwarded_for.extend_from_slice(value.as_bytes());
+            forwarded_for.extend_from_slice(b", ");
         }
-        chain.push_str(&peer.to_string());
-        chain
-    } else {
-        peer.to_string()
-    };
-    let forwarded_for = HeaderValue::from_str(&forwarded_for).map_err(|_| {
-        Refusal::InvalidHost("X-Forwarded-For is not a valid header value".to_owned())
-    })?;
+    }
+    forwarded_for.extend_from_slice(peer.to_string().as_bytes());
+    let forwarded_for = HeaderValue::from_bytes(&forwarded_for)
+        .expect("header values joined by \", \" and an IP address form a valid header value");
     headers.insert(X_FORWARDED_FOR.clone(), forwarded_for);
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
     headers.append(header::VIA, node.via.clone());

@@ -231,6 +231,15 @@ async fn trusted_proxy_forwarded_for_is_appended() -> Result {
         upstream.last().headers["x-forwarded-for"],
         "198.51.100.1, 203.0.113.5, 127.0.0.1"
     );
+    // obs-text from an earlier hop is kept byte for byte, not rejected.
+    let response = raw_request(
+        node.addr,
+        "GET / HTTP/1.1\r\nHost: t\r\nX-Forwarded-For: caf\u{e9}\r\nConnection: close\r\n\r\n",
+    )
+    .await?;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    let forwarded = upstream.last().headers["x-forwarded-for"].as_bytes().to_vec();
+    assert_eq!(forwarded, "caf\u{e9}, 127.0.0.1".as_bytes());
     Ok(())
 }
 

@@ -9,9 +9,15 @@
 //!
 //! Bounds: epoch interruption enforces the CPU deadline, with a ticker
 //! thread advancing the engine's epoch every [`EPOCH_TICK`]. A resource
-//! limiter enforces the memory cap by trapping a growth past it. Calls are async: a
-//! running guest yields to the other requests of its serving thread at every
-//! tick, so a slow worker delays only its own request.
+//! limiter enforces the memory cap by trapping a growth past it.
+//!
+//! Calls are async: a running guest yields to the other requests of its
+//! serving thread at every tick. A synchronous call is cheaper (a few
+//! microseconds per call), but wasmtime-wasi 48's synchronous bindings run
+//! stream writes through `Handle::block_on`, which panics inside the serving
+//! thread's runtime as soon as a guest writes to stderr, as every guest panic
+//! does.
+// TODO: a sync call path needs stdio and poll functions that never block, shadowed in the linker.
 
 mod cache;
 mod host_api;

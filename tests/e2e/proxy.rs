@@ -194,6 +194,19 @@ async fn forwarding_headers_are_set() -> Result {
     assert_eq!(seen["x-forwarded-host"], node.addr.to_string().as_str());
     assert_eq!(seen["host"], node.addr.to_string().as_str());
     assert_eq!(seen["via"], "1.1 edge-test");
+
+    // The node answers `Expect: 100-continue` itself and does not pass it on.
+    let expecting = send(
+        "POST",
+        &node.url("/"),
+        &[("expect", "100-continue")],
+        b"body",
+    )
+    .await?;
+    assert_eq!(expecting.status, 200);
+    let seen = upstream.last();
+    assert_eq!(seen.body_len, 4);
+    assert!(!seen.headers.contains_key("expect"));
     Ok(())
 }
 
@@ -238,7 +251,9 @@ async fn trusted_proxy_forwarded_for_is_appended() -> Result {
     )
     .await?;
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    let forwarded = upstream.last().headers["x-forwarded-for"].as_bytes().to_vec();
+    let forwarded = upstream.last().headers["x-forwarded-for"]
+        .as_bytes()
+        .to_vec();
     assert_eq!(forwarded, "caf\u{e9}, 127.0.0.1".as_bytes());
     Ok(())
 }

@@ -24,10 +24,6 @@ use crate::node::Node;
 use crate::pipeline::{self, Connection};
 use crate::worker::LogThrottle;
 
-/// Task polls between socket checks on a serving thread; see [`runtime`].
-// TODO: 8 is a first choice; it costs about 1 µs per request (BENCHMARKS.md), so tune it against worker-heavy load.
-const EVENT_INTERVAL: u32 = 8;
-
 /// A connection on its way from the acceptor to a serving thread.
 ///
 /// The stream travels as a std socket, deregistered from the acceptor's
@@ -124,12 +120,6 @@ fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        // A running worker yields at every epoch tick but stays runnable, and
-        // the runtime checks sockets only every `event_interval` task polls
-        // while tasks are runnable (61 by default, so 61 ms behind a busy
-        // worker). A smaller interval keeps other connections on the thread
-        // responsive.
-        .event_interval(EVENT_INTERVAL)
         .build()
         .expect("cannot build a tokio runtime")
 }

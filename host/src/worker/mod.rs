@@ -435,7 +435,13 @@ impl Runtime {
             if started.elapsed() >= deadline {
                 Ok(UpdateDeadline::Interrupt)
             } else {
-                Ok(UpdateDeadline::Yield(1))
+                // tokio's yield_now wakes the task only after the runtime has
+                // polled its sockets, so other connections on the thread get
+                // their I/O at every tick.
+                Ok(UpdateDeadline::YieldCustom(
+                    1,
+                    Box::pin(tokio::task::yield_now()),
+                ))
             }
         });
         let result = match binding

@@ -7,7 +7,7 @@ use http::{HeaderValue, Response, StatusCode};
 
 use crate::proxy::ResponseBody;
 
-/// Where a failure came from.
+/// The origin of a failure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
     /// The client sent something the node rejects.
@@ -20,7 +20,7 @@ pub enum Source {
     Host,
 }
 
-/// A request the node answers itself with an error.
+/// A rejection the node sends itself, with an error response.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Refusal {
     /// No route matches the host, method and path.
@@ -37,7 +37,7 @@ pub enum Refusal {
     NoUpstream,
     /// Connecting to the upstream failed, or the connection broke.
     UpstreamUnavailable { upstream: String },
-    /// The upstream did not connect or answer in time.
+    /// The upstream did not connect or respond in time.
     UpstreamTimeout { upstream: String },
     /// A worker trapped, panicked, ran out of memory or decided something
     /// invalid.

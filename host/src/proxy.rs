@@ -98,14 +98,7 @@ impl Upstream {
         match sent {
             Ok(result) => result,
             Err(_) => {
-                self.log_failure(|suppressed| {
-                    tracing::info!(
-                        upstream = %self.name,
-                        target = %target.addr,
-                        suppressed,
-                        "upstream timed out"
-                    )
-                });
+                self.log_failure(target, None, "upstream timed out");
                 Err(Refusal::UpstreamTimeout {
                     upstream: self.name.clone(),
                 })
@@ -118,9 +111,9 @@ impl Upstream {
         target: &Target,
         mut request: Request<RequestBody>,
     ) -> Result<Response<PooledBody>, Refusal> {
-        // A pooled connection may have been closed by the target while idle;
-        // hyper returns the unsent request then, and it goes out on a new
-        // connection.
+        // A pooled connection may have been closed by the target while idle.
+        // hyper then returns the unsent request, which goes out on the next
+        // pooled connection or a new one.
         while let Some(mut sender) = take_idle(target.id).await {
             match sender.try_send_request(request).await {
                 Ok(response) => return Ok(self.pooled(target, sender, response)),
@@ -143,28 +136,13 @@ impl Upstream {
         let stream = match connecting.await {
             Ok(Ok(stream)) => stream,
             Ok(Err(error)) => {
-                self.log_failure(|suppressed| {
-                    tracing::info!(
-                        upstream = %self.name,
-                        target = %target.addr,
-                        %error,
-                        suppressed,
-                        "connect failed"
-                    )
-                });
+                self.log_failure(target, Some(&error), "connect failed");
                 return Err(Refusal::UpstreamUnavailable {
                     upstream: self.name.clone(),
                 });
             }
             Err(_) => {
-                self.log_failure(|suppressed| {
-                    tracing::info!(
-                        upstream = %self.name,
-                        target = %target.addr,
-                        suppressed,
-                        "connect timed out"
-                    )
-                });
+                self.log_failure(target, None, "connect timed out");
                 return Err(Refusal::UpstreamTimeout {
                     upstream: self.name.clone(),
                 });
@@ -194,22 +172,16 @@ impl Upstream {
     }
 
     fn failure(&self, target: &Target, error: hyper::Error) -> Refusal {
-        if let Some(limit) = body_limit_cause(&error) {
-            return Refusal::BodyTooLarge { limit };
+        if let Some(too_large) = find_cause::<BodyTooLarge>(&error) {
+            return Refusal::BodyTooLarge {
+                limit: too_large.limit,
+            };
         }
-        if has_cause::<ClientBodyError>(&error) {
+        if find_cause::<ClientBodyError>(&error).is_some() {
             tracing::debug!(upstream = %self.name, %error, "client request body failed");
             return Refusal::InvalidBody;
         }
-        self.log_failure(|suppressed| {
-            tracing::info!(
-                upstream = %self.name,
-                target = %target.addr,
-                %error,
-                suppressed,
-                "upstream request failed"
-            )
-        });
+        self.log_failure(target, Some(&error), "upstream request failed");
         Refusal::UpstreamUnavailable {
             upstream: self.name.clone(),
         }
@@ -218,30 +190,34 @@ impl Upstream {
 
 impl Upstream {
     /// Logs a failed call at info level, at most ten lines a second per
-    /// upstream; `log` gets the number of lines suppressed before it.
-    fn log_failure(&self, log: impl FnOnce(u64)) {
+    /// upstream, with the number of lines suppressed before this one.
+    fn log_failure(&self, target: &Target, error: Option<&dyn std::fmt::Display>, message: &str) {
         if let Some(suppressed) = self.failures.admit() {
-            log(suppressed);
+            match error {
+                Some(error) => tracing::info!(
+                    upstream = %self.name,
+                    target = %target.addr,
+                    %error,
+                    suppressed,
+                    "{message}"
+                ),
+                None => tracing::info!(
+                    upstream = %self.name,
+                    target = %target.addr,
+                    suppressed,
+                    "{message}"
+                ),
+            }
         }
     }
 }
 
-fn has_cause<E: StdError + 'static>(error: &hyper::Error) -> bool {
+/// Returns the first error of type `E` in the chain of causes of `error`.
+fn find_cause<E: StdError + 'static>(error: &hyper::Error) -> Option<&E> {
     let mut cause = error.source();
     while let Some(inner) = cause {
-        if inner.is::<E>() {
-            return true;
-        }
-        cause = inner.source();
-    }
-    false
-}
-
-fn body_limit_cause(error: &hyper::Error) -> Option<u64> {
-    let mut cause = error.source();
-    while let Some(inner) = cause {
-        if let Some(too_large) = inner.downcast_ref::<BodyTooLarge>() {
-            return Some(too_large.limit);
+        if let Some(found) = inner.downcast_ref::<E>() {
+            return Some(found);
         }
         cause = inner.source();
     }
@@ -358,7 +334,7 @@ pub enum ResponseBody {
 }
 
 impl ResponseBody {
-    /// A body with these bytes.
+    /// Creates a body with these bytes.
     pub fn full(bytes: impl Into<Bytes>) -> ResponseBody {
         ResponseBody::Full(Full::new(bytes.into()))
     }

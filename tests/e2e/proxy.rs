@@ -195,7 +195,7 @@ async fn forwarding_headers_are_set() -> Result {
     assert_eq!(seen["host"], node.addr.to_string().as_str());
     assert_eq!(seen["via"], "1.1 edge-test");
 
-    // The node answers `Expect: 100-continue` itself and does not pass it on.
+    // The node responds to `Expect: 100-continue` itself and does not pass it on.
     let expecting = send(
         "POST",
         &node.url("/"),

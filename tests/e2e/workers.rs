@@ -76,9 +76,8 @@ async fn path_router() -> Result {
 #[tokio::test]
 async fn workers_change_headers_and_path_in_order() -> Result {
     let upstream = Upstream::echo().await;
-    // The first worker sets x-step and a new path; the second sees the
-    // first one's changes and echoes them instead of calling the upstream
-    // when x-echo is sent.
+    // The first worker sets x-step, removes x-secret and rewrites the path.
+    // The second runs after it and sets x-step again, so its value wins.
     let config = format!(
         "{}[[routes]]\nname = \"chain\"\nupstream = \"app\"\n\n\
          [[routes.workers]]\nmodule = \"{{modules}}/fixture-worker.wasm\"\n\

@@ -13,7 +13,7 @@ use sha2::{Digest, Sha256};
 use wasmtime::component::Component;
 use wasmtime::Engine;
 
-/// Where compiled components are kept, for one engine configuration.
+/// The folder of compiled components for one engine configuration.
 #[derive(Debug)]
 pub struct ModuleCache {
     dir: PathBuf,
@@ -21,7 +21,7 @@ pub struct ModuleCache {
     engine_key: String,
 }
 
-/// How a component was obtained.
+/// The source of a loaded component.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum CacheOutcome {
     /// Loaded from a cache entry.

@@ -94,7 +94,7 @@ pub enum WorkerError {
     Failed(String),
 }
 
-/// Why a module could not be loaded or bound to a route.
+/// An error that kept a module from loading or binding to a route.
 #[derive(Debug, thiserror::Error)]
 #[error("module {path}: {message}")]
 pub struct LoadError {
@@ -203,8 +203,9 @@ impl Runtime {
     pub fn new(settings: &RuntimeSettings) -> anyhow::Result<Runtime> {
         let mut pool = PoolingAllocationConfig::default();
         let instances = settings.max_instances;
-        // A Rust component for wasm32-wasip2 holds a few core instances, one
-        // or two memories and a few tables; leave room for that per slot.
+        // A Rust component for wasm32-wasip2 contains a few core instances,
+        // one or two memories and a few tables, so leave room for that per
+        // slot.
         pool.total_component_instances(instances)
             .total_core_instances(instances.saturating_mul(8))
             .total_memories(instances.saturating_mul(2))
@@ -321,7 +322,8 @@ impl Runtime {
     }
 
     /// Binds a loaded module to a route with its config and limits, and
-    /// asks the worker which hooks it implements.
+    /// calls its `hooks` export, which checks the config and names the hooks
+    /// the worker implements.
     pub async fn bind(
         &self,
         module: Arc<Module>,
@@ -487,7 +489,7 @@ fn classify_trap(
 }
 
 /// Checks the binary header, so that a core module or a non-wasm file gets
-/// a message that says what it is.
+/// a message naming what it is.
 fn check_component_header(bytes: &[u8]) -> Result<(), String> {
     if bytes.len() < 8 || &bytes[..4] != WASM_MAGIC {
         return Err("not a WebAssembly binary (it does not start with \\0asm)".to_owned());

@@ -17,4 +17,5 @@ pub mod pipeline;
 pub mod proxy;
 pub mod route;
 pub mod scaffold;
+pub mod timer;
 pub mod worker;

@@ -22,6 +22,7 @@ use tokio::sync::{mpsc, watch};
 use crate::config::ListenerConfig;
 use crate::node::Node;
 use crate::pipeline::{self, Connection};
+use crate::timer::{self, CoarseTimer};
 use crate::worker::LogThrottle;
 
 /// A connection on its way from the acceptor to a serving thread.
@@ -33,7 +34,9 @@ use crate::worker::LogThrottle;
 /// wake-up.
 struct Accepted {
     stream: std::net::TcpStream,
-    connection: Connection,
+    peer: SocketAddr,
+    /// Index of the listener that accepted it.
+    listener: usize,
 }
 
 /// A running node: its bound addresses and the threads serving them.
@@ -163,10 +166,8 @@ fn accept_thread(
                             };
                             let accepted = Accepted {
                                 stream,
-                                connection: Connection {
-                                    peer,
-                                    listener: index,
-                                },
+                                peer,
+                                listener: index,
                             };
                             let _ = senders[turn % senders.len()].send(accepted);
                             turn = turn.wrapping_add(1);
@@ -197,52 +198,74 @@ fn serve_thread(
     drain_timeout: Duration,
 ) {
     runtime().block_on(async move {
-        let builders: Vec<Arc<auto::Builder<TokioExecutor>>> = header_timeouts
+        let builders: Vec<Arc<Builders>> = header_timeouts
             .iter()
-            .map(|&timeout| Arc::new(http_builder(timeout)))
+            .map(|&timeout| Arc::new(Builders::new(timeout)))
             .collect();
+        let timeouts = header_timeouts.iter().chain(
+            node.upstreams
+                .iter()
+                .map(|upstream| &upstream.response_timeout),
+        );
+        tokio::spawn(timer::sweep(sweep_granularity(timeouts)));
         let graceful = GracefulShutdown::new();
         loop {
             tokio::select! {
                 accepted = connections.recv() => {
-                    let Some(Accepted { stream, connection }) = accepted else { break };
+                    let Some(Accepted { stream, peer, listener }) = accepted else { break };
+                    let connection = Connection::new(&node, peer, listener);
                     let stream = match TcpStream::from_std(stream) {
                         Ok(stream) => stream,
                         Err(error) => {
                             tracing::warn!(
                                 %error,
-                                peer = %connection.peer,
+                                %peer,
                                 "failed to register a connection with the serving thread; \
                                  closing it"
                             );
                             continue;
                         }
                     };
-                    let node = node.clone();
+                    let builders = builders[connection.listener].clone();
+                    // One reference count per request instead of two.
+                    let context = Arc::new((node.clone(), connection));
                     let service = service_fn(move |request| {
-                        let node = node.clone();
+                        let context = context.clone();
                         async move {
+                            let (node, connection) = &*context;
                             Ok::<_, std::convert::Infallible>(
-                                pipeline::handle(&node, connection, request).await,
+                                pipeline::handle(node, connection, request).await,
                             )
                         }
                     });
-                    let builder = builders[connection.listener].clone();
-                    let header_timeout = header_timeouts[connection.listener];
                     let watcher = graceful.watcher();
                     tokio::spawn(async move {
                         // hyper's header timer starts with the first bytes, which
                         // also tell HTTP/1 from HTTP/2, so a client that sends
                         // nothing would hold its connection forever.
-                        if tokio::time::timeout(header_timeout, stream.readable()).await.is_err() {
+                        let first_bytes = tokio::time::timeout(
+                            builders.header_timeout,
+                            peek_preface(&stream),
+                        );
+                        let Ok(first_bytes) = first_bytes.await else {
                             tracing::debug!(
-                                peer = %connection.peer,
+                                %peer,
                                 "closing a connection that sent nothing"
                             );
                             return;
-                        }
-                        let served = builder.serve_connection(TokioIo::new(stream), service);
-                        if let Err(error) = watcher.watch(served).await {
+                        };
+                        let io = TokioIo::new(stream);
+                        let served: Result<(), Box<dyn std::error::Error + Send + Sync>> =
+                            match first_bytes {
+                                FirstBytes::Http1 => watcher
+                                    .watch(builders.http1.serve_connection(io, service))
+                                    .await
+                                    .map_err(Into::into),
+                                FirstBytes::MaybeHttp2 => {
+                                    watcher.watch(builders.auto.serve_connection(io, service)).await
+                                }
+                            };
+                        if let Err(error) = served {
                             tracing::debug!(%error, "client connection ended with an error");
                         }
                     });
@@ -262,13 +285,64 @@ fn serve_thread(
     });
 }
 
-fn http_builder(header_timeout: Duration) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
-    builder
-        .http1()
-        .writev(false)
-        .timer(TokioTimer::new())
-        .header_read_timeout(header_timeout);
-    builder.http2().timer(TokioTimer::new());
-    builder
+/// The HTTP/2 connection preface (RFC 9113, section 3.4), which a client
+/// speaking HTTP/2 with prior knowledge sends first.
+const HTTP2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+enum FirstBytes {
+    /// Cannot be the HTTP/2 preface.
+    Http1,
+    /// The preface, part of it, or nothing readable: hyper's automatic
+    /// detection decides.
+    MaybeHttp2,
+}
+
+/// Waits for the connection's first bytes and looks at them without
+/// consuming them. HTTP/1 connections then go straight to hyper's HTTP/1
+/// server, which saves the automatic detection's buffering on every read.
+async fn peek_preface(stream: &TcpStream) -> FirstBytes {
+    let mut first = [0; HTTP2_PREFACE.len()];
+    match stream.peek(&mut first).await {
+        Ok(read) if read > 0 && !HTTP2_PREFACE.starts_with(&first[..read]) => FirstBytes::Http1,
+        _ => FirstBytes::MaybeHttp2,
+    }
+}
+
+/// Returns how often each serving thread sweeps for expired coarse timers:
+/// a tenth of the shortest timeout they serve (header and upstream response
+/// timeouts), so a timer fires at most 10 % late.
+fn sweep_granularity<'a>(timeouts: impl Iterator<Item = &'a Duration>) -> Duration {
+    let shortest = timeouts.min().copied().unwrap_or(Duration::from_secs(1));
+    (shortest / 10).clamp(Duration::from_millis(1), Duration::from_secs(1))
+}
+
+/// The HTTP servers of one listener.
+struct Builders {
+    http1: hyper::server::conn::http1::Builder,
+    auto: auto::Builder<TokioExecutor>,
+    header_timeout: Duration,
+}
+
+impl Builders {
+    fn new(header_timeout: Duration) -> Builders {
+        // The same HTTP/1 settings on both. `writev(false)` copies small
+        // bodies into the head's buffer: one write instead of a vectored
+        // one, which measured about 6 % less CPU.
+        let mut http1 = hyper::server::conn::http1::Builder::new();
+        http1
+            .writev(false)
+            .timer(CoarseTimer)
+            .header_read_timeout(header_timeout);
+        let mut auto = auto::Builder::new(TokioExecutor::new());
+        auto.http1()
+            .writev(false)
+            .timer(CoarseTimer)
+            .header_read_timeout(header_timeout);
+        auto.http2().timer(TokioTimer::new());
+        Builders {
+            http1,
+            auto,
+            header_timeout,
+        }
+    }
 }

@@ -31,19 +31,41 @@ use crate::proxy::{RequestBody, ResponseBody};
 use crate::route::{encode_path, host_name, normalize_path, resolve_dot_segments};
 use crate::worker::{wit, Binding, WorkerError};
 
-/// The connection a request arrived on.
-#[derive(Debug, Clone, Copy)]
+/// The connection a request arrived on, with what the node works out once
+/// per connection rather than per request.
+#[derive(Debug, Clone)]
 pub struct Connection {
     pub peer: SocketAddr,
     /// Index into [`Node::listeners`].
     pub listener: usize,
+    /// Whether the peer is one of the listener's trusted proxies.
+    peer_trusted: bool,
+    /// The peer's IP address as a header value, for `X-Forwarded-For`.
+    peer_header: HeaderValue,
+}
+
+impl Connection {
+    pub fn new(node: &Node, peer: SocketAddr, listener: usize) -> Connection {
+        let peer_trusted = node.listeners[listener]
+            .trusted_proxies
+            .iter()
+            .any(|net| net.contains(&peer.ip()));
+        let peer_header = HeaderValue::from_str(&peer.ip().to_string())
+            .expect("an IP address is a valid header value");
+        Connection {
+            peer,
+            listener,
+            peer_trusted,
+            peer_header,
+        }
+    }
 }
 
 /// Handles one client request and returns the response to send, whether the
 /// upstream's, a worker's or the node's own refusal.
 pub async fn handle(
     node: &Node,
-    connection: Connection,
+    connection: &Connection,
     request: Request<Incoming>,
 ) -> Response<ResponseBody> {
     let mut response = match serve(node, connection, request).await {
@@ -56,7 +78,7 @@ pub async fn handle(
 
 async fn serve(
     node: &Node,
-    connection: Connection,
+    connection: &Connection,
     request: Request<Incoming>,
 ) -> Result<Response<ResponseBody>, Refusal> {
     let (mut parts, body) = request.into_parts();
@@ -142,13 +164,7 @@ async fn serve(
         None if path_changed => Some(encode_path(&path)),
         None => None,
     };
-    prepare_upstream_request(
-        &mut parts,
-        wire_path.as_deref(),
-        connection.peer.ip(),
-        listener,
-        node,
-    )?;
+    prepare_upstream_request(&mut parts, wire_path.as_deref(), connection, node)?;
     drop(wire_path);
     let request = Request::from_parts(parts, RequestBody::new(body, route.max_body));
     let mut response = upstream.send(request).await?;
@@ -246,33 +262,69 @@ static HOP_BY_HOP: [HeaderName; 9] = [
 /// `Connection`, except `Host` and `Content-Length`: a peer cannot strip
 /// those, because the message means something else without them.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    // Most messages carry none of them: one pass over the names is cheaper
-    // than a hashed removal of each.
-    if !headers.keys().any(|name| HOP_BY_HOP.contains(name)) {
+    // One pass over the names finds which of them are present. Most messages
+    // carry none, or only `Connection: keep-alive`, so removing only those
+    // present saves a hashed lookup of each absent name.
+    let mut present = 0u16;
+    for name in headers.keys() {
+        if let Some(index) = hop_by_hop_index(name) {
+            present |= 1 << index;
+        }
+    }
+    if present == 0 {
         return;
     }
-    if headers.contains_key(header::CONNECTION) {
+    // `Connection` is HOP_BY_HOP[0]. The options `keep-alive` and `close`
+    // name no other header than `Keep-Alive`, which is on the list anyway.
+    if present & 1 != 0 {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
             .filter_map(|value| value.to_str().ok())
             .flat_map(|value| value.split(','))
-            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .map(str::trim)
+            .filter(|option| {
+                !option.is_empty()
+                    && !option.eq_ignore_ascii_case("keep-alive")
+                    && !option.eq_ignore_ascii_case("close")
+            })
+            .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
             .filter(|name| *name != header::HOST && *name != header::CONTENT_LENGTH)
             .collect();
         for name in named {
             headers.remove(name);
         }
     }
-    for name in &HOP_BY_HOP {
-        headers.remove(name);
+    for (index, name) in HOP_BY_HOP.iter().enumerate() {
+        if present & (1 << index) != 0 {
+            headers.remove(name);
+        }
     }
+}
+
+/// Returns the index of `name` in [`HOP_BY_HOP`]. A match on the text
+/// compiles to a switch on its length, cheaper than comparing with each name.
+fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
+    let index = match name.as_str() {
+        "connection" => 0,
+        "keep-alive" => 1,
+        "proxy-connection" => 2,
+        "te" => 3,
+        "trailer" => 4,
+        "transfer-encoding" => 5,
+        "upgrade" => 6,
+        "proxy-authenticate" => 7,
+        "proxy-authorization" => 8,
+        _ => return None,
+    };
+    debug_assert_eq!(HOP_BY_HOP[index], name);
+    Some(index)
 }
 
 /// True for headers that describe the message framing or the connection,
 /// which the node sets itself: `Content-Length` and the hop-by-hop headers.
 fn is_managed(name: &HeaderName) -> bool {
-    *name == header::CONTENT_LENGTH || HOP_BY_HOP.contains(name)
+    *name == header::CONTENT_LENGTH || hop_by_hop_index(name).is_some()
 }
 
 /// Turns the request head into the one sent upstream: origin-form URI with
@@ -282,8 +334,7 @@ fn is_managed(name: &HeaderName) -> bool {
 fn prepare_upstream_request(
     parts: &mut Parts,
     new_path: Option<&str>,
-    peer: IpAddr,
-    listener: &crate::node::Listener,
+    connection: &Connection,
     node: &Node,
 ) -> Result<(), Refusal> {
     let path_and_query = match new_path {
@@ -309,22 +360,22 @@ fn prepare_upstream_request(
     if let Some(host) = headers.get(header::HOST).cloned() {
         headers.insert(X_FORWARDED_HOST.clone(), host);
     }
-    let peer_is_trusted = listener
-        .trusted_proxies
-        .iter()
-        .any(|net| net.contains(&peer));
-    // Bytes, not text: an earlier hop's value may hold obs-text, which is a
-    // valid header value but not UTF-8.
-    let mut forwarded_for = Vec::new();
-    if peer_is_trusted {
-        for value in headers.get_all(&X_FORWARDED_FOR) {
-            forwarded_for.extend_from_slice(value.as_bytes());
-            forwarded_for.extend_from_slice(b", ");
+    let forwarded_for = match headers.get_all(&X_FORWARDED_FOR).iter().next() {
+        Some(_) if connection.peer_trusted => {
+            // Bytes, not text: an earlier hop's value may hold obs-text,
+            // which is a valid header value but not UTF-8.
+            let mut joined = Vec::new();
+            for value in headers.get_all(&X_FORWARDED_FOR) {
+                joined.extend_from_slice(value.as_bytes());
+                joined.extend_from_slice(b", ");
+            }
+            joined.extend_from_slice(connection.peer_header.as_bytes());
+            HeaderValue::from_bytes(&joined).expect(
+                "header values joined by \", \" and an IP address form a valid header value",
+            )
         }
-    }
-    forwarded_for.extend_from_slice(peer.to_string().as_bytes());
-    let forwarded_for = HeaderValue::from_bytes(&forwarded_for)
-        .expect("header values joined by \", \" and an IP address form a valid header value");
+        _ => connection.peer_header.clone(),
+    };
     headers.insert(X_FORWARDED_FOR.clone(), forwarded_for);
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
     headers.append(header::VIA, node.via.clone());

@@ -436,6 +436,46 @@ async fn silent_connection_is_closed() -> Result {
 }
 
 #[tokio::test]
+async fn slow_request_head_is_cut_off_on_a_reused_connection() -> Result {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = Upstream::echo().await;
+    let config = format!(
+        "[[listeners]]\naddr = \"127.0.0.1:0\"\nheader_timeout = \"300ms\"\n\n{}\n\
+         [[routes]]\nname = \"all\"\nupstream = \"app\"\n",
+        upstream_block("app", &upstream)
+    );
+    let node = Node::start(&config)?;
+    let mut stream = tokio::net::TcpStream::connect(node.addr).await?;
+    stream
+        .write_all(b"GET /first HTTP/1.1\r\nHost: t\r\n\r\n")
+        .await?;
+    // Then the start of a second head, which never ends.
+    let mut received = Vec::new();
+    let mut buffer = [0u8; 4096];
+    while !received.windows(4).any(|w| w == b"\r\n\r\n") {
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buffer)).await??;
+        assert!(read > 0, "the node closed the connection before the first response");
+        received.extend_from_slice(&buffer[..read]);
+    }
+    assert!(received.starts_with(b"HTTP/1.1 200"));
+    stream.write_all(b"GET /second HTTP/1.1\r\nHo").await?;
+    // Drain the first response's body, then expect the close; the bound
+    // only keeps a broken node from hanging the test.
+    let closed = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match stream.read(&mut buffer).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => continue,
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the node kept a connection with a stalled head open");
+    assert_eq!(upstream.count(), 1, "only the complete request reached the upstream");
+    Ok(())
+}
+
+#[tokio::test]
 async fn shutdown_lets_requests_in_flight_finish() -> Result {
     let slow = Upstream::start(|_| Reply::Delay(Duration::from_millis(800))).await;
     let config = one_route(&slow);

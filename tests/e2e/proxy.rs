@@ -453,8 +453,12 @@ async fn slow_request_head_is_cut_off_on_a_reused_connection() -> Result {
     let mut received = Vec::new();
     let mut buffer = [0u8; 4096];
     while !received.windows(4).any(|w| w == b"\r\n\r\n") {
-        let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buffer)).await??;
-        assert!(read > 0, "the node closed the connection before the first response");
+        let read =
+            tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buffer)).await??;
+        assert!(
+            read > 0,
+            "the node closed the connection before the first response"
+        );
         received.extend_from_slice(&buffer[..read]);
     }
     assert!(received.starts_with(b"HTTP/1.1 200"));
@@ -470,8 +474,15 @@ async fn slow_request_head_is_cut_off_on_a_reused_connection() -> Result {
         }
     })
     .await;
-    assert!(closed.is_ok(), "the node kept a connection with a stalled head open");
-    assert_eq!(upstream.count(), 1, "only the complete request reached the upstream");
+    assert!(
+        closed.is_ok(),
+        "the node kept a connection with a stalled head open"
+    );
+    assert_eq!(
+        upstream.count(),
+        1,
+        "only the complete request reached the upstream"
+    );
     Ok(())
 }
 

@@ -262,6 +262,26 @@ async fn panicking_worker_gets_worker_failed() -> Result {
 }
 
 #[tokio::test]
+async fn sleeping_worker_gets_worker_failed() -> Result {
+    let upstream = Upstream::echo().await;
+    let config = format!(
+        "{}{}{}",
+        app(&upstream),
+        fixture_route("sleep", "/sleep", "sleep", ""),
+        fixture_route("counter", "/", "counter", "")
+    );
+    let node = Node::start(&config)?;
+    let got = get(&node.url("/sleep")).await?;
+    assert_eq!(got.status, 500);
+    assert_eq!(got.json()["error"], "worker_failed");
+    assert_eq!(upstream.count(), 0);
+    assert_eq!(get(&node.url("/after")).await?.status, 200);
+    let log = node.log();
+    assert!(log.contains("which would wait"), "the log says why: {log}");
+    Ok(())
+}
+
+#[tokio::test]
 async fn busy_instances_get_503_worker_busy() -> Result {
     let upstream = Upstream::echo().await;
     // One instance slot and two serving threads: while one thread runs a

@@ -23,6 +23,8 @@
 //! - `config`: responds 200 with the whole config as JSON.
 //! - `log`: writes `fixture log` at each level, then continues.
 //! - `clock`: responds 200 with `{"now_unix_ms":..,"monotonic_ns":..}`.
+//! - `sleep`: sleeps 10 ms with `std::thread::sleep`, which a worker call
+//!   cannot do, then continues.
 //!
 //! ```toml
 //! [[routes.workers]]
@@ -71,6 +73,7 @@ const MODES: &[&str] = &[
     "config",
     "log",
     "clock",
+    "sleep",
 ];
 
 /// The JSON body of the fixture's error responses.
@@ -332,6 +335,10 @@ fn handle_request(request: Request) -> Result<Action, InvalidConfig> {
         "config" => config_response(),
         "log" => write_logs(),
         "clock" => read_clock(),
+        "sleep" => {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            Action::next()
+        }
         other => {
             return Err(InvalidConfig(format!(
                 "unknown mode {other:?}; expected one of {}",

@@ -17,4 +17,5 @@ pub mod pipeline;
 pub mod proxy;
 pub mod route;
 pub mod scaffold;
+pub mod tls;
 pub mod worker;

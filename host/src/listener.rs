@@ -4,7 +4,8 @@
 //! in turn to the serving threads. Each serving thread runs a single-threaded
 //! tokio runtime, so a request stays on one core from accept to response and
 //! the upstream connection pool needs no lock. Connections speak HTTP/1.1 or
-//! HTTP/2 (prior knowledge), detected from the first bytes.
+//! HTTP/2, detected from the first bytes: over TLS the client picks one with
+//! ALPN, over plain TCP it sends HTTP/2 with prior knowledge.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -56,11 +57,12 @@ impl Server {
         let mut bound = Vec::new();
         let mut addrs = Vec::new();
         for listener in listeners {
-            let socket = bind(listener.addr)
-                .with_context(|| format!("cannot listen on {}", listener.addr))?;
+            let addr = *listener.addr.get_ref();
+            let socket = bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
             addrs.push(socket.local_addr()?);
             bound.push(socket);
         }
+        set_redirect_ports(&node, &addrs);
         let (shutdown, shutdown_rx) = watch::channel(false);
 
         let mut senders = Vec::new();
@@ -79,6 +81,18 @@ impl Server {
                 })
                 .context("cannot start a serving thread")?;
             handles.push(handle);
+        }
+
+        let reloading: Vec<_> = node
+            .listeners
+            .iter()
+            .enumerate()
+            .filter_map(|(index, listener)| Some((index, listener.tls.clone()?)))
+            .collect();
+        if !reloading.is_empty() {
+            let reloader = crate::tls::spawn_reloader(reloading, shutdown_rx.clone())
+                .context("cannot start the certificate reload thread")?;
+            handles.push(reloader);
         }
 
         let acceptor_shutdown = shutdown_rx.clone();
@@ -100,6 +114,22 @@ impl Server {
         let _ = self.shutdown.send(true);
         for thread in self.threads {
             let _ = thread.join();
+        }
+    }
+}
+
+/// Gives each HTTP-to-HTTPS redirect without a configured port the bound
+/// port of the first TLS listener.
+fn set_redirect_ports(node: &Node, addrs: &[SocketAddr]) {
+    let tls_port = node
+        .listeners
+        .iter()
+        .zip(addrs)
+        .find(|(listener, _)| listener.tls.is_some())
+        .map(|(_, addr)| addr.port());
+    for redirect in node.listeners.iter().filter_map(|l| l.redirect.as_ref()) {
+        if let Some(port) = tls_port {
+            let _ = redirect.port.set(port);
         }
     }
 }
@@ -166,6 +196,8 @@ fn accept_thread(
                                 connection: Connection {
                                     peer,
                                     listener: index,
+                                    secure: false,
+                                    client_subject: None,
                                 },
                             };
                             let _ = senders[turn % senders.len()].send(accepted);
@@ -218,15 +250,10 @@ fn serve_thread(
                             continue;
                         }
                     };
+                    let listener = &node.listeners[connection.listener];
+                    let acceptor = listener.tls.as_ref().map(|tls| tls.acceptor());
+                    let wants_subject = listener.client_subject_header.is_some();
                     let node = node.clone();
-                    let service = service_fn(move |request| {
-                        let node = node.clone();
-                        async move {
-                            Ok::<_, std::convert::Infallible>(
-                                pipeline::handle(&node, connection, request).await,
-                            )
-                        }
-                    });
                     let builder = builders[connection.listener].clone();
                     let header_timeout = header_timeouts[connection.listener];
                     let watcher = graceful.watcher();
@@ -241,10 +268,48 @@ fn serve_thread(
                             );
                             return;
                         }
-                        let served = builder.serve_connection(TokioIo::new(stream), service);
-                        if let Err(error) = watcher.watch(served).await {
-                            tracing::debug!(%error, "client connection ended with an error");
+                        let Some(acceptor) = acceptor else {
+                            serve(node, &builder, connection, watcher, stream).await;
+                            return;
+                        };
+                        let mut stream = stream;
+                        if crate::tls::reject_old_protocol(&mut stream).await {
+                            tracing::debug!(
+                                peer = %connection.peer,
+                                "rejected a client that offers only TLS 1.1 or older"
+                            );
+                            return;
                         }
+                        let mut connection = connection;
+                        let accepting = acceptor.accept(stream);
+                        let stream = match tokio::time::timeout(header_timeout, accepting).await {
+                            Ok(Ok(stream)) => stream,
+                            Ok(Err(error)) => {
+                                tracing::debug!(
+                                    peer = %connection.peer,
+                                    %error,
+                                    "TLS handshake failed"
+                                );
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!(
+                                    peer = %connection.peer,
+                                    "closing a connection whose TLS handshake timed out"
+                                );
+                                return;
+                            }
+                        };
+                        connection.secure = true;
+                        if wants_subject {
+                            connection.client_subject = stream
+                                .get_ref()
+                                .1
+                                .peer_certificates()
+                                .and_then(|chain| chain.first())
+                                .and_then(crate::tls::client_subject);
+                        }
+                        serve(node, &builder, connection, watcher, stream).await;
                     });
                 }
                 _ = shutdown.wait_for(|stop| *stop) => break,
@@ -260,6 +325,30 @@ fn serve_thread(
             );
         }
     });
+}
+
+/// Serves HTTP on an accepted (and, for TLS, handshaken) connection until
+/// it closes or the drain ends.
+async fn serve<T>(
+    node: Arc<Node>,
+    builder: &auto::Builder<TokioExecutor>,
+    connection: Connection,
+    watcher: hyper_util::server::graceful::Watcher,
+    stream: T,
+) where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let service = service_fn(move |request| {
+        let node = node.clone();
+        let connection = connection.clone();
+        async move {
+            Ok::<_, std::convert::Infallible>(pipeline::handle(&node, connection, request).await)
+        }
+    });
+    let served = builder.serve_connection(TokioIo::new(stream), service);
+    if let Err(error) = watcher.watch(served).await {
+        tracing::debug!(%error, "client connection ended with an error");
+    }
 }
 
 fn http_builder(header_timeout: Duration) -> auto::Builder<TokioExecutor> {

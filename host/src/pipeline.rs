@@ -5,7 +5,9 @@
 //! stage               refusals
 //! one Host            400 invalid_host
 //! hop-by-hop removal
+//! client cert subject (set by the node only)
 //! normalise path      400 invalid_path
+//! redirect to HTTPS   308 (a redirecting listener), 400 invalid_host
 //! route               404 no_route
 //! body limit          413 body_too_large
 //! request workers     the worker's own response, 500 worker_failed,
@@ -32,11 +34,16 @@ use crate::route::{encode_path, host_name, normalize_path, resolve_dot_segments}
 use crate::worker::{wit, Binding, WorkerError};
 
 /// The connection a request arrived on.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Connection {
     pub peer: SocketAddr,
     /// Index into [`Node::listeners`].
     pub listener: usize,
+    /// True when the connection is TLS.
+    pub secure: bool,
+    /// The subject of the client's verified certificate, on a listener that
+    /// checks client certificates.
+    pub client_subject: Option<HeaderValue>,
 }
 
 /// Handles one client request and returns the response to send, whether the
@@ -65,12 +72,27 @@ async fn serve(
     // any route or worker looks at the request.
     canonicalize_host(&mut parts)?;
     remove_hop_by_hop(&mut parts.headers);
+    let listener = &node.listeners[connection.listener];
+
+    // Only the node sets the client certificate's subject.
+    if let Some(name) = &listener.client_subject_header {
+        parts.headers.remove(name);
+        if let Some(subject) = &connection.client_subject {
+            parts.headers.insert(name.clone(), subject.clone());
+        }
+    }
 
     // Route on the normalised path, never the raw one.
     let uri = parts.uri.clone();
     let raw_path = uri.path();
     let path = normalize_path(raw_path).map_err(|e| Refusal::InvalidPath(e.to_string()))?;
     let path_changed = path != raw_path;
+
+    if let Some(redirect) = &listener.redirect {
+        if !redirect.except.iter().any(|prefix| prefix.matches(&path).is_some()) {
+            return redirect_to_https(&parts, redirect);
+        }
+    }
     let matched = {
         let host = parts
             .headers
@@ -91,7 +113,6 @@ async fn serve(
         }
     }
 
-    let listener = &node.listeners[connection.listener];
     let client_ip = client_ip(
         &parts.headers,
         connection.peer.ip(),
@@ -142,13 +163,7 @@ async fn serve(
         None if path_changed => Some(encode_path(&path)),
         None => None,
     };
-    prepare_upstream_request(
-        &mut parts,
-        wire_path.as_deref(),
-        connection.peer.ip(),
-        listener,
-        node,
-    )?;
+    prepare_upstream_request(&mut parts, wire_path.as_deref(), &connection, listener, node)?;
     drop(wire_path);
     let request = Request::from_parts(parts, RequestBody::new(body, route.max_body));
     let mut response = upstream.send(request).await?;
@@ -164,6 +179,34 @@ async fn serve(
         }
     }
     Ok(response.map(ResponseBody::Upstream))
+}
+
+/// Builds the 308 redirect to the same host, path and query over HTTPS.
+/// 308 keeps the method and body, unlike 301.
+fn redirect_to_https(
+    parts: &Parts,
+    redirect: &crate::node::Redirect,
+) -> Result<Response<ResponseBody>, Refusal> {
+    let host = parts
+        .headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(host_name)
+        .filter(|host| !host.is_empty())
+        .ok_or_else(|| {
+            Refusal::InvalidHost("a redirect to HTTPS needs the request's Host".to_owned())
+        })?;
+    let port = match redirect.port.get() {
+        Some(443) | None => String::new(),
+        Some(port) => format!(":{port}"),
+    };
+    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let location = HeaderValue::from_str(&format!("https://{host}{port}{target}"))
+        .map_err(|_| Refusal::InvalidHost("the Host is not a valid host name".to_owned()))?;
+    let mut response = Response::new(ResponseBody::full(Bytes::new()));
+    *response.status_mut() = StatusCode::PERMANENT_REDIRECT;
+    response.headers_mut().insert(header::LOCATION, location);
+    Ok(response)
 }
 
 /// Makes the `Host` header the one host the request is for: the target's
@@ -282,10 +325,11 @@ fn is_managed(name: &HeaderName) -> bool {
 fn prepare_upstream_request(
     parts: &mut Parts,
     new_path: Option<&str>,
-    peer: IpAddr,
+    connection: &Connection,
     listener: &crate::node::Listener,
     node: &Node,
 ) -> Result<(), Refusal> {
+    let peer = connection.peer.ip();
     let path_and_query = match new_path {
         Some(path) => {
             let text = match parts.uri.query() {
@@ -326,7 +370,8 @@ fn prepare_upstream_request(
     let forwarded_for = HeaderValue::from_bytes(&forwarded_for)
         .expect("header values joined by \", \" and an IP address form a valid header value");
     headers.insert(X_FORWARDED_FOR.clone(), forwarded_for);
-    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    let proto = if connection.secure { "https" } else { "http" };
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
     headers.append(header::VIA, node.via.clone());
     Ok(())
 }

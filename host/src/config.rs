@@ -538,7 +538,11 @@ impl Config {
     }
 
     /// Checks a listener's TLS and redirect settings.
-    fn validate_listener(&self, index: usize, listener: &ListenerConfig) -> Result<(), ConfigError> {
+    fn validate_listener(
+        &self,
+        index: usize,
+        listener: &ListenerConfig,
+    ) -> Result<(), ConfigError> {
         let field = |name: &str| format!("listeners[{index}].{name}");
         let line = self.line_of(listener.addr.span().start);
         if let Some(tls) = &listener.tls {
@@ -559,7 +563,9 @@ impl Config {
                     "{header:?} is not a lower-case header name the node may set; \
                      use a name such as x-client-cert-subject"
                 );
-                let line = self.line_of(tls.client_subject_header.span().start).max(line);
+                let line = self
+                    .line_of(tls.client_subject_header.span().start)
+                    .max(line);
                 return Err(self.invalid(line, &field("tls.client_subject_header"), &message));
             }
         }

@@ -80,7 +80,7 @@ pub enum BuildError {
         file: String,
         line: usize,
         field: String,
-        error: TlsError,
+        error: Box<TlsError>,
     },
     #[error("cannot start the worker runtime: {0:#}")]
     Runtime(anyhow::Error),
@@ -109,7 +109,10 @@ impl Node {
                     let field = format!("upstreams.{name}.tls");
                     let line = config.line_of(upstream.targets.span().start);
                     let built = UpstreamTls::new(
-                        tls.ca.as_ref().map(|ca| config.resolve(ca.get_ref())).as_deref(),
+                        tls.ca
+                            .as_ref()
+                            .map(|ca| config.resolve(ca.get_ref()))
+                            .as_deref(),
                         tls.server_name.as_ref().map(|n| n.get_ref().as_str()),
                         tls.client_certificate
                             .as_ref()
@@ -264,16 +267,23 @@ fn build_listener(
         certificates.push(dev.files);
         dev_ca = Some(dev.ca);
     }
-    certificates.extend(tls.certificates.iter().map(|c| certificate_files(config, c)));
+    certificates.extend(
+        tls.certificates
+            .iter()
+            .map(|c| certificate_files(config, c)),
+    );
     let settings = ServerSettings {
         certificates,
         sni_fallback: tls.sni_fallback,
-        client_ca: tls.client_ca.as_ref().map(|ca| config.resolve(ca.get_ref())),
+        client_ca: tls
+            .client_ca
+            .as_ref()
+            .map(|ca| config.resolve(ca.get_ref())),
         client_auth: tls.client_auth,
     };
     let loaded = ListenerTls::load(settings, tls.reload_interval, dev_ca).map_err(|error| {
-        let (entry, entry_line) = failed_entry(config, tls, &error)
-            .unwrap_or_else(|| ("certificates".to_owned(), line));
+        let (entry, entry_line) =
+            failed_entry(config, tls, &error).unwrap_or_else(|| ("certificates".to_owned(), line));
         tls_error(config, entry_line, field(entry), error)
     })?;
     built.tls = Some(Arc::new(loaded));
@@ -296,7 +306,7 @@ fn tls_error(config: &Config, line: usize, field: String, error: TlsError) -> Bu
         file: config.source.name.clone(),
         line,
         field,
-        error,
+        error: Box::new(error),
     }
 }
 

@@ -89,7 +89,11 @@ async fn serve(
     let path_changed = path != raw_path;
 
     if let Some(redirect) = &listener.redirect {
-        if !redirect.except.iter().any(|prefix| prefix.matches(&path).is_some()) {
+        if !redirect
+            .except
+            .iter()
+            .any(|prefix| prefix.matches(&path).is_some())
+        {
             return redirect_to_https(&parts, redirect);
         }
     }
@@ -163,7 +167,13 @@ async fn serve(
         None if path_changed => Some(encode_path(&path)),
         None => None,
     };
-    prepare_upstream_request(&mut parts, wire_path.as_deref(), &connection, listener, node)?;
+    prepare_upstream_request(
+        &mut parts,
+        wire_path.as_deref(),
+        &connection,
+        listener,
+        node,
+    )?;
     drop(wire_path);
     let request = Request::from_parts(parts, RequestBody::new(body, route.max_body));
     let mut response = upstream.send(request).await?;

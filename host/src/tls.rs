@@ -167,7 +167,11 @@ impl ListenerTls {
 
     /// Returns an acceptor with the current config.
     pub fn acceptor(&self) -> TlsAcceptor {
-        let config = self.current.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let config = self
+            .current
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         TlsAcceptor::from(config)
     }
 
@@ -766,7 +770,8 @@ fn old_protocol_hello(bytes: &[u8]) -> Option<u16> {
         return None;
     }
     let length = hello.take(3)?;
-    let length = usize::from(length[0]) << 16 | usize::from(length[1]) << 8 | usize::from(length[2]);
+    let length =
+        usize::from(length[0]) << 16 | usize::from(length[1]) << 8 | usize::from(length[2]);
     let mut body = Reader(hello.take(length)?);
     if body.u16()? >= 0x0303 {
         return None;

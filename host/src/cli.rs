@@ -142,8 +142,16 @@ pub fn main() -> ExitCode {
 
 /// Logs to stderr at `default_level`, or at the level the `EDGE_LOG`
 /// variable sets (for example `EDGE_LOG=debug`).
+///
+/// rustls logs only errors unless `EDGE_LOG` names it: it warns once per
+/// handshake about clients that send an IP address as SNI, as wrk does, and
+/// the node logs failed handshakes itself at debug.
 fn init_tracing(default_level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("EDGE_LOG")
+    let mut directives = std::env::var("EDGE_LOG").unwrap_or_else(|_| default_level.to_owned());
+    if !directives.contains("rustls") {
+        directives.push_str(",rustls=error");
+    }
+    let filter = tracing_subscriber::EnvFilter::try_new(&directives)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     tracing_subscriber::fmt()
         .with_env_filter(filter)

@@ -138,6 +138,10 @@ pub struct ListenerTlsConfig {
     /// off (SIGHUP still reloads). Default: 5s.
     #[serde(default = "default_reload_interval", with = "humantime_serde")]
     pub reload_interval: Duration,
+    /// The `Strict-Transport-Security` value added to responses that do not
+    /// have one, such as `max-age=31536000; includeSubDomains`. Default:
+    /// none.
+    pub hsts: Option<Spanned<String>>,
 }
 
 fn default_subject_header() -> Spanned<String> {
@@ -567,6 +571,20 @@ impl Config {
                     .line_of(tls.client_subject_header.span().start)
                     .max(line);
                 return Err(self.invalid(line, &field("tls.client_subject_header"), &message));
+            }
+        }
+        let hsts = listener.tls.as_ref().and_then(|tls| tls.hsts.as_ref());
+        if let Some(hsts) = hsts {
+            let valid = http::HeaderValue::from_str(hsts.get_ref()).is_ok()
+                && hsts.get_ref().to_ascii_lowercase().contains("max-age=");
+            if !valid {
+                let message = format!(
+                    "{:?} is not a Strict-Transport-Security value; \
+                     use a value such as \"max-age=31536000\"",
+                    hsts.get_ref()
+                );
+                let line = self.line_of(hsts.span().start);
+                return Err(self.invalid(line, &field("tls.hsts"), &message));
             }
         }
         if let Some(redirect) = &listener.redirect_https {

@@ -34,8 +34,15 @@ pub struct Listener {
     /// The header that carries the client certificate's subject, on a
     /// listener that checks client certificates.
     pub client_subject_header: Option<HeaderName>,
+    /// The subject headers of every listener that checks client
+    /// certificates, removed from requests on this one, so that a client of
+    /// a listener without them cannot forge a subject either.
+    pub subject_headers_to_remove: Vec<HeaderName>,
     /// The redirect to HTTPS, on a plain-HTTP listener that has one.
     pub redirect: Option<Redirect>,
+    /// The `Strict-Transport-Security` value for responses, on an HTTPS
+    /// listener that sets one.
+    pub hsts: Option<HeaderValue>,
 }
 
 /// The HTTP-to-HTTPS redirect of a listener.
@@ -231,7 +238,9 @@ fn build_listener(
         trusted_proxies: listener.trusted_proxies.clone(),
         tls: None,
         client_subject_header: None,
+        subject_headers_to_remove: subject_headers(config),
         redirect: None,
+        hsts: None,
     };
     if let Some(redirect) = &listener.redirect_https {
         let port = OnceLock::new();
@@ -287,11 +296,34 @@ fn build_listener(
         tls_error(config, entry_line, field(entry), error)
     })?;
     built.tls = Some(Arc::new(loaded));
+    built.hsts = tls
+        .hsts
+        .as_ref()
+        .and_then(|value| HeaderValue::from_str(value.get_ref()).ok());
     if tls.client_ca.is_some() {
         built.client_subject_header =
             HeaderName::from_bytes(tls.client_subject_header.get_ref().as_bytes()).ok();
     }
     Ok(built)
+}
+
+/// The subject header names of every listener that checks client
+/// certificates.
+fn subject_headers(config: &Config) -> Vec<HeaderName> {
+    let mut names: Vec<HeaderName> = Vec::new();
+    for tls in config
+        .listeners
+        .iter()
+        .filter_map(|listener| listener.tls.as_ref())
+    {
+        let header = tls.client_subject_header.get_ref().as_bytes();
+        if let (Some(_), Ok(name)) = (&tls.client_ca, HeaderName::from_bytes(header)) {
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
+    }
+    names
 }
 
 fn certificate_files(config: &Config, certificate: &CertificateConfig) -> CertificateFiles {

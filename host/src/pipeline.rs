@@ -53,11 +53,18 @@ pub async fn handle(
     connection: Connection,
     request: Request<Incoming>,
 ) -> Response<ResponseBody> {
+    let listener = connection.listener;
     let mut response = match serve(node, connection, request).await {
         Ok(response) => response,
         Err(refusal) => refusal.to_response(),
     };
-    response.headers_mut().append(header::VIA, node.via.clone());
+    let headers = response.headers_mut();
+    headers.append(header::VIA, node.via.clone());
+    if let Some(hsts) = &node.listeners[listener].hsts {
+        headers
+            .entry(header::STRICT_TRANSPORT_SECURITY)
+            .or_insert_with(|| hsts.clone());
+    }
     response
 }
 
@@ -75,11 +82,13 @@ async fn serve(
     let listener = &node.listeners[connection.listener];
 
     // Only the node sets the client certificate's subject.
-    if let Some(name) = &listener.client_subject_header {
+    for name in &listener.subject_headers_to_remove {
         parts.headers.remove(name);
-        if let Some(subject) = &connection.client_subject {
-            parts.headers.insert(name.clone(), subject.clone());
-        }
+    }
+    if let (Some(name), Some(subject)) =
+        (&listener.client_subject_header, &connection.client_subject)
+    {
+        parts.headers.insert(name.clone(), subject.clone());
     }
 
     // Route on the normalised path, never the raw one.

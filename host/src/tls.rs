@@ -822,3 +822,103 @@ impl<'a> Reader<'a> {
         Some(u16::from_be_bytes([bytes[0], bytes[1]]))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Builds a ClientHello record with this legacy version and extensions.
+    fn client_hello(version: u16, extensions: &[(u16, &[u8])]) -> Vec<u8> {
+        let mut body = version.to_be_bytes().to_vec();
+        body.extend_from_slice(&[7; 32]); // random
+        body.push(0); // session id
+        body.extend_from_slice(&[0, 2, 0x00, 0x2f]); // one cipher suite
+        body.extend_from_slice(&[1, 0]); // null compression
+        let mut encoded = Vec::new();
+        for (kind, data) in extensions {
+            encoded.extend_from_slice(&kind.to_be_bytes());
+            encoded.extend_from_slice(&(data.len() as u16).to_be_bytes());
+            encoded.extend_from_slice(data);
+        }
+        if !extensions.is_empty() {
+            body.extend_from_slice(&(encoded.len() as u16).to_be_bytes());
+            body.extend_from_slice(&encoded);
+        }
+        let mut handshake = vec![1];
+        handshake.extend_from_slice(&(body.len() as u32).to_be_bytes()[1..]);
+        handshake.extend_from_slice(&body);
+        let mut record = vec![22, 0x03, 0x01];
+        record.extend_from_slice(&(handshake.len() as u16).to_be_bytes());
+        record.extend_from_slice(&handshake);
+        record
+    }
+
+    #[test]
+    fn old_hello_detects_tls10_and_tls11() {
+        assert_eq!(old_protocol_hello(&client_hello(0x0301, &[])), Some(0x0301));
+        let sni: &[u8] = &[0, 0];
+        assert_eq!(
+            old_protocol_hello(&client_hello(0x0302, &[(0, sni)])),
+            Some(0x0301)
+        );
+    }
+
+    #[test]
+    fn old_hello_leaves_modern_hellos_to_rustls() {
+        assert_eq!(old_protocol_hello(&client_hello(0x0303, &[])), None);
+        // A legacy version below TLS 1.2 with supported_versions offering
+        // TLS 1.3 is for rustls to judge.
+        let versions: &[u8] = &[2, 0x03, 0x04];
+        assert_eq!(
+            old_protocol_hello(&client_hello(0x0301, &[(43, versions)])),
+            None
+        );
+        // Cut short, not a handshake, or not a ClientHello.
+        let hello = client_hello(0x0301, &[]);
+        assert_eq!(old_protocol_hello(&hello[..20]), None);
+        assert_eq!(old_protocol_hello(b"GET / HTTP/1.1\r\n\r\n"), None);
+        let mut server_hello = hello.clone();
+        server_hello[5] = 2;
+        assert_eq!(old_protocol_hello(&server_hello), None);
+    }
+
+    #[test]
+    fn rdn_values_are_escaped() {
+        let cases = [
+            ("plain", "plain"),
+            ("a,b", "a\\,b"),
+            ("#lead", "\\#lead"),
+            (" both ", "\\ both\\ "),
+            ("q\"+;<>\\", "q\\\"\\+\\;\\<\\>\\\\"),
+        ];
+        for (value, expected) in cases {
+            let mut out = String::new();
+            escape_rdn_value(value, &mut out);
+            assert_eq!(out, expected, "{value:?}");
+        }
+    }
+
+    #[test]
+    fn sni_lookup_prefers_exact_then_one_level_wildcard() {
+        let provider = provider();
+        let key = |name: &str| {
+            let generated = rcgen::generate_simple_self_signed(vec![name.to_owned()]).unwrap();
+            let der = PrivateKeyDer::try_from(generated.signing_key.serialize_der()).unwrap();
+            let signing = provider.key_provider.load_private_key(der).unwrap();
+            Arc::new(CertifiedKey::new(
+                vec![generated.cert.der().clone()],
+                signing,
+            ))
+        };
+        let (exact, wildcard, first) = (key("a.example"), key("*.example"), key("x.test"));
+        let mut resolver = SniResolver::default();
+        resolver.add(first.clone(), vec!["x.test".to_owned()]);
+        resolver.add(wildcard.clone(), vec!["*.example".to_owned()]);
+        resolver.add(exact.clone(), vec!["a.example".to_owned()]);
+        assert!(Arc::ptr_eq(resolver.find("a.example").unwrap(), &exact));
+        assert!(Arc::ptr_eq(resolver.find("b.example").unwrap(), &wildcard));
+        assert!(resolver.find("c.b.example").is_none());
+        assert!(resolver.find("example").is_none());
+        assert!(Arc::ptr_eq(resolver.fallback.as_ref().unwrap(), &first));
+    }
+}

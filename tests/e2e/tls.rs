@@ -190,7 +190,8 @@ async fn sni_fallback_reject_fails_unknown_names() -> Result {
 async fn alpn_negotiates_h2_or_http1() -> Result {
     let upstream = Upstream::echo().await;
     let pki = Pki::new();
-    let node = Node::start(&tls_config(&pki, "", &upstream))?;
+    let hsts = "hsts = \"max-age=31536000; includeSubDomains\"";
+    let node = Node::start(&tls_config(&pki, hsts, &upstream))?;
 
     let h2 = TlsClient::new(&pki.ca_file, BOTH)
         .get(node.addr, "a.test", "/h2", &[])
@@ -210,6 +211,12 @@ async fn alpn_negotiates_h2_or_http1() -> Result {
     assert_eq!(h1.got.status, 200);
     assert_eq!(h1.got.json()["headers"]["x-forwarded-proto"], "https");
     assert_eq!(upstream.count(), 2);
+    for got in [&h2.got, &h1.got] {
+        assert_eq!(
+            got.header("strict-transport-security"),
+            Some("max-age=31536000; includeSubDomains")
+        );
+    }
     Ok(())
 }
 
@@ -636,7 +643,12 @@ async fn mtls_passes_verified_subject() -> Result {
     let (client_cert, client_key) = client_ca
         .issue(&["client-1"], KeyKind::EcdsaP256)
         .write(pki.dir.path(), "client");
-    let node = Node::start(&mtls_config(&pki, &client_ca_file, "required", &upstream))?;
+    let config = mtls_config(&pki, &client_ca_file, "required", &upstream).replacen(
+        "[upstreams.app]",
+        "[[listeners]]\naddr = \"127.0.0.1:0\"\n\n[upstreams.app]",
+        1,
+    );
+    let node = Node::start(&config)?;
 
     let with_cert = TlsClient::with_client_cert(&pki.ca_file, BOTH, &client_cert, &client_key);
     let got = with_cert
@@ -662,6 +674,20 @@ async fn mtls_passes_verified_subject() -> Result {
     let other = TlsClient::with_client_cert(&pki.ca_file, BOTH, &stranger.0, &stranger.1);
     assert!(other.get(node.addr, "a.test", "/", &[]).await.is_err());
     assert_eq!(upstream.count(), 1);
+
+    // A plain listener of the same node removes the header too.
+    let plain = node.listener_addr(1);
+    let forged = crate::harness::send(
+        "GET",
+        &format!("http://{plain}/"),
+        &[("x-client-cert-subject", "CN=forged")],
+        b"",
+    )
+    .await?;
+    assert_eq!(forged.status, 200);
+    assert!(forged.json()["headers"]
+        .get("x-client-cert-subject")
+        .is_none());
     Ok(())
 }
 
@@ -797,4 +823,81 @@ async fn upstream_tls_presents_client_certificate() -> Result {
     assert_eq!(get(&with.url("/")).await?.status, 200);
     assert_eq!(count.load(Ordering::SeqCst), 1);
     Ok(())
+}
+
+#[test]
+fn tls_config_errors_name_line_and_field() {
+    let dir = tempfile::tempdir().unwrap();
+    let check = |text: &str| {
+        let path = dir.path().join("edge.toml");
+        std::fs::write(&path, text).unwrap();
+        let output = edge(&["check", &path.display().to_string()]);
+        assert!(!output.status.success(), "check passed on {text}");
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    let listener = "[[listeners]]\naddr = \"127.0.0.1:0\"\n";
+
+    let no_certificates = check(&format!("{listener}[listeners.tls]\n"));
+    assert!(
+        no_certificates.contains("edge.toml:2: listeners[0].tls.certificates: add a"),
+        "{no_certificates}"
+    );
+
+    let both = check(&format!(
+        "{listener}[listeners.tls]\ndev_certificate = true\n\
+         [[listeners.tls.certificates]]\ncert = \"a.pem\"\nkey = \"a.key\"\n"
+    ));
+    assert!(
+        both.contains("listeners[0].tls.dev_certificate: set either"),
+        "{both}"
+    );
+
+    let header = check(&format!(
+        "{listener}[listeners.tls]\ndev_certificate = true\nclient_subject_header = \"Host\"\n"
+    ));
+    assert!(
+        header.contains("edge.toml:5: listeners[0].tls.client_subject_header"),
+        "{header}"
+    );
+
+    let redirect_on_tls = check(&format!(
+        "{listener}[listeners.tls]\ndev_certificate = true\n[listeners.redirect_https]\n"
+    ));
+    assert!(
+        redirect_on_tls.contains("listeners[0].redirect_https: a TLS listener cannot redirect"),
+        "{redirect_on_tls}"
+    );
+
+    let no_port = check(&format!("{listener}[listeners.redirect_https]\n"));
+    assert!(
+        no_port.contains("listeners[0].redirect_https.port: set `port`"),
+        "{no_port}"
+    );
+
+    let except = check(&format!(
+        "{listener}[listeners.redirect_https]\nport = 443\nexcept = [\"acme\"]\n"
+    ));
+    assert!(
+        except.contains("edge.toml:5: listeners[0].redirect_https.except: \"acme\" must start"),
+        "{except}"
+    );
+
+    let server_name = check(&format!(
+        "{listener}[upstreams.a]\ntargets = [\"127.0.0.1:9\"]\n[upstreams.a.tls]\n\
+         server_name = \"not a name\"\n"
+    ));
+    assert!(
+        server_name.contains("edge.toml:6: upstreams.a.tls.server_name"),
+        "{server_name}"
+    );
+
+    let missing_ca = check(&format!(
+        "{listener}[upstreams.a]\ntargets = [\"127.0.0.1:9\"]\n[upstreams.a.tls]\n\
+         ca = \"missing-ca.pem\"\n"
+    ));
+    assert!(
+        missing_ca.contains("upstreams.a.tls: cannot read")
+            && missing_ca.contains("missing-ca.pem"),
+        "{missing_ca}"
+    );
 }

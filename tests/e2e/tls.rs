@@ -836,68 +836,51 @@ fn tls_config_errors_name_line_and_field() {
         String::from_utf8_lossy(&output.stderr).into_owned()
     };
     let listener = "[[listeners]]\naddr = \"127.0.0.1:0\"\n";
-
-    let no_certificates = check(&format!("{listener}[listeners.tls]\n"));
-    assert!(
-        no_certificates.contains("edge.toml:2: listeners[0].tls.certificates: add a"),
-        "{no_certificates}"
-    );
-
-    let both = check(&format!(
-        "{listener}[listeners.tls]\ndev_certificate = true\n\
-         [[listeners.tls.certificates]]\ncert = \"a.pem\"\nkey = \"a.key\"\n"
-    ));
-    assert!(
-        both.contains("listeners[0].tls.dev_certificate: set either"),
-        "{both}"
-    );
-
-    let header = check(&format!(
-        "{listener}[listeners.tls]\ndev_certificate = true\nclient_subject_header = \"Host\"\n"
-    ));
-    assert!(
-        header.contains("edge.toml:5: listeners[0].tls.client_subject_header"),
-        "{header}"
-    );
-
-    let redirect_on_tls = check(&format!(
-        "{listener}[listeners.tls]\ndev_certificate = true\n[listeners.redirect_https]\n"
-    ));
-    assert!(
-        redirect_on_tls.contains("listeners[0].redirect_https: a TLS listener cannot redirect"),
-        "{redirect_on_tls}"
-    );
-
-    let no_port = check(&format!("{listener}[listeners.redirect_https]\n"));
-    assert!(
-        no_port.contains("listeners[0].redirect_https.port: set `port`"),
-        "{no_port}"
-    );
-
-    let except = check(&format!(
-        "{listener}[listeners.redirect_https]\nport = 443\nexcept = [\"acme\"]\n"
-    ));
-    assert!(
-        except.contains("edge.toml:5: listeners[0].redirect_https.except: \"acme\" must start"),
-        "{except}"
-    );
-
-    let server_name = check(&format!(
-        "{listener}[upstreams.a]\ntargets = [\"127.0.0.1:9\"]\n[upstreams.a.tls]\n\
-         server_name = \"not a name\"\n"
-    ));
-    assert!(
-        server_name.contains("edge.toml:6: upstreams.a.tls.server_name"),
-        "{server_name}"
-    );
-
-    let missing_ca = check(&format!(
-        "{listener}[upstreams.a]\ntargets = [\"127.0.0.1:9\"]\n[upstreams.a.tls]\n\
-         ca = \"missing-ca.pem\"\n"
-    ));
-    assert!(
-        missing_ca.contains("upstreams.a.tls: cannot read")
-            && missing_ca.contains("missing-ca.pem"),
-        "{missing_ca}"
-    );
+    let upstream = "[upstreams.a]\ntargets = [\"127.0.0.1:9\"]\n[upstreams.a.tls]\n";
+    // The config after the listener, and what the error must contain.
+    let cases = [
+        (
+            "[listeners.tls]\n".to_owned(),
+            "edge.toml:2: listeners[0].tls.certificates: add a",
+        ),
+        (
+            "[listeners.tls]\ndev_certificate = true\n\
+             [[listeners.tls.certificates]]\ncert = \"a.pem\"\nkey = \"a.key\"\n"
+                .to_owned(),
+            "listeners[0].tls.dev_certificate: set either",
+        ),
+        (
+            "[listeners.tls]\ndev_certificate = true\nclient_subject_header = \"Host\"\n"
+                .to_owned(),
+            "edge.toml:5: listeners[0].tls.client_subject_header",
+        ),
+        (
+            "[listeners.tls]\ndev_certificate = true\nhsts = \"forever\"\n".to_owned(),
+            "edge.toml:5: listeners[0].tls.hsts: \"forever\" is not",
+        ),
+        (
+            "[listeners.tls]\ndev_certificate = true\n[listeners.redirect_https]\n".to_owned(),
+            "listeners[0].redirect_https: a TLS listener cannot redirect",
+        ),
+        (
+            "[listeners.redirect_https]\n".to_owned(),
+            "listeners[0].redirect_https.port: set `port`",
+        ),
+        (
+            "[listeners.redirect_https]\nport = 443\nexcept = [\"acme\"]\n".to_owned(),
+            "edge.toml:5: listeners[0].redirect_https.except: \"acme\" must start",
+        ),
+        (
+            format!("{upstream}server_name = \"not a name\"\n"),
+            "edge.toml:6: upstreams.a.tls.server_name",
+        ),
+        (
+            format!("{upstream}ca = \"missing-ca.pem\"\n"),
+            "upstreams.a.tls: cannot read",
+        ),
+    ];
+    for (rest, expected) in cases {
+        let message = check(&format!("{listener}{rest}"));
+        assert!(message.contains(expected), "{rest}: {message}");
+    }
 }

@@ -35,9 +35,14 @@ enum Command {
     },
     /// Start a demo node with built-in demo upstreams and the example workers.
     Demo {
-        /// Address the demo node listens on.
-        #[arg(long, default_value = "127.0.0.1:8080")]
+        /// Address the demo node serves HTTPS on, with a self-signed
+        /// development certificate.
+        #[arg(long, default_value = "127.0.0.1:8443")]
         listen: std::net::SocketAddr,
+        /// Address the demo node serves plain HTTP on, redirecting every
+        /// request to HTTPS.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        http_listen: std::net::SocketAddr,
         /// Folder with add-header.wasm and path-router.wasm.
         #[arg(long, default_value = "modules")]
         modules: PathBuf,
@@ -105,7 +110,11 @@ pub fn main() -> ExitCode {
     let result = match cli.command {
         Command::Serve { config } => serve(&config),
         Command::Check { config } => check(&config),
-        Command::Demo { listen, modules } => crate::demo::run(listen, &modules),
+        Command::Demo {
+            listen,
+            http_listen,
+            modules,
+        } => crate::demo::run(listen, http_listen, &modules),
         Command::Routes(RoutesCommand::Explain {
             config,
             method,
@@ -133,8 +142,16 @@ pub fn main() -> ExitCode {
 
 /// Logs to stderr at `default_level`, or at the level the `EDGE_LOG`
 /// variable sets (for example `EDGE_LOG=debug`).
+///
+/// rustls logs only errors unless `EDGE_LOG` names it: it warns once per
+/// handshake about clients that send an IP address as SNI, as wrk does, and
+/// the node logs failed handshakes itself at debug.
 fn init_tracing(default_level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("EDGE_LOG")
+    let mut directives = std::env::var("EDGE_LOG").unwrap_or_else(|_| default_level.to_owned());
+    if !directives.contains("rustls") {
+        directives.push_str(",rustls=error");
+    }
+    let filter = tracing_subscriber::EnvFilter::try_new(&directives)
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -157,20 +174,48 @@ fn serve(path: &Path) -> anyhow::Result<()> {
 
 /// Serves a built node until Ctrl-C or SIGTERM, printing its addresses.
 pub fn run_node(config: &Config, node: Node) -> anyhow::Result<()> {
+    let node = Arc::new(node);
     let server = Server::start(
-        Arc::new(node),
+        node.clone(),
         &config.listeners,
         config.threads(),
         config.node.drain_timeout,
     )?;
-    for addr in &server.addrs {
-        println!("listening on http://{addr}");
+    for (addr, listener) in server.addrs.iter().zip(&node.listeners) {
+        match &listener.tls {
+            Some(tls) => {
+                println!("listening on https://{addr}");
+                if let Some(ca) = &tls.dev_ca {
+                    print_dev_certificate_hint(ca, *addr);
+                }
+            }
+            None => println!("listening on http://{addr}"),
+        }
     }
     tracing::info!(node = %config.node.name, threads = config.threads(), "serving");
     wait_for_signal()?;
     tracing::info!("shutting down; draining open connections");
     server.shutdown();
     Ok(())
+}
+
+/// Prints how to trust the development CA, or skip verification, in curl.
+fn print_dev_certificate_hint(ca: &Path, addr: std::net::SocketAddr) {
+    let port = addr.port();
+    println!(
+        "  this listener uses a self-signed development certificate for localhost, \
+         127.0.0.1 and ::1"
+    );
+    println!(
+        "  trust its CA per request: curl --cacert {} https://localhost:{port}/",
+        ca.display()
+    );
+    println!("  or skip verification:     curl -k https://localhost:{port}/");
+    println!(
+        "  or trust it system-wide:  sudo cp {} /usr/local/share/ca-certificates/edge-dev.crt \
+         && sudo update-ca-certificates",
+        ca.display()
+    );
 }
 
 fn wait_for_signal() -> anyhow::Result<()> {

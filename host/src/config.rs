@@ -73,24 +73,142 @@ impl Default for NodeConfig {
     }
 }
 
-/// One address the node accepts plain-HTTP connections on (HTTP/1.1 and
+/// One address the node accepts connections on: HTTPS when `tls` is set
+/// (HTTP/1.1 and HTTP/2 chosen by ALPN), plain HTTP otherwise (HTTP/1.1 and
 /// HTTP/2 with prior knowledge).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
     /// The socket address, such as `0.0.0.0:8080`. Port 0 picks a free port.
-    pub addr: SocketAddr,
+    pub addr: Spanned<SocketAddr>,
     /// Peers whose `X-Forwarded-For` is trusted and appended to; for every
     /// other peer the header is replaced. Default: none.
     #[serde(default)]
     pub trusted_proxies: Vec<IpNet>,
-    /// Time allowed for a client to send a request's headers. Default: 30s.
+    /// Time allowed for a client to finish the TLS handshake and to send a
+    /// request's headers. Default: 30s.
     #[serde(default = "default_header_timeout", with = "humantime_serde")]
     pub header_timeout: Duration,
+    /// Terminates TLS on this listener. Default: plain HTTP.
+    pub tls: Option<ListenerTlsConfig>,
+    /// Answers every request with a 308 redirect to HTTPS, except on the
+    /// listed paths. Only on a plain-HTTP listener. Default: off.
+    pub redirect_https: Option<RedirectConfig>,
 }
 
 fn default_header_timeout() -> Duration {
     Duration::from_secs(30)
+}
+
+/// TLS settings of a listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerTlsConfig {
+    /// Certificate chains with their keys, chosen by the client's SNI name
+    /// against each certificate's DNS names (wildcards included). The first
+    /// one is the default certificate.
+    #[serde(default)]
+    pub certificates: Vec<CertificateConfig>,
+    /// Generates (or reuses) a self-signed development CA and a certificate
+    /// for localhost, 127.0.0.1 and ::1 in `.edge-dev-tls/` beside the config
+    /// file, instead of `certificates`. Default: false.
+    #[serde(default)]
+    pub dev_certificate: bool,
+    /// What a client gets that sends no SNI name, or one no certificate
+    /// covers: `default` (the first certificate) or `reject` (the handshake
+    /// fails with an `unrecognized_name` alert). Default: `default`.
+    #[serde(default)]
+    pub sni_fallback: SniFallback,
+    /// PEM file of the CAs that client certificates must chain to; setting it
+    /// turns on client certificate (mutual TLS) checks. Default: none.
+    pub client_ca: Option<Spanned<PathBuf>>,
+    /// With `client_ca`: `required` rejects a handshake without a valid
+    /// client certificate, `optional` accepts one without a certificate but
+    /// still rejects an invalid one. Default: `required`.
+    #[serde(default)]
+    pub client_auth: ClientAuth,
+    /// The request header that carries the verified client certificate's
+    /// subject (RFC 4514, such as `CN=client-1,O=Example`) to workers and
+    /// upstreams. The node removes any value the client sent. Default:
+    /// `x-client-cert-subject`.
+    #[serde(default = "default_subject_header")]
+    pub client_subject_header: Spanned<String>,
+    /// How often the certificate, key and CA files are checked for changes;
+    /// changed files are loaded for new connections. `0s` turns the checks
+    /// off (SIGHUP still reloads). Default: 5s.
+    #[serde(default = "default_reload_interval", with = "humantime_serde")]
+    pub reload_interval: Duration,
+    /// The `Strict-Transport-Security` value added to responses that do not
+    /// have one, such as `max-age=31536000; includeSubDomains`. Default:
+    /// none.
+    pub hsts: Option<Spanned<String>>,
+}
+
+fn default_subject_header() -> Spanned<String> {
+    Spanned::new(0..0, "x-client-cert-subject".to_owned())
+}
+
+fn default_reload_interval() -> Duration {
+    Duration::from_secs(5)
+}
+
+/// A certificate chain and its private key, both PEM files.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertificateConfig {
+    /// The PEM certificate chain, the server's certificate first.
+    pub cert: Spanned<PathBuf>,
+    /// The PEM private key: PKCS#8, PKCS#1 (RSA) or SEC1 (ECDSA); RSA, ECDSA
+    /// and Ed25519 keys are accepted.
+    pub key: Spanned<PathBuf>,
+}
+
+/// What a TLS listener does for a client whose SNI name matches no
+/// certificate.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SniFallback {
+    /// Serve the first certificate.
+    #[default]
+    Default,
+    /// Fail the handshake.
+    Reject,
+}
+
+/// Whether a client certificate is required when `client_ca` is set.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ClientAuth {
+    #[default]
+    Required,
+    Optional,
+}
+
+/// The HTTP-to-HTTPS redirect of a plain-HTTP listener.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedirectConfig {
+    /// The port in the redirect's `https://` URL. Default: the port of the
+    /// config's first TLS listener.
+    pub port: Option<u16>,
+    /// Path prefixes, on whole segments, that are served as usual instead of
+    /// redirected, such as `/.well-known/acme-challenge`. Default: none.
+    #[serde(default)]
+    pub except: Vec<Spanned<String>>,
+}
+
+/// TLS to an upstream's targets.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamTlsConfig {
+    /// PEM file of the CAs the targets' certificates must chain to. Default:
+    /// the system's trusted roots.
+    pub ca: Option<Spanned<PathBuf>>,
+    /// The name sent as SNI and checked against the targets' certificates.
+    /// Default: each target's IP address.
+    pub server_name: Option<Spanned<String>>,
+    /// A client certificate to present to the targets (mutual TLS).
+    pub client_certificate: Option<CertificateConfig>,
 }
 
 /// Settings of the worker runtime shared by every route.
@@ -144,6 +262,8 @@ pub struct UpstreamConfig {
     /// Default: 64.
     #[serde(default = "default_max_idle")]
     pub max_idle_per_target: usize,
+    /// Speaks HTTPS to the targets. Default: plain HTTP.
+    pub tls: Option<UpstreamTlsConfig>,
 }
 
 fn default_connect_timeout() -> Duration {
@@ -237,6 +357,22 @@ fn is_host_rule(host: &str) -> bool {
         })
 }
 
+/// True for headers that the node or hyper set for each message or
+/// connection, which a configured header name must not be.
+fn is_hop_or_framing(name: &http::HeaderName) -> bool {
+    use http::header;
+    [
+        header::HOST,
+        header::CONTENT_LENGTH,
+        header::TRANSFER_ENCODING,
+        header::CONNECTION,
+        header::UPGRADE,
+        header::TE,
+        header::TRAILER,
+    ]
+    .contains(name)
+}
+
 /// A config that could not be read or is invalid.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -288,6 +424,9 @@ impl Config {
         if self.listeners.is_empty() {
             return Err(self.invalid(0, "listeners", "at least one [[listeners]] is required"));
         }
+        for (index, listener) in self.listeners.iter().enumerate() {
+            self.validate_listener(index, listener)?;
+        }
         if let Some(threads) = &self.node.threads {
             if !(1..=1024).contains(threads.get_ref()) {
                 let line = self.line_of(threads.span().start);
@@ -315,10 +454,23 @@ impl Config {
             return Err(self.invalid(0, "runtime.max_memory", &message));
         }
         for (name, upstream) in &self.upstreams {
+            let line = self.line_of(upstream.targets.span().start);
             if upstream.targets.get_ref().is_empty() {
                 let field = format!("upstreams.{name}.targets");
-                let line = self.line_of(upstream.targets.span().start);
                 return Err(self.invalid(line, &field, "at least one target is required"));
+            }
+            let server_name = upstream.tls.as_ref().and_then(|t| t.server_name.as_ref());
+            if let Some(server_name) = server_name {
+                if rustls::pki_types::ServerName::try_from(server_name.get_ref().as_str()).is_err()
+                {
+                    let field = format!("upstreams.{name}.tls.server_name");
+                    let line = self.line_of(server_name.span().start);
+                    let message = format!(
+                        "{:?} is not a DNS name or IP address",
+                        server_name.get_ref()
+                    );
+                    return Err(self.invalid(line, &field, &message));
+                }
             }
         }
         let mut names = BTreeMap::new();
@@ -383,6 +535,73 @@ impl Config {
                     let field = field(&format!("workers[{worker_index}].cpu_deadline"));
                     let line = self.line_of(worker.module.span().start);
                     return Err(self.invalid(line, &field, "must be more than zero"));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks a listener's TLS and redirect settings.
+    fn validate_listener(
+        &self,
+        index: usize,
+        listener: &ListenerConfig,
+    ) -> Result<(), ConfigError> {
+        let field = |name: &str| format!("listeners[{index}].{name}");
+        let line = self.line_of(listener.addr.span().start);
+        if let Some(tls) = &listener.tls {
+            if tls.certificates.is_empty() && !tls.dev_certificate {
+                let message = "add a [[listeners.tls.certificates]] with `cert` and `key`, \
+                               or set dev_certificate = true for a self-signed one";
+                return Err(self.invalid(line, &field("tls.certificates"), message));
+            }
+            if !tls.certificates.is_empty() && tls.dev_certificate {
+                let message = "set either certificates or dev_certificate = true, not both";
+                return Err(self.invalid(line, &field("tls.dev_certificate"), message));
+            }
+            let header = tls.client_subject_header.get_ref();
+            let valid_name = http::HeaderName::from_bytes(header.as_bytes())
+                .is_ok_and(|name| name.as_str() == header && !is_hop_or_framing(&name));
+            if !valid_name {
+                let message = format!(
+                    "{header:?} is not a lower-case header name the node may set; \
+                     use a name such as x-client-cert-subject"
+                );
+                let line = self
+                    .line_of(tls.client_subject_header.span().start)
+                    .max(line);
+                return Err(self.invalid(line, &field("tls.client_subject_header"), &message));
+            }
+        }
+        let hsts = listener.tls.as_ref().and_then(|tls| tls.hsts.as_ref());
+        if let Some(hsts) = hsts {
+            let valid = http::HeaderValue::from_str(hsts.get_ref()).is_ok()
+                && hsts.get_ref().to_ascii_lowercase().contains("max-age=");
+            if !valid {
+                let message = format!(
+                    "{:?} is not a Strict-Transport-Security value; \
+                     use a value such as \"max-age=31536000\"",
+                    hsts.get_ref()
+                );
+                let line = self.line_of(hsts.span().start);
+                return Err(self.invalid(line, &field("tls.hsts"), &message));
+            }
+        }
+        if let Some(redirect) = &listener.redirect_https {
+            if listener.tls.is_some() {
+                let message = "a TLS listener cannot redirect to HTTPS; \
+                               set redirect_https on a plain-HTTP listener";
+                return Err(self.invalid(line, &field("redirect_https"), message));
+            }
+            if redirect.port.is_none() && !self.listeners.iter().any(|l| l.tls.is_some()) {
+                let message = "set `port`: the config has no TLS listener to take it from";
+                return Err(self.invalid(line, &field("redirect_https.port"), message));
+            }
+            for path in &redirect.except {
+                if !path.get_ref().starts_with('/') {
+                    let message = format!("{:?} must start with '/'", path.get_ref());
+                    let line = self.line_of(path.span().start);
+                    return Err(self.invalid(line, &field("redirect_https.except"), &message));
                 }
             }
         }

@@ -22,7 +22,7 @@ const DEMO_CONFIG: &str = include_str!("../demo/demo.toml");
 
 /// Starts the demo upstreams and a node in front of them, and serves until
 /// Ctrl-C.
-pub fn run(listen: SocketAddr, modules: &Path) -> anyhow::Result<()> {
+pub fn run(listen: SocketAddr, http_listen: SocketAddr, modules: &Path) -> anyhow::Result<()> {
     for module in ["add-header.wasm", "path-router.wasm"] {
         let path = modules.join(module);
         if !path.exists() {
@@ -37,6 +37,7 @@ pub fn run(listen: SocketAddr, modules: &Path) -> anyhow::Result<()> {
         .with_context(|| format!("cannot resolve {}", modules.display()))?;
     let mut text = DEMO_CONFIG
         .replace("{listen}", &listen.to_string())
+        .replace("{http_listen}", &http_listen.to_string())
         .replace("{modules}", &modules.display().to_string());
     for (name, addr) in &services {
         text = text.replace(&format!("{{{name}}}"), &addr.to_string());
@@ -48,16 +49,19 @@ pub fn run(listen: SocketAddr, modules: &Path) -> anyhow::Result<()> {
     };
     let config = Config::parse(source)?;
     let node = Node::build(&config)?;
-    let base = format!("http://{listen}");
+    let base = format!("https://localhost:{}", listen.port());
+    let ca = config.source.base_dir.join(".edge-dev-tls/ca.pem");
+    let curl = format!("curl -i --cacert {}", ca.display());
     println!("Edge demo node: routes /api/* through the path-router and add-header workers.");
-    println!("Try, in another terminal:");
-    println!("  curl -i {base}/api/users/7                 # routed to the users upstream");
-    println!("  curl -i -X POST {base}/api/checkout        # routed to the payments upstream");
-    println!(
-        "  curl -i {base}/api/unknown                 # answered 404 by the path-router worker"
-    );
-    println!("  curl -i {base}/                            # the web upstream, x-powered-by added");
-    println!("  curl -i --path-as-is '{base}/api/../api/users/7'  # normalised before routing");
+    println!("It serves HTTPS on {listen} with a self-signed development certificate, and");
+    println!("redirects plain HTTP on {http_listen} to it. Try, in another terminal:");
+    println!("  {curl} {base}/api/users/7          # routed to the users upstream");
+    println!("  {curl} -X POST {base}/api/checkout # routed to the payments upstream");
+    println!("  {curl} {base}/api/unknown          # answered 404 by the path-router worker");
+    println!("  {curl} {base}/                     # the web upstream, x-powered-by added");
+    println!("  {curl} --path-as-is '{base}/api/../api/users/7'  # normalised before routing");
+    println!("  curl -i http://{http_listen}/api/users/7   # 308 redirect to HTTPS");
+    println!("  curl -ik {base}/api/users/7         # -k skips certificate verification");
     println!("Press Ctrl-C to stop.");
     crate::cli::run_node(&config, node)
 }

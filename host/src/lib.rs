@@ -18,4 +18,5 @@ pub mod proxy;
 pub mod route;
 pub mod scaffold;
 pub mod timer;
+pub mod tls;
 pub mod worker;

@@ -4,7 +4,8 @@
 //! in turn to the serving threads. Each serving thread runs a single-threaded
 //! tokio runtime, so a request stays on one core from accept to response and
 //! the upstream connection pool needs no lock. Connections speak HTTP/1.1 or
-//! HTTP/2 (prior knowledge), detected from the first bytes.
+//! HTTP/2, detected from the first bytes: over TLS the client picks one with
+//! ALPN, over plain TCP it sends HTTP/2 with prior knowledge.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -59,11 +60,12 @@ impl Server {
         let mut bound = Vec::new();
         let mut addrs = Vec::new();
         for listener in listeners {
-            let socket = bind(listener.addr)
-                .with_context(|| format!("cannot listen on {}", listener.addr))?;
+            let addr = *listener.addr.get_ref();
+            let socket = bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
             addrs.push(socket.local_addr()?);
             bound.push(socket);
         }
+        set_redirect_ports(&node, &addrs);
         let (shutdown, shutdown_rx) = watch::channel(false);
 
         let mut senders = Vec::new();
@@ -82,6 +84,18 @@ impl Server {
                 })
                 .context("cannot start a serving thread")?;
             handles.push(handle);
+        }
+
+        let reloading: Vec<_> = node
+            .listeners
+            .iter()
+            .enumerate()
+            .filter_map(|(index, listener)| Some((index, listener.tls.clone()?)))
+            .collect();
+        if !reloading.is_empty() {
+            let reloader = crate::tls::spawn_reloader(reloading, shutdown_rx.clone())
+                .context("cannot start the certificate reload thread")?;
+            handles.push(reloader);
         }
 
         let acceptor_shutdown = shutdown_rx.clone();
@@ -103,6 +117,22 @@ impl Server {
         let _ = self.shutdown.send(true);
         for thread in self.threads {
             let _ = thread.join();
+        }
+    }
+}
+
+/// Gives each HTTP-to-HTTPS redirect without a configured port the bound
+/// port of the first TLS listener.
+fn set_redirect_ports(node: &Node, addrs: &[SocketAddr]) {
+    let tls_port = node
+        .listeners
+        .iter()
+        .zip(addrs)
+        .find(|(listener, _)| listener.tls.is_some())
+        .map(|(_, addr)| addr.port());
+    for redirect in node.listeners.iter().filter_map(|l| l.redirect.as_ref()) {
+        if let Some(port) = tls_port {
+            let _ = redirect.port.set(port);
         }
     }
 }
@@ -226,48 +256,70 @@ fn serve_thread(
                             continue;
                         }
                     };
+                    let listener = &node.listeners[connection.listener];
+                    let acceptor = listener.tls.as_ref().map(|tls| tls.acceptor());
+                    let wants_subject = listener.client_subject_header.is_some();
                     let builders = builders[connection.listener].clone();
-                    // One reference count per request instead of two.
-                    let context = Arc::new((node.clone(), connection));
-                    let service = service_fn(move |request| {
-                        let context = context.clone();
-                        async move {
-                            let (node, connection) = &*context;
-                            Ok::<_, std::convert::Infallible>(
-                                pipeline::handle(node, connection, request).await,
-                            )
-                        }
-                    });
+                    let node = node.clone();
                     let watcher = graceful.watcher();
                     tokio::spawn(async move {
-                        // hyper's header timer starts with the first bytes, which
-                        // also tell HTTP/1 from HTTP/2, so a client that sends
-                        // nothing would hold its connection forever.
-                        let first_bytes = tokio::time::timeout(
-                            builders.header_timeout,
-                            peek_preface(&stream),
-                        );
-                        let Ok(first_bytes) = first_bytes.await else {
-                            tracing::debug!(
-                                %peer,
-                                "closing a connection that sent nothing"
-                            );
+                        let header_timeout = builders.header_timeout;
+                        let peer = connection.peer;
+                        let Some(acceptor) = acceptor else {
+                            // hyper's header timer starts with the first bytes,
+                            // which also tell HTTP/1 from HTTP/2, so a client
+                            // that sends nothing would hold its connection
+                            // forever.
+                            let first_bytes =
+                                tokio::time::timeout(header_timeout, peek_preface(&stream));
+                            let Ok(first_bytes) = first_bytes.await else {
+                                tracing::debug!(%peer, "closing a connection that sent nothing");
+                                return;
+                            };
+                            serve(node, connection, &builders, first_bytes, watcher, stream).await;
                             return;
                         };
-                        let io = TokioIo::new(stream);
-                        let served: Result<(), Box<dyn std::error::Error + Send + Sync>> =
-                            match first_bytes {
-                                FirstBytes::Http1 => watcher
-                                    .watch(builders.http1.serve_connection(io, service))
-                                    .await
-                                    .map_err(Into::into),
-                                FirstBytes::MaybeHttp2 => {
-                                    watcher.watch(builders.auto.serve_connection(io, service)).await
-                                }
-                            };
-                        if let Err(error) = served {
-                            tracing::debug!(%error, "client connection ended with an error");
+                        if tokio::time::timeout(header_timeout, stream.readable()).await.is_err() {
+                            tracing::debug!(%peer, "closing a connection that sent nothing");
+                            return;
                         }
+                        let mut stream = stream;
+                        if crate::tls::reject_old_protocol(&mut stream).await {
+                            tracing::debug!(
+                                %peer,
+                                "rejected a client that offers only TLS 1.1 or older"
+                            );
+                            return;
+                        }
+                        let mut connection = connection;
+                        let accepting = acceptor.accept(stream);
+                        let stream = match tokio::time::timeout(header_timeout, accepting).await {
+                            Ok(Ok(stream)) => stream,
+                            Ok(Err(error)) => {
+                                tracing::debug!(%peer, %error, "TLS handshake failed");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!(
+                                    %peer,
+                                    "closing a connection whose TLS handshake timed out"
+                                );
+                                return;
+                            }
+                        };
+                        connection.secure = true;
+                        let session = stream.get_ref().1;
+                        if wants_subject {
+                            connection.client_subject = session
+                                .peer_certificates()
+                                .and_then(|chain| chain.first())
+                                .and_then(crate::tls::client_subject);
+                        }
+                        let first_bytes = match session.alpn_protocol() {
+                            Some(b"h2") => FirstBytes::MaybeHttp2,
+                            _ => FirstBytes::Http1,
+                        };
+                        serve(node, connection, &builders, first_bytes, watcher, stream).await;
                     });
                 }
                 _ = shutdown.wait_for(|stop| *stop) => break,
@@ -283,6 +335,44 @@ fn serve_thread(
             );
         }
     });
+}
+
+/// Serves HTTP on an accepted (and, for TLS, handshaken) connection until
+/// it closes or the drain ends.
+async fn serve<T>(
+    node: Arc<Node>,
+    connection: Connection,
+    builders: &Builders,
+    first_bytes: FirstBytes,
+    watcher: hyper_util::server::graceful::Watcher,
+    stream: T,
+) where
+    T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    // One reference count per request instead of two.
+    let context = Arc::new((node, connection));
+    let service = service_fn(move |request| {
+        let context = context.clone();
+        async move {
+            let (node, connection) = &*context;
+            Ok::<_, std::convert::Infallible>(pipeline::handle(node, connection, request).await)
+        }
+    });
+    let io = TokioIo::new(stream);
+    let served: Result<(), Box<dyn std::error::Error + Send + Sync>> = match first_bytes {
+        FirstBytes::Http1 => watcher
+            .watch(builders.http1.serve_connection(io, service))
+            .await
+            .map_err(Into::into),
+        FirstBytes::MaybeHttp2 => {
+            watcher
+                .watch(builders.auto.serve_connection(io, service))
+                .await
+        }
+    };
+    if let Err(error) = served {
+        tracing::debug!(%error, "client connection ended with an error");
+    }
 }
 
 /// The HTTP/2 connection preface (RFC 9113, section 3.4), which a client

@@ -2,14 +2,15 @@
 //! bound workers, upstreams, and the worker runtime.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
-use http::{HeaderValue, Method};
+use http::{HeaderName, HeaderValue, Method};
 use ipnet::IpNet;
 
-use crate::config::{Config, ConfigError};
+use crate::config::{CertificateConfig, Config, ConfigError, ListenerConfig};
 use crate::proxy::Upstream;
-use crate::route::{HostMatch, RouteRule, Router};
+use crate::route::{HostMatch, PathMatch, RouteRule, Router};
+use crate::tls::{CertificateFiles, ListenerTls, ServerSettings, TlsError, UpstreamTls};
 use crate::worker::{Binding, LoadError, Runtime, RuntimeSettings};
 
 /// A route, ready to serve.
@@ -28,6 +29,30 @@ pub struct Route {
 #[derive(Debug)]
 pub struct Listener {
     pub trusted_proxies: Vec<IpNet>,
+    /// The TLS config, on an HTTPS listener.
+    pub tls: Option<Arc<ListenerTls>>,
+    /// The header that carries the client certificate's subject, on a
+    /// listener that checks client certificates.
+    pub client_subject_header: Option<HeaderName>,
+    /// The subject headers of every listener that checks client
+    /// certificates, removed from requests on this one, so that a client of
+    /// a listener without them cannot forge a subject either.
+    pub subject_headers_to_remove: Vec<HeaderName>,
+    /// The redirect to HTTPS, on a plain-HTTP listener that has one.
+    pub redirect: Option<Redirect>,
+    /// The `Strict-Transport-Security` value for responses, on an HTTPS
+    /// listener that sets one.
+    pub hsts: Option<HeaderValue>,
+}
+
+/// The HTTP-to-HTTPS redirect of a listener.
+#[derive(Debug)]
+pub struct Redirect {
+    /// The port in the `https://` URL. Set when the listeners are bound
+    /// unless the config gives it.
+    pub port: OnceLock<u16>,
+    /// Path prefixes served as usual instead of redirected.
+    pub except: Vec<PathMatch>,
 }
 
 /// Everything a serving thread needs to handle a request.
@@ -57,6 +82,13 @@ pub enum BuildError {
         worker: usize,
         error: LoadError,
     },
+    #[error("{file}:{line}: {field}: {error}")]
+    Tls {
+        file: String,
+        line: usize,
+        field: String,
+        error: Box<TlsError>,
+    },
     #[error("cannot start the worker runtime: {0:#}")]
     Runtime(anyhow::Error),
 }
@@ -79,6 +111,25 @@ impl Node {
         let mut next_target = 0;
         for (name, upstream) in &config.upstreams {
             upstream_names.insert(name.clone(), upstreams.len());
+            let tls = match &upstream.tls {
+                Some(tls) => {
+                    let field = format!("upstreams.{name}.tls");
+                    let line = config.line_of(upstream.targets.span().start);
+                    let built = UpstreamTls::new(
+                        tls.ca
+                            .as_ref()
+                            .map(|ca| config.resolve(ca.get_ref()))
+                            .as_deref(),
+                        tls.server_name.as_ref().map(|n| n.get_ref().as_str()),
+                        tls.client_certificate
+                            .as_ref()
+                            .map(|c| certificate_files(config, c))
+                            .as_ref(),
+                    );
+                    Some(built.map_err(|error| tls_error(config, line, field, error))?)
+                }
+                None => None,
+            };
             upstreams.push(Upstream::new(
                 name.clone(),
                 upstream.targets.get_ref(),
@@ -86,6 +137,7 @@ impl Node {
                 upstream.connect_timeout,
                 upstream.response_timeout,
                 upstream.max_idle_per_target,
+                tls,
             ));
             next_target += upstream.targets.get_ref().len();
         }
@@ -150,6 +202,12 @@ impl Node {
             });
         }
 
+        let listeners = config
+            .listeners
+            .iter()
+            .enumerate()
+            .map(|(index, listener)| build_listener(config, index, listener))
+            .collect::<Result<Vec<_>, _>>()?;
         let via = HeaderValue::from_str(&format!("1.1 {}", config.node.name))
             .unwrap_or_else(|_| HeaderValue::from_static("1.1 edge"));
         Ok(Node {
@@ -159,13 +217,7 @@ impl Node {
             routes,
             upstreams,
             upstream_names,
-            listeners: config
-                .listeners
-                .iter()
-                .map(|l| Listener {
-                    trusted_proxies: l.trusted_proxies.clone(),
-                })
-                .collect(),
+            listeners,
             runtime,
         })
     }
@@ -174,4 +226,144 @@ impl Node {
     pub fn upstream_index(&self, name: &str) -> Option<usize> {
         self.upstream_names.get(name).copied()
     }
+}
+
+/// Builds a listener's settings, loading its certificates.
+fn build_listener(
+    config: &Config,
+    index: usize,
+    listener: &ListenerConfig,
+) -> Result<Listener, BuildError> {
+    let mut built = Listener {
+        trusted_proxies: listener.trusted_proxies.clone(),
+        tls: None,
+        client_subject_header: None,
+        subject_headers_to_remove: subject_headers(config),
+        redirect: None,
+        hsts: None,
+    };
+    if let Some(redirect) = &listener.redirect_https {
+        let port = OnceLock::new();
+        if let Some(configured) = redirect.port {
+            let _ = port.set(configured);
+        }
+        let except = redirect
+            .except
+            .iter()
+            .map(|path| {
+                PathMatch::prefix(path.get_ref()).map_err(|message| {
+                    config.invalid(
+                        config.line_of(path.span().start),
+                        &format!("listeners[{index}].redirect_https.except"),
+                        &message,
+                    )
+                })
+            })
+            .collect::<Result<_, _>>()?;
+        built.redirect = Some(Redirect { port, except });
+    }
+    let Some(tls) = &listener.tls else {
+        return Ok(built);
+    };
+    let line = config.line_of(listener.addr.span().start);
+    let field = |name: String| format!("listeners[{index}].tls.{name}");
+    let mut certificates = Vec::new();
+    let mut dev_ca = None;
+    if tls.dev_certificate {
+        let dir = config.source.base_dir.join(".edge-dev-tls");
+        let dev = crate::tls::dev_certificate(&dir)
+            .map_err(|error| tls_error(config, line, field("dev_certificate".into()), error))?;
+        certificates.push(dev.files);
+        dev_ca = Some(dev.ca);
+    }
+    certificates.extend(
+        tls.certificates
+            .iter()
+            .map(|c| certificate_files(config, c)),
+    );
+    let settings = ServerSettings {
+        certificates,
+        sni_fallback: tls.sni_fallback,
+        client_ca: tls
+            .client_ca
+            .as_ref()
+            .map(|ca| config.resolve(ca.get_ref())),
+        client_auth: tls.client_auth,
+    };
+    let loaded = ListenerTls::load(settings, tls.reload_interval, dev_ca).map_err(|error| {
+        let (entry, entry_line) =
+            failed_entry(config, tls, &error).unwrap_or_else(|| ("certificates".to_owned(), line));
+        tls_error(config, entry_line, field(entry), error)
+    })?;
+    built.tls = Some(Arc::new(loaded));
+    built.hsts = tls
+        .hsts
+        .as_ref()
+        .and_then(|value| HeaderValue::from_str(value.get_ref()).ok());
+    if tls.client_ca.is_some() {
+        built.client_subject_header =
+            HeaderName::from_bytes(tls.client_subject_header.get_ref().as_bytes()).ok();
+    }
+    Ok(built)
+}
+
+/// The subject header names of every listener that checks client
+/// certificates.
+fn subject_headers(config: &Config) -> Vec<HeaderName> {
+    let mut names: Vec<HeaderName> = Vec::new();
+    for tls in config
+        .listeners
+        .iter()
+        .filter_map(|listener| listener.tls.as_ref())
+    {
+        let header = tls.client_subject_header.get_ref().as_bytes();
+        if let (Some(_), Ok(name)) = (&tls.client_ca, HeaderName::from_bytes(header)) {
+            if !names.contains(&name) {
+                names.push(name);
+            }
+        }
+    }
+    names
+}
+
+fn certificate_files(config: &Config, certificate: &CertificateConfig) -> CertificateFiles {
+    CertificateFiles {
+        cert: config.resolve(certificate.cert.get_ref()),
+        key: config.resolve(certificate.key.get_ref()),
+    }
+}
+
+fn tls_error(config: &Config, line: usize, field: String, error: TlsError) -> BuildError {
+    BuildError::Tls {
+        file: config.source.name.clone(),
+        line,
+        field,
+        error: Box::new(error),
+    }
+}
+
+/// Finds the config entry of the file a TLS error names, as a field name
+/// and line.
+fn failed_entry(
+    config: &Config,
+    tls: &crate::config::ListenerTlsConfig,
+    error: &TlsError,
+) -> Option<(String, usize)> {
+    let path = error.path()?;
+    if let Some(ca) = &tls.client_ca {
+        if config.resolve(ca.get_ref()) == path {
+            return Some(("client_ca".to_owned(), config.line_of(ca.span().start)));
+        }
+    }
+    tls.certificates.iter().enumerate().find_map(|(index, c)| {
+        let (name, spanned) = if config.resolve(c.cert.get_ref()) == path {
+            ("cert", &c.cert)
+        } else if config.resolve(c.key.get_ref()) == path {
+            ("key", &c.key)
+        } else {
+            return None;
+        };
+        let line = config.line_of(spanned.span().start);
+        Some((format!("certificates[{index}].{name}"), line))
+    })
 }

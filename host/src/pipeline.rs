@@ -5,7 +5,9 @@
 //! stage               refusals
 //! one Host            400 invalid_host
 //! hop-by-hop removal
+//! client cert subject (set by the node only)
 //! normalise path      400 invalid_path
+//! redirect to HTTPS   308 (a redirecting listener), 400 invalid_host
 //! route               404 no_route
 //! body limit          413 body_too_large
 //! request workers     the worker's own response, 500 worker_failed,
@@ -38,6 +40,11 @@ pub struct Connection {
     pub peer: SocketAddr,
     /// Index into [`Node::listeners`].
     pub listener: usize,
+    /// True when the connection is TLS.
+    pub secure: bool,
+    /// The subject of the client's verified certificate, on a listener that
+    /// checks client certificates.
+    pub client_subject: Option<HeaderValue>,
     /// Whether the peer is one of the listener's trusted proxies.
     peer_trusted: bool,
     /// The peer's IP address as a header value, for `X-Forwarded-For`.
@@ -45,6 +52,8 @@ pub struct Connection {
 }
 
 impl Connection {
+    /// Describes a plain connection from `peer` to listener `listener`; the
+    /// listener marks it secure after a TLS handshake.
     pub fn new(node: &Node, peer: SocketAddr, listener: usize) -> Connection {
         let peer_trusted = node.listeners[listener]
             .trusted_proxies
@@ -55,6 +64,8 @@ impl Connection {
         Connection {
             peer,
             listener,
+            secure: false,
+            client_subject: None,
             peer_trusted,
             peer_header,
         }
@@ -68,11 +79,18 @@ pub async fn handle(
     connection: &Connection,
     request: Request<Incoming>,
 ) -> Response<ResponseBody> {
+    let listener = connection.listener;
     let mut response = match serve(node, connection, request).await {
         Ok(response) => response,
         Err(refusal) => refusal.to_response(),
     };
-    response.headers_mut().append(header::VIA, node.via.clone());
+    let headers = response.headers_mut();
+    headers.append(header::VIA, node.via.clone());
+    if let Some(hsts) = &node.listeners[listener].hsts {
+        headers
+            .entry(header::STRICT_TRANSPORT_SECURITY)
+            .or_insert_with(|| hsts.clone());
+    }
     response
 }
 
@@ -87,12 +105,33 @@ async fn serve(
     // any route or worker looks at the request.
     canonicalize_host(&mut parts)?;
     remove_hop_by_hop(&mut parts.headers);
+    let listener = &node.listeners[connection.listener];
+
+    // Only the node sets the client certificate's subject.
+    for name in &listener.subject_headers_to_remove {
+        parts.headers.remove(name);
+    }
+    if let (Some(name), Some(subject)) =
+        (&listener.client_subject_header, &connection.client_subject)
+    {
+        parts.headers.insert(name.clone(), subject.clone());
+    }
 
     // Route on the normalised path, never the raw one.
     let uri = parts.uri.clone();
     let raw_path = uri.path();
     let path = normalize_path(raw_path).map_err(|e| Refusal::InvalidPath(e.to_string()))?;
     let path_changed = path != raw_path;
+
+    if let Some(redirect) = &listener.redirect {
+        if !redirect
+            .except
+            .iter()
+            .any(|prefix| prefix.matches(&path).is_some())
+        {
+            return redirect_to_https(&parts, redirect);
+        }
+    }
     let matched = {
         let host = parts
             .headers
@@ -113,7 +152,6 @@ async fn serve(
         }
     }
 
-    let listener = &node.listeners[connection.listener];
     let client_ip = client_ip(
         &parts.headers,
         connection.peer.ip(),
@@ -180,6 +218,34 @@ async fn serve(
         }
     }
     Ok(response.map(ResponseBody::Upstream))
+}
+
+/// Builds the 308 redirect to the same host, path and query over HTTPS.
+/// 308 keeps the method and body, unlike 301.
+fn redirect_to_https(
+    parts: &Parts,
+    redirect: &crate::node::Redirect,
+) -> Result<Response<ResponseBody>, Refusal> {
+    let host = parts
+        .headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .map(host_name)
+        .filter(|host| !host.is_empty())
+        .ok_or_else(|| {
+            Refusal::InvalidHost("a redirect to HTTPS needs the request's Host".to_owned())
+        })?;
+    let port = match redirect.port.get() {
+        Some(443) | None => String::new(),
+        Some(port) => format!(":{port}"),
+    };
+    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    let location = HeaderValue::from_str(&format!("https://{host}{port}{target}"))
+        .map_err(|_| Refusal::InvalidHost("the Host is not a valid host name".to_owned()))?;
+    let mut response = Response::new(ResponseBody::full(Bytes::new()));
+    *response.status_mut() = StatusCode::PERMANENT_REDIRECT;
+    response.headers_mut().insert(header::LOCATION, location);
+    Ok(response)
 }
 
 /// Makes the `Host` header the one host the request is for: the target's
@@ -377,7 +443,8 @@ fn prepare_upstream_request(
         _ => connection.peer_header.clone(),
     };
     headers.insert(X_FORWARDED_FOR.clone(), forwarded_for);
-    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    let proto = if connection.secure { "https" } else { "http" };
+    headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
     headers.append(header::VIA, node.via.clone());
     Ok(())
 }

@@ -23,10 +23,12 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
+use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 
 use crate::error::Refusal;
 use crate::timer;
+use crate::tls::UpstreamTls;
 use crate::worker::LogThrottle;
 
 /// Boxed error of a body.
@@ -48,6 +50,8 @@ pub struct Upstream {
     pub connect_timeout: Duration,
     pub response_timeout: Duration,
     pub max_idle: usize,
+    /// TLS to the targets; `None` for plain HTTP.
+    pub tls: Option<UpstreamTls>,
     next: AtomicUsize,
     /// Limits log lines about failed upstream calls.
     failures: LogThrottle,
@@ -62,6 +66,7 @@ impl Upstream {
         connect_timeout: Duration,
         response_timeout: Duration,
         max_idle: usize,
+        tls: Option<UpstreamTls>,
     ) -> Upstream {
         let targets = addrs
             .iter()
@@ -77,6 +82,7 @@ impl Upstream {
             connect_timeout,
             response_timeout,
             max_idle,
+            tls,
             next: AtomicUsize::new(0),
             failures: LogThrottle::default(),
         }
@@ -134,11 +140,26 @@ impl Upstream {
     }
 
     async fn connect(&self, target: &Target) -> Result<http1::SendRequest<RequestBody>, Refusal> {
-        let connecting =
-            tokio::time::timeout(self.connect_timeout, TcpStream::connect(target.addr));
-        let stream = match connecting.await {
-            Ok(Ok(stream)) => stream,
+        // With TLS, the connect timeout covers the handshake too.
+        let connecting = tokio::time::timeout(self.connect_timeout, async {
+            let stream = TcpStream::connect(target.addr).await?;
+            let _ = stream.set_nodelay(true);
+            match &self.tls {
+                None => Ok(Connected::Plain(stream)),
+                Some(tls) => {
+                    let name = match &tls.server_name {
+                        Some(name) => name.clone(),
+                        None => ServerName::IpAddress(target.addr.ip().into()),
+                    };
+                    let stream = tls.connector.connect(name, stream).await?;
+                    Ok(Connected::Tls(Box::new(stream)))
+                }
+            }
+        });
+        let connected = match connecting.await {
+            Ok(Ok(connected)) => connected,
             Ok(Err(error)) => {
+                let error: std::io::Error = error;
                 self.log_failure(target, Some(&error), "connect failed");
                 return Err(Refusal::UpstreamUnavailable {
                     upstream: self.name.clone(),
@@ -151,18 +172,11 @@ impl Upstream {
                 });
             }
         };
-        let _ = stream.set_nodelay(true);
-        let (sender, connection) = http1::Builder::new()
-            .writev(false)
-            .handshake(TokioIo::new(stream))
-            .await
-            .map_err(|error| self.failure(target, error))?;
-        tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "upstream connection ended with an error");
-            }
-        });
-        Ok(sender)
+        let handshake = match connected {
+            Connected::Plain(stream) => handshake(TokioIo::new(stream)).await,
+            Connected::Tls(stream) => handshake(TokioIo::new(stream)).await,
+        };
+        handshake.map_err(|error| self.failure(target, error))
     }
 
     fn pooled(
@@ -213,6 +227,26 @@ impl Upstream {
             }
         }
     }
+}
+
+/// A new connection to a target, before the HTTP handshake.
+enum Connected {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
+
+/// Starts HTTP/1.1 on a new connection and spawns the task that drives it.
+async fn handshake<T>(io: T) -> Result<http1::SendRequest<RequestBody>, hyper::Error>
+where
+    T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (sender, connection) = http1::Builder::new().writev(false).handshake(io).await?;
+    tokio::spawn(async move {
+        if let Err(error) = connection.await {
+            tracing::debug!(%error, "upstream connection ended with an error");
+        }
+    });
+    Ok(sender)
 }
 
 /// Returns the first error of type `E` in the chain of causes of `error`.

@@ -46,7 +46,11 @@ pub fn shared_cache_dir() -> PathBuf {
 /// A running `edge serve` process, killed on drop.
 pub struct Node {
     child: Child,
+    /// The first listener's address.
     pub addr: SocketAddr,
+    /// Every listener's base URL, such as `https://127.0.0.1:4431`, in
+    /// config order.
+    pub urls: Vec<String>,
     /// Holds the config file until the node stops.
     _dir: tempfile::TempDir,
     stderr: Arc<Mutex<String>>,
@@ -69,17 +73,19 @@ impl Node {
             ));
         }
         let path = dir.path().join("edge.toml");
+        let listeners = text.matches("[[listeners]]").count();
         std::fs::write(&path, text)?;
         let config = path.display().to_string();
-        Node::spawn(&["serve", "--config", &config], dir)
+        Node::spawn(&["serve", "--config", &config], dir, listeners)
     }
 
-    /// Starts `edge` with `args`, such as `demo`, and waits until it listens.
-    pub fn start_with_args(args: &[&str]) -> Result<Node> {
-        Node::spawn(args, tempfile::tempdir()?)
+    /// Starts `edge` with `args`, such as `demo`, and waits until its
+    /// `listeners` listeners listen.
+    pub fn start_with_args(args: &[&str], listeners: usize) -> Result<Node> {
+        Node::spawn(args, tempfile::tempdir()?, listeners)
     }
 
-    fn spawn(args: &[&str], dir: tempfile::TempDir) -> Result<Node> {
+    fn spawn(args: &[&str], dir: tempfile::TempDir, listeners: usize) -> Result<Node> {
         let mut child = Command::new(env!("CARGO_BIN_EXE_edge"))
             .args(args)
             .current_dir(dir.path())
@@ -103,11 +109,12 @@ impl Node {
         });
         let stdout = child.stdout.take().expect("piped stdout");
         let mut lines = BufReader::new(stdout).lines();
-        let addr = loop {
+        let mut urls = Vec::new();
+        while urls.len() < listeners {
             match lines.next() {
                 Some(Ok(line)) => {
-                    if let Some(addr) = line.strip_prefix("listening on http://") {
-                        break addr.parse()?;
+                    if let Some(url) = line.strip_prefix("listening on ") {
+                        urls.push(url.to_owned());
                     }
                 }
                 _ => {
@@ -120,20 +127,45 @@ impl Node {
                     .into());
                 }
             }
-        };
+        }
+        let addr = urls[0]
+            .split_once("://")
+            .map_or("", |(_, addr)| addr)
+            .parse()?;
         // Keep draining stdout so the node never blocks on a full pipe.
         std::thread::spawn(move || for _ in lines {});
         Ok(Node {
             child,
             addr,
+            urls,
             _dir: dir,
             stderr,
         })
     }
 
-    /// The URL of `path` on this node.
+    /// The URL of `path` on this node's first listener.
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{path}", self.addr)
+        format!("{}{path}", self.urls[0])
+    }
+
+    /// The address of the listener with this index.
+    pub fn listener_addr(&self, index: usize) -> SocketAddr {
+        let url = &self.urls[index];
+        url.split_once("://").unwrap().1.parse().unwrap()
+    }
+
+    /// The folder the node runs in and its config file is in.
+    pub fn dir(&self) -> &Path {
+        self._dir.path()
+    }
+
+    /// Sends a signal, such as `HUP`, to the node.
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success());
     }
 
     /// Everything the node has logged so far.
@@ -510,4 +542,294 @@ where
         .unwrap_or("/")
         .to_owned();
     Ok((sender, path))
+}
+
+/// A rustls client that trusts one CA, for HTTPS requests to nodes.
+#[derive(Clone)]
+pub struct TlsClient {
+    config: Arc<rustls::ClientConfig>,
+}
+
+/// A response over TLS, with what the handshake chose.
+#[derive(Debug)]
+pub struct TlsGot {
+    pub got: Got,
+    /// The ALPN protocol the server chose.
+    pub alpn: Option<Vec<u8>>,
+    /// The server's certificate, DER.
+    pub peer_cert: Vec<u8>,
+}
+
+impl TlsClient {
+    /// A client that trusts the CA certificates in `ca` (PEM) and offers
+    /// `alpn`.
+    pub fn new(ca: &Path, alpn: &[&[u8]]) -> TlsClient {
+        TlsClient::build(ca, alpn, None)
+    }
+
+    /// A client that also presents a certificate chain and key (PEM files).
+    pub fn with_client_cert(ca: &Path, alpn: &[&[u8]], cert: &Path, key: &Path) -> TlsClient {
+        TlsClient::build(ca, alpn, Some((cert, key)))
+    }
+
+    fn build(ca: &Path, alpn: &[&[u8]], identity: Option<(&Path, &Path)>) -> TlsClient {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(ca).expect("read CA file") {
+            roots.add(cert.expect("parse CA")).expect("add CA");
+        }
+        let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(roots);
+        let mut config = match identity {
+            None => builder.with_no_client_auth(),
+            Some((cert, key)) => {
+                let chain = CertificateDer::pem_file_iter(cert)
+                    .unwrap()
+                    .collect::<std::result::Result<Vec<_>, _>>()
+                    .unwrap();
+                let key = PrivateKeyDer::from_pem_file(key).unwrap();
+                builder.with_client_auth_cert(chain, key).unwrap()
+            }
+        };
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        // Every connection makes a full handshake, so that it sees the
+        // certificate the node serves now.
+        config.resumption = rustls::client::Resumption::disabled();
+        TlsClient {
+            config: Arc::new(config),
+        }
+    }
+
+    /// Opens a TLS connection to `addr` with `server_name` as SNI.
+    pub async fn connect(
+        &self,
+        addr: SocketAddr,
+        server_name: &str,
+    ) -> Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+        let stream = tokio::net::TcpStream::connect(addr).await?;
+        let name = rustls::pki_types::ServerName::try_from(server_name.to_owned())?;
+        let connector = tokio_rustls::TlsConnector::from(self.config.clone());
+        Ok(connector.connect(name, stream).await?)
+    }
+
+    /// Sends a GET for `path` on a new connection, over HTTP/2 when ALPN
+    /// chose it and HTTP/1.1 otherwise.
+    pub async fn get(
+        &self,
+        addr: SocketAddr,
+        server_name: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<TlsGot> {
+        let stream = self.connect(addr, server_name).await?;
+        let (_, session) = stream.get_ref();
+        let alpn = session.alpn_protocol().map(<[u8]>::to_vec);
+        let peer_cert = session.peer_certificates().unwrap()[0].to_vec();
+        let authority = format!("{server_name}:{}", addr.port());
+        let mut request = Request::builder();
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let response = if alpn.as_deref() == Some(b"h2") {
+            let request = request
+                .uri(format!("https://{authority}{path}"))
+                .body(Full::new(Bytes::new()))?;
+            let (mut sender, connection) =
+                hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                    .await?;
+            tokio::spawn(connection);
+            sender.send_request(request).await?
+        } else {
+            let request = request
+                .uri(path)
+                .header("host", &authority)
+                .body(Full::new(Bytes::new()))?;
+            let (mut sender, connection) =
+                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+            tokio::spawn(connection);
+            sender.send_request(request).await?
+        };
+        Ok(TlsGot {
+            got: collect(response).await?,
+            alpn,
+            peer_cert,
+        })
+    }
+}
+
+/// A test CA that issues server and client certificates.
+pub struct TestCa {
+    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+}
+
+/// The key type of a test certificate.
+#[derive(Debug, Clone, Copy)]
+pub enum KeyKind {
+    EcdsaP256,
+    Rsa2048,
+    Ed25519,
+}
+
+/// A certificate and key issued by a [`TestCa`], as PEM text.
+pub struct Issued {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub der: Vec<u8>,
+}
+
+impl TestCa {
+    pub fn new(name: &str) -> TestCa {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+        ];
+        let key = rcgen::KeyPair::generate().unwrap();
+        TestCa {
+            issuer: rcgen::CertifiedIssuer::self_signed(params, key).unwrap(),
+        }
+    }
+
+    pub fn pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    /// Issues a certificate for `names` (the first is also the CN) valid
+    /// from `not_before` to `not_after`.
+    pub fn issue_valid(
+        &self,
+        names: &[&str],
+        kind: KeyKind,
+        not_before: time::OffsetDateTime,
+        not_after: time::OffsetDateTime,
+    ) -> Issued {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut params = rcgen::CertificateParams::new(names.clone()).unwrap();
+        // Encoded from the most general attribute to the most specific, as
+        // CAs usually do.
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::OrganizationName, "Example");
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, names[0].as_str());
+        params.not_before = not_before;
+        params.not_after = not_after;
+        let key = match kind {
+            KeyKind::EcdsaP256 => rcgen::KeyPair::generate().unwrap(),
+            KeyKind::Rsa2048 => {
+                rcgen::KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, rcgen::RsaKeySize::_2048)
+                    .unwrap()
+            }
+            KeyKind::Ed25519 => rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap(),
+        };
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            der: cert.der().to_vec(),
+        }
+    }
+
+    /// Issues a certificate for `names` valid from an hour ago for a year.
+    pub fn issue(&self, names: &[&str], kind: KeyKind) -> Issued {
+        let now = time::OffsetDateTime::now_utc();
+        self.issue_valid(
+            names,
+            kind,
+            now - time::Duration::hours(1),
+            now + time::Duration::days(365),
+        )
+    }
+}
+
+impl Issued {
+    /// Writes `NAME.pem` and `NAME.key` into `dir` and returns their paths.
+    pub fn write(&self, dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+        let cert = dir.join(format!("{name}.pem"));
+        let key = dir.join(format!("{name}.key"));
+        std::fs::write(&cert, &self.cert_pem).unwrap();
+        std::fs::write(&key, &self.key_pem).unwrap();
+        (cert, key)
+    }
+}
+
+/// Starts an HTTPS upstream that echoes requests, with a certificate from
+/// `ca` for `upstream.test`, requiring a client certificate from
+/// `client_ca` when given. Returns its address and a request counter.
+pub async fn tls_upstream(
+    ca: &TestCa,
+    client_ca: Option<&TestCa>,
+) -> (SocketAddr, Arc<AtomicUsize>, tokio::task::JoinHandle<()>) {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let issued = ca.issue(&["upstream.test"], KeyKind::EcdsaP256);
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .unwrap();
+    let builder = match client_ca {
+        None => builder.with_no_client_auth(),
+        Some(client_ca) => {
+            let mut roots = rustls::RootCertStore::empty();
+            roots
+                .add(CertificateDer::from_pem_slice(client_ca.pem().as_bytes()).unwrap())
+                .unwrap();
+            let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                provider,
+            )
+            .build()
+            .unwrap();
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let config = builder
+        .with_single_cert(
+            vec![CertificateDer::from_pem_slice(issued.cert_pem.as_bytes()).unwrap()],
+            PrivateKeyDer::from_pem_slice(issued.key_pem.as_bytes()).unwrap(),
+        )
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let count = Arc::new(AtomicUsize::new(0));
+    let task_count = count.clone();
+    let task = tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            let (acceptor, count) = (acceptor.clone(), task_count.clone());
+            tokio::spawn(async move {
+                let Ok(stream) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(move |request: Request<Incoming>| {
+                    count.fetch_add(1, Ordering::SeqCst);
+                    let proto = request
+                        .headers()
+                        .get("x-forwarded-proto")
+                        .map(|v| v.to_str().unwrap_or("").to_owned());
+                    async move {
+                        let body = serde_json::json!({ "tls_upstream": true, "proto": proto });
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body.to_string()))))
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (addr, count, task)
 }

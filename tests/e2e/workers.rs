@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::harness::{get, send, Node, Reply, Result, Upstream};
+use crate::harness::{get, send, Node, Reply, Result, TlsClient, Upstream};
 
 /// A route `name` on `prefix` to upstream `app`, running the fixture worker
 /// with `mode` and extra TOML for its entry.
@@ -356,22 +356,60 @@ async fn worker_cannot_set_framing_headers() -> Result {
 #[tokio::test]
 async fn demo_serves_its_routes() -> Result {
     let modules = crate::harness::modules_dir().display().to_string();
-    let node = Node::start_with_args(&["demo", "--listen", "127.0.0.1:0", "--modules", &modules])?;
-    let users = get(&node.url("/api/users/7")).await?;
+    let node = Node::start_with_args(
+        &[
+            "demo",
+            "--listen",
+            "127.0.0.1:0",
+            "--http-listen",
+            "127.0.0.1:0",
+            "--modules",
+            &modules,
+        ],
+        2,
+    )?;
+    // The HTTPS listener uses the development certificate, whose CA the
+    // demo wrote beside it.
+    assert!(node.urls[0].starts_with("https://"), "{:?}", node.urls);
+    let client = TlsClient::new(
+        &node.dir().join(".edge-dev-tls/ca.pem"),
+        &[b"h2", b"http/1.1"],
+    );
+    let https = node.listener_addr(0);
+    let users = client.get(https, "localhost", "/api/users/7", &[]).await?;
+    assert_eq!(users.alpn.as_deref(), Some(&b"h2"[..]));
+    let users = users.got;
     assert_eq!(users.status, 200);
     assert_eq!(users.json()["upstream"], "users");
     assert_eq!(
         users.json()["headers"]["x-edge-demo"],
         "added by the add-header worker"
     );
-    let checkout = send("POST", &node.url("/api/checkout"), &[], b"{}").await?;
-    assert_eq!(checkout.json()["upstream"], "payments");
-    let unknown = get(&node.url("/api/unknown")).await?;
+    assert_eq!(users.json()["headers"]["x-forwarded-proto"], "https");
+    let unknown = client
+        .get(https, "localhost", "/api/unknown", &[])
+        .await?
+        .got;
     assert_eq!(unknown.status, 404);
     assert_eq!(unknown.json()["error"], "no_route");
-    let site = get(&node.url("/")).await?;
+    let site = client.get(https, "localhost", "/", &[]).await?.got;
     assert_eq!(site.json()["upstream"], "web");
     assert_eq!(site.header("x-powered-by"), Some("edge"));
+
+    // Plain HTTP is redirected to the HTTPS listener.
+    let http = &node.urls[1];
+    let checkout = send(
+        "POST",
+        &format!("{http}/api/checkout"),
+        &[("host", "localhost")],
+        b"{}",
+    )
+    .await?;
+    assert_eq!(checkout.status, 308);
+    assert_eq!(
+        checkout.header("location"),
+        Some(format!("https://localhost:{}/api/checkout", https.port()).as_str())
+    );
     Ok(())
 }
 

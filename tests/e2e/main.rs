@@ -7,4 +7,5 @@ mod harness;
 
 mod cli;
 mod proxy;
+mod ratelimit;
 mod workers;

@@ -623,6 +623,17 @@ impl Redis {
         }
     }
 
+    /// Stops (SIGSTOP) or continues (SIGCONT) the server: a stopped server
+    /// accepts connections but answers nothing.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("redis is running").id();
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+    }
+
     /// Starts the server again on the same port, empty.
     pub fn restart(&mut self) -> Result {
         self.stop();

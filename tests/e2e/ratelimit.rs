@@ -532,6 +532,100 @@ async fn redis_outage_fails_open_or_closed_and_recovers() -> Result {
     Ok(())
 }
 
+/// A node with a fail-open and a fail-closed global limit on `redis`,
+/// waiting at most 100 ms for it.
+fn outage_config(upstream: &Upstream, redis: &Redis) -> String {
+    format!(
+        "[redis]\nurl = \"{}\"\ntimeout = \"100ms\"\n\n{}{}{}",
+        redis.url(),
+        app(upstream),
+        route(
+            "open",
+            "/open",
+            &limit("key = \"ip\"\nalgorithm = \"sliding_window\"\nrate = \"100000/min\"\nscope = \"global\"")
+        ),
+        route(
+            "closed",
+            "/closed",
+            &limit("key = \"ip\"\nalgorithm = \"fixed_window\"\nrate = \"100000/min\"\nscope = \"global\"\non_redis_error = \"fail_closed\"")
+        ),
+    )
+}
+
+#[tokio::test]
+async fn hung_redis_costs_at_most_its_timeout() -> Result {
+    let upstream = Upstream::echo().await;
+    let redis = Redis::start()?;
+    let node = Node::start(&outage_config(&upstream, &redis))?;
+    assert_eq!(
+        admitted(&concurrent(&node.url("/open"), 10, &[]).await?),
+        10
+    );
+
+    redis.signal("-STOP");
+    let (open_url, closed_url) = (node.url("/open"), node.url("/closed"));
+    let started = Instant::now();
+    let mut slowest = Duration::ZERO;
+    while started.elapsed() < Duration::from_millis(1500) {
+        let sent = Instant::now();
+        let (open, closed) = tokio::join!(get(&open_url), get(&closed_url));
+        assert_eq!(open?.status, 200);
+        assert_eq!(closed?.status, 503);
+        slowest = slowest.max(sent.elapsed());
+    }
+    // The first requests wait out the 100 ms timeout; once a thread has
+    // seen it fail, its requests fall back at once, including while it
+    // tries to reconnect.
+    assert!(slowest < Duration::from_millis(400), "slowest {slowest:?}");
+    let sent = Instant::now();
+    assert_eq!(get(&node.url("/open")).await?.status, 200);
+    assert!(
+        sent.elapsed() < Duration::from_millis(50),
+        "{:?}",
+        sent.elapsed()
+    );
+
+    redis.signal("-CONT");
+    let started = Instant::now();
+    let mut in_a_row = 0;
+    while in_a_row < 10 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{}",
+            node.log()
+        );
+        let ok = get(&node.url("/closed")).await?.status == 200;
+        in_a_row = if ok { in_a_row + 1 } else { 0 };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn redis_killed_under_load_never_fails_a_request() -> Result {
+    let upstream = Upstream::echo().await;
+    let mut redis = Redis::start()?;
+    let node = Node::start(&outage_config(&upstream, &redis))?;
+    let url = node.url("/open");
+    let load = tokio::spawn(async move {
+        let mut statuses = Vec::new();
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_millis(1500) {
+            for got in concurrent(&url, 16, &[]).await? {
+                statuses.push(got.status.as_u16());
+            }
+        }
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(statuses)
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    redis.stop();
+    let statuses = load.await??;
+    assert!(statuses.len() > 100, "{}", statuses.len());
+    assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+    assert!(node.log_contains("global rate limit cannot reach redis; counting on this node"));
+    Ok(())
+}
+
 #[tokio::test]
 async fn skewed_node_clock_agrees_on_a_global_limit() -> Result {
     let upstream = Upstream::echo().await;

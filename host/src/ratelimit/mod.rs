@@ -579,6 +579,7 @@ impl RateLimiter {
                     Shape::FixedWindow { .. } => "}:fw",
                     Shape::SlidingWindow { .. } => "}:sw",
                 },
+                args: redis::script_args(&spec.shape),
                 fallbacks: AtomicU64::new(0),
                 log: IntervalLog::default(),
             }),
@@ -659,6 +660,8 @@ struct Global {
     backend: Arc<RedisBackend>,
     key_head: String,
     key_tail: &'static str,
+    /// The script's arguments after the key.
+    args: Vec<String>,
     /// Decisions made on this node because Redis was unavailable.
     fallbacks: AtomicU64,
     log: IntervalLog,
@@ -687,7 +690,7 @@ impl Limit {
             return Ok(self.local.decide(self.local_key(&value), clock.now_ns()));
         };
         let key = global.redis_key(&value);
-        let failure = match global.backend.decide(&key, &self.spec.shape).await {
+        let failure = match global.backend.decide(&key, &global.args).await {
             Ok(decision) => return Ok(decision),
             Err(failure) => failure,
         };
@@ -757,6 +760,16 @@ impl Global {
         let mut key = String::with_capacity(self.key_head.len() + 48);
         key.push_str(&self.key_head);
         match value {
+            KeyValue::Ip(IpAddr::V4(ip)) => {
+                // By hand: formatting through `Display` costs more.
+                key.push_str("ip=");
+                for (index, octet) in ip.octets().into_iter().enumerate() {
+                    if index > 0 {
+                        key.push('.');
+                    }
+                    push_decimal(&mut key, octet);
+                }
+            }
             KeyValue::Ip(ip) => {
                 let _ = write!(key, "ip={ip}");
             }
@@ -770,6 +783,16 @@ impl Global {
         key.push_str(self.key_tail);
         key
     }
+}
+
+fn push_decimal(out: &mut String, value: u8) {
+    if value >= 100 {
+        out.push(char::from(b'0' + value / 100));
+    }
+    if value >= 10 {
+        out.push(char::from(b'0' + value / 10 % 10));
+    }
+    out.push(char::from(b'0' + value % 10));
 }
 
 /// The state of the limit the response headers describe.
@@ -801,11 +824,41 @@ impl Shown {
     /// Sets `RateLimit-Limit`, `RateLimit-Remaining`, `RateLimit-Reset`
     /// and `X-Rate-Limit-Remaining`, replacing any the upstream sent.
     pub fn apply(&self, headers: &mut HeaderMap) {
-        let remaining = HeaderValue::from(self.remaining);
-        headers.insert(RATELIMIT_LIMIT.clone(), HeaderValue::from(self.limit));
+        let remaining = number(self.remaining);
+        headers.insert(RATELIMIT_LIMIT.clone(), number(self.limit));
         headers.insert(RATELIMIT_REMAINING.clone(), remaining.clone());
-        headers.insert(RATELIMIT_RESET.clone(), HeaderValue::from(self.reset_secs));
+        headers.insert(RATELIMIT_RESET.clone(), number(self.reset_secs));
         headers.insert(X_RATE_LIMIT_REMAINING.clone(), remaining);
+    }
+}
+
+/// Header values of the numbers below this are made once and shared.
+const SMALL_NUMBERS: usize = 4096;
+
+/// A number as a header value; those below [`SMALL_NUMBERS`] without an
+/// allocation.
+fn number(value: u64) -> HeaderValue {
+    static SMALL: std::sync::LazyLock<Vec<HeaderValue>> = std::sync::LazyLock::new(|| {
+        let mut text = String::new();
+        let mut ends = Vec::with_capacity(SMALL_NUMBERS);
+        for n in 0..SMALL_NUMBERS {
+            text.push_str(&n.to_string());
+            ends.push(text.len());
+        }
+        // Made once per process, so the values can borrow it for ever.
+        let text: &'static str = Box::leak(text.into_boxed_str());
+        let mut start = 0;
+        ends.into_iter()
+            .map(|end| {
+                let value = HeaderValue::from_static(&text[start..end]);
+                start = end;
+                value
+            })
+            .collect()
+    });
+    match SMALL.get(value as usize) {
+        Some(value) => value.clone(),
+        None => HeaderValue::from(value),
     }
 }
 
@@ -891,6 +944,16 @@ mod tests {
             global.redis_key(&KeyValue::Ip(ip)),
             "edge:rl:{api%7Bv1%7D:per%3Aip:ip=203.0.113.9}:fw"
         );
+        for text in ["0.0.0.0", "10.20.30.40", "255.255.255.255", "1.100.9.99"] {
+            let ip: IpAddr = text.parse().unwrap();
+            assert!(global
+                .redis_key(&KeyValue::Ip(ip))
+                .contains(&format!(":ip={text}}}")));
+        }
+        let v6: IpAddr = "2001:db8::1".parse().unwrap();
+        assert!(global
+            .redis_key(&KeyValue::Ip(v6))
+            .contains(":ip=2001:db8::1}"));
         let header = global.redis_key(&KeyValue::Bytes(b"secret-key"));
         assert!(!header.contains("secret"), "{header}");
         assert_eq!(
@@ -912,6 +975,10 @@ mod tests {
         assert_eq!(headers["ratelimit-remaining"], "3");
         assert_eq!(headers["ratelimit-reset"], "7");
         assert_eq!(headers["x-rate-limit-remaining"], "3");
+        assert_eq!(number(0), "0");
+        assert_eq!(number(4095), "4095");
+        assert_eq!(number(4096), "4096");
+        assert_eq!(number(u64::MAX), u64::MAX.to_string().as_str());
         assert_eq!(seconds_ceil(1), 1);
         assert_eq!(seconds_ceil(2_000_000_000), 2);
     }

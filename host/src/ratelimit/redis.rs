@@ -8,7 +8,9 @@
 //! again. A decision waits at most the configured timeout. A connection
 //! that fails or times out is dropped and the thread counts as "down": its
 //! decisions fail at once, without waiting, while a new connection is tried
-//! in the background after a backoff of 100 ms, doubling to 2 s.
+//! in the background after a backoff of 100 ms, doubling to 2 s. Only a
+//! thread's first connection is waited for (within the timeout), so a node
+//! that just started does not fall back while it connects.
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -90,7 +92,10 @@ struct Link {
 enum LinkState {
     /// Nothing tried yet.
     Idle,
-    Connecting,
+    /// An attempt is under way; `first` when no connection was made before,
+    /// so decisions wait for it (within their timeout). After a failure they
+    /// do not: they fail at once, as while down.
+    Connecting { first: bool },
     Up {
         connection: Connection,
         generation: u64,
@@ -149,12 +154,17 @@ impl RedisBackend {
         self.round_trips.load(Ordering::Relaxed)
     }
 
-    /// Decides one request of the limit `shape` for the state at `key`.
-    pub async fn decide(&self, key: &str, shape: &Shape) -> Result<Decision, Failure> {
+    /// Decides one request of a limit for the state at `key`; `args` are
+    /// the limit's [`script_args`].
+    pub async fn decide(&self, key: &str, args: &[String]) -> Result<Decision, Failure> {
         let deadline = Instant::now() + self.timeout;
         let link = self.link();
         let (mut connection, generation) = self.connection(&link, deadline).await?;
-        let cmd = self.evalsha(key, shape);
+        let mut cmd = ::redis::cmd("EVALSHA");
+        cmd.arg(&self.sha).arg(1).arg(key);
+        for arg in args {
+            cmd.arg(arg.as_str());
+        }
         self.round_trips.fetch_add(1, Ordering::Relaxed);
         let mut reply = tokio::time::timeout_at(deadline, connection.query::<Vec<i64>>(&cmd)).await;
         if let Ok(Err(error)) = &reply {
@@ -183,29 +193,6 @@ impl RedisBackend {
                 Err(Failure::Timeout(self.timeout))
             }
         }
-    }
-
-    fn evalsha(&self, key: &str, shape: &Shape) -> Cmd {
-        let mut cmd = ::redis::cmd("EVALSHA");
-        cmd.arg(&self.sha).arg(1).arg(key);
-        match *shape {
-            Shape::Bucket {
-                interval_ns,
-                burst,
-                queue,
-            } => {
-                // Microseconds, with the fraction: a Lua number is a double.
-                let interval_us = interval_ns as f64 / 1000.0;
-                cmd.arg(1).arg(interval_us).arg(burst).arg(queue);
-            }
-            Shape::FixedWindow { limit, window_ns } => {
-                cmd.arg(2).arg(window_ns / 1000).arg(limit);
-            }
-            Shape::SlidingWindow { limit, window_ns } => {
-                cmd.arg(3).arg(window_ns / 1000).arg(limit);
-            }
-        }
-        cmd
     }
 
     /// This thread's link to Redis.
@@ -238,21 +225,25 @@ impl RedisBackend {
             tokio::pin!(settled);
             {
                 let mut state = link.state.lock().unwrap_or_else(PoisonError::into_inner);
-                let backoff = match &*state {
+                match &*state {
                     LinkState::Up {
                         connection,
                         generation,
                     } => return Ok((connection.clone(), *generation)),
-                    LinkState::Idle => FIRST_BACKOFF,
-                    LinkState::Down { retry_at, backoff } if Instant::now() >= *retry_at => {
-                        *backoff
+                    LinkState::Idle => {
+                        *state = LinkState::Connecting { first: true };
+                        self.spawn_connect(link.clone(), FIRST_BACKOFF);
                     }
-                    LinkState::Down { .. } => return Err(Failure::Down),
-                    LinkState::Connecting => Duration::ZERO,
-                };
-                if !backoff.is_zero() {
-                    *state = LinkState::Connecting;
-                    self.spawn_connect(link.clone(), backoff);
+                    LinkState::Down { retry_at, backoff } => {
+                        if Instant::now() >= *retry_at {
+                            let backoff = *backoff;
+                            *state = LinkState::Connecting { first: false };
+                            self.spawn_connect(link.clone(), backoff);
+                        }
+                        return Err(Failure::Down);
+                    }
+                    LinkState::Connecting { first: true } => {}
+                    LinkState::Connecting { first: false } => return Err(Failure::Down),
                 }
                 // Registered before the lock is released, so the end of the
                 // attempt cannot be missed.
@@ -335,6 +326,41 @@ impl RedisBackend {
                 retry_at: Instant::now() + FIRST_BACKOFF,
                 backoff: FIRST_BACKOFF * 2,
             };
+        }
+    }
+}
+
+/// The script's arguments after the key for a limit of `shape`, formatted
+/// once per limit: the algorithm and its parameters in microseconds.
+pub fn script_args(shape: &Shape) -> Vec<String> {
+    match *shape {
+        Shape::Bucket {
+            interval_ns,
+            burst,
+            queue,
+        } => {
+            // With the fraction: a Lua number is a double.
+            let interval_us = interval_ns as f64 / 1000.0;
+            vec![
+                "1".to_owned(),
+                interval_us.to_string(),
+                burst.to_string(),
+                queue.to_string(),
+            ]
+        }
+        Shape::FixedWindow { limit, window_ns } => {
+            vec![
+                "2".to_owned(),
+                (window_ns / 1000).to_string(),
+                limit.to_string(),
+            ]
+        }
+        Shape::SlidingWindow { limit, window_ns } => {
+            vec![
+                "3".to_owned(),
+                (window_ns / 1000).to_string(),
+                limit.to_string(),
+            ]
         }
     }
 }

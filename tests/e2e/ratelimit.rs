@@ -759,3 +759,94 @@ async fn local_leaky_queue_releases_at_the_rate() -> Result {
 async fn global_leaky_queue_releases_at_the_rate() -> Result {
     leaky_queue_releases_at_the_rate("global").await
 }
+
+/// The same limits, local and global: every request gets the same answer
+/// and the same headers from both (the reset and Retry-After within a
+/// second, as the two clocks read the time a moment apart).
+#[tokio::test]
+async fn global_limits_answer_like_local_ones() -> Result {
+    let upstream = Upstream::echo().await;
+    let redis = Redis::start()?;
+    let shapes = [
+        (
+            "tb",
+            "algorithm = \"token_bucket\"\nrate = \"6/min\"\nburst = 3",
+        ),
+        (
+            "lb",
+            "algorithm = \"leaky_bucket\"\nrate = \"6/min\"\nburst = 2",
+        ),
+        ("fw", "algorithm = \"fixed_window\"\nrate = \"4/min\""),
+        ("sw", "algorithm = \"sliding_window\"\nrate = \"4/min\""),
+    ];
+    let mut routes = String::new();
+    for (name, shape) in shapes {
+        for scope in ["local", "global"] {
+            routes.push_str(&route(
+                &format!("{scope}-{name}"),
+                &format!("/{scope}/{name}"),
+                &limit(&format!("key = \"route\"\n{shape}\nscope = \"{scope}\"")),
+            ));
+        }
+    }
+    let config = format!("{}{}{routes}", redis_table(&redis), app(&upstream));
+    let node = Node::start(&config)?;
+    wait_for_window(Duration::from_secs(60), Duration::from_secs(10)).await;
+    for (name, _) in shapes {
+        for request in 0..6 {
+            let local = get(&node.url(&format!("/local/{name}"))).await?;
+            let global = get(&node.url(&format!("/global/{name}"))).await?;
+            let context = format!("{name}, request {request}");
+            assert_eq!(local.status, global.status, "{context}");
+            for header in [
+                "ratelimit-limit",
+                "ratelimit-remaining",
+                "x-rate-limit-remaining",
+            ] {
+                assert_eq!(
+                    local.header(header),
+                    global.header(header),
+                    "{context}: {header}"
+                );
+            }
+            for header in ["ratelimit-reset", "retry-after"] {
+                let (l, g) = (local.header(header), global.header(header));
+                assert_eq!(l.is_some(), g.is_some(), "{context}: {header}");
+                if let (Some(l), Some(g)) = (l, g) {
+                    let (l, g): (i64, i64) = (l.parse()?, g.parse()?);
+                    assert!((l - g).abs() <= 1, "{context}: {header} {l} and {g}");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn flushed_scripts_are_loaded_again() -> Result {
+    let upstream = Upstream::echo().await;
+    let redis = Redis::start()?;
+    let config = format!(
+        "{}{}{}",
+        redis_table(&redis),
+        app(&upstream),
+        route(
+            "api",
+            "/",
+            &limit("key = \"route\"\nalgorithm = \"token_bucket\"\nrate = \"10/h\"\nscope = \"global\"\non_redis_error = \"fail_closed\"")
+        ),
+    );
+    let node = Node::start(&config)?;
+    let first = get(&node.url("/")).await?;
+    assert_eq!(header_u64(&first, "ratelimit-remaining"), 9);
+    assert_eq!(redis.cli(&["script", "flush"]), "OK");
+    // The connection stays up; its next EVALSHA gets NOSCRIPT, loads the
+    // script and runs it, and the count goes on.
+    for remaining in [8, 7] {
+        let got = get(&node.url("/")).await?;
+        assert_eq!(got.status, 200);
+        assert_eq!(header_u64(&got, "ratelimit-remaining"), remaining);
+    }
+    assert!(!node.log().contains("cannot reach redis"), "{}", node.log());
+    Ok(())
+}

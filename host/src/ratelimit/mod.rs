@@ -4,9 +4,8 @@
 //! A route has any number of limits, each with an algorithm, a rate, a key
 //! and a scope. A limit runs as soon as its key is known: every key kind
 //! today (client address, header, route) is known before the first worker,
-//! so all limits run there, in config order, and the first that refuses a
-//! request answers 429. The admitted requests of the earlier limits still
-//! count.
+//! so all limits run there, in config order. The first that rejects a
+//! request sends 429, and the earlier limits still count the request.
 //!
 //! Algorithms, all with the same arithmetic locally and in Redis:
 //!
@@ -48,7 +47,7 @@ use redis::RedisBackend;
 /// Redis's clock, so they ignore it; it proves that.
 pub const CLOCK_OFFSET_ENV: &str = "EDGE_TEST_CLOCK_OFFSET";
 
-/// Client keys a limit keeps counts for unless `max_keys` says otherwise.
+/// Client keys a limit keeps counts for unless `max_keys` is set.
 pub const DEFAULT_MAX_KEYS: usize = 100_000;
 
 /// How often a failing global limit logs that it falls back.
@@ -71,18 +70,18 @@ pub enum Scope {
     Global,
 }
 
-/// What a global limit does while Redis is unreachable or too slow.
+/// The behaviour of a global limit while Redis is unreachable or too slow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FailMode {
     /// Count on this node, with a local limiter of the same shape.
     #[default]
     FailOpen,
-    /// Answer 503 `ratelimit_unavailable`.
+    /// Send 503 `ratelimit_unavailable`.
     FailClosed,
 }
 
-/// What a leaky bucket does with a request that comes too soon.
+/// The behaviour of a leaky bucket for a request that comes too soon.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum LeakyMode {
@@ -91,7 +90,7 @@ pub enum LeakyMode {
     Queue,
 }
 
-/// What a limit counts requests by.
+/// The part of a request that a limit counts requests by.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeySource {
     /// The client's address, after trusted proxies' `X-Forwarded-For`.
@@ -101,10 +100,7 @@ pub enum KeySource {
     /// A request header's value as the client sent it; requests without the
     /// header are counted by client address.
     Header(HeaderName),
-    // TODO(issue 3): a value a worker set in the request context, such as
-    // the user id from jwt-auth (`key = "value:user"`). Its limit runs
-    // right after the worker that sets it, before the next one: its
-    // `stage()` is that worker's index plus one.
+    // TODO: a key from a value a worker set, such as jwt-auth's user id (`key = "value:user"`), needs the request context values of issue 3; its `stage()` is then that worker's index plus one.
 }
 
 impl KeySource {
@@ -158,7 +154,7 @@ pub struct Rate {
 }
 
 impl Rate {
-    /// The most requests a rate may count per period.
+    /// The maximum count of requests per period.
     pub const MAX_COUNT: u64 = 1_000_000_000;
 
     /// Parses `10/s`, `100/min`, `1000/h`, `50000/day` or `5/10s`.
@@ -404,7 +400,7 @@ impl LimitSpec {
         })
     }
 
-    /// One line for `routes explain`.
+    /// Describes the limit in one line for `routes explain`.
     pub fn describe(&self) -> String {
         let mut text = match (self.algorithm, self.shape) {
             (Algorithm::TokenBucket, Shape::Bucket { burst, .. }) => {
@@ -555,7 +551,7 @@ impl RateLimiter {
         })
     }
 
-    /// The Redis backend, when the config has one.
+    /// Returns the Redis backend, when the config has one.
     pub fn backend(&self) -> Option<&RedisBackend> {
         self.backend.as_deref()
     }
@@ -565,7 +561,7 @@ impl RateLimiter {
         let global = match (spec.scope, &self.backend) {
             (Scope::Global, Some(backend)) => Some(Global {
                 backend: backend.clone(),
-                // The hash tag holds the route, the limit and the client
+                // The hash tag contains the route, the limit and the client
                 // key, so that a cluster spreads clients over its shards
                 // while each decision touches one slot.
                 key_head: format!(
@@ -640,7 +636,7 @@ fn escape(name: &str) -> String {
     out
 }
 
-/// What a limit needs to know of a request to find its key.
+/// The parts of a request that limits take their keys from.
 pub struct KeyInput<'a> {
     pub client_ip: IpAddr,
     pub headers: &'a HeaderMap,
@@ -725,7 +721,7 @@ impl Limit {
             .map_or(0, |g| g.fallbacks.load(Ordering::Relaxed))
     }
 
-    /// Client keys the node holds counts for.
+    /// Returns the number of client keys the node keeps counts for.
     pub fn local_keys(&self) -> usize {
         self.local.len()
     }
@@ -752,9 +748,9 @@ impl Limit {
 }
 
 impl Global {
-    /// The Redis key of a client: the client address as text, a header
-    /// value as the first 128 bits of its SHA-256 (so API keys are not
-    /// stored), or `route`.
+    /// Builds the Redis key of a client from the client address as text, a
+    /// header value as the first 128 bits of its SHA-256 (so API keys are
+    /// not stored), or `route`.
     fn redis_key(&self, value: &KeyValue<'_>) -> String {
         use std::fmt::Write as _;
         let mut key = String::with_capacity(self.key_head.len() + 48);
@@ -835,8 +831,8 @@ impl Shown {
 /// Header values of the numbers below this are made once and shared.
 const SMALL_NUMBERS: usize = 4096;
 
-/// A number as a header value; those below [`SMALL_NUMBERS`] without an
-/// allocation.
+/// Converts a number to a header value, without an allocation below
+/// [`SMALL_NUMBERS`].
 fn number(value: u64) -> HeaderValue {
     static SMALL: std::sync::LazyLock<Vec<HeaderValue>> = std::sync::LazyLock::new(|| {
         let mut text = String::new();

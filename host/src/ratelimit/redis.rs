@@ -6,9 +6,9 @@
 //! threads. The script is loaded when a connection opens and called with
 //! `EVALSHA`; a `NOSCRIPT` reply (a restarted or flushed server) loads it
 //! again. A decision waits at most the configured timeout. A connection
-//! that fails or times out is dropped and the thread counts as "down": its
-//! decisions fail at once, without waiting, while a new connection is tried
-//! in the background after a backoff of 100 ms, doubling to 2 s. Only a
+//! that fails or times out is dropped, and the thread counts as "down". Its
+//! decisions then fail at once, without waiting, while a new connection is
+//! tried in the background after a backoff of 100 ms, doubling to 2 s. Only a
 //! thread's first connection is waited for (within the timeout), so a node
 //! that just started does not fall back while it connects.
 
@@ -33,7 +33,7 @@ pub const SCRIPT: &str = include_str!("decide.lua");
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
 
-/// Why a global decision could not be made.
+/// The reason a global decision could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum Failure {
     /// The last connection failed and the next attempt is not due yet.
@@ -48,12 +48,13 @@ pub enum Failure {
     Reply(String),
 }
 
-/// Where global limits count, shared by every serving thread.
+/// The Redis server or cluster that global limits count in, shared by every
+/// serving thread.
 pub struct RedisBackend {
     /// Tells this backend's per-thread connections apart.
     id: usize,
     target: Target,
-    /// What the log calls it.
+    /// The name in log lines.
     pub description: String,
     timeout: Duration,
     connect_timeout: Duration,
@@ -115,8 +116,8 @@ thread_local! {
 }
 
 impl RedisBackend {
-    /// A backend for the `[redis]` table. Connects lazily, on each serving
-    /// thread's first global decision.
+    /// Creates a backend for the `[redis]` table. It connects lazily, on each
+    /// serving thread's first global decision.
     pub fn new(config: &RedisConfig) -> Result<RedisBackend, String> {
         let (target, description) = match (&config.url, &config.cluster) {
             (Some(url), _) => {
@@ -330,7 +331,7 @@ impl RedisBackend {
     }
 }
 
-/// The script's arguments after the key for a limit of `shape`, formatted
+/// Formats the script's arguments after the key for a limit of `shape`,
 /// once per limit: the algorithm and its parameters in microseconds.
 pub fn script_args(shape: &Shape) -> Vec<String> {
     match *shape {
@@ -390,7 +391,7 @@ fn decision(values: &[i64]) -> Result<Decision, Failure> {
     })
 }
 
-/// A Redis URL without its password, for logs.
+/// Removes the password from a Redis URL, for logs.
 fn redacted(url: &str) -> String {
     match url.split_once("://").and_then(|(scheme, rest)| {
         let (auth, host) = rest.rsplit_once('@')?;

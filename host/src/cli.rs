@@ -303,6 +303,37 @@ fn explain(path: &Path, method: &str, raw_path: &str, host: Option<&str>) -> any
                     },
                 );
             }
+            if route.limits.is_empty() {
+                println!("  rate limits: none");
+            }
+            for (index, limit) in route.limits.iter().enumerate() {
+                let when = match limit.stage {
+                    0 => "before the workers".to_owned(),
+                    stage => format!("after worker {stage}"),
+                };
+                println!(
+                    "  rate limit {}: {:?}, {} ({when})",
+                    index + 1,
+                    limit.spec.name,
+                    limit.spec.describe()
+                );
+            }
+            if let Some(redis) = &config.redis {
+                if route
+                    .limits
+                    .iter()
+                    .any(|l| l.spec.scope == crate::ratelimit::Scope::Global)
+                {
+                    let redis = redis.get_ref();
+                    println!(
+                        "  redis: {}, {:?} timeout per decision",
+                        node.ratelimit
+                            .backend()
+                            .map_or("", |b| b.description.as_str()),
+                        redis.timeout
+                    );
+                }
+            }
         }
         None => println!("no route matches: the node answers 404 no_route"),
     }

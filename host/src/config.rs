@@ -34,6 +34,8 @@ pub struct Config {
     /// Routes, matched by host, method and path.
     #[serde(default)]
     pub routes: Vec<RouteConfig>,
+    /// The Redis server or cluster that global rate limits count in.
+    pub redis: Option<Spanned<RedisConfig>>,
     /// The file this config came from, for errors and relative paths.
     #[serde(skip)]
     pub source: ConfigSource,
@@ -305,6 +307,80 @@ pub struct RouteConfig {
     /// Workers that run on each request, in order.
     #[serde(default)]
     pub workers: Vec<WorkerConfig>,
+    /// Rate limits, checked in order; the first that refuses a request
+    /// answers it with 429.
+    #[serde(default)]
+    pub limits: Vec<LimitConfig>,
+}
+
+/// One rate limit of a route.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitConfig {
+    /// The name shown in 429 bodies, logs and `routes explain`, unique in
+    /// the route. Default: the key and the rate, such as `ip 10/s`.
+    pub name: Option<Spanned<String>>,
+    /// What requests are counted by: `ip` (the client address, after
+    /// trusted proxies), `route` (all requests of the route together) or
+    /// `header:NAME` (a header's value, such as an API key; requests
+    /// without it are counted by client address).
+    pub key: Spanned<String>,
+    /// `token_bucket`, `leaky_bucket`, `fixed_window` or `sliding_window`.
+    pub algorithm: Spanned<crate::ratelimit::Algorithm>,
+    /// Requests per period, such as `10/s`, `100/min`, `1000/h` or `5/10s`.
+    pub rate: Spanned<String>,
+    /// Buckets only: requests admitted at once. Default: the rate's count
+    /// for a token bucket, 1 for a leaky bucket.
+    pub burst: Option<Spanned<u64>>,
+    /// `local` (counted on this node) or `global` (counted in Redis, across
+    /// every node that shares it). Default: local.
+    #[serde(default)]
+    pub scope: crate::ratelimit::Scope,
+    /// Global limits only: `fail_open` (count on this node while Redis is
+    /// unreachable) or `fail_closed` (answer 503). Default: fail_open.
+    pub on_redis_error: Option<Spanned<crate::ratelimit::FailMode>>,
+    /// Leaky bucket only: `reject` (refuse a request that comes too soon)
+    /// or `queue` (hold it until its turn). Default: reject.
+    pub mode: Option<Spanned<crate::ratelimit::LeakyMode>>,
+    /// Leaky bucket in queue mode: the most requests that may wait.
+    pub queue: Option<Spanned<u64>>,
+    /// Client keys the node keeps counts for (for a global limit, while it
+    /// falls back to local counting). Default: 100000.
+    pub max_keys: Option<Spanned<usize>>,
+}
+
+/// Where global rate limits count: one Redis server or a Redis Cluster.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedisConfig {
+    /// One server, such as `redis://127.0.0.1:6379/0`.
+    pub url: Option<Spanned<String>>,
+    /// Seed nodes of a Redis Cluster, such as
+    /// `["redis://10.0.0.1:6379", "redis://10.0.0.2:6379"]`.
+    pub cluster: Option<Spanned<Vec<String>>>,
+    /// The longest a rate-limit decision waits for Redis before the limit
+    /// fails open or closed. Default: 20ms.
+    #[serde(default = "default_redis_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Time allowed to connect (and load the script) in the background.
+    /// Default: 1s.
+    #[serde(default = "default_redis_connect_timeout", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// The prefix of every key. Default: `edge`.
+    #[serde(default = "default_key_prefix")]
+    pub key_prefix: String,
+}
+
+fn default_redis_timeout() -> Duration {
+    Duration::from_millis(20)
+}
+
+fn default_redis_connect_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+
+fn default_key_prefix() -> String {
+    "edge".to_owned()
 }
 
 fn default_max_body() -> ByteSize {
@@ -453,6 +529,7 @@ impl Config {
             let message = format!("{} must be from 64 KiB to 4 GiB", binary(memory));
             return Err(self.invalid(0, "runtime.max_memory", &message));
         }
+        self.validate_redis()?;
         for (name, upstream) in &self.upstreams {
             let line = self.line_of(upstream.targets.span().start);
             if upstream.targets.get_ref().is_empty() {
@@ -519,6 +596,7 @@ impl Config {
                     return Err(self.invalid(line, &field("upstream"), &message));
                 }
             }
+            self.validate_limits(route, index)?;
             for (worker_index, worker) in route.workers.iter().enumerate() {
                 let cap = *worker.max_memory.get_ref();
                 if cap > self.runtime.max_memory {
@@ -603,6 +681,93 @@ impl Config {
                     let line = self.line_of(path.span().start);
                     return Err(self.invalid(line, &field("redirect_https.except"), &message));
                 }
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks the `[redis]` table: exactly one of `url` and `cluster`, each
+    /// a valid Redis URL.
+    fn validate_redis(&self) -> Result<(), ConfigError> {
+        let Some(redis) = &self.redis else {
+            return Ok(());
+        };
+        let line = self.line_of(redis.span().start);
+        let redis = redis.get_ref();
+        let check_url = |url: &str, field: &str, line: usize| {
+            crate::ratelimit::check_redis_url(url)
+                .map_err(|message| self.invalid(line, field, &message))
+        };
+        match (&redis.url, &redis.cluster) {
+            (Some(url), None) => {
+                check_url(url.get_ref(), "redis.url", self.line_of(url.span().start))?
+            }
+            (None, Some(nodes)) => {
+                let line = self.line_of(nodes.span().start);
+                if nodes.get_ref().is_empty() {
+                    return Err(self.invalid(
+                        line,
+                        "redis.cluster",
+                        "at least one node is required",
+                    ));
+                }
+                for url in nodes.get_ref() {
+                    check_url(url, "redis.cluster", line)?;
+                }
+            }
+            (Some(_), Some(_)) => {
+                return Err(self.invalid(
+                    line,
+                    "redis",
+                    "set either `url` (one server) or `cluster` (seed nodes), not both",
+                ))
+            }
+            (None, None) => {
+                return Err(self.invalid(
+                    line,
+                    "redis",
+                    "set `url` (one server) or `cluster` (seed nodes of a cluster)",
+                ))
+            }
+        }
+        if redis.timeout.is_zero() || redis.connect_timeout.is_zero() {
+            return Err(self.invalid(line, "redis.timeout", "timeouts must be more than zero"));
+        }
+        if redis.key_prefix.contains(['{', '}']) {
+            return Err(self.invalid(line, "redis.key_prefix", "must not contain `{` or `}`"));
+        }
+        Ok(())
+    }
+
+    /// Checks a route's rate limits.
+    fn validate_limits(&self, route: &RouteConfig, index: usize) -> Result<(), ConfigError> {
+        let mut names = BTreeMap::new();
+        for (limit_index, limit) in route.limits.iter().enumerate() {
+            let spec =
+                crate::ratelimit::LimitSpec::parse(limit).map_err(|(span, field, message)| {
+                    let line = self.line_of(span.unwrap_or(limit.key.span().start));
+                    self.invalid(
+                        line,
+                        &format!("routes[{index}].limits[{limit_index}].{field}"),
+                        &message,
+                    )
+                })?;
+            let line = self.line_of(limit.key.span().start);
+            let field = format!("routes[{index}].limits[{limit_index}]");
+            if spec.scope == crate::ratelimit::Scope::Global && self.redis.is_none() {
+                return Err(self.invalid(
+                    line,
+                    &format!("{field}.scope"),
+                    "a global limit counts in Redis; add a [redis] table with its `url`",
+                ));
+            }
+            if let Some(first) = names.insert(spec.name.to_string(), line) {
+                let message = format!(
+                    "limit name {:?} is already used on line {first}; give each limit of the \
+                     route its own `name`",
+                    spec.name
+                );
+                return Err(self.invalid(line, &format!("{field}.name"), &message));
             }
         }
         Ok(())

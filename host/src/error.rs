@@ -1,6 +1,8 @@
 //! Refusals: every way the node can fail a request, and the one place that
 //! turns each into a status, a JSON body and headers.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use http::header::{CONTENT_TYPE, RETRY_AFTER};
 use http::{HeaderValue, Response, StatusCode};
@@ -46,6 +48,14 @@ pub enum Refusal {
     WorkerTimeout,
     /// No worker instance became free in time.
     WorkerBusy,
+    /// A rate limit of the route refused the request.
+    RateLimited {
+        limit: Arc<str>,
+        /// Whole seconds until a request would be admitted.
+        retry_after: u64,
+    },
+    /// A global rate limit set to `fail_closed` could not reach Redis.
+    RateLimitUnavailable { limit: Arc<str> },
 }
 
 impl Refusal {
@@ -60,7 +70,10 @@ impl Refusal {
             Refusal::NoUpstream | Refusal::WorkerFailed => StatusCode::INTERNAL_SERVER_ERROR,
             Refusal::UpstreamUnavailable { .. } => StatusCode::BAD_GATEWAY,
             Refusal::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            Refusal::WorkerTimeout | Refusal::WorkerBusy => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::WorkerTimeout | Refusal::WorkerBusy | Refusal::RateLimitUnavailable { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
+            Refusal::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
 
@@ -78,6 +91,8 @@ impl Refusal {
             Refusal::WorkerFailed => "worker_failed",
             Refusal::WorkerTimeout => "worker_timeout",
             Refusal::WorkerBusy => "worker_busy",
+            Refusal::RateLimited { .. } => "rate_limited",
+            Refusal::RateLimitUnavailable { .. } => "ratelimit_unavailable",
         }
     }
 
@@ -88,12 +103,15 @@ impl Refusal {
             | Refusal::InvalidPath(_)
             | Refusal::InvalidHost(_)
             | Refusal::InvalidBody
-            | Refusal::BodyTooLarge { .. } => Source::Client,
+            | Refusal::BodyTooLarge { .. }
+            | Refusal::RateLimited { .. } => Source::Client,
             Refusal::WorkerFailed | Refusal::WorkerTimeout => Source::Worker,
             Refusal::UpstreamUnavailable { .. } | Refusal::UpstreamTimeout { .. } => {
                 Source::Upstream
             }
-            Refusal::NoUpstream | Refusal::WorkerBusy => Source::Host,
+            Refusal::NoUpstream | Refusal::WorkerBusy | Refusal::RateLimitUnavailable { .. } => {
+                Source::Host
+            }
         }
     }
 
@@ -120,27 +138,47 @@ impl Refusal {
             Refusal::WorkerFailed => "a worker on this route failed".to_owned(),
             Refusal::WorkerTimeout => "a worker on this route ran past its CPU deadline".to_owned(),
             Refusal::WorkerBusy => "all worker instances are busy; retry shortly".to_owned(),
+            Refusal::RateLimited { limit, retry_after } => {
+                format!("rate limit {limit:?} exceeded; retry in {retry_after} s")
+            }
+            Refusal::RateLimitUnavailable { limit } => {
+                format!("rate limit {limit:?} cannot be checked right now; retry shortly")
+            }
         }
     }
 
-    /// Seconds the client should wait before retrying, for 503s.
-    fn retry_after(&self) -> Option<&'static str> {
+    /// Seconds the client should wait before retrying, for 429s and 503s.
+    fn retry_after(&self) -> Option<u64> {
         match self {
-            Refusal::WorkerBusy | Refusal::WorkerTimeout => Some("1"),
+            Refusal::WorkerBusy | Refusal::WorkerTimeout | Refusal::RateLimitUnavailable { .. } => {
+                Some(1)
+            }
+            Refusal::RateLimited { retry_after, .. } => Some(*retry_after),
             _ => None,
         }
     }
 
     /// Builds the response: the status, `{"error": code, "message": ...}`
-    /// and `Retry-After` where it applies.
+    /// (with `limit` and `retry_after` for rate limits) and `Retry-After`
+    /// where it applies.
     pub fn to_response(&self) -> Response<ResponseBody> {
-        let body = serde_json::json!({ "error": self.code(), "message": self.message() });
+        let mut body = serde_json::json!({ "error": self.code(), "message": self.message() });
+        match self {
+            Refusal::RateLimited { limit, retry_after } => {
+                body["limit"] = serde_json::Value::from(&**limit);
+                body["retry_after"] = serde_json::Value::from(*retry_after);
+            }
+            Refusal::RateLimitUnavailable { limit } => {
+                body["limit"] = serde_json::Value::from(&**limit);
+            }
+            _ => {}
+        }
         let mut response = Response::new(ResponseBody::full(Bytes::from(body.to_string())));
         *response.status_mut() = self.status();
         let headers = response.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         if let Some(seconds) = self.retry_after() {
-            headers.insert(RETRY_AFTER, HeaderValue::from_static(seconds));
+            headers.insert(RETRY_AFTER, HeaderValue::from(seconds));
         }
         response
     }

@@ -15,6 +15,7 @@ pub mod listener;
 pub mod node;
 pub mod pipeline;
 pub mod proxy;
+pub mod ratelimit;
 pub mod route;
 pub mod scaffold;
 pub mod timer;

@@ -9,6 +9,7 @@ use ipnet::IpNet;
 
 use crate::config::{CertificateConfig, Config, ConfigError, ListenerConfig};
 use crate::proxy::Upstream;
+use crate::ratelimit::{Limit, LimitSpec, RateLimiter, SystemClock};
 use crate::route::{HostMatch, PathMatch, RouteRule, Router};
 use crate::tls::{CertificateFiles, ListenerTls, ServerSettings, TlsError, UpstreamTls};
 use crate::worker::{Binding, LoadError, Runtime, RuntimeSettings};
@@ -23,6 +24,18 @@ pub struct Route {
     pub max_body: u64,
     /// Workers in the order they run.
     pub workers: Vec<Binding>,
+    /// Rate limits in config order.
+    pub limits: Vec<Limit>,
+    /// Whether any limit runs at stage `i`: 0 before the first worker,
+    /// `i + 1` right after worker `i`.
+    pub limit_stages: Vec<bool>,
+}
+
+impl Route {
+    /// True when some limit runs at `stage`.
+    pub fn limits_at(&self, stage: usize) -> bool {
+        self.limit_stages.get(stage).copied().unwrap_or(false)
+    }
 }
 
 /// Settings of one listener that the pipeline needs.
@@ -67,6 +80,7 @@ pub struct Node {
     upstream_names: HashMap<String, usize>,
     pub listeners: Vec<Listener>,
     pub runtime: Runtime,
+    pub ratelimit: RateLimiter,
 }
 
 /// An error that kept a node from being built.
@@ -91,6 +105,8 @@ pub enum BuildError {
     },
     #[error("cannot start the worker runtime: {0:#}")]
     Runtime(anyhow::Error),
+    #[error("cannot set up rate limiting: {0}")]
+    RateLimit(String),
 }
 
 impl Node {
@@ -105,6 +121,12 @@ impl Node {
             max_memory: config.runtime.max_memory.as_u64() as usize,
         };
         let runtime = Runtime::new(&settings).map_err(BuildError::Runtime)?;
+        let clock = SystemClock::from_env().map_err(BuildError::RateLimit)?;
+        let ratelimit = RateLimiter::new(
+            std::sync::Arc::new(clock),
+            config.redis.as_ref().map(|r| r.get_ref()),
+        )
+        .map_err(BuildError::RateLimit)?;
 
         let mut upstreams = Vec::new();
         let mut upstream_names = HashMap::new();
@@ -191,7 +213,22 @@ impl Node {
                     .map_err(module_error)?;
                 workers.push(binding);
             }
+            let mut limits = Vec::new();
+            for (limit_index, limit) in route.limits.iter().enumerate() {
+                let spec = LimitSpec::parse(limit).map_err(|(span, field, message)| {
+                    let line = config.line_of(span.unwrap_or(limit.key.span().start));
+                    let field = format!("routes[{index}].limits[{limit_index}].{field}");
+                    config.invalid(line, &field, &message)
+                })?;
+                limits.push(ratelimit.limit(&name, spec));
+            }
+            let mut limit_stages = vec![false; workers.len() + 1];
+            for limit in &limits {
+                limit_stages[limit.stage] = true;
+            }
             routes.push(Route {
+                limits,
+                limit_stages,
                 name,
                 upstream: route
                     .upstream
@@ -219,6 +256,7 @@ impl Node {
             upstream_names,
             listeners,
             runtime,
+            ratelimit,
         })
     }
 

@@ -9,9 +9,11 @@
 //! normalise path      400 invalid_path
 //! redirect to HTTPS   308 (a redirecting listener), 400 invalid_host
 //! route               404 no_route
+//! rate limits         429 rate_limited, 503 ratelimit_unavailable
 //! body limit          413 body_too_large
 //! request workers     the worker's own response, 500 worker_failed,
-//!                     503 worker_timeout or worker_busy
+//!                     503 worker_timeout or worker_busy; limits keyed by a
+//!                     worker's value run right after that worker
 //! upstream            502 upstream_unavailable, 504 upstream_timeout,
 //!                     400 invalid_body, 413 body_too_large
 //! response workers    500 worker_failed, 503 worker_timeout or worker_busy
@@ -30,6 +32,7 @@ use hyper::body::Incoming;
 use crate::error::Refusal;
 use crate::node::{Node, Route};
 use crate::proxy::{RequestBody, ResponseBody};
+use crate::ratelimit::{KeyInput, Shown};
 use crate::route::{encode_path, host_name, normalize_path, resolve_dot_segments};
 use crate::worker::{wit, Binding, WorkerError};
 
@@ -80,11 +83,17 @@ pub async fn handle(
     request: Request<Incoming>,
 ) -> Response<ResponseBody> {
     let listener = connection.listener;
-    let mut response = match serve(node, connection, request).await {
+    // The rate limit that decided, when the route has any: its state goes
+    // on every response of the route.
+    let mut shown = None;
+    let mut response = match serve(node, connection, request, &mut shown).await {
         Ok(response) => response,
         Err(refusal) => refusal.to_response(),
     };
     let headers = response.headers_mut();
+    if let Some(shown) = shown {
+        shown.apply(headers);
+    }
     headers.append(header::VIA, node.via.clone());
     if let Some(hsts) = &node.listeners[listener].hsts {
         headers
@@ -98,6 +107,7 @@ async fn serve(
     node: &Node,
     connection: &Connection,
     request: Request<Incoming>,
+    shown: &mut Option<Shown>,
 ) -> Result<Response<ResponseBody>, Refusal> {
     let (mut parts, body) = request.into_parts();
 
@@ -143,6 +153,24 @@ async fn serve(
     let matched = matched.ok_or(Refusal::NoRoute)?;
     let route = &node.routes[matched.index];
 
+    let client_ip = client_ip(
+        &parts.headers,
+        connection.peer.ip(),
+        &listener.trusted_proxies,
+    );
+
+    // Limits whose key is known now (client address, header, route), before
+    // any worker runs or the body is looked at.
+    if route.limits_at(0) {
+        let input = KeyInput {
+            client_ip,
+            headers: &parts.headers,
+        };
+        node.ratelimit
+            .check(&route.limits, 0, &input, shown)
+            .await?;
+    }
+
     // Refuse a body the route cannot take before anything else sees it.
     if let Some(length) = content_length(&parts.headers) {
         if length > route.max_body {
@@ -152,19 +180,13 @@ async fn serve(
         }
     }
 
-    let client_ip = client_ip(
-        &parts.headers,
-        connection.peer.ip(),
-        &listener.trusted_proxies,
-    );
-
     // Request-phase workers, in order.
     let mut upstream = route.upstream;
     let mut worker_path: Option<String> = None;
     let mut view = None;
     if !route.workers.is_empty() {
         let mut request_view = worker_request(&parts, &path, client_ip, route, matched.params);
-        for binding in &route.workers {
+        for (worker_index, binding) in route.workers.iter().enumerate() {
             let action = node
                 .runtime
                 .on_request(binding, &request_view)
@@ -191,6 +213,18 @@ async fn serve(
                 &mut worker_path,
             )
             .map_err(|reason| invalid_decision(route, binding, &reason))?;
+            // Limits keyed by a value this worker set run before the next
+            // worker, so an over-quota client triggers nothing more.
+            if route.limits_at(worker_index + 1) {
+                // TODO: pass the request context values workers set, once they exist (issue 3).
+                let input = KeyInput {
+                    client_ip,
+                    headers: &parts.headers,
+                };
+                node.ratelimit
+                    .check(&route.limits, worker_index + 1, &input, shown)
+                    .await?;
+            }
         }
         view = Some(request_view);
     }

@@ -330,3 +330,110 @@ fn worker_new_scaffolds_a_crate_that_builds() {
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
 }
+
+/// VALID with two rate limits on the `home` route (lines 23 to 35).
+fn limited(extra: &str) -> String {
+    format!(
+        "{VALID}\n[[routes.limits]]\nname = \"per-ip\"\nkey = \"ip\"\n\
+         algorithm = \"token_bucket\"\nrate = \"10/s\"\nburst = 20\n\n\
+         [[routes.limits]]\nkey = \"header:x-api-key\"\nalgorithm = \"sliding_window\"\n\
+         rate = \"1000/h\"\nscope = \"global\"\non_redis_error = \"fail_closed\"\n{extra}"
+    )
+}
+
+const REDIS: &str = "\n[redis]\nurl = \"redis://127.0.0.1:6379\"\n";
+
+#[test]
+fn rate_limit_config_errors_name_line_and_field() {
+    let no_redis = check_fails(&limited(""));
+    assert!(
+        no_redis.contains(":31: routes[1].limits[1].scope: a global limit counts in Redis"),
+        "{no_redis}"
+    );
+    let bad_rate = check_fails(&limited(REDIS).replace("\"10/s\"", "\"10 a second\""));
+    assert!(
+        bad_rate.contains(":27: routes[1].limits[0].rate: \"10 a second\" is not a rate"),
+        "{bad_rate}"
+    );
+    let burst_on_window = check_fails(&limited(&format!("burst = 5\n{REDIS}")));
+    assert!(
+        burst_on_window.contains("routes[1].limits[1].burst: `burst` applies to token_bucket"),
+        "{burst_on_window}"
+    );
+    let bad_key = check_fails(&limited(REDIS).replace("\"header:x-api-key\"", "\"cookie\""));
+    assert!(
+        bad_key.contains(":31: routes[1].limits[1].key: \"cookie\" is not a key"),
+        "{bad_key}"
+    );
+    let worker_value =
+        check_fails(&limited(REDIS).replace("\"header:x-api-key\"", "\"value:user\""));
+    assert!(worker_value.contains("not supported yet"), "{worker_value}");
+    let queue_without_mode =
+        check_fails(&limited(REDIS).replace("\"token_bucket\"", "\"leaky_bucket\"\nqueue = 5"));
+    assert!(
+        queue_without_mode.contains("routes[1].limits[0].queue: `queue` needs mode = \"queue\""),
+        "{queue_without_mode}"
+    );
+    let unknown_algorithm =
+        check_fails(&limited(REDIS).replace("\"sliding_window\"", "\"sliding_log\""));
+    assert!(
+        unknown_algorithm.contains("sliding_log"),
+        "{unknown_algorithm}"
+    );
+    let duplicate = check_fails(&limited(REDIS).replace(
+        "key = \"header:x-api-key\"",
+        "name = \"per-ip\"\nkey = \"header:x-api-key\"",
+    ));
+    assert!(
+        duplicate.contains("limit name \"per-ip\" is already used on line 25"),
+        "{duplicate}"
+    );
+    let bad_url = check_fails(&limited(
+        &REDIS.replace("redis://127.0.0.1:6379", "http://x"),
+    ));
+    assert!(
+        bad_url.contains("redis.url: \"http://x\" is not a Redis URL"),
+        "{bad_url}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let output = edge(&["check", &write_config(dir.path(), &limited(REDIS))]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
+fn routes_explain_lists_rate_limits() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), &limited(REDIS));
+    let output = edge(&["routes", "explain", "--config", &path, "GET", "/phone/home"]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains(
+            "rate limit 1: \"per-ip\", token bucket 10/s, burst 20, per client address, \
+             local to this node (up to 100000 keys) (before the workers)"
+        ),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(
+            "rate limit 2: \"header:x-api-key 1000/h\", sliding window 1000/h (weighted \
+             counters), per value of header x-api-key (else per client address), global in \
+             Redis; 503 while Redis is unreachable"
+        ),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("redis: redis://127.0.0.1:6379, 20ms timeout"),
+        "{stdout}"
+    );
+    let output = edge(&["routes", "explain", "--config", &path, "GET", "/users/1"]);
+    assert!(String::from_utf8_lossy(&output.stdout).contains("rate limits: none"));
+}

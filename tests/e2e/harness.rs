@@ -61,6 +61,12 @@ impl Node {
     /// modules folder and adding a loopback listener on a free port and the
     /// shared compile cache, unless the config sets its own.
     pub fn start(config: &str) -> Result<Node> {
+        Node::start_with_env(config, &[])
+    }
+
+    /// Starts a node as [`Node::start`] does, with extra environment
+    /// variables.
+    pub fn start_with_env(config: &str, env: &[(&str, &str)]) -> Result<Node> {
         let dir = tempfile::tempdir()?;
         let mut text = config.replace("{modules}", &modules_dir().display().to_string());
         if !text.contains("[[listeners]]") {
@@ -76,20 +82,26 @@ impl Node {
         let listeners = text.matches("[[listeners]]").count();
         std::fs::write(&path, text)?;
         let config = path.display().to_string();
-        Node::spawn(&["serve", "--config", &config], dir, listeners)
+        Node::spawn(&["serve", "--config", &config], dir, listeners, env)
     }
 
     /// Starts `edge` with `args`, such as `demo`, and waits until its
     /// `listeners` listeners listen.
     pub fn start_with_args(args: &[&str], listeners: usize) -> Result<Node> {
-        Node::spawn(args, tempfile::tempdir()?, listeners)
+        Node::spawn(args, tempfile::tempdir()?, listeners, &[])
     }
 
-    fn spawn(args: &[&str], dir: tempfile::TempDir, listeners: usize) -> Result<Node> {
+    fn spawn(
+        args: &[&str],
+        dir: tempfile::TempDir,
+        listeners: usize,
+        env: &[(&str, &str)],
+    ) -> Result<Node> {
         let mut child = Command::new(env!("CARGO_BIN_EXE_edge"))
             .args(args)
             .current_dir(dir.path())
             .env("EDGE_LOG", "info")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()?;
@@ -832,4 +844,207 @@ pub async fn tls_upstream(
         }
     });
     (addr, count, task)
+}
+
+/// A free TCP port on 127.0.0.1 (free when this returns).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("bind a free port")
+        .port()
+}
+
+/// A `redis-server` process on a loopback port, killed on drop.
+pub struct Redis {
+    child: Option<Child>,
+    pub port: u16,
+    args: Vec<String>,
+    dir: tempfile::TempDir,
+}
+
+impl Redis {
+    /// Starts a server without persistence on a free port.
+    pub fn start() -> Result<Redis> {
+        Redis::start_on(free_port(), &[])
+    }
+
+    fn start_on(port: u16, extra: &[&str]) -> Result<Redis> {
+        let dir = tempfile::tempdir()?;
+        let mut args: Vec<String> = [
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--protected-mode",
+            "no",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut redis = Redis {
+            child: None,
+            port,
+            args,
+            dir,
+        };
+        redis.launch()?;
+        Ok(redis)
+    }
+
+    fn launch(&mut self) -> Result {
+        let log = std::fs::File::create(self.dir.path().join("redis.log"))?;
+        let child = Command::new("redis-server")
+            .args(&self.args)
+            .current_dir(self.dir.path())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| {
+                format!(
+                    "cannot start redis-server ({e}); scripts/test installs it, or run \
+                     `apt-get install redis-server`"
+                )
+            })?;
+        self.child = Some(child);
+        for _ in 0..200 {
+            if self.ping() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(25));
+        }
+        let log = std::fs::read_to_string(self.dir.path().join("redis.log")).unwrap_or_default();
+        Err(format!(
+            "redis-server on port {} did not answer PING: {log}",
+            self.port
+        )
+        .into())
+    }
+
+    fn ping(&self) -> bool {
+        use std::io::Write as _;
+        let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else {
+            return false;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_millis(500)));
+        let mut reply = [0u8; 5];
+        stream.write_all(b"PING\r\n").is_ok()
+            && stream.read_exact(&mut reply).is_ok()
+            && &reply == b"+PONG"
+    }
+
+    /// The URL nodes connect with.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server, as a crash would.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Stops (SIGSTOP) or continues (SIGCONT) the server: a stopped server
+    /// accepts connections but answers nothing.
+    pub fn signal(&self, signal: &str) {
+        let pid = self.child.as_ref().expect("redis is running").id();
+        let status = Command::new("kill")
+            .args([signal, &pid.to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success());
+    }
+
+    /// Starts the server again on the same port, empty.
+    pub fn restart(&mut self) -> Result {
+        self.stop();
+        self.launch()
+    }
+
+    /// Runs `redis-cli` against this server and returns its output.
+    pub fn cli(&self, args: &[&str]) -> String {
+        let output = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("run redis-cli");
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A Redis Cluster of `redis-server` processes on loopback, each a primary
+/// with a third of the hash slots, joined with `redis-cli --cluster create`.
+pub struct RedisCluster {
+    pub nodes: Vec<Redis>,
+}
+
+impl RedisCluster {
+    pub fn start(size: usize) -> Result<RedisCluster> {
+        let mut nodes = Vec::new();
+        while nodes.len() < size {
+            // A cluster node also listens on its port + 10000 (the bus).
+            let port = free_port();
+            if port > 55_535 || std::net::TcpListener::bind(("127.0.0.1", port + 10_000)).is_err() {
+                continue;
+            }
+            nodes.push(Redis::start_on(
+                port,
+                &[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "5000",
+                ],
+            )?);
+        }
+        let addrs: Vec<String> = nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let output = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()?;
+        if !output.status.success() {
+            return Err(format!(
+                "redis-cli --cluster create failed: {}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            )
+            .into());
+        }
+        let cluster = RedisCluster { nodes };
+        for _ in 0..200 {
+            if cluster
+                .nodes
+                .iter()
+                .all(|n| n.cli(&["cluster", "info"]).contains("cluster_state:ok"))
+            {
+                return Ok(cluster);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Err("the Redis Cluster did not reach cluster_state:ok".into())
+    }
+
+    /// The `[redis]` table's `cluster` value.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(Redis::url).collect()
+    }
 }

@@ -7,5 +7,6 @@ mod harness;
 
 mod cli;
 mod proxy;
+mod ratelimit;
 mod tls;
 mod workers;

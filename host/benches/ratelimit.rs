@@ -1,0 +1,182 @@
+//! CPU time a rate limit adds to a request, measured in-process: the
+//! limiter's decision and the four response headers, without the network.
+//!
+//! Usage: cargo bench -p edge --bench ratelimit [-- --redis redis://HOST:PORT] [--only TEXT]
+//! Without `--redis` only the local limiter is measured; `--only` runs the
+//! cases whose label contains TEXT. Each case prints
+//! the CPU time per request of this process (user + system, from
+//! /proc/self/stat) minus that of building the same response headers
+//! without a limit.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::rc::Rc;
+use std::sync::Arc;
+
+use http::header::{HeaderMap, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, DATE, SERVER};
+
+use edge::config::{LimitConfig, RedisConfig};
+use edge::ratelimit::{KeyInput, Limit, LimitSpec, RateLimiter, SystemClock};
+
+/// User plus system CPU time of this process, in nanoseconds.
+fn cpu_ns() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").expect("read /proc/self/stat");
+    let fields: Vec<&str> = stat.rsplit(") ").next().unwrap().split(' ').collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    // CLK_TCK is 100 on Linux.
+    ticks * 10_000_000.0
+}
+
+/// A response's headers as an upstream sends them.
+fn response_headers() -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert(CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    headers.insert(CONTENT_LENGTH, HeaderValue::from_static("30"));
+    headers.insert(
+        DATE,
+        HeaderValue::from_static("Fri, 04 Dec 2026 19:00:00 GMT"),
+    );
+    headers.insert(SERVER, HeaderValue::from_static("nginx"));
+    headers
+}
+
+/// One request through the limits: decide, then set the headers (unless
+/// `headers` is false).
+async fn one_request(limiter: &RateLimiter, limits: &[Limit], client: u32, headers: bool) {
+    let request = HeaderMap::new();
+    let input = KeyInput {
+        client_ip: IpAddr::V4(Ipv4Addr::from(client)),
+        headers: &request,
+    };
+    let mut shown = None;
+    let _ = limiter.check(limits, 0, &input, &mut shown).await;
+    let mut response = response_headers();
+    if let (Some(shown), true) = (shown, headers) {
+        shown.apply(&mut response);
+    }
+    std::hint::black_box(response);
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let mut redis_url = None;
+    let mut only = None;
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--redis" => redis_url = args.next(),
+            "--only" => only = args.next(),
+            _ => {}
+        }
+    }
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let redis_config: Option<RedisConfig> = redis_url.as_ref().map(|url| {
+        toml::from_str(&format!("url = {url:?}\ntimeout = \"50ms\"")).expect("redis config")
+    });
+    let limiter =
+        Rc::new(RateLimiter::new(Arc::new(SystemClock::new(0)), redis_config.as_ref()).unwrap());
+
+    // The cost of the response headers alone, subtracted from every case.
+    let iterations = 5_000_000u32;
+    let started = cpu_ns();
+    for _ in 0..iterations {
+        std::hint::black_box(response_headers());
+    }
+    let baseline = (cpu_ns() - started) / f64::from(iterations);
+
+    // The headers alone.
+    let shown = edge::ratelimit::Shown {
+        limit: 1000,
+        remaining: 999,
+        reset_secs: 1,
+    };
+    let headers_label = "the four response headers only";
+    let skip = |label: &str| {
+        only.as_ref()
+            .is_some_and(|only| !label.contains(only.as_str()))
+    };
+    let started = cpu_ns();
+    for _ in 0..if skip(headers_label) { 0 } else { iterations } {
+        let mut response = response_headers();
+        shown.apply(&mut response);
+        std::hint::black_box(response);
+    }
+    let headers_only = (cpu_ns() - started) / f64::from(iterations) - baseline;
+
+    let mut cases = vec![
+        ("local token bucket, one client", "local", 1, true),
+        (
+            "local token bucket, 100,000 clients",
+            "local",
+            100_000,
+            true,
+        ),
+        (
+            "local token bucket, one client, decision only",
+            "local",
+            1,
+            false,
+        ),
+    ];
+    if redis_url.is_some() {
+        cases.push((
+            "global token bucket, one client, 32 in flight",
+            "global",
+            1,
+            true,
+        ));
+    }
+    println!("| limit | CPU ns per request |");
+    println!("|---|---:|");
+    if !skip(headers_label) {
+        println!("| {headers_label} | {headers_only:.0} |");
+    }
+    for (label, scope, clients, headers) in cases {
+        if skip(label) {
+            continue;
+        }
+        let config: LimitConfig = toml::from_str(&format!(
+            "key = \"ip\"\nalgorithm = \"token_bucket\"\nrate = \"1000000/s\"\nburst = 1000\nscope = \"{scope}\""
+        ))
+        .expect("limit config");
+        let limits = Rc::new(vec![
+            limiter.limit("bench", LimitSpec::parse(&config).unwrap())
+        ]);
+        let iterations: u32 = if scope == "global" {
+            320_000
+        } else {
+            5_000_000
+        };
+        let run = |count: u32| {
+            let (limiter, limits) = (limiter.clone(), limits.clone());
+            async move {
+                if scope == "local" {
+                    for i in 0..count {
+                        one_request(&limiter, &limits, i % clients, headers).await;
+                    }
+                    return;
+                }
+                // 32 requests in flight, as from 32 client connections.
+                let tasks = tokio::task::LocalSet::new();
+                for _ in 0..32 {
+                    let (limiter, limits) = (limiter.clone(), limits.clone());
+                    tasks.spawn_local(async move {
+                        for i in 0..count / 32 {
+                            one_request(&limiter, &limits, i % clients, headers).await;
+                        }
+                    });
+                }
+                tasks.await;
+            }
+        };
+        runtime.block_on(run(iterations / 10));
+        let started = cpu_ns();
+        runtime.block_on(run(iterations));
+        let per_request = (cpu_ns() - started) / f64::from(iterations) - baseline;
+        println!("| {label} | {per_request:.0} |");
+    }
+    if let Some(backend) = limiter.backend() {
+        eprintln!("redis round trips: {}", backend.round_trips());
+    }
+}

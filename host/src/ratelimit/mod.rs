@@ -1,0 +1,981 @@
+//! Rate limits: the host counts requests itself, before workers and the
+//! upstream, per node ([`local`]) or across nodes in Redis ([`redis`]).
+//!
+//! A route has any number of limits, each with an algorithm, a rate, a key
+//! and a scope. A limit runs as soon as its key is known: every key kind
+//! today (client address, header, route) is known before the first worker,
+//! so all limits run there, in config order. The first that rejects a
+//! request sends 429, and the earlier limits still count the request.
+//!
+//! Algorithms, all with the same arithmetic locally and in Redis:
+//!
+//! - token bucket: GCRA, the bucket holds `burst` requests and refills at
+//!   the rate;
+//! - leaky bucket: the same meter with a default burst of 1, so requests
+//!   leave at a constant rate; in queue mode a request that comes too soon
+//!   waits for its turn, up to `queue` requests deep, instead of being
+//!   refused;
+//! - fixed window: a count per window aligned to the clock (Unix time);
+//!   up to twice the limit can pass around a window's edge;
+//! - sliding window: weighted counters, the previous window's count
+//!   weighted by the part of it still inside the sliding window plus the
+//!   current count. Exact when the previous window's requests were spread
+//!   evenly; at worst (all of them at its very end) it admits up to twice the
+//!   limit in one sliding window, like a fixed window, but never more than
+//!   the limit in one fixed window.
+
+pub mod local;
+pub mod redis;
+
+use std::fmt;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use crate::config::LimitConfig;
+use crate::error::Refusal;
+use local::LocalTable;
+use redis::RedisBackend;
+
+/// The environment variable that shifts the rate-limit clock of a node, for
+/// tests only: a signed duration such as `300s` or `-5m`. Global limits use
+/// Redis's clock, so they ignore it; it proves that.
+pub const CLOCK_OFFSET_ENV: &str = "EDGE_TEST_CLOCK_OFFSET";
+
+/// Client keys a limit keeps counts for unless `max_keys` is set.
+pub const DEFAULT_MAX_KEYS: usize = 100_000;
+
+/// How often a failing global limit logs that it falls back.
+const FALLBACK_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Algorithm {
+    TokenBucket,
+    LeakyBucket,
+    FixedWindow,
+    SlidingWindow,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Scope {
+    #[default]
+    Local,
+    Global,
+}
+
+/// The behaviour of a global limit while Redis is unreachable or too slow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FailMode {
+    /// Count on this node, with a local limiter of the same shape.
+    #[default]
+    FailOpen,
+    /// Send 503 `ratelimit_unavailable`.
+    FailClosed,
+}
+
+/// The behaviour of a leaky bucket for a request that comes too soon.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LeakyMode {
+    #[default]
+    Reject,
+    Queue,
+}
+
+/// The part of a request that a limit counts requests by.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeySource {
+    /// The client's address, after trusted proxies' `X-Forwarded-For`.
+    ClientIp,
+    /// One count for the whole route.
+    Route,
+    /// A request header's value as the client sent it; requests without the
+    /// header are counted by client address.
+    Header(HeaderName),
+    // TODO: a key from a value a worker set, such as jwt-auth's user id (`key = "value:user"`), needs the request context values of issue 3; its `stage()` is then that worker's index plus one.
+}
+
+impl KeySource {
+    fn parse(text: &str) -> Result<KeySource, String> {
+        match text {
+            "ip" => Ok(KeySource::ClientIp),
+            "route" => Ok(KeySource::Route),
+            _ => {
+                if let Some(name) = text.strip_prefix("header:") {
+                    return HeaderName::from_bytes(name.as_bytes())
+                        .map(KeySource::Header)
+                        .map_err(|_| format!("{name:?} is not a valid header name"));
+                }
+                if text.starts_with("value:") {
+                    return Err("keys from values that workers set are not supported yet; \
+                                use ip, route or header:NAME"
+                        .to_owned());
+                }
+                Err(format!(
+                    "{text:?} is not a key; use ip, route or header:NAME (such as \
+                     header:x-api-key)"
+                ))
+            }
+        }
+    }
+
+    /// When the key is known: 0 before the first worker, `i + 1` right
+    /// after worker `i`.
+    pub fn stage(&self) -> usize {
+        0
+    }
+}
+
+impl fmt::Display for KeySource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            KeySource::ClientIp => f.write_str("ip"),
+            KeySource::Route => f.write_str("route"),
+            KeySource::Header(name) => write!(f, "header:{name}"),
+        }
+    }
+}
+
+/// Requests per period.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub count: u64,
+    pub period: Duration,
+    /// Whether the period was written as a unit, such as `s` or `min`.
+    unit: Option<&'static str>,
+}
+
+impl Rate {
+    /// The maximum count of requests per period.
+    pub const MAX_COUNT: u64 = 1_000_000_000;
+
+    /// Parses `10/s`, `100/min`, `1000/h`, `50000/day` or `5/10s`.
+    pub fn parse(text: &str) -> Result<Rate, String> {
+        let usage = || {
+            format!(
+                "{text:?} is not a rate; write requests per period, such as 10/s, 100/min, \
+                 1000/h, 50000/day or 5/10s"
+            )
+        };
+        let (count, per) = text.split_once('/').ok_or_else(usage)?;
+        let count: u64 = count.trim().parse().map_err(|_| usage())?;
+        let per = per.trim();
+        let unit = match per {
+            "s" | "sec" | "second" => Some(("s", 1)),
+            "m" | "min" | "minute" => Some(("min", 60)),
+            "h" | "hour" => Some(("h", 3600)),
+            "d" | "day" => Some(("day", 86_400)),
+            _ => None,
+        };
+        let (unit, period) = match unit {
+            Some((name, seconds)) => (Some(name), Duration::from_secs(seconds)),
+            None => (None, humantime::parse_duration(per).map_err(|_| usage())?),
+        };
+        if !(1..=Self::MAX_COUNT).contains(&count) {
+            return Err(format!(
+                "{text:?}: the count must be from 1 to {}",
+                Self::MAX_COUNT
+            ));
+        }
+        if period < Duration::from_millis(1) || period > Duration::from_secs(366 * 86_400) {
+            return Err(format!("{text:?}: the period must be from 1ms to 366 days"));
+        }
+        if period.as_nanos() < u128::from(count) {
+            return Err(format!("{text:?} is more than one request per nanosecond"));
+        }
+        Ok(Rate {
+            count,
+            period,
+            unit,
+        })
+    }
+
+    fn period_ns(&self) -> u64 {
+        self.period.as_nanos() as u64
+    }
+}
+
+impl fmt::Display for Rate {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.unit {
+            Some(unit) => write!(f, "{}/{unit}", self.count),
+            None => write!(
+                f,
+                "{}/{}",
+                self.count,
+                humantime::format_duration(self.period)
+            ),
+        }
+    }
+}
+
+/// The arithmetic of a limit, shared by the local limiter and the Redis
+/// script.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Shape {
+    /// A token or leaky bucket (GCRA): one request per `interval_ns`,
+    /// `burst` at once, and up to `queue` more that wait for their turn.
+    Bucket {
+        interval_ns: u64,
+        burst: u64,
+        queue: u64,
+    },
+    FixedWindow {
+        limit: u64,
+        window_ns: u64,
+    },
+    SlidingWindow {
+        limit: u64,
+        window_ns: u64,
+    },
+}
+
+/// One limit's decision on one request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    pub allowed: bool,
+    /// `RateLimit-Limit`: the requests the limit admits at once.
+    pub limit: u64,
+    /// Requests that would still be admitted now, after this one.
+    pub remaining: u64,
+    /// Until the limit is back to its full quota.
+    pub reset_ns: u64,
+    /// When refused: until a request would be admitted.
+    pub retry_after_ns: u64,
+    /// Leaky bucket in queue mode: how long this request waits its turn.
+    pub delay_ns: u64,
+}
+
+/// A limit as configured, checked.
+#[derive(Debug, Clone)]
+pub struct LimitSpec {
+    pub name: Arc<str>,
+    pub key: KeySource,
+    pub algorithm: Algorithm,
+    pub rate: Rate,
+    pub shape: Shape,
+    pub scope: Scope,
+    pub fail: FailMode,
+    pub max_keys: usize,
+}
+
+/// A config error: the byte offset to point at, the field and the message.
+pub type SpecError = (Option<usize>, &'static str, String);
+
+impl LimitSpec {
+    /// Checks a `[[routes.limits]]` entry.
+    pub fn parse(config: &LimitConfig) -> Result<LimitSpec, SpecError> {
+        let at = |span: std::ops::Range<usize>| Some(span.start);
+        let key = KeySource::parse(config.key.get_ref())
+            .map_err(|m| (at(config.key.span()), "key", m))?;
+        let rate =
+            Rate::parse(config.rate.get_ref()).map_err(|m| (at(config.rate.span()), "rate", m))?;
+        let algorithm = *config.algorithm.get_ref();
+        let is_bucket = matches!(algorithm, Algorithm::TokenBucket | Algorithm::LeakyBucket);
+        if let (Some(burst), false) = (&config.burst, is_bucket) {
+            let message = "`burst` applies to token_bucket and leaky_bucket only; a window \
+                           admits the rate's count per window";
+            return Err((at(burst.span()), "burst", message.to_owned()));
+        }
+        if algorithm != Algorithm::LeakyBucket {
+            if let Some(mode) = &config.mode {
+                let message = "`mode` applies to leaky_bucket only";
+                return Err((at(mode.span()), "mode", message.to_owned()));
+            }
+            if let Some(queue) = &config.queue {
+                let message = "`queue` applies to leaky_bucket in queue mode only";
+                return Err((at(queue.span()), "queue", message.to_owned()));
+            }
+        }
+        let mode = config
+            .mode
+            .as_ref()
+            .map(|m| *m.get_ref())
+            .unwrap_or_default();
+        let queue = match (&config.queue, mode) {
+            (Some(queue), LeakyMode::Queue) => {
+                let size = *queue.get_ref();
+                if !(1..=1_000_000).contains(&size) {
+                    let message = "must be from 1 to 1000000".to_owned();
+                    return Err((at(queue.span()), "queue", message));
+                }
+                size
+            }
+            (Some(queue), LeakyMode::Reject) => {
+                let message = "`queue` needs mode = \"queue\"; in reject mode a request that \
+                               comes too soon is refused"
+                    .to_owned();
+                return Err((at(queue.span()), "queue", message));
+            }
+            (None, LeakyMode::Queue) => {
+                let message =
+                    "queue mode needs `queue`, the most requests that may wait".to_owned();
+                return Err((
+                    config.mode.as_ref().map(|m| m.span().start),
+                    "queue",
+                    message,
+                ));
+            }
+            (None, LeakyMode::Reject) => 0,
+        };
+        let default_burst = if algorithm == Algorithm::TokenBucket {
+            rate.count
+        } else {
+            1
+        };
+        let burst = match &config.burst {
+            Some(burst) => {
+                let value = *burst.get_ref();
+                if !(1..=Rate::MAX_COUNT).contains(&value) {
+                    let message = format!("must be from 1 to {}", Rate::MAX_COUNT);
+                    return Err((at(burst.span()), "burst", message));
+                }
+                value
+            }
+            None => default_burst,
+        };
+        let shape = match algorithm {
+            Algorithm::TokenBucket | Algorithm::LeakyBucket => Shape::Bucket {
+                interval_ns: rate.period_ns() / rate.count,
+                burst,
+                queue,
+            },
+            Algorithm::FixedWindow => Shape::FixedWindow {
+                limit: rate.count,
+                window_ns: rate.period_ns(),
+            },
+            Algorithm::SlidingWindow => Shape::SlidingWindow {
+                limit: rate.count,
+                window_ns: rate.period_ns(),
+            },
+        };
+        let scope = config.scope;
+        if let (Some(fail), Scope::Local) = (&config.on_redis_error, scope) {
+            let message = "`on_redis_error` applies to global limits only".to_owned();
+            return Err((at(fail.span()), "on_redis_error", message));
+        }
+        let max_keys = match &config.max_keys {
+            Some(max) => {
+                let value = *max.get_ref();
+                if !(1..=100_000_000).contains(&value) {
+                    let message = "must be from 1 to 100000000".to_owned();
+                    return Err((at(max.span()), "max_keys", message));
+                }
+                value
+            }
+            None => DEFAULT_MAX_KEYS,
+        };
+        let name = match &config.name {
+            Some(name) => {
+                let text = name.get_ref();
+                if text.is_empty() || text.chars().any(char::is_control) {
+                    let message = "must be non-empty, without control characters".to_owned();
+                    return Err((at(name.span()), "name", message));
+                }
+                text.clone()
+            }
+            None => format!("{key} {rate}"),
+        };
+        Ok(LimitSpec {
+            name: Arc::from(name),
+            key,
+            algorithm,
+            rate,
+            shape,
+            scope,
+            fail: config
+                .on_redis_error
+                .as_ref()
+                .map(|f| *f.get_ref())
+                .unwrap_or_default(),
+            max_keys,
+        })
+    }
+
+    /// Describes the limit in one line for `routes explain`.
+    pub fn describe(&self) -> String {
+        let mut text = match (self.algorithm, self.shape) {
+            (Algorithm::TokenBucket, Shape::Bucket { burst, .. }) => {
+                format!("token bucket {}, burst {burst}", self.rate)
+            }
+            (Algorithm::LeakyBucket, Shape::Bucket { burst, queue, .. }) => {
+                let mut text = format!("leaky bucket {}", self.rate);
+                if burst > 1 {
+                    text.push_str(&format!(", burst {burst}"));
+                }
+                if queue > 0 {
+                    text.push_str(&format!(", up to {queue} requests wait their turn"));
+                } else {
+                    text.push_str(", requests that come too soon are refused");
+                }
+                text
+            }
+            (Algorithm::FixedWindow, _) => format!("fixed window {}", self.rate),
+            _ => format!("sliding window {} (weighted counters)", self.rate),
+        };
+        let key = match &self.key {
+            KeySource::ClientIp => "per client address".to_owned(),
+            KeySource::Route => "for the whole route".to_owned(),
+            KeySource::Header(name) => {
+                format!("per value of header {name} (else per client address)")
+            }
+        };
+        text.push_str(&format!(", {key}"));
+        match self.scope {
+            Scope::Local => text.push_str(&format!(
+                ", local to this node (up to {} keys)",
+                self.max_keys
+            )),
+            Scope::Global => text.push_str(match self.fail {
+                FailMode::FailOpen => {
+                    ", global in Redis; counts on this node while Redis is unreachable"
+                }
+                FailMode::FailClosed => ", global in Redis; 503 while Redis is unreachable",
+            }),
+        }
+        text
+    }
+}
+
+/// Checks that `url` is a Redis URL the client accepts.
+pub fn check_redis_url(url: &str) -> Result<(), String> {
+    use ::redis::IntoConnectionInfo as _;
+    url.into_connection_info()
+        .map(|_| ())
+        .map_err(|e| format!("{url:?} is not a Redis URL ({e}); write redis://HOST:PORT/DB"))
+}
+
+/// The rate-limit clock: Unix time in nanoseconds, advancing with the
+/// monotonic clock.
+pub trait Clock: Send + Sync {
+    fn now_ns(&self) -> u64;
+}
+
+/// The node's clock, anchored to the system time at start and then
+/// monotonic, shifted by [`CLOCK_OFFSET_ENV`] when a test sets it.
+pub struct SystemClock {
+    anchor_ns: u64,
+    start: std::time::Instant,
+}
+
+impl SystemClock {
+    pub fn new(offset: i128) -> SystemClock {
+        let unix = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as i128);
+        SystemClock {
+            anchor_ns: (unix + offset).max(0) as u64,
+            start: std::time::Instant::now(),
+        }
+    }
+
+    /// Reads the test-only offset from the environment.
+    pub fn from_env() -> Result<SystemClock, String> {
+        let Ok(text) = std::env::var(CLOCK_OFFSET_ENV) else {
+            return Ok(SystemClock::new(0));
+        };
+        let (sign, magnitude) = match text.strip_prefix('-') {
+            Some(rest) => (-1, rest),
+            None => (1, text.trim_start_matches('+')),
+        };
+        let offset = humantime::parse_duration(magnitude)
+            .map_err(|e| format!("{CLOCK_OFFSET_ENV}={text:?}: {e}"))?;
+        tracing::warn!(offset = %text, "the rate-limit clock is shifted for a test");
+        Ok(SystemClock::new(sign * offset.as_nanos() as i128))
+    }
+}
+
+impl Clock for SystemClock {
+    fn now_ns(&self) -> u64 {
+        self.anchor_ns + self.start.elapsed().as_nanos() as u64
+    }
+}
+
+/// Admits one log line per interval.
+#[derive(Debug, Default)]
+pub struct IntervalLog {
+    next_ns: AtomicU64,
+    suppressed: AtomicU64,
+}
+
+impl IntervalLog {
+    /// `Some(events suppressed since the last line)` when a line is due.
+    pub fn admit(&self, now_ns: u64, interval: Duration) -> Option<u64> {
+        let next = self.next_ns.load(Ordering::Relaxed);
+        if now_ns >= next
+            && self
+                .next_ns
+                .compare_exchange(
+                    next,
+                    now_ns + interval.as_nanos() as u64,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+        {
+            return Some(self.suppressed.swap(0, Ordering::Relaxed));
+        }
+        self.suppressed.fetch_add(1, Ordering::Relaxed);
+        None
+    }
+}
+
+/// The node's rate limiting: its clock and its Redis backend.
+pub struct RateLimiter {
+    clock: Arc<dyn Clock>,
+    backend: Option<Arc<RedisBackend>>,
+    key_prefix: String,
+}
+
+impl RateLimiter {
+    pub fn new(
+        clock: Arc<dyn Clock>,
+        redis: Option<&crate::config::RedisConfig>,
+    ) -> Result<RateLimiter, String> {
+        let backend = match redis {
+            Some(config) => Some(Arc::new(RedisBackend::new(config)?)),
+            None => None,
+        };
+        Ok(RateLimiter {
+            clock,
+            backend,
+            key_prefix: redis.map_or_else(|| "edge".to_owned(), |r| r.key_prefix.clone()),
+        })
+    }
+
+    /// Returns the Redis backend, when the config has one.
+    pub fn backend(&self) -> Option<&RedisBackend> {
+        self.backend.as_deref()
+    }
+
+    /// Builds the runtime limit of `spec` on route `route`.
+    pub fn limit(&self, route: &str, spec: LimitSpec) -> Limit {
+        let global = match (spec.scope, &self.backend) {
+            (Scope::Global, Some(backend)) => Some(Global {
+                backend: backend.clone(),
+                // The hash tag contains the route, the limit and the client
+                // key, so that a cluster spreads clients over its shards
+                // while each decision touches one slot.
+                key_head: format!(
+                    "{}:rl:{{{}:{}:",
+                    self.key_prefix,
+                    escape(route),
+                    escape(&spec.name)
+                ),
+                key_tail: match spec.shape {
+                    Shape::Bucket { .. } => "}:gcra",
+                    Shape::FixedWindow { .. } => "}:fw",
+                    Shape::SlidingWindow { .. } => "}:sw",
+                },
+                args: redis::script_args(&spec.shape),
+                fallbacks: AtomicU64::new(0),
+                log: IntervalLog::default(),
+            }),
+            _ => None,
+        };
+        Limit {
+            stage: spec.key.stage(),
+            local: LocalTable::new(spec.shape, spec.max_keys),
+            global,
+            spec,
+        }
+    }
+
+    /// Runs the limits of `limits` that belong to `stage` in order. Returns
+    /// the refusal of the first that refuses; otherwise waits out the
+    /// longest queue delay. `shown` is updated to the limit that decides
+    /// the response headers: the refusing one, else the one with the fewest
+    /// requests remaining.
+    pub async fn check(
+        &self,
+        limits: &[Limit],
+        stage: usize,
+        request: &KeyInput<'_>,
+        shown: &mut Option<Shown>,
+    ) -> Result<(), Refusal> {
+        let mut delay_ns = 0;
+        for limit in limits.iter().filter(|l| l.stage == stage) {
+            let decision = limit.decide(self.clock.as_ref(), request).await?;
+            let this = Shown::of(&decision);
+            if !decision.allowed {
+                *shown = Some(this);
+                return Err(Refusal::RateLimited {
+                    limit: limit.spec.name.clone(),
+                    retry_after: seconds_ceil(decision.retry_after_ns).max(1),
+                });
+            }
+            if shown.is_none_or(|s| this.remaining < s.remaining) {
+                *shown = Some(this);
+            }
+            delay_ns = delay_ns.max(decision.delay_ns);
+        }
+        if delay_ns > 0 {
+            tokio::time::sleep(Duration::from_nanos(delay_ns)).await;
+        }
+        Ok(())
+    }
+}
+
+/// Escapes the characters that structure a Redis key.
+fn escape(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for c in name.chars() {
+        match c {
+            '%' | ':' | '{' | '}' => out.push_str(&format!("%{:02X}", c as u32)),
+            _ => out.push(c),
+        }
+    }
+    out
+}
+
+/// The parts of a request that limits take their keys from.
+pub struct KeyInput<'a> {
+    pub client_ip: IpAddr,
+    pub headers: &'a HeaderMap,
+}
+
+/// A limit of a route, ready to decide.
+pub struct Limit {
+    pub spec: LimitSpec,
+    /// When the limit runs: 0 before the first worker.
+    pub stage: usize,
+    /// The local limiter, or a global limit's fallback.
+    local: LocalTable,
+    global: Option<Global>,
+}
+
+struct Global {
+    backend: Arc<RedisBackend>,
+    key_head: String,
+    key_tail: &'static str,
+    /// The script's arguments after the key.
+    args: Vec<String>,
+    /// Decisions made on this node because Redis was unavailable.
+    fallbacks: AtomicU64,
+    log: IntervalLog,
+}
+
+impl fmt::Debug for Limit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Limit")
+            .field("spec", &self.spec)
+            .field("stage", &self.stage)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The part of a request a limit counts it by.
+enum KeyValue<'a> {
+    Ip(IpAddr),
+    Bytes(&'a [u8]),
+    Route,
+}
+
+impl Limit {
+    async fn decide(&self, clock: &dyn Clock, request: &KeyInput<'_>) -> Result<Decision, Refusal> {
+        let value = self.key_value(request);
+        let Some(global) = &self.global else {
+            return Ok(self.local.decide(self.local_key(&value), clock.now_ns()));
+        };
+        let key = global.redis_key(&value);
+        let failure = match global.backend.decide(&key, &global.args).await {
+            Ok(decision) => return Ok(decision),
+            Err(failure) => failure,
+        };
+        let fallbacks = global.fallbacks.fetch_add(1, Ordering::Relaxed) + 1;
+        let now = clock.now_ns();
+        if global.log.admit(now, FALLBACK_LOG_INTERVAL).is_some() {
+            tracing::warn!(
+                limit = %self.spec.name,
+                redis = %global.backend.description,
+                error = %failure,
+                fallbacks,
+                "global rate limit cannot reach redis; {}",
+                match self.spec.fail {
+                    FailMode::FailOpen => "counting on this node",
+                    FailMode::FailClosed => "answering 503",
+                }
+            );
+        }
+        match self.spec.fail {
+            FailMode::FailOpen => Ok(self.local.decide(self.local_key(&value), now)),
+            FailMode::FailClosed => Err(Refusal::RateLimitUnavailable {
+                limit: self.spec.name.clone(),
+            }),
+        }
+    }
+
+    /// Decisions of this global limit made on this node because Redis was
+    /// unavailable.
+    pub fn fallbacks(&self) -> u64 {
+        self.global
+            .as_ref()
+            .map_or(0, |g| g.fallbacks.load(Ordering::Relaxed))
+    }
+
+    /// Returns the number of client keys the node keeps counts for.
+    pub fn local_keys(&self) -> usize {
+        self.local.len()
+    }
+
+    fn key_value<'a>(&self, request: &'a KeyInput<'_>) -> KeyValue<'a> {
+        match &self.spec.key {
+            KeySource::ClientIp => KeyValue::Ip(request.client_ip),
+            KeySource::Route => KeyValue::Route,
+            KeySource::Header(name) => match request.headers.get(name) {
+                Some(value) => KeyValue::Bytes(value.as_bytes()),
+                None => KeyValue::Ip(request.client_ip),
+            },
+        }
+    }
+
+    fn local_key(&self, value: &KeyValue<'_>) -> u64 {
+        match value {
+            KeyValue::Ip(IpAddr::V4(ip)) => self.local.hash(4, &ip.octets()),
+            KeyValue::Ip(IpAddr::V6(ip)) => self.local.hash(6, &ip.octets()),
+            KeyValue::Bytes(bytes) => self.local.hash(1, bytes),
+            KeyValue::Route => self.local.hash(0, &[]),
+        }
+    }
+}
+
+impl Global {
+    /// Builds the Redis key of a client from the client address as text, a
+    /// header value as the first 128 bits of its SHA-256 (so API keys are
+    /// not stored), or `route`.
+    fn redis_key(&self, value: &KeyValue<'_>) -> String {
+        use std::fmt::Write as _;
+        let mut key = String::with_capacity(self.key_head.len() + 48);
+        key.push_str(&self.key_head);
+        match value {
+            KeyValue::Ip(IpAddr::V4(ip)) => {
+                // By hand: formatting through `Display` costs more.
+                key.push_str("ip=");
+                for (index, octet) in ip.octets().into_iter().enumerate() {
+                    if index > 0 {
+                        key.push('.');
+                    }
+                    push_decimal(&mut key, octet);
+                }
+            }
+            KeyValue::Ip(ip) => {
+                let _ = write!(key, "ip={ip}");
+            }
+            KeyValue::Bytes(bytes) => {
+                key.push_str("h=");
+                let digest = Sha256::digest(bytes);
+                key.push_str(&hex::encode(&digest[..16]));
+            }
+            KeyValue::Route => key.push_str("route"),
+        }
+        key.push_str(self.key_tail);
+        key
+    }
+}
+
+fn push_decimal(out: &mut String, value: u8) {
+    if value >= 100 {
+        out.push(char::from(b'0' + value / 100));
+    }
+    if value >= 10 {
+        out.push(char::from(b'0' + value / 10 % 10));
+    }
+    out.push(char::from(b'0' + value % 10));
+}
+
+/// The state of the limit the response headers describe.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Shown {
+    pub limit: u64,
+    pub remaining: u64,
+    pub reset_secs: u64,
+}
+
+static RATELIMIT_LIMIT: HeaderName = HeaderName::from_static("ratelimit-limit");
+static RATELIMIT_REMAINING: HeaderName = HeaderName::from_static("ratelimit-remaining");
+static RATELIMIT_RESET: HeaderName = HeaderName::from_static("ratelimit-reset");
+static X_RATE_LIMIT_REMAINING: HeaderName = HeaderName::from_static("x-rate-limit-remaining");
+
+impl Shown {
+    fn of(decision: &Decision) -> Shown {
+        Shown {
+            limit: decision.limit,
+            remaining: if decision.allowed {
+                decision.remaining
+            } else {
+                0
+            },
+            reset_secs: seconds_ceil(decision.reset_ns),
+        }
+    }
+
+    /// Sets `RateLimit-Limit`, `RateLimit-Remaining`, `RateLimit-Reset`
+    /// and `X-Rate-Limit-Remaining`, replacing any the upstream sent.
+    pub fn apply(&self, headers: &mut HeaderMap) {
+        let remaining = number(self.remaining);
+        headers.insert(RATELIMIT_LIMIT.clone(), number(self.limit));
+        headers.insert(RATELIMIT_REMAINING.clone(), remaining.clone());
+        headers.insert(RATELIMIT_RESET.clone(), number(self.reset_secs));
+        headers.insert(X_RATE_LIMIT_REMAINING.clone(), remaining);
+    }
+}
+
+/// Header values of the numbers below this are made once and shared.
+const SMALL_NUMBERS: usize = 4096;
+
+/// Converts a number to a header value, without an allocation below
+/// [`SMALL_NUMBERS`].
+fn number(value: u64) -> HeaderValue {
+    static SMALL: std::sync::LazyLock<Vec<HeaderValue>> = std::sync::LazyLock::new(|| {
+        let mut text = String::new();
+        let mut ends = Vec::with_capacity(SMALL_NUMBERS);
+        for n in 0..SMALL_NUMBERS {
+            text.push_str(&n.to_string());
+            ends.push(text.len());
+        }
+        // Made once per process, so the values can borrow it for ever.
+        let text: &'static str = Box::leak(text.into_boxed_str());
+        let mut start = 0;
+        ends.into_iter()
+            .map(|end| {
+                let value = HeaderValue::from_static(&text[start..end]);
+                start = end;
+                value
+            })
+            .collect()
+    });
+    match SMALL.get(value as usize) {
+        Some(value) => value.clone(),
+        None => HeaderValue::from(value),
+    }
+}
+
+/// Whole seconds, rounded up.
+fn seconds_ceil(ns: u64) -> u64 {
+    ns.div_ceil(1_000_000_000)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rates_parse_with_units_and_durations() {
+        let rate = Rate::parse("10/s").unwrap();
+        assert_eq!((rate.count, rate.period), (10, Duration::from_secs(1)));
+        assert_eq!(
+            Rate::parse("100/min").unwrap().period,
+            Duration::from_secs(60)
+        );
+        assert_eq!(
+            Rate::parse("1000/h").unwrap().period,
+            Duration::from_secs(3600)
+        );
+        assert_eq!(
+            Rate::parse("5/10s").unwrap().period,
+            Duration::from_secs(10)
+        );
+        assert_eq!(Rate::parse("5/10s").unwrap().to_string(), "5/10s");
+        assert_eq!(Rate::parse("100/minute").unwrap().to_string(), "100/min");
+        for bad in ["10", "x/s", "0/s", "10/fortnight", "10/0s", "2000000000/s"] {
+            assert!(Rate::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn keys_parse() {
+        assert_eq!(KeySource::parse("ip").unwrap(), KeySource::ClientIp);
+        assert_eq!(
+            KeySource::parse("header:X-Api-Key").unwrap(),
+            KeySource::Header(HeaderName::from_static("x-api-key"))
+        );
+        assert!(KeySource::parse("header:bad name").is_err());
+        assert!(KeySource::parse("value:user")
+            .unwrap_err()
+            .contains("not supported yet"));
+        assert!(KeySource::parse("cookie").is_err());
+    }
+
+    #[test]
+    fn redis_keys_are_hash_tagged_per_client() {
+        let limiter = RateLimiter {
+            clock: Arc::new(SystemClock::new(0)),
+            backend: Some(Arc::new(
+                RedisBackend::new(&crate::config::RedisConfig {
+                    url: Some(toml::Spanned::new(0..0, "redis://127.0.0.1:1".to_owned())),
+                    cluster: None,
+                    timeout: Duration::from_millis(5),
+                    connect_timeout: Duration::from_millis(5),
+                    key_prefix: "edge".to_owned(),
+                })
+                .unwrap(),
+            )),
+            key_prefix: "edge".to_owned(),
+        };
+        let spec = LimitSpec {
+            name: Arc::from("per:ip"),
+            key: KeySource::ClientIp,
+            algorithm: Algorithm::FixedWindow,
+            rate: Rate::parse("10/s").unwrap(),
+            shape: Shape::FixedWindow {
+                limit: 10,
+                window_ns: 1_000_000_000,
+            },
+            scope: Scope::Global,
+            fail: FailMode::FailOpen,
+            max_keys: 10,
+        };
+        let limit = limiter.limit("api{v1}", spec);
+        let global = limit.global.as_ref().unwrap();
+        let ip: IpAddr = "203.0.113.9".parse().unwrap();
+        assert_eq!(
+            global.redis_key(&KeyValue::Ip(ip)),
+            "edge:rl:{api%7Bv1%7D:per%3Aip:ip=203.0.113.9}:fw"
+        );
+        for text in ["0.0.0.0", "10.20.30.40", "255.255.255.255", "1.100.9.99"] {
+            let ip: IpAddr = text.parse().unwrap();
+            assert!(global
+                .redis_key(&KeyValue::Ip(ip))
+                .contains(&format!(":ip={text}}}")));
+        }
+        let v6: IpAddr = "2001:db8::1".parse().unwrap();
+        assert!(global
+            .redis_key(&KeyValue::Ip(v6))
+            .contains(":ip=2001:db8::1}"));
+        let header = global.redis_key(&KeyValue::Bytes(b"secret-key"));
+        assert!(!header.contains("secret"), "{header}");
+        assert_eq!(
+            header.len(),
+            "edge:rl:{api%7Bv1%7D:per%3Aip:h=}:fw".len() + 32
+        );
+    }
+
+    #[test]
+    fn headers_show_the_decision() {
+        let mut headers = HeaderMap::new();
+        Shown {
+            limit: 10,
+            remaining: 3,
+            reset_secs: 7,
+        }
+        .apply(&mut headers);
+        assert_eq!(headers["ratelimit-limit"], "10");
+        assert_eq!(headers["ratelimit-remaining"], "3");
+        assert_eq!(headers["ratelimit-reset"], "7");
+        assert_eq!(headers["x-rate-limit-remaining"], "3");
+        assert_eq!(number(0), "0");
+        assert_eq!(number(4095), "4095");
+        assert_eq!(number(4096), "4096");
+        assert_eq!(number(u64::MAX), u64::MAX.to_string().as_str());
+        assert_eq!(seconds_ceil(1), 1);
+        assert_eq!(seconds_ceil(2_000_000_000), 2);
+    }
+}

@@ -1,0 +1,428 @@
+//! Global limits: one decision per Redis round trip, made by a Lua script
+//! on the server (`decide.lua`) with the server's clock.
+//!
+//! Each serving thread keeps its own multiplexed connection, created in
+//! the background on the thread's runtime, so a decision never crosses
+//! threads. The script is loaded when a connection opens and called with
+//! `EVALSHA`; a `NOSCRIPT` reply (a restarted or flushed server) loads it
+//! again. A decision waits at most the configured timeout. A connection
+//! that fails or times out is dropped, and the thread counts as "down". Its
+//! decisions then fail at once, without waiting, while a new connection is
+//! tried in the background after a backoff of 100 ms, doubling to 2 s. Only a
+//! thread's first connection is waited for (within the timeout), so a node
+//! that just started does not fall back while it connects.
+
+use std::cell::RefCell;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use ::redis::aio::MultiplexedConnection;
+use ::redis::cluster::ClusterClient;
+use ::redis::cluster_async::ClusterConnection;
+use ::redis::{AsyncConnectionConfig, Client, Cmd, ErrorKind, RedisError, ServerErrorKind};
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use super::{Decision, Shape};
+use crate::config::RedisConfig;
+
+/// The decision script.
+pub const SCRIPT: &str = include_str!("decide.lua");
+
+const FIRST_BACKOFF: Duration = Duration::from_millis(100);
+const MAX_BACKOFF: Duration = Duration::from_secs(2);
+
+/// The reason a global decision could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum Failure {
+    /// The last connection failed and the next attempt is not due yet.
+    #[error("redis is unreachable (retrying in the background)")]
+    Down,
+    /// No reply within the timeout.
+    #[error("redis did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("redis error: {0}")]
+    Redis(#[from] RedisError),
+    #[error("unexpected reply from the rate-limit script: {0}")]
+    Reply(String),
+}
+
+/// The Redis server or cluster that global limits count in, shared by every
+/// serving thread.
+pub struct RedisBackend {
+    /// Tells this backend's per-thread connections apart.
+    id: usize,
+    target: Target,
+    /// The name in log lines.
+    pub description: String,
+    timeout: Duration,
+    connect_timeout: Duration,
+    sha: String,
+    /// Decisions sent to Redis, for the benchmarks' round-trip count.
+    round_trips: AtomicU64,
+}
+
+enum Target {
+    Single(Client),
+    Cluster(Box<ClusterClient>),
+}
+
+#[derive(Clone)]
+enum Connection {
+    Single(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl Connection {
+    async fn query<T: ::redis::FromRedisValue>(&mut self, cmd: &Cmd) -> Result<T, RedisError> {
+        match self {
+            Connection::Single(c) => cmd.query_async(c).await,
+            Connection::Cluster(c) => cmd.query_async(c).await,
+        }
+    }
+}
+
+/// One serving thread's connection to Redis.
+struct Link {
+    state: Mutex<LinkState>,
+    /// Woken when a connection attempt ends.
+    settled: Notify,
+}
+
+enum LinkState {
+    /// Nothing tried yet.
+    Idle,
+    /// An attempt is under way; `first` when no connection was made before,
+    /// so decisions wait for it (within their timeout). After a failure they
+    /// do not: they fail at once, as while down.
+    Connecting { first: bool },
+    Up {
+        connection: Connection,
+        generation: u64,
+    },
+    Down {
+        retry_at: Instant,
+        backoff: Duration,
+    },
+}
+
+static NEXT_ID: AtomicUsize = AtomicUsize::new(0);
+static NEXT_GENERATION: AtomicU64 = AtomicU64::new(1);
+
+thread_local! {
+    /// This thread's links, by backend id.
+    static LINKS: RefCell<Vec<Option<Arc<Link>>>> = const { RefCell::new(Vec::new()) };
+}
+
+impl RedisBackend {
+    /// Creates a backend for the `[redis]` table. It connects lazily, on each
+    /// serving thread's first global decision.
+    pub fn new(config: &RedisConfig) -> Result<RedisBackend, String> {
+        let (target, description) = match (&config.url, &config.cluster) {
+            (Some(url), _) => {
+                let client = Client::open(url.get_ref().as_str()).map_err(|e| e.to_string())?;
+                (Target::Single(client), redacted(url.get_ref()))
+            }
+            (None, Some(nodes)) => {
+                let client = ClusterClient::builder(nodes.get_ref().iter().map(String::as_str))
+                    .connection_timeout(config.connect_timeout)
+                    .response_timeout(config.timeout)
+                    .retries(2)
+                    .build()
+                    .map_err(|e| e.to_string())?;
+                let names: Vec<String> = nodes.get_ref().iter().map(|n| redacted(n)).collect();
+                (
+                    Target::Cluster(Box::new(client)),
+                    format!("cluster {}", names.join(", ")),
+                )
+            }
+            (None, None) => return Err("no Redis url or cluster".to_owned()),
+        };
+        Ok(RedisBackend {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            target,
+            description,
+            timeout: config.timeout,
+            connect_timeout: config.connect_timeout,
+            sha: ::redis::Script::new(SCRIPT).get_hash().to_owned(),
+            round_trips: AtomicU64::new(0),
+        })
+    }
+
+    /// Decisions sent to Redis so far.
+    pub fn round_trips(&self) -> u64 {
+        self.round_trips.load(Ordering::Relaxed)
+    }
+
+    /// Decides one request of a limit for the state at `key`; `args` are
+    /// the limit's [`script_args`].
+    pub async fn decide(&self, key: &str, args: &[String]) -> Result<Decision, Failure> {
+        let deadline = Instant::now() + self.timeout;
+        let link = self.link();
+        let (mut connection, generation) = self.connection(&link, deadline).await?;
+        let mut cmd = ::redis::cmd("EVALSHA");
+        cmd.arg(&self.sha).arg(1).arg(key);
+        for arg in args {
+            cmd.arg(arg.as_str());
+        }
+        self.round_trips.fetch_add(1, Ordering::Relaxed);
+        let mut reply = tokio::time::timeout_at(deadline, connection.query::<Vec<i64>>(&cmd)).await;
+        if let Ok(Err(error)) = &reply {
+            if error.kind() == ErrorKind::Server(ServerErrorKind::NoScript) {
+                // The server lost its scripts (restarted or flushed) while
+                // the connection stayed up.
+                let load = async {
+                    load_script(&mut connection).await?;
+                    connection.query::<Vec<i64>>(&cmd).await
+                };
+                reply = tokio::time::timeout_at(deadline, load).await;
+            }
+        }
+        match reply {
+            Ok(Ok(values)) => decision(&values),
+            Ok(Err(error)) => {
+                // A server error reply leaves the connection usable; any
+                // other error means it broke.
+                if !matches!(error.kind(), ErrorKind::Server(_) | ErrorKind::Extension) {
+                    self.mark_down(&link, generation);
+                }
+                Err(Failure::Redis(error))
+            }
+            Err(_) => {
+                self.mark_down(&link, generation);
+                Err(Failure::Timeout(self.timeout))
+            }
+        }
+    }
+
+    /// This thread's link to Redis.
+    fn link(&self) -> Arc<Link> {
+        LINKS.with(|links| {
+            let mut links = links.borrow_mut();
+            if links.len() <= self.id {
+                links.resize(self.id + 1, None);
+            }
+            links[self.id]
+                .get_or_insert_with(|| {
+                    Arc::new(Link {
+                        state: Mutex::new(LinkState::Idle),
+                        settled: Notify::new(),
+                    })
+                })
+                .clone()
+        })
+    }
+
+    /// Returns the thread's connection, waiting until `deadline` for one
+    /// that is being opened, and starting an attempt when one is due.
+    async fn connection(
+        &self,
+        link: &Arc<Link>,
+        deadline: Instant,
+    ) -> Result<(Connection, u64), Failure> {
+        loop {
+            let settled = link.settled.notified();
+            tokio::pin!(settled);
+            {
+                let mut state = link.state.lock().unwrap_or_else(PoisonError::into_inner);
+                match &*state {
+                    LinkState::Up {
+                        connection,
+                        generation,
+                    } => return Ok((connection.clone(), *generation)),
+                    LinkState::Idle => {
+                        *state = LinkState::Connecting { first: true };
+                        self.spawn_connect(link.clone(), FIRST_BACKOFF);
+                    }
+                    LinkState::Down { retry_at, backoff } => {
+                        if Instant::now() >= *retry_at {
+                            let backoff = *backoff;
+                            *state = LinkState::Connecting { first: false };
+                            self.spawn_connect(link.clone(), backoff);
+                        }
+                        return Err(Failure::Down);
+                    }
+                    LinkState::Connecting { first: true } => {}
+                    LinkState::Connecting { first: false } => return Err(Failure::Down),
+                }
+                // Registered before the lock is released, so the end of the
+                // attempt cannot be missed.
+                settled.as_mut().enable();
+            }
+            if tokio::time::timeout_at(deadline, settled).await.is_err() {
+                return Err(Failure::Timeout(self.timeout));
+            }
+        }
+    }
+
+    /// Opens a connection and loads the script on this thread's runtime.
+    fn spawn_connect(&self, link: Arc<Link>, backoff: Duration) {
+        let connect_timeout = self.connect_timeout;
+        let opening = self.open();
+        let description = self.description.clone();
+        let was_down = backoff > FIRST_BACKOFF;
+        tokio::spawn(async move {
+            let result = match tokio::time::timeout(connect_timeout, opening).await {
+                Ok(result) => result.map_err(Failure::Redis),
+                Err(_) => Err(Failure::Timeout(connect_timeout)),
+            };
+            let mut state = link.state.lock().unwrap_or_else(PoisonError::into_inner);
+            *state = match result {
+                Ok(connection) => {
+                    if was_down {
+                        tracing::info!(redis = %description, "connected to redis again");
+                    }
+                    LinkState::Up {
+                        connection,
+                        generation: NEXT_GENERATION.fetch_add(1, Ordering::Relaxed),
+                    }
+                }
+                Err(error) => {
+                    tracing::debug!(redis = %description, %error, "cannot connect to redis");
+                    LinkState::Down {
+                        retry_at: Instant::now() + backoff,
+                        backoff: (backoff * 2).min(MAX_BACKOFF),
+                    }
+                }
+            };
+            drop(state);
+            link.settled.notify_waiters();
+        });
+    }
+
+    fn open(&self) -> impl std::future::Future<Output = Result<Connection, RedisError>> + Send {
+        let target = match &self.target {
+            Target::Single(client) => Target::Single(client.clone()),
+            Target::Cluster(client) => Target::Cluster(client.clone()),
+        };
+        let connect_timeout = self.connect_timeout;
+        async move {
+            let mut connection = match target {
+                Target::Single(client) => {
+                    let config = AsyncConnectionConfig::new()
+                        .set_connection_timeout(Some(connect_timeout))
+                        .set_response_timeout(None);
+                    Connection::Single(
+                        client
+                            .get_multiplexed_async_connection_with_config(&config)
+                            .await?,
+                    )
+                }
+                Target::Cluster(client) => {
+                    Connection::Cluster(client.get_async_connection().await?)
+                }
+            };
+            load_script(&mut connection).await?;
+            Ok(connection)
+        }
+    }
+
+    /// Drops the connection of `generation` after a failure, unless a newer
+    /// one has replaced it, and schedules the next attempt.
+    fn mark_down(&self, link: &Link, generation: u64) {
+        let mut state = link.state.lock().unwrap_or_else(PoisonError::into_inner);
+        if matches!(&*state, LinkState::Up { generation: current, .. } if *current == generation) {
+            *state = LinkState::Down {
+                retry_at: Instant::now() + FIRST_BACKOFF,
+                backoff: FIRST_BACKOFF * 2,
+            };
+        }
+    }
+}
+
+/// Formats the script's arguments after the key for a limit of `shape`,
+/// once per limit: the algorithm and its parameters in microseconds.
+pub fn script_args(shape: &Shape) -> Vec<String> {
+    match *shape {
+        Shape::Bucket {
+            interval_ns,
+            burst,
+            queue,
+        } => {
+            // With the fraction: a Lua number is a double.
+            let interval_us = interval_ns as f64 / 1000.0;
+            vec![
+                "1".to_owned(),
+                interval_us.to_string(),
+                burst.to_string(),
+                queue.to_string(),
+            ]
+        }
+        Shape::FixedWindow { limit, window_ns } => {
+            vec![
+                "2".to_owned(),
+                (window_ns / 1000).to_string(),
+                limit.to_string(),
+            ]
+        }
+        Shape::SlidingWindow { limit, window_ns } => {
+            vec![
+                "3".to_owned(),
+                (window_ns / 1000).to_string(),
+                limit.to_string(),
+            ]
+        }
+    }
+}
+
+async fn load_script(connection: &mut Connection) -> Result<(), RedisError> {
+    let mut load = ::redis::cmd("SCRIPT");
+    load.arg("LOAD").arg(SCRIPT);
+    connection.query::<::redis::Value>(&load).await?;
+    Ok(())
+}
+
+/// Turns the script's reply into a decision, from microseconds to
+/// nanoseconds.
+fn decision(values: &[i64]) -> Result<Decision, Failure> {
+    let &[allowed, limit, remaining, reset_us, retry_us, delay_us] = values else {
+        return Err(Failure::Reply(format!("{values:?}")));
+    };
+    let ns = |us: i64| u64::try_from(us).unwrap_or(0).saturating_mul(1000);
+    let count = |n: i64| u64::try_from(n).unwrap_or(0);
+    Ok(Decision {
+        allowed: allowed == 1,
+        limit: count(limit),
+        remaining: count(remaining),
+        reset_ns: ns(reset_us),
+        retry_after_ns: ns(retry_us),
+        delay_ns: ns(delay_us),
+    })
+}
+
+/// Removes the password from a Redis URL, for logs.
+fn redacted(url: &str) -> String {
+    match url.split_once("://").and_then(|(scheme, rest)| {
+        let (auth, host) = rest.rsplit_once('@')?;
+        let user = auth.split(':').next().unwrap_or("");
+        Some(format!("{scheme}://{user}:***@{host}"))
+    }) {
+        Some(safe) => safe,
+        None => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passwords_stay_out_of_logs() {
+        assert_eq!(
+            redacted("redis://user:secret@10.0.0.1:6379/0"),
+            "redis://user:***@10.0.0.1:6379/0"
+        );
+        assert_eq!(redacted("redis://127.0.0.1"), "redis://127.0.0.1");
+    }
+
+    #[test]
+    fn script_replies_become_decisions() {
+        let d = decision(&[1, 10, 7, 2_500_000, 0, 100]).unwrap();
+        assert!(d.allowed);
+        assert_eq!((d.limit, d.remaining), (10, 7));
+        assert_eq!(d.reset_ns, 2_500_000_000);
+        assert_eq!(d.delay_ns, 100_000);
+        assert!(decision(&[1, 2]).is_err());
+    }
+}

@@ -1,0 +1,851 @@
+//! Rate limits through real nodes: local limits, global limits in a real
+//! redis-server (and a real Redis Cluster) started on loopback, Redis
+//! outages, skewed node clocks and the leaky bucket's queue.
+
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use http::StatusCode;
+
+use crate::harness::{get, send, Got, Node, Redis, RedisCluster, Result, Upstream};
+
+fn app(upstream: &Upstream) -> String {
+    format!("[upstreams.app]\ntargets = [\"{}\"]\n\n", upstream.addr)
+}
+
+/// Formats a route on `prefix` to `app` with the limits in `limits` (TOML
+/// for `[[routes.limits]]` entries).
+fn route(name: &str, prefix: &str, limits: &str) -> String {
+    format!(
+        "[[routes]]\nname = \"{name}\"\nprefix = \"{prefix}\"\nupstream = \"app\"\n\n{limits}\n"
+    )
+}
+
+fn limit(fields: &str) -> String {
+    format!("[[routes.limits]]\n{fields}\n")
+}
+
+fn redis_table(redis: &Redis) -> String {
+    format!(
+        "[redis]\nurl = \"{}\"\ntimeout = \"200ms\"\n\n",
+        redis.url()
+    )
+}
+
+/// Sends `count` GETs to `url` at once, each on its own connection, with
+/// `headers`.
+async fn concurrent(url: &str, count: usize, headers: &[(&str, &str)]) -> Result<Vec<Got>> {
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..count {
+        let url = url.to_owned();
+        let headers: Vec<(String, String)> = headers
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_string()))
+            .collect();
+        tasks.spawn(async move {
+            let headers: Vec<(&str, &str)> = headers
+                .iter()
+                .map(|(n, v)| (n.as_str(), v.as_str()))
+                .collect();
+            send("GET", &url, &headers, b"").await
+        });
+    }
+    let mut responses = Vec::new();
+    while let Some(result) = tasks.join_next().await {
+        responses.push(result??);
+    }
+    Ok(responses)
+}
+
+fn count(responses: &[Got], status: u16) -> usize {
+    responses.iter().filter(|r| r.status == status).count()
+}
+
+/// Checks that every response is a 200 or a 429 and returns the 200s.
+fn admitted(responses: &[Got]) -> usize {
+    for response in responses {
+        assert!(
+            response.status == 200 || response.status == 429,
+            "unexpected {}: {:?}",
+            response.status,
+            String::from_utf8_lossy(&response.body)
+        );
+    }
+    count(responses, 200)
+}
+
+fn header_u64(got: &Got, name: &str) -> u64 {
+    got.header(name)
+        .unwrap_or_else(|| panic!("no {name} header in {:?}", got.headers))
+        .parse()
+        .unwrap_or_else(|_| panic!("{name} is not a number: {:?}", got.header(name)))
+}
+
+fn unix_now() -> Duration {
+    SystemTime::now().duration_since(UNIX_EPOCH).unwrap()
+}
+
+/// Waits, when needed, until at least `needed` is left in the current
+/// window of length `window` (windows are aligned to Unix time), so that a
+/// test's requests all fall in one fixed window.
+async fn wait_for_window(window: Duration, needed: Duration) {
+    let now = unix_now().as_millis() as u64;
+    let window_ms = window.as_millis() as u64;
+    let left = window_ms - now % window_ms;
+    if left < needed.as_millis() as u64 {
+        tokio::time::sleep(Duration::from_millis(left + 100)).await;
+    }
+}
+
+#[tokio::test]
+async fn token_bucket_headers_match_its_state() -> Result {
+    let upstream = Upstream::echo().await;
+    // One request per 10 s, three at once.
+    let config = format!(
+        "{}{}{}",
+        app(&upstream),
+        route(
+            "api",
+            "/",
+            &limit("name = \"burst\"\nkey = \"ip\"\nalgorithm = \"token_bucket\"\nrate = \"6/min\"\nburst = 3")
+        ),
+        route("open", "/open", "")
+    );
+    let node = Node::start(&config)?;
+    for (remaining, reset) in [(2, 10), (1, 20), (0, 30)] {
+        let got = get(&node.url("/")).await?;
+        assert_eq!(got.status, 200);
+        assert_eq!(header_u64(&got, "ratelimit-limit"), 3);
+        assert_eq!(header_u64(&got, "ratelimit-remaining"), remaining);
+        assert_eq!(header_u64(&got, "x-rate-limit-remaining"), remaining);
+        // Seconds until the bucket is full again, rounded up.
+        assert_eq!(header_u64(&got, "ratelimit-reset"), reset);
+        assert!(got.header("retry-after").is_none());
+    }
+    let refused = get(&node.url("/")).await?;
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(refused.header("content-type"), Some("application/json"));
+    let body = refused.json();
+    assert_eq!(body["error"], "rate_limited");
+    assert_eq!(body["limit"], "burst");
+    assert_eq!(body["retry_after"], 10);
+    // The next token comes 10 s after the first request.
+    assert_eq!(refused.header("retry-after"), Some("10"));
+    assert_eq!(header_u64(&refused, "ratelimit-remaining"), 0);
+    assert_eq!(header_u64(&refused, "x-rate-limit-remaining"), 0);
+    assert_eq!(header_u64(&refused, "ratelimit-reset"), 30);
+    assert_eq!(upstream.count(), 3);
+
+    // A route without limits carries no rate-limit headers.
+    let open = get(&node.url("/open")).await?;
+    assert_eq!(open.status, 200);
+    assert!(open.header("ratelimit-limit").is_none());
+    Ok(())
+}
+
+#[tokio::test]
+async fn fixed_window_retry_after_is_the_window_end() -> Result {
+    let upstream = Upstream::echo().await;
+    let config = format!(
+        "{}{}",
+        app(&upstream),
+        route(
+            "api",
+            "/",
+            &limit("key = \"route\"\nalgorithm = \"fixed_window\"\nrate = \"2/10s\"")
+        )
+    );
+    let node = Node::start(&config)?;
+    wait_for_window(Duration::from_secs(10), Duration::from_secs(3)).await;
+    for remaining in [1, 0] {
+        let got = get(&node.url("/")).await?;
+        assert_eq!(got.status, 200);
+        assert_eq!(header_u64(&got, "ratelimit-remaining"), remaining);
+    }
+    let refused = get(&node.url("/")).await?;
+    let left = 10.0 - (unix_now().as_secs_f64() % 10.0);
+    assert_eq!(refused.status, 429);
+    assert_eq!(refused.json()["limit"], "route 2/10s");
+    let retry = header_u64(&refused, "retry-after") as f64;
+    assert!(
+        (retry - left).abs() <= 1.0,
+        "retry-after {retry}, window ends in {left:.2} s"
+    );
+    assert_eq!(header_u64(&refused, "ratelimit-reset") as f64, retry);
+    Ok(())
+}
+
+#[tokio::test]
+async fn headers_describe_the_limit_with_the_least_remaining() -> Result {
+    let upstream = Upstream::echo().await;
+    let limits = format!(
+        "{}{}",
+        limit("name = \"wide\"\nkey = \"ip\"\nalgorithm = \"token_bucket\"\nrate = \"10/h\""),
+        limit("name = \"narrow\"\nkey = \"header:x-api-key\"\nalgorithm = \"token_bucket\"\nrate = \"3/h\"")
+    );
+    let worker = "[[routes.workers]]\nmodule = \"{modules}/fixture-worker.wasm\"\n\
+                  [routes.workers.config]\nmode = \"respond\"\nstatus = 202\n";
+    let config = format!(
+        "{}{}{}{}",
+        app(&upstream),
+        route("api", "/", &limits),
+        route(
+            "worker",
+            "/worker",
+            &limit("key = \"ip\"\nalgorithm = \"token_bucket\"\nrate = \"5/h\"")
+        ),
+        worker
+    );
+    let node = Node::start(&config)?;
+    let key = [("x-api-key", "k1")];
+    let first = send("GET", &node.url("/"), &key, b"").await?;
+    assert_eq!(first.status, 200);
+    // wide has 9 left, narrow 2: the headers describe narrow.
+    assert_eq!(header_u64(&first, "ratelimit-limit"), 3);
+    assert_eq!(header_u64(&first, "ratelimit-remaining"), 2);
+    // Another API key from the same address: wide has 8 left, narrow 2.
+    let other = send("GET", &node.url("/"), &[("x-api-key", "k2")], b"").await?;
+    assert_eq!(header_u64(&other, "ratelimit-remaining"), 2);
+    send("GET", &node.url("/"), &key, b"").await?;
+    send("GET", &node.url("/"), &key, b"").await?;
+    let refused = send("GET", &node.url("/"), &key, b"").await?;
+    assert_eq!(refused.status, 429);
+    assert_eq!(refused.json()["limit"], "narrow");
+    assert_eq!(header_u64(&refused, "ratelimit-limit"), 3);
+    // Without the header, narrow counts by client address: it has room,
+    // and wide has 10 - 5 = 5 left (the refused request counted for wide).
+    let anonymous = get(&node.url("/")).await?;
+    assert_eq!(anonymous.status, 200);
+    assert_eq!(header_u64(&anonymous, "ratelimit-remaining"), 2);
+
+    // A worker's own response on a limited route carries the headers too.
+    let worker = get(&node.url("/worker")).await?;
+    assert_eq!(worker.status, 202);
+    assert_eq!(header_u64(&worker, "ratelimit-remaining"), 4);
+    Ok(())
+}
+
+/// Four routes, one per algorithm, each admitting 50 requests of the route
+/// in the test's time, in `scope`.
+fn half_limits(scope: &str) -> String {
+    [
+        ("tb", "token_bucket", "50/h", ""),
+        ("lb", "leaky_bucket", "50/h", "burst = 50\n"),
+        ("fw", "fixed_window", "50/366d", ""),
+        ("sw", "sliding_window", "50/366d", ""),
+    ]
+    .iter()
+    .map(|(name, algorithm, rate, extra)| {
+        route(
+            name,
+            &format!("/{name}"),
+            &limit(&format!(
+                "key = \"route\"\nalgorithm = \"{algorithm}\"\nrate = \"{rate}\"\n{extra}scope = \"{scope}\""
+            )),
+        )
+    })
+    .collect()
+}
+
+async fn concurrent_requests_admit_exactly_the_limit(scope: &str) -> Result {
+    let upstream = Upstream::echo().await;
+    let redis = Redis::start()?;
+    let config = format!(
+        "{}{}{}",
+        redis_table(&redis),
+        app(&upstream),
+        half_limits(scope)
+    );
+    let node = Node::start(&config)?;
+    for name in ["tb", "lb", "fw", "sw"] {
+        let responses = concurrent(&node.url(&format!("/{name}")), 100, &[]).await?;
+        assert_eq!(admitted(&responses), 50, "{scope} {name}");
+        let remaining: Vec<u64> = responses
+            .iter()
+            .map(|r| header_u64(r, "ratelimit-remaining"))
+            .collect();
+        // Every admitted request saw a different remaining count.
+        let mut seen: Vec<u64> = responses
+            .iter()
+            .zip(&remaining)
+            .filter(|(r, _)| r.status == 200)
+            .map(|(_, &n)| n)
+            .collect();
+        seen.sort_unstable();
+        assert_eq!(seen, (0..50).collect::<Vec<u64>>(), "{scope} {name}");
+    }
+    assert_eq!(upstream.count(), 200);
+    if scope == "global" {
+        assert_eq!(redis.cli(&["dbsize"]), "4");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn concurrent_requests_admit_exactly_the_local_limit() -> Result {
+    concurrent_requests_admit_exactly_the_limit("local").await
+}
+
+#[tokio::test]
+async fn concurrent_requests_admit_exactly_the_global_limit() -> Result {
+    concurrent_requests_admit_exactly_the_limit("global").await
+}
+
+#[tokio::test]
+async fn three_nodes_share_one_global_limit() -> Result {
+    let upstream = Upstream::echo().await;
+    let redis = Redis::start()?;
+    let config = format!(
+        "{}{}{}{}",
+        redis_table(&redis),
+        app(&upstream),
+        route(
+            "global",
+            "/global",
+            &limit("key = \"route\"\nalgorithm = \"fixed_window\"\nrate = \"100/min\"\nscope = \"global\"")
+        ),
+        route(
+            "local",
+            "/local",
+            &limit("key = \"route\"\nalgorithm = \"fixed_window\"\nrate = \"100/min\"")
+        ),
+    );
+    let nodes = [
+        Node::start(&config)?,
+        Node::start(&config)?,
+        Node::start(&config)?,
+    ];
+    wait_for_window(Duration::from_secs(60), Duration::from_secs(5)).await;
+    for (path, expected) in [("/global", 100), ("/local", 300)] {
+        let mut total = 0;
+        // 150 requests to each node, 50 to each at a time.
+        for _ in 0..3 {
+            let batches = nodes.iter().map(|node| {
+                let url = node.url(path);
+                async move { concurrent(&url, 50, &[]).await }
+            });
+            for responses in futures_util::future::join_all(batches).await {
+                total += admitted(&responses?);
+            }
+        }
+        assert_eq!(total, expected, "{path}");
+    }
+    Ok(())
+}
+
+/// Sends requests with 20 API keys, 15 each, spread over `nodes`, against
+/// a global token bucket of 10 per key, and 100 concurrent requests
+/// against a global sliding window of 50 for the route. Returns the
+/// requests admitted per key and for the route.
+async fn global_counts(nodes: &[Node]) -> Result<(Vec<usize>, usize)> {
+    let mut per_key = Vec::new();
+    for key in 0..20 {
+        let key = format!("key-{key}");
+        let mut tasks = Vec::new();
+        for i in 0..15 {
+            let url = nodes[i % nodes.len()].url("/keyed");
+            let key = key.clone();
+            tasks.push(async move { send("GET", &url, &[("x-api-key", &key)], b"").await });
+        }
+        let responses: Vec<Got> = futures_util::future::join_all(tasks)
+            .await
+            .into_iter()
+            .collect::<Result<_>>()?;
+        per_key.push(admitted(&responses));
+    }
+    let mut route_total = 0;
+    let batches = nodes.iter().map(|node| {
+        let url = node.url("/route");
+        async move { concurrent(&url, 100 / nodes.len() + 1, &[]).await }
+    });
+    for responses in futures_util::future::join_all(batches).await {
+        route_total += admitted(&responses?);
+    }
+    Ok((per_key, route_total))
+}
+
+fn keyed_and_route_limits(upstream: &Upstream) -> String {
+    format!(
+        "{}{}{}",
+        app(upstream),
+        route(
+            "keyed",
+            "/keyed",
+            &limit("key = \"header:x-api-key\"\nalgorithm = \"token_bucket\"\nrate = \"10/h\"\nscope = \"global\"")
+        ),
+        route(
+            "route",
+            "/route",
+            &limit("key = \"route\"\nalgorithm = \"sliding_window\"\nrate = \"50/366d\"\nscope = \"global\"")
+        ),
+    )
+}
+
+#[tokio::test]
+async fn redis_cluster_counts_like_one_server() -> Result {
+    let upstream = Upstream::echo().await;
+
+    let redis = Redis::start()?;
+    let config = format!(
+        "{}{}",
+        redis_table(&redis),
+        keyed_and_route_limits(&upstream)
+    );
+    let nodes = [
+        Node::start(&config)?,
+        Node::start(&config)?,
+        Node::start(&config)?,
+    ];
+    let single = global_counts(&nodes).await?;
+    drop(nodes);
+
+    let cluster = RedisCluster::start(3)?;
+    let seeds: Vec<String> = cluster.urls().iter().map(|u| format!("{u:?}")).collect();
+    let config = format!(
+        "[redis]\ncluster = [{}]\ntimeout = \"500ms\"\n\n{}",
+        seeds.join(", "),
+        keyed_and_route_limits(&upstream)
+    );
+    let nodes = [
+        Node::start(&config)?,
+        Node::start(&config)?,
+        Node::start(&config)?,
+    ];
+    let clustered = global_counts(&nodes).await?;
+
+    assert_eq!(single.0, vec![10; 20]);
+    assert_eq!(single.1, 50);
+    assert_eq!(clustered, single);
+    // The keys are spread over the shards: 20 API keys and the route.
+    let sizes: Vec<usize> = cluster
+        .nodes
+        .iter()
+        .map(|n| n.cli(&["dbsize"]).parse().unwrap())
+        .collect();
+    assert_eq!(sizes.iter().sum::<usize>(), 21, "{sizes:?}");
+    assert!(sizes.iter().filter(|&&n| n > 0).count() >= 2, "{sizes:?}");
+    for node in &nodes {
+        assert!(!node.log().contains("cannot reach redis"), "{}", node.log());
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn redis_outage_fails_open_or_closed_and_recovers() -> Result {
+    let upstream = Upstream::echo().await;
+    let mut redis = Redis::start()?;
+    let config = format!(
+        "[redis]\nurl = \"{}\"\ntimeout = \"200ms\"\nconnect_timeout = \"5s\"\n\n{}{}{}",
+        redis.url(),
+        app(&upstream),
+        route(
+            "open",
+            "/open",
+            &limit("key = \"header:x-user\"\nalgorithm = \"token_bucket\"\nrate = \"3/h\"\nscope = \"global\"\non_redis_error = \"fail_open\"")
+        ),
+        route(
+            "closed",
+            "/closed",
+            &limit("key = \"route\"\nalgorithm = \"token_bucket\"\nrate = \"1000/h\"\nscope = \"global\"\non_redis_error = \"fail_closed\"")
+        ),
+    );
+    let node = Node::start(&config)?;
+    let user = |name: &'static str| [("x-user", name)];
+    for _ in 0..3 {
+        assert_eq!(
+            send("GET", &node.url("/open"), &user("a"), b"")
+                .await?
+                .status,
+            200
+        );
+    }
+    assert_eq!(
+        send("GET", &node.url("/open"), &user("a"), b"")
+            .await?
+            .status,
+        429
+    );
+    assert_eq!(get(&node.url("/closed")).await?.status, 200);
+
+    redis.stop();
+    // Fail open: the node counts locally, with a fresh local limiter of the
+    // same shape, and keeps serving.
+    for _ in 0..3 {
+        let started = Instant::now();
+        let got = send("GET", &node.url("/open"), &user("a"), b"").await?;
+        assert_eq!(got.status, 200);
+        // Bounded by the 200 ms Redis timeout, not the 5 s connect timeout.
+        assert!(started.elapsed() < Duration::from_secs(3));
+    }
+    assert_eq!(
+        send("GET", &node.url("/open"), &user("a"), b"")
+            .await?
+            .status,
+        429
+    );
+    // Fail closed: 503 with the limit named, and nothing reaches the
+    // upstream.
+    let reached = upstream.count();
+    for _ in 0..4 {
+        let started = Instant::now();
+        let got = get(&node.url("/closed")).await?;
+        assert_eq!(got.status, 503);
+        assert_eq!(got.header("content-type"), Some("application/json"));
+        assert_eq!(got.json()["error"], "ratelimit_unavailable");
+        assert_eq!(got.json()["limit"], "route 1000/h");
+        assert_eq!(got.header("retry-after"), Some("1"));
+        assert!(started.elapsed() < Duration::from_secs(3));
+    }
+    assert_eq!(upstream.count(), reached);
+    assert!(node.log_contains("global rate limit cannot reach redis; counting on this node"));
+    assert!(node.log_contains("global rate limit cannot reach redis; answering 503"));
+
+    redis.restart()?;
+    // Every serving thread reconnects by itself: wait until the fail-closed
+    // route has returned 200 ten times in a row (each request on a new
+    // connection, so on every thread in turn).
+    let started = Instant::now();
+    let mut in_a_row = 0;
+    while in_a_row < 10 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the node did not reconnect to redis: {}",
+            node.log()
+        );
+        in_a_row = if get(&node.url("/closed")).await?.status == 200 {
+            in_a_row + 1
+        } else {
+            0
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Counting is global again: a new user's three requests are in Redis.
+    for remaining in [2, 1, 0] {
+        let got = send("GET", &node.url("/open"), &user("b"), b"").await?;
+        assert_eq!(got.status, 200);
+        assert_eq!(header_u64(&got, "ratelimit-remaining"), remaining);
+    }
+    assert_eq!(
+        send("GET", &node.url("/open"), &user("b"), b"")
+            .await?
+            .status,
+        429
+    );
+    let keys = redis.cli(&["--scan", "--pattern", "edge:rl:{open:*"]);
+    assert_eq!(keys.lines().count(), 1, "{keys}");
+    assert!(node.log_contains("connected to redis again"));
+    Ok(())
+}
+
+/// Formats the config of a node with a fail-open and a fail-closed global
+/// limit on `redis`, waiting at most 100 ms for it and 5 s to connect.
+fn outage_config(upstream: &Upstream, redis: &Redis) -> String {
+    format!(
+        "[redis]\nurl = \"{}\"\ntimeout = \"100ms\"\nconnect_timeout = \"5s\"\n\n{}{}{}",
+        redis.url(),
+        app(upstream),
+        route(
+            "open",
+            "/open",
+            &limit("key = \"ip\"\nalgorithm = \"sliding_window\"\nrate = \"100000/min\"\nscope = \"global\"")
+        ),
+        route(
+            "closed",
+            "/closed",
+            &limit("key = \"ip\"\nalgorithm = \"fixed_window\"\nrate = \"100000/min\"\nscope = \"global\"\non_redis_error = \"fail_closed\"")
+        ),
+    )
+}
+
+#[tokio::test]
+async fn hung_redis_costs_at_most_its_timeout() -> Result {
+    let upstream = Upstream::echo().await;
+    let redis = Redis::start()?;
+    let node = Node::start(&outage_config(&upstream, &redis))?;
+    assert_eq!(
+        admitted(&concurrent(&node.url("/open"), 10, &[]).await?),
+        10
+    );
+
+    redis.signal("-STOP");
+    let (open_url, closed_url) = (node.url("/open"), node.url("/closed"));
+    let started = Instant::now();
+    let mut slowest = Duration::ZERO;
+    while started.elapsed() < Duration::from_millis(1500) {
+        let sent = Instant::now();
+        let (open, closed) = tokio::join!(get(&open_url), get(&closed_url));
+        assert_eq!(open?.status, 200);
+        assert_eq!(closed?.status, 503);
+        slowest = slowest.max(sent.elapsed());
+    }
+    // The first requests wait out the 100 ms timeout. Once a thread has
+    // seen it expire, its requests fall back without waiting, also while it
+    // tries to reconnect, so none waits for the 5 s connect timeout.
+    assert!(slowest < Duration::from_secs(3), "slowest {slowest:?}");
+
+    redis.signal("-CONT");
+    let started = Instant::now();
+    let mut in_a_row = 0;
+    while in_a_row < 10 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{}",
+            node.log()
+        );
+        let ok = get(&node.url("/closed")).await?.status == 200;
+        in_a_row = if ok { in_a_row + 1 } else { 0 };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn redis_killed_under_load_never_fails_a_request() -> Result {
+    let upstream = Upstream::echo().await;
+    let mut redis = Redis::start()?;
+    let node = Node::start(&outage_config(&upstream, &redis))?;
+    let url = node.url("/open");
+    let load = tokio::spawn(async move {
+        let mut statuses = Vec::new();
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_millis(1500) {
+            for got in concurrent(&url, 16, &[]).await? {
+                statuses.push(got.status.as_u16());
+            }
+        }
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(statuses)
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    redis.stop();
+    let statuses = load.await??;
+    assert!(statuses.len() > 100, "{}", statuses.len());
+    assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
+    assert!(node.log_contains("global rate limit cannot reach redis; counting on this node"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn skewed_node_clock_agrees_on_a_global_limit() -> Result {
+    let upstream = Upstream::echo().await;
+    let redis = Redis::start()?;
+    let config = format!(
+        "{}{}{}{}",
+        redis_table(&redis),
+        app(&upstream),
+        route(
+            "global",
+            "/global",
+            &limit("key = \"route\"\nalgorithm = \"fixed_window\"\nrate = \"30/min\"\nscope = \"global\"")
+        ),
+        route(
+            "local",
+            "/local",
+            &limit("key = \"route\"\nalgorithm = \"fixed_window\"\nrate = \"30/min\"")
+        ),
+    );
+    let nodes = [
+        Node::start(&config)?,
+        Node::start_with_env(&config, &[("EDGE_TEST_CLOCK_OFFSET", "+150s")])?,
+        Node::start_with_env(&config, &[("EDGE_TEST_CLOCK_OFFSET", "-200s")])?,
+    ];
+    wait_for_window(Duration::from_secs(60), Duration::from_secs(5)).await;
+
+    // The offset is real: local windows on the skewed nodes end at other
+    // times (30 s and 20 s apart from the unskewed node's).
+    let local_resets: Vec<i64> =
+        futures_util::future::join_all(nodes.iter().map(|n| get_reset(n.url("/local"))))
+            .await
+            .into_iter()
+            .collect::<Result<_>>()?;
+    assert!(
+        (local_resets[0] - local_resets[1]).abs() >= 25,
+        "{local_resets:?}"
+    );
+    assert!(
+        (local_resets[0] - local_resets[2]).abs() >= 15,
+        "{local_resets:?}"
+    );
+
+    // The global window is Redis's: every node reports the same reset, and
+    // together they admit the limit exactly.
+    let mut resets = Vec::new();
+    let mut total = 0;
+    for node in &nodes {
+        let responses = concurrent(&node.url("/global"), 20, &[]).await?;
+        total += admitted(&responses);
+        resets.extend(responses.iter().map(|r| header_u64(r, "ratelimit-reset")));
+    }
+    assert_eq!(total, 30);
+    let (min, max) = (resets.iter().min().unwrap(), resets.iter().max().unwrap());
+    assert!(max - min <= 1, "resets {min}..{max}");
+    Ok(())
+}
+
+async fn get_reset(url: String) -> Result<i64> {
+    Ok(header_u64(&get(&url).await?, "ratelimit-reset") as i64)
+}
+
+async fn leaky_queue_releases_at_the_rate(scope: &str) -> Result {
+    let upstream = Upstream::echo().await;
+    let redis = Redis::start()?;
+    // One request per 100 ms; four may wait.
+    let config = format!(
+        "{}{}{}",
+        redis_table(&redis),
+        app(&upstream),
+        route(
+            "queued",
+            "/",
+            &limit(&format!(
+                "key = \"route\"\nalgorithm = \"leaky_bucket\"\nrate = \"10/s\"\nmode = \"queue\"\nqueue = 4\nscope = \"{scope}\""
+            ))
+        ),
+    );
+    let node = Node::start(&config)?;
+    // Warm the connection to Redis, then let the bucket drain.
+    get(&node.url("/")).await?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    let started = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let url = node.url("/");
+        tasks.spawn(async move {
+            let got = get(&url).await?;
+            Ok::<_, Box<dyn std::error::Error + Send + Sync>>((got, started.elapsed()))
+        });
+    }
+    let mut passed = Vec::new();
+    let mut refused = Vec::new();
+    while let Some(result) = tasks.join_next().await {
+        let (got, at) = result??;
+        match got.status.as_u16() {
+            200 => passed.push(at),
+            429 => refused.push((got, at)),
+            other => panic!("unexpected status {other}"),
+        }
+    }
+    // One at once and four queued; the rest is rejected without waiting.
+    assert_eq!(passed.len(), 5, "{scope}");
+    assert_eq!(refused.len(), 3, "{scope}");
+    passed.sort();
+    for (got, at) in &refused {
+        assert_eq!(got.header("retry-after"), Some("1"));
+        // Before the second queued request is released, 200 ms in.
+        assert!(
+            *at < passed[2],
+            "{scope}: rejected after {at:?}, {passed:?}"
+        );
+    }
+    // Released one per 100 ms: the i-th is never out before i * 100 ms (a
+    // timer fires late under load, never early), nor much later.
+    for (i, at) in passed.iter().enumerate() {
+        let due = Duration::from_millis(100 * i as u64);
+        assert!(*at + Duration::from_millis(5) >= due, "{scope}: {passed:?}");
+    }
+    assert!(
+        passed[4] < Duration::from_millis(1500),
+        "{scope}: {passed:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn local_leaky_queue_releases_at_the_rate() -> Result {
+    leaky_queue_releases_at_the_rate("local").await
+}
+
+#[tokio::test]
+async fn global_leaky_queue_releases_at_the_rate() -> Result {
+    leaky_queue_releases_at_the_rate("global").await
+}
+
+/// The same limits, local and global: every request gets the same status
+/// and headers from both. The reset and Retry-After may differ by a second,
+/// because the two clocks are read a moment apart.
+#[tokio::test]
+async fn global_limits_answer_like_local_ones() -> Result {
+    let upstream = Upstream::echo().await;
+    let redis = Redis::start()?;
+    let shapes = [
+        (
+            "tb",
+            "algorithm = \"token_bucket\"\nrate = \"6/min\"\nburst = 3",
+        ),
+        (
+            "lb",
+            "algorithm = \"leaky_bucket\"\nrate = \"6/min\"\nburst = 2",
+        ),
+        ("fw", "algorithm = \"fixed_window\"\nrate = \"4/min\""),
+        ("sw", "algorithm = \"sliding_window\"\nrate = \"4/min\""),
+    ];
+    let mut routes = String::new();
+    for (name, shape) in shapes {
+        for scope in ["local", "global"] {
+            routes.push_str(&route(
+                &format!("{scope}-{name}"),
+                &format!("/{scope}/{name}"),
+                &limit(&format!("key = \"route\"\n{shape}\nscope = \"{scope}\"")),
+            ));
+        }
+    }
+    let config = format!("{}{}{routes}", redis_table(&redis), app(&upstream));
+    let node = Node::start(&config)?;
+    wait_for_window(Duration::from_secs(60), Duration::from_secs(5)).await;
+    for (name, _) in shapes {
+        for request in 0..6 {
+            let local = get(&node.url(&format!("/local/{name}"))).await?;
+            let global = get(&node.url(&format!("/global/{name}"))).await?;
+            let context = format!("{name}, request {request}");
+            assert_eq!(local.status, global.status, "{context}");
+            for header in [
+                "ratelimit-limit",
+                "ratelimit-remaining",
+                "x-rate-limit-remaining",
+            ] {
+                assert_eq!(
+                    local.header(header),
+                    global.header(header),
+                    "{context}: {header}"
+                );
+            }
+            for header in ["ratelimit-reset", "retry-after"] {
+                let (l, g) = (local.header(header), global.header(header));
+                assert_eq!(l.is_some(), g.is_some(), "{context}: {header}");
+                if let (Some(l), Some(g)) = (l, g) {
+                    let (l, g): (i64, i64) = (l.parse()?, g.parse()?);
+                    assert!((l - g).abs() <= 1, "{context}: {header} {l} and {g}");
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn flushed_scripts_are_loaded_again() -> Result {
+    let upstream = Upstream::echo().await;
+    let redis = Redis::start()?;
+    let config = format!(
+        "{}{}{}",
+        redis_table(&redis),
+        app(&upstream),
+        route(
+            "api",
+            "/",
+            &limit("key = \"route\"\nalgorithm = \"token_bucket\"\nrate = \"10/h\"\nscope = \"global\"\non_redis_error = \"fail_closed\"")
+        ),
+    );
+    let node = Node::start(&config)?;
+    let first = get(&node.url("/")).await?;
+    assert_eq!(header_u64(&first, "ratelimit-remaining"), 9);
+    assert_eq!(redis.cli(&["script", "flush"]), "OK");
+    // The connection stays up; its next EVALSHA gets NOSCRIPT, loads the
+    // script and runs it, and the count goes on.
+    for remaining in [8, 7] {
+        let got = get(&node.url("/")).await?;
+        assert_eq!(got.status, 200);
+        assert_eq!(header_u64(&got, "ratelimit-remaining"), remaining);
+    }
+    assert!(!node.log().contains("cannot reach redis"), "{}", node.log());
+    Ok(())
+}

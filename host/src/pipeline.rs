@@ -216,7 +216,7 @@ async fn serve(
             // Limits keyed by a value this worker set run before the next
             // worker, so an over-quota client triggers nothing more.
             if route.limits_at(worker_index + 1) {
-                // TODO: pass the request context values workers set, once they exist (issue 3).
+                // TODO: pass the request context values workers set, once workers can set them.
                 let input = KeyInput {
                     client_ip,
                     headers: &parts.headers,

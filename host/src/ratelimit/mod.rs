@@ -100,7 +100,7 @@ pub enum KeySource {
     /// A request header's value as the client sent it; requests without the
     /// header are counted by client address.
     Header(HeaderName),
-    // TODO: a key from a value a worker set, such as jwt-auth's user id (`key = "value:user"`), needs the request context values of issue 3; its `stage()` is then that worker's index plus one.
+    // TODO: a key from a value a worker set, such as jwt-auth's user id (`key = "value:user"`), needs request context values, which workers cannot set yet; its `stage()` is then that worker's index plus one.
 }
 
 impl KeySource {

@@ -63,11 +63,6 @@ impl StoreState {
         }
     }
 
-    /// Returns the table of the guest's WASI resources, such as its streams.
-    pub(super) fn table(&mut self) -> &mut ResourceTable {
-        &mut self.table
-    }
-
     /// Returns what the guest wrote to stderr, such as a panic message.
     pub fn stderr(&self) -> String {
         match &self.wasi {

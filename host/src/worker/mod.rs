@@ -11,15 +11,15 @@
 //! thread advancing the engine's epoch every [`EPOCH_TICK`]. A resource
 //! limiter enforces the memory cap by trapping a growth past it.
 //!
-//! Calls are synchronous: a guest runs inline on its serving thread until it
-//! returns or its CPU deadline passes, as Envoy runs its Wasm filters. That
-//! costs several microseconds less per call than an async call on a fiber
-//! stack, and the CPU deadline bounds how long other connections of the
-//! thread wait. [`wasi`] links WASI for such calls.
+//! Calls are async: a running guest yields to the other requests of its
+//! serving thread at every tick. A synchronous call measured 0.5 to 1.7 µs
+//! cheaper, but it holds the thread until the guest returns: 20 requests
+//! behind four clients of a worker that loops to its 500 ms deadline took
+//! 19.8 s instead of 0.8 s (BENCHMARKS.md), so one slow route would stall
+//! every route on its thread.
 
 mod cache;
 mod host_api;
-mod wasi;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -46,6 +46,7 @@ pub mod bindings {
     wasmtime::component::bindgen!({
         path: "../wit",
         world: "worker",
+        exports: { default: async },
     });
 }
 
@@ -55,6 +56,9 @@ pub use bindings::edge::worker::types as wit;
 /// How often the epoch advances. A running guest yields to other requests
 /// on its thread at every tick, and its deadline is checked then.
 pub const EPOCH_TICK: Duration = Duration::from_millis(1);
+
+/// The native stack a guest call runs on.
+const ASYNC_STACK_SIZE: usize = 512 << 10;
 
 /// The leading bytes of a WebAssembly binary.
 const WASM_MAGIC: &[u8; 4] = b"\0asm";
@@ -205,19 +209,19 @@ impl Runtime {
             .total_core_instances(instances.saturating_mul(8))
             .total_memories(instances.saturating_mul(2))
             .total_tables(instances.saturating_mul(4))
-            // Calls are synchronous and run on the serving thread's stack,
-            // so the pool needs no fiber stacks.
-            .total_stacks(0)
+            .total_stacks(instances)
             .max_memory_size(settings.max_memory)
             // Keeping the first pages of a memory or table resident between
             // instances, with pagemap_scan resetting only dirty pages, keeps a
             // fresh instance cheap under concurrency.
             .linear_memory_keep_resident(2 << 20)
             .table_keep_resident(2 << 20)
+            .async_stack_keep_resident(ASYNC_STACK_SIZE)
             .pagemap_scan(Enabled::Auto);
         let mut config = wasmtime::Config::new();
         config
             .wasm_component_model(true)
+            .async_stack_size(ASYNC_STACK_SIZE)
             .epoch_interruption(true)
             .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
         // `perf` can then name the functions of guests in its profiles.
@@ -229,7 +233,7 @@ impl Runtime {
             .context("cannot create the wasmtime engine")?;
 
         let mut linker = Linker::new(&engine);
-        wasi::add_to_linker(&mut linker)
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .map_err(anyhow::Error::from)
             .context("cannot link WASI")?;
         bindings::Worker::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)
@@ -342,10 +346,10 @@ impl Runtime {
         };
         let index = &binding.module.exports.hooks;
         let hooks = self
-            .call(&binding, |instance, store| {
+            .call(&binding, async |instance, store| {
                 let hooks = instance
                     .get_typed_func::<(), (Result<wit::HookSet, String>,)>(&mut *store, index)?;
-                Ok(hooks.call(&mut *store, ())?.0)
+                Ok(hooks.call_async(&mut *store, ()).await?.0)
             })
             .await
             .map_err(|e| LoadError {
@@ -386,10 +390,10 @@ impl Runtime {
         request: &wit::Request,
     ) -> Result<wit::Action, WorkerError> {
         let index = &binding.module.exports.on_request;
-        self.call(binding, |instance, store| {
+        self.call(binding, async |instance, store| {
             let on_request =
                 instance.get_typed_func::<(&wit::Request,), (wit::Action,)>(&mut *store, index)?;
-            Ok(on_request.call(&mut *store, (request,))?.0)
+            Ok(on_request.call_async(&mut *store, (request,)).await?.0)
         })
         .await
     }
@@ -402,24 +406,27 @@ impl Runtime {
         response: &wit::ResponseHead,
     ) -> Result<wit::ResponseChanges, WorkerError> {
         let index = &binding.module.exports.on_response;
-        self.call(binding, |instance, store| {
+        self.call(binding, async |instance, store| {
             let on_response = instance
                 .get_typed_func::<(&wit::Request, &wit::ResponseHead), (wit::ResponseChanges,)>(
                     &mut *store,
                     index,
                 )?;
-            Ok(on_response.call(&mut *store, (request, response))?.0)
+            Ok(on_response
+                .call_async(&mut *store, (request, response))
+                .await?
+                .0)
         })
         .await
     }
 
     /// Waits for an instance slot, instantiates the binding's module in a new
-    /// store and runs `run` on it, inline on this thread. The guest is
-    /// interrupted at the first epoch tick after its CPU deadline.
+    /// store and runs `run` on it. The guest yields to other tasks at every
+    /// epoch tick and is interrupted once its CPU deadline has passed.
     async fn call<R>(
         &self,
         binding: &Binding,
-        run: impl FnOnce(&Instance, &mut Store<StoreState>) -> wasmtime::Result<R>,
+        run: impl AsyncFnOnce(&Instance, &mut Store<StoreState>) -> wasmtime::Result<R>,
     ) -> Result<R, WorkerError> {
         let _slot = self.reserve().await?;
         let _ticking = self.ticker.call_started();
@@ -433,14 +440,24 @@ impl Runtime {
             if started.elapsed() >= deadline {
                 Ok(UpdateDeadline::Interrupt)
             } else {
-                Ok(UpdateDeadline::Continue(1))
+                // tokio's yield_now wakes the task only after the runtime has
+                // polled its sockets, so other connections on the thread get
+                // their I/O at every tick.
+                Ok(UpdateDeadline::YieldCustom(
+                    1,
+                    Box::pin(tokio::task::yield_now()),
+                ))
             }
         });
-        let result = binding
+        let result = match binding
             .module
             .instance_pre
-            .instantiate(&mut store)
-            .and_then(|instance| run(&instance, &mut store));
+            .instantiate_async(&mut store)
+            .await
+        {
+            Ok(instance) => run(&instance, &mut store).await,
+            Err(error) => Err(error),
+        };
         result.map_err(|error| classify_trap(error, &store, binding))
     }
 }

@@ -23,8 +23,7 @@
 //! - `config`: responds 200 with the whole config as JSON.
 //! - `log`: writes `fixture log` at each level, then continues.
 //! - `clock`: responds 200 with `{"now_unix_ms":..,"monotonic_ns":..}`.
-//! - `sleep`: sleeps 10 ms with `std::thread::sleep`, which a worker call
-//!   cannot do, then continues.
+//! - `sleep`: sleeps 10 ms with `std::thread::sleep`, then continues.
 //!
 //! ```toml
 //! [[routes.workers]]

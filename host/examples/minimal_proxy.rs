@@ -1,0 +1,112 @@
+//! The least a hyper 1 reverse proxy does per request, as a floor for
+//! `scripts/bench`: one current-thread runtime, HTTP/1.1 only, a per-thread
+//! pool of `http1::handshake` connections to one upstream, and the same
+//! forwarding headers that nginx, HAProxy and edge set in the benchmark. It
+//! has no routing, timeouts, hop-by-hop removal, limits or workers.
+//!
+//! Usage: minimal_proxy LISTEN_ADDR UPSTREAM_ADDR
+
+use std::cell::RefCell;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+
+use http::header::{HeaderName, HeaderValue, HOST};
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Incoming;
+use hyper::client::conn::http1 as client;
+use hyper::server::conn::http1 as server;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+
+type Body = http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, hyper::Error>;
+
+thread_local! {
+    /// Idle upstream connections, oldest first.
+    static IDLE: RefCell<Vec<client::SendRequest<Incoming>>> = const { RefCell::new(Vec::new()) };
+}
+
+static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+
+/// Returns an idle connection to `upstream`, or opens a new one.
+async fn connection(upstream: SocketAddr) -> hyper::Result<client::SendRequest<Incoming>> {
+    while let Some(mut sender) = IDLE.with_borrow_mut(Vec::pop) {
+        if sender.ready().await.is_ok() {
+            return Ok(sender);
+        }
+    }
+    let stream = TcpStream::connect(upstream).await.expect("cannot connect to the upstream");
+    stream.set_nodelay(true).expect("cannot set TCP_NODELAY");
+    let (sender, connection) = client::Builder::new()
+        .writev(false)
+        .handshake(TokioIo::new(stream))
+        .await?;
+    tokio::task::spawn_local(async move {
+        let _ = connection.await;
+    });
+    Ok(sender)
+}
+
+async fn proxy(
+    request: Request<Incoming>,
+    peer: HeaderValue,
+    upstream: SocketAddr,
+) -> Result<Response<Body>, Infallible> {
+    let (mut parts, body) = request.into_parts();
+    parts.uri = parts.uri.path_and_query().cloned().map_or_else(Uri::default, Uri::from);
+    parts.headers.remove(http::header::CONNECTION);
+    if let Some(host) = parts.headers.get(HOST).cloned() {
+        parts.headers.insert(X_FORWARDED_HOST.clone(), host);
+    }
+    parts.headers.insert(X_FORWARDED_FOR.clone(), peer);
+    parts.headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    let answer = match connection(upstream).await {
+        Ok(mut sender) => {
+            let sent = sender.send_request(Request::from_parts(parts, body)).await;
+            IDLE.with_borrow_mut(|idle| idle.insert(0, sender));
+            sent
+        }
+        Err(error) => Err(error),
+    };
+    Ok(match answer {
+        Ok(response) => response.map(|body| body.boxed_unsync()),
+        Err(_) => {
+            let mut response = Response::new(Empty::new().map_err(|never| match never {}).boxed_unsync());
+            *response.status_mut() = StatusCode::BAD_GATEWAY;
+            response
+        }
+    })
+}
+
+fn main() {
+    let mut args = std::env::args().skip(1);
+    let usage = "usage: minimal_proxy LISTEN_ADDR UPSTREAM_ADDR";
+    let listen: SocketAddr = args.next().expect(usage).parse().expect(usage);
+    let upstream: SocketAddr = args.next().expect(usage).parse().expect(usage);
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("cannot build a tokio runtime");
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&runtime, async move {
+        let listener = TcpListener::bind(listen).await.expect("cannot listen");
+        println!("listening on http://{listen}");
+        loop {
+            let Ok((stream, peer)) = listener.accept().await else {
+                continue;
+            };
+            let _ = stream.set_nodelay(true);
+            let peer = HeaderValue::from_str(&peer.ip().to_string()).expect("an IP is a header value");
+            tokio::task::spawn_local(async move {
+                let service = service_fn(move |request| proxy(request, peer.clone(), upstream));
+                let _ = server::Builder::new()
+                    .writev(false)
+                    .serve_connection(TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+}

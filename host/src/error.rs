@@ -39,6 +39,10 @@ pub enum Refusal {
     UpstreamUnavailable { upstream: String },
     /// The upstream did not connect or respond in time.
     UpstreamTimeout { upstream: String },
+    /// Every breaker of the upstream's healthy targets is open.
+    CircuitOpen { upstream: String, retry_after: u64 },
+    /// Every target of the upstream fails its health checks or is ejected.
+    NoHealthyUpstream { upstream: String, retry_after: u64 },
     /// A worker trapped, panicked, ran out of memory or decided something
     /// invalid.
     WorkerFailed,
@@ -60,7 +64,10 @@ impl Refusal {
             Refusal::NoUpstream | Refusal::WorkerFailed => StatusCode::INTERNAL_SERVER_ERROR,
             Refusal::UpstreamUnavailable { .. } => StatusCode::BAD_GATEWAY,
             Refusal::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            Refusal::WorkerTimeout | Refusal::WorkerBusy => StatusCode::SERVICE_UNAVAILABLE,
+            Refusal::WorkerTimeout
+            | Refusal::WorkerBusy
+            | Refusal::CircuitOpen { .. }
+            | Refusal::NoHealthyUpstream { .. } => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -75,6 +82,8 @@ impl Refusal {
             Refusal::NoUpstream => "no_upstream",
             Refusal::UpstreamUnavailable { .. } => "upstream_unavailable",
             Refusal::UpstreamTimeout { .. } => "upstream_timeout",
+            Refusal::CircuitOpen { .. } => "circuit_open",
+            Refusal::NoHealthyUpstream { .. } => "no_healthy_upstream",
             Refusal::WorkerFailed => "worker_failed",
             Refusal::WorkerTimeout => "worker_timeout",
             Refusal::WorkerBusy => "worker_busy",
@@ -90,9 +99,10 @@ impl Refusal {
             | Refusal::InvalidBody
             | Refusal::BodyTooLarge { .. } => Source::Client,
             Refusal::WorkerFailed | Refusal::WorkerTimeout => Source::Worker,
-            Refusal::UpstreamUnavailable { .. } | Refusal::UpstreamTimeout { .. } => {
-                Source::Upstream
-            }
+            Refusal::UpstreamUnavailable { .. }
+            | Refusal::UpstreamTimeout { .. }
+            | Refusal::CircuitOpen { .. }
+            | Refusal::NoHealthyUpstream { .. } => Source::Upstream,
             Refusal::NoUpstream | Refusal::WorkerBusy => Source::Host,
         }
     }
@@ -117,6 +127,12 @@ impl Refusal {
             Refusal::UpstreamTimeout { upstream } => {
                 format!("upstream {upstream} did not answer in time")
             }
+            Refusal::CircuitOpen { upstream, .. } => {
+                format!("upstream {upstream} is failing; its circuit breakers are open")
+            }
+            Refusal::NoHealthyUpstream { upstream, .. } => {
+                format!("upstream {upstream} has no healthy target")
+            }
             Refusal::WorkerFailed => "a worker on this route failed".to_owned(),
             Refusal::WorkerTimeout => "a worker on this route ran past its CPU deadline".to_owned(),
             Refusal::WorkerBusy => "all worker instances are busy; retry shortly".to_owned(),
@@ -124,9 +140,11 @@ impl Refusal {
     }
 
     /// Seconds the client should wait before retrying, for 503s.
-    fn retry_after(&self) -> Option<&'static str> {
+    fn retry_after(&self) -> Option<u64> {
         match self {
-            Refusal::WorkerBusy | Refusal::WorkerTimeout => Some("1"),
+            Refusal::WorkerBusy | Refusal::WorkerTimeout => Some(1),
+            Refusal::CircuitOpen { retry_after, .. }
+            | Refusal::NoHealthyUpstream { retry_after, .. } => Some(*retry_after),
             _ => None,
         }
     }
@@ -140,7 +158,7 @@ impl Refusal {
         let headers = response.headers_mut();
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         if let Some(seconds) = self.retry_after() {
-            headers.insert(RETRY_AFTER, HeaderValue::from_static(seconds));
+            headers.insert(RETRY_AFTER, HeaderValue::from(seconds));
         }
         response
     }

@@ -235,7 +235,7 @@ fn serve_thread(
         let timeouts = header_timeouts.iter().chain(
             node.upstreams
                 .iter()
-                .map(|upstream| &upstream.response_timeout),
+                .map(|upstream| &upstream.settings.response_timeout),
         );
         tokio::spawn(timer::sweep(sweep_granularity(timeouts)));
         let graceful = GracefulShutdown::new();

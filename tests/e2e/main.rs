@@ -7,5 +7,6 @@ mod harness;
 
 mod cli;
 mod proxy;
+mod resilience;
 mod tls;
 mod workers;

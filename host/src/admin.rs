@@ -1,5 +1,5 @@
 //! The admin listener: a separate HTTP/1.1 listener, on loopback unless the
-//! config says otherwise, that shows breaker states and target health as
+//! config sets another address, that shows breaker states and target health as
 //! JSON (and as Prometheus metrics) to requests with the configured bearer
 //! token.
 //!
@@ -67,46 +67,38 @@ pub fn start(
         .with_context(|| format!("cannot listen on {addr} for the admin listener"))?;
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
-    let thread = std::thread::Builder::new()
-        .name("edge-admin".to_owned())
-        .spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("cannot build a tokio runtime");
-            runtime.block_on(async move {
-                let listener = match tokio::net::TcpListener::from_std(listener) {
-                    Ok(listener) => listener,
-                    Err(error) => {
-                        tracing::error!(%error, "cannot register the admin listener");
-                        return;
-                    }
-                };
-                loop {
-                    tokio::select! {
-                        accepted = listener.accept() => {
-                            let Ok((stream, _)) = accepted else { continue };
-                            let node = node.clone();
-                            tokio::spawn(async move {
-                                let service = hyper::service::service_fn(move |request| {
-                                    let response = serve(&node, &token_digest, &request);
-                                    async move { Ok::<_, std::convert::Infallible>(response) }
-                                });
-                                let _ = hyper::server::conn::http1::Builder::new()
-                                    .serve_connection(TokioIo::new(stream), service)
-                                    .await;
-                            });
-                        }
-                        _ = shutdown.wait_for(|stop| *stop) => break,
-                    }
+    let thread = crate::listener::spawn_runtime_thread("edge-admin", move || async move {
+        let listener = match tokio::net::TcpListener::from_std(listener) {
+            Ok(listener) => listener,
+            Err(error) => {
+                tracing::error!(%error, "cannot register the admin listener");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => {
+                    let Ok((stream, _)) = accepted else { continue };
+                    let node = node.clone();
+                    tokio::spawn(async move {
+                        let service = hyper::service::service_fn(move |request| {
+                            let response = serve(&node, &token_digest, &request);
+                            async move { Ok::<_, std::convert::Infallible>(response) }
+                        });
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await;
+                    });
                 }
-            });
-        })
-        .context("cannot start the admin thread")?;
+                _ = shutdown.wait_for(|stop| *stop) => break,
+            }
+        }
+    })
+    .context("cannot start the admin thread")?;
     Ok(Admin { addr, thread })
 }
 
-/// Answers one admin request.
+/// Serves one admin request.
 fn serve(
     node: &Node,
     token_digest: &[u8; 32],

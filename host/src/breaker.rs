@@ -1,5 +1,5 @@
 //! Circuit breakers, one per upstream target: closed while the target
-//! answers, open (every request refused at once) after it fails too often,
+//! responds, open (every request refused at once) after it fails too often,
 //! and half-open after a cool-down, when a bounded number of probe requests
 //! decide whether it closes again.
 //!
@@ -104,7 +104,7 @@ pub struct Permit<'a> {
     probe: bool,
 }
 
-/// Why a breaker let a request not through.
+/// The rejection of a request by a breaker.
 #[derive(Debug, Clone, Copy)]
 pub struct Refused {
     /// Time until the breaker lets probes through again; zero while it is
@@ -288,8 +288,8 @@ impl Breaker {
         if state == State::Open {
             self.opened_total.fetch_add(1, Ordering::Relaxed);
         }
-        // A state change happens at most once per cool-down, so this line
-        // needs no throttle.
+        // Each cycle through the states waits one cool-down, so a breaker
+        // logs at most three lines per cool-down and needs no throttle.
         tracing::info!(
             target_name = %self.label,
             from = previous.name(),
@@ -332,7 +332,7 @@ impl Permit<'_> {
         self.probe
     }
 
-    /// Records that the target answered well.
+    /// Records a successful response.
     pub fn succeeded(self, now: Instant) {
         let this = std::mem::ManuallyDrop::new(self);
         this.breaker.record_success(this.probe, now);

@@ -177,32 +177,24 @@ pub fn spawn_checker(
     if node.upstreams.iter().all(|u| u.active_health.is_none()) {
         return Ok(None);
     }
-    let handle = std::thread::Builder::new()
-        .name("edge-health".to_owned())
-        .spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("cannot build a tokio runtime");
-            runtime.block_on(async move {
-                let mut tasks = tokio::task::JoinSet::new();
-                for index in 0..node.upstreams.len() {
-                    let Some(settings) = node.upstreams[index].active_health.clone() else {
-                        continue;
-                    };
-                    for target in 0..node.upstreams[index].targets.len() {
-                        let node = node.clone();
-                        let settings = settings.clone();
-                        tasks.spawn(async move {
-                            let upstream = &node.upstreams[index];
-                            check_forever(upstream, &upstream.targets[target], &settings).await
-                        });
-                    }
-                }
-                let _ = shutdown.wait_for(|stop| *stop).await;
-                tasks.abort_all();
-            });
-        })?;
+    let handle = crate::listener::spawn_runtime_thread("edge-health", move || async move {
+        let mut tasks = tokio::task::JoinSet::new();
+        for index in 0..node.upstreams.len() {
+            let Some(settings) = node.upstreams[index].active_health.clone() else {
+                continue;
+            };
+            for target in 0..node.upstreams[index].targets.len() {
+                let node = node.clone();
+                let settings = settings.clone();
+                tasks.spawn(async move {
+                    let upstream = &node.upstreams[index];
+                    check_forever(upstream, &upstream.targets[target], &settings).await
+                });
+            }
+        }
+        let _ = shutdown.wait_for(|stop| *stop).await;
+        tasks.abort_all();
+    })?;
     Ok(Some(handle))
 }
 

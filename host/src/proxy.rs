@@ -93,7 +93,7 @@ pub struct Upstream {
     failures: LogThrottle,
 }
 
-/// Why one attempt failed.
+/// The failure of one attempt.
 enum SendError {
     /// The client's body failed or was too large: not the target's fault,
     /// and not retried.
@@ -570,7 +570,7 @@ impl BodyTimeouts {
         })
     }
 
-    /// The next deadline from `now`.
+    /// Returns the next deadline from `now`.
     fn next_deadline(&self, now: Instant) -> Instant {
         let idle = self.idle.map(|idle| now + idle);
         match (idle, self.total) {

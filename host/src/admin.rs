@@ -67,6 +67,13 @@ pub fn start(
         .with_context(|| format!("cannot listen on {addr} for the admin listener"))?;
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
+    if !addr.ip().is_loopback() {
+        tracing::warn!(
+            %addr,
+            "the admin listener is not on loopback; it speaks plain HTTP, so its bearer \
+             token crosses the network in clear"
+        );
+    }
     let thread = crate::listener::spawn_runtime_thread("edge-admin", move || async move {
         let listener = match tokio::net::TcpListener::from_std(listener) {
             Ok(listener) => listener,

@@ -627,3 +627,21 @@ fn routes_explain_shows_the_upstream_resilience_settings() -> Result {
     }
     Ok(())
 }
+
+#[tokio::test]
+async fn route_timeout_cuts_off_a_stalled_body() -> Result {
+    let stalling = Upstream::start(|_| Reply::StalledBody(Duration::from_secs(30))).await;
+    let config = format!(
+        "[upstreams.app]\ntargets = [\"{}\"]\nidle_timeout = \"0s\"\n\n\
+         [[routes]]\nname = \"app\"\nupstream = \"app\"\ntimeout = \"300ms\"\n",
+        stalling.addr
+    );
+    let node = Node::start(&config)?;
+    let result = tokio::time::timeout(Duration::from_secs(10), get(&node.url("/"))).await?;
+    assert!(
+        result.is_err(),
+        "the body ends with an error, not complete: {result:?}"
+    );
+    assert_eq!(stalling.count(), 1);
+    Ok(())
+}

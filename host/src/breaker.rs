@@ -4,10 +4,11 @@
 //! decide whether it closes again.
 //!
 //! The state is shared by every serving thread. Reading it is one atomic
-//! load; recording an outcome takes a mutex for a few instructions and never
-//! across an await.
+//! load, and counting a response while closed is one or two atomic updates.
+//! Failures that may change the state, and every half-open probe, take a
+//! mutex for a few instructions, never across an await.
 
-use std::sync::atomic::{AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -71,27 +72,39 @@ pub struct Breaker {
     state: AtomicU8,
     /// Transitions into the open state since the node started.
     opened_total: AtomicU64,
+    consecutive_failures: AtomicU32,
+    /// Requests and failures per bucket of `window / BUCKETS`, packed with
+    /// the bucket's sequence number since `epoch` (see [`pack`]).
+    buckets: [AtomicU64; BUCKETS],
+    epoch: Instant,
     inner: Mutex<Inner>,
 }
 
 #[derive(Debug)]
 struct Inner {
-    consecutive_failures: u32,
-    /// Requests and failures per bucket of `window / BUCKETS`, each with the
-    /// bucket's sequence number since `epoch`.
-    buckets: [Bucket; BUCKETS],
-    epoch: Instant,
     opened_at: Instant,
     cool_down: Duration,
     probes_in_flight: u32,
     probe_successes: u32,
 }
 
-#[derive(Debug, Clone, Copy, Default)]
-struct Bucket {
-    sequence: u64,
-    requests: u32,
-    failures: u32,
+/// Bits of a packed bucket: the sequence number (modulo 2^24), then the
+/// requests and the failures counted in it (each saturating at 2^20 - 1).
+const SEQUENCE_BITS: u32 = 24;
+const COUNT_BITS: u32 = 20;
+const COUNT_MAX: u64 = (1 << COUNT_BITS) - 1;
+const SEQUENCE_MASK: u64 = (1 << SEQUENCE_BITS) - 1;
+
+fn pack(sequence: u64, requests: u64, failures: u64) -> u64 {
+    ((sequence & SEQUENCE_MASK) << (2 * COUNT_BITS)) | (requests << COUNT_BITS) | failures
+}
+
+fn unpack(bucket: u64) -> (u64, u64, u64) {
+    (
+        bucket >> (2 * COUNT_BITS),
+        (bucket >> COUNT_BITS) & COUNT_MAX,
+        bucket & COUNT_MAX,
+    )
 }
 
 /// The admission of one request through a breaker, as a normal request or
@@ -132,10 +145,10 @@ impl Breaker {
             label,
             state: AtomicU8::new(State::Closed as u8),
             opened_total: AtomicU64::new(0),
+            consecutive_failures: AtomicU32::new(0),
+            buckets: Default::default(),
+            epoch: now,
             inner: Mutex::new(Inner {
-                consecutive_failures: 0,
-                buckets: [Bucket::default(); BUCKETS],
-                epoch: now,
                 opened_at: now,
                 cool_down: settings.cool_down,
                 probes_in_flight: 0,
@@ -210,24 +223,42 @@ impl Breaker {
     }
 
     fn record_success(&self, probe: bool, now: Instant) {
+        // Loads first: most responses change nothing, and a store would
+        // bounce the cache line between serving threads.
+        if self.consecutive_failures.load(Ordering::Relaxed) != 0 {
+            self.consecutive_failures.store(0, Ordering::Relaxed);
+        }
+        if self.settings.error_rate.is_some() {
+            self.count(now, false);
+        }
+        if !probe {
+            return;
+        }
         let mut inner = self.lock();
-        inner.consecutive_failures = 0;
-        inner.count(&self.settings, now, false);
-        if probe && self.state() == State::HalfOpen {
+        if self.state() == State::HalfOpen {
             inner.probes_in_flight = inner.probes_in_flight.saturating_sub(1);
             inner.probe_successes += 1;
             if inner.probe_successes >= self.settings.half_open_probes {
                 inner.cool_down = self.settings.cool_down;
-                inner.buckets = [Bucket::default(); BUCKETS];
+                for bucket in &self.buckets {
+                    bucket.store(0, Ordering::Relaxed);
+                }
                 self.set_state(State::Closed, &inner, "probes succeeded");
             }
         }
     }
 
     fn record_failure(&self, probe: bool, now: Instant) {
+        let consecutive = self
+            .consecutive_failures
+            .fetch_add(1, Ordering::Relaxed)
+            .saturating_add(1);
+        let (requests, failures) = if self.settings.error_rate.is_some() {
+            self.count(now, true)
+        } else {
+            (0, 0)
+        };
         let mut inner = self.lock();
-        inner.consecutive_failures = inner.consecutive_failures.saturating_add(1);
-        let (requests, failures) = inner.count(&self.settings, now, true);
         match self.state() {
             State::HalfOpen if probe => {
                 inner.probes_in_flight = inner.probes_in_flight.saturating_sub(1);
@@ -238,10 +269,10 @@ impl Breaker {
             State::Closed => {
                 let settings = &self.settings;
                 let by_count = settings.consecutive_failures > 0
-                    && inner.consecutive_failures >= settings.consecutive_failures;
+                    && consecutive >= settings.consecutive_failures;
                 let by_rate = settings.error_rate.is_some_and(|rate| {
-                    requests >= settings.min_requests.max(1)
-                        && f64::from(failures) > rate * f64::from(requests)
+                    requests >= u64::from(settings.min_requests.max(1))
+                        && failures as f64 > rate * requests as f64
                 });
                 if by_count || by_rate {
                     inner.opened_at = now;
@@ -255,6 +286,48 @@ impl Breaker {
             }
             State::Open | State::HalfOpen => {}
         }
+    }
+
+    /// Counts a response in the rolling window. For a failure, returns the
+    /// window's requests and failures; for a success, zeros, because only a
+    /// failure can open the breaker.
+    fn count(&self, now: Instant, failed: bool) -> (u64, u64) {
+        let width = (self.settings.window / BUCKETS as u32).max(Duration::from_millis(1));
+        let sequence =
+            (now.saturating_duration_since(self.epoch).as_nanos() / width.as_nanos()) as u64;
+        let bucket = &self.buckets[(sequence % BUCKETS as u64) as usize];
+        let failed = u64::from(failed);
+        let mut current = bucket.load(Ordering::Relaxed);
+        loop {
+            let (stored, requests, failures) = unpack(current);
+            let next = if stored == sequence & SEQUENCE_MASK {
+                pack(
+                    sequence,
+                    (requests + 1).min(COUNT_MAX),
+                    (failures + failed).min(COUNT_MAX),
+                )
+            } else {
+                pack(sequence, 1, failed)
+            };
+            match bucket.compare_exchange_weak(current, next, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => break,
+                Err(actual) => current = actual,
+            }
+        }
+        if failed == 0 {
+            return (0, 0);
+        }
+        self.buckets
+            .iter()
+            .map(|bucket| unpack(bucket.load(Ordering::Relaxed)))
+            .filter(|(stored, requests, _)| {
+                let age = (sequence & SEQUENCE_MASK).wrapping_sub(*stored) & SEQUENCE_MASK;
+                *requests > 0 && age < BUCKETS as u64
+            })
+            .fold((0, 0), |(r, f), (_, requests, failures)| {
+                (r + requests, f + failures)
+            })
     }
 
     fn release_probe(&self) {
@@ -272,7 +345,7 @@ impl Breaker {
         };
         Snapshot {
             state,
-            consecutive_failures: inner.consecutive_failures,
+            consecutive_failures: self.consecutive_failures.load(Ordering::Relaxed),
             opened_total: self.opened_total(),
             cool_down: inner.cool_down,
             retry_in,
@@ -295,34 +368,10 @@ impl Breaker {
             from = previous.name(),
             to = state.name(),
             cool_down_ms = inner.cool_down.as_millis() as u64,
-            consecutive_failures = inner.consecutive_failures,
+            consecutive_failures = self.consecutive_failures.load(Ordering::Relaxed),
             "circuit breaker {}: {reason}",
             state.name()
         );
-    }
-}
-
-impl Inner {
-    /// Counts a request in the rolling window and returns the window's
-    /// requests and failures.
-    fn count(&mut self, settings: &BreakerSettings, now: Instant, failed: bool) -> (u32, u32) {
-        let width = (settings.window / BUCKETS as u32).max(Duration::from_millis(1));
-        let sequence =
-            (now.saturating_duration_since(self.epoch).as_nanos() / width.as_nanos()) as u64;
-        let bucket = &mut self.buckets[(sequence % BUCKETS as u64) as usize];
-        if bucket.sequence != sequence {
-            *bucket = Bucket {
-                sequence,
-                ..Bucket::default()
-            };
-        }
-        bucket.requests += 1;
-        bucket.failures += u32::from(failed);
-        let oldest = sequence.saturating_sub(BUCKETS as u64 - 1);
-        self.buckets
-            .iter()
-            .filter(|b| b.sequence >= oldest && (b.requests > 0))
-            .fold((0, 0), |(r, f), b| (r + b.requests, f + b.failures))
     }
 }
 
@@ -443,5 +492,32 @@ mod tests {
         fail(&breaker, now);
         fail(&breaker, now);
         assert_eq!(breaker.state(), State::Open, "6 of 10 failed");
+    }
+
+    #[test]
+    fn failures_leave_the_error_rate_window() {
+        let mut settings = settings();
+        settings.consecutive_failures = 0;
+        settings.error_rate = Some(0.5);
+        let breaker = Breaker::new("app/t".into(), settings);
+        let start = Instant::now();
+        for _ in 0..9 {
+            fail(&breaker, start);
+        }
+        assert_eq!(
+            breaker.state(),
+            State::Closed,
+            "9 requests are under the minimum"
+        );
+        let later = start + Duration::from_secs(11);
+        for _ in 0..9 {
+            breaker.acquire(later).unwrap().succeeded(later);
+        }
+        fail(&breaker, later);
+        assert_eq!(
+            breaker.state(),
+            State::Closed,
+            "the old failures left the window: 1 of 10 failed"
+        );
     }
 }

@@ -71,13 +71,13 @@ impl RetryBudget {
 
     /// Counts a request.
     pub fn deposit(&self) {
-        if self.deposit == 0 {
+        // A load first: a full budget, the usual case, then costs no write
+        // to the cache line that every serving thread shares. Racing
+        // deposits may overshoot the cap by a few tokens.
+        if self.deposit == 0 || self.balance.load(Ordering::Relaxed) >= self.cap {
             return;
         }
-        let previous = self.balance.fetch_add(self.deposit, Ordering::Relaxed);
-        if previous + self.deposit > self.cap {
-            self.balance.fetch_sub(self.deposit, Ordering::Relaxed);
-        }
+        self.balance.fetch_add(self.deposit, Ordering::Relaxed);
     }
 
     /// Takes the allowance for one retry; false when the budget is spent.

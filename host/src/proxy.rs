@@ -183,9 +183,13 @@ impl Upstream {
         let mut request = Some(request);
         let mut tried = 0u64;
         let mut retries = 0;
+        // A retry chooses its target before it gives up the failed attempt's
+        // outcome, so that a retry with nowhere to go returns that outcome
+        // rather than a 503 of its own.
+        let mut next = self.choose(key, tried, Instant::now())?;
         loop {
             let now = Instant::now();
-            let (index, permit) = self.choose(key, tried, now)?;
+            let (index, permit) = next;
             tried |= 1 << (index % 64);
             let target = &self.targets[index];
             let attempt_timeout = match deadline {
@@ -207,12 +211,16 @@ impl Upstream {
                     self.record(target, permit, !failed, now);
                     let retry_status = settings.retry.on_statuses.contains(&status);
                     if retry_status && head.is_some() && self.may_retry(retries, deadline, now) {
-                        tracing::debug!(upstream = %self.name, target = %target.addr, status,
-                            "retrying upstream request after a retryable status");
-                        request = head.as_ref().map(repeat);
-                        retries += 1;
-                        self.back_off(retries, deadline).await;
-                        continue;
+                        if let Ok(choice) = self.choose(key, tried, now) {
+                            tracing::debug!(upstream = %self.name, target = %target.addr, status,
+                                "retrying upstream request after a retryable status");
+                            drop(response);
+                            next = choice;
+                            request = head.as_ref().map(repeat);
+                            retries += 1;
+                            self.back_off(retries, deadline).await;
+                            continue;
+                        }
                     }
                     let timeouts = BodyTimeouts::new(settings.idle_timeout, deadline);
                     return Ok(response.map(|body| body.watched(outstanding, timeouts)));
@@ -234,6 +242,10 @@ impl Upstream {
             if request.is_none() || !self.may_retry(retries, deadline, now) {
                 return Err(refusal);
             }
+            next = match self.choose(key, tried, now) {
+                Ok(choice) => choice,
+                Err(_) => return Err(refusal),
+            };
             tracing::debug!(upstream = %self.name, target = %target.addr, code = refusal.code(),
                 "retrying failed upstream request");
             retries += 1;

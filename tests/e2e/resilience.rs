@@ -645,3 +645,31 @@ async fn route_timeout_cuts_off_a_stalled_body() -> Result {
     assert_eq!(stalling.count(), 1);
     Ok(())
 }
+
+#[tokio::test]
+async fn retry_with_every_breaker_open_returns_the_upstream_answer() -> Result {
+    let failing = Upstream::start(|_| Reply::Status(503)).await;
+    let config = format!(
+        "[upstreams.app]\ntargets = [\"{}\"]\n\
+         [upstreams.app.breaker]\nconsecutive_failures = 1\ncool_down = \"1h\"\nmax_cool_down = \"1h\"\n\n\
+         [[routes]]\nname = \"app\"\nupstream = \"app\"\n",
+        failing.addr
+    );
+    let node = Node::start(&config)?;
+    let first = get(&node.url("/")).await?;
+    assert_eq!(first.status, 503);
+    assert_eq!(
+        &first.body[..],
+        b"upstream says no",
+        "the upstream's own 503, not the node's circuit_open"
+    );
+    assert_eq!(
+        failing.count(),
+        1,
+        "the breaker opened, so no retry was sent"
+    );
+    let second = get(&node.url("/")).await?;
+    assert_eq!(second.json()["error"], "circuit_open");
+    assert_eq!(failing.count(), 1);
+    Ok(())
+}

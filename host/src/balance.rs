@@ -7,7 +7,7 @@ use std::net::IpAddr;
 
 use http::HeaderMap;
 
-/// How an upstream picks a target for each request.
+/// The policy that picks an upstream's target for each request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Policy {
     /// Each target in turn.
@@ -98,8 +98,8 @@ pub fn target_identity(addr: &std::net::SocketAddr) -> u64 {
     hasher.finish()
 }
 
-/// The rendezvous score of a target for a key: the target with the highest
-/// score among those available gets the request.
+/// Returns the rendezvous score of a target for a key: the target with the
+/// highest score among those available gets the request.
 pub fn score(key: u64, target: u64) -> u64 {
     // SplitMix64 finaliser over the key and the target's identity: cheap and
     // well mixed, so every target wins an equal share of keys.

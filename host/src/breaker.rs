@@ -26,7 +26,7 @@ pub struct BreakerSettings {
     pub min_requests: u32,
     /// The first cool-down before probes go through.
     pub cool_down: Duration,
-    /// The longest cool-down: it doubles each time a probe fails.
+    /// The maximum cool-down; the cool-down doubles each time a probe fails.
     pub max_cool_down: Duration,
     /// Probe requests allowed at once while half-open; this many successes
     /// close the breaker.

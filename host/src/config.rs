@@ -288,7 +288,7 @@ pub struct UpstreamConfig {
     /// for no limit. Default: 60s.
     #[serde(default = "default_idle_timeout", with = "humantime_serde")]
     pub idle_timeout: Duration,
-    /// How requests are spread over the targets: `round_robin`,
+    /// The load-balancing policy across the targets: `round_robin`,
     /// `least_outstanding` or `consistent_hash`. Default: `round_robin`.
     #[serde(default)]
     pub balance: BalanceName,
@@ -373,7 +373,7 @@ pub struct RetryConfig {
     /// with full jitter. Default: 25ms.
     #[serde(with = "humantime_serde")]
     pub backoff: Duration,
-    /// The longest backoff. Default: 250ms.
+    /// The maximum backoff. Default: 250ms.
     #[serde(with = "humantime_serde")]
     pub max_backoff: Duration,
     /// Retries allowed as a percentage of requests, from 0 to 100.
@@ -444,7 +444,7 @@ pub struct PassiveHealthConfig {
     /// Default: 30s.
     #[serde(default = "default_ejection_time", with = "humantime_serde")]
     pub ejection_time: Duration,
-    /// The longest ejection. Default: 300s.
+    /// The maximum ejection time. Default: 300s.
     #[serde(default = "default_max_ejection_time", with = "humantime_serde")]
     pub max_ejection_time: Duration,
 }

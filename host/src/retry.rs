@@ -46,7 +46,7 @@ pub struct RetryBudget {
     second: AtomicU64,
     start: Instant,
     deposit: i64,
-    /// The most the balance can hold, so a long quiet spell cannot save up
+    /// The maximum balance, so a long quiet spell cannot save up
     /// a burst of retries.
     cap: i64,
     per_second: u32,
@@ -115,7 +115,7 @@ impl RetryBudget {
     }
 }
 
-/// The backoff before retry number `retry` (from 1): a random time up to
+/// Returns the backoff before retry number `retry` (from 1): a random time up to
 /// `backoff * 2^(retry - 1)`, capped at `max_backoff` ("full jitter").
 pub fn backoff(settings: &RetrySettings, retry: u32) -> Duration {
     let ceiling = settings

@@ -38,7 +38,9 @@ async fn connection(upstream: SocketAddr) -> hyper::Result<client::SendRequest<I
             return Ok(sender);
         }
     }
-    let stream = TcpStream::connect(upstream).await.expect("cannot connect to the upstream");
+    let stream = TcpStream::connect(upstream)
+        .await
+        .expect("cannot connect to the upstream");
     stream.set_nodelay(true).expect("cannot set TCP_NODELAY");
     let (sender, connection) = client::Builder::new()
         .writev(false)
@@ -56,13 +58,19 @@ async fn proxy(
     upstream: SocketAddr,
 ) -> Result<Response<Body>, Infallible> {
     let (mut parts, body) = request.into_parts();
-    parts.uri = parts.uri.path_and_query().cloned().map_or_else(Uri::default, Uri::from);
+    parts.uri = parts
+        .uri
+        .path_and_query()
+        .cloned()
+        .map_or_else(Uri::default, Uri::from);
     parts.headers.remove(http::header::CONNECTION);
     if let Some(host) = parts.headers.get(HOST).cloned() {
         parts.headers.insert(X_FORWARDED_HOST.clone(), host);
     }
     parts.headers.insert(X_FORWARDED_FOR.clone(), peer);
-    parts.headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
+    parts
+        .headers
+        .insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static("http"));
     let answer = match connection(upstream).await {
         Ok(mut sender) => {
             let sent = sender.send_request(Request::from_parts(parts, body)).await;
@@ -74,7 +82,8 @@ async fn proxy(
     Ok(match answer {
         Ok(response) => response.map(|body| body.boxed_unsync()),
         Err(_) => {
-            let mut response = Response::new(Empty::new().map_err(|never| match never {}).boxed_unsync());
+            let mut response =
+                Response::new(Empty::new().map_err(|never| match never {}).boxed_unsync());
             *response.status_mut() = StatusCode::BAD_GATEWAY;
             response
         }
@@ -99,7 +108,8 @@ fn main() {
                 continue;
             };
             let _ = stream.set_nodelay(true);
-            let peer = HeaderValue::from_str(&peer.ip().to_string()).expect("an IP is a header value");
+            let peer =
+                HeaderValue::from_str(&peer.ip().to_string()).expect("an IP is a header value");
             tokio::task::spawn_local(async move {
                 let service = service_fn(move |request| proxy(request, peer.clone(), upstream));
                 let _ = server::Builder::new()

@@ -175,6 +175,17 @@ fn serve(path: &Path) -> anyhow::Result<()> {
 /// Serves a built node until Ctrl-C or SIGTERM, printing its addresses.
 pub fn run_node(config: &Config, node: Node) -> anyhow::Result<()> {
     let node = Arc::new(node);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut side_threads = Vec::new();
+    if let Some(admin) = &config.admin {
+        let admin = crate::admin::start(node.clone(), config, admin, stopped.clone())?;
+        println!("admin listening on http://{}", admin.addr);
+        side_threads.push(admin.thread);
+    }
+    side_threads.extend(
+        crate::health::spawn_checker(node.clone(), stopped)
+            .context("cannot start the health-check thread")?,
+    );
     let server = Server::start(
         node.clone(),
         &config.listeners,
@@ -196,7 +207,85 @@ pub fn run_node(config: &Config, node: Node) -> anyhow::Result<()> {
     wait_for_signal()?;
     tracing::info!("shutting down; draining open connections");
     server.shutdown();
+    let _ = stop.send(true);
+    for thread in side_threads {
+        let _ = thread.join();
+    }
     Ok(())
+}
+
+/// Prints an upstream's timeouts, balancing, breaker, retry and health
+/// settings for `routes explain`.
+fn print_upstream(upstream: &crate::proxy::Upstream) {
+    let settings = &upstream.settings;
+    let targets: Vec<String> = upstream
+        .targets
+        .iter()
+        .map(|t| t.addr.to_string())
+        .collect();
+    println!(
+        "    targets: {} ({})",
+        targets.join(", "),
+        settings.policy.name()
+    );
+    let idle = settings
+        .idle_timeout
+        .map_or("none".to_owned(), |idle| format!("{idle:?}"));
+    println!(
+        "    timeouts: connect {:?}, response headers {:?}, idle body {idle}",
+        settings.connect_timeout, settings.response_timeout
+    );
+    match &settings.breaker {
+        Some(b) => println!(
+            "    breaker: opens after {} consecutive failures{}; cool-down {:?} up to {:?}; \
+             {} half-open probe(s); failure statuses {:?}",
+            b.consecutive_failures,
+            b.error_rate.map_or(String::new(), |rate| format!(
+                " or over {:.0}% failed in {:?} (at least {} requests)",
+                rate * 100.0,
+                b.window,
+                b.min_requests
+            )),
+            b.cool_down,
+            b.max_cool_down,
+            b.half_open_probes,
+            settings.failure_statuses,
+        ),
+        None => println!("    breaker: off"),
+    }
+    let retry = &settings.retry;
+    if retry.max_retries == 0 {
+        println!("    retries: off");
+    } else {
+        println!(
+            "    retries: up to {} (idempotent methods without a body, or never sent), \
+             backoff {:?} up to {:?}, budget {:.0}% of requests + {}/s, on statuses {:?}",
+            retry.max_retries,
+            retry.backoff,
+            retry.max_backoff,
+            retry.budget_ratio * 100.0,
+            retry.min_retries_per_second,
+            retry.on_statuses,
+        );
+    }
+    match &settings.active_health {
+        Some(active) => println!(
+            "    active health: GET {} every {:?} (timeout {:?}; {} to mark healthy, {} unhealthy)",
+            active.path,
+            active.interval,
+            active.timeout,
+            active.healthy_threshold,
+            active.unhealthy_threshold
+        ),
+        None => println!("    active health: off"),
+    }
+    match &settings.passive_health {
+        Some(passive) => println!(
+            "    passive health: eject after {} failures in a row for {:?} up to {:?}",
+            passive.consecutive_failures, passive.ejection_time, passive.max_ejection_time
+        ),
+        None => println!("    passive health: off"),
+    }
 }
 
 /// Prints how to trust the development CA, or skip verification, in curl.
@@ -276,8 +365,17 @@ fn explain(path: &Path, method: &str, raw_path: &str, host: Option<&str>) -> any
             let config_route = &config.routes[verdict.rule.index];
             println!("matches route {:?} ({})", route.name, verdict.rule.path);
             match &config_route.upstream {
-                Some(upstream) => println!("  upstream: {}", upstream.get_ref()),
+                Some(upstream) => {
+                    println!("  upstream: {}", upstream.get_ref());
+                    if let Some(index) = node.upstream_index(upstream.get_ref()) {
+                        print_upstream(&node.upstreams[index]);
+                    }
+                }
                 None => println!("  upstream: none; a worker must route or respond"),
+            }
+            match route.timeout {
+                Some(timeout) => println!("  route timeout: {timeout:?} for the whole exchange"),
+                None => println!("  route timeout: none"),
             }
             println!(
                 "  max body: {}",

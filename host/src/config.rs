@@ -36,6 +36,8 @@ pub struct Config {
     pub routes: Vec<RouteConfig>,
     /// The Redis server or cluster that global rate limits count in.
     pub redis: Option<Spanned<RedisConfig>>,
+    /// The admin listener. Default: none.
+    pub admin: Option<AdminConfig>,
     /// The file this config came from, for errors and relative paths.
     #[serde(skip)]
     pub source: ConfigSource,
@@ -50,6 +52,24 @@ pub struct ConfigSource {
     pub base_dir: PathBuf,
     /// The config text, to turn byte offsets into line numbers.
     pub text: String,
+}
+
+/// The admin listener: breaker states and target health as JSON, for
+/// requests with `Authorization: Bearer <token>`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// The socket address. Default: `127.0.0.1:9901`.
+    #[serde(default = "default_admin_addr")]
+    pub addr: Spanned<SocketAddr>,
+    /// The bearer token, at least 16 characters. Set this or `token_file`.
+    pub token: Option<Spanned<String>>,
+    /// A file whose first line is the token, relative to the config file.
+    pub token_file: Option<Spanned<PathBuf>>,
+}
+
+fn default_admin_addr() -> Spanned<SocketAddr> {
+    Spanned::new(0..0, SocketAddr::from(([127, 0, 0, 1], 9901)))
 }
 
 /// Settings of the node as a whole.
@@ -266,6 +286,205 @@ pub struct UpstreamConfig {
     pub max_idle_per_target: usize,
     /// Speaks HTTPS to the targets. Default: plain HTTP.
     pub tls: Option<UpstreamTlsConfig>,
+    /// Time a response body may go without data before it is cut off; `0s`
+    /// for no limit. Default: 60s.
+    #[serde(default = "default_idle_timeout", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// The load-balancing policy across the targets: `round_robin`,
+    /// `least_outstanding` or `consistent_hash`. Default: `round_robin`.
+    #[serde(default)]
+    pub balance: BalanceName,
+    /// With `consistent_hash`: `header:NAME`, `cookie:NAME` or `client_ip`.
+    /// A request without the key goes round robin.
+    pub hash_key: Option<Spanned<String>>,
+    /// Response statuses that count as failures for the breakers and
+    /// passive health. Default: 502, 503, 504.
+    #[serde(default = "default_failure_statuses")]
+    pub failure_statuses: Vec<u16>,
+    #[serde(default)]
+    pub breaker: BreakerConfig,
+    #[serde(default)]
+    pub retry: RetryConfig,
+    #[serde(default)]
+    pub health: HealthConfig,
+}
+
+/// An upstream's load-balancing policy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BalanceName {
+    #[default]
+    RoundRobin,
+    LeastOutstanding,
+    ConsistentHash,
+}
+
+/// The circuit breaker of each target of an upstream.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BreakerConfig {
+    /// Turns the breakers on. Default: true.
+    pub enabled: bool,
+    /// Consecutive failures (connect errors, timeouts, failure statuses)
+    /// that open a target's breaker; 0 turns this trigger off. Default: 5.
+    pub consecutive_failures: u32,
+    /// The percentage of failed requests over `window` that opens the
+    /// breaker, from 1 to 100; 0 turns this trigger off. Default: 50.
+    pub error_rate_percent: u32,
+    /// The rolling window of the error rate. Default: 10s.
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    /// Requests the window must hold before the error rate counts.
+    /// Default: 20.
+    pub min_requests: u32,
+    /// Time an open breaker refuses requests before it lets probes
+    /// through. Default: 5s.
+    #[serde(with = "humantime_serde")]
+    pub cool_down: Duration,
+    /// The cool-down doubles after each failed probe up to this. Default:
+    /// 60s.
+    #[serde(with = "humantime_serde")]
+    pub max_cool_down: Duration,
+    /// Probe requests let through at once while half-open; that many
+    /// successes close the breaker. Default: 1.
+    pub half_open_probes: u32,
+}
+
+impl Default for BreakerConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            consecutive_failures: 5,
+            error_rate_percent: 50,
+            window: Duration::from_secs(10),
+            min_requests: 20,
+            cool_down: Duration::from_secs(5),
+            max_cool_down: Duration::from_secs(60),
+            half_open_probes: 1,
+        }
+    }
+}
+
+/// Retries of an upstream's failed requests.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RetryConfig {
+    /// Attempts after the first; 0 turns retries off. Default: 1.
+    pub max_retries: u32,
+    /// The backoff before the first retry, doubled for each later one,
+    /// with full jitter. Default: 25ms.
+    #[serde(with = "humantime_serde")]
+    pub backoff: Duration,
+    /// The maximum backoff. Default: 250ms.
+    #[serde(with = "humantime_serde")]
+    pub max_backoff: Duration,
+    /// Retries allowed as a percentage of requests, from 0 to 100.
+    /// Default: 20.
+    pub budget_percent: u32,
+    /// Retries allowed each second on top of the percentage, so that a
+    /// quiet upstream can retry too. Default: 10.
+    pub min_retries_per_second: u32,
+    /// Response statuses retried, for requests that may be sent again.
+    /// Default: 502, 503, 504.
+    pub on_statuses: Vec<u16>,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            max_retries: 1,
+            backoff: Duration::from_millis(25),
+            max_backoff: Duration::from_millis(250),
+            budget_percent: 20,
+            min_retries_per_second: 10,
+            on_statuses: default_failure_statuses(),
+        }
+    }
+}
+
+/// Health checking of an upstream's targets.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Active checks: a GET of `path` on each target every `interval`.
+    /// Default: off.
+    pub active: Option<ActiveHealthConfig>,
+    /// Passive ejection of targets that fail real requests. Default: off.
+    pub passive: Option<PassiveHealthConfig>,
+}
+
+/// Active health checks.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActiveHealthConfig {
+    /// The path requested; a 2xx or 3xx status passes.
+    pub path: Spanned<String>,
+    /// Time between checks of a target. Default: 5s.
+    #[serde(default = "default_check_interval", with = "humantime_serde")]
+    pub interval: Duration,
+    /// Time a check may take. Default: 1s.
+    #[serde(default = "default_check_timeout", with = "humantime_serde")]
+    pub timeout: Duration,
+    /// Passed checks in a row that mark an unhealthy target healthy.
+    /// Default: 2.
+    #[serde(default = "default_healthy_threshold")]
+    pub healthy_threshold: u32,
+    /// Failed checks in a row that mark a healthy target unhealthy.
+    /// Default: 3.
+    #[serde(default = "default_unhealthy_threshold")]
+    pub unhealthy_threshold: u32,
+}
+
+/// Passive outlier ejection.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PassiveHealthConfig {
+    /// Failed requests in a row that eject a target. Default: 5.
+    #[serde(default = "default_passive_failures")]
+    pub consecutive_failures: u32,
+    /// The first ejection's length, doubled for each ejection in a row.
+    /// Default: 30s.
+    #[serde(default = "default_ejection_time", with = "humantime_serde")]
+    pub ejection_time: Duration,
+    /// The maximum ejection time. Default: 300s.
+    #[serde(default = "default_max_ejection_time", with = "humantime_serde")]
+    pub max_ejection_time: Duration,
+}
+
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn default_failure_statuses() -> Vec<u16> {
+    vec![502, 503, 504]
+}
+
+fn default_check_interval() -> Duration {
+    Duration::from_secs(5)
+}
+
+fn default_check_timeout() -> Duration {
+    Duration::from_secs(1)
+}
+
+fn default_healthy_threshold() -> u32 {
+    2
+}
+
+fn default_unhealthy_threshold() -> u32 {
+    3
+}
+
+fn default_passive_failures() -> u32 {
+    5
+}
+
+fn default_ejection_time() -> Duration {
+    Duration::from_secs(30)
+}
+
+fn default_max_ejection_time() -> Duration {
+    Duration::from_secs(300)
 }
 
 fn default_connect_timeout() -> Duration {
@@ -304,6 +523,10 @@ pub struct RouteConfig {
     /// The largest request body accepted. Default: 10 MiB.
     #[serde(default = "default_max_body")]
     pub max_body: ByteSize,
+    /// Time allowed for the upstream exchange as a whole: every attempt,
+    /// the backoffs between them and the response body. Default: none.
+    #[serde(default, with = "humantime_serde")]
+    pub timeout: Option<Duration>,
     /// Workers that run on each request, in order.
     #[serde(default)]
     pub workers: Vec<WorkerConfig>,
@@ -503,6 +726,7 @@ impl Config {
         for (index, listener) in self.listeners.iter().enumerate() {
             self.validate_listener(index, listener)?;
         }
+        self.validate_admin()?;
         if let Some(threads) = &self.node.threads {
             if !(1..=1024).contains(threads.get_ref()) {
                 let line = self.line_of(threads.span().start);
@@ -536,6 +760,7 @@ impl Config {
                 let field = format!("upstreams.{name}.targets");
                 return Err(self.invalid(line, &field, "at least one target is required"));
             }
+            self.validate_resilience(name, upstream, line)?;
             let server_name = upstream.tls.as_ref().and_then(|t| t.server_name.as_ref());
             if let Some(server_name) = server_name {
                 if rustls::pki_types::ServerName::try_from(server_name.get_ref().as_str()).is_err()
@@ -617,6 +842,173 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// Checks an upstream's balancing, breaker, retry and health settings.
+    fn validate_resilience(
+        &self,
+        name: &str,
+        upstream: &UpstreamConfig,
+        line: usize,
+    ) -> Result<(), ConfigError> {
+        let field = |path: &str| format!("upstreams.{name}.{path}");
+        match (&upstream.balance, &upstream.hash_key) {
+            (BalanceName::ConsistentHash, None) => {
+                let message = "consistent_hash needs a hash_key: header:NAME, cookie:NAME \
+                               or client_ip";
+                return Err(self.invalid(line, &field("hash_key"), message));
+            }
+            (BalanceName::ConsistentHash, Some(key)) => {
+                if let Err(message) = crate::balance::HashKey::parse(key.get_ref()) {
+                    let line = self.line_of(key.span().start);
+                    return Err(self.invalid(line, &field("hash_key"), &message));
+                }
+            }
+            (_, Some(key)) => {
+                let line = self.line_of(key.span().start);
+                let message = "hash_key applies only with balance = \"consistent_hash\"";
+                return Err(self.invalid(line, &field("hash_key"), message));
+            }
+            (_, None) => {}
+        }
+        let statuses = upstream
+            .failure_statuses
+            .iter()
+            .map(|s| ("failure_statuses", s))
+            .chain(
+                upstream
+                    .retry
+                    .on_statuses
+                    .iter()
+                    .map(|s| ("retry.on_statuses", s)),
+            );
+        for (name, status) in statuses {
+            if !(100..=599).contains(status) {
+                let message = format!("{status} is not an HTTP status");
+                return Err(self.invalid(line, &field(name), &message));
+            }
+        }
+        let breaker = &upstream.breaker;
+        let checks: [(&str, bool, &str); 8] = [
+            (
+                "breaker.error_rate_percent",
+                breaker.error_rate_percent > 100,
+                "must be from 0 to 100",
+            ),
+            (
+                "breaker.half_open_probes",
+                breaker.half_open_probes == 0,
+                "must be at least 1",
+            ),
+            (
+                "breaker.window",
+                breaker.window.is_zero(),
+                "must be more than zero",
+            ),
+            (
+                "breaker.cool_down",
+                breaker.cool_down.is_zero(),
+                "must be more than zero",
+            ),
+            (
+                "breaker.max_cool_down",
+                breaker.max_cool_down < breaker.cool_down,
+                "must be at least cool_down",
+            ),
+            (
+                "retry.budget_percent",
+                upstream.retry.budget_percent > 100,
+                "must be from 0 to 100",
+            ),
+            (
+                "retry.max_backoff",
+                upstream.retry.max_backoff < upstream.retry.backoff,
+                "must be at least backoff",
+            ),
+            (
+                "response_timeout",
+                upstream.response_timeout.is_zero(),
+                "must be more than zero",
+            ),
+        ];
+        for (name, failed, message) in checks {
+            if failed {
+                return Err(self.invalid(line, &field(name), message));
+            }
+        }
+        if let Some(active) = &upstream.health.active {
+            let line = self.line_of(active.path.span().start);
+            if !active.path.get_ref().starts_with('/')
+                || http::uri::PathAndQuery::try_from(active.path.get_ref().as_str()).is_err()
+            {
+                let message = format!(
+                    "{:?} is not a path starting with '/'",
+                    active.path.get_ref()
+                );
+                return Err(self.invalid(line, &field("health.active.path"), &message));
+            }
+            let checks = [
+                ("interval", active.interval.is_zero()),
+                ("timeout", active.timeout.is_zero()),
+                ("healthy_threshold", active.healthy_threshold == 0),
+                ("unhealthy_threshold", active.unhealthy_threshold == 0),
+            ];
+            for (name, failed) in checks {
+                if failed {
+                    let field = field(&format!("health.active.{name}"));
+                    return Err(self.invalid(line, &field, "must be more than zero"));
+                }
+            }
+        }
+        if let Some(passive) = &upstream.health.passive {
+            let checks = [
+                (
+                    "consecutive_failures",
+                    passive.consecutive_failures == 0,
+                    "must be at least 1",
+                ),
+                (
+                    "ejection_time",
+                    passive.ejection_time.is_zero(),
+                    "must be more than zero",
+                ),
+                (
+                    "max_ejection_time",
+                    passive.max_ejection_time < passive.ejection_time,
+                    "must be at least ejection_time",
+                ),
+            ];
+            for (name, failed, message) in checks {
+                if failed {
+                    let field = field(&format!("health.passive.{name}"));
+                    return Err(self.invalid(line, &field, message));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks the admin listener's token.
+    fn validate_admin(&self) -> Result<(), ConfigError> {
+        let Some(admin) = &self.admin else {
+            return Ok(());
+        };
+        let line = self.line_of(admin.addr.span().start);
+        match (&admin.token, &admin.token_file) {
+            (Some(_), Some(_)) => {
+                Err(self.invalid(line, "admin.token", "set token or token_file, not both"))
+            }
+            (None, None) => Err(self.invalid(
+                line,
+                "admin.token",
+                "the admin listener needs a bearer token; set token or token_file",
+            )),
+            (Some(token), None) if token.get_ref().len() < 16 => {
+                let line = self.line_of(token.span().start);
+                Err(self.invalid(line, "admin.token", "must be at least 16 characters"))
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Checks a listener's TLS and redirect settings.

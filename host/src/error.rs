@@ -41,6 +41,10 @@ pub enum Refusal {
     UpstreamUnavailable { upstream: String },
     /// The upstream did not connect or respond in time.
     UpstreamTimeout { upstream: String },
+    /// Every breaker of the upstream's healthy targets is open.
+    CircuitOpen { upstream: String, retry_after: u64 },
+    /// Every target of the upstream fails its health checks or is ejected.
+    NoHealthyUpstream { upstream: String, retry_after: u64 },
     /// A worker trapped, panicked, ran out of memory or decided something
     /// invalid.
     WorkerFailed,
@@ -70,9 +74,11 @@ impl Refusal {
             Refusal::NoUpstream | Refusal::WorkerFailed => StatusCode::INTERNAL_SERVER_ERROR,
             Refusal::UpstreamUnavailable { .. } => StatusCode::BAD_GATEWAY,
             Refusal::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
-            Refusal::WorkerTimeout | Refusal::WorkerBusy | Refusal::RateLimitUnavailable { .. } => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            Refusal::WorkerTimeout
+            | Refusal::WorkerBusy
+            | Refusal::RateLimitUnavailable { .. }
+            | Refusal::CircuitOpen { .. }
+            | Refusal::NoHealthyUpstream { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
         }
     }
@@ -88,6 +94,8 @@ impl Refusal {
             Refusal::NoUpstream => "no_upstream",
             Refusal::UpstreamUnavailable { .. } => "upstream_unavailable",
             Refusal::UpstreamTimeout { .. } => "upstream_timeout",
+            Refusal::CircuitOpen { .. } => "circuit_open",
+            Refusal::NoHealthyUpstream { .. } => "no_healthy_upstream",
             Refusal::WorkerFailed => "worker_failed",
             Refusal::WorkerTimeout => "worker_timeout",
             Refusal::WorkerBusy => "worker_busy",
@@ -106,9 +114,10 @@ impl Refusal {
             | Refusal::BodyTooLarge { .. }
             | Refusal::RateLimited { .. } => Source::Client,
             Refusal::WorkerFailed | Refusal::WorkerTimeout => Source::Worker,
-            Refusal::UpstreamUnavailable { .. } | Refusal::UpstreamTimeout { .. } => {
-                Source::Upstream
-            }
+            Refusal::UpstreamUnavailable { .. }
+            | Refusal::UpstreamTimeout { .. }
+            | Refusal::CircuitOpen { .. }
+            | Refusal::NoHealthyUpstream { .. } => Source::Upstream,
             Refusal::NoUpstream | Refusal::WorkerBusy | Refusal::RateLimitUnavailable { .. } => {
                 Source::Host
             }
@@ -135,6 +144,12 @@ impl Refusal {
             Refusal::UpstreamTimeout { upstream } => {
                 format!("upstream {upstream} did not answer in time")
             }
+            Refusal::CircuitOpen { upstream, .. } => {
+                format!("upstream {upstream} is failing; its circuit breakers are open")
+            }
+            Refusal::NoHealthyUpstream { upstream, .. } => {
+                format!("upstream {upstream} has no healthy target")
+            }
             Refusal::WorkerFailed => "a worker on this route failed".to_owned(),
             Refusal::WorkerTimeout => "a worker on this route ran past its CPU deadline".to_owned(),
             Refusal::WorkerBusy => "all worker instances are busy; retry shortly".to_owned(),
@@ -153,7 +168,9 @@ impl Refusal {
             Refusal::WorkerBusy | Refusal::WorkerTimeout | Refusal::RateLimitUnavailable { .. } => {
                 Some(1)
             }
-            Refusal::RateLimited { retry_after, .. } => Some(*retry_after),
+            Refusal::RateLimited { retry_after, .. }
+            | Refusal::CircuitOpen { retry_after, .. }
+            | Refusal::NoHealthyUpstream { retry_after, .. } => Some(*retry_after),
             _ => None,
         }
     }

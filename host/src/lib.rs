@@ -7,15 +7,20 @@
 //! the shared state from it, and [`listener`] accepts and serves connections.
 #![deny(unsafe_code)]
 
+pub mod admin;
+pub mod balance;
+pub mod breaker;
 pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod health;
 pub mod listener;
 pub mod node;
 pub mod pipeline;
 pub mod proxy;
 pub mod ratelimit;
+pub mod retry;
 pub mod route;
 pub mod scaffold;
 pub mod timer;

@@ -150,6 +150,18 @@ fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
     Ok(socket.into())
 }
 
+/// Starts a thread named `name` that runs the future `task` makes on a
+/// single-threaded runtime of its own.
+pub fn spawn_runtime_thread<F, T>(name: &str, task: F) -> std::io::Result<JoinHandle<()>>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: std::future::Future<Output = ()>,
+{
+    std::thread::Builder::new()
+        .name(name.to_owned())
+        .spawn(move || runtime().block_on(task()))
+}
+
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -232,11 +244,23 @@ fn serve_thread(
             .iter()
             .map(|&timeout| Arc::new(Builders::new(timeout)))
             .collect();
-        let timeouts = header_timeouts.iter().chain(
-            node.upstreams
-                .iter()
-                .map(|upstream| &upstream.response_timeout),
-        );
+        let timeouts = header_timeouts
+            .iter()
+            .chain(
+                node.upstreams
+                    .iter()
+                    .map(|upstream| &upstream.settings.response_timeout),
+            )
+            .chain(
+                node.routes
+                    .iter()
+                    .filter_map(|route| route.timeout.as_ref()),
+            )
+            .chain(
+                node.upstreams
+                    .iter()
+                    .filter_map(|upstream| upstream.settings.idle_timeout.as_ref()),
+            );
         tokio::spawn(timer::sweep(sweep_granularity(timeouts)));
         let graceful = GracefulShutdown::new();
         loop {
@@ -399,8 +423,9 @@ async fn peek_preface(stream: &TcpStream) -> FirstBytes {
 }
 
 /// Returns how often each serving thread sweeps for expired coarse timers:
-/// a tenth of the shortest timeout they serve (header and upstream response
-/// timeouts), so a timer fires at most 10 % late.
+/// a tenth of the shortest timeout they serve (header, upstream response,
+/// response body idle and route timeouts), so a timer fires at most 10 %
+/// late.
 fn sweep_granularity<'a>(timeouts: impl Iterator<Item = &'a Duration>) -> Duration {
     let shortest = timeouts.min().copied().unwrap_or(Duration::from_secs(1));
     (shortest / 10).clamp(Duration::from_millis(1), Duration::from_secs(1))

@@ -3,13 +3,20 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use http::{HeaderName, HeaderValue, Method};
 use ipnet::IpNet;
 
-use crate::config::{CertificateConfig, Config, ConfigError, ListenerConfig};
-use crate::proxy::Upstream;
+use crate::balance::{HashKey, Policy};
+use crate::breaker::BreakerSettings;
+use crate::config::{
+    BalanceName, CertificateConfig, Config, ConfigError, ListenerConfig, UpstreamConfig,
+};
+use crate::health::{ActiveSettings, PassiveSettings};
+use crate::proxy::{Upstream, UpstreamSettings};
 use crate::ratelimit::{Limit, LimitSpec, RateLimiter, SystemClock};
+use crate::retry::RetrySettings;
 use crate::route::{HostMatch, PathMatch, RouteRule, Router};
 use crate::tls::{CertificateFiles, ListenerTls, ServerSettings, TlsError, UpstreamTls};
 use crate::worker::{Binding, LoadError, Runtime, RuntimeSettings};
@@ -22,6 +29,8 @@ pub struct Route {
     pub upstream: Option<usize>,
     /// The largest request body accepted, in bytes.
     pub max_body: u64,
+    /// Time allowed for the upstream exchange as a whole.
+    pub timeout: Option<Duration>,
     /// Workers in the order they run.
     pub workers: Vec<Binding>,
     /// Rate limits in config order.
@@ -156,9 +165,7 @@ impl Node {
                 name.clone(),
                 upstream.targets.get_ref(),
                 next_target,
-                upstream.connect_timeout,
-                upstream.response_timeout,
-                upstream.max_idle_per_target,
+                upstream_settings(upstream),
                 tls,
             ));
             next_target += upstream.targets.get_ref().len();
@@ -235,6 +242,7 @@ impl Node {
                     .as_ref()
                     .and_then(|u| upstream_names.get(u.get_ref()).copied()),
                 max_body: route.max_body.as_u64(),
+                timeout: route.timeout,
                 workers,
             });
         }
@@ -263,6 +271,68 @@ impl Node {
     /// Finds an upstream by name.
     pub fn upstream_index(&self, name: &str) -> Option<usize> {
         self.upstream_names.get(name).copied()
+    }
+}
+
+/// Turns an upstream's validated config into its settings.
+fn upstream_settings(upstream: &UpstreamConfig) -> UpstreamSettings {
+    let policy = match upstream.balance {
+        BalanceName::RoundRobin => Policy::RoundRobin,
+        BalanceName::LeastOutstanding => Policy::LeastOutstanding,
+        BalanceName::ConsistentHash => {
+            let key = upstream.hash_key.as_ref().map(|key| key.get_ref().as_str());
+            Policy::ConsistentHash(
+                HashKey::parse(key.unwrap_or_default()).expect("validated hash key"),
+            )
+        }
+    };
+    let breaker = &upstream.breaker;
+    let retry = &upstream.retry;
+    UpstreamSettings {
+        connect_timeout: upstream.connect_timeout,
+        response_timeout: upstream.response_timeout,
+        idle_timeout: Some(upstream.idle_timeout).filter(|idle| !idle.is_zero()),
+        max_idle: upstream.max_idle_per_target,
+        policy,
+        breaker: breaker.enabled.then(|| BreakerSettings {
+            consecutive_failures: breaker.consecutive_failures,
+            error_rate: (breaker.error_rate_percent > 0)
+                .then(|| f64::from(breaker.error_rate_percent) / 100.0),
+            window: breaker.window,
+            min_requests: breaker.min_requests,
+            cool_down: breaker.cool_down,
+            max_cool_down: breaker.max_cool_down,
+            half_open_probes: breaker.half_open_probes,
+        }),
+        failure_statuses: upstream.failure_statuses.clone(),
+        retry: RetrySettings {
+            max_retries: retry.max_retries,
+            backoff: retry.backoff,
+            max_backoff: retry.max_backoff,
+            budget_ratio: f64::from(retry.budget_percent) / 100.0,
+            min_retries_per_second: retry.min_retries_per_second,
+            on_statuses: retry.on_statuses.clone(),
+        },
+        active_health: upstream
+            .health
+            .active
+            .as_ref()
+            .map(|active| ActiveSettings {
+                path: active.path.get_ref().clone(),
+                interval: active.interval,
+                timeout: active.timeout,
+                healthy_threshold: active.healthy_threshold,
+                unhealthy_threshold: active.unhealthy_threshold,
+            }),
+        passive_health: upstream
+            .health
+            .passive
+            .as_ref()
+            .map(|passive| PassiveSettings {
+                consecutive_failures: passive.consecutive_failures,
+                ejection_time: passive.ejection_time,
+                max_ejection_time: passive.max_ejection_time,
+            }),
     }
 }
 

@@ -14,7 +14,8 @@
 //! request workers     the worker's own response, 500 worker_failed,
 //!                     503 worker_timeout or worker_busy; limits keyed by a
 //!                     worker's value run right after that worker
-//! upstream            502 upstream_unavailable, 504 upstream_timeout,
+//! upstream            503 no_healthy_upstream, 503 circuit_open,
+//!                     502 upstream_unavailable, 504 upstream_timeout,
 //!                     400 invalid_body, 413 body_too_large
 //! response workers    500 worker_failed, 503 worker_timeout or worker_busy
 //! respond
@@ -239,7 +240,7 @@ async fn serve(
     prepare_upstream_request(&mut parts, wire_path.as_deref(), connection, node)?;
     drop(wire_path);
     let request = Request::from_parts(parts, RequestBody::new(body, route.max_body));
-    let mut response = upstream.send(request).await?;
+    let mut response = upstream.send(request, client_ip, route.timeout).await?;
     remove_hop_by_hop(response.headers_mut());
     // The node speaks its own HTTP version to the client, whatever the
     // upstream spoke.

@@ -10,11 +10,12 @@
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::error::Error as StdError;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -26,35 +27,93 @@ use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 
+use crate::balance::{self, Policy};
+use crate::breaker::{Breaker, BreakerSettings, Permit};
 use crate::error::Refusal;
-use crate::timer;
+use crate::health::{ActiveSettings, PassiveSettings, TargetHealth};
+use crate::retry::{self, is_idempotent, RetryBudget, RetrySettings};
+use crate::timer::{self, Deadline};
 use crate::tls::UpstreamTls;
 use crate::worker::LogThrottle;
 
 /// Boxed error of a body.
 pub type BoxError = Box<dyn StdError + Send + Sync>;
 
-/// One target of an upstream.
+/// One target of an upstream, with its breaker and health.
 #[derive(Debug)]
 pub struct Target {
     /// Index of this target across the node, for the thread-local pools.
     pub id: usize,
     pub addr: SocketAddr,
+    /// `upstream/address`, for log lines.
+    pub label: String,
+    /// The hash of the address that consistent hashing scores with.
+    identity: u64,
+    /// `None` when the upstream's breakers are off.
+    pub breaker: Option<Breaker>,
+    pub health: TargetHealth,
+    /// Requests in flight, counted for the least-outstanding policy only.
+    pub outstanding: Arc<AtomicUsize>,
 }
 
-/// An upstream: its targets and timeouts.
+/// The settings of an upstream, from its config.
+#[derive(Debug, Clone)]
+pub struct UpstreamSettings {
+    pub connect_timeout: Duration,
+    /// Time from sending a request until its response headers arrive, per
+    /// attempt.
+    pub response_timeout: Duration,
+    /// Time a response body may go without a frame; `None` for no limit.
+    pub idle_timeout: Option<Duration>,
+    pub max_idle: usize,
+    pub policy: Policy,
+    pub breaker: Option<BreakerSettings>,
+    /// Response statuses counted as failures by the breakers and passive
+    /// health.
+    pub failure_statuses: Vec<u16>,
+    pub retry: RetrySettings,
+    pub active_health: Option<ActiveSettings>,
+    pub passive_health: Option<PassiveSettings>,
+}
+
+/// An upstream: its targets, their breakers and health, and how requests
+/// are spread over them and retried.
 #[derive(Debug)]
 pub struct Upstream {
     pub name: String,
     pub targets: Vec<Target>,
-    pub connect_timeout: Duration,
-    pub response_timeout: Duration,
-    pub max_idle: usize,
+    pub settings: UpstreamSettings,
+    /// Active health-check settings, read by the checker thread.
+    pub active_health: Option<ActiveSettings>,
     /// TLS to the targets; `None` for plain HTTP.
     pub tls: Option<UpstreamTls>,
     next: AtomicUsize,
+    budget: RetryBudget,
     /// Limits log lines about failed upstream calls.
     failures: LogThrottle,
+}
+
+/// The failure of one attempt.
+enum SendError {
+    /// The client's body failed or was too large: not the target's fault,
+    /// and not retried.
+    Client(Refusal),
+    /// The target failed. `unsent` is the request when it never left the
+    /// node, so it can go to another target whatever its method.
+    Upstream {
+        refusal: Refusal,
+        unsent: Option<Box<Request<RequestBody>>>,
+    },
+}
+
+/// The outcome of choosing a target.
+enum Choice<'a> {
+    Target(usize, Option<Permit<'a>>),
+    /// Every target is failing health checks or ejected; the duration is a
+    /// hint for `Retry-After`.
+    NoneHealthy(Duration),
+    /// Healthy targets exist but every breaker among them is open.
+    AllOpen(Duration),
 }
 
 impl Upstream {
@@ -63,63 +122,288 @@ impl Upstream {
         name: String,
         addrs: &[SocketAddr],
         first_id: usize,
-        connect_timeout: Duration,
-        response_timeout: Duration,
-        max_idle: usize,
+        settings: UpstreamSettings,
         tls: Option<UpstreamTls>,
     ) -> Upstream {
         let targets = addrs
             .iter()
             .enumerate()
-            .map(|(offset, &addr)| Target {
-                id: first_id + offset,
-                addr,
+            .map(|(offset, &addr)| {
+                let label = format!("{name}/{addr}");
+                Target {
+                    id: first_id + offset,
+                    addr,
+                    breaker: settings
+                        .breaker
+                        .clone()
+                        .map(|breaker| Breaker::new(label.clone(), breaker)),
+                    label,
+                    identity: balance::target_identity(&addr),
+                    health: TargetHealth::default(),
+                    outstanding: Arc::new(AtomicUsize::new(0)),
+                }
             })
             .collect();
         Upstream {
             name,
             targets,
-            connect_timeout,
-            response_timeout,
-            max_idle,
+            active_health: settings.active_health.clone(),
+            budget: RetryBudget::new(&settings.retry),
+            settings,
             tls,
             next: AtomicUsize::new(0),
             failures: LogThrottle::default(),
         }
     }
 
-    /// Picks the next target in turn.
-    fn pick(&self) -> &Target {
-        let turn = self.next.fetch_add(1, Ordering::Relaxed);
-        &self.targets[turn % self.targets.len()]
-    }
-
     /// Sends a request to one of the targets and returns its response
     /// head; the body streams on as it arrives.
+    ///
+    /// A failed attempt goes to another target when retries allow it: any
+    /// request that never left the node, and an idempotent request without
+    /// a body (the body streams from the client, so once sent it is gone).
+    /// `timeout` bounds every attempt, the backoffs and the response body.
     pub async fn send(
         &self,
         request: Request<RequestBody>,
+        client_ip: IpAddr,
+        timeout: Option<Duration>,
     ) -> Result<Response<PooledBody>, Refusal> {
-        let target = self.pick();
-        // The coarse timer: a tokio timer per request costs about a
-        // thousand instructions more, and this timeout needs no precision.
-        let sent = timer::timeout(self.response_timeout, self.send_to(target, request)).await;
-        match sent {
-            Ok(result) => result,
-            Err(_) => {
-                self.log_failure(target, None, "upstream timed out");
-                Err(Refusal::UpstreamTimeout {
-                    upstream: self.name.clone(),
-                })
+        let settings = &self.settings;
+        let deadline = timeout.map(|timeout| Instant::now() + timeout);
+        self.budget.deposit();
+        let key = match &settings.policy {
+            Policy::ConsistentHash(key) => key.hash(request.headers(), client_ip),
+            _ => None,
+        };
+        let repeatable = settings.retry.max_retries > 0
+            && is_idempotent(request.method())
+            && request.body().is_empty();
+        let head = repeatable.then(|| copy_head(&request));
+        let mut request = Some(request);
+        let mut tried = 0u64;
+        let mut retries = 0;
+        // A retry chooses its target before it gives up the failed attempt's
+        // outcome, so that a retry with nowhere to go returns that outcome
+        // rather than a 503 of its own.
+        let mut next = self.choose(key, tried, Instant::now())?;
+        loop {
+            let now = Instant::now();
+            let (index, permit) = next;
+            tried |= 1 << (index % 64);
+            let target = &self.targets[index];
+            let attempt_timeout = match deadline {
+                Some(deadline) => settings
+                    .response_timeout
+                    .min(deadline.saturating_duration_since(now)),
+                None => settings.response_timeout,
+            };
+            let outstanding = self.count_outstanding(target);
+            let unsent_request = request.take().expect("a request for each attempt");
+            // The coarse timer: a tokio timer per request costs about a
+            // thousand instructions more, and this timeout needs no precision.
+            let sent = timer::timeout(attempt_timeout, self.send_to(target, unsent_request)).await;
+            let now = Instant::now();
+            let (refusal, unsent) = match sent {
+                Ok(Ok(response)) => {
+                    let status = response.status().as_u16();
+                    let failed = settings.failure_statuses.contains(&status);
+                    self.record(target, permit, !failed, now);
+                    let retry_status = settings.retry.on_statuses.contains(&status);
+                    if retry_status && head.is_some() && self.may_retry(retries, deadline, now) {
+                        if let Ok(choice) = self.choose(key, tried, now) {
+                            tracing::debug!(upstream = %self.name, target = %target.addr, status,
+                                "retrying upstream request after a retryable status");
+                            drop(response);
+                            next = choice;
+                            request = head.as_ref().map(repeat);
+                            retries += 1;
+                            self.back_off(retries, deadline).await;
+                            continue;
+                        }
+                    }
+                    let timeouts = BodyTimeouts::new(settings.idle_timeout, deadline);
+                    return Ok(response.map(|body| body.watched(outstanding, timeouts)));
+                }
+                Ok(Err(SendError::Client(refusal))) => return Err(refusal),
+                Ok(Err(SendError::Upstream { refusal, unsent })) => (refusal, unsent),
+                Err(_) => {
+                    self.log_failure(target, None, "upstream timed out");
+                    let refusal = Refusal::UpstreamTimeout {
+                        upstream: self.name.clone(),
+                    };
+                    (refusal, None)
+                }
+            };
+            self.record(target, permit, false, now);
+            request = unsent
+                .map(|unsent| *unsent)
+                .or_else(|| head.as_ref().map(repeat));
+            if request.is_none() || !self.may_retry(retries, deadline, now) {
+                return Err(refusal);
+            }
+            next = match self.choose(key, tried, now) {
+                Ok(choice) => choice,
+                Err(_) => return Err(refusal),
+            };
+            tracing::debug!(upstream = %self.name, target = %target.addr, code = refusal.code(),
+                "retrying failed upstream request");
+            retries += 1;
+            self.back_off(retries, deadline).await;
+        }
+    }
+
+    /// Chooses a target by the upstream's policy among those that are up
+    /// and whose breaker lets a request through, preferring targets not in
+    /// `tried` (a bit per target index, modulo 64).
+    fn choose(
+        &self,
+        key: Option<u64>,
+        tried: u64,
+        now: Instant,
+    ) -> Result<(usize, Option<Permit<'_>>), Refusal> {
+        let mut choice = self.choose_excluding(key, tried, now);
+        if tried != 0 && !matches!(choice, Choice::Target(..)) {
+            choice = self.choose_excluding(key, 0, now);
+        }
+        match choice {
+            Choice::Target(index, permit) => Ok((index, permit)),
+            Choice::NoneHealthy(wait) => Err(Refusal::NoHealthyUpstream {
+                upstream: self.name.clone(),
+                retry_after: whole_seconds(wait),
+            }),
+            Choice::AllOpen(wait) => Err(Refusal::CircuitOpen {
+                upstream: self.name.clone(),
+                retry_after: whole_seconds(wait),
+            }),
+        }
+    }
+
+    fn choose_excluding(&self, key: Option<u64>, tried: u64, now: Instant) -> Choice<'_> {
+        let count = self.targets.len();
+        let eligible = |index: usize| {
+            let target = &self.targets[index];
+            tried & (1 << (index % 64)) == 0
+                && target.health.is_up(now)
+                && target.breaker.as_ref().is_none_or(|b| b.allows(now))
+        };
+        let preferred = match (&self.settings.policy, key) {
+            (Policy::ConsistentHash(_), Some(key)) => (0..count)
+                .filter(|&index| eligible(index))
+                .max_by_key(|&index| balance::score(key, self.targets[index].identity)),
+            (Policy::LeastOutstanding, _) if count > 1 => {
+                let first = fastrand::usize(..count);
+                let second = (first + 1 + fastrand::usize(..count - 1)) % count;
+                let load = |index: usize| self.targets[index].outstanding.load(Ordering::Relaxed);
+                match (eligible(first), eligible(second)) {
+                    (true, true) if load(second) < load(first) => Some(second),
+                    (true, _) => Some(first),
+                    (false, true) => Some(second),
+                    (false, false) => None,
+                }
+            }
+            _ => None,
+        };
+        if let Some(index) = preferred {
+            if let Some(permit) = self.admit(index, now) {
+                return Choice::Target(index, permit);
             }
         }
+        // Round robin, and the fallback of the other policies: each target
+        // in turn from the next position.
+        let turn = self.next.fetch_add(1, Ordering::Relaxed);
+        let mut any_up = false;
+        let mut open_wait = Duration::MAX;
+        let mut down_wait = Duration::MAX;
+        for step in 0..count {
+            let index = (turn + step) % count;
+            let target = &self.targets[index];
+            if tried & (1 << (index % 64)) != 0 {
+                continue;
+            }
+            if !target.health.is_up(now) {
+                let wait = match &self.active_health {
+                    Some(active) if target.health.is_unhealthy() => active.interval,
+                    _ => target.health.ejected_for(now),
+                };
+                down_wait = down_wait.min(wait);
+                continue;
+            }
+            any_up = true;
+            match &target.breaker {
+                None => return Choice::Target(index, None),
+                Some(breaker) => match breaker.acquire(now) {
+                    Ok(permit) => return Choice::Target(index, Some(permit)),
+                    Err(refused) => open_wait = open_wait.min(refused.retry_in),
+                },
+            }
+        }
+        if any_up {
+            Choice::AllOpen(open_wait)
+        } else {
+            Choice::NoneHealthy(down_wait)
+        }
+    }
+
+    /// Takes a breaker permit for a target; the inner `None` is for a
+    /// target without a breaker.
+    fn admit(&self, index: usize, now: Instant) -> Option<Option<Permit<'_>>> {
+        match &self.targets[index].breaker {
+            None => Some(None),
+            Some(breaker) => breaker.acquire(now).ok().map(Some),
+        }
+    }
+
+    /// Records an attempt's outcome in the target's breaker and passive
+    /// health.
+    fn record(&self, target: &Target, permit: Option<Permit<'_>>, succeeded: bool, now: Instant) {
+        if let Some(permit) = permit {
+            if succeeded {
+                permit.succeeded(now);
+            } else {
+                permit.failed(now);
+            }
+        }
+        if let Some(passive) = &self.settings.passive_health {
+            if succeeded {
+                target.health.record_success();
+            } else {
+                target.health.record_failure(passive, &target.label, now);
+            }
+        }
+    }
+
+    fn may_retry(&self, retries: u32, deadline: Option<Instant>, now: Instant) -> bool {
+        retries < self.settings.retry.max_retries
+            && deadline.is_none_or(|deadline| now < deadline)
+            && self.budget.withdraw(now)
+    }
+
+    /// Waits the jittered backoff before retry number `retry`, but not past
+    /// the deadline. Retries are rare, so a tokio timer is fine here.
+    async fn back_off(&self, retry: u32, deadline: Option<Instant>) {
+        let mut wait = retry::backoff(&self.settings.retry, retry);
+        if let Some(deadline) = deadline {
+            wait = wait.min(deadline.saturating_duration_since(Instant::now()));
+        }
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    fn count_outstanding(&self, target: &Target) -> Option<Outstanding> {
+        if self.settings.policy != Policy::LeastOutstanding {
+            return None;
+        }
+        target.outstanding.fetch_add(1, Ordering::Relaxed);
+        Some(Outstanding(target.outstanding.clone()))
     }
 
     async fn send_to(
         &self,
         target: &Target,
         mut request: Request<RequestBody>,
-    ) -> Result<Response<PooledBody>, Refusal> {
+    ) -> Result<Response<PooledBody>, SendError> {
         // A pooled connection may have been closed by the target while idle.
         // hyper then returns the unsent request, which goes out on the next
         // pooled connection or a new one.
@@ -128,20 +412,36 @@ impl Upstream {
                 Ok(response) => return Ok(self.pooled(target, sender, response)),
                 Err(mut error) => match error.take_message() {
                     Some(unsent) => request = unsent,
-                    None => return Err(self.failure(target, error.into_error())),
+                    None => return Err(self.failure(target, error.into_error(), None)),
                 },
             }
         }
-        let mut sender = self.connect(target).await?;
-        match sender.send_request(request).await {
+        let mut sender = match self.connect(target).await {
+            Ok(sender) => sender,
+            Err(refusal) => {
+                return Err(SendError::Upstream {
+                    refusal,
+                    unsent: Some(Box::new(request)),
+                })
+            }
+        };
+        match sender.try_send_request(request).await {
             Ok(response) => Ok(self.pooled(target, sender, response)),
-            Err(error) => Err(self.failure(target, error)),
+            Err(mut error) => {
+                let unsent = error.take_message().map(Box::new);
+                Err(self.failure(target, error.into_error(), unsent))
+            }
         }
     }
 
-    async fn connect(&self, target: &Target) -> Result<http1::SendRequest<RequestBody>, Refusal> {
+    /// Opens a new connection to a target, with TLS when the upstream has
+    /// it.
+    pub async fn connect(
+        &self,
+        target: &Target,
+    ) -> Result<http1::SendRequest<RequestBody>, Refusal> {
         // With TLS, the connect timeout covers the handshake too.
-        let connecting = tokio::time::timeout(self.connect_timeout, async {
+        let connecting = tokio::time::timeout(self.settings.connect_timeout, async {
             let stream = TcpStream::connect(target.addr).await?;
             let _ = stream.set_nodelay(true);
             match &self.tls {
@@ -176,7 +476,12 @@ impl Upstream {
             Connected::Plain(stream) => handshake(TokioIo::new(stream)).await,
             Connected::Tls(stream) => handshake(TokioIo::new(stream)).await,
         };
-        handshake.map_err(|error| self.failure(target, error))
+        handshake.map_err(|error| {
+            self.log_failure(target, Some(&error), "upstream handshake failed");
+            Refusal::UpstreamUnavailable {
+                upstream: self.name.clone(),
+            }
+        })
     }
 
     fn pooled(
@@ -185,24 +490,147 @@ impl Upstream {
         sender: http1::SendRequest<RequestBody>,
         response: Response<Incoming>,
     ) -> Response<PooledBody> {
-        response.map(|body| PooledBody::new(body, sender, target.id, self.max_idle))
+        response.map(|body| PooledBody::new(body, sender, target.id, self.settings.max_idle))
     }
 
-    fn failure(&self, target: &Target, error: hyper::Error) -> Refusal {
+    fn failure(
+        &self,
+        target: &Target,
+        error: hyper::Error,
+        unsent: Option<Box<Request<RequestBody>>>,
+    ) -> SendError {
         if let Some(too_large) = find_cause::<BodyTooLarge>(&error) {
-            return Refusal::BodyTooLarge {
+            return SendError::Client(Refusal::BodyTooLarge {
                 limit: too_large.limit,
-            };
+            });
         }
         if find_cause::<ClientBodyError>(&error).is_some() {
             tracing::debug!(upstream = %self.name, %error, "client request body failed");
-            return Refusal::InvalidBody;
+            return SendError::Client(Refusal::InvalidBody);
         }
         self.log_failure(target, Some(&error), "upstream request failed");
-        Refusal::UpstreamUnavailable {
-            upstream: self.name.clone(),
+        SendError::Upstream {
+            refusal: Refusal::UpstreamUnavailable {
+                upstream: self.name.clone(),
+            },
+            unsent,
         }
     }
+}
+
+/// Rounds a wait up to whole seconds for `Retry-After`, at least 1.
+fn whole_seconds(wait: Duration) -> u64 {
+    if wait == Duration::MAX {
+        return 1;
+    }
+    wait.as_secs_f64().ceil().max(1.0) as u64
+}
+
+/// Copies a request's head, to send a request without a body again.
+fn copy_head(request: &Request<RequestBody>) -> Request<()> {
+    let mut head = Request::new(());
+    *head.method_mut() = request.method().clone();
+    *head.uri_mut() = request.uri().clone();
+    *head.version_mut() = request.version();
+    *head.headers_mut() = request.headers().clone();
+    head
+}
+
+/// Builds a request without a body from a copied head.
+fn repeat(head: &Request<()>) -> Request<RequestBody> {
+    let mut request = Request::new(RequestBody::empty());
+    *request.method_mut() = head.method().clone();
+    *request.uri_mut() = head.uri().clone();
+    *request.version_mut() = head.version();
+    *request.headers_mut() = head.headers().clone();
+    request
+}
+
+/// A request in flight to a target, counted until the response body ends
+/// or is dropped.
+struct Outstanding(Arc<AtomicUsize>);
+
+impl Drop for Outstanding {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// The idle and total timeouts of a response body.
+struct BodyTimeouts {
+    idle: Option<Duration>,
+    total: Option<Instant>,
+    /// Armed on the first poll that has to wait.
+    deadline: Option<Deadline>,
+    /// Frames read, and the count when the deadline was last armed: the idle
+    /// timer is moved only when it fires, not on every frame.
+    frames: u64,
+    frames_when_armed: u64,
+}
+
+impl BodyTimeouts {
+    fn new(idle: Option<Duration>, total: Option<Instant>) -> Option<BodyTimeouts> {
+        if idle.is_none() && total.is_none() {
+            return None;
+        }
+        Some(BodyTimeouts {
+            idle,
+            total,
+            deadline: None,
+            frames: 0,
+            frames_when_armed: 0,
+        })
+    }
+
+    /// Returns the next deadline from `now`.
+    fn next_deadline(&self, now: Instant) -> Instant {
+        let idle = self.idle.map(|idle| now + idle);
+        match (idle, self.total) {
+            (Some(idle), Some(total)) => idle.min(total),
+            (Some(at), None) | (None, Some(at)) => at,
+            (None, None) => unreachable!("BodyTimeouts has a timeout"),
+        }
+    }
+
+    /// Returns the timeout that has passed while the body waits, if any. A
+    /// body that stays idle is cut off between `idle` and twice `idle` after
+    /// its last frame.
+    fn poll_expired(&mut self, cx: &mut Context<'_>) -> Option<BodyTimedOut> {
+        loop {
+            let deadline = match &mut self.deadline {
+                Some(deadline) => deadline,
+                None => {
+                    self.frames_when_armed = self.frames;
+                    self.deadline
+                        .insert(Deadline::new(self.next_deadline(Instant::now())))
+                }
+            };
+            if deadline.poll_elapsed(cx).is_pending() {
+                return None;
+            }
+            let now = Instant::now();
+            if self.total.is_some_and(|total| now >= total) {
+                return Some(BodyTimedOut::Total);
+            }
+            if self.frames == self.frames_when_armed {
+                return Some(BodyTimedOut::Idle);
+            }
+            self.frames_when_armed = self.frames;
+            let next = self.next_deadline(now);
+            if let Some(deadline) = &mut self.deadline {
+                deadline.reset(next);
+            }
+        }
+    }
+}
+
+/// The error a response body yields when a timeout cuts it off.
+#[derive(Debug, Clone, Copy, thiserror::Error)]
+pub enum BodyTimedOut {
+    #[error("the upstream response body was idle past the idle timeout")]
+    Idle,
+    #[error("the upstream response passed the route's timeout")]
+    Total,
 }
 
 impl Upstream {
@@ -307,6 +735,9 @@ pub struct PooledBody {
     sender: Option<http1::SendRequest<RequestBody>>,
     target: usize,
     max_idle: usize,
+    /// Counts the request as in flight until the body ends or is dropped.
+    outstanding: Option<Outstanding>,
+    timeouts: Option<BodyTimeouts>,
 }
 
 impl PooledBody {
@@ -321,13 +752,26 @@ impl PooledBody {
             sender: Some(sender),
             target,
             max_idle,
+            outstanding: None,
+            timeouts: None,
         };
         body.release_if_done();
         body
     }
 
+    fn watched(mut self, outstanding: Option<Outstanding>, timeouts: Option<BodyTimeouts>) -> Self {
+        if self.inner.is_end_stream() {
+            return self;
+        }
+        self.outstanding = outstanding;
+        self.timeouts = timeouts;
+        self
+    }
+
     fn release_if_done(&mut self) {
         if self.inner.is_end_stream() {
+            self.outstanding = None;
+            self.timeouts = None;
             if let Some(sender) = self.sender.take() {
                 put_idle(self.target, sender, self.max_idle);
             }
@@ -337,22 +781,35 @@ impl PooledBody {
 
 impl Body for PooledBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         match &polled {
             Poll::Ready(None) => this.release_if_done(),
-            Poll::Ready(Some(Ok(_))) => this.release_if_done(),
+            Poll::Ready(Some(Ok(_))) => {
+                if let Some(timeouts) = &mut this.timeouts {
+                    timeouts.frames += 1;
+                }
+                this.release_if_done();
+            }
             // A broken body: the connection is not reusable.
             Poll::Ready(Some(Err(_))) => this.sender = None,
-            Poll::Pending => {}
+            Poll::Pending => {
+                let expired = this.timeouts.as_mut().and_then(|t| t.poll_expired(cx));
+                if let Some(expired) = expired {
+                    tracing::debug!(error = %expired, "cut off an upstream response body");
+                    this.sender = None;
+                    this.timeouts = None;
+                    return Poll::Ready(Some(Err(Box::new(expired))));
+                }
+            }
         }
-        polled
+        polled.map_err(Into::into)
     }
 
     fn is_end_stream(&self) -> bool {
@@ -386,7 +843,7 @@ impl Body for ResponseBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.get_mut() {
-            ResponseBody::Upstream(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            ResponseBody::Upstream(body) => Pin::new(body).poll_frame(cx),
             ResponseBody::Full(body) => Pin::new(body)
                 .poll_frame(cx)
                 .map_err(|never| match never {}),
@@ -423,9 +880,9 @@ pub struct BodyTooLarge {
 pub struct ClientBodyError(#[source] hyper::Error);
 
 /// A client's request body on its way upstream, cut off with an error at the
-/// route's size limit.
+/// route's size limit; or no body, for a request the node sends itself.
 pub struct RequestBody {
-    inner: Incoming,
+    inner: Option<Incoming>,
     limit: u64,
     seen: u64,
 }
@@ -434,10 +891,25 @@ impl RequestBody {
     /// Wraps a client body with the route's limit in bytes.
     pub fn new(inner: Incoming, limit: u64) -> RequestBody {
         RequestBody {
-            inner,
+            inner: Some(inner),
             limit,
             seen: 0,
         }
+    }
+
+    /// Creates an empty body.
+    pub fn empty() -> RequestBody {
+        RequestBody {
+            inner: None,
+            limit: 0,
+            seen: 0,
+        }
+    }
+
+    /// Whether the body has no bytes left to send: none at all, or the
+    /// client sent none.
+    pub fn is_empty(&self) -> bool {
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
     }
 }
 
@@ -450,7 +922,10 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        let frame = match Pin::new(&mut this.inner).poll_frame(cx) {
+        let Some(inner) = &mut this.inner else {
+            return Poll::Ready(None);
+        };
+        let frame = match Pin::new(inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => frame,
             Poll::Ready(Some(Err(error))) => {
                 return Poll::Ready(Some(Err(Box::new(ClientBodyError(error)))));
@@ -468,10 +943,13 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.is_empty()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.inner {
+            Some(inner) => inner.size_hint(),
+            None => SizeHint::with_exact(0),
+        }
     }
 }

@@ -93,6 +93,33 @@ pub async fn timeout<F: Future>(duration: Duration, future: F) -> Result<F::Outp
     .await
 }
 
+/// A deadline on this module's timer that can be moved, for timeouts that a
+/// streaming body checks between frames.
+pub struct Deadline(CoarseSleep);
+
+impl Deadline {
+    /// Creates a deadline at `at`.
+    pub fn new(at: Instant) -> Deadline {
+        Deadline(CoarseSleep {
+            deadline: at,
+            state: State::Idle,
+        })
+    }
+
+    /// Moves the deadline to `at`.
+    pub fn reset(&mut self, at: Instant) {
+        self.0.unregister();
+        self.0.state = State::Idle;
+        self.0.deadline = at;
+    }
+
+    /// Returns `Ready` once the deadline has passed, and otherwise arranges
+    /// for `cx` to be woken when it does.
+    pub fn poll_elapsed(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        Pin::new(&mut self.0).poll(cx)
+    }
+}
+
 /// The error of [`timeout`] when the time ran out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Elapsed;

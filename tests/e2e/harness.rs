@@ -51,6 +51,8 @@ pub struct Node {
     /// Every listener's base URL, such as `https://127.0.0.1:4431`, in
     /// config order.
     pub urls: Vec<String>,
+    /// The admin listener's base URL, when the config has one.
+    pub admin_url: Option<String>,
     /// Holds the config file until the node stops.
     _dir: tempfile::TempDir,
     stderr: Arc<Mutex<String>>,
@@ -122,9 +124,13 @@ impl Node {
         let stdout = child.stdout.take().expect("piped stdout");
         let mut lines = BufReader::new(stdout).lines();
         let mut urls = Vec::new();
+        let mut admin_url = None;
         while urls.len() < listeners {
             match lines.next() {
                 Some(Ok(line)) => {
+                    if let Some(url) = line.strip_prefix("admin listening on ") {
+                        admin_url = Some(url.to_owned());
+                    }
                     if let Some(url) = line.strip_prefix("listening on ") {
                         urls.push(url.to_owned());
                     }
@@ -150,6 +156,7 @@ impl Node {
             child,
             addr,
             urls,
+            admin_url,
             _dir: dir,
             stderr,
         })
@@ -267,6 +274,9 @@ pub enum Reply {
     Headers(Vec<(&'static str, &'static str)>),
     /// A streamed body of this many bytes, in 64 KiB chunks.
     Bytes(usize),
+    /// Response headers and a first chunk at once, then a body that stalls
+    /// this long before it ends.
+    StalledBody(Duration),
 }
 
 /// A real HTTP/1.1 server on loopback that records what it receives.
@@ -393,6 +403,19 @@ async fn serve_upstream(
                 response.headers_mut().append(name, value.parse().unwrap());
             }
             response
+        }
+        Reply::StalledBody(stall) => {
+            let frames = futures_util::stream::unfold(0, move |step| async move {
+                match step {
+                    0 => Some((Ok::<_, Infallible>(Frame::data(Bytes::from("first"))), 1)),
+                    1 => {
+                        tokio::time::sleep(stall).await;
+                        Some((Ok(Frame::data(Bytes::from("last"))), 2))
+                    }
+                    _ => None,
+                }
+            });
+            Response::new(StreamBody::new(frames).boxed())
         }
         Reply::Bytes(total) => {
             let chunk = Bytes::from(vec![b'x'; 64 * 1024]);

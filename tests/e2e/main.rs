@@ -8,5 +8,6 @@ mod harness;
 mod cli;
 mod proxy;
 mod ratelimit;
+mod resilience;
 mod tls;
 mod workers;

@@ -1,0 +1,292 @@
+//! The admin listener: a separate HTTP/1.1 listener, on loopback unless the
+//! config sets another address, that shows breaker states and target health as
+//! JSON (and as Prometheus metrics) to requests with the configured bearer
+//! token.
+//!
+//! | path        | what it returns                                           |
+//! |-------------|-----------------------------------------------------------|
+//! | `/breakers` | every target's breaker: state, failures, cool-down        |
+//! | `/health`   | every target's health: active checks, ejection, in flight |
+//! | `/metrics`  | the same as Prometheus text                               |
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use anyhow::Context as _;
+use bytes::Bytes;
+use http::header::{AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use tokio::sync::watch;
+
+use crate::breaker::State;
+use crate::config::{AdminConfig, Config};
+use crate::node::Node;
+
+/// A running admin listener.
+pub struct Admin {
+    pub addr: SocketAddr,
+    pub thread: JoinHandle<()>,
+}
+
+/// Binds the admin listener and starts its thread, which serves until
+/// `shutdown` turns true.
+pub fn start(
+    node: Arc<Node>,
+    config: &Config,
+    admin: &AdminConfig,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<Admin> {
+    let token = match (&admin.token, &admin.token_file) {
+        (Some(token), _) => token.get_ref().clone(),
+        (None, Some(file)) => {
+            let path = config.resolve(file.get_ref());
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("cannot read admin.token_file {}", path.display()))?;
+            let token = text.lines().next().unwrap_or_default().trim().to_owned();
+            if token.len() < 16 {
+                anyhow::bail!(
+                    "admin.token_file {}: the token must be at least 16 characters",
+                    path.display()
+                );
+            }
+            token
+        }
+        (None, None) => anyhow::bail!("admin: set token or token_file"),
+    };
+    let token_digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+    let addr = *admin.addr.get_ref();
+    let listener = std::net::TcpListener::bind(addr)
+        .with_context(|| format!("cannot listen on {addr} for the admin listener"))?;
+    listener.set_nonblocking(true)?;
+    let addr = listener.local_addr()?;
+    if !addr.ip().is_loopback() {
+        tracing::warn!(
+            %addr,
+            "the admin listener is not on loopback; it speaks plain HTTP, so its bearer \
+             token crosses the network in clear"
+        );
+    }
+    let thread = crate::listener::spawn_runtime_thread("edge-admin", move || async move {
+        let listener = match tokio::net::TcpListener::from_std(listener) {
+            Ok(listener) => listener,
+            Err(error) => {
+                tracing::error!(%error, "cannot register the admin listener");
+                return;
+            }
+        };
+        loop {
+            tokio::select! {
+                accepted = listener.accept() => {
+                    let Ok((stream, _)) = accepted else { continue };
+                    let node = node.clone();
+                    tokio::spawn(async move {
+                        let service = hyper::service::service_fn(move |request| {
+                            let response = serve(&node, &token_digest, &request);
+                            async move { Ok::<_, std::convert::Infallible>(response) }
+                        });
+                        let _ = hyper::server::conn::http1::Builder::new()
+                            .serve_connection(TokioIo::new(stream), service)
+                            .await;
+                    });
+                }
+                _ = shutdown.wait_for(|stop| *stop) => break,
+            }
+        }
+    })
+    .context("cannot start the admin thread")?;
+    Ok(Admin { addr, thread })
+}
+
+/// Serves one admin request.
+fn serve(
+    node: &Node,
+    token_digest: &[u8; 32],
+    request: &Request<Incoming>,
+) -> Response<Full<Bytes>> {
+    if !authorized(request, token_digest) {
+        let mut response = error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a valid bearer token is required",
+        );
+        response
+            .headers_mut()
+            .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        return response;
+    }
+    if request.method() != Method::GET {
+        return error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "use GET",
+        );
+    }
+    let now = Instant::now();
+    match request.uri().path() {
+        "/breakers" => json_response(breakers(node, now)),
+        "/health" => json_response(health(node, now)),
+        "/metrics" => {
+            let mut response = Response::new(Full::new(Bytes::from(metrics(node, now))));
+            response.headers_mut().insert(
+                CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; version=0.0.4"),
+            );
+            response
+        }
+        _ => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "use /breakers, /health or /metrics",
+        ),
+    }
+}
+
+/// Compares the bearer token by its SHA-256 digest, so the comparison time
+/// does not depend on how much of the token matched.
+fn authorized(request: &Request<Incoming>, token_digest: &[u8; 32]) -> bool {
+    let Some(given) = request
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+    else {
+        return false;
+    };
+    let digest: [u8; 32] = Sha256::digest(given.trim().as_bytes()).into();
+    digest
+        .iter()
+        .zip(token_digest)
+        .fold(0u8, |difference, (a, b)| difference | (a ^ b))
+        == 0
+}
+
+fn breakers(node: &Node, now: Instant) -> Value {
+    let upstreams: Vec<Value> = node
+        .upstreams
+        .iter()
+        .map(|upstream| {
+            let targets: Vec<Value> = upstream
+                .targets
+                .iter()
+                .map(|target| match &target.breaker {
+                    None => json!({ "target": target.addr.to_string(), "state": "disabled" }),
+                    Some(breaker) => {
+                        let snapshot = breaker.snapshot(now);
+                        json!({
+                            "target": target.addr.to_string(),
+                            "state": snapshot.state.name(),
+                            "consecutive_failures": snapshot.consecutive_failures,
+                            "opened_total": snapshot.opened_total,
+                            "cool_down_ms": snapshot.cool_down.as_millis() as u64,
+                            "retry_in_ms": snapshot.retry_in.as_millis() as u64,
+                        })
+                    }
+                })
+                .collect();
+            json!({ "upstream": upstream.name, "targets": targets })
+        })
+        .collect();
+    json!({ "upstreams": upstreams })
+}
+
+fn health(node: &Node, now: Instant) -> Value {
+    let upstreams: Vec<Value> = node
+        .upstreams
+        .iter()
+        .map(|upstream| {
+            let targets: Vec<Value> = upstream
+                .targets
+                .iter()
+                .map(|target| {
+                    let health = &target.health;
+                    let ejected_for = health.ejected_for(now);
+                    json!({
+                        "target": target.addr.to_string(),
+                        "up": health.is_up(now),
+                        "active": if upstream.active_health.is_none() {
+                            "unchecked"
+                        } else if health.is_unhealthy() {
+                            "unhealthy"
+                        } else {
+                            "healthy"
+                        },
+                        "last_check_error": health.last_error(),
+                        "ejected": !ejected_for.is_zero(),
+                        "ejected_for_ms": ejected_for.as_millis() as u64,
+                        "outstanding": target
+                            .outstanding
+                            .load(std::sync::atomic::Ordering::Relaxed),
+                    })
+                })
+                .collect();
+            json!({
+                "upstream": upstream.name,
+                "balance": upstream.settings.policy.name(),
+                "targets": targets,
+            })
+        })
+        .collect();
+    json!({ "upstreams": upstreams })
+}
+
+fn metrics(node: &Node, now: Instant) -> String {
+    let mut text = String::new();
+    text.push_str(
+        "# HELP edge_breaker_state Circuit breaker state: 0 closed, 1 open, 2 half-open.\n\
+         # TYPE edge_breaker_state gauge\n",
+    );
+    let mut opened = String::from(
+        "# HELP edge_breaker_opened_total Transitions of a breaker into the open state.\n\
+         # TYPE edge_breaker_opened_total counter\n",
+    );
+    let mut up = String::from(
+        "# HELP edge_target_up Whether a target gets traffic: 1 healthy, 0 failing checks \
+         or ejected.\n# TYPE edge_target_up gauge\n",
+    );
+    for upstream in &node.upstreams {
+        for target in &upstream.targets {
+            let labels = format!("upstream=\"{}\",target=\"{}\"", upstream.name, target.addr);
+            if let Some(breaker) = &target.breaker {
+                let state = match breaker.state() {
+                    State::Closed => 0,
+                    State::Open => 1,
+                    State::HalfOpen => 2,
+                };
+                let _ = writeln!(text, "edge_breaker_state{{{labels}}} {state}");
+                let _ = writeln!(
+                    opened,
+                    "edge_breaker_opened_total{{{labels}}} {}",
+                    breaker.opened_total()
+                );
+            }
+            let _ = writeln!(
+                up,
+                "edge_target_up{{{labels}}} {}",
+                u8::from(target.health.is_up(now))
+            );
+        }
+    }
+    text + &opened + &up
+}
+
+fn json_response(value: Value) -> Response<Full<Bytes>> {
+    let mut response = Response::new(Full::new(Bytes::from(value.to_string())));
+    response
+        .headers_mut()
+        .insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    response
+}
+
+fn error(status: StatusCode, code: &str, message: &str) -> Response<Full<Bytes>> {
+    let mut response = json_response(json!({ "error": code, "message": message }));
+    *response.status_mut() = status;
+    response
+}

@@ -138,13 +138,7 @@ const SEGMENT: &AsciiSet = &CONTROLS
 /// Returns the normalised path in the form sent on the wire: every segment
 /// percent-encoded where needed. Borrows when nothing needs encoding.
 pub fn encode_path(path: &str) -> Cow<'_, str> {
-    let needs = path.split('/').any(|segment| {
-        matches!(
-            Cow::from(percent_encode(segment.as_bytes(), SEGMENT)),
-            Cow::Owned(_)
-        )
-    });
-    if !needs {
+    if !path.split('/').any(needs_encoding) {
         return Cow::Borrowed(path);
     }
     let mut out = String::with_capacity(path.len() + 8);
@@ -155,6 +149,18 @@ pub fn encode_path(path: &str) -> Cow<'_, str> {
         let _ = write!(out, "{}", percent_encode(segment.as_bytes(), SEGMENT));
     }
     Cow::Owned(out)
+}
+
+/// Returns whether `segment` changes when percent-encoded. The encoder
+/// yields the input itself as its one chunk exactly when nothing needs
+/// escaping; a segment of one escaped character, such as `?`, is also a single
+/// chunk, but a new string (`%3F`).
+fn needs_encoding(segment: &str) -> bool {
+    let mut chunks = percent_encode(segment.as_bytes(), SEGMENT);
+    match chunks.next() {
+        None => false,
+        Some(first) => !std::ptr::eq(first, segment) || chunks.next().is_some(),
+    }
 }
 
 /// The path rule of a route.
@@ -524,6 +530,12 @@ mod tests {
         assert_eq!(encode_path("/100%"), "/100%25");
         assert_eq!(encode_path("/ ab"), "/%20ab");
         assert!(matches!(encode_path("/users/7"), Cow::Borrowed(_)));
+        // Segments of one character that needs escaping.
+        assert_eq!(encode_path("/?/home"), "/%3F/home");
+        assert_eq!(encode_path("/#/x"), "/%23/x");
+        assert_eq!(encode_path("/a/%/b"), "/a/%25/b");
+        assert_eq!(encode_path("/a/ /b"), "/a/%20/b");
+        assert_eq!(encode_path("/admin/?"), "/admin/%3F");
     }
 
     #[test]

@@ -91,6 +91,30 @@ async fn unmatched_request_gets_404_json() -> Result {
 }
 
 #[tokio::test]
+async fn escaped_characters_stay_escaped_upstream() -> Result {
+    let upstream = Upstream::echo().await;
+    let config = format!(
+        "{}\n[[routes]]\nname = \"all\"\nprefix = \"/\"\nupstream = \"app\"\n",
+        upstream_block("app", &upstream)
+    );
+    let node = Node::start(&config)?;
+    // A segment of one escaped character once reached the upstream decoded,
+    // so `/admin/%3F` arrived as `/admin/?` and `/%23/x` as `/`.
+    for (sent, expected) in [
+        ("/admin/%3F", "/admin/%3F"),
+        ("/%3F/home", "/%3F/home"),
+        ("/%23/x", "/%23/x"),
+        ("/a/%25/b", "/a/%25/b"),
+        ("/a/%20/b", "/a/%20/b"),
+    ] {
+        let got = get(&node.url(sent)).await?;
+        assert_eq!(got.status, 200, "{sent}");
+        assert_eq!(upstream.last().target, expected, "{sent}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
 async fn path_is_normalised_before_routing() -> Result {
     let (users, admin) = (Upstream::echo().await, Upstream::echo().await);
     let config = format!(

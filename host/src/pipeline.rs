@@ -290,6 +290,9 @@ fn redirect_to_https(
 /// HTTP/1.1 request without one.
 fn canonicalize_host(parts: &mut Parts) -> Result<(), Refusal> {
     if let Some(authority) = parts.uri.authority() {
+        check_host(authority.as_str().as_bytes()).map_err(|reason| {
+            Refusal::InvalidHost(format!("the request target's authority {reason}"))
+        })?;
         let value = HeaderValue::from_str(authority.as_str()).map_err(|_| {
             Refusal::InvalidHost("the request target's authority is not a valid host".to_owned())
         })?;
@@ -298,7 +301,8 @@ fn canonicalize_host(parts: &mut Parts) -> Result<(), Refusal> {
     }
     let mut hosts = parts.headers.get_all(header::HOST).iter();
     match (hosts.next(), hosts.next()) {
-        (Some(_), None) => Ok(()),
+        (Some(host), None) => check_host(host.as_bytes())
+            .map_err(|reason| Refusal::InvalidHost(format!("the Host header {reason}"))),
         (Some(_), Some(_)) => Err(Refusal::InvalidHost(
             "the request has more than one Host header".to_owned(),
         )),
@@ -307,6 +311,54 @@ fn canonicalize_host(parts: &mut Parts) -> Result<(), Refusal> {
             "the request has no Host header".to_owned(),
         )),
     }
+}
+
+/// Checks that `host` is `host[:port]` as RFC 3986 defines it: a registered
+/// name or IPv4 address, or an IPv6 address in brackets, then an optional
+/// port of up to five digits. Returns why it is not.
+fn check_host(host: &[u8]) -> Result<(), &'static str> {
+    let (name, port) = if let Some(rest) = host.strip_prefix(b"[") {
+        let close = rest
+            .iter()
+            .position(|&byte| byte == b']')
+            .ok_or("has an IPv6 address without its closing bracket")?;
+        let address = &rest[..close];
+        let valid = !address.is_empty()
+            && address
+                .iter()
+                .all(|byte| byte.is_ascii_hexdigit() || matches!(byte, b':' | b'.'));
+        if !valid {
+            return Err("has an invalid IPv6 address");
+        }
+        match &rest[close + 1..] {
+            [] => (address, None),
+            [b':', port @ ..] => (address, Some(port)),
+            _ => return Err("has text after its IPv6 address"),
+        }
+    } else {
+        match host.iter().rposition(|&byte| byte == b':') {
+            Some(colon) => (&host[..colon], Some(&host[colon + 1..])),
+            None => (host, None),
+        }
+    };
+    if name.is_empty() {
+        return Err("is empty");
+    }
+    // reg-name: unreserved, percent-encoded and sub-delims characters, and
+    // the dots of an IPv4 address; never userinfo, a path or spaces.
+    let reg_name = |byte: &u8| {
+        byte.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(byte)
+    };
+    if !host.starts_with(b"[") && !name.iter().all(reg_name) {
+        return Err("is not a host name or address");
+    }
+    if let Some(port) = port {
+        let digits = (1..=5).contains(&port.len()) && port.iter().all(u8::is_ascii_digit);
+        if !digits {
+            return Err("has an invalid port");
+        }
+    }
+    Ok(())
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {
@@ -657,6 +709,41 @@ fn invalid_decision(route: &Route, binding: &Binding, reason: &str) -> Refusal {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn check_host_accepts_names_addresses_and_ports() {
+        for host in [
+            "example.com",
+            "example.com:8080",
+            "127.0.0.1",
+            "127.0.0.1:80",
+            "[::1]",
+            "[::1]:8443",
+            "xn--bcher-kva.example",
+        ] {
+            assert_eq!(check_host(host.as_bytes()), Ok(()), "{host}");
+        }
+    }
+
+    #[test]
+    fn check_host_rejects_bad_values() {
+        for host in [
+            "",
+            ":80",
+            "evil.com/x?",
+            "a b",
+            "a@evil.com",
+            "u:p@abs.example",
+            "api.example.com:abc",
+            "api.example.com:123456",
+            "example.com:",
+            "[::1",
+            "[zz]",
+            "[::1]x",
+        ] {
+            assert!(check_host(host.as_bytes()).is_err(), "{host:?} passed");
+        }
+    }
 
     #[test]
     fn hop_by_hop_removes_connection_named_headers() {

@@ -175,6 +175,17 @@ async fn bad_host_headers_get_400() -> Result {
     let no_host = raw_request(node.addr, "GET / HTTP/1.1\r\nConnection: close\r\n\r\n").await?;
     assert!(no_host.starts_with("HTTP/1.1 400"), "{no_host}");
     assert!(no_host.contains("\"invalid_host\""), "{no_host}");
+    for request in [
+        "GET /x HTTP/1.1\r\nHost: evil.com/x?\r\nConnection: close\r\n\r\n",
+        "GET /x HTTP/1.1\r\nHost: a@evil.com\r\nConnection: close\r\n\r\n",
+        "GET /x HTTP/1.1\r\nHost: api.example.com:abc\r\nConnection: close\r\n\r\n",
+        "GET /x HTTP/1.1\r\nHost:\r\nConnection: close\r\n\r\n",
+        "GET http://u:p@abs.example/a HTTP/1.1\r\nHost: abs.example\r\nConnection: close\r\n\r\n",
+    ] {
+        let response = raw_request(node.addr, request).await?;
+        assert!(response.starts_with("HTTP/1.1 400"), "{request:?}: {response}");
+        assert!(response.contains("\"invalid_host\""), "{request:?}: {response}");
+    }
     assert_eq!(upstream.count(), 0);
     Ok(())
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use edge::worker::{wit, Runtime, RuntimeSettings};
 
-/// Calls per round, unless the `CALLS` environment variable says otherwise.
+/// Calls per round, unless the `CALLS` environment variable sets another number.
 const CALLS: u32 = 20_000;
 const ROUNDS: usize = 7;
 

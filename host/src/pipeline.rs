@@ -346,9 +346,7 @@ fn check_host(host: &[u8]) -> Result<(), &'static str> {
     }
     // reg-name: unreserved, percent-encoded and sub-delims characters, and
     // the dots of an IPv4 address; never userinfo, a path or spaces.
-    let reg_name = |byte: &u8| {
-        byte.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(byte)
-    };
+    let reg_name = |byte: &u8| byte.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(byte);
     if !host.starts_with(b"[") && !name.iter().all(reg_name) {
         return Err("is not a host name or address");
     }

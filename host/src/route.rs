@@ -153,8 +153,8 @@ pub fn encode_path(path: &str) -> Cow<'_, str> {
 
 /// Returns whether `segment` changes when percent-encoded. The encoder
 /// yields the input itself as its one chunk exactly when nothing needs
-/// escaping; a segment of one escaped character, such as `?`, is also a single
-/// chunk, but a new string (`%3F`).
+/// escaping. A segment of one escaped character, such as `?`, is a single
+/// chunk too, but a new string (`%3F`), so the check compares addresses.
 fn needs_encoding(segment: &str) -> bool {
     let mut chunks = percent_encode(segment.as_bytes(), SEGMENT);
     match chunks.next() {

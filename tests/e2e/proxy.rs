@@ -183,8 +183,14 @@ async fn bad_host_headers_get_400() -> Result {
         "GET http://u:p@abs.example/a HTTP/1.1\r\nHost: abs.example\r\nConnection: close\r\n\r\n",
     ] {
         let response = raw_request(node.addr, request).await?;
-        assert!(response.starts_with("HTTP/1.1 400"), "{request:?}: {response}");
-        assert!(response.contains("\"invalid_host\""), "{request:?}: {response}");
+        assert!(
+            response.starts_with("HTTP/1.1 400"),
+            "{request:?}: {response}"
+        );
+        assert!(
+            response.contains("\"invalid_host\""),
+            "{request:?}: {response}"
+        );
     }
     assert_eq!(upstream.count(), 0);
     Ok(())

@@ -37,7 +37,8 @@ pub enum Refusal {
     BodyTooLarge { limit: u64 },
     /// The route has no upstream and no worker chose one.
     NoUpstream,
-    /// Connecting to the upstream failed, or the connection broke.
+    /// Connecting to the upstream failed, the connection broke, or the
+    /// response was invalid.
     UpstreamUnavailable { upstream: String },
     /// The upstream did not connect or respond in time.
     UpstreamTimeout { upstream: String },
@@ -139,7 +140,7 @@ impl Refusal {
             }
             Refusal::NoUpstream => "this route has no upstream and no worker chose one".to_owned(),
             Refusal::UpstreamUnavailable { upstream } => {
-                format!("upstream {upstream} could not be reached")
+                format!("upstream {upstream} could not be reached or sent an invalid response")
             }
             Refusal::UpstreamTimeout { upstream } => {
                 format!("upstream {upstream} did not answer in time")

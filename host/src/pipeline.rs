@@ -241,6 +241,14 @@ async fn serve(
     drop(wire_path);
     let request = Request::from_parts(parts, RequestBody::new(body, route.max_body));
     let mut response = upstream.send(request, client_ip, route.timeout).await?;
+    // The node removed the client's `Upgrade`, so a switch of protocols is
+    // one the client never asked for.
+    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
+        tracing::info!(upstream = %upstream.name, "upstream switched protocols unasked");
+        return Err(Refusal::UpstreamUnavailable {
+            upstream: upstream.name.clone(),
+        });
+    }
     remove_hop_by_hop(response.headers_mut());
     // The node speaks its own HTTP version to the client, whatever the
     // upstream spoke.

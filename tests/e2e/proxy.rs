@@ -91,6 +91,17 @@ async fn unmatched_request_gets_404_json() -> Result {
 }
 
 #[tokio::test]
+async fn unasked_protocol_switch_gets_502() -> Result {
+    let upstream = Upstream::start(|_| Reply::Status(101)).await;
+    let config = one_route(&upstream);
+    let node = Node::start(&config)?;
+    let got = get(&node.url("/switch")).await?;
+    assert_eq!(got.status, 502);
+    assert_eq!(got.json()["error"], "upstream_unavailable");
+    Ok(())
+}
+
+#[tokio::test]
 async fn escaped_characters_stay_escaped_upstream() -> Result {
     let upstream = Upstream::echo().await;
     let config = format!(

@@ -33,6 +33,9 @@ pub enum Refusal {
     InvalidHost(String),
     /// The client's body broke off or had invalid chunked framing.
     InvalidBody,
+    /// The client sent its body too slowly: it was still arriving when the
+    /// upstream's response timeout passed.
+    BodyTimeout,
     /// The body is larger than the route allows.
     BodyTooLarge { limit: u64 },
     /// The route has no upstream and no worker chose one.
@@ -72,6 +75,7 @@ impl Refusal {
                 StatusCode::BAD_REQUEST
             }
             Refusal::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Refusal::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Refusal::NoUpstream | Refusal::WorkerFailed => StatusCode::INTERNAL_SERVER_ERROR,
             Refusal::UpstreamUnavailable { .. } => StatusCode::BAD_GATEWAY,
             Refusal::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -92,6 +96,7 @@ impl Refusal {
             Refusal::InvalidHost(_) => "invalid_host",
             Refusal::InvalidBody => "invalid_body",
             Refusal::BodyTooLarge { .. } => "body_too_large",
+            Refusal::BodyTimeout => "body_timeout",
             Refusal::NoUpstream => "no_upstream",
             Refusal::UpstreamUnavailable { .. } => "upstream_unavailable",
             Refusal::UpstreamTimeout { .. } => "upstream_timeout",
@@ -113,6 +118,7 @@ impl Refusal {
             | Refusal::InvalidHost(_)
             | Refusal::InvalidBody
             | Refusal::BodyTooLarge { .. }
+            | Refusal::BodyTimeout
             | Refusal::RateLimited { .. } => Source::Client,
             Refusal::WorkerFailed | Refusal::WorkerTimeout => Source::Worker,
             Refusal::UpstreamUnavailable { .. }
@@ -134,6 +140,10 @@ impl Refusal {
             Refusal::InvalidHost(reason) => format!("invalid Host: {reason}"),
             Refusal::InvalidBody => {
                 "the request body broke off or has invalid chunked framing".to_owned()
+            }
+            Refusal::BodyTimeout => {
+                "the request body arrived too slowly; the upstream's response timeout passed"
+                    .to_owned()
             }
             Refusal::BodyTooLarge { limit } => {
                 format!("the request body is larger than this route's limit of {limit} bytes")

@@ -12,7 +12,7 @@ use std::collections::VecDeque;
 use std::error::Error as StdError;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -180,6 +180,7 @@ impl Upstream {
             && is_idempotent(request.method())
             && request.body().is_empty();
         let head = repeatable.then(|| copy_head(&request));
+        let waiting_on_client = request.body().waiting_on_client();
         let mut request = Some(request);
         let mut tried = 0u64;
         let mut retries = 0;
@@ -227,6 +228,19 @@ impl Upstream {
                 }
                 Ok(Err(SendError::Client(refusal))) => return Err(refusal),
                 Ok(Err(SendError::Upstream { refusal, unsent })) => (refusal, unsent),
+                Err(_)
+                    if waiting_on_client
+                        .as_ref()
+                        .is_some_and(|waiting| waiting.load(Ordering::Relaxed)) =>
+                {
+                    // The client, not the upstream, was late: the node was
+                    // still waiting for its body. No breaker or health
+                    // record, and no retry, as the body is partly sent.
+                    tracing::debug!(upstream = %self.name, target = %target.addr,
+                        "client body still arriving when the response timeout passed");
+                    drop(permit);
+                    return Err(Refusal::BodyTimeout);
+                }
                 Err(_) => {
                     self.log_failure(target, None, "upstream timed out");
                     let refusal = Refusal::UpstreamTimeout {
@@ -885,16 +899,28 @@ pub struct RequestBody {
     inner: Option<Incoming>,
     limit: u64,
     seen: u64,
+    /// Set while the node waits for the client's next bytes, so that a
+    /// timeout can tell a slow client from a slow upstream. Only bodies
+    /// that have bytes to come get one.
+    waiting_on_client: Option<Arc<AtomicBool>>,
 }
 
 impl RequestBody {
     /// Wraps a client body with the route's limit in bytes.
     pub fn new(inner: Incoming, limit: u64) -> RequestBody {
+        let waiting_on_client = (!inner.is_end_stream()).then(Arc::default);
         RequestBody {
             inner: Some(inner),
             limit,
             seen: 0,
+            waiting_on_client,
         }
+    }
+
+    /// Returns a flag that is true while the node waits for the client's
+    /// next bytes of this body; `None` when it has none to send.
+    pub fn waiting_on_client(&self) -> Option<Arc<AtomicBool>> {
+        self.waiting_on_client.clone()
     }
 
     /// Creates an empty body.
@@ -903,6 +929,7 @@ impl RequestBody {
             inner: None,
             limit: 0,
             seen: 0,
+            waiting_on_client: None,
         }
     }
 
@@ -925,7 +952,11 @@ impl Body for RequestBody {
         let Some(inner) = &mut this.inner else {
             return Poll::Ready(None);
         };
-        let frame = match Pin::new(inner).poll_frame(cx) {
+        let polled = Pin::new(inner).poll_frame(cx);
+        if let Some(waiting) = &this.waiting_on_client {
+            waiting.store(polled.is_pending(), Ordering::Relaxed);
+        }
+        let frame = match polled {
             Poll::Ready(Some(Ok(frame))) => frame,
             Poll::Ready(Some(Err(error))) => {
                 return Poll::Ready(Some(Err(Box::new(ClientBodyError(error)))));

@@ -102,6 +102,43 @@ async fn unasked_protocol_switch_gets_502() -> Result {
 }
 
 #[tokio::test]
+async fn slow_request_body_gets_408_and_spares_the_breaker() -> Result {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = Upstream::echo().await;
+    let config = format!(
+        "[upstreams.app]\ntargets = [\"{}\"]\nresponse_timeout = \"300ms\"\n\
+         [upstreams.app.breaker]\nconsecutive_failures = 1\n\n\
+         [[routes]]\nname = \"all\"\nupstream = \"app\"\n",
+        upstream.addr
+    );
+    let node = Node::start(&config)?;
+    let mut stream = tokio::net::TcpStream::connect(node.addr).await?;
+    // Half of the announced body, then nothing more.
+    stream
+        .write_all(b"POST /upload HTTP/1.1\r\nHost: t\r\nContent-Length: 800\r\n\r\n")
+        .await?;
+    stream.write_all(&[b'a'; 400]).await?;
+    let mut response = Vec::new();
+    let mut buffer = [0u8; 4096];
+    while !response.windows(4).any(|w| w == b"\r\n\r\n") {
+        let read =
+            tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buffer)).await??;
+        assert!(
+            read > 0,
+            "the node closed the connection without a response"
+        );
+        response.extend_from_slice(&buffer[..read]);
+    }
+    let response = String::from_utf8_lossy(&response);
+    assert!(response.starts_with("HTTP/1.1 408"), "{response}");
+    // The upstream was not at fault: its breaker stays closed.
+    let got = get(&node.url("/after")).await?;
+    assert_eq!(got.status, 200);
+    assert!(!node.log().contains("upstream timed out"), "{}", node.log());
+    Ok(())
+}
+
+#[tokio::test]
 async fn escaped_characters_stay_escaped_upstream() -> Result {
     let upstream = Upstream::echo().await;
     let config = format!(

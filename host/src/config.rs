@@ -725,6 +725,19 @@ impl Config {
         }
         for (index, listener) in self.listeners.iter().enumerate() {
             self.validate_listener(index, listener)?;
+            let addr = listener.addr.get_ref();
+            let earlier = self.listeners[..index]
+                .iter()
+                .find(|other| other.addr.get_ref() == addr && addr.port() != 0);
+            if let Some(earlier) = earlier {
+                let message = format!(
+                    "{addr} is already the address of the listener on line {}; give each \
+                     listener its own address",
+                    self.line_of(earlier.addr.span().start)
+                );
+                let line = self.line_of(listener.addr.span().start);
+                return Err(self.invalid(line, &format!("listeners[{index}].addr"), &message));
+            }
         }
         self.validate_admin()?;
         if let Some(threads) = &self.node.threads {

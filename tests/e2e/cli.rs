@@ -116,6 +116,15 @@ fn check_reports_line_and_field() {
 
     let no_listener = check_fails(&VALID.replace("[[listeners]]\naddr = \"127.0.0.1:0\"\n", ""));
     assert!(no_listener.contains("listeners"), "{no_listener}");
+
+    let same_address = check_fails(&VALID.replace(
+        "[[listeners]]\naddr = \"127.0.0.1:0\"\n",
+        "[[listeners]]\naddr = \"127.0.0.1:28099\"\n[[listeners]]\naddr = \"127.0.0.1:28099\"\n",
+    ));
+    assert!(
+        same_address.contains("listeners[1].addr: 127.0.0.1:28099 is already the address"),
+        "{same_address}"
+    );
 }
 
 #[test]

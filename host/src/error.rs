@@ -36,6 +36,8 @@ pub enum Refusal {
     /// The client sent its body too slowly: it was still arriving when the
     /// upstream's response timeout passed.
     BodyTimeout,
+    /// The request body uses a transfer coding other than chunked.
+    UnsupportedTransferCoding(String),
     /// The body is larger than the route allows.
     BodyTooLarge { limit: u64 },
     /// The route has no upstream and no worker chose one.
@@ -76,6 +78,7 @@ impl Refusal {
             }
             Refusal::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Refusal::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            Refusal::UnsupportedTransferCoding(_) => StatusCode::NOT_IMPLEMENTED,
             Refusal::NoUpstream | Refusal::WorkerFailed => StatusCode::INTERNAL_SERVER_ERROR,
             Refusal::UpstreamUnavailable { .. } => StatusCode::BAD_GATEWAY,
             Refusal::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -97,6 +100,7 @@ impl Refusal {
             Refusal::InvalidBody => "invalid_body",
             Refusal::BodyTooLarge { .. } => "body_too_large",
             Refusal::BodyTimeout => "body_timeout",
+            Refusal::UnsupportedTransferCoding(_) => "unsupported_transfer_coding",
             Refusal::NoUpstream => "no_upstream",
             Refusal::UpstreamUnavailable { .. } => "upstream_unavailable",
             Refusal::UpstreamTimeout { .. } => "upstream_timeout",
@@ -119,6 +123,7 @@ impl Refusal {
             | Refusal::InvalidBody
             | Refusal::BodyTooLarge { .. }
             | Refusal::BodyTimeout
+            | Refusal::UnsupportedTransferCoding(_)
             | Refusal::RateLimited { .. } => Source::Client,
             Refusal::WorkerFailed | Refusal::WorkerTimeout => Source::Worker,
             Refusal::UpstreamUnavailable { .. }
@@ -140,6 +145,9 @@ impl Refusal {
             Refusal::InvalidHost(reason) => format!("invalid Host: {reason}"),
             Refusal::InvalidBody => {
                 "the request body broke off or has invalid chunked framing".to_owned()
+            }
+            Refusal::UnsupportedTransferCoding(coding) => {
+                format!("the transfer coding {coding:?} is not supported; send the body chunked or with a Content-Length")
             }
             Refusal::BodyTimeout => {
                 "the request body arrived too slowly; the upstream's response timeout passed"

@@ -115,6 +115,7 @@ async fn serve(
     // One Host, agreeing with the target, and no hop-by-hop headers before
     // any route or worker looks at the request.
     canonicalize_host(&mut parts)?;
+    check_transfer_coding(&parts.headers)?;
     remove_hop_by_hop(&mut parts.headers);
     let listener = &node.listeners[connection.listener];
 
@@ -362,6 +363,25 @@ fn check_host(host: &[u8]) -> Result<(), &'static str> {
         let digits = (1..=5).contains(&port.len()) && port.iter().all(u8::is_ascii_digit);
         if !digits {
             return Err("has an invalid port");
+        }
+    }
+    Ok(())
+}
+
+/// Refuses a request body in a transfer coding other than chunked, such as
+/// `gzip, chunked`: hyper removes the chunked framing, and forwarding the
+/// rest without its coding would change the body.
+fn check_transfer_coding(headers: &HeaderMap) -> Result<(), Refusal> {
+    let codings = headers
+        .get_all(header::TRANSFER_ENCODING)
+        .iter()
+        .flat_map(|value| value.as_bytes().split(|&byte| byte == b','))
+        .map(<[u8]>::trim_ascii);
+    for coding in codings {
+        if !coding.eq_ignore_ascii_case(b"chunked") {
+            return Err(Refusal::UnsupportedTransferCoding(
+                String::from_utf8_lossy(coding).into_owned(),
+            ));
         }
     }
     Ok(())

@@ -139,6 +139,26 @@ async fn slow_request_body_gets_408_and_spares_the_breaker() -> Result {
 }
 
 #[tokio::test]
+async fn body_in_other_transfer_codings_gets_501() -> Result {
+    let upstream = Upstream::echo().await;
+    let config = one_route(&upstream);
+    let node = Node::start(&config)?;
+    let response = raw_request(
+        node.addr,
+        "POST /upload HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip, chunked\r\n\
+         Connection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    )
+    .await?;
+    assert!(response.starts_with("HTTP/1.1 501"), "{response}");
+    assert!(
+        response.contains("\"unsupported_transfer_coding\""),
+        "{response}"
+    );
+    assert_eq!(upstream.count(), 0);
+    Ok(())
+}
+
+#[tokio::test]
 async fn escaped_characters_stay_escaped_upstream() -> Result {
     let upstream = Upstream::echo().await;
     let config = format!(

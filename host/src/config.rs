@@ -138,7 +138,7 @@ pub struct ListenerTlsConfig {
     pub dev_certificate: bool,
     /// What a client gets that sends no SNI name, or one no certificate
     /// covers: `default` (the first certificate) or `reject` (the handshake
-    /// fails with an `unrecognized_name` alert). Default: `default`.
+    /// fails; rustls sends an `access_denied` alert). Default: `default`.
     #[serde(default)]
     pub sni_fallback: SniFallback,
     /// PEM file of the CAs that client certificates must chain to; setting it

@@ -27,6 +27,9 @@ use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use crate::breaker::State;
+
+/// Time allowed for a request head on the admin listener.
+const ADMIN_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 use crate::config::{AdminConfig, Config};
 use crate::node::Node;
 
@@ -92,7 +95,12 @@ pub fn start(
                             let response = serve(&node, &token_digest, &request);
                             async move { Ok::<_, std::convert::Infallible>(response) }
                         });
+                        // A client gets as long for its request head as on
+                        // the default listener, so a slow one cannot hold a
+                        // connection open.
                         let _ = hyper::server::conn::http1::Builder::new()
+                            .timer(hyper_util::rt::TokioTimer::new())
+                            .header_read_timeout(ADMIN_HEADER_TIMEOUT)
                             .serve_connection(TokioIo::new(stream), service)
                             .await;
                     });
@@ -156,7 +164,10 @@ fn authorized(request: &Request<Incoming>, token_digest: &[u8; 32]) -> bool {
         .headers()
         .get(AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "))
+        .and_then(|value| value.split_once(' '))
+        // The scheme is case-insensitive (RFC 9110, section 11.1).
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, token)| token)
     else {
         return false;
     };

@@ -150,7 +150,8 @@ impl Refusal {
                 format!("the transfer coding {coding:?} is not supported; send the body chunked or with a Content-Length")
             }
             Refusal::BodyTimeout => {
-                "the request body arrived too slowly; the upstream's response timeout passed"
+                "the request body arrived too slowly; the upstream's response timeout or the \
+                 route's timeout passed"
                     .to_owned()
             }
             Refusal::BodyTooLarge { limit } => {

@@ -242,14 +242,6 @@ async fn serve(
     drop(wire_path);
     let request = Request::from_parts(parts, RequestBody::new(body, route.max_body));
     let mut response = upstream.send(request, client_ip, route.timeout).await?;
-    // The node removed the client's `Upgrade`, so a switch of protocols is
-    // one the client never asked for.
-    if response.status() == StatusCode::SWITCHING_PROTOCOLS {
-        tracing::info!(upstream = %upstream.name, "upstream switched protocols unasked");
-        return Err(Refusal::UpstreamUnavailable {
-            upstream: upstream.name.clone(),
-        });
-    }
     remove_hop_by_hop(response.headers_mut());
     // The node speaks its own HTTP version to the client, whatever the
     // upstream spoke.
@@ -361,7 +353,12 @@ fn check_host(host: &[u8]) -> Result<(), &'static str> {
     }
     if let Some(port) = port {
         let digits = (1..=5).contains(&port.len()) && port.iter().all(u8::is_ascii_digit);
-        if !digits {
+        let in_range = digits
+            && std::str::from_utf8(port)
+                .ok()
+                .and_then(|port| port.parse::<u16>().ok())
+                .is_some();
+        if !in_range {
             return Err("has an invalid port");
         }
     }
@@ -377,12 +374,20 @@ fn check_transfer_coding(headers: &HeaderMap) -> Result<(), Refusal> {
         .iter()
         .flat_map(|value| value.as_bytes().split(|&byte| byte == b','))
         .map(<[u8]>::trim_ascii);
-    for coding in codings {
+    let mut chunked = false;
+    // Empty list elements, as in `, chunked`, count for nothing (RFC 9110,
+    // section 5.6.1).
+    for coding in codings.filter(|coding| !coding.is_empty()) {
         if !coding.eq_ignore_ascii_case(b"chunked") {
             return Err(Refusal::UnsupportedTransferCoding(
                 String::from_utf8_lossy(coding).into_owned(),
             ));
         }
+        // Chunked applied twice is invalid framing (RFC 9112, section 6.1).
+        if chunked {
+            return Err(Refusal::InvalidBody);
+        }
+        chunked = true;
     }
     Ok(())
 }
@@ -762,6 +767,7 @@ mod tests {
             "u:p@abs.example",
             "api.example.com:abc",
             "api.example.com:123456",
+            "example.com:99999",
             "example.com:",
             "[::1",
             "[zz]",

@@ -206,6 +206,16 @@ impl Upstream {
             let sent = timer::timeout(attempt_timeout, self.send_to(target, unsent_request)).await;
             let now = Instant::now();
             let (refusal, unsent) = match sent {
+                // The node removed the client's `Upgrade`, so a switch of
+                // protocols is one the client never asked for: an invalid
+                // response, which the breaker counts.
+                Ok(Ok(response)) if response.status() == http::StatusCode::SWITCHING_PROTOCOLS => {
+                    self.log_failure(target, None, "upstream switched protocols unasked");
+                    let refusal = Refusal::UpstreamUnavailable {
+                        upstream: self.name.clone(),
+                    };
+                    (refusal, None)
+                }
                 Ok(Ok(response)) => {
                     let status = response.status().as_u16();
                     let failed = settings.failure_statuses.contains(&status);

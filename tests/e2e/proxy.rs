@@ -93,11 +93,23 @@ async fn unmatched_request_gets_404_json() -> Result {
 #[tokio::test]
 async fn unasked_protocol_switch_gets_502() -> Result {
     let upstream = Upstream::start(|_| Reply::Status(101)).await;
-    let config = one_route(&upstream);
+    let config = format!(
+        "[upstreams.app]\ntargets = [\"{}\"]\n[upstreams.app.breaker]\n\
+         consecutive_failures = 2\n[upstreams.app.retry]\nmax_retries = 0\n\n\
+         [[routes]]\nname = \"all\"\nupstream = \"app\"\n",
+        upstream.addr
+    );
     let node = Node::start(&config)?;
+    for _ in 0..2 {
+        let got = get(&node.url("/switch")).await?;
+        assert_eq!(got.status, 502);
+        assert_eq!(got.json()["error"], "upstream_unavailable");
+    }
+    // The breaker counts it as a failure, as it does an invalid response.
     let got = get(&node.url("/switch")).await?;
-    assert_eq!(got.status, 502);
-    assert_eq!(got.json()["error"], "upstream_unavailable");
+    assert_eq!(got.status, 503);
+    assert_eq!(got.json()["error"], "circuit_open");
+    assert_eq!(upstream.count(), 2);
     Ok(())
 }
 
@@ -154,6 +166,13 @@ async fn body_in_other_transfer_codings_gets_501() -> Result {
         response.contains("\"unsupported_transfer_coding\""),
         "{response}"
     );
+    let twice = raw_request(
+        node.addr,
+        "POST /upload HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked, chunked\r\n\
+         Connection: close\r\n\r\n3\r\nabc\r\n0\r\n\r\n",
+    )
+    .await?;
+    assert!(twice.starts_with("HTTP/1.1 400"), "{twice}");
     assert_eq!(upstream.count(), 0);
     Ok(())
 }

@@ -526,6 +526,15 @@ async fn admin_listener_requires_the_bearer_token() -> Result {
     )
     .await?;
     assert_eq!(wrong.status, 401);
+    // The scheme is case-insensitive.
+    let lower = send(
+        "GET",
+        &format!("{admin}/health"),
+        &[("authorization", &format!("bearer {TOKEN}"))],
+        b"",
+    )
+    .await?;
+    assert_eq!(lower.status, 200);
 
     let breakers = admin_get(&node, "/breakers").await?;
     assert_eq!(breakers.status, 200);

@@ -412,7 +412,7 @@ fn client_ip(headers: &HeaderMap, peer: IpAddr, trusted: &[ipnet::IpNet]) -> IpA
     for value in headers.get_all(&X_FORWARDED_FOR).iter().rev() {
         let Ok(value) = value.to_str() else { break };
         for hop in value.rsplit(',') {
-            let Ok(ip) = hop.trim().parse::<IpAddr>() else {
+            let Some(ip) = forwarded_ip(hop.trim()) else {
                 return client;
             };
             client = ip;
@@ -422,6 +422,18 @@ fn client_ip(headers: &HeaderMap, peer: IpAddr, trusted: &[ipnet::IpNet]) -> IpA
         }
     }
     client
+}
+
+/// Parses one `X-Forwarded-For` entry: an IP address, or an address with a
+/// port as some proxies write it (`1.2.3.4:5678`, `[::1]:5678`). An
+/// IPv4-mapped IPv6 address becomes the IPv4 address, so that one client
+/// has one rate-limit key whichever form a proxy wrote.
+fn forwarded_ip(hop: &str) -> Option<IpAddr> {
+    let ip = hop
+        .parse::<IpAddr>()
+        .or_else(|_| hop.parse::<SocketAddr>().map(|addr| addr.ip()))
+        .ok()?;
+    Some(ip.to_canonical())
 }
 
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
@@ -740,6 +752,17 @@ fn invalid_decision(route: &Route, binding: &Binding, reason: &str) -> Refusal {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn forwarded_ip_reads_ports_and_mapped_addresses() {
+        let v4: IpAddr = "9.9.9.9".parse().unwrap();
+        assert_eq!(forwarded_ip("9.9.9.9"), Some(v4));
+        assert_eq!(forwarded_ip("9.9.9.9:1234"), Some(v4));
+        assert_eq!(forwarded_ip("::ffff:9.9.9.9"), Some(v4));
+        assert_eq!(forwarded_ip("[::ffff:9.9.9.9]:80"), Some(v4));
+        assert_eq!(forwarded_ip("[2001:db8::1]:80"), "2001:db8::1".parse().ok());
+        assert_eq!(forwarded_ip("unknown"), None);
+    }
 
     #[test]
     fn check_host_accepts_names_addresses_and_ports() {

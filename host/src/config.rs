@@ -233,6 +233,15 @@ pub struct UpstreamTlsConfig {
     pub client_certificate: Option<CertificateConfig>,
 }
 
+/// Returns whether two listening addresses cannot both be bound: the same
+/// port (not 0, which picks a free one) on the same address, or on any
+/// address when either is unspecified (`0.0.0.0` or `::`).
+fn addresses_clash(a: &SocketAddr, b: &SocketAddr) -> bool {
+    a.port() == b.port()
+        && a.port() != 0
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
 /// Settings of the worker runtime shared by every route.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -728,11 +737,12 @@ impl Config {
             let addr = listener.addr.get_ref();
             let earlier = self.listeners[..index]
                 .iter()
-                .find(|other| other.addr.get_ref() == addr && addr.port() != 0);
+                .find(|other| addresses_clash(other.addr.get_ref(), addr));
             if let Some(earlier) = earlier {
                 let message = format!(
-                    "{addr} is already the address of the listener on line {}; give each \
-                     listener its own address",
+                    "{addr} clashes with {}, the address of the listener on line {}; give \
+                     each listener its own port",
+                    earlier.addr.get_ref(),
                     self.line_of(earlier.addr.span().start)
                 );
                 let line = self.line_of(listener.addr.span().start);
@@ -1007,6 +1017,20 @@ impl Config {
             return Ok(());
         };
         let line = self.line_of(admin.addr.span().start);
+        let addr = admin.addr.get_ref();
+        if let Some(listener) = self
+            .listeners
+            .iter()
+            .find(|listener| addresses_clash(listener.addr.get_ref(), addr))
+        {
+            let message = format!(
+                "{addr} clashes with {}, the address of the listener on line {}; give the \
+                 admin listener its own port",
+                listener.addr.get_ref(),
+                self.line_of(listener.addr.span().start)
+            );
+            return Err(self.invalid(line, "admin.addr", &message));
+        }
         match (&admin.token, &admin.token_file) {
             (Some(_), Some(_)) => {
                 Err(self.invalid(line, "admin.token", "set token or token_file, not both"))

@@ -122,8 +122,25 @@ fn check_reports_line_and_field() {
         "[[listeners]]\naddr = \"127.0.0.1:28099\"\n[[listeners]]\naddr = \"127.0.0.1:28099\"\n",
     ));
     assert!(
-        same_address.contains("listeners[1].addr: 127.0.0.1:28099 is already the address"),
+        same_address.contains("listeners[1].addr: 127.0.0.1:28099 clashes with 127.0.0.1:28099"),
         "{same_address}"
+    );
+    let any_address = check_fails(&VALID.replace(
+        "[[listeners]]\naddr = \"127.0.0.1:0\"\n",
+        "[[listeners]]\naddr = \"0.0.0.0:28099\"\n[[listeners]]\naddr = \"127.0.0.1:28099\"\n",
+    ));
+    assert!(
+        any_address.contains("clashes with 0.0.0.0:28099"),
+        "{any_address}"
+    );
+    let admin_address = check_fails(&VALID.replace(
+        "[[listeners]]\naddr = \"127.0.0.1:0\"\n",
+        "[admin]\naddr = \"127.0.0.1:28098\"\ntoken = \"0123456789abcdef0123\"\n\n\
+         [[listeners]]\naddr = \"127.0.0.1:28098\"\n",
+    ));
+    assert!(
+        admin_address.contains("admin.addr: 127.0.0.1:28098 clashes with"),
+        "{admin_address}"
     );
 }
 

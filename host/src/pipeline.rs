@@ -238,7 +238,13 @@ async fn serve(
         None if path_changed => Some(encode_path(&path)),
         None => None,
     };
-    prepare_upstream_request(&mut parts, wire_path.as_deref(), connection, node)?;
+    prepare_upstream_request(
+        &mut parts,
+        wire_path.as_deref(),
+        connection,
+        &upstream.name,
+        node,
+    )?;
     drop(wire_path);
     let request = Request::from_parts(parts, RequestBody::new(body, route.max_body));
     let mut response = upstream.send(request, client_ip, route.timeout).await?;
@@ -531,6 +537,7 @@ fn prepare_upstream_request(
     parts: &mut Parts,
     new_path: Option<&str>,
     connection: &Connection,
+    upstream_name: &str,
     node: &Node,
 ) -> Result<(), Refusal> {
     let path_and_query = match new_path {
@@ -553,8 +560,18 @@ fn prepare_upstream_request(
     let headers = &mut parts.headers;
     // The node answered any `Expect: 100-continue` itself.
     headers.remove(header::EXPECT);
-    if let Some(host) = headers.get(header::HOST).cloned() {
-        headers.insert(X_FORWARDED_HOST.clone(), host);
+    match headers.get(header::HOST).cloned() {
+        Some(host) => {
+            headers.insert(X_FORWARDED_HOST.clone(), host);
+        }
+        // An HTTP/1.0 request may come without Host, but the request sent
+        // upstream is HTTP/1.1, which requires one: the upstream's name, as
+        // nginx sends its `proxy_host`.
+        None => {
+            if let Ok(name) = HeaderValue::from_str(upstream_name) {
+                headers.insert(header::HOST, name);
+            }
+        }
     }
     let forwarded_for = match headers.get_all(&X_FORWARDED_FOR).iter().next() {
         Some(_) if connection.peer_trusted => {

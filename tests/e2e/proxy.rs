@@ -284,6 +284,17 @@ async fn bad_host_headers_get_400() -> Result {
 }
 
 #[tokio::test]
+async fn http10_request_without_host_gets_the_upstream_name() -> Result {
+    let upstream = Upstream::echo().await;
+    let config = one_route(&upstream);
+    let node = Node::start(&config)?;
+    let response = raw_request(node.addr, "GET /old HTTP/1.0\r\n\r\n").await?;
+    assert!(response.starts_with("HTTP/1.0 200"), "{response}");
+    assert_eq!(upstream.last().headers["host"], "app");
+    Ok(())
+}
+
+#[tokio::test]
 async fn connection_header_cannot_strip_host() -> Result {
     let upstream = Upstream::echo().await;
     let config = one_route(&upstream);

@@ -1,4 +1,4 @@
-//! The least a hyper 1 reverse proxy does per request, as a floor for
+//! The minimum a hyper 1 reverse proxy does per request, as a floor for
 //! `scripts/bench`: one current-thread runtime, HTTP/1.1 only, a per-thread
 //! pool of `http1::handshake` connections to one upstream, and the same
 //! forwarding headers that nginx, HAProxy and edge set in the benchmark. It

@@ -113,7 +113,7 @@ pub struct ListenerConfig {
     pub header_timeout: Duration,
     /// Terminates TLS on this listener. Default: plain HTTP.
     pub tls: Option<ListenerTlsConfig>,
-    /// Answers every request with a 308 redirect to HTTPS, except on the
+    /// Redirects every request to HTTPS with a 308, except on the
     /// listed paths. Only on a plain-HTTP listener. Default: off.
     pub redirect_https: Option<RedirectConfig>,
 }
@@ -136,9 +136,9 @@ pub struct ListenerTlsConfig {
     /// file, instead of `certificates`. Default: false.
     #[serde(default)]
     pub dev_certificate: bool,
-    /// What a client gets that sends no SNI name, or one no certificate
+    /// The handling of a client that sends no SNI name, or one no certificate
     /// covers: `default` (the first certificate) or `reject` (the handshake
-    /// fails; rustls sends an `access_denied` alert). Default: `default`.
+    /// fails, and rustls sends an `access_denied` alert). Default: `default`.
     #[serde(default)]
     pub sni_fallback: SniFallback,
     /// PEM file of the CAs that client certificates must chain to; setting it
@@ -185,7 +185,7 @@ pub struct CertificateConfig {
     pub key: Spanned<PathBuf>,
 }
 
-/// What a TLS listener does for a client whose SNI name matches no
+/// The handling by a TLS listener of a client whose SNI name matches no
 /// certificate.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -539,8 +539,8 @@ pub struct RouteConfig {
     /// Workers that run on each request, in order.
     #[serde(default)]
     pub workers: Vec<WorkerConfig>,
-    /// Rate limits, checked in order; the first that refuses a request
-    /// answers it with 429.
+    /// Rate limits, checked in order. The first that rejects a request
+    /// gets a 429.
     #[serde(default)]
     pub limits: Vec<LimitConfig>,
 }
@@ -552,10 +552,10 @@ pub struct LimitConfig {
     /// The name shown in 429 bodies, logs and `routes explain`, unique in
     /// the route. Default: the key and the rate, such as `ip 10/s`.
     pub name: Option<Spanned<String>>,
-    /// What requests are counted by: `ip` (the client address, after
+    /// The key requests are counted by: `ip` (the client address, after
     /// trusted proxies), `route` (all requests of the route together) or
-    /// `header:NAME` (a header's value, such as an API key; requests
-    /// without it are counted by client address).
+    /// `header:NAME` (a header's value, such as an API key). Requests
+    /// without the header are counted by client address.
     pub key: Spanned<String>,
     /// `token_bucket`, `leaky_bucket`, `fixed_window` or `sliding_window`.
     pub algorithm: Spanned<crate::ratelimit::Algorithm>,
@@ -569,7 +569,7 @@ pub struct LimitConfig {
     #[serde(default)]
     pub scope: crate::ratelimit::Scope,
     /// Global limits only: `fail_open` (count on this node while Redis is
-    /// unreachable) or `fail_closed` (answer 503). Default: fail_open.
+    /// unreachable) or `fail_closed` (respond 503). Default: fail_open.
     pub on_redis_error: Option<Spanned<crate::ratelimit::FailMode>>,
     /// Leaky bucket only: `reject` (refuse a request that comes too soon)
     /// or `queue` (hold it until its turn). Default: reject.
@@ -581,7 +581,7 @@ pub struct LimitConfig {
     pub max_keys: Option<Spanned<usize>>,
 }
 
-/// Where global rate limits count: one Redis server or a Redis Cluster.
+/// The Redis that global rate limits count in: one server or a Redis Cluster.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedisConfig {
@@ -590,8 +590,8 @@ pub struct RedisConfig {
     /// Seed nodes of a Redis Cluster, such as
     /// `["redis://10.0.0.1:6379", "redis://10.0.0.2:6379"]`.
     pub cluster: Option<Spanned<Vec<String>>>,
-    /// The longest a rate-limit decision waits for Redis before the limit
-    /// fails open or closed. Default: 20ms.
+    /// The maximum time a rate-limit decision waits for Redis before the
+    /// limit fails open or closed. Default: 20ms.
     #[serde(default = "default_redis_timeout", with = "humantime_serde")]
     pub timeout: Duration,
     /// Time allowed to connect (and load the script) in the background.

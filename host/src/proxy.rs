@@ -943,8 +943,8 @@ impl RequestBody {
         }
     }
 
-    /// Whether the body has no bytes left to send: none at all, or the
-    /// client sent none.
+    /// Returns whether the body has no bytes left to send: none at all, or
+    /// the client sent none.
     pub fn is_empty(&self) -> bool {
         self.inner.as_ref().is_none_or(Body::is_end_stream)
     }

@@ -114,7 +114,7 @@ async fn unasked_protocol_switch_gets_502() -> Result {
 }
 
 #[tokio::test]
-async fn slow_request_body_gets_408_and_spares_the_breaker() -> Result {
+async fn slow_upload_gets_408() -> Result {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let upstream = Upstream::echo().await;
     let config = format!(
@@ -151,7 +151,7 @@ async fn slow_request_body_gets_408_and_spares_the_breaker() -> Result {
 }
 
 #[tokio::test]
-async fn body_in_other_transfer_codings_gets_501() -> Result {
+async fn other_transfer_coding_gets_501() -> Result {
     let upstream = Upstream::echo().await;
     let config = one_route(&upstream);
     let node = Node::start(&config)?;
@@ -252,17 +252,9 @@ async fn bad_host_headers_get_400() -> Result {
     let upstream = Upstream::echo().await;
     let config = one_route(&upstream);
     let node = Node::start(&config)?;
-    let two_hosts = raw_request(
-        node.addr,
-        "GET / HTTP/1.1\r\nHost: a.example.com\r\nHost: b.example.com\r\nConnection: close\r\n\r\n",
-    )
-    .await?;
-    assert!(two_hosts.starts_with("HTTP/1.1 400"), "{two_hosts}");
-    assert!(two_hosts.contains("\"invalid_host\""), "{two_hosts}");
-    let no_host = raw_request(node.addr, "GET / HTTP/1.1\r\nConnection: close\r\n\r\n").await?;
-    assert!(no_host.starts_with("HTTP/1.1 400"), "{no_host}");
-    assert!(no_host.contains("\"invalid_host\""), "{no_host}");
     for request in [
+        "GET / HTTP/1.1\r\nHost: a.example.com\r\nHost: b.example.com\r\nConnection: close\r\n\r\n",
+        "GET / HTTP/1.1\r\nConnection: close\r\n\r\n",
         "GET /x HTTP/1.1\r\nHost: evil.com/x?\r\nConnection: close\r\n\r\n",
         "GET /x HTTP/1.1\r\nHost: a@evil.com\r\nConnection: close\r\n\r\n",
         "GET /x HTTP/1.1\r\nHost: api.example.com:abc\r\nConnection: close\r\n\r\n",
@@ -284,7 +276,7 @@ async fn bad_host_headers_get_400() -> Result {
 }
 
 #[tokio::test]
-async fn http10_request_without_host_gets_the_upstream_name() -> Result {
+async fn http10_without_host_gets_upstream_name() -> Result {
     let upstream = Upstream::echo().await;
     let config = one_route(&upstream);
     let node = Node::start(&config)?;
@@ -575,7 +567,7 @@ async fn silent_connection_is_closed() -> Result {
 }
 
 #[tokio::test]
-async fn slow_request_head_is_cut_off_on_a_reused_connection() -> Result {
+async fn stalled_second_head_closes_connection() -> Result {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let upstream = Upstream::echo().await;
     let config = format!(

@@ -13,7 +13,7 @@
 //!
 //! Calls are async: a running guest yields to the other requests of its
 //! serving thread at every tick. A synchronous call measured 0.5 to 1.7 µs
-//! cheaper, but it holds the thread until the guest returns: 20 requests
+//! cheaper, but it keeps the thread until the guest returns: 20 requests
 //! behind four clients of a worker that loops to its 500 ms deadline took
 //! 19.8 s instead of 0.8 s (BENCHMARKS.md), so one slow route would stall
 //! every route on its thread.

@@ -203,9 +203,11 @@ pub fn run_node(config: &Config, node: Node) -> anyhow::Result<()> {
             None => println!("listening on http://{addr}"),
         }
     }
+    node.lifecycle.set(crate::node::Phase::Serving);
     tracing::info!(node = %config.node.name, threads = config.threads(), "serving");
     wait_for_signal()?;
     tracing::info!("shutting down; draining open connections");
+    node.lifecycle.set(crate::node::Phase::Draining);
     server.shutdown();
     let _ = stop.send(true);
     for thread in side_threads {

@@ -38,6 +38,11 @@ pub struct Config {
     pub redis: Option<Spanned<RedisConfig>>,
     /// The admin listener. Default: none.
     pub admin: Option<AdminConfig>,
+    /// Request metrics on the admin listener's `/metrics`.
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+    /// One JSON line per request. Default: off.
+    pub access_log: Option<AccessLogConfig>,
     /// The file this config came from, for errors and relative paths.
     #[serde(skip)]
     pub source: ConfigSource,
@@ -72,11 +77,46 @@ fn default_admin_addr() -> Spanned<SocketAddr> {
     Spanned::new(0..0, SocketAddr::from(([127, 0, 0, 1], 9901)))
 }
 
+/// Request metrics: counters and histograms updated on every request.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsConfig {
+    /// Counts requests and their durations. The node's state (breakers,
+    /// limits, pools) is on `/metrics` either way. Default: true.
+    pub enabled: bool,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        Self { enabled: true }
+    }
+}
+
+/// The access log: one JSON line per request, written by a background
+/// thread.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AccessLogConfig {
+    /// The file lines are appended to, relative to the config file.
+    /// Default: standard output.
+    pub path: Option<Spanned<PathBuf>>,
+    /// Lines that may wait for the writer; past that, lines are dropped and
+    /// counted in `edge_access_log_dropped_total`. Default: 8192.
+    #[serde(default = "default_access_log_buffer")]
+    pub buffer: Spanned<usize>,
+}
+
+fn default_access_log_buffer() -> Spanned<usize> {
+    Spanned::new(0..0, 8192)
+}
+
 /// Settings of the node as a whole.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NodeConfig {
-    /// The node's name, sent in `Via`. Default: `edge`.
+    /// The node's name, sent in `Via` and `X-Gateway-Node` and written to
+    /// the access log. Default: the host name, or `edge` when it is not a
+    /// valid header value.
     pub name: String,
     /// Runtime threads that serve connections. Default: the number of cores.
     pub threads: Option<Spanned<usize>>,
@@ -88,11 +128,27 @@ pub struct NodeConfig {
 impl Default for NodeConfig {
     fn default() -> Self {
         Self {
-            name: "edge".to_owned(),
+            name: default_node_name(),
             threads: None,
             drain_timeout: Duration::from_secs(10),
         }
     }
+}
+
+/// Returns the machine's host name when it is a valid node name, else
+/// `edge`.
+fn default_node_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|name| name.trim().to_owned())
+        .filter(|name| is_node_name(name))
+        .unwrap_or_else(|| "edge".to_owned())
+}
+
+/// Whether `name` can be sent in `Via` and `X-Gateway-Node`: non-empty
+/// printable ASCII without spaces.
+fn is_node_name(name: &str) -> bool {
+    !name.is_empty() && name.bytes().all(|byte| byte.is_ascii_graphic())
 }
 
 /// One address the node accepts connections on: HTTPS when `tls` is set
@@ -543,6 +599,38 @@ pub struct RouteConfig {
     /// gets a 429.
     #[serde(default)]
     pub limits: Vec<LimitConfig>,
+    /// The observability headers of the route's responses and requests.
+    #[serde(default)]
+    pub observability: RouteObservabilityConfig,
+}
+
+/// Switches for the headers the node adds to a route's traffic; each is on
+/// unless turned off.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RouteObservabilityConfig {
+    /// `X-Request-Id` on the response and the upstream request: the
+    /// client's when valid, else a new one. Default: true.
+    pub request_id: bool,
+    /// `X-Request-Duration` on the response: the time spent in the node,
+    /// without the upstream's. Default: true.
+    pub request_duration: bool,
+    /// `X-Gateway-Node` on the response: the node's name. Default: true.
+    pub gateway_node: bool,
+    /// W3C `traceparent` and `tracestate` on the upstream request: the
+    /// client's trace continued, or a new one. Default: true.
+    pub trace_context: bool,
+}
+
+impl Default for RouteObservabilityConfig {
+    fn default() -> Self {
+        Self {
+            request_id: true,
+            request_duration: true,
+            gateway_node: true,
+            trace_context: true,
+        }
+    }
 }
 
 /// One rate limit of a route.
@@ -756,11 +844,7 @@ impl Config {
                 return Err(self.invalid(line, "node.threads", "must be from 1 to 1024"));
             }
         }
-        let via = format!("1.1 {}", self.node.name);
-        let name_ok = !self.node.name.is_empty()
-            && !self.node.name.contains(char::is_whitespace)
-            && http::HeaderValue::from_str(&via).is_ok();
-        if !name_ok {
+        if !is_node_name(&self.node.name) {
             let message = format!(
                 "{:?} must be non-empty printable ASCII without spaces",
                 self.node.name
@@ -777,6 +861,13 @@ impl Config {
             return Err(self.invalid(0, "runtime.max_memory", &message));
         }
         self.validate_redis()?;
+        if let Some(access_log) = &self.access_log {
+            let buffer = &access_log.buffer;
+            if !(1..=1_000_000).contains(buffer.get_ref()) {
+                let line = self.line_of(buffer.span().start);
+                return Err(self.invalid(line, "access_log.buffer", "must be from 1 to 1000000"));
+            }
+        }
         for (name, upstream) in &self.upstreams {
             let line = self.line_of(upstream.targets.span().start);
             if upstream.targets.get_ref().is_empty() {

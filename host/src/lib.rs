@@ -7,6 +7,7 @@
 //! the shared state from it, and [`listener`] accepts and serves connections.
 #![deny(unsafe_code)]
 
+pub mod access_log;
 pub mod admin;
 pub mod balance;
 pub mod breaker;
@@ -14,8 +15,10 @@ pub mod cli;
 pub mod config;
 pub mod demo;
 pub mod error;
+pub mod exchange;
 pub mod health;
 pub mod listener;
+pub mod metrics;
 pub mod node;
 pub mod pipeline;
 pub mod proxy;
@@ -25,4 +28,5 @@ pub mod route;
 pub mod scaffold;
 pub mod timer;
 pub mod tls;
+pub mod trace;
 pub mod worker;

@@ -19,6 +19,8 @@ use crate::ratelimit::{Limit, LimitSpec, RateLimiter, SystemClock};
 use crate::retry::RetrySettings;
 use crate::route::{HostMatch, PathMatch, RouteRule, Router};
 use crate::tls::{CertificateFiles, ListenerTls, ServerSettings, TlsError, UpstreamTls};
+use crate::access_log::{AccessLog, Names, Sink};
+use crate::metrics::Metrics;
 use crate::worker::{Binding, LoadError, Runtime, RuntimeSettings};
 
 /// A route, ready to serve.
@@ -38,6 +40,57 @@ pub struct Route {
     /// Whether any limit runs at stage `i`: 0 before the first worker,
     /// `i + 1` right after worker `i`.
     pub limit_stages: Vec<bool>,
+    /// The observability headers the route sends.
+    pub observe: RouteObserve,
+}
+
+/// The observability headers of a route, from `[routes.observability]`.
+#[derive(Debug, Clone, Copy)]
+pub struct RouteObserve {
+    pub request_id: bool,
+    pub request_duration: bool,
+    pub gateway_node: bool,
+    pub trace_context: bool,
+}
+
+/// Where a node is in its life, for the admin listener's `/readyz`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    /// Built, listeners not bound yet.
+    Starting = 0,
+    Serving = 1,
+    /// Shutting down: no new connections, open ones finishing.
+    Draining = 2,
+}
+
+impl Phase {
+    /// The name `/readyz` reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Phase::Starting => "starting",
+            Phase::Serving => "serving",
+            Phase::Draining => "draining",
+        }
+    }
+}
+
+/// The node's current [`Phase`], shared by the serving and admin threads.
+#[derive(Debug, Default)]
+pub struct Lifecycle(std::sync::atomic::AtomicU8);
+
+impl Lifecycle {
+    pub fn get(&self) -> Phase {
+        match self.0.load(std::sync::atomic::Ordering::Relaxed) {
+            1 => Phase::Serving,
+            2 => Phase::Draining,
+            _ => Phase::Starting,
+        }
+    }
+
+    pub fn set(&self, phase: Phase) {
+        self.0
+            .store(phase as u8, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 impl Route {
@@ -90,6 +143,17 @@ pub struct Node {
     pub listeners: Vec<Listener>,
     pub runtime: Runtime,
     pub ratelimit: RateLimiter,
+    pub metrics: Metrics,
+    /// Whether requests are counted and timed (`[metrics] enabled`).
+    pub request_metrics: bool,
+    /// The access log, when the config has an `[access_log]` table.
+    pub access_log: Option<Arc<AccessLog>>,
+    /// The `X-Gateway-Node` value: the node's name.
+    pub gateway_node: HeaderValue,
+    /// Whether any route sends `X-Request-Id` or the access log is on, so
+    /// that requests get an id on arrival.
+    pub request_ids: bool,
+    pub lifecycle: Lifecycle,
 }
 
 /// An error that kept a node from being built.
@@ -116,6 +180,8 @@ pub enum BuildError {
     Runtime(anyhow::Error),
     #[error("cannot set up rate limiting: {0}")]
     RateLimit(String),
+    #[error("cannot start the access log: {0:#}")]
+    AccessLog(anyhow::Error),
 }
 
 impl Node {
@@ -233,7 +299,14 @@ impl Node {
             for limit in &limits {
                 limit_stages[limit.stage] = true;
             }
+            let observability = &route.observability;
             routes.push(Route {
+                observe: RouteObserve {
+                    request_id: observability.request_id,
+                    request_duration: observability.request_duration,
+                    gateway_node: observability.gateway_node,
+                    trace_context: observability.trace_context,
+                },
                 limits,
                 limit_stages,
                 name,
@@ -255,7 +328,54 @@ impl Node {
             .collect::<Result<Vec<_>, _>>()?;
         let via = HeaderValue::from_str(&format!("1.1 {}", config.node.name))
             .unwrap_or_else(|_| HeaderValue::from_static("1.1 edge"));
+        // A static value is cloned without touching a shared reference
+        // count, which every serving thread would otherwise update per
+        // response. One name is leaked per node built.
+        let name: &'static str = Box::leak(config.node.name.clone().into_boxed_str());
+        let gateway_node = HeaderValue::from_str(name)
+            .map(|_| HeaderValue::from_static(name))
+            .unwrap_or_else(|_| HeaderValue::from_static("edge"));
+        let route_workers: Vec<(Arc<str>, Vec<Arc<str>>)> = routes
+            .iter()
+            .map(|route| {
+                let modules = route.workers.iter().map(|w| w.module.name.clone()).collect();
+                (route.name.clone(), modules)
+            })
+            .collect();
+        let upstream_list: Vec<String> = upstreams.iter().map(|u| u.name.clone()).collect();
+        let registry = Metrics::new(&route_workers, &upstream_list);
+        let access_log = match &config.access_log {
+            Some(access_log) => {
+                let sink = match &access_log.path {
+                    Some(path) => Sink::File(config.resolve(path.get_ref())),
+                    None => Sink::Stdout,
+                };
+                let names = Names {
+                    node: config.node.name.clone(),
+                    routes: route_workers.iter().map(|(name, _)| name.clone()).collect(),
+                    upstreams: registry.upstream_names().to_vec(),
+                };
+                let log = AccessLog::start(
+                    sink,
+                    *access_log.buffer.get_ref(),
+                    names,
+                    registry.access_log_dropped.clone(),
+                    registry.access_log_written.clone(),
+                )
+                .map_err(BuildError::AccessLog)?;
+                Some(Arc::new(log))
+            }
+            None => None,
+        };
+        let request_ids =
+            access_log.is_some() || routes.iter().any(|route| route.observe.request_id);
         Ok(Node {
+            metrics: registry,
+            request_metrics: config.metrics.enabled,
+            access_log,
+            gateway_node,
+            request_ids,
+            lifecycle: Lifecycle::default(),
             name: config.node.name.clone(),
             via,
             router: Router::new(rules),

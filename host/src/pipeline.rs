@@ -18,10 +18,12 @@
 //!                     502 upstream_unavailable, 504 upstream_timeout,
 //!                     400 invalid_body, 413 body_too_large
 //! response workers    500 worker_failed, 503 worker_timeout or worker_busy
-//! respond
+//! respond             X-Request-Id, X-Request-Duration, X-Gateway-Node,
+//!                     RED metrics, the access-log line
 //! ```
 
 use std::net::{IpAddr, SocketAddr};
+use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
@@ -31,9 +33,12 @@ use http::{Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 
 use crate::error::Refusal;
+use crate::exchange::Exchange;
+use crate::metrics::{Phase, Reason};
 use crate::node::{Node, Route};
 use crate::proxy::{RequestBody, ResponseBody};
 use crate::ratelimit::{KeyInput, Shown};
+use crate::trace::{TraceContext, X_REQUEST_ID};
 use crate::route::{encode_path, host_name, normalize_path, resolve_dot_segments};
 use crate::worker::{wit, Binding, WorkerError};
 
@@ -84,12 +89,16 @@ pub async fn handle(
     request: Request<Incoming>,
 ) -> Response<ResponseBody> {
     let listener = connection.listener;
+    let mut exchange = Exchange::new(node, &request, Instant::now());
     // The rate limit that decided, when the route has any: its state goes
     // on every response of the route.
     let mut shown = None;
-    let mut response = match serve(node, connection, request, &mut shown).await {
+    let mut response = match serve(node, connection, request, &mut shown, &mut exchange).await {
         Ok(response) => response,
-        Err(refusal) => refusal.to_response(),
+        Err(refusal) => {
+            exchange.reason = Reason::of(&refusal);
+            refusal.to_response()
+        }
     };
     let headers = response.headers_mut();
     if let Some(shown) = shown {
@@ -101,7 +110,8 @@ pub async fn handle(
             .entry(header::STRICT_TRANSPORT_SECURITY)
             .or_insert_with(|| hsts.clone());
     }
-    response
+    // Observability headers, RED metrics and the access-log line.
+    exchange.finish(node, connection.peer.ip(), response)
 }
 
 async fn serve(
@@ -109,6 +119,7 @@ async fn serve(
     connection: &Connection,
     request: Request<Incoming>,
     shown: &mut Option<Shown>,
+    exchange: &mut Exchange,
 ) -> Result<Response<ResponseBody>, Refusal> {
     let (mut parts, body) = request.into_parts();
 
@@ -141,6 +152,7 @@ async fn serve(
             .iter()
             .any(|prefix| prefix.matches(&path).is_some())
         {
+            exchange.reason = Reason::Redirect;
             return redirect_to_https(&parts, redirect);
         }
     }
@@ -154,6 +166,10 @@ async fn serve(
     };
     let matched = matched.ok_or(Refusal::NoRoute)?;
     let route = &node.routes[matched.index];
+    exchange.route = Some(matched.index);
+    if route.observe.trace_context {
+        exchange.trace = Some(TraceContext::from_request(&parts.headers));
+    }
 
     let client_ip = client_ip(
         &parts.headers,
@@ -168,9 +184,10 @@ async fn serve(
             client_ip,
             headers: &parts.headers,
         };
-        node.ratelimit
-            .check(&route.limits, 0, &input, shown)
-            .await?;
+        let started = Instant::now();
+        let checked = node.ratelimit.check(&route.limits, 0, &input, shown).await;
+        exchange.ratelimit_time += started.elapsed();
+        checked?;
     }
 
     // Refuse a body the route cannot take before anything else sees it.
@@ -189,14 +206,23 @@ async fn serve(
     if !route.workers.is_empty() {
         let mut request_view = worker_request(&parts, &path, client_ip, route, matched.params);
         for (worker_index, binding) in route.workers.iter().enumerate() {
-            let action = node
-                .runtime
-                .on_request(binding, &request_view)
-                .await
-                .map_err(|e| worker_refusal(route, binding, e))?;
+            let started = Instant::now();
+            let action = node.runtime.on_request(binding, &request_view).await;
+            let took = started.elapsed();
+            exchange.worker_time += took;
+            if node.request_metrics {
+                node.metrics
+                    .route(exchange.route)
+                    .worker(worker_index, Phase::Request, took);
+            }
+            let action = action.map_err(|e| worker_refusal(route, binding, e))?;
             let changes = match action {
                 wit::Action::Continue(changes) => changes,
                 wit::Action::Respond(response) => {
+                    exchange.reason = match response.status {
+                        401 | 403 => Reason::AuthFailed,
+                        _ => Reason::WorkerResponse,
+                    };
                     return worker_response(response)
                         .map_err(|reason| invalid_decision(route, binding, &reason));
                 }
@@ -223,14 +249,20 @@ async fn serve(
                     client_ip,
                     headers: &parts.headers,
                 };
-                node.ratelimit
+                let started = Instant::now();
+                let checked = node
+                    .ratelimit
                     .check(&route.limits, worker_index + 1, &input, shown)
-                    .await?;
+                    .await;
+                exchange.ratelimit_time += started.elapsed();
+                checked?;
             }
         }
         view = Some(request_view);
     }
-    let upstream = &node.upstreams[upstream.ok_or(Refusal::NoUpstream)?];
+    let upstream_index = upstream.ok_or(Refusal::NoUpstream)?;
+    exchange.upstream = Some(upstream_index);
+    let upstream = &node.upstreams[upstream_index];
 
     // Proxy to the upstream, streaming the body both ways.
     let wire_path = match &worker_path {
@@ -246,8 +278,21 @@ async fn serve(
         node,
     )?;
     drop(wire_path);
+    if route.observe.request_id {
+        if let Some(id) = &exchange.request_id {
+            parts.headers.insert(X_REQUEST_ID.clone(), id.clone());
+        }
+    }
+    if let Some(trace) = &exchange.trace {
+        trace.propagate(&mut parts.headers);
+    }
     let request = Request::from_parts(parts, RequestBody::new(body, route.max_body));
-    let mut response = upstream.send(request, client_ip, route.timeout).await?;
+    let started = Instant::now();
+    let sent = upstream
+        .send_noting_target(request, client_ip, route.timeout, &mut exchange.target)
+        .await;
+    exchange.upstream_time = started.elapsed();
+    let mut response = sent?;
     remove_hop_by_hop(response.headers_mut());
     // The node speaks its own HTTP version to the client, whatever the
     // upstream spoke.
@@ -256,7 +301,7 @@ async fn serve(
     // Response-phase workers, in reverse order.
     if let Some(view) = &view {
         if route.workers.iter().any(|w| w.response_hook) {
-            run_response_hooks(node, route, view, &mut response).await?;
+            run_response_hooks(node, route, view, &mut response, exchange).await?;
         }
     }
     Ok(response.map(ResponseBody::Upstream))
@@ -715,17 +760,24 @@ async fn run_response_hooks<B>(
     route: &Route,
     view: &wit::Request,
     response: &mut Response<B>,
+    exchange: &mut Exchange,
 ) -> Result<(), Refusal> {
-    for binding in route.workers.iter().rev().filter(|w| w.response_hook) {
+    let hooked = route.workers.iter().enumerate().rev();
+    for (worker_index, binding) in hooked.filter(|(_, w)| w.response_hook) {
         let head = wit::ResponseHead {
             status: response.status().as_u16(),
             headers: wit_headers(response.headers()),
         };
-        let changes = node
-            .runtime
-            .on_response(binding, view, &head)
-            .await
-            .map_err(|e| worker_refusal(route, binding, e))?;
+        let started = Instant::now();
+        let changes = node.runtime.on_response(binding, view, &head).await;
+        let took = started.elapsed();
+        exchange.worker_time += took;
+        if node.request_metrics {
+            node.metrics
+                .route(exchange.route)
+                .worker(worker_index, Phase::Response, took);
+        }
+        let changes = changes.map_err(|e| worker_refusal(route, binding, e))?;
         apply_header_changes(
             response.headers_mut(),
             None,

@@ -54,6 +54,9 @@ pub struct Target {
     pub health: TargetHealth,
     /// Requests in flight, counted for the least-outstanding policy only.
     pub outstanding: Arc<AtomicUsize>,
+    /// Open connections to the target, idle or busy, across every serving
+    /// thread's pool.
+    pub connections: Arc<AtomicUsize>,
 }
 
 /// The settings of an upstream, from its config.
@@ -141,6 +144,7 @@ impl Upstream {
                     identity: balance::target_identity(&addr),
                     health: TargetHealth::default(),
                     outstanding: Arc::new(AtomicUsize::new(0)),
+                    connections: Arc::new(AtomicUsize::new(0)),
                 }
             })
             .collect();
@@ -169,6 +173,19 @@ impl Upstream {
         client_ip: IpAddr,
         timeout: Option<Duration>,
     ) -> Result<Response<PooledBody>, Refusal> {
+        self.send_noting_target(request, client_ip, timeout, &mut None)
+            .await
+    }
+
+    /// Sends a request as [`Upstream::send`] does, and sets `target` to the
+    /// address of each attempt's target as it is chosen.
+    pub async fn send_noting_target(
+        &self,
+        request: Request<RequestBody>,
+        client_ip: IpAddr,
+        timeout: Option<Duration>,
+        target_addr: &mut Option<SocketAddr>,
+    ) -> Result<Response<PooledBody>, Refusal> {
         let settings = &self.settings;
         let deadline = timeout.map(|timeout| Instant::now() + timeout);
         self.budget.deposit();
@@ -193,6 +210,7 @@ impl Upstream {
             let (index, permit) = next;
             tried |= 1 << (index % 64);
             let target = &self.targets[index];
+            *target_addr = Some(target.addr);
             let attempt_timeout = match deadline {
                 Some(deadline) => settings
                     .response_timeout
@@ -496,9 +514,10 @@ impl Upstream {
                 });
             }
         };
+        let open = OpenConnection::new(&target.connections);
         let handshake = match connected {
-            Connected::Plain(stream) => handshake(TokioIo::new(stream)).await,
-            Connected::Tls(stream) => handshake(TokioIo::new(stream)).await,
+            Connected::Plain(stream) => handshake(TokioIo::new(stream), open).await,
+            Connected::Tls(stream) => handshake(TokioIo::new(stream), open).await,
         };
         handshake.map_err(|error| {
             self.log_failure(target, Some(&error), "upstream handshake failed");
@@ -687,8 +706,28 @@ enum Connected {
     Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
 }
 
-/// Starts HTTP/1.1 on a new connection and spawns the task that drives it.
-async fn handshake<T>(io: T) -> Result<http1::SendRequest<RequestBody>, hyper::Error>
+/// Counts a connection to a target as open until it drops.
+struct OpenConnection(Arc<AtomicUsize>);
+
+impl OpenConnection {
+    fn new(count: &Arc<AtomicUsize>) -> OpenConnection {
+        count.fetch_add(1, Ordering::Relaxed);
+        OpenConnection(count.clone())
+    }
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Starts HTTP/1.1 on a new connection and spawns the task that drives it,
+/// which holds `open` until the connection closes.
+async fn handshake<T>(
+    io: T,
+    open: OpenConnection,
+) -> Result<http1::SendRequest<RequestBody>, hyper::Error>
 where
     T: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
 {
@@ -697,6 +736,7 @@ where
         if let Err(error) = connection.await {
             tracing::debug!(%error, "upstream connection ended with an error");
         }
+        drop(open);
     });
     Ok(sender)
 }
@@ -849,6 +889,8 @@ impl Body for PooledBody {
 pub enum ResponseBody {
     Upstream(PooledBody),
     Full(Full<Bytes>),
+    /// A body that writes the access-log line when it ends.
+    Logged(Box<crate::access_log::LoggedBody>),
 }
 
 impl ResponseBody {
@@ -871,6 +913,7 @@ impl Body for ResponseBody {
             ResponseBody::Full(body) => Pin::new(body)
                 .poll_frame(cx)
                 .map_err(|never| match never {}),
+            ResponseBody::Logged(body) => Pin::new(&mut **body).poll_frame(cx),
         }
     }
 
@@ -878,6 +921,7 @@ impl Body for ResponseBody {
         match self {
             ResponseBody::Upstream(body) => body.is_end_stream(),
             ResponseBody::Full(body) => body.is_end_stream(),
+            ResponseBody::Logged(body) => body.is_end_stream(),
         }
     }
 
@@ -885,6 +929,7 @@ impl Body for ResponseBody {
         match self {
             ResponseBody::Upstream(body) => body.size_hint(),
             ResponseBody::Full(body) => body.size_hint(),
+            ResponseBody::Logged(body) => body.size_hint(),
         }
     }
 }

@@ -266,6 +266,22 @@ impl LocalTable {
         decision
     }
 
+    /// Returns how many requests the key with hash `key` would have admitted
+    /// at `now`, and the most it can admit at once, without counting one.
+    pub fn level(&self, key: u64, now: u64) -> (u64, u64) {
+        let shard = &self.shards[(key >> 32) as usize & (SHARDS - 1)];
+        let mut state = shard
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .map
+            .get(&key)
+            .copied()
+            .unwrap_or_default();
+        let trial = self.shape.decide(&mut state, now);
+        let available = if trial.allowed { trial.remaining + 1 } else { 0 };
+        (available, trial.limit)
+    }
+
     /// Keys held now.
     pub fn len(&self) -> usize {
         self.shards

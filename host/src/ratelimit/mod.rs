@@ -551,6 +551,11 @@ impl RateLimiter {
         })
     }
 
+    /// The rate-limit clock.
+    pub fn clock(&self) -> &dyn Clock {
+        self.clock.as_ref()
+    }
+
     /// Returns the Redis backend, when the config has one.
     pub fn backend(&self) -> Option<&RedisBackend> {
         self.backend.as_deref()
@@ -586,6 +591,7 @@ impl RateLimiter {
             local: LocalTable::new(spec.shape, spec.max_keys),
             global,
             spec,
+            counts: DecisionCounts::default(),
         }
     }
 
@@ -604,6 +610,7 @@ impl RateLimiter {
         let mut delay_ns = 0;
         for limit in limits.iter().filter(|l| l.stage == stage) {
             let decision = limit.decide(self.clock.as_ref(), request).await?;
+            limit.counts.count(decision.allowed);
             let this = Shown::of(&decision);
             if !decision.allowed {
                 *shown = Some(this);
@@ -650,6 +657,32 @@ pub struct Limit {
     /// The local limiter, or a global limit's fallback.
     local: LocalTable,
     global: Option<Global>,
+    /// Decisions made, for metrics and the status page.
+    pub counts: DecisionCounts,
+}
+
+/// The decisions of one limit since the node started, and the local key it
+/// decided last, whose fill level the status page shows.
+#[derive(Debug, Default)]
+pub struct DecisionCounts {
+    pub allowed: AtomicU64,
+    pub rejected: AtomicU64,
+    /// The local table's hash of the key decided last; 0 before the first.
+    last_key: AtomicU64,
+}
+
+impl DecisionCounts {
+    fn count(&self, allowed: bool) {
+        let counter = if allowed { &self.allowed } else { &self.rejected };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// How full a limit is for one key: requests it would admit now, of `limit`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fill {
+    pub available: u64,
+    pub limit: u64,
 }
 
 struct Global {
@@ -683,7 +716,13 @@ impl Limit {
     async fn decide(&self, clock: &dyn Clock, request: &KeyInput<'_>) -> Result<Decision, Refusal> {
         let value = self.key_value(request);
         let Some(global) = &self.global else {
-            return Ok(self.local.decide(self.local_key(&value), clock.now_ns()));
+            let key = self.local_key(&value);
+            // A load first: most requests of a busy limit come from the key
+            // decided last, and a store would bounce the cache line.
+            if self.counts.last_key.load(Ordering::Relaxed) != key {
+                self.counts.last_key.store(key, Ordering::Relaxed);
+            }
+            return Ok(self.local.decide(key, clock.now_ns()));
         };
         let key = global.redis_key(&value);
         let failure = match global.backend.decide(&key, &global.args).await {
@@ -719,6 +758,22 @@ impl Limit {
         self.global
             .as_ref()
             .map_or(0, |g| g.fallbacks.load(Ordering::Relaxed))
+    }
+
+    /// Returns the fill level of a local limit for the key it decided last
+    /// (for a `route` key, its only key), without counting a request; `None`
+    /// for a global limit or before the first decision.
+    // TODO: a global limit's level lives in Redis; reading it needs a round trip per scrape.
+    pub fn fill(&self, clock: &dyn Clock) -> Option<Fill> {
+        if self.global.is_some() {
+            return None;
+        }
+        let key = self.counts.last_key.load(Ordering::Relaxed);
+        if key == 0 {
+            return None;
+        }
+        let (available, limit) = self.local.level(key, clock.now_ns());
+        Some(Fill { available, limit })
     }
 
     /// Returns the number of client keys the node keeps counts for.

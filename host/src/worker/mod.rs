@@ -190,6 +190,7 @@ pub struct Runtime {
     /// is compiled and pre-instantiated once.
     modules: Mutex<HashMap<String, Arc<Module>>>,
     slots: Semaphore,
+    max_instances: usize,
     waiting: AtomicUsize,
     queue_limit: usize,
     queue_timeout: Duration,
@@ -248,6 +249,7 @@ impl Runtime {
             cache,
             modules: Mutex::new(HashMap::new()),
             slots: Semaphore::new(settings.max_instances as usize),
+            max_instances: settings.max_instances as usize,
             waiting: AtomicUsize::new(0),
             queue_limit: settings.queue_limit,
             queue_timeout: settings.queue_timeout,
@@ -362,6 +364,30 @@ impl Runtime {
             })?;
         binding.response_hook = hooks.contains(wit::HookSet::RESPONSE);
         Ok(binding)
+    }
+
+    /// Returns the worker instances running now, and the pool's size.
+    pub fn instances(&self) -> (usize, usize) {
+        let free = self.slots.available_permits().min(self.max_instances);
+        (self.max_instances - free, self.max_instances)
+    }
+
+    /// Returns the requests waiting for a free instance now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
+    /// Returns the loaded modules, ordered by file name.
+    pub fn modules(&self) -> Vec<Arc<Module>> {
+        let mut modules: Vec<Arc<Module>> = self
+            .modules
+            .lock()
+            .expect("module map poisoned")
+            .values()
+            .cloned()
+            .collect();
+        modules.sort_by(|a, b| a.name.cmp(&b.name).then_with(|| a.hash.cmp(&b.hash)));
+        modules
     }
 
     /// Waits for a free instance slot: at once when one is free, else in a

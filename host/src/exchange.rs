@@ -1,0 +1,199 @@
+//! The per-request state that the pipeline fills as a request passes its
+//! stages, and the last step that reads it: the observability headers, the
+//! RED metrics and the access-log record.
+
+use std::io::Write as _;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH};
+use http::{Method, Response, Uri, Version};
+
+use crate::access_log::{LoggedBody, Record};
+use crate::metrics::Reason;
+use crate::node::{Node, RouteObserve};
+use crate::proxy::ResponseBody;
+use crate::trace::{TraceContext, X_REQUEST_ID};
+
+/// `X-Request-Duration`: the time the request spent in the node.
+pub static X_REQUEST_DURATION: HeaderName = HeaderName::from_static("x-request-duration");
+/// `X-Gateway-Node`: the name of the node that served the request.
+pub static X_GATEWAY_NODE: HeaderName = HeaderName::from_static("x-gateway-node");
+
+/// What the node learns about one request while it handles it.
+#[derive(Debug)]
+pub struct Exchange {
+    pub started: Instant,
+    /// The request id sent upstream and on the response, unless the route
+    /// turns it off.
+    pub request_id: Option<HeaderValue>,
+    /// The trace context, on routes that pass it on.
+    pub trace: Option<TraceContext>,
+    /// Index into [`Node::routes`], once a route matched.
+    pub route: Option<usize>,
+    /// Index into [`Node::upstreams`], once an upstream was chosen.
+    pub upstream: Option<usize>,
+    /// The target of the upstream's last attempt.
+    pub target: Option<SocketAddr>,
+    /// Why the request ended as it did; a refusal overrides it.
+    pub reason: Reason,
+    pub ratelimit_time: Duration,
+    pub worker_time: Duration,
+    /// Time from sending the request upstream until its response head.
+    pub upstream_time: Duration,
+    /// The user id a worker set on the request context as `user`, for the
+    /// access log. The pipeline fills it from the context once workers can
+    /// set context values.
+    pub user: Option<String>,
+    /// The request line, kept for the access log when it is on.
+    request_line: Option<RequestLine>,
+}
+
+#[derive(Debug)]
+struct RequestLine {
+    time: SystemTime,
+    method: Method,
+    uri: Uri,
+    version: Version,
+    bytes_in: Option<u64>,
+}
+
+/// The observability headers of requests that matched no route.
+const UNROUTED: RouteObserve = RouteObserve {
+    request_id: true,
+    request_duration: true,
+    gateway_node: true,
+    trace_context: true,
+};
+
+impl Exchange {
+    /// Starts the state of a request that arrived at `started`, keeping its
+    /// request line when the node writes an access log.
+    pub fn new<B>(node: &Node, request: &http::Request<B>, started: Instant) -> Exchange {
+        let request_line = node.access_log.is_some().then(|| RequestLine {
+            time: SystemTime::now(),
+            method: request.method().clone(),
+            uri: request.uri().clone(),
+            version: request.version(),
+            bytes_in: request
+                .headers()
+                .get(CONTENT_LENGTH)
+                .and_then(|value| value.to_str().ok())
+                .and_then(|value| value.parse().ok()),
+        });
+        let request_id = node
+            .request_ids
+            .then(|| crate::trace::request_id(request.headers()));
+        Exchange {
+            started,
+            request_id,
+            trace: None,
+            route: None,
+            upstream: None,
+            target: None,
+            reason: Reason::Proxied,
+            ratelimit_time: Duration::ZERO,
+            worker_time: Duration::ZERO,
+            upstream_time: Duration::ZERO,
+            user: None,
+            request_line,
+        }
+    }
+
+    /// The route's observability switches, or the defaults before routing.
+    pub fn observe<'a>(&self, node: &'a Node) -> &'a RouteObserve {
+        match self.route {
+            Some(index) => &node.routes[index].observe,
+            None => &UNROUTED,
+        }
+    }
+
+    /// Adds the observability headers to the response, records the RED
+    /// metrics and wraps the body to write the access-log line when it
+    /// ends.
+    pub fn finish(
+        self,
+        node: &Node,
+        client: IpAddr,
+        mut response: Response<ResponseBody>,
+    ) -> Response<ResponseBody> {
+        let head = self.started.elapsed();
+        let status = response.status().as_u16();
+        if node.request_metrics {
+            let route = node.metrics.route(self.route);
+            route.record(self.upstream, status, self.reason, head);
+            if let (Some(upstream), false) = (self.upstream, self.upstream_time.is_zero()) {
+                route.upstream(upstream, self.upstream_time);
+            }
+        }
+        let observe = self.observe(node);
+        let headers = response.headers_mut();
+        if observe.request_duration {
+            let gateway = head.saturating_sub(self.upstream_time);
+            headers.insert(X_REQUEST_DURATION.clone(), duration_value(gateway));
+        }
+        if observe.gateway_node {
+            headers.insert(X_GATEWAY_NODE.clone(), node.gateway_node.clone());
+        }
+        if observe.request_id {
+            if let Some(id) = &self.request_id {
+                headers.insert(X_REQUEST_ID.clone(), id.clone());
+            }
+        }
+        let (Some(log), Some(line)) = (&node.access_log, self.request_line) else {
+            return response;
+        };
+        let record = Box::new(Record {
+            time: line.time,
+            started: self.started,
+            request_id: self.request_id,
+            trace_id: self.trace.as_ref().map(|trace| trace.trace_id),
+            span_id: self.trace.as_ref().map(|trace| trace.span_id),
+            client,
+            method: line.method,
+            uri: line.uri,
+            version: line.version,
+            route: self.route,
+            upstream: self.upstream,
+            target: self.target,
+            status,
+            reason: self.reason,
+            bytes_in: line.bytes_in,
+            bytes_out: 0,
+            head,
+            total: head,
+            ratelimit: self.ratelimit_time,
+            workers: self.worker_time,
+            upstream_time: self.upstream_time,
+            completed: false,
+            user: self.user,
+        });
+        response.map(|body| {
+            ResponseBody::Logged(Box::new(LoggedBody::new(body, record, Arc::clone(log))))
+        })
+    }
+}
+
+/// Formats a duration as milliseconds with three decimals, such as
+/// `0.412ms`, without allocating a string.
+fn duration_value(duration: Duration) -> HeaderValue {
+    let micros = duration.as_micros();
+    let mut text = [0u8; 32];
+    let mut cursor = std::io::Cursor::new(&mut text[..]);
+    let _ = write!(cursor, "{}.{:03}ms", micros / 1000, micros % 1000);
+    let len = cursor.position() as usize;
+    HeaderValue::from_bytes(&text[..len]).expect("digits are a valid header value")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn duration_value_is_milliseconds_with_three_decimals() {
+        assert_eq!(duration_value(Duration::from_micros(412)), "0.412ms");
+        assert_eq!(duration_value(Duration::from_micros(12_034)), "12.034ms");
+        assert_eq!(duration_value(Duration::ZERO), "0.000ms");
+    }
+}

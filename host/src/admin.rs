@@ -3,13 +3,16 @@
 //! JSON (and as Prometheus metrics) to requests with the configured bearer
 //! token.
 //!
-//! | path        | what it returns                                           |
-//! |-------------|-----------------------------------------------------------|
-//! | `/breakers` | every target's breaker: state, failures, cool-down        |
-//! | `/health`   | every target's health: active checks, ejection, in flight |
-//! | `/metrics`  | the same as Prometheus text                               |
+//! | path           | what it returns                                        |
+//! |----------------|--------------------------------------------------------|
+//! | `/breakers`    | every target's breaker: state, failures, cool-down     |
+//! | `/health`      | every target's health: checks, ejection, in flight     |
+//! | `/metrics`     | RED metrics and the node's state as Prometheus text    |
+//! | `/status`      | a live HTML status page (see [`crate::status`])        |
+//! | `/status.json` | the data the status page polls                         |
+//! | `/healthz`     | liveness, without a token                              |
+//! | `/readyz`      | readiness (503 while starting or draining), no token   |
 
-use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -26,7 +29,6 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
-use crate::breaker::State;
 
 /// Time allowed for a request head on the admin listener.
 const ADMIN_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
@@ -65,6 +67,7 @@ pub fn start(
         (None, None) => anyhow::bail!("admin: set token or token_file"),
     };
     let token_digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+    let session = crate::status::Session::new(&token);
     let addr = *admin.addr.get_ref();
     let listener = std::net::TcpListener::bind(addr)
         .with_context(|| format!("cannot listen on {addr} for the admin listener"))?;
@@ -90,9 +93,10 @@ pub fn start(
                 accepted = listener.accept() => {
                     let Ok((stream, _)) = accepted else { continue };
                     let node = node.clone();
+                    let session = session.clone();
                     tokio::spawn(async move {
                         let service = hyper::service::service_fn(move |request| {
-                            let response = serve(&node, &token_digest, &request);
+                            let response = serve(&node, &token_digest, &session, &request);
                             async move { Ok::<_, std::convert::Infallible>(response) }
                         });
                         // A client gets as long for its request head as on
@@ -117,9 +121,30 @@ pub fn start(
 fn serve(
     node: &Node,
     token_digest: &[u8; 32],
+    session: &crate::status::Session,
     request: &Request<Incoming>,
 ) -> Response<Full<Bytes>> {
-    if !authorized(request, token_digest) {
+    // Probes carry no token, and the answers say nothing beyond the phase.
+    match request.uri().path() {
+        "/healthz" => return json_response(json!({ "status": "ok" })),
+        "/readyz" => {
+            let phase = node.lifecycle.get();
+            let ready = phase == crate::node::Phase::Serving;
+            let mut response = json_response(json!({ "ready": ready, "phase": phase.name() }));
+            if !ready {
+                *response.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+            }
+            return response;
+        }
+        _ => {}
+    }
+    if request.uri().path() == "/status" && request.method() == Method::GET {
+        if let Some(response) = session.log_in(request, token_digest) {
+            return response;
+        }
+    }
+    let by_cookie = request.method() == Method::GET && session.carried_by(request);
+    if !by_cookie && !authorized(request, token_digest) {
         let mut response = error(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
@@ -142,24 +167,27 @@ fn serve(
         "/breakers" => json_response(breakers(node, now)),
         "/health" => json_response(health(node, now)),
         "/metrics" => {
-            let mut response = Response::new(Full::new(Bytes::from(metrics(node, now))));
+            let text = node.metrics.render(node, now);
+            let mut response = Response::new(Full::new(Bytes::from(text)));
             response.headers_mut().insert(
                 CONTENT_TYPE,
                 HeaderValue::from_static("text/plain; version=0.0.4"),
             );
             response
         }
+        "/status" => crate::status::page(),
+        "/status.json" => json_response(crate::status::snapshot(node, now)),
         _ => error(
             StatusCode::NOT_FOUND,
             "not_found",
-            "use /breakers, /health or /metrics",
+            "use /breakers, /health, /metrics, /status, /status.json, /healthz or /readyz",
         ),
     }
 }
 
 /// Compares the bearer token by its SHA-256 digest, so the comparison time
 /// does not depend on how much of the token matched.
-fn authorized(request: &Request<Incoming>, token_digest: &[u8; 32]) -> bool {
+pub(crate) fn authorized<B>(request: &Request<B>, token_digest: &[u8; 32]) -> bool {
     let Some(given) = request
         .headers()
         .get(AUTHORIZATION)
@@ -248,47 +276,7 @@ fn health(node: &Node, now: Instant) -> Value {
     json!({ "upstreams": upstreams })
 }
 
-fn metrics(node: &Node, now: Instant) -> String {
-    let mut text = String::new();
-    text.push_str(
-        "# HELP edge_breaker_state Circuit breaker state: 0 closed, 1 open, 2 half-open.\n\
-         # TYPE edge_breaker_state gauge\n",
-    );
-    let mut opened = String::from(
-        "# HELP edge_breaker_opened_total Transitions of a breaker into the open state.\n\
-         # TYPE edge_breaker_opened_total counter\n",
-    );
-    let mut up = String::from(
-        "# HELP edge_target_up Whether a target gets traffic: 1 healthy, 0 failing checks \
-         or ejected.\n# TYPE edge_target_up gauge\n",
-    );
-    for upstream in &node.upstreams {
-        for target in &upstream.targets {
-            let labels = format!("upstream=\"{}\",target=\"{}\"", upstream.name, target.addr);
-            if let Some(breaker) = &target.breaker {
-                let state = match breaker.state() {
-                    State::Closed => 0,
-                    State::Open => 1,
-                    State::HalfOpen => 2,
-                };
-                let _ = writeln!(text, "edge_breaker_state{{{labels}}} {state}");
-                let _ = writeln!(
-                    opened,
-                    "edge_breaker_opened_total{{{labels}}} {}",
-                    breaker.opened_total()
-                );
-            }
-            let _ = writeln!(
-                up,
-                "edge_target_up{{{labels}}} {}",
-                u8::from(target.health.is_up(now))
-            );
-        }
-    }
-    text + &opened + &up
-}
-
-fn json_response(value: Value) -> Response<Full<Bytes>> {
+pub(crate) fn json_response(value: Value) -> Response<Full<Bytes>> {
     let mut response = Response::new(Full::new(Bytes::from(value.to_string())));
     response
         .headers_mut()
@@ -296,7 +284,7 @@ fn json_response(value: Value) -> Response<Full<Bytes>> {
     response
 }
 
-fn error(status: StatusCode, code: &str, message: &str) -> Response<Full<Bytes>> {
+pub(crate) fn error(status: StatusCode, code: &str, message: &str) -> Response<Full<Bytes>> {
     let mut response = json_response(json!({ "error": code, "message": message }));
     *response.status_mut() = status;
     response

@@ -26,6 +26,7 @@ pub mod ratelimit;
 pub mod retry;
 pub mod route;
 pub mod scaffold;
+pub mod status;
 pub mod timer;
 pub mod tls;
 pub mod trace;

@@ -496,6 +496,24 @@ pub async fn send(
     collect(response).await
 }
 
+/// Sends a request with an owned body of type `content_type` over a new
+/// HTTP/1.1 connection.
+pub async fn send_owned(method: &str, url: &str, content_type: &str, body: String) -> Result<Got> {
+    let uri: http::Uri = url.parse()?;
+    let authority = uri.authority().unwrap().clone();
+    let stream = tokio::net::TcpStream::connect(authority.as_str()).await?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    tokio::spawn(connection);
+    let request = Request::builder()
+        .method(method)
+        .uri(uri.path_and_query().map(|p| p.as_str()).unwrap_or("/"))
+        .header("host", authority.as_str())
+        .header("content-type", content_type)
+        .body(Full::new(Bytes::from(body)))?;
+    collect(sender.send_request(request).await?).await
+}
+
 /// Sends a GET over a new HTTP/1.1 connection.
 pub async fn get(url: &str) -> Result<Got> {
     send("GET", url, &[], b"").await

@@ -6,8 +6,10 @@
 mod harness;
 
 mod cli;
+mod observability;
 mod proxy;
 mod ratelimit;
 mod resilience;
+mod status_page;
 mod tls;
 mod workers;

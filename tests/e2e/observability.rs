@@ -1,0 +1,463 @@
+//! Observability: the RED metrics after known traffic, the request id,
+//! duration and node headers, trace context, the access log, readiness
+//! during a drain, and the status page in a headless Chromium.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use crate::harness::{get, send, Got, Node, Reply, Result, Upstream};
+
+const TOKEN: &str = "observability-admin-token";
+
+fn admin_table() -> String {
+    format!("[admin]\naddr = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\"\n\n")
+}
+
+fn fixture_route(name: &str, mode: &str, extra: &str, config: &str) -> String {
+    format!(
+        "[[routes]]\nname = \"{name}\"\nprefix = \"/{name}\"\nupstream = \"app\"\n\n\
+         [[routes.workers]]\nmodule = \"{{modules}}/fixture-worker.wasm\"\n{extra}\n\
+         [routes.workers.config]\nmode = \"{mode}\"\n{config}\n\n"
+    )
+}
+
+/// GETs an admin path with the bearer token.
+async fn admin_get(node: &Node, path: &str) -> Result<Got> {
+    let url = format!("{}{path}", node.admin_url.as_ref().expect("admin listener"));
+    let bearer = format!("Bearer {TOKEN}");
+    send("GET", &url, &[("authorization", &bearer)], b"").await
+}
+
+/// The samples of a scrape, as (metric name, labels, value); a histogram
+/// counts as its `+Inf` bucket.
+type Samples = Vec<(String, HashMap<String, String>, f64)>;
+
+async fn scrape(node: &Node) -> Result<Samples> {
+    let got = admin_get(node, "/metrics").await?;
+    assert_eq!(got.status, 200);
+    assert!(got.header("content-type").unwrap().starts_with("text/plain"));
+    let text = String::from_utf8(got.body.to_vec())?;
+    let lines = text.lines().map(|line| Ok(line.to_owned()));
+    let parsed = prometheus_parse::Scrape::parse(lines)?;
+    let samples = parsed
+        .samples
+        .into_iter()
+        .map(|sample| {
+            let value = match sample.value {
+                prometheus_parse::Value::Counter(v)
+                | prometheus_parse::Value::Gauge(v)
+                | prometheus_parse::Value::Untyped(v) => v,
+                prometheus_parse::Value::Histogram(buckets) => {
+                    buckets.last().map_or(0.0, |bucket| bucket.count)
+                }
+                prometheus_parse::Value::Summary(_) => f64::NAN,
+            };
+            let labels = sample
+                .labels
+                .iter()
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            (sample.metric, labels, value)
+        })
+        .collect();
+    Ok(samples)
+}
+
+/// Sums the samples of `metric` whose labels include `labels`.
+fn total(samples: &Samples, metric: &str, labels: &[(&str, &str)]) -> f64 {
+    samples
+        .iter()
+        .filter(|(name, have, _)| {
+            name == metric
+                && labels
+                    .iter()
+                    .all(|(k, v)| have.get(*k).map(String::as_str) == Some(*v))
+        })
+        .map(|(_, _, value)| value)
+        .sum()
+}
+
+#[tokio::test]
+async fn metrics_count_each_reason() -> Result {
+    let app = Upstream::echo().await;
+    let failing = Upstream::start(|_| Reply::Status(503)).await;
+    let mut config = format!(
+        "{}[upstreams.app]\ntargets = [\"{}\"]\n\n\
+         [upstreams.failing]\ntargets = [\"{}\"]\n\
+         [upstreams.failing.retry]\nmax_retries = 0\n\
+         [upstreams.failing.breaker]\nconsecutive_failures = 1\ncool_down = \"60s\"\n\n\
+         [[routes]]\nname = \"ok\"\nprefix = \"/ok\"\nupstream = \"app\"\n\n\
+         [[routes]]\nname = \"limited\"\nprefix = \"/limited\"\nupstream = \"app\"\n\
+         [[routes.limits]]\nname = \"per-route\"\nkey = \"route\"\n\
+         algorithm = \"token_bucket\"\nrate = \"1/min\"\nburst = 1\n\n\
+         [[routes]]\nname = \"failing\"\nprefix = \"/failing\"\nupstream = \"failing\"\n\n",
+        admin_table(),
+        app.addr,
+        failing.addr
+    );
+    config.push_str(&fixture_route("auth", "respond", "", "status = 401"));
+    config.push_str(&fixture_route("panics", "panic", "", ""));
+    config.push_str(&fixture_route("loops", "loop", "cpu_deadline = \"5ms\"", ""));
+    let node = Node::start(&config)?;
+
+    let before = scrape(&node).await?;
+    assert_eq!(total(&before, "edge_requests_total", &[]), 0.0);
+    for _ in 0..3 {
+        assert_eq!(get(&node.url("/ok/x")).await?.status, 200);
+    }
+    assert_eq!(get(&node.url("/limited")).await?.status, 200);
+    assert_eq!(get(&node.url("/limited")).await?.status, 429);
+    assert_eq!(get(&node.url("/failing")).await?.status, 503);
+    let open = get(&node.url("/failing")).await?;
+    assert_eq!(open.json()["error"], "circuit_open");
+    assert_eq!(get(&node.url("/auth")).await?.status, 401);
+    assert_eq!(get(&node.url("/panics")).await?.status, 500);
+    assert_eq!(get(&node.url("/loops")).await?.status, 503);
+    assert_eq!(get(&node.url("/nowhere")).await?.status, 404);
+
+    let after = scrape(&node).await?;
+    let requests = |labels: &[(&str, &str)]| total(&after, "edge_requests_total", labels);
+    let cases: [(&[(&str, &str)], f64); 10] = [
+        (
+            &[("route", "ok"), ("upstream", "app"), ("status_class", "2xx"), ("reason", "proxied")],
+            3.0,
+        ),
+        (&[("route", "limited"), ("reason", "proxied")], 1.0),
+        (
+            &[("route", "limited"), ("upstream", "none"), ("status_class", "4xx"), ("reason", "rate_limited")],
+            1.0,
+        ),
+        (
+            &[("route", "failing"), ("upstream", "failing"), ("status_class", "5xx"), ("reason", "proxied")],
+            1.0,
+        ),
+        (
+            &[("route", "failing"), ("status_class", "5xx"), ("reason", "circuit_open")],
+            1.0,
+        ),
+        (&[("route", "auth"), ("status_class", "4xx"), ("reason", "auth_failed")], 1.0),
+        (&[("route", "panics"), ("status_class", "5xx"), ("reason", "worker_failed")], 1.0),
+        (&[("route", "loops"), ("status_class", "5xx"), ("reason", "worker_timeout")], 1.0),
+        (&[("route", "none"), ("upstream", "none"), ("reason", "no_route")], 1.0),
+        (&[], 11.0),
+    ];
+    for (labels, expected) in cases {
+        assert_eq!(requests(labels), expected, "edge_requests_total{labels:?}");
+    }
+    assert_eq!(
+        total(&after, "edge_request_duration_seconds", &[("route", "ok")]),
+        3.0
+    );
+    assert_eq!(
+        total(
+            &after,
+            "edge_upstream_duration_seconds",
+            &[("route", "ok"), ("upstream", "app")]
+        ),
+        3.0
+    );
+    assert_eq!(
+        total(
+            &after,
+            "edge_worker_duration_seconds",
+            &[("route", "auth"), ("module", "fixture-worker.wasm"), ("phase", "request")]
+        ),
+        1.0
+    );
+    let target = failing.addr.to_string();
+    assert_eq!(
+        total(&after, "edge_breaker_state", &[("upstream", "failing"), ("target", &target)]),
+        1.0
+    );
+    assert_eq!(total(&after, "edge_breaker_opened_total", &[("upstream", "failing")]), 1.0);
+    let limit = [("route", "limited"), ("limit", "per-route")];
+    let decision = |kind| {
+        let mut labels = limit.to_vec();
+        labels.push(("decision", kind));
+        total(&after, "edge_ratelimit_decisions_total", &labels)
+    };
+    assert_eq!(decision("allowed"), 1.0);
+    assert_eq!(decision("rejected"), 1.0);
+    assert_eq!(total(&after, "edge_worker_instances_max", &[]), 128.0);
+    assert_eq!(total(&after, "edge_worker_instances", &[]), 0.0);
+    assert_eq!(total(&after, "edge_worker_module_info", &[("module", "fixture-worker.wasm")]), 1.0);
+    assert_eq!(total(&after, "edge_worker_modules_loaded", &[]), 1.0);
+    // The node keeps its connections to the echo upstream open for reuse.
+    assert!(total(&after, "edge_upstream_connections", &[("upstream", "app")]) >= 1.0);
+    // No path, client address or user id becomes a label.
+    for (_, labels, _) in &after {
+        for value in labels.values() {
+            assert!(!value.starts_with('/'), "a path as a label: {labels:?}");
+            assert!(!value.contains("/x"), "a path as a label: {labels:?}");
+        }
+        assert!(!labels.contains_key("path"));
+        assert!(!labels.contains_key("client"));
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn headers_carry_id_duration_and_node() -> Result {
+    let upstream = Upstream::echo().await;
+    let config = format!(
+        "[node]\nname = \"edge-obs-1\"\n\n[upstreams.app]\ntargets = [\"{}\"]\n\n\
+         [[routes]]\nname = \"api\"\nprefix = \"/api\"\nupstream = \"app\"\n\n\
+         [[routes]]\nname = \"quiet\"\nprefix = \"/quiet\"\nupstream = \"app\"\n\
+         [routes.observability]\nrequest_id = false\nrequest_duration = false\n\
+         gateway_node = false\ntrace_context = false\n",
+        upstream.addr
+    );
+    let node = Node::start(&config)?;
+
+    let got = get(&node.url("/api/a")).await?;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.header("x-gateway-node"), Some("edge-obs-1"));
+    let duration = got.header("x-request-duration").expect("x-request-duration");
+    let number = duration.strip_suffix("ms").expect("a value in ms");
+    let (whole, fraction) = number.split_once('.').expect("three decimals");
+    assert!(whole.bytes().all(|b| b.is_ascii_digit()), "{duration}");
+    assert_eq!(fraction.len(), 3, "{duration}");
+    let generated = got.header("x-request-id").expect("x-request-id").to_owned();
+    assert_eq!(generated.len(), 32);
+    assert!(generated.bytes().all(|b| b.is_ascii_hexdigit()));
+    assert_eq!(upstream.last().headers["x-request-id"], generated.as_str());
+
+    // A valid client id is kept and reaches the upstream.
+    let got = send("GET", &node.url("/api/b"), &[("x-request-id", "client-id.42")], b"").await?;
+    assert_eq!(got.header("x-request-id"), Some("client-id.42"));
+    assert_eq!(upstream.last().headers["x-request-id"], "client-id.42");
+
+    // An invalid one is replaced, on the response and upstream alike.
+    let long = "a".repeat(200);
+    for bad in ["has space", "quote\"d", long.as_str()] {
+        let got = send("GET", &node.url("/api/c"), &[("x-request-id", bad)], b"").await?;
+        let id = got.header("x-request-id").expect("x-request-id");
+        assert_ne!(id, bad);
+        assert_eq!(id.len(), 32, "{bad:?}");
+        assert_eq!(upstream.last().headers["x-request-id"], id);
+    }
+
+    // Refusals carry the headers too.
+    let missing = get(&node.url("/nowhere")).await?;
+    assert_eq!(missing.status, 404);
+    assert!(missing.header("x-request-id").is_some());
+    assert_eq!(missing.header("x-gateway-node"), Some("edge-obs-1"));
+
+    // A route can turn each off.
+    let quiet = send("GET", &node.url("/quiet"), &[("x-request-id", "kept-as-sent")], b"").await?;
+    assert_eq!(quiet.status, 200);
+    for name in ["x-request-id", "x-request-duration", "x-gateway-node"] {
+        assert!(quiet.header(name).is_none(), "{name} on a quiet route");
+    }
+    let seen = upstream.last().headers;
+    assert_eq!(seen["x-request-id"], "kept-as-sent");
+    assert!(seen.get("traceparent").is_none());
+    Ok(())
+}
+
+/// Splits a `traceparent` into trace id, parent id and flags.
+fn trace_parts(value: &str) -> (String, String, String) {
+    let parts: Vec<&str> = value.split('-').collect();
+    assert_eq!(parts.len(), 4, "{value}");
+    assert_eq!(parts[0], "00");
+    (parts[1].to_owned(), parts[2].to_owned(), parts[3].to_owned())
+}
+
+#[tokio::test]
+async fn traceparent_continued_or_started() -> Result {
+    let upstream = Upstream::echo().await;
+    let config = format!(
+        "[upstreams.app]\ntargets = [\"{}\"]\n\n\
+         [[routes]]\nname = \"api\"\nprefix = \"/\"\nupstream = \"app\"\n",
+        upstream.addr
+    );
+    let node = Node::start(&config)?;
+
+    let client = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let got = send(
+        "GET",
+        &node.url("/continued"),
+        &[("traceparent", client), ("tracestate", "vendor=abc")],
+        b"",
+    )
+    .await?;
+    assert_eq!(got.status, 200);
+    let seen = upstream.last().headers;
+    let (trace, parent, flags) = trace_parts(seen["traceparent"].to_str()?);
+    assert_eq!(trace, "4bf92f3577b34da6a3ce929d0e0e4736");
+    assert_ne!(parent, "00f067aa0ba902b7", "the node's span is the new parent");
+    assert_eq!(parent.len(), 16);
+    assert_eq!(flags, "01");
+    assert_eq!(seen["tracestate"], "vendor=abc");
+
+    // Absent: a new trace starts.
+    get(&node.url("/started")).await?;
+    let seen = upstream.last().headers;
+    let (trace, parent, _) = trace_parts(seen["traceparent"].to_str()?);
+    assert_eq!(trace.len(), 32);
+    assert_ne!(trace, "0".repeat(32));
+    assert_ne!(parent, "0".repeat(16));
+
+    // Invalid: a new trace starts and the client's tracestate is dropped.
+    let invalid = "00-00000000000000000000000000000000-00f067aa0ba902b7-01";
+    send(
+        "GET",
+        &node.url("/invalid"),
+        &[("traceparent", invalid), ("tracestate", "vendor=abc")],
+        b"",
+    )
+    .await?;
+    let seen = upstream.last().headers;
+    let (trace, _, _) = trace_parts(seen["traceparent"].to_str()?);
+    assert_ne!(trace, "0".repeat(32));
+    assert!(seen.get("tracestate").is_none());
+    Ok(())
+}
+
+#[tokio::test]
+async fn access_log_lines_carry_fields_without_secrets() -> Result {
+    let upstream = Upstream::echo().await;
+    let config = format!(
+        "[node]\nname = \"edge-log\"\n\n[access_log]\npath = \"access.log\"\n\n\
+         [upstreams.app]\ntargets = [\"{}\"]\n\n\
+         [[routes]]\nname = \"api\"\nprefix = \"/api\"\nupstream = \"app\"\n",
+        upstream.addr
+    );
+    let node = Node::start(&config)?;
+    let got = send(
+        "GET",
+        &node.url("/api/items?page=2&access_token=tok-SECRET-1&api_key=key-SECRET-2&password=pw-SECRET-3"),
+        &[
+            ("authorization", "Bearer auth-SECRET-4"),
+            ("cookie", "session=cookie-SECRET-5"),
+            ("x-request-id", "log-test-1"),
+        ],
+        b"",
+    )
+    .await?;
+    assert_eq!(got.status, 200);
+    let posted = send("POST", &node.url("/api/upload"), &[], b"0123456789").await?;
+    assert_eq!(posted.status, 200);
+    assert_eq!(get(&node.url("/missing")).await?.status, 404);
+
+    let path = node.dir().join("access.log");
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = std::fs::read_to_string(&path).unwrap_or_default();
+        if text.lines().count() >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let lines: Vec<serde_json::Value> = text
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<std::result::Result<_, _>>()?;
+    assert_eq!(lines.len(), 3, "{text}");
+    for secret in ["SECRET", "auth-", "cookie-"] {
+        assert!(!text.contains(secret), "{secret} in the access log: {text}");
+    }
+    let first = &lines[0];
+    assert_eq!(first["node"], "edge-log");
+    assert_eq!(first["request_id"], "log-test-1");
+    assert_eq!(first["method"], "GET");
+    assert_eq!(first["path"], "/api/items");
+    assert_eq!(
+        first["query"],
+        "page=2&access_token=REDACTED&api_key=REDACTED&password=REDACTED"
+    );
+    assert_eq!(first["route"], "api");
+    assert_eq!(first["upstream"], "app");
+    assert_eq!(first["target"], upstream.addr.to_string());
+    assert_eq!(first["status"], 200);
+    assert_eq!(first["reason"], "proxied");
+    assert_eq!(first["completed"], true);
+    assert_eq!(first["client"], "127.0.0.1");
+    assert_eq!(first["trace_id"].as_str().map(str::len), Some(32));
+    assert!(first["bytes_out"].as_u64().unwrap() > 0);
+    assert!(first["time"].as_str().unwrap().ends_with('Z'));
+    for stage in ["total", "head", "gateway", "ratelimit", "workers", "upstream"] {
+        assert!(first["durations_ms"][stage].is_number(), "durations_ms.{stage}");
+    }
+    assert!(first["user"].is_null());
+    assert_eq!(lines[1]["method"], "POST");
+    assert_eq!(lines[1]["bytes_in"], 10);
+    assert_eq!(lines[2]["status"], 404);
+    assert_eq!(lines[2]["reason"], "no_route");
+    assert!(lines[2]["route"].is_null());
+    Ok(())
+}
+
+#[tokio::test]
+async fn readiness_false_while_draining() -> Result {
+    let upstream = Upstream::start(|_| Reply::Delay(Duration::from_secs(2))).await;
+    let config = format!(
+        "[node]\ndrain_timeout = \"10s\"\n\n{}[upstreams.app]\ntargets = [\"{}\"]\n\n\
+         [[routes]]\nname = \"slow\"\nprefix = \"/\"\nupstream = \"app\"\n",
+        admin_table(),
+        upstream.addr
+    );
+    let mut node = Node::start(&config)?;
+    let admin = node.admin_url.clone().expect("admin listener");
+    let ready = get(&format!("{admin}/readyz")).await?;
+    assert_eq!(ready.status, 200);
+    assert_eq!(ready.json()["phase"], "serving");
+    let live = get(&format!("{admin}/healthz")).await?;
+    assert_eq!(live.status, 200);
+
+    let url = node.url("/slow");
+    let slow = tokio::spawn(async move { get(&url).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    node.interrupt();
+    let mut draining = None;
+    for _ in 0..40 {
+        let got = get(&format!("{admin}/readyz")).await?;
+        if got.status == 503 {
+            draining = Some(got);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let draining = draining.expect("/readyz turned 503 during the drain");
+    assert_eq!(draining.json()["ready"], false);
+    assert_eq!(draining.json()["phase"], "draining");
+    assert_eq!(get(&format!("{admin}/healthz")).await?.status, 200);
+    let finished = slow.await??;
+    assert_eq!(finished.status, 200, "the open request finished during the drain");
+    assert!(node.wait_exit().is_some());
+    Ok(())
+}
+
+#[tokio::test]
+async fn status_requires_token_then_cookie() -> Result {
+    let upstream = Upstream::echo().await;
+    let config = format!(
+        "{}[upstreams.app]\ntargets = [\"{}\"]\n\n\
+         [[routes]]\nname = \"api\"\nprefix = \"/\"\nupstream = \"app\"\n",
+        admin_table(),
+        upstream.addr
+    );
+    let node = Node::start(&config)?;
+    let admin = node.admin_url.clone().expect("admin listener");
+    assert_eq!(get(&format!("{admin}/status")).await?.status, 401);
+    assert_eq!(get(&format!("{admin}/status.json")).await?.status, 401);
+    assert_eq!(get(&format!("{admin}/status?token=wrong")).await?.status, 401);
+    let login = get(&format!("{admin}/status?token={TOKEN}")).await?;
+    assert_eq!(login.status, 303);
+    assert_eq!(login.header("location"), Some("/status"));
+    let cookie = login.header("set-cookie").expect("a session cookie").to_owned();
+    assert!(cookie.contains("HttpOnly"));
+    assert!(cookie.contains("SameSite=Strict"));
+    assert!(!cookie.contains(TOKEN), "the cookie holds no token");
+    let pair = cookie.split(';').next().unwrap().to_owned();
+    let page = send("GET", &format!("{admin}/status"), &[("cookie", &pair)], b"").await?;
+    assert_eq!(page.status, 200);
+    assert!(page.header("content-security-policy").is_some());
+    let data = send("GET", &format!("{admin}/status.json"), &[("cookie", &pair)], b"").await?;
+    assert_eq!(data.status, 200);
+    assert_eq!(data.json()["routes"][0]["name"], "api");
+    // The cookie opens GET requests only.
+    let posted = send("POST", &format!("{admin}/status.json"), &[("cookie", &pair)], b"").await?;
+    assert_eq!(posted.status, 401);
+    Ok(())
+}

@@ -23,7 +23,7 @@ use bytes::Bytes;
 use http::{HeaderValue, Method, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use prometheus::IntCounter;
-use serde_json::{json, Map, Value};
+use serde::Serialize;
 
 use crate::metrics::Reason;
 use crate::proxy::{BoxError, ResponseBody};
@@ -143,7 +143,7 @@ fn write_lines(
         let mut next = Some(first);
         while let Some(record) = next {
             line.clear();
-            if serde_json::to_writer(&mut line, &record.to_json(names)).is_ok() {
+            if serde_json::to_writer(&mut line, &record.line(names)).is_ok() {
                 line.push(b'\n');
                 if let Err(error) = output.write_all(&line) {
                     tracing::error!(%error, "cannot write the access log; stopping it");
@@ -164,58 +164,73 @@ fn millis(duration: Duration) -> f64 {
     (duration.as_nanos() as f64 / 1_000.0).round() / 1_000.0
 }
 
+/// One access-log line, borrowing from its record.
+#[derive(Serialize)]
+struct Line<'a> {
+    time: String,
+    node: &'a str,
+    request_id: Option<&'a str>,
+    trace_id: Option<String>,
+    span_id: Option<String>,
+    client: IpAddr,
+    method: &'a str,
+    path: &'a str,
+    query: Option<String>,
+    protocol: String,
+    route: Option<&'a str>,
+    upstream: Option<&'a str>,
+    target: Option<SocketAddr>,
+    status: u16,
+    reason: &'static str,
+    bytes_in: Option<u64>,
+    bytes_out: u64,
+    completed: bool,
+    durations_ms: Durations,
+    user: Option<&'a str>,
+}
+
+/// The stage durations of a line, in milliseconds.
+#[derive(Serialize)]
+struct Durations {
+    total: f64,
+    head: f64,
+    gateway: f64,
+    ratelimit: f64,
+    workers: f64,
+    upstream: f64,
+}
+
 impl Record {
-    fn to_json(&self, names: &Names) -> Value {
-        let mut line = Map::new();
-        line.insert(
-            "time".into(),
-            humantime::format_rfc3339_millis(self.time).to_string().into(),
-        );
-        line.insert("node".into(), names.node.as_str().into());
-        line.insert(
-            "request_id".into(),
-            self.request_id
-                .as_ref()
-                .and_then(|id| id.to_str().ok())
-                .into(),
-        );
-        line.insert("trace_id".into(), self.trace_id.map(hex::encode).into());
-        line.insert("span_id".into(), self.span_id.map(hex::encode).into());
-        line.insert("client".into(), self.client.to_string().into());
-        line.insert("method".into(), self.method.as_str().into());
-        line.insert("path".into(), self.uri.path().into());
-        line.insert("query".into(), self.uri.query().map(redact_query).into());
-        line.insert("protocol".into(), format!("{:?}", self.version).into());
-        line.insert(
-            "route".into(),
-            self.route.map(|index| &*names.routes[index]).into(),
-        );
-        line.insert(
-            "upstream".into(),
-            self.upstream.map(|index| &*names.upstreams[index]).into(),
-        );
-        line.insert(
-            "target".into(),
-            self.target.map(|addr| addr.to_string()).into(),
-        );
-        line.insert("status".into(), self.status.into());
-        line.insert("reason".into(), self.reason.name().into());
-        line.insert("bytes_in".into(), self.bytes_in.into());
-        line.insert("bytes_out".into(), self.bytes_out.into());
-        line.insert("completed".into(), self.completed.into());
-        line.insert(
-            "durations_ms".into(),
-            json!({
-                "total": millis(self.total),
-                "head": millis(self.head),
-                "gateway": millis(self.head.saturating_sub(self.upstream_time)),
-                "ratelimit": millis(self.ratelimit),
-                "workers": millis(self.workers),
-                "upstream": millis(self.upstream_time),
-            }),
-        );
-        line.insert("user".into(), self.user.as_deref().into());
-        Value::Object(line)
+    fn line<'a>(&'a self, names: &'a Names) -> Line<'a> {
+        Line {
+            time: humantime::format_rfc3339_millis(self.time).to_string(),
+            node: &names.node,
+            request_id: self.request_id.as_ref().and_then(|id| id.to_str().ok()),
+            trace_id: self.trace_id.map(hex::encode),
+            span_id: self.span_id.map(hex::encode),
+            client: self.client,
+            method: self.method.as_str(),
+            path: self.uri.path(),
+            query: self.uri.query().map(redact_query),
+            protocol: format!("{:?}", self.version),
+            route: self.route.map(|index| &*names.routes[index]),
+            upstream: self.upstream.map(|index| &*names.upstreams[index]),
+            target: self.target,
+            status: self.status,
+            reason: self.reason.name(),
+            bytes_in: self.bytes_in,
+            bytes_out: self.bytes_out,
+            completed: self.completed,
+            durations_ms: Durations {
+                total: millis(self.total),
+                head: millis(self.head),
+                gateway: millis(self.head.saturating_sub(self.upstream_time)),
+                ratelimit: millis(self.ratelimit),
+                workers: millis(self.workers),
+                upstream: millis(self.upstream_time),
+            },
+            user: self.user.as_deref(),
+        }
     }
 }
 

@@ -291,7 +291,13 @@ async fn serve(
     let sent = upstream
         .send_noting_target(request, client_ip, route.timeout, &mut exchange.target)
         .await;
-    exchange.upstream_time = started.elapsed();
+    // A request that no breaker or health check let through made no call.
+    if !matches!(
+        sent,
+        Err(Refusal::CircuitOpen { .. } | Refusal::NoHealthyUpstream { .. })
+    ) {
+        exchange.upstream_time = started.elapsed();
+    }
     let mut response = sent?;
     remove_hop_by_hop(response.headers_mut());
     // The node speaks its own HTTP version to the client, whatever the

@@ -46,6 +46,7 @@ pub fn new_request_id() -> HeaderValue {
     HeaderValue::from_bytes(&text).expect("hex digits are a valid header value")
 }
 
+// TODO: export the node's span per request over OTLP behind an optional cargo feature (opentelemetry-otlp); until then the access log carries trace_id and span_id.
 /// The trace context of one request: the trace it belongs to, the node's
 /// own span in it, and the client's span when the client sent one.
 #[derive(Debug, Clone)]

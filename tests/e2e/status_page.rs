@@ -4,7 +4,7 @@
 //! fill level dropping after a burst and refilling.
 
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -14,6 +14,11 @@ use serde_json::json;
 use crate::harness::{free_port, get, Node, Reply, Result, Upstream};
 
 const TOKEN: &str = "status-page-admin-token";
+
+/// Upstream modes of the status-page test.
+const ANSWER: u8 = 0;
+const FAIL: u8 = 1;
+const SLOW: u8 = 2;
 
 /// A chromedriver process on a free loopback port, killed on drop.
 struct ChromeDriver {
@@ -115,14 +120,13 @@ fn available(text: &str) -> Option<u64> {
 
 #[tokio::test]
 async fn status_page_shows_breaker_cycle_and_refill() -> Result {
-    let failing = Arc::new(AtomicBool::new(false));
-    let switch = failing.clone();
-    let upstream = Upstream::start(move |_| {
-        if switch.load(Ordering::SeqCst) {
-            Reply::Status(503)
-        } else {
-            Reply::Echo
-        }
+    // What the upstream does: answer, fail with 503, or answer slowly.
+    let mode = Arc::new(AtomicU8::new(ANSWER));
+    let switch = mode.clone();
+    let upstream = Upstream::start(move |_| match switch.load(Ordering::SeqCst) {
+        FAIL => Reply::Status(503),
+        SLOW => Reply::Delay(Duration::from_millis(2_500)),
+        _ => Reply::Echo,
     })
     .await;
     let config = format!(
@@ -133,7 +137,7 @@ async fn status_page_shows_breaker_cycle_and_refill() -> Result {
          [[routes]]\nname = \"api\"\nprefix = \"/api\"\nupstream = \"app\"\n\n\
          [[routes]]\nname = \"burst\"\nprefix = \"/burst\"\nupstream = \"app\"\n\
          [[routes.limits]]\nname = \"bucket\"\nkey = \"route\"\n\
-         algorithm = \"token_bucket\"\nrate = \"5/s\"\nburst = 5\n",
+         algorithm = \"token_bucket\"\nrate = \"2/s\"\nburst = 5\n",
         upstream.addr
     );
     let node = Node::start(&config)?;
@@ -148,27 +152,37 @@ async fn status_page_shows_breaker_cycle_and_refill() -> Result {
     let text = client.source().await?;
     assert!(text.contains("Edge node"));
 
-    // The upstream fails: the breaker opens, then half-opens after its
-    // cool-down and closes once a probe succeeds.
-    failing.store(true, Ordering::SeqCst);
+    // The upstream fails: the breaker opens. After its cool-down a slow
+    // probe keeps it half-open, and the probe's success closes it.
+    mode.store(FAIL, Ordering::SeqCst);
     for _ in 0..2 {
         assert_eq!(get(&node.url("/api")).await?.status, 503);
     }
     wait_for(&client, &breaker, Duration::from_secs(5), |t| t == "open").await?;
-    failing.store(false, Ordering::SeqCst);
+    mode.store(SLOW, Ordering::SeqCst);
     tokio::time::sleep(Duration::from_millis(2_200)).await;
-    assert_eq!(get(&node.url("/api")).await?.status, 200);
+    let url = node.url("/api");
+    let probe = tokio::spawn(async move { get(&url).await });
+    wait_for(&client, &breaker, Duration::from_secs(3), |t| t == "half-open").await?;
+    assert_eq!(probe.await??.status, 200);
+    mode.store(ANSWER, Ordering::SeqCst);
     wait_for(&client, &breaker, Duration::from_secs(5), |t| t == "closed").await?;
 
-    // A burst empties the bucket, which then refills at 5/s.
+    // A burst empties the bucket, which then refills at 2/s.
     let fill = "td.fill[data-key=\"burst/bucket\"]";
     assert_eq!(get(&node.url("/burst")).await?.status, 200);
     wait_for(&client, fill, Duration::from_secs(5), |t| available(t).is_some()).await?;
-    for _ in 0..6 {
-        get(&node.url("/burst")).await?;
+    let burst: Vec<_> = (0..10)
+        .map(|_| {
+            let url = node.url("/burst");
+            tokio::spawn(async move { get(&url).await })
+        })
+        .collect();
+    for request in burst {
+        request.await??;
     }
     let low = wait_for(&client, fill, Duration::from_secs(3), |t| {
-        available(t).is_some_and(|n| n <= 1)
+        available(t).is_some_and(|n| n <= 2)
     })
     .await?;
     let refilled = wait_for(&client, fill, Duration::from_secs(5), |t| {

@@ -192,6 +192,9 @@ pub fn run_node(config: &Config, node: Node) -> anyhow::Result<()> {
         config.threads(),
         config.node.drain_timeout,
     )?;
+    // Ready before the addresses are printed, which is when scripts and
+    // tests start to send requests.
+    node.lifecycle.set(crate::node::Phase::Serving);
     for (addr, listener) in server.addrs.iter().zip(&node.listeners) {
         match &listener.tls {
             Some(tls) => {
@@ -203,7 +206,6 @@ pub fn run_node(config: &Config, node: Node) -> anyhow::Result<()> {
             None => println!("listening on http://{addr}"),
         }
     }
-    node.lifecycle.set(crate::node::Phase::Serving);
     tracing::info!(node = %config.node.name, threads = config.threads(), "serving");
     wait_for_signal()?;
     tracing::info!("shutting down; draining open connections");

@@ -71,7 +71,7 @@ pub enum Reason {
 impl Reason {
     const COUNT: usize = Reason::RateLimitUnavailable as usize + 1;
 
-    /// The label value: `proxied`, `worker_response`, `auth_failed`,
+    /// Returns the label value: `proxied`, `worker_response`, `auth_failed`,
     /// `redirect`, or the refusal's `error` code.
     pub fn name(self) -> &'static str {
         match self {
@@ -99,7 +99,7 @@ impl Reason {
         }
     }
 
-    /// The reason of a refusal.
+    /// Returns the reason of a refusal.
     pub fn of(refusal: &Refusal) -> Reason {
         match refusal {
             Refusal::NoRoute => Reason::NoRoute,
@@ -122,8 +122,8 @@ impl Reason {
         }
     }
 
-    /// Whether the request was refused rather than answered by the upstream
-    /// or a worker.
+    /// Returns whether the node or a worker rejected the request, rather
+    /// than the upstream or a worker responding to it.
     pub fn is_refusal(self) -> bool {
         !matches!(
             self,

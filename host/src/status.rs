@@ -52,7 +52,7 @@ impl Session {
     }
 
     /// Handles `/status?token=...`: sets the session cookie and redirects
-    /// to `/status` when the token is right, answers 401 when it is wrong.
+    /// to `/status` when the token is right, and returns 401 when it is wrong.
     /// Returns `None` when the request has no `token` parameter.
     pub fn log_in<B>(&self, request: &Request<B>, token_digest: &[u8; 32]) -> Option<Response<Full<Bytes>>> {
         let token = request.uri().query()?.split('&').find_map(|pair| {
@@ -86,7 +86,7 @@ impl Session {
         Some(response)
     }
 
-    /// Whether the request carries this session's cookie.
+    /// Returns whether the request carries this session's cookie.
     pub fn carried_by<B>(&self, request: &Request<B>) -> bool {
         request
             .headers()

@@ -390,7 +390,7 @@ async fn access_log_lines_carry_fields_without_secrets() -> Result {
 
 #[tokio::test]
 async fn readiness_false_while_draining() -> Result {
-    let upstream = Upstream::start(|_| Reply::Delay(Duration::from_secs(2))).await;
+    let upstream = Upstream::start(|_| Reply::Delay(Duration::from_secs(3))).await;
     let config = format!(
         "[node]\ndrain_timeout = \"10s\"\n\n{}[upstreams.app]\ntargets = [\"{}\"]\n\n\
          [[routes]]\nname = \"slow\"\nprefix = \"/\"\nupstream = \"app\"\n",
@@ -407,10 +407,17 @@ async fn readiness_false_while_draining() -> Result {
 
     let url = node.url("/slow");
     let slow = tokio::spawn(async move { get(&url).await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Drain only once the request is at the upstream, so it is in flight.
+    for _ in 0..200 {
+        if upstream.count() == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(upstream.count(), 1);
     node.interrupt();
     let mut draining = None;
-    for _ in 0..40 {
+    for _ in 0..200 {
         let got = get(&format!("{admin}/readyz")).await?;
         if got.status == 503 {
             draining = Some(got);

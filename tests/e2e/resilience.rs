@@ -548,8 +548,10 @@ async fn admin_listener_requires_the_bearer_token() -> Result {
     assert_eq!(health.json()["upstreams"][0]["balance"], "round_robin");
     let metrics = admin_get(&node, "/metrics").await?;
     let text = String::from_utf8_lossy(&metrics.body);
+    // The exposition sorts labels by name, so `target` comes first.
     assert!(
-        text.contains("edge_breaker_state{upstream=\"app\""),
+        text.lines()
+            .any(|line| line.starts_with("edge_breaker_state{") && line.contains("upstream=\"app\"")),
         "{text}"
     );
     assert_eq!(admin_get(&node, "/nothing").await?.status, 404);

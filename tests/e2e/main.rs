@@ -6,6 +6,7 @@
 mod harness;
 
 mod cli;
+mod context;
 mod proxy;
 mod ratelimit;
 mod resilience;

@@ -427,7 +427,11 @@ fn build_listener(
             .client_ca
             .as_ref()
             .map(|ca| config.resolve(ca.get_ref())),
-        client_auth: tls.client_auth,
+        client_auth: tls
+            .client_auth
+            .as_ref()
+            .map(|auth| *auth.get_ref())
+            .unwrap_or_default(),
     };
     let loaded = ListenerTls::load(settings, tls.reload_interval, dev_ca).map_err(|error| {
         let (entry, entry_line) =

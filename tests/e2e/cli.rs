@@ -206,15 +206,15 @@ fn check_rejects_invalid_values() {
                 "[[listeners]]",
                 "[node]\nname = \"my node\"\n\n[[listeners]]",
             ),
-            "node.name",
+            ":2: node.name",
         ),
         (
             format!("{VALID}\n[runtime]\nmax_memory = \"8GiB\"\n"),
-            "runtime.max_memory: 8.0 GiB must be from 64 KiB to 4 GiB",
+            ":24: runtime.max_memory: 8.0 GiB must be from 64 KiB to 4 GiB",
         ),
         (
             format!("{VALID}\n[runtime]\nmax_instances = 4000000000\n"),
-            "runtime.max_instances: must be from 1 to 4096",
+            ":24: runtime.max_instances: must be from 1 to 4096",
         ),
         (
             VALID.replace(
@@ -351,6 +351,32 @@ fn worker_new_scaffolds_a_crate_that_builds() {
     let again = edge(&["worker", "new", "hello-worker", "--dir", &root]);
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+}
+
+#[test]
+fn check_rejects_config_without_routes() {
+    let listeners_only = VALID.split("[upstreams.users]").next().unwrap_or_default();
+    let error = check_fails(listeners_only);
+    assert!(
+        error.contains("routes: at least one [[routes]] is required"),
+        "{error}"
+    );
+}
+
+#[test]
+fn check_rejects_client_auth_without_ca() {
+    let config = VALID.replace(
+        "addr = \"127.0.0.1:0\"\n",
+        "addr = \"127.0.0.1:0\"\n[listeners.tls]\ndev_certificate = true\n\
+         client_auth = \"optional\"\n",
+    );
+    let error = check_fails(&config);
+    assert!(
+        error.contains(
+            ":5: listeners[0].tls.client_auth: client_auth has no effect without client_ca"
+        ),
+        "{error}"
+    );
 }
 
 #[test]

@@ -202,9 +202,10 @@ pub struct ListenerTlsConfig {
     pub client_ca: Option<Spanned<PathBuf>>,
     /// With `client_ca`: `required` rejects a handshake without a valid
     /// client certificate, `optional` accepts one without a certificate but
-    /// still rejects an invalid one. Default: `required`.
-    #[serde(default)]
-    pub client_auth: ClientAuth,
+    /// still rejects an invalid one. Default: `required`. Setting it
+    /// without `client_ca` is an error, because without a CA no client
+    /// certificate is checked.
+    pub client_auth: Option<Spanned<ClientAuth>>,
     /// The request header that carries the verified client certificate's
     /// subject (RFC 4514, such as `CN=client-1,O=Example`) to workers and
     /// upstreams. The node removes any value the client sent. Default:
@@ -724,6 +725,55 @@ pub struct WorkerConfig {
     /// The worker's own settings, readable through its `config` import.
     #[serde(default)]
     pub config: toml::Table,
+    /// Secrets the worker reads by name through its `secrets` import.
+    #[serde(default)]
+    pub secrets: BTreeMap<String, Spanned<SecretSource>>,
+}
+
+/// Where a secret's value comes from.
+#[derive(Clone, Deserialize)]
+#[serde(untagged)]
+pub enum SecretSource {
+    /// The value itself, written in the config.
+    Inline(String),
+    /// An environment variable of the node, read when the node loads.
+    Env {
+        /// The variable's name.
+        env: String,
+    },
+}
+
+impl std::fmt::Debug for SecretSource {
+    /// Shows where a secret comes from, never an inline value.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SecretSource::Inline(_) => f.write_str("Inline(..)"),
+            SecretSource::Env { env } => f.debug_struct("Env").field("env", env).finish(),
+        }
+    }
+}
+
+impl SecretSource {
+    /// Returns the secret's value, reading the environment variable it names.
+    ///
+    /// # Errors
+    ///
+    /// Returns a message naming the variable when it is unset or not UTF-8.
+    pub fn resolve(&self) -> Result<String, String> {
+        match self {
+            SecretSource::Inline(value) => Ok(value.clone()),
+            SecretSource::Env { env } => std::env::var(env).map_err(|error| match error {
+                std::env::VarError::NotPresent => {
+                    format!(
+                        "environment variable {env} is not set; set it before starting the node"
+                    )
+                }
+                std::env::VarError::NotUnicode(_) => {
+                    format!("environment variable {env} is not valid UTF-8")
+                }
+            }),
+        }
+    }
 }
 
 fn default_cpu_deadline() -> Duration {
@@ -820,6 +870,11 @@ impl Config {
         if self.listeners.is_empty() {
             return Err(self.invalid(0, "listeners", "at least one [[listeners]] is required"));
         }
+        if self.routes.is_empty() {
+            let message = "at least one [[routes]] is required; without one every request \
+                           gets 404 no_route";
+            return Err(self.invalid(0, "routes", message));
+        }
         for (index, listener) in self.listeners.iter().enumerate() {
             self.validate_listener(index, listener)?;
             let addr = listener.addr.get_ref();
@@ -849,16 +904,19 @@ impl Config {
                 "{:?} must be non-empty printable ASCII without spaces",
                 self.node.name
             );
-            return Err(self.invalid(0, "node.name", &message));
+            let line = self.line_of_key("node", "name");
+            return Err(self.invalid(line, "node.name", &message));
         }
         if !(1..=MAX_INSTANCES).contains(&self.runtime.max_instances) {
             let message = format!("must be from 1 to {MAX_INSTANCES}");
-            return Err(self.invalid(0, "runtime.max_instances", &message));
+            let line = self.line_of_key("runtime", "max_instances");
+            return Err(self.invalid(line, "runtime.max_instances", &message));
         }
         let memory = self.runtime.max_memory;
         if memory < ByteSize::kib(64) || memory > ByteSize::gib(4) {
             let message = format!("{} must be from 64 KiB to 4 GiB", binary(memory));
-            return Err(self.invalid(0, "runtime.max_memory", &message));
+            let line = self.line_of_key("runtime", "max_memory");
+            return Err(self.invalid(line, "runtime.max_memory", &message));
         }
         self.validate_redis()?;
         if let Some(access_log) = &self.access_log {
@@ -1157,6 +1215,12 @@ impl Config {
                 let message = "set either certificates or dev_certificate = true, not both";
                 return Err(self.invalid(line, &field("tls.dev_certificate"), message));
             }
+            if let (Some(client_auth), None) = (&tls.client_auth, &tls.client_ca) {
+                let message = "client_auth has no effect without client_ca; set client_ca to \
+                               the PEM file of the CAs that client certificates must chain to";
+                let line = self.line_of(client_auth.span().start).max(line);
+                return Err(self.invalid(line, &field("tls.client_auth"), message));
+            }
             let header = tls.client_subject_header.get_ref();
             let valid_name = http::HeaderName::from_bytes(header.as_bytes())
                 .is_ok_and(|name| name.as_str() == header && !is_hop_or_framing(&name));
@@ -1352,6 +1416,30 @@ impl Config {
     pub fn line_of(&self, offset: usize) -> usize {
         let end = offset.min(self.source.text.len());
         self.source.text[..end].matches('\n').count() + 1
+    }
+
+    /// Returns the line of `key = ...` in the `[table]` section, or 0 when
+    /// the key is written another way (a dotted key or an inline table).
+    /// For fields that serde does not record a span for.
+    pub fn line_of_key(&self, table: &str, key: &str) -> usize {
+        let header = format!("[{table}]");
+        let mut lines = self.source.text.lines().enumerate();
+        if !lines.any(|(_, line)| line.trim() == header) {
+            return 0;
+        }
+        for (index, line) in lines {
+            let line = line.trim_start();
+            if line.starts_with('[') {
+                break;
+            }
+            let is_key = line
+                .strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with('='));
+            if is_key {
+                return index + 1;
+            }
+        }
+        0
     }
 
     /// Builds an error that points at a line and field of this config.

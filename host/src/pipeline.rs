@@ -32,12 +32,13 @@ use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 
+use crate::context::RequestContext;
 use crate::error::Refusal;
 use crate::exchange::Exchange;
 use crate::metrics::{Phase, Reason};
 use crate::node::{Node, Route};
 use crate::proxy::{RequestBody, ResponseBody};
-use crate::ratelimit::{KeyInput, Shown};
+use crate::ratelimit::{KeyInput, LimitSet, Shown};
 use crate::trace::{TraceContext, X_REQUEST_ID};
 use crate::route::{encode_path, host_name, normalize_path, resolve_dot_segments};
 use crate::worker::{wit, Binding, WorkerError};
@@ -179,15 +180,14 @@ async fn serve(
 
     // Limits whose key is known now (client address, header, route), before
     // any worker runs or the body is looked at.
-    if route.limits_at(0) {
+    let mut context = RequestContext::default();
+    if !route.start_limits.is_empty() {
         let input = KeyInput {
             client_ip,
             headers: &parts.headers,
+            context: &context,
         };
-        let started = Instant::now();
-        let checked = node.ratelimit.check(&route.limits, 0, &input, shown).await;
-        exchange.ratelimit_time += started.elapsed();
-        checked?;
+        check_limits(node, route, route.start_limits, &input, shown, exchange).await?;
     }
 
     // Refuse a body the route cannot take before anything else sees it.
@@ -205,9 +205,13 @@ async fn serve(
     let mut view = None;
     if !route.workers.is_empty() {
         let mut request_view = worker_request(&parts, &path, client_ip, route, matched.params);
+        let mut pending_limits = route.context_limits;
         for (worker_index, binding) in route.workers.iter().enumerate() {
             let started = Instant::now();
-            let action = node.runtime.on_request(binding, &request_view).await;
+            let action = node
+                .runtime
+                .on_request(binding, &request_view, &mut context)
+                .await;
             let took = started.elapsed();
             exchange.worker_time += took;
             if node.request_metrics {
@@ -215,6 +219,7 @@ async fn serve(
                     .route(exchange.route)
                     .worker(worker_index, Phase::Request, took);
             }
+            note_user(exchange, &context);
             let action = action.map_err(|e| worker_refusal(route, binding, e))?;
             let changes = match action {
                 wit::Action::Continue(changes) => changes,
@@ -241,22 +246,28 @@ async fn serve(
                 &mut worker_path,
             )
             .map_err(|reason| invalid_decision(route, binding, &reason))?;
-            // Limits keyed by a value this worker set run before the next
-            // worker, so an over-quota client triggers nothing more.
-            if route.limits_at(worker_index + 1) {
-                // TODO: pass the request context values workers set, once workers can set them.
+            // Limits keyed by a context value this worker set run before the
+            // next worker, so an over-quota user triggers nothing more.
+            let ready = pending_limits.ready(&route.limits, &context);
+            if !ready.is_empty() {
+                pending_limits = pending_limits.without(ready);
                 let input = KeyInput {
                     client_ip,
                     headers: &parts.headers,
+                    context: &context,
                 };
-                let started = Instant::now();
-                let checked = node
-                    .ratelimit
-                    .check(&route.limits, worker_index + 1, &input, shown)
-                    .await;
-                exchange.ratelimit_time += started.elapsed();
-                checked?;
+                check_limits(node, route, ready, &input, shown, exchange).await?;
             }
+        }
+        // No worker set the value of these limits: they count the request
+        // by client address.
+        if !pending_limits.is_empty() {
+            let input = KeyInput {
+                client_ip,
+                headers: &parts.headers,
+                context: &context,
+            };
+            check_limits(node, route, pending_limits, &input, shown, exchange).await?;
         }
         view = Some(request_view);
     }
@@ -307,10 +318,35 @@ async fn serve(
     // Response-phase workers, in reverse order.
     if let Some(view) = &view {
         if route.workers.iter().any(|w| w.response_hook) {
-            run_response_hooks(node, route, view, &mut response, exchange).await?;
+            run_response_hooks(node, route, view, &mut context, &mut response, exchange).await?;
         }
     }
     Ok(response.map(ResponseBody::Upstream))
+}
+
+/// Runs the limits of `which`, adding the time they took to the exchange.
+async fn check_limits(
+    node: &Node,
+    route: &Route,
+    which: LimitSet,
+    input: &KeyInput<'_>,
+    shown: &mut Option<Shown>,
+    exchange: &mut Exchange,
+) -> Result<(), Refusal> {
+    let started = Instant::now();
+    let checked = node.ratelimit.check(&route.limits, which, input, shown).await;
+    exchange.ratelimit_time += started.elapsed();
+    checked
+}
+
+/// Copies the user id a worker set on the context (as `user`) to the
+/// exchange, for the access log.
+fn note_user(exchange: &mut Exchange, context: &RequestContext) {
+    if let Some(user) = context.get("user") {
+        if exchange.user.as_deref() != Some(user) {
+            exchange.user = Some(user.to_owned());
+        }
+    }
 }
 
 /// Builds the 308 redirect to the same host, path and query over HTTPS.
@@ -765,6 +801,7 @@ async fn run_response_hooks<B>(
     node: &Node,
     route: &Route,
     view: &wit::Request,
+    context: &mut RequestContext,
     response: &mut Response<B>,
     exchange: &mut Exchange,
 ) -> Result<(), Refusal> {
@@ -775,7 +812,10 @@ async fn run_response_hooks<B>(
             headers: wit_headers(response.headers()),
         };
         let started = Instant::now();
-        let changes = node.runtime.on_response(binding, view, &head).await;
+        let changes = node
+            .runtime
+            .on_response(binding, view, &head, context)
+            .await;
         let took = started.elapsed();
         exchange.worker_time += took;
         if node.request_metrics {

@@ -6,6 +6,7 @@
 mod harness;
 
 mod cli;
+mod context;
 mod observability;
 mod proxy;
 mod ratelimit;

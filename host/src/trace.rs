@@ -10,13 +10,12 @@ pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub static TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 pub static TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
-/// The longest client `X-Request-Id` the node keeps; a longer one is
-/// replaced.
+/// The maximum length of a client `X-Request-Id` that the node keeps; a
+/// longer one is replaced.
 pub const MAX_REQUEST_ID_LEN: usize = 128;
 
-/// The longest `tracestate` passed on (the W3C limit is 32 entries of up to
-/// 256 bytes; 512 bytes is the size the specification asks vendors to keep
-/// at least).
+/// The maximum `tracestate` length passed on. W3C Trace Context allows 32
+/// entries and says vendors should propagate at least 512 characters.
 const MAX_TRACESTATE_LEN: usize = 512;
 
 /// Returns the client's `X-Request-Id` when it is one value of 1 to

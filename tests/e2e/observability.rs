@@ -320,8 +320,14 @@ async fn access_log_lines_carry_fields_without_secrets() -> Result {
     let config = format!(
         "[node]\nname = \"edge-log\"\n\n[access_log]\npath = \"access.log\"\n\n\
          [upstreams.app]\ntargets = [\"{}\"]\n\n\
-         [[routes]]\nname = \"api\"\nprefix = \"/api\"\nupstream = \"app\"\n",
-        upstream.addr
+         [[routes]]\nname = \"api\"\nprefix = \"/api\"\nupstream = \"app\"\n\n{}",
+        upstream.addr,
+        fixture_route(
+            "who",
+            "context-set",
+            "",
+            "name = \"user\"\nfrom_header = \"x-login\""
+        )
     );
     let node = Node::start(&config)?;
     let got = send(
@@ -339,12 +345,14 @@ async fn access_log_lines_carry_fields_without_secrets() -> Result {
     let posted = send("POST", &node.url("/api/upload"), &[], b"0123456789").await?;
     assert_eq!(posted.status, 200);
     assert_eq!(get(&node.url("/missing")).await?.status, 404);
+    let who = send("GET", &node.url("/who"), &[("x-login", "alice")], b"").await?;
+    assert_eq!(who.status, 200);
 
     let path = node.dir().join("access.log");
     let mut text = String::new();
     for _ in 0..100 {
         text = std::fs::read_to_string(&path).unwrap_or_default();
-        if text.lines().count() >= 3 {
+        if text.lines().count() >= 4 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -353,7 +361,7 @@ async fn access_log_lines_carry_fields_without_secrets() -> Result {
         .lines()
         .map(serde_json::from_str)
         .collect::<std::result::Result<_, _>>()?;
-    assert_eq!(lines.len(), 3, "{text}");
+    assert_eq!(lines.len(), 4, "{text}");
     for secret in ["SECRET", "auth-", "cookie-"] {
         assert!(!text.contains(secret), "{secret} in the access log: {text}");
     }
@@ -385,6 +393,8 @@ async fn access_log_lines_carry_fields_without_secrets() -> Result {
     assert_eq!(lines[2]["status"], 404);
     assert_eq!(lines[2]["reason"], "no_route");
     assert!(lines[2]["route"].is_null());
+    assert_eq!(lines[3]["route"], "who");
+    assert_eq!(lines[3]["user"], "alice");
     Ok(())
 }
 

@@ -120,7 +120,7 @@ fn available(text: &str) -> Option<u64> {
 
 #[tokio::test]
 async fn status_page_shows_breaker_cycle_and_refill() -> Result {
-    // What the upstream does: answer, fail with 503, or answer slowly.
+    // What the upstream does: respond, fail with 503, or respond slowly.
     let mode = Arc::new(AtomicU8::new(ANSWER));
     let switch = mode.clone();
     let upstream = Upstream::start(move |_| match switch.load(Ordering::SeqCst) {

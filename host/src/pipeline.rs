@@ -667,6 +667,9 @@ fn apply_header_changes(
             view.retain(|h| h.name != parsed.as_str());
         }
     }
+    // The first value listed for a name replaces the earlier ones; further
+    // values of that name in the same list are added beside it.
+    let mut set_names: Vec<HeaderName> = Vec::new();
     for wit::Header { name, value } in set {
         let parsed = HeaderName::from_bytes(name.as_bytes())
             .map_err(|_| format!("set an invalid header name {name:?}"))?;
@@ -677,9 +680,17 @@ fn apply_header_changes(
         }
         let header_value = HeaderValue::from_str(&value)
             .map_err(|_| format!("set an invalid value for header {name:?}"))?;
-        headers.insert(parsed.clone(), header_value);
+        let repeated = set_names.contains(&parsed);
+        if repeated {
+            headers.append(parsed.clone(), header_value);
+        } else {
+            headers.insert(parsed.clone(), header_value);
+            set_names.push(parsed.clone());
+        }
         if let Some(view) = view.as_deref_mut() {
-            view.retain(|h| h.name != parsed.as_str());
+            if !repeated {
+                view.retain(|h| h.name != parsed.as_str());
+            }
             view.push(wit::Header {
                 name: parsed.as_str().to_owned(),
                 value,

@@ -5,7 +5,9 @@
 
 mod harness;
 
+mod ab_test;
 mod cli;
+mod device_router;
 mod proxy;
 mod ratelimit;
 mod resilience;

@@ -133,10 +133,7 @@ mod tests {
             xxhash_rust::xxh64::xxh64(b"checkout:alice", 0)
         );
         // XXH64 of the empty input with seed 0, from the XXH64 specification.
-        assert_eq!(
-            xxhash_rust::xxh64::xxh64(b"", 0),
-            0xEF46_DB37_51D8_E999
-        );
+        assert_eq!(xxhash_rust::xxh64::xxh64(b"", 0), 0xEF46_DB37_51D8_E999);
     }
 
     #[test]

@@ -175,7 +175,10 @@ fn validate(raw: RawConfig) -> Result<Config, String> {
     }
 
     let cookie = sticky_cookie(raw.cookie, &raw.experiment)?;
-    if raw.user_id.contains(&UserIdSource::Cookie(cookie.name.clone())) {
+    if raw
+        .user_id
+        .contains(&UserIdSource::Cookie(cookie.name.clone()))
+    {
         return Err(format!(
             "cookie.name: {:?} is also a user_id cookie; the sticky cookie needs a name of \
              its own",
@@ -413,9 +416,6 @@ mod tests {
     fn long_name_rejected() {
         let name = "v".repeat(MAX_NAME_LEN + 1);
         let json = format!(r#"{{"experiment":"e","variants":[{{"name":"{name}","weight":1}}]}}"#);
-        assert_eq!(
-            error_of(&json),
-            "variants[0].name: is longer than 64 bytes"
-        );
+        assert_eq!(error_of(&json), "variants[0].name: is longer than 64 bytes");
     }
 }

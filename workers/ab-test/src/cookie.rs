@@ -61,7 +61,10 @@ pub fn is_token(name: &str) -> bool {
 /// Returns whether `value` may appear in a cookie attribute such as `Path`
 /// or `Domain`: printable ASCII other than `;`.
 pub fn is_attribute_value(value: &str) -> bool {
-    !value.is_empty() && value.bytes().all(|byte| (0x20..0x7f).contains(&byte) && byte != b';')
+    !value.is_empty()
+        && value
+            .bytes()
+            .all(|byte| (0x20..0x7f).contains(&byte) && byte != b';')
 }
 
 #[cfg(test)]

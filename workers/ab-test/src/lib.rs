@@ -85,7 +85,9 @@ fn random_id() -> String {
     if let Err(error) = getrandom::fill(&mut bytes) {
         // The draw then depends on the clock, which still spreads users by
         // weight but is predictable.
-        edge_sdk::log::warn(&format!("cannot read random bytes, using the clock: {error}"));
+        edge_sdk::log::warn(&format!(
+            "cannot read random bytes, using the clock: {error}"
+        ));
         bytes[..8].copy_from_slice(&edge_sdk::clock::monotonic_ns().to_le_bytes());
         bytes[8..].copy_from_slice(&edge_sdk::clock::now_unix_ms().to_le_bytes());
     }
@@ -264,10 +266,17 @@ mod tests {
     fn same_user_same_variant() {
         let config = config();
         for user in ["alice", "bob", "carol", "dave", "erin"] {
-            let first = variant_of(&decide(&config, &request(&[("x-user-id", user)]), no_context));
+            let first = variant_of(&decide(
+                &config,
+                &request(&[("x-user-id", user)]),
+                no_context,
+            ));
             for _ in 0..5 {
-                let again =
-                    variant_of(&decide(&config, &request(&[("x-user-id", user)]), no_context));
+                let again = variant_of(&decide(
+                    &config,
+                    &request(&[("x-user-id", user)]),
+                    no_context,
+                ));
                 assert_eq!(again, first, "user {user}");
             }
         }
@@ -298,7 +307,12 @@ mod tests {
     #[test]
     fn user_id_wins_over_sticky_cookie() {
         let config = config();
-        let hashed = variant_of(&decide(&config, &request(&[("x-user-id", "alice")]), no_context)).0;
+        let hashed = variant_of(&decide(
+            &config,
+            &request(&[("x-user-id", "alice")]),
+            no_context,
+        ))
+        .0;
         let other = if hashed == "new" { "control" } else { "new" };
         let cookie = format!("ab_checkout={other}");
         let both = request(&[("x-user-id", "alice"), ("cookie", &cookie)]);
@@ -338,7 +352,11 @@ mod tests {
     #[test]
     fn unknown_sticky_variant_is_redrawn() {
         let config = config();
-        let action = decide(&config, &request(&[("cookie", "ab_checkout=retired")]), no_context);
+        let action = decide(
+            &config,
+            &request(&[("cookie", "ab_checkout=retired")]),
+            no_context,
+        );
         let (variant, _) = variant_of(&action);
         assert!(variant == "control" || variant == "new");
     }

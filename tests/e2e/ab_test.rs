@@ -4,7 +4,7 @@
 use crate::cli::check_fails;
 use crate::harness::{send, shared_cache_dir, Node, Reply, Result, Upstream};
 
-/// A node with upstreams `app` (the route's) and `v2` (variant `new`'s), and
+/// Returns the config of a node with upstreams `app` (the route's) and `v2` (variant `new`'s), and
 /// an ab-test worker on every path with the extra config lines `extra`.
 fn config(app: &Upstream, v2: &Upstream, extra: &str) -> String {
     format!(
@@ -20,7 +20,7 @@ fn config(app: &Upstream, v2: &Upstream, extra: &str) -> String {
     )
 }
 
-/// The `Set-Cookie` values of a response.
+/// Returns the `Set-Cookie` values of a response.
 fn set_cookies(got: &crate::harness::Got) -> Vec<String> {
     got.headers
         .get_all("set-cookie")
@@ -163,7 +163,7 @@ async fn ab_test_user_cookie_is_user_id() -> Result {
     let (app, v2) = (Upstream::echo().await, Upstream::echo().await);
     let node = Node::start(&config(&app, &v2, ""))?;
     // The `uid` cookie comes before the header in `user_id`, so the variant
-    // follows the cookie's id whatever the header says.
+    // follows the cookie's id whatever the header contains.
     let before = app.count();
     send("GET", &node.url("/"), &[("cookie", "uid=42")], b"").await?;
     let by_cookie = last_variant(&app, &v2, before);

@@ -22,7 +22,7 @@ struct Setup {
     prerender: Upstream,
 }
 
-/// A node whose route sends tv and bot clients to their own upstreams and
+/// Starts a node whose route sends tv and bot clients to their own upstreams and
 /// puts mobile and tablet paths under prefixes.
 async fn setup() -> Result<Setup> {
     let (app, tv, prerender) = (

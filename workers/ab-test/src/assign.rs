@@ -5,8 +5,8 @@
 //! are independent. Experiment names cannot contain `:`, so two different
 //! (experiment, user) pairs never hash the same input. The 64-bit hash `h`
 //! becomes a point in `[0, total_weight)` as `(h * total_weight) >> 64`
-//! (128-bit product), and the variant whose cumulative weight range holds the
-//! point wins. Any system that has XXH64 can reproduce an assignment, for
+//! (128-bit product), and the variant whose cumulative weight range contains
+//! the point wins. Any system that has XXH64 can reproduce an assignment, for
 //! instance to join experiment exposure with analytics offline.
 
 use xxhash_rust::xxh64::Xxh64;

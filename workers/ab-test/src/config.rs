@@ -9,7 +9,8 @@ use crate::cookie::{is_attribute_value, is_token, StickyCookie};
 
 /// The sticky cookie's lifetime when the config sets none.
 const DEFAULT_MAX_AGE: Duration = Duration::from_secs(30 * 24 * 60 * 60);
-/// The longest experiment or variant name, so that the cookie stays short.
+/// The maximum length of an experiment or variant name, so that the cookie
+/// stays short.
 const MAX_NAME_LEN: usize = 64;
 
 /// The config table as written.
@@ -55,7 +56,7 @@ fn default_variant_header() -> String {
     "x-variant".to_string()
 }
 
-/// Where the user id comes from. The worker tries the sources in config
+/// A source of the user id. The worker tries the sources in config
 /// order and takes the first non-empty value.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -1,5 +1,5 @@
 //! `ab-test`: assigns each user to a variant of an experiment by a stable hash
-//! of the user id, tells the upstream which variant it is, keeps the variant
+//! of the user id, sets the variant on the request to the upstream, keeps the variant
 //! in a sticky cookie, and can send each variant to its own upstream.
 //!
 //! ```toml

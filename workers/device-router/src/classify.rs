@@ -22,8 +22,8 @@
 //!    BSDs.
 //!
 //! Anything else, including a missing or empty `User-Agent`, is unknown and
-//! gets the configured default class. iPadOS Safari asks for desktop sites by
-//! default and then sends the same `User-Agent` as Safari on macOS, so such
+//! gets the configured default class. iPadOS Safari requests desktop sites
+//! by default and then sends the same `User-Agent` as Safari on macOS, so such
 //! an iPad is classified desktop, which is the site Apple chose for it.
 
 use serde::Deserialize;
@@ -244,7 +244,7 @@ fn has_tablet_token(ua: &str) -> bool {
     comment_items(ua).any(|item| item.contains("tablet") && !item.contains("tablet pc"))
 }
 
-/// The `;`-separated items inside the brackets of the lower-case `ua`.
+/// Returns the `;`-separated items inside the brackets of the lower-case `ua`.
 fn comment_items(ua: &str) -> impl Iterator<Item = &str> {
     ua.split('(')
         .skip(1)

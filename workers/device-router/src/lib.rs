@@ -1,6 +1,6 @@
 //! `device-router`: classifies the client as mobile, tablet, desktop, tv or
-//! bot from its `User-Agent` and the `Sec-CH-UA-Mobile` client hint, tells
-//! the upstream in `X-Device-Class`, and can send each class to its own
+//! bot from its `User-Agent` and the `Sec-CH-UA-Mobile` client hint, sets
+//! `X-Device-Class` on the request to the upstream, and can send each class to its own
 //! upstream or under its own path prefix.
 //!
 //! ```toml

@@ -87,7 +87,7 @@ const USER_AGENTS: &[(&str, &str, DeviceClass)] = &[
         Desktop,
     ),
     (
-        // iPadOS Safari asks for desktop sites by default and then sends
+        // iPadOS Safari requests desktop sites by default and then sends
         // exactly the macOS Safari string: classified desktop.
         "Safari on iPadOS in desktop mode",
         "Mozilla/5.0 (Macintosh; Intel Mac OS X 10_15_7) AppleWebKit/605.1.15 (KHTML, like \

@@ -27,6 +27,7 @@ thread_local! {
     static CONFIG: RefCell<serde_json::Map<String, serde_json::Value>> =
         RefCell::new(serde_json::Map::new());
     static LOGS: RefCell<Vec<(Level, String)>> = const { RefCell::new(Vec::new()) };
+    static UPSTREAMS: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
 }
 
 /// Stores `json` as this thread's worker config, replacing the previous one.
@@ -43,6 +44,15 @@ pub fn set_config(json: &str) {
         Err(error) => panic!("test config is not valid JSON: {error}"),
     };
     CONFIG.with(|config| *config.borrow_mut() = table);
+}
+
+/// Stores `names` as this thread's upstreams, which
+/// [`upstreams::exists`](crate::upstreams::exists) reads, replacing the
+/// previous ones. Until the first call there are none.
+pub fn set_upstreams(names: &[&str]) {
+    UPSTREAMS.with(|upstreams| {
+        *upstreams.borrow_mut() = names.iter().map(|name| name.to_string()).collect();
+    });
 }
 
 /// Returns the log lines written on this thread since the last call, oldest
@@ -64,6 +74,10 @@ pub(crate) fn config_get(key: &str) -> Option<String> {
             other => other.to_string(),
         })
     })
+}
+
+pub(crate) fn upstream_exists(name: &str) -> bool {
+    UPSTREAMS.with(|upstreams| upstreams.borrow().iter().any(|upstream| upstream == name))
 }
 
 pub(crate) fn config_json() -> String {

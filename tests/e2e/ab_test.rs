@@ -202,6 +202,10 @@ fn ab_test_invalid_config_rejected() {
             "variants = [{ name = \"a\", weight = \"half\" }]",
             "variants[0].weight: invalid type: string \"half\", expected u32",
         ),
+        (
+            "variants = [{ name = \"a\", weight = 1, upstream = \"missing\" }]",
+            "variants[0].upstream: no upstream named \"missing\" in the node's config",
+        ),
     ];
     // The shared compile cache spares compiling the module for each case.
     let runtime = format!(

@@ -154,6 +154,10 @@ fn device_router_invalid_config_rejected() {
             "upstreams.phone: unknown device class; expected mobile, tablet, desktop, tv or bot",
         ),
         (
+            "upstreams = { tv = \"tv-app\" }",
+            "upstreams.tv: no upstream named \"tv-app\" in the node's config",
+        ),
+        (
             "default_class = \"watch\"",
             "default_class: unknown variant `watch`",
         ),

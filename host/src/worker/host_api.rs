@@ -1,7 +1,7 @@
 //! What a worker instance can reach: the per-call store state and the host
 //! side of the `log`, `config` and `clock` imports.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -23,7 +23,7 @@ pub struct StoreState {
     wasi: Option<Wasi>,
     table: ResourceTable,
     pub(super) limiter: MemoryCap,
-    settings: Arc<WorkerSettings>,
+    pub(super) settings: Arc<WorkerSettings>,
 }
 
 /// A WASI context that grants nothing, with the guest's stderr captured.
@@ -132,11 +132,18 @@ pub struct WorkerSettings {
     values: HashMap<String, String>,
     /// The whole table as a JSON object.
     json: String,
+    /// The names of the node's upstreams.
+    pub(super) upstreams: Arc<HashSet<String>>,
 }
 
 impl WorkerSettings {
     /// Prepares the config table of a worker bound to `route`.
-    pub fn new(route: Arc<str>, module: Arc<str>, table: &toml::Table) -> WorkerSettings {
+    pub fn new(
+        route: Arc<str>,
+        module: Arc<str>,
+        table: &toml::Table,
+        upstreams: Arc<HashSet<String>>,
+    ) -> WorkerSettings {
         let values = table
             .iter()
             .map(|(key, value)| {
@@ -153,6 +160,7 @@ impl WorkerSettings {
             module,
             values,
             json,
+            upstreams,
         }
     }
 }

@@ -4,8 +4,8 @@
 //! Isolation: every call gets a new `Store` and instance, made from a
 //! pre-instantiated component on wasmtime's pooling allocator, so nothing a
 //! worker keeps in memory reaches the next request. WASI is linked with an
-//! empty context, so a guest reaches only the `log`, `config` and `clock`
-//! imports.
+//! empty context, so a guest reaches only the `log`, `config`, `clock` and
+//! `upstreams` imports.
 //!
 //! Bounds: epoch interruption enforces the CPU deadline, with a ticker
 //! thread advancing the engine's epoch every [`EPOCH_TICK`]. A resource
@@ -20,8 +20,9 @@
 
 mod cache;
 mod host_api;
+mod upstreams;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -75,6 +76,8 @@ pub struct RuntimeSettings {
     pub queue_limit: usize,
     pub queue_timeout: Duration,
     pub max_memory: usize,
+    /// The names of the node's upstreams, for the `upstreams` import.
+    pub upstreams: Arc<HashSet<String>>,
 }
 
 /// The failure of a worker call that returned no decision.
@@ -194,6 +197,7 @@ pub struct Runtime {
     queue_limit: usize,
     queue_timeout: Duration,
     max_memory: usize,
+    upstreams: Arc<HashSet<String>>,
     ticker: Arc<EpochTicker>,
 }
 
@@ -252,6 +256,7 @@ impl Runtime {
             queue_limit: settings.queue_limit,
             queue_timeout: settings.queue_timeout,
             max_memory: settings.max_memory,
+            upstreams: settings.upstreams.clone(),
             ticker,
         })
     }
@@ -335,7 +340,12 @@ impl Runtime {
         cpu_deadline: Duration,
         memory_cap: usize,
     ) -> Result<Binding, LoadError> {
-        let settings = Arc::new(WorkerSettings::new(route, module.name.clone(), config));
+        let settings = Arc::new(WorkerSettings::new(
+            route,
+            module.name.clone(),
+            config,
+            self.upstreams.clone(),
+        ));
         let mut binding = Binding {
             module,
             settings,

@@ -159,7 +159,16 @@ struct AbTest;
 
 impl Worker for AbTest {
     fn check_config() -> Result<(), String> {
-        load_config().map(drop)
+        let config = load_config()?;
+        for (field, upstream) in config.upstreams() {
+            if !edge_sdk::upstreams::exists(upstream) {
+                return Err(format!(
+                    "invalid ab-test config: {field}: no upstream named {upstream:?} in the \
+                     node's config"
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn hooks() -> Hooks {
@@ -431,6 +440,18 @@ mod tests {
             "invalid ab-test config: variants[0].weight: must be greater than 0"
         );
         assert!(!AbTest::hooks().response);
+    }
+
+    #[test]
+    fn check_config_needs_declared_upstreams() {
+        testing::set_config(CONFIG);
+        assert_eq!(
+            AbTest::check_config().unwrap_err(),
+            "invalid ab-test config: variants[1].upstream: no upstream named \"v2\" in the \
+             node's config"
+        );
+        testing::set_upstreams(&["v2"]);
+        assert_eq!(AbTest::check_config(), Ok(()));
     }
 
     #[test]

@@ -80,7 +80,17 @@ struct DeviceRouter;
 
 impl Worker for DeviceRouter {
     fn check_config() -> Result<(), String> {
-        load_config().map(drop)
+        let config = load_config()?;
+        for (class, upstream) in &config.upstreams {
+            if !edge_sdk::upstreams::exists(upstream) {
+                return Err(format!(
+                    "invalid device-router config: upstreams.{}: no upstream named {upstream:?} \
+                     in the node's config",
+                    class.as_str()
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn on_request(request: Request) -> Action {
@@ -219,6 +229,18 @@ mod tests {
             action,
             Action::Continue(RequestChanges::new().set_header("x-class", "mobile"))
         );
+    }
+
+    #[test]
+    fn check_config_needs_declared_upstreams() {
+        testing::set_config(r#"{"upstreams":{"tv":"tv-app"}}"#);
+        assert_eq!(
+            DeviceRouter::check_config().unwrap_err(),
+            "invalid device-router config: upstreams.tv: no upstream named \"tv-app\" in the \
+             node's config"
+        );
+        testing::set_upstreams(&["tv-app"]);
+        assert_eq!(DeviceRouter::check_config(), Ok(()));
     }
 
     #[test]

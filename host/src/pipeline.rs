@@ -843,6 +843,33 @@ mod tests {
     }
 
     #[test]
+    fn repeated_set_header_keeps_each_value() {
+        let header = |name: &str, value: &str| wit::Header {
+            name: name.to_owned(),
+            value: value.to_owned(),
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert("set-cookie", HeaderValue::from_static("old=1"));
+        headers.insert("x-one", HeaderValue::from_static("old"));
+        let mut view = vec![header("set-cookie", "old=1"), header("x-one", "old")];
+        let set = vec![
+            header("set-cookie", "a=1"),
+            header("x-one", "new"),
+            header("set-cookie", "b=2"),
+        ];
+        apply_header_changes(&mut headers, Some(&mut view), &[], set).unwrap();
+        let cookies: Vec<_> = headers.get_all("set-cookie").iter().collect();
+        assert_eq!(cookies, ["a=1", "b=2"]);
+        assert_eq!(headers.get_all("x-one").iter().collect::<Vec<_>>(), ["new"]);
+        let view_cookies: Vec<_> = view
+            .iter()
+            .filter(|h| h.name == "set-cookie")
+            .map(|h| h.value.as_str())
+            .collect();
+        assert_eq!(view_cookies, ["a=1", "b=2"]);
+    }
+
+    #[test]
     fn client_ip_walks_trusted_forwarded_for() {
         let trusted: Vec<ipnet::IpNet> = vec!["10.0.0.0/8".parse().unwrap()];
         let mut headers = HeaderMap::new();

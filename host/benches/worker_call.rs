@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use edge::context::RequestContext;
 use edge::worker::{wit, Runtime, RuntimeSettings};
 
 /// Calls per round, unless the `CALLS` environment variable sets another number.
@@ -81,6 +82,7 @@ fn main() -> anyhow::Result<()> {
                 loaded,
                 Arc::from("bench"),
                 &config,
+                Default::default(),
                 Duration::from_secs(10),
                 16 << 20,
             )
@@ -107,10 +109,13 @@ fn main() -> anyhow::Result<()> {
                 headers: Vec::new(),
             };
             for _ in 0..calls {
+                let mut context = RequestContext::default();
                 if response_hook {
-                    runtime.on_response(&binding, &request, &head).await?;
+                    runtime
+                        .on_response(&binding, &request, &head, &mut context)
+                        .await?;
                 } else {
-                    runtime.on_request(&binding, &request).await?;
+                    runtime.on_request(&binding, &request, &mut context).await?;
                 }
             }
             let per_call = |time: Duration| time.as_secs_f64() * 1e6 / f64::from(calls);

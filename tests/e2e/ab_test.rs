@@ -181,6 +181,50 @@ async fn ab_test_user_cookie_is_user_id() -> Result {
     Ok(())
 }
 
+#[tokio::test]
+async fn ab_test_reads_context_user() -> Result {
+    let (app, v2) = (Upstream::echo().await, Upstream::echo().await);
+    // Route `/ctx`: a fixture worker sets context `user` from `x-login`, and
+    // ab-test reads it. Route `/hdr`: ab-test reads `x-login` itself. The
+    // same experiment and user id give the same variant on both.
+    let ab_test = |user_id: &str| {
+        format!(
+            "[[routes.workers]]\nmodule = \"{{modules}}/ab-test.wasm\"\n\
+             [routes.workers.config]\nexperiment = \"checkout\"\n\
+             variants = [{{ name = \"control\", weight = 1 }}, \
+             {{ name = \"new\", weight = 1, upstream = \"v2\" }}]\n\
+             user_id = [{user_id}]\n\n"
+        )
+    };
+    let config = format!(
+        "[upstreams.app]\ntargets = [\"{}\"]\n[upstreams.v2]\ntargets = [\"{}\"]\n\n\
+         [[routes]]\nname = \"ctx\"\nprefix = \"/ctx\"\nupstream = \"app\"\n\n\
+         [[routes.workers]]\nmodule = \"{{modules}}/fixture-worker.wasm\"\n\
+         [routes.workers.config]\nmode = \"context-set\"\nname = \"user\"\n\
+         from_header = \"x-login\"\n\n{}\
+         [[routes]]\nname = \"hdr\"\nprefix = \"/hdr\"\nupstream = \"app\"\n\n{}",
+        app.addr,
+        v2.addr,
+        ab_test("{ context = \"user\" }"),
+        ab_test("{ header = \"x-login\" }"),
+    );
+    let node = Node::start(&config)?;
+    let mut seen = std::collections::BTreeSet::new();
+    for user in 0..20 {
+        let login = format!("user-{user}");
+        let headers = [("x-login", login.as_str())];
+        let before = app.count();
+        send("GET", &node.url("/ctx"), &headers, b"").await?;
+        let by_context = last_variant(&app, &v2, before);
+        let before = app.count();
+        send("GET", &node.url("/hdr"), &headers, b"").await?;
+        assert_eq!(last_variant(&app, &v2, before), by_context, "{login}");
+        seen.insert(by_context);
+    }
+    assert_eq!(seen.len(), 2, "20 users at 50/50 reach both variants");
+    Ok(())
+}
+
 #[test]
 fn ab_test_invalid_config_rejected() {
     let base = "[[listeners]]\naddr = \"127.0.0.1:0\"\n\n\

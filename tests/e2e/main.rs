@@ -7,6 +7,7 @@ mod harness;
 
 mod ab_test;
 mod cli;
+mod context;
 mod device_router;
 mod proxy;
 mod ratelimit;

@@ -1,5 +1,5 @@
 //! What a worker instance can reach: the per-call store state and the host
-//! side of the `log`, `config` and `clock` imports.
+//! side of the `log`, `config`, `clock`, `context` and `secrets` imports.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -10,7 +10,8 @@ use wasmtime::ResourceLimiter;
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use super::bindings::edge::worker::{clock, config, log, types};
+use super::bindings::edge::worker::{clock, config, context, log, secrets, types};
+use crate::context::RequestContext;
 
 /// Bytes of a guest's stderr kept per call, to show a panic message in logs.
 const STDERR_CAPTURE: usize = 2048;
@@ -24,6 +25,9 @@ pub struct StoreState {
     table: ResourceTable,
     pub(super) limiter: MemoryCap,
     pub(super) settings: Arc<WorkerSettings>,
+    /// The request's context values, moved in for the call and back out
+    /// after it.
+    pub(super) context: RequestContext,
 }
 
 /// A WASI context that grants nothing, with the guest's stderr captured.
@@ -51,8 +55,13 @@ impl Wasi {
 impl StoreState {
     /// Builds the state for one call with the worker's settings. WASI is
     /// built on first use.
-    pub fn new(settings: Arc<WorkerSettings>, memory_cap: usize) -> StoreState {
+    pub fn new(
+        settings: Arc<WorkerSettings>,
+        memory_cap: usize,
+        context: RequestContext,
+    ) -> StoreState {
         StoreState {
+            context,
             wasi: None,
             table: ResourceTable::new(),
             limiter: MemoryCap {
@@ -132,8 +141,19 @@ pub struct WorkerSettings {
     values: HashMap<String, String>,
     /// The whole table as a JSON object.
     json: String,
+    /// The worker's secrets by name, resolved when the node loads.
+    secrets: HashMap<String, Secret>,
     /// The names of the node's upstreams.
     pub(super) upstreams: Arc<HashSet<String>>,
+}
+
+/// A secret value, kept out of `Debug` output and so out of logs.
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
 }
 
 impl WorkerSettings {
@@ -142,6 +162,7 @@ impl WorkerSettings {
         route: Arc<str>,
         module: Arc<str>,
         table: &toml::Table,
+        secrets: HashMap<String, Secret>,
         upstreams: Arc<HashSet<String>>,
     ) -> WorkerSettings {
         let values = table
@@ -160,6 +181,7 @@ impl WorkerSettings {
             module,
             values,
             json,
+            secrets,
             upstreams,
         }
     }
@@ -188,6 +210,25 @@ impl config::Host for StoreState {
 
     fn json(&mut self) -> String {
         self.settings.json.clone()
+    }
+}
+
+impl context::Host for StoreState {
+    fn get(&mut self, name: String) -> Option<String> {
+        self.context.get(&name).map(str::to_owned)
+    }
+
+    fn set(&mut self, name: String, value: String) -> Result<(), String> {
+        self.context.set(name, value)
+    }
+}
+
+impl secrets::Host for StoreState {
+    fn get(&mut self, name: String) -> Option<String> {
+        self.settings
+            .secrets
+            .get(&name)
+            .map(|secret| secret.0.clone())
     }
 }
 

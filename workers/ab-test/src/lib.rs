@@ -12,7 +12,8 @@
 //!     { name = "control", weight = 90 },
 //!     { name = "redesign", weight = 10, upstream = "checkout-v2" },
 //! ]
-//! # Where the user id comes from; the first non-empty source wins.
+//! # Where the user id comes from; the first non-empty source wins. `context`
+//! # reads a request context value that an earlier worker set.
 //! user_id = [{ context = "user" }, { cookie = "uid" }, { header = "x-user-id" }]
 //! # Optional; these are the defaults except `secure`.
 //! cookie = { name = "ab_checkout-redesign", path = "/", max_age = "30d", secure = true }
@@ -180,7 +181,7 @@ impl Worker for AbTest {
 
     fn on_request(request: Request) -> Action {
         match load_config() {
-            Ok(config) => decide(&config, &request, |_| None),
+            Ok(config) => decide(&config, &request, edge_sdk::context::get),
             Err(message) => {
                 edge_sdk::log::error(&message);
                 Action::respond(Response::json(
@@ -452,6 +453,16 @@ mod tests {
         );
         testing::set_upstreams(&["v2"]);
         assert_eq!(AbTest::check_config(), Ok(()));
+    }
+
+    #[test]
+    fn on_request_reads_context() {
+        testing::set_config(CONFIG);
+        testing::clear_context();
+        edge_sdk::context::set("user", "alice").unwrap();
+        let from_context = AbTest::on_request(request(&[]));
+        let from_header = decide(&config(), &request(&[("x-user-id", "alice")]), no_context);
+        assert_eq!(variant_of(&from_context), variant_of(&from_header));
     }
 
     #[test]

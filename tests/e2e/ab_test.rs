@@ -4,13 +4,16 @@
 use crate::cli::check_fails;
 use crate::harness::{send, shared_cache_dir, Node, Reply, Result, Upstream};
 
-/// Returns the config of a node with upstreams `app` (the route's) and `v2` (variant `new`'s), and
-/// an ab-test worker on every path with the extra config lines `extra`.
+/// Returns the config of a node with upstreams `app` (the route's) and `v2`
+/// (variant `new`'s), and an ab-test worker on every path with the extra
+/// config lines `extra`. The CPU deadline is generous because these tests
+/// check behaviour, and a loaded machine can stretch the 50ms default.
 fn config(app: &Upstream, v2: &Upstream, extra: &str) -> String {
     format!(
         "[upstreams.app]\ntargets = [\"{}\"]\n[upstreams.v2]\ntargets = [\"{}\"]\n\n\
          [[routes]]\nname = \"shop\"\nprefix = \"/\"\nupstream = \"app\"\n\n\
          [[routes.workers]]\nmodule = \"{{modules}}/ab-test.wasm\"\n\
+         cpu_deadline = \"2s\"\n\
          [routes.workers.config]\nexperiment = \"checkout\"\n\
          variants = [\n\
          {{ name = \"control\", weight = 50 }},\n\
@@ -150,7 +153,7 @@ async fn ab_test_keeps_upstream_cookies() -> Result {
     let v2 = Upstream::start(|_| Reply::Headers(vec![("set-cookie", "session=abc; Path=/")])).await;
     let node = Node::start(&config(&app, &v2, ""))?;
     let got = send("GET", &node.url("/"), &[], b"").await?;
-    assert_eq!(got.status, 200);
+    assert_eq!(got.status, 200, "{:?}", got.body);
     let cookies = set_cookies(&got);
     assert_eq!(cookies.len(), 2, "{cookies:?}");
     assert_eq!(cookies[0], "session=abc; Path=/");
@@ -190,6 +193,7 @@ async fn ab_test_reads_context_user() -> Result {
     let ab_test = |user_id: &str| {
         format!(
             "[[routes.workers]]\nmodule = \"{{modules}}/ab-test.wasm\"\n\
+             cpu_deadline = \"2s\"\n\
              [routes.workers.config]\nexperiment = \"checkout\"\n\
              variants = [{{ name = \"control\", weight = 1 }}, \
              {{ name = \"new\", weight = 1, upstream = \"v2\" }}]\n\

@@ -23,7 +23,9 @@ struct Setup {
 }
 
 /// Starts a node whose route sends tv and bot clients to their own upstreams and
-/// puts mobile and tablet paths under prefixes.
+/// puts mobile and tablet paths under prefixes. The CPU deadline is generous
+/// because these tests check behaviour, and a loaded machine can stretch the
+/// 50ms default.
 async fn setup() -> Result<Setup> {
     let (app, tv, prerender) = (
         Upstream::echo().await,
@@ -35,6 +37,7 @@ async fn setup() -> Result<Setup> {
          [upstreams.prerender]\ntargets = [\"{}\"]\n\n\
          [[routes]]\nname = \"web\"\nprefix = \"/\"\nupstream = \"app\"\n\n\
          [[routes.workers]]\nmodule = \"{{modules}}/device-router.wasm\"\n\
+         cpu_deadline = \"2s\"\n\
          [routes.workers.config]\ndefault_class = \"mobile\"\n\
          upstreams = {{ tv = \"tv-app\", bot = \"prerender\" }}\n\
          path_prefixes = {{ mobile = \"/mobile\", tablet = \"/tablet/\" }}\n",

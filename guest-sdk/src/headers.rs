@@ -120,6 +120,19 @@ pub(crate) fn record_set(
     set_headers.push((name, value));
 }
 
+/// Records one more value of a header in a list of changes, keeping values
+/// set for the same name earlier and cancelling an earlier removal of it.
+pub(crate) fn record_append(
+    set_headers: &mut Vec<(String, String)>,
+    remove_headers: &mut Vec<String>,
+    name: String,
+    value: String,
+) {
+    let name = name.to_ascii_lowercase();
+    remove_headers.retain(|removed| *removed != name);
+    set_headers.push((name, value));
+}
+
 /// Records a header to remove in a list of changes, cancelling an earlier set
 /// of the same name.
 pub(crate) fn record_remove(

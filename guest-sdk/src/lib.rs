@@ -96,7 +96,7 @@
 //!
 //! A worker has no ambient authority: the host links WASI with an empty
 //! context (no files, environment variables or sockets). It reaches the host
-//! only through [`log`], [`config`] and [`clock`].
+//! only through [`log`], [`config`], [`clock`] and [`upstreams`].
 //!
 //! # Config
 //!
@@ -137,6 +137,7 @@ mod response;
 pub mod secrets;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod testing;
+pub mod upstreams;
 
 pub use action::Action;
 pub use config::ConfigError;

@@ -2,7 +2,7 @@
 
 use serde::Serialize;
 
-use crate::headers::{record_remove, record_set, Headers};
+use crate::headers::{record_append, record_remove, record_set, Headers};
 
 /// A response the worker sends instead of calling the upstream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,6 +119,20 @@ impl ResponseChanges {
         self
     }
 
+    /// Adds a value for the header `name`, keeping the values these changes
+    /// already set for it. Together they still replace the upstream's
+    /// values, so to add a `set-cookie` beside the upstream's own, append
+    /// each of the upstream's values first.
+    pub fn append_header(mut self, name: impl Into<String>, value: impl Into<String>) -> Self {
+        record_append(
+            &mut self.set_headers,
+            &mut self.remove_headers,
+            name.into(),
+            value.into(),
+        );
+        self
+    }
+
     /// Returns `true` when these changes change nothing.
     pub fn is_empty(&self) -> bool {
         self.set_headers.is_empty() && self.remove_headers.is_empty()
@@ -182,6 +196,27 @@ mod tests {
         );
         assert_eq!(changes.remove_headers, ["x-powered-by"]);
         assert!(!changes.is_empty());
+    }
+
+    #[test]
+    fn append_header_keeps_earlier_values() {
+        let changes = ResponseChanges::new()
+            .remove_header("set-cookie")
+            .append_header("Set-Cookie", "a=1")
+            .append_header("set-cookie", "b=2");
+        assert_eq!(
+            changes.set_headers,
+            [
+                ("set-cookie".to_string(), "a=1".to_string()),
+                ("set-cookie".to_string(), "b=2".to_string()),
+            ]
+        );
+        assert!(changes.remove_headers.is_empty());
+        let replaced = changes.set_header("set-cookie", "c=3");
+        assert_eq!(
+            replaced.set_headers,
+            [("set-cookie".to_string(), "c=3".to_string())]
+        );
     }
 
     #[test]

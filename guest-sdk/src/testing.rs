@@ -36,6 +36,7 @@ thread_local! {
     static CONFIG: RefCell<serde_json::Map<String, serde_json::Value>> =
         RefCell::new(serde_json::Map::new());
     static LOGS: RefCell<Vec<(Level, String)>> = const { RefCell::new(Vec::new()) };
+    static UPSTREAMS: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
     static CONTEXT: RefCell<Vec<(String, String)>> = const { RefCell::new(Vec::new()) };
     static SECRETS: RefCell<Vec<(String, String)>> = const { RefCell::new(Vec::new()) };
 }
@@ -130,6 +131,15 @@ pub fn set_config(json: &str) {
     CONFIG.with(|config| *config.borrow_mut() = table);
 }
 
+/// Stores `names` as this thread's upstreams, which
+/// [`upstreams::exists`](crate::upstreams::exists) reads, replacing the
+/// previous ones. Until the first call there are none.
+pub fn set_upstreams(names: &[&str]) {
+    UPSTREAMS.with(|upstreams| {
+        *upstreams.borrow_mut() = names.iter().map(|name| name.to_string()).collect();
+    });
+}
+
 /// Returns the log lines written on this thread since the last call, oldest
 /// first, and clears them.
 pub fn take_logs() -> Vec<(Level, String)> {
@@ -149,6 +159,10 @@ pub(crate) fn config_get(key: &str) -> Option<String> {
             other => other.to_string(),
         })
     })
+}
+
+pub(crate) fn upstream_exists(name: &str) -> bool {
+    UPSTREAMS.with(|upstreams| upstreams.borrow().iter().any(|upstream| upstream == name))
 }
 
 pub(crate) fn config_json() -> String {

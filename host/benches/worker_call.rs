@@ -1,10 +1,11 @@
 //! Measures one worker call in a fresh instance, without the network: the
 //! time per `on_request` call of a module built by `scripts/build-workers`.
 //!
-//! Usage: cargo bench -p edge --bench worker_call [-- MODULE CONFIG_TOML]
+//! Usage: cargo bench -p edge --bench worker_call [-- MODULE CONFIG_TOML [HEADER]...]
 //! Defaults to modules/add-header.wasm with `headers = { "x-bench" = "1" }`.
+//! Each HEADER, written `name: value`, is added to the request. With
+//! `HOOK=response` in the environment, it times `on_response` instead.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -39,6 +40,28 @@ fn main() -> anyhow::Result<()> {
         .next()
         .unwrap_or_else(|| r#"headers = { "x-bench" = "1" }"#.to_owned())
         .parse()?;
+    let mut headers = vec![
+        wit::Header {
+            name: "host".to_owned(),
+            value: "127.0.0.1:8080".to_owned(),
+        },
+        wit::Header {
+            name: "user-agent".to_owned(),
+            value: "bench".to_owned(),
+        },
+    ];
+    for header in args {
+        let (name, value) = header
+            .split_once(':')
+            .ok_or_else(|| anyhow::anyhow!("header {header:?} is not `name: value`"))?;
+        let name = name.trim().to_ascii_lowercase();
+        headers.retain(|h| h.name != name);
+        headers.push(wit::Header {
+            name,
+            value: value.trim().to_owned(),
+        });
+    }
+    let response_hook = std::env::var("HOOK").is_ok_and(|hook| hook == "response");
     let cache = tempfile::tempdir()?;
     let settings = RuntimeSettings {
         cache_dir: cache.path().to_owned(),
@@ -46,6 +69,7 @@ fn main() -> anyhow::Result<()> {
         queue_limit: 2,
         queue_timeout: Duration::from_millis(20),
         max_memory: 64 << 20,
+        upstreams: Default::default(),
     };
     let runtime = Runtime::new(&settings)?;
     let rt = tokio::runtime::Builder::new_current_thread()
@@ -58,7 +82,7 @@ fn main() -> anyhow::Result<()> {
                 loaded,
                 Arc::from("bench"),
                 &config,
-                HashMap::new(),
+                Default::default(),
                 Duration::from_secs(10),
                 16 << 20,
             )
@@ -67,16 +91,7 @@ fn main() -> anyhow::Result<()> {
             method: "GET".to_owned(),
             path: "/".to_owned(),
             query: None,
-            headers: vec![
-                wit::Header {
-                    name: "host".to_owned(),
-                    value: "127.0.0.1:8080".to_owned(),
-                },
-                wit::Header {
-                    name: "user-agent".to_owned(),
-                    value: "bench".to_owned(),
-                },
-            ],
+            headers,
             client_addr: "127.0.0.1".to_owned(),
             route: "bench".to_owned(),
             params: Vec::new(),
@@ -89,9 +104,19 @@ fn main() -> anyhow::Result<()> {
         for round in 0..ROUNDS {
             let started = Instant::now();
             let cpu_started = thread_cpu_time();
+            let head = wit::ResponseHead {
+                status: 200,
+                headers: Vec::new(),
+            };
             for _ in 0..calls {
                 let mut context = RequestContext::default();
-                runtime.on_request(&binding, &request, &mut context).await?;
+                if response_hook {
+                    runtime
+                        .on_response(&binding, &request, &head, &mut context)
+                        .await?;
+                } else {
+                    runtime.on_request(&binding, &request, &mut context).await?;
+                }
             }
             let per_call = |time: Duration| time.as_secs_f64() * 1e6 / f64::from(calls);
             let cpu = per_call(thread_cpu_time() - cpu_started);

@@ -20,10 +20,13 @@ use crate::node::Node;
 /// The demo's config, with placeholders for addresses and the modules folder.
 const DEMO_CONFIG: &str = include_str!("../demo/demo.toml");
 
+/// A phone's `User-Agent`, for the device-router example.
+const IPHONE: &str = "Mozilla/5.0 (iPhone; CPU iPhone OS 18_1 like Mac OS X) Mobile/15E148";
+
 /// Starts the demo upstreams and a node in front of them, and serves until
 /// Ctrl-C.
 pub fn run(listen: SocketAddr, http_listen: SocketAddr, modules: &Path) -> anyhow::Result<()> {
-    for module in ["add-header.wasm", "path-router.wasm"] {
+    for module in ["add-header.wasm", "path-router.wasm", "device-router.wasm"] {
         let path = modules.join(module);
         if !path.exists() {
             anyhow::bail!(
@@ -52,13 +55,15 @@ pub fn run(listen: SocketAddr, http_listen: SocketAddr, modules: &Path) -> anyho
     let base = format!("https://localhost:{}", listen.port());
     let ca = config.source.base_dir.join(".edge-dev-tls/ca.pem");
     let curl = format!("curl -i --cacert {}", ca.display());
-    println!("Edge demo node: routes /api/* through the path-router and add-header workers.");
+    println!("Edge demo node: routes /api/* through the path-router and add-header workers,");
+    println!("and the rest through device-router and add-header.");
     println!("It serves HTTPS on {listen} with a self-signed development certificate, and");
     println!("redirects plain HTTP on {http_listen} to it. Try, in another terminal:");
     println!("  {curl} {base}/api/users/7          # routed to the users upstream");
     println!("  {curl} -X POST {base}/api/checkout # routed to the payments upstream");
     println!("  {curl} {base}/api/unknown          # answered 404 by the path-router worker");
     println!("  {curl} {base}/                     # the web upstream, x-powered-by added");
+    println!("  {curl} -A '{IPHONE}' {base}/home   # device-router: /mobile/home, x-device-class");
     println!("  {curl} --path-as-is '{base}/api/../api/users/7'  # normalised before routing");
     println!("  curl -i http://{http_listen}/api/users/7   # 308 redirect to HTTPS");
     println!("  curl -ik {base}/api/users/7         # -k skips certificate verification");

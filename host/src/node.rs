@@ -189,6 +189,7 @@ impl Node {
             queue_limit: config.runtime.queue_limit,
             queue_timeout: config.runtime.queue_timeout,
             max_memory: config.runtime.max_memory.as_u64() as usize,
+            upstreams: Arc::new(config.upstreams.keys().cloned().collect()),
         };
         let runtime = Runtime::new(&settings).map_err(BuildError::Runtime)?;
         let clock = SystemClock::from_env().map_err(BuildError::RateLimit)?;

@@ -754,6 +754,9 @@ fn apply_header_changes(
             view.retain(|h| h.name != parsed.as_str());
         }
     }
+    // The first value listed for a name replaces the earlier ones; further
+    // values of that name in the same list are added beside it.
+    let mut set_names: Vec<HeaderName> = Vec::new();
     for wit::Header { name, value } in set {
         let parsed = HeaderName::from_bytes(name.as_bytes())
             .map_err(|_| format!("set an invalid header name {name:?}"))?;
@@ -764,9 +767,17 @@ fn apply_header_changes(
         }
         let header_value = HeaderValue::from_str(&value)
             .map_err(|_| format!("set an invalid value for header {name:?}"))?;
-        headers.insert(parsed.clone(), header_value);
+        let repeated = set_names.contains(&parsed);
+        if repeated {
+            headers.append(parsed.clone(), header_value);
+        } else {
+            headers.insert(parsed.clone(), header_value);
+            set_names.push(parsed.clone());
+        }
         if let Some(view) = view.as_deref_mut() {
-            view.retain(|h| h.name != parsed.as_str());
+            if !repeated {
+                view.retain(|h| h.name != parsed.as_str());
+            }
             view.push(wit::Header {
                 name: parsed.as_str().to_owned(),
                 value,
@@ -927,6 +938,33 @@ mod tests {
         assert!(headers.get("keep-alive").is_none());
         assert!(headers.get(header::CONNECTION).is_none());
         assert!(headers.get("x-end").is_some());
+    }
+
+    #[test]
+    fn repeated_set_header_keeps_each_value() {
+        let header = |name: &str, value: &str| wit::Header {
+            name: name.to_owned(),
+            value: value.to_owned(),
+        };
+        let mut headers = HeaderMap::new();
+        headers.insert("set-cookie", HeaderValue::from_static("old=1"));
+        headers.insert("x-one", HeaderValue::from_static("old"));
+        let mut view = vec![header("set-cookie", "old=1"), header("x-one", "old")];
+        let set = vec![
+            header("set-cookie", "a=1"),
+            header("x-one", "new"),
+            header("set-cookie", "b=2"),
+        ];
+        apply_header_changes(&mut headers, Some(&mut view), &[], set).unwrap();
+        let cookies: Vec<_> = headers.get_all("set-cookie").iter().collect();
+        assert_eq!(cookies, ["a=1", "b=2"]);
+        assert_eq!(headers.get_all("x-one").iter().collect::<Vec<_>>(), ["new"]);
+        let view_cookies: Vec<_> = view
+            .iter()
+            .filter(|h| h.name == "set-cookie")
+            .map(|h| h.value.as_str())
+            .collect();
+        assert_eq!(view_cookies, ["a=1", "b=2"]);
     }
 
     #[test]

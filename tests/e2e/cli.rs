@@ -3,7 +3,7 @@
 
 use crate::harness::{edge, modules_dir};
 
-fn write_config(dir: &std::path::Path, text: &str) -> String {
+pub(crate) fn write_config(dir: &std::path::Path, text: &str) -> String {
     let path = dir.join("edge.toml");
     std::fs::write(
         &path,
@@ -53,7 +53,7 @@ fn check_accepts_a_valid_config() {
 }
 
 /// Runs `edge check` on `text` and returns its stderr, asserting failure.
-fn check_fails(text: &str) -> String {
+pub(crate) fn check_fails(text: &str) -> String {
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(dir.path(), text);
     let output = edge(&["check", &path]);

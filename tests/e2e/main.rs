@@ -5,8 +5,10 @@
 
 mod harness;
 
+mod ab_test;
 mod cli;
 mod context;
+mod device_router;
 mod observability;
 mod proxy;
 mod ratelimit;

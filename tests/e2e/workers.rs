@@ -390,6 +390,14 @@ async fn demo_serves_its_routes() -> Result {
     let site = client.get(https, "localhost", "/", &[]).await?.got;
     assert_eq!(site.json()["upstream"], "web");
     assert_eq!(site.header("x-powered-by"), Some("edge"));
+    assert_eq!(site.json()["headers"]["x-device-class"], "desktop");
+    let iphone = "Mozilla/5.0 (iPhone; CPU iPhone OS 18_1 like Mac OS X) Mobile/15E148";
+    let phone = client
+        .get(https, "localhost", "/home", &[("user-agent", iphone)])
+        .await?
+        .got;
+    assert_eq!(phone.json()["path"], "/mobile/home");
+    assert_eq!(phone.json()["headers"]["x-device-class"], "mobile");
 
     // Plain HTTP is redirected to the HTTPS listener.
     let http = &node.urls[1];

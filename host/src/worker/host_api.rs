@@ -1,7 +1,7 @@
 //! What a worker instance can reach: the per-call store state and the host
 //! side of the `log`, `config`, `clock`, `context` and `secrets` imports.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -24,7 +24,7 @@ pub struct StoreState {
     wasi: Option<Wasi>,
     table: ResourceTable,
     pub(super) limiter: MemoryCap,
-    settings: Arc<WorkerSettings>,
+    pub(super) settings: Arc<WorkerSettings>,
     /// The request's context values, moved in for the call and back out
     /// after it.
     pub(super) context: RequestContext,
@@ -143,6 +143,8 @@ pub struct WorkerSettings {
     json: String,
     /// The worker's secrets by name, resolved when the node loads.
     secrets: HashMap<String, Secret>,
+    /// The names of the node's upstreams.
+    pub(super) upstreams: Arc<HashSet<String>>,
 }
 
 /// A secret value, kept out of `Debug` output and so out of logs.
@@ -161,6 +163,7 @@ impl WorkerSettings {
         module: Arc<str>,
         table: &toml::Table,
         secrets: HashMap<String, Secret>,
+        upstreams: Arc<HashSet<String>>,
     ) -> WorkerSettings {
         let values = table
             .iter()
@@ -179,6 +182,7 @@ impl WorkerSettings {
             values,
             json,
             secrets,
+            upstreams,
         }
     }
 }

@@ -5,7 +5,7 @@
 //! pre-instantiated component on wasmtime's pooling allocator, so nothing a
 //! worker keeps in memory reaches the next request. WASI is linked with an
 //! empty context, so a guest reaches only the host API of the `worker` world
-//! (`log`, `config`, `clock`, `context`, `secrets`).
+//! (`log`, `config`, `clock`, `context`, `secrets`, `upstreams`).
 //!
 //! Bounds: epoch interruption enforces the CPU deadline, with a ticker
 //! thread advancing the engine's epoch every [`EPOCH_TICK`]. A resource
@@ -20,8 +20,9 @@
 
 mod cache;
 mod host_api;
+mod upstreams;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -82,6 +83,8 @@ pub struct RuntimeSettings {
     pub queue_limit: usize,
     pub queue_timeout: Duration,
     pub max_memory: usize,
+    /// The names of the node's upstreams, for the `upstreams` import.
+    pub upstreams: Arc<HashSet<String>>,
 }
 
 /// The failure of a worker call that returned no decision.
@@ -202,6 +205,7 @@ pub struct Runtime {
     queue_limit: usize,
     queue_timeout: Duration,
     max_memory: usize,
+    upstreams: Arc<HashSet<String>>,
     ticker: Arc<EpochTicker>,
 }
 
@@ -261,6 +265,7 @@ impl Runtime {
             queue_limit: settings.queue_limit,
             queue_timeout: settings.queue_timeout,
             max_memory: settings.max_memory,
+            upstreams: settings.upstreams.clone(),
             ticker,
         })
     }
@@ -350,6 +355,7 @@ impl Runtime {
             module.name.clone(),
             config,
             secrets,
+            self.upstreams.clone(),
         ));
         let mut binding = Binding {
             module,

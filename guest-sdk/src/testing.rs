@@ -4,10 +4,11 @@
 //! This module exists only on targets other than `wasm32`. There the
 //! [`config`](crate::config) functions read the config that [`set_config`]
 //! stores, [`log`](crate::log) lines collect in a buffer that [`take_logs`]
-//! drains, and [`clock`](crate::clock) reads the standard library's clocks.
-//! Both the config and the log buffer belong to the current thread, and the
-//! standard test harness runs each test on its own thread, so tests do not
-//! see each other's state.
+//! drains, [`clock`](crate::clock) reads the standard library's clocks, and
+//! [`fetch::send`](crate::fetch::send) passes each request to the handler
+//! that [`on_fetch`] sets. The config, the log buffer and the fetch handler
+//! belong to the current thread, and the standard test harness runs each
+//! test on its own thread, so tests do not see each other's state.
 //!
 //! ```
 //! use edge_sdk::{log::Level, testing};
@@ -21,12 +22,31 @@
 
 use std::cell::RefCell;
 
+use crate::fetch::{FetchError, Request as FetchRequest, Response as FetchResponse};
 use crate::log::Level;
+
+/// A stand-in for the host's fetch: one result per request.
+type FetchHandler = Box<dyn Fn(FetchRequest) -> Result<FetchResponse, FetchError>>;
 
 thread_local! {
     static CONFIG: RefCell<serde_json::Map<String, serde_json::Value>> =
         RefCell::new(serde_json::Map::new());
     static LOGS: RefCell<Vec<(Level, String)>> = const { RefCell::new(Vec::new()) };
+    static FETCH: RefCell<Option<FetchHandler>> = const { RefCell::new(None) };
+}
+
+/// Sets the function that answers this thread's
+/// [`fetch::send`](crate::fetch::send) calls, one request at a time. Until
+/// the first call every request fails with [`FetchError::NotAllowed`].
+pub fn on_fetch(handler: impl Fn(FetchRequest) -> Result<FetchResponse, FetchError> + 'static) {
+    FETCH.with(|fetch| *fetch.borrow_mut() = Some(Box::new(handler)));
+}
+
+pub(crate) fn fetch(request: FetchRequest) -> Result<FetchResponse, FetchError> {
+    FETCH.with(|fetch| match &*fetch.borrow() {
+        Some(handler) => handler(request),
+        None => Err(FetchError::NotAllowed),
+    })
 }
 
 /// Stores `json` as this thread's worker config, replacing the previous one.

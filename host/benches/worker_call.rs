@@ -58,6 +58,7 @@ fn main() -> anyhow::Result<()> {
                 &config,
                 Duration::from_secs(10),
                 16 << 20,
+                None,
             )
             .await?;
         let request = wit::Request {

@@ -19,7 +19,7 @@ use crate::ratelimit::{Limit, LimitSpec, RateLimiter, SystemClock};
 use crate::retry::RetrySettings;
 use crate::route::{HostMatch, PathMatch, RouteRule, Router};
 use crate::tls::{CertificateFiles, ListenerTls, ServerSettings, TlsError, UpstreamTls};
-use crate::worker::{Binding, LoadError, Runtime, RuntimeSettings};
+use crate::worker::{Binding, FetchAccess, FetchLimits, LoadError, Runtime, RuntimeSettings};
 
 /// A route, ready to serve.
 #[derive(Debug)]
@@ -85,7 +85,8 @@ pub struct Node {
     pub router: Router,
     /// Routes by config index.
     pub routes: Vec<Route>,
-    pub upstreams: Vec<Upstream>,
+    /// Shared with the workers' fetches.
+    pub upstreams: Arc<[Upstream]>,
     upstream_names: HashMap<String, usize>,
     pub listeners: Vec<Listener>,
     pub runtime: Runtime,
@@ -171,6 +172,18 @@ impl Node {
             next_target += upstream.targets.get_ref().len();
         }
 
+        let upstreams: Arc<[Upstream]> = upstreams.into();
+        let via = HeaderValue::from_str(&format!("1.1 {}", config.node.name))
+            .unwrap_or_else(|_| HeaderValue::from_static("1.1 edge"));
+        let fetch = &config.runtime.fetch;
+        let fetch_limits = FetchLimits {
+            default_timeout: fetch.default_timeout,
+            max_timeout: fetch.max_timeout,
+            max_response_body: fetch.max_response_body.as_u64(),
+            max_requests_per_call: fetch.max_requests_per_call,
+            max_requests_per_hook: fetch.max_requests_per_hook,
+        };
+
         // Binding calls each worker's `hooks` export, which is async.
         let binder = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -209,6 +222,16 @@ impl Node {
                 };
                 let path = config.resolve(worker.module.get_ref());
                 let module = runtime.load(&path).map_err(module_error)?;
+                let fetch = (!worker.fetch.is_empty()).then(|| {
+                    let allowed: Vec<String> =
+                        worker.fetch.iter().map(|n| n.get_ref().clone()).collect();
+                    FetchAccess::new(
+                        upstreams.clone(),
+                        &allowed,
+                        fetch_limits.clone(),
+                        via.clone(),
+                    )
+                });
                 let binding = binder
                     .block_on(runtime.bind(
                         module,
@@ -216,6 +239,7 @@ impl Node {
                         &worker.config,
                         worker.cpu_deadline,
                         worker.max_memory.get_ref().as_u64() as usize,
+                        fetch,
                     ))
                     .map_err(module_error)?;
                 workers.push(binding);
@@ -253,8 +277,6 @@ impl Node {
             .enumerate()
             .map(|(index, listener)| build_listener(config, index, listener))
             .collect::<Result<Vec<_>, _>>()?;
-        let via = HeaderValue::from_str(&format!("1.1 {}", config.node.name))
-            .unwrap_or_else(|_| HeaderValue::from_static("1.1 edge"));
         Ok(Node {
             name: config.node.name.clone(),
             via,

@@ -1,5 +1,6 @@
 //! What a worker instance can reach: the per-call store state and the host
-//! side of the `log`, `config` and `clock` imports.
+//! side of the `log`, `config` and `clock` imports (`fetch` is in its own
+//! module).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::edge::worker::{clock, config, log, types};
+use super::fetch::{FetchAccess, FetchState};
 
 /// Bytes of a guest's stderr kept per call, to show a panic message in logs.
 const STDERR_CAPTURE: usize = 2048;
@@ -23,7 +25,9 @@ pub struct StoreState {
     wasi: Option<Wasi>,
     table: ResourceTable,
     pub(super) limiter: MemoryCap,
-    settings: Arc<WorkerSettings>,
+    pub(super) settings: Arc<WorkerSettings>,
+    /// The call's fetches: its request's id and the time spent waiting.
+    pub(super) fetch: FetchState,
 }
 
 /// A WASI context that grants nothing, with the guest's stderr captured.
@@ -51,8 +55,9 @@ impl Wasi {
 impl StoreState {
     /// Builds the state for one call with the worker's settings. WASI is
     /// built on first use.
-    pub fn new(settings: Arc<WorkerSettings>, memory_cap: usize) -> StoreState {
+    pub fn new(settings: Arc<WorkerSettings>, memory_cap: usize, fetch: FetchState) -> StoreState {
         StoreState {
+            fetch,
             wasi: None,
             table: ResourceTable::new(),
             limiter: MemoryCap {
@@ -132,11 +137,19 @@ pub struct WorkerSettings {
     values: HashMap<String, String>,
     /// The whole table as a JSON object.
     json: String,
+    /// The upstreams the worker may fetch from; `None` without a `fetch`
+    /// list.
+    pub fetch: Option<FetchAccess>,
 }
 
 impl WorkerSettings {
     /// Prepares the config table of a worker bound to `route`.
-    pub fn new(route: Arc<str>, module: Arc<str>, table: &toml::Table) -> WorkerSettings {
+    pub fn new(
+        route: Arc<str>,
+        module: Arc<str>,
+        table: &toml::Table,
+        fetch: Option<FetchAccess>,
+    ) -> WorkerSettings {
         let values = table
             .iter()
             .map(|(key, value)| {
@@ -153,6 +166,7 @@ impl WorkerSettings {
             module,
             values,
             json,
+            fetch,
         }
     }
 }

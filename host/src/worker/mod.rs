@@ -19,6 +19,7 @@
 //! every route on its thread.
 
 mod cache;
+mod fetch;
 mod host_api;
 
 use std::collections::HashMap;
@@ -39,6 +40,8 @@ use wasmtime::{
 
 use cache::ModuleCache;
 pub use cache::{content_hash, CacheOutcome};
+pub use fetch::{FetchAccess, FetchLimits};
+use fetch::FetchState;
 use host_api::{StoreState, WorkerSettings};
 
 /// Host bindings generated from the `worker` world in `wit/`.
@@ -46,6 +49,7 @@ pub mod bindings {
     wasmtime::component::bindgen!({
         path: "../wit",
         world: "worker",
+        imports: { "edge:worker/fetch.send": async },
         exports: { default: async },
     });
 }
@@ -334,8 +338,14 @@ impl Runtime {
         config: &toml::Table,
         cpu_deadline: Duration,
         memory_cap: usize,
+        fetch: Option<FetchAccess>,
     ) -> Result<Binding, LoadError> {
-        let settings = Arc::new(WorkerSettings::new(route, module.name.clone(), config));
+        let settings = Arc::new(WorkerSettings::new(
+            route,
+            module.name.clone(),
+            config,
+            fetch,
+        ));
         let mut binding = Binding {
             module,
             settings,
@@ -346,7 +356,7 @@ impl Runtime {
         };
         let index = &binding.module.exports.hooks;
         let hooks = self
-            .call(&binding, async |instance, store| {
+            .call(&binding, FetchState::default(), async |instance, store| {
                 let hooks = instance
                     .get_typed_func::<(), (Result<wit::HookSet, String>,)>(&mut *store, index)?;
                 Ok(hooks.call_async(&mut *store, ()).await?.0)
@@ -390,7 +400,8 @@ impl Runtime {
         request: &wit::Request,
     ) -> Result<wit::Action, WorkerError> {
         let index = &binding.module.exports.on_request;
-        self.call(binding, async |instance, store| {
+        let fetch = FetchState::for_request(request);
+        self.call(binding, fetch, async |instance, store| {
             let on_request =
                 instance.get_typed_func::<(&wit::Request,), (wit::Action,)>(&mut *store, index)?;
             Ok(on_request.call_async(&mut *store, (request,)).await?.0)
@@ -406,7 +417,8 @@ impl Runtime {
         response: &wit::ResponseHead,
     ) -> Result<wit::ResponseChanges, WorkerError> {
         let index = &binding.module.exports.on_response;
-        self.call(binding, async |instance, store| {
+        let fetch = FetchState::for_request(request);
+        self.call(binding, fetch, async |instance, store| {
             let on_response = instance
                 .get_typed_func::<(&wit::Request, &wit::ResponseHead), (wit::ResponseChanges,)>(
                     &mut *store,
@@ -423,21 +435,26 @@ impl Runtime {
     /// Waits for an instance slot, instantiates the binding's module in a new
     /// store and runs `run` on it. The guest yields to other tasks at every
     /// epoch tick and is interrupted once its CPU deadline has passed.
+    ///
+    /// The deadline counts wall time since the call started, minus the time
+    /// the guest waited for its fetches: the fetch timeouts bound that wait.
     async fn call<R>(
         &self,
         binding: &Binding,
+        fetch: FetchState,
         run: impl AsyncFnOnce(&Instance, &mut Store<StoreState>) -> wasmtime::Result<R>,
     ) -> Result<R, WorkerError> {
         let _slot = self.reserve().await?;
         let _ticking = self.ticker.call_started();
-        let state = StoreState::new(binding.settings.clone(), binding.memory_cap);
+        let state = StoreState::new(binding.settings.clone(), binding.memory_cap, fetch);
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limiter);
         let started = std::time::Instant::now();
         let deadline = binding.cpu_deadline;
         store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(move |_| {
-            if started.elapsed() >= deadline {
+        store.epoch_deadline_callback(move |store| {
+            let running = started.elapsed().saturating_sub(store.data().fetch.waited);
+            if running >= deadline {
                 Ok(UpdateDeadline::Interrupt)
             } else {
                 // tokio's yield_now wakes the task only after the runtime has

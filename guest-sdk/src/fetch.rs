@@ -190,6 +190,7 @@ pub fn send(requests: Vec<Request>) -> Vec<Result<Response, FetchError>> {
 }
 
 /// Milliseconds of a timeout, saturating at `u32::MAX` (about 49 days).
+#[cfg(any(target_arch = "wasm32", test))]
 fn timeout_ms(timeout: Duration) -> u32 {
     u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX)
 }

@@ -27,7 +27,12 @@ pub fn repo_root() -> PathBuf {
 /// The folder scripts/build-workers writes components to.
 pub fn modules_dir() -> PathBuf {
     let dir = repo_root().join("modules");
-    for module in ["add-header.wasm", "path-router.wasm", "fixture-worker.wasm"] {
+    for module in [
+        "add-header.wasm",
+        "path-router.wasm",
+        "bff-aggregate.wasm",
+        "fixture-worker.wasm",
+    ] {
         assert!(
             dir.join(module).exists(),
             "{} is missing; run scripts/build-workers first",

@@ -309,7 +309,10 @@ mod tests {
     #[test]
     fn error_display_names_cause() {
         let unavailable = FetchError::Unavailable("circuit_open".to_string());
-        assert_eq!(unavailable.to_string(), "upstream unavailable: circuit_open");
+        assert_eq!(
+            unavailable.to_string(),
+            "upstream unavailable: circuit_open"
+        );
         assert_eq!(
             FetchError::ResponseTooLarge(1024).to_string(),
             "response body larger than the cap of 1024 bytes"

@@ -5,6 +5,7 @@
 
 mod harness;
 
+mod bff;
 mod cli;
 mod proxy;
 mod ratelimit;

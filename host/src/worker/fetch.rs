@@ -231,7 +231,10 @@ impl FetchAccess {
         }
         headers.append(header::VIA, self.via.clone());
         if !request.body.is_empty() {
-            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(request.body.len()));
+            headers.insert(
+                header::CONTENT_LENGTH,
+                HeaderValue::from(request.body.len()),
+            );
         }
 
         let timeout = request

@@ -40,8 +40,8 @@ use wasmtime::{
 
 use cache::ModuleCache;
 pub use cache::{content_hash, CacheOutcome};
-pub use fetch::{FetchAccess, FetchLimits};
 use fetch::FetchState;
+pub use fetch::{FetchAccess, FetchLimits};
 use host_api::{StoreState, WorkerSettings};
 
 /// Host bindings generated from the `worker` world in `wit/`.

@@ -306,8 +306,7 @@ fn aggregate(config: &Config, request: &Request) -> Action {
         Value::Array(partial.into_iter().map(Value::String).collect()),
     );
     // The body is personal: no shared cache may keep it.
-    let mut response =
-        Response::json(200, &Value::Object(body)).header("cache-control", "private");
+    let mut response = Response::json(200, &Value::Object(body)).header("cache-control", "private");
     if !header.is_empty() {
         response = response.header(PARTIAL_HEADER, header);
     }

@@ -54,7 +54,9 @@ fn ok_json(value: serde_json::Value) -> Result<FetchResponse, FetchError> {
 }
 
 /// Answers like healthy upstreams, recording each request.
-fn healthy(seen: Rc<RefCell<Vec<FetchRequest>>>) -> impl Fn(FetchRequest) -> Result<FetchResponse, FetchError> {
+fn healthy(
+    seen: Rc<RefCell<Vec<FetchRequest>>>,
+) -> impl Fn(FetchRequest) -> Result<FetchResponse, FetchError> {
     move |request| {
         seen.borrow_mut().push(request.clone());
         match request.upstream.as_str() {
@@ -116,7 +118,10 @@ fn tv_gets_rich_shape() {
     let body = json_body(&response);
     assert_eq!(body["device"], "tv");
     assert_eq!(body["rows"].as_array().unwrap().len(), 2);
-    assert_eq!(body["rows"][1], json!({"id": 2, "title": "b", "image": "b-l"}));
+    assert_eq!(
+        body["rows"][1],
+        json!({"id": 2, "title": "b", "image": "b-l"})
+    );
     assert_eq!(body["billing"], json!({"plan": "premium", "card": "4242"}));
     assert_eq!(body["history"], json!([{"id": 9}]));
 }
@@ -243,7 +248,10 @@ fn require_user_is_401() {
 #[test]
 fn invalid_configs_are_rejected() {
     let cases = [
-        (json!({"sections": [], "devices": {}}), "`sections` is empty"),
+        (
+            json!({"sections": [], "devices": {}}),
+            "`sections` is empty",
+        ),
         (
             json!({"sections": [{"name": "user", "upstream": "a", "path": "/"}],
                    "devices": {"tv": {"sections": {"user": {}}}}}),

@@ -96,6 +96,7 @@ module = "{module}"
 fetch = ["recs", "history", "billing"]
 
 [routes.workers.config]
+user_header = "x-user-id"
 sections = [
     {{ name = "rows", upstream = "recs", path = "/rows?user={{user}}", timeout = "1s", list = "rows" }},
     {{ name = "continue_watching", upstream = "history", path = "/users/{{user}}/continue", timeout = "1s" }},

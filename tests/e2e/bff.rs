@@ -81,10 +81,13 @@ billing = {}
 
 /// A node whose route `GET /{device}/home` runs bff-aggregate over the
 /// upstreams `recs`, `history` and `billing`, with `extra` TOML before the
-/// route.
+/// route. A fixture worker before it stands in for an auth worker: it sets
+/// the context value `user` from the `x-user-id` header.
 fn home_config(extra: &str, sections: &str, shapes: &str) -> String {
     format!(
         "{extra}[[routes]]\nname = \"home\"\npattern = \"/{{device}}/home\"\nmethods = [\"GET\"]\n\n\
+         [[routes.workers]]\nmodule = \"{{modules}}/fixture-worker.wasm\"\n\
+         [routes.workers.config]\nmode = \"context-set\"\nname = \"user\"\nfrom_header = \"x-user-id\"\n\n\
          [[routes.workers]]\nmodule = \"{{modules}}/bff-aggregate.wasm\"\n\
          fetch = [\"recs\", \"history\", \"billing\"]\n\n\
          [routes.workers.config]\n{sections}\n{shapes}\n"
@@ -133,7 +136,8 @@ impl Services {
     }
 }
 
-/// GETs `path` as the user `u-7`.
+/// GETs `path` as the user `u-7`, whom the route's first worker puts in the
+/// request context.
 async fn get_home(node: &Node, path: &str) -> Result<crate::harness::Got> {
     send("GET", &node.url(path), &[("x-user-id", "u-7")], b"").await
 }

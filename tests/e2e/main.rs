@@ -7,6 +7,7 @@ mod harness;
 
 mod bff;
 mod cli;
+mod context;
 mod proxy;
 mod ratelimit;
 mod resilience;

@@ -1,6 +1,6 @@
 //! What a worker instance can reach: the per-call store state and the host
-//! side of the `log`, `config` and `clock` imports (`fetch` is in its own
-//! module).
+//! side of the `log`, `config`, `clock`, `context` and `secrets` imports
+//! (`fetch` has its own module).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -11,8 +11,9 @@ use wasmtime::ResourceLimiter;
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use super::bindings::edge::worker::{clock, config, log, types};
+use super::bindings::edge::worker::{clock, config, context, log, secrets, types};
 use super::fetch::{FetchAccess, FetchState};
+use crate::context::RequestContext;
 
 /// Bytes of a guest's stderr kept per call, to show a panic message in logs.
 const STDERR_CAPTURE: usize = 2048;
@@ -26,6 +27,9 @@ pub struct StoreState {
     table: ResourceTable,
     pub(super) limiter: MemoryCap,
     pub(super) settings: Arc<WorkerSettings>,
+    /// The request's context values, moved in for the call and back out
+    /// after it.
+    pub(super) context: RequestContext,
     /// The call's fetches: its request's id and the time spent waiting.
     pub(super) fetch: FetchState,
 }
@@ -55,8 +59,14 @@ impl Wasi {
 impl StoreState {
     /// Builds the state for one call with the worker's settings. WASI is
     /// built on first use.
-    pub fn new(settings: Arc<WorkerSettings>, memory_cap: usize, fetch: FetchState) -> StoreState {
+    pub fn new(
+        settings: Arc<WorkerSettings>,
+        memory_cap: usize,
+        context: RequestContext,
+        fetch: FetchState,
+    ) -> StoreState {
         StoreState {
+            context,
             fetch,
             wasi: None,
             table: ResourceTable::new(),
@@ -140,6 +150,17 @@ pub struct WorkerSettings {
     /// The upstreams the worker may fetch from; `None` without a `fetch`
     /// list.
     pub fetch: Option<FetchAccess>,
+    /// The worker's secrets by name, resolved when the node loads.
+    secrets: HashMap<String, Secret>,
+}
+
+/// A secret value, kept out of `Debug` output and so out of logs.
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
 }
 
 impl WorkerSettings {
@@ -148,6 +169,7 @@ impl WorkerSettings {
         route: Arc<str>,
         module: Arc<str>,
         table: &toml::Table,
+        secrets: HashMap<String, Secret>,
         fetch: Option<FetchAccess>,
     ) -> WorkerSettings {
         let values = table
@@ -166,6 +188,7 @@ impl WorkerSettings {
             module,
             values,
             json,
+            secrets,
             fetch,
         }
     }
@@ -194,6 +217,25 @@ impl config::Host for StoreState {
 
     fn json(&mut self) -> String {
         self.settings.json.clone()
+    }
+}
+
+impl context::Host for StoreState {
+    fn get(&mut self, name: String) -> Option<String> {
+        self.context.get(&name).map(str::to_owned)
+    }
+
+    fn set(&mut self, name: String, value: String) -> Result<(), String> {
+        self.context.set(name, value)
+    }
+}
+
+impl secrets::Host for StoreState {
+    fn get(&mut self, name: String) -> Option<String> {
+        self.settings
+            .secrets
+            .get(&name)
+            .map(|secret| secret.0.clone())
     }
 }
 

@@ -4,8 +4,8 @@
 //! Isolation: every call gets a new `Store` and instance, made from a
 //! pre-instantiated component on wasmtime's pooling allocator, so nothing a
 //! worker keeps in memory reaches the next request. WASI is linked with an
-//! empty context, so a guest reaches only the `log`, `config` and `clock`
-//! imports.
+//! empty context, so a guest reaches only the host API of the `worker` world
+//! (`log`, `config`, `clock`, `context`, `secrets`).
 //!
 //! Bounds: epoch interruption enforces the CPU deadline, with a ticker
 //! thread advancing the engine's epoch every [`EPOCH_TICK`]. A resource
@@ -42,7 +42,10 @@ use cache::ModuleCache;
 pub use cache::{content_hash, CacheOutcome};
 use fetch::FetchState;
 pub use fetch::{FetchAccess, FetchLimits};
+pub use host_api::Secret;
 use host_api::{StoreState, WorkerSettings};
+
+use crate::context::RequestContext;
 
 /// Host bindings generated from the `worker` world in `wit/`.
 pub mod bindings {
@@ -53,6 +56,10 @@ pub mod bindings {
         exports: { default: async },
     });
 }
+
+/// The WIT package this host implements. Workers built against an earlier
+/// 0.1.x load too, because the linker matches semver-compatible names.
+pub const WIT_PACKAGE: &str = "edge:worker@0.1.1";
 
 /// The records of the worker contract, as host types.
 pub use bindings::edge::worker::types as wit;
@@ -129,7 +136,7 @@ struct HandlerExports {
 
 impl HandlerExports {
     /// The exported interface, as the `worker` world names it.
-    const INTERFACE: &str = "edge:worker/handler@0.1.0";
+    const INTERFACE: &str = "edge:worker/handler@0.1.1";
 
     fn find(component: &Component) -> Result<HandlerExports, String> {
         let missing = |name: &str| {
@@ -301,7 +308,7 @@ impl Runtime {
         let instance_pre = self.linker.instantiate_pre(&component).map_err(|e| {
             format!(
                 "it needs an import this host does not provide; build it against \
-                 the edge:worker@0.1.0 `worker` world: {e:#}"
+                 the {WIT_PACKAGE} `worker` world: {e:#}"
             )
         })?;
         // The generated bindings check every export's type once here. Calls
@@ -309,7 +316,7 @@ impl Runtime {
         // instead of all of them.
         bindings::WorkerPre::new(instance_pre.clone()).map_err(|e| {
             format!(
-                "it does not export the edge:worker@0.1.0 `handler` interface; build it \
+                "it does not export the {WIT_PACKAGE} `handler` interface; build it \
                  with the guest SDK's export_worker! macro: {e:#}"
             )
         })?;
@@ -336,6 +343,7 @@ impl Runtime {
         module: Arc<Module>,
         route: Arc<str>,
         config: &toml::Table,
+        secrets: HashMap<String, Secret>,
         cpu_deadline: Duration,
         memory_cap: usize,
         fetch: Option<FetchAccess>,
@@ -344,6 +352,7 @@ impl Runtime {
             route,
             module.name.clone(),
             config,
+            secrets,
             fetch,
         ));
         let mut binding = Binding {
@@ -356,11 +365,18 @@ impl Runtime {
         };
         let index = &binding.module.exports.hooks;
         let hooks = self
-            .call(&binding, FetchState::default(), async |instance, store| {
-                let hooks = instance
-                    .get_typed_func::<(), (Result<wit::HookSet, String>,)>(&mut *store, index)?;
-                Ok(hooks.call_async(&mut *store, ()).await?.0)
-            })
+            .call(
+                &binding,
+                &mut RequestContext::default(),
+                FetchState::default(),
+                async |instance, store| {
+                    let hooks = instance.get_typed_func::<(), (Result<wit::HookSet, String>,)>(
+                        &mut *store,
+                        index,
+                    )?;
+                    Ok(hooks.call_async(&mut *store, ()).await?.0)
+                },
+            )
             .await
             .map_err(|e| LoadError {
                 path: binding.module.path.clone(),
@@ -393,15 +409,17 @@ impl Runtime {
         }
     }
 
-    /// Runs the request hook in a fresh instance.
+    /// Runs the request hook in a fresh instance, which reads and sets the
+    /// request's `context` values.
     pub async fn on_request(
         &self,
         binding: &Binding,
         request: &wit::Request,
+        context: &mut RequestContext,
     ) -> Result<wit::Action, WorkerError> {
         let index = &binding.module.exports.on_request;
         let fetch = FetchState::for_request(request);
-        self.call(binding, fetch, async |instance, store| {
+        self.call(binding, context, fetch, async |instance, store| {
             let on_request =
                 instance.get_typed_func::<(&wit::Request,), (wit::Action,)>(&mut *store, index)?;
             Ok(on_request.call_async(&mut *store, (request,)).await?.0)
@@ -409,16 +427,18 @@ impl Runtime {
         .await
     }
 
-    /// Runs the response hook in a fresh instance.
+    /// Runs the response hook in a fresh instance, which reads and sets the
+    /// request's `context` values.
     pub async fn on_response(
         &self,
         binding: &Binding,
         request: &wit::Request,
         response: &wit::ResponseHead,
+        context: &mut RequestContext,
     ) -> Result<wit::ResponseChanges, WorkerError> {
         let index = &binding.module.exports.on_response;
         let fetch = FetchState::for_request(request);
-        self.call(binding, fetch, async |instance, store| {
+        self.call(binding, context, fetch, async |instance, store| {
             let on_response = instance
                 .get_typed_func::<(&wit::Request, &wit::ResponseHead), (wit::ResponseChanges,)>(
                     &mut *store,
@@ -435,18 +455,26 @@ impl Runtime {
     /// Waits for an instance slot, instantiates the binding's module in a new
     /// store and runs `run` on it. The guest yields to other tasks at every
     /// epoch tick and is interrupted once its CPU deadline has passed.
+    /// `context` moves into the store for the call and back out after it,
+    /// with the values the guest set, whether or not the call succeeded.
     ///
     /// The deadline counts wall time since the call started, minus the time
     /// the guest waited for its fetches: the fetch timeouts bound that wait.
     async fn call<R>(
         &self,
         binding: &Binding,
+        context: &mut RequestContext,
         fetch: FetchState,
         run: impl AsyncFnOnce(&Instance, &mut Store<StoreState>) -> wasmtime::Result<R>,
     ) -> Result<R, WorkerError> {
         let _slot = self.reserve().await?;
         let _ticking = self.ticker.call_started();
-        let state = StoreState::new(binding.settings.clone(), binding.memory_cap, fetch);
+        let state = StoreState::new(
+            binding.settings.clone(),
+            binding.memory_cap,
+            std::mem::take(context),
+            fetch,
+        );
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limiter);
         let started = std::time::Instant::now();
@@ -475,6 +503,7 @@ impl Runtime {
             Ok(instance) => run(&instance, &mut store).await,
             Err(error) => Err(error),
         };
+        *context = std::mem::take(&mut store.data_mut().context);
         result.map_err(|error| classify_trap(error, &store, binding))
     }
 }

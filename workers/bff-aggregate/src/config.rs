@@ -21,10 +21,19 @@ pub struct Config {
     /// The class used when the request's class has no shape; without it such
     /// a request gets 404 `unknown_device`.
     pub default_device: Option<String>,
-    /// The request header that carries the user id until a worker before this
-    /// one sets the request context's `user`. Default: `x-user-id`.
-    #[serde(default = "default_user_header")]
-    pub user_header: String,
+    /// The request context value with the user id, which an auth worker
+    /// before this one sets. Default: `user`.
+    #[serde(default = "default_user_context")]
+    pub user_context: String,
+    /// A request header read for the user id when the context has none, for
+    /// an earlier worker that sets a header instead. Clients can send any
+    /// header, so only name one that an earlier worker always sets or
+    /// removes. Default: none.
+    pub user_header: Option<String>,
+    /// The header that carries the user id to the section upstreams.
+    /// Default: `x-user-id`.
+    #[serde(default = "default_upstream_user_header")]
+    pub upstream_user_header: String,
     /// Whether a request without a user id gets 401 `user_missing`.
     /// Default: false.
     #[serde(default)]
@@ -43,7 +52,11 @@ fn default_device_source() -> String {
     "param:device".to_string()
 }
 
-fn default_user_header() -> String {
+fn default_user_context() -> String {
+    "user".to_string()
+}
+
+fn default_upstream_user_header() -> String {
     "x-user-id".to_string()
 }
 

@@ -34,12 +34,14 @@
 //! 1. reads the device class from the route parameter `device` (or the
 //!    `device` source in the config), lower-cased; a class without a shape
 //!    falls back to `default_device`, or gets 404 `unknown_device`;
-//! 2. reads the user id from the `user_header` (default `x-user-id`), which
-//!    an auth worker before this one sets; with `require_user`, a request
-//!    without one gets 401 `user_missing`;
+//! 2. reads the user id from the request context value `user_context`
+//!    (default `user`), which an auth worker before this one sets, or else
+//!    from the request header `user_header` when one is configured; with
+//!    `require_user`, a request without one gets 401 `user_missing`;
 //! 3. fetches every section the device class names, all at once, each with
-//!    its own timeout, sending the user id under `user_header` and the
-//!    `forward_headers` of the client's request;
+//!    its own timeout, sending the user id under `upstream_user_header`
+//!    (default `x-user-id`) and the `forward_headers` of the client's
+//!    request;
 //! 4. shapes each section's JSON: the list at `list`, at most `max_items`
 //!    items, and only `fields` (`NAME`, or `NAME=DOTTED.PATH` to rename);
 //! 5. responds 200 with `{"device": .., "user": .., SECTION: .., "partial":
@@ -116,13 +118,15 @@ fn device_class(config: &Config, request: &Request) -> Result<String, Action> {
     Err(error_response(404, "unknown_device", message))
 }
 
-/// The user id of the request, if any.
-// TODO: read the request context's `user` first, once the host exposes the context interface.
+/// The user id of the request: the context value, else the configured
+/// header.
 fn user_id(config: &Config, request: &Request) -> Option<String> {
-    request
-        .header(&config.user_header)
+    edge_sdk::context::get(&config.user_context)
+        .or_else(|| {
+            let header = config.user_header.as_deref()?;
+            request.header(header).map(str::to_string)
+        })
         .filter(|user| !user.is_empty())
-        .map(str::to_string)
 }
 
 /// Percent-encodes every byte except RFC 3986's unreserved characters, so
@@ -187,7 +191,7 @@ fn section_request(
         }
     }
     if let Some(user) = user {
-        built = built.header(config.user_header.as_str(), user);
+        built = built.header(config.upstream_user_header.as_str(), user);
     }
     if let Some(timeout) = section.timeout() {
         built = built.timeout(timeout);
@@ -225,7 +229,10 @@ fn aggregate(config: &Config, request: &Request) -> Action {
     };
     let user = user_id(config, request);
     if config.require_user && user.is_none() {
-        let message = format!("the request has no user id in {}", config.user_header);
+        let message = format!(
+            "the request has no user id in the context value {:?}",
+            config.user_context
+        );
         return error_response(401, "user_missing", message);
     }
     let shapes = &config.devices[&device].sections;

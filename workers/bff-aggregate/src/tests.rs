@@ -33,13 +33,15 @@ const CONFIG: &str = r#"{
     }
 }"#;
 
+/// A request for `device` by the user `u 7`, as an auth worker before this
+/// one would have put it in the context.
 fn request(device: &str) -> Request {
+    testing::clear_context();
+    edge_sdk::context::set("user", "u 7").unwrap();
     Request {
         method: "GET".to_string(),
         path: format!("/{device}/home"),
-        headers: [("x-user-id", "u 7"), ("accept-language", "de")]
-            .into_iter()
-            .collect(),
+        headers: [("accept-language", "de")].into_iter().collect(),
         params: vec![("device".to_string(), device.to_string())],
         ..Request::default()
     }
@@ -225,8 +227,8 @@ fn default_device_used_for_unknown_class() {
 fn missing_user_fails_user_sections() {
     testing::set_config(CONFIG);
     testing::on_fetch(|_| panic!("no section can be built without a user"));
-    let mut without_user = request("mobile");
-    without_user.headers = Default::default();
+    let without_user = request("mobile");
+    testing::clear_context();
     let response = respond_of(BffAggregate::on_request(without_user));
     assert_eq!(response.status, 502);
     let body = json_body(&response);
@@ -238,11 +240,41 @@ fn require_user_is_401() {
     let mut config: serde_json::Value = serde_json::from_str(CONFIG).unwrap();
     config["require_user"] = json!(true);
     testing::set_config(&config.to_string());
-    let mut without_user = request("mobile");
-    without_user.headers = Default::default();
+    let without_user = request("mobile");
+    testing::clear_context();
     let response = respond_of(BffAggregate::on_request(without_user));
     assert_eq!(response.status, 401);
     assert_eq!(json_body(&response)["error"], "user_missing");
+}
+
+#[test]
+fn user_header_when_context_empty() {
+    let mut config: serde_json::Value = serde_json::from_str(CONFIG).unwrap();
+    config["user_header"] = json!("x-account");
+    testing::set_config(&config.to_string());
+    let seen = Rc::new(RefCell::new(Vec::new()));
+    testing::on_fetch(healthy(seen.clone()));
+    let mut from_header = request("mobile");
+    testing::clear_context();
+    from_header.headers.append("x-account", "acct-1");
+    let response = respond_of(BffAggregate::on_request(from_header.clone()));
+    assert_eq!(json_body(&response)["user"], "acct-1");
+    assert_eq!(seen.borrow()[0].headers.get("x-user-id"), Some("acct-1"));
+
+    edge_sdk::context::set("user", "ctx-9").unwrap();
+    let response = respond_of(BffAggregate::on_request(from_header));
+    assert_eq!(json_body(&response)["user"], "ctx-9", "the context wins");
+}
+
+#[test]
+fn header_ignored_without_user_header() {
+    testing::set_config(CONFIG);
+    testing::on_fetch(healthy(Rc::default()));
+    let mut spoofed = request("mobile");
+    testing::clear_context();
+    spoofed.headers.append("x-user-id", "someone-else");
+    let response = respond_of(BffAggregate::on_request(spoofed));
+    assert_eq!(response.status, 502, "no user, so no section can be built");
 }
 
 #[test]

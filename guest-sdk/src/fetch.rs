@@ -12,7 +12,7 @@
 //!
 //! [`send`] takes every request at once. The host sends them concurrently,
 //! over the same connections, load balancing and circuit breakers as the
-//! requests it proxies, and returns when each has a response or has timed
+//! requests it proxies. It returns when each has a response or has timed
 //! out, so a call takes about as long as its slowest request, not the sum.
 //! The time spent waiting does not count against the worker's CPU deadline.
 //!
@@ -144,7 +144,7 @@ impl Response {
     }
 }
 
-/// Why a request got no response.
+/// The reason a request got no response.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum FetchError {
     /// The route entry's `fetch` list does not name the upstream, or no
@@ -152,7 +152,7 @@ pub enum FetchError {
     NotAllowed,
     /// The exchange did not finish within the request's timeout.
     TimedOut,
-    /// No response could be had. The code says why: `upstream_unavailable`
+    /// No response could be had, for the cause the code names: `upstream_unavailable`
     /// (the connection failed or broke), `circuit_open` (every target's
     /// breaker is open) or `no_healthy_upstream`.
     Unavailable(String),

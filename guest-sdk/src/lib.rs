@@ -96,8 +96,9 @@
 //!
 //! A worker has no ambient authority: the host links WASI with an empty
 //! context (no files, environment variables or sockets). It reaches the host
-//! only through [`log`], [`config`], [`clock`] and [`fetch`], which sends
-//! requests only to the upstreams its route entry allows.
+//! only through [`log`], [`config`], [`clock`], [`context`], [`secrets`] and
+//! [`fetch`], which sends requests only to the upstreams its route entry
+//! allows.
 //!
 //! # Config
 //!

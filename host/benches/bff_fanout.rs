@@ -1,5 +1,5 @@
 //! Latency of the bff-aggregate worker's fan-out through a real node: three
-//! loopback upstreams that each answer after 50 ms, behind one
+//! loopback upstreams that each respond after 50 ms, behind one
 //! `GET /tv/home`, against a plain proxied request to one of them.
 //!
 //! If the sections were fetched one after another, an aggregated response
@@ -27,7 +27,7 @@ type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error + Send + 
 /// The delay of every upstream.
 const UPSTREAM_DELAY: Duration = Duration::from_millis(50);
 
-/// Starts an HTTP/1.1 upstream that answers every request with `body` after
+/// Starts an HTTP/1.1 upstream that responds to every request with `body` after
 /// [`UPSTREAM_DELAY`].
 async fn delayed_upstream(body: &'static str) -> Result<SocketAddr> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
@@ -58,8 +58,8 @@ async fn delayed_upstream(body: &'static str) -> Result<SocketAddr> {
     Ok(addr)
 }
 
-/// The node's config: `/{device}/home` aggregates the three upstreams, and
-/// `/direct` proxies to one of them.
+/// Writes the node's config: `/{device}/home` aggregates the three
+/// upstreams, and `/direct` proxies to one of them.
 fn config(
     module: &Path,
     cache: &Path,

@@ -274,7 +274,7 @@ pub struct FetchConfig {
     /// sending it to the last byte of the response body. Default: 1s.
     #[serde(with = "humantime_serde")]
     pub default_timeout: Duration,
-    /// The longest timeout a request may set; a longer one is cut to this.
+    /// The maximum timeout a request may set; a longer one is cut to this.
     /// It also bounds how long one `send` call can wait. Default: 10s.
     #[serde(with = "humantime_serde")]
     pub max_timeout: Duration,

@@ -905,7 +905,7 @@ pub struct ClientBodyError(#[source] hyper::Error);
 
 /// A client's request body on its way upstream, cut off with an error at the
 /// route's size limit; or, for a request the node sends itself, no body or
-/// bytes it holds whole.
+/// a body kept whole in memory.
 pub struct RequestBody {
     inner: Option<Incoming>,
     /// The whole body of a request the node sends itself, such as a worker's

@@ -1,7 +1,7 @@
 //! The host side of the `fetch` import: requests from a worker to the
-//! upstreams its route entry allows, sent at once over the node's upstream
-//! client, so they share its connection pools, balancing, circuit breakers,
-//! retries and health with proxied requests.
+//! upstreams its route entry allows. They go out at once over the node's
+//! upstream client, so they share its connection pools, balancing, circuit
+//! breakers, retries and health with proxied requests.
 //!
 //! A worker names upstreams, never addresses. Every request of one `send`
 //! call runs concurrently on the calling thread, and the call returns when
@@ -37,7 +37,7 @@ static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
 pub struct FetchLimits {
     /// The timeout of a request that sets none.
     pub default_timeout: Duration,
-    /// The longest timeout a request may set.
+    /// The maximum timeout a request may set.
     pub max_timeout: Duration,
     /// The largest response body, in bytes.
     pub max_response_body: u64,
@@ -47,8 +47,8 @@ pub struct FetchLimits {
     pub max_requests_per_hook: usize,
 }
 
-/// What one worker binding may fetch: the node's upstreams, the names its
-/// route entry allows, and the node's limits.
+/// The fetch access of one worker binding: the node's upstreams, the names
+/// its route entry allows, and the node's limits.
 pub struct FetchAccess {
     upstreams: Arc<[Upstream]>,
     /// Allowed upstream names and their index in `upstreams`.

@@ -5,7 +5,7 @@
 //! pre-instantiated component on wasmtime's pooling allocator, so nothing a
 //! worker keeps in memory reaches the next request. WASI is linked with an
 //! empty context, so a guest reaches only the host API of the `worker` world
-//! (`log`, `config`, `clock`, `context`, `secrets`).
+//! (`log`, `config`, `clock`, `context`, `secrets`, `fetch`).
 //!
 //! Bounds: epoch interruption enforces the CPU deadline, with a ticker
 //! thread advancing the engine's epoch every [`EPOCH_TICK`]. A resource

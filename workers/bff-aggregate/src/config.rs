@@ -14,8 +14,8 @@ const RESERVED_KEYS: [&str; 3] = ["device", "user", "partial"];
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// Where the device class comes from: `param:NAME` (a route path
-    /// parameter) or `header:NAME`. Default: `param:device`.
+    /// The source of the device class: `param:NAME` (a route path parameter)
+    /// or `header:NAME`. Default: `param:device`.
     #[serde(default = "default_device_source")]
     pub device: String,
     /// The class used when the request's class has no shape; without it such
@@ -98,7 +98,7 @@ pub struct DeviceShape {
     pub sections: BTreeMap<String, Shape>,
 }
 
-/// How one section is cut down for one device class.
+/// The shape of one section for one device class.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Shape {
@@ -106,11 +106,11 @@ pub struct Shape {
     /// a list): `NAME` keeps a field, `NAME=PATH` takes a dotted path such as
     /// `image=images.small`. Default: every field.
     pub fields: Option<Vec<String>>,
-    /// The most items kept of a list. Default: all.
+    /// The maximum number of items kept of a list. Default: all.
     pub max_items: Option<usize>,
 }
 
-/// Where the device class is read from.
+/// The source of the device class.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum DeviceSource {
     /// A route path parameter.

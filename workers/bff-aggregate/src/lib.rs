@@ -31,9 +31,10 @@
 //!
 //! On each request the worker:
 //!
-//! 1. reads the device class from the route parameter `device` (or the
-//!    `device` source in the config), lower-cased; a class without a shape
-//!    falls back to `default_device`, or gets 404 `unknown_device`;
+//! 1. reads the device class, lower-cased, from the route parameter
+//!    `device` (or the `device` source in the config). A class without a
+//!    shape falls back to `default_device`, or else gets 404
+//!    `unknown_device`;
 //! 2. reads the user id from the request context value `user_context`
 //!    (default `user`), which an auth worker before this one sets, or else
 //!    from the request header `user_header` when one is configured; with
@@ -90,7 +91,8 @@ fn error_response(status: u16, error: &'static str, message: String) -> Action {
     Action::respond(Response::json(status, &body))
 }
 
-/// The device class of a request, or why there is none.
+/// Returns the device class of a request, or the error response for one
+/// without a known class.
 fn device_class(config: &Config, request: &Request) -> Result<String, Action> {
     let source = config
         .device_source()
@@ -118,8 +120,8 @@ fn device_class(config: &Config, request: &Request) -> Result<String, Action> {
     Err(error_response(404, "unknown_device", message))
 }
 
-/// The user id of the request: the context value, else the configured
-/// header.
+/// Returns the user id of the request: the context value, or else the
+/// configured header.
 fn user_id(config: &Config, request: &Request) -> Option<String> {
     edge_sdk::context::get(&config.user_context)
         .or_else(|| {
@@ -199,7 +201,8 @@ fn section_request(
     Ok(built)
 }
 
-/// Turns a section's fetch result into its shaped JSON, or why it failed.
+/// Turns a section's fetch result into its shaped JSON, or the reason it
+/// failed.
 fn section_value(
     section: &Section,
     shape: &Shape,

@@ -33,8 +33,8 @@ const CONFIG: &str = r#"{
     }
 }"#;
 
-/// A request for `device` by the user `u 7`, as an auth worker before this
-/// one would have put it in the context.
+/// Builds a request for `device` by the user `u 7`, whom it puts in the
+/// context as an auth worker before this one would.
 fn request(device: &str) -> Request {
     testing::clear_context();
     edge_sdk::context::set("user", "u 7").unwrap();
@@ -55,7 +55,8 @@ fn ok_json(value: serde_json::Value) -> Result<FetchResponse, FetchError> {
     })
 }
 
-/// Answers like healthy upstreams, recording each request.
+/// Returns a fetch handler that responds as healthy upstreams would and
+/// records each request.
 fn healthy(
     seen: Rc<RefCell<Vec<FetchRequest>>>,
 ) -> impl Fn(FetchRequest) -> Result<FetchResponse, FetchError> {

@@ -4,10 +4,12 @@
 //! Usage: cargo bench -p edge --bench worker_call [-- MODULE CONFIG_TOML]
 //! Defaults to modules/add-header.wasm with `headers = { "x-bench" = "1" }`.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use edge::context::RequestContext;
 use edge::worker::{wit, Runtime, RuntimeSettings};
 
 /// Calls per round, unless the `CALLS` environment variable sets another number.
@@ -56,6 +58,7 @@ fn main() -> anyhow::Result<()> {
                 loaded,
                 Arc::from("bench"),
                 &config,
+                HashMap::new(),
                 Duration::from_secs(10),
                 16 << 20,
                 None,
@@ -88,7 +91,8 @@ fn main() -> anyhow::Result<()> {
             let started = Instant::now();
             let cpu_started = thread_cpu_time();
             for _ in 0..calls {
-                runtime.on_request(&binding, &request).await?;
+                let mut context = RequestContext::default();
+                runtime.on_request(&binding, &request, &mut context).await?;
             }
             let per_call = |time: Duration| time.as_secs_f64() * 1e6 / f64::from(calls);
             let cpu = per_call(thread_cpu_time() - cpu_started);

@@ -637,6 +637,44 @@ async fn cpu_deadline_ignores_fetch_wait() -> Result {
 }
 
 #[test]
+fn explain_lists_fetch_upstreams() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("edge.toml");
+    let config = format!(
+        "[[listeners]]\naddr = \"127.0.0.1:0\"\n\n{}",
+        home_config(
+            &upstreams(&[
+                ("recs", "127.0.0.1:9".to_owned()),
+                ("history", "127.0.0.1:9".to_owned()),
+                ("billing", "127.0.0.1:9".to_owned()),
+            ]),
+            &sections("2s", false),
+            SHAPES,
+        )
+    )
+    .replace(
+        "{modules}",
+        &crate::harness::modules_dir().display().to_string(),
+    );
+    std::fs::write(&path, config).unwrap();
+    let output = edge(&[
+        "routes",
+        "explain",
+        "--config",
+        &path.display().to_string(),
+        "GET",
+        "/tv/home",
+    ]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    assert!(stdout.contains("bff-aggregate.wasm"), "{stdout}");
+    assert!(
+        stdout.contains("    fetch: recs, history, billing"),
+        "{stdout}"
+    );
+}
+
+#[test]
 fn check_rejects_unknown_fetch_upstream() {
     let dir = tempfile::tempdir().unwrap();
     let cases = [

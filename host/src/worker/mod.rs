@@ -338,6 +338,10 @@ impl Runtime {
     /// Binds a loaded module to a route with its config and limits, and
     /// calls its `hooks` export, which checks the config and names the hooks
     /// the worker implements.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one argument per setting of the route's worker entry"
+    )]
     pub async fn bind(
         &self,
         module: Arc<Module>,

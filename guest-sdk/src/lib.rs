@@ -96,7 +96,9 @@
 //!
 //! A worker has no ambient authority: the host links WASI with an empty
 //! context (no files, environment variables or sockets). It reaches the host
-//! only through [`log`], [`config`], [`clock`] and [`upstreams`].
+//! only through [`log`], [`config`], [`clock`], [`context`], [`secrets`],
+//! [`upstreams`] and [`fetch`], which sends requests only to the upstreams
+//! its route entry allows.
 //!
 //! # Config
 //!
@@ -117,7 +119,11 @@
 //! # Limitations
 //!
 //! - Hooks see headers, not bodies: neither the request body nor the
-//!   upstream's response body reaches the worker.
+//!   upstream's response body reaches the worker (the bodies of its own
+//!   [`fetch`] responses do).
+//! - [`fetch`] works while a request is handled; called from
+//!   [`Worker::check_config`] or [`Worker::hooks`], at load time, every
+//!   request fails with `NotAllowed`.
 //! - `hooks` cannot report an invalid config, so a worker finds out on each
 //!   request and should answer with a clear error then.
 //! - Header names and values, paths and statuses are not checked by the SDK.
@@ -130,6 +136,7 @@ pub mod clock;
 pub mod config;
 pub mod context;
 mod export;
+pub mod fetch;
 mod headers;
 pub mod log;
 mod request;

@@ -5,11 +5,12 @@
 //! [`config`](crate::config) functions read the config that [`set_config`]
 //! stores, [`log`](crate::log) lines collect in a buffer that [`take_logs`]
 //! drains, [`clock`](crate::clock) reads the standard library's clocks,
-//! [`context`](crate::context) values live until [`clear_context`], and
-//! [`secrets`](crate::secrets) come from [`set_secret`]. All of this state
-//! belongs to the current thread, and the
-//! standard test harness runs each test on its own thread, so tests do not
-//! see each other's state.
+//! [`context`](crate::context) values live until [`clear_context`],
+//! [`secrets`](crate::secrets) come from [`set_secret`], and
+//! [`fetch::send`](crate::fetch::send) passes each request to the handler
+//! that [`on_fetch`] sets. All of this state belongs to the current thread,
+//! and the standard test harness runs each test on its own thread, so tests
+//! do not see each other's state.
 //!
 //! ```
 //! use edge_sdk::{log::Level, testing};
@@ -30,7 +31,11 @@
 
 use std::cell::RefCell;
 
+use crate::fetch::{FetchError, Request as FetchRequest, Response as FetchResponse};
 use crate::log::Level;
+
+/// A stand-in for the host's fetch: one result per request.
+type FetchHandler = Box<dyn Fn(FetchRequest) -> Result<FetchResponse, FetchError>>;
 
 thread_local! {
     static CONFIG: RefCell<serde_json::Map<String, serde_json::Value>> =
@@ -39,6 +44,21 @@ thread_local! {
     static UPSTREAMS: RefCell<Vec<String>> = const { RefCell::new(Vec::new()) };
     static CONTEXT: RefCell<Vec<(String, String)>> = const { RefCell::new(Vec::new()) };
     static SECRETS: RefCell<Vec<(String, String)>> = const { RefCell::new(Vec::new()) };
+    static FETCH: RefCell<Option<FetchHandler>> = const { RefCell::new(None) };
+}
+
+/// Sets the function that answers this thread's
+/// [`fetch::send`](crate::fetch::send) calls, one request at a time. Until
+/// the first call every request fails with [`FetchError::NotAllowed`].
+pub fn on_fetch(handler: impl Fn(FetchRequest) -> Result<FetchResponse, FetchError> + 'static) {
+    FETCH.with(|fetch| *fetch.borrow_mut() = Some(Box::new(handler)));
+}
+
+pub(crate) fn fetch(request: FetchRequest) -> Result<FetchResponse, FetchError> {
+    FETCH.with(|fetch| match &*fetch.borrow() {
+        Some(handler) => handler(request),
+        None => Err(FetchError::NotAllowed),
+    })
 }
 
 /// The maximum number of context values on a request, as on the host.

@@ -15,7 +15,8 @@ use std::sync::Arc;
 use http::header::{HeaderMap, HeaderValue, CONTENT_LENGTH, CONTENT_TYPE, DATE, SERVER};
 
 use edge::config::{LimitConfig, RedisConfig};
-use edge::ratelimit::{KeyInput, Limit, LimitSpec, RateLimiter, SystemClock};
+use edge::context::RequestContext;
+use edge::ratelimit::{KeyInput, Limit, LimitSet, LimitSpec, RateLimiter, SystemClock};
 
 /// User plus system CPU time of this process, in nanoseconds.
 fn cpu_ns() -> f64 {
@@ -43,12 +44,15 @@ fn response_headers() -> HeaderMap {
 /// `headers` is false).
 async fn one_request(limiter: &RateLimiter, limits: &[Limit], client: u32, headers: bool) {
     let request = HeaderMap::new();
+    let context = RequestContext::default();
     let input = KeyInput {
         client_ip: IpAddr::V4(Ipv4Addr::from(client)),
         headers: &request,
+        context: &context,
     };
     let mut shown = None;
-    let _ = limiter.check(limits, 0, &input, &mut shown).await;
+    let all = LimitSet::of(limits, |_| true);
+    let _ = limiter.check(limits, all, &input, &mut shown).await;
     let mut response = response_headers();
     if let (Some(shown), true) = (shown, headers) {
         shown.apply(&mut response);

@@ -85,6 +85,7 @@ fn main() -> anyhow::Result<()> {
                 Default::default(),
                 Duration::from_secs(10),
                 16 << 20,
+                None,
             )
             .await?;
         let request = wit::Request {

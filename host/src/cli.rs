@@ -404,6 +404,14 @@ fn explain(path: &Path, method: &str, raw_path: &str, host: Option<&str>) -> any
                         ""
                     },
                 );
+                if !worker.fetch.is_empty() {
+                    let upstreams: Vec<&str> = worker
+                        .fetch
+                        .iter()
+                        .map(|name| name.get_ref().as_str())
+                        .collect();
+                    println!("    fetch: {}", upstreams.join(", "));
+                }
             }
             if route.limits.is_empty() {
                 println!("  rate limits: none");

@@ -318,6 +318,44 @@ pub struct RuntimeConfig {
     /// The largest memory cap a worker may be given; the size of each pool
     /// slot. Default: 64 MiB.
     pub max_memory: ByteSize,
+    /// Limits on the requests workers send to upstreams with `fetch`.
+    pub fetch: FetchConfig,
+}
+
+/// Limits on the requests workers send to upstreams through their `fetch`
+/// import; which upstreams a worker may reach is set per route entry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FetchConfig {
+    /// Time allowed for a request that sets no timeout of its own, from
+    /// sending it to the last byte of the response body. Default: 1s.
+    #[serde(with = "humantime_serde")]
+    pub default_timeout: Duration,
+    /// The maximum timeout a request may set; a longer one is cut to this.
+    /// It also bounds how long one `send` call can wait. Default: 10s.
+    #[serde(with = "humantime_serde")]
+    pub max_timeout: Duration,
+    /// The largest response body a worker receives; a larger one fails with
+    /// `response-too-large`. Default: 1 MiB.
+    pub max_response_body: ByteSize,
+    /// Requests in one `send` call; the rest fail with `invalid-request`.
+    /// Default: 16.
+    pub max_requests_per_call: usize,
+    /// Requests one hook call may send over all its `send` calls; the rest
+    /// fail with `invalid-request`. Default: 64.
+    pub max_requests_per_hook: usize,
+}
+
+impl Default for FetchConfig {
+    fn default() -> Self {
+        Self {
+            default_timeout: Duration::from_secs(1),
+            max_timeout: Duration::from_secs(10),
+            max_response_body: ByteSize::mib(1),
+            max_requests_per_call: 16,
+            max_requests_per_hook: 64,
+        }
+    }
 }
 
 impl Default for RuntimeConfig {
@@ -328,6 +366,7 @@ impl Default for RuntimeConfig {
             queue_limit: 1024,
             queue_timeout: Duration::from_millis(20),
             max_memory: ByteSize::mib(64),
+            fetch: FetchConfig::default(),
         }
     }
 }
@@ -725,6 +764,10 @@ pub struct WorkerConfig {
     /// The worker's own settings, readable through its `config` import.
     #[serde(default)]
     pub config: toml::Table,
+    /// Upstreams the worker may send requests to with its `fetch` import.
+    /// Default: none.
+    #[serde(default)]
+    pub fetch: Vec<Spanned<String>>,
     /// Secrets the worker reads by name through its `secrets` import.
     #[serde(default)]
     pub secrets: BTreeMap<String, Spanned<SecretSource>>,
@@ -918,6 +961,7 @@ impl Config {
             let line = self.line_of_key("runtime", "max_memory");
             return Err(self.invalid(line, "runtime.max_memory", &message));
         }
+        self.validate_fetch_limits()?;
         self.validate_redis()?;
         if let Some(access_log) = &self.access_log {
             let buffer = &access_log.buffer;
@@ -1011,6 +1055,7 @@ impl Config {
                     let line = self.line_of(worker.module.span().start);
                     return Err(self.invalid(line, &field, "must be more than zero"));
                 }
+                self.validate_fetch(worker, &field(&format!("workers[{worker_index}].fetch")))?;
             }
         }
         Ok(())
@@ -1319,6 +1364,58 @@ impl Config {
         }
         if redis.key_prefix.contains(['{', '}']) {
             return Err(self.invalid(line, "redis.key_prefix", "must not contain `{` or `}`"));
+        }
+        Ok(())
+    }
+
+    /// Checks the node-wide limits of workers' fetches.
+    fn validate_fetch_limits(&self) -> Result<(), ConfigError> {
+        let fetch = &self.runtime.fetch;
+        if fetch.default_timeout.is_zero() {
+            let field = "runtime.fetch.default_timeout";
+            return Err(self.invalid(0, field, "must be more than zero"));
+        }
+        if fetch.max_timeout < fetch.default_timeout {
+            let message = format!(
+                "{} is shorter than runtime.fetch.default_timeout ({})",
+                humantime::format_duration(fetch.max_timeout),
+                humantime::format_duration(fetch.default_timeout)
+            );
+            return Err(self.invalid(0, "runtime.fetch.max_timeout", &message));
+        }
+        // A response is copied into the worker's memory whole.
+        if fetch.max_response_body > self.runtime.max_memory {
+            let message = format!(
+                "{} is over runtime.max_memory ({})",
+                binary(fetch.max_response_body),
+                binary(self.runtime.max_memory)
+            );
+            return Err(self.invalid(0, "runtime.fetch.max_response_body", &message));
+        }
+        for (name, value) in [
+            ("max_requests_per_call", fetch.max_requests_per_call),
+            ("max_requests_per_hook", fetch.max_requests_per_hook),
+        ] {
+            if value == 0 {
+                let field = format!("runtime.fetch.{name}");
+                return Err(self.invalid(0, &field, "must be at least 1"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks that a worker's `fetch` list names declared upstreams.
+    fn validate_fetch(&self, worker: &WorkerConfig, field: &str) -> Result<(), ConfigError> {
+        for name in &worker.fetch {
+            if !self.upstreams.contains_key(name.get_ref()) {
+                let message = format!(
+                    "no upstream named {:?}; declare it as [upstreams.{}] or remove it from \
+                     the list",
+                    name.get_ref(),
+                    name.get_ref()
+                );
+                return Err(self.invalid(self.line_of(name.span().start), field, &message));
+            }
         }
         Ok(())
     }

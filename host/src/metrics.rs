@@ -405,7 +405,7 @@ impl Metrics {
 
     fn update_state(&self, node: &Node, now: Instant) {
         let state = &self.state;
-        for upstream in &node.upstreams {
+        for upstream in node.upstreams.iter() {
             for target in &upstream.targets {
                 let address = target.addr.to_string();
                 let labels = [upstream.name.as_str(), address.as_str()];

@@ -21,7 +21,9 @@ use crate::route::{HostMatch, PathMatch, RouteRule, Router};
 use crate::tls::{CertificateFiles, ListenerTls, ServerSettings, TlsError, UpstreamTls};
 use crate::access_log::{AccessLog, Names, Sink};
 use crate::metrics::Metrics;
-use crate::worker::{Binding, LoadError, Runtime, RuntimeSettings, Secret};
+use crate::worker::{
+    Binding, FetchAccess, FetchLimits, LoadError, Runtime, RuntimeSettings, Secret,
+};
 
 /// A route, ready to serve.
 #[derive(Debug)]
@@ -133,7 +135,8 @@ pub struct Node {
     pub router: Router,
     /// Routes by config index.
     pub routes: Vec<Route>,
-    pub upstreams: Vec<Upstream>,
+    /// Shared with the workers' fetches.
+    pub upstreams: Arc<[Upstream]>,
     upstream_names: HashMap<String, usize>,
     pub listeners: Vec<Listener>,
     pub runtime: Runtime,
@@ -233,6 +236,18 @@ impl Node {
             next_target += upstream.targets.get_ref().len();
         }
 
+        let upstreams: Arc<[Upstream]> = upstreams.into();
+        let via = HeaderValue::from_str(&format!("1.1 {}", config.node.name))
+            .unwrap_or_else(|_| HeaderValue::from_static("1.1 edge"));
+        let fetch = &config.runtime.fetch;
+        let fetch_limits = FetchLimits {
+            default_timeout: fetch.default_timeout,
+            max_timeout: fetch.max_timeout,
+            max_response_body: fetch.max_response_body.as_u64(),
+            max_requests_per_call: fetch.max_requests_per_call,
+            max_requests_per_hook: fetch.max_requests_per_hook,
+        };
+
         // Binding calls each worker's `hooks` export, which is async.
         let binder = tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -284,6 +299,16 @@ impl Node {
                 }
                 let path = config.resolve(worker.module.get_ref());
                 let module = runtime.load(&path).map_err(module_error)?;
+                let fetch = (!worker.fetch.is_empty()).then(|| {
+                    let allowed: Vec<String> =
+                        worker.fetch.iter().map(|n| n.get_ref().clone()).collect();
+                    FetchAccess::new(
+                        upstreams.clone(),
+                        &allowed,
+                        fetch_limits.clone(),
+                        via.clone(),
+                    )
+                });
                 let binding = binder
                     .block_on(runtime.bind(
                         module,
@@ -292,6 +317,7 @@ impl Node {
                         secrets,
                         worker.cpu_deadline,
                         worker.max_memory.get_ref().as_u64() as usize,
+                        fetch,
                     ))
                     .map_err(module_error)?;
                 workers.push(binding);
@@ -358,8 +384,6 @@ impl Node {
             .enumerate()
             .map(|(index, listener)| build_listener(config, index, listener))
             .collect::<Result<Vec<_>, _>>()?;
-        let via = HeaderValue::from_str(&format!("1.1 {}", config.node.name))
-            .unwrap_or_else(|_| HeaderValue::from_static("1.1 edge"));
         // A static value is cloned without touching a shared reference
         // count, which every serving thread would otherwise update per
         // response. One name is leaked per node built.

@@ -949,9 +949,13 @@ pub struct BodyTooLarge {
 pub struct ClientBodyError(#[source] hyper::Error);
 
 /// A client's request body on its way upstream, cut off with an error at the
-/// route's size limit; or no body, for a request the node sends itself.
+/// route's size limit; or, for a request the node sends itself, no body or
+/// a body kept whole in memory.
 pub struct RequestBody {
     inner: Option<Incoming>,
+    /// The whole body of a request the node sends itself, such as a worker's
+    /// fetch, until it is sent.
+    full: Option<Bytes>,
     limit: u64,
     seen: u64,
     /// Set while the node waits for the client's next bytes, so that a
@@ -966,6 +970,7 @@ impl RequestBody {
         let waiting_on_client = (!inner.is_end_stream()).then(Arc::default);
         RequestBody {
             inner: Some(inner),
+            full: None,
             limit,
             seen: 0,
             waiting_on_client,
@@ -982,16 +987,25 @@ impl RequestBody {
     pub fn empty() -> RequestBody {
         RequestBody {
             inner: None,
+            full: None,
             limit: 0,
             seen: 0,
             waiting_on_client: None,
         }
     }
 
+    /// Creates a body of these bytes, sent as one frame.
+    pub fn full(bytes: Bytes) -> RequestBody {
+        RequestBody {
+            full: (!bytes.is_empty()).then_some(bytes),
+            ..RequestBody::empty()
+        }
+    }
+
     /// Returns whether the body has no bytes left to send: none at all, or
     /// the client sent none.
     pub fn is_empty(&self) -> bool {
-        self.inner.as_ref().is_none_or(Body::is_end_stream)
+        self.full.is_none() && self.inner.as_ref().is_none_or(Body::is_end_stream)
     }
 }
 
@@ -1004,6 +1018,9 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
+        if let Some(bytes) = this.full.take() {
+            return Poll::Ready(Some(Ok(Frame::data(bytes))));
+        }
         let Some(inner) = &mut this.inner else {
             return Poll::Ready(None);
         };
@@ -1033,9 +1050,10 @@ impl Body for RequestBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        match &self.inner {
-            Some(inner) => inner.size_hint(),
-            None => SizeHint::with_exact(0),
+        match (&self.full, &self.inner) {
+            (Some(bytes), _) => SizeHint::with_exact(bytes.len() as u64),
+            (None, Some(inner)) => inner.size_hint(),
+            (None, None) => SizeHint::with_exact(0),
         }
     }
 }

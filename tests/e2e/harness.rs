@@ -32,6 +32,7 @@ pub fn modules_dir() -> PathBuf {
         "path-router.wasm",
         "ab-test.wasm",
         "device-router.wasm",
+        "bff-aggregate.wasm",
         "fixture-worker.wasm",
     ] {
         assert!(
@@ -283,6 +284,8 @@ pub enum Reply {
     /// Response headers and a first chunk at once, then a body that stalls
     /// this long before it ends.
     StalledBody(Duration),
+    /// Waits, then sends this JSON body with status 200.
+    Json(Duration, serde_json::Value),
 }
 
 /// A real HTTP/1.1 server on loopback that records what it receives.
@@ -402,6 +405,14 @@ async fn serve_upstream(
         Reply::Delay(delay) => {
             tokio::time::sleep(delay).await;
             Response::new(echo())
+        }
+        Reply::Json(delay, value) => {
+            tokio::time::sleep(delay).await;
+            let mut response = Response::new(Full::new(Bytes::from(value.to_string())).boxed());
+            response
+                .headers_mut()
+                .insert("content-type", "application/json".parse().unwrap());
+            response
         }
         Reply::Headers(headers) => {
             let mut response = Response::new(echo());

@@ -6,6 +6,7 @@
 mod harness;
 
 mod ab_test;
+mod bff;
 mod cli;
 mod context;
 mod device_router;

@@ -452,12 +452,17 @@ async fn failed_reload_keeps_old_certificate() -> Result {
     Ok(())
 }
 
+/// A route and its upstream, appended to configs that test listener errors,
+/// because a config needs a route.
+const ROUTE: &str = "\n[upstreams.route-upstream]\ntargets = [\"127.0.0.1:9\"]\n\n\
+                     [[routes]]\nname = \"any\"\nupstream = \"route-upstream\"\n";
+
 /// Runs `edge check` on a config with one TLS listener using `cert` and
 /// `key`, and returns its stderr, asserting failure.
 fn check_fails(dir: &Path, cert: &Path, key: &Path) -> String {
     let config = format!(
         "[[listeners]]\naddr = \"127.0.0.1:0\"\n[listeners.tls]\n\
-         [[listeners.tls.certificates]]\ncert = {:?}\nkey = {:?}\n",
+         [[listeners.tls.certificates]]\ncert = {:?}\nkey = {:?}\n{ROUTE}",
         cert.display().to_string(),
         key.display().to_string()
     );
@@ -880,7 +885,7 @@ fn tls_config_errors_name_line_and_field() {
         ),
     ];
     for (rest, expected) in cases {
-        let message = check(&format!("{listener}{rest}"));
+        let message = check(&format!("{listener}{rest}{ROUTE}"));
         assert!(message.contains(expected), "{rest}: {message}");
     }
 }

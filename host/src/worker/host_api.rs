@@ -1,5 +1,6 @@
 //! What a worker instance can reach: the per-call store state and the host
-//! side of the `log`, `config`, `clock`, `context` and `secrets` imports.
+//! side of the `log`, `config`, `clock`, `context`, `secrets` and `upstreams` imports
+//! (`fetch` has its own module).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::edge::worker::{clock, config, context, log, secrets, types};
+use super::fetch::{FetchAccess, FetchState};
 use crate::context::RequestContext;
 
 /// Bytes of a guest's stderr kept per call, to show a panic message in logs.
@@ -28,6 +30,8 @@ pub struct StoreState {
     /// The request's context values, moved in for the call and back out
     /// after it.
     pub(super) context: RequestContext,
+    /// The call's fetches: its request's id and the time spent waiting.
+    pub(super) fetch: FetchState,
 }
 
 /// A WASI context that grants nothing, with the guest's stderr captured.
@@ -59,9 +63,11 @@ impl StoreState {
         settings: Arc<WorkerSettings>,
         memory_cap: usize,
         context: RequestContext,
+        fetch: FetchState,
     ) -> StoreState {
         StoreState {
             context,
+            fetch,
             wasi: None,
             table: ResourceTable::new(),
             limiter: MemoryCap {
@@ -141,6 +147,9 @@ pub struct WorkerSettings {
     values: HashMap<String, String>,
     /// The whole table as a JSON object.
     json: String,
+    /// The upstreams the worker may fetch from; `None` without a `fetch`
+    /// list.
+    pub fetch: Option<FetchAccess>,
     /// The worker's secrets by name, resolved when the node loads.
     secrets: HashMap<String, Secret>,
     /// The names of the node's upstreams.
@@ -164,6 +173,7 @@ impl WorkerSettings {
         table: &toml::Table,
         secrets: HashMap<String, Secret>,
         upstreams: Arc<HashSet<String>>,
+        fetch: Option<FetchAccess>,
     ) -> WorkerSettings {
         let values = table
             .iter()
@@ -183,6 +193,7 @@ impl WorkerSettings {
             json,
             secrets,
             upstreams,
+            fetch,
         }
     }
 }

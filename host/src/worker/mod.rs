@@ -5,7 +5,7 @@
 //! pre-instantiated component on wasmtime's pooling allocator, so nothing a
 //! worker keeps in memory reaches the next request. WASI is linked with an
 //! empty context, so a guest reaches only the host API of the `worker` world
-//! (`log`, `config`, `clock`, `context`, `secrets`, `upstreams`).
+//! (`log`, `config`, `clock`, `context`, `secrets`, `upstreams`, `fetch`).
 //!
 //! Bounds: epoch interruption enforces the CPU deadline, with a ticker
 //! thread advancing the engine's epoch every [`EPOCH_TICK`]. A resource
@@ -19,6 +19,7 @@
 //! every route on its thread.
 
 mod cache;
+mod fetch;
 mod host_api;
 mod upstreams;
 
@@ -40,6 +41,8 @@ use wasmtime::{
 
 use cache::ModuleCache;
 pub use cache::{content_hash, CacheOutcome};
+use fetch::FetchState;
+pub use fetch::{FetchAccess, FetchLimits};
 pub use host_api::Secret;
 use host_api::{StoreState, WorkerSettings};
 
@@ -50,6 +53,7 @@ pub mod bindings {
     wasmtime::component::bindgen!({
         path: "../wit",
         world: "worker",
+        imports: { "edge:worker/fetch.send": async },
         exports: { default: async },
     });
 }
@@ -341,6 +345,10 @@ impl Runtime {
     /// Binds a loaded module to a route with its config and limits, and
     /// calls its `hooks` export, which checks the config and names the hooks
     /// the worker implements.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "one argument per setting of the route's worker entry"
+    )]
     pub async fn bind(
         &self,
         module: Arc<Module>,
@@ -349,6 +357,7 @@ impl Runtime {
         secrets: HashMap<String, Secret>,
         cpu_deadline: Duration,
         memory_cap: usize,
+        fetch: Option<FetchAccess>,
     ) -> Result<Binding, LoadError> {
         let settings = Arc::new(WorkerSettings::new(
             route,
@@ -356,6 +365,7 @@ impl Runtime {
             config,
             secrets,
             self.upstreams.clone(),
+            fetch,
         ));
         let mut binding = Binding {
             module,
@@ -370,6 +380,7 @@ impl Runtime {
             .call(
                 &binding,
                 &mut RequestContext::default(),
+                FetchState::default(),
                 async |instance, store| {
                     let hooks = instance.get_typed_func::<(), (Result<wit::HookSet, String>,)>(
                         &mut *store,
@@ -443,7 +454,8 @@ impl Runtime {
         context: &mut RequestContext,
     ) -> Result<wit::Action, WorkerError> {
         let index = &binding.module.exports.on_request;
-        self.call(binding, context, async |instance, store| {
+        let fetch = FetchState::for_request(request);
+        self.call(binding, context, fetch, async |instance, store| {
             let on_request =
                 instance.get_typed_func::<(&wit::Request,), (wit::Action,)>(&mut *store, index)?;
             Ok(on_request.call_async(&mut *store, (request,)).await?.0)
@@ -461,7 +473,8 @@ impl Runtime {
         context: &mut RequestContext,
     ) -> Result<wit::ResponseChanges, WorkerError> {
         let index = &binding.module.exports.on_response;
-        self.call(binding, context, async |instance, store| {
+        let fetch = FetchState::for_request(request);
+        self.call(binding, context, fetch, async |instance, store| {
             let on_response = instance
                 .get_typed_func::<(&wit::Request, &wit::ResponseHead), (wit::ResponseChanges,)>(
                     &mut *store,
@@ -480,10 +493,14 @@ impl Runtime {
     /// epoch tick and is interrupted once its CPU deadline has passed.
     /// `context` moves into the store for the call and back out after it,
     /// with the values the guest set, whether or not the call succeeded.
+    ///
+    /// The deadline counts wall time since the call started, minus the time
+    /// the guest waited for its fetches: the fetch timeouts bound that wait.
     async fn call<R>(
         &self,
         binding: &Binding,
         context: &mut RequestContext,
+        fetch: FetchState,
         run: impl AsyncFnOnce(&Instance, &mut Store<StoreState>) -> wasmtime::Result<R>,
     ) -> Result<R, WorkerError> {
         let _slot = self.reserve().await?;
@@ -492,14 +509,16 @@ impl Runtime {
             binding.settings.clone(),
             binding.memory_cap,
             std::mem::take(context),
+            fetch,
         );
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limiter);
         let started = std::time::Instant::now();
         let deadline = binding.cpu_deadline;
         store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(move |_| {
-            if started.elapsed() >= deadline {
+        store.epoch_deadline_callback(move |store| {
+            let running = started.elapsed().saturating_sub(store.data().fetch.waited);
+            if running >= deadline {
                 Ok(UpdateDeadline::Interrupt)
             } else {
                 // tokio's yield_now wakes the task only after the runtime has

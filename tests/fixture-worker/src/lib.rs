@@ -31,6 +31,12 @@
 //!   context value `NAME` for each name in `names` that has one.
 //! - `secret`: responds 200 with the secret `name` as the body, or 404 when
 //!   the worker's entry names no such secret.
+//! - `fetch`: sends the `requests` array (each with `upstream`, `path`, and
+//!   optional `method`, `headers` table, `body` text and `timeout_ms`) in
+//!   one fetch call, and responds 200 with `{"results": [...]}`: per request
+//!   either `{"status", "headers", "body"}` (the body as text) or
+//!   `{"error": "not_allowed" | "timed_out" | "unavailable" |
+//!   "response_too_large" | "invalid_request", "detail": ...}`.
 //!
 //! ```toml
 //! [[routes.workers]]
@@ -83,6 +89,7 @@ const MODES: &[&str] = &[
     "context-set",
     "context-get",
     "secret",
+    "fetch",
 ];
 
 /// The JSON body of the fixture's error responses.
@@ -159,6 +166,52 @@ struct RespondConfig {
 struct ResponseHeaderConfig {
     #[serde(default)]
     response_headers: BTreeMap<String, String>,
+}
+
+/// Config of the `fetch` mode.
+#[derive(Debug, Deserialize)]
+struct FetchConfig {
+    requests: Vec<FetchRequestConfig>,
+}
+
+/// One request of the `fetch` mode.
+#[derive(Debug, Deserialize)]
+struct FetchRequestConfig {
+    upstream: String,
+    path: String,
+    #[serde(default = "default_method")]
+    method: String,
+    #[serde(default)]
+    headers: BTreeMap<String, String>,
+    #[serde(default)]
+    body: String,
+    timeout_ms: Option<u64>,
+}
+
+fn default_method() -> String {
+    "GET".to_string()
+}
+
+/// One result as the `fetch` mode reports it.
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+enum FetchResultBody {
+    Response {
+        status: u16,
+        /// Header values by name, repeated names joined by `, `.
+        headers: BTreeMap<String, String>,
+        body: String,
+    },
+    Error {
+        error: &'static str,
+        detail: Option<String>,
+    },
+}
+
+/// The body of the `fetch` mode's response.
+#[derive(Debug, Serialize)]
+struct FetchBody {
+    results: Vec<FetchResultBody>,
 }
 
 /// The request as the `echo` mode reports it.
@@ -260,10 +313,12 @@ fn allocate(config: AllocConfig) -> Action {
     )
 }
 
-fn echo(request: Request) -> Action {
-    let mut headers: BTreeMap<String, String> = BTreeMap::new();
-    for (name, value) in request.headers.iter() {
-        headers
+/// Returns header values by name, with the values of a repeated name joined
+/// by `, `.
+fn joined_headers(headers: &edge_sdk::Headers) -> BTreeMap<String, String> {
+    let mut joined_by_name: BTreeMap<String, String> = BTreeMap::new();
+    for (name, value) in headers.iter() {
+        joined_by_name
             .entry(name.to_string())
             .and_modify(|joined| {
                 joined.push_str(", ");
@@ -271,6 +326,54 @@ fn echo(request: Request) -> Action {
             })
             .or_insert_with(|| value.to_string());
     }
+    joined_by_name
+}
+
+fn fetch(config: FetchConfig) -> Action {
+    use edge_sdk::fetch::{self, FetchError};
+
+    let requests = config
+        .requests
+        .into_iter()
+        .map(|request| {
+            let mut built = fetch::Request::new(request.method, request.upstream, request.path)
+                .body(request.body);
+            for (name, value) in request.headers {
+                built = built.header(name, value);
+            }
+            if let Some(ms) = request.timeout_ms {
+                built = built.timeout(std::time::Duration::from_millis(ms));
+            }
+            built
+        })
+        .collect();
+    let results = fetch::send(requests)
+        .into_iter()
+        .map(|result| match result {
+            Ok(response) => FetchResultBody::Response {
+                status: response.status,
+                headers: joined_headers(&response.headers),
+                body: String::from_utf8_lossy(&response.body).into_owned(),
+            },
+            Err(error) => {
+                let (error, detail) = match error {
+                    FetchError::NotAllowed => ("not_allowed", None),
+                    FetchError::TimedOut => ("timed_out", None),
+                    FetchError::Unavailable(code) => ("unavailable", Some(code)),
+                    FetchError::ResponseTooLarge(cap) => {
+                        ("response_too_large", Some(cap.to_string()))
+                    }
+                    FetchError::InvalidRequest(reason) => ("invalid_request", Some(reason)),
+                };
+                FetchResultBody::Error { error, detail }
+            }
+        })
+        .collect();
+    Action::respond(Response::json(200, &FetchBody { results }))
+}
+
+fn echo(request: Request) -> Action {
+    let headers = joined_headers(&request.headers);
     let body = EchoBody {
         method: request.method,
         path: request.path,
@@ -408,6 +511,7 @@ fn handle_request(request: Request) -> Result<Action, InvalidConfig> {
         "context-set" => set_context(&request, parse_config(&mode)?),
         "context-get" => get_context(parse_config(&mode)?),
         "secret" => read_secret(parse_config(&mode)?),
+        "fetch" => fetch(parse_config(&mode)?),
         other => {
             return Err(InvalidConfig(format!(
                 "unknown mode {other:?}; expected one of {}",

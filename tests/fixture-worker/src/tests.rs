@@ -233,3 +233,32 @@ fn panic_mode_panics() {
     testing::set_config(r#"{"mode":"panic"}"#);
     let _ = Fixture::on_request(request());
 }
+
+#[test]
+fn fetch_reports_each_result() {
+    testing::set_config(
+        r#"{"mode":"fetch","requests":[
+            {"upstream":"rows","path":"/rows","headers":{"x-a":"1"}},
+            {"upstream":"other","path":"/"}
+        ]}"#,
+    );
+    testing::on_fetch(|request| {
+        if request.upstream != "rows" {
+            return Err(edge_sdk::fetch::FetchError::NotAllowed);
+        }
+        assert_eq!(request.method, "GET");
+        assert_eq!(request.headers.get("x-a"), Some("1"));
+        Ok(edge_sdk::fetch::Response {
+            status: 200,
+            headers: [("x-b", "2")].into_iter().collect(),
+            body: b"rows".to_vec(),
+        })
+    });
+    let response = respond_of(Fixture::on_request(request()));
+    assert_eq!(response.status, 200);
+    let body = json_body(&response);
+    assert_eq!(body["results"][0]["status"], 200);
+    assert_eq!(body["results"][0]["headers"]["x-b"], "2");
+    assert_eq!(body["results"][0]["body"], "rows");
+    assert_eq!(body["results"][1]["error"], "not_allowed");
+}

@@ -58,6 +58,7 @@ fn main() -> anyhow::Result<()> {
                 &config,
                 Duration::from_secs(10),
                 16 << 20,
+                Default::default(),
             )
             .await?;
         let request = wit::Request {

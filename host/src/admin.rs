@@ -262,7 +262,7 @@ fn metrics(node: &Node, now: Instant) -> String {
         "# HELP edge_target_up Whether a target gets traffic: 1 healthy, 0 failing checks \
          or ejected.\n# TYPE edge_target_up gauge\n",
     );
-    for upstream in &node.upstreams {
+    for upstream in node.upstreams.iter() {
         for target in &upstream.targets {
             let labels = format!("upstream=\"{}\",target=\"{}\"", upstream.name, target.addr);
             if let Some(breaker) = &target.breaker {

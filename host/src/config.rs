@@ -636,6 +636,10 @@ pub struct WorkerConfig {
     /// The worker's own settings, readable through its `config` import.
     #[serde(default)]
     pub config: toml::Table,
+    /// Upstreams the worker may fetch from, such as the identity provider a
+    /// JWK set comes from. Default: none.
+    #[serde(default)]
+    pub upstreams: Vec<Spanned<String>>,
 }
 
 fn default_cpu_deadline() -> Duration {
@@ -861,6 +865,18 @@ impl Config {
                     let field = field(&format!("workers[{worker_index}].cpu_deadline"));
                     let line = self.line_of(worker.module.span().start);
                     return Err(self.invalid(line, &field, "must be more than zero"));
+                }
+                for upstream in &worker.upstreams {
+                    if !self.upstreams.contains_key(upstream.get_ref()) {
+                        let message = format!(
+                            "no upstream named {:?}; declare it as [upstreams.{}]",
+                            upstream.get_ref(),
+                            upstream.get_ref()
+                        );
+                        let line = self.line_of(upstream.span().start);
+                        let field = field(&format!("workers[{worker_index}].upstreams"));
+                        return Err(self.invalid(line, &field, &message));
+                    }
                 }
             }
         }

@@ -19,7 +19,7 @@ use crate::ratelimit::{Limit, LimitSpec, RateLimiter, SystemClock};
 use crate::retry::RetrySettings;
 use crate::route::{HostMatch, PathMatch, RouteRule, Router};
 use crate::tls::{CertificateFiles, ListenerTls, ServerSettings, TlsError, UpstreamTls};
-use crate::worker::{Binding, LoadError, Runtime, RuntimeSettings};
+use crate::worker::{AllowedUpstreams, Binding, LoadError, Runtime, RuntimeSettings};
 
 /// A route, ready to serve.
 #[derive(Debug)]
@@ -85,7 +85,8 @@ pub struct Node {
     pub router: Router,
     /// Routes by config index.
     pub routes: Vec<Route>,
-    pub upstreams: Vec<Upstream>,
+    /// Shared with the worker bindings that fetch key sets from them.
+    pub upstreams: Arc<[Upstream]>,
     upstream_names: HashMap<String, usize>,
     pub listeners: Vec<Listener>,
     pub runtime: Runtime,
@@ -170,6 +171,7 @@ impl Node {
             ));
             next_target += upstream.targets.get_ref().len();
         }
+        let upstreams: Arc<[Upstream]> = upstreams.into();
 
         // Binding calls each worker's `hooks` export, which is async.
         let binder = tokio::runtime::Builder::new_current_thread()
@@ -209,6 +211,10 @@ impl Node {
                 };
                 let path = config.resolve(worker.module.get_ref());
                 let module = runtime.load(&path).map_err(module_error)?;
+                let allowed = AllowedUpstreams::new(
+                    upstreams.clone(),
+                    worker.upstreams.iter().map(|u| u.get_ref().clone()).collect(),
+                );
                 let binding = binder
                     .block_on(runtime.bind(
                         module,
@@ -216,6 +222,7 @@ impl Node {
                         &worker.config,
                         worker.cpu_deadline,
                         worker.max_memory.get_ref().as_u64() as usize,
+                        allowed,
                     ))
                     .map_err(module_error)?;
                 workers.push(binding);

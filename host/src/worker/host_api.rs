@@ -1,9 +1,10 @@
 //! What a worker instance can reach: the per-call store state and the host
-//! side of the `log`, `config` and `clock` imports.
+//! side of the `log`, `config` and `clock` imports. The `crypto` import lives
+//! in its own module.
 
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use wasmtime::component::ResourceTable;
 use wasmtime::ResourceLimiter;
@@ -11,6 +12,7 @@ use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::edge::worker::{clock, config, log, types};
+use super::crypto::{AllowedUpstreams, HostCrypto};
 
 /// Bytes of a guest's stderr kept per call, to show a panic message in logs.
 const STDERR_CAPTURE: usize = 2048;
@@ -21,9 +23,14 @@ pub struct StoreState {
     /// panics nor prints makes none, which saves building a context (two
     /// seeded random number generators and a stderr buffer) on every call.
     wasi: Option<Wasi>,
-    table: ResourceTable,
+    pub(super) table: ResourceTable,
     pub(super) limiter: MemoryCap,
-    settings: Arc<WorkerSettings>,
+    pub(super) settings: Arc<WorkerSettings>,
+    /// Keys and key sets shared by every call on the node.
+    pub(super) crypto: Arc<HostCrypto>,
+    /// Time the call spent waiting in host calls for the network, which
+    /// does not count against its CPU deadline.
+    pub(super) host_wait: Duration,
 }
 
 /// A WASI context that grants nothing, with the guest's stderr captured.
@@ -51,7 +58,11 @@ impl Wasi {
 impl StoreState {
     /// Builds the state for one call with the worker's settings. WASI is
     /// built on first use.
-    pub fn new(settings: Arc<WorkerSettings>, memory_cap: usize) -> StoreState {
+    pub fn new(
+        settings: Arc<WorkerSettings>,
+        memory_cap: usize,
+        crypto: Arc<HostCrypto>,
+    ) -> StoreState {
         StoreState {
             wasi: None,
             table: ResourceTable::new(),
@@ -60,6 +71,8 @@ impl StoreState {
                 exceeded: None,
             },
             settings,
+            crypto,
+            host_wait: Duration::ZERO,
         }
     }
 
@@ -132,11 +145,18 @@ pub struct WorkerSettings {
     values: HashMap<String, String>,
     /// The whole table as a JSON object.
     json: String,
+    /// The upstreams the worker may fetch key sets from.
+    pub upstreams: AllowedUpstreams,
 }
 
 impl WorkerSettings {
     /// Prepares the config table of a worker bound to `route`.
-    pub fn new(route: Arc<str>, module: Arc<str>, table: &toml::Table) -> WorkerSettings {
+    pub fn new(
+        route: Arc<str>,
+        module: Arc<str>,
+        table: &toml::Table,
+        upstreams: AllowedUpstreams,
+    ) -> WorkerSettings {
         let values = table
             .iter()
             .map(|(key, value)| {
@@ -153,6 +173,7 @@ impl WorkerSettings {
             module,
             values,
             json,
+            upstreams,
         }
     }
 }

@@ -96,7 +96,7 @@
 //!
 //! A worker has no ambient authority: the host links WASI with an empty
 //! context (no files, environment variables or sockets). It reaches the host
-//! only through [`log`], [`config`] and [`clock`].
+//! only through [`log`], [`config`], [`clock`] and [`crypto`].
 //!
 //! # Config
 //!
@@ -128,6 +128,7 @@
 mod action;
 pub mod clock;
 pub mod config;
+pub mod crypto;
 mod export;
 mod headers;
 pub mod log;

@@ -27,7 +27,12 @@ pub fn repo_root() -> PathBuf {
 /// The folder scripts/build-workers writes components to.
 pub fn modules_dir() -> PathBuf {
     let dir = repo_root().join("modules");
-    for module in ["add-header.wasm", "path-router.wasm", "fixture-worker.wasm"] {
+    for module in [
+        "add-header.wasm",
+        "path-router.wasm",
+        "jwt-auth.wasm",
+        "fixture-worker.wasm",
+    ] {
         assert!(
             dir.join(module).exists(),
             "{} is missing; run scripts/build-workers first",
@@ -277,6 +282,8 @@ pub enum Reply {
     /// Response headers and a first chunk at once, then a body that stalls
     /// this long before it ends.
     StalledBody(Duration),
+    /// A 200 response with these headers and this body.
+    Body(Vec<(&'static str, String)>, String),
 }
 
 /// A real HTTP/1.1 server on loopback that records what it receives.
@@ -399,6 +406,13 @@ async fn serve_upstream(
         }
         Reply::Headers(headers) => {
             let mut response = Response::new(echo());
+            for (name, value) in headers {
+                response.headers_mut().append(name, value.parse().unwrap());
+            }
+            response
+        }
+        Reply::Body(headers, body) => {
+            let mut response = Response::new(Full::new(Bytes::from(body)).boxed());
             for (name, value) in headers {
                 response.headers_mut().append(name, value.parse().unwrap());
             }

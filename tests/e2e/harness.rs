@@ -284,6 +284,8 @@ pub enum Reply {
     StalledBody(Duration),
     /// A 200 response with these headers and this body.
     Body(Vec<(&'static str, String)>, String),
+    /// Waits, then sends the inner reply.
+    Delayed(Duration, Box<Reply>),
 }
 
 /// A real HTTP/1.1 server on loopback that records what it receives.
@@ -393,7 +395,12 @@ async fn serve_upstream(
         });
         Full::new(Bytes::from(json.to_string())).boxed()
     };
-    let response = match handler(&record) {
+    let mut reply = handler(&record);
+    if let Reply::Delayed(delay, inner) = reply {
+        tokio::time::sleep(delay).await;
+        reply = *inner;
+    }
+    let response = match reply {
         Reply::Echo => Response::new(echo()),
         Reply::Status(status) => {
             let mut response = Response::new(Full::new(Bytes::from("upstream says no")).boxed());
@@ -411,6 +418,7 @@ async fn serve_upstream(
             }
             response
         }
+        Reply::Delayed(..) => Response::new(echo()),
         Reply::Body(headers, body) => {
             let mut response = Response::new(Full::new(Bytes::from(body)).boxed());
             for (name, value) in headers {

@@ -368,6 +368,8 @@ async fn jwt_public_key_algorithms_and_confusion() -> Result {
 /// the fetches it serves.
 struct KeyServer {
     upstream: Upstream,
+    /// Time each fetch waits before it is answered.
+    delay: Arc<Mutex<Duration>>,
     jwks: Arc<Mutex<String>>,
     fetches: Arc<AtomicUsize>,
     down: Arc<AtomicBool>,
@@ -378,7 +380,9 @@ impl KeyServer {
         let jwks = Arc::new(Mutex::new(jwks));
         let fetches = Arc::new(AtomicUsize::new(0));
         let down = Arc::new(AtomicBool::new(false));
+        let delay = Arc::new(Mutex::new(Duration::ZERO));
         let (served, counted, failing) = (jwks.clone(), fetches.clone(), down.clone());
+        let waiting = delay.clone();
         let upstream = Upstream::start(move |request| {
             if request.target != "/.well-known/jwks.json" {
                 return Reply::Status(404);
@@ -394,11 +398,13 @@ impl KeyServer {
                 ("content-type", "application/json".to_owned()),
                 ("cache-control", format!("public, max-age={max_age}")),
             ];
-            Reply::Body(headers, body)
+            let delay = *waiting.lock().unwrap();
+            Reply::Delayed(delay, Box::new(Reply::Body(headers, body)))
         })
         .await;
         KeyServer {
             upstream,
+            delay,
             jwks,
             fetches,
             down,
@@ -493,5 +499,23 @@ async fn jwt_jwks_server_down_keeps_last_good_keys() -> Result {
     let before = app.count();
     assert_invalid(&get_bearer(&cold, "/a", &token).await?, "cannot be checked now");
     assert_eq!(app.count(), before);
+    Ok(())
+}
+
+#[tokio::test]
+async fn jwt_jwks_fetch_wait_is_not_cpu_time() -> Result {
+    let (pair, key) = rsa_pair();
+    let app = Upstream::echo().await;
+    let idp = KeyServer::start(json!({ "keys": [rsa_jwk(&pair, "k1")] }).to_string(), 300).await;
+    *idp.delay.lock().unwrap() = Duration::from_millis(300);
+    // The fetch takes 300 ms, six times the worker's CPU deadline.
+    let config = upstream_jwks_config(&app, &idp)
+        .replace("upstreams = [\"idp\"]", "upstreams = [\"idp\"]\ncpu_deadline = \"50ms\"");
+    assert!(config.contains("cpu_deadline"));
+    let node = Node::start(&config)?;
+    let token = sign(jsonwebtoken::Algorithm::RS256, Some("k1"), &claims(json!({})), &key);
+    let got = get_bearer(&node, "/a", &token).await?;
+    assert_eq!(got.status, 200, "{:?}", got.body);
+    assert_eq!(idp.fetches(), 1);
     Ok(())
 }

@@ -1,5 +1,5 @@
 //! The guest SDK for Edge workers: plain Rust types over the
-//! `edge:worker@0.1.0` WIT contract, so that a worker is one trait impl and
+//! `edge:worker@0.1.1` WIT contract, so that a worker is one trait impl and
 //! one macro call.
 //!
 //! A worker is a WebAssembly component that runs on a route of an Edge node.
@@ -128,12 +128,14 @@
 mod action;
 pub mod clock;
 pub mod config;
+pub mod context;
 pub mod crypto;
 mod export;
 mod headers;
 pub mod log;
 mod request;
 mod response;
+pub mod secrets;
 #[cfg(not(target_arch = "wasm32"))]
 pub mod testing;
 

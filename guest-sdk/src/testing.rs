@@ -4,8 +4,10 @@
 //! This module exists only on targets other than `wasm32`. There the
 //! [`config`](crate::config) functions read the config that [`set_config`]
 //! stores, [`log`](crate::log) lines collect in a buffer that [`take_logs`]
-//! drains, and [`clock`](crate::clock) reads the standard library's clocks.
-//! Both the config and the log buffer belong to the current thread, and the
+//! drains, [`clock`](crate::clock) reads the standard library's clocks,
+//! [`context`](crate::context) values live until [`clear_context`], and
+//! [`secrets`](crate::secrets) come from [`set_secret`]. All of this state
+//! belongs to the current thread, and the
 //! standard test harness runs each test on its own thread, so tests do not
 //! see each other's state.
 //!
@@ -17,6 +19,13 @@
 //!
 //! edge_sdk::log::warn("checked");
 //! assert_eq!(testing::take_logs(), [(Level::Warn, "checked".to_string())]);
+//!
+//! edge_sdk::context::set("user", "alice").unwrap();
+//! assert_eq!(edge_sdk::context::get("user").as_deref(), Some("alice"));
+//! assert!(edge_sdk::context::set("User", "x").is_err());
+//!
+//! testing::set_secret("hmac", "s3cret");
+//! assert_eq!(edge_sdk::secrets::get("hmac").as_deref(), Some("s3cret"));
 //! ```
 
 use std::cell::RefCell;
@@ -27,6 +36,82 @@ thread_local! {
     static CONFIG: RefCell<serde_json::Map<String, serde_json::Value>> =
         RefCell::new(serde_json::Map::new());
     static LOGS: RefCell<Vec<(Level, String)>> = const { RefCell::new(Vec::new()) };
+    static CONTEXT: RefCell<Vec<(String, String)>> = const { RefCell::new(Vec::new()) };
+    static SECRETS: RefCell<Vec<(String, String)>> = const { RefCell::new(Vec::new()) };
+}
+
+/// The maximum number of context values on a request, as on the host.
+const MAX_CONTEXT_VALUES: usize = 32;
+/// The maximum context name length, in bytes, as on the host.
+const MAX_CONTEXT_NAME_LEN: usize = 64;
+/// The maximum context value length, in bytes, as on the host.
+const MAX_CONTEXT_VALUE_LEN: usize = 1024;
+
+/// Empties this thread's request context, as a new request starts.
+pub fn clear_context() {
+    CONTEXT.with(|context| context.borrow_mut().clear());
+}
+
+/// Stores the secret `name` for this thread, replacing an earlier value.
+pub fn set_secret(name: &str, value: &str) {
+    SECRETS.with(|secrets| {
+        let mut secrets = secrets.borrow_mut();
+        secrets.retain(|(key, _)| key != name);
+        secrets.push((name.to_string(), value.to_string()));
+    });
+}
+
+pub(crate) fn secret_get(name: &str) -> Option<String> {
+    SECRETS.with(|secrets| {
+        secrets
+            .borrow()
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.clone())
+    })
+}
+
+pub(crate) fn context_get(name: &str) -> Option<String> {
+    CONTEXT.with(|context| {
+        context
+            .borrow()
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.clone())
+    })
+}
+
+/// Sets a context value with the host's rules, so that a worker's unit test
+/// fails where the host would reject the value.
+pub(crate) fn context_set(name: &str, value: &str) -> Result<(), String> {
+    let allowed = |b: u8| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.".contains(&b);
+    if name.is_empty() || name.len() > MAX_CONTEXT_NAME_LEN || !name.bytes().all(allowed) {
+        return Err(format!(
+            "context name {name:?} must be 1 to {MAX_CONTEXT_NAME_LEN} bytes of lower-case \
+             letters, digits, '-', '_' and '.'"
+        ));
+    }
+    if value.len() > MAX_CONTEXT_VALUE_LEN {
+        return Err(format!(
+            "value of context {name:?} is {} bytes; the maximum is {MAX_CONTEXT_VALUE_LEN}",
+            value.len()
+        ));
+    }
+    CONTEXT.with(|context| {
+        let mut context = context.borrow_mut();
+        if let Some((_, old)) = context.iter_mut().find(|(key, _)| key == name) {
+            *old = value.to_string();
+            return Ok(());
+        }
+        if context.len() >= MAX_CONTEXT_VALUES {
+            return Err(format!(
+                "cannot set context {name:?}: the request already holds \
+                 {MAX_CONTEXT_VALUES} values"
+            ));
+        }
+        context.push((name.to_string(), value.to_string()));
+        Ok(())
+    })
 }
 
 /// Stores `json` as this thread's worker config, replacing the previous one.

@@ -13,7 +13,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use aws_lc_rs::encoding::{AsDer, Pkcs8V1Der};
 use aws_lc_rs::signature::{KeyPair as _, RsaKeyPair};
-use edge::worker::{wit, Binding, Runtime, RuntimeSettings};
+use edge::worker::{wit, Binding, Runtime, RuntimeSettings, Secret};
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 
 /// Calls per round, unless the `CALLS` environment variable sets another number.
@@ -78,7 +78,7 @@ async fn measure(runtime: &Runtime, binding: &Binding, requests: &[wit::Request]
     for _ in 0..ROUNDS {
         let started = thread_cpu_time();
         for request in requests {
-            match runtime.on_request(binding, request).await {
+            match runtime.on_request(binding, request, &mut Default::default()).await {
                 Ok(wit::Action::Continue(_)) => {}
                 other => panic!("the worker did not let the request through: {other:?}"),
             }
@@ -104,7 +104,7 @@ fn main() -> anyhow::Result<()> {
     let hmac = EncodingKey::from_secret(SECRET.as_bytes())?;
 
     let common = "issuer = \"https://idp.bench\"\naudience = \"api\"\n";
-    let hs_config = format!("algorithms = [\"HS256\"]\nhmac_secret = \"{SECRET}\"\n{common}");
+    let hs_config = format!("algorithms = [\"HS256\"]\nhmac_secret_name = \"key\"\n{common}");
     let rs_config = format!(
         "algorithms = [\"RS256\"]\npublic_key_pem = {}\n{common}",
         serde_json::to_string(&public_pem)?
@@ -125,11 +125,13 @@ fn main() -> anyhow::Result<()> {
         let bind = async |module: &str, config: &str| -> anyhow::Result<Binding> {
             let loaded = runtime.load(&repo.join("modules").join(module))?;
             let config: toml::Table = config.parse()?;
+            let secrets = [("key".to_owned(), Secret(SECRET.to_owned()))].into();
             Ok(runtime
                 .bind(
                     loaded,
                     Arc::from("bench"),
                     &config,
+                    secrets,
                     Duration::from_secs(10),
                     16 << 20,
                     Default::default(),
@@ -158,7 +160,7 @@ fn main() -> anyhow::Result<()> {
                 for round in distinct_rs.chunks(calls) {
                     let started = thread_cpu_time();
                     for request in round {
-                        runtime.on_request(&rs, request).await?;
+                        runtime.on_request(&rs, request, &mut Default::default()).await?;
                     }
                     let cpu = (thread_cpu_time() - started).as_secs_f64() * 1e6 / calls as f64;
                     best = best.min(cpu);

@@ -405,9 +405,9 @@ fn explain(path: &Path, method: &str, raw_path: &str, host: Option<&str>) -> any
                 println!("  rate limits: none");
             }
             for (index, limit) in route.limits.iter().enumerate() {
-                let when = match limit.stage {
-                    0 => "before the workers".to_owned(),
-                    stage => format!("after worker {stage}"),
+                let when = match limit.spec.key.context_name() {
+                    None => "before the workers",
+                    Some(_) => "after the first worker that sets its context value",
                 };
                 println!(
                     "  rate limit {}: {:?}, {} ({when})",

@@ -640,6 +640,55 @@ pub struct WorkerConfig {
     /// JWK set comes from. Default: none.
     #[serde(default)]
     pub upstreams: Vec<Spanned<String>>,
+    /// Secrets the worker reads by name through its `secrets` import.
+    #[serde(default)]
+    pub secrets: BTreeMap<String, Spanned<SecretSource>>,
+}
+
+/// Where a secret's value comes from.
+#[derive(Clone, Deserialize)]
+#[serde(untagged)]
+pub enum SecretSource {
+    /// The value itself, written in the config.
+    Inline(String),
+    /// An environment variable of the node, read when the node loads.
+    Env {
+        /// The variable's name.
+        env: String,
+    },
+}
+
+impl std::fmt::Debug for SecretSource {
+    /// Shows where a secret comes from, never an inline value.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SecretSource::Inline(_) => f.write_str("Inline(..)"),
+            SecretSource::Env { env } => f.debug_struct("Env").field("env", env).finish(),
+        }
+    }
+}
+
+impl SecretSource {
+    /// Returns the secret's value, reading the environment variable it names.
+    ///
+    /// # Errors
+    ///
+    /// Returns a message naming the variable when it is unset or not UTF-8.
+    pub fn resolve(&self) -> Result<String, String> {
+        match self {
+            SecretSource::Inline(value) => Ok(value.clone()),
+            SecretSource::Env { env } => std::env::var(env).map_err(|error| match error {
+                std::env::VarError::NotPresent => {
+                    format!(
+                        "environment variable {env} is not set; set it before starting the node"
+                    )
+                }
+                std::env::VarError::NotUnicode(_) => {
+                    format!("environment variable {env} is not valid UTF-8")
+                }
+            }),
+        }
+    }
 }
 
 fn default_cpu_deadline() -> Duration {

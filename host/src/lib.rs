@@ -12,6 +12,7 @@ pub mod balance;
 pub mod breaker;
 pub mod cli;
 pub mod config;
+pub mod context;
 pub mod demo;
 pub mod error;
 pub mod health;

@@ -15,11 +15,11 @@ use crate::config::{
 };
 use crate::health::{ActiveSettings, PassiveSettings};
 use crate::proxy::{Upstream, UpstreamSettings};
-use crate::ratelimit::{Limit, LimitSpec, RateLimiter, SystemClock};
+use crate::ratelimit::{Limit, LimitSet, LimitSpec, RateLimiter, SystemClock};
 use crate::retry::RetrySettings;
 use crate::route::{HostMatch, PathMatch, RouteRule, Router};
 use crate::tls::{CertificateFiles, ListenerTls, ServerSettings, TlsError, UpstreamTls};
-use crate::worker::{AllowedUpstreams, Binding, LoadError, Runtime, RuntimeSettings};
+use crate::worker::{AllowedUpstreams, Binding, LoadError, Runtime, RuntimeSettings, Secret};
 
 /// A route, ready to serve.
 #[derive(Debug)]
@@ -35,16 +35,11 @@ pub struct Route {
     pub workers: Vec<Binding>,
     /// Rate limits in config order.
     pub limits: Vec<Limit>,
-    /// Whether any limit runs at stage `i`: 0 before the first worker,
-    /// `i + 1` right after worker `i`.
-    pub limit_stages: Vec<bool>,
-}
-
-impl Route {
-    /// True when some limit runs at `stage`.
-    pub fn limits_at(&self, stage: usize) -> bool {
-        self.limit_stages.get(stage).copied().unwrap_or(false)
-    }
+    /// The limits whose key is known before the first worker: client
+    /// address, header or route.
+    pub start_limits: LimitSet,
+    /// The limits keyed by a context value, which run once a worker sets it.
+    pub context_limits: LimitSet,
 }
 
 /// Settings of one listener that the pipeline needs.
@@ -209,6 +204,19 @@ impl Node {
                     worker: worker_index,
                     error,
                 };
+                let mut secrets = HashMap::with_capacity(worker.secrets.len());
+                for (secret_name, source) in &worker.secrets {
+                    let value = source.get_ref().resolve().map_err(|message| {
+                        config.invalid(
+                            config.line_of(source.span().start),
+                            &format!(
+                                "routes[{index}].workers[{worker_index}].secrets.{secret_name}"
+                            ),
+                            &message,
+                        )
+                    })?;
+                    secrets.insert(secret_name.clone(), Secret(value));
+                }
                 let path = config.resolve(worker.module.get_ref());
                 let module = runtime.load(&path).map_err(module_error)?;
                 let allowed = AllowedUpstreams::new(
@@ -220,6 +228,7 @@ impl Node {
                         module,
                         name.clone(),
                         &worker.config,
+                        secrets,
                         worker.cpu_deadline,
                         worker.max_memory.get_ref().as_u64() as usize,
                         allowed,
@@ -227,22 +236,44 @@ impl Node {
                     .map_err(module_error)?;
                 workers.push(binding);
             }
+            if route.limits.len() > LimitSet::MAX_LIMITS {
+                return Err(config
+                    .invalid(
+                        config.line_of(route.name.span().start),
+                        &format!("routes[{index}].limits"),
+                        &format!(
+                            "the route has {} limits; the maximum is {}",
+                            route.limits.len(),
+                            LimitSet::MAX_LIMITS
+                        ),
+                    )
+                    .into());
+            }
             let mut limits = Vec::new();
             for (limit_index, limit) in route.limits.iter().enumerate() {
-                let spec = LimitSpec::parse(limit).map_err(|(span, field, message)| {
+                let field = |name: &str| format!("routes[{index}].limits[{limit_index}].{name}");
+                let spec = LimitSpec::parse(limit).map_err(|(span, name, message)| {
                     let line = config.line_of(span.unwrap_or(limit.key.span().start));
-                    let field = format!("routes[{index}].limits[{limit_index}].{field}");
-                    config.invalid(line, &field, &message)
+                    config.invalid(line, &field(name), &message)
                 })?;
+                if let Some(context_name) = spec.key.context_name() {
+                    if route.workers.is_empty() {
+                        let message = format!(
+                            "no worker on this route can set context value {context_name:?}; \
+                             add the worker that sets it, or key the limit by ip, route or \
+                             header:NAME"
+                        );
+                        let line = config.line_of(limit.key.span().start);
+                        return Err(config.invalid(line, &field("key"), &message).into());
+                    }
+                }
                 limits.push(ratelimit.limit(&name, spec));
             }
-            let mut limit_stages = vec![false; workers.len() + 1];
-            for limit in &limits {
-                limit_stages[limit.stage] = true;
-            }
+            let context_limits = LimitSet::of(&limits, |l| l.spec.key.context_name().is_some());
             routes.push(Route {
+                start_limits: LimitSet::of(&limits, |l| l.spec.key.context_name().is_none()),
+                context_limits,
                 limits,
-                limit_stages,
                 name,
                 upstream: route
                     .upstream

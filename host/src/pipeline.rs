@@ -30,6 +30,7 @@ use http::uri::PathAndQuery;
 use http::{Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 
+use crate::context::RequestContext;
 use crate::error::Refusal;
 use crate::node::{Node, Route};
 use crate::proxy::{RequestBody, ResponseBody};
@@ -163,13 +164,15 @@ async fn serve(
 
     // Limits whose key is known now (client address, header, route), before
     // any worker runs or the body is looked at.
-    if route.limits_at(0) {
+    let mut context = RequestContext::default();
+    if !route.start_limits.is_empty() {
         let input = KeyInput {
             client_ip,
             headers: &parts.headers,
+            context: &context,
         };
         node.ratelimit
-            .check(&route.limits, 0, &input, shown)
+            .check(&route.limits, route.start_limits, &input, shown)
             .await?;
     }
 
@@ -188,10 +191,11 @@ async fn serve(
     let mut view = None;
     if !route.workers.is_empty() {
         let mut request_view = worker_request(&parts, &path, client_ip, route, matched.params);
-        for (worker_index, binding) in route.workers.iter().enumerate() {
+        let mut pending_limits = route.context_limits;
+        for binding in &route.workers {
             let action = node
                 .runtime
-                .on_request(binding, &request_view)
+                .on_request(binding, &request_view, &mut context)
                 .await
                 .map_err(|e| worker_refusal(route, binding, e))?;
             let changes = match action {
@@ -215,18 +219,32 @@ async fn serve(
                 &mut worker_path,
             )
             .map_err(|reason| invalid_decision(route, binding, &reason))?;
-            // Limits keyed by a value this worker set run before the next
-            // worker, so an over-quota client triggers nothing more.
-            if route.limits_at(worker_index + 1) {
-                // TODO: pass the request context values workers set, once workers can set them.
+            // Limits keyed by a context value this worker set run before the
+            // next worker, so an over-quota user triggers nothing more.
+            let ready = pending_limits.ready(&route.limits, &context);
+            if !ready.is_empty() {
+                pending_limits = pending_limits.without(ready);
                 let input = KeyInput {
                     client_ip,
                     headers: &parts.headers,
+                    context: &context,
                 };
                 node.ratelimit
-                    .check(&route.limits, worker_index + 1, &input, shown)
+                    .check(&route.limits, ready, &input, shown)
                     .await?;
             }
+        }
+        // No worker set the value of these limits: they count the request
+        // by client address.
+        if !pending_limits.is_empty() {
+            let input = KeyInput {
+                client_ip,
+                headers: &parts.headers,
+                context: &context,
+            };
+            node.ratelimit
+                .check(&route.limits, pending_limits, &input, shown)
+                .await?;
         }
         view = Some(request_view);
     }
@@ -256,7 +274,7 @@ async fn serve(
     // Response-phase workers, in reverse order.
     if let Some(view) = &view {
         if route.workers.iter().any(|w| w.response_hook) {
-            run_response_hooks(node, route, view, &mut response).await?;
+            run_response_hooks(node, route, view, &mut context, &mut response).await?;
         }
     }
     Ok(response.map(ResponseBody::Upstream))
@@ -714,6 +732,7 @@ async fn run_response_hooks<B>(
     node: &Node,
     route: &Route,
     view: &wit::Request,
+    context: &mut RequestContext,
     response: &mut Response<B>,
 ) -> Result<(), Refusal> {
     for binding in route.workers.iter().rev().filter(|w| w.response_hook) {
@@ -723,7 +742,7 @@ async fn run_response_hooks<B>(
         };
         let changes = node
             .runtime
-            .on_response(binding, view, &head)
+            .on_response(binding, view, &head, context)
             .await
             .map_err(|e| worker_refusal(route, binding, e))?;
         apply_header_changes(

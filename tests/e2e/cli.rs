@@ -154,7 +154,7 @@ fn check_rejects_bad_modules_with_reason() {
         (
             "empty.wasm",
             b"\0asm\x0d\0\x01\0",
-            "does not export the edge:worker@0.1.0 `handler` interface",
+            "does not export the edge:worker@0.1.1 `handler` interface",
         ),
         (
             "broken.wasm",
@@ -353,6 +353,23 @@ fn worker_new_scaffolds_a_crate_that_builds() {
     assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
 }
 
+#[test]
+fn check_reports_unset_secret_variable() {
+    let config = VALID.replace(
+        "headers = { \"x-a\" = \"1\" }",
+        "headers = { \"x-a\" = \"1\" }\n[routes.workers.secrets]\n\
+         signing = { env = \"EDGE_TEST_UNSET_VARIABLE\" }",
+    );
+    let error = check_fails(&config);
+    assert!(
+        error.contains(
+            ":17: routes[0].workers[0].secrets.signing: environment variable \
+             EDGE_TEST_UNSET_VARIABLE is not set"
+        ),
+        "{error}"
+    );
+}
+
 /// VALID with two rate limits on the `home` route (lines 23 to 35).
 fn limited(extra: &str) -> String {
     format!(
@@ -387,9 +404,20 @@ fn rate_limit_config_errors_name_line_and_field() {
         bad_key.contains(":31: routes[1].limits[1].key: \"cookie\" is not a key"),
         "{bad_key}"
     );
-    let worker_value =
-        check_fails(&limited(REDIS).replace("\"header:x-api-key\"", "\"value:user\""));
-    assert!(worker_value.contains("not supported yet"), "{worker_value}");
+    let no_worker =
+        check_fails(&limited(REDIS).replace("\"header:x-api-key\"", "\"context:user\""));
+    assert!(
+        no_worker.contains(
+            ":31: routes[1].limits[1].key: no worker on this route can set context value \"user\""
+        ),
+        "{no_worker}"
+    );
+    let bad_context_name =
+        check_fails(&limited(REDIS).replace("\"header:x-api-key\"", "\"context:User\""));
+    assert!(
+        bad_context_name.contains("routes[1].limits[1].key: context name \"User\" may contain"),
+        "{bad_context_name}"
+    );
     let queue_without_mode =
         check_fails(&limited(REDIS).replace("\"token_bucket\"", "\"leaky_bucket\"\nqueue = 5"));
     assert!(

@@ -6,6 +6,7 @@
 mod harness;
 
 mod cli;
+mod context;
 mod jwt;
 mod proxy;
 mod ratelimit;

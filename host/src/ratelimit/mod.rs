@@ -38,6 +38,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use crate::config::LimitConfig;
+use crate::context::RequestContext;
 use crate::error::Refusal;
 use local::LocalTable;
 use redis::RedisBackend;
@@ -100,7 +101,11 @@ pub enum KeySource {
     /// A request header's value as the client sent it; requests without the
     /// header are counted by client address.
     Header(HeaderName),
-    // TODO: a key from a value a worker set, such as jwt-auth's user id (`key = "value:user"`), needs request context values, which workers cannot set yet; its `stage()` is then that worker's index plus one.
+    /// A request context value that a worker set, such as the user id that
+    /// jwt-auth sets as `user`. The limit runs right after the first worker
+    /// that sets it, before the next worker; requests on which no worker
+    /// set it are counted by client address before the upstream is called.
+    Context(String),
 }
 
 impl KeySource {
@@ -114,23 +119,25 @@ impl KeySource {
                         .map(KeySource::Header)
                         .map_err(|_| format!("{name:?} is not a valid header name"));
                 }
-                if text.starts_with("value:") {
-                    return Err("keys from values that workers set are not supported yet; \
-                                use ip, route or header:NAME"
-                        .to_owned());
+                if let Some(name) = text.strip_prefix("context:") {
+                    crate::context::check_name(name)?;
+                    return Ok(KeySource::Context(name.to_owned()));
                 }
                 Err(format!(
-                    "{text:?} is not a key; use ip, route or header:NAME (such as \
-                     header:x-api-key)"
+                    "{text:?} is not a key; use ip, route, header:NAME (such as \
+                     header:x-api-key) or context:NAME (such as context:user)"
                 ))
             }
         }
     }
 
-    /// When the key is known: 0 before the first worker, `i + 1` right
-    /// after worker `i`.
-    pub fn stage(&self) -> usize {
-        0
+    /// Returns the name of the context value this key reads, if it reads
+    /// one; such a limit runs after workers instead of before them.
+    pub fn context_name(&self) -> Option<&str> {
+        match self {
+            KeySource::Context(name) => Some(name),
+            _ => None,
+        }
     }
 }
 
@@ -140,6 +147,7 @@ impl fmt::Display for KeySource {
             KeySource::ClientIp => f.write_str("ip"),
             KeySource::Route => f.write_str("route"),
             KeySource::Header(name) => write!(f, "header:{name}"),
+            KeySource::Context(name) => write!(f, "context:{name}"),
         }
     }
 }
@@ -427,6 +435,9 @@ impl LimitSpec {
             KeySource::Header(name) => {
                 format!("per value of header {name} (else per client address)")
             }
+            KeySource::Context(name) => {
+                format!("per context value {name} that a worker sets (else per client address)")
+            }
         };
         text.push_str(&format!(", {key}"));
         match self.scope {
@@ -582,27 +593,31 @@ impl RateLimiter {
             _ => None,
         };
         Limit {
-            stage: spec.key.stage(),
             local: LocalTable::new(spec.shape, spec.max_keys),
             global,
             spec,
         }
     }
 
-    /// Runs the limits of `limits` that belong to `stage` in order. Returns
-    /// the refusal of the first that refuses; otherwise waits out the
-    /// longest queue delay. `shown` is updated to the limit that decides
-    /// the response headers: the refusing one, else the one with the fewest
-    /// requests remaining.
+    /// Runs, in order, the limits of `limits` whose bit is set in `which`
+    /// (bit `i` for `limits[i]`). Returns the refusal of the first that
+    /// refuses; otherwise waits out the longest queue delay. `shown` is
+    /// updated to the limit that decides the response headers: the refusing
+    /// one, else the one with the fewest requests remaining.
     pub async fn check(
         &self,
         limits: &[Limit],
-        stage: usize,
+        which: LimitSet,
         request: &KeyInput<'_>,
         shown: &mut Option<Shown>,
     ) -> Result<(), Refusal> {
         let mut delay_ns = 0;
-        for limit in limits.iter().filter(|l| l.stage == stage) {
+        let chosen = limits
+            .iter()
+            .enumerate()
+            .filter(|(index, _)| which.contains(*index))
+            .map(|(_, limit)| limit);
+        for limit in chosen {
             let decision = limit.decide(self.clock.as_ref(), request).await?;
             let this = Shown::of(&decision);
             if !decision.allowed {
@@ -624,6 +639,14 @@ impl RateLimiter {
     }
 }
 
+/// Appends `tag` and the first 128 bits of the SHA-256 of `bytes` in hex, so
+/// that keys stay short and API keys are not stored.
+fn push_digest(key: &mut String, tag: &str, bytes: &[u8]) {
+    key.push_str(tag);
+    let digest = Sha256::digest(bytes);
+    key.push_str(&hex::encode(&digest[..16]));
+}
+
 /// Escapes the characters that structure a Redis key.
 fn escape(name: &str) -> String {
     let mut out = String::with_capacity(name.len());
@@ -640,13 +663,63 @@ fn escape(name: &str) -> String {
 pub struct KeyInput<'a> {
     pub client_ip: IpAddr,
     pub headers: &'a HeaderMap,
+    pub context: &'a RequestContext,
+}
+
+/// A set of a route's limits, as a bit per limit index.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LimitSet(u64);
+
+impl LimitSet {
+    /// The most limits one route may have, one per bit.
+    pub const MAX_LIMITS: usize = 64;
+
+    /// Returns the set of `limits` for which `select` is true.
+    pub fn of(limits: &[Limit], select: impl Fn(&Limit) -> bool) -> LimitSet {
+        let mut bits = 0;
+        for (index, limit) in limits.iter().enumerate().take(Self::MAX_LIMITS) {
+            if select(limit) {
+                bits |= 1 << index;
+            }
+        }
+        LimitSet(bits)
+    }
+
+    /// Returns whether the set is empty.
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    /// Returns whether the limit at `index` is in the set.
+    pub fn contains(self, index: usize) -> bool {
+        index < Self::MAX_LIMITS && self.0 & (1 << index) != 0
+    }
+
+    /// Returns the limits of this set whose context value `context` holds.
+    pub fn ready(self, limits: &[Limit], context: &RequestContext) -> LimitSet {
+        let mut bits = 0;
+        for (index, limit) in limits.iter().enumerate() {
+            let known = limit
+                .spec
+                .key
+                .context_name()
+                .is_some_and(|name| context.get(name).is_some());
+            if self.contains(index) && known {
+                bits |= 1 << index;
+            }
+        }
+        LimitSet(bits)
+    }
+
+    /// Returns this set without the limits of `other`.
+    pub fn without(self, other: LimitSet) -> LimitSet {
+        LimitSet(self.0 & !other.0)
+    }
 }
 
 /// A limit of a route, ready to decide.
 pub struct Limit {
     pub spec: LimitSpec,
-    /// When the limit runs: 0 before the first worker.
-    pub stage: usize,
     /// The local limiter, or a global limit's fallback.
     local: LocalTable,
     global: Option<Global>,
@@ -667,7 +740,6 @@ impl fmt::Debug for Limit {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Limit")
             .field("spec", &self.spec)
-            .field("stage", &self.stage)
             .finish_non_exhaustive()
     }
 }
@@ -675,7 +747,10 @@ impl fmt::Debug for Limit {
 /// The part of a request a limit counts it by.
 enum KeyValue<'a> {
     Ip(IpAddr),
+    /// A header's value.
     Bytes(&'a [u8]),
+    /// A request context value.
+    Context(&'a [u8]),
     Route,
 }
 
@@ -734,6 +809,10 @@ impl Limit {
                 Some(value) => KeyValue::Bytes(value.as_bytes()),
                 None => KeyValue::Ip(request.client_ip),
             },
+            KeySource::Context(name) => match request.context.get(name) {
+                Some(value) => KeyValue::Context(value.as_bytes()),
+                None => KeyValue::Ip(request.client_ip),
+            },
         }
     }
 
@@ -742,6 +821,7 @@ impl Limit {
             KeyValue::Ip(IpAddr::V4(ip)) => self.local.hash(4, &ip.octets()),
             KeyValue::Ip(IpAddr::V6(ip)) => self.local.hash(6, &ip.octets()),
             KeyValue::Bytes(bytes) => self.local.hash(1, bytes),
+            KeyValue::Context(bytes) => self.local.hash(2, bytes),
             KeyValue::Route => self.local.hash(0, &[]),
         }
     }
@@ -769,11 +849,8 @@ impl Global {
             KeyValue::Ip(ip) => {
                 let _ = write!(key, "ip={ip}");
             }
-            KeyValue::Bytes(bytes) => {
-                key.push_str("h=");
-                let digest = Sha256::digest(bytes);
-                key.push_str(&hex::encode(&digest[..16]));
-            }
+            KeyValue::Bytes(bytes) => push_digest(&mut key, "h=", bytes),
+            KeyValue::Context(bytes) => push_digest(&mut key, "c=", bytes),
             KeyValue::Route => key.push_str("route"),
         }
         key.push_str(self.key_tail);
@@ -898,9 +975,15 @@ mod tests {
             KeySource::Header(HeaderName::from_static("x-api-key"))
         );
         assert!(KeySource::parse("header:bad name").is_err());
+        assert_eq!(
+            KeySource::parse("context:user").unwrap(),
+            KeySource::Context("user".to_owned())
+        );
+        assert!(KeySource::parse("context:User").is_err());
+        assert!(KeySource::parse("context:").is_err());
         assert!(KeySource::parse("value:user")
             .unwrap_err()
-            .contains("not supported yet"));
+            .contains("context:NAME"));
         assert!(KeySource::parse("cookie").is_err());
     }
 

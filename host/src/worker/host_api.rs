@@ -1,6 +1,6 @@
 //! What a worker instance can reach: the per-call store state and the host
-//! side of the `log`, `config` and `clock` imports. The `crypto` import lives
-//! in its own module.
+//! side of the `log`, `config`, `clock`, `context` and `secrets` imports. The
+//! `crypto` import lives in its own module.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -11,8 +11,9 @@ use wasmtime::ResourceLimiter;
 use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use super::bindings::edge::worker::{clock, config, log, types};
+use super::bindings::edge::worker::{clock, config, context, log, secrets, types};
 use super::crypto::{AllowedUpstreams, HostCrypto};
+use crate::context::RequestContext;
 
 /// Bytes of a guest's stderr kept per call, to show a panic message in logs.
 const STDERR_CAPTURE: usize = 2048;
@@ -31,6 +32,9 @@ pub struct StoreState {
     /// Time the call spent waiting in host calls for the network, which
     /// does not count against its CPU deadline.
     pub(super) host_wait: Duration,
+    /// The request's context values, moved in for the call and back out
+    /// after it.
+    pub(super) context: RequestContext,
 }
 
 /// A WASI context that grants nothing, with the guest's stderr captured.
@@ -62,8 +66,10 @@ impl StoreState {
         settings: Arc<WorkerSettings>,
         memory_cap: usize,
         crypto: Arc<HostCrypto>,
+        context: RequestContext,
     ) -> StoreState {
         StoreState {
+            context,
             wasi: None,
             table: ResourceTable::new(),
             limiter: MemoryCap {
@@ -147,6 +153,17 @@ pub struct WorkerSettings {
     json: String,
     /// The upstreams the worker may fetch key sets from.
     pub upstreams: AllowedUpstreams,
+    /// The worker's secrets by name, resolved when the node loads.
+    secrets: HashMap<String, Secret>,
+}
+
+/// A secret value, kept out of `Debug` output and so out of logs.
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
 }
 
 impl WorkerSettings {
@@ -155,6 +172,7 @@ impl WorkerSettings {
         route: Arc<str>,
         module: Arc<str>,
         table: &toml::Table,
+        secrets: HashMap<String, Secret>,
         upstreams: AllowedUpstreams,
     ) -> WorkerSettings {
         let values = table
@@ -173,6 +191,7 @@ impl WorkerSettings {
             module,
             values,
             json,
+            secrets,
             upstreams,
         }
     }
@@ -201,6 +220,25 @@ impl config::Host for StoreState {
 
     fn json(&mut self) -> String {
         self.settings.json.clone()
+    }
+}
+
+impl context::Host for StoreState {
+    fn get(&mut self, name: String) -> Option<String> {
+        self.context.get(&name).map(str::to_owned)
+    }
+
+    fn set(&mut self, name: String, value: String) -> Result<(), String> {
+        self.context.set(name, value)
+    }
+}
+
+impl secrets::Host for StoreState {
+    fn get(&mut self, name: String) -> Option<String> {
+        self.settings
+            .secrets
+            .get(&name)
+            .map(|secret| secret.0.clone())
     }
 }
 

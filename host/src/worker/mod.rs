@@ -4,8 +4,8 @@
 //! Isolation: every call gets a new `Store` and instance, made from a
 //! pre-instantiated component on wasmtime's pooling allocator, so nothing a
 //! worker keeps in memory reaches the next request. WASI is linked with an
-//! empty context, so a guest reaches only the `log`, `config`, `clock` and
-//! `crypto` imports.
+//! empty context, so a guest reaches only the host API of the `worker` world
+//! (`log`, `config`, `clock`, `context`, `secrets`, `crypto`).
 //!
 //! Bounds: epoch interruption enforces the CPU deadline, with a ticker
 //! thread advancing the engine's epoch every [`EPOCH_TICK`]. A resource
@@ -44,7 +44,10 @@ use cache::ModuleCache;
 pub use cache::{content_hash, CacheOutcome};
 pub use crypto::AllowedUpstreams;
 use crypto::HostCrypto;
+pub use host_api::Secret;
 use host_api::{StoreState, WorkerSettings};
+
+use crate::context::RequestContext;
 
 /// Host bindings generated from the `worker` world in `wit/`.
 pub mod bindings {
@@ -63,6 +66,10 @@ pub mod bindings {
         exports: { default: async },
     });
 }
+
+/// The WIT package this host implements. Workers built against an earlier
+/// 0.1.x load too, because the linker matches semver-compatible names.
+pub const WIT_PACKAGE: &str = "edge:worker@0.1.1";
 
 /// The records of the worker contract, as host types.
 pub use bindings::edge::worker::types as wit;
@@ -139,7 +146,7 @@ struct HandlerExports {
 
 impl HandlerExports {
     /// The exported interface, as the `worker` world names it.
-    const INTERFACE: &str = "edge:worker/handler@0.1.0";
+    const INTERFACE: &str = "edge:worker/handler@0.1.1";
 
     fn find(component: &Component) -> Result<HandlerExports, String> {
         let missing = |name: &str| {
@@ -313,7 +320,7 @@ impl Runtime {
         let instance_pre = self.linker.instantiate_pre(&component).map_err(|e| {
             format!(
                 "it needs an import this host does not provide; build it against \
-                 the edge:worker@0.1.0 `worker` world: {e:#}"
+                 the {WIT_PACKAGE} `worker` world: {e:#}"
             )
         })?;
         // The generated bindings check every export's type once here. Calls
@@ -321,7 +328,7 @@ impl Runtime {
         // instead of all of them.
         bindings::WorkerPre::new(instance_pre.clone()).map_err(|e| {
             format!(
-                "it does not export the edge:worker@0.1.0 `handler` interface; build it \
+                "it does not export the {WIT_PACKAGE} `handler` interface; build it \
                  with the guest SDK's export_worker! macro: {e:#}"
             )
         })?;
@@ -348,6 +355,7 @@ impl Runtime {
         module: Arc<Module>,
         route: Arc<str>,
         config: &toml::Table,
+        secrets: HashMap<String, Secret>,
         cpu_deadline: Duration,
         memory_cap: usize,
         upstreams: AllowedUpstreams,
@@ -356,6 +364,7 @@ impl Runtime {
             route,
             module.name.clone(),
             config,
+            secrets,
             upstreams,
         ));
         let mut binding = Binding {
@@ -368,11 +377,17 @@ impl Runtime {
         };
         let index = &binding.module.exports.hooks;
         let hooks = self
-            .call(&binding, async |instance, store| {
-                let hooks = instance
-                    .get_typed_func::<(), (Result<wit::HookSet, String>,)>(&mut *store, index)?;
-                Ok(hooks.call_async(&mut *store, ()).await?.0)
-            })
+            .call(
+                &binding,
+                &mut RequestContext::default(),
+                async |instance, store| {
+                    let hooks = instance.get_typed_func::<(), (Result<wit::HookSet, String>,)>(
+                        &mut *store,
+                        index,
+                    )?;
+                    Ok(hooks.call_async(&mut *store, ()).await?.0)
+                },
+            )
             .await
             .map_err(|e| LoadError {
                 path: binding.module.path.clone(),
@@ -405,14 +420,16 @@ impl Runtime {
         }
     }
 
-    /// Runs the request hook in a fresh instance.
+    /// Runs the request hook in a fresh instance, which reads and sets the
+    /// request's `context` values.
     pub async fn on_request(
         &self,
         binding: &Binding,
         request: &wit::Request,
+        context: &mut RequestContext,
     ) -> Result<wit::Action, WorkerError> {
         let index = &binding.module.exports.on_request;
-        self.call(binding, async |instance, store| {
+        self.call(binding, context, async |instance, store| {
             let on_request =
                 instance.get_typed_func::<(&wit::Request,), (wit::Action,)>(&mut *store, index)?;
             Ok(on_request.call_async(&mut *store, (request,)).await?.0)
@@ -420,15 +437,17 @@ impl Runtime {
         .await
     }
 
-    /// Runs the response hook in a fresh instance.
+    /// Runs the response hook in a fresh instance, which reads and sets the
+    /// request's `context` values.
     pub async fn on_response(
         &self,
         binding: &Binding,
         request: &wit::Request,
         response: &wit::ResponseHead,
+        context: &mut RequestContext,
     ) -> Result<wit::ResponseChanges, WorkerError> {
         let index = &binding.module.exports.on_response;
-        self.call(binding, async |instance, store| {
+        self.call(binding, context, async |instance, store| {
             let on_response = instance
                 .get_typed_func::<(&wit::Request, &wit::ResponseHead), (wit::ResponseChanges,)>(
                     &mut *store,
@@ -445,9 +464,12 @@ impl Runtime {
     /// Waits for an instance slot, instantiates the binding's module in a new
     /// store and runs `run` on it. The guest yields to other tasks at every
     /// epoch tick and is interrupted once its CPU deadline has passed.
+    /// `context` moves into the store for the call and back out after it,
+    /// with the values the guest set, whether or not the call succeeded.
     async fn call<R>(
         &self,
         binding: &Binding,
+        context: &mut RequestContext,
         run: impl AsyncFnOnce(&Instance, &mut Store<StoreState>) -> wasmtime::Result<R>,
     ) -> Result<R, WorkerError> {
         let _slot = self.reserve().await?;
@@ -456,6 +478,7 @@ impl Runtime {
             binding.settings.clone(),
             binding.memory_cap,
             self.crypto.clone(),
+            std::mem::take(context),
         );
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limiter);
@@ -486,6 +509,7 @@ impl Runtime {
             Ok(instance) => run(&instance, &mut store).await,
             Err(error) => Err(error),
         };
+        *context = std::mem::take(&mut store.data_mut().context);
         result.map_err(|error| classify_trap(error, &store, binding))
     }
 }

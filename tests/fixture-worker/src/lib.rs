@@ -24,6 +24,13 @@
 //! - `log`: writes `fixture log` at each level, then continues.
 //! - `clock`: responds 200 with `{"now_unix_ms":..,"monotonic_ns":..}`.
 //! - `sleep`: sleeps 10 ms with `std::thread::sleep`, then continues.
+//! - `context-set`: sets the context value `name` to the request header
+//!   `from_header` (when the request has it) or else to `value` (when given),
+//!   then continues; a rejected value gets 500 `context_rejected`.
+//! - `context-get`: continues, setting the header `x-context-NAME` to the
+//!   context value `NAME` for each name in `names` that has one.
+//! - `secret`: responds 200 with the secret `name` as the body, or 404 when
+//!   the worker's entry names no such secret.
 //!
 //! ```toml
 //! [[routes.workers]]
@@ -73,6 +80,9 @@ const MODES: &[&str] = &[
     "log",
     "clock",
     "sleep",
+    "context-set",
+    "context-get",
+    "secret",
 ];
 
 /// The JSON body of the fixture's error responses.
@@ -112,6 +122,26 @@ struct RouteConfig {
     upstream: String,
     #[serde(default)]
     set_headers: BTreeMap<String, String>,
+}
+
+/// Config of the `context-set` mode.
+#[derive(Debug, Deserialize)]
+struct ContextSetConfig {
+    name: String,
+    from_header: Option<String>,
+    value: Option<String>,
+}
+
+/// Config of the `context-get` mode.
+#[derive(Debug, Deserialize)]
+struct ContextGetConfig {
+    names: Vec<String>,
+}
+
+/// Config of the `secret` mode.
+#[derive(Debug, Deserialize)]
+struct SecretConfig {
+    name: String,
 }
 
 /// Config of the `respond` mode.
@@ -305,6 +335,43 @@ fn read_clock() -> Action {
     Action::respond(Response::json(200, &body))
 }
 
+fn set_context(request: &Request, config: ContextSetConfig) -> Action {
+    let from_header = config
+        .from_header
+        .as_deref()
+        .and_then(|name| request.headers.get(name));
+    let Some(value) = from_header.or(config.value.as_deref()) else {
+        return Action::next();
+    };
+    match edge_sdk::context::set(&config.name, value) {
+        Ok(()) => Action::next(),
+        Err(message) => Action::respond(Response::json(
+            500,
+            &ErrorBody {
+                error: "context_rejected",
+                message,
+            },
+        )),
+    }
+}
+
+fn get_context(config: ContextGetConfig) -> Action {
+    let mut changes = RequestChanges::new();
+    for name in config.names {
+        if let Some(value) = edge_sdk::context::get(&name) {
+            changes = changes.set_header(format!("x-context-{name}"), value);
+        }
+    }
+    Action::Continue(changes)
+}
+
+fn read_secret(config: SecretConfig) -> Action {
+    match edge_sdk::secrets::get(&config.name) {
+        Some(value) => Action::respond(Response::new(200).body(value)),
+        None => Action::respond(Response::new(404)),
+    }
+}
+
 fn config_response() -> Action {
     Action::respond(
         Response::new(200)
@@ -338,6 +405,9 @@ fn handle_request(request: Request) -> Result<Action, InvalidConfig> {
             std::thread::sleep(std::time::Duration::from_millis(10));
             Action::next()
         }
+        "context-set" => set_context(&request, parse_config(&mode)?),
+        "context-get" => get_context(parse_config(&mode)?),
+        "secret" => read_secret(parse_config(&mode)?),
         other => {
             return Err(InvalidConfig(format!(
                 "unknown mode {other:?}; expected one of {}",

@@ -49,9 +49,10 @@ pub struct Config {
     /// Claims copied to headers, claim name to header name.
     #[serde(default)]
     pub claim_headers: BTreeMap<String, String>,
-    /// An HMAC secret, as text.
+    /// The name of the secret, in the worker's `secrets`, that holds the
+    /// HMAC key.
     #[serde(default)]
-    pub hmac_secret: Option<String>,
+    pub hmac_secret_name: Option<String>,
     /// A PEM public key or certificate.
     #[serde(default)]
     pub public_key_pem: Option<String>,
@@ -147,14 +148,15 @@ impl Settings {
             }
         }
         let sources = [
-            config.hmac_secret.is_some(),
+            config.hmac_secret_name.is_some(),
             config.public_key_pem.is_some(),
             config.jwks.is_some(),
             config.jwks_upstream.is_some(),
         ];
         if sources.iter().filter(|&&set| set).count() != 1 {
             return Err(
-                "set exactly one of `hmac_secret`, `public_key_pem`, `jwks` and `jwks_upstream`"
+                "set exactly one of `hmac_secret_name`, `public_key_pem`, `jwks` and \
+                 `jwks_upstream`"
                     .to_owned(),
             );
         }
@@ -229,7 +231,12 @@ impl Settings {
     /// Makes the key handles for this call.
     pub fn keys(&self) -> Result<Keys, edge_sdk::crypto::Error> {
         let config = &self.config;
-        if let Some(secret) = &config.hmac_secret {
+        if let Some(name) = &config.hmac_secret_name {
+            let secret = edge_sdk::secrets::get(name).ok_or_else(|| {
+                edge_sdk::crypto::Error::InvalidKey(format!(
+                    "no secret named {name:?}; add it to the worker's `secrets` table"
+                ))
+            })?;
             return Key::from_hmac_secret(secret.as_bytes()).map(Keys::Single);
         }
         if let Some(pem) = &config.public_key_pem {
@@ -301,7 +308,7 @@ mod tests {
     fn needs_exactly_one_key_source() {
         let error = check(r#"{"algorithms":["HS256"]}"#).err().unwrap();
         assert!(error.contains("exactly one"), "{error}");
-        let error = check(r#"{"algorithms":["HS256"],"hmac_secret":"s","jwks":"{}"}"#)
+        let error = check(r#"{"algorithms":["HS256"],"hmac_secret_name":"s","jwks":"{}"}"#)
             .err()
             .unwrap();
         assert!(error.contains("exactly one"), "{error}");
@@ -310,11 +317,11 @@ mod tests {
     #[test]
     fn rejects_unknown_and_none_algorithms() {
         for alg in ["none", "HS1", "rs256"] {
-            let json = format!(r#"{{"algorithms":["{alg}"],"hmac_secret":"s"}}"#);
+            let json = format!(r#"{{"algorithms":["{alg}"],"hmac_secret_name":"s"}}"#);
             let error = check(&json).err().unwrap();
             assert!(error.contains("not supported"), "{error}");
         }
-        let error = check(r#"{"algorithms":[],"hmac_secret":"s"}"#).err().unwrap();
+        let error = check(r#"{"algorithms":[],"hmac_secret_name":"s"}"#).err().unwrap();
         assert!(error.contains("empty"), "{error}");
     }
 
@@ -329,12 +336,12 @@ mod tests {
         assert_eq!(settings.fetch.min_refetch_interval, Duration::from_millis(1500));
         assert_eq!(settings.fetch.default_max_age, Duration::from_secs(300));
         assert_eq!(settings.config.user_header, "x-user-id");
-        assert!(check(r#"{"algorithms":["RS256"],"hmac_secret":"s","leeway":"5 s"}"#).is_err());
+        assert!(check(r#"{"algorithms":["RS256"],"hmac_secret_name":"s","leeway":"5 s"}"#).is_err());
     }
 
     #[test]
     fn rejects_bad_header_names() {
-        let error = check(r#"{"algorithms":["HS256"],"hmac_secret":"s","user_header":"x y"}"#)
+        let error = check(r#"{"algorithms":["HS256"],"hmac_secret_name":"s","user_header":"x y"}"#)
             .err()
             .unwrap();
         assert!(error.contains("user_header"), "{error}");

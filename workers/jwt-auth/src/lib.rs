@@ -27,8 +27,9 @@
 //! `error="invalid_token"` for a bad one, 403 with
 //! `error="insufficient_scope"` for a valid token that lacks a scope or claim,
 //! each with a JSON body. On success the request goes on with the user header
-//! (`x-user-id` from `sub` by default) and the mapped claim headers. Those
-//! headers are always removed from what the client sent first.
+//! (`x-user-id` from `sub` by default) and the mapped claim headers, and the
+//! request context's `user` is set to the same value. Those headers are always
+//! removed from what the client sent first.
 
 mod config;
 mod token;
@@ -107,7 +108,13 @@ fn authenticate(request: &Request, settings: &Settings) -> Result<RequestChanges
             changes = changes.set_header(header.clone(), value);
         }
     }
-    // TODO: set the request context's `user` once workers can set context values.
+    // Later workers, limits keyed `context:user` and the access log read it.
+    if let Err(error) = edge_sdk::context::set("user", &user) {
+        return Err(Rejection::Insufficient(format!(
+            "the {} claim cannot be the request's user: {error}",
+            config.user_claim
+        )));
+    }
     Ok(changes.set_header(config.user_header.clone(), user))
 }
 

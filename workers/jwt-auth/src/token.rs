@@ -203,7 +203,7 @@ mod tests {
 
     fn settings(extra: &str) -> Settings {
         crate::config::tests_settings(&format!(
-            r#"{{"algorithms":["HS256","RS256"],"hmac_secret":"s"{extra}}}"#
+            r#"{{"algorithms":["HS256","RS256"],"hmac_secret_name":"s"{extra}}}"#
         ))
     }
 

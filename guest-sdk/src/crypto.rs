@@ -78,7 +78,7 @@ impl Algorithm {
         Algorithm::ALL.into_iter().find(|alg| alg.name() == name)
     }
 
-    /// The JWS `alg` name, such as `RS256`.
+    /// Returns the JWS `alg` name, such as `RS256`.
     pub fn name(self) -> &'static str {
         match self {
             Algorithm::Hs256 => "HS256",
@@ -118,7 +118,7 @@ pub enum KeyType {
     Ed25519,
 }
 
-/// Why a key or key set could not be made, or a key could not be used.
+/// The reason a key or key set could not be made, or a key could not be used.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Error {
     /// The key material is not a key the host reads.
@@ -154,10 +154,10 @@ impl fmt::Display for Error {
 
 impl std::error::Error for Error {}
 
-/// How the host caches and refetches a key set from an upstream.
+/// The cache and refetch settings of a key set from an upstream.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct FetchOptions {
-    /// The least time between two fetches of the set, whatever causes them
+    /// The minimum time between two fetches of the set, whatever causes them
     /// (an expired copy or an unknown key id). The host uses at least one
     /// second. Default: 10 seconds.
     pub min_refetch_interval: Duration,

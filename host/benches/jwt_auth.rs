@@ -1,7 +1,7 @@
 //! Measures the CPU time of one jwt-auth worker call in a fresh instance,
 //! without the network, next to the add-header worker: HS256, RS256 with
 //! the same token on every call (the host's cache of verified signatures
-//! answers), and RS256 with a new token on every call (a full RSA
+//! returns the result), and RS256 with a new token on every call (a full RSA
 //! verification each time).
 //!
 //! Usage: cargo bench -p edge --bench jwt_auth

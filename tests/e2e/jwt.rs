@@ -187,7 +187,7 @@ async fn jwt_rejections_reach_no_upstream() -> Result {
 }
 
 #[tokio::test]
-async fn jwt_valid_token_sets_user_and_strips_client_headers() -> Result {
+async fn jwt_valid_token_strips_spoofed_headers() -> Result {
     let app = Upstream::echo().await;
     let node = start_hmac_node(&app, "")?;
     let spoofed = [("x-user-id", "admin"), ("x-user-email", "root@example.com")];
@@ -376,7 +376,7 @@ async fn jwt_public_key_algorithms_and_confusion() -> Result {
 /// the fetches it serves.
 struct KeyServer {
     upstream: Upstream,
-    /// Time each fetch waits before it is answered.
+    /// Time each fetch waits before the response is sent.
     delay: Arc<Mutex<Duration>>,
     jwks: Arc<Mutex<String>>,
     fetches: Arc<AtomicUsize>,

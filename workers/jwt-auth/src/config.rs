@@ -49,7 +49,7 @@ pub struct Config {
     /// Claims copied to headers, claim name to header name.
     #[serde(default)]
     pub claim_headers: BTreeMap<String, String>,
-    /// The name of the secret, in the worker's `secrets`, that holds the
+    /// The name of the secret, in the worker's `secrets`, that contains the
     /// HMAC key.
     #[serde(default)]
     pub hmac_secret_name: Option<String>,
@@ -66,7 +66,7 @@ pub struct Config {
     /// The path of the JWK set on `jwks_upstream`.
     #[serde(default = "default_jwks_path")]
     pub jwks_path: String,
-    /// The least time between two fetches of the JWK set. Default: 10s.
+    /// The minimum time between two fetches of the JWK set. Default: 10s.
     #[serde(default)]
     pub jwks_refetch_interval: Option<String>,
     /// How long a fetched JWK set stays fresh without `Cache-Control`.
@@ -84,7 +84,7 @@ pub enum OneOrMany {
 }
 
 impl OneOrMany {
-    /// The values as a slice.
+    /// Returns the values as a slice.
     pub fn values(&self) -> &[String] {
         match self {
             OneOrMany::One(value) => std::slice::from_ref(value),
@@ -109,7 +109,7 @@ fn default_jwks_path() -> String {
     "/.well-known/jwks.json".to_owned()
 }
 
-/// Where the worker finds the key for a token.
+/// The source of the key for a token: one key, or a JWK set.
 pub enum Keys {
     Single(Key),
     Set(KeySet),
@@ -216,7 +216,7 @@ impl Settings {
                     .map(|alg| alg.name())
                     .collect();
                 if !unfit.is_empty() {
-                    // The host rejects them anyway; say so at load.
+                    // The host rejects them anyway; warn at load.
                     edge_sdk::log::warn(&format!(
                         "jwt-auth: algorithms {unfit:?} do not fit the {key_type:?} key, so \
                          tokens using them are always rejected"
@@ -254,7 +254,7 @@ impl Settings {
     }
 }
 
-/// Whether `alg` works with keys of `key_type`.
+/// Returns whether `alg` works with keys of `key_type`.
 fn fits(alg: Algorithm, key_type: KeyType) -> bool {
     use Algorithm::*;
     match key_type {
@@ -266,7 +266,7 @@ fn fits(alg: Algorithm, key_type: KeyType) -> bool {
     }
 }
 
-/// Whether `name` is an HTTP token (RFC 9110, section 5.6.2).
+/// Returns whether `name` is an HTTP token (RFC 9110, section 5.6.2).
 fn is_token(name: &str) -> bool {
     const SYMBOLS: &[u8] = b"!#$%&'*+-.^_`|~";
     !name.is_empty()

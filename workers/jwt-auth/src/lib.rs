@@ -1,5 +1,5 @@
 //! `jwt-auth`: lets a request through only with a valid JSON Web Token, and
-//! tells the upstream who the user is.
+//! passes the user's identity to the upstream.
 //!
 //! ```toml
 //! [upstreams.idp]
@@ -76,13 +76,16 @@ fn authenticate(request: &Request, settings: &Settings) -> Result<RequestChanges
     let config = &settings.config;
     let text = find_token(request, config.cookie.as_deref())?;
     let token = Token::parse(text, &settings.algorithms)?;
+
+    // The host holds the key and checks the signature.
     let key = match settings.keys() {
         Ok(Keys::Single(key)) => key,
         Ok(Keys::Set(set)) => set
             .find(token.header.kid.as_deref(), token.alg)
             .ok_or_else(|| Rejection::Invalid("no key matches the token's kid and alg".into()))?,
         Err(error) => {
-            edge_sdk::log::warn(&format!("jwt-auth: no key to check tokens with: {error}"));
+            // The host logs failed key set fetches itself, at a bounded rate.
+            edge_sdk::log::debug(&format!("jwt-auth: no key to check tokens with: {error}"));
             return Err(Rejection::Invalid("the token cannot be checked now".into()));
         }
     };
@@ -92,12 +95,14 @@ fn authenticate(request: &Request, settings: &Settings) -> Result<RequestChanges
     if !valid {
         return Err(Rejection::Invalid("the token's signature is invalid".into()));
     }
+
     let claims = token.claims()?;
     let now = edge_sdk::clock::now_unix_ms() as f64 / 1000.0;
     check_claims(&claims, settings, now)?;
     let user = claim_text(&claims, &config.user_claim).ok_or_else(|| {
         Rejection::Insufficient(format!("the token has no usable {} claim", config.user_claim))
     })?;
+
     // Remove every header this worker sets, then set those the token fills.
     let mut changes = RequestChanges::new().remove_header(config.user_header.clone());
     for header in config.claim_headers.values() {

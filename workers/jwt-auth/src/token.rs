@@ -9,7 +9,7 @@ use serde_json::{Map, Value};
 
 use crate::config::Settings;
 
-/// Why a request is rejected.
+/// The reason a request is rejected, which fixes its status.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Rejection {
     /// No token: 401 without an error code (RFC 6750, section 3.1).
@@ -165,7 +165,7 @@ fn numeric_date(claims: &Map<String, Value>, name: &str) -> Result<Option<f64>, 
     }
 }
 
-/// The scopes in `scope` (space-separated, RFC 8693) or `scp` (a list or a
+/// Collects the scopes in `scope` (space-separated, RFC 8693) or `scp` (a list or a
 /// space-separated string).
 fn granted_scopes(claims: &Map<String, Value>) -> Vec<&str> {
     let mut scopes = Vec::new();
@@ -179,7 +179,7 @@ fn granted_scopes(claims: &Map<String, Value>) -> Vec<&str> {
     scopes
 }
 
-/// A claim's value as header text: strings as they are, other values as
+/// Returns a claim's value as header text: strings as they are, other values as
 /// JSON. `None` when it is missing or not a valid header value.
 pub fn claim_text(claims: &Map<String, Value>, name: &str) -> Option<String> {
     let text = match claims.get(name)? {

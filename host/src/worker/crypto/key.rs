@@ -64,7 +64,7 @@ impl Algorithm {
         })
     }
 
-    /// The key type this algorithm works with.
+    /// Returns the key type this algorithm works with.
     pub fn key_type(self) -> KeyType {
         match self {
             Algorithm::Hs256 | Algorithm::Hs384 | Algorithm::Hs512 => KeyType::Hmac,
@@ -137,7 +137,7 @@ impl KeyType {
     }
 }
 
-/// Why a key could not be read or used.
+/// The reason a key could not be read or used.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum KeyError {
     #[error("invalid key: {0}")]
@@ -369,12 +369,12 @@ impl Key {
         Key::public(key_type, &public, id, Some(signer))
     }
 
-    /// The key's type.
+    /// Returns the key's type.
     pub fn key_type(&self) -> KeyType {
         self.key_type
     }
 
-    /// Whether `alg` may be used with this key.
+    /// Returns whether `alg` may be used with this key.
     pub fn accepts(&self, alg: Algorithm) -> bool {
         alg.key_type() == self.key_type && self.only.is_none_or(|only| only == alg)
     }
@@ -501,7 +501,7 @@ fn rsa_public_key_der(modulus: &[u8], exponent: &[u8]) -> Vec<u8> {
     der
 }
 
-/// A DER INTEGER of an unsigned big-endian number.
+/// Encodes an unsigned big-endian number as a DER INTEGER.
 fn der_integer(bytes: &[u8]) -> Vec<u8> {
     let start = bytes.iter().position(|&b| b != 0).unwrap_or(bytes.len());
     let digits = &bytes[start..];

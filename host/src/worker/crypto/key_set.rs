@@ -17,12 +17,12 @@ use crate::worker::LogThrottle;
 
 /// The largest JWK set body the host reads.
 const MAX_KEY_SET_BYTES: usize = 1 << 20;
-/// The longest a fetch of a key set may take, whatever the upstream's
+/// Maximum time a fetch of a key set may take, whatever the upstream's
 /// response timeout.
 pub const MAX_FETCH_TIME: Duration = Duration::from_secs(5);
-/// The least time between two fetches of one key set.
+/// Minimum time between two fetches of one key set.
 const MIN_REFETCH_INTERVAL: Duration = Duration::from_secs(1);
-/// The longest a fetched key set counts as fresh.
+/// Maximum time a fetched key set counts as fresh.
 const MAX_AGE_CAP: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// The keys of a JWK set, each with its `kid`.
@@ -89,7 +89,7 @@ impl KeySet {
     }
 }
 
-/// How a worker asked for a remote key set to be cached and refetched.
+/// The cache and refetch settings a worker gave for a remote key set.
 #[derive(Debug, Clone, Copy)]
 pub struct FetchOptions {
     pub min_refetch_interval: Duration,
@@ -143,11 +143,11 @@ struct RemoteState {
     fetches: u64,
 }
 
-/// Why [`RemoteKeySet::get`] has no key set to return.
+/// The reason [`RemoteKeySet::get`] has no key set to return.
 #[derive(Debug)]
 pub struct FetchFailed(pub String);
 
-/// Why a key set is being fetched.
+/// The cause of a key set fetch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Reason {
     /// There is no copy yet, or the copy has expired.

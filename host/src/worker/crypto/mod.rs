@@ -84,7 +84,7 @@ pub struct KeyHandle(Arc<Key>);
 /// A key set in a store's resource table.
 pub struct KeySetHandle {
     set: Arc<KeySet>,
-    /// Where to fetch the set again, for a set from an upstream.
+    /// The remote key set and its fetch options, for a set from an upstream.
     remote: Option<(Arc<RemoteKeySet>, FetchOptions)>,
 }
 
@@ -196,8 +196,8 @@ impl BoundedSet {
 }
 
 impl HostCrypto {
-    /// Verifies with `key`, answering from the cache of verified signatures
-    /// for public keys.
+    /// Verifies with `key`, using the cache of verified signatures for
+    /// public keys.
     fn verify(
         &self,
         key: &Key,

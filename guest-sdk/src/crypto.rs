@@ -316,7 +316,11 @@ impl KeySet {
     /// Returns the JWK set at `path` on the upstream named `upstream`, which
     /// the worker's route entry must list in `upstreams`. The host caches it
     /// across requests and keeps the last good copy when a fetch fails.
-    pub fn from_upstream(upstream: &str, path: &str, options: FetchOptions) -> Result<KeySet, Error> {
+    pub fn from_upstream(
+        upstream: &str,
+        path: &str,
+        options: FetchOptions,
+    ) -> Result<KeySet, Error> {
         #[cfg(target_arch = "wasm32")]
         return {
             let millis = |d: Duration| u32::try_from(d.as_millis()).unwrap_or(u32::MAX);

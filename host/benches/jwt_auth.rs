@@ -63,12 +63,19 @@ fn request(authorization: Option<&str>) -> wit::Request {
 }
 
 fn token(alg: Algorithm, key: &EncodingKey, id: usize) -> String {
-    let exp = SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() + 3600;
+    let exp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
     let claims = serde_json::json!({
         "sub": "user-7", "iss": "https://idp.bench", "aud": "api", "exp": exp,
         "jti": id.to_string(),
     });
-    format!("Bearer {}", encode(&Header::new(alg), &claims, key).unwrap())
+    format!(
+        "Bearer {}",
+        encode(&Header::new(alg), &claims, key).unwrap()
+    )
 }
 
 /// Runs `requests` in turn, `ROUNDS` times, and returns the best round's CPU
@@ -78,7 +85,10 @@ async fn measure(runtime: &Runtime, binding: &Binding, requests: &[wit::Request]
     for _ in 0..ROUNDS {
         let started = thread_cpu_time();
         for request in requests {
-            match runtime.on_request(binding, request, &mut Default::default()).await {
+            match runtime
+                .on_request(binding, request, &mut Default::default())
+                .await
+            {
                 Ok(wit::Action::Continue(_)) => {}
                 other => panic!("the worker did not let the request through: {other:?}"),
             }
@@ -153,14 +163,19 @@ fn main() -> anyhow::Result<()> {
         let rows = [
             ("add-header", measure(&runtime, &add_header, &plain).await),
             ("jwt-auth HS256", measure(&runtime, &hs, &same_hs).await),
-            ("jwt-auth RS256, same token", measure(&runtime, &rs, &same_rs).await),
+            (
+                "jwt-auth RS256, same token",
+                measure(&runtime, &rs, &same_rs).await,
+            ),
             ("jwt-auth RS256, new token per call", {
                 // Each round must see tokens it has not verified before.
                 let mut best = f64::MAX;
                 for round in distinct_rs.chunks(calls) {
                     let started = thread_cpu_time();
                     for request in round {
-                        runtime.on_request(&rs, request, &mut Default::default()).await?;
+                        runtime
+                            .on_request(&rs, request, &mut Default::default())
+                            .await?;
                     }
                     let cpu = (thread_cpu_time() - started).as_secs_f64() * 1e6 / calls as f64;
                     best = best.min(cpu);

@@ -89,7 +89,9 @@ fn main() -> anyhow::Result<()> {
             let started = Instant::now();
             let cpu_started = thread_cpu_time();
             for _ in 0..calls {
-                runtime.on_request(&binding, &request, &mut Default::default()).await?;
+                runtime
+                    .on_request(&binding, &request, &mut Default::default())
+                    .await?;
             }
             let per_call = |time: Duration| time.as_secs_f64() * 1e6 / f64::from(calls);
             let cpu = per_call(thread_cpu_time() - cpu_started);

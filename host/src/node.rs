@@ -221,7 +221,11 @@ impl Node {
                 let module = runtime.load(&path).map_err(module_error)?;
                 let allowed = AllowedUpstreams::new(
                     upstreams.clone(),
-                    worker.upstreams.iter().map(|u| u.get_ref().clone()).collect(),
+                    worker
+                        .upstreams
+                        .iter()
+                        .map(|u| u.get_ref().clone())
+                        .collect(),
                 );
                 let binding = binder
                     .block_on(runtime.bind(

@@ -18,7 +18,10 @@ use crate::harness::{send, Got, Node, Reply, Result, Upstream};
 const SECRET: &str = "a-shared-secret-of-some-length";
 
 fn now() -> i64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_secs() as i64
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
 }
 
 fn pem(tag: &str, der: &[u8]) -> String {
@@ -45,7 +48,12 @@ fn claims(extra: Value) -> Value {
     claims
 }
 
-fn sign(alg: jsonwebtoken::Algorithm, kid: Option<&str>, claims: &Value, key: &EncodingKey) -> String {
+fn sign(
+    alg: jsonwebtoken::Algorithm,
+    kid: Option<&str>,
+    claims: &Value,
+    key: &EncodingKey,
+) -> String {
     let mut header = Header::new(alg);
     header.kid = kid.map(str::to_owned);
     encode(&header, claims, key).unwrap()
@@ -126,7 +134,10 @@ async fn jwt_rejections_reach_no_upstream() -> Result {
     // No token: the challenge has the realm and no error code.
     let got = get_with(&node, "/x", &[("x-user-id", "admin")]).await?;
     assert_eq!(got.status, 401);
-    assert_eq!(got.header("www-authenticate"), Some("Bearer realm=\"edge-api\""));
+    assert_eq!(
+        got.header("www-authenticate"),
+        Some("Bearer realm=\"edge-api\"")
+    );
     assert_eq!(got.json()["error"], "missing_token");
     let got = get_with(&node, "/x", &[("authorization", "Basic dTpw")]).await?;
     assert_eq!(got.status, 401);
@@ -139,18 +150,43 @@ async fn jwt_rejections_reach_no_upstream() -> Result {
         b64(claims(json!({})).to_string().as_bytes())
     );
     let cases: Vec<(&str, String, &str)> = vec![
-        ("malformed", "not-a-token".to_owned(), "three base64url parts"),
+        (
+            "malformed",
+            "not-a-token".to_owned(),
+            "three base64url parts",
+        ),
         ("empty parts", "..".to_owned(), "not valid JSON"),
         (
             "bad signature",
-            sign(jsonwebtoken::Algorithm::HS256, None, &claims(json!({})), &other_key),
+            sign(
+                jsonwebtoken::Algorithm::HS256,
+                None,
+                &claims(json!({})),
+                &other_key,
+            ),
             "signature is invalid",
         ),
-        ("expired", hs256(&claims(json!({ "exp": now() - 60 }))), "expired"),
-        ("nbf in the future", hs256(&claims(json!({ "nbf": now() + 60 }))), "not valid yet"),
+        (
+            "expired",
+            hs256(&claims(json!({ "exp": now() - 60 }))),
+            "expired",
+        ),
+        (
+            "nbf in the future",
+            hs256(&claims(json!({ "nbf": now() + 60 }))),
+            "not valid yet",
+        ),
         ("no exp", hs256(&claims(json!({ "exp": null }))), "no exp"),
-        ("wrong iss", hs256(&claims(json!({ "iss": "https://evil.test" }))), "issuer"),
-        ("wrong aud", hs256(&claims(json!({ "aud": "other" }))), "audience"),
+        (
+            "wrong iss",
+            hs256(&claims(json!({ "iss": "https://evil.test" }))),
+            "issuer",
+        ),
+        (
+            "wrong aud",
+            hs256(&claims(json!({ "aud": "other" }))),
+            "audience",
+        ),
         ("alg none", none_token, "alg none"),
         (
             "alg not allowed",
@@ -167,7 +203,10 @@ async fn jwt_rejections_reach_no_upstream() -> Result {
         let got = get_with(
             &node,
             "/x",
-            &[("authorization", &format!("Bearer {token}")), ("x-user-id", "admin")],
+            &[
+                ("authorization", &format!("Bearer {token}")),
+                ("x-user-id", "admin"),
+            ],
         )
         .await?;
         assert_invalid(&got, reason);
@@ -179,7 +218,10 @@ async fn jwt_rejections_reach_no_upstream() -> Result {
     let got = get_bearer(&node, "/x", &hs256(&claims(json!({ "scope": "write" })))).await?;
     assert_eq!(got.status, 403);
     let challenge = got.header("www-authenticate").unwrap();
-    assert!(challenge.contains("error=\"insufficient_scope\""), "{challenge}");
+    assert!(
+        challenge.contains("error=\"insufficient_scope\""),
+        "{challenge}"
+    );
     assert!(challenge.contains("scope=\"read\""), "{challenge}");
     assert_eq!(got.json()["error"], "insufficient_scope");
     assert_eq!(app.count(), 0);
@@ -325,7 +367,10 @@ async fn jwt_public_key_algorithms_and_confusion() -> Result {
         route(
             "set",
             "/set",
-            &format!("algorithms = [\"ES384\", \"EdDSA\"]\njwks = {}", toml_string(&jwks)),
+            &format!(
+                "algorithms = [\"ES384\", \"EdDSA\"]\njwks = {}",
+                toml_string(&jwks)
+            ),
             "",
         ),
     );
@@ -356,19 +401,38 @@ async fn jwt_public_key_algorithms_and_confusion() -> Result {
         &claims,
         &secret(keys.rsa_public_pem.as_bytes()),
     );
-    assert_invalid(&get_bearer(&node, "/rsa", &confused).await?, "algorithm does not fit");
+    assert_invalid(
+        &get_bearer(&node, "/rsa", &confused).await?,
+        "algorithm does not fit",
+    );
     // An ES256 token on the RSA route, and one signed by another P-256 key.
     let es = sign(Alg::ES256, None, &claims, &keys.p256);
-    assert_invalid(&get_bearer(&node, "/rsa", &es).await?, "\"ES256\" is not allowed");
+    assert_invalid(
+        &get_bearer(&node, "/rsa", &es).await?,
+        "\"ES256\" is not allowed",
+    );
     let other = make_keys();
     let forged = sign(Alg::ES256, None, &claims, &other.p256);
-    assert_invalid(&get_bearer(&node, "/p256", &forged).await?, "signature is invalid");
+    assert_invalid(
+        &get_bearer(&node, "/p256", &forged).await?,
+        "signature is invalid",
+    );
     // A kid the set lacks, and a kid whose key has another type.
     let unknown = sign(Alg::EdDSA, Some("nope"), &claims, &keys.ed);
-    assert_invalid(&get_bearer(&node, "/set", &unknown).await?, "no key matches");
+    assert_invalid(
+        &get_bearer(&node, "/set", &unknown).await?,
+        "no key matches",
+    );
     let wrong_type = sign(Alg::EdDSA, Some("p384"), &claims, &keys.ed);
-    assert_invalid(&get_bearer(&node, "/set", &wrong_type).await?, "no key matches");
-    assert_eq!(app.count(), accepted, "a rejected request reached the upstream");
+    assert_invalid(
+        &get_bearer(&node, "/set", &wrong_type).await?,
+        "no key matches",
+    );
+    assert_eq!(
+        app.count(),
+        accepted,
+        "a rejected request reached the upstream"
+    );
     Ok(())
 }
 
@@ -452,7 +516,12 @@ async fn jwt_jwks_rotation_and_bounded_refetches() -> Result {
 
     // The first token fetches the set; the next ones use the cached copy.
     for _ in 0..3 {
-        assert_eq!(get_bearer(&node, "/a", &token(&first_key, "k1")).await?.status, 200);
+        assert_eq!(
+            get_bearer(&node, "/a", &token(&first_key, "k1"))
+                .await?
+                .status,
+            200
+        );
     }
     assert_eq!(idp.fetches(), 1);
 
@@ -480,10 +549,20 @@ async fn jwt_jwks_rotation_and_bounded_refetches() -> Result {
         flood_fetches <= intervals + 1,
         "{flood_fetches} fetches for 40 unknown key ids in {intervals} intervals"
     );
-    assert!(flood_fetches < 10, "{flood_fetches} fetches for 40 unknown key ids");
+    assert!(
+        flood_fetches < 10,
+        "{flood_fetches} fetches for 40 unknown key ids"
+    );
     // k1 has rotated out.
-    assert_invalid(&get_bearer(&node, "/a", &token(&first_key, "k1")).await?, "no key matches");
-    assert_eq!(app.count(), accepted, "a rejected request reached the upstream");
+    assert_invalid(
+        &get_bearer(&node, "/a", &token(&first_key, "k1")).await?,
+        "no key matches",
+    );
+    assert_eq!(
+        app.count(),
+        accepted,
+        "a rejected request reached the upstream"
+    );
     Ok(())
 }
 
@@ -494,7 +573,12 @@ async fn jwt_jwks_server_down_keeps_last_good_keys() -> Result {
     // A max-age of 1s makes the copy stale quickly, so the node refetches.
     let idp = KeyServer::start(json!({ "keys": [rsa_jwk(&pair, "k1")] }).to_string(), 1).await;
     let node = Node::start(&upstream_jwks_config(&app, &idp))?;
-    let token = sign(jsonwebtoken::Algorithm::RS256, Some("k1"), &claims(json!({})), &key);
+    let token = sign(
+        jsonwebtoken::Algorithm::RS256,
+        Some("k1"),
+        &claims(json!({})),
+        &key,
+    );
     assert_eq!(get_bearer(&node, "/a", &token).await?.status, 200);
     assert_eq!(idp.fetches(), 1);
 
@@ -509,12 +593,19 @@ async fn jwt_jwks_server_down_keeps_last_good_keys() -> Result {
     let intervals = started.elapsed().as_secs_f64().floor() as usize;
     assert!(idp.fetches() >= 2, "the stale set was not fetched again");
     assert!(idp.fetches() <= 2 + intervals, "{} fetches", idp.fetches());
-    assert!(node.log_contains("failed to fetch key set"), "{}", node.log());
+    assert!(
+        node.log_contains("failed to fetch key set"),
+        "{}",
+        node.log()
+    );
 
     // A fresh node with the key server down has no keys to fall back on.
     let cold = Node::start(&upstream_jwks_config(&app, &idp))?;
     let before = app.count();
-    assert_invalid(&get_bearer(&cold, "/a", &token).await?, "cannot be checked now");
+    assert_invalid(
+        &get_bearer(&cold, "/a", &token).await?,
+        "cannot be checked now",
+    );
     assert_eq!(app.count(), before);
     Ok(())
 }
@@ -526,11 +617,18 @@ async fn jwt_jwks_fetch_wait_is_not_cpu_time() -> Result {
     let idp = KeyServer::start(json!({ "keys": [rsa_jwk(&pair, "k1")] }).to_string(), 300).await;
     *idp.delay.lock().unwrap() = Duration::from_millis(300);
     // The fetch takes 300 ms, six times the worker's CPU deadline.
-    let config = upstream_jwks_config(&app, &idp)
-        .replace("upstreams = [\"idp\"]", "upstreams = [\"idp\"]\ncpu_deadline = \"50ms\"");
+    let config = upstream_jwks_config(&app, &idp).replace(
+        "upstreams = [\"idp\"]",
+        "upstreams = [\"idp\"]\ncpu_deadline = \"50ms\"",
+    );
     assert!(config.contains("cpu_deadline"));
     let node = Node::start(&config)?;
-    let token = sign(jsonwebtoken::Algorithm::RS256, Some("k1"), &claims(json!({})), &key);
+    let token = sign(
+        jsonwebtoken::Algorithm::RS256,
+        Some("k1"),
+        &claims(json!({})),
+        &key,
+    );
     let got = get_bearer(&node, "/a", &token).await?;
     assert_eq!(got.status, 200, "{:?}", got.body);
     assert_eq!(idp.fetches(), 1);

@@ -161,12 +161,17 @@ impl Settings {
             );
         }
         if !config.jwks_path.starts_with('/') {
-            return Err(format!("jwks_path {:?} must start with '/'", config.jwks_path));
+            return Err(format!(
+                "jwks_path {:?} must start with '/'",
+                config.jwks_path
+            ));
         }
-        for (key, name) in [("user_header", &config.user_header)]
-            .into_iter()
-            .chain(config.claim_headers.values().map(|name| ("claim_headers", name)))
-        {
+        for (key, name) in [("user_header", &config.user_header)].into_iter().chain(
+            config
+                .claim_headers
+                .values()
+                .map(|name| ("claim_headers", name)),
+        ) {
             if !is_token(name) {
                 return Err(format!("{key}: {name:?} is not a valid header name"));
             }
@@ -206,7 +211,10 @@ impl Settings {
             // identity provider is down.
             return Ok(());
         }
-        match self.keys().map_err(|e| format!("invalid jwt-auth key: {e}"))? {
+        match self
+            .keys()
+            .map_err(|e| format!("invalid jwt-auth key: {e}"))?
+        {
             Keys::Single(key) => {
                 let key_type = key.key_type();
                 let unfit: Vec<&str> = self
@@ -296,6 +304,12 @@ fn parse_duration(key: &str, text: Option<&str>, default: Duration) -> Result<Du
     Ok(Duration::from_millis(millis))
 }
 
+/// Builds checked settings from JSON, for other modules' unit tests.
+#[cfg(test)]
+pub fn tests_settings(json: &str) -> Settings {
+    Settings::check(serde_json::from_str(json).unwrap()).unwrap()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -321,7 +335,9 @@ mod tests {
             let error = check(&json).err().unwrap();
             assert!(error.contains("not supported"), "{error}");
         }
-        let error = check(r#"{"algorithms":[],"hmac_secret_name":"s"}"#).err().unwrap();
+        let error = check(r#"{"algorithms":[],"hmac_secret_name":"s"}"#)
+            .err()
+            .unwrap();
         assert!(error.contains("empty"), "{error}");
     }
 
@@ -333,10 +349,15 @@ mod tests {
         )
         .unwrap();
         assert_eq!(settings.leeway, Duration::from_secs(5));
-        assert_eq!(settings.fetch.min_refetch_interval, Duration::from_millis(1500));
+        assert_eq!(
+            settings.fetch.min_refetch_interval,
+            Duration::from_millis(1500)
+        );
         assert_eq!(settings.fetch.default_max_age, Duration::from_secs(300));
         assert_eq!(settings.config.user_header, "x-user-id");
-        assert!(check(r#"{"algorithms":["RS256"],"hmac_secret_name":"s","leeway":"5 s"}"#).is_err());
+        assert!(
+            check(r#"{"algorithms":["RS256"],"hmac_secret_name":"s","leeway":"5 s"}"#).is_err()
+        );
     }
 
     #[test]
@@ -346,10 +367,4 @@ mod tests {
             .unwrap();
         assert!(error.contains("user_header"), "{error}");
     }
-}
-
-/// Builds checked settings from JSON, for other modules' unit tests.
-#[cfg(test)]
-pub fn tests_settings(json: &str) -> Settings {
-    Settings::check(serde_json::from_str(json).unwrap()).unwrap()
 }

@@ -93,14 +93,19 @@ fn authenticate(request: &Request, settings: &Settings) -> Result<RequestChanges
         .verify(token.alg, token.signing_input.as_bytes(), &token.signature)
         .map_err(|error| Rejection::Invalid(format!("the token's key rejects it: {error}")))?;
     if !valid {
-        return Err(Rejection::Invalid("the token's signature is invalid".into()));
+        return Err(Rejection::Invalid(
+            "the token's signature is invalid".into(),
+        ));
     }
 
     let claims = token.claims()?;
     let now = edge_sdk::clock::now_unix_ms() as f64 / 1000.0;
     check_claims(&claims, settings, now)?;
     let user = claim_text(&claims, &config.user_claim).ok_or_else(|| {
-        Rejection::Insufficient(format!("the token has no usable {} claim", config.user_claim))
+        Rejection::Insufficient(format!(
+            "the token has no usable {} claim",
+            config.user_claim
+        ))
     })?;
 
     // Remove every header this worker sets, then set those the token fills.
@@ -169,7 +174,11 @@ fn reject(request: &Request, settings: &Settings, rejection: Rejection) -> Respo
         .unwrap_or_else(|| request.route.clone());
     let mut challenge = format!("Bearer realm=\"{}\"", quote(&realm));
     let (status, error, message) = match rejection {
-        Rejection::Missing => (401, "missing_token", "the request has no bearer token".into()),
+        Rejection::Missing => (
+            401,
+            "missing_token",
+            "the request has no bearer token".into(),
+        ),
         Rejection::Invalid(message) => (401, "invalid_token", message),
         Rejection::Insufficient(message) => (403, "insufficient_scope", message),
     };
@@ -183,7 +192,9 @@ fn reject(request: &Request, settings: &Settings, rejection: Rejection) -> Respo
         let scope = settings.config.required_scopes.join(" ");
         challenge.push_str(&format!(", scope=\"{}\"", quote(&scope)));
     }
-    edge_sdk::log::debug(&format!("jwt-auth: rejected with {status} {error}: {message}"));
+    edge_sdk::log::debug(&format!(
+        "jwt-auth: rejected with {status} {error}: {message}"
+    ));
     Response::json(status, &ErrorBody { error, message })
         .header("www-authenticate", challenge)
         .header("cache-control", "no-store")
@@ -193,6 +204,12 @@ fn reject(request: &Request, settings: &Settings, rejection: Rejection) -> Respo
 /// its parameters, and a header value no control characters.
 fn quote(text: &str) -> String {
     text.chars()
-        .map(|c| if c == '"' || c == '\\' || c.is_control() { '\'' } else { c })
+        .map(|c| {
+            if c == '"' || c == '\\' || c.is_control() {
+                '\''
+            } else {
+                c
+            }
+        })
         .collect()
 }

@@ -55,7 +55,9 @@ impl<'a> Token<'a> {
         let (Some(header), Some(payload), Some(signature), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
         else {
-            return Err(invalid("the token is not three base64url parts joined by dots"));
+            return Err(invalid(
+                "the token is not three base64url parts joined by dots",
+            ));
         };
         let signing_input = &text[..header.len() + 1 + payload.len()];
         let header: Header = serde_json::from_slice(&decode(header, "header")?)
@@ -67,7 +69,9 @@ impl<'a> Token<'a> {
             .filter(|alg| allowed.contains(alg))
             .ok_or_else(|| invalid(format!("the algorithm {:?} is not allowed", header.alg)))?;
         if header.crit.is_some() {
-            return Err(invalid("the token header has crit extensions, which are not supported"));
+            return Err(invalid(
+                "the token header has crit extensions, which are not supported",
+            ));
         }
         Ok(Token {
             header,
@@ -211,7 +215,10 @@ mod tests {
     fn parse_rejects_alg_none_and_unlisted_algorithms() {
         let none = format!("{}.{}.", b64(r#"{"alg":"none"}"#), b64("{}"));
         let error = Token::parse(&none, &[Algorithm::Hs256]).unwrap_err();
-        assert_eq!(error, invalid("unsigned tokens (alg none) are not accepted"));
+        assert_eq!(
+            error,
+            invalid("unsigned tokens (alg none) are not accepted")
+        );
         let es = format!("{}.{}.c2ln", b64(r#"{"alg":"ES256"}"#), b64("{}"));
         let error = Token::parse(&es, &[Algorithm::Hs256]).unwrap_err();
         assert_eq!(error, invalid("the algorithm \"ES256\" is not allowed"));
@@ -221,7 +228,10 @@ mod tests {
     fn parse_rejects_malformed_tokens() {
         for text in ["", "a.b", "a.b.c.d", "!!.e30.c2ln", "e30.e30.c2ln"] {
             assert!(
-                matches!(Token::parse(text, &[Algorithm::Hs256]), Err(Rejection::Invalid(_))),
+                matches!(
+                    Token::parse(text, &[Algorithm::Hs256]),
+                    Err(Rejection::Invalid(_))
+                ),
                 "{text:?}"
             );
         }
@@ -229,7 +239,11 @@ mod tests {
 
     #[test]
     fn parse_keeps_signing_input() {
-        let text = format!("{}.{}.c2ln", b64(r#"{"alg":"HS256","kid":"k1"}"#), b64("{}"));
+        let text = format!(
+            "{}.{}.c2ln",
+            b64(r#"{"alg":"HS256","kid":"k1"}"#),
+            b64("{}")
+        );
         let token = Token::parse(&text, &[Algorithm::Hs256]).unwrap();
         assert_eq!(token.signing_input, &text[..text.rfind('.').unwrap()]);
         assert_eq!(token.header.kid.as_deref(), Some("k1"));

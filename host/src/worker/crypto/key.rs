@@ -234,7 +234,9 @@ impl Key {
                         return Key::private(key_type, Signer::Ecdsa(pair), id);
                     }
                 }
-                Err(invalid("invalid EC private key, or a curve other than P-256 and P-384"))
+                Err(invalid(
+                    "invalid EC private key, or a curve other than P-256 and P-384",
+                ))
             }
             other => Err(invalid(format!(
                 "unsupported PEM block {other:?}; use PUBLIC KEY, RSA PUBLIC KEY, \
@@ -306,7 +308,12 @@ impl Key {
     /// Reads a DER SubjectPublicKeyInfo of an RSA, P-256, P-384 or Ed25519
     /// key.
     fn from_spki(der: &[u8], id: [u8; 32]) -> Result<Key, KeyError> {
-        for key_type in [KeyType::Rsa, KeyType::EcP256, KeyType::EcP384, KeyType::Ed25519] {
+        for key_type in [
+            KeyType::Rsa,
+            KeyType::EcP256,
+            KeyType::EcP384,
+            KeyType::Ed25519,
+        ] {
             if let Ok(key) = Key::public(key_type, der, id, None) {
                 return Ok(key);
             }
@@ -402,7 +409,9 @@ impl Key {
         }
         let signer = match &self.material {
             Material::Hmac(keys) => {
-                return Ok(hmac::sign(&keys[hmac_index(alg)], message).as_ref().to_vec());
+                return Ok(hmac::sign(&keys[hmac_index(alg)], message)
+                    .as_ref()
+                    .to_vec());
             }
             Material::Asymmetric { signer: None, .. } => return Err(KeyError::NotASigningKey),
             Material::Asymmetric {
@@ -522,7 +531,10 @@ fn der_length(length: usize) -> Vec<u8> {
         return vec![length as u8];
     }
     let bytes = length.to_be_bytes();
-    let start = bytes.iter().position(|&b| b != 0).unwrap_or(bytes.len() - 1);
+    let start = bytes
+        .iter()
+        .position(|&b| b != 0)
+        .unwrap_or(bytes.len() - 1);
     let mut der = vec![0x80 | (bytes.len() - start) as u8];
     der.extend_from_slice(&bytes[start..]);
     der
@@ -551,13 +563,19 @@ mod tests {
             assert_eq!(verifier.verify(alg, b"message", &signature), Ok(true));
             assert_eq!(verifier.verify(alg, b"messagE", &signature), Ok(false));
         }
-        assert_eq!(verifier.sign(Algorithm::Rs256, b"m"), Err(KeyError::NotASigningKey));
+        assert_eq!(
+            verifier.sign(Algorithm::Rs256, b"m"),
+            Err(KeyError::NotASigningKey)
+        );
     }
 
     #[test]
     fn algorithm_of_another_key_type_is_rejected() {
         let hmac = Key::from_hmac_secret(b"secret", ID).unwrap();
-        assert_eq!(hmac.verify(Algorithm::Rs256, b"m", b"s"), Err(KeyError::AlgorithmMismatch));
+        assert_eq!(
+            hmac.verify(Algorithm::Rs256, b"m", b"s"),
+            Err(KeyError::AlgorithmMismatch)
+        );
         let pair = Ed25519KeyPair::generate().unwrap();
         let ed = Key::public(KeyType::Ed25519, pair.public_key().as_ref(), ID, None).unwrap();
         for alg in [Algorithm::Hs256, Algorithm::Rs256, Algorithm::Es256] {
@@ -578,8 +596,7 @@ mod tests {
     #[test]
     fn jwk_rsa_matches_pem_key() {
         let pair = RsaKeyPair::generate(aws_lc_rs::rsa::KeySize::Rsa2048).unwrap();
-        let components: aws_lc_rs::rsa::PublicKeyComponents<Vec<u8>> =
-            pair.public_key().into();
+        let components: aws_lc_rs::rsa::PublicKeyComponents<Vec<u8>> = pair.public_key().into();
         let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
         let jwk = serde_json::json!({
             "kty": "RSA", "alg": "RS256",
@@ -590,7 +607,10 @@ mod tests {
         let signature = signer.sign(Algorithm::Rs256, b"m").unwrap();
         assert_eq!(key.verify(Algorithm::Rs256, b"m", &signature), Ok(true));
         // The JWK's alg pins it to RS256.
-        assert_eq!(key.verify(Algorithm::Ps256, b"m", &signature), Err(KeyError::AlgorithmMismatch));
+        assert_eq!(
+            key.verify(Algorithm::Ps256, b"m", &signature),
+            Err(KeyError::AlgorithmMismatch)
+        );
     }
 
     #[test]
@@ -603,13 +623,22 @@ mod tests {
         });
         let key = Key::from_jwk(&jwk.to_string(), ID).unwrap();
         let signature = pair.sign(&SystemRandom::new(), b"m").unwrap();
-        assert_eq!(key.verify(Algorithm::Es256, b"m", signature.as_ref()), Ok(true));
-        assert_eq!(key.verify(Algorithm::Es384, b"m", signature.as_ref()), Err(KeyError::AlgorithmMismatch));
+        assert_eq!(
+            key.verify(Algorithm::Es256, b"m", signature.as_ref()),
+            Ok(true)
+        );
+        assert_eq!(
+            key.verify(Algorithm::Es384, b"m", signature.as_ref()),
+            Err(KeyError::AlgorithmMismatch)
+        );
     }
 
     #[test]
     fn der_integer_keeps_numbers_positive() {
-        assert_eq!(der_integer(&[0x01, 0x00, 0x01]), [0x02, 0x03, 0x01, 0x00, 0x01]);
+        assert_eq!(
+            der_integer(&[0x01, 0x00, 0x01]),
+            [0x02, 0x03, 0x01, 0x00, 0x01]
+        );
         assert_eq!(der_integer(&[0x00, 0x80]), [0x02, 0x02, 0x00, 0x80]);
         assert_eq!(der_length(0x1234), [0x82, 0x12, 0x34]);
     }

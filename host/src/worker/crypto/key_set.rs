@@ -184,7 +184,10 @@ impl RemoteKeySet {
             let state = self.state.lock().expect("key set state poisoned");
             let fresh = state.fresh_until.is_some_and(|until| now < until);
             if fresh && reason == Reason::Refresh {
-                return state.current.clone().ok_or_else(|| FetchFailed("no copy".into()));
+                return state
+                    .current
+                    .clone()
+                    .ok_or_else(|| FetchFailed("no copy".into()));
             }
             if !self.may_fetch(&state, options, now) {
                 return state.current.clone().ok_or_else(|| {

@@ -226,7 +226,12 @@ impl HostCrypto {
         Ok(valid)
     }
 
-    fn remote_key_set(&self, upstreams: Arc<[Upstream]>, index: usize, path: String) -> Arc<RemoteKeySet> {
+    fn remote_key_set(
+        &self,
+        upstreams: Arc<[Upstream]>,
+        index: usize,
+        path: String,
+    ) -> Arc<RemoteKeySet> {
         let mut remote = self.remote.lock().expect("key set map poisoned");
         let id = (index, path);
         if let Some(set) = remote.get(&id) {
@@ -282,9 +287,10 @@ impl wit::Host for StoreState {}
 
 impl wit::HostKey for StoreState {
     fn from_hmac_secret(&mut self, secret: Vec<u8>) -> WitResult<Resource<KeyHandle>> {
-        let key = self.crypto.keys.get_or_parse(b"hmac", &secret, |id| {
-            Key::from_hmac_secret(&secret, id)
-        });
+        let key = self
+            .crypto
+            .keys
+            .get_or_parse(b"hmac", &secret, |id| Key::from_hmac_secret(&secret, id));
         self.push_key(key)
     }
 
@@ -377,10 +383,13 @@ impl wit::HostKeySet for StoreState {
                 "the path {path:?} does not start with '/'"
             ))));
         }
-        let options = FetchOptions::new(options.min_refetch_interval_ms, options.default_max_age_ms);
+        let options =
+            FetchOptions::new(options.min_refetch_interval_ms, options.default_max_age_ms);
         let remote = self.crypto.remote_key_set(upstreams, index, path);
         let waiting = Instant::now();
-        let fetched = remote.get(options, Reason::Refresh, &self.crypto.keys).await;
+        let fetched = remote
+            .get(options, Reason::Refresh, &self.crypto.keys)
+            .await;
         self.host_wait += waiting.elapsed();
         match fetched {
             Ok(set) => {
@@ -407,7 +416,9 @@ impl wit::HostKeySet for StoreState {
             if let Some((remote, options)) = entry.remote.clone() {
                 // A key id the set lacks: the keys may have rotated.
                 let waiting = Instant::now();
-                let fetched = remote.get(options, Reason::UnknownKid, &self.crypto.keys).await;
+                let fetched = remote
+                    .get(options, Reason::UnknownKid, &self.crypto.keys)
+                    .await;
                 self.host_wait += waiting.elapsed();
                 if let Ok(set) = fetched {
                     found = set.find(kid.as_deref(), alg);

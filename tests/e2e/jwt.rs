@@ -656,3 +656,35 @@ async fn jwt_user_limit_counts_per_subject() -> Result {
     assert_eq!(app.count(), 3);
     Ok(())
 }
+
+#[tokio::test]
+async fn jwt_config_errors_stop_node() -> Result {
+    let app = Upstream::echo().await;
+    let cases = [
+        (
+            "algorithms = [\"RS256\"]\njwks_upstream = \"idp\"",
+            "upstreams = [\"idp\"]",
+            "no upstream named \"idp\"",
+        ),
+        ("algorithms = [\"none\"]\npublic_key_pem = \"x\"", "", "\"none\" is not supported"),
+        ("algorithms = [\"RS256\"]\npublic_key_pem = \"x\"", "", "invalid jwt-auth key"),
+        (
+            "algorithms = [\"HS256\"]\nhmac_secret_name = \"missing\"",
+            "",
+            "no secret named \"missing\"",
+        ),
+    ];
+    for (config, extra, expected) in cases {
+        let text = format!(
+            "[upstreams.app]\ntargets = [\"{}\"]\n\n{}",
+            app.addr,
+            route("api", "/", config, extra)
+        );
+        let Err(error) = Node::start(&text) else {
+            panic!("the node started with {config:?}");
+        };
+        let error = error.to_string();
+        assert!(error.contains(expected), "{error}");
+    }
+    Ok(())
+}

@@ -97,8 +97,8 @@
 //! A worker has no ambient authority: the host links WASI with an empty
 //! context (no files, environment variables or sockets). It reaches the host
 //! only through [`log`], [`config`], [`clock`], [`context`], [`secrets`],
-//! [`upstreams`] and [`fetch`], which sends requests only to the upstreams
-//! its route entry allows.
+//! [`upstreams`], [`crypto`] and [`fetch`], which sends requests only to the
+//! upstreams its route entry allows.
 //!
 //! # Config
 //!
@@ -135,6 +135,7 @@ mod action;
 pub mod clock;
 pub mod config;
 pub mod context;
+pub mod crypto;
 mod export;
 pub mod fetch;
 mod headers;

@@ -86,6 +86,7 @@ fn main() -> anyhow::Result<()> {
                 Duration::from_secs(10),
                 16 << 20,
                 None,
+                Default::default(),
             )
             .await?;
         let request = wit::Request {

@@ -764,8 +764,9 @@ pub struct WorkerConfig {
     /// The worker's own settings, readable through its `config` import.
     #[serde(default)]
     pub config: toml::Table,
-    /// Upstreams the worker may send requests to with its `fetch` import.
-    /// Default: none.
+    /// Upstreams the worker may send requests to: with its `fetch` import,
+    /// and for key sets its `crypto` import fetches (such as from an
+    /// identity provider). Default: none.
     #[serde(default)]
     pub fetch: Vec<Spanned<String>>,
     /// Secrets the worker reads by name through its `secrets` import.

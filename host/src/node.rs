@@ -22,7 +22,8 @@ use crate::tls::{CertificateFiles, ListenerTls, ServerSettings, TlsError, Upstre
 use crate::access_log::{AccessLog, Names, Sink};
 use crate::metrics::Metrics;
 use crate::worker::{
-    Binding, FetchAccess, FetchLimits, LoadError, Runtime, RuntimeSettings, Secret,
+    AllowedUpstreams, Binding, FetchAccess, FetchLimits, LoadError, Runtime, RuntimeSettings,
+    Secret,
 };
 
 /// A route, ready to serve.
@@ -135,7 +136,7 @@ pub struct Node {
     pub router: Router,
     /// Routes by config index.
     pub routes: Vec<Route>,
-    /// Shared with the workers' fetches.
+    /// Shared with the workers' fetches and key set downloads.
     pub upstreams: Arc<[Upstream]>,
     upstream_names: HashMap<String, usize>,
     pub listeners: Vec<Listener>,
@@ -235,6 +236,7 @@ impl Node {
             ));
             next_target += upstream.targets.get_ref().len();
         }
+        let upstreams: Arc<[Upstream]> = upstreams.into();
 
         let upstreams: Arc<[Upstream]> = upstreams.into();
         let via = HeaderValue::from_str(&format!("1.1 {}", config.node.name))
@@ -309,6 +311,10 @@ impl Node {
                         via.clone(),
                     )
                 });
+                let allowed = AllowedUpstreams::new(
+                    upstreams.clone(),
+                    worker.fetch.iter().map(|u| u.get_ref().clone()).collect(),
+                );
                 let binding = binder
                     .block_on(runtime.bind(
                         module,
@@ -318,6 +324,7 @@ impl Node {
                         worker.cpu_deadline,
                         worker.max_memory.get_ref().as_u64() as usize,
                         fetch,
+                        allowed,
                     ))
                     .map_err(module_error)?;
                 workers.push(binding);

@@ -33,6 +33,7 @@ pub fn modules_dir() -> PathBuf {
         "ab-test.wasm",
         "device-router.wasm",
         "bff-aggregate.wasm",
+        "jwt-auth.wasm",
         "fixture-worker.wasm",
     ] {
         assert!(
@@ -286,6 +287,10 @@ pub enum Reply {
     StalledBody(Duration),
     /// Waits, then sends this JSON body with status 200.
     Json(Duration, serde_json::Value),
+    /// A 200 response with these headers and this body.
+    Body(Vec<(&'static str, String)>, String),
+    /// Waits, then sends the inner reply.
+    Delayed(Duration, Box<Reply>),
 }
 
 /// A real HTTP/1.1 server on loopback that records what it receives.
@@ -395,7 +400,12 @@ async fn serve_upstream(
         });
         Full::new(Bytes::from(json.to_string())).boxed()
     };
-    let response = match handler(&record) {
+    let mut reply = handler(&record);
+    if let Reply::Delayed(delay, inner) = reply {
+        tokio::time::sleep(delay).await;
+        reply = *inner;
+    }
+    let response = match reply {
         Reply::Echo => Response::new(echo()),
         Reply::Status(status) => {
             let mut response = Response::new(Full::new(Bytes::from("upstream says no")).boxed());
@@ -416,6 +426,14 @@ async fn serve_upstream(
         }
         Reply::Headers(headers) => {
             let mut response = Response::new(echo());
+            for (name, value) in headers {
+                response.headers_mut().append(name, value.parse().unwrap());
+            }
+            response
+        }
+        Reply::Delayed(..) => Response::new(echo()),
+        Reply::Body(headers, body) => {
+            let mut response = Response::new(Full::new(Bytes::from(body)).boxed());
             for (name, value) in headers {
                 response.headers_mut().append(name, value.parse().unwrap());
             }

@@ -11,6 +11,7 @@ mod cli;
 mod context;
 mod device_router;
 mod observability;
+mod jwt;
 mod proxy;
 mod ratelimit;
 mod resilience;

@@ -1,10 +1,11 @@
 //! What a worker instance can reach: the per-call store state and the host
-//! side of the `log`, `config`, `clock`, `context`, `secrets` and `upstreams` imports
-//! (`fetch` has its own module).
+//! side of the `log`, `config`, `clock`, `context`, `secrets` and
+//! `upstreams` imports. The `fetch` and `crypto` imports have their own
+//! modules.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use wasmtime::component::ResourceTable;
 use wasmtime::ResourceLimiter;
@@ -13,6 +14,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::edge::worker::{clock, config, context, log, secrets, types};
 use super::fetch::{FetchAccess, FetchState};
+use super::crypto::{AllowedUpstreams, HostCrypto};
 use crate::context::RequestContext;
 
 /// Bytes of a guest's stderr kept per call, to show a panic message in logs.
@@ -24,9 +26,14 @@ pub struct StoreState {
     /// panics nor prints makes none, which saves building a context (two
     /// seeded random number generators and a stderr buffer) on every call.
     wasi: Option<Wasi>,
-    table: ResourceTable,
+    pub(super) table: ResourceTable,
     pub(super) limiter: MemoryCap,
     pub(super) settings: Arc<WorkerSettings>,
+    /// Keys and key sets shared by every call on the node.
+    pub(super) crypto: Arc<HostCrypto>,
+    /// Time the call spent waiting in host calls for the network, which
+    /// does not count against its CPU deadline.
+    pub(super) host_wait: Duration,
     /// The request's context values, moved in for the call and back out
     /// after it.
     pub(super) context: RequestContext,
@@ -62,6 +69,7 @@ impl StoreState {
     pub fn new(
         settings: Arc<WorkerSettings>,
         memory_cap: usize,
+        crypto: Arc<HostCrypto>,
         context: RequestContext,
         fetch: FetchState,
     ) -> StoreState {
@@ -75,6 +83,8 @@ impl StoreState {
                 exceeded: None,
             },
             settings,
+            crypto,
+            host_wait: Duration::ZERO,
         }
     }
 
@@ -150,6 +160,8 @@ pub struct WorkerSettings {
     /// The upstreams the worker may fetch from; `None` without a `fetch`
     /// list.
     pub fetch: Option<FetchAccess>,
+    /// The upstreams the worker may fetch key sets from.
+    pub key_set_upstreams: AllowedUpstreams,
     /// The worker's secrets by name, resolved when the node loads.
     secrets: HashMap<String, Secret>,
     /// The names of the node's upstreams.
@@ -174,6 +186,7 @@ impl WorkerSettings {
         secrets: HashMap<String, Secret>,
         upstreams: Arc<HashSet<String>>,
         fetch: Option<FetchAccess>,
+        key_set_upstreams: AllowedUpstreams,
     ) -> WorkerSettings {
         let values = table
             .iter()
@@ -194,6 +207,7 @@ impl WorkerSettings {
             secrets,
             upstreams,
             fetch,
+            key_set_upstreams,
         }
     }
 }

@@ -5,11 +5,14 @@
 //! pre-instantiated component on wasmtime's pooling allocator, so nothing a
 //! worker keeps in memory reaches the next request. WASI is linked with an
 //! empty context, so a guest reaches only the host API of the `worker` world
-//! (`log`, `config`, `clock`, `context`, `secrets`, `upstreams`, `fetch`).
+//! (`log`, `config`, `clock`, `context`, `secrets`, `upstreams`, `fetch`,
+//! `crypto`).
 //!
 //! Bounds: epoch interruption enforces the CPU deadline, with a ticker
 //! thread advancing the engine's epoch every [`EPOCH_TICK`]. A resource
-//! limiter enforces the memory cap by trapping a growth past it.
+//! limiter enforces the memory cap by trapping a growth past it. Time a call
+//! spends in a host import waiting for the network (a key set fetch) does not
+//! count against its deadline; such waits have their own timeouts.
 //!
 //! Calls are async: a running guest yields to the other requests of its
 //! serving thread at every tick. A synchronous call measured 0.5 to 1.7 µs
@@ -19,6 +22,7 @@
 //! every route on its thread.
 
 mod cache;
+pub mod crypto;
 mod fetch;
 mod host_api;
 mod upstreams;
@@ -43,6 +47,8 @@ use cache::ModuleCache;
 pub use cache::{content_hash, CacheOutcome};
 use fetch::FetchState;
 pub use fetch::{FetchAccess, FetchLimits};
+pub use crypto::AllowedUpstreams;
+use crypto::HostCrypto;
 pub use host_api::Secret;
 use host_api::{StoreState, WorkerSettings};
 
@@ -53,7 +59,16 @@ pub mod bindings {
     wasmtime::component::bindgen!({
         path: "../wit",
         world: "worker",
-        imports: { "edge:worker/fetch.send": async },
+        imports: {
+            "edge:worker/fetch.send": async,
+            "edge:worker/crypto.[static]key-set.from-upstream": async | trappable,
+            "edge:worker/crypto.[method]key-set.find": async | trappable,
+            "edge:worker/crypto": trappable,
+        },
+        with: {
+            "edge:worker/crypto.key": crate::worker::crypto::KeyHandle,
+            "edge:worker/crypto.key-set": crate::worker::crypto::KeySetHandle,
+        },
         exports: { default: async },
     });
 }
@@ -211,6 +226,7 @@ pub struct Runtime {
     max_memory: usize,
     upstreams: Arc<HashSet<String>>,
     ticker: Arc<EpochTicker>,
+    crypto: Arc<HostCrypto>,
 }
 
 impl Runtime {
@@ -271,6 +287,7 @@ impl Runtime {
             max_memory: settings.max_memory,
             upstreams: settings.upstreams.clone(),
             ticker,
+            crypto: Arc::new(HostCrypto::default()),
         })
     }
 
@@ -358,6 +375,7 @@ impl Runtime {
         cpu_deadline: Duration,
         memory_cap: usize,
         fetch: Option<FetchAccess>,
+        key_set_upstreams: AllowedUpstreams,
     ) -> Result<Binding, LoadError> {
         let settings = Arc::new(WorkerSettings::new(
             route,
@@ -366,6 +384,7 @@ impl Runtime {
             secrets,
             self.upstreams.clone(),
             fetch,
+            key_set_upstreams,
         ));
         let mut binding = Binding {
             module,
@@ -508,6 +527,7 @@ impl Runtime {
         let state = StoreState::new(
             binding.settings.clone(),
             binding.memory_cap,
+            self.crypto.clone(),
             std::mem::take(context),
             fetch,
         );
@@ -517,7 +537,9 @@ impl Runtime {
         let deadline = binding.cpu_deadline;
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(move |store| {
-            let running = started.elapsed().saturating_sub(store.data().fetch.waited);
+            // Network waits in host imports are not the guest's CPU time.
+            let waited = store.data().fetch.waited + store.data().host_wait;
+            let running = started.elapsed().saturating_sub(waited);
             if running >= deadline {
                 Ok(UpdateDeadline::Interrupt)
             } else {

@@ -1,0 +1,370 @@
+//! The worker's config table and its checks.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use edge_sdk::crypto::{Algorithm, FetchOptions, Key, KeySet, KeyType};
+use serde::Deserialize;
+
+/// The config table of one route binding.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Algorithms a token may use, such as `["RS256"]`.
+    pub algorithms: Vec<String>,
+    /// The realm in `WWW-Authenticate`. Default: the route's name.
+    #[serde(default)]
+    pub realm: Option<String>,
+    /// A cookie that carries the token when there is no `Authorization`
+    /// header.
+    #[serde(default)]
+    pub cookie: Option<String>,
+    /// Accepted `iss` values; any one must match. Default: not checked.
+    #[serde(default)]
+    pub issuer: Option<OneOrMany>,
+    /// Accepted audiences; the token's `aud` must hold one. Default: not
+    /// checked.
+    #[serde(default)]
+    pub audience: Option<OneOrMany>,
+    /// Clock skew allowed for `exp` and `nbf`, such as `"30s"`. Default: 60s.
+    #[serde(default)]
+    pub leeway: Option<String>,
+    /// Whether a token without `exp` is rejected. Default: true.
+    #[serde(default = "default_true")]
+    pub require_exp: bool,
+    /// Scopes the token must grant (in `scope`, space-separated, or `scp`).
+    #[serde(default)]
+    pub required_scopes: Vec<String>,
+    /// Claims the token must carry with these values; an array claim must
+    /// contain the value.
+    #[serde(default)]
+    pub required_claims: BTreeMap<String, serde_json::Value>,
+    /// The claim that names the user. Default: `sub`.
+    #[serde(default = "default_user_claim")]
+    pub user_claim: String,
+    /// The header that carries the user to the upstream. Default:
+    /// `x-user-id`.
+    #[serde(default = "default_user_header")]
+    pub user_header: String,
+    /// Claims copied to headers, claim name to header name.
+    #[serde(default)]
+    pub claim_headers: BTreeMap<String, String>,
+    /// The name of the secret, in the worker's `secrets`, that contains the
+    /// HMAC key.
+    #[serde(default)]
+    pub hmac_secret_name: Option<String>,
+    /// A PEM public key or certificate.
+    #[serde(default)]
+    pub public_key_pem: Option<String>,
+    /// A JWK set, as JSON text or a table.
+    #[serde(default)]
+    pub jwks: Option<serde_json::Value>,
+    /// The upstream that serves the JWK set; it must be listed in the
+    /// worker's `upstreams`.
+    #[serde(default)]
+    pub jwks_upstream: Option<String>,
+    /// The path of the JWK set on `jwks_upstream`.
+    #[serde(default = "default_jwks_path")]
+    pub jwks_path: String,
+    /// The minimum time between two fetches of the JWK set. Default: 10s.
+    #[serde(default)]
+    pub jwks_refetch_interval: Option<String>,
+    /// How long a fetched JWK set stays fresh without `Cache-Control`.
+    /// Default: 5m.
+    #[serde(default)]
+    pub jwks_max_age: Option<String>,
+}
+
+/// One value or a list of values.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    /// Returns the values as a slice.
+    pub fn values(&self) -> &[String] {
+        match self {
+            OneOrMany::One(value) => std::slice::from_ref(value),
+            OneOrMany::Many(values) => values,
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_user_claim() -> String {
+    "sub".to_owned()
+}
+
+fn default_user_header() -> String {
+    "x-user-id".to_owned()
+}
+
+fn default_jwks_path() -> String {
+    "/.well-known/jwks.json".to_owned()
+}
+
+/// The source of the key for a token: one key, or a JWK set.
+pub enum Keys {
+    Single(Key),
+    Set(KeySet),
+}
+
+/// The config after its checks, with values in their working types.
+pub struct Settings {
+    pub config: Config,
+    pub algorithms: Vec<Algorithm>,
+    pub leeway: Duration,
+    pub fetch: FetchOptions,
+}
+
+impl Settings {
+    /// Reads and checks the config.
+    pub fn load() -> Result<Settings, String> {
+        let config: Config =
+            edge_sdk::config::parse().map_err(|e| format!("invalid jwt-auth config: {e}"))?;
+        Settings::check(config).map_err(|e| format!("invalid jwt-auth config: {e}"))
+    }
+
+    fn check(config: Config) -> Result<Settings, String> {
+        if config.algorithms.is_empty() {
+            return Err("`algorithms` is empty; list the algorithms tokens may use".to_owned());
+        }
+        let mut algorithms = Vec::new();
+        for name in &config.algorithms {
+            match Algorithm::from_name(name) {
+                Some(alg) => algorithms.push(alg),
+                None => {
+                    return Err(format!(
+                        "algorithms: {name:?} is not supported; use HS256, HS384, HS512, \
+                         RS256, RS384, RS512, PS256, PS384, PS512, ES256, ES384 or EdDSA"
+                    ))
+                }
+            }
+        }
+        let sources = [
+            config.hmac_secret_name.is_some(),
+            config.public_key_pem.is_some(),
+            config.jwks.is_some(),
+            config.jwks_upstream.is_some(),
+        ];
+        if sources.iter().filter(|&&set| set).count() != 1 {
+            return Err(
+                "set exactly one of `hmac_secret_name`, `public_key_pem`, `jwks` and \
+                 `jwks_upstream`"
+                    .to_owned(),
+            );
+        }
+        if !config.jwks_path.starts_with('/') {
+            return Err(format!(
+                "jwks_path {:?} must start with '/'",
+                config.jwks_path
+            ));
+        }
+        for (key, name) in [("user_header", &config.user_header)].into_iter().chain(
+            config
+                .claim_headers
+                .values()
+                .map(|name| ("claim_headers", name)),
+        ) {
+            if !is_token(name) {
+                return Err(format!("{key}: {name:?} is not a valid header name"));
+            }
+        }
+        if let Some(cookie) = &config.cookie {
+            if !is_token(cookie) {
+                return Err(format!("cookie: {cookie:?} is not a valid cookie name"));
+            }
+        }
+        let leeway = parse_duration("leeway", config.leeway.as_deref(), Duration::from_secs(60))?;
+        let defaults = FetchOptions::default();
+        let fetch = FetchOptions {
+            min_refetch_interval: parse_duration(
+                "jwks_refetch_interval",
+                config.jwks_refetch_interval.as_deref(),
+                defaults.min_refetch_interval,
+            )?,
+            default_max_age: parse_duration(
+                "jwks_max_age",
+                config.jwks_max_age.as_deref(),
+                defaults.default_max_age,
+            )?,
+        };
+        Ok(Settings {
+            config,
+            algorithms,
+            leeway,
+            fetch,
+        })
+    }
+
+    /// Checks the configured key once, when the node loads the worker: the
+    /// key material parses, and the allowed algorithms fit it.
+    pub fn check_keys(&self) -> Result<(), String> {
+        if self.config.jwks_upstream.is_some() {
+            // Fetched on the first request, so that a node starts while the
+            // identity provider is down.
+            return Ok(());
+        }
+        match self
+            .keys()
+            .map_err(|e| format!("invalid jwt-auth key: {e}"))?
+        {
+            Keys::Single(key) => {
+                let key_type = key.key_type();
+                let unfit: Vec<&str> = self
+                    .algorithms
+                    .iter()
+                    .filter(|alg| !fits(**alg, key_type))
+                    .map(|alg| alg.name())
+                    .collect();
+                if !unfit.is_empty() {
+                    // The host rejects them anyway; warn at load.
+                    edge_sdk::log::warn(&format!(
+                        "jwt-auth: algorithms {unfit:?} do not fit the {key_type:?} key, so \
+                         tokens using them are always rejected"
+                    ));
+                }
+                Ok(())
+            }
+            Keys::Set(_) => Ok(()),
+        }
+    }
+
+    /// Makes the key handles for this call.
+    pub fn keys(&self) -> Result<Keys, edge_sdk::crypto::Error> {
+        let config = &self.config;
+        if let Some(name) = &config.hmac_secret_name {
+            let secret = edge_sdk::secrets::get(name).ok_or_else(|| {
+                edge_sdk::crypto::Error::InvalidKey(format!(
+                    "no secret named {name:?}; add it to the worker's `secrets` table"
+                ))
+            })?;
+            return Key::from_hmac_secret(secret.as_bytes()).map(Keys::Single);
+        }
+        if let Some(pem) = &config.public_key_pem {
+            return Key::from_pem(pem).map(Keys::Single);
+        }
+        if let Some(jwks) = &config.jwks {
+            let text = match jwks {
+                serde_json::Value::String(text) => text.clone(),
+                other => other.to_string(),
+            };
+            return KeySet::from_jwks(&text).map(Keys::Set);
+        }
+        let upstream = config.jwks_upstream.as_deref().unwrap_or_default();
+        KeySet::from_upstream(upstream, &config.jwks_path, self.fetch).map(Keys::Set)
+    }
+}
+
+/// Returns whether `alg` works with keys of `key_type`.
+fn fits(alg: Algorithm, key_type: KeyType) -> bool {
+    use Algorithm::*;
+    match key_type {
+        KeyType::Hmac => matches!(alg, Hs256 | Hs384 | Hs512),
+        KeyType::Rsa => matches!(alg, Rs256 | Rs384 | Rs512 | Ps256 | Ps384 | Ps512),
+        KeyType::EcP256 => alg == Es256,
+        KeyType::EcP384 => alg == Es384,
+        KeyType::Ed25519 => alg == EdDsa,
+    }
+}
+
+/// Returns whether `name` is an HTTP token (RFC 9110, section 5.6.2).
+fn is_token(name: &str) -> bool {
+    const SYMBOLS: &[u8] = b"!#$%&'*+-.^_`|~";
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || SYMBOLS.contains(&byte))
+}
+
+/// Parses a duration such as `30s`, `500ms`, `5m` or `1h`.
+fn parse_duration(key: &str, text: Option<&str>, default: Duration) -> Result<Duration, String> {
+    let Some(text) = text else {
+        return Ok(default);
+    };
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (number, unit) = text.split_at(split);
+    let invalid = || format!("{key}: {text:?} is not a duration such as \"30s\" or \"500ms\"");
+    let number: u64 = number.parse().map_err(|_| invalid())?;
+    let millis = match unit {
+        "ms" => number,
+        "s" => number.saturating_mul(1000),
+        "m" => number.saturating_mul(60_000),
+        "h" => number.saturating_mul(3_600_000),
+        _ => return Err(invalid()),
+    };
+    Ok(Duration::from_millis(millis))
+}
+
+/// Builds checked settings from JSON, for other modules' unit tests.
+#[cfg(test)]
+pub fn tests_settings(json: &str) -> Settings {
+    Settings::check(serde_json::from_str(json).unwrap()).unwrap()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn check(json: &str) -> Result<Settings, String> {
+        Settings::check(serde_json::from_str(json).map_err(|e| e.to_string())?)
+    }
+
+    #[test]
+    fn needs_exactly_one_key_source() {
+        let error = check(r#"{"algorithms":["HS256"]}"#).err().unwrap();
+        assert!(error.contains("exactly one"), "{error}");
+        let error = check(r#"{"algorithms":["HS256"],"hmac_secret_name":"s","jwks":"{}"}"#)
+            .err()
+            .unwrap();
+        assert!(error.contains("exactly one"), "{error}");
+    }
+
+    #[test]
+    fn rejects_unknown_and_none_algorithms() {
+        for alg in ["none", "HS1", "rs256"] {
+            let json = format!(r#"{{"algorithms":["{alg}"],"hmac_secret_name":"s"}}"#);
+            let error = check(&json).err().unwrap();
+            assert!(error.contains("not supported"), "{error}");
+        }
+        let error = check(r#"{"algorithms":[],"hmac_secret_name":"s"}"#)
+            .err()
+            .unwrap();
+        assert!(error.contains("empty"), "{error}");
+    }
+
+    #[test]
+    fn reads_durations_and_defaults() {
+        let settings = check(
+            r#"{"algorithms":["RS256"],"jwks_upstream":"idp","leeway":"5s",
+                "jwks_refetch_interval":"1500ms"}"#,
+        )
+        .unwrap();
+        assert_eq!(settings.leeway, Duration::from_secs(5));
+        assert_eq!(
+            settings.fetch.min_refetch_interval,
+            Duration::from_millis(1500)
+        );
+        assert_eq!(settings.fetch.default_max_age, Duration::from_secs(300));
+        assert_eq!(settings.config.user_header, "x-user-id");
+        assert!(
+            check(r#"{"algorithms":["RS256"],"hmac_secret_name":"s","leeway":"5 s"}"#).is_err()
+        );
+    }
+
+    #[test]
+    fn rejects_bad_header_names() {
+        let error = check(r#"{"algorithms":["HS256"],"hmac_secret_name":"s","user_header":"x y"}"#)
+            .err()
+            .unwrap();
+        assert!(error.contains("user_header"), "{error}");
+    }
+}

@@ -1,0 +1,215 @@
+//! `jwt-auth`: lets a request through only with a valid JSON Web Token, and
+//! passes the user's identity to the upstream.
+//!
+//! ```toml
+//! [upstreams.idp]
+//! targets = ["10.0.0.5:8080"]
+//!
+//! [[routes.workers]]
+//! module = "modules/jwt-auth.wasm"
+//! upstreams = ["idp"]                  # the JWK set comes from here
+//!
+//! [routes.workers.config]
+//! algorithms = ["RS256", "ES256"]       # the allow-list; `none` is never accepted
+//! jwks_upstream = "idp"
+//! jwks_path = "/.well-known/jwks.json"
+//! issuer = "https://idp.example.com"
+//! audience = "api"
+//! required_scopes = ["read:users"]
+//! claim_headers = { email = "x-user-email" }
+//! ```
+//!
+//! The token comes from `Authorization: Bearer` or, when configured, a cookie.
+//! The worker parses it and checks its claims; the host checks its signature
+//! with a key handle of the `crypto` import, so an algorithm that does not fit
+//! the key's type fails. Rejections follow RFC 6750: 401 with
+//! `WWW-Authenticate: Bearer realm="..."` when there is no token, 401 with
+//! `error="invalid_token"` for a bad one, 403 with
+//! `error="insufficient_scope"` for a valid token that lacks a scope or claim,
+//! each with a JSON body. On success the request goes on with the user header
+//! (`x-user-id` from `sub` by default) and the mapped claim headers, and the
+//! request context's `user` is set to the same value. Those headers are always
+//! removed from what the client sent first.
+
+mod config;
+mod token;
+
+use edge_sdk::{Action, Request, RequestChanges, Response, Worker};
+use serde::Serialize;
+
+use config::{Keys, Settings};
+use token::{check_claims, claim_text, Rejection, Token};
+
+struct JwtAuth;
+
+impl Worker for JwtAuth {
+    fn check_config() -> Result<(), String> {
+        Settings::load()?.check_keys()
+    }
+
+    fn on_request(request: Request) -> Action {
+        let settings = match Settings::load() {
+            Ok(settings) => settings,
+            Err(message) => {
+                edge_sdk::log::error(&message);
+                return Action::respond(Response::json(
+                    500,
+                    &ErrorBody {
+                        error: "worker_config_invalid",
+                        message,
+                    },
+                ));
+            }
+        };
+        match authenticate(&request, &settings) {
+            Ok(changes) => Action::Continue(changes),
+            Err(rejection) => Action::respond(reject(&request, &settings, rejection)),
+        }
+    }
+}
+
+edge_sdk::export_worker!(JwtAuth);
+
+/// Checks the request's token and returns the header changes for the
+/// upstream.
+fn authenticate(request: &Request, settings: &Settings) -> Result<RequestChanges, Rejection> {
+    let config = &settings.config;
+    let text = find_token(request, config.cookie.as_deref())?;
+    let token = Token::parse(text, &settings.algorithms)?;
+
+    // The host holds the key and checks the signature.
+    let key = match settings.keys() {
+        Ok(Keys::Single(key)) => key,
+        Ok(Keys::Set(set)) => set
+            .find(token.header.kid.as_deref(), token.alg)
+            .ok_or_else(|| Rejection::Invalid("no key matches the token's kid and alg".into()))?,
+        Err(error) => {
+            // The host logs failed key set fetches itself, at a bounded rate.
+            edge_sdk::log::debug(&format!("jwt-auth: no key to check tokens with: {error}"));
+            return Err(Rejection::Invalid("the token cannot be checked now".into()));
+        }
+    };
+    let valid = key
+        .verify(token.alg, token.signing_input.as_bytes(), &token.signature)
+        .map_err(|error| Rejection::Invalid(format!("the token's key rejects it: {error}")))?;
+    if !valid {
+        return Err(Rejection::Invalid(
+            "the token's signature is invalid".into(),
+        ));
+    }
+
+    let claims = token.claims()?;
+    let now = edge_sdk::clock::now_unix_ms() as f64 / 1000.0;
+    check_claims(&claims, settings, now)?;
+    let user = claim_text(&claims, &config.user_claim).ok_or_else(|| {
+        Rejection::Insufficient(format!(
+            "the token has no usable {} claim",
+            config.user_claim
+        ))
+    })?;
+
+    // Remove every header this worker sets, then set those the token fills.
+    let mut changes = RequestChanges::new().remove_header(config.user_header.clone());
+    for header in config.claim_headers.values() {
+        changes = changes.remove_header(header.clone());
+    }
+    for (claim, header) in &config.claim_headers {
+        if let Some(value) = claim_text(&claims, claim) {
+            changes = changes.set_header(header.clone(), value);
+        }
+    }
+    // Later workers, limits keyed `context:user` and the access log read it.
+    if let Err(error) = edge_sdk::context::set("user", &user) {
+        return Err(Rejection::Insufficient(format!(
+            "the {} claim cannot be the request's user: {error}",
+            config.user_claim
+        )));
+    }
+    Ok(changes.set_header(config.user_header.clone(), user))
+}
+
+/// Finds the token in `Authorization: Bearer` or the configured cookie.
+fn find_token<'a>(request: &'a Request, cookie: Option<&str>) -> Result<&'a str, Rejection> {
+    if let Some(authorization) = request.header("authorization") {
+        let (scheme, rest) = authorization
+            .trim()
+            .split_once(' ')
+            .unwrap_or((authorization.trim(), ""));
+        if scheme.eq_ignore_ascii_case("bearer") {
+            let token = rest.trim();
+            if token.is_empty() {
+                return Err(Rejection::Invalid("the bearer token is empty".into()));
+            }
+            return Ok(token);
+        }
+    }
+    if let Some(name) = cookie {
+        let found = request
+            .headers
+            .get_all("cookie")
+            .flat_map(|header| header.split(';'))
+            .filter_map(|pair| pair.trim().split_once('='))
+            .find(|(cookie_name, _)| *cookie_name == name)
+            .map(|(_, value)| value.trim_matches('"'));
+        if let Some(token) = found.filter(|token| !token.is_empty()) {
+            return Ok(token);
+        }
+    }
+    Err(Rejection::Missing)
+}
+
+/// The JSON body of a rejection.
+#[derive(Debug, Serialize)]
+struct ErrorBody {
+    error: &'static str,
+    message: String,
+}
+
+/// Builds the 401 or 403 response for a rejection (RFC 6750, section 3).
+fn reject(request: &Request, settings: &Settings, rejection: Rejection) -> Response {
+    let realm = settings
+        .config
+        .realm
+        .clone()
+        .unwrap_or_else(|| request.route.clone());
+    let mut challenge = format!("Bearer realm=\"{}\"", quote(&realm));
+    let (status, error, message) = match rejection {
+        Rejection::Missing => (
+            401,
+            "missing_token",
+            "the request has no bearer token".into(),
+        ),
+        Rejection::Invalid(message) => (401, "invalid_token", message),
+        Rejection::Insufficient(message) => (403, "insufficient_scope", message),
+    };
+    if status == 403 || error == "invalid_token" {
+        challenge.push_str(&format!(
+            ", error=\"{error}\", error_description=\"{}\"",
+            quote(&message)
+        ));
+    }
+    if status == 403 && !settings.config.required_scopes.is_empty() {
+        let scope = settings.config.required_scopes.join(" ");
+        challenge.push_str(&format!(", scope=\"{}\"", quote(&scope)));
+    }
+    edge_sdk::log::debug(&format!(
+        "jwt-auth: rejected with {status} {error}: {message}"
+    ));
+    Response::json(status, &ErrorBody { error, message })
+        .header("www-authenticate", challenge)
+        .header("cache-control", "no-store")
+}
+
+/// Makes text safe inside a quoted-string: RFC 6750 allows no `"` or `\` in
+/// its parameters, and a header value no control characters.
+fn quote(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c == '"' || c == '\\' || c.is_control() {
+                '\''
+            } else {
+                c
+            }
+        })
+        .collect()
+}

@@ -104,9 +104,7 @@ impl AccessLog {
                     .create(true)
                     .append(true)
                     .open(path)
-                    .with_context(|| {
-                        format!("cannot open access_log.path {}", path.display())
-                    })?,
+                    .with_context(|| format!("cannot open access_log.path {}", path.display()))?,
             ),
         };
         let (sender, receiver) = mpsc::sync_channel(capacity.max(1));
@@ -361,9 +359,15 @@ mod tests {
             ("token=abc&page=2", "token=REDACTED&page=2"),
             ("access_token=x", "access_token=REDACTED"),
             ("API_KEY=x&q=key", "API_KEY=REDACTED&q=key"),
-            ("key=1&secret=2&password=3", "key=REDACTED&secret=REDACTED&password=REDACTED"),
+            (
+                "key=1&secret=2&password=3",
+                "key=REDACTED&secret=REDACTED&password=REDACTED",
+            ),
             ("client%5Fsecret=z", "client%5Fsecret=REDACTED"),
-            ("sig=1&code=2&jwt=3", "sig=REDACTED&code=REDACTED&jwt=REDACTED"),
+            (
+                "sig=1&code=2&jwt=3",
+                "sig=REDACTED&code=REDACTED&jwt=REDACTED",
+            ),
             ("flag&token", "flag&token"),
             ("x-session-id=9", "x-session-id=REDACTED"),
         ];

@@ -29,7 +29,6 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
-
 /// Time allowed for a request head on the admin listener.
 const ADMIN_HEADER_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 use crate::config::{AdminConfig, Config};

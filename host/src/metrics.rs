@@ -277,8 +277,10 @@ impl Metrics {
             "Time of one worker hook call, waiting for an instance included.",
             &["route", "module", "phase"],
         );
-        let upstream_names: Arc<[Arc<str>]> =
-            upstreams.iter().map(|name| Arc::from(name.as_str())).collect();
+        let upstream_names: Arc<[Arc<str>]> = upstreams
+            .iter()
+            .map(|name| Arc::from(name.as_str()))
+            .collect();
         let route_metrics = |name: &Arc<str>, modules: &[Arc<str>]| RouteMetrics {
             name: name.clone(),
             duration: request_duration.with_label_values(&[&**name]),
@@ -466,7 +468,10 @@ impl Metrics {
                 crate::worker::CacheOutcome::Compiled => compiled += 1,
             }
         }
-        state.compile_cache.with_label_values(&["cache_hit"]).set(hits);
+        state
+            .compile_cache
+            .with_label_values(&["cache_hit"])
+            .set(hits);
         state
             .compile_cache
             .with_label_values(&["compiled"])
@@ -633,7 +638,8 @@ mod tests {
             "edge_requests_total{reason=\"rate_limited\",route=\"api\",status_class=\"4xx\",\
              upstream=\"none\"} 1"
         ));
-        assert!(text.contains("edge_upstream_duration_seconds_count{route=\"api\",upstream=\"users\"} 1"));
+        assert!(text
+            .contains("edge_upstream_duration_seconds_count{route=\"api\",upstream=\"users\"} 1"));
         assert!(text.contains(
             "edge_worker_duration_seconds_count{module=\"auth.wasm\",phase=\"request\",\
              route=\"api\"} 1"

@@ -8,19 +8,19 @@ use std::time::Duration;
 use http::{HeaderName, HeaderValue, Method};
 use ipnet::IpNet;
 
+use crate::access_log::{AccessLog, Names, Sink};
 use crate::balance::{HashKey, Policy};
 use crate::breaker::BreakerSettings;
 use crate::config::{
     BalanceName, CertificateConfig, Config, ConfigError, ListenerConfig, UpstreamConfig,
 };
 use crate::health::{ActiveSettings, PassiveSettings};
+use crate::metrics::Metrics;
 use crate::proxy::{Upstream, UpstreamSettings};
 use crate::ratelimit::{Limit, LimitSet, LimitSpec, RateLimiter, SystemClock};
 use crate::retry::RetrySettings;
 use crate::route::{HostMatch, PathMatch, RouteRule, Router};
 use crate::tls::{CertificateFiles, ListenerTls, ServerSettings, TlsError, UpstreamTls};
-use crate::access_log::{AccessLog, Names, Sink};
-use crate::metrics::Metrics;
 use crate::worker::{
     AllowedUpstreams, Binding, FetchAccess, FetchLimits, LoadError, Runtime, RuntimeSettings,
     Secret,
@@ -401,7 +401,11 @@ impl Node {
         let route_workers: Vec<(Arc<str>, Vec<Arc<str>>)> = routes
             .iter()
             .map(|route| {
-                let modules = route.workers.iter().map(|w| w.module.name.clone()).collect();
+                let modules = route
+                    .workers
+                    .iter()
+                    .map(|w| w.module.name.clone())
+                    .collect();
                 (route.name.clone(), modules)
             })
             .collect();

@@ -39,8 +39,8 @@ use crate::metrics::{Phase, Reason};
 use crate::node::{Node, Route};
 use crate::proxy::{RequestBody, ResponseBody};
 use crate::ratelimit::{KeyInput, LimitSet, Shown};
-use crate::trace::{TraceContext, X_REQUEST_ID};
 use crate::route::{encode_path, host_name, normalize_path, resolve_dot_segments};
+use crate::trace::{TraceContext, X_REQUEST_ID};
 use crate::worker::{wit, Binding, WorkerError};
 
 /// The connection a request arrived on, with what the node works out once
@@ -334,7 +334,10 @@ async fn check_limits(
     exchange: &mut Exchange,
 ) -> Result<(), Refusal> {
     let started = Instant::now();
-    let checked = node.ratelimit.check(&route.limits, which, input, shown).await;
+    let checked = node
+        .ratelimit
+        .check(&route.limits, which, input, shown)
+        .await;
     exchange.ratelimit_time += started.elapsed();
     checked
 }

@@ -54,7 +54,11 @@ impl Session {
     /// Handles `/status?token=...`: sets the session cookie and redirects
     /// to `/status` when the token is right, and returns 401 when it is wrong.
     /// Returns `None` when the request has no `token` parameter.
-    pub fn log_in<B>(&self, request: &Request<B>, token_digest: &[u8; 32]) -> Option<Response<Full<Bytes>>> {
+    pub fn log_in<B>(
+        &self,
+        request: &Request<B>,
+        token_digest: &[u8; 32],
+    ) -> Option<Response<Full<Bytes>>> {
         let token = request.uri().query()?.split('&').find_map(|pair| {
             let (name, value) = pair.split_once('=')?;
             (name == "token").then(|| {
@@ -104,7 +108,10 @@ impl Session {
 }
 
 fn same_digest(a: &[u8; 32], b: &[u8; 32]) -> bool {
-    a.iter().zip(b).fold(0u8, |difference, (x, y)| difference | (x ^ y)) == 0
+    a.iter()
+        .zip(b)
+        .fold(0u8, |difference, (x, y)| difference | (x ^ y))
+        == 0
 }
 
 /// Serves the page. Its script and styles are inline, and its content

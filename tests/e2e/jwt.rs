@@ -666,8 +666,16 @@ async fn jwt_config_errors_stop_node() -> Result {
             "fetch = [\"idp\"]",
             "no upstream named \"idp\"",
         ),
-        ("algorithms = [\"none\"]\npublic_key_pem = \"x\"", "", "\"none\" is not supported"),
-        ("algorithms = [\"RS256\"]\npublic_key_pem = \"x\"", "", "invalid jwt-auth key"),
+        (
+            "algorithms = [\"none\"]\npublic_key_pem = \"x\"",
+            "",
+            "\"none\" is not supported",
+        ),
+        (
+            "algorithms = [\"RS256\"]\npublic_key_pem = \"x\"",
+            "",
+            "invalid jwt-auth key",
+        ),
         (
             "algorithms = [\"HS256\"]\nhmac_secret_name = \"missing\"",
             "",

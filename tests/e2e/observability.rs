@@ -35,7 +35,10 @@ type Samples = Vec<(String, HashMap<String, String>, f64)>;
 async fn scrape(node: &Node) -> Result<Samples> {
     let got = admin_get(node, "/metrics").await?;
     assert_eq!(got.status, 200);
-    assert!(got.header("content-type").unwrap().starts_with("text/plain"));
+    assert!(got
+        .header("content-type")
+        .unwrap()
+        .starts_with("text/plain"));
     let text = String::from_utf8(got.body.to_vec())?;
     let lines = text.lines().map(|line| Ok(line.to_owned()));
     let parsed = prometheus_parse::Scrape::parse(lines)?;
@@ -97,7 +100,12 @@ async fn metrics_count_each_reason() -> Result {
     );
     config.push_str(&fixture_route("auth", "respond", "", "status = 401"));
     config.push_str(&fixture_route("panics", "panic", "", ""));
-    config.push_str(&fixture_route("loops", "loop", "cpu_deadline = \"5ms\"", ""));
+    config.push_str(&fixture_route(
+        "loops",
+        "loop",
+        "cpu_deadline = \"5ms\"",
+        "",
+    ));
     let node = Node::start(&config)?;
 
     let before = scrape(&node).await?;
@@ -119,26 +127,73 @@ async fn metrics_count_each_reason() -> Result {
     let requests = |labels: &[(&str, &str)]| total(&after, "edge_requests_total", labels);
     let cases: [(&[(&str, &str)], f64); 10] = [
         (
-            &[("route", "ok"), ("upstream", "app"), ("status_class", "2xx"), ("reason", "proxied")],
+            &[
+                ("route", "ok"),
+                ("upstream", "app"),
+                ("status_class", "2xx"),
+                ("reason", "proxied"),
+            ],
             3.0,
         ),
         (&[("route", "limited"), ("reason", "proxied")], 1.0),
         (
-            &[("route", "limited"), ("upstream", "none"), ("status_class", "4xx"), ("reason", "rate_limited")],
+            &[
+                ("route", "limited"),
+                ("upstream", "none"),
+                ("status_class", "4xx"),
+                ("reason", "rate_limited"),
+            ],
             1.0,
         ),
         (
-            &[("route", "failing"), ("upstream", "failing"), ("status_class", "5xx"), ("reason", "proxied")],
+            &[
+                ("route", "failing"),
+                ("upstream", "failing"),
+                ("status_class", "5xx"),
+                ("reason", "proxied"),
+            ],
             1.0,
         ),
         (
-            &[("route", "failing"), ("status_class", "5xx"), ("reason", "circuit_open")],
+            &[
+                ("route", "failing"),
+                ("status_class", "5xx"),
+                ("reason", "circuit_open"),
+            ],
             1.0,
         ),
-        (&[("route", "auth"), ("status_class", "4xx"), ("reason", "auth_failed")], 1.0),
-        (&[("route", "panics"), ("status_class", "5xx"), ("reason", "worker_failed")], 1.0),
-        (&[("route", "loops"), ("status_class", "5xx"), ("reason", "worker_timeout")], 1.0),
-        (&[("route", "none"), ("upstream", "none"), ("reason", "no_route")], 1.0),
+        (
+            &[
+                ("route", "auth"),
+                ("status_class", "4xx"),
+                ("reason", "auth_failed"),
+            ],
+            1.0,
+        ),
+        (
+            &[
+                ("route", "panics"),
+                ("status_class", "5xx"),
+                ("reason", "worker_failed"),
+            ],
+            1.0,
+        ),
+        (
+            &[
+                ("route", "loops"),
+                ("status_class", "5xx"),
+                ("reason", "worker_timeout"),
+            ],
+            1.0,
+        ),
+        (
+            &[
+                ("route", "none"),
+                ("upstream", "none"),
+                ("reason", "no_route"),
+            ],
+            1.0,
+        ),
         (&[], 11.0),
     ];
     for (labels, expected) in cases {
@@ -160,16 +215,31 @@ async fn metrics_count_each_reason() -> Result {
         total(
             &after,
             "edge_worker_duration_seconds",
-            &[("route", "auth"), ("module", "fixture-worker.wasm"), ("phase", "request")]
+            &[
+                ("route", "auth"),
+                ("module", "fixture-worker.wasm"),
+                ("phase", "request")
+            ]
         ),
         1.0
     );
     let target = failing.addr.to_string();
     assert_eq!(
-        total(&after, "edge_breaker_state", &[("upstream", "failing"), ("target", &target)]),
+        total(
+            &after,
+            "edge_breaker_state",
+            &[("upstream", "failing"), ("target", &target)]
+        ),
         1.0
     );
-    assert_eq!(total(&after, "edge_breaker_opened_total", &[("upstream", "failing")]), 1.0);
+    assert_eq!(
+        total(
+            &after,
+            "edge_breaker_opened_total",
+            &[("upstream", "failing")]
+        ),
+        1.0
+    );
     let limit = [("route", "limited"), ("limit", "per-route")];
     let decision = |kind| {
         let mut labels = limit.to_vec();
@@ -180,7 +250,14 @@ async fn metrics_count_each_reason() -> Result {
     assert_eq!(decision("rejected"), 1.0);
     assert_eq!(total(&after, "edge_worker_instances_max", &[]), 128.0);
     assert_eq!(total(&after, "edge_worker_instances", &[]), 0.0);
-    assert_eq!(total(&after, "edge_worker_module_info", &[("module", "fixture-worker.wasm")]), 1.0);
+    assert_eq!(
+        total(
+            &after,
+            "edge_worker_module_info",
+            &[("module", "fixture-worker.wasm")]
+        ),
+        1.0
+    );
     assert_eq!(total(&after, "edge_worker_modules_loaded", &[]), 1.0);
     // The node keeps its connections to the echo upstream open for reuse.
     assert!(total(&after, "edge_upstream_connections", &[("upstream", "app")]) >= 1.0);
@@ -212,7 +289,9 @@ async fn headers_carry_id_duration_and_node() -> Result {
     let got = get(&node.url("/api/a")).await?;
     assert_eq!(got.status, 200);
     assert_eq!(got.header("x-gateway-node"), Some("edge-obs-1"));
-    let duration = got.header("x-request-duration").expect("x-request-duration");
+    let duration = got
+        .header("x-request-duration")
+        .expect("x-request-duration");
     let number = duration.strip_suffix("ms").expect("a value in ms");
     let (whole, fraction) = number.split_once('.').expect("three decimals");
     assert!(whole.bytes().all(|b| b.is_ascii_digit()), "{duration}");
@@ -223,7 +302,13 @@ async fn headers_carry_id_duration_and_node() -> Result {
     assert_eq!(upstream.last().headers["x-request-id"], generated.as_str());
 
     // A valid client id is kept and reaches the upstream.
-    let got = send("GET", &node.url("/api/b"), &[("x-request-id", "client-id.42")], b"").await?;
+    let got = send(
+        "GET",
+        &node.url("/api/b"),
+        &[("x-request-id", "client-id.42")],
+        b"",
+    )
+    .await?;
     assert_eq!(got.header("x-request-id"), Some("client-id.42"));
     assert_eq!(upstream.last().headers["x-request-id"], "client-id.42");
 
@@ -244,7 +329,13 @@ async fn headers_carry_id_duration_and_node() -> Result {
     assert_eq!(missing.header("x-gateway-node"), Some("edge-obs-1"));
 
     // A route can turn each off.
-    let quiet = send("GET", &node.url("/quiet"), &[("x-request-id", "kept-as-sent")], b"").await?;
+    let quiet = send(
+        "GET",
+        &node.url("/quiet"),
+        &[("x-request-id", "kept-as-sent")],
+        b"",
+    )
+    .await?;
     assert_eq!(quiet.status, 200);
     for name in ["x-request-id", "x-request-duration", "x-gateway-node"] {
         assert!(quiet.header(name).is_none(), "{name} on a quiet route");
@@ -260,7 +351,11 @@ fn trace_parts(value: &str) -> (String, String, String) {
     let parts: Vec<&str> = value.split('-').collect();
     assert_eq!(parts.len(), 4, "{value}");
     assert_eq!(parts[0], "00");
-    (parts[1].to_owned(), parts[2].to_owned(), parts[3].to_owned())
+    (
+        parts[1].to_owned(),
+        parts[2].to_owned(),
+        parts[3].to_owned(),
+    )
 }
 
 #[tokio::test]
@@ -285,7 +380,10 @@ async fn traceparent_continued_or_started() -> Result {
     let seen = upstream.last().headers;
     let (trace, parent, flags) = trace_parts(seen["traceparent"].to_str()?);
     assert_eq!(trace, "4bf92f3577b34da6a3ce929d0e0e4736");
-    assert_ne!(parent, "00f067aa0ba902b7", "the node's span is the new parent");
+    assert_ne!(
+        parent, "00f067aa0ba902b7",
+        "the node's span is the new parent"
+    );
     assert_eq!(parent.len(), 16);
     assert_eq!(flags, "01");
     assert_eq!(seen["tracestate"], "vendor=abc");
@@ -332,7 +430,9 @@ async fn access_log_lines_carry_fields_without_secrets() -> Result {
     let node = Node::start(&config)?;
     let got = send(
         "GET",
-        &node.url("/api/items?page=2&access_token=tok-SECRET-1&api_key=key-SECRET-2&password=pw-SECRET-3"),
+        &node.url(
+            "/api/items?page=2&access_token=tok-SECRET-1&api_key=key-SECRET-2&password=pw-SECRET-3",
+        ),
         &[
             ("authorization", "Bearer auth-SECRET-4"),
             ("cookie", "session=cookie-SECRET-5"),
@@ -384,8 +484,18 @@ async fn access_log_lines_carry_fields_without_secrets() -> Result {
     assert_eq!(first["trace_id"].as_str().map(str::len), Some(32));
     assert!(first["bytes_out"].as_u64().unwrap() > 0);
     assert!(first["time"].as_str().unwrap().ends_with('Z'));
-    for stage in ["total", "head", "gateway", "ratelimit", "workers", "upstream"] {
-        assert!(first["durations_ms"][stage].is_number(), "durations_ms.{stage}");
+    for stage in [
+        "total",
+        "head",
+        "gateway",
+        "ratelimit",
+        "workers",
+        "upstream",
+    ] {
+        assert!(
+            first["durations_ms"][stage].is_number(),
+            "durations_ms.{stage}"
+        );
     }
     assert!(first["user"].is_null());
     assert_eq!(lines[1]["method"], "POST");
@@ -440,7 +550,10 @@ async fn readiness_false_while_draining() -> Result {
     assert_eq!(draining.json()["phase"], "draining");
     assert_eq!(get(&format!("{admin}/healthz")).await?.status, 200);
     let finished = slow.await??;
-    assert_eq!(finished.status, 200, "the open request finished during the drain");
+    assert_eq!(
+        finished.status, 200,
+        "the open request finished during the drain"
+    );
     assert!(node.wait_exit().is_some());
     Ok(())
 }
@@ -458,11 +571,17 @@ async fn status_requires_token_then_cookie() -> Result {
     let admin = node.admin_url.clone().expect("admin listener");
     assert_eq!(get(&format!("{admin}/status")).await?.status, 401);
     assert_eq!(get(&format!("{admin}/status.json")).await?.status, 401);
-    assert_eq!(get(&format!("{admin}/status?token=wrong")).await?.status, 401);
+    assert_eq!(
+        get(&format!("{admin}/status?token=wrong")).await?.status,
+        401
+    );
     let login = get(&format!("{admin}/status?token={TOKEN}")).await?;
     assert_eq!(login.status, 303);
     assert_eq!(login.header("location"), Some("/status"));
-    let cookie = login.header("set-cookie").expect("a session cookie").to_owned();
+    let cookie = login
+        .header("set-cookie")
+        .expect("a session cookie")
+        .to_owned();
     assert!(cookie.contains("HttpOnly"));
     assert!(cookie.contains("SameSite=Strict"));
     assert!(!cookie.contains(TOKEN), "the cookie holds no token");
@@ -470,11 +589,23 @@ async fn status_requires_token_then_cookie() -> Result {
     let page = send("GET", &format!("{admin}/status"), &[("cookie", &pair)], b"").await?;
     assert_eq!(page.status, 200);
     assert!(page.header("content-security-policy").is_some());
-    let data = send("GET", &format!("{admin}/status.json"), &[("cookie", &pair)], b"").await?;
+    let data = send(
+        "GET",
+        &format!("{admin}/status.json"),
+        &[("cookie", &pair)],
+        b"",
+    )
+    .await?;
     assert_eq!(data.status, 200);
     assert_eq!(data.json()["routes"][0]["name"], "api");
     // The cookie opens GET requests only.
-    let posted = send("POST", &format!("{admin}/status.json"), &[("cookie", &pair)], b"").await?;
+    let posted = send(
+        "POST",
+        &format!("{admin}/status.json"),
+        &[("cookie", &pair)],
+        b"",
+    )
+    .await?;
     assert_eq!(posted.status, 401);
     Ok(())
 }

@@ -550,8 +550,9 @@ async fn admin_listener_requires_the_bearer_token() -> Result {
     let text = String::from_utf8_lossy(&metrics.body);
     // The exposition sorts labels by name, so `target` comes first.
     assert!(
-        text.lines()
-            .any(|line| line.starts_with("edge_breaker_state{") && line.contains("upstream=\"app\"")),
+        text.lines().any(
+            |line| line.starts_with("edge_breaker_state{") && line.contains("upstream=\"app\"")
+        ),
         "{text}"
     );
     assert_eq!(admin_get(&node, "/nothing").await?.status, 404);

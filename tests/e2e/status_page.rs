@@ -145,7 +145,9 @@ async fn status_page_shows_breaker_cycle_and_refill() -> Result {
     let driver = ChromeDriver::start()?;
     let client = driver.session().await?;
 
-    client.goto(&format!("{admin}/status?token={TOKEN}")).await?;
+    client
+        .goto(&format!("{admin}/status?token={TOKEN}"))
+        .await?;
     assert_eq!(client.current_url().await?.path(), "/status");
     let breaker = format!("span.breaker[data-key=\"app/{}\"]", upstream.addr);
     wait_for(&client, &breaker, Duration::from_secs(5), |t| t == "closed").await?;
@@ -163,7 +165,10 @@ async fn status_page_shows_breaker_cycle_and_refill() -> Result {
     tokio::time::sleep(Duration::from_millis(2_200)).await;
     let url = node.url("/api");
     let probe = tokio::spawn(async move { get(&url).await });
-    wait_for(&client, &breaker, Duration::from_secs(3), |t| t == "half-open").await?;
+    wait_for(&client, &breaker, Duration::from_secs(3), |t| {
+        t == "half-open"
+    })
+    .await?;
     assert_eq!(probe.await??.status, 200);
     mode.store(ANSWER, Ordering::SeqCst);
     wait_for(&client, &breaker, Duration::from_secs(5), |t| t == "closed").await?;
@@ -171,7 +176,10 @@ async fn status_page_shows_breaker_cycle_and_refill() -> Result {
     // A burst empties the bucket, which then refills at 2/s.
     let fill = "td.fill[data-key=\"burst/bucket\"]";
     assert_eq!(get(&node.url("/burst")).await?.status, 200);
-    wait_for(&client, fill, Duration::from_secs(5), |t| available(t).is_some()).await?;
+    wait_for(&client, fill, Duration::from_secs(5), |t| {
+        available(t).is_some()
+    })
+    .await?;
     let burst: Vec<_> = (0..10)
         .map(|_| {
             let url = node.url("/burst");

@@ -278,7 +278,11 @@ impl LocalTable {
             .copied()
             .unwrap_or_default();
         let trial = self.shape.decide(&mut state, now);
-        let available = if trial.allowed { trial.remaining + 1 } else { 0 };
+        let available = if trial.allowed {
+            trial.remaining + 1
+        } else {
+            0
+        };
         (available, trial.limit)
     }
 

@@ -746,7 +746,11 @@ pub struct DecisionCounts {
 
 impl DecisionCounts {
     fn count(&self, allowed: bool) {
-        let counter = if allowed { &self.allowed } else { &self.rejected };
+        let counter = if allowed {
+            &self.allowed
+        } else {
+            &self.rejected
+        };
         counter.fetch_add(1, Ordering::Relaxed);
     }
 }

@@ -13,8 +13,8 @@ use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::edge::worker::{clock, config, context, log, secrets, types};
-use super::fetch::{FetchAccess, FetchState};
 use super::crypto::{AllowedUpstreams, HostCrypto};
+use super::fetch::{FetchAccess, FetchState};
 use crate::context::RequestContext;
 
 /// Bytes of a guest's stderr kept per call, to show a panic message in logs.

@@ -45,10 +45,10 @@ use wasmtime::{
 
 use cache::ModuleCache;
 pub use cache::{content_hash, CacheOutcome};
-use fetch::FetchState;
-pub use fetch::{FetchAccess, FetchLimits};
 pub use crypto::AllowedUpstreams;
 use crypto::HostCrypto;
+use fetch::FetchState;
+pub use fetch::{FetchAccess, FetchLimits};
 pub use host_api::Secret;
 use host_api::{StoreState, WorkerSettings};
 

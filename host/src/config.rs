@@ -914,11 +914,6 @@ impl Config {
         if self.listeners.is_empty() {
             return Err(self.invalid(0, "listeners", "at least one [[listeners]] is required"));
         }
-        if self.routes.is_empty() {
-            let message = "at least one [[routes]] is required; without one every request \
-                           gets 404 no_route";
-            return Err(self.invalid(0, "routes", message));
-        }
         for (index, listener) in self.listeners.iter().enumerate() {
             self.validate_listener(index, listener)?;
             let addr = listener.addr.get_ref();
@@ -1058,6 +1053,13 @@ impl Config {
                 }
                 self.validate_fetch(worker, &field(&format!("workers[{worker_index}].fetch")))?;
             }
+        }
+        // Last, so that a config under construction gets its other errors
+        // first.
+        if self.routes.is_empty() {
+            let message = "at least one [[routes]] is required; without one every request \
+                           gets 404 no_route";
+            return Err(self.invalid(0, "routes", message));
         }
         Ok(())
     }

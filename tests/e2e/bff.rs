@@ -413,7 +413,8 @@ async fn fan_out_carries_request_id() -> Result {
     for upstream in [&services.recs, &services.history, &services.billing] {
         let seen = upstream.last().headers;
         assert_eq!(seen["x-request-id"], "req-42");
-        assert_eq!(seen["via"], "1.1 edge");
+        let via = seen["via"].to_str().unwrap_or_default();
+        assert!(via.starts_with("1.1 "), "{via}");
     }
     Ok(())
 }

@@ -550,7 +550,7 @@ fn bad_certificates_fail_start_naming_file() {
     // The valid pair passes.
     let config = format!(
         "[[listeners]]\naddr = \"127.0.0.1:0\"\n[listeners.tls]\n\
-         [[listeners.tls.certificates]]\ncert = {a_cert:?}\nkey = {a_key:?}\n"
+         [[listeners.tls.certificates]]\ncert = {a_cert:?}\nkey = {a_key:?}\n{ROUTE}"
     );
     std::fs::write(dir.join("edge.toml"), config).unwrap();
     let output = edge(&["check", &dir.join("edge.toml").display().to_string()]);

@@ -23,7 +23,7 @@ pub fn get(name: &str) -> Option<String> {
 ///
 /// Returns the rule that was broken, and sets nothing, when `name` is not 1
 /// to 64 bytes of lower-case letters, digits, `-`, `_` and `.`, when `value`
-/// is longer than 1024 bytes, or when the request already holds 32 values.
+/// is longer than 1024 bytes, or when the request already carries 32 values.
 pub fn set(name: &str, value: &str) -> Result<(), String> {
     #[cfg(target_arch = "wasm32")]
     return crate::bindings::edge::worker::context::set(name, value);

@@ -10,7 +10,7 @@ pub const MAX_NAME_LEN: usize = 64;
 pub const MAX_VALUE_LEN: usize = 1024;
 
 /// The values workers set on one request, in the order first set. A request
-/// holds a handful at most, so a vector beats a map here.
+/// carries a handful at most, so a vector is faster than a map here.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct RequestContext {
     values: Vec<(String, String)>,

@@ -1,6 +1,6 @@
-//! Request context values and secrets: what one worker sets, later workers
-//! and `context:NAME` limits read; secrets reach only their worker; and a
-//! worker built against the first release of the contract still loads.
+//! Request context values and secrets. Later workers and `context:NAME`
+//! limits read what one worker sets, secrets reach only their own worker,
+//! and a worker built against the first release of the contract still loads.
 
 use crate::harness::{get, send, Node, Result, Upstream};
 
@@ -16,8 +16,8 @@ fn fixture(mode: &str, config: &str) -> String {
     )
 }
 
-/// A route whose first worker sets context `user` from `x-login` and whose
-/// second copies it into `x-context-user` for the upstream.
+/// Returns a route whose first worker sets context `user` from `x-login` and
+/// whose second copies it into `x-context-user` for the upstream.
 fn user_route(limits: &str) -> String {
     format!(
         "[[routes]]\nname = \"api\"\nupstream = \"app\"\n{limits}\n{}{}",
@@ -140,7 +140,7 @@ async fn secrets_reach_their_worker() -> Result {
     let env = get(&node.url("/env")).await?;
     assert_eq!(env.status, 200);
     assert_eq!(&env.body[..], b"from-env");
-    // Each binding sees only the secrets of its own entry.
+    // Each binding reads only the secrets of its own entry.
     assert_eq!(get(&node.url("/none")).await?.status, 404);
     assert!(!node.log_contains("inline-value"));
     assert!(!node.log_contains("from-env"));

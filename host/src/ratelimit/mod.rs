@@ -678,7 +678,7 @@ pub struct KeyInput<'a> {
 pub struct LimitSet(u64);
 
 impl LimitSet {
-    /// The most limits one route may have, one per bit.
+    /// The maximum number of limits on one route, one per bit.
     pub const MAX_LIMITS: usize = 64;
 
     /// Returns the set of `limits` for which `select` is true.

@@ -224,6 +224,18 @@ async fn serve(
             let changes = match action {
                 wit::Action::Continue(changes) => changes,
                 wit::Action::Respond(response) => {
+                    // A response the worker makes itself, such as jwt-auth's
+                    // 401, still counts against the context limits, by address
+                    // when no worker set their value, so that guessing tokens
+                    // is limited too.
+                    if !pending_limits.is_empty() {
+                        let input = KeyInput {
+                            client_ip,
+                            headers: &parts.headers,
+                            context: &context,
+                        };
+                        check_limits(node, route, pending_limits, &input, shown, exchange).await?;
+                    }
                     exchange.reason = match response.status {
                         401 | 403 => Reason::AuthFailed,
                         _ => Reason::WorkerResponse,

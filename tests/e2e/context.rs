@@ -119,6 +119,30 @@ async fn context_limit_without_value_counts_address() -> Result {
 }
 
 #[tokio::test]
+async fn context_limit_counts_worker_responses() -> Result {
+    let upstream = Upstream::echo().await;
+    // The worker answers 401 itself and sets no context value, as an auth
+    // worker does for a bad token: the limit counts those by address.
+    let config = format!(
+        "{}[[routes]]\nname = \"api\"\nupstream = \"app\"\n\
+         [[routes.limits]]\nname = \"per-user\"\nkey = \"context:user\"\n\
+         algorithm = \"fixed_window\"\nrate = \"2/min\"\n{}\
+         status = 401\nbody = \"no\"\n",
+        app(&upstream),
+        fixture("respond", ""),
+    );
+    let node = Node::start(&config)?;
+
+    assert_eq!(get(&node.url("/a")).await?.status, 401);
+    assert_eq!(get(&node.url("/a")).await?.status, 401);
+    let refused = get(&node.url("/a")).await?;
+    assert_eq!(refused.status, 429);
+    assert_eq!(refused.json()["limit"], "per-user");
+    assert_eq!(upstream.count(), 0);
+    Ok(())
+}
+
+#[tokio::test]
 async fn secrets_reach_their_worker() -> Result {
     let upstream = Upstream::echo().await;
     let config = format!(

@@ -123,7 +123,7 @@ fn serve(
     session: &crate::status::Session,
     request: &Request<Incoming>,
 ) -> Response<Full<Bytes>> {
-    // Probes carry no token, and the answers say nothing beyond the phase.
+    // Probes carry no token, and the responses reveal nothing beyond the phase.
     match request.uri().path() {
         "/healthz" => return json_response(json!({ "status": "ok" })),
         "/readyz" => {

@@ -723,7 +723,7 @@ impl Drop for OpenConnection {
 }
 
 /// Starts HTTP/1.1 on a new connection and spawns the task that drives it,
-/// which holds `open` until the connection closes.
+/// which keeps `open` until the connection closes.
 async fn handshake<T>(
     io: T,
     open: OpenConnection,

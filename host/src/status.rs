@@ -31,7 +31,7 @@ const SESSION_SECONDS: u32 = 12 * 3600;
 #[derive(Clone)]
 pub struct Session {
     /// The cookie value: the SHA-256 of a label and the token, in hex, so
-    /// the cookie never holds the token itself.
+    /// the cookie never contains the token itself.
     value: Arc<str>,
     /// The SHA-256 of `value`, compared with the digest of a presented
     /// cookie so that the time taken does not depend on how much matched.

@@ -15,7 +15,7 @@ pub static TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 pub const MAX_REQUEST_ID_LEN: usize = 128;
 
 /// The maximum `tracestate` length passed on. W3C Trace Context allows 32
-/// entries and says vendors should propagate at least 512 characters.
+/// entries and recommends that vendors propagate at least 512 characters.
 const MAX_TRACESTATE_LEN: usize = 512;
 
 /// Returns the client's `X-Request-Id` when it is one value of 1 to

@@ -121,8 +121,8 @@ async fn context_limit_without_value_counts_address() -> Result {
 #[tokio::test]
 async fn context_limit_counts_worker_responses() -> Result {
     let upstream = Upstream::echo().await;
-    // The worker answers 401 itself and sets no context value, as an auth
-    // worker does for a bad token: the limit counts those by address.
+    // The worker responds 401 itself and sets no context value, as an auth
+    // worker does for a bad token, so the limit counts those by address.
     let config = format!(
         "{}[[routes]]\nname = \"api\"\nupstream = \"app\"\n\
          [[routes.limits]]\nname = \"per-user\"\nkey = \"context:user\"\n\

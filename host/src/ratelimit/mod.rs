@@ -103,8 +103,9 @@ pub enum KeySource {
     Header(HeaderName),
     /// A request context value that a worker set, such as the user id that
     /// jwt-auth sets as `user`. The limit runs right after the first worker
-    /// that sets it, before the next worker; requests on which no worker
-    /// set it are counted by client address before the upstream is called.
+    /// that sets it, before the next worker. Requests on which no worker set
+    /// it are counted by client address, before the upstream is called or a
+    /// worker's own response is sent.
     Context(String),
 }
 

@@ -289,7 +289,7 @@ impl FetchAccess {
 }
 
 /// Reads a response body whole, failing once it is larger than `cap` bytes
-/// (at once when `Content-Length` says so).
+/// (at once when `Content-Length` shows it is).
 async fn read_capped(
     mut body: PooledBody,
     headers: &HeaderMap,

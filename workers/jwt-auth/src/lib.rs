@@ -77,7 +77,7 @@ fn authenticate(request: &Request, settings: &Settings) -> Result<RequestChanges
     let text = find_token(request, config.cookie.as_deref())?;
     let token = Token::parse(text, &settings.algorithms)?;
 
-    // The host holds the key and checks the signature.
+    // The host keeps the key and checks the signature.
     let key = match settings.keys() {
         Ok(Keys::Single(key)) => key,
         Ok(Keys::Set(set)) => set

@@ -225,6 +225,19 @@ async fn jwt_rejections_reach_no_upstream() -> Result {
     assert!(challenge.contains("scope=\"read\""), "{challenge}");
     assert_eq!(got.json()["error"], "insufficient_scope");
     assert_eq!(app.count(), 0);
+
+    // A valid token whose subject is empty names no user.
+    for sub in ["", "  "] {
+        let got = get_bearer(&node, "/x", &hs256(&claims(json!({ "sub": sub })))).await?;
+        assert_eq!(got.status, 403, "sub {sub:?}: {:?}", got.body);
+        assert_eq!(got.json()["error"], "insufficient_scope");
+        let message = got.json()["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(message.contains("no usable sub claim"), "{message}");
+    }
+    assert_eq!(app.count(), 0);
     Ok(())
 }
 
@@ -263,6 +276,13 @@ async fn jwt_valid_token_strips_spoofed_headers() -> Result {
     assert_eq!(got.status, 200, "{:?}", got.body);
     assert_eq!(app.last().headers["x-user-id"], "user-7");
     assert_eq!(app.count(), 2 + 1);
+
+    // An empty cookie of the same name before the one with the token does
+    // not hide it.
+    let cookie = format!("session=; theme=dark; session={token}");
+    let got = get_with(&node, "/x", &[("cookie", &cookie)]).await?;
+    assert_eq!(got.status, 200, "{:?}", got.body);
+    assert_eq!(app.count(), 3 + 1);
     Ok(())
 }
 

@@ -31,7 +31,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use tokio::sync::{Semaphore, SemaphorePermit};
@@ -514,7 +514,8 @@ impl Runtime {
     /// with the values the guest set, whether or not the call succeeded.
     ///
     /// The deadline counts wall time since the call started, minus the time
-    /// the guest waited for its fetches: the fetch timeouts bound that wait.
+    /// the guest waited for its fetches (the fetch timeouts bound that wait)
+    /// and the time it was yielded while other requests on its thread ran.
     async fn call<R>(
         &self,
         binding: &Binding,
@@ -533,24 +534,41 @@ impl Runtime {
         );
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limiter);
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let deadline = binding.cpu_deadline;
+        // Nanoseconds the guest spent yielded to the thread's other tasks,
+        // made on the first tick so that short calls do not pay for it.
+        let mut yielded: Option<Arc<AtomicU64>> = None;
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(move |store| {
-            // Network waits in host imports are not the guest's CPU time.
-            let waited = store.data().fetch.waited + store.data().host_wait;
-            let running = started.elapsed().saturating_sub(waited);
+            // Neither network waits in host imports nor the time other
+            // requests on the thread ran while this guest yielded are the
+            // guest's CPU time.
+            let data = store.data();
+            let paused = Duration::from_nanos(
+                yielded
+                    .as_ref()
+                    .map_or(0, |nanos| nanos.load(Ordering::Relaxed)),
+            );
+            let running = started
+                .elapsed()
+                .saturating_sub(data.fetch.waited + data.host_wait + paused);
             if running >= deadline {
-                Ok(UpdateDeadline::Interrupt)
-            } else {
-                // tokio's yield_now wakes the task only after the runtime has
-                // polled its sockets, so other connections on the thread get
-                // their I/O at every tick.
-                Ok(UpdateDeadline::YieldCustom(
-                    1,
-                    Box::pin(tokio::task::yield_now()),
-                ))
+                return Ok(UpdateDeadline::Interrupt);
             }
+            let yielded = yielded.get_or_insert_with(Default::default).clone();
+            // tokio's yield_now wakes the task only after the runtime has
+            // polled its sockets, so other connections on the thread get
+            // their I/O at every tick.
+            Ok(UpdateDeadline::YieldCustom(
+                1,
+                Box::pin(async move {
+                    let paused_at = Instant::now();
+                    tokio::task::yield_now().await;
+                    let paused = paused_at.elapsed().as_nanos() as u64;
+                    yielded.fetch_add(paused, Ordering::Relaxed);
+                }),
+            ))
         });
         let result = match binding
             .module

@@ -12,6 +12,9 @@
 //!   `, `), `client_addr`, `route` and `params` (name to value).
 //! - `spin`: busy-waits `ms` milliseconds of the host's monotonic clock, then
 //!   continues.
+//! - `work`: runs a fixed amount of computation, the number of rounds in the
+//!   request header `x-rounds` (default 1), and responds 200 with its result;
+//!   unlike `spin`, its CPU time does not depend on what else runs.
 //! - `set`: continues, setting the `set_headers` table, removing the
 //!   `remove_headers` array and, if given, changing the path to `path`.
 //! - `route`: routes to `upstream`, setting the optional `set_headers` table.
@@ -395,6 +398,21 @@ fn spin(config: SpinConfig) -> Action {
     Action::next()
 }
 
+fn work(request: &Request) -> Action {
+    let rounds: u64 = request
+        .header("x-rounds")
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(1);
+    // xorshift64: the compiler can neither skip nor shorten the loop.
+    let mut state = black_box(0x9e37_79b9_7f4a_7c15_u64);
+    for _ in 0..rounds {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+    }
+    Action::respond(Response::new(200).body(state.to_string()))
+}
+
 fn set(config: SetConfig) -> Action {
     let mut changes = with_set_headers(RequestChanges::new(), config.set_headers);
     for name in config.remove_headers {
@@ -493,6 +511,7 @@ fn handle_request(request: Request) -> Result<Action, InvalidConfig> {
         "panic" => panic!("fixture panic"),
         "echo" => echo(request),
         "spin" => spin(parse_config(&mode)?),
+        "work" => work(&request),
         "set" => set(parse_config(&mode)?),
         "route" => route(parse_config(&mode)?),
         "respond" => respond(parse_config(&mode)?),

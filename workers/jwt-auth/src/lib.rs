@@ -101,12 +101,14 @@ fn authenticate(request: &Request, settings: &Settings) -> Result<RequestChanges
     let claims = token.claims()?;
     let now = edge_sdk::clock::now_unix_ms() as f64 / 1000.0;
     check_claims(&claims, settings, now)?;
-    let user = claim_text(&claims, &config.user_claim).ok_or_else(|| {
-        Rejection::Insufficient(format!(
-            "the token has no usable {} claim",
-            config.user_claim
-        ))
-    })?;
+    let user = claim_text(&claims, &config.user_claim)
+        .filter(|user| !user.trim().is_empty())
+        .ok_or_else(|| {
+            Rejection::Insufficient(format!(
+                "the token has no usable {} claim",
+                config.user_claim
+            ))
+        })?;
 
     // Remove every header this worker sets, then set those the token fills.
     let mut changes = RequestChanges::new().remove_header(config.user_header.clone());
@@ -149,9 +151,12 @@ fn find_token<'a>(request: &'a Request, cookie: Option<&str>) -> Result<&'a str,
             .get_all("cookie")
             .flat_map(|header| header.split(';'))
             .filter_map(|pair| pair.trim().split_once('='))
-            .find(|(cookie_name, _)| *cookie_name == name)
-            .map(|(_, value)| value.trim_matches('"'));
-        if let Some(token) = found.filter(|token| !token.is_empty()) {
+            .filter(|(cookie_name, _)| *cookie_name == name)
+            .map(|(_, value)| value.trim_matches('"'))
+            // An empty cookie of the same name (say, a cleared one on another
+            // path) must not hide the one that carries the token.
+            .find(|token| !token.is_empty());
+        if let Some(token) = found {
             return Ok(token);
         }
     }

@@ -544,6 +544,16 @@ fn forwarded_ip(hop: &str) -> Option<IpAddr> {
     Some(ip.to_canonical())
 }
 
+/// Returns this hop's `Forwarded` element (RFC 7239, section 4): the peer,
+/// with an IPv6 address in brackets and quotes, and the protocol.
+fn forwarded_element(peer: IpAddr, proto: &str) -> HeaderValue {
+    let element = match peer {
+        IpAddr::V4(ip) => format!("for={ip};proto={proto}"),
+        IpAddr::V6(ip) => format!("for=\"[{ip}]\";proto={proto}"),
+    };
+    HeaderValue::from_str(&element).expect("an IP address and a scheme form a valid header value")
+}
+
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -693,6 +703,18 @@ fn prepare_upstream_request(
     };
     headers.insert(X_FORWARDED_FOR.clone(), forwarded_for);
     let proto = if connection.secure { "https" } else { "http" };
+    // RFC 7239 `Forwarded` carries the same claims as `X-Forwarded-For`, so
+    // only a trusted proxy's chain goes on, with this hop added to it.
+    if headers.contains_key(header::FORWARDED) {
+        if connection.peer_trusted {
+            headers.append(
+                header::FORWARDED,
+                forwarded_element(connection.peer.ip(), proto),
+            );
+        } else {
+            headers.remove(header::FORWARDED);
+        }
+    }
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
     headers.append(header::VIA, node.via.clone());
     Ok(())

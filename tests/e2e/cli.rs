@@ -313,6 +313,33 @@ fn routes_explain_shows_match_and_misses() {
 }
 
 #[test]
+fn worker_new_in_this_repository_points_at_the_sdk_relatively() {
+    let dir = tempfile::tempdir_in(crate::harness::repo_root()).unwrap();
+    let root = dir.path().display().to_string();
+    let created = edge(&["worker", "new", "near-worker", "--dir", &root]);
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    let crate_dir = dir.path().join("near-worker");
+    let manifest = std::fs::read_to_string(crate_dir.join("Cargo.toml")).unwrap();
+    let path = manifest
+        .lines()
+        .find_map(|line| line.strip_prefix("edge-sdk = { path = \""))
+        .and_then(|rest| rest.strip_suffix("\" }"))
+        .unwrap_or_else(|| panic!("no edge-sdk path dependency in {manifest}"));
+    assert!(path.starts_with("../"), "{path}");
+    assert_eq!(
+        crate_dir.join(path).canonicalize().unwrap(),
+        crate::harness::repo_root()
+            .join("guest-sdk")
+            .canonicalize()
+            .unwrap()
+    );
+}
+
+#[test]
 fn worker_new_scaffolds_a_crate_that_builds() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().display().to_string();

@@ -71,6 +71,13 @@ pub struct AdminConfig {
     pub token: Option<Spanned<String>>,
     /// A file whose first line is the token, relative to the config file.
     pub token_file: Option<Spanned<PathBuf>>,
+    /// How long a status-page session lasts after its log-in. Default: 12h.
+    #[serde(with = "humantime_serde", default = "default_session_timeout")]
+    pub session_timeout: Duration,
+}
+
+fn default_session_timeout() -> Duration {
+    Duration::from_secs(12 * 3600)
 }
 
 fn default_admin_addr() -> Spanned<SocketAddr> {

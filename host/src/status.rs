@@ -25,13 +25,14 @@ use crate::node::Node;
 
 /// The session cookie's name.
 const COOKIE_NAME: &str = "edge_status";
-/// The most sessions kept at once; a new log-in past it ends the oldest.
+/// The maximum number of sessions kept at once; a new log-in past it ends
+/// the oldest.
 const MAX_SESSIONS: usize = 64;
 /// The paths a session cookie opens.
 const SESSION_PATHS: [&str; 2] = ["/status", "/status.json"];
 
 /// The status page's sessions. Only the SHA-256 of each cookie value is
-/// kept, so the node's memory holds nothing a browser could present.
+/// kept, so the node's memory contains nothing a browser could present.
 pub struct Sessions {
     timeout: Duration,
     /// Each live session's cookie digest and expiry, oldest first.

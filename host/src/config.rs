@@ -649,6 +649,10 @@ pub struct RouteConfig {
     /// The observability headers of the route's responses and requests.
     #[serde(default)]
     pub observability: RouteObservabilityConfig,
+    /// Headers added to every response of the route, such as
+    /// `vary = "User-Agent"` behind a worker that routes by device.
+    #[serde(default)]
+    pub response_headers: BTreeMap<String, Spanned<String>>,
 }
 
 /// Switches for the headers the node adds to a route's traffic; each is on

@@ -47,6 +47,8 @@ pub struct Route {
     pub context_limits: LimitSet,
     /// The observability headers the route sends.
     pub observe: RouteObserve,
+    /// Headers appended to every response of the route.
+    pub response_headers: Vec<(HeaderName, HeaderValue)>,
 }
 
 /// The observability headers of a route, from `[routes.observability]`.
@@ -363,6 +365,18 @@ impl Node {
                 limits.push(ratelimit.limit(&name, spec));
             }
             let context_limits = LimitSet::of(&limits, |l| l.spec.key.context_name().is_some());
+            let mut response_headers = Vec::with_capacity(route.response_headers.len());
+            for (name, value) in &route.response_headers {
+                let header =
+                    crate::pipeline::response_header(name, value.get_ref()).map_err(|message| {
+                        config.invalid(
+                            config.line_of(value.span().start),
+                            &format!("routes[{index}].response_headers.{name}"),
+                            &message,
+                        )
+                    })?;
+                response_headers.push(header);
+            }
             let observability = &route.observability;
             routes.push(Route {
                 observe: RouteObserve {
@@ -382,6 +396,7 @@ impl Node {
                 max_body: route.max_body.as_u64(),
                 timeout: route.timeout,
                 workers,
+                response_headers,
             });
         }
 

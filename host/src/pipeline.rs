@@ -106,6 +106,11 @@ pub async fn handle(
         shown.apply(headers);
     }
     headers.append(header::VIA, node.via.clone());
+    if let Some(route) = exchange.route {
+        for (name, value) in &node.routes[route].response_headers {
+            headers.append(name.clone(), value.clone());
+        }
+    }
     if let Some(hsts) = &node.listeners[listener].hsts {
         headers
             .entry(header::STRICT_TRANSPORT_SECURITY)
@@ -637,6 +642,24 @@ fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
 
 /// True for headers that describe the message framing or the connection,
 /// which the node sets itself: `Content-Length` and the hop-by-hop headers.
+/// Checks one entry of a route's `response_headers` and returns it as a
+/// header, or returns the reason it cannot be one.
+pub(crate) fn response_header(
+    name: &str,
+    value: &str,
+) -> Result<(HeaderName, HeaderValue), String> {
+    let header_name = HeaderName::from_bytes(name.as_bytes())
+        .map_err(|_| format!("{name:?} is not a valid header name"))?;
+    if is_managed(&header_name) {
+        return Err(format!(
+            "{name} is a framing or hop-by-hop header, which the node sets itself"
+        ));
+    }
+    let header_value = HeaderValue::from_str(value)
+        .map_err(|_| format!("{value:?} is not a valid header value"))?;
+    Ok((header_name, header_value))
+}
+
 fn is_managed(name: &HeaderName) -> bool {
     *name == header::CONTENT_LENGTH || hop_by_hop_index(name).is_some()
 }

@@ -221,6 +221,18 @@ async fn path_is_normalised_before_routing() -> Result {
     let encoded_slash = get(&node.url("/admin%2F..%2Fusers")).await?;
     assert_eq!(encoded_slash.status, 400);
     assert_eq!(encoded_slash.json()["error"], "invalid_path");
+    // Tomcat and Spring read `;` as the start of path parameters, so these
+    // would reach /admin there while the node matched another route.
+    for sent in ["/users/..;/admin/x", "/admin;a/x", "/users/..%3B/admin/x"] {
+        let got = get(&node.url(sent)).await?;
+        assert_eq!(got.status, 400, "{sent}");
+        assert_eq!(got.json()["error"], "invalid_path", "{sent}");
+        let message = got.json()["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(message.contains("';'"), "{message}");
+    }
     assert_eq!(admin.count(), 0);
     assert_eq!(users.count(), 2);
     Ok(())

@@ -283,6 +283,42 @@ async fn jwt_valid_token_strips_spoofed_headers() -> Result {
     let got = get_with(&node, "/x", &[("cookie", &cookie)]).await?;
     assert_eq!(got.status, 200, "{:?}", got.body);
     assert_eq!(app.count(), 3 + 1);
+
+    // A second token the worker did not check never reaches the upstream,
+    // which might read that one instead.
+    let forged = hs256(&claims(json!({ "sub": "admin" })))
+        .rsplit_once('.')
+        .map(|(signed, _)| format!("{signed}.AAAA"))
+        .unwrap_or_default();
+    let valid = hs256(&claims(json!({})));
+    let bearer = format!("Bearer {valid}");
+    let two_cookies = format!("session={valid}; session={forged}");
+    let bearer_and_cookie = format!("session={forged}");
+    let forged_bearer = format!("Bearer {forged}");
+    let cases: [(&str, Vec<(&str, &str)>); 3] = [
+        (
+            "two Authorization headers",
+            vec![
+                ("authorization", &bearer),
+                ("authorization", &forged_bearer),
+            ],
+        ),
+        ("two token cookies", vec![("cookie", &two_cookies)]),
+        (
+            "a bearer token and another in the cookie",
+            vec![("authorization", &bearer), ("cookie", &bearer_and_cookie)],
+        ),
+    ];
+    for (case, headers) in &cases {
+        let got = get_with(&node, "/x", headers).await?;
+        assert_eq!(got.status, 401, "{case}: {:?}", got.body);
+        assert_eq!(got.json()["error"], "invalid_token", "{case}");
+    }
+    assert_eq!(
+        app.count(),
+        3 + 1,
+        "a request with two tokens reached the upstream"
+    );
     Ok(())
 }
 

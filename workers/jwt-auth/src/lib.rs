@@ -130,8 +130,42 @@ fn authenticate(request: &Request, settings: &Settings) -> Result<RequestChanges
     Ok(changes.set_header(config.user_header.clone(), user))
 }
 
-/// Finds the token in `Authorization: Bearer` or the configured cookie.
+/// Finds the token in `Authorization: Bearer` or the configured cookie, and
+/// makes sure the request carries no other: an upstream that reads a second
+/// `Authorization` header or token cookie would trust a token nobody checked.
 fn find_token<'a>(request: &'a Request, cookie: Option<&str>) -> Result<&'a str, Rejection> {
+    if request.headers.get_all("authorization").nth(1).is_some() {
+        return Err(Rejection::Invalid(
+            "the request has more than one Authorization header".into(),
+        ));
+    }
+    let token = find_one_token(request, cookie)?;
+    if let Some(name) = cookie {
+        if cookie_values(request, name).any(|value| value != token) {
+            return Err(Rejection::Invalid(format!(
+                "the request carries another token in its {name} cookie"
+            )));
+        }
+    }
+    Ok(token)
+}
+
+/// Returns the non-empty values of the cookie `name`, unquoted.
+fn cookie_values<'a, 'n>(
+    request: &'a Request,
+    name: &'n str,
+) -> impl Iterator<Item = &'a str> + use<'a, 'n> {
+    request
+        .headers
+        .get_all("cookie")
+        .flat_map(|header| header.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .filter(move |(cookie_name, _)| *cookie_name == name)
+        .map(|(_, value)| value.trim_matches('"'))
+        .filter(|value| !value.is_empty())
+}
+
+fn find_one_token<'a>(request: &'a Request, cookie: Option<&str>) -> Result<&'a str, Rejection> {
     if let Some(authorization) = request.header("authorization") {
         let (scheme, rest) = authorization
             .trim()
@@ -145,20 +179,10 @@ fn find_token<'a>(request: &'a Request, cookie: Option<&str>) -> Result<&'a str,
             return Ok(token);
         }
     }
-    if let Some(name) = cookie {
-        let found = request
-            .headers
-            .get_all("cookie")
-            .flat_map(|header| header.split(';'))
-            .filter_map(|pair| pair.trim().split_once('='))
-            .filter(|(cookie_name, _)| *cookie_name == name)
-            .map(|(_, value)| value.trim_matches('"'))
-            // An empty cookie of the same name (say, a cleared one on another
-            // path) must not hide the one that carries the token.
-            .find(|token| !token.is_empty());
-        if let Some(token) = found {
-            return Ok(token);
-        }
+    // An empty cookie of the same name (say, a cleared one on another path)
+    // must not hide the one that carries the token.
+    if let Some(token) = cookie.and_then(|name| cookie_values(request, name).next()) {
+        return Ok(token);
     }
     Err(Rejection::Missing)
 }

@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 
 use crate::harness::{send, Got, Node, Reply, Result, Upstream};
 
-const SECRET: &str = "a-shared-secret-of-some-length";
+const SECRET: &str = "a-shared-secret-of-at-least-thirty-two-bytes";
 
 fn now() -> i64 {
     SystemTime::now()
@@ -716,6 +716,17 @@ async fn jwt_user_limit_counts_per_subject() -> Result {
 #[tokio::test]
 async fn jwt_config_errors_stop_node() -> Result {
     let app = Upstream::echo().await;
+    // A 1024-bit key, which RS256 verification never accepts.
+    let rsa_1024 = "-----BEGIN PUBLIC KEY-----\n\
+        MIGfMA0GCSqGSIb3DQEBAQUAA4GNADCBiQKBgQDs1I3pahulZXV+FkXHV0XSeyVh\n\
+        vhT0MzW7W+UMI+h0Xf6BAkvpepxiZp1uXux6iE0WGMGtHTqFMiyqO5wQS5RtD4we\n\
+        knx61YLQNFoh2jMdMGOHsdLbDFnEhN3Mmll66PhjVBU73TaBHdZHjWoesozlwHzw\n\
+        T461xr0DXgrO/yqxmwIDAQAB\n\
+        -----END PUBLIC KEY-----\n";
+    let rsa_1024_config = format!(
+        "algorithms = [\"RS256\"]\npublic_key_pem = {}",
+        toml_string(rsa_1024)
+    );
     let cases = [
         (
             "algorithms = [\"RS256\"]\njwks_upstream = \"idp\"",
@@ -736,6 +747,17 @@ async fn jwt_config_errors_stop_node() -> Result {
             "algorithms = [\"HS256\"]\nhmac_secret_name = \"missing\"",
             "",
             "no secret named \"missing\"",
+        ),
+        (
+            "algorithms = [\"HS256\", \"HS384\"]\nhmac_secret_name = \"short\"\n\
+             [routes.workers.secrets]\nshort = \"only-thirty-three-bytes-of-secret\"",
+            "",
+            "has 33 bytes, and HS384 needs at least 48",
+        ),
+        (
+            &rsa_1024_config,
+            "",
+            "the RSA key has 1024 bits; use a key of 2048 to 8192 bits",
         ),
     ];
     for (config, extra, expected) in cases {

@@ -172,6 +172,37 @@ async fn secrets_reach_their_worker() -> Result {
 }
 
 #[tokio::test]
+async fn secrets_never_reach_the_node_log() -> Result {
+    let upstream = Upstream::echo().await;
+    let config = format!(
+        "{}[[routes]]\nname = \"leak\"\nupstream = \"app\"\n{}\
+         [routes.workers.secrets]\nsigning = \"value-of-the-signing-secret\"\n",
+        app(&upstream),
+        fixture("secret-leak", "name = \"signing\""),
+    );
+    let node = Node::start(&config)?;
+    let got = get(&node.url("/leak")).await?;
+    assert_eq!(got.status, 500);
+    assert_eq!(got.json()["error"], "worker_failed");
+    assert_eq!(upstream.count(), 0);
+    // The node has logged the lines and the panic by the time it responds.
+    let log = node.log();
+    assert!(!log.contains("value-of-the-signing-secret"), "{log}");
+    assert!(log.contains("the secret is [secret signing]"), "{log}");
+    assert!(
+        log.contains("giving up with the secret [secret signing]"),
+        "{log}"
+    );
+    // One call writes at most 64 lines, and the rest are counted.
+    assert_eq!(log.matches("the secret is [secret signing]").count(), 64);
+    assert!(
+        log.contains("wrote 100 log lines in one call; 36 were dropped"),
+        "{log}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn worker_built_against_0_1_0_loads() -> Result {
     let upstream = Upstream::echo().await;
     let config = format!(

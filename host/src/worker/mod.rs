@@ -580,6 +580,15 @@ impl Runtime {
             Err(error) => Err(error),
         };
         *context = std::mem::take(&mut store.data_mut().context);
+        let log_lines = store.data().log_lines;
+        if log_lines > host_api::MAX_LOG_LINES {
+            tracing::warn!(
+                route = &*binding.settings.route,
+                worker = &*binding.settings.module,
+                "the worker wrote {log_lines} log lines in one call; {} were dropped",
+                log_lines - host_api::MAX_LOG_LINES
+            );
+        }
         result.map_err(|error| classify_trap(error, &store, binding))
     }
 }

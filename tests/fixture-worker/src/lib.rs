@@ -34,6 +34,8 @@
 //!   context value `NAME` for each name in `names` that has one.
 //! - `secret`: responds 200 with the secret `name` as the body, or 404 when
 //!   the worker's entry names no such secret.
+//! - `secret-leak`: writes 100 log lines that contain the secret `name`, then
+//!   panics with a message that contains it.
 //! - `fetch`: sends the `requests` array (each with `upstream`, `path`, and
 //!   optional `method`, `headers` table, `body` text and `timeout_ms`) in
 //!   one fetch call, and responds 200 with `{"results": [...]}`: per request
@@ -92,6 +94,7 @@ const MODES: &[&str] = &[
     "context-set",
     "context-get",
     "secret",
+    "secret-leak",
     "fetch",
 ];
 
@@ -493,6 +496,14 @@ fn read_secret(config: SecretConfig) -> Action {
     }
 }
 
+fn leak_secret(config: SecretConfig) -> Action {
+    let secret = edge_sdk::secrets::get(&config.name).unwrap_or_default();
+    for line in 0..100 {
+        edge_sdk::log::info(&format!("line {line}: the secret is {secret}"));
+    }
+    panic!("giving up with the secret {secret}");
+}
+
 fn config_response() -> Action {
     Action::respond(
         Response::new(200)
@@ -530,6 +541,7 @@ fn handle_request(request: Request) -> Result<Action, InvalidConfig> {
         "context-set" => set_context(&request, parse_config(&mode)?),
         "context-get" => get_context(parse_config(&mode)?),
         "secret" => read_secret(parse_config(&mode)?),
+        "secret-leak" => leak_secret(parse_config(&mode)?),
         "fetch" => fetch(parse_config(&mode)?),
         other => {
             return Err(InvalidConfig(format!(

@@ -219,10 +219,10 @@ impl WorkerSettings {
 
 impl types::Host for StoreState {}
 
-/// The most log lines one call writes; later ones are counted, and one line
-/// at the end of the call says how many were dropped.
+/// The maximum number of log lines one call writes; later ones are counted,
+/// and one warning at the end of the call reports how many were dropped.
 pub(super) const MAX_LOG_LINES: u32 = 64;
-/// The longest log message kept, in bytes; a longer one is cut.
+/// The maximum length of a kept log message, in bytes; a longer one is cut.
 const MAX_LOG_BYTES: usize = 4096;
 
 impl WorkerSettings {

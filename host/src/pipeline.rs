@@ -267,6 +267,7 @@ async fn serve(
             // next worker, so an over-quota user triggers nothing more.
             let ready = pending_limits.ready(&route.limits, &context);
             if !ready.is_empty() {
+                route.context_watch.value_set();
                 pending_limits = pending_limits.without(ready);
                 let input = KeyInput {
                     client_ip,
@@ -279,6 +280,7 @@ async fn serve(
         // No worker set the value of these limits: they count the request
         // by client address.
         if !pending_limits.is_empty() {
+            route.context_watch.value_unset(route, pending_limits);
             let input = KeyInput {
                 client_ip,
                 headers: &parts.headers,

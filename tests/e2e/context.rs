@@ -119,6 +119,25 @@ async fn context_limit_without_value_counts_address() -> Result {
 }
 
 #[tokio::test]
+async fn context_limit_whose_value_no_worker_sets_is_reported() -> Result {
+    let upstream = Upstream::echo().await;
+    // `usr` for `user`: a typo that would count every request by address.
+    let limit = "[[routes.limits]]\nname = \"per-user\"\nkey = \"context:usr\"\n\
+                 algorithm = \"fixed_window\"\nrate = \"1000000/min\"\n";
+    let node = Node::start(&format!("{}{}", app(&upstream), user_route(limit)))?;
+    for _ in 0..1000 {
+        assert_eq!(
+            send("GET", &node.url("/a"), &[("x-login", "alice")], b"")
+                .await?
+                .status,
+            200
+        );
+    }
+    assert!(node.log_contains("no worker has set the context values [\"usr\"] in 1000 requests"));
+    Ok(())
+}
+
+#[tokio::test]
 async fn context_limit_counts_worker_responses() -> Result {
     let upstream = Upstream::echo().await;
     // The worker responds 401 itself and sets no context value, as an auth

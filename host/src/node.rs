@@ -54,10 +54,11 @@ pub struct Route {
     pub context_watch: ContextWatch,
 }
 
-/// Notices a limit keyed by a context value that no worker ever sets, such
-/// as `context:usr` for `context:user`, which would silently count every
-/// request by address: once a route has served [`ContextWatch::REQUESTS`]
-/// requests without the value and none with it, the node warns once.
+/// A watch for a limit keyed by a context value that no worker ever sets,
+/// such as `context:usr` for `context:user`. Such a limit silently counts
+/// every request by address, so once a route has served
+/// [`ContextWatch::REQUESTS`] requests without the value and none with it,
+/// the node warns once.
 #[derive(Debug, Default)]
 pub struct ContextWatch {
     set: AtomicBool,
@@ -65,7 +66,7 @@ pub struct ContextWatch {
 }
 
 impl ContextWatch {
-    /// The requests without the value that make the node warn.
+    /// The number of requests without the value that makes the node warn.
     pub const REQUESTS: u64 = 1000;
 
     /// Records a request on which a worker set a limit's value.

@@ -30,5 +30,6 @@ pub mod scaffold;
 pub mod status;
 pub mod timer;
 pub mod tls;
+pub mod top;
 pub mod trace;
 pub mod worker;

@@ -659,3 +659,42 @@ async fn status_session_ends_at_its_timeout() -> Result {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn edge_top_prints_routes_targets_and_limits() -> Result {
+    let upstream = Upstream::echo().await;
+    let config = format!(
+        "{}[upstreams.app]\ntargets = [\"{}\"]\n\n\
+         [[routes]]\nname = \"api\"\nprefix = \"/\"\nupstream = \"app\"\n\
+         [[routes.limits]]\nname = \"per-ip\"\nkey = \"ip\"\nalgorithm = \"token_bucket\"\n\
+         rate = \"10/s\"\nburst = 10\n",
+        admin_table(),
+        upstream.addr
+    );
+    let node = Node::start(&config)?;
+    assert_eq!(get(&node.url("/a")).await?.status, 200);
+    let admin = node.admin_url.clone().expect("admin listener");
+    let admin = admin.trim_start_matches("http://").to_owned();
+
+    let output = crate::harness::edge(&["top", "--admin", &admin, "--token", TOKEN, "--once"]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains(", serving;"), "{stdout}");
+    assert!(
+        stdout.lines().any(|line| line.starts_with("api ")),
+        "{stdout}"
+    );
+    assert!(stdout.contains(&upstream.addr.to_string()), "{stdout}");
+    assert!(stdout.contains("per-ip"), "{stdout}");
+
+    // A wrong token gets the admin listener's refusal, not a frame.
+    let refused = crate::harness::edge(&["top", "--admin", &admin, "--token", "wrong", "--once"]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("401"), "{stderr}");
+    Ok(())
+}

@@ -154,7 +154,7 @@ fn check_rejects_bad_modules_with_reason() {
         (
             "empty.wasm",
             b"\0asm\x0d\0\x01\0",
-            "does not export the edge:worker@0.1.1 `handler` interface",
+            "does not export the edge:worker@0.1.2 `handler` interface",
         ),
         (
             "broken.wasm",

@@ -75,7 +75,7 @@ pub mod bindings {
 
 /// The WIT package this host implements. Workers built against an earlier
 /// 0.1.x load too, because the linker matches semver-compatible names.
-pub const WIT_PACKAGE: &str = "edge:worker@0.1.1";
+pub const WIT_PACKAGE: &str = "edge:worker@0.1.2";
 
 /// The records of the worker contract, as host types.
 pub use bindings::edge::worker::types as wit;
@@ -154,7 +154,7 @@ struct HandlerExports {
 
 impl HandlerExports {
     /// The exported interface, as the `worker` world names it.
-    const INTERFACE: &str = "edge:worker/handler@0.1.1";
+    const INTERFACE: &str = "edge:worker/handler@0.1.2";
 
     fn find(component: &Component) -> Result<HandlerExports, String> {
         let missing = |name: &str| {

@@ -266,6 +266,20 @@ impl LocalTable {
         decision
     }
 
+    /// Gives back one queue place of a bucket at the key with hash `key`:
+    /// moves its theoretical arrival time back by one interval, never before
+    /// `now`.
+    pub fn give_back(&self, key: u64, now: u64) {
+        let Shape::Bucket { interval_ns, .. } = self.shape else {
+            return;
+        };
+        let shard = &self.shards[(key >> 32) as usize & (SHARDS - 1)];
+        let mut shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(state) = shard.map.get_mut(&key) {
+            state.t = state.t.saturating_sub(interval_ns).max(now);
+        }
+    }
+
     /// Returns how many requests the key with hash `key` would have admitted
     /// at `now`, and the most it can admit at once, without counting one.
     pub fn level(&self, key: u64, now: u64) -> (u64, u64) {

@@ -12,7 +12,7 @@
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use ::redis::{ErrorKind, Pipeline, RedisError, ServerErrorKind, Value};
+use ::redis::{Cmd, ErrorKind, Pipeline, RedisError, ServerErrorKind, Value};
 use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 
@@ -118,14 +118,20 @@ async fn flush(
     };
     pipeline.clear();
     for pending in batch.iter() {
-        let command = pipeline
-            .cmd("EVALSHA")
+        // Sized up front: growing the buffers argument by argument costs
+        // several reallocations per command.
+        let size = "EVALSHA".len() + settings.sha.len() + 1 + pending.key.len();
+        let size = size + pending.args.iter().map(String::len).sum::<usize>();
+        let mut command = Cmd::with_capacity(4 + pending.args.len(), size);
+        command
+            .arg("EVALSHA")
             .arg(&*settings.sha)
             .arg(1)
             .arg(&pending.key);
         for arg in pending.args.iter() {
             command.arg(arg.as_str());
         }
+        pipeline.add_command(command);
     }
     let exchange = async {
         let mut replies = pipeline.query_async::<Vec<Value>>(&mut connection).await?;

@@ -491,15 +491,34 @@ pub(super) fn reply_decision(reply: ::redis::Value) -> Result<Decision, Failure>
     let mut fields = text.split(|&byte| byte == b' ');
     for value in &mut values {
         let field = fields.next().ok_or_else(invalid)?;
-        *value = std::str::from_utf8(field)
-            .ok()
-            .and_then(|field| field.parse().ok())
-            .ok_or_else(invalid)?;
+        *value = parse_integer(field).ok_or_else(invalid)?;
     }
     if fields.next().is_some() {
         return Err(invalid());
     }
     decision(&values)
+}
+
+/// Parses an optionally negative decimal integer, such as the script's
+/// `%d` output; `None` for anything else or on overflow.
+fn parse_integer(text: &[u8]) -> Option<i64> {
+    let (negative, digits) = match text.split_first()? {
+        (b'-', rest) => (true, rest),
+        _ => (false, text),
+    };
+    if digits.is_empty() {
+        return None;
+    }
+    let mut value: i64 = 0;
+    for &digit in digits {
+        if !digit.is_ascii_digit() {
+            return None;
+        }
+        value = value
+            .checked_mul(10)?
+            .checked_add(i64::from(digit - b'0'))?;
+    }
+    Some(if negative { -value } else { value })
 }
 
 /// Turns the script's values into a decision, from microseconds to
@@ -562,7 +581,12 @@ mod tests {
         let d = reply_decision(reply).unwrap();
         assert!(!d.allowed);
         assert_eq!(d.retry_after_ns, 400_000_000);
-        for bad in ["1 10 7", "1 10 7 2 0 0 9", "1 10 x 2 0 0", ""] {
+        assert_eq!(parse_integer(b"-12"), Some(-12));
+        assert_eq!(parse_integer(b"9223372036854775807"), Some(i64::MAX));
+        assert_eq!(parse_integer(b"9223372036854775808"), None);
+        assert_eq!(parse_integer(b"-"), None);
+        assert_eq!(parse_integer(b"1.5"), None);
+        for bad in ["1 10 7", "1 10 7 2 0 0 9", "1 10 x 2 0 0", "1  10 7 2 0 0", ""] {
             let reply = Value::BulkString(bad.as_bytes().to_vec());
             assert!(matches!(reply_decision(reply), Err(Failure::Reply(_))), "{bad}");
         }

@@ -803,19 +803,33 @@ async fn leaky_queue_forgets_clients_that_left(scope: &str) -> Result {
     let received = upstream.count();
 
     // Had they kept their places, the queue would be full and this would be
-    // refused; now it takes the first turn, 500 ms after the first request.
+    // refused. Now it takes the first turn, 500 ms after the first request.
     let got = get(&node.url("/")).await?;
     let at = started.elapsed();
-    assert_eq!(got.status, 200, "{scope}: {:?}", String::from_utf8_lossy(&got.body));
-    assert!(at >= Duration::from_millis(495), "{scope}: admitted after {at:?}");
-    assert!(at < Duration::from_millis(900), "{scope}: admitted after {at:?}");
+    assert_eq!(
+        got.status,
+        200,
+        "{scope}: {:?}",
+        String::from_utf8_lossy(&got.body)
+    );
+    assert!(
+        at >= Duration::from_millis(495),
+        "{scope}: admitted after {at:?}"
+    );
+    assert!(
+        at < Duration::from_millis(900),
+        "{scope}: admitted after {at:?}"
+    );
     // The clients that left never reached the upstream.
     assert_eq!(upstream.count(), received + 1, "{scope}");
     // The next one keeps the rate: its turn is 500 ms later still.
     let got = get(&node.url("/")).await?;
     let at = started.elapsed();
     assert_eq!(got.status, 200, "{scope}");
-    assert!(at >= Duration::from_millis(995), "{scope}: admitted after {at:?}");
+    assert!(
+        at >= Duration::from_millis(995),
+        "{scope}: admitted after {at:?}"
+    );
     Ok(())
 }
 

@@ -46,7 +46,7 @@ pub(super) struct Batcher {
     wake: Notify,
 }
 
-/// What a flush needs from the backend.
+/// The backend's settings that a flush uses.
 #[derive(Clone)]
 pub(super) struct FlushSettings {
     pub sha: Arc<str>,
@@ -97,7 +97,7 @@ async fn flush_loop(link: Arc<Link>, settings: FlushSettings) {
     }
 }
 
-/// Sends one batch as one pipeline and answers each request in it.
+/// Sends one batch as one pipeline and sends each request in it its decision.
 async fn flush(
     link: &Link,
     settings: &FlushSettings,
@@ -111,15 +111,15 @@ async fn flush(
     };
     let deadline = oldest + settings.timeout;
     let Some((mut connection, generation)) = link.single_connection() else {
-        // The batch in flight before this one failed: answer at once, as
+        // The batch in flight before this one failed, so fail at once, as
         // requests do while the link is down.
-        answer_all(batch, |_| Failure::Down);
+        fail_all(batch, |_| Failure::Down);
         return;
     };
     pipeline.clear();
     for pending in batch.iter() {
-        // Sized up front: growing the buffers argument by argument costs
-        // several reallocations per command.
+        // Sized up front, because growing the buffers argument by argument
+        // costs several reallocations per command.
         let size = "EVALSHA".len() + settings.sha.len() + 1 + pending.key.len();
         let size = size + pending.args.iter().map(String::len).sum::<usize>();
         let mut command = Cmd::with_capacity(4 + pending.args.len(), size);
@@ -137,7 +137,7 @@ async fn flush(
         let mut replies = pipeline.query_async::<Vec<Value>>(&mut connection).await?;
         if replies.iter().any(is_noscript) {
             // The server lost its scripts (restarted or flushed) while the
-            // connection stayed up: load the script and send the batch again.
+            // connection stayed up, so load the script and send the batch again.
             load_script(&mut connection).await?;
             replies = pipeline.query_async::<Vec<Value>>(&mut connection).await?;
         }
@@ -151,7 +151,7 @@ async fn flush(
         }
         Ok(Ok(replies)) => {
             let count = replies.len();
-            answer_all(batch, |wanted| {
+            fail_all(batch, |wanted| {
                 Failure::Reply(format!("{count} replies to a batch of {wanted}"))
             });
         }
@@ -161,18 +161,18 @@ async fn flush(
             if !matches!(error.kind(), ErrorKind::Server(_) | ErrorKind::Extension) {
                 link.mark_down(generation);
             }
-            answer_all(batch, |_| Failure::Redis(error.clone()));
+            fail_all(batch, |_| Failure::Redis(error.clone()));
         }
         Err(_) => {
             link.mark_down(generation);
-            answer_all(batch, |_| Failure::Timeout(settings.timeout));
+            fail_all(batch, |_| Failure::Timeout(settings.timeout));
         }
     }
 }
 
-/// Answers every request of `batch` with the failure `make` builds (it gets
-/// the batch's size).
-fn answer_all(batch: &mut Vec<Pending>, make: impl Fn(usize) -> Failure) {
+/// Fails every request of `batch` with the failure that `make` builds from
+/// the batch's size.
+fn fail_all(batch: &mut Vec<Pending>, make: impl Fn(usize) -> Failure) {
     let size = batch.len();
     for pending in batch.drain(..) {
         let _ = pending.reply.send(Err(make(size)));

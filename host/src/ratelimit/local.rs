@@ -563,6 +563,49 @@ mod tests {
     }
 
     #[test]
+    fn given_back_places_go_to_the_next_request() {
+        // 10/s with up to 3 requests waiting.
+        let queued = Shape::Bucket {
+            interval_ns: 100 * MS,
+            burst: 1,
+            queue: 3,
+        };
+        let table = LocalTable::new(queued, 1000);
+        let key = table.hash(0, b"route");
+        for _ in 0..4 {
+            assert!(table.decide(key, T0).allowed);
+        }
+        assert!(!table.decide(key, T0).allowed);
+        // Two queued requests leave before their turns, 50 ms in.
+        table.give_back(key, T0 + 50 * MS);
+        table.give_back(key, T0 + 50 * MS);
+        let next = table.decide(key, T0 + 50 * MS);
+        assert!(next.allowed);
+        // The place of the request due at 200 ms.
+        assert_eq!(next.delay_ns, 150 * MS);
+        // Giving back more places than are queued never moves the bucket
+        // before now, so no burst builds up.
+        for _ in 0..10 {
+            table.give_back(key, T0 + 60 * MS);
+        }
+        assert_eq!(table.decide(key, T0 + 60 * MS).delay_ns, 0);
+        assert_eq!(table.decide(key, T0 + 60 * MS).delay_ns, 100 * MS);
+    }
+
+    #[test]
+    fn give_back_leaves_windows_alone() {
+        let window = Shape::FixedWindow {
+            limit: 1,
+            window_ns: S,
+        };
+        let table = LocalTable::new(window, 1000);
+        let key = table.hash(0, b"a");
+        assert!(table.decide(key, T0).allowed);
+        table.give_back(key, T0);
+        assert!(!table.decide(key, T0).allowed);
+    }
+
+    #[test]
     fn table_keeps_keys_apart() {
         let table = LocalTable::new(token_bucket(1, 1), 1000);
         let a = table.hash(0, b"a");

@@ -802,8 +802,8 @@ enum KeyValue<'a> {
     Route,
 }
 
-/// Where a decision was counted, so that a queued request can give its
-/// place back.
+/// The store a decision was counted in, so that a queued request can give
+/// its place back.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Counted {
     /// In the local table, under this key hash.
@@ -859,8 +859,8 @@ impl Limit {
         }
     }
 
-    /// Gives back the queue place a request took, counted where `counted`
-    /// says, when the request will not leave (see [`queue`]).
+    /// Gives back the queue place a request took in the store `counted`
+    /// names, when the request will not leave (see [`queue`]).
     fn give_back(&self, counted: Counted, clock: &dyn Clock, request: &KeyInput<'_>) {
         match (counted, &self.global) {
             (Counted::Local(key), _) => self.local.give_back(key, clock.now_ns()),

@@ -1,4 +1,4 @@
-//! The places a request holds in leaky buckets' queues while it waits for
+//! The places a request takes in leaky buckets' queues while it waits for
 //! its turn.
 //!
 //! A queued request has already moved its bucket forward by one interval.
@@ -27,12 +27,12 @@ impl<'a> Places<'a> {
         }
     }
 
-    /// Records a place in `limit`'s queue, counted where `counted` says.
+    /// Records a place in `limit`'s queue, counted in the store `counted` names.
     pub fn hold(&mut self, limit: &'a Limit, counted: Counted) {
         self.held.push((limit, counted));
     }
 
-    /// Keeps the places: the request's turn came.
+    /// Keeps the places, because the request's turn came.
     pub fn release(&mut self) {
         self.held.clear();
     }

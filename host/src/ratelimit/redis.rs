@@ -182,7 +182,9 @@ impl RedisBackend {
         let (connection, generation) = self.connection(&link, deadline).await?;
         self.round_trips.fetch_add(1, Ordering::Relaxed);
         if let Connection::Cluster(_) = connection {
-            return self.decide_alone(&link, connection, generation, &key, args, deadline).await;
+            return self
+                .decide_alone(&link, connection, generation, &key, args, deadline)
+                .await;
         }
         let (reply, answer) = oneshot::channel();
         let pending = Pending {
@@ -252,14 +254,18 @@ impl RedisBackend {
             return;
         };
         let mut cmd = ::redis::cmd("EVALSHA");
-        cmd.arg(&self.sha).arg(1).arg(key).arg(GIVE_BACK).arg(interval.as_str());
+        cmd.arg(&self.sha)
+            .arg(1)
+            .arg(key)
+            .arg(GIVE_BACK)
+            .arg(interval.as_str());
         let timeout = self.timeout;
         tokio::spawn(async move {
             let sent = connection.query::<::redis::Value>(&cmd);
             match tokio::time::timeout(timeout, sent).await {
                 Ok(Ok(_)) => {}
                 Ok(Err(error)) => {
-                    tracing::debug!(%error, "cannot give back a queued request's place");
+                    tracing::debug!(%error, "failed to give back a queued request's place");
                 }
                 Err(_) => tracing::debug!("giving back a queued request's place timed out"),
             }
@@ -586,9 +592,18 @@ mod tests {
         assert_eq!(parse_integer(b"9223372036854775808"), None);
         assert_eq!(parse_integer(b"-"), None);
         assert_eq!(parse_integer(b"1.5"), None);
-        for bad in ["1 10 7", "1 10 7 2 0 0 9", "1 10 x 2 0 0", "1  10 7 2 0 0", ""] {
+        for bad in [
+            "1 10 7",
+            "1 10 7 2 0 0 9",
+            "1 10 x 2 0 0",
+            "1  10 7 2 0 0",
+            "",
+        ] {
             let reply = Value::BulkString(bad.as_bytes().to_vec());
-            assert!(matches!(reply_decision(reply), Err(Failure::Reply(_))), "{bad}");
+            assert!(
+                matches!(reply_decision(reply), Err(Failure::Reply(_))),
+                "{bad}"
+            );
         }
         let array = Value::Array(vec![Value::Int(1)]);
         assert!(matches!(reply_decision(array), Err(Failure::Reply(_))));

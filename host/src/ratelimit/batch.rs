@@ -118,28 +118,28 @@ async fn flush(
     };
     pipeline.clear();
     for pending in batch.iter() {
-        // Sized up front, because growing the buffers argument by argument
-        // costs several reallocations per command.
-        let size = "EVALSHA".len() + settings.sha.len() + 1 + pending.key.len();
-        let size = size + pending.args.iter().map(String::len).sum::<usize>();
-        let mut command = Cmd::with_capacity(4 + pending.args.len(), size);
-        command
-            .arg("EVALSHA")
-            .arg(&*settings.sha)
-            .arg(1)
-            .arg(&pending.key);
-        for arg in pending.args.iter() {
-            command.arg(arg.as_str());
-        }
-        pipeline.add_command(command);
+        pipeline.add_command(evalsha(&settings.sha, pending));
     }
     let exchange = async {
         let mut replies = pipeline.query_async::<Vec<Value>>(&mut connection).await?;
-        if replies.iter().any(is_noscript) {
+        let lost: Vec<usize> = (0..replies.len())
+            .filter(|&index| is_noscript(&replies[index]))
+            .collect();
+        if !lost.is_empty() {
             // The server lost its scripts (restarted or flushed) while the
-            // connection stayed up, so load the script and send the batch again.
+            // connection stayed up, so load the script and send again only
+            // the commands that got NOSCRIPT, because a flush between two
+            // commands of the batch lets the commands before it run.
             load_script(&mut connection).await?;
-            replies = pipeline.query_async::<Vec<Value>>(&mut connection).await?;
+            let mut again = ::redis::pipe();
+            again.ignore_errors();
+            for &index in &lost {
+                again.add_command(evalsha(&settings.sha, &batch[index]));
+            }
+            let retried = again.query_async::<Vec<Value>>(&mut connection).await?;
+            for (index, reply) in lost.into_iter().zip(retried) {
+                replies[index] = reply;
+            }
         }
         Ok::<_, RedisError>(replies)
     };
@@ -168,6 +168,20 @@ async fn flush(
             fail_all(batch, |_| Failure::Timeout(settings.timeout));
         }
     }
+}
+
+/// Builds the `EVALSHA` command of one request.
+fn evalsha(sha: &str, pending: &Pending) -> Cmd {
+    // Sized up front, because growing the buffers argument by argument costs
+    // several reallocations per command.
+    let size = "EVALSHA".len() + sha.len() + 1 + pending.key.len();
+    let size = size + pending.args.iter().map(String::len).sum::<usize>();
+    let mut command = Cmd::with_capacity(4 + pending.args.len(), size);
+    command.arg("EVALSHA").arg(sha).arg(1).arg(&pending.key);
+    for arg in pending.args.iter() {
+        command.arg(arg.as_str());
+    }
+    command
 }
 
 /// Fails every request of `batch` with the failure that `make` builds from

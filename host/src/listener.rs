@@ -92,11 +92,9 @@ impl Server {
             .enumerate()
             .filter_map(|(index, listener)| Some((index, listener.tls.clone()?)))
             .collect();
-        if !reloading.is_empty() {
-            let reloader = crate::tls::spawn_reloader(reloading, shutdown_rx.clone())
-                .context("cannot start the certificate reload thread")?;
-            handles.push(reloader);
-        }
+        let reloader = crate::tls::spawn_reloader(reloading, || {}, shutdown_rx.clone())
+            .context("cannot start the reload thread")?;
+        handles.push(reloader);
 
         let acceptor_shutdown = shutdown_rx.clone();
         let acceptor = std::thread::Builder::new()

@@ -659,11 +659,15 @@ fn write_private(path: &Path, contents: &str) -> std::io::Result<()> {
     file.write_all(contents.as_bytes())
 }
 
-/// Starts the thread that reloads listeners' certificates: each listener
-/// when its files change (checked every `reload_interval`), and all of them
-/// on SIGHUP. A failed reload is logged and the old certificates stay.
+/// Starts the thread that handles SIGHUP and reloads listeners'
+/// certificates: each listener when its files change (checked every
+/// `reload_interval`), and all of them on SIGHUP, which also runs
+/// `on_hangup` (the access log reopens its file there). A failed reload is
+/// logged and the old certificates stay. The node always runs this thread,
+/// so that SIGHUP, as logrotate sends it, never ends the process.
 pub fn spawn_reloader(
     listeners: Vec<(usize, Arc<ListenerTls>)>,
+    on_hangup: impl Fn() + Send + 'static,
     mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> std::io::Result<std::thread::JoinHandle<()>> {
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -679,7 +683,7 @@ pub fn spawn_reloader(
         .filter(|interval| !interval.is_zero())
         .min();
     std::thread::Builder::new()
-        .name("edge-tls-reload".to_owned())
+        .name("edge-reload".to_owned())
         .spawn(move || {
             runtime.block_on(async move {
                 let mut last_check = vec![tokio::time::Instant::now(); listeners.len()];
@@ -703,10 +707,15 @@ pub fn spawn_reloader(
                             }
                         }
                         _ = hangup.recv() => {
-                            tracing::info!("SIGHUP: reloading TLS certificates");
+                            if listeners.is_empty() {
+                                tracing::info!("SIGHUP received");
+                            } else {
+                                tracing::info!("SIGHUP: reloading TLS certificates");
+                            }
                             for (index, tls) in &listeners {
                                 reload_listener(*index, tls, true);
                             }
+                            on_hangup();
                         }
                         _ = shutdown.wait_for(|stop| *stop) => break,
                     }

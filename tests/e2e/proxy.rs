@@ -358,6 +358,21 @@ async fn forwarding_headers_are_set() -> Result {
 }
 
 #[tokio::test]
+async fn sighup_does_not_stop_a_node_without_tls() -> Result {
+    let upstream = Upstream::echo().await;
+    let config = format!(
+        "{}\n[[routes]]\nname = \"all\"\nupstream = \"app\"\n",
+        upstream_block("app", &upstream)
+    );
+    let node = Node::start(&config)?;
+    // logrotate sends SIGHUP after it moves the log files.
+    node.signal("HUP");
+    assert!(node.log_contains("SIGHUP received"));
+    assert_eq!(get(&node.url("/")).await?.status, 200);
+    Ok(())
+}
+
+#[tokio::test]
 async fn trusted_proxy_forwarded_for_is_appended() -> Result {
     let upstream = Upstream::echo().await;
     let config = format!(

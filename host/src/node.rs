@@ -290,7 +290,6 @@ impl Node {
         }
         let upstreams: Arc<[Upstream]> = upstreams.into();
 
-        let upstreams: Arc<[Upstream]> = upstreams.into();
         let via = HeaderValue::from_str(&format!("1.1 {}", config.node.name))
             .unwrap_or_else(|_| HeaderValue::from_static("1.1 edge"));
         let fetch = &config.runtime.fetch;

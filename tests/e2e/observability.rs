@@ -431,7 +431,8 @@ async fn access_log_lines_carry_fields_without_secrets() -> Result {
     let got = send(
         "GET",
         &node.url(
-            "/api/items?page=2&access_token=tok-SECRET-1&api_key=key-SECRET-2&password=pw-SECRET-3",
+            "/api/items?page=2&access_token=tok-SECRET-1&api_key=key-SECRET-2\
+             &password=pw-SECRET-3;Refresh=rf-SECRET-6;q=x",
         ),
         &[
             ("authorization", "Bearer auth-SECRET-4"),
@@ -472,7 +473,7 @@ async fn access_log_lines_carry_fields_without_secrets() -> Result {
     assert_eq!(first["path"], "/api/items");
     assert_eq!(
         first["query"],
-        "page=2&access_token=REDACTED&api_key=REDACTED&password=REDACTED"
+        "page=2&access_token=REDACTED&api_key=REDACTED&password=REDACTED;Refresh=REDACTED;q=x"
     );
     assert_eq!(first["route"], "api");
     assert_eq!(first["upstream"], "app");

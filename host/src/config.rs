@@ -43,6 +43,9 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// One JSON line per request. Default: off.
     pub access_log: Option<AccessLogConfig>,
+    /// Span export over OTLP. Default: off.
+    #[serde(default)]
+    pub tracing: TracingConfig,
     /// The file this config came from, for errors and relative paths.
     #[serde(skip)]
     pub source: ConfigSource,
@@ -108,6 +111,41 @@ pub struct AccessLogConfig {
 
 fn default_access_log_buffer() -> Spanned<usize> {
     Spanned::new(0..0, 8192)
+}
+
+/// Trace spans: one per request with a child per stage, exported over
+/// OTLP/HTTP (protobuf) by a background thread. Needs a build with the
+/// `otlp` cargo feature.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TracingConfig {
+    /// The collector's OTLP/HTTP base URL, such as `http://127.0.0.1:4318`;
+    /// spans are posted to its `/v1/traces` path unless the URL has a path
+    /// of its own. Plain `http` only. Default: none (no export).
+    pub otlp_endpoint: Option<Spanned<String>>,
+    /// Requests whose spans may wait for the exporter; past that, their
+    /// spans are dropped and counted in `edge_otlp_spans_dropped_total`.
+    /// From 1 to 1000000. Default: 4096.
+    pub otlp_queue: usize,
+    /// How often the exporter sends what has queued up. From 10ms to 1m.
+    /// Default: 1s.
+    #[serde(with = "humantime_serde")]
+    pub otlp_interval: Duration,
+    /// The time allowed for one export request. From 10ms to 1m.
+    /// Default: 10s.
+    #[serde(with = "humantime_serde")]
+    pub otlp_timeout: Duration,
+}
+
+impl Default for TracingConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            otlp_queue: 4096,
+            otlp_interval: Duration::from_secs(1),
+            otlp_timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 /// Settings of the node as a whole.
@@ -959,6 +997,7 @@ impl Config {
         }
         self.validate_fetch_limits()?;
         self.validate_redis()?;
+        self.validate_tracing()?;
         if let Some(access_log) = &self.access_log {
             let buffer = &access_log.buffer;
             if !(1..=1_000_000).contains(buffer.get_ref()) {
@@ -1367,6 +1406,59 @@ impl Config {
         }
         if redis.key_prefix.contains(['{', '}']) {
             return Err(self.invalid(line, "redis.key_prefix", "must not contain `{` or `}`"));
+        }
+        Ok(())
+    }
+
+    /// Checks the `[tracing]` table: an endpoint needs a build with the
+    /// `otlp` feature and must be an `http://` URL with a host.
+    fn validate_tracing(&self) -> Result<(), ConfigError> {
+        let tracing = &self.tracing;
+        let Some(endpoint) = &tracing.otlp_endpoint else {
+            return Ok(());
+        };
+        let line = self.line_of(endpoint.span().start);
+        let field = "tracing.otlp_endpoint";
+        if !cfg!(feature = "otlp") {
+            return Err(self.invalid(
+                line,
+                field,
+                "this edge binary was built without OTLP export; build it with \
+                 `cargo build --release --features otlp` or remove the setting",
+            ));
+        }
+        let uri: http::Uri = endpoint.get_ref().parse().map_err(|_| {
+            let message = format!("{:?} is not a valid URL", endpoint.get_ref());
+            self.invalid(line, field, &message)
+        })?;
+        if uri.scheme_str() != Some("http") || uri.host().is_none() {
+            let message = format!(
+                "{:?} must be an http:// URL with a host, such as http://127.0.0.1:4318",
+                endpoint.get_ref()
+            );
+            return Err(self.invalid(line, field, &message));
+        }
+        if uri.query().is_some() {
+            let message = format!("{:?} must not have a query", endpoint.get_ref());
+            return Err(self.invalid(line, field, &message));
+        }
+        if !(1..=1_000_000).contains(&tracing.otlp_queue) {
+            let line = self.line_of_key("tracing", "otlp_queue");
+            return Err(self.invalid(line, "tracing.otlp_queue", "must be from 1 to 1000000"));
+        }
+        let bounds = Duration::from_millis(10)..=Duration::from_secs(60);
+        for (key, value) in [
+            ("otlp_interval", tracing.otlp_interval),
+            ("otlp_timeout", tracing.otlp_timeout),
+        ] {
+            if !bounds.contains(&value) {
+                let line = self.line_of_key("tracing", key);
+                let message = format!(
+                    "{} must be from 10ms to 1m",
+                    humantime::format_duration(value)
+                );
+                return Err(self.invalid(line, &format!("tracing.{key}"), &message));
+            }
         }
         Ok(())
     }

@@ -20,6 +20,7 @@ use crate::proxy::{Upstream, UpstreamSettings};
 use crate::ratelimit::{Limit, LimitSet, LimitSpec, RateLimiter, SystemClock};
 use crate::retry::RetrySettings;
 use crate::route::{HostMatch, PathMatch, RouteRule, Router};
+use crate::trace::SpanQueue;
 use crate::tls::{CertificateFiles, ListenerTls, ServerSettings, TlsError, UpstreamTls};
 use crate::worker::{
     AllowedUpstreams, Binding, FetchAccess, FetchLimits, LoadError, Runtime, RuntimeSettings,
@@ -147,6 +148,9 @@ pub struct Node {
     pub request_metrics: bool,
     /// The access log, when the config has an `[access_log]` table.
     pub access_log: Option<Arc<AccessLog>>,
+    /// The queue of the OTLP span exporter, when `[tracing] otlp_endpoint`
+    /// is set (in a build with the `otlp` feature).
+    pub spans: Option<SpanQueue>,
     /// The `X-Gateway-Node` value: the node's name.
     pub gateway_node: HeaderValue,
     /// Whether any route sends `X-Request-Id` or the access log is on, so
@@ -181,6 +185,8 @@ pub enum BuildError {
     RateLimit(String),
     #[error("cannot start the access log: {0:#}")]
     AccessLog(anyhow::Error),
+    #[error("cannot start the OTLP span export: {0:#}")]
+    Tracing(anyhow::Error),
 }
 
 impl Node {
@@ -434,9 +440,30 @@ impl Node {
             }
             None => None,
         };
+        #[cfg(feature = "otlp")]
+        let spans = match crate::otlp::ExportSettings::from_config(
+            &config.tracing,
+            &config.node.name,
+        )
+        .map_err(BuildError::Tracing)?
+        {
+            Some(settings) => Some(
+                crate::otlp::start(
+                    settings,
+                    registry.otlp_spans_dropped.clone(),
+                    registry.otlp_spans_exported.clone(),
+                )
+                .map_err(BuildError::Tracing)?,
+            ),
+            None => None,
+        };
+        // Config validation rejects an endpoint in a build without export.
+        #[cfg(not(feature = "otlp"))]
+        let spans = None;
         let request_ids =
             access_log.is_some() || routes.iter().any(|route| route.observe.request_id);
         Ok(Node {
+            spans,
             metrics: registry,
             request_metrics: config.metrics.enabled,
             access_log,

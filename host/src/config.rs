@@ -1650,3 +1650,38 @@ impl fmt::Display for ConfigSource {
         f.write_str(&self.name)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(ConfigSource {
+            name: "edge.toml".to_owned(),
+            base_dir: PathBuf::from("."),
+            text: text.to_owned(),
+        })
+    }
+
+    const WITH_ENDPOINT: &str = "[[listeners]]\naddr = \"127.0.0.1:0\"\n\n\
+                                 [upstreams.app]\ntargets = [\"127.0.0.1:9\"]\n\n\
+                                 [[routes]]\nname = \"api\"\nprefix = \"/\"\nupstream = \"app\"\n\n\
+                                 [tracing]\notlp_endpoint = \"http://127.0.0.1:4318\"\n";
+
+    #[cfg(not(feature = "otlp"))]
+    #[test]
+    fn otlp_endpoint_needs_the_otlp_feature() {
+        let error = parse(WITH_ENDPOINT).unwrap_err().to_string();
+        assert!(error.contains("edge.toml:13"), "{error}");
+        assert!(error.contains("tracing.otlp_endpoint"), "{error}");
+        assert!(error.contains("--features otlp"), "{error}");
+    }
+
+    #[cfg(feature = "otlp")]
+    #[test]
+    fn otlp_endpoint_parses_with_the_otlp_feature() {
+        let config = parse(WITH_ENDPOINT).unwrap();
+        assert_eq!(config.tracing.otlp_queue, 4096);
+        assert_eq!(config.tracing.otlp_interval, Duration::from_secs(1));
+    }
+}

@@ -63,7 +63,7 @@ pub struct AccessLog {
     dropped: IntCounter,
 }
 
-/// What a serving thread or the shutdown hands to the writer.
+/// A message from a serving thread or the shutdown to the writer.
 enum Message {
     Record(Box<Record>),
     /// Write everything received so far, then reply.

@@ -3,7 +3,7 @@
 //! `ExportTraceServiceRequest` (protobuf) and posts them to the collector
 //! over HTTP, once per `[tracing] otlp_interval`.
 //!
-//! The request path only moves its spans into a bounded channel; a full
+//! The request path only moves its spans into a bounded channel. A full
 //! channel drops them, as does a failed export, and both count in
 //! `edge_otlp_spans_dropped_total`. An unreachable collector is logged at
 //! most once per [`FAILURE_LOG_INTERVAL`].
@@ -29,14 +29,14 @@ use prost::Message as _;
 use crate::config::TracingConfig;
 use crate::trace::{AttributeValue, SpanKind, SpanQueue, SpanRecord};
 
-/// The most spans in one export request, as the OpenTelemetry SDKs'
-/// `max_export_batch_size` default.
+/// The maximum number of spans in one export request, the OpenTelemetry
+/// SDKs' `max_export_batch_size` default.
 const MAX_BATCH: usize = 512;
 
 /// The shortest time between two log lines about failed exports.
 pub const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(30);
 
-/// Where and how spans are exported, from `[tracing]`.
+/// The export destination and timing, from `[tracing]`.
 #[derive(Debug, Clone)]
 pub struct ExportSettings {
     /// The collector's URL for traces, path included.
@@ -336,7 +336,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn traces_url_adds_the_traces_path_to_a_base_url() {
+    fn traces_url_completes_base_urls() {
         let cases = [
             ("http://127.0.0.1:4318", "http://127.0.0.1:4318/v1/traces"),
             ("http://127.0.0.1:4318/", "http://127.0.0.1:4318/v1/traces"),

@@ -19,7 +19,7 @@
 //!                     400 invalid_body, 413 body_too_large
 //! response workers    500 worker_failed, 503 worker_timeout or worker_busy
 //! respond             X-Request-Id, X-Request-Duration, X-Gateway-Node,
-//!                     RED metrics, the access-log line
+//!                     RED metrics, the access-log line, the request's spans
 //! ```
 
 use std::net::{IpAddr, SocketAddr};

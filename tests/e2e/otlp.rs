@@ -72,7 +72,7 @@ impl Collector {
         Collector { addr, exports }
     }
 
-    /// Every span received so far, decoded.
+    /// Decodes every span received so far.
     fn spans(&self) -> Vec<Span> {
         let exports = self.exports.lock().unwrap();
         let mut spans = Vec::new();
@@ -115,7 +115,7 @@ fn hex_bytes(text: &str) -> Vec<u8> {
     hex::decode(text).expect("hex digits")
 }
 
-/// The string or integer attributes of a span, as text.
+/// Returns the string or integer attributes of a span, as text.
 fn attributes(span: &Span) -> HashMap<String, String> {
     span.attributes
         .iter()

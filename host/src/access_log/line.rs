@@ -327,7 +327,6 @@ fn redact_pieces<'a>(query: &'a str, mut emit: impl FnMut(&'a str)) {
             emit(pair);
             continue;
         };
-        // `+` is a space in form encoding; it cannot hide a sensitive name.
         let decoded = percent_encoding::percent_decode_str(name).decode_utf8_lossy();
         if is_sensitive(&decoded) {
             emit(name);

@@ -100,8 +100,8 @@ impl FetchAccess {
     }
 }
 
-/// What the fetches of one hook call carry from the request they are made
-/// for. The default carries nothing: the client's `X-Request-Id`, when it
+/// The request identity that the fetches of one hook call carry. The
+/// default carries nothing, and then the client's `X-Request-Id`, when it
 /// sent one, is still passed on.
 #[derive(Debug, Clone, Default)]
 pub struct FetchOrigin {
@@ -119,7 +119,7 @@ pub struct FetchTrace {
     pub context: TraceContext,
     /// The span of the worker call, the parent of each fetch's span.
     pub parent: [u8; 8],
-    /// Where fetch spans go, when the node exports spans over OTLP.
+    /// The span queue and the request's clock, when the node exports spans.
     pub export: Option<(SpanQueue, SpanClock)>,
 }
 
@@ -232,7 +232,7 @@ struct Planned {
     span_id: Option<[u8; 8]>,
 }
 
-/// Where a fetch's duration and span are recorded.
+/// The sinks of a fetch's duration and span.
 #[derive(Clone, Copy)]
 struct Recorder<'a> {
     metrics: Option<&'a RouteMetrics>,
@@ -295,7 +295,7 @@ impl Recorder<'_> {
     }
 }
 
-/// What [`Recorder::finish`] needs of a sent request.
+/// A sent request, as [`Recorder::finish`] records it.
 struct PlannedInfo {
     upstream: usize,
     method: Method,

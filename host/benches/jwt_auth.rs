@@ -86,7 +86,12 @@ async fn measure(runtime: &Runtime, binding: &Binding, requests: &[wit::Request]
         let started = thread_cpu_time();
         for request in requests {
             match runtime
-                .on_request(binding, request, &mut Default::default(), Default::default())
+                .on_request(
+                    binding,
+                    request,
+                    &mut Default::default(),
+                    Default::default(),
+                )
                 .await
             {
                 Ok(wit::Action::Continue(_)) => {}

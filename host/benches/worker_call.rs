@@ -117,7 +117,9 @@ fn main() -> anyhow::Result<()> {
                         .on_response(&binding, &request, &head, &mut context, Default::default())
                         .await?;
                 } else {
-                    runtime.on_request(&binding, &request, &mut context, Default::default()).await?;
+                    runtime
+                        .on_request(&binding, &request, &mut context, Default::default())
+                        .await?;
                 }
             }
             let per_call = |time: Duration| time.as_secs_f64() * 1e6 / f64::from(calls);

@@ -349,4 +349,3 @@ impl Body for LoggedBody {
         self.inner.size_hint()
     }
 }
-

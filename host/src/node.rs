@@ -20,8 +20,8 @@ use crate::proxy::{Upstream, UpstreamSettings};
 use crate::ratelimit::{Limit, LimitSet, LimitSpec, RateLimiter, SystemClock};
 use crate::retry::RetrySettings;
 use crate::route::{HostMatch, PathMatch, RouteRule, Router};
-use crate::trace::SpanQueue;
 use crate::tls::{CertificateFiles, ListenerTls, ServerSettings, TlsError, UpstreamTls};
+use crate::trace::SpanQueue;
 use crate::worker::{
     AllowedUpstreams, Binding, FetchAccess, FetchLimits, LoadError, Runtime, RuntimeSettings,
     Secret,
@@ -440,26 +440,7 @@ impl Node {
             }
             None => None,
         };
-        #[cfg(feature = "otlp")]
-        let spans = match crate::otlp::ExportSettings::from_config(
-            &config.tracing,
-            &config.node.name,
-        )
-        .map_err(BuildError::Tracing)?
-        {
-            Some(settings) => Some(
-                crate::otlp::start(
-                    settings,
-                    registry.otlp_spans_dropped.clone(),
-                    registry.otlp_spans_exported.clone(),
-                )
-                .map_err(BuildError::Tracing)?,
-            ),
-            None => None,
-        };
-        // Config validation rejects an endpoint in a build without export.
-        #[cfg(not(feature = "otlp"))]
-        let spans = None;
+        let spans = start_span_export(config, &registry)?;
         let request_ids =
             access_log.is_some() || routes.iter().any(|route| route.observe.request_id);
         Ok(Node {
@@ -692,4 +673,31 @@ fn failed_entry(
         let line = config.line_of(spanned.span().start);
         Some((format!("certificates[{index}].{name}"), line))
     })
+}
+
+/// Starts the OTLP span exporter when `[tracing] otlp_endpoint` is set.
+#[cfg(feature = "otlp")]
+fn start_span_export(config: &Config, metrics: &Metrics) -> Result<Option<SpanQueue>, BuildError> {
+    let settings = crate::otlp::ExportSettings::from_config(&config.tracing, &config.node.name)
+        .map_err(BuildError::Tracing)?;
+    let Some(settings) = settings else {
+        return Ok(None);
+    };
+    let queue = crate::otlp::start(
+        settings,
+        metrics.otlp_spans_dropped.clone(),
+        metrics.otlp_spans_exported.clone(),
+    )
+    .map_err(BuildError::Tracing)?;
+    Ok(Some(queue))
+}
+
+/// Returns no exporter: config validation rejects an endpoint in a build
+/// without the `otlp` feature.
+#[cfg(not(feature = "otlp"))]
+fn start_span_export(
+    _config: &Config,
+    _metrics: &Metrics,
+) -> Result<Option<SpanQueue>, BuildError> {
+    Ok(None)
 }

@@ -18,11 +18,11 @@ use http_body_util::{BodyExt as _, Full};
 use hyper::client::conn::http1::SendRequest;
 use hyper_util::rt::TokioIo;
 use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
-use opentelemetry_proto::tonic::common::v1::{
-    any_value, AnyValue, InstrumentationScope, KeyValue,
-};
+use opentelemetry_proto::tonic::common::v1::{any_value, AnyValue, InstrumentationScope, KeyValue};
 use opentelemetry_proto::tonic::resource::v1::Resource;
-use opentelemetry_proto::tonic::trace::v1::{span, status, ResourceSpans, ScopeSpans, Span, Status};
+use opentelemetry_proto::tonic::trace::v1::{
+    span, status, ResourceSpans, ScopeSpans, Span, Status,
+};
 use prometheus::IntCounter;
 use prost::Message as _;
 
@@ -188,7 +188,10 @@ impl Exporter {
             Some(sender) if !sender.is_closed() => sender,
             _ => connect(url).await?,
         };
-        sender.ready().await.context("the collector closed the connection")?;
+        sender
+            .ready()
+            .await
+            .context("the collector closed the connection")?;
         let authority = url.authority().map_or("", |a| a.as_str());
         let request = Request::builder()
             .method(Method::POST)
@@ -340,7 +343,10 @@ mod tests {
         let cases = [
             ("http://127.0.0.1:4318", "http://127.0.0.1:4318/v1/traces"),
             ("http://127.0.0.1:4318/", "http://127.0.0.1:4318/v1/traces"),
-            ("http://collector/custom/path", "http://collector/custom/path"),
+            (
+                "http://collector/custom/path",
+                "http://collector/custom/path",
+            ),
         ];
         for (base, expected) in cases {
             let url = traces_url(&base.parse().unwrap()).unwrap();

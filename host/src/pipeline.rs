@@ -40,7 +40,9 @@ use crate::node::{Node, Route};
 use crate::proxy::{RequestBody, ResponseBody};
 use crate::ratelimit::{KeyInput, LimitSet, Shown};
 use crate::route::{encode_path, host_name, normalize_path, resolve_dot_segments};
-use crate::trace::{new_span_id, AttributeValue, RequestSpans, SpanKind, TraceContext, X_REQUEST_ID};
+use crate::trace::{
+    new_span_id, AttributeValue, RequestSpans, SpanKind, TraceContext, X_REQUEST_ID,
+};
 use crate::worker::{wit, Binding, FetchOrigin, FetchTrace, WorkerError};
 
 /// The connection a request arrived on, with what the node works out once
@@ -226,7 +228,14 @@ async fn serve(
                 .await;
             let took = started.elapsed();
             exchange.worker_time += took;
-            record_worker_span(exchange, binding, span_id, "request", started, action.is_err());
+            record_worker_span(
+                exchange,
+                binding,
+                span_id,
+                "request",
+                started,
+                action.is_err(),
+            );
             if node.request_metrics {
                 node.metrics
                     .route(exchange.route)
@@ -440,7 +449,10 @@ fn record_worker_span(
         return;
     };
     let attributes = vec![
-        ("edge.worker", AttributeValue::Owned(binding.module_name().to_owned())),
+        (
+            "edge.worker",
+            AttributeValue::Owned(binding.module_name().to_owned()),
+        ),
         ("edge.phase", AttributeValue::Static(phase)),
     ];
     spans.record(
@@ -469,13 +481,19 @@ fn record_upstream_span<B>(
     };
     let mut attributes = vec![("edge.upstream", AttributeValue::Owned(upstream.to_owned()))];
     if let Some(target) = exchange.target {
-        attributes.push(("server.address", AttributeValue::Owned(target.ip().to_string())));
+        attributes.push((
+            "server.address",
+            AttributeValue::Owned(target.ip().to_string()),
+        ));
         attributes.push(("server.port", AttributeValue::Int(i64::from(target.port()))));
     }
     let error = match sent {
         Ok(response) => {
             let status = response.status().as_u16();
-            attributes.push(("http.response.status_code", AttributeValue::Int(i64::from(status))));
+            attributes.push((
+                "http.response.status_code",
+                AttributeValue::Int(i64::from(status)),
+            ));
             status >= 500
         }
         Err(refusal) => {
@@ -986,7 +1004,14 @@ async fn run_response_hooks<B>(
             .await;
         let took = started.elapsed();
         exchange.worker_time += took;
-        record_worker_span(exchange, binding, span_id, "response", started, changes.is_err());
+        record_worker_span(
+            exchange,
+            binding,
+            span_id,
+            "response",
+            started,
+            changes.is_err(),
+        );
         if node.request_metrics {
             node.metrics
                 .route(exchange.route)

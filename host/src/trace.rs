@@ -319,7 +319,6 @@ impl RequestSpans {
     }
 }
 
-
 /// Parses a `traceparent` value (W3C Trace Context, level 1): version, trace
 /// id, parent id and flags in lower-case hex. Version `ff`, an all-zero
 /// trace or parent id, and upper-case hex are invalid. A later version may

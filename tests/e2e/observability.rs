@@ -630,7 +630,10 @@ async fn fetch_carries_request_id_and_trace() -> Result {
     // both, and each fetch carries them.
     let got = get(&node.url("/fan")).await?;
     assert_eq!(got.status, 200, "{}", String::from_utf8_lossy(&got.body));
-    let id = got.header("x-request-id").expect("a generated id").to_owned();
+    let id = got
+        .header("x-request-id")
+        .expect("a generated id")
+        .to_owned();
     assert_eq!(id.len(), 32);
     assert_eq!(upstream.complete_count(), 2);
     let fetched = upstream.received();
@@ -646,7 +649,10 @@ async fn fetch_carries_request_id_and_trace() -> Result {
         traces.push(trace);
         parents.push(parent);
     }
-    assert_eq!(traces[0], traces[1], "both fetches are in the request's trace");
+    assert_eq!(
+        traces[0], traces[1],
+        "both fetches are in the request's trace"
+    );
     assert_ne!(parents[0], parents[1], "each fetch has its own span id");
 
     // A client's trace and id carry on into the fetches, with a new span id

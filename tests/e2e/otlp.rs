@@ -162,7 +162,10 @@ async fn spans_link_request_stages_and_upstream() -> Result {
         "GET",
         &node.url("/api/items"),
         &[
-            ("traceparent", &format!("00-{client_trace}-{client_span}-01")),
+            (
+                "traceparent",
+                &format!("00-{client_trace}-{client_span}-01"),
+            ),
             ("x-request-id", "otlp-round-trip-1"),
         ],
         b"",
@@ -172,7 +175,12 @@ async fn spans_link_request_stages_and_upstream() -> Result {
     assert_eq!(got.header("x-request-id"), Some("otlp-round-trip-1"));
     let seen = upstream.last().headers;
     assert_eq!(seen["x-request-id"], "otlp-round-trip-1");
-    let sent_parent = seen["traceparent"].to_str()?.split('-').nth(2).unwrap().to_owned();
+    let sent_parent = seen["traceparent"]
+        .to_str()?
+        .split('-')
+        .nth(2)
+        .unwrap()
+        .to_owned();
 
     let spans = collector.wait_for_trace(&hex_bytes(client_trace), 3).await;
     assert_eq!(spans.len(), 3, "{spans:#?}");
@@ -201,7 +209,10 @@ async fn spans_link_request_stages_and_upstream() -> Result {
     let call_attributes = attributes(call);
     assert_eq!(call_attributes["edge.upstream"], "app");
     assert_eq!(call_attributes["http.response.status_code"], "200");
-    assert_eq!(call_attributes["server.port"], upstream.addr.port().to_string());
+    assert_eq!(
+        call_attributes["server.port"],
+        upstream.addr.port().to_string()
+    );
     assert!(call.start_time_unix_nano >= root.start_time_unix_nano);
     assert!(call.end_time_unix_nano <= root.end_time_unix_nano);
 
@@ -212,7 +223,10 @@ async fn spans_link_request_stages_and_upstream() -> Result {
     // Without a client traceparent the node starts a trace, and the
     // generated request id is the one on the response and the span.
     let got = get(&node.url("/api/fresh")).await?;
-    let id = got.header("x-request-id").expect("a generated id").to_owned();
+    let id = got
+        .header("x-request-id")
+        .expect("a generated id")
+        .to_owned();
     let seen = upstream.last().headers;
     let traceparent = seen["traceparent"].to_str()?.to_owned();
     let trace_id = traceparent.split('-').nth(1).unwrap();
@@ -259,7 +273,11 @@ async fn spans_cover_workers_and_fetches() -> Result {
     let fetches: Vec<&Span> = spans.iter().filter(|s| s.name == "fetch").collect();
     assert_eq!(fetches.len(), 2);
     for received in &fetched {
-        let parent = received.headers["traceparent"].to_str()?.split('-').nth(2).unwrap();
+        let parent = received.headers["traceparent"]
+            .to_str()?
+            .split('-')
+            .nth(2)
+            .unwrap();
         let span = fetches
             .iter()
             .find(|span| span.span_id == hex_bytes(parent))
@@ -352,7 +370,10 @@ fn check_rejects_invalid_otlp_endpoints() {
         ("https://127.0.0.1:4318", "must be an http:// URL"),
         ("127.0.0.1:4318", "must be an http:// URL"),
         ("http://", "is not a valid URL"),
-        ("http://127.0.0.1:4318/v1/traces?x=1", "must not have a query"),
+        (
+            "http://127.0.0.1:4318/v1/traces?x=1",
+            "must not have a query",
+        ),
     ] {
         let text = format!("{base}[tracing]\notlp_endpoint = \"{endpoint}\"\n");
         let stderr = check_fails(&text);

@@ -254,7 +254,10 @@ impl Recorder<'_> {
             return;
         };
         let mut attributes = vec![
-            ("edge.upstream", AttributeValue::Owned(upstream.name.clone())),
+            (
+                "edge.upstream",
+                AttributeValue::Owned(upstream.name.clone()),
+            ),
             (
                 "http.request.method",
                 AttributeValue::Owned(plan.method.as_str().to_owned()),
@@ -380,7 +383,12 @@ impl FetchAccess {
     }
 
     /// Sends one request and reads its whole response within its timeout.
-    async fn exchange(&self, plan: Planned, client_ip: IpAddr, record: Recorder<'_>) -> FetchResult {
+    async fn exchange(
+        &self,
+        plan: Planned,
+        client_ip: IpAddr,
+        record: Recorder<'_>,
+    ) -> FetchResult {
         let upstream = &self.upstreams[plan.upstream];
         let mut info = PlannedInfo {
             upstream: plan.upstream,

@@ -240,12 +240,12 @@ struct Recorder<'a> {
 }
 
 impl Recorder<'_> {
-    /// Records one finished fetch: its time in the route's upstream
-    /// histogram (when it got a response head) and its span.
+    /// Records one finished fetch: its call time in the route's upstream
+    /// histogram (unless no call was made) and its span.
     fn finish(&self, plan: &PlannedInfo, upstream: &Upstream, result: &FetchResult) {
         let ended = Instant::now();
-        if let (Some(metrics), Some(head)) = (self.metrics, plan.head_time) {
-            metrics.upstream(plan.upstream, head);
+        if let (Some(metrics), Some(took)) = (self.metrics, plan.call_time) {
+            metrics.upstream(plan.upstream, took);
         }
         let (Some(trace), Some(span_id)) = (self.trace, plan.span_id) else {
             return;
@@ -304,8 +304,9 @@ struct PlannedInfo {
     method: Method,
     span_id: Option<[u8; 8]>,
     started: Instant,
-    /// Time until the response head, when one arrived.
-    head_time: Option<Duration>,
+    /// Time from sending until the response head or the failure; `None`
+    /// when an open breaker or failed health checks stopped the request.
+    call_time: Option<Duration>,
 }
 
 impl FetchAccess {
@@ -395,16 +396,23 @@ impl FetchAccess {
             method: plan.request.method().clone(),
             span_id: plan.span_id,
             started: Instant::now(),
-            head_time: None,
+            call_time: None,
         };
-        let head_time = &mut info.head_time;
+        let call_time = &mut info.call_time;
         let started = info.started;
         let exchange = async {
-            let response = upstream
+            let sent = upstream
                 .send(plan.request, client_ip, Some(plan.timeout))
-                .await
-                .map_err(fetch_error)?;
-            *head_time = Some(started.elapsed());
+                .await;
+            // A request that no breaker or health check let through made no
+            // call, as on the proxy path.
+            if !matches!(
+                sent,
+                Err(Refusal::CircuitOpen { .. } | Refusal::NoHealthyUpstream { .. })
+            ) {
+                *call_time = Some(started.elapsed());
+            }
+            let response = sent.map_err(fetch_error)?;
             let (mut head, body) = response.into_parts();
             remove_hop_by_hop(&mut head.headers);
             let body = read_capped(body, &head.headers, self.limits.max_response_body).await?;
@@ -421,9 +429,13 @@ impl FetchAccess {
                 body: body.to_vec(),
             })
         };
-        let result = tokio::time::timeout(plan.timeout, exchange)
-            .await
-            .unwrap_or(Err(FetchError::TimedOut));
+        let result = match tokio::time::timeout(plan.timeout, exchange).await {
+            Ok(result) => result,
+            Err(_) => {
+                info.call_time.get_or_insert(plan.timeout);
+                Err(FetchError::TimedOut)
+            }
+        };
         if let Err(error) = &result {
             tracing::debug!(upstream = %upstream.name, ?error, "worker fetch failed");
         }

@@ -326,6 +326,8 @@ fn key_value(key: &str, value: AttributeValue) -> KeyValue {
         AttributeValue::Shared(text) => any_value::Value::StringValue(text.to_string()),
         AttributeValue::Owned(text) => any_value::Value::StringValue(text),
         AttributeValue::Int(number) => any_value::Value::IntValue(number),
+        AttributeValue::Method(method) => any_value::Value::StringValue(method.to_string()),
+        AttributeValue::Ip(ip) => any_value::Value::StringValue(ip.to_string()),
     };
     KeyValue {
         key: key.to_owned(),

@@ -23,6 +23,7 @@
 //! ```
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -178,7 +179,7 @@ async fn serve(
         let root = &mut spans.root_attributes;
         root.push((
             "http.request.method",
-            AttributeValue::Owned(parts.method.as_str().to_owned()),
+            AttributeValue::Method(parts.method.clone()),
         ));
         root.push(("url.path", AttributeValue::Owned(path.to_string())));
         root.push(("edge.route", AttributeValue::Shared(route.name.clone())));
@@ -351,7 +352,8 @@ async fn serve(
         exchange.upstream_time = started.elapsed();
     }
     if let (Some(span_id), true) = (client_span, called) {
-        record_upstream_span(exchange, &upstream.name, span_id, started, &sent);
+        let name = node.metrics.upstream_names()[upstream_index].clone();
+        record_upstream_span(exchange, name, span_id, started, &sent);
     }
     let mut response = sent?;
     remove_hop_by_hop(response.headers_mut());
@@ -451,7 +453,7 @@ fn record_worker_span(
     let attributes = vec![
         (
             "edge.worker",
-            AttributeValue::Owned(binding.module_name().to_owned()),
+            AttributeValue::Shared(binding.module.name.clone()),
         ),
         ("edge.phase", AttributeValue::Static(phase)),
     ];
@@ -471,7 +473,7 @@ fn record_worker_span(
 /// its parent in `traceparent`.
 fn record_upstream_span<B>(
     exchange: &mut Exchange,
-    upstream: &str,
+    upstream: Arc<str>,
     span_id: [u8; 8],
     started: Instant,
     sent: &Result<Response<B>, Refusal>,
@@ -479,12 +481,9 @@ fn record_upstream_span<B>(
     let (Some(spans), Some(trace)) = (&mut exchange.spans, &exchange.trace) else {
         return;
     };
-    let mut attributes = vec![("edge.upstream", AttributeValue::Owned(upstream.to_owned()))];
+    let mut attributes = vec![("edge.upstream", AttributeValue::Shared(upstream))];
     if let Some(target) = exchange.target {
-        attributes.push((
-            "server.address",
-            AttributeValue::Owned(target.ip().to_string()),
-        ));
+        attributes.push(("server.address", AttributeValue::Ip(target.ip())));
         attributes.push(("server.port", AttributeValue::Int(i64::from(target.port()))));
     }
     let error = match sent {

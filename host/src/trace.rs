@@ -160,13 +160,17 @@ pub enum SpanKind {
     Internal,
 }
 
-/// The value of a span attribute.
+/// The value of a span attribute. Values that need formatting (a method,
+/// an address) are kept as they are and turned into text by the exporter,
+/// off the request path.
 #[derive(Debug, Clone)]
 pub enum AttributeValue {
     Static(&'static str),
     Shared(Arc<str>),
     Owned(String),
     Int(i64),
+    Method(http::Method),
+    Ip(std::net::IpAddr),
 }
 
 /// One finished span, ready for export.

@@ -260,7 +260,7 @@ impl Recorder<'_> {
             ),
             (
                 "http.request.method",
-                AttributeValue::Owned(plan.method.as_str().to_owned()),
+                AttributeValue::Method(plan.method.clone()),
             ),
         ];
         let error = match result {

@@ -260,9 +260,7 @@ impl FailureLog {
     }
 }
 
-// TODO: encode the protobuf straight from `SpanRecord`s; converting to the
-// generated types costs about half of the exporter's 11,000 instructions per
-// span (BENCHMARKS.md, "OTLP span export").
+// TODO: encode straight from SpanRecord; converting to the generated types is half the cost.
 /// Encodes spans as one OTLP `ExportTraceServiceRequest`, under a resource
 /// named `edge` with the node's name as its instance id.
 pub fn encode(spans: Vec<SpanRecord>, node: &str) -> Vec<u8> {

@@ -39,34 +39,88 @@ pub fn json() -> String {
 /// Returns [`ConfigError`] when the table does not match `T`, such as a
 /// missing field or a value of the wrong type.
 pub fn parse<T: DeserializeOwned>() -> Result<T, ConfigError> {
-    parse_json(&json())
+    from_json(&json())
 }
 
-/// Deserializes the config JSON text `text` into `T`.
-pub(crate) fn parse_json<T: DeserializeOwned>(text: &str) -> Result<T, ConfigError> {
-    serde_json::from_str(text).map_err(ConfigError)
+/// Deserializes the config JSON text `text` into `T`, as [`parse`] does
+/// with the binding's config; workers use it to test their config types.
+///
+/// # Errors
+///
+/// Returns [`ConfigError`] when `text` does not match `T`.
+pub fn from_json<T: DeserializeOwned>(text: &str) -> Result<T, ConfigError> {
+    serde_json::from_str(text).map_err(|error| ConfigError::locate::<T>(text, error))
 }
 
 /// An error from [`parse`]: the config does not match the expected type.
 ///
-/// It displays serde's message, such as ``missing field `headers` ``, without
-/// the line and column, because those point into the JSON text the host made
-/// from the config file, not into the file itself.
+/// It displays the field's path and serde's message, such as
+/// ``variants[1].weight: invalid type: string "x", expected u32``, without
+/// serde_json's line and column, which point into the JSON text the host
+/// made from the config file, not into the file itself.
 #[derive(Debug)]
-pub struct ConfigError(serde_json::Error);
+pub struct ConfigError {
+    /// The path of the field at fault, such as `variants[1].weight`, or
+    /// `None` for the table itself.
+    path: Option<String>,
+    error: serde_json::Error,
+}
+
+impl ConfigError {
+    /// Finds the path of the field at fault by parsing `text` again with
+    /// tracking, which only a failed parse pays for.
+    fn locate<T: DeserializeOwned>(text: &str, error: serde_json::Error) -> ConfigError {
+        let mut deserializer = serde_json::Deserializer::from_str(text);
+        match serde_path_to_error::deserialize::<_, T>(&mut deserializer) {
+            Err(tracked) => {
+                let mut path = tracked.path().to_string();
+                let error = tracked.into_inner();
+                // For an unknown field the path ends with that field, which
+                // the message names already.
+                let message = error.to_string();
+                if let Some(field) = message
+                    .strip_prefix("unknown field `")
+                    .and_then(|rest| rest.split('`').next())
+                {
+                    if let Some(parent) = path.strip_suffix(field) {
+                        path = parent.strip_suffix('.').unwrap_or(parent).to_owned();
+                    }
+                }
+                ConfigError {
+                    path: (!path.is_empty() && path != ".").then_some(path),
+                    error,
+                }
+            }
+            Ok(_) => ConfigError { path: None, error },
+        }
+    }
+
+    /// Returns the path of the field at fault, such as `variants[1].weight`,
+    /// or `None` when the error is about the table itself.
+    pub fn path(&self) -> Option<&str> {
+        self.path.as_deref()
+    }
+}
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let message = self.0.to_string();
+        if let Some(path) = &self.path {
+            write!(f, "{path}: ")?;
+        }
+        let message = self.error.to_string();
         // serde_json appends " at line L column C" when it has a position.
-        let position = format!(" at line {} column {}", self.0.line(), self.0.column());
+        let position = format!(
+            " at line {} column {}",
+            self.error.line(),
+            self.error.column()
+        );
         f.write_str(message.strip_suffix(&position).unwrap_or(&message))
     }
 }
 
 impl std::error::Error for ConfigError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-        Some(&self.0)
+        Some(&self.error)
     }
 }
 
@@ -86,13 +140,13 @@ mod tests {
 
     #[test]
     fn parse_reads_table() {
-        let sample: Sample = parse_json(r#"{"headers":{"x-a":"1"}}"#).unwrap();
+        let sample: Sample = from_json(r#"{"headers":{"x-a":"1"}}"#).unwrap();
         assert_eq!(sample.headers["x-a"], "1");
     }
 
     #[test]
     fn error_shows_serde_message_only() {
-        let error = parse_json::<Sample>(r#"{"other":1}"#).unwrap_err();
+        let error = from_json::<Sample>(r#"{"other":1}"#).unwrap_err();
         assert_eq!(
             error.to_string(),
             "unknown field `other`, expected `headers`"
@@ -100,8 +154,32 @@ mod tests {
     }
 
     #[test]
+    fn error_names_the_field_at_fault() {
+        let error = from_json::<Sample>(r#"{"headers":{"x-a":1}}"#).unwrap_err();
+        assert_eq!(error.path(), Some("headers.x-a"));
+        assert_eq!(
+            error.to_string(),
+            "headers.x-a: invalid type: integer `1`, expected a string"
+        );
+    }
+
+    #[test]
+    fn unknown_nested_field_names_its_table() {
+        #[derive(Debug, Deserialize)]
+        struct Outer {
+            #[allow(dead_code)]
+            inner: Sample,
+        }
+        let error = from_json::<Outer>(r#"{"inner":{"other":1}}"#).unwrap_err();
+        assert_eq!(
+            error.to_string(),
+            "inner: unknown field `other`, expected `headers`"
+        );
+    }
+
+    #[test]
     fn error_for_missing_field() {
-        let error = parse_json::<Sample>("{}").unwrap_err();
+        let error = from_json::<Sample>("{}").unwrap_err();
         assert_eq!(error.to_string(), "missing field `headers`");
     }
 

@@ -189,6 +189,18 @@ pub fn send(requests: Vec<Request>) -> Vec<Result<Response, FetchError>> {
     return requests.into_iter().map(crate::testing::fetch).collect();
 }
 
+/// Returns whether the worker's entry may send requests to the upstream
+/// `upstream`: its `fetch` list names it. Check the upstreams a config names
+/// in [`Worker::check_config`](crate::Worker::check_config), so that a missing
+/// entry stops the node at load instead of failing every request.
+pub fn allowed(upstream: &str) -> bool {
+    #[cfg(target_arch = "wasm32")]
+    return crate::bindings::edge::worker::fetch::allowed(upstream);
+
+    #[cfg(not(target_arch = "wasm32"))]
+    return crate::testing::fetch_allowed(upstream);
+}
+
 /// Milliseconds of a timeout, saturating at `u32::MAX` (about 49 days).
 #[cfg(any(target_arch = "wasm32", test))]
 fn timeout_ms(timeout: Duration) -> u32 {

@@ -1,5 +1,5 @@
 //! The guest SDK for Edge workers: plain Rust types over the
-//! `edge:worker@0.1.1` WIT contract, so that a worker is one trait impl and
+//! `edge:worker@0.1.2` WIT contract, so that a worker is one trait impl and
 //! one macro call.
 //!
 //! A worker is a WebAssembly component that runs on a route of an Edge node.

@@ -45,6 +45,24 @@ thread_local! {
     static CONTEXT: RefCell<Vec<(String, String)>> = const { RefCell::new(Vec::new()) };
     static SECRETS: RefCell<Vec<(String, String)>> = const { RefCell::new(Vec::new()) };
     static FETCH: RefCell<Option<FetchHandler>> = const { RefCell::new(None) };
+    static FETCH_ALLOWED: RefCell<Option<Vec<String>>> = const { RefCell::new(None) };
+}
+
+/// Sets the upstreams [`fetch::allowed`](crate::fetch::allowed) reports as
+/// allowed on this thread. Until the first call it allows every upstream.
+pub fn set_fetch_allowed(names: &[&str]) {
+    FETCH_ALLOWED.with(|allowed| {
+        *allowed.borrow_mut() = Some(names.iter().map(|name| name.to_string()).collect());
+    });
+}
+
+pub(crate) fn fetch_allowed(name: &str) -> bool {
+    FETCH_ALLOWED.with(|allowed| {
+        allowed
+            .borrow()
+            .as_ref()
+            .is_none_or(|names| names.iter().any(|allowed| allowed == name))
+    })
 }
 
 /// Sets the function that answers this thread's

@@ -66,7 +66,7 @@ pub fn start(
         (None, None) => anyhow::bail!("admin: set token or token_file"),
     };
     let token_digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
-    let session = crate::status::Session::new(&token);
+    let sessions = crate::status::Sessions::new(admin.session_timeout);
     let addr = *admin.addr.get_ref();
     let listener = std::net::TcpListener::bind(addr)
         .with_context(|| format!("cannot listen on {addr} for the admin listener"))?;
@@ -92,10 +92,10 @@ pub fn start(
                 accepted = listener.accept() => {
                     let Ok((stream, _)) = accepted else { continue };
                     let node = node.clone();
-                    let session = session.clone();
+                    let sessions = sessions.clone();
                     tokio::spawn(async move {
                         let service = hyper::service::service_fn(move |request| {
-                            let response = serve(&node, &token_digest, &session, &request);
+                            let response = serve(&node, &token_digest, &sessions, &request);
                             async move { Ok::<_, std::convert::Infallible>(response) }
                         });
                         // A client gets as long for its request head as on
@@ -120,7 +120,7 @@ pub fn start(
 fn serve(
     node: &Node,
     token_digest: &[u8; 32],
-    session: &crate::status::Session,
+    sessions: &crate::status::Sessions,
     request: &Request<Incoming>,
 ) -> Response<Full<Bytes>> {
     // Probes carry no token, and the responses reveal nothing beyond the phase.
@@ -138,11 +138,11 @@ fn serve(
         _ => {}
     }
     if request.uri().path() == "/status" && request.method() == Method::GET {
-        if let Some(response) = session.log_in(request, token_digest) {
+        if let Some(response) = sessions.log_in(request, token_digest) {
             return response;
         }
     }
-    let by_cookie = request.method() == Method::GET && session.carried_by(request);
+    let by_cookie = sessions.opens(request);
     if !by_cookie && !authorized(request, token_digest) {
         let mut response = error(
             StatusCode::UNAUTHORIZED,

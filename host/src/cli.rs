@@ -53,6 +53,26 @@ enum Command {
     /// Create and build workers.
     #[command(subcommand)]
     Worker(WorkerCommand),
+    /// Show a running node's routes, upstreams and rate limits live in the
+    /// terminal, from its admin listener.
+    Top {
+        /// The admin listener's address.
+        #[arg(long, default_value = "127.0.0.1:9901")]
+        admin: std::net::SocketAddr,
+        /// The admin bearer token; or use --token-file or the
+        /// EDGE_ADMIN_TOKEN environment variable.
+        #[arg(long, conflicts_with = "token_file")]
+        token: Option<String>,
+        /// A file whose first line is the admin token.
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// Time between two frames.
+        #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+        interval: std::time::Duration,
+        /// Print one frame and exit, without clearing the screen.
+        #[arg(long)]
+        once: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -130,6 +150,19 @@ pub fn main() -> ExitCode {
         Command::Worker(WorkerCommand::Build { path, out }) => {
             crate::scaffold::build_worker(&path, &out)
         }
+        Command::Top {
+            admin,
+            token,
+            token_file,
+            interval,
+            once,
+        } => crate::top::run(&crate::top::TopOptions {
+            admin,
+            token: token.as_deref(),
+            token_file: token_file.as_deref(),
+            interval,
+            once,
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -74,6 +74,13 @@ pub struct AdminConfig {
     pub token: Option<Spanned<String>>,
     /// A file whose first line is the token, relative to the config file.
     pub token_file: Option<Spanned<PathBuf>>,
+    /// How long a status-page session lasts after its log-in. Default: 12h.
+    #[serde(with = "humantime_serde", default = "default_session_timeout")]
+    pub session_timeout: Duration,
+}
+
+fn default_session_timeout() -> Duration {
+    Duration::from_secs(12 * 3600)
 }
 
 fn default_admin_addr() -> Spanned<SocketAddr> {
@@ -680,6 +687,10 @@ pub struct RouteConfig {
     /// The observability headers of the route's responses and requests.
     #[serde(default)]
     pub observability: RouteObservabilityConfig,
+    /// Headers added to every response of the route, such as
+    /// `vary = "User-Agent"` behind a worker that routes by device.
+    #[serde(default)]
+    pub response_headers: BTreeMap<String, Spanned<String>>,
 }
 
 /// Switches for the headers the node adds to a route's traffic; each is on

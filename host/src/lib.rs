@@ -32,5 +32,6 @@ pub mod scaffold;
 pub mod status;
 pub mod timer;
 pub mod tls;
+pub mod top;
 pub mod trace;
 pub mod worker;

@@ -319,6 +319,12 @@ fn serve_thread(
                         let accepting = acceptor.accept(stream);
                         let stream = match tokio::time::timeout(header_timeout, accepting).await {
                             Ok(Ok(stream)) => stream,
+                            Ok(Err(error)) if crate::tls::is_client_certificate_error(&error) => {
+                                // Worth an operator's eye, unlike the scanners
+                                // and broken clients of the arm below.
+                                tracing::info!(%peer, %error, "rejected a client certificate");
+                                return;
+                            }
                             Ok(Err(error)) => {
                                 tracing::debug!(%peer, %error, "TLS handshake failed");
                                 return;

@@ -2,6 +2,7 @@
 //! bound workers, upstreams, and the worker runtime.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -48,6 +49,57 @@ pub struct Route {
     pub context_limits: LimitSet,
     /// The observability headers the route sends.
     pub observe: RouteObserve,
+    /// Headers appended to every response of the route.
+    pub response_headers: Vec<(HeaderName, HeaderValue)>,
+    /// Whether the route's context limits ever get their value.
+    pub context_watch: ContextWatch,
+}
+
+/// A watch for a limit keyed by a context value that no worker ever sets,
+/// such as `context:usr` for `context:user`. Such a limit silently counts
+/// every request by address, so once a route has served
+/// [`ContextWatch::REQUESTS`] requests without the value and none with it,
+/// the node warns once.
+#[derive(Debug, Default)]
+pub struct ContextWatch {
+    set: AtomicBool,
+    unset: AtomicU64,
+}
+
+impl ContextWatch {
+    /// The number of requests without the value that makes the node warn.
+    pub const REQUESTS: u64 = 1000;
+
+    /// Records a request on which a worker set a limit's value.
+    pub fn value_set(&self) {
+        if !self.set.load(Ordering::Relaxed) {
+            self.set.store(true, Ordering::Relaxed);
+        }
+    }
+
+    /// Records a request that reached the upstream with the `pending`
+    /// limits' values unset.
+    pub fn value_unset(&self, route: &Route, pending: LimitSet) {
+        if self.set.load(Ordering::Relaxed) {
+            return;
+        }
+        if self.unset.fetch_add(1, Ordering::Relaxed) + 1 == Self::REQUESTS {
+            let names: Vec<String> = route
+                .limits
+                .iter()
+                .enumerate()
+                .filter(|(index, _)| pending.contains(*index))
+                .filter_map(|(_, limit)| limit.spec.key.context_name().map(str::to_owned))
+                .collect();
+            tracing::warn!(
+                route = &*route.name,
+                "no worker has set the context values {names:?} in {} requests, so the \
+                 limits keyed by them count every request by client address; check the \
+                 names against what the route's workers set",
+                Self::REQUESTS
+            );
+        }
+    }
 }
 
 /// The observability headers of a route, from `[routes.observability]`.
@@ -369,6 +421,18 @@ impl Node {
                 limits.push(ratelimit.limit(&name, spec));
             }
             let context_limits = LimitSet::of(&limits, |l| l.spec.key.context_name().is_some());
+            let mut response_headers = Vec::with_capacity(route.response_headers.len());
+            for (name, value) in &route.response_headers {
+                let header =
+                    crate::pipeline::response_header(name, value.get_ref()).map_err(|message| {
+                        config.invalid(
+                            config.line_of(value.span().start),
+                            &format!("routes[{index}].response_headers.{name}"),
+                            &message,
+                        )
+                    })?;
+                response_headers.push(header);
+            }
             let observability = &route.observability;
             routes.push(Route {
                 observe: RouteObserve {
@@ -388,6 +452,8 @@ impl Node {
                 max_body: route.max_body.as_u64(),
                 timeout: route.timeout,
                 workers,
+                response_headers,
+                context_watch: ContextWatch::default(),
             });
         }
 

@@ -109,6 +109,11 @@ pub async fn handle(
         shown.apply(headers);
     }
     headers.append(header::VIA, node.via.clone());
+    if let Some(route) = exchange.route {
+        for (name, value) in &node.routes[route].response_headers {
+            headers.append(name.clone(), value.clone());
+        }
+    }
     if let Some(hsts) = &node.listeners[listener].hsts {
         headers
             .entry(header::STRICT_TRANSPORT_SECURITY)
@@ -285,6 +290,7 @@ async fn serve(
             // next worker, so an over-quota user triggers nothing more.
             let ready = pending_limits.ready(&route.limits, &context);
             if !ready.is_empty() {
+                route.context_watch.value_set();
                 pending_limits = pending_limits.without(ready);
                 let input = KeyInput {
                     client_ip,
@@ -297,6 +303,7 @@ async fn serve(
         // No worker set the value of these limits: they count the request
         // by client address.
         if !pending_limits.is_empty() {
+            route.context_watch.value_unset(route, pending_limits);
             let input = KeyInput {
                 client_ip,
                 headers: &parts.headers,
@@ -702,6 +709,16 @@ fn forwarded_ip(hop: &str) -> Option<IpAddr> {
     Some(ip.to_canonical())
 }
 
+/// Returns this hop's `Forwarded` element (RFC 7239, section 4): the peer,
+/// with an IPv6 address in brackets and quotes, and the protocol.
+fn forwarded_element(peer: IpAddr, proto: &str) -> HeaderValue {
+    let element = match peer {
+        IpAddr::V4(ip) => format!("for={ip};proto={proto}"),
+        IpAddr::V6(ip) => format!("for=\"[{ip}]\";proto={proto}"),
+    };
+    HeaderValue::from_str(&element).expect("an IP address and a scheme form a valid header value")
+}
+
 static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
@@ -785,6 +802,24 @@ fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
 
 /// True for headers that describe the message framing or the connection,
 /// which the node sets itself: `Content-Length` and the hop-by-hop headers.
+/// Checks one entry of a route's `response_headers` and returns it as a
+/// header, or returns the reason it cannot be one.
+pub(crate) fn response_header(
+    name: &str,
+    value: &str,
+) -> Result<(HeaderName, HeaderValue), String> {
+    let header_name = HeaderName::from_bytes(name.as_bytes())
+        .map_err(|_| format!("{name:?} is not a valid header name"))?;
+    if is_managed(&header_name) {
+        return Err(format!(
+            "{name} is a framing or hop-by-hop header, which the node sets itself"
+        ));
+    }
+    let header_value = HeaderValue::from_str(value)
+        .map_err(|_| format!("{value:?} is not a valid header value"))?;
+    Ok((header_name, header_value))
+}
+
 fn is_managed(name: &HeaderName) -> bool {
     *name == header::CONTENT_LENGTH || hop_by_hop_index(name).is_some()
 }
@@ -851,6 +886,18 @@ fn prepare_upstream_request(
     };
     headers.insert(X_FORWARDED_FOR.clone(), forwarded_for);
     let proto = if connection.secure { "https" } else { "http" };
+    // RFC 7239 `Forwarded` carries the same claims as `X-Forwarded-For`, so
+    // only a trusted proxy's chain goes on, with this hop added to it.
+    if headers.contains_key(header::FORWARDED) {
+        if connection.peer_trusted {
+            headers.append(
+                header::FORWARDED,
+                forwarded_element(connection.peer.ip(), proto),
+            );
+        } else {
+            headers.remove(header::FORWARDED);
+        }
+    }
     headers.insert(X_FORWARDED_PROTO.clone(), HeaderValue::from_static(proto));
     headers.append(header::VIA, node.via.clone());
     Ok(())

@@ -21,6 +21,11 @@ pub enum PathError {
     ForbiddenByte,
     #[error("the path does not start with '/'")]
     NotAbsolute,
+    #[error(
+        "the path contains ';', which servers such as Tomcat read as the start of path \
+         parameters, so that the upstream could see another path than the route matched"
+    )]
+    Semicolon,
 }
 
 /// Returns the normalised form of a raw request path: percent-decoded, with
@@ -29,6 +34,9 @@ pub enum PathError {
 pub fn normalize_path(raw: &str) -> Result<Cow<'_, str>, PathError> {
     if !raw.starts_with('/') {
         return Err(PathError::NotAbsolute);
+    }
+    if raw.as_bytes().contains(&b';') {
+        return Err(PathError::Semicolon);
     }
     if is_normal(raw) {
         return Ok(Cow::Borrowed(raw));
@@ -114,6 +122,9 @@ fn decode_segment(raw: &str) -> Result<String, PathError> {
         .any(|&b| b == b'/' || b == b'\\' || b < 0x20 || b == 0x7f)
     {
         return Err(PathError::ForbiddenByte);
+    }
+    if decoded.contains(&b';') {
+        return Err(PathError::Semicolon);
     }
     String::from_utf8(decoded).map_err(|_| PathError::NotUtf8)
 }
@@ -516,6 +527,9 @@ mod tests {
     #[test]
     fn normalize_rejects_bad_paths() {
         assert_eq!(normalize_path("/a%2Fb"), Err(PathError::ForbiddenByte));
+        for raw in ["/x/..;/hs/x", "/hs;a/x", "/x/..%3B/hs/x", "/a/b%3bc"] {
+            assert_eq!(normalize_path(raw), Err(PathError::Semicolon), "{raw}");
+        }
         assert_eq!(normalize_path("/a%5cb"), Err(PathError::ForbiddenByte));
         assert_eq!(normalize_path("/a%00"), Err(PathError::ForbiddenByte));
         assert_eq!(normalize_path("/a%zz"), Err(PathError::BadEscape));

@@ -14,6 +14,27 @@ fn default_sdk_path() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-sdk")
 }
 
+/// Where a new worker crate gets the guest SDK from.
+enum SdkSource<'a> {
+    Git(&'a str),
+    Path(PathBuf),
+}
+
+/// Returns `target` relative to `base` when both absolute paths share a
+/// folder below the file system's root, and `None` otherwise.
+fn relative_within_tree(target: &Path, base: &Path) -> Option<PathBuf> {
+    let target: Vec<_> = target.components().collect();
+    let base: Vec<_> = base.components().collect();
+    let common = target.iter().zip(&base).take_while(|(a, b)| a == b).count();
+    // The first component is the root itself.
+    if common < 2 {
+        return None;
+    }
+    let mut relative: PathBuf = base[common..].iter().map(|_| "..").collect();
+    relative.extend(&target[common..]);
+    Some(relative)
+}
+
 /// Creates a worker crate named `name` in `dir`.
 pub fn new_worker(
     name: &str,
@@ -36,21 +57,32 @@ pub fn new_worker(
     if root.exists() {
         bail!("{} already exists", root.display());
     }
-    let dependency = match (sdk_path, sdk_git) {
-        (_, Some(url)) => format!("edge-sdk = {{ git = {url:?} }}"),
+    let sdk = match (sdk_path, sdk_git) {
+        (_, Some(url)) => SdkSource::Git(url),
         (path, None) => {
             let path = path.map_or_else(default_sdk_path, Path::to_owned);
-            let path = std::fs::canonicalize(&path).with_context(|| {
+            SdkSource::Path(std::fs::canonicalize(&path).with_context(|| {
                 format!(
                     "guest SDK not found at {}; pass --sdk-path or --sdk-git",
                     path.display()
                 )
-            })?;
-            format!("edge-sdk = {{ path = {:?} }}", path.display().to_string())
+            })?)
         }
     };
     std::fs::create_dir_all(root.join("src"))
         .with_context(|| format!("cannot create {}", root.display()))?;
+    let dependency = match sdk {
+        SdkSource::Git(url) => format!("edge-sdk = {{ git = {url:?} }}"),
+        SdkSource::Path(path) => {
+            let root = std::fs::canonicalize(&root)
+                .with_context(|| format!("cannot resolve {}", root.display()))?;
+            // A crate in the same tree as the SDK (say, this repository's
+            // workers/) gets a relative path, which still works after a move
+            // or a clone elsewhere.
+            let path = relative_within_tree(&path, &root).unwrap_or(path);
+            format!("edge-sdk = {{ path = {:?} }}", path.display().to_string())
+        }
+    };
     let manifest = format!(
         r#"[package]
 name = "{name}"
@@ -193,4 +225,26 @@ fn ensure_target() -> anyhow::Result<()> {
         bail!("rustup target add {WORKER_TARGET} failed");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sdk_path_is_relative_only_within_one_tree() {
+        let relative = |target: &str, base: &str| {
+            relative_within_tree(Path::new(target), Path::new(base))
+                .map(|path| path.display().to_string())
+        };
+        assert_eq!(
+            relative("/work/edge/guest-sdk", "/work/edge/workers/hello").as_deref(),
+            Some("../../guest-sdk")
+        );
+        assert_eq!(
+            relative("/work/edge/guest-sdk", "/work/other/hello").as_deref(),
+            Some("../../edge/guest-sdk")
+        );
+        assert_eq!(relative("/work/edge/guest-sdk", "/tmp/hello"), None);
+    }
 }

@@ -4,18 +4,19 @@
 //! levels and loaded modules.
 //!
 //! A browser cannot send the bearer token, so it opens
-//! `/status?token=TOKEN` once: the node checks the token, sets an
-//! `HttpOnly`, `SameSite=Strict` session cookie derived from it, and
+//! `/status?token=TOKEN` once: the node checks the token, starts a session
+//! with a random id, sets it as an `HttpOnly`, `SameSite=Strict` cookie and
 //! redirects to `/status`, so the token leaves the address bar and history.
-//! The cookie is accepted for GET requests only, and the admin API changes
-//! nothing on GET.
+//! The node keeps each session's expiry itself. A session cookie opens GET
+//! requests of the page and its data only, never the rest of the admin API.
 
-use std::sync::Arc;
-use std::time::Instant;
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{CACHE_CONTROL, CONTENT_TYPE, COOKIE, LOCATION, SET_COOKIE};
-use http::{HeaderValue, Request, Response, StatusCode};
+use http::{HeaderValue, Method, Request, Response, StatusCode};
 use http_body_util::Full;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -24,36 +25,32 @@ use crate::node::Node;
 
 /// The session cookie's name.
 const COOKIE_NAME: &str = "edge_status";
-/// How long a session cookie lasts, in seconds (12 hours).
-const SESSION_SECONDS: u32 = 12 * 3600;
+/// The maximum number of sessions kept at once; a new log-in past it ends
+/// the oldest.
+const MAX_SESSIONS: usize = 64;
+/// The paths a session cookie opens.
+const SESSION_PATHS: [&str; 2] = ["/status", "/status.json"];
 
-/// The status page's session: a cookie value derived from the admin token.
-#[derive(Clone)]
-pub struct Session {
-    /// The cookie value: the SHA-256 of a label and the token, in hex, so
-    /// the cookie never contains the token itself.
-    value: Arc<str>,
-    /// The SHA-256 of `value`, compared with the digest of a presented
-    /// cookie so that the time taken does not depend on how much matched.
-    digest: [u8; 32],
+/// The status page's sessions. Only the SHA-256 of each cookie value is
+/// kept, so the node's memory contains nothing a browser could present.
+pub struct Sessions {
+    timeout: Duration,
+    /// Each live session's cookie digest and expiry, oldest first.
+    live: Mutex<VecDeque<([u8; 32], Instant)>>,
 }
 
-impl Session {
-    pub fn new(token: &str) -> Session {
-        let mut hasher = Sha256::new();
-        hasher.update(b"edge status session\0");
-        hasher.update(token.as_bytes());
-        let value = hex::encode(hasher.finalize());
-        let digest = Sha256::digest(value.as_bytes()).into();
-        Session {
-            value: Arc::from(value),
-            digest,
-        }
+impl Sessions {
+    /// Creates an empty set of sessions that each last `timeout`.
+    pub fn new(timeout: Duration) -> Arc<Sessions> {
+        Arc::new(Sessions {
+            timeout,
+            live: Mutex::new(VecDeque::new()),
+        })
     }
 
-    /// Handles `/status?token=...`: sets the session cookie and redirects
-    /// to `/status` when the token is right, and returns 401 when it is wrong.
-    /// Returns `None` when the request has no `token` parameter.
+    /// Handles `/status?token=...`: starts a session, sets its cookie and
+    /// redirects to `/status` when the token is right, and returns 401 when
+    /// it is wrong. Returns `None` when the request has no `token` parameter.
     pub fn log_in<B>(
         &self,
         request: &Request<B>,
@@ -75,9 +72,20 @@ impl Session {
                 "the token is not the admin token",
             ));
         }
+        let mut id = [0u8; 32];
+        if aws_lc_rs::rand::fill(&mut id).is_err() {
+            tracing::error!("cannot draw random bytes for a status-page session");
+            return Some(crate::admin::error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "session_failed",
+                "the node cannot start a session; use the bearer token",
+            ));
+        }
+        let value = hex::encode(id);
+        self.start(Sha256::digest(value.as_bytes()).into(), Instant::now());
         let cookie = format!(
-            "{COOKIE_NAME}={}; HttpOnly; SameSite=Strict; Path=/; Max-Age={SESSION_SECONDS}",
-            self.value
+            "{COOKIE_NAME}={value}; HttpOnly; SameSite=Strict; Path=/; Max-Age={}",
+            self.timeout.as_secs()
         );
         let mut response = Response::new(Full::new(Bytes::new()));
         *response.status_mut() = StatusCode::SEE_OTHER;
@@ -90,8 +98,24 @@ impl Session {
         Some(response)
     }
 
-    /// Returns whether the request carries this session's cookie.
-    pub fn carried_by<B>(&self, request: &Request<B>) -> bool {
+    /// Records a session whose cookie value has `digest`, dropping expired
+    /// sessions and, past [`MAX_SESSIONS`], the oldest.
+    fn start(&self, digest: [u8; 32], now: Instant) {
+        let mut live = self.live.lock().expect("session list poisoned");
+        live.retain(|(_, expiry)| *expiry > now);
+        if live.len() >= MAX_SESSIONS {
+            live.pop_front();
+        }
+        live.push_back((digest, now + self.timeout));
+    }
+
+    /// Returns whether the request is a GET of the status page or its data
+    /// with the cookie of a live session.
+    pub fn opens<B>(&self, request: &Request<B>) -> bool {
+        if request.method() != Method::GET || !SESSION_PATHS.contains(&request.uri().path()) {
+            return false;
+        }
+        let now = Instant::now();
         request
             .headers()
             .get_all(COOKIE)
@@ -100,10 +124,17 @@ impl Session {
             .flat_map(|value| value.split(';'))
             .filter_map(|pair| pair.trim().split_once('='))
             .filter(|(name, _)| *name == COOKIE_NAME)
-            .any(|(_, value)| {
-                let digest: [u8; 32] = Sha256::digest(value.as_bytes()).into();
-                same_digest(&digest, &self.digest)
-            })
+            .any(|(_, value)| self.is_live(&Sha256::digest(value.as_bytes()).into(), now))
+    }
+
+    /// Returns whether a session whose cookie value has `digest` is live at
+    /// `now`. Every session is compared, so the time taken does not tell
+    /// which one came close.
+    fn is_live(&self, digest: &[u8; 32], now: Instant) -> bool {
+        let live = self.live.lock().expect("session list poisoned");
+        live.iter().fold(false, |found, (known, expiry)| {
+            found | (same_digest(digest, known) & (*expiry > now))
+        })
     }
 }
 
@@ -410,3 +441,26 @@ poll();
 </body>
 </html>
 "##;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sessions_expire_and_the_oldest_goes_first() {
+        let sessions = Sessions::new(Duration::from_secs(60));
+        let start = Instant::now();
+        sessions.start([1; 32], start);
+        assert!(sessions.is_live(&[1; 32], start + Duration::from_secs(59)));
+        assert!(!sessions.is_live(&[1; 32], start + Duration::from_secs(60)));
+        assert!(!sessions.is_live(&[2; 32], start));
+
+        for n in 0..MAX_SESSIONS as u8 {
+            sessions.start([n + 2; 32], start);
+        }
+        // The first session made room for the last.
+        assert!(!sessions.is_live(&[1; 32], start));
+        assert!(sessions.is_live(&[2; 32], start));
+        assert!(sessions.is_live(&[MAX_SESSIONS as u8 + 1; 32], start));
+    }
+}

@@ -727,6 +727,17 @@ fn reload_listener(index: usize, tls: &ListenerTls, force: bool) {
     }
 }
 
+/// Returns whether a failed handshake was the client's certificate being
+/// missing or rejected on a listener that checks client certificates.
+pub fn is_client_certificate_error(error: &std::io::Error) -> bool {
+    matches!(
+        error
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>()),
+        Some(rustls::Error::InvalidCertificate(_) | rustls::Error::NoCertificatesPresented)
+    )
+}
+
 /// Sends a `protocol_version` alert and returns true when the client's
 /// first bytes are a ClientHello that offers only TLS 1.1 or older.
 ///

@@ -257,6 +257,30 @@ async fn changed_shape_changes_response() -> Result {
 }
 
 #[tokio::test]
+async fn section_missing_from_fetch_list_stops_node() -> Result {
+    let promo_sections = "sections = [\n\
+         { name = \"rows\", upstream = \"recs\", path = \"/rows\", list = \"rows\" },\n\
+         { name = \"promo\", upstream = \"promo\", path = \"/p\" },\n]\n";
+    let shapes = "[routes.workers.config.devices.tv.sections]\nrows = {}\npromo = {}\n";
+    let extra = upstreams(&[
+        ("recs", closed_port()),
+        ("history", closed_port()),
+        ("billing", closed_port()),
+        ("promo", closed_port()),
+    ]);
+    // `promo` is an upstream, but the entry's `fetch` list leaves it out.
+    let Err(error) = Node::start(&home_config(&extra, promo_sections, shapes)) else {
+        panic!("the node started with a section it may not fetch from");
+    };
+    let error = error.to_string();
+    assert!(
+        error.contains("sections[1] upstream \"promo\" is not in the worker entry's `fetch` list"),
+        "{error}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn failed_sections_give_partial_200() -> Result {
     let recs = Upstream::start(|_| Reply::Json(Duration::ZERO, rows_body())).await;
     let history = Upstream::start(|_| Reply::Status(500)).await;

@@ -154,7 +154,7 @@ fn check_rejects_bad_modules_with_reason() {
         (
             "empty.wasm",
             b"\0asm\x0d\0\x01\0",
-            "does not export the edge:worker@0.1.1 `handler` interface",
+            "does not export the edge:worker@0.1.2 `handler` interface",
         ),
         (
             "broken.wasm",
@@ -310,6 +310,33 @@ fn routes_explain_shows_match_and_misses() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("no route matches"), "{stdout}");
     assert!(stdout.contains("method POST is not one of GET"), "{stdout}");
+}
+
+#[test]
+fn worker_new_in_this_repository_points_at_the_sdk_relatively() {
+    let dir = tempfile::tempdir_in(crate::harness::repo_root()).unwrap();
+    let root = dir.path().display().to_string();
+    let created = edge(&["worker", "new", "near-worker", "--dir", &root]);
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    let crate_dir = dir.path().join("near-worker");
+    let manifest = std::fs::read_to_string(crate_dir.join("Cargo.toml")).unwrap();
+    let path = manifest
+        .lines()
+        .find_map(|line| line.strip_prefix("edge-sdk = { path = \""))
+        .and_then(|rest| rest.strip_suffix("\" }"))
+        .unwrap_or_else(|| panic!("no edge-sdk path dependency in {manifest}"));
+    assert!(path.starts_with("../"), "{path}");
+    assert_eq!(
+        crate_dir.join(path).canonicalize().unwrap(),
+        crate::harness::repo_root()
+            .join("guest-sdk")
+            .canonicalize()
+            .unwrap()
+    );
 }
 
 #[test]

@@ -119,6 +119,25 @@ async fn context_limit_without_value_counts_address() -> Result {
 }
 
 #[tokio::test]
+async fn context_limit_whose_value_no_worker_sets_is_reported() -> Result {
+    let upstream = Upstream::echo().await;
+    // `usr` for `user`: a typo that would count every request by address.
+    let limit = "[[routes.limits]]\nname = \"per-user\"\nkey = \"context:usr\"\n\
+                 algorithm = \"fixed_window\"\nrate = \"1000000/min\"\n";
+    let node = Node::start(&format!("{}{}", app(&upstream), user_route(limit)))?;
+    for _ in 0..1000 {
+        assert_eq!(
+            send("GET", &node.url("/a"), &[("x-login", "alice")], b"")
+                .await?
+                .status,
+            200
+        );
+    }
+    assert!(node.log_contains("no worker has set the context values [\"usr\"] in 1000 requests"));
+    Ok(())
+}
+
+#[tokio::test]
 async fn context_limit_counts_worker_responses() -> Result {
     let upstream = Upstream::echo().await;
     // The worker responds 401 itself and sets no context value, as an auth
@@ -168,6 +187,38 @@ async fn secrets_reach_their_worker() -> Result {
     assert_eq!(get(&node.url("/none")).await?.status, 404);
     assert!(!node.log_contains("inline-value"));
     assert!(!node.log_contains("from-env"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn secrets_never_reach_the_node_log() -> Result {
+    let upstream = Upstream::echo().await;
+    let config = format!(
+        "{}[[routes]]\nname = \"leak\"\nupstream = \"app\"\n{}\
+         [routes.workers.secrets]\nsigning = \"value-of-the-signing-secret\"\n",
+        app(&upstream),
+        fixture("secret-leak", "name = \"signing\""),
+    );
+    let node = Node::start(&config)?;
+    let got = get(&node.url("/leak")).await?;
+    assert_eq!(got.status, 500);
+    assert_eq!(got.json()["error"], "worker_failed");
+    assert_eq!(upstream.count(), 0);
+    // The dropped lines are counted once the call ends.
+    assert!(node.log_contains("36 were dropped"));
+    let log = node.log();
+    assert!(!log.contains("value-of-the-signing-secret"), "{log}");
+    assert!(log.contains("the secret is [secret signing]"), "{log}");
+    assert!(
+        log.contains("giving up with the secret [secret signing]"),
+        "{log}"
+    );
+    // One call writes at most 64 lines, and the rest are counted.
+    assert_eq!(log.matches("the secret is [secret signing]").count(), 64);
+    assert!(
+        log.contains("wrote 100 log lines in one call; 36 were dropped"),
+        "{log}"
+    );
     Ok(())
 }
 

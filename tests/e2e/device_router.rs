@@ -35,7 +35,8 @@ async fn setup() -> Result<Setup> {
     let config = format!(
         "[upstreams.app]\ntargets = [\"{}\"]\n[upstreams.tv-app]\ntargets = [\"{}\"]\n\
          [upstreams.prerender]\ntargets = [\"{}\"]\n\n\
-         [[routes]]\nname = \"web\"\nprefix = \"/\"\nupstream = \"app\"\n\n\
+         [[routes]]\nname = \"web\"\nprefix = \"/\"\nupstream = \"app\"\n\
+         response_headers = {{ vary = \"User-Agent, Sec-CH-UA-Mobile\" }}\n\n\
          [[routes.workers]]\nmodule = \"{{modules}}/device-router.wasm\"\n\
          cpu_deadline = \"2s\"\n\
          [routes.workers.config]\ndefault_class = \"mobile\"\n\
@@ -74,8 +75,11 @@ async fn device_router() -> Result {
         async move { send("GET", &url, headers, b"").await }
     };
 
-    assert_eq!(get(&[("user-agent", IPHONE)]).await?.status, 200);
+    let got = get(&[("user-agent", IPHONE)]).await?;
+    assert_eq!(got.status, 200);
     assert_last(&app, "/mobile/home?tab=1", "mobile");
+    // The route's response headers tell caches what the choice depended on.
+    assert_eq!(got.header("vary"), Some("User-Agent, Sec-CH-UA-Mobile"));
 
     assert_eq!(get(&[("user-agent", GALAXY_TAB)]).await?.status, 200);
     assert_last(&app, "/tablet/home?tab=1", "tablet");
@@ -181,5 +185,31 @@ fn device_router_invalid_config_rejected() {
             stderr.contains(expected),
             "expected {expected:?} in {stderr}"
         );
+    }
+}
+
+#[test]
+fn route_response_headers_must_be_valid() {
+    let base =
+        "[[listeners]]\naddr = \"127.0.0.1:0\"\n[upstreams.app]\ntargets = [\"127.0.0.1:9\"]\n\n\
+                [[routes]]\nname = \"web\"\nupstream = \"app\"\n";
+    for (line, expected) in [
+        (
+            "response_headers = { \"bad name\" = \"x\" }",
+            "not a valid header name",
+        ),
+        (
+            "response_headers = { vary = \"a\\nb\" }",
+            "not a valid header value",
+        ),
+        (
+            "response_headers = { content-length = \"3\" }",
+            "framing or hop-by-hop header",
+        ),
+    ] {
+        let stderr = check_fails(&format!("{base}{line}\n"));
+        assert!(stderr.contains("edge.toml:9"), "{stderr}");
+        assert!(stderr.contains("routes[0].response_headers."), "{stderr}");
+        assert!(stderr.contains(expected), "{stderr}");
     }
 }

@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 
 use crate::harness::{send, Got, Node, Reply, Result, Upstream};
 
-const SECRET: &str = "a-shared-secret-of-some-length";
+const SECRET: &str = "a-shared-secret-of-at-least-thirty-two-bytes";
 
 fn now() -> i64 {
     SystemTime::now()
@@ -225,6 +225,19 @@ async fn jwt_rejections_reach_no_upstream() -> Result {
     assert!(challenge.contains("scope=\"read\""), "{challenge}");
     assert_eq!(got.json()["error"], "insufficient_scope");
     assert_eq!(app.count(), 0);
+
+    // A valid token whose subject is empty names no user.
+    for sub in ["", "  "] {
+        let got = get_bearer(&node, "/x", &hs256(&claims(json!({ "sub": sub })))).await?;
+        assert_eq!(got.status, 403, "sub {sub:?}: {:?}", got.body);
+        assert_eq!(got.json()["error"], "insufficient_scope");
+        let message = got.json()["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(message.contains("no usable sub claim"), "{message}");
+    }
+    assert_eq!(app.count(), 0);
     Ok(())
 }
 
@@ -263,6 +276,49 @@ async fn jwt_valid_token_strips_spoofed_headers() -> Result {
     assert_eq!(got.status, 200, "{:?}", got.body);
     assert_eq!(app.last().headers["x-user-id"], "user-7");
     assert_eq!(app.count(), 2 + 1);
+
+    // An empty cookie of the same name before the one with the token does
+    // not hide it.
+    let cookie = format!("session=; theme=dark; session={token}");
+    let got = get_with(&node, "/x", &[("cookie", &cookie)]).await?;
+    assert_eq!(got.status, 200, "{:?}", got.body);
+    assert_eq!(app.count(), 3 + 1);
+
+    // A second token the worker did not check never reaches the upstream,
+    // which might read that one instead.
+    let forged = hs256(&claims(json!({ "sub": "admin" })))
+        .rsplit_once('.')
+        .map(|(signed, _)| format!("{signed}.AAAA"))
+        .unwrap_or_default();
+    let valid = hs256(&claims(json!({})));
+    let bearer = format!("Bearer {valid}");
+    let two_cookies = format!("session={valid}; session={forged}");
+    let bearer_and_cookie = format!("session={forged}");
+    let forged_bearer = format!("Bearer {forged}");
+    let cases: [(&str, Vec<(&str, &str)>); 3] = [
+        (
+            "two Authorization headers",
+            vec![
+                ("authorization", &bearer),
+                ("authorization", &forged_bearer),
+            ],
+        ),
+        ("two token cookies", vec![("cookie", &two_cookies)]),
+        (
+            "a bearer token and another in the cookie",
+            vec![("authorization", &bearer), ("cookie", &bearer_and_cookie)],
+        ),
+    ];
+    for (case, headers) in &cases {
+        let got = get_with(&node, "/x", headers).await?;
+        assert_eq!(got.status, 401, "{case}: {:?}", got.body);
+        assert_eq!(got.json()["error"], "invalid_token", "{case}");
+    }
+    assert_eq!(
+        app.count(),
+        3 + 1,
+        "a request with two tokens reached the upstream"
+    );
     Ok(())
 }
 
@@ -660,6 +716,17 @@ async fn jwt_user_limit_counts_per_subject() -> Result {
 #[tokio::test]
 async fn jwt_config_errors_stop_node() -> Result {
     let app = Upstream::echo().await;
+    // A 1024-bit key, which RS256 verification never accepts.
+    let rsa_1024 = "-----BEGIN PUBLIC KEY-----\n\
+        MIGfMA0GCSqGSIb3DQEBAQUAA4GNADCBiQKBgQDs1I3pahulZXV+FkXHV0XSeyVh\n\
+        vhT0MzW7W+UMI+h0Xf6BAkvpepxiZp1uXux6iE0WGMGtHTqFMiyqO5wQS5RtD4we\n\
+        knx61YLQNFoh2jMdMGOHsdLbDFnEhN3Mmll66PhjVBU73TaBHdZHjWoesozlwHzw\n\
+        T461xr0DXgrO/yqxmwIDAQAB\n\
+        -----END PUBLIC KEY-----\n";
+    let rsa_1024_config = format!(
+        "algorithms = [\"RS256\"]\npublic_key_pem = {}",
+        toml_string(rsa_1024)
+    );
     let cases = [
         (
             "algorithms = [\"RS256\"]\njwks_upstream = \"idp\"",
@@ -680,6 +747,17 @@ async fn jwt_config_errors_stop_node() -> Result {
             "algorithms = [\"HS256\"]\nhmac_secret_name = \"missing\"",
             "",
             "no secret named \"missing\"",
+        ),
+        (
+            "algorithms = [\"HS256\", \"HS384\"]\nhmac_secret_name = \"short\"\n\
+             [routes.workers.secrets]\nshort = \"only-thirty-three-bytes-of-secret\"",
+            "",
+            "has 33 bytes, and HS384 needs at least 48",
+        ),
+        (
+            &rsa_1024_config,
+            "",
+            "the RSA key has 1024 bits; use a key of 2048 to 8192 bits",
         ),
     ];
     for (config, extra, expected) in cases {

@@ -608,6 +608,95 @@ async fn status_requires_token_then_cookie() -> Result {
     )
     .await?;
     assert_eq!(posted.status, 401);
+    // Nor the rest of the admin API.
+    for path in ["/metrics", "/breakers", "/health"] {
+        let got = send("GET", &format!("{admin}{path}"), &[("cookie", &pair)], b"").await?;
+        assert_eq!(got.status, 401, "{path}");
+    }
+    // Each log-in starts its own session with a random id.
+    let again = get(&format!("{admin}/status?token={TOKEN}")).await?;
+    let other = again.header("set-cookie").expect("a session cookie");
+    assert_ne!(other.split(';').next().unwrap(), pair);
+    let forged = "edge_status=0000000000000000000000000000000000000000000000000000000000000000";
+    let got = send(
+        "GET",
+        &format!("{admin}/status.json"),
+        &[("cookie", forged)],
+        b"",
+    )
+    .await?;
+    assert_eq!(got.status, 401);
+    Ok(())
+}
+
+#[tokio::test]
+async fn status_session_ends_at_its_timeout() -> Result {
+    let upstream = Upstream::echo().await;
+    let config = format!(
+        "{}\nsession_timeout = \"1s\"\n\n[upstreams.app]\ntargets = [\"{}\"]\n\n\
+         [[routes]]\nname = \"api\"\nprefix = \"/\"\nupstream = \"app\"\n",
+        admin_table().trim_end(),
+        upstream.addr
+    );
+    let node = Node::start(&config)?;
+    let admin = node.admin_url.clone().expect("admin listener");
+    let login = get(&format!("{admin}/status?token={TOKEN}")).await?;
+    let cookie = login
+        .header("set-cookie")
+        .expect("a session cookie")
+        .to_owned();
+    assert!(cookie.contains("Max-Age=1"), "{cookie}");
+    let pair = cookie.split(';').next().unwrap().to_owned();
+    let data = format!("{admin}/status.json");
+    assert_eq!(
+        send("GET", &data, &[("cookie", &pair)], b"").await?.status,
+        200
+    );
+    // The node ends the session itself, whatever the browser keeps.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        send("GET", &data, &[("cookie", &pair)], b"").await?.status,
+        401
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn edge_top_prints_routes_targets_and_limits() -> Result {
+    let upstream = Upstream::echo().await;
+    let config = format!(
+        "{}[upstreams.app]\ntargets = [\"{}\"]\n\n\
+         [[routes]]\nname = \"api\"\nprefix = \"/\"\nupstream = \"app\"\n\
+         [[routes.limits]]\nname = \"per-ip\"\nkey = \"ip\"\nalgorithm = \"token_bucket\"\n\
+         rate = \"10/s\"\nburst = 10\n",
+        admin_table(),
+        upstream.addr
+    );
+    let node = Node::start(&config)?;
+    assert_eq!(get(&node.url("/a")).await?.status, 200);
+    let admin = node.admin_url.clone().expect("admin listener");
+    let admin = admin.trim_start_matches("http://").to_owned();
+
+    let output = crate::harness::edge(&["top", "--admin", &admin, "--token", TOKEN, "--once"]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(stdout.contains(", serving;"), "{stdout}");
+    assert!(
+        stdout.lines().any(|line| line.starts_with("api ")),
+        "{stdout}"
+    );
+    assert!(stdout.contains(&upstream.addr.to_string()), "{stdout}");
+    assert!(stdout.contains("per-ip"), "{stdout}");
+
+    // A wrong token gets the admin listener's refusal, not a frame.
+    let refused = crate::harness::edge(&["top", "--admin", &admin, "--token", "wrong", "--once"]);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("401"), "{stderr}");
     Ok(())
 }
 

@@ -221,6 +221,18 @@ async fn path_is_normalised_before_routing() -> Result {
     let encoded_slash = get(&node.url("/admin%2F..%2Fusers")).await?;
     assert_eq!(encoded_slash.status, 400);
     assert_eq!(encoded_slash.json()["error"], "invalid_path");
+    // Tomcat and Spring read `;` as the start of path parameters, so these
+    // would reach /admin there while the node matched another route.
+    for sent in ["/users/..;/admin/x", "/admin;a/x", "/users/..%3B/admin/x"] {
+        let got = get(&node.url(sent)).await?;
+        assert_eq!(got.status, 400, "{sent}");
+        assert_eq!(got.json()["error"], "invalid_path", "{sent}");
+        let message = got.json()["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(message.contains("';'"), "{message}");
+    }
     assert_eq!(admin.count(), 0);
     assert_eq!(users.count(), 2);
     Ok(())
@@ -313,14 +325,18 @@ async fn forwarding_headers_are_set() -> Result {
     let got = send(
         "GET",
         &node.url("/"),
-        &[("x-forwarded-for", "6.6.6.6")],
+        &[
+            ("x-forwarded-for", "6.6.6.6"),
+            ("forwarded", "for=6.6.6.6;proto=https"),
+        ],
         b"",
     )
     .await?;
     assert_eq!(got.header("via"), Some("1.1 edge-test"));
     let seen = upstream.last().headers;
-    // The peer is not a trusted proxy, so its claim is replaced.
+    // The peer is not a trusted proxy, so its claims are replaced or removed.
     assert_eq!(seen["x-forwarded-for"], "127.0.0.1");
+    assert!(seen.get("forwarded").is_none(), "{seen:?}");
     assert_eq!(seen["x-forwarded-proto"], "http");
     assert_eq!(seen["x-forwarded-host"], node.addr.to_string().as_str());
     assert_eq!(seen["host"], node.addr.to_string().as_str());
@@ -374,6 +390,25 @@ async fn trusted_proxy_forwarded_for_is_appended() -> Result {
     assert_eq!(
         upstream.last().headers["x-forwarded-for"],
         "198.51.100.1, 203.0.113.5, 127.0.0.1"
+    );
+    // A trusted proxy's `Forwarded` chain goes on, with this hop added.
+    send(
+        "GET",
+        &node.url("/"),
+        &[("forwarded", "for=203.0.113.5;proto=https")],
+        b"",
+    )
+    .await?;
+    let forwarded: Vec<_> = upstream
+        .last()
+        .headers
+        .get_all("forwarded")
+        .iter()
+        .map(|value| value.to_str().unwrap_or_default().to_owned())
+        .collect();
+    assert_eq!(
+        forwarded,
+        ["for=203.0.113.5;proto=https", "for=127.0.0.1;proto=http"]
     );
     // obs-text from an earlier hop is kept byte for byte, not rejected.
     let response = raw_request(

@@ -5,6 +5,7 @@
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use http::StatusCode;
+use tokio::io::AsyncWriteExt;
 
 use crate::harness::{get, send, Got, Node, Redis, RedisCluster, Result, Upstream};
 
@@ -327,7 +328,7 @@ async fn three_nodes_share_one_global_limit() -> Result {
                 total += admitted(&responses?);
             }
         }
-        assert_eq!(total, expected, "{path}");
+        assert_eq!(total, expected, "{path}: {}", nodes[0].log());
     }
     Ok(())
 }
@@ -757,6 +758,89 @@ async fn local_leaky_queue_releases_at_the_rate() -> Result {
 #[tokio::test]
 async fn global_leaky_queue_releases_at_the_rate() -> Result {
     leaky_queue_releases_at_the_rate("global").await
+}
+
+/// Clients that go away while queued give their places back: a request
+/// that comes after them is admitted at the next turn of the rate, instead
+/// of being refused because the queue looks full, or waiting behind them.
+async fn leaky_queue_forgets_clients_that_left(scope: &str) -> Result {
+    let upstream = Upstream::echo().await;
+    let redis = Redis::start()?;
+    // One request per 500 ms; three may wait.
+    let config = format!(
+        "{}{}{}",
+        redis_table(&redis),
+        app(&upstream),
+        route(
+            "queued",
+            "/",
+            &limit(&format!(
+                "key = \"route\"\nalgorithm = \"leaky_bucket\"\nrate = \"2/s\"\nmode = \"queue\"\nqueue = 3\nscope = \"{scope}\""
+            ))
+        ),
+    );
+    let node = Node::start(&config)?;
+    // Warm the connection to Redis, then let the bucket drain.
+    get(&node.url("/")).await?;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+
+    // One request leaves at once and takes the bucket's only turn now.
+    let started = Instant::now();
+    assert_eq!(get(&node.url("/")).await?.status, 200);
+    // Three clients queue behind it (turns at 500, 1000 and 1500 ms), then
+    // go away before their turns.
+    let mut streams = Vec::new();
+    for _ in 0..3 {
+        let mut stream = tokio::net::TcpStream::connect(node.addr).await?;
+        stream
+            .write_all(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n")
+            .await?;
+        streams.push(stream);
+    }
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    drop(streams);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let received = upstream.count();
+
+    // Had they kept their places, the queue would be full and this would be
+    // refused. Now it takes the first turn, 500 ms after the first request.
+    let got = get(&node.url("/")).await?;
+    let at = started.elapsed();
+    assert_eq!(
+        got.status,
+        200,
+        "{scope}: {:?}",
+        String::from_utf8_lossy(&got.body)
+    );
+    assert!(
+        at >= Duration::from_millis(495),
+        "{scope}: admitted after {at:?}"
+    );
+    assert!(
+        at < Duration::from_millis(900),
+        "{scope}: admitted after {at:?}"
+    );
+    // The clients that left never reached the upstream.
+    assert_eq!(upstream.count(), received + 1, "{scope}");
+    // The next one keeps the rate: its turn is 500 ms later still.
+    let got = get(&node.url("/")).await?;
+    let at = started.elapsed();
+    assert_eq!(got.status, 200, "{scope}");
+    assert!(
+        at >= Duration::from_millis(995),
+        "{scope}: admitted after {at:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn local_leaky_queue_forgets_clients_that_left() -> Result {
+    leaky_queue_forgets_clients_that_left("local").await
+}
+
+#[tokio::test]
+async fn global_leaky_queue_forgets_clients_that_left() -> Result {
+    leaky_queue_forgets_clients_that_left("global").await
 }
 
 /// The same limits, local and global: every request gets the same status

@@ -1,7 +1,7 @@
 //! Workers on the request path: the example workers, chaining, isolation,
 //! and what happens when a worker fails.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::harness::{get, send, Node, Reply, Result, TlsClient, Upstream};
 
@@ -273,6 +273,62 @@ async fn sleeping_worker_continues() -> Result {
     let got = get(&node.url("/sleep")).await?;
     assert_eq!(got.status, 200);
     assert_eq!(upstream.count(), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn deadline_counts_only_the_workers_own_running_time() -> Result {
+    let upstream = Upstream::echo().await;
+    // One serving thread: concurrent calls take turns at every epoch tick,
+    // so each one's wall time includes the others' turns.
+    let config = format!(
+        "[node]\nthreads = 1\n[[listeners]]\naddr = \"127.0.0.1:0\"\n\
+         [runtime]\nmax_instances = 32\ncache_dir = {:?}\n\n{}{}",
+        crate::harness::shared_cache_dir().display().to_string(),
+        app(&upstream),
+        fixture_route("work", "/", "work", "cpu_deadline = \"1s\"")
+    );
+    let node = Node::start(&config)?;
+    let url = node.url("/work");
+    let work =
+        async |rounds: u64| send("GET", &url, &[("x-rounds", &rounds.to_string())], b"").await;
+
+    // Find a number of rounds that keeps one call busy for about 40 ms.
+    let mut rounds = 1u64 << 16;
+    loop {
+        let started = Instant::now();
+        let got = work(rounds).await?;
+        assert_eq!(got.status, 200, "{:?}", got.body);
+        if started.elapsed() >= Duration::from_millis(40) || rounds >= 1 << 40 {
+            break;
+        }
+        rounds *= 2;
+    }
+
+    // Together the calls need more than the deadline, each one less. A
+    // machine busy during the calibration makes the calls too short to
+    // overlap that long, so they grow until they do.
+    for attempt in 0.. {
+        assert!(attempt < 6, "32 calls of {rounds} rounds never took 1.2s");
+        let calls: Vec<_> = (0..32)
+            .map(|_| {
+                let url = url.clone();
+                tokio::spawn(async move {
+                    send("GET", &url, &[("x-rounds", &rounds.to_string())], b"").await
+                })
+            })
+            .collect();
+        let started = Instant::now();
+        for call in calls {
+            let got = call.await??;
+            assert_eq!(got.status, 200, "{:?}", got.body);
+        }
+        if started.elapsed() > Duration::from_millis(1200) {
+            break;
+        }
+        rounds *= 2;
+    }
+    assert_eq!(upstream.count(), 0);
     Ok(())
 }
 

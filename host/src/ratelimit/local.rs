@@ -266,6 +266,20 @@ impl LocalTable {
         decision
     }
 
+    /// Gives back one queue place of a bucket at the key with hash `key`:
+    /// moves its theoretical arrival time back by one interval, never before
+    /// `now`.
+    pub fn give_back(&self, key: u64, now: u64) {
+        let Shape::Bucket { interval_ns, .. } = self.shape else {
+            return;
+        };
+        let shard = &self.shards[(key >> 32) as usize & (SHARDS - 1)];
+        let mut shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
+        if let Some(state) = shard.map.get_mut(&key) {
+            state.t = state.t.saturating_sub(interval_ns).max(now);
+        }
+    }
+
     /// Returns how many requests the key with hash `key` would have admitted
     /// at `now`, and the most it can admit at once, without counting one.
     pub fn level(&self, key: u64, now: u64) -> (u64, u64) {
@@ -546,6 +560,49 @@ mod tests {
                 .collect();
             assert_eq!(remaining, [1, 0, 0, 0], "{shape:?}");
         }
+    }
+
+    #[test]
+    fn given_back_places_go_to_the_next_request() {
+        // 10/s with up to 3 requests waiting.
+        let queued = Shape::Bucket {
+            interval_ns: 100 * MS,
+            burst: 1,
+            queue: 3,
+        };
+        let table = LocalTable::new(queued, 1000);
+        let key = table.hash(0, b"route");
+        for _ in 0..4 {
+            assert!(table.decide(key, T0).allowed);
+        }
+        assert!(!table.decide(key, T0).allowed);
+        // Two queued requests leave before their turns, 50 ms in.
+        table.give_back(key, T0 + 50 * MS);
+        table.give_back(key, T0 + 50 * MS);
+        let next = table.decide(key, T0 + 50 * MS);
+        assert!(next.allowed);
+        // The place of the request due at 200 ms.
+        assert_eq!(next.delay_ns, 150 * MS);
+        // Giving back more places than are queued never moves the bucket
+        // before now, so no burst builds up.
+        for _ in 0..10 {
+            table.give_back(key, T0 + 60 * MS);
+        }
+        assert_eq!(table.decide(key, T0 + 60 * MS).delay_ns, 0);
+        assert_eq!(table.decide(key, T0 + 60 * MS).delay_ns, 100 * MS);
+    }
+
+    #[test]
+    fn give_back_leaves_windows_alone() {
+        let window = Shape::FixedWindow {
+            limit: 1,
+            window_ns: S,
+        };
+        let table = LocalTable::new(window, 1000);
+        let key = table.hash(0, b"a");
+        assert!(table.decide(key, T0).allowed);
+        table.give_back(key, T0);
+        assert!(!table.decide(key, T0).allowed);
     }
 
     #[test]

@@ -14,7 +14,8 @@
 //! - leaky bucket: the same meter with a default burst of 1, so requests
 //!   leave at a constant rate; in queue mode a request that comes too soon
 //!   waits for its turn, up to `queue` requests deep, instead of being
-//!   refused;
+//!   refused, and gives its place back when its client goes away
+//!   ([`queue`]);
 //! - fixed window: a count per window aligned to the clock (Unix time);
 //!   up to twice the limit can pass around a window's edge;
 //! - sliding window: weighted counters, the previous window's count
@@ -24,7 +25,9 @@
 //!   limit in one sliding window, like a fixed window, but never more than
 //!   the limit in one fixed window.
 
+mod batch;
 pub mod local;
+mod queue;
 pub mod redis;
 
 use std::fmt;
@@ -592,7 +595,7 @@ impl RateLimiter {
                     Shape::FixedWindow { .. } => "}:fw",
                     Shape::SlidingWindow { .. } => "}:sw",
                 },
-                args: redis::script_args(&spec.shape),
+                args: redis::script_args(&spec.shape).into(),
                 fallbacks: AtomicU64::new(0),
                 log: IntervalLog::default(),
             }),
@@ -619,13 +622,14 @@ impl RateLimiter {
         shown: &mut Option<Shown>,
     ) -> Result<(), Refusal> {
         let mut delay_ns = 0;
+        let mut places = queue::Places::new(self.clock.as_ref(), request);
         let chosen = limits
             .iter()
             .enumerate()
             .filter(|(index, _)| which.contains(*index))
             .map(|(_, limit)| limit);
         for limit in chosen {
-            let decision = limit.decide(self.clock.as_ref(), request).await?;
+            let (decision, counted) = limit.decide(self.clock.as_ref(), request).await?;
             limit.counts.count(decision.allowed);
             let this = Shown::of(&decision);
             if !decision.allowed {
@@ -638,10 +642,16 @@ impl RateLimiter {
             if shown.is_none_or(|s| this.remaining < s.remaining) {
                 *shown = Some(this);
             }
-            delay_ns = delay_ns.max(decision.delay_ns);
+            if decision.delay_ns > 0 {
+                places.hold(limit, counted);
+                delay_ns = delay_ns.max(decision.delay_ns);
+            }
         }
         if delay_ns > 0 {
+            // Dropped here when the client goes away: `places` then gives
+            // the queue places back.
             tokio::time::sleep(Duration::from_nanos(delay_ns)).await;
+            places.release();
         }
         Ok(())
     }
@@ -768,7 +778,7 @@ struct Global {
     key_head: String,
     key_tail: &'static str,
     /// The script's arguments after the key.
-    args: Vec<String>,
+    args: Arc<[String]>,
     /// Decisions made on this node because Redis was unavailable.
     fallbacks: AtomicU64,
     log: IntervalLog,
@@ -792,8 +802,22 @@ enum KeyValue<'a> {
     Route,
 }
 
+/// The store a decision was counted in, so that a queued request can give
+/// its place back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Counted {
+    /// In the local table, under this key hash.
+    Local(u64),
+    /// In Redis.
+    Global,
+}
+
 impl Limit {
-    async fn decide(&self, clock: &dyn Clock, request: &KeyInput<'_>) -> Result<Decision, Refusal> {
+    async fn decide(
+        &self,
+        clock: &dyn Clock,
+        request: &KeyInput<'_>,
+    ) -> Result<(Decision, Counted), Refusal> {
         let value = self.key_value(request);
         let Some(global) = &self.global else {
             let key = self.local_key(&value);
@@ -802,11 +826,11 @@ impl Limit {
             if self.counts.last_key.load(Ordering::Relaxed) != key {
                 self.counts.last_key.store(key, Ordering::Relaxed);
             }
-            return Ok(self.local.decide(key, clock.now_ns()));
+            return Ok((self.local.decide(key, clock.now_ns()), Counted::Local(key)));
         };
         let key = global.redis_key(&value);
-        let failure = match global.backend.decide(&key, &global.args).await {
-            Ok(decision) => return Ok(decision),
+        let failure = match global.backend.decide(key, &global.args).await {
+            Ok(decision) => return Ok((decision, Counted::Global)),
             Err(failure) => failure,
         };
         let fallbacks = global.fallbacks.fetch_add(1, Ordering::Relaxed) + 1;
@@ -825,10 +849,26 @@ impl Limit {
             );
         }
         match self.spec.fail {
-            FailMode::FailOpen => Ok(self.local.decide(self.local_key(&value), now)),
+            FailMode::FailOpen => {
+                let key = self.local_key(&value);
+                Ok((self.local.decide(key, now), Counted::Local(key)))
+            }
             FailMode::FailClosed => Err(Refusal::RateLimitUnavailable {
                 limit: self.spec.name.clone(),
             }),
+        }
+    }
+
+    /// Gives back the queue place a request took in the store `counted`
+    /// names, when the request will not leave (see [`queue`]).
+    fn give_back(&self, counted: Counted, clock: &dyn Clock, request: &KeyInput<'_>) {
+        match (counted, &self.global) {
+            (Counted::Local(key), _) => self.local.give_back(key, clock.now_ns()),
+            (Counted::Global, Some(global)) => {
+                let key = global.redis_key(&self.key_value(request));
+                global.backend.give_back(key, &global.args);
+            }
+            (Counted::Global, None) => {}
         }
     }
 

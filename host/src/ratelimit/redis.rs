@@ -11,6 +11,11 @@
 //! tried in the background after a backoff of 100 ms, doubling to 2 s. Only a
 //! thread's first connection is waited for (within the timeout), so a node
 //! that just started does not fall back while it connects.
+//!
+//! On a single server, the decisions of one thread are sent in micro-batches
+//! ([`super::batch`]): one pipeline per batch, one `EVALSHA` per request. A
+//! cluster spreads keys over shards, so there each decision is its own
+//! command.
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -21,14 +26,19 @@ use ::redis::aio::MultiplexedConnection;
 use ::redis::cluster::ClusterClient;
 use ::redis::cluster_async::ClusterConnection;
 use ::redis::{AsyncConnectionConfig, Client, Cmd, ErrorKind, RedisError, ServerErrorKind};
-use tokio::sync::Notify;
+use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 
+use super::batch::{Batcher, FlushSettings, Pending};
 use super::{Decision, Shape};
 use crate::config::RedisConfig;
 
 /// The decision script.
 pub const SCRIPT: &str = include_str!("decide.lua");
+
+/// The script's first argument that gives back one place of a leaky
+/// bucket's queue instead of deciding.
+const GIVE_BACK: &str = "4";
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
@@ -61,6 +71,8 @@ pub struct RedisBackend {
     sha: String,
     /// Decisions sent to Redis, for the benchmarks' round-trip count.
     round_trips: AtomicU64,
+    /// The script's hash and the timeout, for the batches.
+    settings: FlushSettings,
 }
 
 enum Target {
@@ -69,7 +81,7 @@ enum Target {
 }
 
 #[derive(Clone)]
-enum Connection {
+pub(super) enum Connection {
     Single(MultiplexedConnection),
     Cluster(ClusterConnection),
 }
@@ -84,10 +96,12 @@ impl Connection {
 }
 
 /// One serving thread's connection to Redis.
-struct Link {
+pub(super) struct Link {
     state: Mutex<LinkState>,
     /// Woken when a connection attempt ends.
     settled: Notify,
+    /// The decisions waiting for the next batch.
+    pub(super) batcher: Batcher,
 }
 
 enum LinkState {
@@ -147,6 +161,10 @@ impl RedisBackend {
             connect_timeout: config.connect_timeout,
             sha: ::redis::Script::new(SCRIPT).get_hash().to_owned(),
             round_trips: AtomicU64::new(0),
+            settings: FlushSettings {
+                sha: Arc::from(::redis::Script::new(SCRIPT).get_hash()),
+                timeout: config.timeout,
+            },
         })
     }
 
@@ -157,43 +175,101 @@ impl RedisBackend {
 
     /// Decides one request of a limit for the state at `key`; `args` are
     /// the limit's [`script_args`].
-    pub async fn decide(&self, key: &str, args: &[String]) -> Result<Decision, Failure> {
-        let deadline = Instant::now() + self.timeout;
+    pub async fn decide(&self, key: String, args: &Arc<[String]>) -> Result<Decision, Failure> {
+        let queued_at = Instant::now();
+        let deadline = queued_at + self.timeout;
         let link = self.link();
-        let (mut connection, generation) = self.connection(&link, deadline).await?;
+        let (connection, generation) = self.connection(&link, deadline).await?;
+        self.round_trips.fetch_add(1, Ordering::Relaxed);
+        if let Connection::Cluster(_) = connection {
+            return self
+                .decide_alone(&link, connection, generation, &key, args, deadline)
+                .await;
+        }
+        let (reply, answer) = oneshot::channel();
+        let pending = Pending {
+            key,
+            args: args.clone(),
+            queued_at,
+            reply,
+        };
+        link.batcher.push(&link, pending, &self.settings);
+        // The batch's timer bounds the wait, so this needs no timer of its own.
+        answer.await.unwrap_or(Err(Failure::Down))
+    }
+
+    /// Decides one request with a command of its own (on a cluster).
+    async fn decide_alone(
+        &self,
+        link: &Link,
+        mut connection: Connection,
+        generation: u64,
+        key: &str,
+        args: &[String],
+        deadline: Instant,
+    ) -> Result<Decision, Failure> {
         let mut cmd = ::redis::cmd("EVALSHA");
         cmd.arg(&self.sha).arg(1).arg(key);
         for arg in args {
             cmd.arg(arg.as_str());
         }
-        self.round_trips.fetch_add(1, Ordering::Relaxed);
-        let mut reply = tokio::time::timeout_at(deadline, connection.query::<Vec<i64>>(&cmd)).await;
+        let mut reply =
+            tokio::time::timeout_at(deadline, connection.query::<::redis::Value>(&cmd)).await;
         if let Ok(Err(error)) = &reply {
             if error.kind() == ErrorKind::Server(ServerErrorKind::NoScript) {
                 // The server lost its scripts (restarted or flushed) while
                 // the connection stayed up.
                 let load = async {
-                    load_script(&mut connection).await?;
-                    connection.query::<Vec<i64>>(&cmd).await
+                    connection.load_script().await?;
+                    connection.query::<::redis::Value>(&cmd).await
                 };
                 reply = tokio::time::timeout_at(deadline, load).await;
             }
         }
         match reply {
-            Ok(Ok(values)) => decision(&values),
+            Ok(Ok(reply)) => reply_decision(reply),
             Ok(Err(error)) => {
                 // A server error reply leaves the connection usable; any
                 // other error means it broke.
                 if !matches!(error.kind(), ErrorKind::Server(_) | ErrorKind::Extension) {
-                    self.mark_down(&link, generation);
+                    link.mark_down(generation);
                 }
                 Err(Failure::Redis(error))
             }
             Err(_) => {
-                self.mark_down(&link, generation);
+                link.mark_down(generation);
                 Err(Failure::Timeout(self.timeout))
             }
         }
+    }
+
+    /// Gives back the place a queued request of a leaky bucket took at
+    /// `key`, because its client went away: in the background, at most one
+    /// timeout later, and not at all while this thread's link is down.
+    pub fn give_back(&self, key: String, args: &[String]) {
+        let Some((mut connection, _)) = self.link().connection_now() else {
+            return;
+        };
+        let Some(interval) = args.get(1) else {
+            return;
+        };
+        let mut cmd = ::redis::cmd("EVALSHA");
+        cmd.arg(&self.sha)
+            .arg(1)
+            .arg(key)
+            .arg(GIVE_BACK)
+            .arg(interval.as_str());
+        let timeout = self.timeout;
+        tokio::spawn(async move {
+            let sent = connection.query::<::redis::Value>(&cmd);
+            match tokio::time::timeout(timeout, sent).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(error)) => {
+                    tracing::debug!(%error, "failed to give back a queued request's place");
+                }
+                Err(_) => tracing::debug!("giving back a queued request's place timed out"),
+            }
+        });
     }
 
     /// This thread's link to Redis.
@@ -208,6 +284,7 @@ impl RedisBackend {
                     Arc::new(Link {
                         state: Mutex::new(LinkState::Idle),
                         settled: Notify::new(),
+                        batcher: Batcher::default(),
                     })
                 })
                 .clone()
@@ -313,15 +390,36 @@ impl RedisBackend {
                     Connection::Cluster(client.get_async_connection().await?)
                 }
             };
-            load_script(&mut connection).await?;
+            connection.load_script().await?;
             Ok(connection)
+        }
+    }
+}
+
+impl Link {
+    /// Returns the connection when it is up, without waiting.
+    pub(super) fn connection_now(&self) -> Option<(Connection, u64)> {
+        match &*self.state.lock().unwrap_or_else(PoisonError::into_inner) {
+            LinkState::Up {
+                connection,
+                generation,
+            } => Some((connection.clone(), *generation)),
+            _ => None,
+        }
+    }
+
+    /// Returns the connection to a single server when it is up.
+    pub(super) fn single_connection(&self) -> Option<(MultiplexedConnection, u64)> {
+        match self.connection_now()? {
+            (Connection::Single(connection), generation) => Some((connection, generation)),
+            (Connection::Cluster(_), _) => None,
         }
     }
 
     /// Drops the connection of `generation` after a failure, unless a newer
     /// one has replaced it, and schedules the next attempt.
-    fn mark_down(&self, link: &Link, generation: u64) {
-        let mut state = link.state.lock().unwrap_or_else(PoisonError::into_inner);
+    pub(super) fn mark_down(&self, generation: u64) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         if matches!(&*state, LinkState::Up { generation: current, .. } if *current == generation) {
             *state = LinkState::Down {
                 retry_at: Instant::now() + FIRST_BACKOFF,
@@ -366,14 +464,70 @@ pub fn script_args(shape: &Shape) -> Vec<String> {
     }
 }
 
-async fn load_script(connection: &mut Connection) -> Result<(), RedisError> {
+impl Connection {
+    async fn load_script(&mut self) -> Result<(), RedisError> {
+        match self {
+            Connection::Single(c) => load_script(c).await,
+            Connection::Cluster(c) => load_script(c).await,
+        }
+    }
+}
+
+/// Loads the decision script on `connection`.
+pub(super) async fn load_script(
+    connection: &mut impl ::redis::aio::ConnectionLike,
+) -> Result<(), RedisError> {
     let mut load = ::redis::cmd("SCRIPT");
     load.arg("LOAD").arg(SCRIPT);
-    connection.query::<::redis::Value>(&load).await?;
+    load.query_async::<::redis::Value>(connection).await?;
     Ok(())
 }
 
-/// Turns the script's reply into a decision, from microseconds to
+/// Turns one reply of the script into a decision.
+pub(super) fn reply_decision(reply: ::redis::Value) -> Result<Decision, Failure> {
+    use ::redis::Value;
+    let text = match &reply {
+        Value::BulkString(bytes) => bytes.as_slice(),
+        Value::SimpleString(text) => text.as_bytes(),
+        Value::ServerError(error) => return Err(Failure::Redis(error.clone().into())),
+        _ => return Err(Failure::Reply(format!("{reply:?}"))),
+    };
+    let invalid = || Failure::Reply(String::from_utf8_lossy(text).into_owned());
+    let mut values = [0i64; 6];
+    let mut fields = text.split(|&byte| byte == b' ');
+    for value in &mut values {
+        let field = fields.next().ok_or_else(invalid)?;
+        *value = parse_integer(field).ok_or_else(invalid)?;
+    }
+    if fields.next().is_some() {
+        return Err(invalid());
+    }
+    decision(&values)
+}
+
+/// Parses an optionally negative decimal integer, such as the script's
+/// `%d` output; `None` for anything else or on overflow.
+fn parse_integer(text: &[u8]) -> Option<i64> {
+    let (negative, digits) = match text.split_first()? {
+        (b'-', rest) => (true, rest),
+        _ => (false, text),
+    };
+    if digits.is_empty() {
+        return None;
+    }
+    let mut value: i64 = 0;
+    for &digit in digits {
+        if !digit.is_ascii_digit() {
+            return None;
+        }
+        value = value
+            .checked_mul(10)?
+            .checked_add(i64::from(digit - b'0'))?;
+    }
+    Some(if negative { -value } else { value })
+}
+
+/// Turns the script's values into a decision, from microseconds to
 /// nanoseconds.
 fn decision(values: &[i64]) -> Result<Decision, Failure> {
     let &[allowed, limit, remaining, reset_us, retry_us, delay_us] = values else {
@@ -424,5 +578,34 @@ mod tests {
         assert_eq!(d.reset_ns, 2_500_000_000);
         assert_eq!(d.delay_ns, 100_000);
         assert!(decision(&[1, 2]).is_err());
+    }
+
+    #[test]
+    fn text_replies_become_decisions() {
+        use ::redis::Value;
+        let reply = Value::BulkString(b"0 10 0 2500000 400000 0".to_vec());
+        let d = reply_decision(reply).unwrap();
+        assert!(!d.allowed);
+        assert_eq!(d.retry_after_ns, 400_000_000);
+        assert_eq!(parse_integer(b"-12"), Some(-12));
+        assert_eq!(parse_integer(b"9223372036854775807"), Some(i64::MAX));
+        assert_eq!(parse_integer(b"9223372036854775808"), None);
+        assert_eq!(parse_integer(b"-"), None);
+        assert_eq!(parse_integer(b"1.5"), None);
+        for bad in [
+            "1 10 7",
+            "1 10 7 2 0 0 9",
+            "1 10 x 2 0 0",
+            "1  10 7 2 0 0",
+            "",
+        ] {
+            let reply = Value::BulkString(bad.as_bytes().to_vec());
+            assert!(
+                matches!(reply_decision(reply), Err(Failure::Reply(_))),
+                "{bad}"
+            );
+        }
+        let array = Value::Array(vec![Value::Int(1)]);
+        assert!(matches!(reply_decision(array), Err(Failure::Reply(_))));
     }
 }

@@ -76,6 +76,11 @@ impl std::fmt::Debug for FetchAccess {
 }
 
 impl FetchAccess {
+    /// Returns whether requests to the upstream `name` are allowed.
+    pub fn allows(&self, name: &str) -> bool {
+        self.allowed.contains_key(name)
+    }
+
     /// Grants access to the upstreams named in `allowed`; names that are not
     /// upstreams are skipped (config validation rejects them).
     pub fn new(
@@ -490,5 +495,12 @@ impl super::bindings::edge::worker::fetch::Host for super::host_api::StoreState 
     async fn send(&mut self, requests: Vec<OutgoingRequest>) -> Vec<FetchResult> {
         let access = self.settings.fetch.as_ref();
         self.fetch.send(access, requests).await
+    }
+
+    fn allowed(&mut self, upstream: String) -> bool {
+        self.settings
+            .fetch
+            .as_ref()
+            .is_some_and(|access| access.allows(&upstream))
     }
 }

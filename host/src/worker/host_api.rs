@@ -39,6 +39,8 @@ pub struct StoreState {
     pub(super) context: RequestContext,
     /// The call's fetches: its request's id and the time spent waiting.
     pub(super) fetch: FetchState,
+    /// Log lines the guest wrote in this call, kept or not.
+    pub(super) log_lines: u32,
 }
 
 /// A WASI context that grants nothing, with the guest's stderr captured.
@@ -85,15 +87,18 @@ impl StoreState {
             settings,
             crypto,
             host_wait: Duration::ZERO,
+            log_lines: 0,
         }
     }
 
-    /// Returns what the guest wrote to stderr, such as a panic message.
+    /// Returns what the guest wrote to stderr, such as a panic message, with
+    /// its secrets redacted.
     pub fn stderr(&self) -> String {
         match &self.wasi {
-            Some(wasi) => String::from_utf8_lossy(&wasi.stderr.contents())
-                .trim_end()
-                .to_owned(),
+            Some(wasi) => {
+                let text = String::from_utf8_lossy(&wasi.stderr.contents()).into_owned();
+                self.settings.redact(text.trim_end()).into_owned()
+            }
             None => String::new(),
         }
     }
@@ -214,8 +219,40 @@ impl WorkerSettings {
 
 impl types::Host for StoreState {}
 
+/// The maximum number of log lines one call writes; later ones are counted,
+/// and one warning at the end of the call reports how many were dropped.
+pub(super) const MAX_LOG_LINES: u32 = 64;
+/// The maximum length of a kept log message, in bytes; a longer one is cut.
+const MAX_LOG_BYTES: usize = 4096;
+
+impl WorkerSettings {
+    /// Replaces every secret value in `text` with `[secret NAME]`, so that a
+    /// worker that logs or panics with a secret does not put it in the node's
+    /// logs.
+    pub fn redact<'a>(&self, text: &'a str) -> std::borrow::Cow<'a, str> {
+        let mut text = std::borrow::Cow::Borrowed(text);
+        for (name, secret) in &self.secrets {
+            if !secret.0.is_empty() && text.contains(secret.0.as_str()) {
+                text = std::borrow::Cow::Owned(
+                    text.replace(secret.0.as_str(), &format!("[secret {name}]")),
+                );
+            }
+        }
+        text
+    }
+}
+
 impl log::Host for StoreState {
     fn write(&mut self, level: log::Level, message: String) {
+        self.log_lines += 1;
+        if self.log_lines > MAX_LOG_LINES {
+            return;
+        }
+        let mut end = message.len().min(MAX_LOG_BYTES);
+        while !message.is_char_boundary(end) {
+            end -= 1;
+        }
+        let message = self.settings.redact(&message[..end]);
         let route = &*self.settings.route;
         let worker = &*self.settings.module;
         match level {

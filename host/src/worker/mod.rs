@@ -31,7 +31,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context as _;
 use tokio::sync::{Semaphore, SemaphorePermit};
@@ -75,7 +75,7 @@ pub mod bindings {
 
 /// The WIT package this host implements. Workers built against an earlier
 /// 0.1.x load too, because the linker matches semver-compatible names.
-pub const WIT_PACKAGE: &str = "edge:worker@0.1.1";
+pub const WIT_PACKAGE: &str = "edge:worker@0.1.2";
 
 /// The records of the worker contract, as host types.
 pub use bindings::edge::worker::types as wit;
@@ -154,7 +154,7 @@ struct HandlerExports {
 
 impl HandlerExports {
     /// The exported interface, as the `worker` world names it.
-    const INTERFACE: &str = "edge:worker/handler@0.1.1";
+    const INTERFACE: &str = "edge:worker/handler@0.1.2";
 
     fn find(component: &Component) -> Result<HandlerExports, String> {
         let missing = |name: &str| {
@@ -516,7 +516,8 @@ impl Runtime {
     /// with the values the guest set, whether or not the call succeeded.
     ///
     /// The deadline counts wall time since the call started, minus the time
-    /// the guest waited for its fetches: the fetch timeouts bound that wait.
+    /// the guest waited for its fetches (the fetch timeouts bound that wait)
+    /// and the time it was yielded while other requests on its thread ran.
     async fn call<R>(
         &self,
         binding: &Binding,
@@ -535,24 +536,41 @@ impl Runtime {
         );
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limiter);
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let deadline = binding.cpu_deadline;
+        // Nanoseconds the guest spent yielded to the thread's other tasks,
+        // made on the first tick so that short calls do not pay for it.
+        let mut yielded: Option<Arc<AtomicU64>> = None;
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(move |store| {
-            // Network waits in host imports are not the guest's CPU time.
-            let waited = store.data().fetch.waited + store.data().host_wait;
-            let running = started.elapsed().saturating_sub(waited);
+            // Neither network waits in host imports nor the time other
+            // requests on the thread ran while this guest yielded are the
+            // guest's CPU time.
+            let data = store.data();
+            let paused = Duration::from_nanos(
+                yielded
+                    .as_ref()
+                    .map_or(0, |nanos| nanos.load(Ordering::Relaxed)),
+            );
+            let running = started
+                .elapsed()
+                .saturating_sub(data.fetch.waited + data.host_wait + paused);
             if running >= deadline {
-                Ok(UpdateDeadline::Interrupt)
-            } else {
-                // tokio's yield_now wakes the task only after the runtime has
-                // polled its sockets, so other connections on the thread get
-                // their I/O at every tick.
-                Ok(UpdateDeadline::YieldCustom(
-                    1,
-                    Box::pin(tokio::task::yield_now()),
-                ))
+                return Ok(UpdateDeadline::Interrupt);
             }
+            let yielded = yielded.get_or_insert_with(Default::default).clone();
+            // tokio's yield_now wakes the task only after the runtime has
+            // polled its sockets, so other connections on the thread get
+            // their I/O at every tick.
+            Ok(UpdateDeadline::YieldCustom(
+                1,
+                Box::pin(async move {
+                    let paused_at = Instant::now();
+                    tokio::task::yield_now().await;
+                    let paused = paused_at.elapsed().as_nanos() as u64;
+                    yielded.fetch_add(paused, Ordering::Relaxed);
+                }),
+            ))
         });
         let result = match binding
             .module
@@ -564,6 +582,15 @@ impl Runtime {
             Err(error) => Err(error),
         };
         *context = std::mem::take(&mut store.data_mut().context);
+        let log_lines = store.data().log_lines;
+        if log_lines > host_api::MAX_LOG_LINES {
+            tracing::warn!(
+                route = &*binding.settings.route,
+                worker = &*binding.settings.module,
+                "the worker wrote {log_lines} log lines in one call; {} were dropped",
+                log_lines - host_api::MAX_LOG_LINES
+            );
+        }
         result.map_err(|error| classify_trap(error, &store, binding))
     }
 }

@@ -12,6 +12,9 @@
 //!   `, `), `client_addr`, `route` and `params` (name to value).
 //! - `spin`: busy-waits `ms` milliseconds of the host's monotonic clock, then
 //!   continues.
+//! - `work`: runs a fixed amount of computation, the number of rounds in the
+//!   request header `x-rounds` (default 1), and responds 200 with its result;
+//!   unlike `spin`, its CPU time does not depend on what else runs.
 //! - `set`: continues, setting the `set_headers` table, removing the
 //!   `remove_headers` array and, if given, changing the path to `path`.
 //! - `route`: routes to `upstream`, setting the optional `set_headers` table.
@@ -31,6 +34,8 @@
 //!   context value `NAME` for each name in `names` that has one.
 //! - `secret`: responds 200 with the secret `name` as the body, or 404 when
 //!   the worker's entry names no such secret.
+//! - `secret-leak`: writes 100 log lines that contain the secret `name`, then
+//!   panics with a message that contains it.
 //! - `fetch`: sends the `requests` array (each with `upstream`, `path`, and
 //!   optional `method`, `headers` table, `body` text and `timeout_ms`) in
 //!   one fetch call, and responds 200 with `{"results": [...]}`: per request
@@ -89,6 +94,7 @@ const MODES: &[&str] = &[
     "context-set",
     "context-get",
     "secret",
+    "secret-leak",
     "fetch",
 ];
 
@@ -395,6 +401,21 @@ fn spin(config: SpinConfig) -> Action {
     Action::next()
 }
 
+fn work(request: &Request) -> Action {
+    let rounds: u64 = request
+        .header("x-rounds")
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(1);
+    // xorshift64: the compiler can neither skip nor shorten the loop.
+    let mut state = black_box(0x9e37_79b9_7f4a_7c15_u64);
+    for _ in 0..rounds {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+    }
+    Action::respond(Response::new(200).body(state.to_string()))
+}
+
 fn set(config: SetConfig) -> Action {
     let mut changes = with_set_headers(RequestChanges::new(), config.set_headers);
     for name in config.remove_headers {
@@ -475,6 +496,14 @@ fn read_secret(config: SecretConfig) -> Action {
     }
 }
 
+fn leak_secret(config: SecretConfig) -> Action {
+    let secret = edge_sdk::secrets::get(&config.name).unwrap_or_default();
+    for line in 0..100 {
+        edge_sdk::log::info(&format!("line {line}: the secret is {secret}"));
+    }
+    panic!("giving up with the secret {secret}");
+}
+
 fn config_response() -> Action {
     Action::respond(
         Response::new(200)
@@ -493,6 +522,7 @@ fn handle_request(request: Request) -> Result<Action, InvalidConfig> {
         "panic" => panic!("fixture panic"),
         "echo" => echo(request),
         "spin" => spin(parse_config(&mode)?),
+        "work" => work(&request),
         "set" => set(parse_config(&mode)?),
         "route" => route(parse_config(&mode)?),
         "respond" => respond(parse_config(&mode)?),
@@ -511,6 +541,7 @@ fn handle_request(request: Request) -> Result<Action, InvalidConfig> {
         "context-set" => set_context(&request, parse_config(&mode)?),
         "context-get" => get_context(parse_config(&mode)?),
         "secret" => read_secret(parse_config(&mode)?),
+        "secret-leak" => leak_secret(parse_config(&mode)?),
         "fetch" => fetch(parse_config(&mode)?),
         other => {
             return Err(InvalidConfig(format!(

@@ -327,7 +327,19 @@ struct BffAggregate;
 
 impl Worker for BffAggregate {
     fn check_config() -> Result<(), String> {
-        Config::load().map(drop)
+        let config = Config::load()?;
+        // Only at load: a section the entry may not fetch from would fail
+        // every request.
+        for (index, section) in config.sections.iter().enumerate() {
+            if !edge_sdk::fetch::allowed(&section.upstream) {
+                return Err(format!(
+                    "invalid bff-aggregate config: sections[{index}] upstream {:?} is not in \
+                     the worker entry's `fetch` list; add it there",
+                    section.upstream
+                ));
+            }
+        }
+        Ok(())
     }
 
     fn on_request(request: Request) -> Action {

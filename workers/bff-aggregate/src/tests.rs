@@ -338,6 +338,25 @@ fn invalid_configs_are_rejected() {
 }
 
 #[test]
+fn section_the_entry_may_not_fetch_is_rejected_at_load() {
+    testing::set_config(
+        &json!({"sections": [{"name": "a", "upstream": "recs", "path": "/"},
+                             {"name": "b", "upstream": "promo", "path": "/"}],
+                "devices": {"tv": {"sections": {"a": {}, "b": {}}}}})
+        .to_string(),
+    );
+    testing::set_fetch_allowed(&["recs"]);
+    let error = BffAggregate::check_config().unwrap_err();
+    assert_eq!(
+        error,
+        "invalid bff-aggregate config: sections[1] upstream \"promo\" is not in the worker \
+         entry's `fetch` list; add it there"
+    );
+    testing::set_fetch_allowed(&["recs", "promo"]);
+    assert_eq!(BffAggregate::check_config(), Ok(()));
+}
+
+#[test]
 fn invalid_config_request_is_500() {
     testing::set_config(r#"{"sections": []}"#);
     let response = respond_of(BffAggregate::on_request(request("tv")));

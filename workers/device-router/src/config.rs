@@ -45,21 +45,7 @@ pub struct Config {
 
 /// Parses and validates the config JSON `json`. An error names the field.
 pub fn parse(json: &str) -> Result<Config, String> {
-    let mut deserializer = serde_json::Deserializer::from_str(json);
-    let raw: RawConfig = serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
-        let path = error.path().to_string();
-        let inner = error.into_inner();
-        // serde_json adds the position in the JSON text the host made from
-        // the config file, which means nothing to the operator.
-        let position = format!(" at line {} column {}", inner.line(), inner.column());
-        let message = inner.to_string();
-        let message = message.strip_suffix(&position).unwrap_or(&message);
-        if path == "." {
-            message.to_string()
-        } else {
-            format!("{path}: {message}")
-        }
-    })?;
+    let raw: RawConfig = edge_sdk::config::from_json(json).map_err(|error| error.to_string())?;
     validate(raw)
 }
 
@@ -206,7 +192,7 @@ mod tests {
             ),
             (
                 r#"{"upstream":{"tv":"t"}}"#,
-                "upstream: unknown field `upstream`, expected one of `default_class`, `header`, \
+                "unknown field `upstream`, expected one of `default_class`, `header`, \
                  `upstreams`, `path_prefixes`",
             ),
         ];

@@ -211,6 +211,9 @@ impl Settings {
             // identity provider is down.
             return Ok(());
         }
+        if let Some(name) = &self.config.hmac_secret_name {
+            self.check_hmac_secret_length(name)?;
+        }
         match self
             .keys()
             .map_err(|e| format!("invalid jwt-auth key: {e}"))?
@@ -234,6 +237,34 @@ impl Settings {
             }
             Keys::Set(_) => Ok(()),
         }
+    }
+
+    /// Checks that the HMAC secret is at least as long as the output of the
+    /// largest hash the allowed algorithms use, as RFC 7518 (section 3.2)
+    /// requires: a shorter one is open to guessing.
+    fn check_hmac_secret_length(&self, name: &str) -> Result<(), String> {
+        let needed = self
+            .algorithms
+            .iter()
+            .filter_map(|alg| match alg {
+                Algorithm::Hs256 => Some((32, alg)),
+                Algorithm::Hs384 => Some((48, alg)),
+                Algorithm::Hs512 => Some((64, alg)),
+                _ => None,
+            })
+            .max_by_key(|(bytes, _)| *bytes);
+        let (Some((bytes, alg)), Some(secret)) = (needed, edge_sdk::secrets::get(name)) else {
+            return Ok(());
+        };
+        if secret.len() < bytes {
+            return Err(format!(
+                "invalid jwt-auth key: the secret {name:?} has {} bytes, and {} needs at \
+                 least {bytes}",
+                secret.len(),
+                alg.name()
+            ));
+        }
+        Ok(())
     }
 
     /// Makes the key handles for this call.

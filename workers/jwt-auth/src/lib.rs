@@ -101,12 +101,14 @@ fn authenticate(request: &Request, settings: &Settings) -> Result<RequestChanges
     let claims = token.claims()?;
     let now = edge_sdk::clock::now_unix_ms() as f64 / 1000.0;
     check_claims(&claims, settings, now)?;
-    let user = claim_text(&claims, &config.user_claim).ok_or_else(|| {
-        Rejection::Insufficient(format!(
-            "the token has no usable {} claim",
-            config.user_claim
-        ))
-    })?;
+    let user = claim_text(&claims, &config.user_claim)
+        .filter(|user| !user.trim().is_empty())
+        .ok_or_else(|| {
+            Rejection::Insufficient(format!(
+                "the token has no usable {} claim",
+                config.user_claim
+            ))
+        })?;
 
     // Remove every header this worker sets, then set those the token fills.
     let mut changes = RequestChanges::new().remove_header(config.user_header.clone());
@@ -128,8 +130,42 @@ fn authenticate(request: &Request, settings: &Settings) -> Result<RequestChanges
     Ok(changes.set_header(config.user_header.clone(), user))
 }
 
-/// Finds the token in `Authorization: Bearer` or the configured cookie.
+/// Finds the token in `Authorization: Bearer` or the configured cookie, and
+/// makes sure the request carries no other: an upstream that reads a second
+/// `Authorization` header or token cookie would trust a token nobody checked.
 fn find_token<'a>(request: &'a Request, cookie: Option<&str>) -> Result<&'a str, Rejection> {
+    if request.headers.get_all("authorization").nth(1).is_some() {
+        return Err(Rejection::Invalid(
+            "the request has more than one Authorization header".into(),
+        ));
+    }
+    let token = find_one_token(request, cookie)?;
+    if let Some(name) = cookie {
+        if cookie_values(request, name).any(|value| value != token) {
+            return Err(Rejection::Invalid(format!(
+                "the request carries another token in its {name} cookie"
+            )));
+        }
+    }
+    Ok(token)
+}
+
+/// Returns the non-empty values of the cookie `name`, unquoted.
+fn cookie_values<'a, 'n>(
+    request: &'a Request,
+    name: &'n str,
+) -> impl Iterator<Item = &'a str> + use<'a, 'n> {
+    request
+        .headers
+        .get_all("cookie")
+        .flat_map(|header| header.split(';'))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .filter(move |(cookie_name, _)| *cookie_name == name)
+        .map(|(_, value)| value.trim_matches('"'))
+        .filter(|value| !value.is_empty())
+}
+
+fn find_one_token<'a>(request: &'a Request, cookie: Option<&str>) -> Result<&'a str, Rejection> {
     if let Some(authorization) = request.header("authorization") {
         let (scheme, rest) = authorization
             .trim()
@@ -143,17 +179,10 @@ fn find_token<'a>(request: &'a Request, cookie: Option<&str>) -> Result<&'a str,
             return Ok(token);
         }
     }
-    if let Some(name) = cookie {
-        let found = request
-            .headers
-            .get_all("cookie")
-            .flat_map(|header| header.split(';'))
-            .filter_map(|pair| pair.trim().split_once('='))
-            .find(|(cookie_name, _)| *cookie_name == name)
-            .map(|(_, value)| value.trim_matches('"'));
-        if let Some(token) = found.filter(|token| !token.is_empty()) {
-            return Ok(token);
-        }
+    // An empty cookie of the same name (say, a cleared one on another path)
+    // must not hide the one that carries the token.
+    if let Some(token) = cookie.and_then(|name| cookie_values(request, name).next()) {
+        return Ok(token);
     }
     Err(Rejection::Missing)
 }

@@ -409,7 +409,7 @@ mod tests {
         assert_eq!(body["error"], "worker_config_invalid");
         assert_eq!(
             body["message"],
-            "invalid path-router config: missing field `upstream`"
+            "invalid path-router config: rules[0]: missing field `upstream`"
         );
         let logs = testing::take_logs();
         assert_eq!(logs.len(), 1);

@@ -308,6 +308,9 @@ impl Key {
     /// Reads a DER SubjectPublicKeyInfo of an RSA, P-256, P-384 or Ed25519
     /// key.
     fn from_spki(der: &[u8], id: [u8; 32]) -> Result<Key, KeyError> {
+        if aws_lc_rs::rsa::PublicKey::from_der(der).is_ok() {
+            return Key::public(KeyType::Rsa, der, id, None);
+        }
         for key_type in [
             KeyType::Rsa,
             KeyType::EcP256,
@@ -350,6 +353,9 @@ impl Key {
         id: [u8; 32],
         signer: Option<Signer>,
     ) -> Result<Key, KeyError> {
+        if key_type == KeyType::Rsa {
+            check_rsa_size(bytes)?;
+        }
         let verifiers = key_type
             .algorithms()
             .iter()
@@ -501,6 +507,21 @@ fn member(value: &Option<String>, name: &str) -> Result<Vec<u8>, KeyError> {
 
 /// Encodes an RSA public key as a PKCS#1 `RSAPublicKey` (RFC 8017,
 /// appendix A.1.1): a DER sequence of the modulus and the exponent.
+/// Checks that the RSA public key in `der` (PKCS#1 or SubjectPublicKeyInfo)
+/// has 2048 to 8192 bits, the sizes the verification algorithms accept, so
+/// that a smaller key fails at load instead of on every token.
+fn check_rsa_size(der: &[u8]) -> Result<(), KeyError> {
+    let key = aws_lc_rs::rsa::PublicKey::from_der(der)
+        .map_err(|e| invalid(format!("invalid RSA public key: {e}")))?;
+    let bits = key.modulus_len() * 8;
+    if !(2048..=8192).contains(&bits) {
+        return Err(invalid(format!(
+            "the RSA key has {bits} bits; use a key of 2048 to 8192 bits"
+        )));
+    }
+    Ok(())
+}
+
 fn rsa_public_key_der(modulus: &[u8], exponent: &[u8]) -> Vec<u8> {
     let mut body = der_integer(modulus);
     body.extend(der_integer(exponent));
@@ -631,6 +652,21 @@ mod tests {
             key.verify(Algorithm::Es384, b"m", signature.as_ref()),
             Err(KeyError::AlgorithmMismatch)
         );
+    }
+
+    #[test]
+    fn rsa_keys_below_2048_bits_are_rejected_at_load() {
+        let pem = "-----BEGIN PUBLIC KEY-----\n\
+            MIGfMA0GCSqGSIb3DQEBAQUAA4GNADCBiQKBgQDs1I3pahulZXV+FkXHV0XSeyVh\n\
+            vhT0MzW7W+UMI+h0Xf6BAkvpepxiZp1uXux6iE0WGMGtHTqFMiyqO5wQS5RtD4we\n\
+            knx61YLQNFoh2jMdMGOHsdLbDFnEhN3Mmll66PhjVBU73TaBHdZHjWoesozlwHzw\n\
+            T461xr0DXgrO/yqxmwIDAQAB\n\
+            -----END PUBLIC KEY-----\n";
+        let error = Key::from_pem(pem, ID).unwrap_err().to_string();
+        assert!(error.contains("has 1024 bits"), "{error}");
+        let jwk = r#"{"kty":"RSA","n":"7NSN6WobpWV1fhZFx1dF0nslYb4U9DM1u1vlDCPodF3-gQJL6XqcYmadbl7seohNFhjBrR06hTIsqjucEEuUbQ-MHpJ8etWC0DRaIdozHTBjh7HS2wxZxITdzJpZeuj4Y1QVO902gR3WR41qHrKM5cB88E-Otca9A14Kzv8qsZs","e":"AQAB"}"#;
+        let error = Key::from_jwk(jwk, ID).unwrap_err().to_string();
+        assert!(error.contains("has 1024 bits"), "{error}");
     }
 
     #[test]

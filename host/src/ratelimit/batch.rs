@@ -1,0 +1,198 @@
+//! Micro-batches of global decisions on one serving thread's connection to
+//! one Redis server.
+//!
+//! Requests that need a decision while a batch is being written or awaited
+//! wait in a queue. When the batch in flight ends, one pipeline carries every
+//! queued `EVALSHA` (one per request, as before), so the channel send to the
+//! connection's task, the `write` and the `read` are shared by the batch. At
+//! most one batch per connection is in flight, and one timer bounds it: the
+//! deadline of its oldest request, so no request waits for Redis longer than
+//! the timeout counted from the moment it was queued.
+
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use ::redis::{Cmd, ErrorKind, Pipeline, RedisError, ServerErrorKind, Value};
+use tokio::sync::{oneshot, Notify};
+use tokio::time::Instant;
+
+use super::redis::{load_script, reply_decision, Failure, Link};
+use super::Decision;
+
+/// A request waiting for its decision.
+pub(super) struct Pending {
+    pub key: String,
+    /// The limit's script arguments after the key.
+    pub args: Arc<[String]>,
+    /// When the request was queued; its decision is due within the timeout.
+    pub queued_at: Instant,
+    pub reply: oneshot::Sender<Result<Decision, Failure>>,
+}
+
+/// The queue of one link, and whether its flushing task waits for work.
+#[derive(Default)]
+pub(super) struct Queue {
+    pending: Vec<Pending>,
+    /// The flushing task is started (on the first request).
+    started: bool,
+    /// The flushing task waits for [`Batcher::wake`].
+    idle: bool,
+}
+
+/// The queue of a link and the wake-up of its flushing task.
+#[derive(Default)]
+pub(super) struct Batcher {
+    queue: Mutex<Queue>,
+    wake: Notify,
+}
+
+/// The backend's settings that a flush uses.
+#[derive(Clone)]
+pub(super) struct FlushSettings {
+    pub sha: Arc<str>,
+    pub timeout: Duration,
+}
+
+impl Batcher {
+    /// Queues `pending`, starting the link's flushing task on the first
+    /// request, or waking it when it waits.
+    pub fn push(&self, link: &Arc<Link>, pending: Pending, settings: &FlushSettings) {
+        let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        queue.pending.push(pending);
+        if !queue.started {
+            queue.started = true;
+            tokio::spawn(flush_loop(link.clone(), settings.clone()));
+        } else if queue.idle {
+            queue.idle = false;
+            self.wake.notify_one();
+        }
+    }
+
+    /// Takes the queued requests into `batch`; marks the task idle when
+    /// there are none.
+    fn take(&self, batch: &mut Vec<Pending>) -> bool {
+        let mut queue = self.queue.lock().unwrap_or_else(PoisonError::into_inner);
+        if queue.pending.is_empty() {
+            queue.idle = true;
+            return false;
+        }
+        std::mem::swap(&mut queue.pending, batch);
+        true
+    }
+}
+
+/// Sends the queued requests of `link`, one batch at a time, for as long as
+/// the thread's runtime runs.
+async fn flush_loop(link: Arc<Link>, settings: FlushSettings) {
+    let mut batch = Vec::new();
+    let mut pipeline = ::redis::pipe();
+    pipeline.ignore_errors();
+    loop {
+        if !link.batcher.take(&mut batch) {
+            link.batcher.wake.notified().await;
+            continue;
+        }
+        flush(&link, &settings, &mut batch, &mut pipeline).await;
+        batch.clear();
+    }
+}
+
+/// Sends one batch as one pipeline and sends each request in it its decision.
+async fn flush(
+    link: &Link,
+    settings: &FlushSettings,
+    batch: &mut Vec<Pending>,
+    pipeline: &mut Pipeline,
+) {
+    // A request whose client went away no longer needs a decision.
+    batch.retain(|pending| !pending.reply.is_closed());
+    let Some(oldest) = batch.first().map(|pending| pending.queued_at) else {
+        return;
+    };
+    let deadline = oldest + settings.timeout;
+    let Some((mut connection, generation)) = link.single_connection() else {
+        // The batch in flight before this one failed, so fail at once, as
+        // requests do while the link is down.
+        fail_all(batch, |_| Failure::Down);
+        return;
+    };
+    pipeline.clear();
+    for pending in batch.iter() {
+        pipeline.add_command(evalsha(&settings.sha, pending));
+    }
+    let exchange = async {
+        let mut replies = pipeline.query_async::<Vec<Value>>(&mut connection).await?;
+        let lost: Vec<usize> = (0..replies.len())
+            .filter(|&index| is_noscript(&replies[index]))
+            .collect();
+        if !lost.is_empty() {
+            // The server lost its scripts (restarted or flushed) while the
+            // connection stayed up, so load the script and send again only
+            // the commands that got NOSCRIPT, because a flush between two
+            // commands of the batch lets the commands before it run.
+            load_script(&mut connection).await?;
+            let mut again = ::redis::pipe();
+            again.ignore_errors();
+            for &index in &lost {
+                again.add_command(evalsha(&settings.sha, &batch[index]));
+            }
+            let retried = again.query_async::<Vec<Value>>(&mut connection).await?;
+            for (index, reply) in lost.into_iter().zip(retried) {
+                replies[index] = reply;
+            }
+        }
+        Ok::<_, RedisError>(replies)
+    };
+    match tokio::time::timeout_at(deadline, exchange).await {
+        Ok(Ok(replies)) if replies.len() == batch.len() => {
+            for (pending, reply) in batch.drain(..).zip(replies) {
+                let _ = pending.reply.send(reply_decision(reply));
+            }
+        }
+        Ok(Ok(replies)) => {
+            let count = replies.len();
+            fail_all(batch, |wanted| {
+                Failure::Reply(format!("{count} replies to a batch of {wanted}"))
+            });
+        }
+        Ok(Err(error)) => {
+            // A server error reply leaves the connection usable; any other
+            // error means it broke.
+            if !matches!(error.kind(), ErrorKind::Server(_) | ErrorKind::Extension) {
+                link.mark_down(generation);
+            }
+            fail_all(batch, |_| Failure::Redis(error.clone()));
+        }
+        Err(_) => {
+            link.mark_down(generation);
+            fail_all(batch, |_| Failure::Timeout(settings.timeout));
+        }
+    }
+}
+
+/// Builds the `EVALSHA` command of one request.
+fn evalsha(sha: &str, pending: &Pending) -> Cmd {
+    // Sized up front, because growing the buffers argument by argument costs
+    // several reallocations per command.
+    let size = "EVALSHA".len() + sha.len() + 1 + pending.key.len();
+    let size = size + pending.args.iter().map(String::len).sum::<usize>();
+    let mut command = Cmd::with_capacity(4 + pending.args.len(), size);
+    command.arg("EVALSHA").arg(sha).arg(1).arg(&pending.key);
+    for arg in pending.args.iter() {
+        command.arg(arg.as_str());
+    }
+    command
+}
+
+/// Fails every request of `batch` with the failure that `make` builds from
+/// the batch's size.
+fn fail_all(batch: &mut Vec<Pending>, make: impl Fn(usize) -> Failure) {
+    let size = batch.len();
+    for pending in batch.drain(..) {
+        let _ = pending.reply.send(Err(make(size)));
+    }
+}
+
+fn is_noscript(reply: &Value) -> bool {
+    matches!(reply, Value::ServerError(error) if error.kind() == Some(ServerErrorKind::NoScript))
+}

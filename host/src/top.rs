@@ -1,0 +1,261 @@
+//! `edge top`: the status page's live view in a terminal. It polls the admin
+//! listener's `/status.json` with the bearer token and redraws a plain-text
+//! frame: routes with their request, error and refusal rates, upstream
+//! targets with breaker state and health, rate-limit fill levels and worker
+//! instances.
+
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context as _};
+use bytes::Bytes;
+use http_body_util::{BodyExt as _, Empty};
+use hyper_util::rt::TokioIo;
+use serde_json::Value;
+
+/// The escape sequence that clears the terminal and moves the cursor home,
+/// sent before each frame.
+const CLEAR: &str = "\x1b[2J\x1b[H";
+
+/// The options of `edge top`: the admin listener, its token and the refresh
+/// interval.
+pub struct TopOptions<'a> {
+    pub admin: SocketAddr,
+    pub token: Option<&'a str>,
+    pub token_file: Option<&'a Path>,
+    pub interval: Duration,
+    /// Whether to print one frame, without clearing the screen, and return.
+    pub once: bool,
+}
+
+/// Runs `edge top` until Ctrl-C, or for one frame with `once`.
+pub fn run(options: &TopOptions<'_>) -> anyhow::Result<()> {
+    let token = match (options.token, options.token_file) {
+        (Some(token), _) => token.to_owned(),
+        (None, Some(path)) => std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read the token file {}", path.display()))?
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .trim()
+            .to_owned(),
+        (None, None) => std::env::var("EDGE_ADMIN_TOKEN")
+            .context("no admin token: pass --token or --token-file, or set EDGE_ADMIN_TOKEN")?,
+    };
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the runtime")?;
+    runtime.block_on(async {
+        let mut previous: Option<(Instant, Value)> = None;
+        loop {
+            let status = fetch_status(options.admin, &token).await?;
+            let now = Instant::now();
+            let frame = render(&status, previous.as_ref().map(|(at, old)| (now - *at, old)));
+            if options.once {
+                print!("{frame}");
+                return Ok(());
+            }
+            print!("{CLEAR}{frame}");
+            previous = Some((now, status));
+            tokio::time::sleep(options.interval).await;
+        }
+    })
+}
+
+/// Gets `/status.json` from the admin listener at `admin`.
+async fn fetch_status(admin: SocketAddr, token: &str) -> anyhow::Result<Value> {
+    let stream = tokio::net::TcpStream::connect(admin)
+        .await
+        .with_context(|| format!("cannot connect to the admin listener at {admin}"))?;
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .context("cannot talk HTTP to the admin listener")?;
+    tokio::spawn(connection);
+    let request = http::Request::get("/status.json")
+        .header(http::header::HOST, admin.to_string())
+        .header(http::header::AUTHORIZATION, format!("Bearer {token}"))
+        .body(Empty::<Bytes>::new())
+        .context("cannot build the status request")?;
+    let response = sender
+        .send_request(request)
+        .await
+        .context("the admin listener closed the connection")?;
+    let status = response.status();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .context("cannot read the status response")?
+        .to_bytes();
+    if !status.is_success() {
+        bail!(
+            "the admin listener answered {status}: {}",
+            String::from_utf8_lossy(&body).trim()
+        );
+    }
+    serde_json::from_slice(&body).context("the status response is not JSON")
+}
+
+/// Formats one frame of `status`. With the previous status and the time
+/// since it, route counters become rates per second.
+fn render(status: &Value, previous: Option<(Duration, &Value)>) -> String {
+    let mut out = String::new();
+    let text = |value: &Value| value.as_str().unwrap_or("-").to_owned();
+    let _ = writeln!(
+        out,
+        "edge top: node {}, {}; worker instances {} of {}, {} waiting",
+        text(&status["node"]),
+        text(&status["phase"]),
+        status["workers"]["running"],
+        status["workers"]["max"],
+        status["workers"]["queue"],
+    );
+
+    let _ = writeln!(
+        out,
+        "\n{:<24} {:<16} {:>10} {:>10} {:>10} {:>10}",
+        "ROUTE", "UPSTREAM", "REQ/S", "5XX/S", "REFUSED/S", "MEAN MS"
+    );
+    let routes = status["routes"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    for (index, route) in routes.iter().enumerate() {
+        let count = |value: &Value, field: &str| value[field].as_u64().unwrap_or(0);
+        let old = previous.and_then(|(elapsed, old)| Some((elapsed, old["routes"].get(index)?)));
+        let rate = |field: &str| match old {
+            Some((elapsed, old)) if !elapsed.is_zero() => format!(
+                "{:.1}",
+                count(route, field).saturating_sub(count(old, field)) as f64
+                    / elapsed.as_secs_f64()
+            ),
+            _ => "-".to_owned(),
+        };
+        let mean = match old {
+            Some((_, old)) => {
+                let requests =
+                    count(route, "duration_count").saturating_sub(count(old, "duration_count"));
+                let sum = route["duration_sum"].as_f64().unwrap_or(0.0)
+                    - old["duration_sum"].as_f64().unwrap_or(0.0);
+                if requests == 0 {
+                    "-".to_owned()
+                } else {
+                    format!("{:.2}", sum * 1000.0 / requests as f64)
+                }
+            }
+            None => "-".to_owned(),
+        };
+        let _ = writeln!(
+            out,
+            "{:<24} {:<16} {:>10} {:>10} {:>10} {:>10}",
+            text(&route["name"]),
+            text(&route["upstream"]),
+            rate("requests"),
+            rate("errors"),
+            rate("refused"),
+            mean,
+        );
+    }
+
+    let _ = writeln!(
+        out,
+        "\n{:<16} {:<24} {:<10} {:<6} {:>12}",
+        "UPSTREAM", "TARGET", "BREAKER", "HEALTH", "CONNECTIONS"
+    );
+    for upstream in status["upstreams"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+    {
+        for target in upstream["targets"]
+            .as_array()
+            .map(Vec::as_slice)
+            .unwrap_or_default()
+        {
+            let _ = writeln!(
+                out,
+                "{:<16} {:<24} {:<10} {:<6} {:>12}",
+                text(&upstream["name"]),
+                text(&target["target"]),
+                text(&target["breaker"]),
+                if target["up"].as_bool().unwrap_or(false) {
+                    "up"
+                } else {
+                    "down"
+                },
+                target["connections"],
+            );
+        }
+    }
+
+    let limits = status["limits"]
+        .as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default();
+    if !limits.is_empty() {
+        let _ = writeln!(
+            out,
+            "\n{:<24} {:<16} {:<7} {:>16} {:>10} {:>10}",
+            "ROUTE", "LIMIT", "SCOPE", "AVAILABLE", "ALLOWED", "REJECTED"
+        );
+        for limit in limits {
+            let available = match (limit["available"].as_f64(), limit["size"].as_f64()) {
+                (Some(available), Some(size)) => format!("{available:.0} of {size:.0}"),
+                _ => "-".to_owned(),
+            };
+            let _ = writeln!(
+                out,
+                "{:<24} {:<16} {:<7} {:>16} {:>10} {:>10}",
+                text(&limit["route"]),
+                text(&limit["limit"]),
+                text(&limit["scope"]),
+                available,
+                limit["allowed"],
+                limit["rejected"],
+            );
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn frame_turns_counters_into_rates() {
+        let old = json!({
+            "node": "edge-1", "phase": "serving",
+            "workers": { "running": 0, "max": 8, "queue": 0 },
+            "routes": [{ "name": "api", "upstream": "app", "requests": 100, "errors": 0,
+                         "refused": 0, "duration_sum": 1.0, "duration_count": 100 }],
+            "upstreams": [{ "name": "app", "targets": [{ "target": "127.0.0.1:9001",
+                "breaker": "closed", "up": true, "connections": 2 }] }],
+            "limits": [{ "route": "api", "limit": "per-ip", "scope": "local",
+                         "available": 7.0, "size": 10.0, "allowed": 3, "rejected": 1 }],
+        });
+        let mut new = old.clone();
+        new["routes"][0]["requests"] = json!(300);
+        new["routes"][0]["errors"] = json!(20);
+        new["routes"][0]["duration_sum"] = json!(1.4);
+        new["routes"][0]["duration_count"] = json!(300);
+        let frame = render(&new, Some((Duration::from_secs(2), &old)));
+        assert!(frame.contains("node edge-1, serving"), "{frame}");
+        // 200 requests and 20 errors in 2 s, 0.4 s over 200 requests.
+        let route = frame.lines().find(|line| line.starts_with("api ")).unwrap();
+        let columns: Vec<&str> = route.split_whitespace().collect();
+        assert_eq!(columns, ["api", "app", "100.0", "10.0", "0.0", "2.00"]);
+        assert!(frame.contains("127.0.0.1:9001"), "{frame}");
+        assert!(frame.contains("7 of 10"), "{frame}");
+
+        // The first frame has no rates yet.
+        let first = render(&old, None);
+        let route = first.lines().find(|line| line.starts_with("api ")).unwrap();
+        assert!(route.contains(" - "), "{first}");
+    }
+}

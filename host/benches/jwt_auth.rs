@@ -86,7 +86,12 @@ async fn measure(runtime: &Runtime, binding: &Binding, requests: &[wit::Request]
         let started = thread_cpu_time();
         for request in requests {
             match runtime
-                .on_request(binding, request, &mut Default::default())
+                .on_request(
+                    binding,
+                    request,
+                    &mut Default::default(),
+                    Default::default(),
+                )
                 .await
             {
                 Ok(wit::Action::Continue(_)) => {}
@@ -217,7 +222,7 @@ fn main() -> anyhow::Result<()> {
                 let started = thread_cpu_time();
                 for request in round {
                     runtime
-                        .on_request(&rs, request, &mut Default::default())
+                        .on_request(&rs, request, &mut Default::default(), Default::default())
                         .await?;
                 }
                 let cpu = (thread_cpu_time() - started).as_secs_f64() * 1e6 / calls as f64;

@@ -114,10 +114,12 @@ fn main() -> anyhow::Result<()> {
                 let mut context = RequestContext::default();
                 if response_hook {
                     runtime
-                        .on_response(&binding, &request, &head, &mut context)
+                        .on_response(&binding, &request, &head, &mut context, Default::default())
                         .await?;
                 } else {
-                    runtime.on_request(&binding, &request, &mut context).await?;
+                    runtime
+                        .on_request(&binding, &request, &mut context, Default::default())
+                        .await?;
                 }
             }
             let per_call = |time: Duration| time.as_secs_f64() * 1e6 / f64::from(calls);

@@ -4,12 +4,14 @@
 //! A request hands its [`Record`] to the writer through a bounded channel
 //! when its response body ends (or the client goes away). When the channel
 //! is full the record is dropped and counted in
-//! `edge_access_log_dropped_total`. Request headers are never logged, so
+//! `edge_access_log_dropped_total`. The writer formats lines in batches and
+//! writes each batch with one call, at most [`FLUSH_INTERVAL`] after its
+//! first line, and on shutdown. Request headers are never logged, so
 //! `Authorization` and cookies cannot appear; query parameters whose names
 //! look like credentials have their values replaced by `REDACTED`.
 
 use std::fs::OpenOptions;
-use std::io::{BufWriter, Write};
+use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::pin::Pin;
@@ -23,13 +25,29 @@ use bytes::Bytes;
 use http::{HeaderValue, Method, Uri, Version};
 use http_body::{Body, Frame, SizeHint};
 use prometheus::IntCounter;
-use serde::Serialize;
 
 use crate::metrics::Reason;
 use crate::proxy::{BoxError, ResponseBody};
 
+mod line;
+
+pub use line::redact_query;
+use line::LineFormatter;
+
 /// The value that replaces a credential in a logged query string.
 pub const REDACTED: &str = "REDACTED";
+
+/// How long the writer collects lines before it writes them in one batch.
+/// A line reaches the sink at most this long (plus the time to format the
+/// batch) after its request ends.
+pub const FLUSH_INTERVAL: Duration = Duration::from_millis(50);
+
+/// The size at which the writer writes its buffer out before the interval
+/// ends.
+const BATCH_BYTES: usize = 256 << 10;
+
+/// How long a shutdown waits for the writer to write what it holds.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Where access-log lines go.
 #[derive(Debug, Clone)]
@@ -41,8 +59,15 @@ pub enum Sink {
 
 /// The sending half of the access log, shared by every serving thread.
 pub struct AccessLog {
-    sender: SyncSender<Box<Record>>,
+    sender: SyncSender<Message>,
     dropped: IntCounter,
+}
+
+/// A message from a serving thread or the shutdown to the writer.
+enum Message {
+    Record(Box<Record>),
+    /// Write everything received so far, then reply.
+    Flush(SyncSender<()>),
 }
 
 /// Names the writer thread needs to turn indices into text.
@@ -52,7 +77,9 @@ pub struct Names {
     pub upstreams: Vec<Arc<str>>,
 }
 
-/// One request as the access log records it.
+/// One request as the access log records it. The serving thread fills it
+/// with values it already has (no formatting); the writer turns it into
+/// text.
 #[derive(Debug)]
 pub struct Record {
     pub time: SystemTime,
@@ -108,173 +135,148 @@ impl AccessLog {
             ),
         };
         let (sender, receiver) = mpsc::sync_channel(capacity.max(1));
+        let writer = Writer {
+            output,
+            names,
+            written,
+            formatter: LineFormatter::default(),
+            buffer: Vec::with_capacity(BATCH_BYTES + 4096),
+            lines: 0,
+        };
         std::thread::Builder::new()
             .name("edge-access-log".to_owned())
-            .spawn(move || write_lines(receiver, output, &names, &written))
+            .spawn(move || writer.run(receiver))
             .context("cannot start the access-log thread")?;
         Ok(AccessLog { sender, dropped })
     }
 
     /// Hands a record to the writer, or drops and counts it when the writer
-    /// has fallen behind.
+    /// has fallen behind. Never blocks.
     pub fn send(&self, record: Box<Record>) {
-        match self.sender.try_send(record) {
+        match self.sender.try_send(Message::Record(record)) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => self.dropped.inc(),
             // The writer thread ended after a write error it logged.
             Err(TrySendError::Disconnected(_)) => self.dropped.inc(),
         }
     }
+
+    /// Waits (up to two seconds) until the writer has written every record
+    /// sent before this call. The node calls it on shutdown, once its
+    /// connections are closed.
+    pub fn flush(&self) {
+        let (reply, replied) = mpsc::sync_channel(1);
+        let deadline = Instant::now() + FLUSH_TIMEOUT;
+        let mut message = Message::Flush(reply);
+        // The channel may be full of records; the writer empties it at
+        // least once per interval.
+        loop {
+            match self.sender.try_send(message) {
+                Ok(()) => break,
+                Err(TrySendError::Disconnected(_)) => return,
+                Err(TrySendError::Full(back)) => {
+                    if Instant::now() >= deadline {
+                        tracing::warn!("timed out flushing the access log");
+                        return;
+                    }
+                    message = back;
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+            }
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if replied.recv_timeout(left).is_err() {
+            tracing::warn!("timed out flushing the access log");
+        }
+    }
 }
 
-/// Writes records as they come and flushes whenever the channel is empty,
-/// so lines reach the sink within one burst.
-fn write_lines(
-    receiver: Receiver<Box<Record>>,
+/// The writer thread's state: the sink, and the batch being filled.
+struct Writer {
     output: Box<dyn Write + Send>,
-    names: &Names,
-    written: &IntCounter,
-) {
-    let mut output = BufWriter::with_capacity(64 << 10, output);
-    let mut line = Vec::with_capacity(512);
-    while let Ok(first) = receiver.recv() {
-        let mut next = Some(first);
-        while let Some(record) = next {
-            line.clear();
-            if serde_json::to_writer(&mut line, &record.line(names)).is_ok() {
-                line.push(b'\n');
-                if let Err(error) = output.write_all(&line) {
-                    tracing::error!(%error, "cannot write the access log; stopping it");
+    names: Names,
+    written: IntCounter,
+    formatter: LineFormatter,
+    buffer: Vec<u8>,
+    /// Lines in `buffer`.
+    lines: u64,
+}
+
+impl Writer {
+    /// Writes lines in batches until every sender is gone or a write fails.
+    ///
+    /// The thread blocks until a message arrives, sleeps for
+    /// [`FLUSH_INTERVAL`] while more arrive, then formats them all and writes
+    /// them with one `write` call (more when the batch is over
+    /// [`BATCH_BYTES`]).
+    /// So a busy node wakes it once per interval, not once per line, and
+    /// the serving threads never wait on it.
+    fn run(mut self, receiver: Receiver<Message>) {
+        while let Ok(first) = receiver.recv() {
+            let mut replies = Vec::new();
+            if !self.take(first, &mut replies) {
+                return;
+            }
+            // Sleep rather than block on the channel, so that senders do not
+            // wake this thread for every line. A flush request skips it.
+            if replies.is_empty() {
+                std::thread::sleep(FLUSH_INTERVAL);
+            }
+            while let Ok(message) = receiver.try_recv() {
+                if !self.take(message, &mut replies) {
                     return;
                 }
-                written.inc();
             }
-            next = receiver.try_recv().ok();
+            if !self.write_out() {
+                return;
+            }
+            for reply in replies {
+                let _ = reply.try_send(());
+            }
         }
-        if let Err(error) = output.flush() {
+        // Every sender is gone: the node is shutting down.
+        self.write_out();
+    }
+
+    /// Adds a record to the batch or notes a flush request. Returns false
+    /// once writing failed.
+    fn take(&mut self, message: Message, replies: &mut Vec<SyncSender<()>>) -> bool {
+        match message {
+            Message::Record(record) => self.format(&record),
+            Message::Flush(reply) => {
+                replies.push(reply);
+                true
+            }
+        }
+    }
+
+    /// Formats one record into the batch, writing the batch out when it is
+    /// full. Returns false once writing failed.
+    fn format(&mut self, record: &Record) -> bool {
+        self.formatter.write(record, &self.names, &mut self.buffer);
+        self.lines += 1;
+        self.buffer.len() < BATCH_BYTES || self.write_out()
+    }
+
+    /// Writes the batch to the sink. Returns false, after logging the
+    /// error, when the write failed; the log stops then.
+    fn write_out(&mut self) -> bool {
+        if self.buffer.is_empty() {
+            return true;
+        }
+        let result = self
+            .output
+            .write_all(&self.buffer)
+            .and_then(|()| self.output.flush());
+        if let Err(error) = result {
             tracing::error!(%error, "cannot write the access log; stopping it");
-            return;
+            return false;
         }
+        self.written.inc_by(self.lines);
+        self.buffer.clear();
+        self.lines = 0;
+        true
     }
-}
-
-fn millis(duration: Duration) -> f64 {
-    (duration.as_nanos() as f64 / 1_000.0).round() / 1_000.0
-}
-
-/// One access-log line, borrowing from its record.
-#[derive(Serialize)]
-struct Line<'a> {
-    time: String,
-    node: &'a str,
-    request_id: Option<&'a str>,
-    trace_id: Option<String>,
-    span_id: Option<String>,
-    client: IpAddr,
-    method: &'a str,
-    path: &'a str,
-    query: Option<String>,
-    protocol: String,
-    route: Option<&'a str>,
-    upstream: Option<&'a str>,
-    target: Option<SocketAddr>,
-    status: u16,
-    reason: &'static str,
-    bytes_in: Option<u64>,
-    bytes_out: u64,
-    completed: bool,
-    durations_ms: Durations,
-    user: Option<&'a str>,
-}
-
-/// The stage durations of a line, in milliseconds.
-#[derive(Serialize)]
-struct Durations {
-    total: f64,
-    head: f64,
-    gateway: f64,
-    ratelimit: f64,
-    workers: f64,
-    upstream: f64,
-}
-
-impl Record {
-    fn line<'a>(&'a self, names: &'a Names) -> Line<'a> {
-        Line {
-            time: humantime::format_rfc3339_millis(self.time).to_string(),
-            node: &names.node,
-            request_id: self.request_id.as_ref().and_then(|id| id.to_str().ok()),
-            trace_id: self.trace_id.map(hex::encode),
-            span_id: self.span_id.map(hex::encode),
-            client: self.client,
-            method: self.method.as_str(),
-            path: self.uri.path(),
-            query: self.uri.query().map(redact_query),
-            protocol: format!("{:?}", self.version),
-            route: self.route.map(|index| &*names.routes[index]),
-            upstream: self.upstream.map(|index| &*names.upstreams[index]),
-            target: self.target,
-            status: self.status,
-            reason: self.reason.name(),
-            bytes_in: self.bytes_in,
-            bytes_out: self.bytes_out,
-            completed: self.completed,
-            durations_ms: Durations {
-                total: millis(self.total),
-                head: millis(self.head),
-                gateway: millis(self.head.saturating_sub(self.upstream_time)),
-                ratelimit: millis(self.ratelimit),
-                workers: millis(self.workers),
-                upstream: millis(self.upstream_time),
-            },
-            user: self.user.as_deref(),
-        }
-    }
-}
-
-/// Returns whether a query parameter's name looks like it carries a
-/// credential: it contains `token`, `secret`, `passw`, `key`, `auth`,
-/// `session`, `signature`, `credential`, or is `sig`, `pwd`, `code` or
-/// `jwt` (case-insensitive).
-fn is_sensitive(name: &str) -> bool {
-    let name = name.to_ascii_lowercase();
-    const PARTS: [&str; 8] = [
-        "token",
-        "secret",
-        "passw",
-        "key",
-        "auth",
-        "session",
-        "signature",
-        "credential",
-    ];
-    PARTS.iter().any(|part| name.contains(part))
-        || matches!(name.as_str(), "sig" | "pwd" | "code" | "jwt")
-}
-
-/// Replaces the values of credential-like parameters in a query string with
-/// [`REDACTED`]; the names, order and other values stay as sent.
-pub fn redact_query(query: &str) -> String {
-    let mut out = String::with_capacity(query.len());
-    for (index, pair) in query.split('&').enumerate() {
-        if index > 0 {
-            out.push('&');
-        }
-        let (name, value) = match pair.split_once('=') {
-            Some((name, value)) => (name, Some(value)),
-            None => (pair, None),
-        };
-        let decoded = percent_encoding::percent_decode_str(name).decode_utf8_lossy();
-        match value {
-            Some(_) if is_sensitive(&decoded) => {
-                out.push_str(name);
-                out.push('=');
-                out.push_str(REDACTED);
-            }
-            _ => out.push_str(pair),
-        }
-    }
-    out
 }
 
 /// A response body that counts the bytes sent and hands the access-log
@@ -345,34 +347,5 @@ impl Body for LoggedBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn redact_query_hides_credentials_only() {
-        let cases = [
-            ("a=1&b=2", "a=1&b=2"),
-            ("token=abc&page=2", "token=REDACTED&page=2"),
-            ("access_token=x", "access_token=REDACTED"),
-            ("API_KEY=x&q=key", "API_KEY=REDACTED&q=key"),
-            (
-                "key=1&secret=2&password=3",
-                "key=REDACTED&secret=REDACTED&password=REDACTED",
-            ),
-            ("client%5Fsecret=z", "client%5Fsecret=REDACTED"),
-            (
-                "sig=1&code=2&jwt=3",
-                "sig=REDACTED&code=REDACTED&jwt=REDACTED",
-            ),
-            ("flag&token", "flag&token"),
-            ("x-session-id=9", "x-session-id=REDACTED"),
-        ];
-        for (query, expected) in cases {
-            assert_eq!(redact_query(query), expected, "{query}");
-        }
     }
 }

@@ -244,6 +244,10 @@ pub fn run_node(config: &Config, node: Node) -> anyhow::Result<()> {
     tracing::info!("shutting down; draining open connections");
     node.lifecycle.set(crate::node::Phase::Draining);
     server.shutdown();
+    // Lines wait in the writer's batch for up to its flush interval.
+    if let Some(access_log) = &node.access_log {
+        access_log.flush();
+    }
     let _ = stop.send(true);
     for thread in side_threads {
         let _ = thread.join();

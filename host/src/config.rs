@@ -43,6 +43,9 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// One JSON line per request. Default: off.
     pub access_log: Option<AccessLogConfig>,
+    /// Span export over OTLP. Default: off.
+    #[serde(default)]
+    pub tracing: TracingConfig,
     /// The file this config came from, for errors and relative paths.
     #[serde(skip)]
     pub source: ConfigSource,
@@ -115,6 +118,41 @@ pub struct AccessLogConfig {
 
 fn default_access_log_buffer() -> Spanned<usize> {
     Spanned::new(0..0, 8192)
+}
+
+/// Trace spans: one per request with a child per stage, exported over
+/// OTLP/HTTP (protobuf) by a background thread. Needs a build with the
+/// `otlp` cargo feature.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TracingConfig {
+    /// The collector's OTLP/HTTP base URL, such as `http://127.0.0.1:4318`;
+    /// spans are posted to its `/v1/traces` path unless the URL has a path
+    /// of its own. Plain `http` only. Default: none (no export).
+    pub otlp_endpoint: Option<Spanned<String>>,
+    /// Requests whose spans may wait for the exporter; past that, their
+    /// spans are dropped and counted in `edge_otlp_spans_dropped_total`.
+    /// From 1 to 1000000. Default: 4096.
+    pub otlp_queue: usize,
+    /// How often the exporter sends what has queued up. From 10ms to 1m.
+    /// Default: 1s.
+    #[serde(with = "humantime_serde")]
+    pub otlp_interval: Duration,
+    /// The time allowed for one export request. From 10ms to 1m.
+    /// Default: 10s.
+    #[serde(with = "humantime_serde")]
+    pub otlp_timeout: Duration,
+}
+
+impl Default for TracingConfig {
+    fn default() -> Self {
+        Self {
+            otlp_endpoint: None,
+            otlp_queue: 4096,
+            otlp_interval: Duration::from_secs(1),
+            otlp_timeout: Duration::from_secs(10),
+        }
+    }
 }
 
 /// Settings of the node as a whole.
@@ -970,6 +1008,7 @@ impl Config {
         }
         self.validate_fetch_limits()?;
         self.validate_redis()?;
+        self.validate_tracing()?;
         if let Some(access_log) = &self.access_log {
             let buffer = &access_log.buffer;
             if !(1..=1_000_000).contains(buffer.get_ref()) {
@@ -1382,6 +1421,59 @@ impl Config {
         Ok(())
     }
 
+    /// Checks the `[tracing]` table: an endpoint needs a build with the
+    /// `otlp` feature and must be an `http://` URL with a host.
+    fn validate_tracing(&self) -> Result<(), ConfigError> {
+        let tracing = &self.tracing;
+        let Some(endpoint) = &tracing.otlp_endpoint else {
+            return Ok(());
+        };
+        let line = self.line_of(endpoint.span().start);
+        let field = "tracing.otlp_endpoint";
+        if !cfg!(feature = "otlp") {
+            return Err(self.invalid(
+                line,
+                field,
+                "this edge binary was built without OTLP export; build it with \
+                 `cargo build --release --features otlp` or remove the setting",
+            ));
+        }
+        let uri: http::Uri = endpoint.get_ref().parse().map_err(|_| {
+            let message = format!("{:?} is not a valid URL", endpoint.get_ref());
+            self.invalid(line, field, &message)
+        })?;
+        if uri.scheme_str() != Some("http") || uri.host().is_none() {
+            let message = format!(
+                "{:?} must be an http:// URL with a host, such as http://127.0.0.1:4318",
+                endpoint.get_ref()
+            );
+            return Err(self.invalid(line, field, &message));
+        }
+        if uri.query().is_some() {
+            let message = format!("{:?} must not have a query", endpoint.get_ref());
+            return Err(self.invalid(line, field, &message));
+        }
+        if !(1..=1_000_000).contains(&tracing.otlp_queue) {
+            let line = self.line_of_key("tracing", "otlp_queue");
+            return Err(self.invalid(line, "tracing.otlp_queue", "must be from 1 to 1000000"));
+        }
+        let bounds = Duration::from_millis(10)..=Duration::from_secs(60);
+        for (key, value) in [
+            ("otlp_interval", tracing.otlp_interval),
+            ("otlp_timeout", tracing.otlp_timeout),
+        ] {
+            if !bounds.contains(&value) {
+                let line = self.line_of_key("tracing", key);
+                let message = format!(
+                    "{} must be from 10ms to 1m",
+                    humantime::format_duration(value)
+                );
+                return Err(self.invalid(line, &format!("tracing.{key}"), &message));
+            }
+        }
+        Ok(())
+    }
+
     /// Checks the node-wide limits of workers' fetches.
     fn validate_fetch_limits(&self) -> Result<(), ConfigError> {
         let fetch = &self.runtime.fetch;
@@ -1567,5 +1659,40 @@ impl Config {
 impl fmt::Display for ConfigSource {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::parse(ConfigSource {
+            name: "edge.toml".to_owned(),
+            base_dir: PathBuf::from("."),
+            text: text.to_owned(),
+        })
+    }
+
+    const WITH_ENDPOINT: &str = "[[listeners]]\naddr = \"127.0.0.1:0\"\n\n\
+                                 [upstreams.app]\ntargets = [\"127.0.0.1:9\"]\n\n\
+                                 [[routes]]\nname = \"api\"\nprefix = \"/\"\nupstream = \"app\"\n\n\
+                                 [tracing]\notlp_endpoint = \"http://127.0.0.1:4318\"\n";
+
+    #[cfg(not(feature = "otlp"))]
+    #[test]
+    fn otlp_endpoint_needs_the_otlp_feature() {
+        let error = parse(WITH_ENDPOINT).unwrap_err().to_string();
+        assert!(error.contains("edge.toml:13"), "{error}");
+        assert!(error.contains("tracing.otlp_endpoint"), "{error}");
+        assert!(error.contains("--features otlp"), "{error}");
+    }
+
+    #[cfg(feature = "otlp")]
+    #[test]
+    fn otlp_endpoint_parses_with_the_otlp_feature() {
+        let config = parse(WITH_ENDPOINT).unwrap();
+        assert_eq!(config.tracing.otlp_queue, 4096);
+        assert_eq!(config.tracing.otlp_interval, Duration::from_secs(1));
     }
 }

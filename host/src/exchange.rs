@@ -14,7 +14,7 @@ use crate::access_log::{LoggedBody, Record};
 use crate::metrics::Reason;
 use crate::node::{Node, RouteObserve};
 use crate::proxy::ResponseBody;
-use crate::trace::{TraceContext, X_REQUEST_ID};
+use crate::trace::{AttributeValue, RequestSpans, TraceContext, X_REQUEST_ID};
 
 /// `X-Request-Duration`: the time the request spent in the node.
 pub static X_REQUEST_DURATION: HeaderName = HeaderName::from_static("x-request-duration");
@@ -28,8 +28,11 @@ pub struct Exchange {
     /// The request id sent upstream and on the response, unless the route
     /// turns it off.
     pub request_id: Option<HeaderValue>,
-    /// The trace context, on routes that pass it on.
+    /// The trace context, on routes that pass it on or when the node
+    /// exports spans.
     pub trace: Option<TraceContext>,
+    /// The request's spans, when the node exports them over OTLP.
+    pub spans: Option<RequestSpans>,
     /// Index into [`Node::routes`], once a route matched.
     pub route: Option<usize>,
     /// Index into [`Node::upstreams`], once an upstream was chosen.
@@ -89,6 +92,7 @@ impl Exchange {
             started,
             request_id,
             trace: None,
+            spans: None,
             route: None,
             upstream: None,
             target: None,
@@ -113,13 +117,16 @@ impl Exchange {
     /// metrics and wraps the body to write the access-log line when it
     /// ends.
     pub fn finish(
-        self,
+        mut self,
         node: &Node,
         client: IpAddr,
         mut response: Response<ResponseBody>,
     ) -> Response<ResponseBody> {
         let head = self.started.elapsed();
         let status = response.status().as_u16();
+        if let Some(spans) = self.spans.take() {
+            self.send_spans(node, spans, status);
+        }
         if node.request_metrics {
             let route = node.metrics.route(self.route);
             route.record(self.upstream, status, self.reason, head);
@@ -172,6 +179,34 @@ impl Exchange {
         response.map(|body| {
             ResponseBody::Logged(Box::new(LoggedBody::new(body, record, Arc::clone(log))))
         })
+    }
+}
+
+impl Exchange {
+    /// Completes the request's span with its outcome and hands every span
+    /// of the request to the exporter. The span ends when the response head
+    /// is ready.
+    // TODO: end the request span when the response body ends, as the access
+    // log's `total` does, by moving it into the logged body.
+    fn send_spans(&self, node: &Node, mut spans: RequestSpans, status: u16) {
+        let (Some(trace), Some(queue)) = (&self.trace, &node.spans) else {
+            return;
+        };
+        let root = &mut spans.root_attributes;
+        root.push((
+            "http.response.status_code",
+            AttributeValue::Int(i64::from(status)),
+        ));
+        root.push(("edge.reason", AttributeValue::Static(self.reason.name())));
+        if let Some(upstream) = self.upstream {
+            let name = node.metrics.upstream_names()[upstream].clone();
+            root.push(("edge.upstream", AttributeValue::Shared(name)));
+        }
+        if let Some(id) = self.request_id.as_ref().and_then(|id| id.to_str().ok()) {
+            root.push(("edge.request_id", AttributeValue::Owned(id.to_owned())));
+        }
+        let error = status >= 500;
+        queue.send(spans.finish(trace, (self.started, std::time::Instant::now()), error));
     }
 }
 

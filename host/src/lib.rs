@@ -21,6 +21,8 @@ pub mod health;
 pub mod listener;
 pub mod metrics;
 pub mod node;
+#[cfg(feature = "otlp")]
+pub mod otlp;
 pub mod pipeline;
 pub mod proxy;
 pub mod ratelimit;

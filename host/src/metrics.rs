@@ -154,10 +154,15 @@ pub struct Metrics {
     registry: Registry,
     upstream_names: Arc<[Arc<str>]>,
     /// Handles by route index, and one for requests that matched none.
-    pub routes: Vec<RouteMetrics>,
+    /// Shared so that worker fetches can record into their route's.
+    pub routes: Vec<Arc<RouteMetrics>>,
     pub unrouted: RouteMetrics,
     pub access_log_dropped: IntCounter,
     pub access_log_written: IntCounter,
+    /// Spans dropped because the OTLP queue was full or an export failed.
+    pub otlp_spans_dropped: IntCounter,
+    /// Spans the OTLP collector accepted.
+    pub otlp_spans_exported: IntCounter,
     state: StateMetrics,
 }
 
@@ -190,6 +195,14 @@ pub struct RouteMetrics {
     requests: IntCounterVec,
     upstream_vec: HistogramVec,
     upstream_names: Arc<[Arc<str>]>,
+}
+
+impl std::fmt::Debug for RouteMetrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouteMetrics")
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A request's totals on one route, for the status page.
@@ -299,7 +312,7 @@ impl Metrics {
         };
         let routes = routes
             .iter()
-            .map(|(name, modules)| route_metrics(name, modules))
+            .map(|(name, modules)| Arc::new(route_metrics(name, modules)))
             .collect();
         let unrouted = route_metrics(&Arc::from(NO_ROUTE), &[]);
         let state = StateMetrics {
@@ -380,6 +393,16 @@ impl Metrics {
                 "access_log_lines_total",
                 "Access-log lines written.",
             ),
+            otlp_spans_dropped: counter(
+                &registry,
+                "otlp_spans_dropped_total",
+                "Trace spans dropped because the OTLP export queue was full or an export failed.",
+            ),
+            otlp_spans_exported: counter(
+                &registry,
+                "otlp_spans_exported_total",
+                "Trace spans the OTLP collector accepted.",
+            ),
             registry,
             upstream_names,
             routes,
@@ -391,6 +414,11 @@ impl Metrics {
     /// Returns the handles of route `index`, or of unrouted requests.
     pub fn route(&self, index: Option<usize>) -> &RouteMetrics {
         index.map_or(&self.unrouted, |index| &self.routes[index])
+    }
+
+    /// Returns a shared handle to the metrics of route `index`.
+    pub fn route_shared(&self, index: usize) -> Option<Arc<RouteMetrics>> {
+        self.routes.get(index).cloned()
     }
 
     /// Sets the state metrics from the node and renders every metric in the
@@ -574,7 +602,8 @@ impl RouteMetrics {
         .inc();
     }
 
-    /// Records the time of an upstream exchange, until its response head.
+    /// Records the time of an upstream exchange, until its response head: a
+    /// proxied call or a worker's fetch.
     pub fn upstream(&self, upstream: usize, took: Duration) {
         let Some(cell) = self.upstream_duration.get(upstream) else {
             return;

@@ -22,6 +22,7 @@ use crate::ratelimit::{Limit, LimitSet, LimitSpec, RateLimiter, SystemClock};
 use crate::retry::RetrySettings;
 use crate::route::{HostMatch, PathMatch, RouteRule, Router};
 use crate::tls::{CertificateFiles, ListenerTls, ServerSettings, TlsError, UpstreamTls};
+use crate::trace::SpanQueue;
 use crate::worker::{
     AllowedUpstreams, Binding, FetchAccess, FetchLimits, LoadError, Runtime, RuntimeSettings,
     Secret,
@@ -199,6 +200,9 @@ pub struct Node {
     pub request_metrics: bool,
     /// The access log, when the config has an `[access_log]` table.
     pub access_log: Option<Arc<AccessLog>>,
+    /// The queue of the OTLP span exporter, when `[tracing] otlp_endpoint`
+    /// is set (in a build with the `otlp` feature).
+    pub spans: Option<SpanQueue>,
     /// The `X-Gateway-Node` value: the node's name.
     pub gateway_node: HeaderValue,
     /// Whether any route sends `X-Request-Id` or the access log is on, so
@@ -233,6 +237,8 @@ pub enum BuildError {
     RateLimit(String),
     #[error("cannot start the access log: {0:#}")]
     AccessLog(anyhow::Error),
+    #[error("cannot start the OTLP span export: {0:#}")]
+    Tracing(anyhow::Error),
 }
 
 impl Node {
@@ -499,9 +505,11 @@ impl Node {
             }
             None => None,
         };
+        let spans = start_span_export(config, &registry)?;
         let request_ids =
             access_log.is_some() || routes.iter().any(|route| route.observe.request_id);
         Ok(Node {
+            spans,
             metrics: registry,
             request_metrics: config.metrics.enabled,
             access_log,
@@ -730,4 +738,31 @@ fn failed_entry(
         let line = config.line_of(spanned.span().start);
         Some((format!("certificates[{index}].{name}"), line))
     })
+}
+
+/// Starts the OTLP span exporter when `[tracing] otlp_endpoint` is set.
+#[cfg(feature = "otlp")]
+fn start_span_export(config: &Config, metrics: &Metrics) -> Result<Option<SpanQueue>, BuildError> {
+    let settings = crate::otlp::ExportSettings::from_config(&config.tracing, &config.node.name)
+        .map_err(BuildError::Tracing)?;
+    let Some(settings) = settings else {
+        return Ok(None);
+    };
+    let queue = crate::otlp::start(
+        settings,
+        metrics.otlp_spans_dropped.clone(),
+        metrics.otlp_spans_exported.clone(),
+    )
+    .map_err(BuildError::Tracing)?;
+    Ok(Some(queue))
+}
+
+/// Returns no exporter: config validation rejects an endpoint in a build
+/// without the `otlp` feature.
+#[cfg(not(feature = "otlp"))]
+fn start_span_export(
+    _config: &Config,
+    _metrics: &Metrics,
+) -> Result<Option<SpanQueue>, BuildError> {
+    Ok(None)
 }

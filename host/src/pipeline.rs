@@ -19,10 +19,11 @@
 //!                     400 invalid_body, 413 body_too_large
 //! response workers    500 worker_failed, 503 worker_timeout or worker_busy
 //! respond             X-Request-Id, X-Request-Duration, X-Gateway-Node,
-//!                     RED metrics, the access-log line
+//!                     RED metrics, the access-log line, the request's spans
 //! ```
 
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -40,8 +41,10 @@ use crate::node::{Node, Route};
 use crate::proxy::{RequestBody, ResponseBody};
 use crate::ratelimit::{KeyInput, LimitSet, Shown};
 use crate::route::{encode_path, host_name, normalize_path, resolve_dot_segments};
-use crate::trace::{TraceContext, X_REQUEST_ID};
-use crate::worker::{wit, Binding, WorkerError};
+use crate::trace::{
+    new_span_id, AttributeValue, RequestSpans, SpanKind, TraceContext, X_REQUEST_ID,
+};
+use crate::worker::{wit, Binding, FetchOrigin, FetchTrace, WorkerError};
 
 /// The connection a request arrived on, with what the node works out once
 /// per connection rather than per request.
@@ -173,8 +176,19 @@ async fn serve(
     let matched = matched.ok_or(Refusal::NoRoute)?;
     let route = &node.routes[matched.index];
     exchange.route = Some(matched.index);
-    if route.observe.trace_context {
+    if route.observe.trace_context || node.spans.is_some() {
         exchange.trace = Some(TraceContext::from_request(&parts.headers));
+    }
+    if node.spans.is_some() {
+        let mut spans = RequestSpans::new(exchange.started);
+        let root = &mut spans.root_attributes;
+        root.push((
+            "http.request.method",
+            AttributeValue::Method(parts.method.clone()),
+        ));
+        root.push(("url.path", AttributeValue::Owned(path.to_string())));
+        root.push(("edge.route", AttributeValue::Shared(route.name.clone())));
+        exchange.spans = Some(spans);
     }
 
     let client_ip = client_ip(
@@ -212,13 +226,22 @@ async fn serve(
         let mut request_view = worker_request(&parts, &path, client_ip, route, matched.params);
         let mut pending_limits = route.context_limits;
         for (worker_index, binding) in route.workers.iter().enumerate() {
+            let (origin, span_id) = fetch_origin(node, route, exchange);
             let started = Instant::now();
             let action = node
                 .runtime
-                .on_request(binding, &request_view, &mut context)
+                .on_request(binding, &request_view, &mut context, origin)
                 .await;
             let took = started.elapsed();
             exchange.worker_time += took;
+            record_worker_span(
+                exchange,
+                binding,
+                span_id,
+                "request",
+                started,
+                action.is_err(),
+            );
             if node.request_metrics {
                 node.metrics
                     .route(exchange.route)
@@ -313,8 +336,14 @@ async fn serve(
             parts.headers.insert(X_REQUEST_ID.clone(), id.clone());
         }
     }
-    if let Some(trace) = &exchange.trace {
-        trace.propagate(&mut parts.headers);
+    // With span export, the upstream call is a span of its own and the
+    // upstream's parent; else the node's span is.
+    let client_span = exchange.spans.is_some().then(new_span_id);
+    if let (Some(trace), true) = (&exchange.trace, route.observe.trace_context) {
+        match client_span {
+            Some(span_id) => trace.propagate_with(span_id, &mut parts.headers),
+            None => trace.propagate(&mut parts.headers),
+        }
     }
     let request = Request::from_parts(parts, RequestBody::new(body, route.max_body));
     let started = Instant::now();
@@ -322,11 +351,16 @@ async fn serve(
         .send_noting_target(request, client_ip, route.timeout, &mut exchange.target)
         .await;
     // A request that no breaker or health check let through made no call.
-    if !matches!(
+    let called = !matches!(
         sent,
         Err(Refusal::CircuitOpen { .. } | Refusal::NoHealthyUpstream { .. })
-    ) {
+    );
+    if called {
         exchange.upstream_time = started.elapsed();
+    }
+    if let (Some(span_id), true) = (client_span, called) {
+        let name = node.metrics.upstream_names()[upstream_index].clone();
+        record_upstream_span(exchange, name, span_id, started, &sent);
     }
     let mut response = sent?;
     remove_hop_by_hop(response.headers_mut());
@@ -358,7 +392,131 @@ async fn check_limits(
         .check(&route.limits, which, input, shown)
         .await;
     exchange.ratelimit_time += started.elapsed();
+    if let (Some(spans), Some(trace)) = (&mut exchange.spans, &exchange.trace) {
+        let mut attributes = Vec::new();
+        if let Err(refusal) = &checked {
+            attributes.push(("error.type", AttributeValue::Static(refusal.code())));
+        }
+        spans.record(
+            trace,
+            new_span_id(),
+            None,
+            "ratelimit",
+            SpanKind::Internal,
+            (started, Instant::now()),
+            attributes,
+            checked.is_err(),
+        );
+    }
     checked
+}
+
+/// Builds what a worker call's fetches carry from the request: its id, its
+/// trace with a new span id for the worker call (returned too, for the
+/// call's span), and the route's metrics.
+fn fetch_origin(node: &Node, route: &Route, exchange: &Exchange) -> (FetchOrigin, [u8; 8]) {
+    let span_id = new_span_id();
+    let request_id = if route.observe.request_id {
+        exchange.request_id.clone()
+    } else {
+        None
+    };
+    let trace = exchange.trace.as_ref().map(|context| FetchTrace {
+        context: context.clone(),
+        parent: if exchange.spans.is_some() {
+            span_id
+        } else {
+            context.span_id
+        },
+        export: node
+            .spans
+            .clone()
+            .zip(exchange.spans.as_ref().map(|spans| spans.clock)),
+    });
+    let metrics = exchange
+        .route
+        .filter(|_| node.request_metrics)
+        .and_then(|index| node.metrics.route_shared(index));
+    let origin = FetchOrigin {
+        request_id,
+        trace,
+        metrics,
+    };
+    (origin, span_id)
+}
+
+/// Records the span of one worker hook call, when spans are exported.
+fn record_worker_span(
+    exchange: &mut Exchange,
+    binding: &Binding,
+    span_id: [u8; 8],
+    phase: &'static str,
+    started: Instant,
+    failed: bool,
+) {
+    let (Some(spans), Some(trace)) = (&mut exchange.spans, &exchange.trace) else {
+        return;
+    };
+    let attributes = vec![
+        (
+            "edge.worker",
+            AttributeValue::Shared(binding.module.name.clone()),
+        ),
+        ("edge.phase", AttributeValue::Static(phase)),
+    ];
+    spans.record(
+        trace,
+        span_id,
+        None,
+        "worker",
+        SpanKind::Internal,
+        (started, Instant::now()),
+        attributes,
+        failed,
+    );
+}
+
+/// Records the span of the upstream call, whose id the upstream received as
+/// its parent in `traceparent`.
+fn record_upstream_span<B>(
+    exchange: &mut Exchange,
+    upstream: Arc<str>,
+    span_id: [u8; 8],
+    started: Instant,
+    sent: &Result<Response<B>, Refusal>,
+) {
+    let (Some(spans), Some(trace)) = (&mut exchange.spans, &exchange.trace) else {
+        return;
+    };
+    let mut attributes = vec![("edge.upstream", AttributeValue::Shared(upstream))];
+    if let Some(target) = exchange.target {
+        attributes.push(("server.address", AttributeValue::Ip(target.ip())));
+        attributes.push(("server.port", AttributeValue::Int(i64::from(target.port()))));
+    }
+    let error = match sent {
+        Ok(response) => {
+            let status = response.status().as_u16();
+            attributes.push((
+                "http.response.status_code",
+                AttributeValue::Int(i64::from(status)),
+            ));
+            status >= 500
+        }
+        Err(refusal) => {
+            attributes.push(("error.type", AttributeValue::Static(refusal.code())));
+            true
+        }
+    };
+    spans.record(
+        trace,
+        span_id,
+        None,
+        "upstream",
+        SpanKind::Client,
+        (started, Instant::now()),
+        attributes,
+        error,
+    );
 }
 
 /// Copies the user id a worker set on the context (as `user`) to the
@@ -884,13 +1042,22 @@ async fn run_response_hooks<B>(
             status: response.status().as_u16(),
             headers: wit_headers(response.headers()),
         };
+        let (origin, span_id) = fetch_origin(node, route, exchange);
         let started = Instant::now();
         let changes = node
             .runtime
-            .on_response(binding, view, &head, context)
+            .on_response(binding, view, &head, context, origin)
             .await;
         let took = started.elapsed();
         exchange.worker_time += took;
+        record_worker_span(
+            exchange,
+            binding,
+            span_id,
+            "response",
+            started,
+            changes.is_err(),
+        );
         if node.request_metrics {
             node.metrics
                 .route(exchange.route)

@@ -1,8 +1,15 @@
 //! Request identity: the `X-Request-Id` a request carries through the node,
 //! and its W3C trace context (`traceparent`, `tracestate`), continued from
-//! the client or started here, and passed on to upstreams.
+//! the client or started here, and passed on to upstreams. With an OTLP
+//! exporter (the `otlp` cargo feature), each request also records its spans
+//! here and hands them to the exporter's queue.
+
+use std::sync::mpsc::{SyncSender, TrySendError};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use http::header::{HeaderMap, HeaderName, HeaderValue};
+use prometheus::IntCounter;
 
 /// `X-Request-Id`: kept from the client when valid, else generated.
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
@@ -45,7 +52,6 @@ pub fn new_request_id() -> HeaderValue {
     HeaderValue::from_bytes(&text).expect("hex digits are a valid header value")
 }
 
-// TODO: export the node's span per request over OTLP behind an optional cargo feature (opentelemetry-otlp); until then the access log carries trace_id and span_id.
 /// The trace context of one request: the trace it belongs to, the node's
 /// own span in it, and the client's span when the client sent one.
 #[derive(Debug, Clone)]
@@ -93,17 +99,35 @@ impl TraceContext {
     /// this one (to the upstream, or a worker's outbound fetch): this trace,
     /// with the node's span as the parent.
     pub fn traceparent(&self) -> HeaderValue {
+        self.traceparent_with(self.span_id)
+    }
+
+    /// Returns the `traceparent` of this trace with `parent` as the parent
+    /// span, such as the node's client span of an upstream call.
+    pub fn traceparent_with(&self, parent: [u8; 8]) -> HeaderValue {
         let mut text = *b"00-00000000000000000000000000000000-0000000000000000-00";
         encode_hex(&self.trace_id, &mut text[3..35]);
-        encode_hex(&self.span_id, &mut text[36..52]);
+        encode_hex(&parent, &mut text[36..52]);
         encode_hex(&[self.flags], &mut text[53..55]);
         HeaderValue::from_bytes(&text).expect("hex digits are a valid header value")
+    }
+
+    /// Sets `traceparent` (with `parent` as the parent span) and
+    /// `tracestate` on the headers of a request the node sends on,
+    /// replacing the client's.
+    pub fn propagate_with(&self, parent: [u8; 8], headers: &mut HeaderMap) {
+        headers.insert(TRACEPARENT.clone(), self.traceparent_with(parent));
+        self.propagate_state(headers);
     }
 
     /// Sets `traceparent` and `tracestate` on the headers of a request the
     /// node sends on, replacing the client's.
     pub fn propagate(&self, headers: &mut HeaderMap) {
         headers.insert(TRACEPARENT.clone(), self.traceparent());
+        self.propagate_state(headers);
+    }
+
+    fn propagate_state(&self, headers: &mut HeaderMap) {
         match &self.tracestate {
             Some(state) => {
                 headers.insert(TRACESTATE.clone(), state.clone());
@@ -122,6 +146,180 @@ impl TraceContext {
     /// The node's span id in 16 lower-case hex digits.
     pub fn span_id_hex(&self) -> String {
         hex::encode(self.span_id)
+    }
+}
+
+/// The role of a span, as OTLP's `Span.SpanKind` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SpanKind {
+    /// The node handling a client's request.
+    Server,
+    /// A request the node sends: the upstream call or a worker fetch.
+    Client,
+    /// A stage inside the node: rate limits, a worker call.
+    Internal,
+}
+
+/// The value of a span attribute. Values that need formatting (a method,
+/// an address) are kept as they are and turned into text by the exporter,
+/// off the request path.
+#[derive(Debug, Clone)]
+pub enum AttributeValue {
+    Static(&'static str),
+    Shared(Arc<str>),
+    Owned(String),
+    Int(i64),
+    Method(http::Method),
+    Ip(std::net::IpAddr),
+}
+
+/// One finished span, ready for export.
+#[derive(Debug, Clone)]
+pub struct SpanRecord {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    pub parent_id: Option<[u8; 8]>,
+    pub name: &'static str,
+    pub kind: SpanKind,
+    /// Start and end, in nanoseconds since the Unix epoch.
+    pub start_unix_nanos: u64,
+    pub end_unix_nanos: u64,
+    pub attributes: Vec<(&'static str, AttributeValue)>,
+    /// Whether the span ended in an error: a 5xx response, a refusal of the
+    /// node, or a failed call.
+    pub error: bool,
+}
+
+/// Maps the monotonic clock to wall-clock time for one request, so that
+/// every span of it is timed with [`Instant`] and exported as Unix time.
+#[derive(Debug, Clone, Copy)]
+pub struct SpanClock {
+    started: Instant,
+    started_unix_nanos: u64,
+}
+
+impl SpanClock {
+    /// Pairs `started` with the wall-clock time now.
+    pub fn new(started: Instant) -> SpanClock {
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |since| since.as_nanos() as u64);
+        let started_unix_nanos = now.saturating_sub(started.elapsed().as_nanos() as u64);
+        SpanClock {
+            started,
+            started_unix_nanos,
+        }
+    }
+
+    /// Converts `at` to nanoseconds since the Unix epoch.
+    pub fn unix_nanos(&self, at: Instant) -> u64 {
+        let since = at.saturating_duration_since(self.started).as_nanos() as u64;
+        self.started_unix_nanos.saturating_add(since)
+    }
+}
+
+/// The queue between the request path and the span exporter: each request
+/// hands over its spans in one message, and a full queue drops them.
+#[derive(Debug, Clone)]
+pub struct SpanQueue {
+    sender: SyncSender<Vec<SpanRecord>>,
+    dropped: IntCounter,
+}
+
+impl SpanQueue {
+    /// Wraps the sending half of the exporter's channel; `dropped` counts
+    /// the spans a full queue rejects.
+    pub fn new(sender: SyncSender<Vec<SpanRecord>>, dropped: IntCounter) -> SpanQueue {
+        SpanQueue { sender, dropped }
+    }
+
+    /// Hands `spans` to the exporter without waiting, or drops and counts
+    /// them when the queue is full or the exporter has stopped.
+    pub fn send(&self, spans: Vec<SpanRecord>) {
+        if spans.is_empty() {
+            return;
+        }
+        match self.sender.try_send(spans) {
+            Ok(()) => {}
+            Err(TrySendError::Full(spans) | TrySendError::Disconnected(spans)) => {
+                self.dropped.inc_by(spans.len() as u64)
+            }
+        }
+    }
+}
+
+/// The spans of one request, collected while it passes the pipeline and
+/// sent to the exporter when its response head is ready.
+#[derive(Debug)]
+pub struct RequestSpans {
+    pub clock: SpanClock,
+    /// The finished stage spans.
+    pub spans: Vec<SpanRecord>,
+    /// Attributes of the request's own span, completed when it ends.
+    pub root_attributes: Vec<(&'static str, AttributeValue)>,
+}
+
+impl RequestSpans {
+    /// Starts the span list of a request that arrived at `started`.
+    pub fn new(started: Instant) -> RequestSpans {
+        RequestSpans {
+            clock: SpanClock::new(started),
+            spans: Vec::with_capacity(4),
+            root_attributes: Vec::with_capacity(8),
+        }
+    }
+
+    /// Records the request's own span (the node's span in `trace`, a child
+    /// of the client's) from `started` to `ended`, and returns every span
+    /// of the request.
+    pub fn finish(
+        mut self,
+        trace: &TraceContext,
+        (started, ended): (Instant, Instant),
+        error: bool,
+    ) -> Vec<SpanRecord> {
+        self.spans.push(SpanRecord {
+            trace_id: trace.trace_id,
+            span_id: trace.span_id,
+            parent_id: trace.parent_id,
+            name: "request",
+            kind: SpanKind::Server,
+            start_unix_nanos: self.clock.unix_nanos(started),
+            end_unix_nanos: self.clock.unix_nanos(ended),
+            attributes: self.root_attributes,
+            error,
+        });
+        self.spans
+    }
+
+    /// Records a stage of the request in `trace`: a child of the node's
+    /// span unless `parent` names another.
+    #[expect(
+        clippy::too_many_arguments,
+        reason = "each argument is one field of the span"
+    )]
+    pub fn record(
+        &mut self,
+        trace: &TraceContext,
+        span_id: [u8; 8],
+        parent: Option<[u8; 8]>,
+        name: &'static str,
+        kind: SpanKind,
+        (start, end): (Instant, Instant),
+        attributes: Vec<(&'static str, AttributeValue)>,
+        error: bool,
+    ) {
+        self.spans.push(SpanRecord {
+            trace_id: trace.trace_id,
+            span_id,
+            parent_id: Some(parent.unwrap_or(trace.span_id)),
+            name,
+            kind,
+            start_unix_nanos: self.clock.unix_nanos(start),
+            end_unix_nanos: self.clock.unix_nanos(end),
+            attributes,
+            error,
+        });
     }
 }
 
@@ -183,7 +381,8 @@ fn new_trace_id() -> [u8; 16] {
     }
 }
 
-fn new_span_id() -> [u8; 8] {
+/// Generates a random, non-zero span id.
+pub fn new_span_id() -> [u8; 8] {
     fastrand::u64(1..).to_be_bytes()
 }
 

@@ -350,6 +350,11 @@ impl Upstream {
         self.received.lock().unwrap().len()
     }
 
+    /// Every request received in full, in the order they ended.
+    pub fn received(&self) -> Vec<Received> {
+        self.received.lock().unwrap().clone()
+    }
+
     /// The last request received in full.
     pub fn last(&self) -> Received {
         self.received

@@ -12,6 +12,8 @@ mod context;
 mod device_router;
 mod jwt;
 mod observability;
+#[cfg(feature = "otlp")]
+mod otlp;
 mod proxy;
 mod ratelimit;
 mod resilience;

@@ -431,7 +431,8 @@ async fn access_log_lines_carry_fields_without_secrets() -> Result {
     let got = send(
         "GET",
         &node.url(
-            "/api/items?page=2&access_token=tok-SECRET-1&api_key=key-SECRET-2&password=pw-SECRET-3",
+            "/api/items?page=2&access_token=tok-SECRET-1&api_key=key-SECRET-2\
+             &password=pw-SECRET-3;Refresh=rf-SECRET-6;q=x",
         ),
         &[
             ("authorization", "Bearer auth-SECRET-4"),
@@ -472,7 +473,7 @@ async fn access_log_lines_carry_fields_without_secrets() -> Result {
     assert_eq!(first["path"], "/api/items");
     assert_eq!(
         first["query"],
-        "page=2&access_token=REDACTED&api_key=REDACTED&password=REDACTED"
+        "page=2&access_token=REDACTED&api_key=REDACTED&password=REDACTED;Refresh=REDACTED;q=x"
     );
     assert_eq!(first["route"], "api");
     assert_eq!(first["upstream"], "app");
@@ -696,5 +697,79 @@ async fn edge_top_prints_routes_targets_and_limits() -> Result {
     assert!(!refused.status.success());
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("401"), "{stderr}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn fetch_carries_request_id_and_trace() -> Result {
+    let upstream = Upstream::echo().await;
+    let config = format!(
+        "{}[upstreams.app]\ntargets = [\"{}\"]\n\n\
+         [[routes]]\nname = \"fan\"\npath = \"/fan\"\n\n\
+         [[routes.workers]]\nmodule = \"{{modules}}/fixture-worker.wasm\"\nfetch = [\"app\"]\n\
+         [routes.workers.config]\nmode = \"fetch\"\n\
+         requests = [{{ upstream = \"app\", path = \"/one\" }}, \
+         {{ upstream = \"app\", path = \"/two\", headers = {{ traceparent = \"forged\" }} }}]\n",
+        admin_table(),
+        upstream.addr
+    );
+    let node = Node::start(&config)?;
+
+    // No X-Request-Id and no traceparent from the client: the node makes
+    // both, and each fetch carries them.
+    let got = get(&node.url("/fan")).await?;
+    assert_eq!(got.status, 200, "{}", String::from_utf8_lossy(&got.body));
+    let id = got
+        .header("x-request-id")
+        .expect("a generated id")
+        .to_owned();
+    assert_eq!(id.len(), 32);
+    assert_eq!(upstream.complete_count(), 2);
+    let fetched = upstream.received();
+    let mut traces = Vec::new();
+    let mut parents = Vec::new();
+    for received in &fetched {
+        assert_eq!(received.headers["x-request-id"], id.as_str());
+        let (trace, parent, flags) = trace_parts(received.headers["traceparent"].to_str()?);
+        assert_eq!(trace.len(), 32);
+        assert_ne!(trace, "0".repeat(32));
+        assert_ne!(parent, "0".repeat(16));
+        assert_eq!(flags, "01");
+        traces.push(trace);
+        parents.push(parent);
+    }
+    assert_eq!(
+        traces[0], traces[1],
+        "both fetches are in the request's trace"
+    );
+    assert_ne!(parents[0], parents[1], "each fetch has its own span id");
+
+    // A client's trace and id carry on into the fetches, with a new span id
+    // per fetch; the worker's own traceparent is replaced.
+    let client = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let got = send(
+        "GET",
+        &node.url("/fan"),
+        &[("traceparent", client), ("x-request-id", "fan-out-7")],
+        b"",
+    )
+    .await?;
+    assert_eq!(got.status, 200);
+    assert_eq!(upstream.complete_count(), 4);
+    for received in &upstream.received()[2..] {
+        assert_eq!(received.headers["x-request-id"], "fan-out-7");
+        let (trace, parent, _) = trace_parts(received.headers["traceparent"].to_str()?);
+        assert_eq!(trace, "4bf92f3577b34da6a3ce929d0e0e4736");
+        assert_ne!(parent, "00f067aa0ba902b7");
+    }
+
+    // Fetches count in the route's upstream metrics like proxied calls.
+    let samples = scrape(&node).await?;
+    let calls = total(
+        &samples,
+        "edge_upstream_duration_seconds",
+        &[("route", "fan"), ("upstream", "app")],
+    );
+    assert_eq!(calls, 4.0);
     Ok(())
 }

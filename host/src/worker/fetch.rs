@@ -7,6 +7,10 @@
 //! call runs concurrently on the calling thread, and the call returns when
 //! each has a response or has timed out. The time the guest waits here is
 //! not charged to its CPU deadline (see [`FetchState::waited`]).
+//!
+//! Each request carries the incoming request's `X-Request-Id` and a
+//! `traceparent` in its trace, and counts in the route's
+//! `edge_upstream_duration_seconds` as a proxied call does.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -23,8 +27,12 @@ use http_body_util::BodyExt as _;
 use super::bindings::edge::worker::fetch::{FetchError, IncomingResponse, OutgoingRequest};
 use super::wit;
 use crate::error::Refusal;
+use crate::metrics::RouteMetrics;
 use crate::pipeline::remove_hop_by_hop;
 use crate::proxy::{BodyTimedOut, PooledBody, RequestBody, Upstream};
+use crate::trace::{
+    new_span_id, AttributeValue, SpanClock, SpanKind, SpanQueue, SpanRecord, TraceContext,
+};
 
 /// The result of one request, as the guest receives it.
 pub type FetchResult = Result<IncomingResponse, FetchError>;
@@ -97,12 +105,37 @@ impl FetchAccess {
     }
 }
 
+/// The request identity that the fetches of one hook call carry. The
+/// default carries nothing, and then the client's `X-Request-Id`, when it
+/// sent one, is still passed on.
+#[derive(Debug, Clone, Default)]
+pub struct FetchOrigin {
+    /// The request's id, whether the client sent it or the node made it.
+    pub request_id: Option<HeaderValue>,
+    /// The request's trace, and the span of the worker call that fetches.
+    pub trace: Option<FetchTrace>,
+    /// The route's metrics, when request metrics are on.
+    pub metrics: Option<Arc<RouteMetrics>>,
+}
+
+/// The trace a worker's fetches belong to.
+#[derive(Debug, Clone)]
+pub struct FetchTrace {
+    pub context: TraceContext,
+    /// The span of the worker call, the parent of each fetch's span.
+    pub parent: [u8; 8],
+    /// The span queue and the request's clock, when the node exports spans.
+    pub export: Option<(SpanQueue, SpanClock)>,
+}
+
 /// The fetch state of one hook call.
 #[derive(Debug, Default)]
 pub struct FetchState {
     /// The incoming request's `X-Request-Id`; `None` when it has none, or
     /// for the `hooks` call, which runs at load without a request.
     request_id: Option<HeaderValue>,
+    trace: Option<FetchTrace>,
+    metrics: Option<Arc<RouteMetrics>>,
     /// The client's address, the key of a `client_ip` consistent hash.
     client_ip: Option<IpAddr>,
     /// Whether a request is being handled; `hooks` may not fetch.
@@ -114,15 +147,20 @@ pub struct FetchState {
 }
 
 impl FetchState {
-    /// Prepares the state of a hook call on `request`.
-    pub fn for_request(request: &wit::Request) -> FetchState {
-        let request_id = request
-            .headers
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case(X_REQUEST_ID.as_str()))
-            .and_then(|h| HeaderValue::from_str(&h.value).ok());
+    /// Prepares the state of a hook call on `request`. The id in `origin`
+    /// wins over an `X-Request-Id` header the client sent.
+    pub fn for_request(request: &wit::Request, origin: FetchOrigin) -> FetchState {
+        let request_id = origin.request_id.or_else(|| {
+            request
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case(X_REQUEST_ID.as_str()))
+                .and_then(|h| HeaderValue::from_str(&h.value).ok())
+        });
         FetchState {
             request_id,
+            trace: origin.trace,
+            metrics: origin.metrics,
             client_ip: request.client_addr.parse().ok(),
             in_request: true,
             sent: 0,
@@ -163,7 +201,9 @@ impl FetchState {
                     limits.max_requests_per_hook
                 )))
             } else {
-                access.prepare(request, self.request_id.as_ref())
+                let span_id = new_span_id();
+                let trace = self.trace.as_ref().map(|trace| (&trace.context, span_id));
+                access.prepare(request, self.request_id.as_ref(), trace)
             };
             if plan.is_ok() {
                 self.sent += 1;
@@ -172,9 +212,13 @@ impl FetchState {
         }
         let client_ip = self.client_ip.unwrap_or(IpAddr::from([127, 0, 0, 1]));
         let started = Instant::now();
+        let record = Recorder {
+            metrics: self.metrics.as_deref(),
+            trace: self.trace.as_ref(),
+        };
         let results = join_all(planned.into_iter().map(|plan| async move {
             match plan {
-                Ok(plan) => access.exchange(plan, client_ip).await,
+                Ok(plan) => access.exchange(plan, client_ip, record).await,
                 Err(error) => Err(error),
             }
         }))
@@ -189,6 +233,85 @@ struct Planned {
     upstream: usize,
     request: Request<RequestBody>,
     timeout: Duration,
+    /// The span id sent in `traceparent`, when the request has a trace.
+    span_id: Option<[u8; 8]>,
+}
+
+/// The sinks of a fetch's duration and span.
+#[derive(Clone, Copy)]
+struct Recorder<'a> {
+    metrics: Option<&'a RouteMetrics>,
+    trace: Option<&'a FetchTrace>,
+}
+
+impl Recorder<'_> {
+    /// Records one finished fetch: its call time in the route's upstream
+    /// histogram (unless no call was made) and its span.
+    fn finish(&self, plan: &PlannedInfo, upstream: &Upstream, result: &FetchResult) {
+        let ended = Instant::now();
+        if let (Some(metrics), Some(took)) = (self.metrics, plan.call_time) {
+            metrics.upstream(plan.upstream, took);
+        }
+        let (Some(trace), Some(span_id)) = (self.trace, plan.span_id) else {
+            return;
+        };
+        let Some((queue, clock)) = &trace.export else {
+            return;
+        };
+        let mut attributes = vec![
+            (
+                "edge.upstream",
+                AttributeValue::Owned(upstream.name.clone()),
+            ),
+            (
+                "http.request.method",
+                AttributeValue::Method(plan.method.clone()),
+            ),
+        ];
+        let error = match result {
+            Ok(response) => {
+                attributes.push((
+                    "http.response.status_code",
+                    AttributeValue::Int(i64::from(response.status)),
+                ));
+                response.status >= 500
+            }
+            Err(error) => {
+                let kind = match error {
+                    FetchError::TimedOut => "timed_out".to_owned(),
+                    FetchError::Unavailable(code) => code.clone(),
+                    FetchError::ResponseTooLarge(_) => "response_too_large".to_owned(),
+                    FetchError::NotAllowed => "not_allowed".to_owned(),
+                    FetchError::InvalidRequest(_) => "invalid_request".to_owned(),
+                };
+                attributes.push(("error.type", AttributeValue::Owned(kind)));
+                true
+            }
+        };
+        let span = SpanRecord {
+            trace_id: trace.context.trace_id,
+            span_id,
+            parent_id: Some(trace.parent),
+            name: "fetch",
+            kind: SpanKind::Client,
+            start_unix_nanos: clock.unix_nanos(plan.started),
+            end_unix_nanos: clock.unix_nanos(ended),
+            attributes,
+            error,
+        };
+        queue.send(vec![span]);
+    }
+}
+
+/// A sent request, as [`Recorder::finish`] records it.
+struct PlannedInfo {
+    upstream: usize,
+    method: Method,
+    span_id: Option<[u8; 8]>,
+    started: Instant,
+    /// Time from sending until the response head or the failure; `None`
+    /// when an open breaker or failed health checks stopped the request.
+    call_time: Option<Duration>,
 }
 
 impl FetchAccess {
@@ -197,6 +320,7 @@ impl FetchAccess {
         &self,
         request: OutgoingRequest,
         request_id: Option<&HeaderValue>,
+        trace: Option<(&TraceContext, [u8; 8])>,
     ) -> Result<Planned, FetchError> {
         let Some(&upstream) = self.allowed.get(&request.upstream) else {
             return Err(FetchError::NotAllowed);
@@ -234,6 +358,10 @@ impl FetchAccess {
         if let Some(id) = request_id {
             headers.insert(X_REQUEST_ID.clone(), id.clone());
         }
+        // The node's own trace context replaces any the worker set.
+        if let Some((context, span_id)) = trace {
+            context.propagate_with(span_id, &mut headers);
+        }
         headers.append(header::VIA, self.via.clone());
         if !request.body.is_empty() {
             headers.insert(
@@ -256,17 +384,40 @@ impl FetchAccess {
             upstream,
             request: built,
             timeout,
+            span_id: trace.map(|(_, span_id)| span_id),
         })
     }
 
     /// Sends one request and reads its whole response within its timeout.
-    async fn exchange(&self, plan: Planned, client_ip: IpAddr) -> FetchResult {
+    async fn exchange(
+        &self,
+        plan: Planned,
+        client_ip: IpAddr,
+        record: Recorder<'_>,
+    ) -> FetchResult {
         let upstream = &self.upstreams[plan.upstream];
+        let mut info = PlannedInfo {
+            upstream: plan.upstream,
+            method: plan.request.method().clone(),
+            span_id: plan.span_id,
+            started: Instant::now(),
+            call_time: None,
+        };
+        let call_time = &mut info.call_time;
+        let started = info.started;
         let exchange = async {
-            let response = upstream
+            let sent = upstream
                 .send(plan.request, client_ip, Some(plan.timeout))
-                .await
-                .map_err(fetch_error)?;
+                .await;
+            // A request that no breaker or health check let through made no
+            // call, as on the proxy path.
+            if !matches!(
+                sent,
+                Err(Refusal::CircuitOpen { .. } | Refusal::NoHealthyUpstream { .. })
+            ) {
+                *call_time = Some(started.elapsed());
+            }
+            let response = sent.map_err(fetch_error)?;
             let (mut head, body) = response.into_parts();
             remove_hop_by_hop(&mut head.headers);
             let body = read_capped(body, &head.headers, self.limits.max_response_body).await?;
@@ -283,12 +434,17 @@ impl FetchAccess {
                 body: body.to_vec(),
             })
         };
-        let result = tokio::time::timeout(plan.timeout, exchange)
-            .await
-            .unwrap_or(Err(FetchError::TimedOut));
+        let result = match tokio::time::timeout(plan.timeout, exchange).await {
+            Ok(result) => result,
+            Err(_) => {
+                info.call_time.get_or_insert(plan.timeout);
+                Err(FetchError::TimedOut)
+            }
+        };
         if let Err(error) = &result {
             tracing::debug!(upstream = %upstream.name, ?error, "worker fetch failed");
         }
+        record.finish(&info, upstream, &result);
         result
     }
 }

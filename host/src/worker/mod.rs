@@ -48,7 +48,7 @@ pub use cache::{content_hash, CacheOutcome};
 pub use crypto::AllowedUpstreams;
 use crypto::HostCrypto;
 use fetch::FetchState;
-pub use fetch::{FetchAccess, FetchLimits};
+pub use fetch::{FetchAccess, FetchLimits, FetchOrigin, FetchTrace};
 pub use host_api::Secret;
 use host_api::{StoreState, WorkerSettings};
 
@@ -471,9 +471,10 @@ impl Runtime {
         binding: &Binding,
         request: &wit::Request,
         context: &mut RequestContext,
+        origin: FetchOrigin,
     ) -> Result<wit::Action, WorkerError> {
         let index = &binding.module.exports.on_request;
-        let fetch = FetchState::for_request(request);
+        let fetch = FetchState::for_request(request, origin);
         self.call(binding, context, fetch, async |instance, store| {
             let on_request =
                 instance.get_typed_func::<(&wit::Request,), (wit::Action,)>(&mut *store, index)?;
@@ -490,9 +491,10 @@ impl Runtime {
         request: &wit::Request,
         response: &wit::ResponseHead,
         context: &mut RequestContext,
+        origin: FetchOrigin,
     ) -> Result<wit::ResponseChanges, WorkerError> {
         let index = &binding.module.exports.on_response;
-        let fetch = FetchState::for_request(request);
+        let fetch = FetchState::for_request(request, origin);
         self.call(binding, context, fetch, async |instance, store| {
             let on_response = instance
                 .get_typed_func::<(&wit::Request, &wit::ResponseHead), (wit::ResponseChanges,)>(

@@ -68,6 +68,9 @@ enum Message {
     Record(Box<Record>),
     /// Write everything received so far, then reply.
     Flush(SyncSender<()>),
+    /// Write everything received so far, then open the file again, so that
+    /// lines go to a new file once logrotate has moved the old one.
+    Reopen,
 }
 
 /// Names the writer thread needs to turn indices into text.
@@ -124,18 +127,10 @@ impl AccessLog {
         dropped: IntCounter,
         written: IntCounter,
     ) -> anyhow::Result<AccessLog> {
-        let output: Box<dyn Write + Send> = match &sink {
-            Sink::Stdout => Box::new(std::io::stdout()),
-            Sink::File(path) => Box::new(
-                OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(path)
-                    .with_context(|| format!("cannot open access_log.path {}", path.display()))?,
-            ),
-        };
+        let output = open(&sink)?;
         let (sender, receiver) = mpsc::sync_channel(capacity.max(1));
         let writer = Writer {
+            sink,
             output,
             names,
             written,
@@ -158,6 +153,15 @@ impl AccessLog {
             Err(TrySendError::Full(_)) => self.dropped.inc(),
             // The writer thread ended after a write error it logged.
             Err(TrySendError::Disconnected(_)) => self.dropped.inc(),
+        }
+    }
+
+    /// Asks the writer to open its file again after the lines it has, as
+    /// the node does on SIGHUP. Never blocks: when the channel is full the
+    /// request waits for the next SIGHUP, and a warning says so.
+    pub fn reopen(&self) {
+        if let Err(TrySendError::Full(_)) = self.sender.try_send(Message::Reopen) {
+            tracing::warn!("the access log is too busy to reopen its file; send SIGHUP again");
         }
     }
 
@@ -191,8 +195,23 @@ impl AccessLog {
     }
 }
 
+/// Opens the access log's output: stdout, or the file, appended to.
+fn open(sink: &Sink) -> anyhow::Result<Box<dyn Write + Send>> {
+    Ok(match sink {
+        Sink::Stdout => Box::new(std::io::stdout()),
+        Sink::File(path) => Box::new(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("cannot open access_log.path {}", path.display()))?,
+        ),
+    })
+}
+
 /// The writer thread's state: the sink, and the batch being filled.
 struct Writer {
+    sink: Sink,
     output: Box<dyn Write + Send>,
     names: Names,
     written: IntCounter,
@@ -245,6 +264,23 @@ impl Writer {
             Message::Record(record) => self.format(&record),
             Message::Flush(reply) => {
                 replies.push(reply);
+                true
+            }
+            Message::Reopen => {
+                if !self.write_out() {
+                    return false;
+                }
+                if let Sink::File(path) = &self.sink {
+                    match open(&self.sink) {
+                        Ok(output) => {
+                            self.output = output;
+                            tracing::info!(path = %path.display(), "reopened the access log");
+                        }
+                        Err(error) => tracing::error!(
+                            "{error:#}; the access log goes on in the file it had open"
+                        ),
+                    }
+                }
                 true
             }
         }

@@ -33,6 +33,10 @@ pub struct Exchange {
     pub trace: Option<TraceContext>,
     /// The request's spans, when the node exports them over OTLP.
     pub spans: Option<RequestSpans>,
+    /// The client's address, from `X-Forwarded-For` behind a trusted
+    /// proxy, once the pipeline has worked it out; until then the access log
+    /// records the connection's peer.
+    pub client: Option<IpAddr>,
     /// Index into [`Node::routes`], once a route matched.
     pub route: Option<usize>,
     /// Index into [`Node::upstreams`], once an upstream was chosen.
@@ -93,6 +97,7 @@ impl Exchange {
             request_id,
             trace: None,
             spans: None,
+            client: None,
             route: None,
             upstream: None,
             target: None,

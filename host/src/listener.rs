@@ -92,7 +92,13 @@ impl Server {
             .enumerate()
             .filter_map(|(index, listener)| Some((index, listener.tls.clone()?)))
             .collect();
-        let reloader = crate::tls::spawn_reloader(reloading, || {}, shutdown_rx.clone())
+        let access_log = node.access_log.clone();
+        let reopen = move || {
+            if let Some(log) = &access_log {
+                log.reopen();
+            }
+        };
+        let reloader = crate::tls::spawn_reloader(reloading, reopen, shutdown_rx.clone())
             .context("cannot start the reload thread")?;
         handles.push(reloader);
 

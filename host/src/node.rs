@@ -500,7 +500,15 @@ impl Node {
                     registry.access_log_dropped.clone(),
                     registry.access_log_written.clone(),
                 )
-                .map_err(BuildError::AccessLog)?;
+                .map_err(|error| match &access_log.path {
+                    // A missing folder or a file it may not write: name the line.
+                    Some(path) => BuildError::from(config.invalid(
+                        config.line_of(path.span().start),
+                        "access_log.path",
+                        &format!("{error:#}"),
+                    )),
+                    None => BuildError::AccessLog(error),
+                })?;
                 Some(Arc::new(log))
             }
             None => None,

@@ -120,7 +120,8 @@ pub async fn handle(
             .or_insert_with(|| hsts.clone());
     }
     // Observability headers, RED metrics and the access-log line.
-    exchange.finish(node, connection.peer.ip(), response)
+    let client = exchange.client.unwrap_or(connection.peer.ip());
+    exchange.finish(node, client, response)
 }
 
 async fn serve(
@@ -196,6 +197,7 @@ async fn serve(
         connection.peer.ip(),
         &listener.trusted_proxies,
     );
+    exchange.client = Some(client_ip);
 
     // Limits whose key is known now (client address, header, route), before
     // any worker runs or the body is looked at.

@@ -450,19 +450,8 @@ async fn access_log_lines_carry_fields_without_secrets() -> Result {
     assert_eq!(who.status, 200);
 
     let path = node.dir().join("access.log");
-    let mut text = String::new();
-    for _ in 0..100 {
-        text = std::fs::read_to_string(&path).unwrap_or_default();
-        if text.lines().count() >= 4 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let lines: Vec<serde_json::Value> = text
-        .lines()
-        .map(serde_json::from_str)
-        .collect::<std::result::Result<_, _>>()?;
-    assert_eq!(lines.len(), 4, "{text}");
+    let lines = access_log_lines(&path, 4).await?;
+    let text = std::fs::read_to_string(&path)?;
     for secret in ["SECRET", "auth-", "cookie-"] {
         assert!(!text.contains(secret), "{secret} in the access log: {text}");
     }
@@ -507,6 +496,75 @@ async fn access_log_lines_carry_fields_without_secrets() -> Result {
     assert_eq!(lines[3]["route"], "who");
     assert_eq!(lines[3]["user"], "alice");
     Ok(())
+}
+
+/// Waits up to five seconds for the file at `path` to have `lines` lines,
+/// and returns them parsed.
+async fn access_log_lines(path: &std::path::Path, lines: usize) -> Result<Vec<serde_json::Value>> {
+    let mut text = String::new();
+    for _ in 0..100 {
+        text = std::fs::read_to_string(path).unwrap_or_default();
+        if text.lines().count() >= lines {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let parsed: Vec<serde_json::Value> = text
+        .lines()
+        .map(serde_json::from_str)
+        .collect::<std::result::Result<_, _>>()?;
+    assert_eq!(parsed.len(), lines, "{text}");
+    Ok(parsed)
+}
+
+#[tokio::test]
+async fn access_log_reopens_on_sighup_and_names_the_real_client() -> Result {
+    let upstream = Upstream::echo().await;
+    let config = format!(
+        "[[listeners]]\naddr = \"127.0.0.1:0\"\ntrusted_proxies = [\"127.0.0.0/8\"]\n\n\
+         [access_log]\npath = \"access.log\"\n\n\
+         [upstreams.app]\ntargets = [\"{}\"]\n\n\
+         [[routes]]\nname = \"api\"\nprefix = \"/\"\nupstream = \"app\"\n",
+        upstream.addr
+    );
+    let node = Node::start(&config)?;
+    let path = node.dir().join("access.log");
+    // Behind a trusted proxy the log names the client, not the proxy.
+    let first = send(
+        "GET",
+        &node.url("/one"),
+        &[("x-forwarded-for", "203.0.113.7")],
+        b"",
+    )
+    .await?;
+    assert_eq!(first.status, 200);
+    let lines = access_log_lines(&path, 1).await?;
+    assert_eq!(lines[0]["client"], "203.0.113.7");
+
+    // logrotate moves the file and sends SIGHUP: new lines go to a new file.
+    let rotated = node.dir().join("access.log.1");
+    std::fs::rename(&path, &rotated)?;
+    node.signal("HUP");
+    assert!(node.log_contains("reopened the access log"));
+    assert_eq!(get(&node.url("/two")).await?.status, 200);
+    let lines = access_log_lines(&path, 1).await?;
+    assert_eq!(lines[0]["path"], "/two");
+    assert_eq!(lines[0]["client"], "127.0.0.1");
+    let old = access_log_lines(&rotated, 1).await?;
+    assert_eq!(old[0]["path"], "/one");
+    Ok(())
+}
+
+#[test]
+fn access_log_in_a_missing_folder_names_the_line() {
+    let stderr = crate::cli::check_fails(
+        "[[listeners]]\naddr = \"127.0.0.1:0\"\n\n[access_log]\n\
+         path = \"no/such/folder/access.log\"\n\n\
+         [upstreams.app]\ntargets = [\"127.0.0.1:9\"]\n\n\
+         [[routes]]\nname = \"api\"\nupstream = \"app\"\n",
+    );
+    assert!(stderr.contains("edge.toml:5: access_log.path"), "{stderr}");
+    assert!(stderr.contains("no/such/folder/access.log"), "{stderr}");
 }
 
 #[tokio::test]

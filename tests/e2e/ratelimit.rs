@@ -30,10 +30,7 @@ fn limit(fields: &str) -> String {
 /// local count and change what the tests count; the tests of Redis failures
 /// set their own.
 fn redis_table(redis: &Redis) -> String {
-    format!(
-        "[redis]\nurl = \"{}\"\ntimeout = \"2s\"\n\n",
-        redis.url()
-    )
+    format!("[redis]\nurl = \"{}\"\ntimeout = \"2s\"\n\n", redis.url())
 }
 
 /// Sends `count` GETs to `url` at once, each on its own connection, with

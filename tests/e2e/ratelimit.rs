@@ -686,10 +686,18 @@ async fn get_reset(url: String) -> Result<i64> {
     Ok(header_u64(&get(&url).await?, "ratelimit-reset") as i64)
 }
 
-async fn leaky_queue_releases_at_the_rate(scope: &str) -> Result {
+/// Starts a node whose one route has a leaky bucket in queue mode of `scope`
+/// with `rate` and `queue`, and its Redis and upstream. It warms the
+/// connection to Redis with one request, then lets the bucket drain for
+/// `drain`.
+async fn queued_node(
+    scope: &str,
+    rate: &str,
+    queue: u32,
+    drain: Duration,
+) -> Result<(Node, Upstream, Redis)> {
     let upstream = Upstream::echo().await;
     let redis = Redis::start()?;
-    // One request per 100 ms; four may wait.
     let config = format!(
         "{}{}{}",
         redis_table(&redis),
@@ -698,14 +706,20 @@ async fn leaky_queue_releases_at_the_rate(scope: &str) -> Result {
             "queued",
             "/",
             &limit(&format!(
-                "key = \"route\"\nalgorithm = \"leaky_bucket\"\nrate = \"10/s\"\nmode = \"queue\"\nqueue = 4\nscope = \"{scope}\""
+                "key = \"route\"\nalgorithm = \"leaky_bucket\"\nrate = \"{rate}\"\nmode = \"queue\"\nqueue = {queue}\nscope = \"{scope}\""
             ))
         ),
     );
     let node = Node::start(&config)?;
-    // Warm the connection to Redis, then let the bucket drain.
     get(&node.url("/")).await?;
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    tokio::time::sleep(drain).await;
+    Ok((node, upstream, redis))
+}
+
+async fn leaky_queue_releases_at_the_rate(scope: &str) -> Result {
+    // One request per 100 ms; four may wait.
+    let (node, _upstream, _redis) =
+        queued_node(scope, "10/s", 4, Duration::from_millis(300)).await?;
 
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
@@ -765,25 +779,8 @@ async fn global_leaky_queue_releases_at_the_rate() -> Result {
 /// that comes after them is admitted at the next turn of the rate, instead
 /// of being refused because the queue looks full, or waiting behind them.
 async fn leaky_queue_forgets_clients_that_left(scope: &str) -> Result {
-    let upstream = Upstream::echo().await;
-    let redis = Redis::start()?;
     // One request per 500 ms; three may wait.
-    let config = format!(
-        "{}{}{}",
-        redis_table(&redis),
-        app(&upstream),
-        route(
-            "queued",
-            "/",
-            &limit(&format!(
-                "key = \"route\"\nalgorithm = \"leaky_bucket\"\nrate = \"2/s\"\nmode = \"queue\"\nqueue = 3\nscope = \"{scope}\""
-            ))
-        ),
-    );
-    let node = Node::start(&config)?;
-    // Warm the connection to Redis, then let the bucket drain.
-    get(&node.url("/")).await?;
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    let (node, upstream, _redis) = queued_node(scope, "2/s", 3, Duration::from_millis(600)).await?;
 
     // One request leaves at once and takes the bucket's only turn now.
     let started = Instant::now();

@@ -640,21 +640,23 @@ async fn fetch_drops_hop_by_hop_headers() -> Result {
 
 #[tokio::test]
 async fn cpu_deadline_ignores_fetch_wait() -> Result {
-    let slow = Upstream::start(|_| Reply::Delay(Duration::from_millis(300))).await;
+    // The deadline leaves room for a loaded test machine, the wait is ten
+    // times as long.
+    let slow = Upstream::start(|_| Reply::Delay(Duration::from_millis(1000))).await;
     let config = format!(
         "{}{}",
         upstreams(&[("slow", slow.addr.to_string())]),
         fetch_route(
             "[\"slow\"]",
-            "[{ upstream = \"slow\", path = \"/slow\", timeout_ms = 2000 }]",
-            "cpu_deadline = \"20ms\"",
+            "[{ upstream = \"slow\", path = \"/slow\", timeout_ms = 3000 }]",
+            "cpu_deadline = \"100ms\"",
         )
     );
     let node = Node::start(&config)?;
     let got = get(&node.url("/fetch")).await?;
     assert_eq!(
         got.status, 200,
-        "the 300 ms wait does not count against the 20 ms deadline"
+        "the 1000 ms wait does not count against the 100 ms deadline"
     );
     assert_eq!(got.json()["results"][0]["status"], 200);
     assert!(!node.log().contains("worker call failed"));

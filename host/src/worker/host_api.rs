@@ -248,11 +248,13 @@ impl log::Host for StoreState {
         if self.log_lines > MAX_LOG_LINES {
             return;
         }
-        let mut end = message.len().min(MAX_LOG_BYTES);
-        while !message.is_char_boundary(end) {
+        // Redact before cutting, so that a cut cannot leave part of a secret.
+        let redacted = self.settings.redact(&message);
+        let mut end = redacted.len().min(MAX_LOG_BYTES);
+        while !redacted.is_char_boundary(end) {
             end -= 1;
         }
-        let message = self.settings.redact(&message[..end]);
+        let message = &redacted[..end];
         let route = &*self.settings.route;
         let worker = &*self.settings.module;
         match level {

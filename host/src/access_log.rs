@@ -157,8 +157,8 @@ impl AccessLog {
     }
 
     /// Asks the writer to open its file again after the lines it has, as
-    /// the node does on SIGHUP. Never blocks: when the channel is full the
-    /// request waits for the next SIGHUP, and a warning says so.
+    /// the node does on SIGHUP. Never blocks. When the channel is full, the
+    /// request is dropped with a warning and waits for the next SIGHUP.
     pub fn reopen(&self) {
         if let Err(TrySendError::Full(_)) = self.sender.try_send(Message::Reopen) {
             tracing::warn!("the access log is too busy to reopen its file; send SIGHUP again");

@@ -14,7 +14,7 @@ fn default_sdk_path() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../guest-sdk")
 }
 
-/// Where a new worker crate gets the guest SDK from.
+/// The source of the guest SDK for a new worker crate.
 enum SdkSource<'a> {
     Git(&'a str),
     Path(PathBuf),

@@ -27,7 +27,7 @@ fn limit(fields: &str) -> String {
 
 /// The `[redis]` table of the counting tests. Its timeout is long because a
 /// decision that timed out on a loaded test machine would fall back to the
-/// local count and change what the tests count; the tests of Redis failures
+/// local count and change what the tests count. The tests of Redis failures
 /// set their own.
 fn redis_table(redis: &Redis) -> String {
     format!("[redis]\nurl = \"{}\"\ntimeout = \"2s\"\n\n", redis.url())

@@ -219,7 +219,7 @@ impl WorkerSettings {
 
 impl types::Host for StoreState {}
 
-/// The maximum number of log lines one call writes; later ones are counted,
+/// The maximum number of log lines one call writes. Later ones are counted,
 /// and one warning at the end of the call reports how many were dropped.
 pub(super) const MAX_LOG_LINES: u32 = 64;
 /// The maximum length of a kept log message, in bytes; a longer one is cut.

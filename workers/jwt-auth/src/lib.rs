@@ -131,8 +131,9 @@ fn authenticate(request: &Request, settings: &Settings) -> Result<RequestChanges
 }
 
 /// Finds the token in `Authorization: Bearer` or the configured cookie, and
-/// makes sure the request carries no other: an upstream that reads a second
-/// `Authorization` header or token cookie would trust a token nobody checked.
+/// makes sure the request carries no other token. An upstream that reads a
+/// second `Authorization` header or token cookie would trust a token nobody
+/// checked.
 fn find_token<'a>(request: &'a Request, cookie: Option<&str>) -> Result<&'a str, Rejection> {
     if request.headers.get_all("authorization").nth(1).is_some() {
         return Err(Rejection::Invalid(

@@ -204,8 +204,10 @@ async fn secrets_never_reach_the_node_log() -> Result {
     assert_eq!(got.status, 500);
     assert_eq!(got.json()["error"], "worker_failed");
     assert_eq!(upstream.count(), 0);
-    // The dropped lines are counted once the call ends.
+    // The dropped lines are counted once the call ends, and the failure is
+    // logged after that; the log is read on another thread, so wait for both.
     assert!(node.log_contains("36 were dropped"));
+    assert!(node.log_contains("giving up with the secret [secret signing]"));
     let log = node.log();
     assert!(!log.contains("value-of-the-signing-secret"), "{log}");
     assert!(log.contains("the secret is [secret signing]"), "{log}");

@@ -234,21 +234,15 @@ async fn serve(
                 .runtime
                 .on_request(binding, &request_view, &mut context, origin)
                 .await;
-            let took = started.elapsed();
-            exchange.worker_time += took;
-            record_worker_span(
+            note_worker_call(
+                node,
                 exchange,
                 binding,
+                (worker_index, Phase::Request),
                 span_id,
-                "request",
                 started,
                 action.is_err(),
             );
-            if node.request_metrics {
-                node.metrics
-                    .route(exchange.route)
-                    .worker(worker_index, Phase::Request, took);
-            }
             note_user(exchange, &context);
             let action = action.map_err(|e| worker_refusal(route, binding, e))?;
             let changes = match action {
@@ -445,6 +439,31 @@ fn fetch_origin(node: &Node, route: &Route, exchange: &Exchange) -> (FetchOrigin
         metrics,
     };
     (origin, span_id)
+}
+
+/// Records a worker call that started at `started`: its time on the
+/// exchange, its span when spans are exported, and its duration metric.
+fn note_worker_call(
+    node: &Node,
+    exchange: &mut Exchange,
+    binding: &Binding,
+    (worker_index, phase): (usize, Phase),
+    span_id: [u8; 8],
+    started: Instant,
+    failed: bool,
+) {
+    let took = started.elapsed();
+    exchange.worker_time += took;
+    let phase_name = match phase {
+        Phase::Request => "request",
+        Phase::Response => "response",
+    };
+    record_worker_span(exchange, binding, span_id, phase_name, started, failed);
+    if node.request_metrics {
+        node.metrics
+            .route(exchange.route)
+            .worker(worker_index, phase, took);
+    }
 }
 
 /// Records the span of one worker hook call, when spans are exported.
@@ -1050,21 +1069,15 @@ async fn run_response_hooks<B>(
             .runtime
             .on_response(binding, view, &head, context, origin)
             .await;
-        let took = started.elapsed();
-        exchange.worker_time += took;
-        record_worker_span(
+        note_worker_call(
+            node,
             exchange,
             binding,
+            (worker_index, Phase::Response),
             span_id,
-            "response",
             started,
             changes.is_err(),
         );
-        if node.request_metrics {
-            node.metrics
-                .route(exchange.route)
-                .worker(worker_index, Phase::Response, took);
-        }
         let changes = changes.map_err(|e| worker_refusal(route, binding, e))?;
         apply_header_changes(
             response.headers_mut(),

@@ -92,7 +92,7 @@ async fn fetch_status(admin: SocketAddr, token: &str) -> anyhow::Result<Value> {
         .to_bytes();
     if !status.is_success() {
         bail!(
-            "the admin listener answered {status}: {}",
+            "the admin listener returned {status}: {}",
             String::from_utf8_lossy(&body).trim()
         );
     }

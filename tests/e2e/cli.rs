@@ -313,7 +313,7 @@ fn routes_explain_shows_match_and_misses() {
 }
 
 #[test]
-fn worker_new_in_this_repository_points_at_the_sdk_relatively() {
+fn worker_new_relative_sdk_path() {
     let dir = tempfile::tempdir_in(crate::harness::repo_root()).unwrap();
     let root = dir.path().display().to_string();
     let created = edge(&["worker", "new", "near-worker", "--dir", &root]);

@@ -119,7 +119,7 @@ async fn context_limit_without_value_counts_address() -> Result {
 }
 
 #[tokio::test]
-async fn context_limit_whose_value_no_worker_sets_is_reported() -> Result {
+async fn context_limit_unset_value_warns() -> Result {
     let upstream = Upstream::echo().await;
     // `usr` for `user`: a typo that would count every request by address.
     let limit = "[[routes.limits]]\nname = \"per-user\"\nkey = \"context:usr\"\n\
@@ -200,14 +200,17 @@ async fn secrets_never_reach_the_node_log() -> Result {
         fixture("secret-leak", "name = \"signing\""),
     );
     let node = Node::start(&config)?;
+
     let got = get(&node.url("/leak")).await?;
     assert_eq!(got.status, 500);
     assert_eq!(got.json()["error"], "worker_failed");
     assert_eq!(upstream.count(), 0);
+
     // The dropped lines are counted once the call ends, and the failure is
-    // logged after that; the log is read on another thread, so wait for both.
+    // logged after that. The log is read on another thread, so wait for both.
     assert!(node.log_contains("36 were dropped"));
     assert!(node.log_contains("giving up with the secret [secret signing]"));
+
     let log = node.log();
     assert!(!log.contains("value-of-the-signing-secret"), "{log}");
     assert!(log.contains("the secret is [secret signing]"), "{log}");
@@ -215,6 +218,7 @@ async fn secrets_never_reach_the_node_log() -> Result {
         log.contains("giving up with the secret [secret signing]"),
         "{log}"
     );
+
     // One call writes at most 64 lines, and the rest are counted.
     assert_eq!(log.matches("the secret is [secret signing]").count(), 64);
     assert!(

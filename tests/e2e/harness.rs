@@ -350,7 +350,7 @@ impl Upstream {
         self.received.lock().unwrap().len()
     }
 
-    /// Every request received in full, in the order they ended.
+    /// Returns every request received in full, in the order they ended.
     pub fn received(&self) -> Vec<Received> {
         self.received.lock().unwrap().clone()
     }

@@ -518,7 +518,7 @@ async fn access_log_lines(path: &std::path::Path, lines: usize) -> Result<Vec<se
 }
 
 #[tokio::test]
-async fn access_log_reopens_on_sighup_and_names_the_real_client() -> Result {
+async fn access_log_sighup_and_client() -> Result {
     let upstream = Upstream::echo().await;
     let config = format!(
         "[[listeners]]\naddr = \"127.0.0.1:0\"\ntrusted_proxies = [\"127.0.0.0/8\"]\n\n\
@@ -556,7 +556,7 @@ async fn access_log_reopens_on_sighup_and_names_the_real_client() -> Result {
 }
 
 #[test]
-fn access_log_in_a_missing_folder_names_the_line() {
+fn access_log_missing_folder_error() {
     let stderr = crate::cli::check_fails(
         "[[listeners]]\naddr = \"127.0.0.1:0\"\n\n[access_log]\n\
          path = \"no/such/folder/access.log\"\n\n\

@@ -127,9 +127,9 @@ async fn flush(
             .collect();
         if !lost.is_empty() {
             // The server lost its scripts (restarted or flushed) while the
-            // connection stayed up, so load the script and send again only
-            // the commands that got NOSCRIPT, because a flush between two
-            // commands of the batch lets the commands before it run.
+            // connection stayed up, so load the script again. Only the
+            // commands that got NOSCRIPT are sent again, because a flush
+            // between two commands of the batch lets the earlier ones run.
             load_script(&mut connection).await?;
             let mut again = ::redis::pipe();
             again.ignore_errors();

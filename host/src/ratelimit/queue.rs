@@ -2,11 +2,11 @@
 //! its turn.
 //!
 //! A queued request has already moved its bucket forward by one interval.
-//! When it does not get to leave (its client went away and the pipeline's
-//! future was dropped, or a later limit refused it), [`Places`] gives each
-//! place back: the bucket moves back by one interval, so the next request
-//! takes the place instead of waiting behind, or being refused for, a
-//! request that is gone. Requests already waiting keep their turns, so the
+//! Sometimes it does not get to leave: its client went away and the
+//! pipeline's future was dropped, or a later limit rejected it. Then
+//! [`Places`] gives each place back by moving the bucket back one interval.
+//! So the next request takes the place instead of waiting behind, or being
+//! rejected for, a request that is gone. Requests already waiting keep their turns, so the
 //! request that takes the place leaves at the same time as the last of them.
 
 use super::{Clock, Counted, KeyInput, Limit};

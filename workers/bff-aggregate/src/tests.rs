@@ -338,7 +338,7 @@ fn invalid_configs_are_rejected() {
 }
 
 #[test]
-fn section_the_entry_may_not_fetch_is_rejected_at_load() {
+fn unfetchable_section_rejected_at_load() {
     testing::set_config(
         &json!({"sections": [{"name": "a", "upstream": "recs", "path": "/"},
                              {"name": "b", "upstream": "promo", "path": "/"}],

@@ -132,8 +132,8 @@ fn authenticate(request: &Request, settings: &Settings) -> Result<RequestChanges
 
 /// Finds the token in `Authorization: Bearer` or the configured cookie, and
 /// makes sure the request carries no other token. An upstream that reads a
-/// second `Authorization` header or token cookie would trust a token nobody
-/// checked.
+/// second `Authorization` header or token cookie would trust a token that
+/// was never checked.
 fn find_token<'a>(request: &'a Request, cookie: Option<&str>) -> Result<&'a str, Rejection> {
     if request.headers.get_all("authorization").nth(1).is_some() {
         return Err(Rejection::Invalid(

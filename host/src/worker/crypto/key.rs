@@ -655,7 +655,7 @@ mod tests {
     }
 
     #[test]
-    fn rsa_keys_below_2048_bits_are_rejected_at_load() {
+    fn small_rsa_key_rejected() {
         let pem = "-----BEGIN PUBLIC KEY-----\n\
             MIGfMA0GCSqGSIb3DQEBAQUAA4GNADCBiQKBgQDs1I3pahulZXV+FkXHV0XSeyVh\n\
             vhT0MzW7W+UMI+h0Xf6BAkvpepxiZp1uXux6iE0WGMGtHTqFMiyqO5wQS5RtD4we\n\

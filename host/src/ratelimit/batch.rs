@@ -2,12 +2,15 @@
 //! one Redis server.
 //!
 //! Requests that need a decision while a batch is being written or awaited
-//! wait in a queue. When the batch in flight ends, one pipeline carries every
-//! queued `EVALSHA` (one per request, as before), so the channel send to the
-//! connection's task, the `write` and the `read` are shared by the batch. At
-//! most one batch per connection is in flight, and one timer bounds it: the
-//! deadline of its oldest request, so no request waits for Redis longer than
-//! the timeout counted from the moment it was queued.
+//! wait in a queue. When the batch in flight ends, the queued requests go
+//! out together: one `EVALSHA` decides up to [`MAX_KEYS`] of them, in the
+//! order they were queued, and one pipeline carries the commands. So the
+//! command's encoding, the channel send to the connection's task, the
+//! `write`, the `read` and the reply's parse are shared by the batch, and the
+//! script still decides each request atomically. At most one batch per
+//! connection is in flight, and one timer bounds it: the deadline of its
+//! oldest request, so no request waits for Redis longer than the timeout
+//! counted from the moment it was queued.
 
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -16,14 +19,18 @@ use ::redis::{Cmd, ErrorKind, Pipeline, RedisError, ServerErrorKind, Value};
 use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 
-use super::redis::{load_script, reply_decision, Failure, Link};
+use super::redis::{load_script, parse_decision, reply_text, split_decisions, Failure, Link};
 use super::Decision;
+
+/// The most requests one `EVALSHA` decides. A script blocks the server while
+/// it runs, so a long queue goes out as several commands of one pipeline.
+pub(super) const MAX_KEYS: usize = 128;
 
 /// A request waiting for its decision.
 pub(super) struct Pending {
     pub key: String,
-    /// The limit's script arguments after the key.
-    pub args: Arc<[String]>,
+    /// The limit's argument to the script.
+    pub spec: Arc<str>,
     /// When the request was queued; its decision is due within the timeout.
     pub queued_at: Instant,
     pub reply: oneshot::Sender<Result<Decision, Failure>>,
@@ -117,8 +124,8 @@ async fn flush(
         return;
     };
     pipeline.clear();
-    for pending in batch.iter() {
-        pipeline.add_command(evalsha(&settings.sha, pending));
+    for chunk in batch.chunks(MAX_KEYS) {
+        pipeline.add_command(evalsha(&settings.sha, chunk));
     }
     let exchange = async {
         let mut replies = pipeline.query_async::<Vec<Value>>(&mut connection).await?;
@@ -129,12 +136,13 @@ async fn flush(
             // The server lost its scripts (restarted or flushed) while the
             // connection stayed up, so load the script again. Only the
             // commands that got NOSCRIPT are sent again, because a flush
-            // between two commands of the batch lets the earlier ones run.
+            // between two commands of the pipeline lets the earlier ones run.
             load_script(&mut connection).await?;
             let mut again = ::redis::pipe();
             again.ignore_errors();
+            let chunks: Vec<&[Pending]> = batch.chunks(MAX_KEYS).collect();
             for &index in &lost {
-                again.add_command(evalsha(&settings.sha, &batch[index]));
+                again.add_command(evalsha(&settings.sha, chunks[index]));
             }
             let retried = again.query_async::<Vec<Value>>(&mut connection).await?;
             for (index, reply) in lost.into_iter().zip(retried) {
@@ -144,15 +152,18 @@ async fn flush(
         Ok::<_, RedisError>(replies)
     };
     match tokio::time::timeout_at(deadline, exchange).await {
-        Ok(Ok(replies)) if replies.len() == batch.len() => {
-            for (pending, reply) in batch.drain(..).zip(replies) {
-                let _ = pending.reply.send(reply_decision(reply));
+        Ok(Ok(replies)) if replies.len() == batch.len().div_ceil(MAX_KEYS) => {
+            let mut pending = batch.drain(..);
+            for reply in &replies {
+                answer(&mut pending, reply);
             }
         }
         Ok(Ok(replies)) => {
             let count = replies.len();
             fail_all(batch, |wanted| {
-                Failure::Reply(format!("{count} replies to a batch of {wanted}"))
+                Failure::Reply(format!(
+                    "{count} replies to a batch of {wanted} requests"
+                ))
             });
         }
         Ok(Err(error)) => {
@@ -170,16 +181,49 @@ async fn flush(
     }
 }
 
-/// Builds the `EVALSHA` command of one request.
-fn evalsha(sha: &str, pending: &Pending) -> Cmd {
+/// Sends the requests of one command, taken from `pending`, their decisions
+/// from the command's `reply`.
+fn answer(pending: &mut impl Iterator<Item = Pending>, reply: &Value) {
+    let text = match reply_text(reply) {
+        Ok(text) => text,
+        Err(failure) => {
+            let message = failure.to_string();
+            for request in pending.take(MAX_KEYS) {
+                let _ = request.reply.send(Err(Failure::Reply(message.clone())));
+            }
+            return;
+        }
+    };
+    let mut decisions = split_decisions(text);
+    for request in pending.take(MAX_KEYS) {
+        let decision = match decisions.next() {
+            Some(decision) => parse_decision(decision),
+            None => Err(Failure::Reply(format!(
+                "too few decisions: {}",
+                String::from_utf8_lossy(text)
+            ))),
+        };
+        let _ = request.reply.send(decision);
+    }
+}
+
+/// Builds the `EVALSHA` command that decides the requests of `chunk`.
+fn evalsha(sha: &str, chunk: &[Pending]) -> Cmd {
     // Sized up front, because growing the buffers argument by argument costs
     // several reallocations per command.
-    let size = "EVALSHA".len() + sha.len() + 1 + pending.key.len();
-    let size = size + pending.args.iter().map(String::len).sum::<usize>();
-    let mut command = Cmd::with_capacity(4 + pending.args.len(), size);
-    command.arg("EVALSHA").arg(sha).arg(1).arg(&pending.key);
-    for arg in pending.args.iter() {
-        command.arg(arg.as_str());
+    let size = "EVALSHA".len() + sha.len() + 3;
+    let size = size
+        + chunk
+            .iter()
+            .map(|pending| pending.key.len() + pending.spec.len())
+            .sum::<usize>();
+    let mut command = Cmd::with_capacity(3 + 2 * chunk.len(), size);
+    command.arg("EVALSHA").arg(sha).arg(chunk.len());
+    for pending in chunk {
+        command.arg(&pending.key);
+    }
+    for pending in chunk {
+        command.arg(&*pending.spec);
     }
     command
 }

@@ -1,17 +1,22 @@
--- One decision of one rate limit for one client key, atomically, on the
--- Redis server's clock. The same arithmetic as ratelimit/local.rs, in
--- microseconds.
+-- Decisions of rate limits for client keys, atomically, on the Redis
+-- server's clock. The same arithmetic as ratelimit/local.rs, in
+-- microseconds. One call decides a whole batch of requests (every key of
+-- one call is in the same slot on a cluster, or the server is a single one),
+-- so a node pays for one command, not one per request.
 --
--- KEYS[1]  the state of the limit for the client key
--- ARGV[1]  1: token or leaky bucket (GCRA), 2: fixed window, 3: sliding window,
---          4: give back the place of a queued request whose client went away
--- bucket:  ARGV[2] interval between requests (us), ARGV[3] burst, ARGV[4] queue
--- windows: ARGV[2] window (us), ARGV[3] limit
--- give back: ARGV[2] interval between requests (us)
+-- KEYS[i]  the state of the limit for the i-th request's client key
+-- ARGV[i]  that request's limit, as space-separated numbers:
+--          "1 interval burst queue": token or leaky bucket (GCRA), interval
+--              between requests in us (with a fraction);
+--          "2 window limit": fixed window of window us;
+--          "3 window limit": sliding window of window us;
+--          "4 interval": give back the place of a queued request of a leaky
+--              bucket whose client went away.
 --
--- Returns "allowed limit remaining reset_us retry_after_us delay_us" as one
--- string of integers (allowed is 0 or 1), which a client parses with less
--- work than an array of six integer replies; {} after a give back.
+-- Returns one string: the decisions in the order of KEYS, separated by ",".
+-- A decision is "allowed limit remaining reset_us retry_after_us delay_us"
+-- (allowed is 0 or 1), a give back the empty string. One string of
+-- integers costs a client less to parse than arrays of integer replies.
 
 -- Needed before Redis 5 to write after reading TIME; a no-op since.
 if redis.replicate_commands then
@@ -24,111 +29,134 @@ local function decision(allowed, limit, remaining, reset, retry, delay)
     return string.format('%d %d %d %d %d %d', allowed, limit, remaining, reset, retry, delay)
 end
 
-local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
-local key = KEYS[1]
-local algorithm = tonumber(ARGV[1])
+-- Decides one request of the limit `spec` (the numbers of its ARGV entry)
+-- for the state at `key`.
+local function decide(key, spec, now)
+    local algorithm = spec[1]
 
-if algorithm == 4 then
-    -- Moves the bucket's theoretical arrival time back by one interval, so
-    -- the next request takes the place; never before now.
-    local tat = tonumber(redis.call('GET', key))
-    if tat then
-        tat = tat - tonumber(ARGV[2])
-        if tat <= now then
-            redis.call('DEL', key)
-        else
-            redis.call('SET', key, string.format('%.17g', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
+    if algorithm == 4 then
+        -- Moves the bucket's theoretical arrival time back by one interval, so
+        -- the next request takes the place; never before now.
+        local tat = tonumber(redis.call('GET', key))
+        if tat then
+            tat = tat - spec[2]
+            if tat <= now then
+                redis.call('DEL', key)
+            else
+                redis.call('SET', key, string.format('%.17g', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
+            end
         end
+        return ''
     end
-    return {}
-end
 
-if algorithm == 1 then
-    local t = tonumber(ARGV[2])
-    local burst = tonumber(ARGV[3])
-    local queue = tonumber(ARGV[4])
-    local capacity = burst + queue
-    local tat = tonumber(redis.call('GET', key))
-    if not tat or tat < now then
-        tat = now
+    if algorithm == 1 then
+        local t = spec[2]
+        local burst = spec[3]
+        local queue = spec[4]
+        local capacity = burst + queue
+        local tat = tonumber(redis.call('GET', key))
+        if not tat or tat < now then
+            tat = now
+        end
+        local new_tat = tat + t
+        local ahead = new_tat - now
+        local room = capacity * t
+        if ahead > room then
+            return decision(0, capacity, 0, math.ceil(tat - now), math.ceil(ahead - room), 0)
+        end
+        redis.call('SET', key, string.format('%.17g', new_tat), 'PX', math.ceil(ahead / 1000) + 1000)
+        local delay = ahead - burst * t
+        if delay < 0 then
+            delay = 0
+        end
+        return decision(1, capacity, math.floor((room - ahead) / t), math.ceil(ahead), 0, math.ceil(delay))
     end
-    local new_tat = tat + t
-    local ahead = new_tat - now
-    local room = capacity * t
-    if ahead > room then
-        return decision(0, capacity, 0, math.ceil(tat - now), math.ceil(ahead - room), 0)
-    end
-    redis.call('SET', key, string.format('%.17g', new_tat), 'PX', math.ceil(ahead / 1000) + 1000)
-    local delay = ahead - burst * t
-    if delay < 0 then
-        delay = 0
-    end
-    return decision(1, capacity, math.floor((room - ahead) / t), math.ceil(ahead), 0, math.ceil(delay))
-end
 
-local w = tonumber(ARGV[2])
-local limit = tonumber(ARGV[3])
-local window = math.floor(now / w)
-local elapsed = now - window * w
-local until_end = w - elapsed
-local stored = redis.call('HMGET', key, 'w', 'c', 'p')
-local stored_window = tonumber(stored[1])
-local c = tonumber(stored[2]) or 0
-local p = tonumber(stored[3]) or 0
+    local w = spec[2]
+    local limit = spec[3]
+    local window = math.floor(now / w)
+    local elapsed = now - window * w
+    local until_end = w - elapsed
+    local stored = redis.call('HMGET', key, 'w', 'c', 'p')
+    local stored_window = tonumber(stored[1])
+    local c = tonumber(stored[2]) or 0
+    local p = tonumber(stored[3]) or 0
 
-if algorithm == 2 then
+    if algorithm == 2 then
+        if stored_window ~= window then
+            c = 0
+        end
+        if c >= limit then
+            return decision(0, limit, 0, until_end, until_end, 0)
+        end
+        c = c + 1
+        redis.call('HSET', key, 'w', window, 'c', c)
+        redis.call('PEXPIRE', key, math.ceil(until_end / 1000) + 1000)
+        return decision(1, limit, limit - c, until_end, 0, 0)
+    end
+
+    -- Sliding window, with weighted counters.
     if stored_window ~= window then
+        if stored_window == window - 1 then
+            p = c
+        else
+            p = 0
+        end
         c = 0
     end
-    if c >= limit then
-        return decision(0, limit, 0, until_end, until_end, 0)
+    local function reset(count)
+        if count > 0 then
+            return until_end + w
+        elseif p > 0 then
+            return until_end
+        end
+        return 0
+    end
+    local estimate = p * (w - elapsed) + c * w
+    if estimate + w > limit * w then
+        local retry = nil
+        if c < limit and p > 0 then
+            local needed = w - math.floor((limit - c - 1) * w / p)
+            if needed < w then
+                retry = needed - elapsed
+            end
+        end
+        if not retry then
+            local needed = 0
+            if c > limit - 1 then
+                needed = w - math.floor((limit - 1) * w / c)
+            end
+            retry = until_end + needed
+        end
+        if retry < 1 then
+            retry = 1
+        end
+        return decision(0, limit, 0, reset(c), retry, 0)
     end
     c = c + 1
-    redis.call('HSET', key, 'w', window, 'c', c)
-    redis.call('PEXPIRE', key, math.ceil(until_end / 1000) + 1000)
-    return decision(1, limit, limit - c, until_end, 0, 0)
+    redis.call('HSET', key, 'w', window, 'c', c, 'p', p)
+    redis.call('PEXPIRE', key, math.ceil((until_end + w) / 1000) + 1000)
+    return decision(1, limit, math.floor((limit * w - estimate - w) / w), reset(c), 0, 0)
 end
 
--- Sliding window, with weighted counters.
-if stored_window ~= window then
-    if stored_window == window - 1 then
-        p = c
-    else
-        p = 0
-    end
-    c = 0
-end
-local function reset(count)
-    if count > 0 then
-        return until_end + w
-    elseif p > 0 then
-        return until_end
-    end
-    return 0
-end
-local estimate = p * (w - elapsed) + c * w
-if estimate + w > limit * w then
-    local retry = nil
-    if c < limit and p > 0 then
-        local needed = w - math.floor((limit - c - 1) * w / p)
-        if needed < w then
-            retry = needed - elapsed
+-- The numbers of each distinct ARGV entry, parsed once per call.
+local specs = {}
+local function parse(text)
+    local spec = specs[text]
+    if not spec then
+        spec = {}
+        for number in string.gmatch(text, '%S+') do
+            spec[#spec + 1] = tonumber(number)
         end
+        specs[text] = spec
     end
-    if not retry then
-        local needed = 0
-        if c > limit - 1 then
-            needed = w - math.floor((limit - 1) * w / c)
-        end
-        retry = until_end + needed
-    end
-    if retry < 1 then
-        retry = 1
-    end
-    return decision(0, limit, 0, reset(c), retry, 0)
+    return spec
 end
-c = c + 1
-redis.call('HSET', key, 'w', window, 'c', c, 'p', p)
-redis.call('PEXPIRE', key, math.ceil((until_end + w) / 1000) + 1000)
-return decision(1, limit, math.floor((limit * w - estimate - w) / w), reset(c), 0, 0)
+
+local time = redis.call('TIME')
+local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
+local decisions = {}
+for i, key in ipairs(KEYS) do
+    decisions[i] = decide(key, parse(ARGV[i]), now)
+end
+return table.concat(decisions, ',')

@@ -595,7 +595,7 @@ impl RateLimiter {
                     Shape::FixedWindow { .. } => "}:fw",
                     Shape::SlidingWindow { .. } => "}:sw",
                 },
-                args: redis::script_args(&spec.shape).into(),
+                script: redis::ScriptSpec::of(&spec.shape),
                 fallbacks: AtomicU64::new(0),
                 log: IntervalLog::default(),
             }),
@@ -777,8 +777,8 @@ struct Global {
     backend: Arc<RedisBackend>,
     key_head: String,
     key_tail: &'static str,
-    /// The script's arguments after the key.
-    args: Arc<[String]>,
+    /// What the script is passed for each request.
+    script: redis::ScriptSpec,
     /// Decisions made on this node because Redis was unavailable.
     fallbacks: AtomicU64,
     log: IntervalLog,
@@ -829,7 +829,7 @@ impl Limit {
             return Ok((self.local.decide(key, clock.now_ns()), Counted::Local(key)));
         };
         let key = global.redis_key(&value);
-        let failure = match global.backend.decide(key, &global.args).await {
+        let failure = match global.backend.decide(key, &global.script.decide).await {
             Ok(decision) => return Ok((decision, Counted::Global)),
             Err(failure) => failure,
         };
@@ -866,7 +866,7 @@ impl Limit {
             (Counted::Local(key), _) => self.local.give_back(key, clock.now_ns()),
             (Counted::Global, Some(global)) => {
                 let key = global.redis_key(&self.key_value(request));
-                global.backend.give_back(key, &global.args);
+                global.backend.give_back(key, &global.script);
             }
             (Counted::Global, None) => {}
         }

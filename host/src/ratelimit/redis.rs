@@ -13,9 +13,9 @@
 //! that just started does not fall back while it connects.
 //!
 //! On a single server, the decisions of one thread are sent in micro-batches
-//! ([`super::batch`]): one pipeline per batch, one `EVALSHA` per request. A
-//! cluster spreads keys over shards, so there each decision is its own
-//! command.
+//! ([`super::batch`]): one `EVALSHA` decides up to [`super::batch::MAX_KEYS`]
+//! requests. A cluster spreads keys over shards, so there each decision is
+//! its own command.
 
 use std::cell::RefCell;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -36,9 +36,8 @@ use crate::config::RedisConfig;
 /// The decision script.
 pub const SCRIPT: &str = include_str!("decide.lua");
 
-/// The script's first argument that gives back one place of a leaky
-/// bucket's queue instead of deciding.
-const GIVE_BACK: &str = "4";
+/// The separator of the decisions in the script's reply.
+const DECISION_SEPARATOR: u8 = b',';
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(100);
 const MAX_BACKOFF: Duration = Duration::from_secs(2);
@@ -168,14 +167,14 @@ impl RedisBackend {
         })
     }
 
-    /// Decisions sent to Redis so far.
+    /// Decisions asked of Redis so far.
     pub fn round_trips(&self) -> u64 {
         self.round_trips.load(Ordering::Relaxed)
     }
 
-    /// Decides one request of a limit for the state at `key`; `args` are
-    /// the limit's [`script_args`].
-    pub async fn decide(&self, key: String, args: &Arc<[String]>) -> Result<Decision, Failure> {
+    /// Decides one request of a limit for the state at `key`; `spec` is the
+    /// limit's [`ScriptSpec::decide`].
+    pub async fn decide(&self, key: String, spec: &Arc<str>) -> Result<Decision, Failure> {
         let queued_at = Instant::now();
         let deadline = queued_at + self.timeout;
         let link = self.link();
@@ -183,13 +182,13 @@ impl RedisBackend {
         self.round_trips.fetch_add(1, Ordering::Relaxed);
         if let Connection::Cluster(_) = connection {
             return self
-                .decide_alone(&link, connection, generation, &key, args, deadline)
+                .decide_alone(&link, connection, generation, &key, spec, deadline)
                 .await;
         }
         let (reply, answer) = oneshot::channel();
         let pending = Pending {
             key,
-            args: args.clone(),
+            spec: spec.clone(),
             queued_at,
             reply,
         };
@@ -205,14 +204,11 @@ impl RedisBackend {
         mut connection: Connection,
         generation: u64,
         key: &str,
-        args: &[String],
+        spec: &str,
         deadline: Instant,
     ) -> Result<Decision, Failure> {
         let mut cmd = ::redis::cmd("EVALSHA");
-        cmd.arg(&self.sha).arg(1).arg(key);
-        for arg in args {
-            cmd.arg(arg.as_str());
-        }
+        cmd.arg(&self.sha).arg(1).arg(key).arg(spec);
         let mut reply =
             tokio::time::timeout_at(deadline, connection.query::<::redis::Value>(&cmd)).await;
         if let Ok(Err(error)) = &reply {
@@ -227,7 +223,7 @@ impl RedisBackend {
             }
         }
         match reply {
-            Ok(Ok(reply)) => reply_decision(reply),
+            Ok(Ok(reply)) => reply_text(&reply).and_then(parse_decision),
             Ok(Err(error)) => {
                 // A server error reply leaves the connection usable; any
                 // other error means it broke.
@@ -246,19 +242,15 @@ impl RedisBackend {
     /// Gives back the place a queued request of a leaky bucket took at
     /// `key`, because its client went away: in the background, at most one
     /// timeout later, and not at all while this thread's link is down.
-    pub fn give_back(&self, key: String, args: &[String]) {
+    pub fn give_back(&self, key: String, spec: &ScriptSpec) {
+        let Some(give_back) = &spec.give_back else {
+            return;
+        };
         let Some((mut connection, _)) = self.link().connection_now() else {
             return;
         };
-        let Some(interval) = args.get(1) else {
-            return;
-        };
         let mut cmd = ::redis::cmd("EVALSHA");
-        cmd.arg(&self.sha)
-            .arg(1)
-            .arg(key)
-            .arg(GIVE_BACK)
-            .arg(interval.as_str());
+        cmd.arg(&self.sha).arg(1).arg(key).arg(&**give_back);
         let timeout = self.timeout;
         tokio::spawn(async move {
             let sent = connection.query::<::redis::Value>(&cmd);
@@ -429,37 +421,39 @@ impl Link {
     }
 }
 
-/// Formats the script's arguments after the key for a limit of `shape`,
-/// once per limit: the algorithm and its parameters in microseconds.
-pub fn script_args(shape: &Shape) -> Vec<String> {
-    match *shape {
-        Shape::Bucket {
-            interval_ns,
-            burst,
-            queue,
-        } => {
-            // With the fraction: a Lua number is a double.
-            let interval_us = interval_ns as f64 / 1000.0;
-            vec![
-                "1".to_owned(),
-                interval_us.to_string(),
-                burst.to_string(),
-                queue.to_string(),
-            ]
-        }
-        Shape::FixedWindow { limit, window_ns } => {
-            vec![
-                "2".to_owned(),
-                (window_ns / 1000).to_string(),
-                limit.to_string(),
-            ]
-        }
-        Shape::SlidingWindow { limit, window_ns } => {
-            vec![
-                "3".to_owned(),
-                (window_ns / 1000).to_string(),
-                limit.to_string(),
-            ]
+/// What a limit passes the script for each of its requests, formatted once
+/// per limit: the algorithm and its parameters in microseconds.
+#[derive(Debug, Clone)]
+pub struct ScriptSpec {
+    /// The argument that decides a request.
+    pub decide: Arc<str>,
+    /// The argument that gives back a queued request's place (buckets only).
+    pub give_back: Option<Arc<str>>,
+}
+
+impl ScriptSpec {
+    pub fn of(shape: &Shape) -> ScriptSpec {
+        match *shape {
+            Shape::Bucket {
+                interval_ns,
+                burst,
+                queue,
+            } => {
+                // With the fraction: a Lua number is a double.
+                let interval_us = interval_ns as f64 / 1000.0;
+                ScriptSpec {
+                    decide: format!("1 {interval_us} {burst} {queue}").into(),
+                    give_back: Some(format!("4 {interval_us}").into()),
+                }
+            }
+            Shape::FixedWindow { limit, window_ns } => ScriptSpec {
+                decide: format!("2 {} {limit}", window_ns / 1000).into(),
+                give_back: None,
+            },
+            Shape::SlidingWindow { limit, window_ns } => ScriptSpec {
+                decide: format!("3 {} {limit}", window_ns / 1000).into(),
+                give_back: None,
+            },
         }
     }
 }
@@ -483,15 +477,25 @@ pub(super) async fn load_script(
     Ok(())
 }
 
-/// Turns one reply of the script into a decision.
-pub(super) fn reply_decision(reply: ::redis::Value) -> Result<Decision, Failure> {
+/// Returns the text of one reply of the script.
+pub(super) fn reply_text(reply: &::redis::Value) -> Result<&[u8], Failure> {
     use ::redis::Value;
-    let text = match &reply {
-        Value::BulkString(bytes) => bytes.as_slice(),
-        Value::SimpleString(text) => text.as_bytes(),
-        Value::ServerError(error) => return Err(Failure::Redis(error.clone().into())),
-        _ => return Err(Failure::Reply(format!("{reply:?}"))),
-    };
+    match reply {
+        Value::BulkString(bytes) => Ok(bytes.as_slice()),
+        Value::SimpleString(text) => Ok(text.as_bytes()),
+        Value::ServerError(error) => Err(Failure::Redis(error.clone().into())),
+        _ => Err(Failure::Reply(format!("{reply:?}"))),
+    }
+}
+
+/// Splits the text of one reply of the script into the decisions of its
+/// keys, in order.
+pub(super) fn split_decisions(text: &[u8]) -> impl Iterator<Item = &[u8]> {
+    text.split(|&byte| byte == DECISION_SEPARATOR)
+}
+
+/// Parses one decision of the script's reply.
+pub(super) fn parse_decision(text: &[u8]) -> Result<Decision, Failure> {
     let invalid = || Failure::Reply(String::from_utf8_lossy(text).into_owned());
     let mut values = [0i64; 6];
     let mut fields = text.split(|&byte| byte == b' ');
@@ -583,8 +587,14 @@ mod tests {
     #[test]
     fn text_replies_become_decisions() {
         use ::redis::Value;
-        let reply = Value::BulkString(b"0 10 0 2500000 400000 0".to_vec());
-        let d = reply_decision(reply).unwrap();
+        let reply = Value::BulkString(b"0 10 0 2500000 400000 0,1 10 9 1 0 0".to_vec());
+        let text = reply_text(&reply).unwrap();
+        let decisions: Vec<Decision> = split_decisions(text)
+            .map(|d| parse_decision(d).unwrap())
+            .collect();
+        assert_eq!(decisions.len(), 2);
+        assert!(decisions[1].allowed);
+        let d = &decisions[0];
         assert!(!d.allowed);
         assert_eq!(d.retry_after_ns, 400_000_000);
         assert_eq!(parse_integer(b"-12"), Some(-12));
@@ -599,13 +609,12 @@ mod tests {
             "1  10 7 2 0 0",
             "",
         ] {
-            let reply = Value::BulkString(bad.as_bytes().to_vec());
             assert!(
-                matches!(reply_decision(reply), Err(Failure::Reply(_))),
+                matches!(parse_decision(bad.as_bytes()), Err(Failure::Reply(_))),
                 "{bad}"
             );
         }
         let array = Value::Array(vec![Value::Int(1)]);
-        assert!(matches!(reply_decision(array), Err(Failure::Reply(_))));
+        assert!(matches!(reply_text(&array), Err(Failure::Reply(_))));
     }
 }

@@ -754,8 +754,14 @@ pub struct LimitConfig {
     /// Leaky bucket in queue mode: the most requests that may wait.
     pub queue: Option<Spanned<u64>>,
     /// Client keys the node keeps counts for (for a global limit, while it
-    /// falls back to local counting). Default: 100000.
+    /// falls back to local counting, and the keys it holds leases for).
+    /// Default: 100000.
     pub max_keys: Option<Spanned<usize>>,
+    /// Global token buckets and windows only: the requests a node takes
+    /// from Redis at once, for one client key, and then admits without
+    /// asking Redis, so Redis sees about one call per `lease` requests.
+    /// Default: 1 (every request asks Redis).
+    pub lease: Option<Spanned<u64>>,
 }
 
 /// The Redis that global rate limits count in: one server or a Redis Cluster.

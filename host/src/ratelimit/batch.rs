@@ -19,8 +19,9 @@ use ::redis::{Cmd, ErrorKind, Pipeline, RedisError, ServerErrorKind, Value};
 use tokio::sync::{oneshot, Notify};
 use tokio::time::Instant;
 
-use super::redis::{load_script, parse_decision, reply_text, split_decisions, Failure, Link};
-use super::Decision;
+use super::redis::{
+    load_script, parse_decision, reply_text, split_decisions, Failure, Link, Verdict,
+};
 
 /// The most requests one `EVALSHA` decides. A script blocks the server while
 /// it runs, so a long queue goes out as several commands of one pipeline.
@@ -33,7 +34,7 @@ pub(super) struct Pending {
     pub spec: Arc<str>,
     /// When the request was queued; its decision is due within the timeout.
     pub queued_at: Instant,
-    pub reply: oneshot::Sender<Result<Decision, Failure>>,
+    pub reply: oneshot::Sender<Result<Verdict, Failure>>,
 }
 
 /// The queue of one link, and whether its flushing task waits for work.

@@ -6,16 +6,21 @@
 --
 -- KEYS[i]  the state of the limit for the i-th request's client key
 -- ARGV[i]  that request's limit, as space-separated numbers:
---          "1 interval burst queue": token or leaky bucket (GCRA), interval
---              between requests in us (with a fraction);
---          "2 window limit": fixed window of window us;
---          "3 window limit": sliding window of window us;
+--          "1 interval burst queue lease": token or leaky bucket (GCRA),
+--              interval between requests in us (with a fraction);
+--          "2 window limit lease": fixed window of window us;
+--          "3 window limit lease": sliding window of window us;
 --          "4 interval": give back the place of a queued request of a leaky
 --              bucket whose client went away.
 --
+-- A lease above 1 takes up to that many requests at once when the request is
+-- admitted (never more than the limit has room for), for the node to admit
+-- without asking again; the queue is 0 then.
+--
 -- Returns one string: the decisions in the order of KEYS, separated by ",".
--- A decision is "allowed limit remaining reset_us retry_after_us delay_us"
--- (allowed is 0 or 1), a give back the empty string. One string of
+-- A decision is "allowed limit remaining reset_us retry_after_us delay_us
+-- granted" (allowed is 0 or 1; granted is the requests taken: 0 when
+-- refused, 1 without a lease), a give back the empty string. One string of
 -- integers costs a client less to parse than arrays of integer replies.
 
 -- Needed before Redis 5 to write after reading TIME; a no-op since.
@@ -25,8 +30,15 @@ end
 
 -- Formats a decision; %d truncates like Redis's conversion of a Lua number
 -- to an integer reply.
-local function decision(allowed, limit, remaining, reset, retry, delay)
-    return string.format('%d %d %d %d %d %d', allowed, limit, remaining, reset, retry, delay)
+local function decision(allowed, limit, remaining, reset, retry, delay, granted)
+    return string.format('%d %d %d %d %d %d %d', allowed, limit, remaining, reset, retry, delay,
+        granted or allowed)
+end
+
+-- The requests an admitted request takes: itself and, under a lease, up to
+-- lease - 1 more of the `remaining` it leaves.
+local function take(lease, remaining)
+    return 1 + math.max(0, math.min(lease - 1, remaining))
 end
 
 -- Decides one request of the limit `spec` (the numbers of its ARGV entry)
@@ -53,6 +65,7 @@ local function decide(key, spec, now)
         local t = spec[2]
         local burst = spec[3]
         local queue = spec[4]
+        local lease = spec[5]
         local capacity = burst + queue
         local tat = tonumber(redis.call('GET', key))
         if not tat or tat < now then
@@ -64,16 +77,24 @@ local function decide(key, spec, now)
         if ahead > room then
             return decision(0, capacity, 0, math.ceil(tat - now), math.ceil(ahead - room), 0)
         end
+        local remaining = math.floor((room - ahead) / t)
+        local granted = take(lease, remaining)
+        if granted > 1 then
+            new_tat = new_tat + (granted - 1) * t
+            ahead = new_tat - now
+            remaining = remaining - (granted - 1)
+        end
         redis.call('SET', key, string.format('%.17g', new_tat), 'PX', math.ceil(ahead / 1000) + 1000)
         local delay = ahead - burst * t
-        if delay < 0 then
+        if delay < 0 or granted > 1 then
             delay = 0
         end
-        return decision(1, capacity, math.floor((room - ahead) / t), math.ceil(ahead), 0, math.ceil(delay))
+        return decision(1, capacity, remaining, math.ceil(ahead), 0, math.ceil(delay), granted)
     end
 
     local w = spec[2]
     local limit = spec[3]
+    local lease = spec[4]
     local window = math.floor(now / w)
     local elapsed = now - window * w
     local until_end = w - elapsed
@@ -89,10 +110,11 @@ local function decide(key, spec, now)
         if c >= limit then
             return decision(0, limit, 0, until_end, until_end, 0)
         end
-        c = c + 1
+        local granted = take(lease, limit - c - 1)
+        c = c + granted
         redis.call('HSET', key, 'w', window, 'c', c)
         redis.call('PEXPIRE', key, math.ceil(until_end / 1000) + 1000)
-        return decision(1, limit, limit - c, until_end, 0, 0)
+        return decision(1, limit, limit - c, until_end, 0, 0, granted)
     end
 
     -- Sliding window, with weighted counters.
@@ -133,10 +155,12 @@ local function decide(key, spec, now)
         end
         return decision(0, limit, 0, reset(c), retry, 0)
     end
-    c = c + 1
+    local remaining = math.floor((limit * w - estimate - w) / w)
+    local granted = take(lease, remaining)
+    c = c + granted
     redis.call('HSET', key, 'w', window, 'c', c, 'p', p)
     redis.call('PEXPIRE', key, math.ceil((until_end + w) / 1000) + 1000)
-    return decision(1, limit, math.floor((limit * w - estimate - w) / w), reset(c), 0, 0)
+    return decision(1, limit, remaining - (granted - 1), reset(c), 0, 0, granted)
 end
 
 -- The numbers of each distinct ARGV entry, parsed once per call.

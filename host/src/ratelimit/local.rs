@@ -357,7 +357,7 @@ impl Shard {
 /// The table's keys are already keyed hashes, so the map uses them as they
 /// are.
 #[derive(Default)]
-struct KeyHasher(u64);
+pub(super) struct KeyHasher(u64);
 
 impl Hasher for KeyHasher {
     fn finish(&self) -> u64 {

@@ -26,6 +26,7 @@
 //!   the limit in one fixed window.
 
 mod batch;
+mod lease;
 pub mod local;
 mod queue;
 pub mod redis;
@@ -43,6 +44,7 @@ use sha2::{Digest, Sha256};
 use crate::config::LimitConfig;
 use crate::context::RequestContext;
 use crate::error::Refusal;
+use lease::Leases;
 use local::LocalTable;
 use redis::RedisBackend;
 
@@ -277,6 +279,9 @@ pub struct LimitSpec {
     pub scope: Scope,
     pub fail: FailMode,
     pub max_keys: usize,
+    /// The requests a node takes from Redis at once for one key; 1 for a
+    /// decision per request.
+    pub lease: u64,
 }
 
 /// A config error: the byte offset to point at, the field and the message.
@@ -385,6 +390,35 @@ impl LimitSpec {
             }
             None => DEFAULT_MAX_KEYS,
         };
+        let lease = match &config.lease {
+            Some(lease) => {
+                let value = *lease.get_ref();
+                let most = match shape {
+                    Shape::Bucket { burst, .. } => burst,
+                    Shape::FixedWindow { limit, .. } | Shape::SlidingWindow { limit, .. } => limit,
+                };
+                let refusal = if scope == Scope::Local {
+                    Some("`lease` applies to global limits only".to_owned())
+                } else if algorithm == Algorithm::LeakyBucket {
+                    Some(
+                        "`lease` does not apply to leaky_bucket, whose requests must be \
+                         spaced out one by one; use token_bucket"
+                            .to_owned(),
+                    )
+                } else if !(1..=most).contains(&value) {
+                    Some(format!(
+                        "must be from 1 to {most}, the requests the limit admits at once"
+                    ))
+                } else {
+                    None
+                };
+                if let Some(message) = refusal {
+                    return Err((at(lease.span()), "lease", message));
+                }
+                value
+            }
+            None => 1,
+        };
         let name = match &config.name {
             Some(name) => {
                 let text = name.get_ref();
@@ -409,6 +443,7 @@ impl LimitSpec {
                 .map(|f| *f.get_ref())
                 .unwrap_or_default(),
             max_keys,
+            lease,
         })
     }
 
@@ -455,6 +490,12 @@ impl LimitSpec {
                 }
                 FailMode::FailClosed => ", global in Redis; 503 while Redis is unreachable",
             }),
+        }
+        if self.lease > 1 {
+            text.push_str(&format!(
+                "; leases {} requests at a time from Redis per key",
+                self.lease
+            ));
         }
         text
     }
@@ -595,7 +636,9 @@ impl RateLimiter {
                     Shape::FixedWindow { .. } => "}:fw",
                     Shape::SlidingWindow { .. } => "}:sw",
                 },
-                script: redis::ScriptSpec::of(&spec.shape),
+                script: redis::ScriptSpec::of(&spec.shape, spec.lease),
+                leases: (spec.lease > 1)
+                    .then(|| Leases::new(&spec.shape, spec.lease, spec.max_keys)),
                 fallbacks: AtomicU64::new(0),
                 log: IntervalLog::default(),
             }),
@@ -779,6 +822,8 @@ struct Global {
     key_tail: &'static str,
     /// What the script is passed for each request.
     script: redis::ScriptSpec,
+    /// Requests taken from Redis ahead, when the limit leases them.
+    leases: Option<Leases>,
     /// Decisions made on this node because Redis was unavailable.
     fallbacks: AtomicU64,
     log: IntervalLog,
@@ -828,9 +873,24 @@ impl Limit {
             }
             return Ok((self.local.decide(key, clock.now_ns()), Counted::Local(key)));
         };
+        let leased = global.leases.as_ref().map(|leases| {
+            let key = self.local_key(&value);
+            (leases, key, leases.take(key, clock.now_ns()))
+        });
+        if let Some((_, _, Some(decision))) = leased {
+            return Ok((decision, Counted::Global));
+        }
         let key = global.redis_key(&value);
         let failure = match global.backend.decide(key, &global.script.decide).await {
-            Ok(decision) => return Ok((decision, Counted::Global)),
+            Ok(verdict) => {
+                let decision = match leased {
+                    Some((leases, key, None)) => {
+                        leases.keep(key, clock.now_ns(), verdict.decision, verdict.granted)
+                    }
+                    _ => verdict.decision,
+                };
+                return Ok((decision, Counted::Global));
+            }
             Err(failure) => failure,
         };
         let fallbacks = global.fallbacks.fetch_add(1, Ordering::Relaxed) + 1;
@@ -1115,6 +1175,7 @@ mod tests {
             scope: Scope::Global,
             fail: FailMode::FailOpen,
             max_keys: 10,
+            lease: 1,
         };
         let limit = limiter.limit("api{v1}", spec);
         let global = limit.global.as_ref().unwrap();

@@ -174,7 +174,7 @@ impl RedisBackend {
 
     /// Decides one request of a limit for the state at `key`; `spec` is the
     /// limit's [`ScriptSpec::decide`].
-    pub async fn decide(&self, key: String, spec: &Arc<str>) -> Result<Decision, Failure> {
+    pub async fn decide(&self, key: String, spec: &Arc<str>) -> Result<Verdict, Failure> {
         let queued_at = Instant::now();
         let deadline = queued_at + self.timeout;
         let link = self.link();
@@ -206,7 +206,7 @@ impl RedisBackend {
         key: &str,
         spec: &str,
         deadline: Instant,
-    ) -> Result<Decision, Failure> {
+    ) -> Result<Verdict, Failure> {
         let mut cmd = ::redis::cmd("EVALSHA");
         cmd.arg(&self.sha).arg(1).arg(key).arg(spec);
         let mut reply =
@@ -432,7 +432,9 @@ pub struct ScriptSpec {
 }
 
 impl ScriptSpec {
-    pub fn of(shape: &Shape) -> ScriptSpec {
+    /// The arguments of a limit of `shape` that takes `lease` requests at
+    /// once (1 for one at a time).
+    pub fn of(shape: &Shape, lease: u64) -> ScriptSpec {
         match *shape {
             Shape::Bucket {
                 interval_ns,
@@ -442,16 +444,16 @@ impl ScriptSpec {
                 // With the fraction: a Lua number is a double.
                 let interval_us = interval_ns as f64 / 1000.0;
                 ScriptSpec {
-                    decide: format!("1 {interval_us} {burst} {queue}").into(),
+                    decide: format!("1 {interval_us} {burst} {queue} {lease}").into(),
                     give_back: Some(format!("4 {interval_us}").into()),
                 }
             }
             Shape::FixedWindow { limit, window_ns } => ScriptSpec {
-                decide: format!("2 {} {limit}", window_ns / 1000).into(),
+                decide: format!("2 {} {limit} {lease}", window_ns / 1000).into(),
                 give_back: None,
             },
             Shape::SlidingWindow { limit, window_ns } => ScriptSpec {
-                decide: format!("3 {} {limit}", window_ns / 1000).into(),
+                decide: format!("3 {} {limit} {lease}", window_ns / 1000).into(),
                 give_back: None,
             },
         }
@@ -494,10 +496,19 @@ pub(super) fn split_decisions(text: &[u8]) -> impl Iterator<Item = &[u8]> {
     text.split(|&byte| byte == DECISION_SEPARATOR)
 }
 
+/// One decision of the script.
+#[derive(Debug, Clone, Copy)]
+pub struct Verdict {
+    pub decision: Decision,
+    /// The requests the decision took: 0 when refused, 1 without a lease,
+    /// up to the lease with one.
+    pub granted: u64,
+}
+
 /// Parses one decision of the script's reply.
-pub(super) fn parse_decision(text: &[u8]) -> Result<Decision, Failure> {
+pub(super) fn parse_decision(text: &[u8]) -> Result<Verdict, Failure> {
     let invalid = || Failure::Reply(String::from_utf8_lossy(text).into_owned());
-    let mut values = [0i64; 6];
+    let mut values = [0i64; 7];
     let mut fields = text.split(|&byte| byte == b' ');
     for value in &mut values {
         let field = fields.next().ok_or_else(invalid)?;
@@ -506,7 +517,10 @@ pub(super) fn parse_decision(text: &[u8]) -> Result<Decision, Failure> {
     if fields.next().is_some() {
         return Err(invalid());
     }
-    decision(&values)
+    Ok(Verdict {
+        decision: decision(&values[..6])?,
+        granted: u64::try_from(values[6]).unwrap_or(0),
+    })
 }
 
 /// Parses an optionally negative decimal integer, such as the script's
@@ -587,14 +601,15 @@ mod tests {
     #[test]
     fn text_replies_become_decisions() {
         use ::redis::Value;
-        let reply = Value::BulkString(b"0 10 0 2500000 400000 0,1 10 9 1 0 0".to_vec());
+        let reply = Value::BulkString(b"0 10 0 2500000 400000 0 0,1 10 6 1 0 0 4".to_vec());
         let text = reply_text(&reply).unwrap();
-        let decisions: Vec<Decision> = split_decisions(text)
+        let verdicts: Vec<Verdict> = split_decisions(text)
             .map(|d| parse_decision(d).unwrap())
             .collect();
-        assert_eq!(decisions.len(), 2);
-        assert!(decisions[1].allowed);
-        let d = &decisions[0];
+        assert_eq!(verdicts.len(), 2);
+        assert!(verdicts[1].decision.allowed);
+        assert_eq!((verdicts[0].granted, verdicts[1].granted), (0, 4));
+        let d = &verdicts[0].decision;
         assert!(!d.allowed);
         assert_eq!(d.retry_after_ns, 400_000_000);
         assert_eq!(parse_integer(b"-12"), Some(-12));
@@ -604,9 +619,10 @@ mod tests {
         assert_eq!(parse_integer(b"1.5"), None);
         for bad in [
             "1 10 7",
-            "1 10 7 2 0 0 9",
-            "1 10 x 2 0 0",
-            "1  10 7 2 0 0",
+            "1 10 7 2 0 0",
+            "1 10 7 2 0 0 1 9",
+            "1 10 x 2 0 0 1",
+            "1  10 7 2 0 0 1",
             "",
         ] {
             assert!(

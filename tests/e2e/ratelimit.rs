@@ -334,6 +334,87 @@ async fn three_nodes_share_one_global_limit() -> Result {
     Ok(())
 }
 
+/// The `EVALSHA` calls `redis` has served.
+fn evalsha_calls(redis: &Redis) -> u64 {
+    let stats = redis.cli(&["info", "commandstats"]);
+    stats
+        .lines()
+        .find_map(|line| line.strip_prefix("cmdstat_evalsha:calls="))
+        .and_then(|rest| rest.split(',').next())
+        .map_or(0, |calls| calls.parse().expect("a call count"))
+}
+
+#[tokio::test]
+async fn leased_global_limit_admits_the_limit_with_few_redis_calls() -> Result {
+    let upstream = Upstream::echo().await;
+    let redis = Redis::start()?;
+    let leased = |name: &str, prefix: &str| {
+        route(
+            name,
+            prefix,
+            &limit(
+                "key = \"route\"\nalgorithm = \"fixed_window\"\nrate = \"100/min\"\n\
+                 scope = \"global\"\nlease = 10",
+            ),
+        )
+    };
+    let config = format!(
+        "{}{}{}{}",
+        redis_table(&redis),
+        app(&upstream),
+        leased("one-by-one", "/one-by-one"),
+        leased("at-once", "/at-once"),
+    );
+    let nodes = [
+        Node::start(&config)?,
+        Node::start(&config)?,
+        Node::start(&config)?,
+    ];
+    wait_for_window(Duration::from_secs(60), Duration::from_secs(10)).await;
+
+    // One request at a time, in turn to each node: each node takes 10 at a
+    // time from Redis and uses them all, so exactly the limit is admitted.
+    let before = evalsha_calls(&redis);
+    let mut total = 0;
+    let mut first = None;
+    for i in 0..150 {
+        let got = get(&nodes[i % 3].url("/one-by-one")).await?;
+        total += admitted(std::slice::from_ref(&got));
+        first.get_or_insert(got);
+    }
+    assert_eq!(total, 100, "{}", nodes[0].log());
+    // Ten leases of ten, then one refusal per node, which each node keeps
+    // until the window ends.
+    let calls = evalsha_calls(&redis) - before;
+    assert!(calls <= 15, "{calls} EVALSHA calls for 150 requests");
+    // The first response counts what Redis has left and what the node's
+    // lease still holds.
+    let first = first.expect("a response");
+    assert_eq!(header_u64(&first, "ratelimit-limit"), 100);
+    assert_eq!(header_u64(&first, "ratelimit-remaining"), 99);
+    assert_eq!(upstream.count(), 100, "refused requests reached the upstream");
+    let refused = get(&nodes[1].url("/one-by-one")).await?;
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+    assert!(header_u64(&refused, "retry-after") >= 1);
+    assert_eq!(evalsha_calls(&redis) - before, calls, "a kept refusal asks Redis");
+
+    // Many at once: nodes may take leases they do not use up, so fewer
+    // may be admitted, never more.
+    let mut total = 0;
+    for _ in 0..3 {
+        let batches = nodes.iter().map(|node| {
+            let url = node.url("/at-once");
+            async move { concurrent(&url, 50, &[]).await }
+        });
+        for responses in futures_util::future::join_all(batches).await {
+            total += admitted(&responses?);
+        }
+    }
+    assert!((1..=100).contains(&total), "{total} admitted");
+    assert_eq!(upstream.count(), 100 + total);
+    Ok(())
+}
+
 /// Sends requests with 20 API keys, 15 each, spread over `nodes`, against
 /// a global token bucket of 10 per key, and 100 concurrent requests
 /// against a global sliding window of 50 for the route. Returns the

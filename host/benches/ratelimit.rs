@@ -131,17 +131,20 @@ fn main() {
     }
     let headers_only = (cpu_ns() - started) / f64::from(iterations) - baseline;
 
+    // Label, scope, lease, clients, whether to set the headers.
     let mut cases = vec![
-        ("local token bucket, one client", "local", 1, true),
+        ("local token bucket, one client", "local", 1, 1, true),
         (
             "local token bucket, 100,000 clients",
             "local",
+            1,
             100_000,
             true,
         ),
         (
             "local token bucket, one client, decision only",
             "local",
+            1,
             1,
             false,
         ),
@@ -151,6 +154,14 @@ fn main() {
             "global token bucket, one client, 32 in flight",
             "global",
             1,
+            1,
+            true,
+        ));
+        cases.push((
+            "global token bucket, lease = 100, one client, 32 in flight",
+            "global",
+            100,
+            1,
             true,
         ));
     }
@@ -159,12 +170,13 @@ fn main() {
     if !skip(headers_label) {
         println!("| {headers_label} | {headers_only:.0} |");
     }
-    for (label, scope, clients, headers) in cases {
+    for (label, scope, lease, clients, headers) in cases {
         if skip(label) {
             continue;
         }
         let config: LimitConfig = toml::from_str(&format!(
-            "key = \"ip\"\nalgorithm = \"token_bucket\"\nrate = \"1000000/s\"\nburst = 1000\nscope = \"{scope}\""
+            "key = \"ip\"\nalgorithm = \"token_bucket\"\nrate = \"1000000/s\"\nburst = 1000\nscope = \"{scope}\"\n{}",
+            if lease > 1 { format!("lease = {lease}") } else { String::new() }
         ))
         .expect("limit config");
         let limits = Rc::new(vec![

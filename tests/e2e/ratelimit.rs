@@ -398,8 +398,9 @@ async fn leased_global_limit_admits_the_limit_with_few_redis_calls() -> Result {
     assert!(header_u64(&refused, "retry-after") >= 1);
     assert_eq!(evalsha_calls(&redis) - before, calls, "a kept refusal asks Redis");
 
-    // Many at once: nodes may take leases they do not use up, so fewer
-    // may be admitted, never more.
+    // Many at once: one request per node asks Redis while the others wait
+    // for its lease, so at most one lease per node is left unused at the
+    // end (nine requests each), and never more than the limit is admitted.
     let mut total = 0;
     for _ in 0..3 {
         let batches = nodes.iter().map(|node| {
@@ -410,7 +411,7 @@ async fn leased_global_limit_admits_the_limit_with_few_redis_calls() -> Result {
             total += admitted(&responses?);
         }
     }
-    assert!((1..=100).contains(&total), "{total} admitted");
+    assert!((100 - 3 * 9..=100).contains(&total), "{total} admitted");
     assert_eq!(upstream.count(), 100 + total);
     Ok(())
 }

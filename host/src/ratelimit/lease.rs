@@ -10,12 +10,21 @@
 //!
 //! A refusal is kept too, until the time Redis said a request would be
 //! admitted again, so a flood of refused requests does not reach Redis.
+//!
+//! One request per key asks Redis at a time; the others of that key wait
+//! for its answer and then share the lease (or the refusal) it brings.
+//! Without that, every request that came while the lease was empty would
+//! take a lease of its own and leave the rest of the limit to this node.
 
 use std::collections::HashMap;
 use std::hash::BuildHasherDefault;
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use tokio::sync::futures::OwnedNotified;
+use tokio::sync::Notify;
 
 use super::local::KeyHasher;
+use super::redis::Verdict;
 use super::Decision;
 use super::Shape;
 
@@ -39,7 +48,7 @@ pub struct Leases {
 
 /// Requests of one key that the node may still admit, or, with none left,
 /// a refusal until `expires_ns`.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Default)]
 struct Lease {
     left: u64,
     expires_ns: u64,
@@ -48,6 +57,25 @@ struct Lease {
     remaining: u64,
     /// When the limit is reset, on the node's clock.
     reset_at_ns: u64,
+    /// Set while a request of this key asks Redis; woken when it is done.
+    asking: Option<Arc<Notify>>,
+}
+
+impl Lease {
+    fn is_live(&self, now_ns: u64) -> bool {
+        self.asking.is_some() || now_ns < self.expires_ns
+    }
+}
+
+/// What a request of a leased limit does next.
+pub enum Take {
+    /// Decided from the node's lease or kept refusal.
+    Decided(Decision),
+    /// Ask Redis, then [`Leases::keep`] the answer and [`Leases::done`].
+    Ask,
+    /// Another request of the key is asking Redis; wait for it, then take
+    /// again.
+    Wait(OwnedNotified),
 }
 
 impl Leases {
@@ -67,17 +95,24 @@ impl Leases {
         }
     }
 
-    /// Decides one request of `key` from its lease or its kept refusal, if
-    /// the node holds one.
-    pub fn take(&self, key: u64, now_ns: u64) -> Option<Decision> {
+    /// Decides one request of `key` from its lease or its kept refusal, or
+    /// says who asks Redis.
+    pub fn take(&self, key: u64, now_ns: u64) -> Take {
         let mut shard = self.shard(key);
-        let lease = shard.get_mut(&key)?;
+        if !shard.contains_key(&key) && !self.make_room(&mut shard, now_ns) {
+            // No room to coordinate: this request asks on its own.
+            return Take::Ask;
+        }
+        let lease = shard.entry(key).or_default();
+        if let Some(asking) = &lease.asking {
+            return Take::Wait(asking.clone().notified_owned());
+        }
         if now_ns >= lease.expires_ns {
-            shard.remove(&key);
-            return None;
+            lease.asking = Some(Arc::new(Notify::new()));
+            return Take::Ask;
         }
         if lease.left == 0 {
-            return Some(Decision {
+            return Take::Decided(Decision {
                 allowed: false,
                 limit: lease.limit,
                 remaining: 0,
@@ -96,9 +131,28 @@ impl Leases {
             delay_ns: 0,
         };
         if lease.left == 0 {
-            shard.remove(&key);
+            // Used up: the next request asks Redis.
+            lease.expires_ns = 0;
         }
-        Some(decision)
+        Take::Decided(decision)
+    }
+
+    /// Ends the ask of a request that [`Leases::take`] told to ask, whether
+    /// or not Redis answered, and wakes the requests that wait for it.
+    pub fn done(&self, key: u64) {
+        let asking = self.shard(key).get_mut(&key).and_then(|lease| lease.asking.take());
+        if let Some(asking) = asking {
+            asking.notify_waiters();
+        }
+    }
+
+    /// Drops expired leases from a full shard; returns whether it has room
+    /// for one more.
+    fn make_room(&self, shard: &mut Table, now_ns: u64) -> bool {
+        if shard.len() >= self.max_per_shard {
+            shard.retain(|_, lease| lease.is_live(now_ns));
+        }
+        shard.len() < self.max_per_shard
     }
 
     /// Keeps what Redis decided for `key`: the `granted - 1` requests an
@@ -117,27 +171,29 @@ impl Leases {
             now_ns.saturating_add(self.lifetime_ns)
         };
         let mut shard = self.shard(key);
-        if shard.len() >= self.max_per_shard && !shard.contains_key(&key) {
-            shard.retain(|_, lease| lease.left > 0 && now_ns < lease.expires_ns);
-            if shard.len() >= self.max_per_shard {
-                // The table is full of live leases: decide this request and
-                // keep nothing, which only admits less or asks Redis again.
-                return decision;
-            }
+        if !shard.contains_key(&key) && !self.make_room(&mut shard, now_ns) {
+            // The table is full of live leases: decide this request and keep
+            // nothing, which only admits less or asks Redis again.
+            return decision;
         }
-        let lease = shard.entry(key).or_insert(Lease {
-            left: 0,
-            expires_ns,
-            limit: decision.limit,
-            remaining: decision.remaining,
-            reset_at_ns: now_ns.saturating_add(decision.reset_ns),
-        });
-        // Two requests of one key that asked Redis at the same time both
-        // got a lease; the node keeps both. A refusal replaces the lease.
-        lease.left = if decision.allowed {
-            lease.left.saturating_add(left)
-        } else {
-            0
+        let lease = shard.entry(key).or_default();
+        let live = now_ns < lease.expires_ns;
+        if !decision.allowed && live && lease.left > 0 {
+            // A request that asked on its own (see `take`) was refused while
+            // the node holds a lease: admit it from the lease instead.
+            lease.left -= 1;
+            return Decision {
+                allowed: true,
+                remaining: lease.remaining + lease.left,
+                retry_after_ns: 0,
+                ..decision
+            };
+        }
+        // A grant adds to what the node still holds; a refusal replaces it.
+        lease.left = match (decision.allowed, live) {
+            (true, true) => lease.left.saturating_add(left),
+            (true, false) => left,
+            (false, _) => 0,
         };
         lease.limit = decision.limit;
         lease.expires_ns = expires_ns;
@@ -166,6 +222,27 @@ impl Leases {
     }
 }
 
+/// The request of a key that asks Redis for a lease; when it is dropped,
+/// answered or not, the requests that wait for it are woken.
+pub struct Asking<'a> {
+    pub leases: &'a Leases,
+    pub key: u64,
+}
+
+impl Asking<'_> {
+    /// Keeps what Redis decided; see [`Leases::keep`].
+    pub fn keep(&self, now_ns: u64, verdict: Verdict) -> Decision {
+        self.leases
+            .keep(self.key, now_ns, verdict.decision, verdict.granted)
+    }
+}
+
+impl Drop for Asking<'_> {
+    fn drop(&mut self) {
+        self.leases.done(self.key);
+    }
+}
+
 /// The time a window of `window_ns` takes to produce `lease` of its `limit`
 /// requests, at most the window.
 fn share(window_ns: u64, lease: u64, limit: u64) -> u64 {
@@ -190,6 +267,18 @@ mod tests {
         }
     }
 
+    /// The decision `take` made, or `None` when it says to ask Redis.
+    fn decided(leases: &Leases, key: u64, now_ns: u64) -> Option<Decision> {
+        match leases.take(key, now_ns) {
+            Take::Decided(decision) => Some(decision),
+            Take::Ask => {
+                leases.done(key);
+                None
+            }
+            Take::Wait(_) => panic!("nobody else asks"),
+        }
+    }
+
     #[test]
     fn a_lease_admits_what_it_holds_then_asks_again() {
         let shape = Shape::FixedWindow {
@@ -197,17 +286,42 @@ mod tests {
             window_ns: 60 * S,
         };
         let leases = Leases::new(&shape, 10, 1000);
-        assert!(leases.take(7, 0).is_none());
+        assert!(decided(&leases, 7, 0).is_none());
         // Redis granted 10: this request and 9 more; 80 are left in Redis.
         let shown = leases.keep(7, 0, admitted(100, 80, 30 * S), 10);
         assert_eq!(shown.remaining, 89);
         for left in (0..9).rev() {
-            let decision = leases.take(7, S).expect("a request from the lease");
+            let decision = decided(&leases, 7, S).expect("a request from the lease");
             assert_eq!(decision.remaining, 80 + left);
             assert_eq!(decision.reset_ns, 29 * S);
         }
-        assert!(leases.take(7, S).is_none());
-        assert_eq!(leases.len(), 0);
+        assert!(decided(&leases, 7, S).is_none());
+    }
+
+    #[test]
+    fn one_request_asks_while_the_others_wait() {
+        let shape = Shape::FixedWindow {
+            limit: 100,
+            window_ns: 60 * S,
+        };
+        let leases = Leases::new(&shape, 10, 1000);
+        assert!(matches!(leases.take(3, 0), Take::Ask));
+        let Take::Wait(answered) = leases.take(3, 0) else {
+            panic!("a second request asks too");
+        };
+        let asking = Asking {
+            leases: &leases,
+            key: 3,
+        };
+        let verdict = Verdict {
+            decision: admitted(100, 90, 30 * S),
+            granted: 10,
+        };
+        assert!(asking.keep(0, verdict).allowed);
+        drop(asking);
+        // The waiting request was woken, and takes from the lease.
+        futures_util::FutureExt::now_or_never(answered).expect("woken");
+        assert!(decided(&leases, 3, 0).expect("from the lease").allowed);
     }
 
     #[test]
@@ -219,12 +333,12 @@ mod tests {
         };
         let leases = Leases::new(&window, 10, 1000);
         leases.keep(1, 0, admitted(100, 50, 50 * S), 10);
-        assert!(leases.take(1, 5 * S).is_some());
-        assert!(leases.take(1, 6 * S).is_none());
+        assert!(decided(&leases, 1, 5 * S).is_some());
+        assert!(decided(&leases, 1, 6 * S).is_none());
         // Two seconds before the window ends, the lease ends with it.
         leases.keep(2, 0, admitted(100, 50, 2 * S), 10);
-        assert!(leases.take(2, S).is_some());
-        assert!(leases.take(2, 2 * S).is_none());
+        assert!(decided(&leases, 2, S).is_some());
+        assert!(decided(&leases, 2, 2 * S).is_none());
         // A bucket's lease lives as long as the bucket takes to refill it.
         let bucket = Shape::Bucket {
             interval_ns: S / 10,
@@ -233,8 +347,8 @@ mod tests {
         };
         let leases = Leases::new(&bucket, 5, 1000);
         leases.keep(3, 0, admitted(100, 50, S), 5);
-        assert!(leases.take(3, S / 2 - 1).is_some());
-        assert!(leases.take(3, S / 2).is_none());
+        assert!(decided(&leases, 3, S / 2 - 1).is_some());
+        assert!(decided(&leases, 3, S / 2).is_none());
     }
 
     #[test]
@@ -253,10 +367,10 @@ mod tests {
             delay_ns: 0,
         };
         assert!(!leases.keep(9, 0, refused, 0).allowed);
-        let decision = leases.take(9, 5 * S).expect("the kept refusal");
+        let decision = decided(&leases, 9, 5 * S).expect("the kept refusal");
         assert!(!decision.allowed);
         assert_eq!((decision.retry_after_ns, decision.reset_ns), (15 * S, 15 * S));
-        assert!(leases.take(9, 20 * S).is_none(), "asks Redis again");
+        assert!(decided(&leases, 9, 20 * S).is_none(), "asks Redis again");
     }
 
     #[test]
@@ -272,6 +386,6 @@ mod tests {
         assert!(leases.len() <= 32, "{} leases", leases.len());
         // Once they expire, new keys take their places.
         leases.keep(42, S, admitted(1000, 5, S), 10);
-        assert!(leases.take(42, S).is_some());
+        assert!(decided(&leases, 42, S).is_some());
     }
 }

@@ -873,26 +873,37 @@ impl Limit {
             }
             return Ok((self.local.decide(key, clock.now_ns()), Counted::Local(key)));
         };
-        let leased = global.leases.as_ref().map(|leases| {
+        let mut asking = None;
+        if let Some(leases) = &global.leases {
             let key = self.local_key(&value);
-            (leases, key, leases.take(key, clock.now_ns()))
-        });
-        if let Some((_, _, Some(decision))) = leased {
-            return Ok((decision, Counted::Global));
+            loop {
+                match leases.take(key, clock.now_ns()) {
+                    lease::Take::Decided(decision) => return Ok((decision, Counted::Global)),
+                    lease::Take::Ask => break,
+                    lease::Take::Wait(answered) => {
+                        // The asking request's own timeout bounds the wait;
+                        // this one is a safety net.
+                        let bound = global.backend.timeout() * 2;
+                        if tokio::time::timeout(bound, answered).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+            }
+            asking = Some(lease::Asking { leases, key });
         }
         let key = global.redis_key(&value);
         let failure = match global.backend.decide(key, &global.script.decide).await {
             Ok(verdict) => {
-                let decision = match leased {
-                    Some((leases, key, None)) => {
-                        leases.keep(key, clock.now_ns(), verdict.decision, verdict.granted)
-                    }
-                    _ => verdict.decision,
+                let decision = match &asking {
+                    Some(asking) => asking.keep(clock.now_ns(), verdict),
+                    None => verdict.decision,
                 };
                 return Ok((decision, Counted::Global));
             }
             Err(failure) => failure,
         };
+        drop(asking);
         let fallbacks = global.fallbacks.fetch_add(1, Ordering::Relaxed) + 1;
         let now = clock.now_ns();
         if global.log.admit(now, FALLBACK_LOG_INTERVAL).is_some() {

@@ -4,9 +4,12 @@
 //! Redis counts a lease's requests when it grants them, so the nodes
 //! together never admit more than Redis granted. What a lease changes is
 //! when its requests are admitted: within its lifetime, which is the time
-//! the limit's rate takes to produce that many requests, and never past the
-//! end of a fixed window. A lease whose lifetime ends unused is dropped, so
-//! its requests are lost rather than admitted late.
+//! the limit's rate takes to produce that many requests (at least
+//! [`MIN_LIFETIME_NS`]), and never past the end of a fixed window. So over
+//! any span of time the nodes admit at most the limit plus what its rate
+//! produces in one lifetime: `lease` requests, or the rate's share of a
+//! millisecond when that is more. A lease whose lifetime ends unused is
+//! dropped, so its requests are lost rather than admitted late.
 //!
 //! A refusal is kept too, until the time Redis said a request would be
 //! admitted again, so a flood of refused requests does not reach Redis.
@@ -27,6 +30,9 @@ use super::local::KeyHasher;
 use super::redis::Verdict;
 use super::Decision;
 use super::Shape;
+
+/// The shortest a lease lives, however fast the limit's rate produces it.
+pub const MIN_LIFETIME_NS: u64 = 1_000_000;
 
 /// Independently locked parts of the table, so that threads deciding for
 /// different keys rarely wait for each other.
@@ -87,6 +93,9 @@ impl Leases {
             Shape::FixedWindow { limit, window_ns } => (share(window_ns, lease, limit), true),
             Shape::SlidingWindow { limit, window_ns } => (share(window_ns, lease, limit), false),
         };
+        // A lease that lives shorter than a round trip to Redis would expire
+        // before the requests waiting for it could use it.
+        let lifetime_ns = lifetime_ns.max(MIN_LIFETIME_NS);
         Leases {
             shards: std::array::from_fn(|_| Mutex::new(Table::default())),
             lifetime_ns,

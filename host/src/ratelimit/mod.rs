@@ -876,21 +876,29 @@ impl Limit {
         let mut asking = None;
         if let Some(leases) = &global.leases {
             let key = self.local_key(&value);
+            let mut waited = false;
             loop {
                 match leases.take(key, clock.now_ns()) {
                     lease::Take::Decided(decision) => return Ok((decision, Counted::Global)),
-                    lease::Take::Ask => break,
+                    lease::Take::Ask => {
+                        asking = Some(lease::Asking { leases, key });
+                        break;
+                    }
+                    // A request waits for one other request's answer at
+                    // most. If that brought nothing it can use, it asks
+                    // alongside the one asking now, so a limit whose leases
+                    // do not outlive a round trip costs one round trip, as
+                    // without a lease.
+                    lease::Take::Wait(_) if waited => break,
                     lease::Take::Wait(answered) => {
+                        waited = true;
                         // The asking request's own timeout bounds the wait;
                         // this one is a safety net.
                         let bound = global.backend.timeout() * 2;
-                        if tokio::time::timeout(bound, answered).await.is_err() {
-                            break;
-                        }
+                        let _ = tokio::time::timeout(bound, answered).await;
                     }
                 }
             }
-            asking = Some(lease::Asking { leases, key });
         }
         let key = global.redis_key(&value);
         let failure = match global.backend.decide(key, &global.script.decide).await {

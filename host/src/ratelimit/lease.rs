@@ -27,7 +27,6 @@ use tokio::sync::futures::OwnedNotified;
 use tokio::sync::Notify;
 
 use super::local::KeyHasher;
-use super::redis::Verdict;
 use super::Decision;
 use super::Shape;
 
@@ -238,14 +237,6 @@ pub struct Asking<'a> {
     pub key: u64,
 }
 
-impl Asking<'_> {
-    /// Keeps what Redis decided; see [`Leases::keep`].
-    pub fn keep(&self, now_ns: u64, verdict: Verdict) -> Decision {
-        self.leases
-            .keep(self.key, now_ns, verdict.decision, verdict.granted)
-    }
-}
-
 impl Drop for Asking<'_> {
     fn drop(&mut self) {
         self.leases.done(self.key);
@@ -322,11 +313,7 @@ mod tests {
             leases: &leases,
             key: 3,
         };
-        let verdict = Verdict {
-            decision: admitted(100, 90, 30 * S),
-            granted: 10,
-        };
-        assert!(asking.keep(0, verdict).allowed);
+        assert!(leases.keep(3, 0, admitted(100, 90, 30 * S), 10).allowed);
         drop(asking);
         // The waiting request was woken, and takes from the lease.
         futures_util::FutureExt::now_or_never(answered).expect("woken");

@@ -873,9 +873,14 @@ impl Limit {
             }
             return Ok((self.local.decide(key, clock.now_ns()), Counted::Local(key)));
         };
+        // The node's leases of this limit and the key's hash in them, and,
+        // when this request is the one of its key that asks Redis, the
+        // guard that wakes the others when it is done.
+        let mut leased = None;
         let mut asking = None;
         if let Some(leases) = &global.leases {
             let key = self.local_key(&value);
+            leased = Some((leases, key));
             let mut waited = false;
             loop {
                 match leases.take(key, clock.now_ns()) {
@@ -903,10 +908,13 @@ impl Limit {
         let key = global.redis_key(&value);
         let failure = match global.backend.decide(key, &global.script.decide).await {
             Ok(verdict) => {
-                let decision = match &asking {
-                    Some(asking) => asking.keep(clock.now_ns(), verdict),
+                let decision = match leased {
+                    Some((leases, key)) => {
+                        leases.keep(key, clock.now_ns(), verdict.decision, verdict.granted)
+                    }
                     None => verdict.decision,
                 };
+                drop(asking);
                 return Ok((decision, Counted::Global));
             }
             Err(failure) => failure,

@@ -482,17 +482,17 @@ fn rate_limit_config_errors_name_line_and_field() {
         local_lease.contains("routes[1].limits[0].lease: `lease` applies to global limits only"),
         "{local_lease}"
     );
-    let leaky_lease = check_fails(&limited(REDIS).replace(
-        "\"token_bucket\"\nrate = \"10/s\"\nburst = 20",
-        "\"leaky_bucket\"\nrate = \"10/s\"\nscope = \"global\"\nlease = 5",
+    let window_lease = check_fails(&limited(&format!("lease = 5\n{REDIS}")));
+    assert!(
+        window_lease.contains("routes[1].limits[1].lease: `lease` applies to token_bucket only"),
+        "{window_lease}"
+    );
+    let big_lease = check_fails(&limited(REDIS).replace(
+        "burst = 20",
+        "burst = 20\nscope = \"global\"\nlease = 30",
     ));
     assert!(
-        leaky_lease.contains("routes[1].limits[0].lease: `lease` does not apply to leaky_bucket"),
-        "{leaky_lease}"
-    );
-    let big_lease = check_fails(&limited(&format!("lease = 2000\n{REDIS}")));
-    assert!(
-        big_lease.contains("routes[1].limits[1].lease: must be from 1 to 1000"),
+        big_lease.contains("routes[1].limits[0].lease: must be from 1 to 20, the bucket's burst"),
         "{big_lease}"
     );
     let unknown_algorithm =

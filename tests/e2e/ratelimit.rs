@@ -353,7 +353,7 @@ async fn leased_global_limit_admits_the_limit_with_few_redis_calls() -> Result {
             name,
             prefix,
             &limit(
-                "key = \"route\"\nalgorithm = \"fixed_window\"\nrate = \"100/min\"\n\
+                "key = \"route\"\nalgorithm = \"token_bucket\"\nrate = \"100/h\"\n\
                  scope = \"global\"\nlease = 10",
             ),
         )
@@ -370,10 +370,10 @@ async fn leased_global_limit_admits_the_limit_with_few_redis_calls() -> Result {
         Node::start(&config)?,
         Node::start(&config)?,
     ];
-    wait_for_window(Duration::from_secs(60), Duration::from_secs(10)).await;
 
     // One request at a time, in turn to each node: each node takes 10 at a
-    // time from Redis and uses them all, so exactly the limit is admitted.
+    // time from Redis and uses them all, so exactly the bucket's 100 are
+    // admitted (it refills one request every 36 s).
     let before = evalsha_calls(&redis);
     let mut total = 0;
     let mut first = None;
@@ -384,7 +384,7 @@ async fn leased_global_limit_admits_the_limit_with_few_redis_calls() -> Result {
     }
     assert_eq!(total, 100, "{}", nodes[0].log());
     // Ten leases of ten, then one refusal per node, which each node keeps
-    // until the window ends.
+    // until its retry time.
     let calls = evalsha_calls(&redis) - before;
     assert!(calls <= 15, "{calls} EVALSHA calls for 150 requests");
     // The first response counts what Redis has left and what the node's
@@ -413,6 +413,46 @@ async fn leased_global_limit_admits_the_limit_with_few_redis_calls() -> Result {
     }
     assert!((100 - 3 * 9..=100).contains(&total), "{total} admitted");
     assert_eq!(upstream.count(), 100 + total);
+    Ok(())
+}
+
+#[tokio::test]
+async fn unused_leases_go_back_to_the_bucket() -> Result {
+    let upstream = Upstream::echo().await;
+    let redis = Redis::start()?;
+    // Ten a second, five at a time: a lease lives 500 ms.
+    let config = format!(
+        "{}{}{}",
+        redis_table(&redis),
+        app(&upstream),
+        route(
+            "leased",
+            "/",
+            &limit(
+                "key = \"route\"\nalgorithm = \"token_bucket\"\nrate = \"10/s\"\n\
+                 burst = 10\nscope = \"global\"\nlease = 5",
+            ),
+        ),
+    );
+    let nodes = [
+        Node::start(&config)?,
+        Node::start(&config)?,
+        Node::start(&config)?,
+    ];
+    // Two nodes take a lease of five each for one request each, which
+    // empties the bucket.
+    for node in &nodes[..2] {
+        assert_eq!(get(&node.url("/")).await?.status, StatusCode::OK);
+    }
+    // Their leases expire with eight requests unused; the bucket has
+    // refilled six. Each node's next ask gives its four back, so the third
+    // node finds requests left too; without the give-back it would find
+    // none.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    for node in &nodes {
+        let got = get(&node.url("/")).await?;
+        assert_eq!(got.status, StatusCode::OK, "{}", node.log());
+    }
     Ok(())
 }
 

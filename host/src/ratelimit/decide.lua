@@ -6,16 +6,17 @@
 --
 -- KEYS[i]  the state of the limit for the i-th request's client key
 -- ARGV[i]  that request's limit, as space-separated numbers:
---          "1 interval burst queue lease": token or leaky bucket (GCRA),
---              interval between requests in us (with a fraction);
---          "2 window limit lease": fixed window of window us;
---          "3 window limit lease": sliding window of window us;
+--          "1 interval burst queue lease [returned]": token or leaky bucket
+--              (GCRA), interval between requests in us (with a fraction);
+--              `returned` requests of an expired lease go back first;
+--          "2 window limit": fixed window of window us;
+--          "3 window limit": sliding window of window us;
 --          "4 interval": give back the place of a queued request of a leaky
 --              bucket whose client went away.
 --
--- A lease above 1 takes up to that many requests at once when the request is
--- admitted (never more than the limit has room for), for the node to admit
--- without asking again; the queue is 0 then.
+-- A bucket's lease above 1 takes up to that many requests at once when the
+-- request is admitted (never more than the bucket has room for), for the
+-- node to admit without asking again; the queue is 0 then.
 --
 -- Returns one string: the decisions in the order of KEYS, separated by ",".
 -- A decision is "allowed limit remaining reset_us retry_after_us delay_us
@@ -66,8 +67,12 @@ local function decide(key, spec, now)
         local burst = spec[3]
         local queue = spec[4]
         local lease = spec[5]
+        local returned = spec[6] or 0
         local capacity = burst + queue
         local tat = tonumber(redis.call('GET', key))
+        if tat and returned > 0 then
+            tat = tat - returned * t
+        end
         if not tat or tat < now then
             tat = now
         end
@@ -94,7 +99,6 @@ local function decide(key, spec, now)
 
     local w = spec[2]
     local limit = spec[3]
-    local lease = spec[4]
     local window = math.floor(now / w)
     local elapsed = now - window * w
     local until_end = w - elapsed
@@ -110,11 +114,10 @@ local function decide(key, spec, now)
         if c >= limit then
             return decision(0, limit, 0, until_end, until_end, 0)
         end
-        local granted = take(lease, limit - c - 1)
-        c = c + granted
+        c = c + 1
         redis.call('HSET', key, 'w', window, 'c', c)
         redis.call('PEXPIRE', key, math.ceil(until_end / 1000) + 1000)
-        return decision(1, limit, limit - c, until_end, 0, 0, granted)
+        return decision(1, limit, limit - c, until_end, 0, 0)
     end
 
     -- Sliding window, with weighted counters.
@@ -155,12 +158,10 @@ local function decide(key, spec, now)
         end
         return decision(0, limit, 0, reset(c), retry, 0)
     end
-    local remaining = math.floor((limit * w - estimate - w) / w)
-    local granted = take(lease, remaining)
-    c = c + granted
+    c = c + 1
     redis.call('HSET', key, 'w', window, 'c', c, 'p', p)
     redis.call('PEXPIRE', key, math.ceil((until_end + w) / 1000) + 1000)
-    return decision(1, limit, remaining - (granted - 1), reset(c), 0, 0, granted)
+    return decision(1, limit, math.floor((limit * w - estimate - w) / w), reset(c), 0, 0)
 end
 
 -- The numbers of each distinct ARGV entry, parsed once per call.

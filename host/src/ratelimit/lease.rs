@@ -1,15 +1,16 @@
-//! Leases of a global limit: requests a node took from Redis at once for one
-//! client key, which it then admits without asking Redis again.
+//! Leases of a global token bucket: requests a node took from Redis at once
+//! for one client key, which it then admits without asking Redis again.
 //!
 //! Redis counts a lease's requests when it grants them, so the nodes
 //! together never admit more than Redis granted. What a lease changes is
 //! when its requests are admitted: within its lifetime, which is the time
 //! the limit's rate takes to produce that many requests (at least
-//! [`MIN_LIFETIME_NS`]), and never past the end of a fixed window. So over
-//! any span of time the nodes admit at most the limit plus what its rate
-//! produces in one lifetime: `lease` requests, or the rate's share of a
-//! millisecond when that is more. A lease whose lifetime ends unused is
-//! dropped, so its requests are lost rather than admitted late.
+//! [`MIN_LIFETIME_NS`]). So over any span of time the nodes admit at most
+//! the limit plus what its rate produces in one lifetime: `lease` requests,
+//! or the rate's share of a millisecond when that is more. Requests of a
+//! lease whose lifetime ended unused are given back to the bucket with the
+//! key's next ask, so a key that sends fewer requests than a lease holds does
+//! not drain its bucket for the other nodes.
 //!
 //! A refusal is kept too, until the time Redis said a request would be
 //! admitted again, so a flood of refused requests does not reach Redis.
@@ -28,7 +29,6 @@ use tokio::sync::Notify;
 
 use super::local::KeyHasher;
 use super::Decision;
-use super::Shape;
 
 /// The shortest a lease lives, however fast the limit's rate produces it.
 pub const MIN_LIFETIME_NS: u64 = 1_000_000;
@@ -45,8 +45,6 @@ pub struct Leases {
     shards: [Mutex<Table>; SHARDS],
     /// How long a lease lives.
     lifetime_ns: u64,
-    /// Whether a lease ends with the window it was granted in.
-    ends_with_window: bool,
     /// The most leases one shard holds.
     max_per_shard: usize,
 }
@@ -76,29 +74,24 @@ impl Lease {
 pub enum Take {
     /// Decided from the node's lease or kept refusal.
     Decided(Decision),
-    /// Ask Redis, then [`Leases::keep`] the answer and [`Leases::done`].
-    Ask,
+    /// Ask Redis, giving back `unused` requests of the key's expired
+    /// lease; then [`Leases::keep`] the answer and [`Leases::done`].
+    Ask { unused: u64 },
     /// Another request of the key is asking Redis; wait for it, then take
     /// again.
     Wait(OwnedNotified),
 }
 
 impl Leases {
-    /// The leases of a limit of `shape` that leases `lease` requests at a
-    /// time, for at most `max_keys` keys.
-    pub fn new(shape: &Shape, lease: u64, max_keys: usize) -> Leases {
-        let (lifetime_ns, ends_with_window) = match *shape {
-            Shape::Bucket { interval_ns, .. } => (interval_ns.saturating_mul(lease), false),
-            Shape::FixedWindow { limit, window_ns } => (share(window_ns, lease, limit), true),
-            Shape::SlidingWindow { limit, window_ns } => (share(window_ns, lease, limit), false),
-        };
+    /// The leases of a bucket that releases a request every `interval_ns`
+    /// and is leased `lease` requests at a time, for at most `max_keys` keys.
+    pub fn new(interval_ns: u64, lease: u64, max_keys: usize) -> Leases {
         // A lease that lives shorter than a round trip to Redis would expire
         // before the requests waiting for it could use it.
-        let lifetime_ns = lifetime_ns.max(MIN_LIFETIME_NS);
+        let lifetime_ns = interval_ns.saturating_mul(lease).max(MIN_LIFETIME_NS);
         Leases {
             shards: std::array::from_fn(|_| Mutex::new(Table::default())),
             lifetime_ns,
-            ends_with_window,
             max_per_shard: max_keys.div_ceil(SHARDS).max(1),
         }
     }
@@ -109,7 +102,7 @@ impl Leases {
         let mut shard = self.shard(key);
         if !shard.contains_key(&key) && !self.make_room(&mut shard, now_ns) {
             // No room to coordinate: this request asks on its own.
-            return Take::Ask;
+            return Take::Ask { unused: 0 };
         }
         let lease = shard.entry(key).or_default();
         if let Some(asking) = &lease.asking {
@@ -117,7 +110,8 @@ impl Leases {
         }
         if now_ns >= lease.expires_ns {
             lease.asking = Some(Arc::new(Notify::new()));
-            return Take::Ask;
+            let unused = std::mem::take(&mut lease.left);
+            return Take::Ask { unused };
         }
         if lease.left == 0 {
             return Take::Decided(Decision {
@@ -173,8 +167,6 @@ impl Leases {
             now_ns.saturating_add(decision.retry_after_ns)
         } else if left == 0 {
             return decision;
-        } else if self.ends_with_window {
-            now_ns.saturating_add(self.lifetime_ns.min(decision.reset_ns))
         } else {
             now_ns.saturating_add(self.lifetime_ns)
         };
@@ -243,13 +235,6 @@ impl Drop for Asking<'_> {
     }
 }
 
-/// The time a window of `window_ns` takes to produce `lease` of its `limit`
-/// requests, at most the window.
-fn share(window_ns: u64, lease: u64, limit: u64) -> u64 {
-    let ns = u128::from(window_ns) * u128::from(lease) / u128::from(limit.max(1));
-    u64::try_from(ns).unwrap_or(u64::MAX).min(window_ns)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -271,7 +256,7 @@ mod tests {
     fn decided(leases: &Leases, key: u64, now_ns: u64) -> Option<Decision> {
         match leases.take(key, now_ns) {
             Take::Decided(decision) => Some(decision),
-            Take::Ask => {
+            Take::Ask { .. } => {
                 leases.done(key);
                 None
             }
@@ -281,11 +266,8 @@ mod tests {
 
     #[test]
     fn a_lease_admits_what_it_holds_then_asks_again() {
-        let shape = Shape::FixedWindow {
-            limit: 100,
-            window_ns: 60 * S,
-        };
-        let leases = Leases::new(&shape, 10, 1000);
+        // 100 per minute, 10 at a time: a lease lives 6 s.
+        let leases = Leases::new(S * 6 / 10, 10, 1000);
         assert!(decided(&leases, 7, 0).is_none());
         // Redis granted 10: this request and 9 more; 80 are left in Redis.
         let shown = leases.keep(7, 0, admitted(100, 80, 30 * S), 10);
@@ -300,12 +282,8 @@ mod tests {
 
     #[test]
     fn one_request_asks_while_the_others_wait() {
-        let shape = Shape::FixedWindow {
-            limit: 100,
-            window_ns: 60 * S,
-        };
-        let leases = Leases::new(&shape, 10, 1000);
-        assert!(matches!(leases.take(3, 0), Take::Ask));
+        let leases = Leases::new(S * 6 / 10, 10, 1000);
+        assert!(matches!(leases.take(3, 0), Take::Ask { unused: 0 }));
         let Take::Wait(answered) = leases.take(3, 0) else {
             panic!("a second request asks too");
         };
@@ -321,39 +299,27 @@ mod tests {
     }
 
     #[test]
-    fn a_lease_ends_with_its_lifetime_and_its_window() {
-        // 10 of 100 per minute: 6 s of the window's rate.
-        let window = Shape::FixedWindow {
-            limit: 100,
-            window_ns: 60 * S,
-        };
-        let leases = Leases::new(&window, 10, 1000);
-        leases.keep(1, 0, admitted(100, 50, 50 * S), 10);
-        assert!(decided(&leases, 1, 5 * S).is_some());
-        assert!(decided(&leases, 1, 6 * S).is_none());
-        // Two seconds before the window ends, the lease ends with it.
-        leases.keep(2, 0, admitted(100, 50, 2 * S), 10);
-        assert!(decided(&leases, 2, S).is_some());
-        assert!(decided(&leases, 2, 2 * S).is_none());
-        // A bucket's lease lives as long as the bucket takes to refill it.
-        let bucket = Shape::Bucket {
-            interval_ns: S / 10,
-            burst: 100,
-            queue: 0,
-        };
-        let leases = Leases::new(&bucket, 5, 1000);
+    fn an_expired_lease_gives_back_what_it_did_not_use() {
+        // Ten requests a second, five at a time: a lease lives half a second.
+        let leases = Leases::new(S / 10, 5, 1000);
         leases.keep(3, 0, admitted(100, 50, S), 5);
         assert!(decided(&leases, 3, S / 2 - 1).is_some());
-        assert!(decided(&leases, 3, S / 2).is_none());
+        // Three of the four are left when it expires; the next ask gives
+        // them back.
+        assert!(matches!(leases.take(3, S / 2), Take::Ask { unused: 3 }));
+        leases.done(3);
+        assert!(matches!(leases.take(3, S / 2), Take::Ask { unused: 0 }));
+        leases.done(3);
+        // A short lease lives at least a millisecond.
+        let leases = Leases::new(1000, 5, 1000);
+        leases.keep(4, 0, admitted(100, 50, S), 5);
+        assert!(decided(&leases, 4, MIN_LIFETIME_NS - 1).is_some());
+        assert!(decided(&leases, 4, MIN_LIFETIME_NS).is_none());
     }
 
     #[test]
     fn a_refusal_is_kept_until_its_retry_time() {
-        let shape = Shape::FixedWindow {
-            limit: 100,
-            window_ns: 60 * S,
-        };
-        let leases = Leases::new(&shape, 10, 1000);
+        let leases = Leases::new(S * 6 / 10, 10, 1000);
         let refused = Decision {
             allowed: false,
             limit: 100,
@@ -371,11 +337,8 @@ mod tests {
 
     #[test]
     fn the_table_stays_bounded() {
-        let shape = Shape::SlidingWindow {
-            limit: 1000,
-            window_ns: S,
-        };
-        let leases = Leases::new(&shape, 10, 32);
+        // 1000 a second, 10 at a time: a lease lives 10 ms.
+        let leases = Leases::new(S / 1000, 10, 32);
         for key in 0..10_000u64 {
             leases.keep(key.wrapping_mul(0x9E37_79B9_7F4A_7C15), 0, admitted(1000, 5, S), 10);
         }

@@ -393,21 +393,17 @@ impl LimitSpec {
         let lease = match &config.lease {
             Some(lease) => {
                 let value = *lease.get_ref();
-                let most = match shape {
-                    Shape::Bucket { burst, .. } => burst,
-                    Shape::FixedWindow { limit, .. } | Shape::SlidingWindow { limit, .. } => limit,
-                };
                 let refusal = if scope == Scope::Local {
                     Some("`lease` applies to global limits only".to_owned())
-                } else if algorithm == Algorithm::LeakyBucket {
+                } else if algorithm != Algorithm::TokenBucket {
                     Some(
-                        "`lease` does not apply to leaky_bucket, whose requests must be \
-                         spaced out one by one; use token_bucket"
+                        "`lease` applies to token_bucket only: a bucket takes back the \
+                         requests a node leased and did not use, a window cannot"
                             .to_owned(),
                     )
-                } else if !(1..=most).contains(&value) {
+                } else if !(1..=burst).contains(&value) {
                     Some(format!(
-                        "must be from 1 to {most}, the requests the limit admits at once"
+                        "must be from 1 to {burst}, the bucket's burst"
                     ))
                 } else {
                     None
@@ -637,8 +633,12 @@ impl RateLimiter {
                     Shape::SlidingWindow { .. } => "}:sw",
                 },
                 script: redis::ScriptSpec::of(&spec.shape, spec.lease),
-                leases: (spec.lease > 1)
-                    .then(|| Leases::new(&spec.shape, spec.lease, spec.max_keys)),
+                leases: match spec.shape {
+                    Shape::Bucket { interval_ns, .. } if spec.lease > 1 => {
+                        Some(Leases::new(interval_ns, spec.lease, spec.max_keys))
+                    }
+                    _ => None,
+                },
                 fallbacks: AtomicU64::new(0),
                 log: IntervalLog::default(),
             }),
@@ -878,6 +878,9 @@ impl Limit {
         // guard that wakes the others when it is done.
         let mut leased = None;
         let mut asking = None;
+        // The script's argument when this request also gives back the
+        // unused requests of the key's expired lease.
+        let mut returned: Option<Arc<str>> = None;
         if let Some(leases) = &global.leases {
             let key = self.local_key(&value);
             leased = Some((leases, key));
@@ -885,8 +888,14 @@ impl Limit {
             loop {
                 match leases.take(key, clock.now_ns()) {
                     lease::Take::Decided(decision) => return Ok((decision, Counted::Global)),
-                    lease::Take::Ask => {
+                    lease::Take::Ask { unused } => {
                         asking = Some(lease::Asking { leases, key });
+                        if unused > 0 {
+                            returned = Some(Arc::from(format!(
+                                "{} {unused}",
+                                global.script.decide
+                            )));
+                        }
                         break;
                     }
                     // A request waits for one other request's answer at
@@ -906,7 +915,8 @@ impl Limit {
             }
         }
         let key = global.redis_key(&value);
-        let failure = match global.backend.decide(key, &global.script.decide).await {
+        let spec = returned.as_ref().unwrap_or(&global.script.decide);
+        let failure = match global.backend.decide(key, spec).await {
             Ok(verdict) => {
                 let decision = match leased {
                     Some((leases, key)) => {

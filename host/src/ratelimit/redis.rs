@@ -437,8 +437,8 @@ pub struct ScriptSpec {
 }
 
 impl ScriptSpec {
-    /// The arguments of a limit of `shape` that takes `lease` requests at
-    /// once (1 for one at a time).
+    /// The arguments of a limit of `shape`; a bucket takes `lease` requests
+    /// at once (1 for one at a time).
     pub fn of(shape: &Shape, lease: u64) -> ScriptSpec {
         match *shape {
             Shape::Bucket {
@@ -454,11 +454,11 @@ impl ScriptSpec {
                 }
             }
             Shape::FixedWindow { limit, window_ns } => ScriptSpec {
-                decide: format!("2 {} {limit} {lease}", window_ns / 1000).into(),
+                decide: format!("2 {} {limit}", window_ns / 1000).into(),
                 give_back: None,
             },
             Shape::SlidingWindow { limit, window_ns } => ScriptSpec {
-                decide: format!("3 {} {limit} {lease}", window_ns / 1000).into(),
+                decide: format!("3 {} {limit}", window_ns / 1000).into(),
                 give_back: None,
             },
         }

@@ -438,4 +438,25 @@ mod tests {
             .unwrap();
         assert!(error.contains("user_header"), "{error}");
     }
+
+    #[test]
+    fn issuer_and_audience_take_one_or_many() {
+        let settings = check(
+            r#"{"algorithms":["HS256"],"hmac_secret_name":"s","issuer":"https://idp",
+                "audience":["api","web\u0021"]}"#,
+        )
+        .unwrap();
+        let issuers = settings.config.issuer.as_ref().unwrap().values();
+        assert_eq!(issuers, ["https://idp"]);
+        let audiences = settings.config.audience.as_ref().unwrap().values();
+        assert_eq!(audiences, ["api", "web!"]);
+        let error = check(r#"{"algorithms":["HS256"],"hmac_secret_name":"s","audience":5}"#)
+            .err()
+            .unwrap();
+        assert!(error.contains("expected a string or a list of strings"), "{error}");
+        let error = check(r#"{"algorithms":["HS256"],"hmac_secret_name":"s","issuer":[5]}"#)
+            .err()
+            .unwrap();
+        assert!(error.contains("expected a string"), "{error}");
+    }
 }

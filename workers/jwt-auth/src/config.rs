@@ -164,8 +164,8 @@ impl<'a> Settings<'a> {
     /// Reads and checks the config JSON text `json`, which
     /// `edge_sdk::config::json` returns.
     pub fn load(json: &'a str) -> Result<Settings<'a>, String> {
-        let config: Config =
-            edge_sdk::config::from_json(json).map_err(|e| format!("invalid jwt-auth config: {e}"))?;
+        let config: Config = edge_sdk::config::from_json(json)
+            .map_err(|e| format!("invalid jwt-auth config: {e}"))?;
         Settings::check(config).map_err(|e| format!("invalid jwt-auth config: {e}"))
     }
 
@@ -453,7 +453,10 @@ mod tests {
         let error = check(r#"{"algorithms":["HS256"],"hmac_secret_name":"s","audience":5}"#)
             .err()
             .unwrap();
-        assert!(error.contains("expected a string or a list of strings"), "{error}");
+        assert!(
+            error.contains("expected a string or a list of strings"),
+            "{error}"
+        );
         let error = check(r#"{"algorithms":["HS256"],"hmac_secret_name":"s","issuer":[5]}"#)
             .err()
             .unwrap();

@@ -183,11 +183,7 @@ impl<'de, F: Fn(&str) -> bool> Visitor<'de> for ClaimsSeed<F> {
 
 /// Checks the time, issuer and audience claims, then the required scopes and
 /// claims. `now` is in seconds since the Unix epoch.
-pub fn check_claims(
-    claims: &Claims,
-    settings: &Settings,
-    now: f64,
-) -> Result<(), Rejection> {
+pub fn check_claims(claims: &Claims, settings: &Settings, now: f64) -> Result<(), Rejection> {
     let config = &settings.config;
     let leeway = settings.leeway.as_secs_f64();
     match numeric_date(claims, "exp")? {
@@ -412,8 +408,8 @@ mod tests {
     #[test]
     fn claims_last_repeated_name_wins() {
         let settings = settings("");
-        let claims = Claims::parse(r#"{"exp":1,"sub":"a","exp":2,"\u0073ub":"b"}"#, &settings)
-            .unwrap();
+        let claims =
+            Claims::parse(r#"{"exp":1,"sub":"a","exp":2,"\u0073ub":"b"}"#, &settings).unwrap();
         assert_eq!(claims.get("exp"), Some(&Value::from(2)));
         assert_eq!(claims.get("sub"), Some(&Value::from("b")));
     }

@@ -11,7 +11,7 @@
 
 use std::fmt;
 
-use serde::de::DeserializeOwned;
+use serde::de::{Deserialize, DeserializeOwned};
 
 /// Returns the value of the top-level key `key`. Strings come back as they
 /// are, and numbers, booleans, arrays and tables as JSON text.
@@ -43,12 +43,14 @@ pub fn parse<T: DeserializeOwned>() -> Result<T, ConfigError> {
 }
 
 /// Deserializes the config JSON text `text` into `T`, as [`parse`] does
-/// with the binding's config; workers use it to test their config types.
+/// with the binding's config. `T` may borrow strings from `text`, so a worker
+/// can read [`json`] once and deserialize it without copying each value.
+/// Workers also use it to test their config types.
 ///
 /// # Errors
 ///
 /// Returns [`ConfigError`] when `text` does not match `T`.
-pub fn from_json<T: DeserializeOwned>(text: &str) -> Result<T, ConfigError> {
+pub fn from_json<'a, T: Deserialize<'a>>(text: &'a str) -> Result<T, ConfigError> {
     serde_json::from_str(text).map_err(|error| ConfigError::locate::<T>(text, error))
 }
 
@@ -69,7 +71,7 @@ pub struct ConfigError {
 impl ConfigError {
     /// Finds the path of the field at fault by parsing `text` again with
     /// tracking, which only a failed parse pays for.
-    fn locate<T: DeserializeOwned>(text: &str, error: serde_json::Error) -> ConfigError {
+    fn locate<'a, T: Deserialize<'a>>(text: &'a str, error: serde_json::Error) -> ConfigError {
         let mut deserializer = serde_json::Deserializer::from_str(text);
         match serde_path_to_error::deserialize::<_, T>(&mut deserializer) {
             Err(tracked) => {

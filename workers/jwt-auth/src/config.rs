@@ -1,95 +1,132 @@
 //! The worker's config table and its checks.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::time::Duration;
 
 use edge_sdk::crypto::{Algorithm, FetchOptions, Key, KeySet, KeyType};
+use serde::de::{self, Deserializer, SeqAccess, Visitor};
 use serde::Deserialize;
 
-/// The config table of one route binding.
+use crate::text::Text;
+
+/// The config table of one route binding. Its strings borrow from the
+/// config's JSON text, which the worker reads again on every call.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct Config {
+pub struct Config<'a> {
     /// Algorithms a token may use, such as `["RS256"]`.
-    pub algorithms: Vec<String>,
+    #[serde(borrow)]
+    pub algorithms: Vec<Text<'a>>,
     /// The realm in `WWW-Authenticate`. Default: the route's name.
-    #[serde(default)]
-    pub realm: Option<String>,
+    #[serde(default, borrow)]
+    pub realm: Option<Text<'a>>,
     /// A cookie that carries the token when there is no `Authorization`
     /// header.
-    #[serde(default)]
-    pub cookie: Option<String>,
+    #[serde(default, borrow)]
+    pub cookie: Option<Text<'a>>,
     /// Accepted `iss` values; any one must match. Default: not checked.
-    #[serde(default)]
-    pub issuer: Option<OneOrMany>,
+    #[serde(default, borrow)]
+    pub issuer: Option<OneOrMany<'a>>,
     /// Accepted audiences; the token's `aud` must hold one. Default: not
     /// checked.
-    #[serde(default)]
-    pub audience: Option<OneOrMany>,
+    #[serde(default, borrow)]
+    pub audience: Option<OneOrMany<'a>>,
     /// Clock skew allowed for `exp` and `nbf`, such as `"30s"`. Default: 60s.
-    #[serde(default)]
-    pub leeway: Option<String>,
+    #[serde(default, borrow)]
+    pub leeway: Option<Text<'a>>,
     /// Whether a token without `exp` is rejected. Default: true.
     #[serde(default = "default_true")]
     pub require_exp: bool,
     /// Scopes the token must grant (in `scope`, space-separated, or `scp`).
-    #[serde(default)]
-    pub required_scopes: Vec<String>,
+    #[serde(default, borrow)]
+    pub required_scopes: Vec<Text<'a>>,
     /// Claims the token must carry with these values; an array claim must
     /// contain the value.
     #[serde(default)]
     pub required_claims: BTreeMap<String, serde_json::Value>,
     /// The claim that names the user. Default: `sub`.
-    #[serde(default = "default_user_claim")]
-    pub user_claim: String,
+    #[serde(default = "default_user_claim", borrow)]
+    pub user_claim: Text<'a>,
     /// The header that carries the user to the upstream. Default:
     /// `x-user-id`.
-    #[serde(default = "default_user_header")]
-    pub user_header: String,
+    #[serde(default = "default_user_header", borrow)]
+    pub user_header: Text<'a>,
     /// Claims copied to headers, claim name to header name.
-    #[serde(default)]
-    pub claim_headers: BTreeMap<String, String>,
+    #[serde(default, borrow)]
+    pub claim_headers: BTreeMap<Text<'a>, Text<'a>>,
     /// The name of the secret, in the worker's `secrets`, that contains the
     /// HMAC key.
-    #[serde(default)]
-    pub hmac_secret_name: Option<String>,
+    #[serde(default, borrow)]
+    pub hmac_secret_name: Option<Text<'a>>,
     /// A PEM public key or certificate.
-    #[serde(default)]
-    pub public_key_pem: Option<String>,
+    #[serde(default, borrow)]
+    pub public_key_pem: Option<Text<'a>>,
     /// A JWK set, as JSON text or a table.
     #[serde(default)]
     pub jwks: Option<serde_json::Value>,
     /// The upstream that serves the JWK set; it must be listed in the
     /// worker's `upstreams`.
-    #[serde(default)]
-    pub jwks_upstream: Option<String>,
+    #[serde(default, borrow)]
+    pub jwks_upstream: Option<Text<'a>>,
     /// The path of the JWK set on `jwks_upstream`.
-    #[serde(default = "default_jwks_path")]
-    pub jwks_path: String,
+    #[serde(default = "default_jwks_path", borrow)]
+    pub jwks_path: Text<'a>,
     /// The minimum time between two fetches of the JWK set. Default: 10s.
-    #[serde(default)]
-    pub jwks_refetch_interval: Option<String>,
+    #[serde(default, borrow)]
+    pub jwks_refetch_interval: Option<Text<'a>>,
     /// How long a fetched JWK set stays fresh without `Cache-Control`.
     /// Default: 5m.
-    #[serde(default)]
-    pub jwks_max_age: Option<String>,
+    #[serde(default, borrow)]
+    pub jwks_max_age: Option<Text<'a>>,
 }
 
-/// One value or a list of values.
-#[derive(Debug, Deserialize)]
-#[serde(untagged)]
-pub enum OneOrMany {
-    One(String),
-    Many(Vec<String>),
-}
+/// One string or a list of strings.
+#[derive(Debug)]
+pub struct OneOrMany<'a>(Vec<Text<'a>>);
 
-impl OneOrMany {
+impl<'a> OneOrMany<'a> {
     /// Returns the values as a slice.
-    pub fn values(&self) -> &[String] {
-        match self {
-            OneOrMany::One(value) => std::slice::from_ref(value),
-            OneOrMany::Many(values) => values,
+    pub fn values(&self) -> &[Text<'a>] {
+        &self.0
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for OneOrMany<'a> {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(OneOrManyVisitor)
+    }
+}
+
+/// Reads a string or a list of strings in one pass, where an untagged enum
+/// would buffer the value first.
+struct OneOrManyVisitor;
+
+impl<'de> Visitor<'de> for OneOrManyVisitor {
+    type Value = OneOrMany<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a string or a list of strings")
+    }
+
+    fn visit_borrowed_str<E: de::Error>(self, text: &'de str) -> Result<Self::Value, E> {
+        Ok(OneOrMany(vec![Text::borrowed(text)]))
+    }
+
+    fn visit_str<E: de::Error>(self, text: &str) -> Result<Self::Value, E> {
+        self.visit_string(text.to_owned())
+    }
+
+    fn visit_string<E: de::Error>(self, text: String) -> Result<Self::Value, E> {
+        Ok(OneOrMany(vec![Text::from(text)]))
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut values = Vec::with_capacity(seq.size_hint().unwrap_or(0));
+        while let Some(value) = seq.next_element()? {
+            values.push(value);
         }
+        Ok(OneOrMany(values))
     }
 }
 
@@ -97,16 +134,16 @@ fn default_true() -> bool {
     true
 }
 
-fn default_user_claim() -> String {
-    "sub".to_owned()
+fn default_user_claim() -> Text<'static> {
+    Text::borrowed("sub")
 }
 
-fn default_user_header() -> String {
-    "x-user-id".to_owned()
+fn default_user_header() -> Text<'static> {
+    Text::borrowed("x-user-id")
 }
 
-fn default_jwks_path() -> String {
-    "/.well-known/jwks.json".to_owned()
+fn default_jwks_path() -> Text<'static> {
+    Text::borrowed("/.well-known/jwks.json")
 }
 
 /// The source of the key for a token: one key, or a JWK set.
@@ -116,22 +153,23 @@ pub enum Keys {
 }
 
 /// The config after its checks, with values in their working types.
-pub struct Settings {
-    pub config: Config,
+pub struct Settings<'a> {
+    pub config: Config<'a>,
     pub algorithms: Vec<Algorithm>,
     pub leeway: Duration,
     pub fetch: FetchOptions,
 }
 
-impl Settings {
-    /// Reads and checks the config.
-    pub fn load() -> Result<Settings, String> {
-        let config: Config =
-            edge_sdk::config::parse().map_err(|e| format!("invalid jwt-auth config: {e}"))?;
+impl<'a> Settings<'a> {
+    /// Reads and checks the config JSON text `json`, which
+    /// `edge_sdk::config::json` returns.
+    pub fn load(json: &'a str) -> Result<Settings<'a>, String> {
+        let config: Config = edge_sdk::config::from_json(json)
+            .map_err(|e| format!("invalid jwt-auth config: {e}"))?;
         Settings::check(config).map_err(|e| format!("invalid jwt-auth config: {e}"))
     }
 
-    fn check(config: Config) -> Result<Settings, String> {
+    fn check(config: Config<'a>) -> Result<Settings<'a>, String> {
         if config.algorithms.is_empty() {
             return Err("`algorithms` is empty; list the algorithms tokens may use".to_owned());
         }
@@ -282,11 +320,11 @@ impl Settings {
             return Key::from_pem(pem).map(Keys::Single);
         }
         if let Some(jwks) = &config.jwks {
-            let text = match jwks {
-                serde_json::Value::String(text) => text.clone(),
-                other => other.to_string(),
-            };
-            return KeySet::from_jwks(&text).map(Keys::Set);
+            return match jwks {
+                serde_json::Value::String(text) => KeySet::from_jwks(text),
+                other => KeySet::from_jwks(&other.to_string()),
+            }
+            .map(Keys::Set);
         }
         let upstream = config.jwks_upstream.as_deref().unwrap_or_default();
         KeySet::from_upstream(upstream, &config.jwks_path, self.fetch).map(Keys::Set)
@@ -335,9 +373,11 @@ fn parse_duration(key: &str, text: Option<&str>, default: Duration) -> Result<Du
     Ok(Duration::from_millis(millis))
 }
 
-/// Builds checked settings from JSON, for other modules' unit tests.
+/// Builds checked settings from JSON, for other modules' unit tests. The
+/// text is leaked, so that the settings can borrow it for the whole test.
 #[cfg(test)]
-pub fn tests_settings(json: &str) -> Settings {
+pub fn tests_settings(json: String) -> Settings<'static> {
+    let json: &'static str = Box::leak(json.into_boxed_str());
     Settings::check(serde_json::from_str(json).unwrap()).unwrap()
 }
 
@@ -345,7 +385,7 @@ pub fn tests_settings(json: &str) -> Settings {
 mod tests {
     use super::*;
 
-    fn check(json: &str) -> Result<Settings, String> {
+    fn check(json: &str) -> Result<Settings<'_>, String> {
         Settings::check(serde_json::from_str(json).map_err(|e| e.to_string())?)
     }
 
@@ -397,5 +437,29 @@ mod tests {
             .err()
             .unwrap();
         assert!(error.contains("user_header"), "{error}");
+    }
+
+    #[test]
+    fn issuer_and_audience_take_one_or_many() {
+        let settings = check(
+            r#"{"algorithms":["HS256"],"hmac_secret_name":"s","issuer":"https://idp",
+                "audience":["api","web\u0021"]}"#,
+        )
+        .unwrap();
+        let issuers = settings.config.issuer.as_ref().unwrap().values();
+        assert_eq!(issuers, ["https://idp"]);
+        let audiences = settings.config.audience.as_ref().unwrap().values();
+        assert_eq!(audiences, ["api", "web!"]);
+        let error = check(r#"{"algorithms":["HS256"],"hmac_secret_name":"s","audience":5}"#)
+            .err()
+            .unwrap();
+        assert!(
+            error.contains("expected a string or a list of strings"),
+            "{error}"
+        );
+        let error = check(r#"{"algorithms":["HS256"],"hmac_secret_name":"s","issuer":[5]}"#)
+            .err()
+            .unwrap();
+        assert!(error.contains("expected a string"), "{error}");
     }
 }

@@ -32,23 +32,26 @@
 //! removed from what the client sent first.
 
 mod config;
+mod text;
 mod token;
 
 use edge_sdk::{Action, Request, RequestChanges, Response, Worker};
 use serde::Serialize;
 
 use config::{Keys, Settings};
-use token::{check_claims, claim_text, Rejection, Token};
+use token::{check_claims, claim_text, Claims, Rejection, Token};
 
 struct JwtAuth;
 
 impl Worker for JwtAuth {
     fn check_config() -> Result<(), String> {
-        Settings::load()?.check_keys()
+        let json = edge_sdk::config::json();
+        Settings::load(&json)?.check_keys()
     }
 
     fn on_request(request: Request) -> Action {
-        let settings = match Settings::load() {
+        let json = edge_sdk::config::json();
+        let settings = match Settings::load(&json) {
             Ok(settings) => settings,
             Err(message) => {
                 edge_sdk::log::error(&message);
@@ -81,7 +84,7 @@ fn authenticate(request: &Request, settings: &Settings) -> Result<RequestChanges
     let key = match settings.keys() {
         Ok(Keys::Single(key)) => key,
         Ok(Keys::Set(set)) => set
-            .find(token.header.kid.as_deref(), token.alg)
+            .find(token.kid.as_deref(), token.alg)
             .ok_or_else(|| Rejection::Invalid("no key matches the token's kid and alg".into()))?,
         Err(error) => {
             // The host logs failed key set fetches itself, at a bounded rate.
@@ -98,7 +101,8 @@ fn authenticate(request: &Request, settings: &Settings) -> Result<RequestChanges
         ));
     }
 
-    let claims = token.claims()?;
+    let payload = token.payload()?;
+    let claims = Claims::parse(&payload, settings)?;
     let now = edge_sdk::clock::now_unix_ms() as f64 / 1000.0;
     check_claims(&claims, settings, now)?;
     let user = claim_text(&claims, &config.user_claim)
@@ -111,13 +115,13 @@ fn authenticate(request: &Request, settings: &Settings) -> Result<RequestChanges
         })?;
 
     // Remove every header this worker sets, then set those the token fills.
-    let mut changes = RequestChanges::new().remove_header(config.user_header.clone());
+    let mut changes = RequestChanges::new().remove_header(&config.user_header);
     for header in config.claim_headers.values() {
-        changes = changes.remove_header(header.clone());
+        changes = changes.remove_header(header);
     }
     for (claim, header) in &config.claim_headers {
         if let Some(value) = claim_text(&claims, claim) {
-            changes = changes.set_header(header.clone(), value);
+            changes = changes.set_header(header, value);
         }
     }
     // Later workers, limits keyed `context:user` and the access log read it.
@@ -127,7 +131,7 @@ fn authenticate(request: &Request, settings: &Settings) -> Result<RequestChanges
             config.user_claim
         )));
     }
-    Ok(changes.set_header(config.user_header.clone(), user))
+    Ok(changes.set_header(&config.user_header, user))
 }
 
 /// Finds the token in `Authorization: Bearer` or the configured cookie, and
@@ -197,12 +201,8 @@ struct ErrorBody {
 
 /// Builds the 401 or 403 response for a rejection (RFC 6750, section 3).
 fn reject(request: &Request, settings: &Settings, rejection: Rejection) -> Response {
-    let realm = settings
-        .config
-        .realm
-        .clone()
-        .unwrap_or_else(|| request.route.clone());
-    let mut challenge = format!("Bearer realm=\"{}\"", quote(&realm));
+    let realm = settings.config.realm.as_deref().unwrap_or(&request.route);
+    let mut challenge = format!("Bearer realm=\"{}\"", quote(realm));
     let (status, error, message) = match rejection {
         Rejection::Missing => (
             401,

@@ -1,13 +1,17 @@
 //! Reading a compact JWS (RFC 7515, section 7.1) and checking its claims
 //! (RFC 7519). Signatures are checked by the host, through `edge_sdk::crypto`.
 
+use std::fmt;
+
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine as _;
 use edge_sdk::crypto::Algorithm;
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde::Deserialize;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use crate::config::Settings;
+use crate::text::Text;
 
 /// The reason a request is rejected, which fixes its status.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -26,21 +30,24 @@ fn invalid(message: impl Into<String>) -> Rejection {
     Rejection::Invalid(message.into())
 }
 
-/// The protected header members the worker reads.
+/// The protected header members the worker reads. Other members are
+/// skipped without being copied.
 #[derive(Debug, Deserialize)]
-pub struct Header {
-    pub alg: String,
+struct Header<'a> {
+    #[serde(borrow)]
+    alg: Text<'a>,
+    #[serde(default, borrow)]
+    kid: Option<Text<'a>>,
     #[serde(default)]
-    pub kid: Option<String>,
-    #[serde(default)]
-    pub crit: Option<Value>,
+    crit: Option<IgnoredAny>,
 }
 
 /// A token split into its parts, before its signature is checked.
 #[derive(Debug)]
 pub struct Token<'a> {
-    pub header: Header,
     pub alg: Algorithm,
+    /// The header's `kid`, when it has one.
+    pub kid: Option<String>,
     /// The header and payload as sent, joined by `.`: the signed bytes.
     pub signing_input: &'a str,
     pub signature: Vec<u8>,
@@ -60,7 +67,8 @@ impl<'a> Token<'a> {
             ));
         };
         let signing_input = &text[..header.len() + 1 + payload.len()];
-        let header: Header = serde_json::from_slice(&decode(header, "header")?)
+        let header_json = decode(header, "header")?;
+        let header: Header = serde_json::from_slice(&header_json)
             .map_err(|e| invalid(format!("the token header is not valid JSON: {e}")))?;
         if header.alg == "none" {
             return Err(invalid("unsigned tokens (alg none) are not accepted"));
@@ -74,18 +82,18 @@ impl<'a> Token<'a> {
             ));
         }
         Ok(Token {
-            header,
             alg,
+            kid: header.kid.as_ref().map(String::from),
             signing_input,
             signature: decode(signature, "signature")?,
             payload,
         })
     }
 
-    /// Decodes the payload as a JSON object of claims. Call it only after
-    /// the signature is verified.
-    pub fn claims(&self) -> Result<Map<String, Value>, Rejection> {
-        serde_json::from_slice(&decode(self.payload, "payload")?)
+    /// Decodes the payload into JSON text, for [`Claims::parse`]. Call it
+    /// only after the signature is verified.
+    pub fn payload(&self) -> Result<String, Rejection> {
+        String::from_utf8(decode(self.payload, "payload")?)
             .map_err(|_| invalid("the token payload is not a JSON object"))
     }
 }
@@ -96,13 +104,86 @@ fn decode(part: &str, name: &str) -> Result<Vec<u8>, Rejection> {
         .map_err(|_| invalid(format!("the token {name} is not base64url")))
 }
 
+/// The claims of a token that the route's checks and headers read. The
+/// payload is parsed in one pass, and the values of other claims are
+/// checked as JSON but never built.
+#[derive(Debug)]
+pub struct Claims<'a> {
+    /// Claim names and values, each name once, the last value of a repeated
+    /// name winning as in a JSON object parsed into a map.
+    values: Vec<(Text<'a>, Value)>,
+}
+
+impl<'a> Claims<'a> {
+    /// Parses the JSON object `payload`, keeping the claims that `settings`
+    /// reads.
+    pub fn parse(payload: &'a str, settings: &Settings) -> Result<Claims<'a>, Rejection> {
+        let config = &settings.config;
+        let wanted = |name: &str| {
+            matches!(name, "exp" | "nbf" | "iss" | "aud" | "scope" | "scp")
+                || name == config.user_claim.as_str()
+                || config.claim_headers.contains_key(name)
+                || config.required_claims.contains_key(name)
+        };
+        let mut deserializer = serde_json::Deserializer::from_str(payload);
+        let claims = ClaimsSeed { wanted }
+            .deserialize(&mut deserializer)
+            .and_then(|claims| deserializer.end().map(|()| claims))
+            .map_err(|_| invalid("the token payload is not a JSON object"))?;
+        Ok(claims)
+    }
+
+    /// Returns the value of the claim `name`, if the token has it and the
+    /// route's settings read it.
+    pub fn get(&self, name: &str) -> Option<&Value> {
+        self.values
+            .iter()
+            .find(|(claim, _)| claim.as_str() == name)
+            .map(|(_, value)| value)
+    }
+}
+
+/// Deserializes a JSON object into [`Claims`], keeping the members whose
+/// names `wanted` accepts.
+struct ClaimsSeed<F> {
+    wanted: F,
+}
+
+impl<'de, F: Fn(&str) -> bool> DeserializeSeed<'de> for ClaimsSeed<F> {
+    type Value = Claims<'de>;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Claims<'de>, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de, F: Fn(&str) -> bool> Visitor<'de> for ClaimsSeed<F> {
+    type Value = Claims<'de>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a JSON object of claims")
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Claims<'de>, A::Error> {
+        let mut values: Vec<(Text<'de>, Value)> = Vec::new();
+        while let Some(name) = map.next_key::<Text<'de>>()? {
+            if !(self.wanted)(&name) {
+                map.next_value::<IgnoredAny>()?;
+                continue;
+            }
+            let value = map.next_value::<Value>()?;
+            match values.iter_mut().find(|(claim, _)| *claim == name) {
+                Some((_, earlier)) => *earlier = value,
+                None => values.push((name, value)),
+            }
+        }
+        Ok(Claims { values })
+    }
+}
+
 /// Checks the time, issuer and audience claims, then the required scopes and
 /// claims. `now` is in seconds since the Unix epoch.
-pub fn check_claims(
-    claims: &Map<String, Value>,
-    settings: &Settings,
-    now: f64,
-) -> Result<(), Rejection> {
+pub fn check_claims(claims: &Claims, settings: &Settings, now: f64) -> Result<(), Rejection> {
     let config = &settings.config;
     let leeway = settings.leeway.as_secs_f64();
     match numeric_date(claims, "exp")? {
@@ -132,18 +213,8 @@ pub fn check_claims(
             return Err(invalid("the token is not for this audience"));
         }
     }
-    let scopes = granted_scopes(claims);
-    let missing: Vec<&str> = config
-        .required_scopes
-        .iter()
-        .map(String::as_str)
-        .filter(|scope| !scopes.contains(scope))
-        .collect();
-    if !missing.is_empty() {
-        return Err(Rejection::Insufficient(format!(
-            "the token lacks the scope {}",
-            missing.join(" ")
-        )));
+    if !config.required_scopes.is_empty() {
+        check_scopes(claims, settings)?;
     }
     for (name, expected) in &config.required_claims {
         let holds = match claims.get(name) {
@@ -160,8 +231,27 @@ pub fn check_claims(
     Ok(())
 }
 
+/// Checks that the token grants every scope the route requires.
+fn check_scopes(claims: &Claims, settings: &Settings) -> Result<(), Rejection> {
+    let scopes = granted_scopes(claims);
+    let missing: Vec<&str> = settings
+        .config
+        .required_scopes
+        .iter()
+        .map(Text::as_str)
+        .filter(|scope| !scopes.contains(scope))
+        .collect();
+    if !missing.is_empty() {
+        return Err(Rejection::Insufficient(format!(
+            "the token lacks the scope {}",
+            missing.join(" ")
+        )));
+    }
+    Ok(())
+}
+
 /// Reads a NumericDate claim: seconds since the epoch, possibly fractional.
-fn numeric_date(claims: &Map<String, Value>, name: &str) -> Result<Option<f64>, Rejection> {
+fn numeric_date(claims: &Claims, name: &str) -> Result<Option<f64>, Rejection> {
     match claims.get(name) {
         None => Ok(None),
         Some(Value::Number(number)) => Ok(number.as_f64()),
@@ -171,7 +261,7 @@ fn numeric_date(claims: &Map<String, Value>, name: &str) -> Result<Option<f64>, 
 
 /// Collects the scopes in `scope` (space-separated, RFC 8693) or `scp` (a list or a
 /// space-separated string).
-fn granted_scopes(claims: &Map<String, Value>) -> Vec<&str> {
+fn granted_scopes<'c>(claims: &'c Claims) -> Vec<&'c str> {
     let mut scopes = Vec::new();
     for name in ["scope", "scp"] {
         match claims.get(name) {
@@ -185,7 +275,7 @@ fn granted_scopes(claims: &Map<String, Value>) -> Vec<&str> {
 
 /// Returns a claim's value as header text: strings as they are, other values as
 /// JSON. `None` when it is missing or not a valid header value.
-pub fn claim_text(claims: &Map<String, Value>, name: &str) -> Option<String> {
+pub fn claim_text(claims: &Claims, name: &str) -> Option<String> {
     let text = match claims.get(name)? {
         Value::String(text) => text.clone(),
         Value::Null => return None,
@@ -205,8 +295,8 @@ mod tests {
         URL_SAFE_NO_PAD.encode(text)
     }
 
-    fn settings(extra: &str) -> Settings {
-        crate::config::tests_settings(&format!(
+    fn settings(extra: &str) -> Settings<'static> {
+        crate::config::tests_settings(format!(
             r#"{{"algorithms":["HS256","RS256"],"hmac_secret_name":"s"{extra}}}"#
         ))
     }
@@ -246,14 +336,14 @@ mod tests {
         );
         let token = Token::parse(&text, &[Algorithm::Hs256]).unwrap();
         assert_eq!(token.signing_input, &text[..text.rfind('.').unwrap()]);
-        assert_eq!(token.header.kid.as_deref(), Some("k1"));
+        assert_eq!(token.kid.as_deref(), Some("k1"));
         assert_eq!(token.signature, b"sig");
     }
 
     #[test]
     fn claims_time_checks_use_leeway() {
         let settings = settings(r#","leeway":"10s""#);
-        let claims = |json: &str| serde_json::from_str::<Map<String, Value>>(json).unwrap();
+        let claims = |json: &'static str| Claims::parse(json, &settings).unwrap();
         assert!(check_claims(&claims(r#"{"exp":100}"#), &settings, 105.0).is_ok());
         assert_eq!(
             check_claims(&claims(r#"{"exp":100}"#), &settings, 111.0),
@@ -275,7 +365,7 @@ mod tests {
             r#","audience":["api","web"],"required_scopes":["read"],
                "required_claims":{"role":"admin"}"#,
         );
-        let claims = |json: &str| serde_json::from_str::<Map<String, Value>>(json).unwrap();
+        let claims = |json: &'static str| Claims::parse(json, &settings).unwrap();
         let ok = r#"{"exp":10,"aud":["x","web"],"scope":"read write","role":["admin"]}"#;
         assert_eq!(check_claims(&claims(ok), &settings, 0.0), Ok(()));
         let no_scope = r#"{"exp":10,"aud":"api","scp":["write"],"role":"admin"}"#;
@@ -297,10 +387,64 @@ mod tests {
 
     #[test]
     fn claim_text_refuses_control_characters() {
-        let claims: Map<String, Value> =
-            serde_json::from_str(r#"{"a":"x\r\ny","b":7,"c":"ok"}"#).unwrap();
+        let settings = settings(r#","claim_headers":{"a":"x-a","b":"x-b","c":"x-c"}"#);
+        let claims = Claims::parse(r#"{"a":"x\r\ny","b":7,"c":"ok"}"#, &settings).unwrap();
         assert_eq!(claim_text(&claims, "a"), None);
         assert_eq!(claim_text(&claims, "b").as_deref(), Some("7"));
         assert_eq!(claim_text(&claims, "c").as_deref(), Some("ok"));
+    }
+
+    #[test]
+    fn claims_keep_only_what_settings_read() {
+        let settings = settings(r#","claim_headers":{"email":"x-email"}"#);
+        let json = r#"{"sub":"u1","email":"a@b","jti":"7","nested":{"x":[1,{"y":null}]}}"#;
+        let claims = Claims::parse(json, &settings).unwrap();
+        assert_eq!(claims.get("sub"), Some(&Value::from("u1")));
+        assert_eq!(claims.get("email"), Some(&Value::from("a@b")));
+        assert_eq!(claims.get("jti"), None);
+        assert_eq!(claims.get("nested"), None);
+    }
+
+    #[test]
+    fn claims_last_repeated_name_wins() {
+        let settings = settings("");
+        let claims =
+            Claims::parse(r#"{"exp":1,"sub":"a","exp":2,"\u0073ub":"b"}"#, &settings).unwrap();
+        assert_eq!(claims.get("exp"), Some(&Value::from(2)));
+        assert_eq!(claims.get("sub"), Some(&Value::from("b")));
+    }
+
+    #[test]
+    fn claims_reject_what_is_not_an_object() {
+        let settings = settings("");
+        let not_objects = [
+            "[]",
+            "\"text\"",
+            "{\"sub\":\"a\"} x",
+            "{\"jti\":[1,}",
+            "{\"jti\":\"bad \\q escape\"}",
+            "",
+        ];
+        for json in not_objects {
+            assert_eq!(
+                Claims::parse(json, &settings).unwrap_err(),
+                invalid("the token payload is not a JSON object"),
+                "{json:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn payload_must_be_utf8() {
+        let text = format!(
+            "{}.{}.c2ln",
+            b64(r#"{"alg":"HS256"}"#),
+            URL_SAFE_NO_PAD.encode(b"{\"jti\":\"\xff\"}")
+        );
+        let token = Token::parse(&text, &[Algorithm::Hs256]).unwrap();
+        assert_eq!(
+            token.payload().unwrap_err(),
+            invalid("the token payload is not a JSON object")
+        );
     }
 }

@@ -905,11 +905,10 @@ impl Limit {
                     // without a lease.
                     lease::Take::Wait(_) if waited => break,
                     lease::Take::Wait(answered) => {
+                        // The asking request's Redis timeout bounds the
+                        // wait: it wakes this one when it is done or dropped.
                         waited = true;
-                        // The asking request's own timeout bounds the wait;
-                        // this one is a safety net.
-                        let bound = global.backend.timeout() * 2;
-                        let _ = tokio::time::timeout(bound, answered).await;
+                        answered.await;
                     }
                 }
             }

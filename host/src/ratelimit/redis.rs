@@ -167,11 +167,6 @@ impl RedisBackend {
         })
     }
 
-    /// How long a decision waits for Redis.
-    pub fn timeout(&self) -> Duration {
-        self.timeout
-    }
-
     /// Decisions asked of Redis so far.
     pub fn round_trips(&self) -> u64 {
         self.round_trips.load(Ordering::Relaxed)

@@ -417,6 +417,41 @@ async fn leased_global_limit_admits_the_limit_with_few_redis_calls() -> Result {
 }
 
 #[tokio::test]
+async fn leased_limit_without_redis_uses_its_lease_then_fails_open_or_closed() -> Result {
+    let upstream = Upstream::echo().await;
+    let mut redis = Redis::start()?;
+    let leased = |fail: &str| {
+        limit(&format!(
+            "key = \"route\"\nalgorithm = \"token_bucket\"\nrate = \"1000/h\"\n\
+             scope = \"global\"\nlease = 10\non_redis_error = \"{fail}\""
+        ))
+    };
+    let config = format!(
+        "[redis]\nurl = \"{}\"\ntimeout = \"200ms\"\n\n{}{}{}",
+        redis.url(),
+        app(&upstream),
+        route("open", "/open", &leased("fail_open")),
+        route("closed", "/closed", &leased("fail_closed")),
+    );
+    let node = Node::start(&config)?;
+    // Each route's first request takes a lease of ten.
+    assert_eq!(get(&node.url("/open")).await?.status, StatusCode::OK);
+    assert_eq!(get(&node.url("/closed")).await?.status, StatusCode::OK);
+    redis.stop();
+    let started = Instant::now();
+    let closed = concurrent(&node.url("/closed"), 20, &[]).await?;
+    let open = concurrent(&node.url("/open"), 20, &[]).await?;
+    // The nine requests left in each lease are admitted; then fail closed
+    // answers 503 and fail open counts on the node.
+    assert_eq!(count(&closed, 200), 9, "{}", node.log());
+    assert_eq!(count(&closed, 503), 11);
+    assert_eq!(count(&open, 200), 20);
+    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    assert_eq!(upstream.count(), 2 + 9 + 20);
+    Ok(())
+}
+
+#[tokio::test]
 async fn unused_leases_go_back_to_the_bucket() -> Result {
     let upstream = Upstream::echo().await;
     let redis = Redis::start()?;

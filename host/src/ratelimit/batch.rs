@@ -23,8 +23,9 @@ use super::redis::{
     load_script, parse_decision, reply_text, split_decisions, Failure, Link, Verdict,
 };
 
-/// The most requests one `EVALSHA` decides. A script blocks the server while
-/// it runs, so a long queue goes out as several commands of one pipeline.
+/// The maximum number of requests one `EVALSHA` decides. A script blocks the
+/// server while it runs, so a long queue goes out as several commands of one
+/// pipeline.
 pub(super) const MAX_KEYS: usize = 128;
 
 /// A request waiting for its decision.

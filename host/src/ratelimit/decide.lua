@@ -4,19 +4,20 @@
 -- one call is in the same slot on a cluster, or the server is a single one),
 -- so a node pays for one command, not one per request.
 --
--- KEYS[i]  the state of the limit for the i-th request's client key
+-- KEYS[i]  the state of the limit for the i-th request's client key.
 -- ARGV[i]  that request's limit, as space-separated numbers:
 --          "1 interval burst queue lease [returned]": token or leaky bucket
---              (GCRA), interval between requests in us (with a fraction);
---              `returned` requests of an expired lease go back first;
+--              (GCRA), with the interval between requests in us (with a
+--              fraction). The `returned` requests of an expired lease go
+--              back to the bucket first.
 --          "2 window limit": fixed window of window us;
 --          "3 window limit": sliding window of window us;
 --          "4 interval": give back the place of a queued request of a leaky
 --              bucket whose client went away.
 --
 -- A bucket's lease above 1 takes up to that many requests at once when the
--- request is admitted (never more than the bucket has room for), for the
--- node to admit without asking again; the queue is 0 then.
+-- request is admitted, never more than the bucket has room for. The node
+-- admits them without calling again. The queue is 0 then.
 --
 -- Returns one string: the decisions in the order of KEYS, separated by ",".
 -- A decision is "allowed limit remaining reset_us retry_after_us delay_us

@@ -12,8 +12,8 @@
 //! key's next ask, so a key that sends fewer requests than a lease holds does
 //! not drain its bucket for the other nodes.
 //!
-//! A refusal is kept too, until the time Redis said a request would be
-//! admitted again, so a flood of refused requests does not reach Redis.
+//! A refusal is kept too, until the retry time in Redis's reply, so a flood
+//! of rejected requests does not reach Redis.
 //!
 //! One request per key asks Redis at a time; the others of that key wait
 //! for its answer and then share the lease (or the refusal) it brings.

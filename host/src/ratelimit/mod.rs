@@ -820,7 +820,7 @@ struct Global {
     backend: Arc<RedisBackend>,
     key_head: String,
     key_tail: &'static str,
-    /// What the script is passed for each request.
+    /// The script's arguments for each request.
     script: redis::ScriptSpec,
     /// Requests taken from Redis ahead, when the limit leases them.
     leases: Option<Leases>,

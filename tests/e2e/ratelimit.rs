@@ -334,7 +334,7 @@ async fn three_nodes_share_one_global_limit() -> Result {
     Ok(())
 }
 
-/// The `EVALSHA` calls `redis` has served.
+/// Returns the `EVALSHA` calls `redis` has served.
 fn evalsha_calls(redis: &Redis) -> u64 {
     let stats = redis.cli(&["info", "commandstats"]);
     stats
@@ -345,7 +345,7 @@ fn evalsha_calls(redis: &Redis) -> u64 {
 }
 
 #[tokio::test]
-async fn leased_global_limit_admits_the_limit_with_few_redis_calls() -> Result {
+async fn leased_limit_needs_few_redis_calls() -> Result {
     let upstream = Upstream::echo().await;
     let redis = Redis::start()?;
     let leased = |name: &str, prefix: &str| {
@@ -417,7 +417,7 @@ async fn leased_global_limit_admits_the_limit_with_few_redis_calls() -> Result {
 }
 
 #[tokio::test]
-async fn leased_limit_without_redis_uses_its_lease_then_fails_open_or_closed() -> Result {
+async fn leased_limit_outlives_a_redis_outage() -> Result {
     let upstream = Upstream::echo().await;
     let mut redis = Redis::start()?;
     let leased = |fail: &str| {

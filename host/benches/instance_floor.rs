@@ -4,8 +4,9 @@
 //!
 //! Usage: cargo bench -p edge --bench instance_floor [-- ADD_HEADER_WASM]
 //!
-//! It times two components on two engine configurations, each called
-//! synchronously and asynchronously:
+//! It times two components on two engine configurations: a synchronous
+//! instantiation and drop without a call, then the whole sequence with a
+//! synchronous and with an asynchronous call:
 //!
 //! - `smallest`: a component with one exported function, no imports and no
 //!   memory, the least an instantiation can do;
@@ -19,7 +20,7 @@
 //!   `pagemap_scan` and 2 MiB kept resident for memories and tables.
 //!
 //! The difference between `smallest` and `add-header` on one engine is what
-//! the guest itself costs; the difference between add-header here and in
+//! the guest itself costs. The difference between add-header here and in
 //! `worker_call` is what edge's runtime adds around it.
 
 use std::path::PathBuf;
@@ -47,7 +48,7 @@ const SMALLEST_WAT: &str = r#"
 /// The add-header config the guest reads through `config.json`.
 const ADD_HEADER_CONFIG: &str = r#"{"headers":{"x-bench":"1"}}"#;
 
-/// Epoch ticks a call may run for; nothing advances the epoch here.
+/// Epoch ticks a call may run for. Nothing advances the epoch here.
 const EPOCH_DEADLINE: u64 = 1 << 40;
 
 /// Returns the CPU time this thread has used, which other processes on the
@@ -63,8 +64,8 @@ fn thread_cpu_time() -> Duration {
     Duration::new(time.tv_sec as u64, time.tv_nsec as u32)
 }
 
-/// The store state of one call: a WASI context, as a component built for
-/// wasm32-wasip2 imports WASI.
+/// The store state of one call, with a WASI context because a component
+/// built for wasm32-wasip2 imports WASI.
 struct CallState {
     ctx: WasiCtx,
     table: ResourceTable,
@@ -192,10 +193,20 @@ fn check_action(action: &wit::Action) -> anyhow::Result<()> {
     }
 }
 
-fn call_sync(engine: &Engine, prepared: &Prepared, request: &wit::Request) -> anyhow::Result<()> {
+// Not inlined, so that a profiler can collect inside it alone.
+#[inline(never)]
+fn call_sync(
+    engine: &Engine,
+    prepared: &Prepared,
+    request: &wit::Request,
+    instantiate_only: bool,
+) -> anyhow::Result<()> {
     let mut store = Store::new(engine, CallState::new());
     store.set_epoch_deadline(EPOCH_DEADLINE);
     let instance = prepared.sync.instantiate(&mut store)?;
+    if instantiate_only {
+        return Ok(());
+    }
     match prepared.kind {
         Guest::Smallest(index) => {
             let run = instance.get_typed_func::<(), (u32,)>(&mut store, index)?;
@@ -212,6 +223,7 @@ fn call_sync(engine: &Engine, prepared: &Prepared, request: &wit::Request) -> an
     Ok(())
 }
 
+#[inline(never)]
 async fn call_async(
     engine: &Engine,
     prepared: &Prepared,
@@ -256,7 +268,7 @@ fn best_of_rounds(
 /// (instantiations only, not bags of exports), memories and tables.
 fn describe(bytes: &[u8]) -> anyhow::Result<String> {
     use wasmparser::{Instance, Parser, Payload};
-    let (mut modules, mut instances, mut memories, mut tables) = (0, 0, 0, 0);
+    let (mut modules, mut instances, mut memories, mut tables, mut imports) = (0, 0, 0, 0, 0);
     for payload in Parser::new(0).parse_all(bytes) {
         match payload? {
             Payload::ModuleSection { .. } => modules += 1,
@@ -269,12 +281,13 @@ fn describe(bytes: &[u8]) -> anyhow::Result<String> {
             }
             Payload::MemorySection(section) => memories += section.count(),
             Payload::TableSection(section) => tables += section.count(),
+            Payload::ImportSection(section) => imports += section.count(),
             _ => {}
         }
     }
     Ok(format!(
         "{modules} core modules, {instances} core instantiations, {memories} memories, \
-         {tables} tables"
+         {tables} tables, {imports} core imports"
     ))
 }
 
@@ -314,12 +327,16 @@ fn main() -> anyhow::Result<()> {
             ("add-header", &add_header, true),
         ] {
             let prepared = prepare(&engine, bytes, is_add_header)?;
-            let sync = best_of_rounds(calls, || {
-                for _ in 0..calls {
-                    call_sync(&engine, &prepared, &request)?;
-                }
-                Ok(())
-            })?;
+            let sync_rounds = |instantiate_only| {
+                best_of_rounds(calls, || {
+                    for _ in 0..calls {
+                        call_sync(&engine, &prepared, &request, instantiate_only)?;
+                    }
+                    Ok(())
+                })
+            };
+            let instantiate = sync_rounds(true)?;
+            let sync = sync_rounds(false)?;
             let asynchronous = best_of_rounds(calls, || {
                 rt.block_on(async {
                     for _ in 0..calls {
@@ -329,7 +346,8 @@ fn main() -> anyhow::Result<()> {
                 })
             })?;
             println!(
-                "{engine_name:>9} engine, {guest_name:>10}: sync {sync:6.2}, async {asynchronous:6.2}"
+                "{engine_name:>9} engine, {guest_name:>10}: instantiate and drop {instantiate:6.2}, \
+                 sync call {sync:6.2}, async call {asynchronous:6.2}"
             );
         }
     }

@@ -23,6 +23,7 @@
 
 mod cache;
 pub mod crypto;
+pub mod engine;
 mod fetch;
 mod host_api;
 mod upstreams;
@@ -38,10 +39,7 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 use wasmtime::component::{
     Component, ComponentExportIndex, HasSelf, Instance, InstancePre, Linker,
 };
-use wasmtime::{
-    Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, Trap,
-    UpdateDeadline,
-};
+use wasmtime::{Engine, Store, Trap, UpdateDeadline};
 
 use cache::ModuleCache;
 pub use cache::{content_hash, CacheOutcome};
@@ -83,9 +81,6 @@ pub use bindings::edge::worker::types as wit;
 /// How often the epoch advances. A running guest yields to other requests
 /// on its thread at every tick, and its deadline is checked then.
 pub const EPOCH_TICK: Duration = Duration::from_millis(1);
-
-/// The native stack a guest call runs on.
-const ASYNC_STACK_SIZE: usize = 512 << 10;
 
 /// The leading bytes of a WebAssembly binary.
 const WASM_MAGIC: &[u8; 4] = b"\0asm";
@@ -232,34 +227,7 @@ pub struct Runtime {
 impl Runtime {
     /// Creates the engine, instance pool, linker, cache and epoch ticker.
     pub fn new(settings: &RuntimeSettings) -> anyhow::Result<Runtime> {
-        let mut pool = PoolingAllocationConfig::default();
-        let instances = settings.max_instances;
-        // A Rust component for wasm32-wasip2 contains a few core instances,
-        // one or two memories and a few tables, so leave room for that per
-        // slot.
-        pool.total_component_instances(instances)
-            .total_core_instances(instances.saturating_mul(8))
-            .total_memories(instances.saturating_mul(2))
-            .total_tables(instances.saturating_mul(4))
-            .total_stacks(instances)
-            .max_memory_size(settings.max_memory)
-            // Keeping the first pages of a memory or table resident between
-            // instances, with pagemap_scan resetting only dirty pages, keeps a
-            // fresh instance cheap under concurrency.
-            .linear_memory_keep_resident(2 << 20)
-            .table_keep_resident(2 << 20)
-            .async_stack_keep_resident(ASYNC_STACK_SIZE)
-            .pagemap_scan(Enabled::Auto);
-        let mut config = wasmtime::Config::new();
-        config
-            .wasm_component_model(true)
-            .async_stack_size(ASYNC_STACK_SIZE)
-            .epoch_interruption(true)
-            .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
-        // `perf` can then name the functions of guests in its profiles.
-        if std::env::var_os("EDGE_PERF_MAP").is_some_and(|value| value == "1") {
-            config.profiler(wasmtime::ProfilingStrategy::PerfMap);
-        }
+        let config = engine::engine_config(settings.max_instances, settings.max_memory);
         let engine = Engine::new(&config)
             .map_err(anyhow::Error::from)
             .context("cannot create the wasmtime engine")?;

@@ -23,14 +23,17 @@
 //! the guest itself costs. The difference between add-header here and in
 //! `worker_call` is what edge's runtime adds around it.
 
+mod common;
+
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::Context as _;
 use edge::worker::{engine, wit};
 use wasmtime::component::{Component, ComponentExportIndex, InstancePre, Linker, ResourceTable};
 use wasmtime::{Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use common::thread_cpu_time;
 
 /// Calls per round, unless the `CALLS` environment variable sets another number.
 const CALLS: u32 = 20_000;
@@ -50,19 +53,6 @@ const ADD_HEADER_CONFIG: &str = r#"{"headers":{"x-bench":"1"}}"#;
 
 /// Epoch ticks a call may run for. Nothing advances the epoch here.
 const EPOCH_DEADLINE: u64 = 1 << 40;
-
-/// Returns the CPU time this thread has used, which other processes on the
-/// same core do not inflate as they do elapsed time.
-fn thread_cpu_time() -> Duration {
-    let mut time = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `time` is a valid, writable timespec.
-    let result = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut time) };
-    assert_eq!(result, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID) failed");
-    Duration::new(time.tv_sec as u64, time.tv_nsec as u32)
-}
 
 /// The store state of one call, with a WASI context because a component
 /// built for wasm32-wasip2 imports WASI.

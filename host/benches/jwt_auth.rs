@@ -7,6 +7,8 @@
 //! Usage: cargo bench -p edge --bench jwt_auth
 //! Needs modules/ from scripts/build-workers.
 
+mod common;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -16,23 +18,12 @@ use aws_lc_rs::signature::{KeyPair as _, RsaKeyPair};
 use edge::worker::{wit, Binding, Runtime, RuntimeSettings, Secret};
 use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
 
+use common::thread_cpu_time;
+
 /// Calls per round, unless the `CALLS` environment variable sets another number.
 const CALLS: usize = 5_000;
 const ROUNDS: usize = 5;
 const SECRET: &str = "bench-secret-of-at-least-thirty-two-bytes";
-
-/// Returns the CPU time this thread has used, which other processes on the
-/// same core do not inflate as they do elapsed time.
-fn thread_cpu_time() -> Duration {
-    let mut time = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `time` is a valid, writable timespec.
-    let result = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut time) };
-    assert_eq!(result, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID) failed");
-    Duration::new(time.tv_sec as u64, time.tv_nsec as u32)
-}
 
 fn request(authorization: Option<&str>) -> wit::Request {
     let mut headers = vec![

@@ -6,6 +6,8 @@
 //! Each HEADER, written `name: value`, is added to the request. With
 //! `HOOK=response` in the environment, it times `on_response` instead.
 
+mod common;
+
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -13,22 +15,11 @@ use std::time::{Duration, Instant};
 use edge::context::RequestContext;
 use edge::worker::{wit, Runtime, RuntimeSettings};
 
+use common::thread_cpu_time;
+
 /// Calls per round, unless the `CALLS` environment variable sets another number.
 const CALLS: u32 = 20_000;
 const ROUNDS: usize = 7;
-
-/// Returns the CPU time this thread has used, which other processes on the
-/// same core do not inflate as they do elapsed time.
-fn thread_cpu_time() -> Duration {
-    let mut time = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `time` is a valid, writable timespec.
-    let result = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut time) };
-    assert_eq!(result, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID) failed");
-    Duration::new(time.tv_sec as u64, time.tv_nsec as u32)
-}
 
 fn main() -> anyhow::Result<()> {
     let repo = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..");

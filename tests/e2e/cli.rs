@@ -487,10 +487,9 @@ fn rate_limit_config_errors_name_line_and_field() {
         window_lease.contains("routes[1].limits[1].lease: `lease` applies to token_bucket only"),
         "{window_lease}"
     );
-    let big_lease = check_fails(&limited(REDIS).replace(
-        "burst = 20",
-        "burst = 20\nscope = \"global\"\nlease = 30",
-    ));
+    let big_lease = check_fails(
+        &limited(REDIS).replace("burst = 20", "burst = 20\nscope = \"global\"\nlease = 30"),
+    );
     assert!(
         big_lease.contains("routes[1].limits[0].lease: must be from 1 to 20, the bucket's burst"),
         "{big_lease}"

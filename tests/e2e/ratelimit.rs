@@ -392,11 +392,19 @@ async fn leased_limit_needs_few_redis_calls() -> Result {
     let first = first.expect("a response");
     assert_eq!(header_u64(&first, "ratelimit-limit"), 100);
     assert_eq!(header_u64(&first, "ratelimit-remaining"), 99);
-    assert_eq!(upstream.count(), 100, "refused requests reached the upstream");
+    assert_eq!(
+        upstream.count(),
+        100,
+        "refused requests reached the upstream"
+    );
     let refused = get(&nodes[1].url("/one-by-one")).await?;
     assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
     assert!(header_u64(&refused, "retry-after") >= 1);
-    assert_eq!(evalsha_calls(&redis) - before, calls, "a kept refusal asks Redis");
+    assert_eq!(
+        evalsha_calls(&redis) - before,
+        calls,
+        "a kept refusal asks Redis"
+    );
 
     // Many at once: one request per node asks Redis while the others wait
     // for its lease, so at most one lease per node is left unused at the
@@ -446,7 +454,11 @@ async fn leased_limit_outlives_a_redis_outage() -> Result {
     assert_eq!(count(&closed, 200), 9, "{}", node.log());
     assert_eq!(count(&closed, 503), 11);
     assert_eq!(count(&open, 200), 20);
-    assert!(started.elapsed() < Duration::from_secs(5), "{:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
     assert_eq!(upstream.count(), 2 + 9 + 20);
     Ok(())
 }

@@ -163,9 +163,7 @@ async fn flush(
         Ok(Ok(replies)) => {
             let count = replies.len();
             fail_all(batch, |wanted| {
-                Failure::Reply(format!(
-                    "{count} replies to a batch of {wanted} requests"
-                ))
+                Failure::Reply(format!("{count} replies to a batch of {wanted} requests"))
             });
         }
         Ok(Err(error)) => {

@@ -142,7 +142,10 @@ impl Leases {
     /// Ends the ask of a request that [`Leases::take`] told to ask, whether
     /// or not Redis answered, and wakes the requests that wait for it.
     pub fn done(&self, key: u64) {
-        let asking = self.shard(key).get_mut(&key).and_then(|lease| lease.asking.take());
+        let asking = self
+            .shard(key)
+            .get_mut(&key)
+            .and_then(|lease| lease.asking.take());
         if let Some(asking) = asking {
             asking.notify_waiters();
         }
@@ -331,7 +334,10 @@ mod tests {
         assert!(!leases.keep(9, 0, refused, 0).allowed);
         let decision = decided(&leases, 9, 5 * S).expect("the kept refusal");
         assert!(!decision.allowed);
-        assert_eq!((decision.retry_after_ns, decision.reset_ns), (15 * S, 15 * S));
+        assert_eq!(
+            (decision.retry_after_ns, decision.reset_ns),
+            (15 * S, 15 * S)
+        );
         assert!(decided(&leases, 9, 20 * S).is_none(), "asks Redis again");
     }
 
@@ -340,7 +346,12 @@ mod tests {
         // 1000 a second, 10 at a time: a lease lives 10 ms.
         let leases = Leases::new(S / 1000, 10, 32);
         for key in 0..10_000u64 {
-            leases.keep(key.wrapping_mul(0x9E37_79B9_7F4A_7C15), 0, admitted(1000, 5, S), 10);
+            leases.keep(
+                key.wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                0,
+                admitted(1000, 5, S),
+                10,
+            );
         }
         assert!(leases.len() <= 32, "{} leases", leases.len());
         // Once they expire, new keys take their places.

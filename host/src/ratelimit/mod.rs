@@ -402,9 +402,7 @@ impl LimitSpec {
                             .to_owned(),
                     )
                 } else if !(1..=burst).contains(&value) {
-                    Some(format!(
-                        "must be from 1 to {burst}, the bucket's burst"
-                    ))
+                    Some(format!("must be from 1 to {burst}, the bucket's burst"))
                 } else {
                     None
                 };
@@ -891,10 +889,8 @@ impl Limit {
                     lease::Take::Ask { unused } => {
                         asking = Some(lease::Asking { leases, key });
                         if unused > 0 {
-                            returned = Some(Arc::from(format!(
-                                "{} {unused}",
-                                global.script.decide
-                            )));
+                            returned =
+                                Some(Arc::from(format!("{} {unused}", global.script.decide)));
                         }
                         break;
                     }

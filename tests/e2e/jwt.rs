@@ -294,8 +294,10 @@ async fn jwt_valid_token_strips_spoofed_headers() -> Result {
     let bearer = format!("Bearer {valid}");
     let two_cookies = format!("session={valid}; session={forged}");
     let bearer_and_cookie = format!("session={forged}");
+    // Cookie parsers read `session =x` as the cookie `session`.
+    let bearer_and_spaced_cookie = format!("session ={forged}");
     let forged_bearer = format!("Bearer {forged}");
-    let cases: [(&str, Vec<(&str, &str)>); 3] = [
+    let cases: [(&str, Vec<(&str, &str)>); 4] = [
         (
             "two Authorization headers",
             vec![
@@ -307,6 +309,13 @@ async fn jwt_valid_token_strips_spoofed_headers() -> Result {
         (
             "a bearer token and another in the cookie",
             vec![("authorization", &bearer), ("cookie", &bearer_and_cookie)],
+        ),
+        (
+            "a bearer token and another in a cookie with a blank after its name",
+            vec![
+                ("authorization", &bearer),
+                ("cookie", &bearer_and_spaced_cookie),
+            ],
         ),
     ];
     for (case, headers) in &cases {

@@ -464,7 +464,7 @@ async fn leased_limit_outlives_a_redis_outage() -> Result {
 }
 
 #[tokio::test]
-async fn unused_leases_go_back_to_the_bucket() -> Result {
+async fn quiet_key_leases_shrink() -> Result {
     let upstream = Upstream::echo().await;
     let redis = Redis::start()?;
     // Ten a second, five at a time: a lease lives 500 ms.
@@ -491,10 +491,10 @@ async fn unused_leases_go_back_to_the_bucket() -> Result {
     for node in &nodes[..2] {
         assert_eq!(get(&node.url("/")).await?.status, StatusCode::OK);
     }
-    // Their leases expire with eight requests unused; the bucket has
-    // refilled six. Each node's next ask gives its four back, so the third
-    // node finds requests left too; without the give-back it would find
-    // none.
+    // Their leases expire with eight requests unused, which are lost; the
+    // bucket has refilled six. Each of the two used one of its five, so its
+    // next lease is two, and the third node finds requests left too. With
+    // leases of five it would find none.
     tokio::time::sleep(Duration::from_millis(600)).await;
     for node in &nodes {
         let got = get(&node.url("/")).await?;

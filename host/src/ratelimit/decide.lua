@@ -6,10 +6,8 @@
 --
 -- KEYS[i]  the state of the limit for the i-th request's client key.
 -- ARGV[i]  that request's limit, as space-separated numbers:
---          "1 interval burst queue lease [returned]": token or leaky bucket
---              (GCRA), with the interval between requests in us (with a
---              fraction). The `returned` requests of an expired lease go
---              back to the bucket first.
+--          "1 interval burst queue lease": token or leaky bucket (GCRA),
+--              with the interval between requests in us (with a fraction).
 --          "2 window limit": fixed window of window us;
 --          "3 window limit": sliding window of window us;
 --          "4 interval": give back the place of a queued request of a leaky
@@ -68,12 +66,8 @@ local function decide(key, spec, now)
         local burst = spec[3]
         local queue = spec[4]
         local lease = spec[5]
-        local returned = spec[6] or 0
         local capacity = burst + queue
         local tat = tonumber(redis.call('GET', key))
-        if tat and returned > 0 then
-            tat = tat - returned * t
-        end
         if not tat or tat < now then
             tat = now
         end

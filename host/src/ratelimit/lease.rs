@@ -8,9 +8,12 @@
 //! [`MIN_LIFETIME_NS`]). So over any span of time the nodes admit at most
 //! the limit plus what its rate produces in one lifetime: `lease` requests,
 //! or the rate's share of a millisecond when that is more. Requests of a
-//! lease whose lifetime ended unused are given back to the bucket with the
-//! key's next ask, so a key that sends fewer requests than a lease holds does
-//! not drain its bucket for the other nodes.
+//! lease whose lifetime ended unused are lost, so the size of a key's next
+//! lease follows what the last one served: twice the requests it admitted,
+//! at least one and at most the limit's lease. A quiet key then takes about
+//! twice what it uses, and does not drain its bucket for the other nodes.
+//! Giving unused requests back later would count them twice when the bucket
+//! refilled in the meantime.
 //!
 //! A refusal is kept too, until the retry time in Redis's reply, so a flood
 //! of rejected requests does not reach Redis.
@@ -45,7 +48,9 @@ pub struct Leases {
     shards: [Mutex<Table>; SHARDS],
     /// How long a lease lives.
     lifetime_ns: u64,
-    /// The most leases one shard holds.
+    /// The limit's lease: the largest a key's lease grows.
+    size: u64,
+    /// The maximum number of leases one shard holds.
     max_per_shard: usize,
 }
 
@@ -60,8 +65,14 @@ struct Lease {
     remaining: u64,
     /// When the limit is reset, on the node's clock.
     reset_at_ns: u64,
+    /// The requests the last lease took.
+    granted: u64,
+    /// The size of the key's next lease.
+    next_size: u64,
     /// Set while a request of this key asks Redis; woken when it is done.
     asking: Option<Arc<Notify>>,
+    /// Whether the last request that asked found Redis unavailable.
+    failed: bool,
 }
 
 impl Lease {
@@ -74,9 +85,11 @@ impl Lease {
 pub enum Take {
     /// Decided from the node's lease or kept refusal.
     Decided(Decision),
-    /// Ask Redis, giving back `unused` requests of the key's expired
-    /// lease; then [`Leases::keep`] the answer and [`Leases::done`].
-    Ask { unused: u64 },
+    /// Ask Redis for a lease of `size` requests, then [`Leases::keep`] the
+    /// answer; the [`Asking`] guard wakes the waiting requests.
+    Ask { size: u64 },
+    /// The request this one waited for found Redis unavailable.
+    Unavailable,
     /// Another request of the key is asking Redis; wait for it, then take
     /// again.
     Wait(OwnedNotified),
@@ -92,6 +105,7 @@ impl Leases {
         Leases {
             shards: std::array::from_fn(|_| Mutex::new(Table::default())),
             lifetime_ns,
+            size: lease,
             max_per_shard: max_keys.div_ceil(SHARDS).max(1),
         }
     }
@@ -102,16 +116,31 @@ impl Leases {
         let mut shard = self.shard(key);
         if !shard.contains_key(&key) && !self.make_room(&mut shard, now_ns) {
             // No room to coordinate: this request asks on its own.
-            return Take::Ask { unused: 0 };
+            return Take::Ask { size: self.size };
         }
-        let lease = shard.entry(key).or_default();
+        let size = self.size;
+        let lease = shard.entry(key).or_insert_with(|| Lease {
+            next_size: size,
+            ..Lease::default()
+        });
         if let Some(asking) = &lease.asking {
             return Take::Wait(asking.clone().notified_owned());
         }
         if now_ns >= lease.expires_ns {
+            if lease.failed {
+                lease.failed = false;
+                return Take::Unavailable;
+            }
+            if lease.left > 0 {
+                // The lease expired with requests unused.
+                let used = lease.granted.saturating_sub(lease.left);
+                lease.next_size = used.saturating_mul(2).clamp(1, size);
+                lease.left = 0;
+            }
             lease.asking = Some(Arc::new(Notify::new()));
-            let unused = std::mem::take(&mut lease.left);
-            return Take::Ask { unused };
+            return Take::Ask {
+                size: lease.next_size,
+            };
         }
         if lease.left == 0 {
             return Take::Decided(Decision {
@@ -133,19 +162,21 @@ impl Leases {
             delay_ns: 0,
         };
         if lease.left == 0 {
-            // Used up: the next request asks Redis.
+            // Used up: the next request asks Redis, for a larger lease.
             lease.expires_ns = 0;
+            lease.next_size = lease.next_size.saturating_mul(2).min(size);
         }
         Take::Decided(decision)
     }
 
-    /// Ends the ask of a request that [`Leases::take`] told to ask, whether
-    /// or not Redis answered, and wakes the requests that wait for it.
-    pub fn done(&self, key: u64) {
-        let asking = self
-            .shard(key)
-            .get_mut(&key)
-            .and_then(|lease| lease.asking.take());
+    /// Ends the ask of a request that [`Leases::take`] told to ask, and
+    /// wakes the requests that wait for it. `failed` tells them that Redis
+    /// was unavailable, so that they do not ask again.
+    fn done(&self, key: u64, failed: bool) {
+        let asking = self.shard(key).get_mut(&key).and_then(|lease| {
+            lease.failed = failed && lease.asking.is_some();
+            lease.asking.take()
+        });
         if let Some(asking) = asking {
             asking.notify_waiters();
         }
@@ -179,7 +210,11 @@ impl Leases {
             // nothing, which only admits less or asks Redis again.
             return decision;
         }
-        let lease = shard.entry(key).or_default();
+        let size = self.size;
+        let lease = shard.entry(key).or_insert_with(|| Lease {
+            next_size: size,
+            ..Lease::default()
+        });
         let live = now_ns < lease.expires_ns;
         if !decision.allowed && live && lease.left > 0 {
             // A request that asked on its own (see `take`) was refused while
@@ -198,6 +233,9 @@ impl Leases {
             (true, false) => left,
             (false, _) => 0,
         };
+        if decision.allowed {
+            lease.granted = lease.left + 1;
+        }
         lease.limit = decision.limit;
         lease.expires_ns = expires_ns;
         lease.remaining = decision.remaining;
@@ -228,13 +266,25 @@ impl Leases {
 /// The request of a key that asks Redis for a lease; when it is dropped,
 /// answered or not, the requests that wait for it are woken.
 pub struct Asking<'a> {
-    pub leases: &'a Leases,
-    pub key: u64,
+    leases: &'a Leases,
+    key: u64,
+    /// Set when Redis was unavailable.
+    pub failed: bool,
+}
+
+impl<'a> Asking<'a> {
+    pub fn new(leases: &'a Leases, key: u64) -> Asking<'a> {
+        Asking {
+            leases,
+            key,
+            failed: false,
+        }
+    }
 }
 
 impl Drop for Asking<'_> {
     fn drop(&mut self) {
-        self.leases.done(self.key);
+        self.leases.done(self.key, self.failed);
     }
 }
 
@@ -260,9 +310,10 @@ mod tests {
         match leases.take(key, now_ns) {
             Take::Decided(decision) => Some(decision),
             Take::Ask { .. } => {
-                leases.done(key);
+                leases.done(key, false);
                 None
             }
+            Take::Unavailable => panic!("nobody asked"),
             Take::Wait(_) => panic!("nobody else asks"),
         }
     }
@@ -286,14 +337,11 @@ mod tests {
     #[test]
     fn one_request_asks_while_the_others_wait() {
         let leases = Leases::new(S * 6 / 10, 10, 1000);
-        assert!(matches!(leases.take(3, 0), Take::Ask { unused: 0 }));
+        assert!(matches!(leases.take(3, 0), Take::Ask { size: 10 }));
         let Take::Wait(answered) = leases.take(3, 0) else {
             panic!("a second request asks too");
         };
-        let asking = Asking {
-            leases: &leases,
-            key: 3,
-        };
+        let asking = Asking::new(&leases, 3);
         assert!(leases.keep(3, 0, admitted(100, 90, 30 * S), 10).allowed);
         drop(asking);
         // The waiting request was woken, and takes from the lease.
@@ -302,22 +350,41 @@ mod tests {
     }
 
     #[test]
-    fn an_expired_lease_gives_back_what_it_did_not_use() {
-        // Ten requests a second, five at a time: a lease lives half a second.
-        let leases = Leases::new(S / 10, 5, 1000);
-        leases.keep(3, 0, admitted(100, 50, S), 5);
-        assert!(decided(&leases, 3, S / 2 - 1).is_some());
-        // Three of the four are left when it expires; the next ask gives
-        // them back.
-        assert!(matches!(leases.take(3, S / 2), Take::Ask { unused: 3 }));
-        leases.done(3);
-        assert!(matches!(leases.take(3, S / 2), Take::Ask { unused: 0 }));
-        leases.done(3);
+    fn lease_size_follows_what_the_last_served() {
+        // Ten requests a second, eight at a time: a lease lives 800 ms.
+        let leases = Leases::new(S / 10, 8, 1000);
+        assert!(matches!(leases.take(3, 0), Take::Ask { size: 8 }));
+        leases.keep(3, 0, admitted(100, 50, S), 8);
+        leases.done(3, false);
+        assert!(decided(&leases, 3, 1).is_some());
+        // Two of the eight were used when it expired: the next lease is four.
+        assert!(matches!(leases.take(3, S), Take::Ask { size: 4 }));
+        leases.keep(3, S, admitted(100, 50, S), 4);
+        leases.done(3, false);
+        for _ in 0..3 {
+            assert!(decided(&leases, 3, S + 1).is_some());
+        }
+        // Used up: the next one doubles again.
+        assert!(matches!(leases.take(3, S + 2), Take::Ask { size: 8 }));
+        leases.done(3, false);
         // A short lease lives at least a millisecond.
         let leases = Leases::new(1000, 5, 1000);
         leases.keep(4, 0, admitted(100, 50, S), 5);
         assert!(decided(&leases, 4, MIN_LIFETIME_NS - 1).is_some());
         assert!(decided(&leases, 4, MIN_LIFETIME_NS).is_none());
+    }
+
+    #[test]
+    fn waiters_of_a_failed_ask_do_not_ask_again() {
+        let leases = Leases::new(S / 10, 8, 1000);
+        assert!(matches!(leases.take(5, 0), Take::Ask { .. }));
+        assert!(matches!(leases.take(5, 0), Take::Wait(_)));
+        let mut asking = Asking::new(&leases, 5);
+        asking.failed = true;
+        drop(asking);
+        assert!(matches!(leases.take(5, 0), Take::Unavailable));
+        // The next request asks again.
+        assert!(matches!(leases.take(5, 0), Take::Ask { .. }));
     }
 
     #[test]

@@ -876,9 +876,12 @@ impl Limit {
         // guard that wakes the others when it is done.
         let mut leased = None;
         let mut asking = None;
-        // The script's argument when this request also gives back the
-        // unused requests of the key's expired lease.
-        let mut returned: Option<Arc<str>> = None;
+        // The script's argument when this request asks for a smaller lease
+        // than the limit's.
+        let mut smaller: Option<Arc<str>> = None;
+        // Set when the request this one waited for found Redis unavailable:
+        // asking again would double the wait.
+        let mut unavailable = false;
         if let Some(leases) = &global.leases {
             let key = self.local_key(&value);
             leased = Some((leases, key));
@@ -886,12 +889,15 @@ impl Limit {
             loop {
                 match leases.take(key, clock.now_ns()) {
                     lease::Take::Decided(decision) => return Ok((decision, Counted::Global)),
-                    lease::Take::Ask { unused } => {
-                        asking = Some(lease::Asking { leases, key });
-                        if unused > 0 {
-                            returned =
-                                Some(Arc::from(format!("{} {unused}", global.script.decide)));
+                    lease::Take::Ask { size } => {
+                        asking = Some(lease::Asking::new(leases, key));
+                        if size < self.spec.lease {
+                            smaller = Some(Arc::from(global.script.with_lease(size)));
                         }
+                        break;
+                    }
+                    lease::Take::Unavailable => {
+                        unavailable = true;
                         break;
                     }
                     // A request waits for one other request's answer at
@@ -910,8 +916,13 @@ impl Limit {
             }
         }
         let key = global.redis_key(&value);
-        let spec = returned.as_ref().unwrap_or(&global.script.decide);
-        let failure = match global.backend.decide(key, spec).await {
+        let spec = smaller.as_ref().unwrap_or(&global.script.decide);
+        let outcome = if unavailable {
+            Err(redis::Failure::Down)
+        } else {
+            global.backend.decide(key, spec).await
+        };
+        let failure = match outcome {
             Ok(verdict) => {
                 let decision = match leased {
                     Some((leases, key)) => {
@@ -924,6 +935,9 @@ impl Limit {
             }
             Err(failure) => failure,
         };
+        if let Some(asking) = &mut asking {
+            asking.failed = true;
+        }
         drop(asking);
         let fallbacks = global.fallbacks.fetch_add(1, Ordering::Relaxed) + 1;
         let now = clock.now_ns();

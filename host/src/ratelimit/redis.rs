@@ -432,6 +432,17 @@ pub struct ScriptSpec {
 }
 
 impl ScriptSpec {
+    /// The argument that decides a request of a bucket and takes a lease of
+    /// `size` requests instead of the limit's.
+    pub fn with_lease(&self, size: u64) -> String {
+        let mut fields: Vec<&str> = self.decide.split(' ').collect();
+        let size = size.to_string();
+        if let Some(lease) = fields.get_mut(4) {
+            *lease = &size;
+        }
+        fields.join(" ")
+    }
+
     /// The arguments of a limit of `shape`; a bucket takes `lease` requests
     /// at once (1 for one at a time).
     pub fn of(shape: &Shape, lease: u64) -> ScriptSpec {

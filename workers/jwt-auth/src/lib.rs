@@ -165,8 +165,10 @@ fn cookie_values<'a, 'n>(
         .get_all("cookie")
         .flat_map(|header| header.split(';'))
         .filter_map(|pair| pair.trim().split_once('='))
-        .filter(move |(cookie_name, _)| *cookie_name == name)
-        .map(|(_, value)| value.trim_matches('"'))
+        // Cookie parsers trim blanks around the name and the value, so
+        // `tok =forged` names the same cookie as `tok=forged`.
+        .filter(move |(cookie_name, _)| cookie_name.trim_end() == name)
+        .map(|(_, value)| value.trim_start().trim_matches('"'))
         .filter(|value| !value.is_empty())
 }
 

@@ -263,7 +263,23 @@ impl Key {
             None => None,
         };
         let mut key = match jwk.kty.as_str() {
-            "oct" => Key::from_hmac_secret(&member(&jwk.k, "k")?, id)?,
+            "oct" => {
+                let secret = member(&jwk.k, "k")?;
+                // RFC 7518 (section 3.2): at least as long as the hash's
+                // output, so a key is not open to guessing.
+                let needed = match only {
+                    Some(Algorithm::Hs384) => 48,
+                    Some(Algorithm::Hs512) => 64,
+                    _ => 32,
+                };
+                if secret.len() < needed {
+                    return Err(invalid(format!(
+                        "the HMAC key has {} bytes, and HMAC keys need at least {needed}",
+                        secret.len()
+                    )));
+                }
+                Key::from_hmac_secret(&secret, id)?
+            }
             "RSA" => {
                 let n = member(&jwk.n, "n")?;
                 let e = member(&jwk.e, "e")?;

@@ -355,9 +355,9 @@ mod tests {
     fn find_by_kid_and_alone() {
         let keys = KeyCache::new(16);
         let jwks = r#"{"keys":[
-            {"kty":"oct","kid":"a","k":"c2VjcmV0LWE"},
-            {"kty":"oct","kid":"b","k":"c2VjcmV0LWI","use":"sig"},
-            {"kty":"oct","kid":"c","k":"c2VjcmV0LWM","use":"enc"}
+            {"kty":"oct","kid":"a","k":"c2VjcmV0LWEteHh4eHh4eHh4eHh4eHh4eHh4eHh4eHh4"},
+            {"kty":"oct","kid":"b","k":"c2VjcmV0LWIteHh4eHh4eHh4eHh4eHh4eHh4eHh4eHh4","use":"sig"},
+            {"kty":"oct","kid":"c","k":"c2VjcmV0LWMteHh4eHh4eHh4eHh4eHh4eHh4eHh4eHh4","use":"enc"}
         ]}"#;
         let set = KeySet::parse(jwks, &keys).unwrap();
         assert!(set.find(Some("a"), Algorithm::Hs256).is_some());
@@ -373,6 +373,9 @@ mod tests {
         let keys = KeyCache::new(16);
         let error = KeySet::parse(r#"{"keys":[{"kty":"XYZ"}]}"#, &keys).unwrap_err();
         assert!(error.contains("unsupported kty"), "{error}");
+        // An HMAC key shorter than HS256's 32 bytes is open to guessing.
+        let error = KeySet::parse(r#"{"keys":[{"kty":"oct","k":"c2VjcmV0"}]}"#, &keys).unwrap_err();
+        assert!(error.contains("the HMAC key has 6 bytes"), "{error}");
         assert!(KeySet::parse("[]", &keys).is_err());
     }
 }

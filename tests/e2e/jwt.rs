@@ -155,7 +155,11 @@ async fn jwt_rejections_reach_no_upstream() -> Result {
             "not-a-token".to_owned(),
             "three base64url parts",
         ),
-        ("empty parts", "..".to_owned(), "not valid JSON"),
+        (
+            "empty parts",
+            "..".to_owned(),
+            "the token header is not a JSON object",
+        ),
         (
             "bad signature",
             sign(

@@ -185,6 +185,14 @@ impl<'a> Settings<'a> {
                 }
             }
         }
+        for (key, list) in [("issuer", &config.issuer), ("audience", &config.audience)] {
+            if list.as_ref().is_some_and(|list| list.values().is_empty()) {
+                return Err(format!(
+                    "`{key}` is an empty list, which no token matches; list the accepted \
+                     values or leave `{key}` out"
+                ));
+            }
+        }
         let sources = [
             config.hmac_secret_name.is_some(),
             config.public_key_pem.is_some(),
@@ -457,6 +465,13 @@ mod tests {
             error.contains("expected a string or a list of strings"),
             "{error}"
         );
+        for key in ["issuer", "audience"] {
+            let json = format!(r#"{{"algorithms":["HS256"],"hmac_secret_name":"s","{key}":[]}}"#);
+            let Err(error) = check(&json) else {
+                panic!("{key}: an empty list passed");
+            };
+            assert!(error.contains("is an empty list"), "{error}");
+        }
         let error = check(r#"{"algorithms":["HS256"],"hmac_secret_name":"s","issuer":[5]}"#)
             .err()
             .unwrap();

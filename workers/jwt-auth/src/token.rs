@@ -38,9 +38,18 @@ struct Header<'a> {
     alg: Text<'a>,
     #[serde(default, borrow)]
     kid: Option<Text<'a>>,
-    #[serde(default)]
-    crit: Option<IgnoredAny>,
+    /// Whether the header has `crit`, even `"crit": null`.
+    #[serde(default, deserialize_with = "present")]
+    crit: bool,
 }
+
+/// Deserializes any value as `true`: the member is present.
+fn present<'de, D: Deserializer<'de>>(deserializer: D) -> Result<bool, D::Error> {
+    IgnoredAny::deserialize(deserializer).map(|_| true)
+}
+
+/// The longest `alg` value a rejection quotes; longer ones are cut.
+const MAX_QUOTED_ALG: usize = 32;
 
 /// A token split into its parts, before its signature is checked.
 #[derive(Debug)]
@@ -68,6 +77,11 @@ impl<'a> Token<'a> {
         };
         let signing_input = &text[..header.len() + 1 + payload.len()];
         let header_json = decode(header, "header")?;
+        // serde reads a struct from a JSON array too; RFC 7515 requires an
+        // object.
+        if header_json.trim_ascii_start().first() != Some(&b'{') {
+            return Err(invalid("the token header is not a JSON object"));
+        }
         let header: Header = serde_json::from_slice(&header_json)
             .map_err(|e| invalid(format!("the token header is not valid JSON: {e}")))?;
         if header.alg == "none" {
@@ -75,8 +89,14 @@ impl<'a> Token<'a> {
         }
         let alg = Algorithm::from_name(&header.alg)
             .filter(|alg| allowed.contains(alg))
-            .ok_or_else(|| invalid(format!("the algorithm {:?} is not allowed", header.alg)))?;
-        if header.crit.is_some() {
+            .ok_or_else(|| {
+                let mut shown: String = header.alg.chars().take(MAX_QUOTED_ALG).collect();
+                if shown.len() < header.alg.len() {
+                    shown.push_str("...");
+                }
+                invalid(format!("the algorithm {shown:?} is not allowed"))
+            })?;
+        if header.crit {
             return Err(invalid(
                 "the token header has crit extensions, which are not supported",
             ));
@@ -324,6 +344,29 @@ mod tests {
                 ),
                 "{text:?}"
             );
+        }
+    }
+
+    #[test]
+    fn parse_rejects_odd_headers() {
+        let token = |header: &str| format!("{}.{}.c2ln", b64(header), b64("{}"));
+        let cases = [
+            (
+                r#"["HS256"]"#,
+                "the token header is not a JSON object".to_owned(),
+            ),
+            (
+                r#"{"alg":"HS256","crit":null}"#,
+                "the token header has crit extensions, which are not supported".to_owned(),
+            ),
+            (
+                &format!(r#"{{"alg":"{}"}}"#, "A".repeat(100)),
+                format!("the algorithm \"{}...\" is not allowed", "A".repeat(32)),
+            ),
+        ];
+        for (header, message) in cases {
+            let error = Token::parse(&token(header), &[Algorithm::Hs256]).unwrap_err();
+            assert_eq!(error, invalid(message), "{header}");
         }
     }
 

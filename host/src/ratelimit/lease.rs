@@ -111,8 +111,9 @@ impl Leases {
     }
 
     /// Decides one request of `key` from its lease or its kept refusal, or
-    /// says who asks Redis.
-    pub fn take(&self, key: u64, now_ns: u64) -> Take {
+    /// says who asks Redis. `waited` is set when the request has waited for
+    /// another one's call.
+    pub fn take(&self, key: u64, now_ns: u64, waited: bool) -> Take {
         let mut shard = self.shard(key);
         if !shard.contains_key(&key) && !self.make_room(&mut shard, now_ns) {
             // No room to coordinate: this request asks on its own.
@@ -127,8 +128,9 @@ impl Leases {
             return Take::Wait(asking.clone().notified_owned());
         }
         if now_ns >= lease.expires_ns {
-            if lease.failed {
-                lease.failed = false;
+            // Only a request that waited for the failed call skips Redis; a
+            // later one calls it again.
+            if std::mem::take(&mut lease.failed) && waited {
                 return Take::Unavailable;
             }
             if lease.left > 0 {
@@ -307,7 +309,7 @@ mod tests {
 
     /// The decision `take` made, or `None` when it says to ask Redis.
     fn decided(leases: &Leases, key: u64, now_ns: u64) -> Option<Decision> {
-        match leases.take(key, now_ns) {
+        match leases.take(key, now_ns, false) {
             Take::Decided(decision) => Some(decision),
             Take::Ask { .. } => {
                 leases.done(key, false);
@@ -337,8 +339,8 @@ mod tests {
     #[test]
     fn one_request_asks_while_the_others_wait() {
         let leases = Leases::new(S * 6 / 10, 10, 1000);
-        assert!(matches!(leases.take(3, 0), Take::Ask { size: 10 }));
-        let Take::Wait(answered) = leases.take(3, 0) else {
+        assert!(matches!(leases.take(3, 0, false), Take::Ask { size: 10 }));
+        let Take::Wait(answered) = leases.take(3, 0, false) else {
             panic!("a second request asks too");
         };
         let asking = Asking::new(&leases, 3);
@@ -353,19 +355,22 @@ mod tests {
     fn lease_size_follows_what_the_last_served() {
         // Ten requests a second, eight at a time: a lease lives 800 ms.
         let leases = Leases::new(S / 10, 8, 1000);
-        assert!(matches!(leases.take(3, 0), Take::Ask { size: 8 }));
+        assert!(matches!(leases.take(3, 0, false), Take::Ask { size: 8 }));
         leases.keep(3, 0, admitted(100, 50, S), 8);
         leases.done(3, false);
         assert!(decided(&leases, 3, 1).is_some());
         // Two of the eight were used when it expired: the next lease is four.
-        assert!(matches!(leases.take(3, S), Take::Ask { size: 4 }));
+        assert!(matches!(leases.take(3, S, false), Take::Ask { size: 4 }));
         leases.keep(3, S, admitted(100, 50, S), 4);
         leases.done(3, false);
         for _ in 0..3 {
             assert!(decided(&leases, 3, S + 1).is_some());
         }
         // Used up: the next one doubles again.
-        assert!(matches!(leases.take(3, S + 2), Take::Ask { size: 8 }));
+        assert!(matches!(
+            leases.take(3, S + 2, false),
+            Take::Ask { size: 8 }
+        ));
         leases.done(3, false);
         // A short lease lives at least a millisecond.
         let leases = Leases::new(1000, 5, 1000);
@@ -377,14 +382,17 @@ mod tests {
     #[test]
     fn waiters_of_a_failed_ask_do_not_ask_again() {
         let leases = Leases::new(S / 10, 8, 1000);
-        assert!(matches!(leases.take(5, 0), Take::Ask { .. }));
-        assert!(matches!(leases.take(5, 0), Take::Wait(_)));
+        assert!(matches!(leases.take(5, 0, false), Take::Ask { .. }));
+        assert!(matches!(leases.take(5, 0, false), Take::Wait(_)));
         let mut asking = Asking::new(&leases, 5);
         asking.failed = true;
         drop(asking);
-        assert!(matches!(leases.take(5, 0), Take::Unavailable));
+        assert!(matches!(leases.take(5, 0, true), Take::Unavailable));
         // The next request asks again.
-        assert!(matches!(leases.take(5, 0), Take::Ask { .. }));
+        assert!(matches!(leases.take(5, 0, true), Take::Ask { .. }));
+        leases.done(5, true);
+        // One that did not wait asks too.
+        assert!(matches!(leases.take(5, 0, false), Take::Ask { .. }));
     }
 
     #[test]

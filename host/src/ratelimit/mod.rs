@@ -887,7 +887,7 @@ impl Limit {
             leased = Some((leases, key));
             let mut waited = false;
             loop {
-                match leases.take(key, clock.now_ns()) {
+                match leases.take(key, clock.now_ns(), waited) {
                     lease::Take::Decided(decision) => return Ok((decision, Counted::Global)),
                     lease::Take::Ask { size } => {
                         asking = Some(lease::Asking::new(leases, key));

@@ -155,24 +155,7 @@ fn link(
 }
 
 fn request() -> wit::Request {
-    wit::Request {
-        method: "GET".to_owned(),
-        path: "/".to_owned(),
-        query: None,
-        headers: vec![
-            wit::Header {
-                name: "host".to_owned(),
-                value: "127.0.0.1:8080".to_owned(),
-            },
-            wit::Header {
-                name: "user-agent".to_owned(),
-                value: "bench".to_owned(),
-            },
-        ],
-        client_addr: "127.0.0.1".to_owned(),
-        route: "bench".to_owned(),
-        params: Vec::new(),
-    }
+    common::request([])
 }
 
 /// Checks that add-header set its one header.

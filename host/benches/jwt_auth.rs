@@ -26,31 +26,7 @@ const ROUNDS: usize = 5;
 const SECRET: &str = "bench-secret-of-at-least-thirty-two-bytes";
 
 fn request(authorization: Option<&str>) -> wit::Request {
-    let mut headers = vec![
-        wit::Header {
-            name: "host".to_owned(),
-            value: "127.0.0.1:8080".to_owned(),
-        },
-        wit::Header {
-            name: "user-agent".to_owned(),
-            value: "bench".to_owned(),
-        },
-    ];
-    if let Some(value) = authorization {
-        headers.push(wit::Header {
-            name: "authorization".to_owned(),
-            value: value.to_owned(),
-        });
-    }
-    wit::Request {
-        method: "GET".to_owned(),
-        path: "/".to_owned(),
-        query: None,
-        headers,
-        client_addr: "127.0.0.1".to_owned(),
-        route: "bench".to_owned(),
-        params: Vec::new(),
-    }
+    common::request(authorization.map(|value| ("authorization".to_owned(), value.to_owned())))
 }
 
 fn token(alg: Algorithm, key: &EncodingKey, id: usize) -> String {

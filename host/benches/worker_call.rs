@@ -31,26 +31,12 @@ fn main() -> anyhow::Result<()> {
         .next()
         .unwrap_or_else(|| r#"headers = { "x-bench" = "1" }"#.to_owned())
         .parse()?;
-    let mut headers = vec![
-        wit::Header {
-            name: "host".to_owned(),
-            value: "127.0.0.1:8080".to_owned(),
-        },
-        wit::Header {
-            name: "user-agent".to_owned(),
-            value: "bench".to_owned(),
-        },
-    ];
+    let mut headers = Vec::new();
     for header in args {
         let (name, value) = header
             .split_once(':')
             .ok_or_else(|| anyhow::anyhow!("header {header:?} is not `name: value`"))?;
-        let name = name.trim().to_ascii_lowercase();
-        headers.retain(|h| h.name != name);
-        headers.push(wit::Header {
-            name,
-            value: value.trim().to_owned(),
-        });
+        headers.push((name.trim().to_ascii_lowercase(), value.trim().to_owned()));
     }
     let response_hook = std::env::var("HOOK").is_ok_and(|hook| hook == "response");
     let cache = tempfile::tempdir()?;
@@ -80,15 +66,7 @@ fn main() -> anyhow::Result<()> {
                 Default::default(),
             )
             .await?;
-        let request = wit::Request {
-            method: "GET".to_owned(),
-            path: "/".to_owned(),
-            query: None,
-            headers,
-            client_addr: "127.0.0.1".to_owned(),
-            route: "bench".to_owned(),
-            params: Vec::new(),
-        };
+        let request = common::request(headers.clone());
         let calls = std::env::var("CALLS")
             .ok()
             .and_then(|v| v.parse().ok())

@@ -202,6 +202,10 @@ impl Leases {
         let expires_ns = if !decision.allowed {
             now_ns.saturating_add(decision.retry_after_ns)
         } else if left == 0 {
+            // A lease of one, used by this request: the next may be larger.
+            if let Some(lease) = self.shard(key).get_mut(&key) {
+                lease.next_size = lease.next_size.saturating_mul(2).min(self.size);
+            }
             return decision;
         } else {
             now_ns.saturating_add(self.lifetime_ns)
@@ -370,6 +374,21 @@ mod tests {
         assert!(matches!(
             leases.take(3, S + 2, false),
             Take::Ask { size: 8 }
+        ));
+        leases.done(3, false);
+        // One request of a lease of eight: the next is two. Redis granting
+        // only the asking request (a nearly empty bucket) uses that lease
+        // up, so the one after doubles.
+        leases.keep(3, S + 2, admitted(100, 50, S), 8);
+        assert!(matches!(
+            leases.take(3, 3 * S, false),
+            Take::Ask { size: 2 }
+        ));
+        leases.keep(3, 3 * S, admitted(100, 50, S), 1);
+        leases.done(3, false);
+        assert!(matches!(
+            leases.take(3, 3 * S, false),
+            Take::Ask { size: 4 }
         ));
         leases.done(3, false);
         // A short lease lives at least a millisecond.

@@ -757,10 +757,10 @@ pub struct LimitConfig {
     /// falls back to local counting, and the keys it holds leases for).
     /// Default: 100000.
     pub max_keys: Option<Spanned<usize>>,
-    /// Global token buckets and windows only: the requests a node takes
-    /// from Redis at once, for one client key, and then admits without
-    /// asking Redis, so Redis sees about one call per `lease` requests.
-    /// Default: 1 (every request asks Redis).
+    /// Global token buckets only: the requests a node takes from Redis at
+    /// once, for one client key, and then admits without calling Redis, so
+    /// Redis gets about one call per `lease` requests. Default: 1 (a call
+    /// per request).
     pub lease: Option<Spanned<u64>>,
 }
 

@@ -406,7 +406,7 @@ async fn leased_limit_needs_few_redis_calls() -> Result {
         "a kept refusal asks Redis"
     );
 
-    // Many at once: one request per node asks Redis while the others wait
+    // Many at once: one request per node calls Redis while the others wait
     // for its lease, so at most one lease per node is left unused at the
     // end (nine requests each), and never more than the limit is admitted.
     let mut total = 0;
@@ -449,8 +449,8 @@ async fn leased_limit_outlives_a_redis_outage() -> Result {
     let started = Instant::now();
     let closed = concurrent(&node.url("/closed"), 20, &[]).await?;
     let open = concurrent(&node.url("/open"), 20, &[]).await?;
-    // The nine requests left in each lease are admitted; then fail closed
-    // answers 503 and fail open counts on the node.
+    // The nine requests left in each lease are admitted. Then fail closed
+    // responds 503 and fail open counts on the node.
     assert_eq!(count(&closed, 200), 9, "{}", node.log());
     assert_eq!(count(&closed, 503), 11);
     assert_eq!(count(&open, 200), 20);

@@ -1,4 +1,4 @@
-//! What the in-process benchmarks share.
+//! Helpers shared by the in-process benchmarks.
 
 use std::time::Duration;
 

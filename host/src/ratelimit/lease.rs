@@ -18,8 +18,8 @@
 //! A refusal is kept too, until the retry time in Redis's reply, so a flood
 //! of rejected requests does not reach Redis.
 //!
-//! One request per key asks Redis at a time; the others of that key wait
-//! for its answer and then share the lease (or the refusal) it brings.
+//! One request per key calls Redis at a time. The others of that key wait
+//! for its reply and then share the lease (or the refusal) it brings.
 //! Without that, every request that came while the lease was empty would
 //! take a lease of its own and leave the rest of the limit to this node.
 
@@ -61,7 +61,7 @@ struct Lease {
     left: u64,
     expires_ns: u64,
     limit: u64,
-    /// What Redis had left for other nodes when it granted the lease.
+    /// The requests Redis had left for other nodes when it granted the lease.
     remaining: u64,
     /// When the limit is reset, on the node's clock.
     reset_at_ns: u64,
@@ -69,7 +69,7 @@ struct Lease {
     granted: u64,
     /// The size of the key's next lease.
     next_size: u64,
-    /// Set while a request of this key asks Redis; woken when it is done.
+    /// Set while a request of this key calls Redis, and woken when it is done.
     asking: Option<Arc<Notify>>,
     /// Whether the last request that asked found Redis unavailable.
     failed: bool,
@@ -81,12 +81,12 @@ impl Lease {
     }
 }
 
-/// What a request of a leased limit does next.
+/// The next step of a request of a leased limit.
 pub enum Take {
     /// Decided from the node's lease or kept refusal.
     Decided(Decision),
-    /// Ask Redis for a lease of `size` requests, then [`Leases::keep`] the
-    /// answer; the [`Asking`] guard wakes the waiting requests.
+    /// Call Redis for a lease of `size` requests, then [`Leases::keep`] the
+    /// reply. The [`Asking`] guard wakes the waiting requests.
     Ask { size: u64 },
     /// The request this one waited for found Redis unavailable.
     Unavailable,
@@ -96,8 +96,9 @@ pub enum Take {
 }
 
 impl Leases {
-    /// The leases of a bucket that releases a request every `interval_ns`
-    /// and is leased `lease` requests at a time, for at most `max_keys` keys.
+    /// Creates the leases of a bucket that releases a request every
+    /// `interval_ns` and is leased `lease` requests at a time, for at most
+    /// `max_keys` keys.
     pub fn new(interval_ns: u64, lease: u64, max_keys: usize) -> Leases {
         // A lease that lives shorter than a round trip to Redis would expire
         // before the requests waiting for it could use it.
@@ -111,12 +112,12 @@ impl Leases {
     }
 
     /// Decides one request of `key` from its lease or its kept refusal, or
-    /// says who asks Redis. `waited` is set when the request has waited for
-    /// another one's call.
+    /// returns whether it calls Redis or waits. `waited` is set when the
+    /// request has waited for another one's call.
     pub fn take(&self, key: u64, now_ns: u64, waited: bool) -> Take {
         let mut shard = self.shard(key);
         if !shard.contains_key(&key) && !self.make_room(&mut shard, now_ns) {
-            // No room to coordinate: this request asks on its own.
+            // No room to coordinate, so this request calls Redis on its own.
             return Take::Ask { size: self.size };
         }
         let size = self.size;
@@ -171,9 +172,9 @@ impl Leases {
         Take::Decided(decision)
     }
 
-    /// Ends the ask of a request that [`Leases::take`] told to ask, and
-    /// wakes the requests that wait for it. `failed` tells them that Redis
-    /// was unavailable, so that they do not ask again.
+    /// Ends the Redis call of a request that [`Leases::take`] sent there,
+    /// and wakes the requests that wait for it. With `failed` set (Redis was
+    /// unavailable), they fall back instead of calling Redis again.
     fn done(&self, key: u64, failed: bool) {
         let asking = self.shard(key).get_mut(&key).and_then(|lease| {
             lease.failed = failed && lease.asking.is_some();
@@ -210,6 +211,7 @@ impl Leases {
         } else {
             now_ns.saturating_add(self.lifetime_ns)
         };
+
         let mut shard = self.shard(key);
         if !shard.contains_key(&key) && !self.make_room(&mut shard, now_ns) {
             // The table is full of live leases: decide this request and keep
@@ -222,6 +224,7 @@ impl Leases {
             ..Lease::default()
         });
         let live = now_ns < lease.expires_ns;
+
         if !decision.allowed && live && lease.left > 0 {
             // A request that asked on its own (see `take`) was refused while
             // the node holds a lease: admit it from the lease instead.
@@ -233,7 +236,9 @@ impl Leases {
                 ..decision
             };
         }
-        // A grant adds to what the node still holds; a refusal replaces it.
+
+        // A grant adds to what the node still holds, and a refusal replaces
+        // it.
         lease.left = match (decision.allowed, live) {
             (true, true) => lease.left.saturating_add(left),
             (true, false) => left,
@@ -252,7 +257,7 @@ impl Leases {
         }
     }
 
-    /// The keys the node holds leases or refusals for.
+    /// Counts the keys the node holds leases or refusals for.
     #[cfg(test)]
     fn len(&self) -> usize {
         self.shards
@@ -269,8 +274,8 @@ impl Leases {
     }
 }
 
-/// The request of a key that asks Redis for a lease; when it is dropped,
-/// answered or not, the requests that wait for it are woken.
+/// The request of a key that calls Redis for a lease. When it is dropped,
+/// with or without a reply, the requests that wait for it are woken.
 pub struct Asking<'a> {
     leases: &'a Leases,
     key: u64,

@@ -871,13 +871,13 @@ impl Limit {
             }
             return Ok((self.local.decide(key, clock.now_ns()), Counted::Local(key)));
         };
-        // The node's leases of this limit and the key's hash in them, and,
-        // when this request is the one of its key that asks Redis, the
-        // guard that wakes the others when it is done.
+        // The node's leases of this limit and the key's hash in them. When
+        // this request is the one of its key that calls Redis, `asking` is
+        // the guard that wakes the others when it is done.
         let mut leased = None;
         let mut asking = None;
-        // The script's argument when this request asks for a smaller lease
-        // than the limit's.
+        // The script's argument when this request takes a smaller lease than
+        // the limit's.
         let mut smaller: Option<Arc<str>> = None;
         // Set when the request this one waited for found Redis unavailable:
         // asking again would double the wait.
@@ -900,9 +900,9 @@ impl Limit {
                         unavailable = true;
                         break;
                     }
-                    // A request waits for one other request's answer at
-                    // most. If that brought nothing it can use, it asks
-                    // alongside the one asking now, so a limit whose leases
+                    // A request waits for one other request's reply at most.
+                    // If that brought nothing it can use, it calls Redis
+                    // alongside the current caller, so a limit whose leases
                     // do not outlive a round trip costs one round trip, as
                     // without a lease.
                     lease::Take::Wait(_) if waited => break,

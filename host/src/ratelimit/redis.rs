@@ -421,30 +421,30 @@ impl Link {
     }
 }
 
-/// What a limit passes the script for each of its requests, formatted once
-/// per limit: the algorithm and its parameters in microseconds.
+/// The script arguments of one limit's requests, formatted once per limit:
+/// the algorithm and its parameters in microseconds.
 #[derive(Debug, Clone)]
 pub struct ScriptSpec {
     /// The argument that decides a request.
     pub decide: Arc<str>,
     /// The argument that gives back a queued request's place (buckets only).
     pub give_back: Option<Arc<str>>,
+    /// A bucket's argument without its lease size (buckets only).
+    bucket: Option<Arc<str>>,
 }
 
 impl ScriptSpec {
-    /// The argument that decides a request of a bucket and takes a lease of
-    /// `size` requests instead of the limit's.
+    /// Formats the argument that decides a request of a bucket and takes a
+    /// lease of `size` requests instead of the limit's.
     pub fn with_lease(&self, size: u64) -> String {
-        let mut fields: Vec<&str> = self.decide.split(' ').collect();
-        let size = size.to_string();
-        if let Some(lease) = fields.get_mut(4) {
-            *lease = &size;
+        match &self.bucket {
+            Some(bucket) => format!("{bucket} {size}"),
+            None => self.decide.to_string(),
         }
-        fields.join(" ")
     }
 
-    /// The arguments of a limit of `shape`; a bucket takes `lease` requests
-    /// at once (1 for one at a time).
+    /// Formats the arguments of a limit of `shape`. A bucket takes `lease`
+    /// requests at once (1 for one at a time).
     pub fn of(shape: &Shape, lease: u64) -> ScriptSpec {
         match *shape {
             Shape::Bucket {
@@ -454,18 +454,22 @@ impl ScriptSpec {
             } => {
                 // With the fraction: a Lua number is a double.
                 let interval_us = interval_ns as f64 / 1000.0;
+                let bucket = format!("1 {interval_us} {burst} {queue}");
                 ScriptSpec {
-                    decide: format!("1 {interval_us} {burst} {queue} {lease}").into(),
+                    decide: format!("{bucket} {lease}").into(),
                     give_back: Some(format!("4 {interval_us}").into()),
+                    bucket: Some(bucket.into()),
                 }
             }
             Shape::FixedWindow { limit, window_ns } => ScriptSpec {
                 decide: format!("2 {} {limit}", window_ns / 1000).into(),
                 give_back: None,
+                bucket: None,
             },
             Shape::SlidingWindow { limit, window_ns } => ScriptSpec {
                 decide: format!("3 {} {limit}", window_ns / 1000).into(),
                 give_back: None,
+                bucket: None,
             },
         }
     }
@@ -607,6 +611,24 @@ mod tests {
         assert_eq!(d.reset_ns, 2_500_000_000);
         assert_eq!(d.delay_ns, 100_000);
         assert!(decision(&[1, 2]).is_err());
+    }
+
+    #[test]
+    fn script_arguments_carry_the_lease() {
+        let bucket = Shape::Bucket {
+            interval_ns: 1500,
+            burst: 10,
+            queue: 0,
+        };
+        let spec = ScriptSpec::of(&bucket, 8);
+        assert_eq!(&*spec.decide, "1 1.5 10 0 8");
+        assert_eq!(spec.with_lease(2), "1 1.5 10 0 2");
+        assert_eq!(spec.give_back.as_deref(), Some("4 1.5"));
+        let window = Shape::FixedWindow {
+            limit: 100,
+            window_ns: 60_000_000_000,
+        };
+        assert_eq!(&*ScriptSpec::of(&window, 1).decide, "2 60000000 100");
     }
 
     #[test]

@@ -90,11 +90,11 @@ impl<'a> Token<'a> {
         let alg = Algorithm::from_name(&header.alg)
             .filter(|alg| allowed.contains(alg))
             .ok_or_else(|| {
-                let mut shown: String = header.alg.chars().take(MAX_QUOTED_ALG).collect();
-                if shown.len() < header.alg.len() {
-                    shown.push_str("...");
+                let mut quoted: String = header.alg.chars().take(MAX_QUOTED_ALG).collect();
+                if quoted.len() < header.alg.len() {
+                    quoted.push_str("...");
                 }
-                invalid(format!("the algorithm {shown:?} is not allowed"))
+                invalid(format!("the algorithm {quoted:?} is not allowed"))
             })?;
         if header.crit {
             return Err(invalid(

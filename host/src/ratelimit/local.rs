@@ -243,6 +243,16 @@ impl LocalTable {
         hasher.finish()
     }
 
+    /// Hashes an IPv4 client address in one 8-byte write, which costs less
+    /// than [`LocalTable::hash`]'s two. The stream still starts with the
+    /// `domain` byte, so it never equals the stream of a key of another
+    /// domain.
+    pub fn hash_ipv4(&self, domain: u8, ip: std::net::Ipv4Addr) -> u64 {
+        let mut hasher = self.hasher.build_hasher();
+        hasher.write_u64(u64::from(domain) | u64::from(u32::from(ip)) << 8);
+        hasher.finish()
+    }
+
     /// Decides one request for the key with hash `key` at `now`.
     pub fn decide(&self, key: u64, now: u64) -> Decision {
         // Bits 32 to 36 pick the shard: the map uses the low bits for its

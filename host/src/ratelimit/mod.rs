@@ -1024,7 +1024,7 @@ impl Limit {
 
     fn local_key(&self, value: &KeyValue<'_>) -> u64 {
         match value {
-            KeyValue::Ip(IpAddr::V4(ip)) => self.local.hash(4, &ip.octets()),
+            KeyValue::Ip(IpAddr::V4(ip)) => self.local.hash_ipv4(4, *ip),
             KeyValue::Ip(IpAddr::V6(ip)) => self.local.hash(6, &ip.octets()),
             KeyValue::Bytes(bytes) => self.local.hash(1, bytes),
             KeyValue::Context(bytes) => self.local.hash(2, bytes),

@@ -16,15 +16,18 @@ pub struct Export<W>(PhantomData<fn() -> W>);
 
 impl<W: Worker + 'static> Guest for Export<W> {
     fn hooks() -> Result<wit::HookSet, String> {
+        crate::log::log_panics();
         W::check_config()?;
         Ok(W::hooks().into())
     }
 
     fn on_request(request: wit::Request) -> wit::Action {
+        crate::log::log_panics();
         W::on_request(request.into()).into()
     }
 
     fn on_response(request: wit::Request, response: wit::ResponseHead) -> wit::ResponseChanges {
+        crate::log::log_panics();
         W::on_response(request.into(), response.into()).into()
     }
 }

@@ -139,6 +139,8 @@ pub mod crypto;
 mod export;
 pub mod fetch;
 mod headers;
+#[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+mod heap;
 pub mod log;
 mod request;
 mod response;

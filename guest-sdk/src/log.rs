@@ -63,3 +63,18 @@ pub fn warn(message: &str) {
 pub fn error(message: &str) {
     write(Level::Error, message);
 }
+
+/// Sends the message of a panic in this call to the node's log as an error
+/// line. On `wasm32-unknown-unknown` the standard library has no stderr, so
+/// without this hook a panicking worker would fail with no message. (On
+/// `wasm32-wasip2` the host reads the message from the guest's stderr.)
+#[cfg(all(target_arch = "wasm32", target_os = "unknown"))]
+pub(crate) fn log_panics() {
+    // A fresh instance serves each call, so the hook is set on every entry.
+    // The closure captures nothing, so boxing it allocates nothing.
+    std::panic::set_hook(Box::new(|info| error(&format!("worker panicked: {info}"))));
+}
+
+/// Does nothing: the standard library writes panic messages to stderr.
+#[cfg(not(all(target_arch = "wasm32", target_os = "unknown")))]
+pub(crate) fn log_panics() {}

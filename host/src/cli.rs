@@ -118,6 +118,11 @@ enum WorkerCommand {
         /// The folder the component is copied to.
         #[arg(long, default_value = "modules")]
         out: PathBuf,
+        /// Build for wasm32-unknown-unknown instead: the component imports
+        /// no WASI, which makes each call cheaper, but crates that need WASI
+        /// (random numbers, the system clock) do not work.
+        #[arg(long)]
+        no_wasi: bool,
     },
 }
 
@@ -147,8 +152,13 @@ pub fn main() -> ExitCode {
             sdk_path,
             sdk_git,
         }) => crate::scaffold::new_worker(&name, &dir, sdk_path.as_deref(), sdk_git.as_deref()),
-        Command::Worker(WorkerCommand::Build { path, out }) => {
-            crate::scaffold::build_worker(&path, &out)
+        Command::Worker(WorkerCommand::Build { path, out, no_wasi }) => {
+            let target = if no_wasi {
+                crate::scaffold::WorkerTarget::NoWasi
+            } else {
+                crate::scaffold::WorkerTarget::Wasi
+            };
+            crate::scaffold::build_worker(&path, &out, target)
         }
         Command::Top {
             admin,

@@ -6,8 +6,48 @@ use std::process::Command;
 
 use anyhow::{bail, Context as _};
 
-/// The WASI target workers are built for; it produces components directly.
-pub const WORKER_TARGET: &str = "wasm32-wasip2";
+/// The target a worker crate is built for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerTarget {
+    /// `wasm32-wasip2`, which produces components directly. The component
+    /// imports the WASI functions that Rust's standard library links.
+    Wasi,
+    /// `wasm32-unknown-unknown`, linked into a component by rustc's
+    /// `wasm-component-ld`: the component imports only the edge interfaces
+    /// the worker calls, so a fresh instance costs less, but crates that
+    /// need WASI (random numbers, the system clock) do not work.
+    NoWasi,
+}
+
+impl WorkerTarget {
+    /// Returns the rustc target triple.
+    pub fn triple(self) -> &'static str {
+        match self {
+            WorkerTarget::Wasi => "wasm32-wasip2",
+            WorkerTarget::NoWasi => "wasm32-unknown-unknown",
+        }
+    }
+
+    /// Returns the environment that makes `cargo build` produce a component
+    /// for this target, as the repository's `.cargo/config.toml` does for its
+    /// own workers. wasm-component-ld links it, with a 2 MiB initial memory
+    /// that leaves the SDK's allocator free pages after the 1 MiB stack.
+    fn build_env(self) -> &'static [(&'static str, &'static str)] {
+        match self {
+            WorkerTarget::Wasi => &[],
+            WorkerTarget::NoWasi => &[
+                (
+                    "CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_LINKER",
+                    "wasm-component-ld",
+                ),
+                (
+                    "CARGO_TARGET_WASM32_UNKNOWN_UNKNOWN_RUSTFLAGS",
+                    "-C link-arg=--initial-memory=2097152",
+                ),
+            ],
+        }
+    }
+}
 
 /// The guest SDK in the source tree this binary was built from.
 fn default_sdk_path() -> PathBuf {
@@ -89,7 +129,8 @@ name = "{name}"
 version = "0.1.0"
 edition = "2021"
 
-# Build with `edge worker build .`; it produces a {WORKER_TARGET} component.
+# Build with `edge worker build .`, which produces a wasm32-wasip2 component,
+# or with `edge worker build --no-wasi .` for one that imports no WASI.
 [lib]
 crate-type = ["cdylib"]
 
@@ -128,9 +169,9 @@ export_worker!(MyWorker);
     Ok(())
 }
 
-/// Builds the worker crate at `path` for wasm32-wasip2 and copies the
-/// component to `out/<crate name>.wasm`.
-pub fn build_worker(path: &Path, out: &Path) -> anyhow::Result<()> {
+/// Builds the worker crate at `path` for `target` and copies the component
+/// to `out/<crate name>.wasm`.
+pub fn build_worker(path: &Path, out: &Path, target: WorkerTarget) -> anyhow::Result<()> {
     let manifest = path.join("Cargo.toml");
     if !manifest.exists() {
         bail!(
@@ -138,7 +179,7 @@ pub fn build_worker(path: &Path, out: &Path) -> anyhow::Result<()> {
             path.display()
         );
     }
-    ensure_target()?;
+    ensure_target(target.triple())?;
     let metadata = Command::new("cargo")
         .args([
             "metadata",
@@ -174,17 +215,18 @@ pub fn build_worker(path: &Path, out: &Path) -> anyhow::Result<()> {
             "build",
             "--release",
             "--target",
-            WORKER_TARGET,
+            target.triple(),
             "--manifest-path",
         ])
         .arg(&manifest)
+        .envs(target.build_env().iter().copied())
         .status()
         .context("cannot run cargo build")?;
     if !status.success() {
         bail!("cargo build failed for {}", path.display());
     }
     let artifact = Path::new(target_dir)
-        .join(WORKER_TARGET)
+        .join(target.triple())
         .join("release")
         .join(format!("{}.wasm", name.replace('-', "_")));
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
@@ -205,24 +247,24 @@ pub fn build_worker(path: &Path, out: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Adds the wasm32-wasip2 target with rustup when it is missing.
-fn ensure_target() -> anyhow::Result<()> {
+/// Adds the rustup target `triple` when it is missing.
+fn ensure_target(triple: &str) -> anyhow::Result<()> {
     let installed = Command::new("rustup")
         .args(["target", "list", "--installed"])
         .output()
-        .context(
-            "cannot run rustup; install Rust with rustup so the wasm32-wasip2 target can be added",
-        )?;
+        .with_context(|| {
+            format!("cannot run rustup; install Rust with rustup so the {triple} target can be added")
+        })?;
     let listed = String::from_utf8_lossy(&installed.stdout);
-    if listed.lines().any(|line| line.trim() == WORKER_TARGET) {
+    if listed.lines().any(|line| line.trim() == triple) {
         return Ok(());
     }
     let status = Command::new("rustup")
-        .args(["target", "add", WORKER_TARGET])
+        .args(["target", "add", triple])
         .status()
         .context("cannot run rustup")?;
     if !status.success() {
-        bail!("rustup target add {WORKER_TARGET} failed");
+        bail!("rustup target add {triple} failed");
     }
     Ok(())
 }

@@ -375,6 +375,33 @@ fn worker_new_scaffolds_a_crate_that_builds() {
         String::from_utf8_lossy(&checked.stderr)
     );
 
+    // Without WASI: a component that loads the same way.
+    let no_wasi_out = dir.path().join("no-wasi").display().to_string();
+    let built = edge(&[
+        "worker",
+        "build",
+        "--no-wasi",
+        &crate_dir,
+        "--out",
+        &no_wasi_out,
+    ]);
+    assert!(
+        built.status.success(),
+        "{}",
+        String::from_utf8_lossy(&built.stderr)
+    );
+    let module = dir.path().join("no-wasi/hello-worker.wasm");
+    let bytes = std::fs::read(&module).unwrap();
+    assert_eq!(&bytes[..8], b"\0asm\x0d\0\x01\0", "a component");
+    let text = VALID.replace("{modules}/add-header.wasm", &module.display().to_string());
+    let path = write_config(dir.path(), &text);
+    let checked = edge(&["check", &path]);
+    assert!(
+        checked.status.success(),
+        "{}",
+        String::from_utf8_lossy(&checked.stderr)
+    );
+
     let again = edge(&["worker", "new", "hello-worker", "--dir", &root]);
     assert!(!again.status.success());
     assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));

@@ -35,6 +35,7 @@ pub fn modules_dir() -> PathBuf {
         "bff-aggregate.wasm",
         "jwt-auth.wasm",
         "fixture-worker.wasm",
+        "fixture-worker-no-wasi.wasm",
     ] {
         assert!(
             dir.join(module).exists(),

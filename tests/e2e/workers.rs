@@ -518,3 +518,73 @@ async fn compiled_modules_come_from_cache_on_restart() -> Result {
     assert_eq!(get(&second.url("/")).await?.status, 200);
     Ok(())
 }
+
+/// A route with the fixture worker built for wasm32-unknown-unknown, which
+/// imports no WASI.
+fn no_wasi_route(name: &str, prefix: &str, mode: &str, extra: &str) -> String {
+    fixture_route(name, prefix, mode, extra)
+        .replace("fixture-worker.wasm", "fixture-worker-no-wasi.wasm")
+}
+
+#[tokio::test]
+async fn no_wasi_worker_logs_its_panic() -> Result {
+    let upstream = Upstream::echo().await;
+    let config = format!(
+        "{}{}{}",
+        app(&upstream),
+        no_wasi_route("panic", "/panic", "panic", ""),
+        no_wasi_route("counter", "/", "counter", "")
+    );
+    let node = Node::start(&config)?;
+    let got = get(&node.url("/panic")).await?;
+    assert_eq!(got.status, 500);
+    assert_eq!(got.json()["error"], "worker_failed");
+    assert_eq!(upstream.count(), 0);
+    assert_eq!(get(&node.url("/after")).await?.status, 200);
+    node.log_contains("fixture panic");
+    let log = node.log();
+    assert!(log.contains("worker panicked"), "{log}");
+    assert!(log.contains("fixture panic"), "{log}");
+    assert!(log.contains("fixture-worker-no-wasi.wasm"), "{log}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn no_wasi_worker_state_never_survives() -> Result {
+    let upstream = Upstream::echo().await;
+    let config = format!(
+        "{}{}",
+        app(&upstream),
+        no_wasi_route("counter", "/", "counter", "")
+    );
+    let node = Node::start(&config)?;
+    for _ in 0..3 {
+        let got = get(&node.url("/count")).await?;
+        assert_eq!(got.status, 200);
+        assert_eq!(&got.body[..], b"1");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn no_wasi_worker_grows_memory_to_its_cap() -> Result {
+    let upstream = Upstream::echo().await;
+    // 4 MiB is more than the free pages of the 2 MiB initial memory, so the
+    // SDK's allocator must grow the memory.
+    let config = format!(
+        "{}{}{}",
+        app(&upstream),
+        no_wasi_route("grow", "/grow", "alloc", "max_memory = \"16MiB\"")
+            .replace("mode = \"alloc\"", "mode = \"alloc\"\nbytes = 4194304"),
+        no_wasi_route("over", "/over", "alloc", "max_memory = \"8MiB\"")
+    );
+    let node = Node::start(&config)?;
+    let grown = get(&node.url("/grow")).await?;
+    assert_eq!(grown.status, 200);
+    let over = get(&node.url("/over")).await?;
+    assert_eq!(over.status, 500);
+    assert_eq!(over.json()["error"], "worker_failed");
+    assert!(node.log_contains("memory cap"), "{}", node.log());
+    assert_eq!(upstream.count(), 0);
+    Ok(())
+}

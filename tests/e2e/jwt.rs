@@ -93,6 +93,21 @@ fn assert_invalid(got: &Got, reason: &str) {
     assert!(message.contains(reason), "{message:?} lacks {reason:?}");
 }
 
+/// Checks a 401 `invalid_token` response in full: the challenge with its
+/// description, the JSON body and `Cache-Control`.
+fn assert_invalid_exactly(got: &Got, realm: &str, message: &str) {
+    assert_eq!(got.status, 401, "{:?}", got.body);
+    let challenge = format!(
+        "Bearer realm=\"{realm}\", error=\"invalid_token\", error_description=\"{message}\""
+    );
+    assert_eq!(got.header("www-authenticate"), Some(challenge.as_str()));
+    assert_eq!(
+        got.json(),
+        json!({ "error": "invalid_token", "message": message })
+    );
+    assert_eq!(got.header("cache-control"), Some("no-store"));
+}
+
 fn route(name: &str, prefix: &str, config: &str, extra: &str) -> String {
     format!(
         "[[routes]]\nname = \"{name}\"\nprefix = \"{prefix}\"\nupstream = \"app\"\n\n\
@@ -242,6 +257,28 @@ async fn jwt_rejections_reach_no_upstream() -> Result {
         assert!(message.contains("no usable sub claim"), "{message}");
     }
     assert_eq!(app.count(), 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn jwt_sub_must_be_string() -> Result {
+    let app = Upstream::echo().await;
+    let node = start_hmac_node(&app, "")?;
+    for sub in [json!(7), json!({ "id": "user-7" }), Value::Null] {
+        let mut payload = claims(json!({}));
+        payload["sub"] = sub.clone();
+        let got = get_bearer(&node, "/x", &hs256(&payload)).await?;
+        assert_invalid_exactly(
+            &got,
+            "edge-api",
+            "the sub claim is not a string; RFC 7519 requires a StringOrURI",
+        );
+    }
+    assert_eq!(
+        app.count(),
+        0,
+        "a token whose sub is not a string reached the upstream"
+    );
     Ok(())
 }
 

@@ -140,8 +140,10 @@ impl<'a> Claims<'a> {
     pub fn parse(payload: &'a str, settings: &Settings) -> Result<Claims<'a>, Rejection> {
         let config = &settings.config;
         let wanted = |name: &str| {
-            matches!(name, "exp" | "nbf" | "iss" | "aud" | "scope" | "scp")
-                || name == config.user_claim.as_str()
+            matches!(
+                name,
+                "exp" | "nbf" | "iss" | "aud" | "sub" | "scope" | "scp"
+            ) || name == config.user_claim.as_str()
                 || config.claim_headers.contains_key(name)
                 || config.required_claims.contains_key(name)
         };
@@ -215,6 +217,12 @@ pub fn check_claims(claims: &Claims, settings: &Settings, now: f64) -> Result<()
         if now + leeway < nbf {
             return Err(invalid("the token is not valid yet (nbf)"));
         }
+    }
+    // RFC 7519, section 4.1.2: `sub` is a StringOrURI, so a JSON string.
+    if claims.get("sub").is_some_and(|sub| !sub.is_string()) {
+        return Err(invalid(
+            "the sub claim is not a string; RFC 7519 requires a StringOrURI",
+        ));
     }
     if let Some(issuers) = &config.issuer {
         let iss = claims.get("iss").and_then(Value::as_str);
@@ -400,6 +408,24 @@ mod tests {
             check_claims(&claims("{}"), &settings, 0.0),
             Err(invalid("the token has no exp claim"))
         );
+    }
+
+    #[test]
+    fn claims_reject_sub_that_is_not_string() {
+        let settings = settings("");
+        for sub in ["7", "1.5", "{\"id\":\"u1\"}", "null", "true", "[\"u1\"]"] {
+            let json = format!(r#"{{"exp":10,"sub":{sub}}}"#);
+            let claims = Claims::parse(&json, &settings).unwrap();
+            assert_eq!(
+                check_claims(&claims, &settings, 0.0),
+                Err(invalid(
+                    "the sub claim is not a string; RFC 7519 requires a StringOrURI"
+                )),
+                "sub {sub}"
+            );
+        }
+        let claims = Claims::parse(r#"{"exp":10,"sub":"u1"}"#, &settings).unwrap();
+        assert_eq!(check_claims(&claims, &settings, 0.0), Ok(()));
     }
 
     #[test]

@@ -283,6 +283,69 @@ async fn jwt_sub_must_be_string() -> Result {
 }
 
 #[tokio::test]
+async fn jwt_required_claims_compare_numbers_by_value() -> Result {
+    let app = Upstream::echo().await;
+    let config = format!(
+        "[upstreams.app]\ntargets = [\"{}\"]\n\n{}",
+        app.addr,
+        route(
+            "claims",
+            "/",
+            "algorithms = [\"HS256\"]\nhmac_secret_name = \"jwt_key\"\n\
+             required_claims = { n = 1, half = 0.5, tier = \"1\" }\n\
+             [routes.workers.secrets]\njwt_key = { env = \"JWT_TEST_KEY\" }",
+            "",
+        )
+    );
+    let node = Node::start_with_env(&config, &[("JWT_TEST_KEY", SECRET)])?;
+    let with = |n: Value, half: Value, tier: Value| {
+        hs256(&claims(json!({ "n": n, "half": half, "tier": tier })))
+    };
+
+    for (n, half) in [
+        (json!(1), json!(0.5)),
+        (json!(1.0), json!(0.5)),
+        (json!([3, 1.0]), json!([0.5])),
+    ] {
+        let got = get_bearer(&node, "/x", &with(n.clone(), half, json!("1"))).await?;
+        assert_eq!(got.status, 200, "n {n}: {:?}", got.body);
+    }
+    assert_eq!(app.count(), 3);
+
+    // A number other than 1, and the string "1", do not match n = 1. The
+    // number 1 does not match tier = "1".
+    for (n, tier, message) in [
+        (json!(1.5), json!("1"), "the token's n claim is not 1"),
+        (json!("1"), json!("1"), "the token's n claim is not 1"),
+        (json!(1), json!(1), "the token's tier claim is not \"1\""),
+    ] {
+        let got = get_bearer(&node, "/x", &with(n.clone(), json!(0.5), tier)).await?;
+        assert_eq!(got.status, 403, "n {n}: {:?}", got.body);
+        assert_eq!(
+            got.json(),
+            json!({ "error": "insufficient_scope", "message": message })
+        );
+        let description = message.replace('"', "'");
+        assert_eq!(
+            got.header("www-authenticate"),
+            Some(
+                format!(
+                    "Bearer realm=\"claims\", error=\"insufficient_scope\", \
+                     error_description=\"{description}\""
+                )
+                .as_str()
+            )
+        );
+    }
+    assert_eq!(
+        app.count(),
+        3,
+        "a token without the required claims reached the upstream"
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn jwt_valid_token_strips_spoofed_headers() -> Result {
     let app = Upstream::echo().await;
     let node = start_hmac_node(&app, "")?;

@@ -42,7 +42,7 @@ pub struct Config<'a> {
     #[serde(default, borrow)]
     pub required_scopes: Vec<Text<'a>>,
     /// Claims the token must carry with these values; an array claim must
-    /// contain the value.
+    /// contain the value. Numbers compare by value, so 1 matches 1.0.
     #[serde(default)]
     pub required_claims: BTreeMap<String, serde_json::Value>,
     /// The claim that names the user. Default: `sub`.

@@ -8,7 +8,7 @@ use base64::Engine as _;
 use edge_sdk::crypto::Algorithm;
 use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde::Deserialize;
-use serde_json::Value;
+use serde_json::{Number, Value};
 
 use crate::config::Settings;
 use crate::text::Text;
@@ -246,8 +246,8 @@ pub fn check_claims(claims: &Claims, settings: &Settings, now: f64) -> Result<()
     }
     for (name, expected) in &config.required_claims {
         let holds = match claims.get(name) {
-            Some(Value::Array(values)) => values.contains(expected),
-            Some(value) => value == expected,
+            Some(Value::Array(values)) => values.iter().any(|value| claim_equals(value, expected)),
+            Some(value) => claim_equals(value, expected),
             None => false,
         };
         if !holds {
@@ -257,6 +257,38 @@ pub fn check_claims(claims: &Claims, settings: &Settings, now: f64) -> Result<()
         }
     }
     Ok(())
+}
+
+/// Returns whether a claim value equals a required value. Numbers compare
+/// by value, so that 1 matches 1.0, and other values must be equal as JSON.
+fn claim_equals(value: &Value, expected: &Value) -> bool {
+    match (value, expected) {
+        (Value::Number(value), Value::Number(expected)) => numbers_equal(value, expected),
+        _ => value == expected,
+    }
+}
+
+/// Compares two JSON numbers by value. Whole numbers compare as integers,
+/// so two integers above 2^53 that round to the same f64 stay unequal.
+fn numbers_equal(a: &Number, b: &Number) -> bool {
+    match (whole_number(a), whole_number(b)) {
+        (Some(a), Some(b)) => a == b,
+        (None, None) => a.as_f64() == b.as_f64(),
+        _ => false,
+    }
+}
+
+/// Returns the number as an integer when it has no fractional part.
+fn whole_number(number: &Number) -> Option<i128> {
+    if let Some(integer) = number.as_i64() {
+        return Some(integer.into());
+    }
+    if let Some(integer) = number.as_u64() {
+        return Some(integer.into());
+    }
+    // Every whole f64 of magnitude below 2^127 converts to i128 exactly.
+    let float = number.as_f64()?;
+    (float.fract() == 0.0 && float.abs() < 2f64.powi(127)).then_some(float as i128)
 }
 
 /// Checks that the token grants every scope the route requires.
@@ -452,6 +484,82 @@ mod tests {
             check_claims(&claims(no_role), &settings, 0.0),
             Err(Rejection::Insufficient(_))
         ));
+    }
+
+    #[test]
+    fn required_number_claims_compare_by_value() {
+        let settings = settings(
+            r#","required_claims":{"n":1,"half":0.5,"big":9007199254740993,"flag":true,
+               "name":"1"}"#,
+        );
+        let check = |json: String| {
+            let claims = Claims::parse(&json, &settings).unwrap();
+            check_claims(&claims, &settings, 0.0)
+        };
+        let token = |n: &str, half: &str, big: &str, flag: &str, name: &str| {
+            format!(r#"{{"exp":10,"n":{n},"half":{half},"big":{big},"flag":{flag},"name":{name}}}"#)
+        };
+        let accepted = [
+            token("1", "0.5", "9007199254740993", "true", "\"1\""),
+            token("1.0", "5e-1", "9007199254740993", "true", "\"1\""),
+            token("1e0", "0.50", "9007199254740993", "true", "\"1\""),
+            token(
+                "[2, 1.0]",
+                "[0.5]",
+                "[9007199254740993]",
+                "[true]",
+                "[\"1\"]",
+            ),
+        ];
+        for json in accepted {
+            assert_eq!(check(json.clone()), Ok(()), "{json}");
+        }
+        let insufficient = |name: &str, expected: &str| {
+            Err(Rejection::Insufficient(format!(
+                "the token's {name} claim is not {expected}"
+            )))
+        };
+        let rejected = [
+            (
+                token("1.5", "0.5", "9007199254740993", "true", "\"1\""),
+                "n",
+                "1",
+            ),
+            (
+                token("\"1\"", "0.5", "9007199254740993", "true", "\"1\""),
+                "n",
+                "1",
+            ),
+            (
+                token("true", "0.5", "9007199254740993", "true", "\"1\""),
+                "n",
+                "1",
+            ),
+            (
+                token("1", "1", "9007199254740993", "true", "\"1\""),
+                "half",
+                "0.5",
+            ),
+            // Both round to the f64 9007199254740992.
+            (
+                token("1", "0.5", "9007199254740992", "true", "\"1\""),
+                "big",
+                "9007199254740993",
+            ),
+            (
+                token("1", "0.5", "9007199254740993", "1", "\"1\""),
+                "flag",
+                "true",
+            ),
+            (
+                token("1", "0.5", "9007199254740993", "true", "1"),
+                "name",
+                "\"1\"",
+            ),
+        ];
+        for (json, name, expected) in rejected {
+            assert_eq!(check(json.clone()), insufficient(name, expected), "{json}");
+        }
     }
 
     #[test]

@@ -72,6 +72,19 @@ fn hs256(claims: &Value) -> String {
     )
 }
 
+/// Signs the payload text as it is, with HS256 and the test's secret, for
+/// JSON that a `serde_json::Value` cannot hold, such as 1e400.
+fn hs256_text(payload: &str) -> String {
+    let signing_input = format!(
+        "{}.{}",
+        b64(br#"{"alg":"HS256","typ":"JWT"}"#),
+        b64(payload.as_bytes())
+    );
+    let key = aws_lc_rs::hmac::Key::new(aws_lc_rs::hmac::HMAC_SHA256, SECRET.as_bytes());
+    let tag = aws_lc_rs::hmac::sign(&key, signing_input.as_bytes());
+    format!("{signing_input}.{}", b64(tag.as_ref()))
+}
+
 async fn get_with(node: &Node, path: &str, headers: &[(&str, &str)]) -> Result<Got> {
     send("GET", &node.url(path), headers, b"").await
 }
@@ -279,6 +292,55 @@ async fn jwt_sub_must_be_string() -> Result {
         0,
         "a token whose sub is not a string reached the upstream"
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn jwt_numeric_dates_out_of_range() -> Result {
+    let app = Upstream::echo().await;
+    let node = start_hmac_node(&app, "")?;
+    let base = r#""sub":"user-7","iss":"https://idp.test","aud":"api","scope":"read""#;
+    let exp = now() + 300;
+    let out_of_range = "the number is out of range";
+    let cases = [
+        (format!(r#"{{{base},"exp":1e400}}"#), "exp", out_of_range),
+        (
+            format!(r#"{{{base},"exp":18446744073709551616}}"#),
+            "exp",
+            out_of_range,
+        ),
+        (
+            format!(r#"{{{base},"exp":{exp},"nbf":-1e400}}"#),
+            "nbf",
+            out_of_range,
+        ),
+        (
+            format!(r#"{{{base},"exp":{exp},"iat":1e400}}"#),
+            "iat",
+            out_of_range,
+        ),
+        (
+            format!(r#"{{{base},"exp":{exp},"iat":"yesterday"}}"#),
+            "iat",
+            "it is not a number",
+        ),
+    ];
+    for (payload, claim, reason) in &cases {
+        let got = get_bearer(&node, "/x", &hs256_text(payload)).await?;
+        let message = format!("the {claim} claim is not a valid NumericDate: {reason}");
+        assert_invalid_exactly(&got, "edge-api", &message);
+    }
+    assert_eq!(
+        app.count(),
+        0,
+        "a token with an invalid NumericDate reached the upstream"
+    );
+
+    // The same payload with dates in range passes, so the signing above is
+    // sound.
+    let payload = format!(r#"{{{base},"exp":{exp},"iat":{}}}"#, now());
+    let got = get_bearer(&node, "/x", &hs256_text(&payload)).await?;
+    assert_eq!(got.status, 200, "{:?}", got.body);
     Ok(())
 }
 

@@ -1,6 +1,7 @@
 //! Reading a compact JWS (RFC 7515, section 7.1) and checking its claims
 //! (RFC 7519). Signatures are checked by the host, through `edge_sdk::crypto`.
 
+use std::cell::Cell;
 use std::fmt;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -142,16 +143,23 @@ impl<'a> Claims<'a> {
         let wanted = |name: &str| {
             matches!(
                 name,
-                "exp" | "nbf" | "iss" | "aud" | "sub" | "scope" | "scp"
+                "exp" | "nbf" | "iat" | "iss" | "aud" | "sub" | "scope" | "scp"
             ) || name == config.user_claim.as_str()
                 || config.claim_headers.contains_key(name)
                 || config.required_claims.contains_key(name)
         };
+        let failed_claim = Cell::new(None);
         let mut deserializer = serde_json::Deserializer::from_str(payload);
-        let claims = ClaimsSeed { wanted }
-            .deserialize(&mut deserializer)
-            .and_then(|claims| deserializer.end().map(|()| claims))
-            .map_err(|_| invalid("the token payload is not a JSON object"))?;
+        let claims = ClaimsSeed {
+            wanted,
+            failed_claim: &failed_claim,
+        }
+        .deserialize(&mut deserializer)
+        .and_then(|claims| deserializer.end().map(|()| claims))
+        .map_err(|error| match failed_claim.take() {
+            Some(name) if is_number_out_of_range(&error) => number_out_of_range(&name),
+            _ => invalid("the token payload is not a JSON object"),
+        })?;
         Ok(claims)
     }
 
@@ -167,11 +175,13 @@ impl<'a> Claims<'a> {
 
 /// Deserializes a JSON object into [`Claims`], keeping the members whose
 /// names `wanted` accepts.
-struct ClaimsSeed<F> {
+struct ClaimsSeed<'c, F> {
     wanted: F,
+    /// Set to the name of the kept claim whose value failed to parse.
+    failed_claim: &'c Cell<Option<String>>,
 }
 
-impl<'de, F: Fn(&str) -> bool> DeserializeSeed<'de> for ClaimsSeed<F> {
+impl<'de, F: Fn(&str) -> bool> DeserializeSeed<'de> for ClaimsSeed<'_, F> {
     type Value = Claims<'de>;
 
     fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Claims<'de>, D::Error> {
@@ -179,7 +189,7 @@ impl<'de, F: Fn(&str) -> bool> DeserializeSeed<'de> for ClaimsSeed<F> {
     }
 }
 
-impl<'de, F: Fn(&str) -> bool> Visitor<'de> for ClaimsSeed<F> {
+impl<'de, F: Fn(&str) -> bool> Visitor<'de> for ClaimsSeed<'_, F> {
     type Value = Claims<'de>;
 
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -193,7 +203,13 @@ impl<'de, F: Fn(&str) -> bool> Visitor<'de> for ClaimsSeed<F> {
                 map.next_value::<IgnoredAny>()?;
                 continue;
             }
-            let value = map.next_value::<Value>()?;
+            let value = match map.next_value::<Value>() {
+                Ok(value) => value,
+                Err(error) => {
+                    self.failed_claim.set(Some(name.to_string()));
+                    return Err(error);
+                }
+            };
             match values.iter_mut().find(|(claim, _)| *claim == name) {
                 Some((_, earlier)) => *earlier = value,
                 None => values.push((name, value)),
@@ -218,6 +234,8 @@ pub fn check_claims(claims: &Claims, settings: &Settings, now: f64) -> Result<()
             return Err(invalid("the token is not valid yet (nbf)"));
         }
     }
+    // `iat` is not compared with the clock, but it must be a NumericDate.
+    numeric_date(claims, "iat")?;
     // RFC 7519, section 4.1.2: `sub` is a StringOrURI, so a JSON string.
     if claims.get("sub").is_some_and(|sub| !sub.is_string()) {
         return Err(invalid(
@@ -310,12 +328,52 @@ fn check_scopes(claims: &Claims, settings: &Settings) -> Result<(), Rejection> {
     Ok(())
 }
 
+/// The claims whose values are NumericDates (RFC 7519, section 2).
+const NUMERIC_DATE_CLAIMS: [&str; 3] = ["exp", "nbf", "iat"];
+
+/// The limit of a NumericDate, 2^63 seconds either side of 1970: the range
+/// of a signed 64-bit count of seconds, such as a 64-bit Unix `time_t`. A
+/// larger value names no real time.
+const NUMERIC_DATE_LIMIT: f64 = 9_223_372_036_854_775_808.0;
+
 /// Reads a NumericDate claim: seconds since the epoch, possibly fractional.
 fn numeric_date(claims: &Claims, name: &str) -> Result<Option<f64>, Rejection> {
-    match claims.get(name) {
-        None => Ok(None),
-        Some(Value::Number(number)) => Ok(number.as_f64()),
-        Some(_) => Err(invalid(format!("the {name} claim is not a number"))),
+    let number = match claims.get(name) {
+        None => return Ok(None),
+        Some(Value::Number(number)) => number,
+        Some(_) => return Err(not_a_numeric_date(name, "it is not a number")),
+    };
+    // Every i64 is in range, although i64::MAX rounds up to 2^63 as an f64.
+    let seconds = number.as_f64().unwrap_or(f64::NAN);
+    if number.is_i64() || (-NUMERIC_DATE_LIMIT..NUMERIC_DATE_LIMIT).contains(&seconds) {
+        Ok(Some(seconds))
+    } else {
+        Err(not_a_numeric_date(name, "the number is out of range"))
+    }
+}
+
+fn not_a_numeric_date(name: &str, reason: &str) -> Rejection {
+    invalid(format!(
+        "the {name} claim is not a valid NumericDate: {reason}"
+    ))
+}
+
+/// Returns whether serde_json failed on a number too large for an f64,
+/// such as 1e400. RFC 8259 (section 6) lets a parser limit the range of
+/// numbers, so the JSON itself is valid.
+// NOTE: serde_json has no error kind for this, so the message text is
+// matched; claims_reject_numbers_out_of_range checks that it still is.
+fn is_number_out_of_range(error: &serde_json::Error) -> bool {
+    error.is_syntax() && error.to_string().starts_with("number out of range")
+}
+
+/// Builds the rejection of a token whose claim `name` has a number that
+/// serde_json cannot read.
+fn number_out_of_range(name: &str) -> Rejection {
+    if NUMERIC_DATE_CLAIMS.contains(&name) {
+        not_a_numeric_date(name, "the number is out of range")
+    } else {
+        invalid(format!("the {name} claim contains a number out of range"))
     }
 }
 
@@ -458,6 +516,59 @@ mod tests {
         }
         let claims = Claims::parse(r#"{"exp":10,"sub":"u1"}"#, &settings).unwrap();
         assert_eq!(check_claims(&claims, &settings, 0.0), Ok(()));
+    }
+
+    #[test]
+    fn claims_reject_invalid_numeric_dates() {
+        let settings = settings("");
+        let out_of_range = "the number is out of range";
+        let cases = [
+            (r#"{"exp":1e400}"#, "exp", out_of_range),
+            (r#"{"exp":10,"nbf":-1e400}"#, "nbf", out_of_range),
+            (r#"{"exp":10,"iat":1e400}"#, "iat", out_of_range),
+            (r#"{"exp":18446744073709551616}"#, "exp", out_of_range),
+            (r#"{"exp":9223372036854775808}"#, "exp", out_of_range),
+            (r#"{"exp":10,"nbf":-9.3e18}"#, "nbf", out_of_range),
+            (
+                r#"{"exp":10,"iat":1.8446744073709552e19}"#,
+                "iat",
+                out_of_range,
+            ),
+            (r#"{"exp":"10"}"#, "exp", "it is not a number"),
+            (r#"{"exp":10,"nbf":null}"#, "nbf", "it is not a number"),
+            (r#"{"exp":10,"iat":{"s":1}}"#, "iat", "it is not a number"),
+        ];
+        for (json, name, reason) in cases {
+            let result = Claims::parse(json, &settings)
+                .and_then(|claims| check_claims(&claims, &settings, 0.0));
+            let message = format!("the {name} claim is not a valid NumericDate: {reason}");
+            assert_eq!(result, Err(invalid(message)), "{json}");
+        }
+        // The ends of the signed 64-bit range, and a fractional iat.
+        for json in [
+            r#"{"exp":9223372036854775807,"nbf":-9223372036854775808,"iat":1.5}"#,
+            r#"{"exp":9.2e18,"nbf":-9.2e18,"iat":0}"#,
+        ] {
+            let claims = Claims::parse(json, &settings).unwrap();
+            assert_eq!(check_claims(&claims, &settings, 0.0), Ok(()), "{json}");
+        }
+    }
+
+    #[test]
+    fn claims_reject_numbers_out_of_range() {
+        let settings = settings(r#","required_claims":{"n":1}"#);
+        assert_eq!(
+            Claims::parse(r#"{"exp":10,"n":[1,1e400]}"#, &settings).unwrap_err(),
+            invalid("the n claim contains a number out of range")
+        );
+        // Only the claims the settings read are parsed as numbers.
+        let claims = Claims::parse(r#"{"exp":10,"n":1,"jti":1e400}"#, &settings).unwrap();
+        assert_eq!(check_claims(&claims, &settings, 0.0), Ok(()));
+        // A malformed number is malformed JSON, not a number out of range.
+        assert_eq!(
+            Claims::parse(r#"{"exp":1e}"#, &settings).unwrap_err(),
+            invalid("the token payload is not a JSON object")
+        );
     }
 
     #[test]

@@ -667,6 +667,65 @@ async fn jwt_public_key_algorithms_and_confusion() -> Result {
     Ok(())
 }
 
+#[tokio::test]
+async fn jwt_jwk_hmac_key_too_short_for_algorithm() -> Result {
+    // Without `alg`, an `oct` key loads with 32 bytes or more. HS384 needs
+    // 48 (RFC 7518, section 3.2).
+    let short = [b's'; 40];
+    let long = [b'l'; 48];
+    let jwks = json!({ "keys": [
+        { "kty": "oct", "kid": "short", "k": b64(&short) },
+        { "kty": "oct", "kid": "long", "k": b64(&long) },
+    ] })
+    .to_string();
+    let app = Upstream::echo().await;
+    let config = format!(
+        "[upstreams.app]\ntargets = [\"{}\"]\n\n{}",
+        app.addr,
+        route(
+            "set",
+            "/",
+            &format!(
+                "algorithms = [\"HS256\", \"HS384\"]\njwks = {}",
+                toml_string(&jwks)
+            ),
+            "",
+        ),
+    );
+    let node = Node::start(&config)?;
+    use jsonwebtoken::Algorithm as Alg;
+    let claims = claims(json!({}));
+
+    let got = get_bearer(
+        &node,
+        "/x",
+        &sign(Alg::HS384, Some("short"), &claims, &secret(&short)),
+    )
+    .await?;
+    assert_invalid_exactly(
+        &got,
+        "set",
+        "the token's key rejects it: invalid key: the HMAC key has 40 bytes, and HS384 \
+         needs at least 48",
+    );
+    assert_eq!(
+        app.count(),
+        0,
+        "a token checked with a too short key reached the upstream"
+    );
+
+    // The short key still works with HS256, and a 48-byte key with HS384.
+    for (alg, kid, key) in [
+        (Alg::HS256, "short", &short[..]),
+        (Alg::HS384, "long", &long[..]),
+    ] {
+        let got = get_bearer(&node, "/x", &sign(alg, Some(kid), &claims, &secret(key))).await?;
+        assert_eq!(got.status, 200, "{alg:?} {kid}: {:?}", got.body);
+    }
+    assert_eq!(app.count(), 2);
+    Ok(())
+}
+
 /// A loopback key server whose JWK set the test replaces, and which counts
 /// the fetches it serves.
 struct KeyServer {

@@ -64,6 +64,36 @@ impl Algorithm {
         })
     }
 
+    /// Returns the algorithm's JWS `alg` name, such as `RS256`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Algorithm::Hs256 => "HS256",
+            Algorithm::Hs384 => "HS384",
+            Algorithm::Hs512 => "HS512",
+            Algorithm::Rs256 => "RS256",
+            Algorithm::Rs384 => "RS384",
+            Algorithm::Rs512 => "RS512",
+            Algorithm::Ps256 => "PS256",
+            Algorithm::Ps384 => "PS384",
+            Algorithm::Ps512 => "PS512",
+            Algorithm::Es256 => "ES256",
+            Algorithm::Es384 => "ES384",
+            Algorithm::EdDsa => "EdDSA",
+        }
+    }
+
+    /// Returns the minimum HMAC secret length in bytes for an HMAC
+    /// algorithm: the size of its hash output, as RFC 7518 (section 3.2)
+    /// requires, so that the key is not open to guessing.
+    fn min_hmac_secret_len(self) -> Option<usize> {
+        match self {
+            Algorithm::Hs256 => Some(32),
+            Algorithm::Hs384 => Some(48),
+            Algorithm::Hs512 => Some(64),
+            _ => None,
+        }
+    }
+
     /// Returns the key type this algorithm works with.
     pub fn key_type(self) -> KeyType {
         match self {
@@ -160,6 +190,11 @@ pub struct Key {
     pub(super) id: [u8; 32],
     /// The one algorithm a JWK's `alg` member allows, when it names one.
     only: Option<Algorithm>,
+    /// The secret's length in bytes for a JWK `oct` key, whose length is
+    /// checked against each HMAC algorithm it is used with. A secret given
+    /// directly is not checked here, so the worker that supplies it must
+    /// check it.
+    jwk_secret_len: Option<usize>,
     material: Material,
 }
 
@@ -186,6 +221,7 @@ impl std::fmt::Debug for Key {
         f.debug_struct("Key")
             .field("key_type", &self.key_type)
             .field("only", &self.only)
+            .field("jwk_secret_len", &self.jwk_secret_len)
             .finish_non_exhaustive()
     }
 }
@@ -205,6 +241,7 @@ impl Key {
             key_type: KeyType::Hmac,
             id,
             only: None,
+            jwk_secret_len: None,
             material: Material::Hmac(keys),
         })
     }
@@ -265,20 +302,18 @@ impl Key {
         let mut key = match jwk.kty.as_str() {
             "oct" => {
                 let secret = member(&jwk.k, "k")?;
-                // RFC 7518 (section 3.2): at least as long as the hash's
-                // output, so a key is not open to guessing.
-                let needed = match only {
-                    Some(Algorithm::Hs384) => 48,
-                    Some(Algorithm::Hs512) => 64,
-                    _ => 32,
-                };
+                // Without an `alg`, require the least any HMAC algorithm
+                // needs. Each use checks the length its algorithm needs.
+                let needed = only.and_then(Algorithm::min_hmac_secret_len).unwrap_or(32);
                 if secret.len() < needed {
                     return Err(invalid(format!(
                         "the HMAC key has {} bytes, and HMAC keys need at least {needed}",
                         secret.len()
                     )));
                 }
-                Key::from_hmac_secret(&secret, id)?
+                let mut key = Key::from_hmac_secret(&secret, id)?;
+                key.jwk_secret_len = Some(secret.len());
+                key
             }
             "RSA" => {
                 let n = member(&jwk.n, "n")?;
@@ -385,6 +420,7 @@ impl Key {
             key_type,
             id,
             only: None,
+            jwk_secret_len: None,
             material: Material::Asymmetric { verifiers, signer },
         })
     }
@@ -409,11 +445,13 @@ impl Key {
     }
 
     /// Checks `signature` over `message` with `alg`: `Ok(false)` for a
-    /// signature that does not match.
+    /// signature that does not match. A JWK `oct` key shorter than `alg`
+    /// needs is a [`KeyError::Invalid`] error.
     pub fn verify(&self, alg: Algorithm, message: &[u8], sig: &[u8]) -> Result<bool, KeyError> {
         if !self.accepts(alg) {
             return Err(KeyError::AlgorithmMismatch);
         }
+        self.check_secret_len(alg)?;
         let valid = match &self.material {
             Material::Hmac(keys) => hmac::verify(&keys[hmac_index(alg)], message, sig).is_ok(),
             Material::Asymmetric { verifiers, .. } => {
@@ -429,6 +467,7 @@ impl Key {
         if !self.accepts(alg) {
             return Err(KeyError::AlgorithmMismatch);
         }
+        self.check_secret_len(alg)?;
         let signer = match &self.material {
             Material::Hmac(keys) => {
                 return Ok(hmac::sign(&keys[hmac_index(alg)], message)
@@ -457,6 +496,22 @@ impl Key {
                 .to_vec()),
             Signer::Ed25519(pair) => Ok(pair.sign(message).as_ref().to_vec()),
         }
+    }
+
+    /// Checks that a JWK `oct` key's secret is as long as `alg` needs. A
+    /// JWK without `alg` is read when its secret has 32 bytes, enough for
+    /// HS256 only, so HS384 and HS512 are checked here, on use.
+    fn check_secret_len(&self, alg: Algorithm) -> Result<(), KeyError> {
+        let (Some(length), Some(needed)) = (self.jwk_secret_len, alg.min_hmac_secret_len()) else {
+            return Ok(());
+        };
+        if length < needed {
+            return Err(invalid(format!(
+                "the HMAC key has {length} bytes, and {} needs at least {needed}",
+                alg.name()
+            )));
+        }
+        Ok(())
     }
 
     fn algorithm_index(&self, alg: Algorithm) -> usize {
@@ -628,6 +683,39 @@ mod tests {
         assert_eq!(key.verify(Algorithm::Hs384, b"m", &tag), Ok(true));
         assert_eq!(key.verify(Algorithm::Hs256, b"m", &tag), Ok(false));
         assert!(Key::from_hmac_secret(b"", ID).is_err());
+    }
+
+    #[test]
+    fn hmac_jwk_length_checked_per_algorithm() {
+        let b64 = |bytes: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes);
+        let jwk = |length: usize| {
+            serde_json::json!({ "kty": "oct", "k": b64(&vec![7; length]) }).to_string()
+        };
+        let short = Key::from_jwk(&jwk(40), ID).unwrap();
+        let tag = short.sign(Algorithm::Hs256, b"m").unwrap();
+        assert_eq!(short.verify(Algorithm::Hs256, b"m", &tag), Ok(true));
+        for (alg, needed) in [(Algorithm::Hs384, 48), (Algorithm::Hs512, 64)] {
+            let error = invalid(format!(
+                "the HMAC key has 40 bytes, and {} needs at least {needed}",
+                alg.name()
+            ));
+            assert_eq!(short.verify(alg, b"m", &[0; 64]), Err(error.clone()));
+            assert_eq!(short.sign(alg, b"m"), Err(error));
+        }
+        // At exactly the hash output's length, each algorithm works.
+        for (alg, length) in [(Algorithm::Hs384, 48), (Algorithm::Hs512, 64)] {
+            let key = Key::from_jwk(&jwk(length), ID).unwrap();
+            let tag = key.sign(alg, b"m").unwrap();
+            assert_eq!(key.verify(alg, b"m", &tag), Ok(true), "{alg:?}");
+        }
+        let error = Key::from_jwk(&jwk(31), ID).unwrap_err();
+        assert_eq!(
+            error,
+            invalid("the HMAC key has 31 bytes, and HMAC keys need at least 32")
+        );
+        // A secret given directly is not held to the JWK rule.
+        let direct = Key::from_hmac_secret(&[7; 40], ID).unwrap();
+        assert!(direct.sign(Algorithm::Hs512, b"m").is_ok());
     }
 
     #[test]

@@ -114,11 +114,14 @@ fn render(status: &Value, previous: Option<(Duration, &Value)>) -> String {
         status["workers"]["queue"],
     );
 
-    let _ = writeln!(
-        out,
-        "\n{:<24} {:<16} {:>10} {:>10} {:>10} {:>10}",
-        "ROUTE", "UPSTREAM", "REQ/S", "5XX/S", "REFUSED/S", "MEAN MS"
-    );
+    let mut table = Table::new(&[
+        ("ROUTE", Align::Left, 24),
+        ("UPSTREAM", Align::Left, 16),
+        ("REQ/S", Align::Right, 10),
+        ("5XX/S", Align::Right, 10),
+        ("REFUSED/S", Align::Right, 10),
+        ("MEAN MS", Align::Right, 10),
+    ]);
     let routes = status["routes"]
         .as_array()
         .map(Vec::as_slice)
@@ -148,23 +151,25 @@ fn render(status: &Value, previous: Option<(Duration, &Value)>) -> String {
             }
             None => "-".to_owned(),
         };
-        let _ = writeln!(
-            out,
-            "{:<24} {:<16} {:>10} {:>10} {:>10} {:>10}",
+        table.row(vec![
             text(&route["name"]),
             text(&route["upstream"]),
             rate("requests"),
             rate("errors"),
             rate("refused"),
             mean,
-        );
+        ]);
     }
+    out.push('\n');
+    table.write(&mut out);
 
-    let _ = writeln!(
-        out,
-        "\n{:<16} {:<24} {:<10} {:<6} {:>12}",
-        "UPSTREAM", "TARGET", "BREAKER", "HEALTH", "CONNECTIONS"
-    );
+    let mut table = Table::new(&[
+        ("UPSTREAM", Align::Left, 16),
+        ("TARGET", Align::Left, 24),
+        ("BREAKER", Align::Left, 10),
+        ("HEALTH", Align::Left, 6),
+        ("CONNECTIONS", Align::Right, 12),
+    ]);
     for upstream in status["upstreams"]
         .as_array()
         .map(Vec::as_slice)
@@ -175,50 +180,134 @@ fn render(status: &Value, previous: Option<(Duration, &Value)>) -> String {
             .map(Vec::as_slice)
             .unwrap_or_default()
         {
-            let _ = writeln!(
-                out,
-                "{:<16} {:<24} {:<10} {:<6} {:>12}",
+            let health = if target["up"].as_bool().unwrap_or(false) {
+                "up"
+            } else {
+                "down"
+            };
+            table.row(vec![
                 text(&upstream["name"]),
                 text(&target["target"]),
                 text(&target["breaker"]),
-                if target["up"].as_bool().unwrap_or(false) {
-                    "up"
-                } else {
-                    "down"
-                },
-                target["connections"],
-            );
+                health.to_owned(),
+                count_text(&target["connections"]),
+            ]);
         }
     }
+    out.push('\n');
+    table.write(&mut out);
 
     let limits = status["limits"]
         .as_array()
         .map(Vec::as_slice)
         .unwrap_or_default();
     if !limits.is_empty() {
-        let _ = writeln!(
-            out,
-            "\n{:<24} {:<16} {:<7} {:>16} {:>10} {:>10}",
-            "ROUTE", "LIMIT", "SCOPE", "AVAILABLE", "ALLOWED", "REJECTED"
-        );
+        let mut table = Table::new(&[
+            ("ROUTE", Align::Left, 24),
+            ("LIMIT", Align::Left, 16),
+            ("SCOPE", Align::Left, 7),
+            ("AVAILABLE", Align::Right, 16),
+            ("ALLOWED", Align::Right, 10),
+            ("REJECTED", Align::Right, 10),
+        ]);
         for limit in limits {
             let available = match (limit["available"].as_f64(), limit["size"].as_f64()) {
                 (Some(available), Some(size)) => format!("{available:.0} of {size:.0}"),
                 _ => "-".to_owned(),
             };
-            let _ = writeln!(
-                out,
-                "{:<24} {:<16} {:<7} {:>16} {:>10} {:>10}",
+            table.row(vec![
                 text(&limit["route"]),
                 text(&limit["limit"]),
                 text(&limit["scope"]),
                 available,
-                limit["allowed"],
-                limit["rejected"],
-            );
+                count_text(&limit["allowed"]),
+                count_text(&limit["rejected"]),
+            ]);
         }
+        out.push('\n');
+        table.write(&mut out);
     }
     out
+}
+
+/// Formats a counter from the status JSON, or `-` when it is missing.
+fn count_text(value: &Value) -> String {
+    match value.as_u64() {
+        Some(count) => count.to_string(),
+        None => "-".to_owned(),
+    }
+}
+
+/// The alignment of a column's cells.
+#[derive(Debug, Clone, Copy)]
+enum Align {
+    Left,
+    Right,
+}
+
+/// A plain-text table. Each column is as wide as its widest cell (and at
+/// least its minimum width), and columns are two spaces apart, so a long
+/// name or number never runs into the next column.
+struct Table {
+    /// Header, alignment and minimum width in characters of each column.
+    columns: Vec<(&'static str, Align, usize)>,
+    rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    /// The space between two columns.
+    const GAP: &'static str = "  ";
+
+    fn new(columns: &[(&'static str, Align, usize)]) -> Table {
+        Table {
+            columns: columns.to_vec(),
+            rows: Vec::new(),
+        }
+    }
+
+    /// Adds a row with one cell per column.
+    fn row(&mut self, cells: Vec<String>) {
+        debug_assert_eq!(cells.len(), self.columns.len());
+        self.rows.push(cells);
+    }
+
+    /// Writes the header line and the rows, each line without trailing
+    /// blanks.
+    fn write(&self, out: &mut String) {
+        let widths: Vec<usize> = self
+            .columns
+            .iter()
+            .enumerate()
+            .map(|(index, (header, _, min_width))| {
+                self.rows
+                    .iter()
+                    .map(|row| row[index].chars().count())
+                    .chain([header.len(), *min_width])
+                    .max()
+                    .unwrap_or_default()
+            })
+            .collect();
+        let headers: Vec<String> = self
+            .columns
+            .iter()
+            .map(|(header, _, _)| (*header).to_owned())
+            .collect();
+        for cells in std::iter::once(&headers).chain(&self.rows) {
+            let mut line = String::new();
+            for (index, cell) in cells.iter().enumerate() {
+                if index > 0 {
+                    line.push_str(Table::GAP);
+                }
+                let width = widths[index];
+                let _ = match self.columns[index].1 {
+                    Align::Left => write!(line, "{cell:<width$}"),
+                    Align::Right => write!(line, "{cell:>width$}"),
+                };
+            }
+            out.push_str(line.trim_end());
+            out.push('\n');
+        }
+    }
 }
 
 #[cfg(test)]
@@ -257,5 +346,36 @@ mod tests {
         let first = render(&old, None);
         let route = first.lines().find(|line| line.starts_with("api ")).unwrap();
         assert!(route.contains(" - "), "{first}");
+    }
+
+    #[test]
+    fn frame_keeps_limit_columns_apart() {
+        let status = json!({
+            "node": "edge-1", "phase": "serving",
+            "workers": { "running": 0, "max": 8, "queue": 0 },
+            "routes": [], "upstreams": [],
+            "limits": [
+                { "route": "api", "limit": "per-ip", "scope": "local",
+                  "available": 7.0, "size": 10.0, "allowed": 3, "rejected": 1 },
+                { "route": "checkout-payments-internal", "limit": "per-user-per-minute-global",
+                  "scope": "global", "available": 123456789.0, "size": 1000000000.0,
+                  "allowed": 98765432101_u64, "rejected": 12345678901_u64 },
+                { "route": "api", "limit": "per-key", "scope": "global",
+                  "available": null, "size": null, "allowed": 0, "rejected": null },
+            ],
+        });
+        let frame = render(&status, None);
+        let table: Vec<&str> = frame
+            .lines()
+            .skip_while(|line| !line.starts_with("ROUTE  ") || !line.contains("LIMIT"))
+            .collect();
+        // Every column is as wide as its widest cell, two spaces apart.
+        let expected = [
+            "ROUTE                       LIMIT                       SCOPE                  AVAILABLE      ALLOWED     REJECTED",
+            "api                         per-ip                      local                    7 of 10            3            1",
+            "checkout-payments-internal  per-user-per-minute-global  global   123456789 of 1000000000  98765432101  12345678901",
+            "api                         per-key                     global                         -            0            -",
+        ];
+        assert_eq!(table, expected, "{frame}");
     }
 }

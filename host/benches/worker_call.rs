@@ -42,6 +42,7 @@ fn main() -> anyhow::Result<()> {
     let cache = tempfile::tempdir()?;
     let settings = RuntimeSettings {
         cache_dir: cache.path().to_owned(),
+        read_only_cache: false,
         max_instances: 2,
         queue_limit: 2,
         queue_timeout: Duration::from_millis(20),

@@ -13,7 +13,7 @@
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
@@ -192,6 +192,54 @@ impl AccessLog {
         if replied.recv_timeout(left).is_err() {
             tracing::warn!("timed out flushing the access log");
         }
+    }
+}
+
+/// Checks that the access log's output could be opened, without creating
+/// or changing any file: a file must exist and be writable, or its folder
+/// must exist and allow creating it.
+pub fn check_sink(sink: &Sink) -> anyhow::Result<()> {
+    let Sink::File(path) = sink else {
+        return Ok(());
+    };
+    check_file(path).with_context(|| format!("cannot open access_log.path {}", path.display()))
+}
+
+fn check_file(path: &Path) -> anyhow::Result<()> {
+    use rustix::fs::{accessat, Access, AtFlags, CWD};
+
+    // With AT_EACCESS, accessat checks the permissions that `open` would
+    // check, without opening the file. Opening a FIFO for writing would
+    // block until a reader came.
+    let writable = |path: &Path, access: Access| {
+        accessat(CWD, path, access, AtFlags::EACCESS).map_err(std::io::Error::from)
+    };
+    match std::fs::metadata(path) {
+        Ok(metadata) if metadata.is_dir() => anyhow::bail!("it is a folder"),
+        Ok(_) => Ok(writable(path, Access::WRITE_OK)?),
+        // NotADirectory: a part of the folder's path is a file.
+        Err(error)
+            if matches!(
+                error.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+            ) =>
+        {
+            let folder = match path.parent() {
+                Some(folder) if !folder.as_os_str().is_empty() => folder,
+                _ => Path::new("."),
+            };
+            match std::fs::metadata(folder) {
+                Ok(metadata) if metadata.is_dir() => {}
+                Ok(_) => anyhow::bail!("{} is not a folder", folder.display()),
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                    anyhow::bail!("the folder {} does not exist", folder.display())
+                }
+                Err(error) => return Err(error.into()),
+            }
+            writable(folder, Access::WRITE_OK | Access::EXEC_OK)
+                .with_context(|| format!("cannot create a file in the folder {}", folder.display()))
+        }
+        Err(error) => Err(error.into()),
     }
 }
 

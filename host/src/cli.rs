@@ -28,7 +28,8 @@ enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
-    /// Validate a config file and load its worker modules without serving.
+    /// Validate a config file and load its worker modules, without serving
+    /// and without creating or changing any file.
     Check {
         /// The node's TOML config file.
         config: PathBuf,
@@ -376,7 +377,8 @@ fn wait_for_signal() -> anyhow::Result<()> {
 }
 
 fn check(path: &Path) -> anyhow::Result<()> {
-    let (config, node) = load_node(path)?;
+    let config = Config::load(path)?;
+    let node = Node::build_read_only(&config)?;
     let workers: usize = node.routes.iter().map(|r| r.workers.len()).sum();
     println!(
         "{}: ok ({} listeners, {} upstreams, {} routes, {} workers)",
@@ -391,7 +393,7 @@ fn check(path: &Path) -> anyhow::Result<()> {
 
 fn explain(path: &Path, method: &str, raw_path: &str, host: Option<&str>) -> anyhow::Result<()> {
     let config = Config::load(path)?;
-    let node = Node::build(&config)?;
+    let node = Node::build_read_only(&config)?;
     let method: http::Method = method
         .to_ascii_uppercase()
         .parse()

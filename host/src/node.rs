@@ -241,12 +241,36 @@ pub enum BuildError {
     Tracing(anyhow::Error),
 }
 
+/// Whether building a node may create and write files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FileAccess {
+    /// Open the access log, store compiled modules in the module cache and
+    /// create a missing development certificate, as serving needs.
+    ReadWrite,
+    /// Create and change no file, as `edge check` needs: check that the
+    /// access log could be opened, only read the module cache, and use a
+    /// development certificate only when it exists already.
+    ReadOnly,
+}
+
 impl Node {
     /// Builds the node: the router, upstreams, and every worker module
     /// loaded, compiled (or taken from the cache) and bound to its route.
     pub fn build(config: &Config) -> Result<Node, BuildError> {
+        Node::build_with(config, FileAccess::ReadWrite)
+    }
+
+    /// Builds the node as [`Node::build`] does, but creates and changes no
+    /// file. The node has no access log, so it is for validating a config
+    /// and inspecting routes, not for serving.
+    pub fn build_read_only(config: &Config) -> Result<Node, BuildError> {
+        Node::build_with(config, FileAccess::ReadOnly)
+    }
+
+    fn build_with(config: &Config, files: FileAccess) -> Result<Node, BuildError> {
         let settings = RuntimeSettings {
             cache_dir: config.cache_dir(),
+            read_only_cache: files == FileAccess::ReadOnly,
             max_instances: config.runtime.max_instances,
             queue_limit: config.runtime.queue_limit,
             queue_timeout: config.runtime.queue_timeout,
@@ -460,7 +484,7 @@ impl Node {
             .listeners
             .iter()
             .enumerate()
-            .map(|(index, listener)| build_listener(config, index, listener))
+            .map(|(index, listener)| build_listener(config, index, listener, files))
             .collect::<Result<Vec<_>, _>>()?;
         // A static value is cloned without touching a shared reference
         // count, which every serving thread would otherwise update per
@@ -493,14 +517,18 @@ impl Node {
                     routes: route_workers.iter().map(|(name, _)| name.clone()).collect(),
                     upstreams: registry.upstream_names().to_vec(),
                 };
-                let log = AccessLog::start(
-                    sink,
-                    *access_log.buffer.get_ref(),
-                    names,
-                    registry.access_log_dropped.clone(),
-                    registry.access_log_written.clone(),
-                )
-                .map_err(|error| match &access_log.path {
+                let opened = match files {
+                    FileAccess::ReadWrite => AccessLog::start(
+                        sink,
+                        *access_log.buffer.get_ref(),
+                        names,
+                        registry.access_log_dropped.clone(),
+                        registry.access_log_written.clone(),
+                    )
+                    .map(|log| Some(Arc::new(log))),
+                    FileAccess::ReadOnly => crate::access_log::check_sink(&sink).map(|()| None),
+                };
+                opened.map_err(|error| match &access_log.path {
                     // A missing folder or a file it may not write: name the line.
                     Some(path) => BuildError::from(config.invalid(
                         config.line_of(path.span().start),
@@ -508,14 +536,13 @@ impl Node {
                         &format!("{error:#}"),
                     )),
                     None => BuildError::AccessLog(error),
-                })?;
-                Some(Arc::new(log))
+                })?
             }
             None => None,
         };
         let spans = start_span_export(config, &registry)?;
         let request_ids =
-            access_log.is_some() || routes.iter().any(|route| route.observe.request_id);
+            config.access_log.is_some() || routes.iter().any(|route| route.observe.request_id);
         Ok(Node {
             spans,
             metrics: registry,
@@ -609,6 +636,7 @@ fn build_listener(
     config: &Config,
     index: usize,
     listener: &ListenerConfig,
+    files: FileAccess,
 ) -> Result<Listener, BuildError> {
     let mut built = Listener {
         trusted_proxies: listener.trusted_proxies.clone(),
@@ -647,16 +675,29 @@ fn build_listener(
     let mut dev_ca = None;
     if tls.dev_certificate {
         let dir = config.source.base_dir.join(".edge-dev-tls");
-        let dev = crate::tls::dev_certificate(&dir)
-            .map_err(|error| tls_error(config, line, field("dev_certificate".into()), error))?;
-        certificates.push(dev.files);
-        dev_ca = Some(dev.ca);
+        let dev = match files {
+            FileAccess::ReadWrite => Some(crate::tls::dev_certificate(&dir).map_err(|error| {
+                tls_error(config, line, field("dev_certificate".into()), error)
+            })?),
+            // Serving creates a missing or expiring one, so there is nothing
+            // to check yet.
+            FileAccess::ReadOnly => crate::tls::existing_dev_certificate(&dir),
+        };
+        if let Some(dev) = dev {
+            certificates.push(dev.files);
+            dev_ca = Some(dev.ca);
+        }
     }
     certificates.extend(
         tls.certificates
             .iter()
             .map(|c| certificate_files(config, c)),
     );
+    if certificates.is_empty() {
+        // Only a read-only build gets here: the config requires
+        // `certificates` or `dev_certificate`.
+        return Ok(built);
+    }
     let settings = ServerSettings {
         certificates,
         sni_fallback: tls.sni_fallback,

@@ -590,6 +590,19 @@ pub fn dev_certificate(dir: &Path) -> Result<DevCertificate, TlsError> {
     Ok(dev)
 }
 
+/// Returns the development certificate in `dir` when it exists and is
+/// usable, without creating or changing any file.
+pub fn existing_dev_certificate(dir: &Path) -> Option<DevCertificate> {
+    let dev = DevCertificate {
+        files: CertificateFiles {
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+        },
+        ca: dir.join("ca.pem"),
+    };
+    dev_certificate_usable(&dev).then_some(dev)
+}
+
 fn dev_certificate_usable(dev: &DevCertificate) -> bool {
     if !dev.ca.exists() {
         return false;

@@ -52,6 +52,96 @@ fn check_accepts_a_valid_config() {
     );
 }
 
+/// Returns the names in `dir`, sorted.
+fn folder_entries(dir: &std::path::Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// [`VALID`] with a second listener on a development certificate and an
+/// access log at `log`: the parts that serving creates files for.
+fn with_file_outputs(log: &std::path::Path) -> String {
+    format!(
+        "{VALID}\n[[listeners]]\naddr = \"127.0.0.1:0\"\n[listeners.tls]\n\
+         dev_certificate = true\n\n[access_log]\npath = {:?}\n",
+        log.display().to_string()
+    )
+}
+
+#[test]
+fn check_creates_and_changes_no_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let logs = dir.path().join("logs");
+    std::fs::create_dir(&logs).unwrap();
+    let log = logs.join("access.log");
+    let config = write_config(dir.path(), &with_file_outputs(&log));
+
+    let output = edge(&["check", &config]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("ok (2 listeners,"), "{stdout}");
+    assert!(!log.exists(), "edge check created the access log");
+    // No module cache and no development certificate either.
+    assert_eq!(folder_entries(dir.path()), ["edge.toml", "logs"]);
+    assert!(folder_entries(&logs).is_empty());
+
+    // An access log that exists keeps its content and modification time.
+    std::fs::write(&log, "an earlier line\n").unwrap();
+    let modified = std::fs::metadata(&log).unwrap().modified().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(20));
+    assert!(edge(&["check", &config]).status.success());
+    assert_eq!(std::fs::read_to_string(&log).unwrap(), "an earlier line\n");
+    assert_eq!(
+        std::fs::metadata(&log).unwrap().modified().unwrap(),
+        modified
+    );
+
+    // `routes explain` creates no files either.
+    let explained = edge(&["routes", "explain", "--config", &config, "GET", "/users/7"]);
+    assert!(
+        explained.status.success(),
+        "{}",
+        String::from_utf8_lossy(&explained.stderr)
+    );
+    assert_eq!(folder_entries(dir.path()), ["edge.toml", "logs"]);
+}
+
+#[test]
+fn check_rejects_unusable_access_log_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().display().to_string();
+    let file = dir.path().join("file");
+    std::fs::write(&file, "").unwrap();
+    let cases = [
+        (
+            dir.path().join("missing").join("access.log"),
+            format!("the folder {folder}/missing does not exist"),
+        ),
+        (dir.path().to_owned(), "it is a folder".to_owned()),
+        (
+            file.join("access.log"),
+            format!("{folder}/file is not a folder"),
+        ),
+    ];
+    for (log, reason) in cases {
+        let stderr = check_fails(&with_file_outputs(&log));
+        let expected = format!(
+            "access_log.path: cannot open access_log.path {}: {reason}",
+            log.display()
+        );
+        assert!(stderr.contains(&expected), "{expected:?} not in {stderr}");
+    }
+    assert_eq!(folder_entries(dir.path()), ["file"]);
+}
+
 /// Runs `edge check` on `text` and returns its stderr, asserting failure.
 pub(crate) fn check_fails(text: &str) -> String {
     let dir = tempfile::tempdir().unwrap();

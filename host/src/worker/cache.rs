@@ -19,6 +19,8 @@ pub struct ModuleCache {
     dir: PathBuf,
     /// Identifies the engine settings and wasmtime version.
     engine_key: String,
+    /// Whether entries are only read, never written.
+    read_only: bool,
 }
 
 /// The source of a loaded component.
@@ -26,7 +28,7 @@ pub struct ModuleCache {
 pub enum CacheOutcome {
     /// Loaded from a cache entry.
     Hit,
-    /// Compiled, then written to the cache.
+    /// Compiled, then written to the cache unless it is read-only.
     Compiled,
 }
 
@@ -35,11 +37,21 @@ impl ModuleCache {
     pub fn new(dir: PathBuf, engine: &Engine) -> anyhow::Result<ModuleCache> {
         std::fs::create_dir_all(&dir)
             .with_context(|| format!("cannot create module cache folder {}", dir.display()))?;
-        let mut hasher = std::collections::hash_map::DefaultHasher::new();
-        // Covers the engine's compilation settings and wasmtime's version.
-        engine.precompile_compatibility_hash().hash(&mut hasher);
-        let engine_key = format!("{:016x}", hasher.finish());
-        Ok(ModuleCache { dir, engine_key })
+        Ok(ModuleCache {
+            dir,
+            engine_key: engine_key(engine),
+            read_only: false,
+        })
+    }
+
+    /// Opens the cache folder for `engine` to read entries only: the folder
+    /// is not created, and compiled modules are not stored.
+    pub fn read_only(dir: PathBuf, engine: &Engine) -> ModuleCache {
+        ModuleCache {
+            dir,
+            engine_key: engine_key(engine),
+            read_only: true,
+        }
     }
 
     /// Returns the compiled component for `bytes`, from the cache when an
@@ -68,6 +80,9 @@ impl ModuleCache {
             }
         }
         let component = Component::new(engine, bytes)?;
+        if self.read_only {
+            return Ok((component, CacheOutcome::Compiled));
+        }
         if let Err(error) = self.store(&component, &entry) {
             tracing::warn!(
                 entry = %entry.display(),
@@ -89,6 +104,14 @@ impl ModuleCache {
         std::fs::rename(&temporary, entry)?;
         Ok(())
     }
+}
+
+/// Returns the part of an entry's name that identifies the engine's
+/// compilation settings and wasmtime's version.
+fn engine_key(engine: &Engine) -> String {
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    engine.precompile_compatibility_hash().hash(&mut hasher);
+    format!("{:016x}", hasher.finish())
 }
 
 /// Returns the lower-case hex SHA-256 of a module's bytes.

@@ -93,6 +93,9 @@ const COMPONENT_VERSION: [u8; 4] = [0x0d, 0, 1, 0];
 #[derive(Debug, Clone)]
 pub struct RuntimeSettings {
     pub cache_dir: PathBuf,
+    /// Whether the module cache is only read: its folder is not created
+    /// and compiled modules are not stored, as `edge check` needs.
+    pub read_only_cache: bool,
     pub max_instances: u32,
     pub queue_limit: usize,
     pub queue_timeout: Duration,
@@ -240,7 +243,11 @@ impl Runtime {
             .map_err(anyhow::Error::from)
             .context("cannot link the worker host API")?;
 
-        let cache = ModuleCache::new(settings.cache_dir.clone(), &engine)?;
+        let cache = if settings.read_only_cache {
+            ModuleCache::read_only(settings.cache_dir.clone(), &engine)
+        } else {
+            ModuleCache::new(settings.cache_dir.clone(), &engine)?
+        };
         let ticker = EpochTicker::spawn(engine.clone())?;
         Ok(Runtime {
             engine,

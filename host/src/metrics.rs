@@ -181,13 +181,17 @@ struct StateMetrics {
     compile_cache: IntGaugeVec,
 }
 
+/// The request counters of one route and upstream slot, by status class ×
+/// reason, each resolved on first use.
+type CounterRow = Box<[OnceLock<IntCounter>]>;
+
 /// The handles of one route.
 pub struct RouteMetrics {
     name: Arc<str>,
     duration: Histogram,
     /// Request counters by upstream slot (0 for none, `i + 1` for upstream
     /// `i`), each a row of status class × reason, resolved on first use.
-    rows: Box<[OnceLock<Box<[OnceLock<IntCounter>]>>]>,
+    rows: Box<[OnceLock<CounterRow>]>,
     /// Upstream call durations by upstream index, resolved on first use.
     upstream_duration: Box<[OnceLock<Histogram>]>,
     /// Worker call durations by worker index and phase.

@@ -135,13 +135,11 @@ fn hmac_config() -> String {
         route(
             "hs",
             "/",
-            &format!(
-                "algorithms = [\"HS256\"]\nhmac_secret_name = \"jwt_key\"\nrealm = \"edge-api\"\n\
-                 issuer = \"https://idp.test\"\naudience = [\"api\", \"web\"]\nleeway = \"5s\"\n\
-                 required_scopes = [\"read\"]\ncookie = \"session\"\n\
-                 claim_headers = {{ email = \"x-user-email\" }}\n\
-                 [routes.workers.secrets]\njwt_key = {{ env = \"JWT_TEST_KEY\" }}"
-            ),
+            "algorithms = [\"HS256\"]\nhmac_secret_name = \"jwt_key\"\nrealm = \"edge-api\"\n\
+             issuer = \"https://idp.test\"\naudience = [\"api\", \"web\"]\nleeway = \"5s\"\n\
+             required_scopes = [\"read\"]\ncookie = \"session\"\n\
+             claim_headers = { email = \"x-user-email\" }\n\
+             [routes.workers.secrets]\njwt_key = { env = \"JWT_TEST_KEY\" }",
             "",
         )
     )

@@ -162,28 +162,35 @@ impl<K: std::hash::Hash + Eq + Clone, V> BoundedMap<K, V> {
     }
 }
 
+/// The hashes of a [`BoundedSet`], and the order they were added in.
+#[derive(Debug, Default)]
+struct SetAndOrder {
+    set: HashSet<[u8; 32]>,
+    order: VecDeque<[u8; 32]>,
+}
+
 /// A set of hashes that drops its oldest entry when full.
 #[derive(Debug)]
 struct BoundedSet {
     capacity: usize,
-    inner: Mutex<(HashSet<[u8; 32]>, VecDeque<[u8; 32]>)>,
+    inner: Mutex<SetAndOrder>,
 }
 
 impl BoundedSet {
     fn new(capacity: usize) -> BoundedSet {
         BoundedSet {
             capacity,
-            inner: Mutex::new((HashSet::new(), VecDeque::new())),
+            inner: Mutex::new(SetAndOrder::default()),
         }
     }
 
     fn contains(&self, hash: &[u8; 32]) -> bool {
-        self.inner.lock().expect("set poisoned").0.contains(hash)
+        self.inner.lock().expect("set poisoned").set.contains(hash)
     }
 
     fn insert(&self, hash: [u8; 32]) {
         let mut inner = self.inner.lock().expect("set poisoned");
-        let (set, order) = &mut *inner;
+        let SetAndOrder { set, order } = &mut *inner;
         if set.insert(hash) {
             order.push_back(hash);
             if order.len() > self.capacity {

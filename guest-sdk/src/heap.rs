@@ -88,9 +88,11 @@ unsafe impl Sync for Heap {}
 impl Heap {
     /// Creates the allocator; it takes no memory until the first allocation.
     pub const fn new() -> Heap {
-        Heap(UnsafeCell::new(dlmalloc::Dlmalloc::new_with_allocator(Pages {
-            initial_taken: UnsafeCell::new(false),
-        })))
+        Heap(UnsafeCell::new(dlmalloc::Dlmalloc::new_with_allocator(
+            Pages {
+                initial_taken: UnsafeCell::new(false),
+            },
+        )))
     }
 }
 

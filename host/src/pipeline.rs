@@ -941,21 +941,11 @@ fn worker_request(
         method: parts.method.as_str().to_owned(),
         path: path.to_owned(),
         query: parts.uri.query().map(str::to_owned),
-        headers: wit_headers(&parts.headers),
+        headers: crate::worker::wit_headers(&parts.headers),
         client_addr: client_ip.to_string(),
         route: route.name.to_string(),
         params,
     }
-}
-
-fn wit_headers(headers: &HeaderMap) -> Vec<wit::Header> {
-    headers
-        .iter()
-        .map(|(name, value)| wit::Header {
-            name: name.as_str().to_owned(),
-            value: String::from_utf8_lossy(value.as_bytes()).into_owned(),
-        })
-        .collect()
 }
 
 /// Applies a worker's request changes to the outgoing headers and to the
@@ -1066,7 +1056,7 @@ async fn run_response_hooks<B>(
     for (worker_index, binding) in hooked.filter(|(_, w)| w.response_hook) {
         let head = wit::ResponseHead {
             status: response.status().as_u16(),
-            headers: wit_headers(response.headers()),
+            headers: crate::worker::wit_headers(response.headers()),
         };
         let (origin, span_id) = fetch_origin(node, route, exchange);
         let started = Instant::now();

@@ -253,7 +253,9 @@ fn ensure_target(triple: &str) -> anyhow::Result<()> {
         .args(["target", "list", "--installed"])
         .output()
         .with_context(|| {
-            format!("cannot run rustup; install Rust with rustup so the {triple} target can be added")
+            format!(
+                "cannot run rustup; install Rust with rustup so the {triple} target can be added"
+            )
         })?;
     let listed = String::from_utf8_lossy(&installed.stdout);
     if listed.lines().any(|line| line.trim() == triple) {

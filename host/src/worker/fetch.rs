@@ -423,14 +423,7 @@ impl FetchAccess {
             let body = read_capped(body, &head.headers, self.limits.max_response_body).await?;
             Ok(IncomingResponse {
                 status: head.status.as_u16(),
-                headers: head
-                    .headers
-                    .iter()
-                    .map(|(name, value)| wit::Header {
-                        name: name.as_str().to_owned(),
-                        value: String::from_utf8_lossy(value.as_bytes()).into_owned(),
-                    })
-                    .collect(),
+                headers: super::wit_headers(&head.headers),
                 body: body.to_vec(),
             })
         };

@@ -50,6 +50,24 @@ pub use fetch::{FetchAccess, FetchLimits, FetchOrigin, FetchTrace};
 pub use host_api::Secret;
 use host_api::{StoreState, WorkerSettings};
 
+/// Converts header fields to the WIT form a worker reads. A value that is
+/// not UTF-8 has its invalid bytes replaced with U+FFFD.
+pub fn wit_headers(headers: &http::HeaderMap) -> Vec<wit::Header> {
+    headers
+        .iter()
+        .map(|(name, value)| wit::Header {
+            name: name.as_str().to_owned(),
+            // `from_utf8` checks ASCII a word at a time, several times
+            // faster than the lossy conversion on long values such as a
+            // bearer token.
+            value: match std::str::from_utf8(value.as_bytes()) {
+                Ok(text) => text.to_owned(),
+                Err(_) => String::from_utf8_lossy(value.as_bytes()).into_owned(),
+            },
+        })
+        .collect()
+}
+
 use crate::context::RequestContext;
 
 /// Host bindings generated from the `worker` world in `wit/`.
@@ -747,5 +765,32 @@ impl LogThrottle {
         // A lost race only lets one extra line through.
         self.state.store(next, Ordering::Relaxed);
         Some(self.suppressed.swap(0, Ordering::Relaxed))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wit_headers_replace_invalid_utf8() {
+        let mut headers = http::HeaderMap::new();
+        headers.insert(
+            "x-text",
+            http::HeaderValue::from_bytes("caf\u{e9} ok".as_bytes()).expect("valid header value"),
+        );
+        headers.insert(
+            "x-bytes",
+            http::HeaderValue::from_bytes(b"a\xffb").expect("valid header value"),
+        );
+        let converted = wit_headers(&headers);
+        let value = |name: &str| {
+            converted
+                .iter()
+                .find(|header| header.name == name)
+                .map(|header| header.value.as_str())
+        };
+        assert_eq!(value("x-text"), Some("caf\u{e9} ok"));
+        assert_eq!(value("x-bytes"), Some("a\u{fffd}b"));
     }
 }

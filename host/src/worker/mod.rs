@@ -57,9 +57,9 @@ pub fn wit_headers(headers: &http::HeaderMap) -> Vec<wit::Header> {
         .iter()
         .map(|(name, value)| wit::Header {
             name: name.as_str().to_owned(),
-            // `from_utf8` checks ASCII a word at a time, several times
-            // faster than the lossy conversion on long values such as a
-            // bearer token.
+            // `from_utf8` checks ASCII a word at a time, where the lossy
+            // conversion scans byte by byte, which shows on long values
+            // such as a bearer token.
             value: match std::str::from_utf8(value.as_bytes()) {
                 Ok(text) => text.to_owned(),
                 Err(_) => String::from_utf8_lossy(value.as_bytes()).into_owned(),

@@ -40,6 +40,9 @@ pub enum Refusal {
     UnsupportedTransferCoding(String),
     /// The body is larger than the route allows.
     BodyTooLarge { limit: u64 },
+    /// The request sends the header a rate limit keys on more than once, so
+    /// the limit cannot tell which value to count.
+    RepeatedKeyHeader { limit: Arc<str>, header: String },
     /// The route has no upstream and no worker chose one.
     NoUpstream,
     /// Connecting to the upstream failed, the connection broke, or the
@@ -73,9 +76,10 @@ impl Refusal {
     pub fn status(&self) -> StatusCode {
         match self {
             Refusal::NoRoute => StatusCode::NOT_FOUND,
-            Refusal::InvalidPath(_) | Refusal::InvalidHost(_) | Refusal::InvalidBody => {
-                StatusCode::BAD_REQUEST
-            }
+            Refusal::InvalidPath(_)
+            | Refusal::InvalidHost(_)
+            | Refusal::InvalidBody
+            | Refusal::RepeatedKeyHeader { .. } => StatusCode::BAD_REQUEST,
             Refusal::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Refusal::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Refusal::UnsupportedTransferCoding(_) => StatusCode::NOT_IMPLEMENTED,
@@ -99,6 +103,7 @@ impl Refusal {
             Refusal::InvalidHost(_) => "invalid_host",
             Refusal::InvalidBody => "invalid_body",
             Refusal::BodyTooLarge { .. } => "body_too_large",
+            Refusal::RepeatedKeyHeader { .. } => "repeated_key_header",
             Refusal::BodyTimeout => "body_timeout",
             Refusal::UnsupportedTransferCoding(_) => "unsupported_transfer_coding",
             Refusal::NoUpstream => "no_upstream",
@@ -122,6 +127,7 @@ impl Refusal {
             | Refusal::InvalidHost(_)
             | Refusal::InvalidBody
             | Refusal::BodyTooLarge { .. }
+            | Refusal::RepeatedKeyHeader { .. }
             | Refusal::BodyTimeout
             | Refusal::UnsupportedTransferCoding(_)
             | Refusal::RateLimited { .. } => Source::Client,
@@ -156,6 +162,9 @@ impl Refusal {
             }
             Refusal::BodyTooLarge { limit } => {
                 format!("the request body is larger than this route's limit of {limit} bytes")
+            }
+            Refusal::RepeatedKeyHeader { limit, header } => {
+                format!("the header {header} appears more than once; rate limit {limit:?} counts requests by it, so send it once")
             }
             Refusal::NoUpstream => "this route has no upstream and no worker chose one".to_owned(),
             Refusal::UpstreamUnavailable { upstream } => {
@@ -205,7 +214,7 @@ impl Refusal {
                 body["limit"] = serde_json::Value::from(&**limit);
                 body["retry_after"] = serde_json::Value::from(*retry_after);
             }
-            Refusal::RateLimitUnavailable { limit } => {
+            Refusal::RateLimitUnavailable { limit } | Refusal::RepeatedKeyHeader { limit, .. } => {
                 body["limit"] = serde_json::Value::from(&**limit);
             }
             _ => {}

@@ -9,7 +9,8 @@
 //! normalise path      400 invalid_path
 //! redirect to HTTPS   308 (a redirecting listener), 400 invalid_host
 //! route               404 no_route
-//! rate limits         429 rate_limited, 503 ratelimit_unavailable
+//! rate limits         429 rate_limited, 503 ratelimit_unavailable,
+//!                     400 repeated_key_header
 //! body limit          413 body_too_large
 //! request workers     the worker's own response, 500 worker_failed,
 //!                     503 worker_timeout or worker_busy; limits keyed by a

@@ -1100,3 +1100,41 @@ async fn flushed_scripts_are_loaded_again() -> Result {
     assert!(!node.log().contains("cannot reach redis"), "{}", node.log());
     Ok(())
 }
+
+#[tokio::test]
+async fn repeated_key_header_is_rejected() -> Result {
+    let upstream = Upstream::echo().await;
+    let limits = limit(
+        "name = \"per_key\"\nkey = \"header:x-api-key\"\nalgorithm = \"token_bucket\"\nrate = \"3/h\"",
+    );
+    let config = format!("{}{}", app(&upstream), route("api", "/", &limits));
+    let node = Node::start(&config)?;
+
+    // A second value would otherwise start a fresh count on every request.
+    for second in ["b1", "b2", "b3", "b4"] {
+        let got = send(
+            "GET",
+            &node.url("/"),
+            &[("x-api-key", "a"), ("x-api-key", second)],
+            b"",
+        )
+        .await?;
+        assert_eq!(got.status, 400);
+        assert_eq!(got.json()["error"], "repeated_key_header");
+        assert_eq!(got.json()["limit"], "per_key");
+        let message = got.json()["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(message.contains("x-api-key"), "{message}");
+        assert_eq!(got.header("content-type"), Some("application/json"));
+    }
+    assert_eq!(upstream.count(), 0);
+
+    // One value is counted as before.
+    let single = send("GET", &node.url("/"), &[("x-api-key", "a")], b"").await?;
+    assert_eq!(single.status, 200);
+    assert_eq!(header_u64(&single, "ratelimit-remaining"), 2);
+    assert_eq!(upstream.count(), 1);
+    Ok(())
+}

@@ -861,7 +861,7 @@ impl Limit {
         clock: &dyn Clock,
         request: &KeyInput<'_>,
     ) -> Result<(Decision, Counted), Refusal> {
-        let value = self.key_value(request);
+        let value = self.key_value(request)?;
         let Some(global) = &self.global else {
             let key = self.local_key(&value);
             // A load first: most requests of a busy limit come from the key
@@ -971,8 +971,11 @@ impl Limit {
         match (counted, &self.global) {
             (Counted::Local(key), _) => self.local.give_back(key, clock.now_ns()),
             (Counted::Global, Some(global)) => {
-                let key = global.redis_key(&self.key_value(request));
-                global.backend.give_back(key, &global.script);
+                // The request was counted, so its key was valid then too.
+                if let Ok(value) = self.key_value(request) {
+                    let key = global.redis_key(&value);
+                    global.backend.give_back(key, &global.script);
+                }
             }
             (Counted::Global, None) => {}
         }
@@ -1007,19 +1010,31 @@ impl Limit {
         self.local.len()
     }
 
-    fn key_value<'a>(&self, request: &'a KeyInput<'_>) -> KeyValue<'a> {
-        match &self.spec.key {
+    /// Returns the value this limit counts `request` by. A key header sent
+    /// more than once is rejected: counting one of its values would let a
+    /// client pass a fresh value in the other on every request.
+    fn key_value<'a>(&self, request: &'a KeyInput<'_>) -> Result<KeyValue<'a>, Refusal> {
+        Ok(match &self.spec.key {
             KeySource::ClientIp => KeyValue::Ip(request.client_ip),
             KeySource::Route => KeyValue::Route,
-            KeySource::Header(name) => match request.headers.get(name) {
-                Some(value) => KeyValue::Bytes(value.as_bytes()),
-                None => KeyValue::Ip(request.client_ip),
-            },
+            KeySource::Header(name) => {
+                let mut values = request.headers.get_all(name).iter();
+                match (values.next(), values.next()) {
+                    (Some(value), None) => KeyValue::Bytes(value.as_bytes()),
+                    (None, _) => KeyValue::Ip(request.client_ip),
+                    (Some(_), Some(_)) => {
+                        return Err(Refusal::RepeatedKeyHeader {
+                            limit: self.spec.name.clone(),
+                            header: name.to_string(),
+                        })
+                    }
+                }
+            }
             KeySource::Context(name) => match request.context.get(name) {
                 Some(value) => KeyValue::Context(value.as_bytes()),
                 None => KeyValue::Ip(request.client_ip),
             },
-        }
+        })
     }
 
     fn local_key(&self, value: &KeyValue<'_>) -> u64 {

@@ -588,3 +588,37 @@ async fn no_wasi_worker_grows_memory_to_its_cap() -> Result {
     assert_eq!(upstream.count(), 0);
     Ok(())
 }
+
+#[tokio::test]
+async fn worker_log_lines_are_throttled() -> Result {
+    let upstream = Upstream::echo().await;
+    let config = format!("{}{}", app(&upstream), fixture_route("log", "/", "log", ""));
+    let node = Node::start(&config)?;
+    // Each call writes five lines, three of them at a level the node prints.
+    let calls = 200;
+    let started = Instant::now();
+    for _ in 0..calls {
+        assert_eq!(get(&node.url("/log")).await?.status, 200);
+    }
+    let seconds = started.elapsed().as_secs() + 1;
+    // A later second admits lines again and reports the suppressed ones.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(get(&node.url("/log")).await?.status, 200);
+    assert!(
+        node.log_contains("worker log lines suppressed"),
+        "{}",
+        node.log()
+    );
+    let log = node.log();
+    let printed = log
+        .lines()
+        .filter(|line| line.contains("fixture log"))
+        .count();
+    assert!(
+        printed as u64 <= 100 * (seconds + 1),
+        "{printed} lines printed in about {seconds} s"
+    );
+    assert!(printed < 3 * calls, "{printed} lines printed");
+    assert_eq!(upstream.count(), calls + 1);
+    Ok(())
+}

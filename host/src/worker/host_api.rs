@@ -171,6 +171,8 @@ pub struct WorkerSettings {
     secrets: HashMap<String, Secret>,
     /// The names of the node's upstreams.
     pub(super) upstreams: Arc<HashSet<String>>,
+    /// Admits the worker's log lines, over all its calls.
+    log_throttle: super::LogThrottle,
 }
 
 /// A secret value, kept out of `Debug` output and so out of logs.
@@ -213,6 +215,7 @@ impl WorkerSettings {
             upstreams,
             fetch,
             key_set_upstreams,
+            log_throttle: super::LogThrottle::default(),
         }
     }
 }
@@ -222,6 +225,10 @@ impl types::Host for StoreState {}
 /// The maximum number of log lines one call writes. Later ones are counted,
 /// and one warning at the end of the call reports how many were dropped.
 pub(super) const MAX_LOG_LINES: u32 = 64;
+/// The maximum number of log lines a worker bound to one route writes a
+/// second, over all its calls, so that a worker that logs (or panics) on
+/// every request cannot flood the node's log.
+const LOG_LINES_PER_SECOND: u64 = 100;
 /// The maximum length of a kept log message, in bytes; a longer one is cut.
 const MAX_LOG_BYTES: usize = 4096;
 
@@ -257,6 +264,21 @@ impl log::Host for StoreState {
         let message = &redacted[..end];
         let route = &*self.settings.route;
         let worker = &*self.settings.module;
+        let Some(suppressed) = self
+            .settings
+            .log_throttle
+            .admit_per_second(LOG_LINES_PER_SECOND)
+        else {
+            return;
+        };
+        if suppressed > 0 {
+            tracing::warn!(
+                route,
+                worker,
+                suppressed,
+                "worker log lines suppressed: over {LOG_LINES_PER_SECOND} a second"
+            );
+        }
         match level {
             log::Level::Trace => tracing::trace!(route, worker, "{message}"),
             log::Level::Debug => tracing::debug!(route, worker, "{message}"),

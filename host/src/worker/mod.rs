@@ -748,13 +748,19 @@ impl LogThrottle {
     /// Returns `Some(lines suppressed since the last admitted one)` when a
     /// line may be logged now, else counts it as suppressed.
     pub fn admit(&self) -> Option<u64> {
+        self.admit_per_second(Self::PER_SECOND)
+    }
+
+    /// Works as [`LogThrottle::admit`] does, with at most `per_second` lines
+    /// admitted each second.
+    pub fn admit_per_second(&self, per_second: u64) -> Option<u64> {
         let second = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs())
             & 0xffff_ffff;
         let state = self.state.load(Ordering::Relaxed);
         let next = if state >> 32 == second {
-            if state & 0xffff_ffff >= Self::PER_SECOND {
+            if state & 0xffff_ffff >= per_second {
                 self.suppressed.fetch_add(1, Ordering::Relaxed);
                 return None;
             }

@@ -1108,6 +1108,12 @@ impl Config {
                     return Err(self.invalid(line, &field, "must be more than zero"));
                 }
                 self.validate_fetch(worker, &field(&format!("workers[{worker_index}].fetch")))?;
+                let table = toml::Value::Table(worker.config.clone());
+                if let Some((path, message)) = value_without_json_form(&table, String::new()) {
+                    let field = field(&format!("workers[{worker_index}].config{path}"));
+                    let line = self.line_of(worker.module.span().start);
+                    return Err(self.invalid(line, &field, message));
+                }
             }
         }
         // Last, so that a config under construction gets its other errors
@@ -1659,6 +1665,31 @@ impl Config {
             field: field.to_owned(),
             message: message.to_owned(),
         }
+    }
+}
+
+/// Finds the first value under `value` that has no JSON form, which is how a
+/// worker reads its config, and returns its path below `path` with the
+/// reason.
+fn value_without_json_form(value: &toml::Value, path: String) -> Option<(String, &'static str)> {
+    match value {
+        toml::Value::Float(number) if !number.is_finite() => Some((
+            path,
+            "NaN and infinite numbers have no JSON form, and a worker reads its config as JSON",
+        )),
+        toml::Value::Datetime(_) => Some((
+            path,
+            "a TOML date or time has no JSON form, and a worker reads its config as JSON; \
+             write it as a string",
+        )),
+        toml::Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(index, item)| value_without_json_form(item, format!("{path}[{index}]"))),
+        toml::Value::Table(table) => table
+            .iter()
+            .find_map(|(key, item)| value_without_json_form(item, format!("{path}.{key}"))),
+        _ => None,
     }
 }
 

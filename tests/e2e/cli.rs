@@ -674,3 +674,28 @@ fn routes_explain_lists_rate_limits() {
     let output = edge(&["routes", "explain", "--config", &path, "GET", "/users/1"]);
     assert!(String::from_utf8_lossy(&output.stdout).contains("rate limits: none"));
 }
+
+#[test]
+fn check_rejects_worker_config_without_json_form() {
+    let cases = [
+        (
+            "required = { n = nan }",
+            "workers[0].config.required.n",
+            "NaN",
+        ),
+        ("limit = inf", "workers[0].config.limit", "infinite"),
+        ("days = [1979-05-27]", "workers[0].config.days[0]", "date"),
+        (
+            "since = 1979-05-27T07:32:00Z",
+            "workers[0].config.since",
+            "date",
+        ),
+    ];
+    for (value, field, reason) in cases {
+        let config = VALID.replace("headers = { \"x-a\" = \"1\" }", value);
+        let error = check_fails(&config);
+        assert!(error.contains(field), "{value}: {error}");
+        assert!(error.contains(reason), "{value}: {error}");
+        assert!(error.contains("JSON"), "{value}: {error}");
+    }
+}

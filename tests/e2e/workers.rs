@@ -622,3 +622,22 @@ async fn worker_log_lines_are_throttled() -> Result {
     assert_eq!(upstream.count(), calls + 1);
     Ok(())
 }
+
+#[tokio::test]
+async fn module_over_memory_cap_fails_to_load() -> Result {
+    let upstream = Upstream::echo().await;
+    // A worker built without WASI starts with 2 MiB of memory.
+    let config = format!(
+        "{}{}",
+        app(&upstream),
+        no_wasi_route("small", "/", "counter", "max_memory = \"1MiB\"")
+    );
+    let error = match Node::start(&config) {
+        Ok(_) => panic!("the node started with a module over its memory cap"),
+        Err(error) => error.to_string(),
+    };
+    assert!(error.contains("initial memory of 2097152 bytes"), "{error}");
+    assert!(error.contains("max_memory of 1048576 bytes"), "{error}");
+    assert!(error.contains("raise max_memory"), "{error}");
+    Ok(())
+}

@@ -83,6 +83,7 @@ impl StoreState {
             limiter: MemoryCap {
                 cap: memory_cap,
                 exceeded: None,
+                exceeded_initially: false,
             },
             settings,
             crypto,
@@ -120,17 +121,21 @@ pub struct MemoryCap {
     cap: usize,
     /// The size a denied growth asked for.
     pub exceeded: Option<usize>,
+    /// Whether the denied growth was the memory's initial size, which the
+    /// module sets, rather than a growth the guest asked for later.
+    pub exceeded_initially: bool,
 }
 
 impl ResourceLimiter for MemoryCap {
     fn memory_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
         if desired > self.cap {
             self.exceeded = Some(desired);
+            self.exceeded_initially = current == 0;
             wasmtime::bail!(
                 "worker memory cap exceeded: growing to {desired} bytes, cap is {} bytes",
                 self.cap

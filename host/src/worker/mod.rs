@@ -603,7 +603,15 @@ fn classify_trap(
     if let Some(Trap::Interrupt) = error.downcast_ref::<Trap>() {
         return WorkerError::Timeout(binding.cpu_deadline);
     }
-    if let Some(desired) = store.data().limiter.exceeded {
+    let limiter = &store.data().limiter;
+    if let (Some(desired), true) = (limiter.exceeded, limiter.exceeded_initially) {
+        return WorkerError::Failed(format!(
+            "the module's initial memory of {desired} bytes is over the worker's max_memory of \
+             {} bytes; raise max_memory to at least that",
+            binding.memory_cap
+        ));
+    }
+    if let Some(desired) = limiter.exceeded {
         return WorkerError::Failed(format!(
             "worker exceeded its memory cap of {} bytes (it asked for {desired})",
             binding.memory_cap

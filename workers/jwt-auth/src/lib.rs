@@ -7,7 +7,7 @@
 //!
 //! [[routes.workers]]
 //! module = "modules/jwt-auth.wasm"
-//! upstreams = ["idp"]                  # the JWK set comes from here
+//! fetch = ["idp"]                      # the JWK set comes from here
 //!
 //! [routes.workers.config]
 //! algorithms = ["RS256", "ES256"]       # the allow-list; `none` is never accepted

@@ -70,7 +70,8 @@ enum Command {
         /// Time between two frames.
         #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
         interval: std::time::Duration,
-        /// Print one frame and exit, without clearing the screen.
+        /// Print one frame and exit, without clearing the screen. The frame's
+        /// rates cover one interval, so it takes that long.
         #[arg(long)]
         once: bool,
     },

@@ -27,6 +27,7 @@ pub struct TopOptions<'a> {
     pub token_file: Option<&'a Path>,
     pub interval: Duration,
     /// Whether to print one frame, without clearing the screen, and return.
+    /// The frame's rates cover one interval, so it takes that long.
     pub once: bool,
 }
 
@@ -53,6 +54,13 @@ pub fn run(options: &TopOptions<'_>) -> anyhow::Result<()> {
         loop {
             let status = fetch_status(options.admin, &token).await?;
             let now = Instant::now();
+            // Rates need two samples: the single frame of `once` waits one
+            // interval for its second.
+            if options.once && previous.is_none() {
+                previous = Some((now, status));
+                tokio::time::sleep(options.interval).await;
+                continue;
+            }
             let frame = render(&status, previous.as_ref().map(|(at, old)| (now - *at, old)));
             if options.once {
                 print!("{frame}");

@@ -735,7 +735,25 @@ async fn edge_top_prints_routes_targets_and_limits() -> Result {
     let admin = node.admin_url.clone().expect("admin listener");
     let admin = admin.trim_start_matches("http://").to_owned();
 
-    let output = crate::harness::edge(&["top", "--admin", &admin, "--token", TOKEN, "--once"]);
+    // Requests during the frame's interval, so that its rates are numbers.
+    let top_admin = admin.clone();
+    let top = tokio::task::spawn_blocking(move || {
+        crate::harness::edge(&[
+            "top",
+            "--admin",
+            &top_admin,
+            "--token",
+            TOKEN,
+            "--once",
+            "--interval",
+            "1s",
+        ])
+    });
+    for _ in 0..5 {
+        assert_eq!(get(&node.url("/b")).await?.status, 200);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let output = top.await?;
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(
         output.status.success(),
@@ -743,9 +761,17 @@ async fn edge_top_prints_routes_targets_and_limits() -> Result {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(stdout.contains(", serving;"), "{stdout}");
+    let api = stdout
+        .lines()
+        .find(|line| line.starts_with("api "))
+        .unwrap_or_default();
+    assert!(!api.is_empty(), "{stdout}");
+    let cells: Vec<&str> = api.split_whitespace().collect();
     assert!(
-        stdout.lines().any(|line| line.starts_with("api ")),
-        "{stdout}"
+        cells
+            .get(2)
+            .is_some_and(|rate| rate.parse::<f64>().is_ok_and(|r| r > 0.0)),
+        "REQ/S is a number above zero: {stdout}"
     );
     assert!(stdout.contains(&upstream.addr.to_string()), "{stdout}");
     assert!(stdout.contains("per-ip"), "{stdout}");

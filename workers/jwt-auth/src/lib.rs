@@ -94,7 +94,21 @@ fn authenticate(request: &Request, settings: &Settings) -> Result<RequestChanges
     };
     let valid = key
         .verify(token.alg, token.signing_input.as_bytes(), &token.signature)
-        .map_err(|error| Rejection::Invalid(format!("the token's key rejects it: {error}")))?;
+        .map_err(|error| match error {
+            // The token's choice, so the client may learn it.
+            edge_sdk::crypto::Error::AlgorithmMismatch => {
+                Rejection::Invalid(format!("the token's key rejects it: {error}"))
+            }
+            // Other reasons describe the route's key (its length, say), so
+            // they go to the node's log, not to the client.
+            _ => {
+                edge_sdk::log::warn(&format!(
+                    "jwt-auth: the key cannot check a {} token: {error}",
+                    token.alg
+                ));
+                Rejection::Invalid("the token cannot be checked with this route's key".into())
+            }
+        })?;
     if !valid {
         return Err(Rejection::Invalid(
             "the token's signature is invalid".into(),

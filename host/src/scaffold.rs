@@ -152,8 +152,10 @@ struct MyWorker;
 
 impl Worker for MyWorker {
     fn on_request(request: Request) -> Action {
-        // Answer requests for /hello here; send the rest on with a header.
-        if request.path == "/hello" {
+        // Answer requests whose path ends in /hello here, such as /users/hello
+        // on a route with the prefix /users (a worker sees the whole path),
+        // and send the rest on with a header.
+        if request.path.ends_with("/hello") {
             return Action::respond(edge_sdk::Response::new(200).body("hello from a worker\n"));
         }
         Action::Continue(RequestChanges::new().set_header("x-my-worker", "seen"))

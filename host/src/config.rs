@@ -1047,6 +1047,15 @@ impl Config {
         for (index, route) in self.routes.iter().enumerate() {
             let field = |name: &str| format!("routes[{index}].{name}");
             let line = self.line_of(route.name.span().start);
+            // The name goes into log lines, metrics labels and `edge top`,
+            // where a control character would break the output.
+            if route.name.get_ref().chars().any(char::is_control) {
+                let message = format!(
+                    "route name {:?} contains a control character",
+                    route.name.get_ref()
+                );
+                return Err(self.invalid(line, &field("name"), &message));
+            }
             if let Some(first) = names.insert(route.name.get_ref().as_str(), line) {
                 let message = format!(
                     "route name {:?} is already used on line {first}",

@@ -699,3 +699,11 @@ fn check_rejects_worker_config_without_json_form() {
         assert!(error.contains("JSON"), "{value}: {error}");
     }
 }
+
+#[test]
+fn check_rejects_route_name_with_control_character() {
+    let config = VALID.replace("name = \"home\"", "name = \"ho\\u001bme\"");
+    let error = check_fails(&config);
+    assert!(error.contains("routes[1].name"), "{error}");
+    assert!(error.contains("control character"), "{error}");
+}

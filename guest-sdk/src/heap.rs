@@ -34,9 +34,9 @@ unsafe impl Send for Pages {}
 unsafe impl dlmalloc::Allocator for Pages {
     fn alloc(&self, size: usize) -> (*mut u8, usize, u32) {
         // SAFETY: one thread, so no other access to the flag is live.
-        let taken = unsafe { &mut *self.initial_taken.get() };
-        if !*taken {
-            *taken = true;
+        let initial_taken = unsafe { &mut *self.initial_taken.get() };
+        if !*initial_taken {
+            *initial_taken = true;
             // The linker defines `__heap_base`; only its address is taken.
             let base = ptr::addr_of!(__heap_base) as usize;
             let end = core::arch::wasm32::memory_size(0) * PAGE;

@@ -1117,8 +1117,11 @@ impl Config {
                     return Err(self.invalid(line, &field, "must be more than zero"));
                 }
                 self.validate_fetch(worker, &field(&format!("workers[{worker_index}].fetch")))?;
-                let table = toml::Value::Table(worker.config.clone());
-                if let Some((path, message)) = value_without_json_form(&table, String::new()) {
+                let without_json_form = worker
+                    .config
+                    .iter()
+                    .find_map(|(key, value)| value_without_json_form(value, format!(".{key}")));
+                if let Some((path, message)) = without_json_form {
                     let field = field(&format!("workers[{worker_index}].config{path}"));
                     let line = self.line_of(worker.module.span().start);
                     return Err(self.invalid(line, &field, message));

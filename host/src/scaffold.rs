@@ -152,7 +152,7 @@ struct MyWorker;
 
 impl Worker for MyWorker {
     fn on_request(request: Request) -> Action {
-        // Answer requests whose path ends in /hello here, such as /users/hello
+        // Respond to requests whose path ends in /hello, such as /users/hello
         // on a route with the prefix /users (a worker sees the whole path),
         // and send the rest on with a header.
         if request.path.ends_with("/hello") {

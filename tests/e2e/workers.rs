@@ -594,6 +594,7 @@ async fn worker_log_lines_are_throttled() -> Result {
     let upstream = Upstream::echo().await;
     let config = format!("{}{}", app(&upstream), fixture_route("log", "/", "log", ""));
     let node = Node::start(&config)?;
+
     // Each call writes five lines, three of them at a level the node prints.
     let calls = 200;
     let started = Instant::now();
@@ -601,6 +602,7 @@ async fn worker_log_lines_are_throttled() -> Result {
         assert_eq!(get(&node.url("/log")).await?.status, 200);
     }
     let seconds = started.elapsed().as_secs() + 1;
+
     // A later second admits lines again and reports the suppressed ones.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     assert_eq!(get(&node.url("/log")).await?.status, 200);
@@ -609,6 +611,7 @@ async fn worker_log_lines_are_throttled() -> Result {
         "{}",
         node.log()
     );
+
     let log = node.log();
     let printed = log
         .lines()

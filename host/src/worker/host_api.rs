@@ -269,6 +269,7 @@ impl log::Host for StoreState {
         let message = &redacted[..end];
         let route = &*self.settings.route;
         let worker = &*self.settings.module;
+        // NOTE: a line the node's log level filters out still uses the budget.
         let Some(suppressed) = self
             .settings
             .log_throttle

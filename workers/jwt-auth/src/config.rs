@@ -65,8 +65,8 @@ pub struct Config<'a> {
     /// A JWK set, as JSON text or a table.
     #[serde(default)]
     pub jwks: Option<serde_json::Value>,
-    /// The upstream that serves the JWK set; it must be listed in the
-    /// worker's `upstreams`.
+    /// The upstream that serves the JWK set. It must be listed in the
+    /// worker's `fetch`.
     #[serde(default, borrow)]
     pub jwks_upstream: Option<Text<'a>>,
     /// The path of the JWK set on `jwks_upstream`.

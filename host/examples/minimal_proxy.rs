@@ -2,13 +2,21 @@
 //! `scripts/bench`: one current-thread runtime, HTTP/1.1 only, a per-thread
 //! pool of `http1::handshake` connections to one upstream, and the same
 //! forwarding headers that nginx, HAProxy and edge set in the benchmark. It
-//! has no routing, timeouts, hop-by-hop removal, limits or workers.
+//! has no routing, timeouts, hop-by-hop removal or limits.
 //!
-//! Usage: minimal_proxy LISTEN_ADDR UPSTREAM_ADDR
+//! With a worker module, it also calls that worker's request hook in a fresh
+//! instance on edge's worker runtime for every request, with the module's
+//! `headers = { "x-bench" = "1" }` config, and sets the headers the worker
+//! asks for: the floor of a worker hop in a proxy, next to edge's.
+//!
+//! Usage: minimal_proxy LISTEN_ADDR UPSTREAM_ADDR [WORKER_MODULE]
 
 use std::cell::RefCell;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
 
 use http::header::{HeaderName, HeaderValue, HOST};
 use http::{Request, Response, StatusCode, Uri};
@@ -19,6 +27,9 @@ use hyper::server::conn::http1 as server;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use tokio::net::{TcpListener, TcpStream};
+
+use edge::context::RequestContext;
+use edge::worker::{wit, Binding, Runtime, RuntimeSettings};
 
 type Body = http_body_util::combinators::UnsyncBoxBody<bytes::Bytes, hyper::Error>;
 
@@ -52,12 +63,90 @@ async fn connection(upstream: SocketAddr) -> hyper::Result<client::SendRequest<I
     Ok(sender)
 }
 
+/// A worker bound to the proxy's one route.
+struct Worker {
+    runtime: Runtime,
+    binding: Binding,
+}
+
+impl Worker {
+    async fn load(module: &str, cache_dir: &std::path::Path) -> anyhow::Result<Worker> {
+        let settings = RuntimeSettings {
+            cache_dir: cache_dir.to_owned(),
+            read_only_cache: false,
+            max_instances: 64,
+            queue_limit: 64,
+            queue_timeout: Duration::from_millis(20),
+            max_memory: 64 << 20,
+            upstreams: Default::default(),
+        };
+        let runtime = Runtime::new(&settings)?;
+        let loaded = runtime.load(std::path::Path::new(module))?;
+        let config: toml::Table = r#"headers = { "x-bench" = "1" }"#.parse()?;
+        let binding = runtime
+            .bind(
+                loaded,
+                Arc::from("bench"),
+                &config,
+                Default::default(),
+                Duration::from_secs(1),
+                16 << 20,
+                None,
+                Default::default(),
+            )
+            .await?;
+        Ok(Worker { runtime, binding })
+    }
+
+    /// Calls the request hook and sets the headers it asks for.
+    async fn run(&self, parts: &mut http::request::Parts, peer: &str) {
+        let headers = parts
+            .headers
+            .iter()
+            .map(|(name, value)| wit::Header {
+                name: name.as_str().to_owned(),
+                value: String::from_utf8_lossy(value.as_bytes()).into_owned(),
+            })
+            .collect();
+        let view = wit::Request {
+            method: parts.method.as_str().to_owned(),
+            path: parts.uri.path().to_owned(),
+            query: parts.uri.query().map(str::to_owned),
+            headers,
+            client_addr: peer.to_owned(),
+            route: "bench".to_owned(),
+            params: Vec::new(),
+        };
+        let mut context = RequestContext::default();
+        let action = self
+            .runtime
+            .on_request(&self.binding, &view, &mut context, Default::default())
+            .await;
+        if let Ok(wit::Action::Continue(changes)) = action {
+            for header in changes.set_headers {
+                if let (Ok(name), Ok(value)) = (
+                    HeaderName::from_bytes(header.name.as_bytes()),
+                    HeaderValue::from_str(&header.value),
+                ) {
+                    parts.headers.insert(name, value);
+                }
+            }
+        }
+    }
+}
+
 async fn proxy(
     request: Request<Incoming>,
     peer: HeaderValue,
     upstream: SocketAddr,
+    worker: Option<Rc<Worker>>,
 ) -> Result<Response<Body>, Infallible> {
     let (mut parts, body) = request.into_parts();
+    if let Some(worker) = &worker {
+        worker
+            .run(&mut parts, peer.to_str().unwrap_or_default())
+            .await;
+    }
     parts.uri = parts
         .uri
         .path_and_query()
@@ -92,15 +181,25 @@ async fn proxy(
 
 fn main() {
     let mut args = std::env::args().skip(1);
-    let usage = "usage: minimal_proxy LISTEN_ADDR UPSTREAM_ADDR";
+    let usage = "usage: minimal_proxy LISTEN_ADDR UPSTREAM_ADDR [WORKER_MODULE]";
     let listen: SocketAddr = args.next().expect(usage).parse().expect(usage);
     let upstream: SocketAddr = args.next().expect(usage).parse().expect(usage);
+    let module = args.next();
+    let cache = tempfile::tempdir().expect("cannot create a cache folder");
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("cannot build a tokio runtime");
     let local = tokio::task::LocalSet::new();
     local.block_on(&runtime, async move {
+        let worker = match &module {
+            Some(module) => Some(Rc::new(
+                Worker::load(module, cache.path())
+                    .await
+                    .expect("cannot load the worker"),
+            )),
+            None => None,
+        };
         let listener = TcpListener::bind(listen).await.expect("cannot listen");
         println!("listening on http://{listen}");
         loop {
@@ -110,8 +209,11 @@ fn main() {
             let _ = stream.set_nodelay(true);
             let peer =
                 HeaderValue::from_str(&peer.ip().to_string()).expect("an IP is a header value");
+            let worker = worker.clone();
             tokio::task::spawn_local(async move {
-                let service = service_fn(move |request| proxy(request, peer.clone(), upstream));
+                let service = service_fn(move |request| {
+                    proxy(request, peer.clone(), upstream, worker.clone())
+                });
                 let _ = server::Builder::new()
                     .writev(false)
                     .serve_connection(TokioIo::new(stream), service)

@@ -458,7 +458,9 @@ impl Upstream {
                 },
             }
         }
-        let mut sender = match self.connect(target).await {
+        // Boxed: a new connection is rare, and its future (TLS included)
+        // would otherwise make every request's future larger.
+        let mut sender = match Box::pin(self.connect(target)).await {
             Ok(sender) => sender,
             Err(refusal) => {
                 return Err(SendError::Upstream {

@@ -78,19 +78,38 @@ pub async fn sweep(granularity: Duration) {
 /// Runs `future` until it completes or `duration` passes, whichever comes
 /// first; `Err(Elapsed)` when the time ran out. The timer is one of this
 /// module's, so it fires up to one sweep granularity late.
-pub async fn timeout<F: Future>(duration: Duration, future: F) -> Result<F::Output, Elapsed> {
-    let mut future = std::pin::pin!(future);
-    let mut sleep = CoarseSleep {
-        deadline: Instant::now() + duration,
-        state: State::Idle,
-    };
-    std::future::poll_fn(|cx| {
-        if let Poll::Ready(output) = future.as_mut().poll(cx) {
+pub fn timeout<F: Future>(duration: Duration, future: F) -> Timeout<F> {
+    Timeout {
+        future,
+        sleep: CoarseSleep {
+            deadline: Instant::now() + duration,
+            state: State::Idle,
+        },
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// The future [`timeout`] returns. A plain struct rather than an `async`
+    /// block, so that it holds `future` once: an async block would keep both
+    /// the argument and the pinned copy, doubling the size of every future
+    /// that awaits it.
+    pub struct Timeout<F> {
+        #[pin]
+        future: F,
+        sleep: CoarseSleep,
+    }
+}
+
+impl<F: Future> Future for Timeout<F> {
+    type Output = Result<F::Output, Elapsed>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.project();
+        if let Poll::Ready(output) = this.future.poll(cx) {
             return Poll::Ready(Ok(output));
         }
-        Pin::new(&mut sleep).poll(cx).map(|()| Err(Elapsed))
-    })
-    .await
+        Pin::new(this.sleep).poll(cx).map(|()| Err(Elapsed))
+    }
 }
 
 /// A deadline on this module's timer that can be moved, for timeouts that a

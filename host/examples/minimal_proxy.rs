@@ -74,8 +74,8 @@ impl Worker {
         let settings = RuntimeSettings {
             cache_dir: cache_dir.to_owned(),
             read_only_cache: false,
-            max_instances: 64,
-            queue_limit: 64,
+            max_instances: 2,
+            queue_limit: 2,
             queue_timeout: Duration::from_millis(20),
             max_memory: 64 << 20,
             upstreams: Default::default(),
@@ -98,7 +98,7 @@ impl Worker {
         Ok(Worker { runtime, binding })
     }
 
-    /// Calls the request hook and sets the headers it asks for.
+    /// Calls the request hook and sets the headers it returns.
     async fn run(&self, parts: &mut http::request::Parts, peer: &str) {
         let headers = parts
             .headers

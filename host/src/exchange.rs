@@ -2,7 +2,6 @@
 //! stages, and the last step that reads it: the observability headers, the
 //! RED metrics and the access-log record.
 
-use std::io::Write as _;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -219,11 +218,18 @@ impl Exchange {
 /// `0.412ms`, without allocating a string.
 fn duration_value(duration: Duration) -> HeaderValue {
     let micros = duration.as_micros();
-    let mut text = [0u8; 32];
-    let mut cursor = std::io::Cursor::new(&mut text[..]);
-    let _ = write!(cursor, "{}.{:03}ms", micros / 1000, micros % 1000);
-    let len = cursor.position() as usize;
-    HeaderValue::from_bytes(&text[..len]).expect("digits are a valid header value")
+    let mut text = Vec::with_capacity(24);
+    text.extend_from_slice(itoa::Buffer::new().format(micros / 1000).as_bytes());
+    let fraction = (micros % 1000) as u16;
+    text.extend_from_slice(&[
+        b'.',
+        b'0' + (fraction / 100) as u8,
+        b'0' + (fraction / 10 % 10) as u8,
+        b'0' + (fraction % 10) as u8,
+    ]);
+    text.extend_from_slice(b"ms");
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(text))
+        .expect("digits are a valid header value")
 }
 
 #[cfg(test)]

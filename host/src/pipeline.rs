@@ -645,10 +645,7 @@ fn check_host(host: &[u8]) -> Result<(), &'static str> {
     if name.is_empty() {
         return Err("is empty");
     }
-    // reg-name: unreserved, percent-encoded and sub-delims characters, and
-    // the dots of an IPv4 address; never userinfo, a path or spaces.
-    let reg_name = |byte: &u8| byte.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(byte);
-    if !host.starts_with(b"[") && !name.iter().all(reg_name) {
+    if !host.starts_with(b"[") && !name.iter().all(|&byte| REG_NAME[usize::from(byte)]) {
         return Err("is not a host name or address");
     }
     if let Some(port) = port {
@@ -664,6 +661,26 @@ fn check_host(host: &[u8]) -> Result<(), &'static str> {
     }
     Ok(())
 }
+
+/// The bytes of a reg-name (RFC 3986, section 3.2.2), by value: unreserved,
+/// percent-encoded and sub-delims characters, which include the dots of an
+/// IPv4 address; never userinfo, a path or spaces. A table, because this
+/// runs on every byte of every request's host.
+static REG_NAME: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut byte = 0;
+    while byte < 256 {
+        table[byte] = (byte as u8).is_ascii_alphanumeric();
+        byte += 1;
+    }
+    let others = b"-._~%!$&'()*+,;=";
+    let mut i = 0;
+    while i < others.len() {
+        table[others[i] as usize] = true;
+        i += 1;
+    }
+    table
+};
 
 /// Refuses a request body in a transfer coding other than chunked, such as
 /// `gzip, chunked`: hyper removes the chunked framing, and forwarding the
@@ -782,7 +799,7 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     }
     // `Connection` is HOP_BY_HOP[0]. The options `keep-alive` and `close`
     // name no other header than `Keep-Alive`, which is on the list anyway.
-    if present & 1 != 0 {
+    if present & 1 != 0 && !only_connection_options(headers) {
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
@@ -805,6 +822,19 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
         if present & (1 << index) != 0 {
             headers.remove(name);
         }
+    }
+}
+
+/// True when the only `Connection` value is `keep-alive` or `close`, as on
+/// most messages, which then name no header to remove.
+fn only_connection_options(headers: &HeaderMap) -> bool {
+    let mut values = headers.get_all(header::CONNECTION).iter();
+    match (values.next(), values.next()) {
+        (Some(value), None) => {
+            let value = value.as_bytes();
+            value.eq_ignore_ascii_case(b"keep-alive") || value.eq_ignore_ascii_case(b"close")
+        }
+        _ => false,
     }
 }
 
@@ -1163,6 +1193,20 @@ mod tests {
             "[::1]x",
         ] {
             assert!(check_host(host.as_bytes()).is_err(), "{host:?} passed");
+        }
+    }
+
+    #[test]
+    fn hop_by_hop_removes_a_lone_connection_option() {
+        for option in ["keep-alive", "Close"] {
+            let mut headers = HeaderMap::new();
+            headers.insert(header::CONNECTION, HeaderValue::from_static(option));
+            headers.insert("keep-alive", HeaderValue::from_static("timeout=5"));
+            headers.insert("x-end", HeaderValue::from_static("1"));
+            remove_hop_by_hop(&mut headers);
+            assert!(headers.get(header::CONNECTION).is_none(), "{option}");
+            assert!(headers.get("keep-alive").is_none(), "{option}");
+            assert!(headers.get("x-end").is_some(), "{option}");
         }
     }
 

@@ -89,10 +89,9 @@ pub fn timeout<F: Future>(duration: Duration, future: F) -> Timeout<F> {
 }
 
 pin_project_lite::pin_project! {
-    /// The future [`timeout`] returns. A plain struct rather than an `async`
-    /// block, so that it holds `future` once: an async block would keep both
-    /// the argument and the pinned copy, doubling the size of every future
-    /// that awaits it.
+    /// The future [`timeout`] returns. It is a struct rather than an `async`
+    /// fn because an async fn keeps its argument and the pinned copy of it
+    /// both, which doubled the size of every future that awaits it.
     pub struct Timeout<F> {
         #[pin]
         future: F,

@@ -7,7 +7,7 @@
 //! With a worker module, it also calls that worker's request hook in a fresh
 //! instance on edge's worker runtime for every request, with the module's
 //! `headers = { "x-bench" = "1" }` config, and sets the headers the worker
-//! asks for: the floor of a worker hop in a proxy, next to edge's.
+//! returns. This is the floor of a worker hop in any proxy, next to edge's.
 //!
 //! Usage: minimal_proxy LISTEN_ADDR UPSTREAM_ADDR [WORKER_MODULE]
 

@@ -545,7 +545,9 @@ impl SystemClock {
 
 impl Clock for SystemClock {
     fn now_ns(&self) -> u64 {
-        self.anchor_ns + self.start.elapsed().as_nanos() as u64
+        // Whole seconds and nanoseconds in u64, without `as_nanos`'s u128.
+        let elapsed = self.start.elapsed();
+        self.anchor_ns + elapsed.as_secs() * 1_000_000_000 + u64::from(elapsed.subsec_nanos())
     }
 }
 

@@ -294,7 +294,8 @@ fn write_socket_addr(out: &mut Vec<u8>, addr: SocketAddr) {
 /// Returns whether a query parameter's name looks like it carries a
 /// credential: it contains `token`, `secret`, `passw`, `key`, `auth`,
 /// `session`, `signature`, `credential`, `bearer` or `refresh`, or is
-/// `sig`, `pwd`, `code` or `jwt` (case-insensitive).
+/// `sig`, `pwd`, `code` or `jwt` (case-insensitive), alone or with the
+/// brackets of an array or map parameter, as in `jwt[]` or `code[0]`.
 fn is_sensitive(name: &str) -> bool {
     const PARTS: [&str; 10] = [
         "token",
@@ -310,7 +311,8 @@ fn is_sensitive(name: &str) -> bool {
     ];
     const WHOLE: [&str; 4] = ["sig", "pwd", "code", "jwt"];
     let name = name.to_ascii_lowercase();
-    PARTS.iter().any(|part| name.contains(part)) || WHOLE.contains(&name.as_str())
+    let base = name.split_once('[').map_or(name.as_str(), |(base, _)| base);
+    PARTS.iter().any(|part| name.contains(part)) || WHOLE.contains(&base)
 }
 
 /// Calls `emit` with each piece of `query`: parameters with the values of
@@ -417,6 +419,20 @@ mod tests {
                 "{name}"
             );
         }
+    }
+
+    #[test]
+    fn redact_query_covers_array_parameters() {
+        for name in ["jwt[]", "jwt%5B%5D", "code[0]", "SIG[a]", "pwd[]"] {
+            let query = format!("page=1&{name}=hidden");
+            assert_eq!(
+                redact_query(&query),
+                format!("page=1&{name}=REDACTED"),
+                "{name}"
+            );
+        }
+        // A longer name that only starts with one of the whole names stays.
+        assert_eq!(redact_query("codes[]=a&signal=b"), "codes[]=a&signal=b");
     }
 
     #[test]

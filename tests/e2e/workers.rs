@@ -262,6 +262,34 @@ async fn panicking_worker_gets_worker_failed() -> Result {
 }
 
 #[tokio::test]
+async fn recursing_worker_reports_stack_overflow() -> Result {
+    let upstream = Upstream::echo().await;
+    let config = format!(
+        "{}{}{}",
+        app(&upstream),
+        fixture_route("recurse", "/recurse", "recurse", ""),
+        fixture_route("counter", "/", "counter", "")
+    );
+    let node = Node::start(&config)?;
+    let got = get(&node.url("/recurse")).await?;
+    assert_eq!(got.status, 500);
+    assert_eq!(got.json()["error"], "worker_failed");
+    assert_eq!(upstream.count(), 0);
+    assert_eq!(get(&node.url("/after")).await?.status, 200);
+    node.log_contains("stack overflow");
+    let log = node.log();
+    assert!(
+        log.contains("stack overflow"),
+        "the log names the stack overflow: {log}"
+    );
+    assert!(
+        log.contains("fixture_worker::recurse"),
+        "the log names the guest function: {log}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn sleeping_worker_continues() -> Result {
     let upstream = Upstream::echo().await;
     let config = format!(

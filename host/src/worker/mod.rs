@@ -39,7 +39,7 @@ use tokio::sync::{Semaphore, SemaphorePermit};
 use wasmtime::component::{
     Component, ComponentExportIndex, HasSelf, Instance, InstancePre, Linker,
 };
-use wasmtime::{Engine, Store, Trap, UpdateDeadline};
+use wasmtime::{Engine, Store, Trap, UpdateDeadline, WasmBacktrace};
 
 use cache::ModuleCache;
 pub use cache::{content_hash, CacheOutcome};
@@ -617,13 +617,43 @@ fn classify_trap(
             binding.memory_cap
         ));
     }
-    let stderr = store.data().stderr();
-    if stderr.is_empty() {
-        WorkerError::Failed(format!("worker trapped: {error:#}"))
-    } else {
-        WorkerError::Failed(format!("worker trapped: {error:#}; stderr: {stderr}"))
+    let mut message = match error.downcast_ref::<Trap>() {
+        Some(Trap::StackOverflow) => {
+            "worker trapped: stack overflow (its call stack is exhausted)".to_owned()
+        }
+        // A Rust guest's stack sits below its data in linear memory, so a
+        // stack that overflows there reads or writes out of bounds.
+        Some(Trap::MemoryOutOfBounds) => "worker trapped: out of bounds memory access, which \
+             is also how a guest's stack overflow into its data shows"
+            .to_owned(),
+        Some(trap) => format!("worker trapped: {trap}"),
+        None => format!("worker trapped: {:#}", error.root_cause()),
+    };
+    // The innermost frames only: the whole backtrace of a deep recursion
+    // would be thousands of lines in one log record.
+    if let Some(backtrace) = error.downcast_ref::<WasmBacktrace>() {
+        let frames: Vec<String> = backtrace
+            .frames()
+            .iter()
+            .take(BACKTRACE_FRAMES)
+            .map(|frame| match frame.func_name() {
+                Some(name) => format!("{:#}", rustc_demangle::demangle(name)),
+                None => "?".to_owned(),
+            })
+            .collect();
+        if !frames.is_empty() {
+            message.push_str(&format!(" (in {})", frames.join(" < ")));
+        }
     }
+    let stderr = store.data().stderr();
+    if !stderr.is_empty() {
+        message.push_str(&format!("; stderr: {stderr}"));
+    }
+    WorkerError::Failed(message)
 }
+
+/// How many of a trap's innermost guest frames its error names.
+const BACKTRACE_FRAMES: usize = 3;
 
 /// Checks the binary header, so that a core module or a non-wasm file gets
 /// a message naming what it is.

@@ -296,6 +296,14 @@ fn loop_forever() -> ! {
     }
 }
 
+/// Recurses without end, each frame with a buffer on the stack, so the
+/// guest runs out of stack.
+#[inline(never)]
+fn recurse(depth: u64) -> u64 {
+    let frame = black_box([depth as u8; 512]);
+    recurse(depth + 1).wrapping_add(u64::from(frame[0]))
+}
+
 fn allocate(config: AllocConfig) -> Action {
     const PAGE: usize = 4096;
     let total = config.bytes.unwrap_or(1024 * MIB);
@@ -518,6 +526,10 @@ fn handle_request(request: Request) -> Result<Action, InvalidConfig> {
     let action = match mode.as_str() {
         "counter" => count_calls(),
         "loop" => loop_forever(),
+        "recurse" => {
+            recurse(0);
+            unreachable!("recursion without end returned")
+        }
         "alloc" => allocate(parse_config(&mode)?),
         "panic" => panic!("fixture panic"),
         "echo" => echo(request),

@@ -655,6 +655,36 @@ async fn worker_log_lines_are_throttled() -> Result {
 }
 
 #[tokio::test]
+async fn filtered_log_lines_use_no_budget() -> Result {
+    let upstream = Upstream::echo().await;
+    let config = format!("{}{}", app(&upstream), fixture_route("log", "/", "log", ""));
+    let node = Node::start(&config)?;
+
+    // Each call writes five lines, of which the node prints the three at
+    // info and above. 30 calls print 90 lines, under the 100 a second, as
+    // long as the trace and debug lines count for nothing.
+    for _ in 0..30 {
+        assert_eq!(get(&node.url("/log")).await?.status, 200);
+    }
+    // The log is read from the node's stderr on another thread.
+    let printed = |log: &str| {
+        log.lines()
+            .filter(|line| line.contains("fixture log"))
+            .count()
+    };
+    for _ in 0..100 {
+        if printed(&node.log()) >= 90 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let log = node.log();
+    assert_eq!(printed(&log), 90, "{log}");
+    assert!(!log.contains("worker log lines suppressed"), "{log}");
+    Ok(())
+}
+
+#[tokio::test]
 async fn module_over_memory_cap_fails_to_load() -> Result {
     let upstream = Upstream::echo().await;
     // A worker built without WASI starts with 2 MiB of memory.

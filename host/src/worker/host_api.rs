@@ -256,6 +256,18 @@ impl WorkerSettings {
 
 impl log::Host for StoreState {
     fn write(&mut self, level: log::Level, message: String) {
+        // A line the node's log level filters out costs nothing, and uses
+        // none of the worker's budget.
+        let enabled = match level {
+            log::Level::Trace => tracing::enabled!(tracing::Level::TRACE),
+            log::Level::Debug => tracing::enabled!(tracing::Level::DEBUG),
+            log::Level::Info => tracing::enabled!(tracing::Level::INFO),
+            log::Level::Warn => tracing::enabled!(tracing::Level::WARN),
+            log::Level::Error => tracing::enabled!(tracing::Level::ERROR),
+        };
+        if !enabled {
+            return;
+        }
         self.log_lines += 1;
         if self.log_lines > MAX_LOG_LINES {
             return;
@@ -269,7 +281,6 @@ impl log::Host for StoreState {
         let message = &redacted[..end];
         let route = &*self.settings.route;
         let worker = &*self.settings.module;
-        // NOTE: a line the node's log level filters out still uses the budget.
         let Some(suppressed) = self
             .settings
             .log_throttle

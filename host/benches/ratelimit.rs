@@ -2,11 +2,14 @@
 //! limiter's decision and the four response headers, without the network.
 //!
 //! Usage: cargo bench -p edge --bench ratelimit [-- --redis redis://HOST:PORT] [--only TEXT]
-//!        [--iterations N]
+//!        [--iterations N] [--timeout DURATION]
 //! Without `--redis` only the local limiter is measured; `--only` runs the
 //! cases whose label contains TEXT; `--iterations` sets the requests of each
 //! local case (default 5,000,000; a global case runs a sixteenth of them),
-//! fewer for a run under callgrind. Each case prints
+//! fewer for a run under callgrind. `--timeout` sets the Redis timeout
+//! (default 50ms). A run under callgrind needs a longer one, such as 5s,
+//! because otherwise its decisions time out and fall back to the local
+//! limiter, which the run reports. Each case prints
 //! the CPU time per request of this process (user + system, from
 //! /proc/self/stat) minus that of building the same response headers
 //! without a limit (the upstream's four and the four the node adds).
@@ -88,6 +91,7 @@ fn main() {
     let mut redis_url = None;
     let mut only = None;
     let mut iterations = 5_000_000u32;
+    let mut timeout = "50ms".to_owned();
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--redis" => redis_url = args.next(),
@@ -98,6 +102,7 @@ fn main() {
                     .and_then(|n| n.parse().ok())
                     .expect("--iterations takes a number")
             }
+            "--timeout" => timeout = args.next().expect("--timeout takes a duration, such as 2s"),
             _ => {}
         }
     }
@@ -106,7 +111,7 @@ fn main() {
         .build()
         .unwrap();
     let redis_config: Option<RedisConfig> = redis_url.as_ref().map(|url| {
-        toml::from_str(&format!("url = {url:?}\ntimeout = \"50ms\"")).expect("redis config")
+        toml::from_str(&format!("url = {url:?}\ntimeout = {timeout:?}")).expect("redis config")
     });
     let limiter =
         Rc::new(RateLimiter::new(Arc::new(SystemClock::new(0)), redis_config.as_ref()).unwrap());
@@ -227,6 +232,10 @@ fn main() {
         runtime.block_on(run(iterations));
         let per_request = (cpu_ns() - started) / f64::from(iterations) - baseline;
         println!("| {label} | {per_request:.0} |");
+        let fallbacks = limits[0].fallbacks();
+        if fallbacks > 0 {
+            eprintln!("{label}: {fallbacks} decisions fell back to the local limiter");
+        }
     }
     if let Some(backend) = limiter.backend() {
         eprintln!("redis round trips: {}", backend.round_trips());

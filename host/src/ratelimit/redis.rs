@@ -294,6 +294,18 @@ impl RedisBackend {
         link: &Arc<Link>,
         deadline: Instant,
     ) -> Result<Option<(Connection, u64)>, Failure> {
+        // A connection that is up needs no registration for the end of an
+        // attempt, so the common case skips it.
+        if let LinkState::Up {
+            connection,
+            generation,
+        } = &*link.state.lock().unwrap_or_else(PoisonError::into_inner)
+        {
+            return Ok(match connection {
+                Connection::Single(_) => None,
+                Connection::Cluster(_) => Some((connection.clone(), *generation)),
+            });
+        }
         loop {
             let settled = link.settled.notified();
             tokio::pin!(settled);
@@ -539,14 +551,13 @@ pub(super) fn parse_decision(text: &[u8]) -> Result<Verdict, Failure> {
     })
 }
 
-/// The maximum number of digits of a field of a decision, so that a field
-/// cannot overflow an `i64`. The script's largest values are durations of
-/// at most 366 days in microseconds, 14 digits.
-const MAX_DIGITS: u32 = 18;
+/// The digits that always fit in an `i64`, so that the parse of a longer
+/// field only checks for overflow.
+const SAFE_DIGITS: u32 = 18;
 
 /// Parses the seven fields of one decision: optionally negative decimal
-/// integers of up to [`MAX_DIGITS`] digits, such as the script's `%d`
-/// output, separated by single spaces. Returns `None` for anything else.
+/// integers, such as the script's `%d` output, separated by single spaces.
+/// Returns `None` for anything else or on overflow.
 fn parse_fields(text: &[u8]) -> Option<[i64; 7]> {
     let mut values = [0i64; 7];
     // The field being parsed, its magnitude so far, whether it has a minus
@@ -557,11 +568,12 @@ fn parse_fields(text: &[u8]) -> Option<[i64; 7]> {
     let mut digits = 0;
     for &byte in text {
         if byte.is_ascii_digit() {
-            if digits == MAX_DIGITS {
-                return None;
-            }
-            // Without overflow checks, because 18 digits fit in an `i64`.
-            magnitude = magnitude * 10 + i64::from(byte - b'0');
+            let digit = i64::from(byte - b'0');
+            magnitude = if digits < SAFE_DIGITS {
+                magnitude * 10 + digit
+            } else {
+                magnitude.checked_mul(10)?.checked_add(digit)?
+            };
             digits += 1;
             continue;
         }
@@ -673,9 +685,15 @@ mod tests {
             parse_fields(b"-12 0 1 22 333 -4444 999999999999999999"),
             Some([-12, 0, 1, 22, 333, -4444, 999_999_999_999_999_999])
         );
-        assert_eq!(parse_fields(b"1 0 0 0 0 0 1000000000000000000"), None);
+        assert_eq!(
+            parse_fields(b"-9223372036854775807 0 0 0 0 0 9223372036854775807"),
+            Some([-i64::MAX, 0, 0, 0, 0, 0, i64::MAX])
+        );
         assert_eq!(parse_fields(b"1 0 0 0 0 0 9223372036854775808"), None);
-        assert_eq!(parse_fields(b"-1000000000000000000 0 0 0 0 0 1"), None);
+        assert_eq!(
+            parse_fields(b"1 0 0 0 0 0 00000000000000000000001"),
+            Some([1, 0, 0, 0, 0, 0, 1])
+        );
         assert_eq!(parse_fields(b"1 0 0 0 0 0 -"), None);
         assert_eq!(parse_fields(b"1 0 0 0 0 0 1.5"), None);
         assert_eq!(parse_fields(b"1 0 0 0 0 0 1-"), None);

@@ -15,8 +15,9 @@
 //! A queued request costs no allocation of its own. Its Redis key is written
 //! into a buffer of the queue. Its decision comes back through a slot in a
 //! slab of the queue, which the flushing task fills and the request's future
-//! reads. One lock guards the queue and the slots, and it is not contended,
-//! because a link and its flushing task belong to one serving thread.
+//! reads. One lock guards the queue and the slots. In the node it is not
+//! contended, because each serving thread runs a current-thread runtime, so
+//! a link's requests and its flushing task run on the link's thread.
 
 use std::future::Future;
 use std::ops::Range;

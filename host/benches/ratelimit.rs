@@ -2,11 +2,16 @@
 //! limiter's decision and the four response headers, without the network.
 //!
 //! Usage: cargo bench -p edge --bench ratelimit [-- --redis redis://HOST:PORT] [--only TEXT]
-//!        [--iterations N]
+//!        [--iterations N] [--timeout DURATION] [--in-flight N]
 //! Without `--redis` only the local limiter is measured; `--only` runs the
 //! cases whose label contains TEXT; `--iterations` sets the requests of each
 //! local case (default 5,000,000; a global case runs a sixteenth of them),
-//! fewer for a run under callgrind. Each case prints
+//! fewer for a run under callgrind. `--timeout` sets the Redis timeout
+//! (default 50ms). A run under callgrind needs a longer one, such as 5s,
+//! because otherwise its decisions time out and fall back to the local
+//! limiter, which the run reports. `--in-flight` sets the requests a global
+//! case keeps in flight (default 32), so the batches of a run under
+//! callgrind can be as small as a node's. Each case prints
 //! the CPU time per request of this process (user + system, from
 //! /proc/self/stat) minus that of building the same response headers
 //! without a limit (the upstream's four and the four the node adds).
@@ -88,6 +93,8 @@ fn main() {
     let mut redis_url = None;
     let mut only = None;
     let mut iterations = 5_000_000u32;
+    let mut timeout = "50ms".to_owned();
+    let mut in_flight = 32u32;
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--redis" => redis_url = args.next(),
@@ -98,6 +105,14 @@ fn main() {
                     .and_then(|n| n.parse().ok())
                     .expect("--iterations takes a number")
             }
+            "--in-flight" => {
+                in_flight = args
+                    .next()
+                    .and_then(|n| n.parse().ok())
+                    .filter(|&n| n > 0)
+                    .expect("--in-flight takes a number above 0")
+            }
+            "--timeout" => timeout = args.next().expect("--timeout takes a duration, such as 2s"),
             _ => {}
         }
     }
@@ -106,7 +121,7 @@ fn main() {
         .build()
         .unwrap();
     let redis_config: Option<RedisConfig> = redis_url.as_ref().map(|url| {
-        toml::from_str(&format!("url = {url:?}\ntimeout = \"50ms\"")).expect("redis config")
+        toml::from_str(&format!("url = {url:?}\ntimeout = {timeout:?}")).expect("redis config")
     });
     let limiter =
         Rc::new(RateLimiter::new(Arc::new(SystemClock::new(0)), redis_config.as_ref()).unwrap());
@@ -159,21 +174,12 @@ fn main() {
             false,
         ),
     ];
+    let global_label = format!("global token bucket, one client, {in_flight} in flight");
+    let leased_label =
+        format!("global token bucket, lease = 100, one client, {in_flight} in flight");
     if redis_url.is_some() {
-        cases.push((
-            "global token bucket, one client, 32 in flight",
-            "global",
-            1,
-            1,
-            true,
-        ));
-        cases.push((
-            "global token bucket, lease = 100, one client, 32 in flight",
-            "global",
-            100,
-            1,
-            true,
-        ));
+        cases.push((&global_label, "global", 1, 1, true));
+        cases.push((&leased_label, "global", 100, 1, true));
     }
     println!("| limit | CPU ns per request |");
     println!("|---|---:|");
@@ -207,13 +213,13 @@ fn main() {
                     }
                     return;
                 }
-                // 32 requests in flight, as from 32 client connections.
+                // Requests in flight, as from as many client connections.
                 let tasks = tokio::task::LocalSet::new();
-                for _ in 0..32 {
+                for _ in 0..in_flight {
                     let (limiter, limits) = (limiter.clone(), limits.clone());
                     tasks.spawn_local(async move {
                         let mut response = HeaderMap::new();
-                        for i in 0..count / 32 {
+                        for i in 0..count / in_flight {
                             one_request(&limiter, &limits, i % clients, headers, &mut response)
                                 .await;
                         }
@@ -227,6 +233,10 @@ fn main() {
         runtime.block_on(run(iterations));
         let per_request = (cpu_ns() - started) / f64::from(iterations) - baseline;
         println!("| {label} | {per_request:.0} |");
+        let fallbacks = limits[0].fallbacks();
+        if fallbacks > 0 {
+            eprintln!("{label}: {fallbacks} decisions fell back to the local limiter");
+        }
     }
     if let Some(backend) = limiter.backend() {
         eprintln!("redis round trips: {}", backend.round_trips());

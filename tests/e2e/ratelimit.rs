@@ -1101,6 +1101,36 @@ async fn flushed_scripts_are_loaded_again() -> Result {
     Ok(())
 }
 
+#[test]
+fn script_applies_one_limit_argument_to_every_key() -> Result {
+    let redis = Redis::start()?;
+    let script = edge::ratelimit::redis::SCRIPT;
+    // A token bucket of one request per second and a burst of 2, as one
+    // argument for three keys: the first key takes both places.
+    let bucket = "1 1000000 2 0 1";
+    let shared = redis.cli(&["eval", script, "3", "{t}:a", "{t}:a", "{t}:b", bucket]);
+    let decisions: Vec<&str> = shared.split(',').collect();
+    assert_eq!(decisions.len(), 3, "{shared}");
+    assert_eq!(decisions[0], "1 2 1 1000000 0 0 1", "{shared}");
+    assert_eq!(decisions[1], "1 2 0 2000000 0 0 1", "{shared}");
+    assert_eq!(decisions[2], "1 2 1 1000000 0 0 1", "{shared}");
+    // One argument per key: a bucket and a fixed window of 5 per minute.
+    let window = "2 60000000 5";
+    let mixed = redis.cli(&["eval", script, "2", "{t}:c", "{t}:d", bucket, window]);
+    let decisions: Vec<&str> = mixed.split(',').collect();
+    assert_eq!(decisions.len(), 2, "{mixed}");
+    assert_eq!(decisions[0], "1 2 1 1000000 0 0 1", "{mixed}");
+    assert!(decisions[1].starts_with("1 5 4 "), "{mixed}");
+    let wrong = redis.cli(&[
+        "eval", script, "3", "{t}:e", "{t}:f", "{t}:g", bucket, bucket,
+    ]);
+    assert_eq!(
+        wrong,
+        "ERR expected one ARGV entry or one per key, got 2 for 3 keys"
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn repeated_key_header_is_rejected() -> Result {
     let upstream = Upstream::echo().await;

@@ -5,7 +5,8 @@
 -- so a node pays for one command, not one per request.
 --
 -- KEYS[i]  the state of the limit for the i-th request's client key.
--- ARGV[i]  that request's limit, as space-separated numbers:
+-- ARGV[i]  that request's limit, or with a single ARGV entry the limit of
+--          every request, as space-separated numbers:
 --          "1 interval burst queue lease": token or leaky bucket (GCRA),
 --              with the interval between requests in us (with a fraction).
 --          "2 window limit": fixed window of window us;
@@ -176,7 +177,11 @@ end
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
 local decisions = {}
+local shared = #ARGV == 1 and ARGV[1]
+if not shared and #ARGV ~= #KEYS then
+    return redis.error_reply('ERR expected one ARGV entry or one per key, got ' .. #ARGV .. ' for ' .. #KEYS .. ' keys')
+end
 for i, key in ipairs(KEYS) do
-    decisions[i] = decide(key, parse(ARGV[i]), now)
+    decisions[i] = decide(key, parse(shared or ARGV[i]), now)
 end
 return table.concat(decisions, ',')

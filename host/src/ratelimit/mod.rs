@@ -702,10 +702,10 @@ impl RateLimiter {
 
 /// Appends `tag` and the first 128 bits of the SHA-256 of `bytes` in hex, so
 /// that keys stay short and API keys are not stored.
-fn push_digest(key: &mut String, tag: &str, bytes: &[u8]) {
-    key.push_str(tag);
+fn push_digest(key: &mut Vec<u8>, tag: &[u8], bytes: &[u8]) {
+    key.extend_from_slice(tag);
     let digest = Sha256::digest(bytes);
-    key.push_str(&hex::encode(&digest[..16]));
+    key.extend_from_slice(hex::encode(&digest[..16]).as_bytes());
 }
 
 /// Escapes the characters that structure a Redis key.
@@ -917,12 +917,12 @@ impl Limit {
                 }
             }
         }
-        let key = global.redis_key(&value);
         let spec = smaller.as_ref().unwrap_or(&global.script.decide);
         let outcome = if unavailable {
             Err(redis::Failure::Down)
         } else {
-            global.backend.decide(key, spec).await
+            let write_key = |key: &mut Vec<u8>| global.push_redis_key(&value, key);
+            global.backend.decide(write_key, spec).await
         };
         let failure = match outcome {
             Ok(verdict) => {
@@ -1051,44 +1051,50 @@ impl Limit {
 }
 
 impl Global {
-    /// Builds the Redis key of a client from the client address as text, a
-    /// header value as the first 128 bits of its SHA-256 (so API keys are
-    /// not stored), or `route`.
-    fn redis_key(&self, value: &KeyValue<'_>) -> String {
-        use std::fmt::Write as _;
-        let mut key = String::with_capacity(self.key_head.len() + 48);
-        key.push_str(&self.key_head);
+    /// Builds the Redis key of a client, as [`Global::push_redis_key`] does.
+    fn redis_key(&self, value: &KeyValue<'_>) -> Vec<u8> {
+        let mut key = Vec::with_capacity(self.key_head.len() + 48);
+        self.push_redis_key(value, &mut key);
+        key
+    }
+
+    /// Appends the Redis key of a client to `key`: the client address as
+    /// text, a header value as the first 128 bits of its SHA-256 (so API
+    /// keys are not stored), or `route`.
+    fn push_redis_key(&self, value: &KeyValue<'_>, key: &mut Vec<u8>) {
+        use std::io::Write as _;
+        key.extend_from_slice(self.key_head.as_bytes());
         match value {
             KeyValue::Ip(IpAddr::V4(ip)) => {
                 // By hand: formatting through `Display` costs more.
-                key.push_str("ip=");
+                key.extend_from_slice(b"ip=");
                 for (index, octet) in ip.octets().into_iter().enumerate() {
                     if index > 0 {
-                        key.push('.');
+                        key.push(b'.');
                     }
-                    push_decimal(&mut key, octet);
+                    push_decimal(key, octet);
                 }
             }
             KeyValue::Ip(ip) => {
+                // Writing to a `Vec` cannot fail.
                 let _ = write!(key, "ip={ip}");
             }
-            KeyValue::Bytes(bytes) => push_digest(&mut key, "h=", bytes),
-            KeyValue::Context(bytes) => push_digest(&mut key, "c=", bytes),
-            KeyValue::Route => key.push_str("route"),
+            KeyValue::Bytes(bytes) => push_digest(key, b"h=", bytes),
+            KeyValue::Context(bytes) => push_digest(key, b"c=", bytes),
+            KeyValue::Route => key.extend_from_slice(b"route"),
         }
-        key.push_str(self.key_tail);
-        key
+        key.extend_from_slice(self.key_tail.as_bytes());
     }
 }
 
-fn push_decimal(out: &mut String, value: u8) {
+fn push_decimal(out: &mut Vec<u8>, value: u8) {
     if value >= 100 {
-        out.push(char::from(b'0' + value / 100));
+        out.push(b'0' + value / 100);
     }
     if value >= 10 {
-        out.push(char::from(b'0' + value / 10 % 10));
+        out.push(b'0' + value / 10 % 10);
     }
-    out.push(char::from(b'0' + value % 10));
+    out.push(b'0' + value % 10);
 }
 
 /// The state of the limit the response headers describe.
@@ -1242,27 +1248,27 @@ mod tests {
         };
         let limit = limiter.limit("api{v1}", spec);
         let global = limit.global.as_ref().unwrap();
+        let redis_key = |value: KeyValue<'_>| String::from_utf8(global.redis_key(&value)).unwrap();
         let ip: IpAddr = "203.0.113.9".parse().unwrap();
         assert_eq!(
-            global.redis_key(&KeyValue::Ip(ip)),
+            redis_key(KeyValue::Ip(ip)),
             "edge:rl:{api%7Bv1%7D:per%3Aip:ip=203.0.113.9}:fw"
         );
         for text in ["0.0.0.0", "10.20.30.40", "255.255.255.255", "1.100.9.99"] {
             let ip: IpAddr = text.parse().unwrap();
-            assert!(global
-                .redis_key(&KeyValue::Ip(ip))
-                .contains(&format!(":ip={text}}}")));
+            assert!(redis_key(KeyValue::Ip(ip)).contains(&format!(":ip={text}}}")));
         }
         let v6: IpAddr = "2001:db8::1".parse().unwrap();
-        assert!(global
-            .redis_key(&KeyValue::Ip(v6))
-            .contains(":ip=2001:db8::1}"));
-        let header = global.redis_key(&KeyValue::Bytes(b"secret-key"));
+        assert!(redis_key(KeyValue::Ip(v6)).contains(":ip=2001:db8::1}"));
+        let header = redis_key(KeyValue::Bytes(b"secret-key"));
         assert!(!header.contains("secret"), "{header}");
         assert_eq!(
             header.len(),
             "edge:rl:{api%7Bv1%7D:per%3Aip:h=}:fw".len() + 32
         );
+        let mut appended = b"earlier".to_vec();
+        global.push_redis_key(&KeyValue::Route, &mut appended);
+        assert_eq!(appended, b"earlieredge:rl:{api%7Bv1%7D:per%3Aip:route}:fw");
     }
 
     #[test]

@@ -26,10 +26,10 @@ use ::redis::aio::MultiplexedConnection;
 use ::redis::cluster::ClusterClient;
 use ::redis::cluster_async::ClusterConnection;
 use ::redis::{AsyncConnectionConfig, Client, Cmd, ErrorKind, RedisError, ServerErrorKind};
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use super::batch::{Batcher, FlushSettings, Pending};
+use super::batch::{self, Batcher, FlushSettings};
 use super::{Decision, Shape};
 use crate::config::RedisConfig;
 
@@ -172,29 +172,31 @@ impl RedisBackend {
         self.round_trips.load(Ordering::Relaxed)
     }
 
-    /// Decides one request of a limit for the state at `key`; `spec` is the
-    /// limit's [`ScriptSpec::decide`].
-    pub async fn decide(&self, key: String, spec: &Arc<str>) -> Result<Verdict, Failure> {
+    /// Decides one request of a limit for the state at the Redis key that
+    /// `write_key` appends to a buffer; `spec` is the limit's
+    /// [`ScriptSpec::decide`].
+    pub async fn decide(
+        &self,
+        write_key: impl FnOnce(&mut Vec<u8>),
+        spec: &Arc<str>,
+    ) -> Result<Verdict, Failure> {
         let queued_at = Instant::now();
         let deadline = queued_at + self.timeout;
         let link = self.link();
-        let (connection, generation) = self.connection(&link, deadline).await?;
+        let cluster = self.connection(&link, deadline).await?;
         self.round_trips.fetch_add(1, Ordering::Relaxed);
-        if let Connection::Cluster(_) = connection {
+        if let Some((connection, generation)) = cluster {
+            let mut key = Vec::new();
+            write_key(&mut key);
             return self
                 .decide_alone(&link, connection, generation, &key, spec, deadline)
                 .await;
         }
-        let (reply, answer) = oneshot::channel();
-        let pending = Pending {
-            key,
-            spec: spec.clone(),
-            queued_at,
-            reply,
-        };
-        link.batcher.push(&link, pending, &self.settings);
         // The batch's timer bounds the wait, so this needs no timer of its own.
-        answer.await.unwrap_or(Err(Failure::Down))
+        let start = || {
+            tokio::spawn(batch::flush_loop(link.clone(), self.settings.clone()));
+        };
+        link.batcher.push(write_key, spec, queued_at, start).await
     }
 
     /// Decides one request with a command of its own (on a cluster).
@@ -203,7 +205,7 @@ impl RedisBackend {
         link: &Link,
         mut connection: Connection,
         generation: u64,
-        key: &str,
+        key: &[u8],
         spec: &str,
         deadline: Instant,
     ) -> Result<Verdict, Failure> {
@@ -242,7 +244,7 @@ impl RedisBackend {
     /// Gives back the place a queued request of a leaky bucket took at
     /// `key`, because its client went away: in the background, at most one
     /// timeout later, and not at all while this thread's link is down.
-    pub fn give_back(&self, key: String, spec: &ScriptSpec) {
+    pub fn give_back(&self, key: Vec<u8>, spec: &ScriptSpec) {
         let Some(give_back) = &spec.give_back else {
             return;
         };
@@ -283,13 +285,27 @@ impl RedisBackend {
         })
     }
 
-    /// Returns the thread's connection, waiting until `deadline` for one
-    /// that is being opened, and starting an attempt when one is due.
+    /// Waits until `deadline` for the thread's connection when it is being
+    /// opened, and starts an attempt when one is due. Returns a connection to
+    /// a cluster and its generation, or `None` for a connection to a single
+    /// server, which only the link's batches use.
     async fn connection(
         &self,
         link: &Arc<Link>,
         deadline: Instant,
-    ) -> Result<(Connection, u64), Failure> {
+    ) -> Result<Option<(Connection, u64)>, Failure> {
+        // A connection that is up needs no registration for the end of an
+        // attempt, so the common case skips it.
+        if let LinkState::Up {
+            connection,
+            generation,
+        } = &*link.state.lock().unwrap_or_else(PoisonError::into_inner)
+        {
+            return Ok(match connection {
+                Connection::Single(_) => None,
+                Connection::Cluster(_) => Some((connection.clone(), *generation)),
+            });
+        }
         loop {
             let settled = link.settled.notified();
             tokio::pin!(settled);
@@ -297,9 +313,13 @@ impl RedisBackend {
                 let mut state = link.state.lock().unwrap_or_else(PoisonError::into_inner);
                 match &*state {
                     LinkState::Up {
+                        connection: Connection::Single(_),
+                        ..
+                    } => return Ok(None),
+                    LinkState::Up {
                         connection,
                         generation,
-                    } => return Ok((connection.clone(), *generation)),
+                    } => return Ok(Some((connection.clone(), *generation))),
                     LinkState::Idle => {
                         *state = LinkState::Connecting { first: true };
                         self.spawn_connect(link.clone(), FIRST_BACKOFF);
@@ -522,42 +542,58 @@ pub struct Verdict {
 
 /// Parses one decision of the script's reply.
 pub(super) fn parse_decision(text: &[u8]) -> Result<Verdict, Failure> {
-    let invalid = || Failure::Reply(String::from_utf8_lossy(text).into_owned());
-    let mut values = [0i64; 7];
-    let mut fields = text.split(|&byte| byte == b' ');
-    for value in &mut values {
-        let field = fields.next().ok_or_else(invalid)?;
-        *value = parse_integer(field).ok_or_else(invalid)?;
-    }
-    if fields.next().is_some() {
-        return Err(invalid());
-    }
+    let Some(values) = parse_fields(text) else {
+        return Err(Failure::Reply(String::from_utf8_lossy(text).into_owned()));
+    };
     Ok(Verdict {
         decision: decision(&values[..6])?,
         granted: u64::try_from(values[6]).unwrap_or(0),
     })
 }
 
-/// Parses an optionally negative decimal integer, such as the script's
-/// `%d` output; `None` for anything else or on overflow.
-fn parse_integer(text: &[u8]) -> Option<i64> {
-    let (negative, digits) = match text.split_first()? {
-        (b'-', rest) => (true, rest),
-        _ => (false, text),
-    };
-    if digits.is_empty() {
+/// The digits that always fit in an `i64`, so that the parse of a longer
+/// field only checks for overflow.
+const SAFE_DIGITS: u32 = 18;
+
+/// Parses the seven fields of one decision: optionally negative decimal
+/// integers, such as the script's `%d` output, separated by single spaces.
+/// Returns `None` for anything else or on overflow.
+fn parse_fields(text: &[u8]) -> Option<[i64; 7]> {
+    let mut values = [0i64; 7];
+    // The field being parsed, its magnitude so far, whether it has a minus
+    // sign and how many digits it has.
+    let mut field = 0;
+    let mut magnitude: i64 = 0;
+    let mut negative = false;
+    let mut digits = 0;
+    for &byte in text {
+        if byte.is_ascii_digit() {
+            let digit = i64::from(byte - b'0');
+            magnitude = if digits < SAFE_DIGITS {
+                magnitude * 10 + digit
+            } else {
+                magnitude.checked_mul(10)?.checked_add(digit)?
+            };
+            digits += 1;
+            continue;
+        }
+        match byte {
+            b'-' if digits == 0 && !negative => negative = true,
+            b' ' if digits > 0 && field + 1 < values.len() => {
+                values[field] = if negative { -magnitude } else { magnitude };
+                field += 1;
+                magnitude = 0;
+                negative = false;
+                digits = 0;
+            }
+            _ => return None,
+        }
+    }
+    if digits == 0 || field + 1 != values.len() {
         return None;
     }
-    let mut value: i64 = 0;
-    for &digit in digits {
-        if !digit.is_ascii_digit() {
-            return None;
-        }
-        value = value
-            .checked_mul(10)?
-            .checked_add(i64::from(digit - b'0'))?;
-    }
-    Some(if negative { -value } else { value })
+    values[field] = if negative { -magnitude } else { magnitude };
+    Some(values)
 }
 
 /// Turns the script's values into a decision, from microseconds to
@@ -645,17 +681,32 @@ mod tests {
         let d = &verdicts[0].decision;
         assert!(!d.allowed);
         assert_eq!(d.retry_after_ns, 400_000_000);
-        assert_eq!(parse_integer(b"-12"), Some(-12));
-        assert_eq!(parse_integer(b"9223372036854775807"), Some(i64::MAX));
-        assert_eq!(parse_integer(b"9223372036854775808"), None);
-        assert_eq!(parse_integer(b"-"), None);
-        assert_eq!(parse_integer(b"1.5"), None);
+        assert_eq!(
+            parse_fields(b"-12 0 1 22 333 -4444 999999999999999999"),
+            Some([-12, 0, 1, 22, 333, -4444, 999_999_999_999_999_999])
+        );
+        assert_eq!(
+            parse_fields(b"-9223372036854775807 0 0 0 0 0 9223372036854775807"),
+            Some([-i64::MAX, 0, 0, 0, 0, 0, i64::MAX])
+        );
+        assert_eq!(parse_fields(b"1 0 0 0 0 0 9223372036854775808"), None);
+        assert_eq!(
+            parse_fields(b"1 0 0 0 0 0 00000000000000000000001"),
+            Some([1, 0, 0, 0, 0, 0, 1])
+        );
+        assert_eq!(parse_fields(b"1 0 0 0 0 0 -"), None);
+        assert_eq!(parse_fields(b"1 0 0 0 0 0 1.5"), None);
+        assert_eq!(parse_fields(b"1 0 0 0 0 0 1-"), None);
         for bad in [
             "1 10 7",
             "1 10 7 2 0 0",
             "1 10 7 2 0 0 1 9",
             "1 10 x 2 0 0 1",
             "1  10 7 2 0 0 1",
+            "1 10 7 2 0 0 1 ",
+            " 1 10 7 2 0 0 1",
+            "1 10 7 2 0 0 -",
+            "1 10 7 2 0 0 --1",
             "",
         ] {
             assert!(

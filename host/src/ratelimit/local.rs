@@ -529,18 +529,23 @@ mod tests {
         assert_eq!(denied.retry_after_ns, 30 * S);
     }
 
-    #[test]
-    fn windows_never_go_back_to_an_earlier_window() {
-        for shape in [
+    /// A fixed and a sliding window of one second that admit `limit`.
+    fn windows_of_one_second(limit: u64) -> [Shape; 2] {
+        [
             Shape::FixedWindow {
-                limit: 2,
+                limit,
                 window_ns: S,
             },
             Shape::SlidingWindow {
-                limit: 2,
+                limit,
                 window_ns: S,
             },
-        ] {
+        ]
+    }
+
+    #[test]
+    fn windows_never_go_back_to_an_earlier_window() {
+        for shape in windows_of_one_second(2) {
             let mut state = State::default();
             assert!(shape.decide(&mut state, T0 + S).allowed);
             // Read its time before the first one, decided after it.
@@ -590,17 +595,8 @@ mod tests {
 
     #[test]
     fn remaining_never_goes_negative_and_denials_do_not_count() {
-        for shape in [
-            token_bucket(1, 2),
-            Shape::FixedWindow {
-                limit: 2,
-                window_ns: S,
-            },
-            Shape::SlidingWindow {
-                limit: 2,
-                window_ns: S,
-            },
-        ] {
+        let [fixed, sliding] = windows_of_one_second(2);
+        for shape in [token_bucket(1, 2), fixed, sliding] {
             let mut state = State::default();
             let remaining: Vec<u64> = (0..4)
                 .map(|_| shape.decide(&mut state, T0).remaining)

@@ -645,8 +645,11 @@ async fn worker_log_lines_are_throttled() -> Result {
         .lines()
         .filter(|line| line.contains("fixture log"))
         .count();
+    // The budget is 100 lines in each second of the clock: the calls touch
+    // at most `seconds + 1` of them, and the last call one more, with its
+    // three printed lines.
     assert!(
-        printed as u64 <= 100 * (seconds + 1),
+        printed as u64 <= 100 * (seconds + 1) + 3,
         "{printed} lines printed in about {seconds} s"
     );
     assert!(printed < 3 * calls, "{printed} lines printed");

@@ -265,17 +265,32 @@ async fn panicking_worker_gets_worker_failed() -> Result {
 async fn recursing_worker_reports_stack_overflow() -> Result {
     let upstream = Upstream::echo().await;
     let config = format!(
-        "{}{}{}",
+        "{}{}{}{}",
         app(&upstream),
         fixture_route("recurse", "/recurse", "recurse", ""),
+        fixture_route("small", "/small", "recurse-small", ""),
         fixture_route("counter", "/", "counter", "")
     );
     let node = Node::start(&config)?;
-    let got = get(&node.url("/recurse")).await?;
-    assert_eq!(got.status, 500);
-    assert_eq!(got.json()["error"], "worker_failed");
+    // Big frames exhaust the guest's stack in its linear memory, small ones
+    // the native stack its frames run on. Neither may take the node down.
+    for path in ["/recurse", "/small", "/recurse"] {
+        let got = get(&node.url(path)).await?;
+        assert_eq!(got.status, 500, "{path}");
+        assert_eq!(got.json()["error"], "worker_failed", "{path}");
+    }
     assert_eq!(upstream.count(), 0);
     assert_eq!(get(&node.url("/after")).await?.status, 200);
+    assert!(
+        node.log_contains("its call stack is exhausted"),
+        "{}",
+        node.log()
+    );
+    assert!(
+        node.log_contains("fixture_worker::recurse_small"),
+        "{}",
+        node.log()
+    );
     node.log_contains("stack overflow");
     let log = node.log();
     assert!(

@@ -3,8 +3,15 @@
 
 use wasmtime::{Enabled, InstanceAllocationStrategy, PoolingAllocationConfig};
 
-/// The native stack a guest call runs on.
-pub const ASYNC_STACK_SIZE: usize = 512 << 10;
+/// The native stack a guest call runs on: the guest's own frames, at most
+/// [`MAX_WASM_STACK`], and below them the host functions it calls.
+pub const ASYNC_STACK_SIZE: usize = 1 << 20;
+
+/// The most of [`ASYNC_STACK_SIZE`] that a guest's frames may use. A guest
+/// past it traps with a stack overflow. It must leave room for the host:
+/// with both at 512 KiB, a guest that recursed until the wasm stack was full
+/// overflowed the fiber's stack in a host frame, which aborts the process.
+pub const MAX_WASM_STACK: usize = 512 << 10;
 
 /// Returns the engine configuration of a runtime with `max_instances`
 /// instance slots, each with linear memories of at most `max_memory` bytes.
@@ -30,6 +37,7 @@ pub fn engine_config(max_instances: u32, max_memory: usize) -> wasmtime::Config 
     config
         .wasm_component_model(true)
         .async_stack_size(ASYNC_STACK_SIZE)
+        .max_wasm_stack(MAX_WASM_STACK)
         .epoch_interruption(true)
         .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     // `perf` can then name the functions of guests in its profiles.

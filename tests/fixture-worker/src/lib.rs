@@ -297,11 +297,19 @@ fn loop_forever() -> ! {
 }
 
 /// Recurses without end, each frame with a buffer on the stack, so the
-/// guest runs out of stack.
+/// guest's stack in linear memory runs out first.
 #[inline(never)]
 fn recurse(depth: u64) -> u64 {
     let frame = black_box([depth as u8; 512]);
     recurse(depth + 1).wrapping_add(u64::from(frame[0]))
+}
+
+/// Recurses without end with small frames, so the native stack that the
+/// guest's frames run on runs out first.
+#[inline(never)]
+fn recurse_small(depth: u64) -> u64 {
+    let next = black_box(depth) + 1;
+    recurse_small(next).wrapping_add(black_box(1))
 }
 
 fn allocate(config: AllocConfig) -> Action {
@@ -528,6 +536,10 @@ fn handle_request(request: Request) -> Result<Action, InvalidConfig> {
         "loop" => loop_forever(),
         "recurse" => {
             recurse(0);
+            unreachable!("recursion without end returned")
+        }
+        "recurse-small" => {
+            recurse_small(0);
             unreachable!("recursion without end returned")
         }
         "alloc" => allocate(parse_config(&mode)?),

@@ -624,10 +624,8 @@ fn check_host(host: &[u8]) -> Result<(), &'static str> {
             .position(|&byte| byte == b']')
             .ok_or("has an IPv6 address without its closing bracket")?;
         let address = &rest[..close];
-        let valid = !address.is_empty()
-            && address
-                .iter()
-                .all(|byte| byte.is_ascii_hexdigit() || matches!(byte, b':' | b'.'));
+        let valid = std::str::from_utf8(address)
+            .is_ok_and(|text| text.parse::<std::net::Ipv6Addr>().is_ok());
         if !valid {
             return Err("has an invalid IPv6 address");
         }
@@ -648,8 +646,9 @@ fn check_host(host: &[u8]) -> Result<(), &'static str> {
     if !host.starts_with(b"[") && !name.iter().all(|&byte| REG_NAME[usize::from(byte)]) {
         return Err("is not a host name or address");
     }
-    if let Some(port) = port {
-        let digits = (1..=5).contains(&port.len()) && port.iter().all(u8::is_ascii_digit);
+    // RFC 3986 allows an empty port, as in `example.com:`.
+    if let Some(port) = port.filter(|port| !port.is_empty()) {
+        let digits = port.len() <= 5 && port.iter().all(u8::is_ascii_digit);
         let in_range = digits
             && std::str::from_utf8(port)
                 .ok()
@@ -800,18 +799,19 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     // `Connection` is HOP_BY_HOP[0]. The options `keep-alive` and `close`
     // name no other header than `Keep-Alive`, which is on the list anyway.
     if present & 1 != 0 && !only_connection_options(headers) {
+        // Bytes, not text: one option with a byte outside ASCII must not
+        // keep the value's other options from being removed.
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
-            .filter_map(|value| value.to_str().ok())
-            .flat_map(|value| value.split(','))
-            .map(str::trim)
+            .flat_map(|value| value.as_bytes().split(|&byte| byte == b','))
+            .map(<[u8]>::trim_ascii)
             .filter(|option| {
                 !option.is_empty()
-                    && !option.eq_ignore_ascii_case("keep-alive")
-                    && !option.eq_ignore_ascii_case("close")
+                    && !option.eq_ignore_ascii_case(b"keep-alive")
+                    && !option.eq_ignore_ascii_case(b"close")
             })
-            .filter_map(|name| HeaderName::from_bytes(name.as_bytes()).ok())
+            .filter_map(|name| HeaderName::from_bytes(name).ok())
             .filter(|name| *name != header::HOST && *name != header::CONTENT_LENGTH)
             .collect();
         for name in named {
@@ -1169,6 +1169,8 @@ mod tests {
             "127.0.0.1:80",
             "[::1]",
             "[::1]:8443",
+            "[::ffff:127.0.0.1]",
+            "example.com:",
             "xn--bcher-kva.example",
         ] {
             assert_eq!(check_host(host.as_bytes()), Ok(()), "{host}");
@@ -1187,13 +1189,28 @@ mod tests {
             "api.example.com:abc",
             "api.example.com:123456",
             "example.com:99999",
-            "example.com:",
             "[::1",
+            "[:::::]",
+            "[1.2.3.4]",
             "[zz]",
             "[::1]x",
         ] {
             assert!(check_host(host.as_bytes()).is_err(), "{host:?} passed");
         }
+    }
+
+    #[test]
+    fn hop_by_hop_removes_names_next_to_non_ascii_bytes() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_bytes(b"x-a, \xff").expect("obs-text is a valid value"),
+        );
+        headers.append(header::CONNECTION, HeaderValue::from_static("close"));
+        headers.insert("x-a", HeaderValue::from_static("1"));
+        remove_hop_by_hop(&mut headers);
+        assert!(headers.get("x-a").is_none());
+        assert!(headers.get(header::CONNECTION).is_none());
     }
 
     #[test]

@@ -661,10 +661,10 @@ fn check_host(host: &[u8]) -> Result<(), &'static str> {
     Ok(())
 }
 
-/// The bytes of a reg-name (RFC 3986, section 3.2.2), by value: unreserved,
-/// percent-encoded and sub-delims characters, which include the dots of an
-/// IPv4 address; never userinfo, a path or spaces. A table, because this
-/// runs on every byte of every request's host.
+/// The bytes of a reg-name (RFC 3986, section 3.2.2), by value. They are
+/// unreserved, percent-encoded and sub-delims characters, which include the
+/// dots of an IPv4 address, and never userinfo, a path or spaces. It is a
+/// table because it runs on every byte of every request's host.
 static REG_NAME: [bool; 256] = {
     let mut table = [false; 256];
     let mut byte = 0;

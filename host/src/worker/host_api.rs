@@ -98,11 +98,32 @@ impl StoreState {
         match &self.wasi {
             Some(wasi) => {
                 let text = String::from_utf8_lossy(&wasi.stderr.contents()).into_owned();
-                self.settings.redact(text.trim_end()).into_owned()
+                one_line(&self.settings.redact(text.trim_end())).into_owned()
             }
             None => String::new(),
         }
     }
+}
+
+/// Escapes the line breaks and other control characters (but tabs) of a
+/// guest's text, so that it stays one record of the node's log. A guest, or
+/// a client value it logs, then cannot start what looks like a line of its
+/// own.
+pub fn one_line(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.chars().any(|c| c.is_control() && c != '\t') {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut escaped = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        match c {
+            '\n' => escaped.push_str("\\n"),
+            '\r' => escaped.push_str("\\r"),
+            '\t' => escaped.push('\t'),
+            c if c.is_control() => escaped.extend(c.escape_default()),
+            c => escaped.push(c),
+        }
+    }
+    std::borrow::Cow::Owned(escaped)
 }
 
 impl WasiView for StoreState {
@@ -177,7 +198,7 @@ pub struct WorkerSettings {
     /// The names of the node's upstreams.
     pub(super) upstreams: Arc<HashSet<String>>,
     /// Admits the worker's log lines, over all its calls.
-    log_throttle: super::LogThrottle,
+    pub(super) log_throttle: super::LogThrottle,
 }
 
 /// A secret value, kept out of `Debug` output and so out of logs.
@@ -233,7 +254,7 @@ pub(super) const MAX_LOG_LINES: u32 = 64;
 /// The maximum number of log lines a worker bound to one route writes a
 /// second, over all its calls, so that a worker that logs (or panics) on
 /// every request cannot flood the node's log.
-const LOG_LINES_PER_SECOND: u64 = 100;
+pub(super) const LOG_LINES_PER_SECOND: u64 = 100;
 /// The maximum length of a kept log message, in bytes; a longer one is cut.
 const MAX_LOG_BYTES: usize = 4096;
 
@@ -278,7 +299,7 @@ impl log::Host for StoreState {
         while !redacted.is_char_boundary(end) {
             end -= 1;
         }
-        let message = &redacted[..end];
+        let message = one_line(&redacted[..end]);
         let route = &*self.settings.route;
         let worker = &*self.settings.module;
         let Some(suppressed) = self

@@ -576,12 +576,25 @@ impl Runtime {
         };
         *context = std::mem::take(&mut store.data_mut().context);
         let log_lines = store.data().log_lines;
-        if log_lines > host_api::MAX_LOG_LINES {
+        // The warning counts against the binding's lines a second, as the
+        // guest's own lines do, so its rate does not grow with the requests.
+        let admitted = (log_lines > host_api::MAX_LOG_LINES)
+            .then(|| {
+                binding
+                    .settings
+                    .log_throttle
+                    .admit_per_second(host_api::LOG_LINES_PER_SECOND)
+            })
+            .flatten();
+        if let Some(suppressed) = admitted {
             tracing::warn!(
                 route = &*binding.settings.route,
                 worker = &*binding.settings.module,
-                "the worker wrote {log_lines} log lines in one call; {} were dropped",
-                log_lines - host_api::MAX_LOG_LINES
+                suppressed,
+                "the worker wrote {log_lines} log lines in one call; the {} past the cap of {} \
+                 a call were dropped",
+                log_lines - host_api::MAX_LOG_LINES,
+                host_api::MAX_LOG_LINES
             );
         }
         result.map_err(|error| classify_trap(error, &store, binding))
@@ -632,16 +645,24 @@ fn classify_trap(
     // The innermost frames only: the whole backtrace of a deep recursion
     // would be thousands of lines in one log record.
     if let Some(backtrace) = error.downcast_ref::<WasmBacktrace>() {
-        let frames: Vec<String> = backtrace
+        let names: Vec<String> = backtrace
             .frames()
             .iter()
-            .take(BACKTRACE_FRAMES)
             .map(|frame| match frame.func_name() {
                 Some(name) => format!("{:#}", rustc_demangle::demangle(name)),
                 None => "?".to_owned(),
             })
             .collect();
+        // A panic's innermost frames are the standard library's panic and
+        // abort machinery; the worker's own functions come after them.
+        let own = names.iter().filter(|name| !is_runtime_frame(name));
+        let frames: Vec<&String> = if own.clone().next().is_some() {
+            own.take(BACKTRACE_FRAMES).collect()
+        } else {
+            names.iter().take(BACKTRACE_FRAMES).collect()
+        };
         if !frames.is_empty() {
+            let frames: Vec<&str> = frames.iter().map(|name| name.as_str()).collect();
             message.push_str(&format!(" (in {})", frames.join(" < ")));
         }
     }
@@ -650,6 +671,22 @@ fn classify_trap(
         message.push_str(&format!("; stderr: {stderr}"));
     }
     WorkerError::Failed(message)
+}
+
+/// True for a frame of the Rust runtime inside a guest: the standard
+/// library, its panic and abort paths, and the guest SDK's panic hook.
+fn is_runtime_frame(name: &str) -> bool {
+    const PREFIXES: [&str; 8] = [
+        "std::",
+        "core::",
+        "alloc::",
+        "__rustc::",
+        "__rust_",
+        "rust_panic",
+        "abort",
+        "edge_sdk::log::",
+    ];
+    PREFIXES.iter().any(|prefix| name.starts_with(prefix))
 }
 
 /// How many of a trap's innermost guest frames its error names.
@@ -814,6 +851,31 @@ impl LogThrottle {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn guest_text_stays_one_log_line() {
+        assert_eq!(host_api::one_line("plain\ttext"), "plain\ttext");
+        assert_eq!(
+            host_api::one_line("a\nINFO forged\r\u{1b}[31m"),
+            "a\\nINFO forged\\r\\u{1b}[31m"
+        );
+    }
+
+    #[test]
+    fn runtime_frames_are_told_from_the_workers() {
+        for name in [
+            "std::process::abort",
+            "core::panicking::panic_fmt",
+            "__rustc::rust_panic",
+            "abort",
+            "edge_sdk::log::log_panics::{{closure}}",
+        ] {
+            assert!(is_runtime_frame(name), "{name}");
+        }
+        for name in ["fixture_worker::recurse", "my_worker::handle_abort"] {
+            assert!(!is_runtime_frame(name), "{name}");
+        }
+    }
     use super::*;
 
     #[test]

@@ -47,8 +47,9 @@ impl LineFormatter {
         write_ip(out, record.client);
         out.extend_from_slice(b"\",\"method\":");
         write_str(out, record.method.as_str());
-        out.extend_from_slice(b",\"path\":");
-        write_str(out, record.uri.path());
+        out.extend_from_slice(b",\"path\":\"");
+        write_redacted_path(out, record.uri.path());
+        out.push(b'"');
         out.extend_from_slice(b",\"query\":");
         match record.uri.query() {
             Some(query) => {
@@ -329,8 +330,7 @@ fn redact_pieces<'a>(query: &'a str, mut emit: impl FnMut(&'a str)) {
             emit(pair);
             continue;
         };
-        let decoded = percent_encoding::percent_decode_str(name).decode_utf8_lossy();
-        if is_sensitive(&decoded) {
+        if is_sensitive(&decode(name)) {
             emit(name);
             emit("=");
             emit(REDACTED);
@@ -338,6 +338,70 @@ fn redact_pieces<'a>(query: &'a str, mut emit: impl FnMut(&'a str)) {
             emit(pair);
         }
     }
+}
+
+/// Calls `emit` with each piece of `path`, with the values of credential-like
+/// path parameters (`;jsessionid=...`) replaced by [`REDACTED`]. A piece that
+/// follows `;`, `&`, or a percent-encoded `;` or `?` is read as a parameter,
+/// as servers that take parameters in paths do; more is hidden than a
+/// server would read as a parameter, never less.
+fn redact_path_pieces<'a>(path: &'a str, mut emit: impl FnMut(&'a str)) {
+    let bytes = path.as_bytes();
+    let separator_len = |at: usize| match bytes[at] {
+        b'/' | b';' | b'&' => 1,
+        b'%' if bytes.len() >= at + 3
+            && matches!(&bytes[at + 1..at + 3], b"3B" | b"3b" | b"3F" | b"3f") =>
+        {
+            3
+        }
+        _ => 0,
+    };
+    let mut emit_piece = |piece: &'a str, parameter: bool| {
+        match piece.split_once('=') {
+            Some((name, _)) if parameter && is_sensitive(&decode(name)) => {
+                emit(name);
+                emit("=");
+                emit(REDACTED);
+            }
+            _ => emit(piece),
+        }
+    };
+    let (mut start, mut at, mut parameter) = (0, 0, false);
+    while at < bytes.len() {
+        let length = separator_len(at);
+        if length == 0 {
+            at += 1;
+            continue;
+        }
+        emit_piece(&path[start..at], parameter);
+        emit_piece(&path[at..at + length], false);
+        parameter = bytes[at] != b'/';
+        at += length;
+        start = at;
+    }
+    emit_piece(&path[start..], parameter);
+}
+
+fn decode(name: &str) -> std::borrow::Cow<'_, str> {
+    percent_encoding::percent_decode_str(name).decode_utf8_lossy()
+}
+
+/// Appends the redacted `path`, escaped for a JSON string.
+fn write_redacted_path(out: &mut Vec<u8>, path: &str) {
+    if !path.bytes().any(|byte| matches!(byte, b';' | b'&' | b'%')) {
+        write_escaped(out, path);
+        return;
+    }
+    redact_path_pieces(path, |piece| write_escaped(out, piece));
+}
+
+/// Returns `path` with the values of credential-like path parameters
+/// replaced by [`REDACTED`].
+#[cfg(test)]
+fn redact_path(path: &str) -> String {
+    let mut out = String::with_capacity(path.len());
+    redact_path_pieces(path, |piece| out.push_str(piece));
+    out
 }
 
 /// Replaces the values of credential-like parameters in a query string with
@@ -433,6 +497,23 @@ mod tests {
         }
         // A longer name that only starts with one of the whole names stays.
         assert_eq!(redact_query("codes[]=a&signal=b"), "codes[]=a&signal=b");
+    }
+
+    #[test]
+    fn redact_path_hides_credential_parameters() {
+        for (path, expected) in [
+            ("/plain", "/plain"),
+            ("/a%20b/c", "/a%20b/c"),
+            ("/plain;jsessionid=SECRET", "/plain;jsessionid=REDACTED"),
+            ("/x;JSESSIONID=SECRET/y", "/x;JSESSIONID=REDACTED/y"),
+            ("/x%3Bjsessionid=SECRET", "/x%3Bjsessionid=REDACTED"),
+            ("/x%3ftoken=SECRET&page=2", "/x%3ftoken=REDACTED&page=2"),
+            ("/x;v=1;sid_token=SECRET", "/x;v=1;sid_token=REDACTED"),
+            // A segment that is only a name and a value is not a parameter.
+            ("/token=visible", "/token=visible"),
+        ] {
+            assert_eq!(redact_path(path), expected, "{path}");
+        }
     }
 
     #[test]

@@ -343,7 +343,7 @@ fn redact_pieces<'a>(query: &'a str, mut emit: impl FnMut(&'a str)) {
 /// Calls `emit` with each piece of `path`, with the values of credential-like
 /// path parameters (`;jsessionid=...`) replaced by [`REDACTED`]. A piece that
 /// follows `;`, `&`, or a percent-encoded `;` or `?` is read as a parameter,
-/// as servers that take parameters in paths do; more is hidden than a
+/// as servers that take parameters in paths do. This hides more than a
 /// server would read as a parameter, never less.
 fn redact_path_pieces<'a>(path: &'a str, mut emit: impl FnMut(&'a str)) {
     let bytes = path.as_bytes();

@@ -294,11 +294,13 @@ fn write_socket_addr(out: &mut Vec<u8>, addr: SocketAddr) {
 
 /// Returns whether a query parameter's name looks like it carries a
 /// credential: it contains `token`, `secret`, `passw`, `key`, `auth`,
-/// `session`, `signature`, `credential`, `bearer` or `refresh`, or is
-/// `sig`, `pwd`, `code` or `jwt` (case-insensitive), alone or with the
-/// brackets of an array or map parameter, as in `jwt[]` or `code[0]`.
+/// `session`, `signature`, `credential`, `bearer`, `refresh` or `assertion`,
+/// or is `sig`, `pwd`, `pass`, `code`, `jwt`, `otp`, `pin`, `sid`, `ticket`,
+/// `hmac` or `samlresponse` (case-insensitive). A whole name may carry the
+/// brackets of an array or map parameter, as in `jwt[]` or `code[0]`, and
+/// spaces (`+`) around it.
 fn is_sensitive(name: &str) -> bool {
-    const PARTS: [&str; 10] = [
+    const PARTS: [&str; 11] = [
         "token",
         "secret",
         "passw",
@@ -309,10 +311,23 @@ fn is_sensitive(name: &str) -> bool {
         "credential",
         "bearer",
         "refresh",
+        "assertion",
     ];
-    const WHOLE: [&str; 4] = ["sig", "pwd", "code", "jwt"];
-    let name = name.to_ascii_lowercase();
-    let base = name.split_once('[').map_or(name.as_str(), |(base, _)| base);
+    const WHOLE: [&str; 11] = [
+        "sig",
+        "pwd",
+        "pass",
+        "code",
+        "jwt",
+        "otp",
+        "pin",
+        "sid",
+        "ticket",
+        "hmac",
+        "samlresponse",
+    ];
+    let name = name.to_ascii_lowercase().replace('+', " ");
+    let base = name.split(['[', ']']).next().unwrap_or_default().trim();
     PARTS.iter().any(|part| name.contains(part)) || WHOLE.contains(&base)
 }
 
@@ -497,6 +512,34 @@ mod tests {
         }
         // A longer name that only starts with one of the whole names stays.
         assert_eq!(redact_query("codes[]=a&signal=b"), "codes[]=a&signal=b");
+    }
+
+    #[test]
+    fn redact_query_covers_more_credential_names() {
+        for name in [
+            "pass",
+            "OTP",
+            "pin",
+            "sid",
+            "ticket",
+            "hmac",
+            "SAMLResponse",
+            "client_assertion",
+            "code+",
+            "code%20",
+            "code]",
+        ] {
+            let query = format!("page=1&{name}=hidden");
+            assert_eq!(
+                redact_query(&query),
+                format!("page=1&{name}=REDACTED"),
+                "{name}"
+            );
+        }
+        for name in ["passport", "compass", "pinned", "side"] {
+            let query = format!("{name}=shown");
+            assert_eq!(redact_query(&query), query, "{name}");
+        }
     }
 
     #[test]

@@ -799,8 +799,8 @@ pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
     // `Connection` is HOP_BY_HOP[0]. The options `keep-alive` and `close`
     // name no other header than `Keep-Alive`, which is on the list anyway.
     if present & 1 != 0 && !only_connection_options(headers) {
-        // Bytes, not text: one option with a byte outside ASCII must not
-        // keep the value's other options from being removed.
+        // The options are split as bytes, not text, so one option with a byte
+        // outside ASCII does not keep the others from being removed.
         let named: Vec<HeaderName> = headers
             .get_all(header::CONNECTION)
             .iter()
@@ -1200,7 +1200,7 @@ mod tests {
     }
 
     #[test]
-    fn hop_by_hop_removes_names_next_to_non_ascii_bytes() {
+    fn hop_by_hop_with_non_ascii_option() {
         let mut headers = HeaderMap::new();
         headers.insert(
             header::CONNECTION,

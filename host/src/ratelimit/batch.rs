@@ -125,7 +125,7 @@ impl Batcher {
         Answer {
             batcher: self,
             slot,
-            taken: false,
+            returned: false,
         }
     }
 
@@ -189,15 +189,15 @@ impl Batcher {
 pub(super) struct Answer<'a> {
     batcher: &'a Batcher,
     slot: usize,
-    /// The decision was taken, so the slot is free.
-    taken: bool,
+    /// The future returned the decision and freed its slot.
+    returned: bool,
 }
 
 impl Future for Answer<'_> {
     type Output = Result<Verdict, Failure>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        assert!(!self.taken, "an answer polled after it was taken");
+        assert!(!self.returned, "an answer polled after it returned");
         let mut queue = self.batcher.lock();
         match &mut queue.slots[self.slot] {
             Slot::Waiting(waker) => {
@@ -212,7 +212,7 @@ impl Future for Answer<'_> {
                     unreachable!("the slot was matched as done");
                 };
                 drop(queue);
-                self.taken = true;
+                self.returned = true;
                 Poll::Ready(decision)
             }
             Slot::Abandoned => unreachable!("only a dropped answer abandons its slot"),
@@ -222,7 +222,7 @@ impl Future for Answer<'_> {
 
 impl Drop for Answer<'_> {
     fn drop(&mut self) {
-        if self.taken {
+        if self.returned {
             return;
         }
         let mut queue = self.batcher.lock();
@@ -282,8 +282,8 @@ pub(super) async fn flush_loop(link: Arc<Link>, settings: FlushSettings) {
     pipeline.ignore_errors();
     // One timer for the loop's life, moved to each batch's deadline. A new
     // tokio timer whose deadline comes before the runtime's next wake-up
-    // wakes the runtime's driver through its eventfd, a system call and an
-    // extra poll per batch; moving a timer later does not.
+    // wakes the runtime's driver through its eventfd, which costs a system
+    // call and an extra poll per batch. Moving a timer later does not.
     let mut expiry = std::pin::pin!(tokio::time::sleep_until(Instant::now() + IDLE_EXPIRY));
     loop {
         if !batch.link.batcher.take(&mut batch.pending, &mut batch.keys) {
@@ -295,8 +295,8 @@ pub(super) async fn flush_loop(link: Arc<Link>, settings: FlushSettings) {
     }
 }
 
-/// Where the flush loop's timer starts, far enough that it does not fire
-/// before the first batch moves it.
+/// The delay of the flush loop's timer before the first batch moves it, long
+/// enough that the timer does not fire first.
 const IDLE_EXPIRY: Duration = Duration::from_secs(3600);
 
 /// Runs `exchange` until it completes or `expiry` fires.

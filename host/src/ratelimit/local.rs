@@ -102,7 +102,7 @@ impl Shape {
                 }
             }
             Shape::SlidingWindow { limit, window_ns } => {
-                // Never back into an earlier window, as for the fixed window.
+                // As in the fixed window, a request never goes back to an earlier window.
                 let now = now.max(state.t * window_ns);
                 let window = now / window_ns;
                 if state.t != window {
@@ -529,7 +529,7 @@ mod tests {
         assert_eq!(denied.retry_after_ns, 30 * S);
     }
 
-    /// A fixed and a sliding window of one second that admit `limit`.
+    /// Returns a fixed and a sliding window of one second that admit `limit`.
     fn windows_of_one_second(limit: u64) -> [Shape; 2] {
         [
             Shape::FixedWindow {
@@ -548,7 +548,7 @@ mod tests {
         for shape in windows_of_one_second(2) {
             let mut state = State::default();
             assert!(shape.decide(&mut state, T0 + S).allowed);
-            // Read its time before the first one, decided after it.
+            // This request read its time before the first one but is decided after it.
             assert!(shape.decide(&mut state, T0 + S - 1).allowed, "{shape:?}");
             assert!(!shape.decide(&mut state, T0 + S).allowed, "{shape:?}");
         }

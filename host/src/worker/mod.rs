@@ -642,27 +642,26 @@ fn classify_trap(
         Some(trap) => format!("worker trapped: {trap}"),
         None => format!("worker trapped: {:#}", error.root_cause()),
     };
-    // The innermost frames only: the whole backtrace of a deep recursion
-    // would be thousands of lines in one log record.
+    // Only the innermost frames are named, because the whole backtrace of a
+    // deep recursion would be thousands of lines in one log record.
     if let Some(backtrace) = error.downcast_ref::<WasmBacktrace>() {
-        let names: Vec<String> = backtrace
+        let demangled = |frame: &wasmtime::FrameInfo| match frame.func_name() {
+            Some(name) => format!("{:#}", rustc_demangle::demangle(name)),
+            None => "?".to_owned(),
+        };
+        // A panic's innermost frames are the standard library's panic and
+        // abort machinery, so the worker's own functions come after them.
+        let mut frames: Vec<String> = backtrace
             .frames()
             .iter()
-            .map(|frame| match frame.func_name() {
-                Some(name) => format!("{:#}", rustc_demangle::demangle(name)),
-                None => "?".to_owned(),
-            })
+            .map(demangled)
+            .filter(|name| !is_runtime_frame(name))
+            .take(BACKTRACE_FRAMES)
             .collect();
-        // A panic's innermost frames are the standard library's panic and
-        // abort machinery; the worker's own functions come after them.
-        let own = names.iter().filter(|name| !is_runtime_frame(name));
-        let frames: Vec<&String> = if own.clone().next().is_some() {
-            own.take(BACKTRACE_FRAMES).collect()
-        } else {
-            names.iter().take(BACKTRACE_FRAMES).collect()
-        };
+        if frames.is_empty() {
+            frames = backtrace.frames().iter().take(BACKTRACE_FRAMES).map(demangled).collect();
+        }
         if !frames.is_empty() {
-            let frames: Vec<&str> = frames.iter().map(|name| name.as_str()).collect();
             message.push_str(&format!(" (in {})", frames.join(" < ")));
         }
     }
@@ -673,8 +672,8 @@ fn classify_trap(
     WorkerError::Failed(message)
 }
 
-/// True for a frame of the Rust runtime inside a guest: the standard
-/// library, its panic and abort paths, and the guest SDK's panic hook.
+/// Returns whether `name` is a frame of the Rust runtime inside a guest: the
+/// standard library, its panic and abort paths, or the guest SDK's panic hook.
 fn is_runtime_frame(name: &str) -> bool {
     const PREFIXES: [&str; 8] = [
         "std::",
@@ -862,7 +861,7 @@ mod tests {
     }
 
     #[test]
-    fn runtime_frames_are_told_from_the_workers() {
+    fn runtime_frames_are_recognised() {
         for name in [
             "std::process::abort",
             "core::panicking::panic_fmt",

@@ -643,8 +643,20 @@ fn check_host(host: &[u8]) -> Result<(), &'static str> {
     if name.is_empty() {
         return Err("is empty");
     }
-    if !host.starts_with(b"[") && !name.iter().all(|&byte| REG_NAME[usize::from(byte)]) {
-        return Err("is not a host name or address");
+    if !host.starts_with(b"[") {
+        // A leading dot or two dots in a row make an empty label, which no
+        // DNS name has. Rejecting it keeps `a..example.com` off the route of
+        // `*.example.com`.
+        let mut previous = b'.';
+        for &byte in name {
+            if !REG_NAME[usize::from(byte)] {
+                return Err("is not a host name or address");
+            }
+            if byte == b'.' && previous == b'.' {
+                return Err("has an empty label");
+            }
+            previous = byte;
+        }
     }
     // RFC 3986 allows an empty port, as in `example.com:`.
     if let Some(port) = port.filter(|port| !port.is_empty()) {
@@ -1194,6 +1206,9 @@ mod tests {
             "[1.2.3.4]",
             "[zz]",
             "[::1]x",
+            "a..example.com",
+            ".example.com",
+            "..",
         ] {
             assert!(check_host(host.as_bytes()).is_err(), "{host:?} passed");
         }

@@ -271,6 +271,7 @@ async fn bad_host_headers_get_400() -> Result {
         "GET /x HTTP/1.1\r\nHost: a@evil.com\r\nConnection: close\r\n\r\n",
         "GET /x HTTP/1.1\r\nHost: api.example.com:abc\r\nConnection: close\r\n\r\n",
         "GET /x HTTP/1.1\r\nHost:\r\nConnection: close\r\n\r\n",
+        "GET /x HTTP/1.1\r\nHost: a..example.com\r\nConnection: close\r\n\r\n",
         "GET http://u:p@abs.example/a HTTP/1.1\r\nHost: abs.example\r\nConnection: close\r\n\r\n",
     ] {
         let response = raw_request(node.addr, request).await?;

@@ -262,6 +262,42 @@ async fn panicking_worker_gets_worker_failed() -> Result {
 }
 
 #[tokio::test]
+async fn worker_output_on_stderr_never_fails_the_request() -> Result {
+    let upstream = Upstream::echo().await;
+    let config = format!(
+        "{}{}{}",
+        app(&upstream),
+        fixture_route("chatty", "/chatty", "stderr", "")
+            .replace("mode = \"stderr\"", "mode = \"stderr\"\nlines = 100"),
+        fixture_route("last-words", "/last-words", "stderr", "")
+            .replace("mode = \"stderr\"", "mode = \"stderr\"\nlines = 100\npanic = true"),
+    );
+    let node = Node::start(&config)?;
+
+    // 10 KB of output is far past what the node keeps of a call's stderr.
+    let got = get(&node.url("/chatty")).await?;
+    assert_eq!(got.status, 200, "{:?}", got.body);
+    assert_eq!(upstream.last().headers["x-stderr-lines"], "100");
+
+    // A panic after that output still has its message in the log.
+    let got = get(&node.url("/last-words")).await?;
+    assert_eq!(got.status, 500);
+    assert_eq!(got.json()["error"], "worker_failed");
+    assert_eq!(upstream.count(), 1);
+    node.log_contains("fixture panic after 100 lines");
+    let log = node.log();
+    assert!(
+        log.contains("fixture panic after 100 lines"),
+        "the panic message is the end of the guest's stderr: {log}"
+    );
+    assert!(
+        log.contains("earlier bytes not kept"),
+        "the log says that earlier output was dropped: {log}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn recursing_worker_reports_stack_overflow() -> Result {
     let upstream = Upstream::echo().await;
     let config = format!(

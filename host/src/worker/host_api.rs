@@ -9,15 +9,16 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use wasmtime::component::ResourceTable;
 use wasmtime::ResourceLimiter;
-use wasmtime_wasi::p2::pipe::MemoryOutputPipe;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::edge::worker::{clock, config, context, log, secrets, types};
 use super::crypto::{AllowedUpstreams, HostCrypto};
 use super::fetch::{FetchAccess, FetchState};
+use super::stderr::StderrTail;
 use crate::context::RequestContext;
 
-/// Bytes of a guest's stderr kept per call, to show a panic message in logs.
+/// The last bytes of a guest's stderr kept per call, to show a panic
+/// message in logs.
 const STDERR_CAPTURE: usize = 2048;
 
 /// The state of one store: one call of one worker.
@@ -46,7 +47,7 @@ pub struct StoreState {
 /// A WASI context that grants nothing, with the guest's stderr captured.
 struct Wasi {
     ctx: WasiCtx,
-    stderr: MemoryOutputPipe,
+    stderr: StderrTail,
 }
 
 impl Wasi {
@@ -54,7 +55,7 @@ impl Wasi {
     /// environment, arguments or network. Stdin is empty, stdout discarded
     /// and stderr captured.
     fn new() -> Wasi {
-        let stderr = MemoryOutputPipe::new(STDERR_CAPTURE);
+        let stderr = StderrTail::new(STDERR_CAPTURE);
         let ctx = WasiCtx::builder()
             .allow_tcp(false)
             .allow_udp(false)
@@ -97,7 +98,7 @@ impl StoreState {
     pub fn stderr(&self) -> String {
         match &self.wasi {
             Some(wasi) => {
-                let text = String::from_utf8_lossy(&wasi.stderr.contents()).into_owned();
+                let text = wasi.stderr.text();
                 one_line(&self.settings.redact(text.trim_end())).into_owned()
             }
             None => String::new(),

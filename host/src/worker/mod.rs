@@ -26,6 +26,7 @@ pub mod crypto;
 pub mod engine;
 mod fetch;
 mod host_api;
+mod stderr;
 mod upstreams;
 
 use std::collections::{HashMap, HashSet};

@@ -96,6 +96,7 @@ const MODES: &[&str] = &[
     "secret",
     "secret-leak",
     "fetch",
+    "stderr",
 ];
 
 /// The JSON body of the fixture's error responses.
@@ -110,6 +111,16 @@ struct ErrorBody {
 struct AllocConfig {
     /// Bytes to allocate. Default: 1 GiB.
     bytes: Option<u64>,
+}
+
+/// Config of the `stderr` mode.
+#[derive(Debug, Deserialize)]
+struct StderrConfig {
+    /// Lines of 100 bytes to write to stderr.
+    lines: usize,
+    /// Whether to panic after writing them.
+    #[serde(default)]
+    panic: bool,
 }
 
 /// Config of the `spin` mode.
@@ -522,6 +533,18 @@ fn leak_secret(config: SecretConfig) -> Action {
     panic!("giving up with the secret {secret}");
 }
 
+/// Writes lines to stderr, as a worker printing its own debug output does,
+/// then panics or lets the request through.
+fn write_stderr(config: StderrConfig) -> Action {
+    for line in 0..config.lines {
+        eprintln!("{line:>6} {}", "x".repeat(92));
+    }
+    if config.panic {
+        panic!("fixture panic after {} lines", config.lines);
+    }
+    Action::Continue(RequestChanges::new().set_header("x-stderr-lines", config.lines.to_string()))
+}
+
 fn config_response() -> Action {
     Action::respond(
         Response::new(200)
@@ -569,6 +592,7 @@ fn handle_request(request: Request) -> Result<Action, InvalidConfig> {
         "secret" => read_secret(parse_config(&mode)?),
         "secret-leak" => leak_secret(parse_config(&mode)?),
         "fetch" => fetch(parse_config(&mode)?),
+        "stderr" => write_stderr(parse_config(&mode)?),
         other => {
             return Err(InvalidConfig(format!(
                 "unknown mode {other:?}; expected one of {}",

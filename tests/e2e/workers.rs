@@ -710,6 +710,59 @@ async fn worker_log_lines_are_throttled() -> Result {
 }
 
 #[tokio::test]
+async fn lines_past_call_cap_dropped() -> Result {
+    let upstream = Upstream::echo().await;
+    let config = format!(
+        "{}{}",
+        app(&upstream),
+        fixture_route("log", "/", "log-many", "")
+            .replace("mode = \"log-many\"", "mode = \"log-many\"\nlines = 200")
+    );
+    let node = Node::start(&config)?;
+
+    assert_eq!(get(&node.url("/one")).await?.status, 200);
+    let warning = "the worker wrote 200 log lines in one call; \
+                   the 136 past the cap of 64 a call were dropped";
+    node.log_contains(warning);
+    let log = node.log();
+    let printed = log
+        .lines()
+        .filter(|line| line.contains("fixture line"))
+        .count();
+    assert_eq!(printed, 64, "{log}");
+    assert!(log.contains("fixture line 63"), "{log}");
+    assert!(!log.contains("fixture line 64"), "{log}");
+    assert_eq!(log.matches(warning).count(), 1, "{log}");
+
+    // The warning shares the binding's 100 lines a second with the guest's
+    // own lines, so a burst of calls cannot flood the node's log with it.
+    let calls = 50;
+    let started = Instant::now();
+    for _ in 0..calls {
+        assert_eq!(get(&node.url("/burst")).await?.status, 200);
+    }
+    let seconds = started.elapsed().as_secs() + 1;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(get(&node.url("/last")).await?.status, 200);
+    node.log_contains("worker log lines suppressed");
+    let log = node.log();
+    let warnings = log.matches(warning).count() as u64;
+    let lines = log
+        .lines()
+        .filter(|line| line.contains("fixture line"))
+        .count() as u64;
+    // Each second of the burst admits at most 100 lines, warnings included;
+    // the first call and the last, in seconds of their own, add 65 each.
+    assert!(
+        lines + warnings <= 100 * (seconds + 1) + 2 * 65,
+        "{lines} lines and {warnings} warnings in about {seconds} s"
+    );
+    assert!(warnings < calls, "{warnings} warnings for {calls} calls");
+    assert_eq!(upstream.count(), calls as usize + 2);
+    Ok(())
+}
+
+#[tokio::test]
 async fn filtered_log_lines_use_no_budget() -> Result {
     let upstream = Upstream::echo().await;
     let config = format!("{}{}", app(&upstream), fixture_route("log", "/", "log", ""));

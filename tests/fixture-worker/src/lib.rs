@@ -97,6 +97,7 @@ const MODES: &[&str] = &[
     "secret-leak",
     "fetch",
     "stderr",
+    "log-many",
 ];
 
 /// The JSON body of the fixture's error responses.
@@ -121,6 +122,13 @@ struct StderrConfig {
     /// Whether to panic after writing them.
     #[serde(default)]
     panic: bool,
+}
+
+/// Config of the `log-many` mode.
+#[derive(Debug, Deserialize)]
+struct LogManyConfig {
+    /// Info lines to write in one call.
+    lines: usize,
 }
 
 /// Config of the `spin` mode.
@@ -480,6 +488,14 @@ fn write_logs() -> Action {
     Action::next()
 }
 
+/// Writes many info lines in one call, more than the node keeps of a call.
+fn write_many_logs(config: LogManyConfig) -> Action {
+    for line in 0..config.lines {
+        edge_sdk::log::info(&format!("fixture line {line}"));
+    }
+    Action::next()
+}
+
 fn read_clock() -> Action {
     let body = ClockBody {
         now_unix_ms: edge_sdk::clock::now_unix_ms(),
@@ -593,6 +609,7 @@ fn handle_request(request: Request) -> Result<Action, InvalidConfig> {
         "secret-leak" => leak_secret(parse_config(&mode)?),
         "fetch" => fetch(parse_config(&mode)?),
         "stderr" => write_stderr(parse_config(&mode)?),
+        "log-many" => write_many_logs(parse_config(&mode)?),
         other => {
             return Err(InvalidConfig(format!(
                 "unknown mode {other:?}; expected one of {}",

@@ -262,7 +262,7 @@ async fn panicking_worker_gets_worker_failed() -> Result {
 }
 
 #[tokio::test]
-async fn worker_output_on_stderr_never_fails_the_request() -> Result {
+async fn stderr_output_never_fails_worker() -> Result {
     let upstream = Upstream::echo().await;
     let config = format!(
         "{}{}{}",

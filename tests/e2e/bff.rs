@@ -380,6 +380,48 @@ async fn every_section_failing_is_502() -> Result {
 }
 
 #[tokio::test]
+async fn missing_user_is_401_or_partial() -> Result {
+    let services = Services::healthy().await;
+    let node = Node::start(&home_config(
+        &services.toml(),
+        &sections("2s", true),
+        SHAPES,
+    ))?;
+
+    // Billing is required and needs the user id, so a request without one
+    // gets 401 and reaches no upstream.
+    let got = get(&node.url("/tv/home")).await?;
+    assert_eq!(got.status, 401);
+    assert_eq!(got.header("content-type"), Some("application/json"));
+    let body = got.json();
+    assert_eq!(body["error"], "user_missing");
+    assert_eq!(
+        body["message"],
+        "the sections rows, continue_watching, billing need a user id, \
+         and the request has none in the context value \"user\""
+    );
+    assert_eq!(services.counts(), [0, 0, 0]);
+
+    // With optional sections only, those that need the user are left out
+    // and the others are served.
+    let anonymous_rows = sections("2s", false).replace("user={user}&", "");
+    let node = Node::start(&home_config(&services.toml(), &anonymous_rows, SHAPES))?;
+    let got = get(&node.url("/tv/home")).await?;
+    assert_eq!(got.status, 200);
+    assert_eq!(
+        got.header("x-partial-response"),
+        Some("continue_watching, billing")
+    );
+    let body = got.json();
+    assert_eq!(body["user"], Value::Null);
+    assert_eq!(body["partial"], json!(["continue_watching", "billing"]));
+    assert_eq!(body["rows"].as_array().map(Vec::len), Some(4));
+    assert_eq!(services.counts(), [1, 0, 0]);
+    assert_eq!(services.recs.last().target, "/rows?device=tv");
+    Ok(())
+}
+
+#[tokio::test]
 async fn sections_are_requested_concurrently() -> Result {
     // Each upstream answers after 300 ms and notes when a request arrived.
     // Had the worker fetched one section after another, each request would

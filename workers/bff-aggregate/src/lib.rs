@@ -38,7 +38,9 @@
 //! 2. reads the user id from the request context value `user_context`
 //!    (default `user`), which an auth worker before this one sets, or else
 //!    from the request header `user_header` when one is configured; with
-//!    `require_user`, a request without one gets 401 `user_missing`;
+//!    `require_user`, a request without one gets 401 `user_missing`, and
+//!    so does one whose required section, or every section, has `{user}`
+//!    in its path;
 //! 3. fetches every section the device class names, all at once, each with
 //!    its own timeout, sending the user id under `upstream_user_header`
 //!    (default `x-user-id`) and the `forward_headers` of the client's
@@ -145,6 +147,10 @@ fn encode(value: &str) -> String {
     encoded
 }
 
+/// The reason of a section whose path needs the user id when the request
+/// has none.
+const USER_MISSING: &str = "user_missing";
+
 /// Fills the `{NAME}` placeholders of a section's path: `user`, `device`, or
 /// a route path parameter. Returns why a placeholder cannot be filled.
 fn render_path(
@@ -164,7 +170,7 @@ fn render_path(
         let name = &after[..close];
         let value = match name {
             "device" => device,
-            "user" => user.ok_or_else(|| "the request has no user id".to_string())?,
+            "user" => user.ok_or_else(|| USER_MISSING.to_string())?,
             param => request
                 .param(param)
                 .ok_or_else(|| format!("the route has no path parameter {param:?}"))?,
@@ -257,6 +263,11 @@ fn aggregate(config: &Config, request: &Request) -> Action {
             Err(reason) => outcomes.push(Some(Err(reason))),
         }
     }
+    if user.is_none() {
+        if let Some(action) = user_needed(config, &planned, &outcomes) {
+            return action;
+        }
+    }
     let mut results = fetch::send(requests).into_iter();
     for ((section, shape), outcome) in planned.iter().zip(outcomes.iter_mut()) {
         if outcome.is_none() {
@@ -321,6 +332,33 @@ fn aggregate(config: &Config, request: &Request) -> Action {
         response = response.header(PARTIAL_HEADER, header);
     }
     Action::respond(response)
+}
+
+/// Returns a 401 for a request without a user id when a required section,
+/// or every section, needs one. Signing in fixes it, so it is not a gateway
+/// error, and no upstream is called.
+fn user_needed(
+    config: &Config,
+    planned: &[(&Section, &Shape)],
+    outcomes: &[Option<Result<Value, String>>],
+) -> Option<Action> {
+    let needing: Vec<&Section> = planned
+        .iter()
+        .zip(outcomes)
+        .filter(|(_, outcome)| matches!(outcome, Some(Err(reason)) if reason == USER_MISSING))
+        .map(|((section, _), _)| *section)
+        .collect();
+    let required = needing.iter().any(|section| section.required);
+    if needing.is_empty() || (!required && needing.len() < planned.len()) {
+        return None;
+    }
+    let names: Vec<&str> = needing.iter().map(|section| section.name.as_str()).collect();
+    let message = format!(
+        "the sections {} need a user id, and the request has none in the context value {:?}",
+        names.join(", "),
+        config.user_context
+    );
+    Some(error_response(401, "user_missing", message))
 }
 
 struct BffAggregate;

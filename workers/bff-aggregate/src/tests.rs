@@ -225,15 +225,52 @@ fn default_device_used_for_unknown_class() {
 }
 
 #[test]
-fn missing_user_fails_user_sections() {
+fn required_user_section_is_401() {
     testing::set_config(CONFIG);
-    testing::on_fetch(|_| panic!("no section can be built without a user"));
+    testing::on_fetch(|_| panic!("nothing is fetched when billing needs a user"));
     let without_user = request("mobile");
     testing::clear_context();
     let response = respond_of(BffAggregate::on_request(without_user));
-    assert_eq!(response.status, 502);
+    assert_eq!(response.status, 401);
     let body = json_body(&response);
-    assert_eq!(body["failed"]["rows"], "the request has no user id");
+    assert_eq!(body["error"], "user_missing");
+    assert_eq!(
+        body["message"],
+        "the sections rows, billing need a user id, and the request has none in the context value \"user\""
+    );
+}
+
+#[test]
+fn all_user_sections_is_401() {
+    let mut config: serde_json::Value = serde_json::from_str(CONFIG).unwrap();
+    config["sections"][1]["required"] = json!(false);
+    testing::set_config(&config.to_string());
+    testing::on_fetch(|_| panic!("nothing is fetched when every section needs a user"));
+    let without_user = request("tv");
+    testing::clear_context();
+    let response = respond_of(BffAggregate::on_request(without_user));
+    assert_eq!(response.status, 401);
+    assert_eq!(json_body(&response)["error"], "user_missing");
+}
+
+#[test]
+fn missing_user_skips_optional_sections() {
+    let mut config: serde_json::Value = serde_json::from_str(CONFIG).unwrap();
+    config["sections"][0]["path"] = json!("/rows?device={device}");
+    config["sections"][1]["required"] = json!(false);
+    testing::set_config(&config.to_string());
+    let seen = Rc::default();
+    testing::on_fetch(healthy(Rc::clone(&seen)));
+    let without_user = request("tv");
+    testing::clear_context();
+    let response = respond_of(BffAggregate::on_request(without_user));
+    assert_eq!(response.status, 200);
+    let body = json_body(&response);
+    assert_eq!(body["user"], serde_json::Value::Null);
+    assert_eq!(body["partial"], json!(["billing", "history"]));
+    assert!(body["rows"].is_array());
+    let upstreams: Vec<String> = seen.borrow().iter().map(|r| r.upstream.clone()).collect();
+    assert_eq!(upstreams, ["recs"]);
 }
 
 #[test]
@@ -275,7 +312,8 @@ fn header_ignored_without_user_header() {
     testing::clear_context();
     spoofed.headers.append("x-user-id", "someone-else");
     let response = respond_of(BffAggregate::on_request(spoofed));
-    assert_eq!(response.status, 502, "no user, so no section can be built");
+    assert_eq!(response.status, 401, "the header is not a user id");
+    assert_eq!(json_body(&response)["error"], "user_missing");
 }
 
 #[test]

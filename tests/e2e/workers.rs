@@ -485,6 +485,30 @@ async fn worker_cannot_set_framing_headers() -> Result {
 }
 
 #[tokio::test]
+async fn own_response_drops_framing_headers() -> Result {
+    let upstream = Upstream::echo().await;
+    let config = format!(
+        "{}{}body = \"hello\"\n[routes.workers.config.headers]\n\
+         content-length = \"999\"\ntransfer-encoding = \"chunked\"\n\
+         connection = \"close, x-kept\"\nx-kept = \"1\"\n",
+        app(&upstream),
+        fixture_route("own", "/", "respond", "")
+    );
+    let node = Node::start(&config)?;
+
+    // The node frames the worker's body itself and keeps the connection.
+    let got = get(&node.url("/")).await?;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.header("content-length"), Some("5"));
+    assert_eq!(got.header("transfer-encoding"), None);
+    assert_eq!(got.header("connection"), None);
+    assert_eq!(got.header("x-kept"), Some("1"));
+    assert_eq!(&got.body[..], b"hello");
+    assert_eq!(upstream.count(), 0);
+    Ok(())
+}
+
+#[tokio::test]
 async fn demo_serves_its_routes() -> Result {
     let modules = crate::harness::modules_dir().display().to_string();
     let node = Node::start_with_args(

@@ -18,6 +18,7 @@ pub mod demo;
 pub mod error;
 pub mod exchange;
 pub mod health;
+pub mod idle;
 pub mod listener;
 pub mod metrics;
 pub mod node;

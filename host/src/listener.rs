@@ -21,6 +21,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
 use crate::config::ListenerConfig;
+use crate::idle::{Activity, IdleClose, TrackedBody};
 use crate::node::Node;
 use crate::pipeline::{self, Connection};
 use crate::timer::{self, CoarseTimer};
@@ -385,20 +386,41 @@ async fn serve<T>(
 {
     // One reference count per request instead of two.
     let context = Arc::new((node, connection));
-    let service = service_fn(move |request| {
-        let context = context.clone();
-        async move {
-            let (node, connection) = &*context;
-            Ok::<_, std::convert::Infallible>(pipeline::handle(node, connection, request).await)
-        }
-    });
-    let io = TokioIo::new(stream);
     let served: Result<(), Box<dyn std::error::Error + Send + Sync>> = match first_bytes {
-        FirstBytes::Http1 => watcher
-            .watch(builders.http1.serve_connection(io, service))
-            .await
-            .map_err(Into::into),
+        FirstBytes::Http1 => {
+            let service = service_fn(move |request| {
+                let context = context.clone();
+                async move {
+                    let (node, connection) = &*context;
+                    let response = pipeline::handle(node, connection, request).await;
+                    Ok::<_, std::convert::Infallible>(response)
+                }
+            });
+            let io = TokioIo::new(stream);
+            watcher
+                .watch(builders.http1.serve_connection(io, service))
+                .await
+                .map_err(Into::into)
+        }
         FirstBytes::MaybeHttp2 => {
+            // HTTP/2 has no header timer in hyper: the connection closes
+            // itself after a header timeout without a request in flight.
+            let activity = Arc::new(Activity::default());
+            let io = TokioIo::new(IdleClose::new(
+                stream,
+                activity.clone(),
+                builders.header_timeout,
+            ));
+            let service = service_fn(move |request| {
+                let context = context.clone();
+                let in_flight = activity.start();
+                async move {
+                    let (node, connection) = &*context;
+                    let response = pipeline::handle(node, connection, request).await;
+                    let response = response.map(|body| TrackedBody::new(body, in_flight));
+                    Ok::<_, std::convert::Infallible>(response)
+                }
+            });
             watcher
                 .watch(builders.auto.serve_connection(io, service))
                 .await

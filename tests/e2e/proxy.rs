@@ -617,6 +617,70 @@ async fn silent_connection_is_closed() -> Result {
     Ok(())
 }
 
+/// Sends `bytes` on a new connection and returns how long the node took to
+/// close it, or `None` when it was still open after ten seconds.
+async fn closed_after(addr: std::net::SocketAddr, bytes: &[u8]) -> Result<Option<Duration>> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let started = std::time::Instant::now();
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    stream.write_all(bytes).await?;
+    let mut buffer = [0u8; 4096];
+    loop {
+        let read = tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buffer)).await;
+        match read {
+            Err(_) => return Ok(None),
+            Ok(Ok(0) | Err(_)) => return Ok(Some(started.elapsed())),
+            // The node's SETTINGS frame and its acknowledgement.
+            Ok(Ok(_)) => {}
+        }
+    }
+}
+
+#[tokio::test]
+async fn http2_connection_without_request_is_closed() -> Result {
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+    // An empty SETTINGS frame, then a HEADERS frame on stream 1 without
+    // END_HEADERS, whose CONTINUATION never comes.
+    const SETTINGS: &[u8] = &[0, 0, 0, 4, 0, 0, 0, 0, 0];
+    const OPEN_HEADERS: &[u8] = &[0, 0, 1, 1, 0x01, 0, 0, 0, 1, 0x82];
+    let upstream = Upstream::start(|received| {
+        if received.target.starts_with("/slow") {
+            Reply::Delay(Duration::from_millis(1500))
+        } else {
+            Reply::Echo
+        }
+    })
+    .await;
+    let config = format!(
+        "[[listeners]]\naddr = \"127.0.0.1:0\"\nheader_timeout = \"300ms\"\n\n{}\n\
+         [[routes]]\nname = \"all\"\nupstream = \"app\"\n",
+        upstream_block("app", &upstream)
+    );
+    let node = Node::start(&config)?;
+
+    let half_preface = &PREFACE[..16];
+    let settings = [PREFACE, SETTINGS].concat();
+    let open_headers = [PREFACE, SETTINGS, OPEN_HEADERS].concat();
+    for (case, bytes) in [
+        ("half a preface", half_preface),
+        ("a preface and settings", &settings[..]),
+        ("an unfinished header block", &open_headers[..]),
+    ] {
+        let closed = closed_after(node.addr, bytes).await?;
+        let closed = closed.unwrap_or_else(|| panic!("{case}: still open after 10 s"));
+        // Between one and two header timeouts, plus scheduling.
+        assert!(closed < Duration::from_secs(3), "{case}: closed after {closed:?}");
+    }
+    assert_eq!(upstream.count(), 0);
+
+    // A request in flight for longer than the timeout is not cut off, and
+    // the node keeps serving HTTP/2.
+    let slow = get_h2(&node.url("/slow")).await?;
+    assert_eq!(slow.status, 200);
+    assert_eq!(get_h2(&node.url("/after")).await?.status, 200);
+    Ok(())
+}
+
 #[tokio::test]
 async fn stalled_second_head_closes_connection() -> Result {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

@@ -395,10 +395,27 @@ fn check(path: &Path) -> anyhow::Result<()> {
 fn explain(path: &Path, method: &str, raw_path: &str, host: Option<&str>) -> anyhow::Result<()> {
     let config = Config::load(path)?;
     let node = Node::build_read_only(&config)?;
+    // The same checks as the node's, so that a request the node rejects is
+    // never shown as matching a route.
     let method: http::Method = method
-        .to_ascii_uppercase()
         .parse()
         .with_context(|| format!("{method:?} is not an HTTP method"))?;
+    crate::pipeline::check_method(&method).map_err(|refusal| {
+        anyhow::anyhow!(
+            "{}; the node responds 400 invalid_method",
+            refusal.message()
+        )
+    })?;
+    if let Some(host) = host {
+        crate::pipeline::check_host(host.as_bytes()).map_err(|reason| {
+            anyhow::anyhow!("the Host {host:?} {reason}; the node responds 400 invalid_host")
+        })?;
+    }
+    // Routes match the path alone.
+    let (raw_path, query) = match raw_path.split_once('?') {
+        Some((path, query)) => (path, Some(query)),
+        None => (raw_path, None),
+    };
     let normal = crate::route::normalize_path(raw_path)
         .map_err(|e| anyhow::anyhow!("path {raw_path:?} is rejected with 400 invalid_path: {e}"))?;
     let host = host.map(|h| crate::route::host_name(h).into_owned());
@@ -410,6 +427,9 @@ fn explain(path: &Path, method: &str, raw_path: &str, host: Option<&str>) -> any
     );
     if normal != raw_path {
         println!("  the path {raw_path:?} is normalised to {normal:?}");
+    }
+    if let Some(query) = query {
+        println!("  the query {query:?} plays no part in routing");
     }
     let verdicts = node.router.explain(host.as_deref(), &method, &normal);
     let winner = verdicts.iter().find(|v| v.mismatch.is_none());

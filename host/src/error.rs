@@ -31,6 +31,10 @@ pub enum Refusal {
     InvalidPath(String),
     /// The request has no `Host`, several, or an invalid one.
     InvalidHost(String),
+    /// The method has lower-case letters. Methods are case-sensitive, and
+    /// an upstream that upper-cases `delete` would run a route the node
+    /// never matched.
+    InvalidMethod(String),
     /// The client's body broke off or had invalid chunked framing.
     InvalidBody,
     /// The client sent its body too slowly: it was still arriving when the
@@ -78,6 +82,7 @@ impl Refusal {
             Refusal::NoRoute => StatusCode::NOT_FOUND,
             Refusal::InvalidPath(_)
             | Refusal::InvalidHost(_)
+            | Refusal::InvalidMethod(_)
             | Refusal::InvalidBody
             | Refusal::RepeatedKeyHeader { .. } => StatusCode::BAD_REQUEST,
             Refusal::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
@@ -101,6 +106,7 @@ impl Refusal {
             Refusal::NoRoute => "no_route",
             Refusal::InvalidPath(_) => "invalid_path",
             Refusal::InvalidHost(_) => "invalid_host",
+            Refusal::InvalidMethod(_) => "invalid_method",
             Refusal::InvalidBody => "invalid_body",
             Refusal::BodyTooLarge { .. } => "body_too_large",
             Refusal::RepeatedKeyHeader { .. } => "repeated_key_header",
@@ -125,6 +131,7 @@ impl Refusal {
             Refusal::NoRoute
             | Refusal::InvalidPath(_)
             | Refusal::InvalidHost(_)
+            | Refusal::InvalidMethod(_)
             | Refusal::InvalidBody
             | Refusal::BodyTooLarge { .. }
             | Refusal::RepeatedKeyHeader { .. }
@@ -149,6 +156,11 @@ impl Refusal {
             Refusal::NoRoute => "no route matches this request".to_owned(),
             Refusal::InvalidPath(reason) => format!("invalid request path: {reason}"),
             Refusal::InvalidHost(reason) => format!("invalid Host: {reason}"),
+            Refusal::InvalidMethod(method) => format!(
+                "invalid method {method:?}: methods are case-sensitive and this node accepts \
+                 only upper-case ones, such as {:?}",
+                method.to_ascii_uppercase()
+            ),
             Refusal::InvalidBody => {
                 "the request body broke off or has invalid chunked framing".to_owned()
             }

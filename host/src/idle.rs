@@ -125,7 +125,9 @@ impl<T> IdleClose<T> {
             let events = self.activity.events.load(Ordering::Relaxed);
             let in_flight = self.activity.in_flight.load(Ordering::Relaxed);
             if in_flight == 0 && events == self.events_then {
-                tracing::debug!("closing a client connection with no request for its header timeout");
+                tracing::debug!(
+                    "closing a client connection with no request for its header timeout"
+                );
                 self.closed = true;
                 return true;
             }

@@ -31,7 +31,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::uri::PathAndQuery;
-use http::{Request, Response, StatusCode, Uri};
+use http::{Method, Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
 
 use crate::context::RequestContext;
@@ -134,8 +134,9 @@ async fn serve(
 ) -> Result<Response<ResponseBody>, Refusal> {
     let (mut parts, body) = request.into_parts();
 
-    // One Host, agreeing with the target, and no hop-by-hop headers before
-    // any route or worker looks at the request.
+    // An upper-case method, one Host agreeing with the target, and no
+    // hop-by-hop headers before any route or worker looks at the request.
+    check_method(&parts.method)?;
     canonicalize_host(&mut parts)?;
     check_transfer_coding(&parts.headers)?;
     remove_hop_by_hop(&mut parts.headers);
@@ -614,10 +615,33 @@ fn canonicalize_host(parts: &mut Parts) -> Result<(), Refusal> {
     }
 }
 
+/// Rejects a method with lower-case letters. Methods are case-sensitive
+/// (RFC 9110, section 9.1) and routes match them exactly, but some upstream
+/// frameworks upper-case them, so `delete` could reach a handler that the
+/// route for `DELETE`, and its workers, were meant to guard.
+pub(crate) fn check_method(method: &Method) -> Result<(), Refusal> {
+    let standard = matches!(
+        *method,
+        Method::GET | Method::POST | Method::HEAD | Method::PUT | Method::DELETE | Method::OPTIONS
+    );
+    if standard
+        || !method
+            .as_str()
+            .bytes()
+            .any(|byte| byte.is_ascii_lowercase())
+    {
+        return Ok(());
+    }
+    Err(Refusal::InvalidMethod(method.as_str().to_owned()))
+}
+
 /// Checks that `host` is `host[:port]` as RFC 3986 defines it: a registered
 /// name or IPv4 address, or an IPv6 address in brackets, then an optional
 /// port of up to five digits. Returns why it is not.
-fn check_host(host: &[u8]) -> Result<(), &'static str> {
+pub(crate) fn check_host(host: &[u8]) -> Result<(), &'static str> {
+    if host.contains(&b'@') {
+        return Err("has userinfo (`user@`), which is not allowed");
+    }
     let (name, port) = if let Some(rest) = host.strip_prefix(b"[") {
         let close = rest
             .iter()
@@ -1212,6 +1236,10 @@ mod tests {
         ] {
             assert!(check_host(host.as_bytes()).is_err(), "{host:?} passed");
         }
+        assert_eq!(
+            check_host(b"u:p@abs.example"),
+            Err("has userinfo (`user@`), which is not allowed")
+        );
     }
 
     #[test]

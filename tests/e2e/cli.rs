@@ -403,6 +403,45 @@ fn routes_explain_shows_match_and_misses() {
 }
 
 #[test]
+fn routes_explain_checks_like_the_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), VALID);
+    let explain = |args: &[&str]| {
+        let mut all = vec!["routes", "explain", "--config", &path];
+        all.extend_from_slice(args);
+        edge(&all)
+    };
+
+    let output = explain(&["get", "/mobile/home"]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("invalid method \"get\": methods are case-sensitive"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("400 invalid_method"), "{stderr}");
+
+    let output = explain(&["GET", "/users/7", "--host", "a..example.com"]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("the Host \"a..example.com\" has an empty label"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("400 invalid_host"), "{stderr}");
+
+    // The query is not part of the path a route matches.
+    let output = explain(&["GET", "/mobile/home?next=/users"]);
+    assert!(output.status.success());
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("matches route \"home\""), "{stdout}");
+    assert!(
+        stdout.contains("the query \"next=/users\" plays no part in routing"),
+        "{stdout}"
+    );
+}
+
+#[test]
 fn worker_new_relative_sdk_path() {
     let dir = tempfile::tempdir_in(crate::harness::repo_root()).unwrap();
     let root = dir.path().display().to_string();

@@ -222,7 +222,9 @@ async fn secrets_never_reach_the_node_log() -> Result {
     // One call writes at most 64 lines, and the rest are counted.
     assert_eq!(log.matches("the secret is [secret signing]").count(), 64);
     assert!(
-        log.contains("wrote 100 log lines in one call; the 36 past the cap of 64 a call were dropped"),
+        log.contains(
+            "wrote 100 log lines in one call; the 36 past the cap of 64 a call were dropped"
+        ),
         "{log}"
     );
     Ok(())

@@ -272,6 +272,7 @@ async fn bad_host_headers_get_400() -> Result {
         "GET /x HTTP/1.1\r\nHost: api.example.com:abc\r\nConnection: close\r\n\r\n",
         "GET /x HTTP/1.1\r\nHost:\r\nConnection: close\r\n\r\n",
         "GET /x HTTP/1.1\r\nHost: a..example.com\r\nConnection: close\r\n\r\n",
+        "GET http://user:pw@example.com/x HTTP/1.1\r\nHost: example.com\r\nConnection: close\r\n\r\n",
         "GET http://u:p@abs.example/a HTTP/1.1\r\nHost: abs.example\r\nConnection: close\r\n\r\n",
     ] {
         let response = raw_request(node.addr, request).await?;
@@ -285,6 +286,47 @@ async fn bad_host_headers_get_400() -> Result {
         );
     }
     assert_eq!(upstream.count(), 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn lower_case_method_gets_400() -> Result {
+    let (guarded, open) = (Upstream::echo().await, Upstream::echo().await);
+    let config = format!(
+        "{}{}[[routes]]\nname = \"delete\"\nprefix = \"/api\"\nmethods = [\"DELETE\"]\n\
+         upstream = \"guarded\"\n\n[[routes]]\nname = \"open\"\nprefix = \"/api\"\n\
+         upstream = \"open\"\n",
+        upstream_block("guarded", &guarded),
+        upstream_block("open", &open)
+    );
+    let node = Node::start(&config)?;
+    for method in ["delete", "Delete", "get", "purge"] {
+        let request =
+            format!("{method} /api/users/7 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
+        let response = raw_request(node.addr, &request).await?;
+        assert!(response.starts_with("HTTP/1.1 400"), "{method}: {response}");
+        assert!(
+            response.contains("\"error\":\"invalid_method\""),
+            "{method}: {response}"
+        );
+    }
+    assert_eq!(guarded.count() + open.count(), 0);
+
+    // Upper-case methods, standard or not, are served.
+    let response = raw_request(
+        node.addr,
+        "DELETE /api/users/7 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await?;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert_eq!(guarded.count(), 1);
+    let response = raw_request(
+        node.addr,
+        "PURGE /api/users/7 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await?;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert_eq!(open.count(), 1);
     Ok(())
 }
 
@@ -669,7 +711,10 @@ async fn http2_connection_without_request_is_closed() -> Result {
         let closed = closed_after(node.addr, bytes).await?;
         let closed = closed.unwrap_or_else(|| panic!("{case}: still open after 10 s"));
         // Between one and two header timeouts, plus scheduling.
-        assert!(closed < Duration::from_secs(3), "{case}: closed after {closed:?}");
+        assert!(
+            closed < Duration::from_secs(3),
+            "{case}: closed after {closed:?}"
+        );
     }
     assert_eq!(upstream.count(), 0);
 

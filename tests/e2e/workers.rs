@@ -269,8 +269,10 @@ async fn stderr_output_never_fails_worker() -> Result {
         app(&upstream),
         fixture_route("chatty", "/chatty", "stderr", "")
             .replace("mode = \"stderr\"", "mode = \"stderr\"\nlines = 100"),
-        fixture_route("last-words", "/last-words", "stderr", "")
-            .replace("mode = \"stderr\"", "mode = \"stderr\"\nlines = 100\npanic = true"),
+        fixture_route("last-words", "/last-words", "stderr", "").replace(
+            "mode = \"stderr\"",
+            "mode = \"stderr\"\nlines = 100\npanic = true"
+        ),
     );
     let node = Node::start(&config)?;
 

@@ -371,15 +371,13 @@ fn redact_path_pieces<'a>(path: &'a str, mut emit: impl FnMut(&'a str)) {
         }
         _ => 0,
     };
-    let mut emit_piece = |piece: &'a str, parameter: bool| {
-        match piece.split_once('=') {
-            Some((name, _)) if parameter && is_sensitive(&decode(name)) => {
-                emit(name);
-                emit("=");
-                emit(REDACTED);
-            }
-            _ => emit(piece),
+    let mut emit_piece = |piece: &'a str, parameter: bool| match piece.split_once('=') {
+        Some((name, _)) if parameter && is_sensitive(&decode(name)) => {
+            emit(name);
+            emit("=");
+            emit(REDACTED);
         }
+        _ => emit(piece),
     };
     let (mut start, mut at, mut parameter) = (0, 0, false);
     while at < bytes.len() {

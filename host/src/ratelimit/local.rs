@@ -239,7 +239,11 @@ impl LocalTable {
             shards,
             shard_cap,
             hasher: RandomState::new(),
-            ipv4_keys: [fastrand::u64(..), fastrand::u64(..) | 1, fastrand::u64(..) | 1],
+            ipv4_keys: [
+                fastrand::u64(..),
+                fastrand::u64(..) | 1,
+                fastrand::u64(..) | 1,
+            ],
         }
     }
 

@@ -660,7 +660,12 @@ fn classify_trap(
             .take(BACKTRACE_FRAMES)
             .collect();
         if frames.is_empty() {
-            frames = backtrace.frames().iter().take(BACKTRACE_FRAMES).map(demangled).collect();
+            frames = backtrace
+                .frames()
+                .iter()
+                .take(BACKTRACE_FRAMES)
+                .map(demangled)
+                .collect();
         }
         if !frames.is_empty() {
             message.push_str(&format!(" (in {})", frames.join(" < ")));

@@ -46,7 +46,8 @@ impl StderrTail {
         if data.len() >= self.capacity {
             tail.dropped += (tail.bytes.len() + data.len() - self.capacity) as u64;
             tail.bytes.clear();
-            tail.bytes.extend_from_slice(&data[data.len() - self.capacity..]);
+            tail.bytes
+                .extend_from_slice(&data[data.len() - self.capacity..]);
             return;
         }
         tail.bytes.extend_from_slice(data);

@@ -461,7 +461,20 @@ async fn jwt_valid_token_strips_spoofed_headers() -> Result {
     // Cookie parsers read `session =x` as the cookie `session`.
     let bearer_and_spaced_cookie = format!("session ={forged}");
     let forged_bearer = format!("Bearer {forged}");
-    let cases: [(&str, Vec<(&str, &str)>); 4] = [
+    let valid_cookie = format!("session={valid}");
+    // Upstreams that split the scheme on any blank or a colon read these as
+    // bearer tokens too, so they may not hide behind the checked cookie.
+    let tab_bearer = format!("Bearer\t{forged}");
+    let colon_bearer = format!("Bearer:{forged}");
+    let cases: [(&str, Vec<(&str, &str)>); 6] = [
+        (
+            "a cookie token and a bearer token after a tab",
+            vec![("cookie", &valid_cookie), ("authorization", &tab_bearer)],
+        ),
+        (
+            "a cookie token and a bearer token after a colon",
+            vec![("cookie", &valid_cookie), ("authorization", &colon_bearer)],
+        ),
         (
             "two Authorization headers",
             vec![

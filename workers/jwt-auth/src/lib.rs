@@ -188,16 +188,16 @@ fn cookie_values<'a, 'n>(
 
 fn find_one_token<'a>(request: &'a Request, cookie: Option<&str>) -> Result<&'a str, Rejection> {
     if let Some(authorization) = request.header("authorization") {
-        let (scheme, rest) = authorization
-            .trim()
-            .split_once(' ')
-            .unwrap_or((authorization.trim(), ""));
+        let authorization = authorization.trim_matches([' ', '\t']);
+        // The scheme is a token (RFC 9110, section 11.4), so it ends at the
+        // first other character, whatever that is. Upstreams that split on
+        // a tab or a colon still read `Bearer\t<token>` as a bearer token.
+        let end = authorization
+            .find(|c: char| !is_token_char(c))
+            .unwrap_or(authorization.len());
+        let (scheme, rest) = authorization.split_at(end);
         if scheme.eq_ignore_ascii_case("bearer") {
-            let token = rest.trim();
-            if token.is_empty() {
-                return Err(Rejection::Invalid("the bearer token is empty".into()));
-            }
-            return Ok(token);
+            return bearer_token(rest);
         }
     }
     // An empty cookie of the same name (say, a cleared one on another path)
@@ -206,6 +206,35 @@ fn find_one_token<'a>(request: &'a Request, cookie: Option<&str>) -> Result<&'a 
         return Ok(token);
     }
     Err(Rejection::Missing)
+}
+
+/// Returns the token after `Bearer`: one or more spaces, then a token68
+/// (RFC 6750, section 2.1), which a JWT's characters fit.
+fn bearer_token(rest: &str) -> Result<&str, Rejection> {
+    let token = rest.trim_start_matches(' ');
+    if token.len() == rest.len() && !rest.is_empty() {
+        return Err(Rejection::Invalid(
+            "the Authorization header is not `Bearer` and a space before the token".into(),
+        ));
+    }
+    if token.is_empty() {
+        return Err(Rejection::Invalid("the bearer token is empty".into()));
+    }
+    let body = token.trim_end_matches('=');
+    let token68 = body
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "-._~+/".contains(c));
+    if !token68 {
+        return Err(Rejection::Invalid(
+            "the bearer token has characters that no token has".into(),
+        ));
+    }
+    Ok(token)
+}
+
+/// Returns true for the characters of a token (RFC 9110, section 5.6.2).
+fn is_token_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c)
 }
 
 /// The JSON body of a rejection.

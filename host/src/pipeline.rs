@@ -156,7 +156,9 @@ async fn serve(
     let uri = parts.uri.clone();
     let raw_path = uri.path();
     let path = normalize_path(raw_path).map_err(|e| Refusal::InvalidPath(e.to_string()))?;
-    let path_changed = path != raw_path;
+    // Raw non-ASCII bytes decode to themselves, but go upstream encoded, as
+    // a request target must be ASCII (RFC 9112, section 3.2).
+    let path_changed = path != raw_path || !raw_path.is_ascii();
 
     if let Some(redirect) = &listener.redirect {
         if !redirect

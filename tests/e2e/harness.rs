@@ -574,10 +574,10 @@ pub async fn get_h2(url: &str) -> Result<Got> {
 
 /// Writes a raw HTTP/1.1 request and reads the raw response until the
 /// server closes the connection.
-pub async fn raw_request(addr: SocketAddr, request: &str) -> Result<String> {
+pub async fn raw_request(addr: SocketAddr, request: impl AsRef<[u8]>) -> Result<String> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    stream.write_all(request.as_bytes()).await?;
+    stream.write_all(request.as_ref()).await?;
     let mut response = Vec::new();
     tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut response)).await??;
     Ok(String::from_utf8_lossy(&response).into_owned())

@@ -209,7 +209,7 @@ async fn escaped_characters_stay_escaped_upstream() -> Result {
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     assert_eq!(upstream.last().target, "/caf%C3%A9/x?q=1");
     let before = upstream.count();
-    let response = raw_bytes_request(
+    let response = raw_request(
         node.addr,
         b"GET /caf\xe9 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
     )
@@ -217,17 +217,6 @@ async fn escaped_characters_stay_escaped_upstream() -> Result {
     assert!(response.starts_with("HTTP/1.1 400"), "{response}");
     assert_eq!(upstream.count(), before);
     Ok(())
-}
-
-/// Writes raw bytes as a request and reads the response until the node
-/// closes the connection.
-async fn raw_bytes_request(addr: std::net::SocketAddr, request: &[u8]) -> Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await?;
-    stream.write_all(request).await?;
-    let mut response = Vec::new();
-    tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut response)).await??;
-    Ok(String::from_utf8_lossy(&response).into_owned())
 }
 
 #[tokio::test]

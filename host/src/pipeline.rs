@@ -208,6 +208,7 @@ async fn serve(
     let mut context = RequestContext::default();
     if !route.start_limits.is_empty() {
         let input = KeyInput {
+            received: exchange.started,
             client_ip,
             headers: &parts.headers,
             context: &context,
@@ -258,6 +259,7 @@ async fn serve(
                     // is limited too.
                     if !pending_limits.is_empty() {
                         let input = KeyInput {
+                            received: exchange.started,
                             client_ip,
                             headers: &parts.headers,
                             context: &context,
@@ -293,6 +295,7 @@ async fn serve(
                 route.context_watch.value_set();
                 pending_limits = pending_limits.without(ready);
                 let input = KeyInput {
+                    received: exchange.started,
                     client_ip,
                     headers: &parts.headers,
                     context: &context,
@@ -305,6 +308,7 @@ async fn serve(
         if !pending_limits.is_empty() {
             route.context_watch.value_unset(route, pending_limits);
             let input = KeyInput {
+                received: exchange.started,
                 client_ip,
                 headers: &parts.headers,
                 context: &context,

@@ -507,6 +507,13 @@ pub fn check_redis_url(url: &str) -> Result<(), String> {
 /// monotonic clock.
 pub trait Clock: Send + Sync {
     fn now_ns(&self) -> u64;
+
+    /// Returns the time of `instant` on this clock. A clock that does not
+    /// follow the monotonic clock, such as a test's, returns its current
+    /// time instead.
+    fn at_ns(&self, _instant: std::time::Instant) -> u64 {
+        self.now_ns()
+    }
 }
 
 /// The node's clock, anchored to the system time at start and then
@@ -545,8 +552,12 @@ impl SystemClock {
 
 impl Clock for SystemClock {
     fn now_ns(&self) -> u64 {
+        self.at_ns(std::time::Instant::now())
+    }
+
+    fn at_ns(&self, instant: std::time::Instant) -> u64 {
         // Whole seconds and nanoseconds in u64, without `as_nanos`'s u128.
-        let elapsed = self.start.elapsed();
+        let elapsed = instant.saturating_duration_since(self.start);
         self.anchor_ns + elapsed.as_secs() * 1_000_000_000 + u64::from(elapsed.subsec_nanos())
     }
 }
@@ -722,6 +733,9 @@ fn escape(name: &str) -> String {
 
 /// The parts of a request that limits take their keys from.
 pub struct KeyInput<'a> {
+    /// When the node received the request. Local limits decide at this
+    /// time, which saves reading the clock again for each limit.
+    pub received: std::time::Instant,
     pub client_ip: IpAddr,
     pub headers: &'a HeaderMap,
     pub context: &'a RequestContext,
@@ -871,7 +885,8 @@ impl Limit {
             if self.counts.last_key.load(Ordering::Relaxed) != key {
                 self.counts.last_key.store(key, Ordering::Relaxed);
             }
-            return Ok((self.local.decide(key, clock.now_ns()), Counted::Local(key)));
+            let now = clock.at_ns(request.received);
+            return Ok((self.local.decide(key, now), Counted::Local(key)));
         };
         // The node's leases of this limit and the key's hash in them. When
         // this request is the one of its key that calls Redis, `asking` is

@@ -1131,6 +1131,46 @@ fn script_applies_one_limit_argument_to_every_key() -> Result {
     Ok(())
 }
 
+#[test]
+fn script_counts_repeated_keys_in_one_call() -> Result {
+    let redis = Redis::start()?;
+    let script = edge::ratelimit::redis::SCRIPT;
+    let allowed = |reply: &str| -> Vec<bool> {
+        reply.split(',').map(|d| d.starts_with("1 ")).collect()
+    };
+
+    // A fixed and a sliding window of 3 a minute, five requests each for
+    // one key in one call: three admitted, and the stored count is 3.
+    for (algorithm, key) in [("2", "{t}:fixed"), ("3", "{t}:sliding")] {
+        let spec = format!("{algorithm} 60000000 3");
+        let reply = redis.cli(&["eval", script, "5", key, key, key, key, key, &spec]);
+        assert_eq!(allowed(&reply), [true, true, true, false, false], "{reply}");
+        assert_eq!(redis.cli(&["hget", key, "c"]), "3", "{algorithm}");
+        let ttl: i64 = redis.cli(&["pttl", key]).parse()?;
+        assert!(ttl > 0, "{algorithm}: the key has an expiry, got {ttl}");
+        // The next call reads what the first wrote.
+        let reply = redis.cli(&["eval", script, "1", key, &spec]);
+        assert_eq!(allowed(&reply), [false], "{reply}");
+    }
+
+    // A token bucket of one a second with a burst of 2: two of four
+    // admitted. A give back (algorithm 4) in the same call returns one
+    // place, which the last request takes.
+    let bucket = "1 1000000 2 0 1";
+    let key = "{t}:bucket";
+    let reply = redis.cli(&["eval", script, "4", key, key, key, key, bucket]);
+    assert_eq!(allowed(&reply), [true, true, false, false], "{reply}");
+    let reply = redis.cli(&[
+        "eval", script, "2", key, key, "4 1000000", bucket,
+    ]);
+    let decisions: Vec<&str> = reply.split(',').collect();
+    assert_eq!(decisions[0], "", "{reply}");
+    assert!(decisions[1].starts_with("1 "), "{reply}");
+    let ttl: i64 = redis.cli(&["pttl", key]).parse()?;
+    assert!(ttl > 0, "the bucket has an expiry, got {ttl}");
+    Ok(())
+}
+
 #[tokio::test]
 async fn repeated_key_header_is_rejected() -> Result {
     let upstream = Upstream::echo().await;

@@ -42,6 +42,65 @@ local function take(lease, remaining)
     return 1 + math.max(0, math.min(lease - 1, remaining))
 end
 
+-- The state of each key this call read, and how to write it back. A batch
+-- often holds several requests for one key (a busy client, or a limit keyed
+-- by route), so each key is read once and written once, at the end.
+-- A bucket's state is its theoretical arrival time, `false` once deleted;
+-- a window's is its fields w, c and p.
+local tats = {}
+local windows = {}
+-- key -> expiry in ms, for the keys to write back.
+local expiries = {}
+
+local function load_tat(key)
+    local tat = tats[key]
+    if tat == nil then
+        tat = tonumber(redis.call('GET', key)) or false
+        tats[key] = tat
+    end
+    return tat or nil
+end
+
+local function store_tat(key, tat, expiry)
+    tats[key] = tat or false
+    expiries[key] = expiry
+end
+
+local function load_window(key)
+    local state = windows[key]
+    if not state then
+        local stored = redis.call('HMGET', key, 'w', 'c', 'p')
+        state = {
+            w = tonumber(stored[1]),
+            c = tonumber(stored[2]) or 0,
+            p = tonumber(stored[3]) or 0,
+        }
+        windows[key] = state
+    end
+    return state
+end
+
+local function store_window(key, w, c, p, expiry)
+    local state = windows[key]
+    state.w, state.c, state.p = w, c, p
+    expiries[key] = expiry
+end
+
+-- Writes every changed key back, once.
+local function write_back()
+    for key, expiry in pairs(expiries) do
+        local state = windows[key]
+        if state then
+            redis.call('HSET', key, 'w', state.w, 'c', state.c, 'p', state.p)
+            redis.call('PEXPIRE', key, expiry)
+        elseif tats[key] then
+            redis.call('SET', key, string.format('%.17g', tats[key]), 'PX', expiry)
+        else
+            redis.call('DEL', key)
+        end
+    end
+end
+
 -- Decides one request of the limit `spec` (the numbers of its ARGV entry)
 -- for the state at `key`.
 local function decide(key, spec, now)
@@ -50,13 +109,13 @@ local function decide(key, spec, now)
     if algorithm == 4 then
         -- Moves the bucket's theoretical arrival time back by one interval, so
         -- the next request takes the place; never before now.
-        local tat = tonumber(redis.call('GET', key))
+        local tat = load_tat(key)
         if tat then
             tat = tat - spec[2]
             if tat <= now then
-                redis.call('DEL', key)
+                store_tat(key, nil, 0)
             else
-                redis.call('SET', key, string.format('%.17g', tat), 'PX', math.ceil((tat - now) / 1000) + 1000)
+                store_tat(key, tat, math.ceil((tat - now) / 1000) + 1000)
             end
         end
         return ''
@@ -68,7 +127,7 @@ local function decide(key, spec, now)
         local queue = spec[4]
         local lease = spec[5]
         local capacity = burst + queue
-        local tat = tonumber(redis.call('GET', key))
+        local tat = load_tat(key)
         if not tat or tat < now then
             tat = now
         end
@@ -85,7 +144,7 @@ local function decide(key, spec, now)
             ahead = new_tat - now
             remaining = remaining - (granted - 1)
         end
-        redis.call('SET', key, string.format('%.17g', new_tat), 'PX', math.ceil(ahead / 1000) + 1000)
+        store_tat(key, new_tat, math.ceil(ahead / 1000) + 1000)
         local delay = ahead - burst * t
         if delay < 0 or granted > 1 then
             delay = 0
@@ -98,10 +157,10 @@ local function decide(key, spec, now)
     local window = math.floor(now / w)
     local elapsed = now - window * w
     local until_end = w - elapsed
-    local stored = redis.call('HMGET', key, 'w', 'c', 'p')
-    local stored_window = tonumber(stored[1])
-    local c = tonumber(stored[2]) or 0
-    local p = tonumber(stored[3]) or 0
+    local stored = load_window(key)
+    local stored_window = stored.w
+    local c = stored.c
+    local p = stored.p
 
     if algorithm == 2 then
         if stored_window ~= window then
@@ -111,8 +170,7 @@ local function decide(key, spec, now)
             return decision(0, limit, 0, until_end, until_end, 0)
         end
         c = c + 1
-        redis.call('HSET', key, 'w', window, 'c', c)
-        redis.call('PEXPIRE', key, math.ceil(until_end / 1000) + 1000)
+        store_window(key, window, c, p, math.ceil(until_end / 1000) + 1000)
         return decision(1, limit, limit - c, until_end, 0, 0)
     end
 
@@ -155,8 +213,7 @@ local function decide(key, spec, now)
         return decision(0, limit, 0, reset(c), retry, 0)
     end
     c = c + 1
-    redis.call('HSET', key, 'w', window, 'c', c, 'p', p)
-    redis.call('PEXPIRE', key, math.ceil((until_end + w) / 1000) + 1000)
+    store_window(key, window, c, p, math.ceil((until_end + w) / 1000) + 1000)
     return decision(1, limit, math.floor((limit * w - estimate - w) / w), reset(c), 0, 0)
 end
 
@@ -184,4 +241,5 @@ end
 for i, key in ipairs(KEYS) do
     decisions[i] = decide(key, parse(shared or ARGV[i]), now)
 end
+write_back()
 return table.concat(decisions, ',')

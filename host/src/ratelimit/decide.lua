@@ -43,7 +43,7 @@ local function take(lease, remaining)
 end
 
 -- The state of each key this call read, and how to write it back. A batch
--- often holds several requests for one key (a busy client, or a limit keyed
+-- often has several requests for one key (a busy client, or a limit keyed
 -- by route), so each key is read once and written once, at the end.
 -- A bucket's state is its theoretical arrival time, `false` once deleted;
 -- a window's is its fields w, c and p.

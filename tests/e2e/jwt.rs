@@ -466,7 +466,14 @@ async fn jwt_valid_token_strips_spoofed_headers() -> Result {
     // bearer tokens too, so they may not hide behind the checked cookie.
     let tab_bearer = format!("Bearer\t{forged}");
     let colon_bearer = format!("Bearer:{forged}");
-    let cases: [(&str, Vec<(&str, &str)>); 6] = [
+    let glued_bearer = format!("Bearer{forged}");
+    let other_scheme = format!("JWT {forged}");
+    // Cookie names that ASP.NET (case), PHP (percent-decoding) or an
+    // RFC 2965 parser (commas) read as `session`.
+    let upper_cookie = format!("SESSION={forged}; session={valid}");
+    let encoded_cookie = format!("s%65ssion={forged}; session={valid}");
+    let comma_cookie = format!("x=1,session={forged}; session={valid}");
+    let cases: [(&str, Vec<(&str, &str)>); 11] = [
         (
             "a cookie token and a bearer token after a tab",
             vec![("cookie", &valid_cookie), ("authorization", &tab_bearer)],
@@ -475,6 +482,17 @@ async fn jwt_valid_token_strips_spoofed_headers() -> Result {
             "a cookie token and a bearer token after a colon",
             vec![("cookie", &valid_cookie), ("authorization", &colon_bearer)],
         ),
+        (
+            "a cookie token and a bearer token glued to the scheme",
+            vec![("cookie", &valid_cookie), ("authorization", &glued_bearer)],
+        ),
+        (
+            "a cookie token and a token of another scheme",
+            vec![("cookie", &valid_cookie), ("authorization", &other_scheme)],
+        ),
+        ("an upper-case cookie name", vec![("cookie", &upper_cookie)]),
+        ("a percent-encoded cookie name", vec![("cookie", &encoded_cookie)]),
+        ("a cookie after a comma", vec![("cookie", &comma_cookie)]),
         (
             "two Authorization headers",
             vec![

@@ -160,13 +160,61 @@ fn find_token<'a>(request: &'a Request, cookie: Option<&str>) -> Result<&'a str,
     }
     let token = find_one_token(request, cookie)?;
     if let Some(name) = cookie {
-        if cookie_values(request, name).any(|value| value != token) {
+        if lookalike_cookie_values(request, name).any(|value| value != token) {
             return Err(Rejection::Invalid(format!(
                 "the request carries another token in its {name} cookie"
             )));
         }
     }
     Ok(token)
+}
+
+/// Returns the values of every cookie that some framework reads as `name`:
+/// names compared without case (ASP.NET) and percent-decoded (PHP), and
+/// pairs split on commas as well as semicolons (RFC 2965 parsers).
+fn lookalike_cookie_values<'a, 'n>(
+    request: &'a Request,
+    name: &'n str,
+) -> impl Iterator<Item = &'a str> + use<'a, 'n> {
+    request
+        .headers
+        .get_all("cookie")
+        .flat_map(|header| header.split([';', ',']))
+        .filter_map(|pair| pair.trim().split_once('='))
+        .filter(move |(cookie_name, _)| reads_as(cookie_name.trim_end(), name))
+        .map(|(_, value)| value.trim_start().trim_matches('"'))
+        .filter(|value| !value.is_empty())
+}
+
+/// Returns true when the cookie name `candidate` is `name` once
+/// percent-decoded and compared without case.
+fn reads_as(candidate: &str, name: &str) -> bool {
+    if candidate.eq_ignore_ascii_case(name) {
+        return true;
+    }
+    if !candidate.contains('%') {
+        return false;
+    }
+    let bytes = candidate.as_bytes();
+    let mut decoded = Vec::with_capacity(bytes.len());
+    let mut index = 0;
+    while index < bytes.len() {
+        let escaped = (bytes[index] == b'%')
+            .then(|| candidate.get(index + 1..index + 3))
+            .flatten()
+            .and_then(|hex| u8::from_str_radix(hex, 16).ok());
+        match escaped {
+            Some(byte) => {
+                decoded.push(byte);
+                index += 3;
+            }
+            None => {
+                decoded.push(bytes[index]);
+                index += 1;
+            }
+        }
+    }
+    decoded.eq_ignore_ascii_case(name.as_bytes())
 }
 
 /// Returns the non-empty values of the cookie `name`, unquoted.
@@ -187,25 +235,30 @@ fn cookie_values<'a, 'n>(
 }
 
 fn find_one_token<'a>(request: &'a Request, cookie: Option<&str>) -> Result<&'a str, Rejection> {
-    if let Some(authorization) = request.header("authorization") {
-        let authorization = authorization.trim_matches([' ', '\t']);
-        // The scheme is a token (RFC 9110, section 11.4), so it ends at the
-        // first other character, whatever that is. Upstreams that split on
-        // a tab or a colon still read `Bearer\t<token>` as a bearer token.
-        let end = authorization
-            .find(|c: char| !is_token_char(c))
-            .unwrap_or(authorization.len());
-        let (scheme, rest) = authorization.split_at(end);
-        if scheme.eq_ignore_ascii_case("bearer") {
-            return bearer_token(rest);
+    let authorization = request
+        .header("authorization")
+        .map(|value| value.trim_matches([' ', '\t']));
+    // Every value that starts with the word is taken as a bearer token, and
+    // must then be one: upstreams that split on a tab or a colon, or strip
+    // the word, read `Bearer\t<token>` or `Bearer<token>` as one.
+    if let Some(authorization) = authorization {
+        let word = authorization.get(..6);
+        if word.is_some_and(|word| word.eq_ignore_ascii_case("bearer")) {
+            return bearer_token(&authorization[6..]);
         }
     }
     // An empty cookie of the same name (say, a cleared one on another path)
     // must not hide the one that carries the token.
-    if let Some(token) = cookie.and_then(|name| cookie_values(request, name).next()) {
-        return Ok(token);
+    let from_cookie = cookie.and_then(|name| cookie_values(request, name).next());
+    match (from_cookie, authorization) {
+        (Some(_), Some(_)) => Err(Rejection::Invalid(
+            "the request has an Authorization header of another scheme next to its token \
+             cookie, which the upstream might read as a token"
+                .into(),
+        )),
+        (Some(token), None) => Ok(token),
+        (None, _) => Err(Rejection::Missing),
     }
-    Err(Rejection::Missing)
 }
 
 /// Returns the token after `Bearer`: one or more spaces, then a token68
@@ -230,11 +283,6 @@ fn bearer_token(rest: &str) -> Result<&str, Rejection> {
         ));
     }
     Ok(token)
-}
-
-/// Returns true for the characters of a token (RFC 9110, section 5.6.2).
-fn is_token_char(c: char) -> bool {
-    c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c)
 }
 
 /// The JSON body of a rejection.

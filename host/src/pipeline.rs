@@ -140,6 +140,9 @@ async fn serve(
     canonicalize_host(&mut parts)?;
     check_transfer_coding(&parts.headers)?;
     remove_hop_by_hop(&mut parts.headers);
+    if parts.version == http::Version::HTTP_2 {
+        join_cookies(&mut parts.headers);
+    }
     let listener = &node.listeners[connection.listener];
 
     // Only the node sets the client certificate's subject.
@@ -618,6 +621,28 @@ fn canonicalize_host(parts: &mut Parts) -> Result<(), Refusal> {
         (None, _) => Err(Refusal::InvalidHost(
             "the request has no Host header".to_owned(),
         )),
+    }
+}
+
+/// Joins an HTTP/2 request's `Cookie` fields into one, with `; ` between
+/// them, as a request forwarded to HTTP/1.1 must have (RFC 9113, section
+/// 8.2.3). HTTP/2 clients send each cookie as a field of its own, and
+/// HTTP/1.1 servers read only the first field or join them with commas.
+fn join_cookies(headers: &mut HeaderMap) {
+    let mut fields = headers.get_all(header::COOKIE).iter();
+    if fields.next().is_none() || fields.next().is_none() {
+        return;
+    }
+    let mut joined = Vec::new();
+    for field in headers.get_all(header::COOKIE) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(field.as_bytes());
+    }
+    // Each part was a valid value, and `; ` is valid between them.
+    if let Ok(value) = HeaderValue::from_bytes(&joined) {
+        headers.insert(header::COOKIE, value);
     }
 }
 

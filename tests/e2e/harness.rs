@@ -562,13 +562,23 @@ pub async fn get(url: &str) -> Result<Got> {
 
 /// Sends a GET over HTTP/2 with prior knowledge.
 pub async fn get_h2(url: &str) -> Result<Got> {
+    get_h2_with(url, &[]).await
+}
+
+/// Sends a GET with these headers over HTTP/2 with prior knowledge.
+pub async fn get_h2_with(url: &str, headers: &[(&str, &str)]) -> Result<Got> {
     let uri: http::Uri = url.parse()?;
     let stream = tokio::net::TcpStream::connect(uri.authority().unwrap().as_str()).await?;
     let (mut sender, connection) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await?;
     tokio::spawn(connection);
-    let request = Request::builder().uri(uri).body(Full::new(Bytes::new()))?;
-    let response = sender.send_request(request).await?;
+    let mut request = Request::builder().uri(uri);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let response = sender
+        .send_request(request.body(Full::new(Bytes::new()))?)
+        .await?;
     collect(response).await
 }
 

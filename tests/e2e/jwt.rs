@@ -491,7 +491,10 @@ async fn jwt_valid_token_strips_spoofed_headers() -> Result {
             vec![("cookie", &valid_cookie), ("authorization", &other_scheme)],
         ),
         ("an upper-case cookie name", vec![("cookie", &upper_cookie)]),
-        ("a percent-encoded cookie name", vec![("cookie", &encoded_cookie)]),
+        (
+            "a percent-encoded cookie name",
+            vec![("cookie", &encoded_cookie)],
+        ),
         ("a cookie after a comma", vec![("cookie", &comma_cookie)]),
         (
             "two Authorization headers",

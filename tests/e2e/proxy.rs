@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::harness::{get, get_h2, raw_request, send, Node, Reply, Result, Upstream};
+use crate::harness::{get, get_h2, get_h2_with, raw_request, send, Node, Reply, Result, Upstream};
 
 /// A config with one route, `all`, on every path to `upstream`.
 fn one_route(upstream: &Upstream) -> String {
@@ -566,6 +566,29 @@ async fn http2_prior_knowledge_is_proxied() -> Result {
     let seen = upstream.last();
     assert_eq!(seen.target, "/h2?q=1");
     assert_eq!(seen.headers["host"], node.addr.to_string().as_str());
+    Ok(())
+}
+
+#[tokio::test]
+async fn http2_cookie_fields_are_joined() -> Result {
+    let upstream = Upstream::echo().await;
+    let node = Node::start(&one_route(&upstream))?;
+    let cookies = [
+        ("cookie", "sid=abc"),
+        ("cookie", "theme=dark"),
+        ("cookie", "lang=en"),
+    ];
+    assert_eq!(get_h2_with(&node.url("/"), &cookies).await?.status, 200);
+    let seen = upstream.last();
+    let fields: Vec<_> = seen.headers.get_all("cookie").iter().collect();
+    assert_eq!(fields, ["sid=abc; theme=dark; lang=en"]);
+
+    // One field stays as it is.
+    assert_eq!(
+        get_h2_with(&node.url("/"), &cookies[..1]).await?.status,
+        200
+    );
+    assert_eq!(upstream.last().headers["cookie"], "sid=abc");
     Ok(())
 }
 

@@ -1135,9 +1135,8 @@ fn script_applies_one_limit_argument_to_every_key() -> Result {
 fn script_counts_repeated_keys_in_one_call() -> Result {
     let redis = Redis::start()?;
     let script = edge::ratelimit::redis::SCRIPT;
-    let allowed = |reply: &str| -> Vec<bool> {
-        reply.split(',').map(|d| d.starts_with("1 ")).collect()
-    };
+    let allowed =
+        |reply: &str| -> Vec<bool> { reply.split(',').map(|d| d.starts_with("1 ")).collect() };
 
     // A fixed and a sliding window of 3 a minute, five requests each for
     // one key in one call: three admitted, and the stored count is 3.
@@ -1160,9 +1159,7 @@ fn script_counts_repeated_keys_in_one_call() -> Result {
     let key = "{t}:bucket";
     let reply = redis.cli(&["eval", script, "4", key, key, key, key, bucket]);
     assert_eq!(allowed(&reply), [true, true, false, false], "{reply}");
-    let reply = redis.cli(&[
-        "eval", script, "2", key, key, "4 1000000", bucket,
-    ]);
+    let reply = redis.cli(&["eval", script, "2", key, key, "4 1000000", bucket]);
     let decisions: Vec<&str> = reply.split(',').collect();
     assert_eq!(decisions[0], "", "{reply}");
     assert!(decisions[1].starts_with("1 "), "{reply}");

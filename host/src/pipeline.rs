@@ -41,7 +41,7 @@ use crate::metrics::{Phase, Reason};
 use crate::node::{Node, Route};
 use crate::proxy::{RequestBody, ResponseBody};
 use crate::ratelimit::{KeyInput, LimitSet, Shown};
-use crate::route::{encode_path, host_name, normalize_path, resolve_dot_segments};
+use crate::route::{encode_path, encode_query, host_name, normalize_path, resolve_dot_segments};
 use crate::trace::{
     new_span_id, AttributeValue, RequestSpans, SpanKind, TraceContext, X_REQUEST_ID,
 };
@@ -161,7 +161,9 @@ async fn serve(
     let path = normalize_path(raw_path).map_err(|e| Refusal::InvalidPath(e.to_string()))?;
     // Raw non-ASCII bytes decode to themselves, but go upstream encoded, as
     // a request target must be ASCII (RFC 9112, section 3.2).
-    let path_changed = path != raw_path || !raw_path.is_ascii();
+    let path_changed = path != raw_path
+        || !raw_path.is_ascii()
+        || uri.query().is_some_and(|query| !query.is_ascii());
 
     if let Some(redirect) = &listener.redirect {
         if !redirect
@@ -962,7 +964,7 @@ fn prepare_upstream_request(
     let path_and_query = match new_path {
         Some(path) => {
             let text = match parts.uri.query() {
-                Some(query) => format!("{path}?{query}"),
+                Some(query) => format!("{path}?{}", encode_query(query)),
                 None => path.to_owned(),
             };
             PathAndQuery::try_from(text).map_err(|e| Refusal::InvalidPath(e.to_string()))?

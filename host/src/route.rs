@@ -162,6 +162,15 @@ pub fn encode_path(path: &str) -> Cow<'_, str> {
     Cow::Owned(out)
 }
 
+/// Returns the query in the form sent on the wire: bytes outside ASCII
+/// percent-encoded, everything else, escapes included, as it came.
+pub fn encode_query(query: &str) -> Cow<'_, str> {
+    if query.is_ascii() {
+        return Cow::Borrowed(query);
+    }
+    Cow::Owned(percent_encode(query.as_bytes(), CONTROLS).to_string())
+}
+
 /// Returns whether `segment` changes when percent-encoded. The encoder
 /// yields the input itself as its one chunk exactly when nothing needs
 /// escaping. A segment of one escaped character, such as `?`, is a single

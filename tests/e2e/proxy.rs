@@ -199,8 +199,8 @@ async fn escaped_characters_stay_escaped_upstream() -> Result {
         assert_eq!(upstream.last().target, expected, "{sent}");
     }
 
-    // Raw UTF-8 in the path goes upstream percent-encoded, as the decoded
-    // form of `%C3%A9` does; raw bytes that are not UTF-8 get 400.
+    // Raw UTF-8 in the path or query goes upstream percent-encoded, as the
+    // decoded form of `%C3%A9` does; raw bytes that are not UTF-8 get 400.
     let response = raw_request(
         node.addr,
         "GET /caf\u{e9}/x?q=1 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
@@ -208,6 +208,13 @@ async fn escaped_characters_stay_escaped_upstream() -> Result {
     .await?;
     assert!(response.starts_with("HTTP/1.1 200"), "{response}");
     assert_eq!(upstream.last().target, "/caf%C3%A9/x?q=1");
+    let response = raw_request(
+        node.addr,
+        "GET /x?q=caf\u{e9}&r=%41 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    )
+    .await?;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    assert_eq!(upstream.last().target, "/x?q=caf%C3%A9&r=%41");
     let before = upstream.count();
     let response = raw_request(
         node.addr,

@@ -40,16 +40,11 @@ pub struct Admin {
     pub thread: JoinHandle<()>,
 }
 
-/// Binds the admin listener and starts its thread, which serves until
-/// `shutdown` turns true.
-pub fn start(
-    node: Arc<Node>,
-    config: &Config,
-    admin: &AdminConfig,
-    mut shutdown: watch::Receiver<bool>,
-) -> anyhow::Result<Admin> {
-    let token = match (&admin.token, &admin.token_file) {
-        (Some(token), _) => token.get_ref().clone(),
+/// Returns the admin listener's bearer token: the one in the config, or the
+/// first line of `token_file`, which must be at least 16 characters.
+pub fn read_token(config: &Config, admin: &AdminConfig) -> anyhow::Result<String> {
+    match (&admin.token, &admin.token_file) {
+        (Some(token), _) => Ok(token.get_ref().clone()),
         (None, Some(file)) => {
             let path = config.resolve(file.get_ref());
             let text = std::fs::read_to_string(&path)
@@ -61,10 +56,21 @@ pub fn start(
                     path.display()
                 );
             }
-            token
+            Ok(token)
         }
         (None, None) => anyhow::bail!("admin: set token or token_file"),
-    };
+    }
+}
+
+/// Binds the admin listener and starts its thread, which serves until
+/// `shutdown` turns true.
+pub fn start(
+    node: Arc<Node>,
+    config: &Config,
+    admin: &AdminConfig,
+    mut shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<Admin> {
+    let token = read_token(config, admin)?;
     let token_digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
     let sessions = crate::status::Sessions::new(admin.session_timeout);
     let addr = *admin.addr.get_ref();

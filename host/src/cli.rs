@@ -380,6 +380,10 @@ fn wait_for_signal() -> anyhow::Result<()> {
 fn check(path: &Path) -> anyhow::Result<()> {
     let config = Config::load(path)?;
     let node = Node::build_read_only(&config)?;
+    // `serve` reads a token file only when it starts the admin listener.
+    if let Some(admin) = &config.admin {
+        crate::admin::read_token(&config, admin)?;
+    }
     let workers: usize = node.routes.iter().map(|r| r.workers.len()).sum();
     println!(
         "{}: ok ({} listeners, {} upstreams, {} routes, {} workers)",

@@ -403,6 +403,40 @@ fn routes_explain_shows_match_and_misses() {
 }
 
 #[test]
+fn check_reads_the_admin_token_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("admin.token");
+    let config = format!(
+        "{VALID}\n[admin]\naddr = \"127.0.0.1:0\"\ntoken_file = \"{}\"\n",
+        token_file.display()
+    );
+    let path = write_config(dir.path(), &config);
+    for (contents, expected) in [
+        (None, "cannot read admin.token_file"),
+        (Some("short\n"), "the token must be at least 16 characters"),
+        (Some(""), "the token must be at least 16 characters"),
+    ] {
+        match contents {
+            Some(text) => std::fs::write(&token_file, text).unwrap(),
+            None => {
+                let _ = std::fs::remove_file(&token_file);
+            }
+        }
+        let output = edge(&["check", &path]);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{contents:?}: {stderr}");
+        assert!(stderr.contains(expected), "{contents:?}: {stderr}");
+    }
+    std::fs::write(&token_file, "0123456789abcdef0123\n").unwrap();
+    let output = edge(&["check", &path]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
 fn routes_explain_checks_like_the_node() {
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(dir.path(), VALID);

@@ -169,6 +169,8 @@ pub struct Listener {
     /// The `Strict-Transport-Security` value for responses, on an HTTPS
     /// listener that sets one.
     pub hsts: Option<HeaderValue>,
+    /// Whether request headers with an underscore in their names are kept.
+    pub underscores_in_headers: bool,
 }
 
 /// The HTTP-to-HTTPS redirect of a listener.
@@ -645,6 +647,7 @@ fn build_listener(
         subject_headers_to_remove: subject_headers(config),
         redirect: None,
         hsts: None,
+        underscores_in_headers: listener.underscores_in_headers,
     };
     if let Some(redirect) = &listener.redirect_https {
         let port = OnceLock::new();

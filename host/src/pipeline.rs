@@ -149,6 +149,9 @@ async fn serve(
     for name in &listener.subject_headers_to_remove {
         parts.headers.remove(name);
     }
+    if !listener.underscores_in_headers {
+        remove_underscore_headers(&mut parts.headers);
+    }
     if let (Some(name), Some(subject)) =
         (&listener.client_subject_header, &connection.client_subject)
     {
@@ -623,6 +626,24 @@ fn canonicalize_host(parts: &mut Parts) -> Result<(), Refusal> {
         (None, _) => Err(Refusal::InvalidHost(
             "the request has no Host header".to_owned(),
         )),
+    }
+}
+
+/// Removes the headers whose names have an underscore. Servers that turn
+/// header names into variables (CGI, WSGI, PHP) read `X_User_Id` as
+/// `X-User-Id`, which a worker may set and the node may strip. Standard
+/// names have none, so most requests only pay for the scan.
+fn remove_underscore_headers(headers: &mut HeaderMap) {
+    if !headers.keys().any(|name| name.as_str().contains('_')) {
+        return;
+    }
+    let names: Vec<HeaderName> = headers
+        .keys()
+        .filter(|name| name.as_str().contains('_'))
+        .cloned()
+        .collect();
+    for name in names {
+        headers.remove(&name);
     }
 }
 

@@ -577,6 +577,42 @@ async fn http2_prior_knowledge_is_proxied() -> Result {
 }
 
 #[tokio::test]
+async fn underscore_headers_are_removed() -> Result {
+    let upstream = Upstream::echo().await;
+    let config = format!(
+        "[[listeners]]\naddr = \"127.0.0.1:0\"\n\n[[listeners]]\naddr = \"127.0.0.1:0\"\n\
+         underscores_in_headers = true\n\n{}",
+        one_route(&upstream)
+    );
+    let node = Node::start(&config)?;
+    let headers = [
+        ("x_user_id", "admin"),
+        ("x_forwarded_for", "10.0.0.1"),
+        ("x-kept", "1"),
+    ];
+    let got = send("GET", &node.url("/"), &headers, b"").await?;
+    assert_eq!(got.status, 200);
+    let seen = upstream.last();
+    assert!(
+        !seen.headers.contains_key("x_user_id"),
+        "{:?}",
+        seen.headers
+    );
+    assert!(
+        !seen.headers.contains_key("x_forwarded_for"),
+        "{:?}",
+        seen.headers
+    );
+    assert_eq!(seen.headers["x-kept"], "1");
+
+    // The second listener keeps them.
+    let url = format!("http://{}/", node.listener_addr(1));
+    assert_eq!(send("GET", &url, &headers, b"").await?.status, 200);
+    assert_eq!(upstream.last().headers["x_user_id"], "admin");
+    Ok(())
+}
+
+#[tokio::test]
 async fn http2_cookie_fields_are_joined() -> Result {
     let upstream = Upstream::echo().await;
     let node = Node::start(&one_route(&upstream))?;

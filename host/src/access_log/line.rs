@@ -293,17 +293,19 @@ fn write_socket_addr(out: &mut Vec<u8>, addr: SocketAddr) {
 }
 
 /// Returns whether a query parameter's name looks like it carries a
-/// credential: it contains `token`, `secret`, `passw`, `key`, `auth`,
-/// `session`, `signature`, `credential`, `bearer`, `refresh` or `assertion`,
-/// or is `sig`, `pwd`, `pass`, `code`, `jwt`, `otp`, `pin`, `sid`, `ticket`,
-/// `hmac` or `samlresponse` (case-insensitive). A whole name may carry the
-/// brackets of an array or map parameter, as in `jwt[]` or `code[0]`, and
-/// spaces (`+`) around it.
+/// credential: it contains `token`, `secret`, `passw`, `passphrase`, `key`,
+/// `auth`, `session`, `signature`, `credential`, `bearer`, `refresh`,
+/// `assertion` or `verifier`, or is `sig`, `pwd`, `pass`, `code`, `jwt`,
+/// `otp`, `pin`, `sid`, `ticket`, `hmac` or `samlresponse`
+/// (case-insensitive). A whole name may carry the brackets of an array or
+/// map parameter, as in `jwt[]` or `code[0]`, and spaces (`+`) around it.
 fn is_sensitive(name: &str) -> bool {
-    const PARTS: [&str; 11] = [
+    const PARTS: [&str; 13] = [
         "token",
         "secret",
         "passw",
+        "passphrase",
+        "verifier",
         "key",
         "auth",
         "session",
@@ -341,11 +343,13 @@ fn redact_pieces<'a>(query: &'a str, mut emit: impl FnMut(&'a str)) {
             let at = pair.as_ptr() as usize - query.as_ptr() as usize - 1;
             emit(&query[at..at + 1]);
         }
-        let Some((name, _)) = pair.split_once('=') else {
+        let Some((name, value)) = pair.split_once('=') else {
             emit(pair);
             continue;
         };
-        if is_sensitive(&decode(name)) {
+        // A value without a name is hidden too: nothing says what it is.
+        let nameless = name.is_empty() && !value.is_empty();
+        if nameless || is_sensitive(&decode(name)) || carries_credential(value) {
             emit(name);
             emit("=");
             emit(REDACTED);
@@ -353,6 +357,22 @@ fn redact_pieces<'a>(query: &'a str, mut emit: impl FnMut(&'a str)) {
             emit(pair);
         }
     }
+}
+
+/// Returns whether a parameter's value is itself a URL or query with a
+/// credential-like parameter, as in `redirect=https://app/?token=...`.
+fn carries_credential(value: &str) -> bool {
+    if !value.contains(['=', '%']) {
+        return false;
+    }
+    let decoded = decode(value);
+    let inner = decoded
+        .rsplit_once('?')
+        .map_or(&*decoded, |(_, query)| query);
+    inner
+        .split(['&', ';'])
+        .filter_map(|pair| pair.split_once('='))
+        .any(|(name, _)| is_sensitive(name))
 }
 
 /// Calls `emit` with each piece of `path`, with the values of credential-like
@@ -534,6 +554,21 @@ mod tests {
                 "{name}"
             );
         }
+        for query in [
+            "passphrase=hidden",
+            "code_verifier=hidden",
+            "=hidden",
+            "redirect=https://app.test/?token=hidden",
+            "next=%2Fcb%3Fcode%3Dhidden",
+        ] {
+            let name = query.split_once('=').unwrap().0;
+            assert_eq!(redact_query(query), format!("{name}=REDACTED"), "{query}");
+        }
+        assert_eq!(
+            redact_query("next=%2Fhome%3Fpage%3D2"),
+            "next=%2Fhome%3Fpage%3D2",
+            "an inner query without credentials stays"
+        );
         for name in ["passport", "compass", "pinned", "side"] {
             let query = format!("{name}=shown");
             assert_eq!(redact_query(&query), query, "{name}");

@@ -707,6 +707,33 @@ async fn redis_outage_fails_open_or_closed_and_recovers() -> Result {
     Ok(())
 }
 
+#[tokio::test]
+async fn restarted_redis_costs_only_the_broken_request() -> Result {
+    let upstream = Upstream::echo().await;
+    let mut redis = Redis::start()?;
+    let config = format!(
+        "[node]\nthreads = 1\n\n{}",
+        outage_config(&upstream, &redis)
+    );
+    let node = Node::start(&config)?;
+    assert_eq!(get(&node.url("/closed")).await?.status, 200);
+
+    // No request sees the outage; the first one after it finds the old
+    // connection broken and fails closed. The next one waits for the new
+    // connection instead of failing while the node backs off.
+    redis.restart()?;
+    let mut statuses = Vec::new();
+    for _ in 0..10 {
+        statuses.push(get(&node.url("/closed")).await?.status.as_u16());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let failed = statuses.iter().filter(|&&status| status != 200).count();
+    assert!(failed <= 1, "{statuses:?}: {}", node.log());
+    assert_eq!(statuses[1..], [200; 9], "{statuses:?}: {}", node.log());
+    assert!(node.log_contains("connected to redis again"));
+    Ok(())
+}
+
 /// Formats the config of a node with a fail-open and a fail-closed global
 /// limit on `redis`, waiting at most 100 ms for it and 5 s to connect.
 fn outage_config(upstream: &Upstream, redis: &Redis) -> String {

@@ -6,11 +6,14 @@
 //! threads. The script is loaded when a connection opens and called with
 //! `EVALSHA`; a `NOSCRIPT` reply (a restarted or flushed server) loads it
 //! again. A decision waits at most the configured timeout. A connection
-//! that fails or times out is dropped, and the thread counts as "down". Its
-//! decisions then fail at once, without waiting, while a new connection is
-//! tried in the background after a backoff of 100 ms, doubling to 2 s. Only a
-//! thread's first connection is waited for (within the timeout), so a node
-//! that just started does not fall back while it connects.
+//! that fails or times out is dropped. The next decision tries a new
+//! connection at once and waits for it (within the timeout), so a restarted
+//! server costs at most the decisions that found the old connection broken.
+//! When that attempt fails too, the thread counts as "down": its decisions
+//! fail at once, without waiting, while new connections are tried in the
+//! background after a backoff of 100 ms, doubling to 2 s. A thread's first
+//! connection is waited for as well, so a node that just started does not
+//! fall back while it connects.
 //!
 //! On a single server, the decisions of one thread are sent in micro-batches
 //! ([`super::batch`]): one `EVALSHA` decides up to [`super::batch::MAX_KEYS`]
@@ -106,10 +109,10 @@ pub(super) struct Link {
 enum LinkState {
     /// Nothing tried yet.
     Idle,
-    /// An attempt is under way; `first` when no connection was made before,
-    /// so decisions wait for it (within their timeout). After a failure they
-    /// do not: they fail at once, as while down.
-    Connecting { first: bool },
+    /// An attempt is under way. With `wait`, the thread's first connection
+    /// or the first attempt after a connection broke, decisions wait for it
+    /// (within their timeout). Otherwise they fail at once, as while down.
+    Connecting { wait: bool },
     Up {
         connection: Connection,
         generation: u64,
@@ -321,19 +324,29 @@ impl RedisBackend {
                         generation,
                     } => return Ok(Some((connection.clone(), *generation))),
                     LinkState::Idle => {
-                        *state = LinkState::Connecting { first: true };
-                        self.spawn_connect(link.clone(), FIRST_BACKOFF);
+                        *state = LinkState::Connecting { wait: true };
+                        self.spawn_connect(link.clone(), FIRST_BACKOFF, false);
                     }
                     LinkState::Down { retry_at, backoff } => {
-                        if Instant::now() >= *retry_at {
-                            let backoff = *backoff;
-                            *state = LinkState::Connecting { first: false };
-                            self.spawn_connect(link.clone(), backoff);
+                        if Instant::now() < *retry_at {
+                            return Err(Failure::Down);
                         }
-                        return Err(Failure::Down);
+                        // The first attempt after a connection broke is
+                        // waited for, as the thread's first connection is:
+                        // a restarted server is usually back by then.
+                        // Later attempts run in the background.
+                        let backoff = *backoff;
+                        let right_after_break = backoff == FIRST_BACKOFF;
+                        *state = LinkState::Connecting {
+                            wait: right_after_break,
+                        };
+                        self.spawn_connect(link.clone(), backoff, true);
+                        if !right_after_break {
+                            return Err(Failure::Down);
+                        }
                     }
-                    LinkState::Connecting { first: true } => {}
-                    LinkState::Connecting { first: false } => return Err(Failure::Down),
+                    LinkState::Connecting { wait: true } => {}
+                    LinkState::Connecting { wait: false } => return Err(Failure::Down),
                 }
                 // Registered before the lock is released, so the end of the
                 // attempt cannot be missed.
@@ -346,11 +359,10 @@ impl RedisBackend {
     }
 
     /// Opens a connection and loads the script on this thread's runtime.
-    fn spawn_connect(&self, link: Arc<Link>, backoff: Duration) {
+    fn spawn_connect(&self, link: Arc<Link>, backoff: Duration, was_down: bool) {
         let connect_timeout = self.connect_timeout;
         let opening = self.open();
         let description = self.description.clone();
-        let was_down = backoff > FIRST_BACKOFF;
         tokio::spawn(async move {
             let result = match tokio::time::timeout(connect_timeout, opening).await {
                 Ok(result) => result.map_err(Failure::Redis),
@@ -429,13 +441,14 @@ impl Link {
     }
 
     /// Drops the connection of `generation` after a failure, unless a newer
-    /// one has replaced it, and schedules the next attempt.
+    /// one has replaced it. The next request tries a new connection at once
+    /// and waits for it; later attempts back off.
     pub(super) fn mark_down(&self, generation: u64) {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         if matches!(&*state, LinkState::Up { generation: current, .. } if *current == generation) {
             *state = LinkState::Down {
-                retry_at: Instant::now() + FIRST_BACKOFF,
-                backoff: FIRST_BACKOFF * 2,
+                retry_at: Instant::now(),
+                backoff: FIRST_BACKOFF,
             };
         }
     }

@@ -325,7 +325,12 @@ impl RedisBackend {
                     } => return Ok(Some((connection.clone(), *generation))),
                     LinkState::Idle => {
                         *state = LinkState::Connecting { wait: true };
-                        self.spawn_connect(link.clone(), FIRST_BACKOFF, false);
+                        self.spawn_connect(
+                            link.clone(),
+                            FIRST_BACKOFF,
+                            false,
+                            self.connect_timeout,
+                        );
                     }
                     LinkState::Down { retry_at, backoff } => {
                         if Instant::now() < *retry_at {
@@ -340,7 +345,16 @@ impl RedisBackend {
                         *state = LinkState::Connecting {
                             wait: right_after_break,
                         };
-                        self.spawn_connect(link.clone(), backoff, true);
+                        // The attempt that requests wait for gets their
+                        // timeout, so a server that accepts connections but
+                        // never answers holds them up once, not for the
+                        // whole connect timeout.
+                        let limit = if right_after_break {
+                            self.timeout.min(self.connect_timeout)
+                        } else {
+                            self.connect_timeout
+                        };
+                        self.spawn_connect(link.clone(), backoff, true, limit);
                         if !right_after_break {
                             return Err(Failure::Down);
                         }
@@ -359,8 +373,13 @@ impl RedisBackend {
     }
 
     /// Opens a connection and loads the script on this thread's runtime.
-    fn spawn_connect(&self, link: Arc<Link>, backoff: Duration, was_down: bool) {
-        let connect_timeout = self.connect_timeout;
+    fn spawn_connect(
+        &self,
+        link: Arc<Link>,
+        backoff: Duration,
+        was_down: bool,
+        connect_timeout: Duration,
+    ) {
         let opening = self.open();
         let description = self.description.clone();
         tokio::spawn(async move {

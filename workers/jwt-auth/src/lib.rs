@@ -176,14 +176,26 @@ fn lookalike_cookie_values<'a, 'n>(
     request: &'a Request,
     name: &'n str,
 ) -> impl Iterator<Item = &'a str> + use<'a, 'n> {
+    cookie_pairs(request, &[';', ','])
+        .filter(move |(cookie_name, _)| reads_as(cookie_name, name))
+        .map(|(_, value)| value)
+}
+
+/// Returns the cookies of the request as (name, value) pairs, the pairs
+/// split on `separators`, with blanks around names and values trimmed (as
+/// cookie parsers do, so `tok =forged` names the cookie `tok`), values
+/// unquoted, and empty values left out.
+fn cookie_pairs<'a>(
+    request: &'a Request,
+    separators: &'static [char],
+) -> impl Iterator<Item = (&'a str, &'a str)> + use<'a> {
     request
         .headers
         .get_all("cookie")
-        .flat_map(|header| header.split([';', ',']))
+        .flat_map(move |header| header.split(separators))
         .filter_map(|pair| pair.trim().split_once('='))
-        .filter(move |(cookie_name, _)| reads_as(cookie_name.trim_end(), name))
-        .map(|(_, value)| value.trim_start().trim_matches('"'))
-        .filter(|value| !value.is_empty())
+        .map(|(name, value)| (name.trim_end(), value.trim_start().trim_matches('"')))
+        .filter(|(_, value)| !value.is_empty())
 }
 
 /// Returns true when the cookie name `candidate` is `name` once
@@ -222,16 +234,9 @@ fn cookie_values<'a, 'n>(
     request: &'a Request,
     name: &'n str,
 ) -> impl Iterator<Item = &'a str> + use<'a, 'n> {
-    request
-        .headers
-        .get_all("cookie")
-        .flat_map(|header| header.split(';'))
-        .filter_map(|pair| pair.trim().split_once('='))
-        // Cookie parsers trim blanks around the name and the value, so
-        // `tok =forged` names the same cookie as `tok=forged`.
-        .filter(move |(cookie_name, _)| cookie_name.trim_end() == name)
-        .map(|(_, value)| value.trim_start().trim_matches('"'))
-        .filter(|value| !value.is_empty())
+    cookie_pairs(request, &[';'])
+        .filter(move |(cookie_name, _)| *cookie_name == name)
+        .map(|(_, value)| value)
 }
 
 fn find_one_token<'a>(request: &'a Request, cookie: Option<&str>) -> Result<&'a str, Rejection> {

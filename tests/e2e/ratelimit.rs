@@ -755,6 +755,31 @@ fn outage_config(upstream: &Upstream, redis: &Redis) -> String {
 }
 
 #[tokio::test]
+async fn node_starting_on_hung_redis_waits_once() -> Result {
+    let upstream = Upstream::echo().await;
+    let redis = Redis::start()?;
+    let node = Node::start(&outage_config(&upstream, &redis))?;
+    // No request has made a connection yet when Redis stops answering.
+    redis.signal("-STOP");
+    let mut waited = 0;
+    for _ in 0..20 {
+        let sent = Instant::now();
+        assert_eq!(get(&node.url("/closed")).await?.status, 503);
+        if sent.elapsed() >= Duration::from_millis(90) {
+            waited += 1;
+        }
+    }
+    // Each serving thread's first connection attempt is waited for, within
+    // the 100 ms timeout, and not for the 5 s connect timeout.
+    assert!(
+        waited <= 4,
+        "{waited} of 20 requests waited for the timeout"
+    );
+    redis.signal("-CONT");
+    Ok(())
+}
+
+#[tokio::test]
 async fn hung_redis_costs_at_most_its_timeout() -> Result {
     let upstream = Upstream::echo().await;
     let redis = Redis::start()?;

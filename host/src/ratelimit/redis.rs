@@ -324,13 +324,13 @@ impl RedisBackend {
                         generation,
                     } => return Ok(Some((connection.clone(), *generation))),
                     LinkState::Idle => {
+                        // Requests wait for this attempt, so it gets their
+                        // timeout, as the first one after a break does: a
+                        // hung server then holds them up once, not for the
+                        // whole connect timeout.
                         *state = LinkState::Connecting { wait: true };
-                        self.spawn_connect(
-                            link.clone(),
-                            FIRST_BACKOFF,
-                            false,
-                            self.connect_timeout,
-                        );
+                        let limit = self.timeout.min(self.connect_timeout);
+                        self.spawn_connect(link.clone(), FIRST_BACKOFF, false, limit);
                     }
                     LinkState::Down { retry_at, backoff } => {
                         if Instant::now() < *retry_at {

@@ -348,7 +348,7 @@ fn redact_pieces<'a>(query: &'a str, mut emit: impl FnMut(&'a str)) {
             continue;
         };
         // A value without a name is hidden too: nothing says what it is.
-        let nameless = name.is_empty() && !value.is_empty();
+        let nameless = !value.is_empty() && is_nameless(name);
         if nameless || is_sensitive(&decode(name)) || carries_credential(value) {
             emit(name);
             emit("=");
@@ -360,19 +360,38 @@ fn redact_pieces<'a>(query: &'a str, mut emit: impl FnMut(&'a str)) {
 }
 
 /// Returns whether a parameter's value is itself a URL or query with a
-/// credential-like parameter, as in `redirect=https://app/?token=...`.
+/// credential-like parameter or a password, as in
+/// `redirect=https://app/?token=...` or `https://user:pass@host/`, also when
+/// percent-encoded twice.
 fn carries_credential(value: &str) -> bool {
-    if !value.contains(['=', '%']) {
+    if !value.contains(['=', '%', '@']) {
         return false;
     }
-    let decoded = decode(value);
-    let inner = decoded
-        .rsplit_once('?')
-        .map_or(&*decoded, |(_, query)| query);
-    inner
-        .split(['&', ';'])
-        .filter_map(|pair| pair.split_once('='))
-        .any(|(name, _)| is_sensitive(name))
+    let once = decode(value);
+    let twice = decode(&once);
+    let found = [value, &*once, &*twice].into_iter().any(|text| {
+        let userinfo = text
+            .split_once("://")
+            .and_then(|(_, rest)| rest.split(['/', '?', '#']).next())
+            .is_some_and(|authority| authority.contains('@'));
+        userinfo
+            || text
+                .split(['?', '&', ';'])
+                .filter_map(|pair| pair.split_once('='))
+                .any(|(name, value)| !value.is_empty() && (is_nameless(name) || is_sensitive(name)))
+    });
+    found
+}
+
+/// Returns whether a parameter's name is empty once percent-decoded, its
+/// spaces (`+`) and equals signs trimmed and its array brackets dropped, as
+/// in `=...`, `%20=...`, `%3D=...` or `[]=...`.
+fn is_nameless(name: &str) -> bool {
+    let name = decode(name).replace('+', " ");
+    name.split(['[', ']']).all(|part| {
+        part.trim_matches(|c: char| c.is_whitespace() || c == '=')
+            .is_empty()
+    })
 }
 
 /// Calls `emit` with each piece of `path`, with the values of credential-like
@@ -385,16 +404,32 @@ fn redact_path_pieces<'a>(path: &'a str, mut emit: impl FnMut(&'a str)) {
     let separator_len = |at: usize| match bytes[at] {
         b'/' | b';' | b'&' => 1,
         b'%' if bytes.len() >= at + 3
-            && matches!(&bytes[at + 1..at + 3], b"3B" | b"3b" | b"3F" | b"3f") =>
+            && matches!(
+                &bytes[at + 1..at + 3],
+                b"3B" | b"3b" | b"3F" | b"3f" | b"26"
+            ) =>
         {
             3
         }
         _ => 0,
     };
-    let mut emit_piece = |piece: &'a str, parameter: bool| match piece.split_once('=') {
-        Some((name, _)) if parameter && is_sensitive(&decode(name)) => {
+    // The `=` may be percent-encoded too, as in `;token%3D...`.
+    let split = |piece: &'a str| {
+        let plain = piece.find('=').map(|at| (at, 1));
+        let encoded = piece
+            .find("%3D")
+            .or_else(|| piece.find("%3d"))
+            .map(|at| (at, 3));
+        match (plain, encoded) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (found, None) | (None, found) => found,
+        }
+        .map(|(at, length)| (&piece[..at], &piece[at..at + length]))
+    };
+    let mut emit_piece = |piece: &'a str, parameter: bool| match split(piece) {
+        Some((name, equals)) if parameter && is_sensitive(&decode(name)) => {
             emit(name);
-            emit("=");
+            emit(equals);
             emit(REDACTED);
         }
         _ => emit(piece),
@@ -560,6 +595,15 @@ mod tests {
             "=hidden",
             "redirect=https://app.test/?token=hidden",
             "next=%2Fcb%3Fcode%3Dhidden",
+            "redirect=https://app/?token=hidden?",
+            "next=/cb?code=hidden?",
+            "redirect=https%3A%2F%2Fapp%2F%3Ftoken%3Dhidden%26next%3D%2Fhome%3Fp%3D1",
+            "r=https%253A%252F%252Fx%252F%253Ftoken%253Dhidden",
+            "r=https://user:hidden@host/",
+            "%20=hidden",
+            "+=hidden",
+            "[]=hidden",
+            "%3D=hidden",
         ] {
             let name = query.split_once('=').unwrap().0;
             assert_eq!(redact_query(query), format!("{name}=REDACTED"), "{query}");
@@ -585,6 +629,9 @@ mod tests {
             ("/x%3Bjsessionid=SECRET", "/x%3Bjsessionid=REDACTED"),
             ("/x%3ftoken=SECRET&page=2", "/x%3ftoken=REDACTED&page=2"),
             ("/x;v=1;sid_token=SECRET", "/x;v=1;sid_token=REDACTED"),
+            ("/p8%3Ftoken%3DSECRET", "/p8%3Ftoken%3DREDACTED"),
+            ("/p9%3Fa=1%26token=SECRET", "/p9%3Fa=1%26token=REDACTED"),
+            ("/p4%3Bjsessionid%3dSECRET", "/p4%3Bjsessionid%3dREDACTED"),
             // A segment that is only a name and a value is not a parameter.
             ("/token=visible", "/token=visible"),
         ] {

@@ -1586,6 +1586,18 @@ impl Config {
                 );
                 return Err(self.invalid(line, &format!("{field}.name"), &message));
             }
+            // Such a header never reaches the limit on a listener that
+            // removes it, so the limit would count every request as unkeyed.
+            if let crate::ratelimit::KeySource::Header(name) = &spec.key {
+                let removing = self.listeners.iter().any(|l| !l.underscores_in_headers);
+                if name.as_str().contains('_') && removing {
+                    let message = format!(
+                        "header {name} has an underscore, and listeners remove such headers \
+                         unless they set `underscores_in_headers = true`"
+                    );
+                    return Err(self.invalid(line, &format!("{field}.key"), &message));
+                }
+            }
         }
         Ok(())
     }

@@ -403,6 +403,34 @@ fn routes_explain_shows_match_and_misses() {
 }
 
 #[test]
+fn check_rejects_underscore_limit_header() {
+    let dir = tempfile::tempdir().unwrap();
+    let limit = "\n[[routes.limits]]\nkey = \"header:x_api_key\"\nalgorithm = \"token_bucket\"\n\
+                 rate = \"10/s\"\n";
+    let path = write_config(dir.path(), &format!("{VALID}{limit}"));
+    let output = edge(&["check", &path]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("routes[1].limits[0].key: header x_api_key has an underscore"),
+        "{stderr}"
+    );
+
+    // A listener that keeps such headers lets the limit see them.
+    let keeping = VALID.replace(
+        "addr = \"127.0.0.1:0\"\n",
+        "addr = \"127.0.0.1:0\"\nunderscores_in_headers = true\n",
+    );
+    let path = write_config(dir.path(), &format!("{keeping}{limit}"));
+    let output = edge(&["check", &path]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}
+
+#[test]
 fn check_reads_the_admin_token_file() {
     let dir = tempfile::tempdir().unwrap();
     let token_file = dir.path().join("admin.token");

@@ -122,6 +122,19 @@ pub fn start(
     Ok(Admin { addr, thread })
 }
 
+/// Returns 405 with the methods the path allows in `Allow`.
+fn method_not_allowed(allowed: &'static str) -> Response<Full<Bytes>> {
+    let mut response = error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        &format!("use {allowed}"),
+    );
+    response
+        .headers_mut()
+        .insert(http::header::ALLOW, HeaderValue::from_static(allowed));
+    response
+}
+
 /// Serves one admin request.
 fn serve(
     node: &Node,
@@ -130,6 +143,10 @@ fn serve(
     request: &Request<Incoming>,
 ) -> Response<Full<Bytes>> {
     // Probes carry no token, and the responses reveal nothing beyond the phase.
+    let probe = matches!(request.uri().path(), "/healthz" | "/readyz");
+    if probe && !matches!(*request.method(), Method::GET | Method::HEAD) {
+        return method_not_allowed("GET, HEAD");
+    }
     match request.uri().path() {
         "/healthz" => return json_response(json!({ "status": "ok" })),
         "/readyz" => {
@@ -161,11 +178,7 @@ fn serve(
         return response;
     }
     if request.method() != Method::GET {
-        return error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            "use GET",
-        );
+        return method_not_allowed("GET");
     }
     let now = Instant::now();
     match request.uri().path() {

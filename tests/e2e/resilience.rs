@@ -536,6 +536,31 @@ async fn admin_listener_requires_the_bearer_token() -> Result {
     .await?;
     assert_eq!(lower.status, 200);
 
+    // The probes answer GET and HEAD; the other paths GET only.
+    for (method, path, allowed) in [
+        ("POST", "/healthz", "GET, HEAD"),
+        ("DELETE", "/readyz", "GET, HEAD"),
+        ("POST", "/metrics", "GET"),
+    ] {
+        let bearer = format!("Bearer {TOKEN}");
+        let got = send(
+            method,
+            &format!("{admin}{path}"),
+            &[("authorization", &bearer)],
+            b"",
+        )
+        .await?;
+        assert_eq!(got.status, 405, "{method} {path}");
+        assert_eq!(got.json()["error"], "method_not_allowed", "{method} {path}");
+        assert_eq!(got.header("allow"), Some(allowed), "{method} {path}");
+    }
+    assert_eq!(
+        send("HEAD", &format!("{admin}/healthz"), &[], b"")
+            .await?
+            .status,
+        200
+    );
+
     let breakers = admin_get(&node, "/breakers").await?;
     assert_eq!(breakers.status, 200);
     assert_eq!(breakers.json()["upstreams"][0]["upstream"], "app");

@@ -47,14 +47,20 @@ pub fn read_token(config: &Config, admin: &AdminConfig) -> anyhow::Result<String
         (Some(token), _) => Ok(token.get_ref().clone()),
         (None, Some(file)) => {
             let path = config.resolve(file.get_ref());
+            // Errors name the config file and the line of `token_file`.
+            let invalid = |message: String| {
+                let line = config.line_of(file.span().start);
+                config.invalid(line, "admin.token_file", &message)
+            };
             let text = std::fs::read_to_string(&path)
-                .with_context(|| format!("cannot read admin.token_file {}", path.display()))?;
+                .map_err(|e| invalid(format!("cannot read {}: {e}", path.display())))?;
             let token = text.lines().next().unwrap_or_default().trim().to_owned();
             if token.len() < 16 {
-                anyhow::bail!(
-                    "admin.token_file {}: the token must be at least 16 characters",
+                return Err(invalid(format!(
+                    "the token in {} must be at least 16 characters",
                     path.display()
-                );
+                ))
+                .into());
             }
             Ok(token)
         }

@@ -406,13 +406,13 @@ fn explain(path: &Path, method: &str, raw_path: &str, host: Option<&str>) -> any
         .with_context(|| format!("{method:?} is not an HTTP method"))?;
     crate::pipeline::check_method(&method).map_err(|refusal| {
         anyhow::anyhow!(
-            "{}; the node responds 400 invalid_method",
+            "{} (the node responds 400 invalid_method)",
             refusal.message()
         )
     })?;
     if let Some(host) = host {
         crate::pipeline::check_host(host.as_bytes()).map_err(|reason| {
-            anyhow::anyhow!("the Host {host:?} {reason}; the node responds 400 invalid_host")
+            anyhow::anyhow!("the Host {host:?} {reason} (the node responds 400 invalid_host)")
         })?;
     }
     // Routes match the path alone.

@@ -217,10 +217,10 @@ pub struct ListenerConfig {
     /// Redirects every request to HTTPS with a 308, except on the
     /// listed paths. Only on a plain-HTTP listener. Default: off.
     pub redirect_https: Option<RedirectConfig>,
-    /// Keeps request headers whose names have an underscore. Default:
-    /// false, as in nginx: they are removed, because servers that turn
-    /// header names into variables (CGI, WSGI, PHP) read `X_User_Id` as the
-    /// `X-User-Id` the node or a worker controls.
+    /// Keeps request headers whose names have an underscore. By default
+    /// they are removed, as nginx does, because servers that turn header
+    /// names into variables (CGI, WSGI, PHP) read `X_User_Id` as the
+    /// `X-User-Id` that the node or a worker controls.
     #[serde(default)]
     pub underscores_in_headers: bool,
 }

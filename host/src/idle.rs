@@ -92,6 +92,10 @@ impl<B: Body<Data = Bytes> + Unpin> Body for TrackedBody<B> {
 /// had no request in flight and no request start or end for a whole
 /// timeout, whatever bytes arrived. A connection is closed between one and
 /// two timeouts after it went idle.
+///
+/// NOTE: a response that the client never reads (an HTTP/2 stream window
+/// of zero) stays in flight, so it keeps its connection open until the
+/// client goes away.
 pub struct IdleClose<T> {
     inner: T,
     activity: Arc<Activity>,

@@ -200,7 +200,7 @@ async fn escaped_characters_stay_escaped_upstream() -> Result {
     }
 
     // Raw UTF-8 in the path or query goes upstream percent-encoded, as the
-    // decoded form of `%C3%A9` does; raw bytes that are not UTF-8 get 400.
+    // decoded form of `%C3%A9` does. Raw bytes that are not UTF-8 get 400.
     let response = raw_request(
         node.addr,
         "GET /caf\u{e9}/x?q=1 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",

@@ -718,9 +718,9 @@ async fn restarted_redis_costs_only_the_broken_request() -> Result {
     let node = Node::start(&config)?;
     assert_eq!(get(&node.url("/closed")).await?.status, 200);
 
-    // No request sees the outage; the first one after it finds the old
-    // connection broken and fails closed. The next one waits for the new
-    // connection instead of failing while the node backs off.
+    // No request arrives during the outage. The first one after it finds
+    // the old connection broken and fails closed. The next one waits for the
+    // new connection instead of failing while the node backs off.
     redis.restart()?;
     let mut statuses = Vec::new();
     for _ in 0..10 {
@@ -759,7 +759,7 @@ async fn node_starting_on_hung_redis_waits_once() -> Result {
     let upstream = Upstream::echo().await;
     let redis = Redis::start()?;
     let node = Node::start(&outage_config(&upstream, &redis))?;
-    // No request has made a connection yet when Redis stops answering.
+    // No request has made a connection yet when Redis stops replying.
     redis.signal("-STOP");
     let mut waited = 0;
     for _ in 0..20 {

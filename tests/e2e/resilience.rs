@@ -536,7 +536,7 @@ async fn admin_listener_requires_the_bearer_token() -> Result {
     .await?;
     assert_eq!(lower.status, 200);
 
-    // The probes answer GET and HEAD; the other paths GET only.
+    // The probes accept GET and HEAD, and the other paths accept GET only.
     for (method, path, allowed) in [
         ("POST", "/healthz", "GET, HEAD"),
         ("DELETE", "/readyz", "GET, HEAD"),

@@ -777,8 +777,9 @@ async fn lines_past_call_cap_dropped() -> Result {
         .lines()
         .filter(|line| line.contains("fixture line"))
         .count() as u64;
-    // Each second of the burst admits at most 100 lines, warnings included;
-    // the first call and the last, in seconds of their own, add 65 each.
+    // Each second of the burst admits at most 100 lines, warnings included.
+    // The first call and the last run in seconds of their own and add 65
+    // lines each.
     assert!(
         lines + warnings <= 100 * (seconds + 1) + 2 * 65,
         "{lines} lines and {warnings} warnings in about {seconds} s"

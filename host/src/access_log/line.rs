@@ -347,7 +347,7 @@ fn redact_pieces<'a>(query: &'a str, mut emit: impl FnMut(&'a str)) {
             emit(pair);
             continue;
         };
-        // A value without a name is hidden too: nothing says what it is.
+        // A value without a name is redacted too, because its meaning is unknown.
         let nameless = !value.is_empty() && is_nameless(name);
         if nameless || is_sensitive(&decode(name)) || carries_credential(value) {
             emit(name);

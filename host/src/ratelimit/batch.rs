@@ -387,6 +387,10 @@ async fn flush(
         Some(Err(error)) => {
             // A server error reply leaves the connection usable; any other
             // error means it broke.
+            // NOTE: the whole batch fails then, which after a Redis restart
+            // is every request that arrived at that moment. A broken pipe
+            // means Redis never read the batch, so it could be sent again
+            // on a new connection.
             if !matches!(error.kind(), ErrorKind::Server(_) | ErrorKind::Extension) {
                 batch.link.mark_down(generation);
             }

@@ -324,13 +324,8 @@ impl RedisBackend {
                         generation,
                     } => return Ok(Some((connection.clone(), *generation))),
                     LinkState::Idle => {
-                        // Requests wait for this attempt, so it gets their
-                        // timeout, as the first one after a break does: a
-                        // hung server then holds them up once, not for the
-                        // whole connect timeout.
                         *state = LinkState::Connecting { wait: true };
-                        let limit = self.timeout.min(self.connect_timeout);
-                        self.spawn_connect(link.clone(), FIRST_BACKOFF, false, limit);
+                        self.spawn_connect(link.clone(), FIRST_BACKOFF, false, true);
                     }
                     LinkState::Down { retry_at, backoff } => {
                         if Instant::now() < *retry_at {
@@ -345,16 +340,7 @@ impl RedisBackend {
                         *state = LinkState::Connecting {
                             wait: right_after_break,
                         };
-                        // The attempt that requests wait for gets their
-                        // timeout, so a server that accepts connections but
-                        // never answers holds them up once, not for the
-                        // whole connect timeout.
-                        let limit = if right_after_break {
-                            self.timeout.min(self.connect_timeout)
-                        } else {
-                            self.connect_timeout
-                        };
-                        self.spawn_connect(link.clone(), backoff, true, limit);
+                        self.spawn_connect(link.clone(), backoff, true, right_after_break);
                         if !right_after_break {
                             return Err(Failure::Down);
                         }
@@ -373,13 +359,15 @@ impl RedisBackend {
     }
 
     /// Opens a connection and loads the script on this thread's runtime.
-    fn spawn_connect(
-        &self,
-        link: Arc<Link>,
-        backoff: Duration,
-        was_down: bool,
-        connect_timeout: Duration,
-    ) {
+    /// An attempt that requests wait for (`wait`) is bounded by their
+    /// timeout, so a server that accepts connections but never replies
+    /// delays them once, not for the whole connect timeout.
+    fn spawn_connect(&self, link: Arc<Link>, backoff: Duration, was_down: bool, wait: bool) {
+        let connect_timeout = if wait {
+            self.timeout.min(self.connect_timeout)
+        } else {
+            self.connect_timeout
+        };
         let opening = self.open();
         let description = self.description.clone();
         tokio::spawn(async move {
@@ -461,7 +449,7 @@ impl Link {
 
     /// Drops the connection of `generation` after a failure, unless a newer
     /// one has replaced it. The next request tries a new connection at once
-    /// and waits for it; later attempts back off.
+    /// and waits for it. Later attempts back off.
     pub(super) fn mark_down(&self, generation: u64) {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         if matches!(&*state, LinkState::Up { generation: current, .. } if *current == generation) {

@@ -241,7 +241,7 @@ fn required_user_section_is_401() {
 }
 
 #[test]
-fn all_user_sections_is_401() {
+fn user_in_every_section_is_401() {
     let mut config: serde_json::Value = serde_json::from_str(CONFIG).unwrap();
     config["sections"][1]["required"] = json!(false);
     testing::set_config(&config.to_string());

@@ -511,9 +511,7 @@ fn explain(path: &Path, method: &str, raw_path: &str, host: Option<&str>) -> any
                     let redis = redis.get_ref();
                     println!(
                         "  redis: {}, {:?} timeout per decision",
-                        node.ratelimit
-                            .backend()
-                            .map_or("", |b| b.description.as_str()),
+                        node.ratelimit.backend().map_or("", |b| &*b.description),
                         redis.timeout
                     );
                 }

@@ -23,11 +23,14 @@
 //!                     RED metrics, the access-log line, the request's spans
 //! ```
 
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::Bytes;
+use futures_util::future::Either;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::uri::PathAndQuery;
@@ -243,9 +246,13 @@ async fn serve(
         for (worker_index, binding) in route.workers.iter().enumerate() {
             let (origin, span_id) = fetch_origin(node, route, exchange);
             let started = Instant::now();
-            let action = node
-                .runtime
-                .on_request(binding, &request_view, &mut context, origin)
+            // Boxed, as the limits' future: only routes with workers pay
+            // for it, and it costs less than the call.
+            let action =
+                Box::pin(
+                    node.runtime
+                        .on_request(binding, &request_view, &mut context, origin),
+                )
                 .await;
             note_worker_call(
                 node,
@@ -383,35 +390,68 @@ async fn serve(
     // Response-phase workers, in reverse order.
     if let Some(view) = &view {
         if route.workers.iter().any(|w| w.response_hook) {
-            run_response_hooks(node, route, view, &mut context, &mut response, exchange).await?;
+            Box::pin(run_response_hooks(
+                node,
+                route,
+                view,
+                &mut context,
+                &mut response,
+                exchange,
+            ))
+            .await?;
         }
     }
     Ok(response.map(ResponseBody::Upstream))
 }
 
+/// The limits of a request, decided at once or still deciding.
+type LimitCheck<'a> = Either<
+    std::future::Ready<Result<(), Refusal>>,
+    Pin<Box<dyn Future<Output = Result<(), Refusal>> + Send + 'a>>,
+>;
+
 /// Runs the limits of `which`, adding the time they took to the exchange.
-async fn check_limits(
-    node: &Node,
-    route: &Route,
+/// Local limits decide at once. The others wait in a future of their own,
+/// boxed so that it does not make every request's future larger.
+fn check_limits<'a>(
+    node: &'a Node,
+    route: &'a Route,
     which: LimitSet,
-    input: &KeyInput<'_>,
-    shown: &mut Option<Shown>,
-    exchange: &mut Exchange,
-) -> Result<(), Refusal> {
+    input: &'a KeyInput<'a>,
+    shown: &'a mut Option<Shown>,
+    exchange: &'a mut Exchange,
+) -> LimitCheck<'a> {
     // Only the access log and the trace span record this time, so the clock
     // is read only when one of them is on.
     let started = (node.access_log.is_some() || exchange.spans.is_some()).then(Instant::now);
-    let checked = node
-        .ratelimit
-        .check(&route.limits, which, input, shown)
-        .await;
+    if let Some(checked) = node.ratelimit.check_now(&route.limits, which, input, shown) {
+        note_limit_time(exchange, started, &checked);
+        return Either::Left(std::future::ready(checked));
+    }
+    Either::Right(Box::pin(async move {
+        let checked = node
+            .ratelimit
+            .check(&route.limits, which, input, shown)
+            .await;
+        note_limit_time(exchange, started, &checked);
+        checked
+    }))
+}
+
+/// Adds the time the limits took since `started` to the exchange, and their
+/// span when spans are exported.
+fn note_limit_time(
+    exchange: &mut Exchange,
+    started: Option<Instant>,
+    checked: &Result<(), Refusal>,
+) {
     let Some(started) = started else {
-        return checked;
+        return;
     };
     exchange.ratelimit_time += started.elapsed();
     if let (Some(spans), Some(trace)) = (&mut exchange.spans, &exchange.trace) {
         let mut attributes = Vec::new();
-        if let Err(refusal) = &checked {
+        if let Err(refusal) = checked {
             attributes.push(("error.type", AttributeValue::Static(refusal.code())));
         }
         spans.record(
@@ -425,7 +465,6 @@ async fn check_limits(
             checked.is_err(),
         );
     }
-    checked
 }
 
 /// Builds what a worker call's fetches carry from the request: its id, its

@@ -26,13 +26,14 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 
+use ::redis::aio::MultiplexedConnection;
 use ::redis::{Cmd, ErrorKind, Pipeline, RedisError, ServerErrorKind, Value};
 use slab::Slab;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use super::redis::{
-    load_script, parse_decision, reply_text, split_decisions, Failure, Link, Verdict,
+    load_script, parse_decision, reply_text, split_decisions, Connector, Failure, Link, Verdict,
 };
 
 /// The maximum number of requests one `EVALSHA` decides. A script blocks the
@@ -89,6 +90,8 @@ pub(super) struct Batcher {
 pub(super) struct FlushSettings {
     pub sha: Arc<str>,
     pub timeout: Duration,
+    /// Opens a new connection when a batch finds its connection broken.
+    pub connector: Arc<Connector>,
 }
 
 impl Batcher {
@@ -315,6 +318,13 @@ async fn before<F: Future>(
 }
 
 /// Sends one batch as one pipeline and stores each request's decision.
+///
+/// A batch whose connection breaks goes once more on a new connection,
+/// within the batch's deadline, so a Redis restart does not fail every
+/// request that arrived at that moment. Redis seldom runs a batch whose
+/// connection then breaks before the reply; when it did, the batch's
+/// requests count twice, which refuses requests early rather than admit
+/// too many.
 async fn flush(
     settings: &FlushSettings,
     batch: &mut Batch,
@@ -325,82 +335,104 @@ async fn flush(
         return;
     };
     let deadline = oldest + settings.timeout;
-    let Some((mut connection, generation)) = batch.link.single_connection() else {
-        // The batch in flight before this one failed, so fail at once, as
-        // requests do while the link is down.
-        batch.fail_all(|_| Failure::Down);
-        return;
-    };
+    expiry.as_mut().reset(deadline);
     pipeline.clear();
     for chunk in batch.pending.chunks(MAX_KEYS) {
         pipeline.add_command(evalsha(&settings.sha, &batch.keys, chunk));
     }
-    let exchange = async {
-        let mut replies = pipeline.query_async::<Vec<Value>>(&mut connection).await?;
-        let lost: Vec<usize> = (0..replies.len())
-            .filter(|&index| is_noscript(&replies[index]))
-            .collect();
-        if !lost.is_empty() {
-            // The server lost its scripts (restarted or flushed) while the
-            // connection stayed up, so load the script again. Only the
-            // commands that got NOSCRIPT are sent again, because a flush
-            // between two commands of the pipeline lets the earlier ones run.
-            load_script(&mut connection).await?;
-            let mut again = ::redis::pipe();
-            again.ignore_errors();
-            let chunks: Vec<&[Pending]> = batch.pending.chunks(MAX_KEYS).collect();
-            for &index in &lost {
-                again.add_command(evalsha(&settings.sha, &batch.keys, chunks[index]));
-            }
-            let retried = again.query_async::<Vec<Value>>(&mut connection).await?;
-            for (index, reply) in lost.into_iter().zip(retried) {
-                replies[index] = reply;
-            }
-        }
-        Ok::<_, RedisError>(replies)
-    };
-    expiry.as_mut().reset(deadline);
-    match before(exchange, expiry).await {
-        Some(Ok(replies)) if replies.len() == batch.pending.len().div_ceil(MAX_KEYS) => {
-            let Batch {
-                link,
-                pending,
-                wakers,
-                ..
-            } = batch;
-            let mut pending = pending.drain(..);
-            for reply in &replies {
-                answer(
-                    &link.batcher,
-                    pending.by_ref().take(MAX_KEYS),
-                    reply,
+    let mut resent = false;
+    loop {
+        let Some((mut connection, generation)) = batch.link.single_connection() else {
+            // The batch in flight before this one failed, so fail at once, as
+            // requests do while the link is down.
+            batch.fail_all(|_| Failure::Down);
+            return;
+        };
+        let exchange = exchange(settings, batch, pipeline, &mut connection);
+        let error = match before(exchange, expiry.as_mut()).await {
+            Some(Ok(replies)) if replies.len() == batch.pending.len().div_ceil(MAX_KEYS) => {
+                let Batch {
+                    link,
+                    pending,
                     wakers,
-                );
+                    ..
+                } = batch;
+                let mut pending = pending.drain(..);
+                for reply in &replies {
+                    answer(
+                        &link.batcher,
+                        pending.by_ref().take(MAX_KEYS),
+                        reply,
+                        wakers,
+                    );
+                }
+                return;
             }
-        }
-        Some(Ok(replies)) => {
-            let count = replies.len();
-            batch.fail_all(|wanted| {
-                Failure::Reply(format!("{count} replies to a batch of {wanted} requests"))
-            });
-        }
-        Some(Err(error)) => {
-            // A server error reply leaves the connection usable; any other
-            // error means it broke.
-            // NOTE: the whole batch fails then, which after a Redis restart
-            // is every request that arrived at that moment. A broken pipe
-            // means Redis never read the batch, so it could be sent again
-            // on a new connection.
-            if !matches!(error.kind(), ErrorKind::Server(_) | ErrorKind::Extension) {
+            Some(Ok(replies)) => {
+                let count = replies.len();
+                batch.fail_all(|wanted| {
+                    Failure::Reply(format!("{count} replies to a batch of {wanted} requests"))
+                });
+                return;
+            }
+            // A server error reply leaves the connection usable.
+            Some(Err(error))
+                if matches!(error.kind(), ErrorKind::Server(_) | ErrorKind::Extension) =>
+            {
+                batch.fail_all(|_| Failure::Redis(error.clone()));
+                return;
+            }
+            Some(Err(error)) => error,
+            None => {
                 batch.link.mark_down(generation);
+                batch.fail_all(|_| Failure::Timeout(settings.timeout));
+                return;
             }
-            batch.fail_all(|_| Failure::Redis(error.clone()));
+        };
+        // Any other error means the connection broke.
+        batch.link.mark_down(generation);
+        if !resent {
+            resent = true;
+            let reconnect = settings.connector.connection(&batch.link, deadline);
+            if let Some(Ok(_)) = before(reconnect, expiry.as_mut()).await {
+                continue;
+            }
         }
-        None => {
-            batch.link.mark_down(generation);
-            batch.fail_all(|_| Failure::Timeout(settings.timeout));
+        batch.fail_all(|_| Failure::Redis(error.clone()));
+        return;
+    }
+}
+
+/// Sends the batch's pipeline on `connection` and returns the replies,
+/// loading the script again when the server lost it.
+async fn exchange(
+    settings: &FlushSettings,
+    batch: &Batch,
+    pipeline: &Pipeline,
+    connection: &mut MultiplexedConnection,
+) -> Result<Vec<Value>, RedisError> {
+    let mut replies = pipeline.query_async::<Vec<Value>>(connection).await?;
+    let lost: Vec<usize> = (0..replies.len())
+        .filter(|&index| is_noscript(&replies[index]))
+        .collect();
+    if !lost.is_empty() {
+        // The server lost its scripts (restarted or flushed) while the
+        // connection stayed up, so load the script again. Only the commands
+        // that got NOSCRIPT are sent again, because a flush between two
+        // commands of the pipeline lets the earlier ones run.
+        load_script(connection).await?;
+        let mut again = ::redis::pipe();
+        again.ignore_errors();
+        let chunks: Vec<&[Pending]> = batch.pending.chunks(MAX_KEYS).collect();
+        for &index in &lost {
+            again.add_command(evalsha(&settings.sha, &batch.keys, chunks[index]));
+        }
+        let retried = again.query_async::<Vec<Value>>(connection).await?;
+        for (index, reply) in lost.into_iter().zip(retried) {
+            replies[index] = reply;
         }
     }
+    Ok(replies)
 }
 
 /// Stores the decisions of the requests of one command, `chunk`, from the

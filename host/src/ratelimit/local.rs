@@ -37,6 +37,12 @@ pub struct State {
 }
 
 impl Shape {
+    /// Whether requests over the burst wait their turn (a leaky bucket in
+    /// queue mode) instead of being refused.
+    pub fn queues(&self) -> bool {
+        matches!(*self, Shape::Bucket { queue, .. } if queue > 0)
+    }
+
     /// Decides one request at `now` (nanoseconds on the limiter's clock) and
     /// updates `state` when it is admitted.
     pub fn decide(&self, state: &mut State, now: u64) -> Decision {

@@ -668,6 +668,39 @@ impl RateLimiter {
     /// refuses; otherwise waits out the longest queue delay. `shown` is
     /// updated to the limit that decides the response headers: the refusing
     /// one, else the one with the fewest requests remaining.
+    /// Decides as [`RateLimiter::check`] does, without waiting, when every
+    /// limit of `which` is local and none queues requests. Returns `None`,
+    /// having changed nothing, when one of them is global or queues: then
+    /// `check` decides. A route's local limits so cost no future of their
+    /// own, which would make every request's future larger.
+    pub fn check_now(
+        &self,
+        limits: &[Limit],
+        which: LimitSet,
+        request: &KeyInput<'_>,
+        shown: &mut Option<Shown>,
+    ) -> Option<Result<(), Refusal>> {
+        let chosen = || {
+            limits
+                .iter()
+                .enumerate()
+                .filter(move |(index, _)| which.contains(*index))
+                .map(|(_, limit)| limit)
+        };
+        if !chosen().all(Limit::decides_now) {
+            return None;
+        }
+        for limit in chosen() {
+            let decided = limit
+                .decide_local(self.clock.as_ref(), request)
+                .and_then(|(decision, _)| limit.note(&decision, shown));
+            if decided.is_err() {
+                return Some(decided);
+            }
+        }
+        Some(Ok(()))
+    }
+
     pub async fn check(
         &self,
         limits: &[Limit],
@@ -684,18 +717,7 @@ impl RateLimiter {
             .map(|(_, limit)| limit);
         for limit in chosen {
             let (decision, counted) = limit.decide(self.clock.as_ref(), request).await?;
-            limit.counts.count(decision.allowed);
-            let this = Shown::of(&decision);
-            if !decision.allowed {
-                *shown = Some(this);
-                return Err(Refusal::RateLimited {
-                    limit: limit.spec.name.clone(),
-                    retry_after: seconds_ceil(decision.retry_after_ns).max(1),
-                });
-            }
-            if shown.is_none_or(|s| this.remaining < s.remaining) {
-                *shown = Some(this);
-            }
+            limit.note(&decision, shown)?;
             if decision.delay_ns > 0 {
                 places.hold(limit, counted);
                 delay_ns = delay_ns.max(decision.delay_ns);
@@ -872,22 +894,56 @@ enum Counted {
 }
 
 impl Limit {
-    async fn decide(
+    /// Whether a decision of this limit never waits: it is local and does
+    /// not queue requests.
+    fn decides_now(&self) -> bool {
+        self.global.is_none() && !self.spec.shape.queues()
+    }
+
+    /// Counts `decision` and updates `shown`; returns the refusal when the
+    /// decision denies the request.
+    fn note(&self, decision: &Decision, shown: &mut Option<Shown>) -> Result<(), Refusal> {
+        self.counts.count(decision.allowed);
+        let this = Shown::of(decision);
+        if !decision.allowed {
+            *shown = Some(this);
+            return Err(Refusal::RateLimited {
+                limit: self.spec.name.clone(),
+                retry_after: seconds_ceil(decision.retry_after_ns).max(1),
+            });
+        }
+        if shown.is_none_or(|s| this.remaining < s.remaining) {
+            *shown = Some(this);
+        }
+        Ok(())
+    }
+
+    /// Decides a local limit at the request's arrival time.
+    fn decide_local(
         &self,
         clock: &dyn Clock,
         request: &KeyInput<'_>,
     ) -> Result<(Decision, Counted), Refusal> {
         let value = self.key_value(request)?;
+        let key = self.local_key(&value);
+        // A load first: most requests of a busy limit come from the key
+        // decided last, and a store would bounce the cache line.
+        if self.counts.last_key.load(Ordering::Relaxed) != key {
+            self.counts.last_key.store(key, Ordering::Relaxed);
+        }
+        let now = clock.at_ns(request.received);
+        Ok((self.local.decide(key, now), Counted::Local(key)))
+    }
+
+    async fn decide(
+        &self,
+        clock: &dyn Clock,
+        request: &KeyInput<'_>,
+    ) -> Result<(Decision, Counted), Refusal> {
         let Some(global) = &self.global else {
-            let key = self.local_key(&value);
-            // A load first: most requests of a busy limit come from the key
-            // decided last, and a store would bounce the cache line.
-            if self.counts.last_key.load(Ordering::Relaxed) != key {
-                self.counts.last_key.store(key, Ordering::Relaxed);
-            }
-            let now = clock.at_ns(request.received);
-            return Ok((self.local.decide(key, now), Counted::Local(key)));
+            return self.decide_local(clock, request);
         };
+        let value = self.key_value(request)?;
         // The node's leases of this limit and the key's hash in them. When
         // this request is the one of its key that calls Redis, `asking` is
         // the guard that wakes the others when it is done.

@@ -65,16 +65,23 @@ pub enum Failure {
 pub struct RedisBackend {
     /// Tells this backend's per-thread connections apart.
     id: usize,
-    target: Target,
     /// The name in log lines.
-    pub description: String,
+    pub description: Arc<str>,
     timeout: Duration,
-    connect_timeout: Duration,
     sha: String,
     /// Decisions sent to Redis, for the benchmarks' round-trip count.
     round_trips: AtomicU64,
-    /// The script's hash and the timeout, for the batches.
+    /// The script's hash, the timeout and the connector, for the batches.
     settings: FlushSettings,
+}
+
+/// Opens the serving threads' connections to Redis, for decisions and for
+/// the batches that find their connection broken.
+pub(super) struct Connector {
+    target: Target,
+    description: Arc<str>,
+    timeout: Duration,
+    connect_timeout: Duration,
 }
 
 enum Target {
@@ -155,17 +162,23 @@ impl RedisBackend {
             }
             (None, None) => return Err("no Redis url or cluster".to_owned()),
         };
-        Ok(RedisBackend {
-            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+        let description: Arc<str> = Arc::from(description);
+        let connector = Connector {
             target,
-            description,
+            description: description.clone(),
             timeout: config.timeout,
             connect_timeout: config.connect_timeout,
+        };
+        Ok(RedisBackend {
+            id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+            description,
+            timeout: config.timeout,
             sha: ::redis::Script::new(SCRIPT).get_hash().to_owned(),
             round_trips: AtomicU64::new(0),
             settings: FlushSettings {
                 sha: Arc::from(::redis::Script::new(SCRIPT).get_hash()),
                 timeout: config.timeout,
+                connector: Arc::new(connector),
             },
         })
     }
@@ -186,7 +199,7 @@ impl RedisBackend {
         let queued_at = Instant::now();
         let deadline = queued_at + self.timeout;
         let link = self.link();
-        let cluster = self.connection(&link, deadline).await?;
+        let cluster = self.settings.connector.connection(&link, deadline).await?;
         self.round_trips.fetch_add(1, Ordering::Relaxed);
         if let Some((connection, generation)) = cluster {
             let mut key = Vec::new();
@@ -287,12 +300,14 @@ impl RedisBackend {
                 .clone()
         })
     }
+}
 
+impl Connector {
     /// Waits until `deadline` for the thread's connection when it is being
     /// opened, and starts an attempt when one is due. Returns a connection to
     /// a cluster and its generation, or `None` for a connection to a single
     /// server, which only the link's batches use.
-    async fn connection(
+    pub(super) async fn connection(
         &self,
         link: &Arc<Link>,
         deadline: Instant,

@@ -318,7 +318,10 @@ fn loop_forever() -> ! {
 /// Recurses without end, each frame with a buffer on the stack, so the
 /// guest's stack in linear memory runs out first.
 #[inline(never)]
-#[expect(unconditional_recursion, reason = "the mode exists to overflow the stack")]
+#[expect(
+    unconditional_recursion,
+    reason = "the mode exists to overflow the stack"
+)]
 fn recurse(depth: u64) -> u64 {
     let frame = black_box([depth as u8; 512]);
     recurse(depth + 1).wrapping_add(u64::from(frame[0]))
@@ -327,7 +330,10 @@ fn recurse(depth: u64) -> u64 {
 /// Recurses without end with small frames, so the native stack that the
 /// guest's frames run on runs out first.
 #[inline(never)]
-#[expect(unconditional_recursion, reason = "the mode exists to overflow the stack")]
+#[expect(
+    unconditional_recursion,
+    reason = "the mode exists to overflow the stack"
+)]
 fn recurse_small(depth: u64) -> u64 {
     let next = black_box(depth) + 1;
     recurse_small(next).wrapping_add(black_box(1))

@@ -352,7 +352,10 @@ fn user_needed(
     if needing.is_empty() || (!required && needing.len() < planned.len()) {
         return None;
     }
-    let names: Vec<&str> = needing.iter().map(|section| section.name.as_str()).collect();
+    let names: Vec<&str> = needing
+        .iter()
+        .map(|section| section.name.as_str())
+        .collect();
     let message = format!(
         "the sections {} need a user id, and the request has none in the context value {:?}",
         names.join(", "),

@@ -422,6 +422,68 @@ async fn missing_user_is_401_or_partial() -> Result {
 }
 
 #[tokio::test]
+async fn user_id_that_leaves_its_segment_is_400() -> Result {
+    let services = Services::healthy().await;
+    let node = Node::start(&home_config(
+        &services.toml(),
+        &sections("2s", false),
+        SHAPES,
+    ))?;
+    for user in ["..", ".", "x/../..", "a\\b"] {
+        let got = send("GET", &node.url("/tv/home"), &[("x-user-id", user)], b"").await?;
+        assert_eq!(got.status, 400, "{user:?}");
+        assert_eq!(got.header("content-type"), Some("application/json"));
+        let body = got.json();
+        assert_eq!(body["error"], "invalid_user");
+        assert_eq!(
+            body["message"],
+            format!(
+                "the user id {user:?} {}, so it cannot go in a path",
+                if user.contains(['/', '\\']) {
+                    "contains a slash"
+                } else {
+                    "is a dot segment"
+                }
+            )
+        );
+    }
+    assert_eq!(services.counts(), [0, 0, 0], "no upstream was called");
+    Ok(())
+}
+
+#[tokio::test]
+async fn large_section_is_cut_while_parsed() -> Result {
+    // About 900 KiB of rows, under the 1 MiB fetch cap: built whole it
+    // would not fit the worker's default 16 MiB of memory.
+    let rows: Vec<Value> = (0..12_000)
+        .map(|id| json!({"id": id, "title": format!("title {id}"), "images": {"small": "s.jpg"}}))
+        .collect();
+    let big = json!({ "rows": rows, "total": 12_000 });
+    assert!(big.to_string().len() > 600 << 10);
+    let recs = Upstream::start(move |_| Reply::Json(Duration::ZERO, big.clone())).await;
+    let services = Services {
+        recs,
+        ..Services::healthy().await
+    };
+    let node = Node::start(&home_config(
+        &services.toml(),
+        &sections("2s", false),
+        SHAPES,
+    ))?;
+    let got = get_home(&node, "/mobile/home").await?;
+    assert_eq!(got.status, 200, "{}", String::from_utf8_lossy(&got.body));
+    assert_eq!(got.header("x-partial-response"), None);
+    assert_eq!(
+        got.json()["rows"],
+        json!([
+            {"id": 0, "title": "title 0", "image": "s.jpg"},
+            {"id": 1, "title": "title 1", "image": "s.jpg"},
+        ])
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn sections_are_requested_concurrently() -> Result {
     // Each upstream answers after 300 ms and notes when a request arrived.
     // Had the worker fetched one section after another, each request would

@@ -10,6 +10,21 @@ use serde::Deserialize;
 /// may not use as its name.
 const RESERVED_KEYS: [&str; 3] = ["device", "user", "partial"];
 
+/// Request headers that `forward_headers` may not name: the node sets them,
+/// or they describe the client's connection, not the section request.
+const NOT_FORWARDED: [&str; 10] = [
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "upgrade",
+    "te",
+    "trailer",
+    "proxy-connection",
+    "expect",
+];
+
 /// The worker's config table, as written.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -157,6 +172,7 @@ impl Config {
                 ));
             }
         }
+        self.check_forward_headers()?;
         if self.devices.is_empty() {
             return Err("`devices` is empty".to_string());
         }
@@ -181,6 +197,35 @@ impl Config {
             if !self.devices.contains_key(default) {
                 return Err(format!(
                     "default_device {default:?} is not a key of `devices`"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks that `forward_headers` passes on no header the worker or the
+    /// node sets for the section requests: a client could otherwise send
+    /// them its own user id, or a `Host` of its choice.
+    fn check_forward_headers(&self) -> Result<(), String> {
+        let user_headers = [Some(&self.upstream_user_header), self.user_header.as_ref()];
+        for (index, name) in self.forward_headers.iter().enumerate() {
+            let user_header = user_headers
+                .iter()
+                .flatten()
+                .any(|user| user.eq_ignore_ascii_case(name));
+            if user_header {
+                return Err(format!(
+                    "forward_headers[{index}] {name:?} carries the user id, which the worker \
+                     sets itself"
+                ));
+            }
+            if NOT_FORWARDED
+                .iter()
+                .any(|managed| managed.eq_ignore_ascii_case(name))
+            {
+                return Err(format!(
+                    "forward_headers[{index}] {name:?} is set by the node for each section \
+                     request"
                 ));
             }
         }
@@ -220,6 +265,8 @@ impl Section {
         if !self.path.starts_with('/') {
             return Err(format!("path {:?} does not start with `/`", self.path));
         }
+        check_placeholders(&self.path)
+            .map_err(|reason| format!("path {:?} {reason}", self.path))?;
         if let Some(timeout) = &self.timeout {
             parse_duration(timeout).map_err(|reason| format!("timeout: {reason}"))?;
         }
@@ -230,6 +277,28 @@ impl Section {
     pub fn timeout(&self) -> Option<Duration> {
         self.timeout.as_deref().and_then(|t| parse_duration(t).ok())
     }
+}
+
+/// Checks the `{NAME}` placeholders of a section's path: each closed, with
+/// a name and no `{` inside. Whether a route has the path parameter a name
+/// refers to shows only on a request.
+fn check_placeholders(path: &str) -> Result<(), String> {
+    let mut rest = path;
+    while let Some(open) = rest.find(['{', '}']) {
+        if rest.as_bytes()[open] == b'}' {
+            return Err("has a `}` without its `{`".to_string());
+        }
+        let after = &rest[open + 1..];
+        let close = after
+            .find('}')
+            .ok_or_else(|| "has a `{` without its `}`".to_string())?;
+        let name = &after[..close];
+        if name.is_empty() || name.contains('{') {
+            return Err(format!("has an invalid placeholder {{{name}}}"));
+        }
+        rest = &after[close + 1..];
+    }
+    Ok(())
 }
 
 /// Parses a field of a shape: `NAME` or `NAME=DOTTED.PATH`.

@@ -40,7 +40,8 @@
 //!    from the request header `user_header` when one is configured; with
 //!    `require_user`, a request without one gets 401 `user_missing`, and
 //!    so does one whose required section, or every section, has `{user}`
-//!    in its path;
+//!    in its path. A user id that is `.` or `..` or has a slash gets 400
+//!    `invalid_user` when a section puts it in its path;
 //! 3. fetches every section the device class names, all at once, each with
 //!    its own timeout, sending the user id under `upstream_user_header`
 //!    (default `x-user-id`) and the `forward_headers` of the client's
@@ -151,6 +152,20 @@ fn encode(value: &str) -> String {
 /// has none.
 const USER_MISSING: &str = "user_missing";
 
+/// Returns why `value` cannot fill a placeholder in the path part of a
+/// section's path, before any `?`. Encoding alone does not keep a value to
+/// its segment there: `.` and `..` are dot segments, and many servers decode
+/// `%2F` and `%5C` before they resolve them.
+fn unsafe_segment(value: &str) -> Option<&'static str> {
+    if value == "." || value == ".." {
+        return Some("is a dot segment");
+    }
+    if value.contains(['/', '\\']) {
+        return Some("contains a slash");
+    }
+    None
+}
+
 /// Fills the `{NAME}` placeholders of a section's path: `user`, `device`, or
 /// a route path parameter. Returns why a placeholder cannot be filled.
 fn render_path(
@@ -175,6 +190,10 @@ fn render_path(
                 .param(param)
                 .ok_or_else(|| format!("the route has no path parameter {param:?}"))?,
         };
+        let in_path = !rendered.contains('?');
+        if let Some(reason) = unsafe_segment(value).filter(|_| in_path) {
+            return Err(format!("the value of {{{name}}}, {value:?}, {reason}"));
+        }
         rendered.push_str(&encode(value));
         rest = &after[close + 1..];
     }
@@ -224,10 +243,7 @@ fn section_value(
     if !response.is_success() {
         return Err(format!("status {}", response.status));
     }
-    let body: Value = response
-        .json()
-        .map_err(|error| format!("invalid JSON: {error}"))?;
-    shape::apply(body, section.list.as_deref(), shape)
+    shape::apply(&response.body, section.list.as_deref(), shape)
 }
 
 /// Fetches the sections of the device class and stitches the response.
@@ -250,6 +266,18 @@ fn aggregate(config: &Config, request: &Request) -> Action {
         .iter()
         .filter_map(|section| Some((section, shapes.get(&section.name)?)))
         .collect();
+    // A user id that would leave its path segment is the client's error, not
+    // a section's failure.
+    if let Some(user) = &user {
+        let in_a_path = planned.iter().any(|(section, _)| {
+            let path = section.path.split('?').next().unwrap_or_default();
+            path.contains("{user}")
+        });
+        if let Some(reason) = unsafe_segment(user).filter(|_| in_a_path) {
+            let message = format!("the user id {user:?} {reason}, so it cannot go in a path");
+            return error_response(400, "invalid_user", message);
+        }
+    }
 
     // Requests that cannot be built fail their section without being sent.
     let mut outcomes: Vec<Option<Result<Value, String>>> = Vec::with_capacity(planned.len());

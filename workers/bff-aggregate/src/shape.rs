@@ -1,7 +1,15 @@
 //! Cuts an upstream's JSON down to the shape a device class gets: the list
 //! inside the response, at most `max_items` items, and only the configured
 //! fields of each.
+//!
+//! The body is read as it is parsed, keeping only what the shape needs: the
+//! values beside the list and the items past `max_items` are skipped, not
+//! built. A section body of a few hundred KiB whose every value were built
+//! would take many times its size in the worker's memory.
 
+use std::fmt;
+
+use serde::de::{DeserializeSeed, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde_json::{Map, Value};
 
 use crate::config::{parse_field, Field, Shape};
@@ -10,37 +18,156 @@ use crate::config::{parse_field, Field, Shape};
 /// `list` (the whole body when `None`), keeps at most `shape.max_items`
 /// items, and keeps only `shape.fields` of each object. Returns why the body
 /// does not fit.
-pub fn apply(body: Value, list: Option<&str>, shape: &Shape) -> Result<Value, String> {
+pub fn apply(body: &[u8], list: Option<&str>, shape: &Shape) -> Result<Value, String> {
+    let invalid = |error: serde_json::Error| format!("invalid JSON: {error}");
+    let mut parser = serde_json::Deserializer::from_slice(body);
     let value = match list {
         Some(path) => {
-            let segments: Vec<String> = path.split('.').map(str::to_string).collect();
-            match lookup(&body, &segments) {
-                Some(Value::Array(items)) => Value::Array(items.clone()),
-                Some(_) => return Err(format!("`{path}` in the response is not a list")),
-                None => return Err(format!("the response has no `{path}`")),
+            let segments: Vec<&str> = path.split('.').collect();
+            let found = At {
+                path: &segments,
+                max_items: shape.max_items,
+            }
+            .deserialize(&mut parser)
+            .map_err(invalid)?;
+            match found {
+                Found::List(items) => Value::Array(items),
+                Found::NotList => return Err(format!("`{path}` in the response is not a list")),
+                Found::Missing => return Err(format!("the response has no `{path}`")),
             }
         }
-        None => body,
+        None => match (At {
+            path: &[],
+            max_items: shape.max_items,
+        })
+        .deserialize(&mut parser)
+        .map_err(invalid)?
+        {
+            Found::List(items) => Value::Array(items),
+            // Not a list: parsed again whole, as an object's fields are
+            // picked from the whole of it.
+            _ => serde_json::from_slice(body).map_err(invalid)?,
+        },
     };
+    parser.end().map_err(invalid)?;
     // Fields were checked at load.
     let fields: Option<Vec<Field>> = shape
         .fields
         .as_ref()
         .map(|fields| fields.iter().filter_map(|f| parse_field(f).ok()).collect());
     let shaped = match value {
-        Value::Array(items) => {
-            let kept = shape.max_items.unwrap_or(items.len());
-            Value::Array(
-                items
-                    .into_iter()
-                    .take(kept)
-                    .map(|item| select(item, fields.as_deref()))
-                    .collect(),
-            )
-        }
+        Value::Array(items) => Value::Array(
+            items
+                .into_iter()
+                .map(|item| select(item, fields.as_deref()))
+                .collect(),
+        ),
         other => select(other, fields.as_deref()),
     };
     Ok(shaped)
+}
+
+/// What the parser found at a path.
+enum Found {
+    /// The list, cut to `max_items`.
+    List(Vec<Value>),
+    NotList,
+    Missing,
+}
+
+/// Finds the list at `path`, a list of object keys, and keeps at most
+/// `max_items` of its items; skips everything else.
+struct At<'a> {
+    path: &'a [&'a str],
+    max_items: Option<usize>,
+}
+
+impl<'de> DeserializeSeed<'de> for At<'_> {
+    type Value = Found;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Found, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for At<'_> {
+    type Value = Found;
+
+    fn expecting(&self, formatter: &mut fmt::Formatter) -> fmt::Result {
+        formatter.write_str("a JSON value")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Found, A::Error> {
+        if !self.path.is_empty() {
+            while seq.next_element::<IgnoredAny>()?.is_some() {}
+            return Ok(Found::Missing);
+        }
+        let max_items = self.max_items.unwrap_or(usize::MAX);
+        let mut items = Vec::new();
+        while items.len() < max_items {
+            match seq.next_element::<Value>()? {
+                Some(item) => items.push(item),
+                None => return Ok(Found::List(items)),
+            }
+        }
+        while seq.next_element::<IgnoredAny>()?.is_some() {}
+        Ok(Found::List(items))
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Found, A::Error> {
+        let Some((first, rest)) = self.path.split_first() else {
+            while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
+            return Ok(Found::NotList);
+        };
+        // As when the object is built whole, the last of repeated keys wins.
+        let mut found = Found::Missing;
+        while let Some(key) = map.next_key::<std::borrow::Cow<'de, str>>()? {
+            if key == *first {
+                found = map.next_value_seed(At {
+                    path: rest,
+                    max_items: self.max_items,
+                })?;
+            } else {
+                map.next_value::<IgnoredAny>()?;
+            }
+        }
+        Ok(found)
+    }
+
+    fn visit_bool<E>(self, _: bool) -> Result<Found, E> {
+        Ok(self.scalar())
+    }
+
+    fn visit_i64<E>(self, _: i64) -> Result<Found, E> {
+        Ok(self.scalar())
+    }
+
+    fn visit_u64<E>(self, _: u64) -> Result<Found, E> {
+        Ok(self.scalar())
+    }
+
+    fn visit_f64<E>(self, _: f64) -> Result<Found, E> {
+        Ok(self.scalar())
+    }
+
+    fn visit_str<E>(self, _: &str) -> Result<Found, E> {
+        Ok(self.scalar())
+    }
+
+    fn visit_unit<E>(self) -> Result<Found, E> {
+        Ok(self.scalar())
+    }
+}
+
+impl At<'_> {
+    /// What a value that is neither a list nor an object is at this path.
+    fn scalar(&self) -> Found {
+        if self.path.is_empty() {
+            Found::NotList
+        } else {
+            Found::Missing
+        }
+    }
 }
 
 /// Keeps only `fields` of an object; other values, and every value when
@@ -70,6 +197,11 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    /// Shapes `body` as the section's bytes.
+    fn apply(body: Value, list: Option<&str>, shape: &Shape) -> Result<Value, String> {
+        super::apply(body.to_string().as_bytes(), list, shape)
+    }
 
     fn shape(fields: Option<&[&str]>, max_items: Option<usize>) -> Shape {
         Shape {
@@ -133,6 +265,42 @@ mod tests {
         let body = json!({"plan": "premium", "card": "4242", "renews": "2027-01-01"});
         let shaped = apply(body, None, &shape(Some(&["plan"]), Some(1))).unwrap();
         assert_eq!(shaped, json!({"plan": "premium"}));
+    }
+
+    #[test]
+    fn long_list_is_cut_while_parsed() {
+        let mut body = String::from(r#"{"total": 1, "rows": ["#);
+        for index in 0..200_000 {
+            body.push_str(&format!(r#"{{"id": {index}, "title": "t"}},"#));
+        }
+        body.push_str(r#"{"id": -1}], "next": {"rows": 5}}"#);
+        let shaped = super::apply(
+            body.as_bytes(),
+            Some("rows"),
+            &shape(Some(&["id"]), Some(2)),
+        )
+        .unwrap();
+        assert_eq!(shaped, json!([{"id": 0}, {"id": 1}]));
+    }
+
+    #[test]
+    fn skipped_values_must_still_be_json() {
+        for body in [
+            r#"{"rows": [1, 2, x]}"#,
+            r#"{"other": [}, "rows": [1]}"#,
+            r#"{"rows": [1]} trailing"#,
+        ] {
+            let error =
+                super::apply(body.as_bytes(), Some("rows"), &shape(None, Some(1))).unwrap_err();
+            assert!(error.starts_with("invalid JSON: "), "{body}: {error}");
+        }
+    }
+
+    #[test]
+    fn repeated_key_takes_the_last() {
+        let body = br#"{"rows": [1], "rows": [2, 3]}"#;
+        let shaped = super::apply(body, Some("rows"), &Shape::default()).unwrap();
+        assert_eq!(shaped, json!([2, 3]));
     }
 
     #[test]

@@ -305,6 +305,44 @@ fn user_header_when_context_empty() {
 }
 
 #[test]
+fn user_id_that_leaves_its_segment_is_400() {
+    testing::set_config(CONFIG);
+    testing::on_fetch(|_| panic!("nothing is fetched for a user id that leaves its segment"));
+    for user in ["..", ".", "x/../..", "a\\b", "/"] {
+        let request = request("tv");
+        testing::clear_context();
+        edge_sdk::context::set("user", user).unwrap();
+        let response = respond_of(BffAggregate::on_request(request));
+        assert_eq!(response.status, 400, "{user:?}");
+        let body = json_body(&response);
+        assert_eq!(body["error"], "invalid_user");
+        assert!(
+            body["message"]
+                .as_str()
+                .unwrap()
+                .contains(&format!("{user:?}")),
+            "{body}"
+        );
+    }
+}
+
+#[test]
+fn user_id_with_dots_is_fine_in_a_query() {
+    // Only `rows` is fetched for mobile without billing: its user id goes in
+    // the query, where a slash or dots change nothing.
+    let mut config: serde_json::Value = serde_json::from_str(CONFIG).unwrap();
+    config["devices"]["mobile"]["sections"] = json!({"rows": {}});
+    testing::set_config(&config.to_string());
+    let seen = Rc::new(RefCell::new(Vec::new()));
+    testing::on_fetch(healthy(seen.clone()));
+    let request = request("mobile");
+    edge_sdk::context::set("user", "../a/b").unwrap();
+    let response = respond_of(BffAggregate::on_request(request));
+    assert_eq!(response.status, 200);
+    assert_eq!(seen.borrow()[0].path, "/rows?user=..%2Fa%2Fb&device=mobile");
+}
+
+#[test]
 fn header_ignored_without_user_header() {
     testing::set_config(CONFIG);
     testing::on_fetch(healthy(Rc::default()));
@@ -364,6 +402,38 @@ fn invalid_configs_are_rejected() {
                    "devices": {"tv": {"sections": {"a": {}}}}, "default_device": "pc"}),
             "default_device \"pc\" is not a key of `devices`",
         ),
+        (
+            json!({"sections": [{"name": "a", "upstream": "a", "path": "/u/{user"}],
+                   "devices": {"tv": {"sections": {"a": {}}}}}),
+            "sections[0] path \"/u/{user\" has a `{` without its `}`",
+        ),
+        (
+            json!({"sections": [{"name": "a", "upstream": "a", "path": "/u/user}"}],
+                   "devices": {"tv": {"sections": {"a": {}}}}}),
+            "sections[0] path \"/u/user}\" has a `}` without its `{`",
+        ),
+        (
+            json!({"sections": [{"name": "a", "upstream": "a", "path": "/u/{}"}],
+                   "devices": {"tv": {"sections": {"a": {}}}}}),
+            "sections[0] path \"/u/{}\" has an invalid placeholder {}",
+        ),
+        (
+            json!({"sections": [{"name": "a", "upstream": "a", "path": "/"}],
+                   "devices": {"tv": {"sections": {"a": {}}}},
+                   "forward_headers": ["accept", "X-User-Id"]}),
+            "forward_headers[1] \"X-User-Id\" carries the user id",
+        ),
+        (
+            json!({"sections": [{"name": "a", "upstream": "a", "path": "/"}],
+                   "devices": {"tv": {"sections": {"a": {}}}},
+                   "user_header": "x-account", "forward_headers": ["x-account"]}),
+            "forward_headers[0] \"x-account\" carries the user id",
+        ),
+        (
+            json!({"sections": [{"name": "a", "upstream": "a", "path": "/"}],
+                   "devices": {"tv": {"sections": {"a": {}}}}, "forward_headers": ["Host"]}),
+            "forward_headers[0] \"Host\" is set by the node",
+        ),
     ];
     for (config, expected) in cases {
         testing::set_config(&config.to_string());
@@ -406,8 +476,12 @@ fn invalid_config_request_is_500() {
 fn render_path_encodes_values() {
     let request = request("tv");
     assert_eq!(
-        render_path("/{device}/{user}?q={device}", &request, "tv", Some("a/b&c")),
-        Ok("/tv/a%2Fb%26c?q=tv".to_string())
+        render_path("/{device}/{user}?q={device}", &request, "tv", Some("a b&c")),
+        Ok("/tv/a%20b%26c?q=tv".to_string())
+    );
+    assert_eq!(
+        render_path("/{device}?q={user}", &request, "tv", Some("../a/b")),
+        Ok("/tv?q=..%2Fa%2Fb".to_string())
     );
     assert_eq!(
         render_path("/{missing}", &request, "tv", None),
@@ -416,5 +490,13 @@ fn render_path_encodes_values() {
     assert_eq!(
         render_path("/{user", &request, "tv", None),
         Err("path \"/{user\" has a `{` without its `}`".to_string())
+    );
+    assert_eq!(
+        render_path("/users/{user}/plan", &request, "tv", Some("..")),
+        Err("the value of {user}, \"..\", is a dot segment".to_string())
+    );
+    assert_eq!(
+        render_path("/users/{user}", &request, "tv", Some("a/b")),
+        Err("the value of {user}, \"a/b\", contains a slash".to_string())
     );
 }

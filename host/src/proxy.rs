@@ -10,6 +10,7 @@
 use std::cell::RefCell;
 use std::collections::VecDeque;
 use std::error::Error as StdError;
+use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -179,119 +180,34 @@ impl Upstream {
 
     /// Sends a request as [`Upstream::send`] does, and sets `target` to the
     /// address of each attempt's target as it is chosen.
-    pub async fn send_noting_target(
-        &self,
+    ///
+    /// Not an `async fn`: one keeps a second copy of each argument it takes
+    /// by value, and this future is part of every request's.
+    pub fn send_noting_target<'a>(
+        &'a self,
         request: Request<RequestBody>,
         client_ip: IpAddr,
         timeout: Option<Duration>,
-        target_addr: &mut Option<SocketAddr>,
-    ) -> Result<Response<PooledBody>, Refusal> {
-        let settings = &self.settings;
-        let deadline = timeout.map(|timeout| Instant::now() + timeout);
-        self.budget.deposit();
-        let key = match &settings.policy {
-            Policy::ConsistentHash(key) => key.hash(request.headers(), client_ip),
-            _ => None,
-        };
-        let repeatable = settings.retry.max_retries > 0
-            && is_idempotent(request.method())
-            && request.body().is_empty();
-        let head = repeatable.then(|| copy_head(&request));
-        let waiting_on_client = request.body().waiting_on_client();
-        let mut request = Some(request);
-        let mut tried = 0u64;
-        let mut retries = 0;
-        // A retry chooses its target before it gives up the failed attempt's
-        // outcome, so that a retry with nowhere to go returns that outcome
-        // rather than a 503 of its own.
-        let mut next = self.choose(key, tried, Instant::now())?;
-        loop {
-            let now = Instant::now();
-            let (index, permit) = next;
-            tried |= 1 << (index % 64);
-            let target = &self.targets[index];
-            *target_addr = Some(target.addr);
-            let attempt_timeout = match deadline {
-                Some(deadline) => settings
-                    .response_timeout
-                    .min(deadline.saturating_duration_since(now)),
-                None => settings.response_timeout,
-            };
-            let outstanding = self.count_outstanding(target);
-            let unsent_request = request.take().expect("a request for each attempt");
-            // The coarse timer: a tokio timer per request costs about a
-            // thousand instructions more, and this timeout needs no precision.
-            let sent = timer::timeout(attempt_timeout, self.send_to(target, unsent_request)).await;
-            let now = Instant::now();
-            let (refusal, unsent) = match sent {
-                // The node removed the client's `Upgrade`, so a switch of
-                // protocols is one the client never asked for: an invalid
-                // response, which the breaker counts.
-                Ok(Ok(response)) if response.status() == http::StatusCode::SWITCHING_PROTOCOLS => {
-                    self.log_failure(target, None, "upstream switched protocols unasked");
-                    let refusal = Refusal::UpstreamUnavailable {
-                        upstream: self.name.clone(),
-                    };
-                    (refusal, None)
-                }
-                Ok(Ok(response)) => {
-                    let status = response.status().as_u16();
-                    let failed = settings.failure_statuses.contains(&status);
-                    self.record(target, permit, !failed, now);
-                    let retry_status = settings.retry.on_statuses.contains(&status);
-                    if retry_status && head.is_some() && self.may_retry(retries, deadline, now) {
-                        if let Ok(choice) = self.choose(key, tried, now) {
-                            tracing::debug!(upstream = %self.name, target = %target.addr, status,
-                                "retrying upstream request after a retryable status");
-                            drop(response);
-                            next = choice;
-                            request = head.as_ref().map(repeat);
-                            retries += 1;
-                            self.back_off(retries, deadline).await;
-                            continue;
-                        }
+        target_addr: &'a mut Option<SocketAddr>,
+    ) -> impl Future<Output = Result<Response<PooledBody>, Refusal>> + Send + 'a {
+        let attempts = Attempts::new(self, request, client_ip, timeout);
+        async move {
+            let mut attempts = attempts?;
+            loop {
+                let (target, request, attempt_timeout) = attempts.start(target_addr);
+                // The coarse timer: a tokio timer per request costs about a
+                // thousand instructions more, and this timeout needs no
+                // precision.
+                let sent = timer::timeout(attempt_timeout, self.send_to(target, request)).await;
+                match attempts.finish(sent) {
+                    Next::Done(result) => return result,
+                    // Boxed: retries are rare, and their timer would make
+                    // every request's future larger.
+                    Next::Retry => {
+                        Box::pin(self.back_off(attempts.retries, attempts.deadline)).await
                     }
-                    let timeouts = BodyTimeouts::new(settings.idle_timeout, deadline);
-                    return Ok(response.map(|body| body.watched(outstanding, timeouts)));
                 }
-                Ok(Err(SendError::Client(refusal))) => return Err(refusal),
-                Ok(Err(SendError::Upstream { refusal, unsent })) => (refusal, unsent),
-                Err(_)
-                    if waiting_on_client
-                        .as_ref()
-                        .is_some_and(|waiting| waiting.load(Ordering::Relaxed)) =>
-                {
-                    // The client, not the upstream, was late: the node was
-                    // still waiting for its body. No breaker or health
-                    // record, and no retry, as the body is partly sent.
-                    tracing::debug!(upstream = %self.name, target = %target.addr,
-                        "client body still arriving when the response timeout passed");
-                    drop(permit);
-                    return Err(Refusal::BodyTimeout);
-                }
-                Err(_) => {
-                    self.log_failure(target, None, "upstream timed out");
-                    let refusal = Refusal::UpstreamTimeout {
-                        upstream: self.name.clone(),
-                    };
-                    (refusal, None)
-                }
-            };
-            self.record(target, permit, false, now);
-            request = unsent
-                .map(|unsent| *unsent)
-                .or_else(|| head.as_ref().map(repeat));
-            if request.is_none() || !self.may_retry(retries, deadline, now) {
-                return Err(refusal);
             }
-            next = match self.choose(key, tried, now) {
-                Ok(choice) => choice,
-                Err(_) => return Err(refusal),
-            };
-            tracing::debug!(upstream = %self.name, target = %target.addr, code = refusal.code(),
-                "retrying failed upstream request");
-            retries += 1;
-            self.back_off(retries, deadline).await;
         }
     }
 
@@ -560,6 +476,181 @@ impl Upstream {
             },
             unsent,
         }
+    }
+}
+
+/// What one call of [`Upstream::send`] knows between its attempts.
+struct Attempts<'a> {
+    upstream: &'a Upstream,
+    deadline: Option<Instant>,
+    /// The consistent-hash key, when the policy has one.
+    key: Option<u64>,
+    /// A copy of the head, when the request may be sent again after it
+    /// left the node.
+    head: Option<CopiedHead>,
+    /// Set while the node waits for the client's body.
+    waiting_on_client: Option<Arc<AtomicBool>>,
+    /// The request for the next attempt.
+    request: Option<Request<RequestBody>>,
+    /// The targets tried, a bit per target index (modulo 64).
+    tried: u64,
+    retries: u32,
+    /// The target of the next attempt and its breaker's permit.
+    next: Option<(usize, Option<Permit<'a>>)>,
+    /// The attempt in flight: its target, permit and outstanding count.
+    current: Option<(usize, Option<Permit<'a>>, Option<Outstanding>)>,
+}
+
+/// What to do after an attempt.
+enum Next {
+    Done(Result<Response<PooledBody>, Refusal>),
+    /// Wait the backoff, then make the next attempt.
+    Retry,
+}
+
+impl<'a> Attempts<'a> {
+    /// Prepares the attempts of a request and chooses the first target.
+    fn new(
+        upstream: &'a Upstream,
+        request: Request<RequestBody>,
+        client_ip: IpAddr,
+        timeout: Option<Duration>,
+    ) -> Result<Attempts<'a>, Refusal> {
+        let settings = &upstream.settings;
+        let deadline = timeout.map(|timeout| Instant::now() + timeout);
+        upstream.budget.deposit();
+        let key = match &settings.policy {
+            Policy::ConsistentHash(key) => key.hash(request.headers(), client_ip),
+            _ => None,
+        };
+        let repeatable = settings.retry.max_retries > 0
+            && is_idempotent(request.method())
+            && request.body().is_empty();
+        let head = repeatable.then(|| copy_head(&request));
+        let waiting_on_client = request.body().waiting_on_client();
+        // A retry chooses its target before it gives up the failed attempt's
+        // outcome, so that a retry with nowhere to go returns that outcome
+        // rather than a 503 of its own.
+        let next = upstream.choose(key, 0, Instant::now())?;
+        Ok(Attempts {
+            upstream,
+            deadline,
+            key,
+            head,
+            waiting_on_client,
+            request: Some(request),
+            tried: 0,
+            retries: 0,
+            next: Some(next),
+            current: None,
+        })
+    }
+
+    /// Starts the next attempt: returns its target, its request and its
+    /// timeout, and notes the target's address in `target_addr`.
+    fn start(
+        &mut self,
+        target_addr: &mut Option<SocketAddr>,
+    ) -> (&'a Target, Request<RequestBody>, Duration) {
+        let upstream = self.upstream;
+        let now = Instant::now();
+        let (index, permit) = self.next.take().expect("a target for each attempt");
+        self.tried |= 1 << (index % 64);
+        let target = &upstream.targets[index];
+        *target_addr = Some(target.addr);
+        let response_timeout = upstream.settings.response_timeout;
+        let attempt_timeout = match self.deadline {
+            Some(deadline) => response_timeout.min(deadline.saturating_duration_since(now)),
+            None => response_timeout,
+        };
+        self.current = Some((index, permit, upstream.count_outstanding(target)));
+        let request = self.request.take().expect("a request for each attempt");
+        (target, request, attempt_timeout)
+    }
+
+    /// Judges the attempt in flight by what it `sent`: returns the response
+    /// or the refusal, or prepares a retry.
+    fn finish(
+        &mut self,
+        sent: Result<Result<Response<PooledBody>, SendError>, timer::Elapsed>,
+    ) -> Next {
+        let upstream = self.upstream;
+        let settings = &upstream.settings;
+        let (index, permit, outstanding) = self.current.take().expect("an attempt in flight");
+        let target = &upstream.targets[index];
+        let now = Instant::now();
+        let (refusal, unsent) = match sent {
+            // The node removed the client's `Upgrade`, so a switch of
+            // protocols is one the client never asked for: an invalid
+            // response, which the breaker counts.
+            Ok(Ok(response)) if response.status() == http::StatusCode::SWITCHING_PROTOCOLS => {
+                upstream.log_failure(target, None, "upstream switched protocols unasked");
+                let refusal = Refusal::UpstreamUnavailable {
+                    upstream: upstream.name.clone(),
+                };
+                (refusal, None)
+            }
+            Ok(Ok(response)) => {
+                let status = response.status().as_u16();
+                let failed = settings.failure_statuses.contains(&status);
+                upstream.record(target, permit, !failed, now);
+                let retry_status = settings.retry.on_statuses.contains(&status);
+                if retry_status
+                    && self.head.is_some()
+                    && upstream.may_retry(self.retries, self.deadline, now)
+                {
+                    if let Ok(choice) = upstream.choose(self.key, self.tried, now) {
+                        tracing::debug!(upstream = %upstream.name, target = %target.addr, status,
+                            "retrying upstream request after a retryable status");
+                        drop(response);
+                        self.next = Some(choice);
+                        self.request = self.head.as_ref().map(repeat);
+                        self.retries += 1;
+                        return Next::Retry;
+                    }
+                }
+                let timeouts = BodyTimeouts::new(settings.idle_timeout, self.deadline);
+                return Next::Done(Ok(response.map(|body| body.watched(outstanding, timeouts))));
+            }
+            Ok(Err(SendError::Client(refusal))) => return Next::Done(Err(refusal)),
+            Ok(Err(SendError::Upstream { refusal, unsent })) => (refusal, unsent),
+            Err(_)
+                if self
+                    .waiting_on_client
+                    .as_ref()
+                    .is_some_and(|waiting| waiting.load(Ordering::Relaxed)) =>
+            {
+                // The client, not the upstream, was late: the node was still
+                // waiting for its body. No breaker or health record, and no
+                // retry, as the body is partly sent.
+                tracing::debug!(upstream = %upstream.name, target = %target.addr,
+                    "client body still arriving when the response timeout passed");
+                drop(permit);
+                return Next::Done(Err(Refusal::BodyTimeout));
+            }
+            Err(_) => {
+                upstream.log_failure(target, None, "upstream timed out");
+                let refusal = Refusal::UpstreamTimeout {
+                    upstream: upstream.name.clone(),
+                };
+                (refusal, None)
+            }
+        };
+        upstream.record(target, permit, false, now);
+        self.request = unsent
+            .map(|unsent| *unsent)
+            .or_else(|| self.head.as_ref().map(repeat));
+        if self.request.is_none() || !upstream.may_retry(self.retries, self.deadline, now) {
+            return Next::Done(Err(refusal));
+        }
+        match upstream.choose(self.key, self.tried, now) {
+            Ok(choice) => self.next = Some(choice),
+            Err(_) => return Next::Done(Err(refusal)),
+        }
+        tracing::debug!(upstream = %upstream.name, target = %target.addr, code = refusal.code(),
+            "retrying failed upstream request");
+        self.retries += 1;
+        Next::Retry
     }
 }
 

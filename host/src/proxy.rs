@@ -499,6 +499,9 @@ struct Attempts<'a> {
     next: Option<(usize, Option<Permit<'a>>)>,
     /// The attempt in flight: its target, permit and outstanding count.
     current: Option<(usize, Option<Permit<'a>>, Option<Outstanding>)>,
+    /// The attempt in flight ends at the caller's deadline, before the
+    /// upstream's `response_timeout`.
+    cut_short: bool,
 }
 
 /// What to do after an attempt.
@@ -543,6 +546,7 @@ impl<'a> Attempts<'a> {
             retries: 0,
             next: Some(next),
             current: None,
+            cut_short: false,
         })
     }
 
@@ -563,6 +567,7 @@ impl<'a> Attempts<'a> {
             Some(deadline) => response_timeout.min(deadline.saturating_duration_since(now)),
             None => response_timeout,
         };
+        self.cut_short = attempt_timeout < response_timeout;
         self.current = Some((index, permit, upstream.count_outstanding(target)));
         let request = self.request.take().expect("a request for each attempt");
         (target, request, attempt_timeout)
@@ -627,6 +632,19 @@ impl<'a> Attempts<'a> {
                     "client body still arriving when the response timeout passed");
                 drop(permit);
                 return Next::Done(Err(Refusal::BodyTimeout));
+            }
+            Err(_) if self.cut_short => {
+                // The caller's deadline (a route's timeout, a worker fetch's)
+                // ended the attempt, not the upstream's own response
+                // timeout: no breaker or health record, or a client could
+                // take a slow upstream away from every route with a short
+                // deadline. Nor a retry, as the deadline has passed.
+                tracing::debug!(upstream = %upstream.name, target = %target.addr,
+                    "the caller's deadline passed before the upstream answered");
+                drop(permit);
+                return Next::Done(Err(Refusal::UpstreamTimeout {
+                    upstream: upstream.name.clone(),
+                }));
             }
             Err(_) => {
                 upstream.log_failure(target, None, "upstream timed out");

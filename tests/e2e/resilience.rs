@@ -470,6 +470,34 @@ async fn passive_ejection_removes_failing_targets() -> Result {
 }
 
 #[tokio::test]
+async fn callers_deadline_does_not_count_against_the_breaker() -> Result {
+    let upstream = Upstream::start(|_| Reply::Delay(Duration::from_secs(1))).await;
+    let config = format!(
+        "{}[upstreams.slow]\ntargets = [\"{}\"]\nresponse_timeout = \"5s\"\n\
+         [upstreams.slow.breaker]\nconsecutive_failures = 2\ncool_down = \"1h\"\nmax_cool_down = \"1h\"\n\n\
+         [[routes]]\nname = \"short\"\nprefix = \"/short\"\nupstream = \"slow\"\n\
+         timeout = \"200ms\"\n\n\
+         [[routes]]\nname = \"patient\"\nupstream = \"slow\"\n",
+        admin_block(),
+        upstream.addr
+    );
+    let node = Node::start(&config)?;
+    // The route's own deadline ends these, well before the upstream's 5 s
+    // response timeout: the upstream did nothing wrong.
+    for _ in 0..3 {
+        let got = get(&node.url("/short")).await?;
+        assert_eq!(got.status, 504);
+        assert_eq!(got.json()["error"], "upstream_timeout");
+    }
+    let breaker = admin_target(&node, "/breakers", 0).await?;
+    assert_eq!(breaker["state"], "closed", "{breaker}");
+    let got = get(&node.url("/")).await?;
+    assert_eq!(got.status, 200, "the other route still reaches the upstream");
+    assert!(!node.log_contains("upstream timed out"), "{}", node.log());
+    Ok(())
+}
+
+#[tokio::test]
 async fn route_timeout_bounds_the_whole_exchange() -> Result {
     let slow = Upstream::start(|_| Reply::Delay(Duration::from_secs(5))).await;
     let config = format!(

@@ -609,6 +609,14 @@ async fn fetch_errors_reach_worker() -> Result {
     let secret = Upstream::echo().await;
     let big = Upstream::start(|_| Reply::Bytes(2 << 20)).await;
     let slow = Upstream::start(|_| Reply::Delay(Duration::from_secs(3))).await;
+    // Answers HEAD with the length the body would have, over the cap.
+    let head = Upstream::start(|_| {
+        Reply::Body(
+            vec![("content-length", (2 << 20).to_string())],
+            String::new(),
+        )
+    })
+    .await;
     let requests = "[\n\
         { upstream = \"secret\", path = \"/s\" },\n\
         { upstream = \"ghost\", path = \"/g\" },\n\
@@ -618,7 +626,8 @@ async fn fetch_errors_reach_worker() -> Result {
         { upstream = \"big\", path = \"/big\" },\n\
         { upstream = \"slow\", path = \"/slow\", timeout_ms = 100 },\n\
         { upstream = \"down\", path = \"/down\" },\n\
-        { upstream = \"app\", path = \"/ok?q=1\" },\n]";
+        { upstream = \"app\", path = \"/ok?q=1\" },\n\
+        { upstream = \"head\", path = \"/big\", method = \"HEAD\" },\n]";
     let config = format!(
         "{}{}",
         upstreams(&[
@@ -627,8 +636,13 @@ async fn fetch_errors_reach_worker() -> Result {
             ("big", big.addr.to_string()),
             ("slow", slow.addr.to_string()),
             ("down", closed_port()),
+            ("head", head.addr.to_string()),
         ]),
-        fetch_route("[\"app\", \"big\", \"slow\", \"down\"]", requests, "")
+        fetch_route(
+            "[\"app\", \"big\", \"slow\", \"down\", \"head\"]",
+            requests,
+            "",
+        )
     );
     let node = Node::start(&config)?;
     let got = get(&node.url("/fetch")).await?;
@@ -658,6 +672,12 @@ async fn fetch_errors_reach_worker() -> Result {
     assert_eq!(results[8]["status"], 200);
     let echoed: Value = serde_json::from_str(results[8]["body"].as_str().unwrap())?;
     assert_eq!(echoed["target"], "/ok?q=1");
+    assert_eq!(
+        results[9]["status"], 200,
+        "a HEAD answer has no body, whatever its length says: {}",
+        results[9]
+    );
+    assert_eq!(results[9]["body"], "");
 
     assert_eq!(secret.count(), 0, "a not-allowed request is never sent");
     assert_eq!(app.count(), 1, "invalid requests are never sent");

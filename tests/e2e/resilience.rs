@@ -492,7 +492,10 @@ async fn callers_deadline_does_not_count_against_the_breaker() -> Result {
     let breaker = admin_target(&node, "/breakers", 0).await?;
     assert_eq!(breaker["state"], "closed", "{breaker}");
     let got = get(&node.url("/")).await?;
-    assert_eq!(got.status, 200, "the other route still reaches the upstream");
+    assert_eq!(
+        got.status, 200,
+        "the other route still reaches the upstream"
+    );
     assert!(!node.log_contains("upstream timed out"), "{}", node.log());
     Ok(())
 }

@@ -443,7 +443,8 @@ impl FetchAccess {
 }
 
 /// Reads a response body whole, failing once it is larger than `cap` bytes
-/// (at once when `Content-Length` shows it is).
+/// (at once when `Content-Length` shows it is). The answer to a `HEAD`, and
+/// a 204 or 304, has no body whatever its `Content-Length` says.
 async fn read_capped(
     mut body: PooledBody,
     headers: &HeaderMap,
@@ -453,7 +454,7 @@ async fn read_capped(
         .get(header::CONTENT_LENGTH)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.parse::<u64>().ok());
-    if declared.is_some_and(|length| length > cap) {
+    if declared.is_some_and(|length| length > cap) && !http_body::Body::is_end_stream(&body) {
         return Err(FetchError::ResponseTooLarge(cap));
     }
     let mut collected = BytesMut::new();

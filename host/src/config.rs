@@ -1507,9 +1507,12 @@ impl Config {
     /// Checks the node-wide limits of workers' fetches.
     fn validate_fetch_limits(&self) -> Result<(), ConfigError> {
         let fetch = &self.runtime.fetch;
+        let invalid = |key: &str, message: &str| {
+            let line = self.line_of_key("runtime.fetch", key);
+            self.invalid(line, &format!("runtime.fetch.{key}"), message)
+        };
         if fetch.default_timeout.is_zero() {
-            let field = "runtime.fetch.default_timeout";
-            return Err(self.invalid(0, field, "must be more than zero"));
+            return Err(invalid("default_timeout", "must be more than zero"));
         }
         if fetch.max_timeout < fetch.default_timeout {
             let message = format!(
@@ -1517,7 +1520,10 @@ impl Config {
                 humantime::format_duration(fetch.max_timeout),
                 humantime::format_duration(fetch.default_timeout)
             );
-            return Err(self.invalid(0, "runtime.fetch.max_timeout", &message));
+            return Err(invalid("max_timeout", &message));
+        }
+        if fetch.max_response_body.as_u64() == 0 {
+            return Err(invalid("max_response_body", "must be more than zero"));
         }
         // A response is copied into the worker's memory whole.
         if fetch.max_response_body > self.runtime.max_memory {
@@ -1526,15 +1532,14 @@ impl Config {
                 binary(fetch.max_response_body),
                 binary(self.runtime.max_memory)
             );
-            return Err(self.invalid(0, "runtime.fetch.max_response_body", &message));
+            return Err(invalid("max_response_body", &message));
         }
         for (name, value) in [
             ("max_requests_per_call", fetch.max_requests_per_call),
             ("max_requests_per_hook", fetch.max_requests_per_hook),
         ] {
             if value == 0 {
-                let field = format!("runtime.fetch.{name}");
-                return Err(self.invalid(0, &field, "must be at least 1"));
+                return Err(invalid(name, "must be at least 1"));
             }
         }
         Ok(())

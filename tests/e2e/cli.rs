@@ -307,6 +307,20 @@ fn check_rejects_invalid_values() {
             ":24: runtime.max_instances: must be from 1 to 4096",
         ),
         (
+            format!("{VALID}\n[runtime.fetch]\nmax_response_body = \"0\"\n"),
+            ":24: runtime.fetch.max_response_body: must be more than zero",
+        ),
+        (
+            format!(
+                "{VALID}\n[runtime.fetch]\ndefault_timeout = \"2s\"\nmax_timeout = \"1s\"\n"
+            ),
+            ":25: runtime.fetch.max_timeout: 1s is shorter",
+        ),
+        (
+            format!("{VALID}\n[runtime.fetch]\n\nmax_requests_per_hook = 0\n"),
+            ":25: runtime.fetch.max_requests_per_hook: must be at least 1",
+        ),
+        (
             VALID.replace(
                 "prefix = \"/users\"",
                 "prefix = \"/users\"\nhost = \"*example.com\"",

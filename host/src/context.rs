@@ -14,6 +14,9 @@ pub const MAX_VALUE_LEN: usize = 1024;
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct RequestContext {
     values: Vec<(String, String)>,
+    /// How long the request's worker calls waited for their fetches: time
+    /// spent in upstreams, not in the node. Workers do not see it.
+    pub fetch_wait: std::time::Duration,
 }
 
 impl RequestContext {

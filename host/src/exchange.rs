@@ -48,6 +48,8 @@ pub struct Exchange {
     pub worker_time: Duration,
     /// Time from sending the request upstream until its response head.
     pub upstream_time: Duration,
+    /// Time worker calls waited for their fetches.
+    pub fetch_wait: Duration,
     /// The user id a worker set on the request context as `user`, for the
     /// access log. The pipeline fills it from the context once workers can
     /// set context values.
@@ -104,6 +106,7 @@ impl Exchange {
             ratelimit_time: Duration::ZERO,
             worker_time: Duration::ZERO,
             upstream_time: Duration::ZERO,
+            fetch_wait: Duration::ZERO,
             user: None,
             request_line,
         }
@@ -141,7 +144,7 @@ impl Exchange {
         let observe = self.observe(node);
         let headers = response.headers_mut();
         if observe.request_duration {
-            let gateway = head.saturating_sub(self.upstream_time);
+            let gateway = head.saturating_sub(self.upstream_time + self.fetch_wait);
             headers.insert(X_REQUEST_DURATION.clone(), duration_value(gateway));
         }
         if observe.gateway_node {

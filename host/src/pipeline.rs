@@ -601,8 +601,10 @@ fn record_upstream_span<B>(
 }
 
 /// Copies the user id a worker set on the context (as `user`) to the
-/// exchange, for the access log.
+/// exchange, for the access log, and the time worker calls waited for their
+/// fetches, which is not the node's own time.
 fn note_user(exchange: &mut Exchange, context: &RequestContext) {
+    exchange.fetch_wait = context.fetch_wait;
     if let Some(user) = context.get("user") {
         if exchange.user.as_deref() != Some(user) {
             exchange.user = Some(user.to_owned());
@@ -1233,6 +1235,7 @@ async fn run_response_hooks<B>(
             started,
             changes.is_err(),
         );
+        note_user(exchange, context);
         let changes = changes.map_err(|e| worker_refusal(route, binding, e))?;
         apply_header_changes(
             response.headers_mut(),

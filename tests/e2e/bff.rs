@@ -484,6 +484,31 @@ async fn large_section_is_cut_while_parsed() -> Result {
 }
 
 #[tokio::test]
+async fn request_duration_leaves_out_fetch_waits() -> Result {
+    let services = Services {
+        billing: Upstream::start(|_| {
+            Reply::Json(Duration::from_secs(1), json!({"plan": "premium"}))
+        })
+        .await,
+        ..Services::healthy().await
+    };
+    let node = Node::start(&home_config(
+        &services.toml(),
+        &sections("3s", false),
+        SHAPES,
+    ))?;
+    let got = get_home(&node, "/mobile/home").await?;
+    assert_eq!(got.status, 200);
+    let duration = got
+        .header("x-request-duration")
+        .expect("x-request-duration");
+    let millis: f64 = duration.trim_end_matches("ms").parse()?;
+    // The section took a second; the node's own share is the workers' calls.
+    assert!(millis < 500.0, "{duration}");
+    Ok(())
+}
+
+#[tokio::test]
 async fn sections_are_requested_concurrently() -> Result {
     // Each upstream answers after 300 ms and notes when a request arrived.
     // Had the worker fetched one section after another, each request would

@@ -311,9 +311,7 @@ fn check_rejects_invalid_values() {
             ":24: runtime.fetch.max_response_body: must be more than zero",
         ),
         (
-            format!(
-                "{VALID}\n[runtime.fetch]\ndefault_timeout = \"2s\"\nmax_timeout = \"1s\"\n"
-            ),
+            format!("{VALID}\n[runtime.fetch]\ndefault_timeout = \"2s\"\nmax_timeout = \"1s\"\n"),
             ":25: runtime.fetch.max_timeout: 1s is shorter",
         ),
         (

@@ -576,6 +576,7 @@ impl Runtime {
             Err(error) => Err(error),
         };
         *context = std::mem::take(&mut store.data_mut().context);
+        context.fetch_wait += store.data().fetch.waited;
         let log_lines = store.data().log_lines;
         // The warning counts against the binding's lines a second, as the
         // guest's own lines do, so its rate does not grow with the requests.

@@ -1189,7 +1189,7 @@ impl Config {
             }
         }
         let breaker = &upstream.breaker;
-        let checks: [(&str, bool, &str); 8] = [
+        let checks: [(&str, bool, &str); 9] = [
             (
                 "breaker.error_rate_percent",
                 breaker.error_rate_percent > 100,
@@ -1228,6 +1228,11 @@ impl Config {
             (
                 "response_timeout",
                 upstream.response_timeout.is_zero(),
+                "must be more than zero",
+            ),
+            (
+                "connect_timeout",
+                upstream.connect_timeout.is_zero(),
                 "must be more than zero",
             ),
         ];

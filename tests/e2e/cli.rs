@@ -343,6 +343,13 @@ fn check_rejects_invalid_values() {
             VALID.replace("targets = [\"127.0.0.1:9\"]", "targets = []"),
             ":5: upstreams.users.targets",
         ),
+        (
+            VALID.replace(
+                "targets = [\"127.0.0.1:9\"]",
+                "targets = [\"127.0.0.1:9\"]\nconnect_timeout = \"0s\"",
+            ),
+            "upstreams.users.connect_timeout: must be more than zero",
+        ),
     ];
     for (text, expected) in cases {
         let stderr = check_fails(&text);

@@ -686,6 +686,10 @@ pub struct RouteConfig {
     /// Workers that run on each request, in order.
     #[serde(default)]
     pub workers: Vec<WorkerConfig>,
+    /// The most worker instances this route's calls may hold at once, so
+    /// that a route whose workers run long cannot take every slot of
+    /// `runtime.max_instances`. Default: no share of its own.
+    pub max_instances: Option<Spanned<u32>>,
     /// Rate limits, checked in order. The first that rejects a request
     /// gets a 429.
     #[serde(default)]
@@ -1073,6 +1077,14 @@ impl Config {
                 .map_err(|(span, field_name, message)| {
                     self.invalid(self.line_of(span), &field(field_name), &message)
                 })?;
+            if let Some(max) = &route.max_instances {
+                let pool = self.runtime.max_instances;
+                if !(1..=pool).contains(max.get_ref()) {
+                    let message = format!("must be from 1 to runtime.max_instances ({pool})");
+                    let line = self.line_of(max.span().start);
+                    return Err(self.invalid(line, &field("max_instances"), &message));
+                }
+            }
             for method in &route.methods {
                 if http::Method::from_bytes(method.as_bytes()).is_err() {
                     let message = format!("{method:?} is not a valid HTTP method");

@@ -361,6 +361,12 @@ impl Node {
                 path,
             });
             let mut workers = Vec::new();
+            // The route's share of the instance pool, which all its workers'
+            // calls draw on.
+            let route_slots = route
+                .max_instances
+                .as_ref()
+                .map(|max| Arc::new(tokio::sync::Semaphore::new(*max.get_ref() as usize)));
             for (worker_index, worker) in route.workers.iter().enumerate() {
                 let module_error = |error: LoadError| BuildError::Module {
                     file: config.source.name.clone(),
@@ -398,7 +404,7 @@ impl Node {
                     upstreams.clone(),
                     worker.fetch.iter().map(|u| u.get_ref().clone()).collect(),
                 );
-                let binding = binder
+                let mut binding = binder
                     .block_on(runtime.bind(
                         module,
                         name.clone(),
@@ -410,6 +416,9 @@ impl Node {
                         allowed,
                     ))
                     .map_err(module_error)?;
+                if let Some(slots) = &route_slots {
+                    binding.share_slots(slots.clone());
+                }
                 workers.push(binding);
             }
             if route.limits.len() > LimitSet::MAX_LIMITS {

@@ -199,14 +199,12 @@ impl Upstream {
                 // thousand instructions more, and this timeout needs no
                 // precision.
                 let sent = timer::timeout(attempt_timeout, self.send_to(target, request)).await;
-                match attempts.finish(sent) {
-                    Next::Done(result) => return result,
-                    // Boxed: retries are rare, and their timer would make
-                    // every request's future larger.
-                    Next::Retry => {
-                        Box::pin(self.back_off(attempts.retries, attempts.deadline)).await
-                    }
+                if let Some(result) = attempts.finish(sent) {
+                    return result;
                 }
+                // Boxed: retries are rare, and their timer would make every
+                // request's future larger.
+                Box::pin(self.back_off(attempts.retries, attempts.deadline)).await;
             }
         }
     }
@@ -504,13 +502,6 @@ struct Attempts<'a> {
     cut_short: bool,
 }
 
-/// What to do after an attempt.
-enum Next {
-    Done(Result<Response<PooledBody>, Refusal>),
-    /// Wait the backoff, then make the next attempt.
-    Retry,
-}
-
 impl<'a> Attempts<'a> {
     /// Prepares the attempts of a request and chooses the first target.
     fn new(
@@ -574,11 +565,12 @@ impl<'a> Attempts<'a> {
     }
 
     /// Judges the attempt in flight by what it `sent`: returns the response
-    /// or the refusal, or prepares a retry.
+    /// or the refusal, or `None` when it has prepared a retry, which goes
+    /// after the backoff.
     fn finish(
         &mut self,
         sent: Result<Result<Response<PooledBody>, SendError>, timer::Elapsed>,
-    ) -> Next {
+    ) -> Option<Result<Response<PooledBody>, Refusal>> {
         let upstream = self.upstream;
         let settings = &upstream.settings;
         let (index, permit, outstanding) = self.current.take().expect("an attempt in flight");
@@ -611,13 +603,13 @@ impl<'a> Attempts<'a> {
                         self.next = Some(choice);
                         self.request = self.head.as_ref().map(repeat);
                         self.retries += 1;
-                        return Next::Retry;
+                        return None;
                     }
                 }
                 let timeouts = BodyTimeouts::new(settings.idle_timeout, self.deadline);
-                return Next::Done(Ok(response.map(|body| body.watched(outstanding, timeouts))));
+                return Some(Ok(response.map(|body| body.watched(outstanding, timeouts))));
             }
-            Ok(Err(SendError::Client(refusal))) => return Next::Done(Err(refusal)),
+            Ok(Err(SendError::Client(refusal))) => return Some(Err(refusal)),
             Ok(Err(SendError::Upstream { refusal, unsent })) => (refusal, unsent),
             Err(_)
                 if self
@@ -631,7 +623,7 @@ impl<'a> Attempts<'a> {
                 tracing::debug!(upstream = %upstream.name, target = %target.addr,
                     "client body still arriving when the response timeout passed");
                 drop(permit);
-                return Next::Done(Err(Refusal::BodyTimeout));
+                return Some(Err(Refusal::BodyTimeout));
             }
             Err(_) if self.cut_short => {
                 // The caller's deadline (a route's timeout, a worker fetch's)
@@ -642,7 +634,7 @@ impl<'a> Attempts<'a> {
                 tracing::debug!(upstream = %upstream.name, target = %target.addr,
                     "the caller's deadline passed before the upstream answered");
                 drop(permit);
-                return Next::Done(Err(Refusal::UpstreamTimeout {
+                return Some(Err(Refusal::UpstreamTimeout {
                     upstream: upstream.name.clone(),
                 }));
             }
@@ -659,16 +651,16 @@ impl<'a> Attempts<'a> {
             .map(|unsent| *unsent)
             .or_else(|| self.head.as_ref().map(repeat));
         if self.request.is_none() || !upstream.may_retry(self.retries, self.deadline, now) {
-            return Next::Done(Err(refusal));
+            return Some(Err(refusal));
         }
         match upstream.choose(self.key, self.tried, now) {
             Ok(choice) => self.next = Some(choice),
-            Err(_) => return Next::Done(Err(refusal)),
+            Err(_) => return Some(Err(refusal)),
         }
         tracing::debug!(upstream = %upstream.name, target = %target.addr, code = refusal.code(),
             "retrying failed upstream request");
         self.retries += 1;
-        Next::Retry
+        None
     }
 }
 

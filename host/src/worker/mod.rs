@@ -218,6 +218,9 @@ pub struct Binding {
     pub response_hook: bool,
     /// Limits log lines about this binding's failed calls.
     pub log_throttle: LogThrottle,
+    /// The instance slots of the binding's route, when the route has a share
+    /// of the pool (`routes[].max_instances`).
+    route_slots: Option<Arc<Semaphore>>,
 }
 
 impl Binding {
@@ -225,7 +228,17 @@ impl Binding {
     pub fn module_name(&self) -> &str {
         &self.module.name
     }
+
+    /// Makes this binding's calls hold one of `slots`, the share of the
+    /// instance pool of its route, as well as a slot of the pool.
+    pub fn share_slots(&mut self, slots: Arc<Semaphore>) {
+        self.route_slots = Some(slots);
+    }
 }
+
+/// The permits a call holds: of its route's share, when the route has one,
+/// and of the pool.
+type Slots<'a> = (Option<SemaphorePermit<'a>>, SemaphorePermit<'a>);
 
 /// Loads modules and runs calls; one per node, shared by every thread.
 pub struct Runtime {
@@ -387,6 +400,7 @@ impl Runtime {
             memory_cap: memory_cap.min(self.max_memory),
             response_hook: false,
             log_throttle: LogThrottle::default(),
+            route_slots: None,
         };
         let index = &binding.module.exports.hooks;
         let hooks = self
@@ -439,18 +453,36 @@ impl Runtime {
         modules
     }
 
-    /// Waits for a free instance slot: at once when one is free, else in a
-    /// bounded queue for at most the queue timeout.
-    // TODO: slots are shared by all routes, so one route with slow workers can starve the rest; give routes a share.
-    async fn reserve(&self) -> Result<SemaphorePermit<'_>, WorkerError> {
-        if let Ok(permit) = self.slots.try_acquire() {
+    /// Waits for a free instance slot, and first for a slot of the route's
+    /// share when its route has one: at once when one is free, else in a
+    /// bounded queue for at most the queue timeout in all.
+    async fn reserve<'a>(&'a self, binding: &'a Binding) -> Result<Slots<'a>, WorkerError> {
+        let mut deadline = None;
+        let route = match &binding.route_slots {
+            Some(slots) => Some(self.acquire(slots, &mut deadline).await?),
+            None => None,
+        };
+        let pool = self.acquire(&self.slots, &mut deadline).await?;
+        Ok((route, pool))
+    }
+
+    /// Takes a permit of `slots`, waiting in the queue until `deadline`
+    /// (set on the first wait) when none is free.
+    async fn acquire<'a>(
+        &self,
+        slots: &'a Semaphore,
+        deadline: &mut Option<tokio::time::Instant>,
+    ) -> Result<SemaphorePermit<'a>, WorkerError> {
+        if let Ok(permit) = slots.try_acquire() {
             return Ok(permit);
         }
         if self.waiting.fetch_add(1, Ordering::Relaxed) >= self.queue_limit {
             self.waiting.fetch_sub(1, Ordering::Relaxed);
             return Err(WorkerError::Busy);
         }
-        let acquired = tokio::time::timeout(self.queue_timeout, self.slots.acquire()).await;
+        let deadline =
+            *deadline.get_or_insert_with(|| tokio::time::Instant::now() + self.queue_timeout);
+        let acquired = tokio::time::timeout_at(deadline, slots.acquire()).await;
         self.waiting.fetch_sub(1, Ordering::Relaxed);
         match acquired {
             Ok(Ok(permit)) => Ok(permit),
@@ -519,7 +551,7 @@ impl Runtime {
         fetch: FetchState,
         run: impl AsyncFnOnce(&Instance, &mut Store<StoreState>) -> wasmtime::Result<R>,
     ) -> Result<R, WorkerError> {
-        let _slot = self.reserve().await?;
+        let _slots = self.reserve(binding).await?;
         let _ticking = self.ticker.call_started();
         let state = StoreState::new(
             binding.settings.clone(),

@@ -686,9 +686,9 @@ pub struct RouteConfig {
     /// Workers that run on each request, in order.
     #[serde(default)]
     pub workers: Vec<WorkerConfig>,
-    /// The most worker instances this route's calls may hold at once, so
-    /// that a route whose workers run long cannot take every slot of
-    /// `runtime.max_instances`. Default: no share of its own.
+    /// The maximum number of worker instances this route's calls may hold
+    /// at once, so that a route whose workers run long cannot take every
+    /// slot of `runtime.max_instances`. Default: no share of its own.
     pub max_instances: Option<Spanned<u32>>,
     /// Rate limits, checked in order. The first that rejects a request
     /// gets a 429.

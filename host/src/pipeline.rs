@@ -246,8 +246,8 @@ async fn serve(
         for (worker_index, binding) in route.workers.iter().enumerate() {
             let (origin, span_id) = fetch_origin(node, route, exchange);
             let started = Instant::now();
-            // Boxed, as the limits' future: only routes with workers pay
-            // for it, and it costs less than the call.
+            // Boxed like the limits' future: only routes with workers pay
+            // for the allocation, which costs far less than the call.
             let action =
                 Box::pin(
                     node.runtime

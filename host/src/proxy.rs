@@ -181,8 +181,9 @@ impl Upstream {
     /// Sends a request as [`Upstream::send`] does, and sets `target` to the
     /// address of each attempt's target as it is chosen.
     ///
-    /// Not an `async fn`: one keeps a second copy of each argument it takes
-    /// by value, and this future is part of every request's.
+    /// A plain function that returns a future, because an `async fn` keeps a
+    /// second copy of each argument taken by value, and this future is part
+    /// of every request's.
     pub fn send_noting_target<'a>(
         &'a self,
         request: Request<RequestBody>,
@@ -477,7 +478,7 @@ impl Upstream {
     }
 }
 
-/// What one call of [`Upstream::send`] knows between its attempts.
+/// The state of one call of [`Upstream::send`] between its attempts.
 struct Attempts<'a> {
     upstream: &'a Upstream,
     deadline: Option<Instant>,
@@ -576,6 +577,7 @@ impl<'a> Attempts<'a> {
         let (index, permit, outstanding) = self.current.take().expect("an attempt in flight");
         let target = &upstream.targets[index];
         let now = Instant::now();
+
         let (refusal, unsent) = match sent {
             // The node removed the client's `Upgrade`, so a switch of
             // protocols is one the client never asked for: an invalid
@@ -626,11 +628,11 @@ impl<'a> Attempts<'a> {
                 return Some(Err(Refusal::BodyTimeout));
             }
             Err(_) if self.cut_short => {
-                // The caller's deadline (a route's timeout, a worker fetch's)
-                // ended the attempt, not the upstream's own response
-                // timeout: no breaker or health record, or a client could
-                // take a slow upstream away from every route with a short
-                // deadline. Nor a retry, as the deadline has passed.
+                // The caller's deadline (a route's or a worker fetch's timeout)
+                // ended the attempt before the upstream's response timeout.
+                // Nothing goes to the breaker or health, so that clients
+                // cannot open a slow upstream's breaker through a route with
+                // a short deadline. No retry either: the deadline has passed.
                 tracing::debug!(upstream = %upstream.name, target = %target.addr,
                     "the caller's deadline passed before the upstream answered");
                 drop(permit);
@@ -646,6 +648,8 @@ impl<'a> Attempts<'a> {
                 (refusal, None)
             }
         };
+
+        // The attempt failed: retry it when the request can go again.
         upstream.record(target, permit, false, now);
         self.request = unsent
             .map(|unsent| *unsent)

@@ -321,10 +321,9 @@ async fn before<F: Future>(
 ///
 /// A batch whose connection breaks goes once more on a new connection,
 /// within the batch's deadline, so a Redis restart does not fail every
-/// request that arrived at that moment. Redis seldom runs a batch whose
-/// connection then breaks before the reply; when it did, the batch's
-/// requests count twice, which refuses requests early rather than admit
-/// too many.
+/// request that arrived at that moment. If Redis ran the batch before the
+/// connection broke, its requests count twice. That is rare, and it
+/// rejects requests early rather than admit too many.
 async fn flush(
     settings: &FlushSettings,
     batch: &mut Batch,

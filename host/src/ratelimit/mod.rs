@@ -663,16 +663,11 @@ impl RateLimiter {
         }
     }
 
-    /// Runs, in order, the limits of `limits` whose bit is set in `which`
-    /// (bit `i` for `limits[i]`). Returns the refusal of the first that
-    /// refuses; otherwise waits out the longest queue delay. `shown` is
-    /// updated to the limit that decides the response headers: the refusing
-    /// one, else the one with the fewest requests remaining.
-    /// Decides as [`RateLimiter::check`] does, without waiting, when every
-    /// limit of `which` is local and none queues requests. Returns `None`,
-    /// having changed nothing, when one of them is global or queues: then
-    /// `check` decides. A route's local limits so cost no future of their
-    /// own, which would make every request's future larger.
+    /// Decides the limits of `which` at once, as [`RateLimiter::check`]
+    /// does, when every one of them is local and none queues requests.
+    /// Otherwise returns `None` without changing anything, and `check` must
+    /// decide. Local limits then need no future of their own, which would
+    /// make every request's future larger.
     pub fn check_now(
         &self,
         limits: &[Limit],
@@ -701,6 +696,11 @@ impl RateLimiter {
         Some(Ok(()))
     }
 
+    /// Runs, in order, the limits of `limits` whose bit is set in `which`
+    /// (bit `i` for `limits[i]`). Returns the refusal of the first that
+    /// refuses; otherwise waits out the longest queue delay. `shown` is
+    /// updated to the limit that decides the response headers: the refusing
+    /// one, else the one with the fewest requests remaining.
     pub async fn check(
         &self,
         limits: &[Limit],

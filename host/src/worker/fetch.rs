@@ -443,8 +443,8 @@ impl FetchAccess {
 }
 
 /// Reads a response body whole, failing once it is larger than `cap` bytes
-/// (at once when `Content-Length` shows it is). The answer to a `HEAD`, and
-/// a 204 or 304, has no body whatever its `Content-Length` says.
+/// (at once when `Content-Length` shows it is). The response to a `HEAD`, and
+/// a 204 or 304, has no body whatever its `Content-Length` declares.
 async fn read_capped(
     mut body: PooledBody,
     headers: &HeaderMap,

@@ -67,7 +67,7 @@ pub fn apply(body: &[u8], list: Option<&str>, shape: &Shape) -> Result<Value, St
     Ok(shaped)
 }
 
-/// What the parser found at a path.
+/// The value the parser found at a path.
 enum Found {
     /// The list, cut to `max_items`.
     List(Vec<Value>),
@@ -75,8 +75,8 @@ enum Found {
     Missing,
 }
 
-/// Finds the list at `path`, a list of object keys, and keeps at most
-/// `max_items` of its items; skips everything else.
+/// A parser that finds the list at `path`, a list of object keys, and
+/// keeps at most `max_items` of its items. It skips everything else.
 struct At<'a> {
     path: &'a [&'a str],
     max_items: Option<usize>,
@@ -160,7 +160,8 @@ impl<'de> Visitor<'de> for At<'_> {
 }
 
 impl At<'_> {
-    /// What a value that is neither a list nor an object is at this path.
+    /// Returns what a value that is neither a list nor an object means at
+    /// this path.
     fn scalar(&self) -> Found {
         if self.path.is_empty() {
             Found::NotList

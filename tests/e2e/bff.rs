@@ -136,6 +136,17 @@ impl Services {
     }
 }
 
+/// Starts a node with the home route over `services`, every section with
+/// `timeout`, the default shapes, and billing required when
+/// `billing_required` is set.
+fn home_node(services: &Services, timeout: &str, billing_required: bool) -> Result<Node> {
+    Node::start(&home_config(
+        &services.toml(),
+        &sections(timeout, billing_required),
+        SHAPES,
+    ))
+}
+
 /// GETs `path` as the user `u-7`, whom the route's first worker puts in the
 /// request context.
 async fn get_home(node: &Node, path: &str) -> Result<crate::harness::Got> {
@@ -145,11 +156,7 @@ async fn get_home(node: &Node, path: &str) -> Result<crate::harness::Got> {
 #[tokio::test]
 async fn shapes_per_device_class() -> Result {
     let services = Services::healthy().await;
-    let node = Node::start(&home_config(
-        &services.toml(),
-        &sections("2s", false),
-        SHAPES,
-    ))?;
+    let node = home_node(&services, "2s", false)?;
 
     let mobile = get_home(&node, "/mobile/home").await?;
     assert_eq!(mobile.status, 200);
@@ -214,11 +221,7 @@ async fn shapes_per_device_class() -> Result {
 #[tokio::test]
 async fn changed_shape_changes_response() -> Result {
     let services = Services::healthy().await;
-    let first = Node::start(&home_config(
-        &services.toml(),
-        &sections("2s", false),
-        SHAPES,
-    ))?;
+    let first = home_node(&services, "2s", false)?;
     let before = get_home(&first, "/mobile/home").await?.json();
     assert_eq!(before["rows"].as_array().unwrap().len(), 2);
     assert_eq!(before["rows"][0]["image"], "1-s.jpg");
@@ -382,11 +385,7 @@ async fn every_section_failing_is_502() -> Result {
 #[tokio::test]
 async fn missing_user_is_401_or_partial() -> Result {
     let services = Services::healthy().await;
-    let node = Node::start(&home_config(
-        &services.toml(),
-        &sections("2s", true),
-        SHAPES,
-    ))?;
+    let node = home_node(&services, "2s", true)?;
 
     // Billing is required and needs the user id, so a request without one
     // gets 401 and reaches no upstream.
@@ -424,11 +423,7 @@ async fn missing_user_is_401_or_partial() -> Result {
 #[tokio::test]
 async fn user_id_that_leaves_its_segment_is_400() -> Result {
     let services = Services::healthy().await;
-    let node = Node::start(&home_config(
-        &services.toml(),
-        &sections("2s", false),
-        SHAPES,
-    ))?;
+    let node = home_node(&services, "2s", false)?;
     for user in ["..", ".", "x/../..", "a\\b"] {
         let got = send("GET", &node.url("/tv/home"), &[("x-user-id", user)], b"").await?;
         assert_eq!(got.status, 400, "{user:?}");
@@ -465,11 +460,7 @@ async fn large_section_is_cut_while_parsed() -> Result {
         recs,
         ..Services::healthy().await
     };
-    let node = Node::start(&home_config(
-        &services.toml(),
-        &sections("2s", false),
-        SHAPES,
-    ))?;
+    let node = home_node(&services, "2s", false)?;
     let got = get_home(&node, "/mobile/home").await?;
     assert_eq!(got.status, 200, "{}", String::from_utf8_lossy(&got.body));
     assert_eq!(got.header("x-partial-response"), None);
@@ -492,11 +483,7 @@ async fn request_duration_leaves_out_fetch_waits() -> Result {
         .await,
         ..Services::healthy().await
     };
-    let node = Node::start(&home_config(
-        &services.toml(),
-        &sections("3s", false),
-        SHAPES,
-    ))?;
+    let node = home_node(&services, "3s", false)?;
     let got = get_home(&node, "/mobile/home").await?;
     assert_eq!(got.status, 200);
     let duration = got
@@ -550,11 +537,7 @@ async fn sections_are_requested_concurrently() -> Result {
 #[tokio::test]
 async fn fan_out_carries_request_id() -> Result {
     let services = Services::healthy().await;
-    let node = Node::start(&home_config(
-        &services.toml(),
-        &sections("2s", false),
-        SHAPES,
-    ))?;
+    let node = home_node(&services, "2s", false)?;
     let got = send(
         "GET",
         &node.url("/tv/home"),

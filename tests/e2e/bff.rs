@@ -635,7 +635,9 @@ async fn fetch_errors_reach_worker() -> Result {
         { upstream = \"slow\", path = \"/slow\", timeout_ms = 100 },\n\
         { upstream = \"down\", path = \"/down\" },\n\
         { upstream = \"app\", path = \"/ok?q=1\" },\n\
-        { upstream = \"head\", path = \"/big\", method = \"HEAD\" },\n]";
+        { upstream = \"head\", path = \"/big\", method = \"HEAD\" },\n\
+        { upstream = \"app\", path = \"/x\", method = \"delete\" },\n\
+        { upstream = \"app\", path = \"/x\", method = \"CONNECT\" },\n]";
     let config = format!(
         "{}{}",
         upstreams(&[
@@ -686,6 +688,12 @@ async fn fetch_errors_reach_worker() -> Result {
         results[9]
     );
     assert_eq!(results[9]["body"], "");
+    assert_eq!(error(10), "invalid_request");
+    assert_eq!(
+        results[10]["detail"],
+        "method \"delete\" is not allowed; use an upper-case method other than CONNECT"
+    );
+    assert_eq!(error(11), "invalid_request");
 
     assert_eq!(secret.count(), 0, "a not-allowed request is never sent");
     assert_eq!(app.count(), 1, "invalid requests are never sent");

@@ -328,6 +328,15 @@ impl FetchAccess {
         let invalid = |reason: String| FetchError::InvalidRequest(reason);
         let method = Method::from_bytes(request.method.as_bytes())
             .map_err(|_| invalid(format!("invalid method {:?}", request.method)))?;
+        // As for clients' requests: many frameworks upper-case a method, so
+        // `get` could reach a handler that the upstream's rules keep for
+        // `GET`. CONNECT would ask the upstream for a tunnel.
+        if crate::pipeline::check_method(&method).is_err() || method == Method::CONNECT {
+            return Err(invalid(format!(
+                "method {:?} is not allowed; use an upper-case method other than CONNECT",
+                request.method
+            )));
+        }
         if !request.path_and_query.starts_with('/') {
             return Err(invalid(format!(
                 "path {:?} does not start with `/`",

@@ -803,19 +803,19 @@ pub enum BodyTimedOut {
 }
 
 impl Upstream {
-    /// Logs a failed call at info level, at most ten lines a second per
+    /// Logs a failed call as a warning, at most ten lines a second per
     /// upstream, with the number of lines suppressed before this one.
     fn log_failure(&self, target: &Target, error: Option<&dyn std::fmt::Display>, message: &str) {
         if let Some(suppressed) = self.failures.admit() {
             match error {
-                Some(error) => tracing::info!(
+                Some(error) => tracing::warn!(
                     upstream = %self.name,
                     target = %target.addr,
                     %error,
                     suppressed,
                     "{message}"
                 ),
-                None => tracing::info!(
+                None => tracing::warn!(
                     upstream = %self.name,
                     target = %target.addr,
                     suppressed,

@@ -1059,6 +1059,11 @@ impl Redis {
         self.launch()
     }
 
+    /// Starts the server after [`Redis::stop`], on the same port, empty.
+    pub fn start_again(&mut self) -> Result {
+        self.launch()
+    }
+
     /// Runs `redis-cli` against this server and returns its output.
     pub fn cli(&self, args: &[&str]) -> String {
         let output = Command::new("redis-cli")

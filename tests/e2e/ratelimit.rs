@@ -745,6 +745,33 @@ async fn restarted_redis_costs_no_request() -> Result {
     Ok(())
 }
 
+#[tokio::test]
+async fn redis_back_within_the_timeout_costs_no_request() -> Result {
+    let upstream = Upstream::echo().await;
+    let mut redis = Redis::start()?;
+    let config = format!(
+        "[node]\nthreads = 1\n\n{}",
+        outage_config(&upstream, &redis).replace("timeout = \"100ms\"", "timeout = \"3s\"")
+    );
+    let node = Node::start(&config)?;
+    assert_eq!(get(&node.url("/closed")).await?.status, 200);
+
+    // The burst finds the connection broken and Redis refusing connections
+    // for a while; Redis is back well within the 3 s timeout.
+    redis.stop();
+    let url = node.url("/closed");
+    let burst = tokio::spawn(async move { concurrent(&url, 20, &[]).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    redis.start_again()?;
+    let statuses: Vec<u16> = burst
+        .await??
+        .iter()
+        .map(|got| got.status.as_u16())
+        .collect();
+    assert_eq!(statuses, [200; 20], "{}", node.log());
+    Ok(())
+}
+
 /// Formats the config of a node with a fail-open and a fail-closed global
 /// limit on `redis`, waiting at most 100 ms for it and 5 s to connect.
 fn outage_config(upstream: &Upstream, redis: &Redis) -> String {

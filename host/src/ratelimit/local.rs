@@ -217,6 +217,8 @@ struct Shard {
     map: HashMap<u64, State, BuildHasherDefault<KeyHasher>>,
     /// When idle keys were last swept out.
     swept_at: u64,
+    /// The latest time a decision of this shard was made at.
+    latest: u64,
 }
 
 impl std::fmt::Debug for LocalTable {
@@ -237,6 +239,7 @@ impl LocalTable {
                 Mutex::new(Shard {
                     map: HashMap::default(),
                     swept_at: 0,
+                    latest: 0,
                 })
             })
             .collect();
@@ -286,6 +289,13 @@ impl LocalTable {
         // bucket and the top seven as tags.
         let shard = &self.shards[(key >> 32) as usize & (SHARDS - 1)];
         let mut shard = shard.lock().unwrap_or_else(PoisonError::into_inner);
+        // Requests are decided at their arrival time, and a serving thread
+        // may decide one that arrived before another thread's last one. A
+        // bucket decided at an earlier time than its last decision would
+        // count that request as further ahead than it is, so the time never
+        // goes back within a shard.
+        let now = now.max(shard.latest);
+        shard.latest = now;
         if now.saturating_sub(shard.swept_at) >= SWEEP_INTERVAL {
             shard.sweep_idle(&self.shape, now);
         }
@@ -464,6 +474,20 @@ mod tests {
         assert!((49..=51).contains(&total), "{total}");
         // After a pause the whole burst is back, and no more.
         assert_eq!(admitted(&shape, &mut state, T0 + 60 * S, 10), 5);
+    }
+
+    #[test]
+    fn earlier_arrival_decided_later_counts_once() {
+        // 1/s with a burst of 2: nothing refills within these milliseconds.
+        let table = LocalTable::new(token_bucket(1, 2), 100);
+        let later = table.decide(7, T0 + MS);
+        assert!(later.allowed);
+        assert_eq!(later.remaining, 1);
+        // Another thread decides a request that arrived a millisecond before.
+        let earlier = table.decide(7, T0);
+        assert!(earlier.allowed, "the burst has room for it");
+        assert_eq!(earlier.remaining, 0);
+        assert!(!table.decide(7, T0 + 2 * MS).allowed);
     }
 
     #[test]

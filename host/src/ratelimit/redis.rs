@@ -89,6 +89,39 @@ enum Target {
     Cluster(Box<ClusterClient>),
 }
 
+impl Target {
+    /// Another handle to the same server or cluster.
+    fn handle(&self) -> Target {
+        match self {
+            Target::Single(client) => Target::Single(client.clone()),
+            Target::Cluster(client) => Target::Cluster(client.clone()),
+        }
+    }
+}
+
+/// The pause between the tries of a connection attempt that requests wait
+/// for, while the server refuses connections.
+const RETRY_PAUSE: Duration = Duration::from_millis(10);
+
+/// Opens a connection to `target` and loads the script on it.
+async fn open(target: Target, connect_timeout: Duration) -> Result<Connection, RedisError> {
+    let mut connection = match target {
+        Target::Single(client) => {
+            let config = AsyncConnectionConfig::new()
+                .set_connection_timeout(Some(connect_timeout))
+                .set_response_timeout(None);
+            Connection::Single(
+                client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await?,
+            )
+        }
+        Target::Cluster(client) => Connection::Cluster(client.get_async_connection().await?),
+    };
+    connection.load_script().await?;
+    Ok(connection)
+}
+
 #[derive(Clone)]
 pub(super) enum Connection {
     Single(MultiplexedConnection),
@@ -383,12 +416,29 @@ impl Connector {
         } else {
             self.connect_timeout
         };
-        let opening = self.open();
         let description = self.description.clone();
+        let deadline = Instant::now() + connect_timeout;
+        let target = self.target.handle();
+        let try_timeout = self.connect_timeout;
         tokio::spawn(async move {
-            let result = match tokio::time::timeout(connect_timeout, opening).await {
-                Ok(result) => result.map_err(Failure::Redis),
-                Err(_) => Err(Failure::Timeout(connect_timeout)),
+            let result = loop {
+                let opening = open(target.handle(), try_timeout);
+                match tokio::time::timeout_at(deadline, opening).await {
+                    Ok(Ok(connection)) => break Ok(connection),
+                    // A server restarting right after the connection broke
+                    // refuses connections for a few milliseconds, so an
+                    // attempt that requests wait for tries again within
+                    // their timeout.
+                    Ok(Err(error))
+                        if wait
+                            && error.is_connection_refusal()
+                            && Instant::now() + RETRY_PAUSE < deadline =>
+                    {
+                        tokio::time::sleep(RETRY_PAUSE).await;
+                    }
+                    Ok(Err(error)) => break Err(Failure::Redis(error)),
+                    Err(_) => break Err(Failure::Timeout(connect_timeout)),
+                }
             };
             let mut state = link.state.lock().unwrap_or_else(PoisonError::into_inner);
             *state = match result {
@@ -412,33 +462,6 @@ impl Connector {
             drop(state);
             link.settled.notify_waiters();
         });
-    }
-
-    fn open(&self) -> impl std::future::Future<Output = Result<Connection, RedisError>> + Send {
-        let target = match &self.target {
-            Target::Single(client) => Target::Single(client.clone()),
-            Target::Cluster(client) => Target::Cluster(client.clone()),
-        };
-        let connect_timeout = self.connect_timeout;
-        async move {
-            let mut connection = match target {
-                Target::Single(client) => {
-                    let config = AsyncConnectionConfig::new()
-                        .set_connection_timeout(Some(connect_timeout))
-                        .set_response_timeout(None);
-                    Connection::Single(
-                        client
-                            .get_multiplexed_async_connection_with_config(&config)
-                            .await?,
-                    )
-                }
-                Target::Cluster(client) => {
-                    Connection::Cluster(client.get_async_connection().await?)
-                }
-            };
-            connection.load_script().await?;
-            Ok(connection)
-        }
     }
 }
 

@@ -464,6 +464,39 @@ async fn leased_limit_outlives_a_redis_outage() -> Result {
 }
 
 #[tokio::test]
+async fn leased_limit_waits_for_a_hung_redis_once() -> Result {
+    let upstream = Upstream::echo().await;
+    let redis = Redis::start()?;
+    let config = format!(
+        "[redis]\nurl = \"{}\"\ntimeout = \"500ms\"\n\n{}{}",
+        redis.url(),
+        app(&upstream),
+        route(
+            "closed",
+            "/closed",
+            &limit(
+                "key = \"route\"\nalgorithm = \"token_bucket\"\nrate = \"1000/h\"\n\
+                 scope = \"global\"\nlease = 10\non_redis_error = \"fail_closed\""
+            )
+        ),
+    );
+    let node = Node::start(&config)?;
+    assert_eq!(get(&node.url("/closed")).await?.status, StatusCode::OK);
+    redis.signal("-STOP");
+    // Nine requests use the lease's rest. One of the others asks Redis and
+    // the rest wait for it; when it times out, they all fail at once
+    // instead of asking again and waiting a second timeout.
+    let started = Instant::now();
+    let closed = concurrent(&node.url("/closed"), 20, &[]).await?;
+    let took = started.elapsed();
+    redis.signal("-CONT");
+    assert_eq!(count(&closed, 200), 9, "{}", node.log());
+    assert_eq!(count(&closed, 503), 11);
+    assert!(took < Duration::from_millis(900), "{took:?}");
+    Ok(())
+}
+
+#[tokio::test]
 async fn quiet_key_leases_shrink() -> Result {
     let upstream = Upstream::echo().await;
     let redis = Redis::start()?;

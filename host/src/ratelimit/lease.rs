@@ -125,15 +125,17 @@ impl Leases {
             next_size: size,
             ..Lease::default()
         });
+        // Every request that waited for a call that failed falls back, so
+        // none of them waits for Redis a second time.
+        if waited && lease.failed {
+            return Take::Unavailable;
+        }
         if let Some(asking) = &lease.asking {
             return Take::Wait(asking.clone().notified_owned());
         }
         if now_ns >= lease.expires_ns {
-            // Only a request that waited for the failed call skips Redis; a
-            // later one calls it again.
-            if std::mem::take(&mut lease.failed) && waited {
-                return Take::Unavailable;
-            }
+            // A request that did not wait calls Redis again.
+            lease.failed = false;
             if lease.left > 0 {
                 // The lease expired with requests unused.
                 let used = lease.granted.saturating_sub(lease.left);
@@ -411,11 +413,12 @@ mod tests {
         let mut asking = Asking::new(&leases, 5);
         asking.failed = true;
         drop(asking);
+        // Every request that waited falls back, however many there were.
         assert!(matches!(leases.take(5, 0, true), Take::Unavailable));
-        // The next request asks again.
-        assert!(matches!(leases.take(5, 0, true), Take::Ask { .. }));
-        leases.done(5, true);
-        // One that did not wait asks too.
+        assert!(matches!(leases.take(5, 0, true), Take::Unavailable));
+        // One that did not wait asks again.
+        assert!(matches!(leases.take(5, 0, false), Take::Ask { .. }));
+        leases.done(5, false);
         assert!(matches!(leases.take(5, 0, false), Take::Ask { .. }));
     }
 

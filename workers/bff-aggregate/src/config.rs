@@ -10,9 +10,11 @@ use serde::Deserialize;
 /// may not use as its name.
 const RESERVED_KEYS: [&str; 3] = ["device", "user", "partial"];
 
-/// Request headers that `forward_headers` may not name: the node sets them,
-/// or they describe the client's connection, not the section request.
-const NOT_FORWARDED: [&str; 10] = [
+/// Request headers that `forward_headers` may not name, nor
+/// `upstream_user_header`: the node or the worker sets them on section
+/// requests, or they describe the client's connection, or they claim where
+/// the request came from, which a client could forge.
+const NOT_FORWARDED: [&str; 16] = [
     "host",
     "content-length",
     "transfer-encoding",
@@ -23,6 +25,12 @@ const NOT_FORWARDED: [&str; 10] = [
     "trailer",
     "proxy-connection",
     "expect",
+    "accept",
+    "via",
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
 ];
 
 /// The worker's config table, as written.
@@ -207,6 +215,16 @@ impl Config {
     /// node sets for the section requests: a client could otherwise send
     /// them its own user id, or a `Host` of its choice.
     fn check_forward_headers(&self) -> Result<(), String> {
+        let user_header = &self.upstream_user_header;
+        if NOT_FORWARDED
+            .iter()
+            .any(|managed| managed.eq_ignore_ascii_case(user_header))
+        {
+            return Err(format!(
+                "upstream_user_header {user_header:?} is a header the node or the worker sets \
+                 for each section request; choose another, such as x-user-id"
+            ));
+        }
         let user_headers = [Some(&self.upstream_user_header), self.user_header.as_ref()];
         for (index, name) in self.forward_headers.iter().enumerate() {
             let user_header = user_headers
@@ -224,8 +242,8 @@ impl Config {
                 .any(|managed| managed.eq_ignore_ascii_case(name))
             {
                 return Err(format!(
-                    "forward_headers[{index}] {name:?} is set by the node for each section \
-                     request"
+                    "forward_headers[{index}] {name:?} is set by the node or the worker for \
+                     each section request, or could be forged by the client"
                 ));
             }
         }

@@ -420,7 +420,7 @@ fn invalid_configs_are_rejected() {
         (
             json!({"sections": [{"name": "a", "upstream": "a", "path": "/"}],
                    "devices": {"tv": {"sections": {"a": {}}}},
-                   "forward_headers": ["accept", "X-User-Id"]}),
+                   "forward_headers": ["accept-language", "X-User-Id"]}),
             "forward_headers[1] \"X-User-Id\" carries the user id",
         ),
         (
@@ -432,7 +432,18 @@ fn invalid_configs_are_rejected() {
         (
             json!({"sections": [{"name": "a", "upstream": "a", "path": "/"}],
                    "devices": {"tv": {"sections": {"a": {}}}}, "forward_headers": ["Host"]}),
-            "forward_headers[0] \"Host\" is set by the node",
+            "forward_headers[0] \"Host\" is set by the node or the worker",
+        ),
+        (
+            json!({"sections": [{"name": "a", "upstream": "a", "path": "/"}],
+                   "devices": {"tv": {"sections": {"a": {}}}},
+                   "forward_headers": ["accept-language", "X-Forwarded-For"]}),
+            "forward_headers[1] \"X-Forwarded-For\" is set by the node or the worker",
+        ),
+        (
+            json!({"sections": [{"name": "a", "upstream": "a", "path": "/"}],
+                   "devices": {"tv": {"sections": {"a": {}}}}, "upstream_user_header": "host"}),
+            "upstream_user_header \"host\" is a header the node or the worker sets",
         ),
     ];
     for (config, expected) in cases {

@@ -134,6 +134,9 @@ pub fn main() -> ExitCode {
     // Commands that print a result keep the log to warnings and errors.
     let serving = matches!(cli.command, Command::Serve { .. } | Command::Demo { .. });
     init_tracing(if serving { "info" } else { "warn" });
+    if !serving {
+        quiet_on_closed_stdout();
+    }
     let result = match cli.command {
         Command::Serve { config } => serve(&config),
         Command::Check { config } => check(&config),
@@ -191,6 +194,24 @@ pub fn main() -> ExitCode {
 /// rustls logs only errors unless `EDGE_LOG` names it: it warns once per
 /// handshake about clients that send an IP address as SNI, as wrk does, and
 /// the node logs failed handshakes itself at debug.
+/// Makes a command whose output goes to a pipe that closes early, as into
+/// `head`, end quietly as other command-line tools do, instead of with
+/// `println!`'s panic and a backtrace.
+fn quiet_on_closed_stdout() {
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let message = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .unwrap_or_default();
+        if message.starts_with("failed printing to stdout") && message.contains("Broken pipe") {
+            std::process::exit(0);
+        }
+        default_hook(info);
+    }));
+}
+
 fn init_tracing(default_level: &str) {
     let mut directives = std::env::var("EDGE_LOG").unwrap_or_else(|_| default_level.to_owned());
     if !directives.contains("rustls") {

@@ -1077,6 +1077,10 @@ impl Config {
                 .map_err(|(span, field_name, message)| {
                     self.invalid(self.line_of(span), &field(field_name), &message)
                 })?;
+            if route.timeout.is_some_and(|timeout| timeout.is_zero()) {
+                // Zero would refuse every request of the route with 504.
+                return Err(self.invalid(line, &field("timeout"), "must be more than zero"));
+            }
             if let Some(max) = &route.max_instances {
                 let pool = self.runtime.max_instances;
                 if !(1..=pool).contains(max.get_ref()) {
@@ -1350,6 +1354,11 @@ impl Config {
     ) -> Result<(), ConfigError> {
         let field = |name: &str| format!("listeners[{index}].{name}");
         let line = self.line_of(listener.addr.span().start);
+        if listener.header_timeout.is_zero() {
+            // Zero would close every connection whose head arrives in more
+            // than one read.
+            return Err(self.invalid(line, &field("header_timeout"), "must be more than zero"));
+        }
         if let Some(tls) = &listener.tls {
             if tls.certificates.is_empty() && !tls.dev_certificate {
                 let message = "add a [[listeners.tls.certificates]] with `cert` and `key`, \
@@ -1459,8 +1468,18 @@ impl Config {
                 ))
             }
         }
-        if redis.timeout.is_zero() || redis.connect_timeout.is_zero() {
-            return Err(self.invalid(line, "redis.timeout", "timeouts must be more than zero"));
+        for (key, value) in [
+            ("timeout", redis.timeout),
+            ("connect_timeout", redis.connect_timeout),
+        ] {
+            if value.is_zero() {
+                let key_line = match self.line_of_key("redis", key) {
+                    0 => line,
+                    key_line => key_line,
+                };
+                let field = format!("redis.{key}");
+                return Err(self.invalid(key_line, &field, "must be more than zero"));
+            }
         }
         if redis.key_prefix.contains(['{', '}']) {
             return Err(self.invalid(line, "redis.key_prefix", "must not contain `{` or `}`"));

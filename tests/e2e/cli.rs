@@ -350,6 +350,23 @@ fn check_rejects_invalid_values() {
             ),
             "upstreams.users.connect_timeout: must be more than zero",
         ),
+        (
+            VALID.replace(
+                "prefix = \"/users\"",
+                "prefix = \"/users\"\ntimeout = \"0s\"",
+            ),
+            "routes[0].timeout: must be more than zero",
+        ),
+        (
+            VALID.replace("[[listeners]]", "[[listeners]]\nheader_timeout = \"0s\""),
+            "listeners[0].header_timeout: must be more than zero",
+        ),
+        (
+            format!(
+                "{VALID}\n[redis]\nurl = \"redis://127.0.0.1:6379\"\nconnect_timeout = \"0s\"\n"
+            ),
+            ":25: redis.connect_timeout: must be more than zero",
+        ),
     ];
     for (text, expected) in cases {
         let stderr = check_fails(&text);
@@ -419,6 +436,24 @@ fn routes_explain_shows_match_and_misses() {
     let stdout = String::from_utf8_lossy(&output.stdout);
     assert!(stdout.contains("no route matches"), "{stdout}");
     assert!(stdout.contains("method POST is not one of GET"), "{stdout}");
+}
+
+#[test]
+fn explain_into_a_closed_pipe_ends_quietly() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), VALID);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_edge"))
+        .args(["routes", "explain", "--config", &path, "GET", "/users/7"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run edge");
+    // The reader goes away before the command writes, as `head` does.
+    drop(child.stdout.take());
+    let output = child.wait_with_output().expect("wait for edge");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{:?}: {stderr}", output.status);
+    assert!(!stderr.contains("panicked"), "{stderr}");
 }
 
 /// Runs `edge check` on `text` and asserts that it passes.

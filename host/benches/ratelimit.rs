@@ -92,7 +92,10 @@ async fn one_request(
     };
     let mut shown = None;
     let all = LimitSet::of(limits, |_| true);
-    let _ = limiter.check(limits, all, &input, &mut shown).await;
+    // As the node does: local limits decide at once, the others wait.
+    if limiter.check_now(limits, all, &input, &mut shown).is_none() {
+        let _ = limiter.check(limits, all, &input, &mut shown).await;
+    }
     response_headers(response);
     if let (Some(shown), true) = (shown, headers) {
         shown.apply(response);

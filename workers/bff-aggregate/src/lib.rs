@@ -157,11 +157,27 @@ const USER_MISSING: &str = "user_missing";
 /// its segment there: `.` and `..` are dot segments, and many servers decode
 /// `%2F` and `%5C` before they resolve them.
 fn unsafe_segment(value: &str) -> Option<&'static str> {
-    if value == "." || value == ".." {
+    // Some servers fold full-width forms to ASCII (Unicode NFKC) after
+    // decoding, so those count as what they fold to.
+    let folded: String = value
+        .chars()
+        .map(|c| match c {
+            '\u{FF0E}' => '.',
+            '\u{FF0F}' => '/',
+            '\u{FF3C}' => '\\',
+            '\u{FF1B}' => ';',
+            c => c,
+        })
+        .collect();
+    if folded == "." || folded == ".." {
         return Some("is a dot segment");
     }
-    if value.contains(['/', '\\']) {
+    if folded.contains(['/', '\\']) {
         return Some("contains a slash");
+    }
+    // Servlet containers read `..;x` as `..` with a path parameter.
+    if folded.contains(';') {
+        return Some("contains a semicolon");
     }
     None
 }

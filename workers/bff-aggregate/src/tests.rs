@@ -308,7 +308,16 @@ fn user_header_when_context_empty() {
 fn user_id_that_leaves_its_segment_is_400() {
     testing::set_config(CONFIG);
     testing::on_fetch(|_| panic!("nothing is fetched for a user id that leaves its segment"));
-    for user in ["..", ".", "x/../..", "a\\b", "/"] {
+    for user in [
+        "..",
+        ".",
+        "x/../..",
+        "a\\b",
+        "/",
+        "..;",
+        "\u{FF0E}\u{FF0E}",
+        "a\u{FF0F}b",
+    ] {
         let request = request("tv");
         testing::clear_context();
         edge_sdk::context::set("user", user).unwrap();

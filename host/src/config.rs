@@ -1198,10 +1198,22 @@ impl Config {
                     .iter()
                     .map(|s| ("retry.on_statuses", s)),
             );
+        // The line of a field written as `key = ...` in its own table, else
+        // the upstream's.
+        let field_line = |path: &str| {
+            let (table, key) = match path.rsplit_once('.') {
+                Some((inner, key)) => (format!("upstreams.{name}.{inner}"), key),
+                None => (format!("upstreams.{name}"), path),
+            };
+            match self.line_of_key(&table, key) {
+                0 => line,
+                key_line => key_line,
+            }
+        };
         for (name, status) in statuses {
             if !(100..=599).contains(status) {
                 let message = format!("{status} is not an HTTP status");
-                return Err(self.invalid(line, &field(name), &message));
+                return Err(self.invalid(field_line(name), &field(name), &message));
             }
         }
         let breaker = &upstream.breaker;
@@ -1254,7 +1266,7 @@ impl Config {
         ];
         for (name, failed, message) in checks {
             if failed {
-                return Err(self.invalid(line, &field(name), message));
+                return Err(self.invalid(field_line(name), &field(name), message));
             }
         }
         if let Some(active) = &upstream.health.active {

@@ -348,7 +348,14 @@ fn check_rejects_invalid_values() {
                 "targets = [\"127.0.0.1:9\"]",
                 "targets = [\"127.0.0.1:9\"]\nconnect_timeout = \"0s\"",
             ),
-            "upstreams.users.connect_timeout: must be more than zero",
+            ":6: upstreams.users.connect_timeout: must be more than zero",
+        ),
+        (
+            VALID.replace(
+                "targets = [\"127.0.0.1:9\"]",
+                "targets = [\"127.0.0.1:9\"]\n\nfailure_statuses = [500, 99]",
+            ),
+            ":7: upstreams.users.failure_statuses: 99 is not an HTTP status",
         ),
         (
             VALID.replace(

@@ -1341,6 +1341,14 @@ impl Config {
             );
             return Err(self.invalid(line, "admin.addr", &message));
         }
+        if admin.session_timeout.is_zero() {
+            // Zero would end every status-page session as it starts.
+            let line = match self.line_of_key("admin", "session_timeout") {
+                0 => line,
+                key_line => key_line,
+            };
+            return Err(self.invalid(line, "admin.session_timeout", "must be more than zero"));
+        }
         match (&admin.token, &admin.token_file) {
             (Some(_), Some(_)) => {
                 Err(self.invalid(line, "admin.token", "set token or token_file, not both"))

@@ -365,6 +365,13 @@ fn check_rejects_invalid_values() {
             "routes[0].timeout: must be more than zero",
         ),
         (
+            format!(
+                "{VALID}\n[admin]\naddr = \"127.0.0.1:0\"\ntoken = \"0123456789abcdef\"\n\
+                 session_timeout = \"0s\"\n"
+            ),
+            ":26: admin.session_timeout: must be more than zero",
+        ),
+        (
             VALID.replace("[[listeners]]", "[[listeners]]\nheader_timeout = \"0s\""),
             "listeners[0].header_timeout: must be more than zero",
         ),

@@ -1205,10 +1205,7 @@ impl Config {
                 Some((inner, key)) => (format!("upstreams.{name}.{inner}"), key),
                 None => (format!("upstreams.{name}"), path),
             };
-            match self.line_of_key(&table, key) {
-                0 => line,
-                key_line => key_line,
-            }
+            self.line_of_key_or(&table, key, line)
         };
         for (name, status) in statuses {
             if !(100..=599).contains(status) {
@@ -1343,10 +1340,7 @@ impl Config {
         }
         if admin.session_timeout.is_zero() {
             // Zero would end every status-page session as it starts.
-            let line = match self.line_of_key("admin", "session_timeout") {
-                0 => line,
-                key_line => key_line,
-            };
+            let line = self.line_of_key_or("admin", "session_timeout", line);
             return Err(self.invalid(line, "admin.session_timeout", "must be more than zero"));
         }
         match (&admin.token, &admin.token_file) {
@@ -1493,10 +1487,7 @@ impl Config {
             ("connect_timeout", redis.connect_timeout),
         ] {
             if value.is_zero() {
-                let key_line = match self.line_of_key("redis", key) {
-                    0 => line,
-                    key_line => key_line,
-                };
+                let key_line = self.line_of_key_or("redis", key, line);
                 let field = format!("redis.{key}");
                 return Err(self.invalid(key_line, &field, "must be more than zero"));
             }
@@ -1746,6 +1737,15 @@ impl Config {
             }
         }
         0
+    }
+
+    /// Returns [`Config::line_of_key`], or `fallback` when the key is written
+    /// another way.
+    fn line_of_key_or(&self, table: &str, key: &str, fallback: usize) -> usize {
+        match self.line_of_key(table, key) {
+            0 => fallback,
+            line => line,
+        }
     }
 
     /// Builds an error that points at a line and field of this config.

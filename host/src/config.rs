@@ -1123,6 +1123,13 @@ impl Config {
             self.validate_limits(route, index)?;
             for (worker_index, worker) in route.workers.iter().enumerate() {
                 let cap = *worker.max_memory.get_ref();
+                if cap < ByteSize::kib(64) {
+                    // One WebAssembly page; below it no module can run.
+                    let message = format!("{} is under 64 KiB", binary(cap));
+                    let line = self.line_of(worker.max_memory.span().start).max(line);
+                    let field = field(&format!("workers[{worker_index}].max_memory"));
+                    return Err(self.invalid(line, &field, &message));
+                }
                 if cap > self.runtime.max_memory {
                     let message = format!(
                         "{} is over runtime.max_memory ({})",

@@ -365,6 +365,13 @@ fn check_rejects_invalid_values() {
             "routes[0].timeout: must be more than zero",
         ),
         (
+            VALID.replace(
+                "add-header.wasm\"",
+                "add-header.wasm\"\nmax_memory = \"0B\"",
+            ),
+            "routes[0].workers[0].max_memory: 0 B is under 64 KiB",
+        ),
+        (
             format!(
                 "{VALID}\n[admin]\naddr = \"127.0.0.1:0\"\ntoken = \"0123456789abcdef\"\n\
                  session_timeout = \"0s\"\n"

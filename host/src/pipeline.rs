@@ -263,7 +263,7 @@ async fn serve(
                 started,
                 action.is_err(),
             );
-            note_user(exchange, &context);
+            note_context(exchange, &context);
             let action = action.map_err(|e| worker_refusal(route, binding, e))?;
             let changes = match action {
                 wit::Action::Continue(changes) => changes,
@@ -600,10 +600,10 @@ fn record_upstream_span<B>(
     );
 }
 
-/// Copies the user id a worker set on the context (as `user`) to the
-/// exchange, for the access log, and the time worker calls waited for their
+/// Copies to the exchange what the workers left on the context: the user id
+/// (as `user`) for the access log, and the time their calls waited for
 /// fetches, which is not the node's own time.
-fn note_user(exchange: &mut Exchange, context: &RequestContext) {
+fn note_context(exchange: &mut Exchange, context: &RequestContext) {
     exchange.fetch_wait = context.fetch_wait;
     if let Some(user) = context.get("user") {
         if exchange.user.as_deref() != Some(user) {
@@ -1235,7 +1235,7 @@ async fn run_response_hooks<B>(
             started,
             changes.is_err(),
         );
-        note_user(exchange, context);
+        note_context(exchange, context);
         let changes = changes.map_err(|e| worker_refusal(route, binding, e))?;
         apply_header_changes(
             response.headers_mut(),

@@ -617,7 +617,7 @@ async fn fetch_errors_reach_worker() -> Result {
     let secret = Upstream::echo().await;
     let big = Upstream::start(|_| Reply::Bytes(2 << 20)).await;
     let slow = Upstream::start(|_| Reply::Delay(Duration::from_secs(3))).await;
-    // Answers HEAD with the length the body would have, over the cap.
+    // Responds to HEAD with the length the body would have, over the cap.
     let head = Upstream::start(|_| {
         Reply::Body(
             vec![("content-length", (2 << 20).to_string())],

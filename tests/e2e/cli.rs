@@ -373,6 +373,16 @@ fn check_rejects_invalid_values() {
         ),
         (
             format!(
+                "{}\n[runtime]\nmax_instances = 4\n",
+                VALID.replace(
+                    "prefix = \"/users\"",
+                    "prefix = \"/users\"\nmax_instances = 5"
+                )
+            ),
+            "routes[0].max_instances: must be from 1 to runtime.max_instances (4)",
+        ),
+        (
+            format!(
                 "{VALID}\n[admin]\naddr = \"127.0.0.1:0\"\ntoken = \"0123456789abcdef\"\n\
                  session_timeout = \"0s\"\n"
             ),

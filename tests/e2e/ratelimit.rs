@@ -483,9 +483,9 @@ async fn leased_limit_waits_for_a_hung_redis_once() -> Result {
     let node = Node::start(&config)?;
     assert_eq!(get(&node.url("/closed")).await?.status, StatusCode::OK);
     redis.signal("-STOP");
-    // Nine requests use the lease's rest. One of the others asks Redis and
-    // the rest wait for it; when it times out, they all fail at once
-    // instead of asking again and waiting a second timeout.
+    // Nine requests use the rest of the lease. One of the others calls
+    // Redis and the rest wait for it. When that call times out, they all
+    // fail at once instead of calling Redis again for a second timeout.
     let started = Instant::now();
     let closed = concurrent(&node.url("/closed"), 20, &[]).await?;
     let took = started.elapsed();
@@ -752,9 +752,9 @@ async fn restarted_redis_costs_no_request() -> Result {
     assert_eq!(get(&node.url("/closed")).await?.status, 200);
 
     // No request arrives during the outage. The first one after it finds
-    // the old connection broken; its batch goes again on a new connection,
-    // and the requests after it wait for that connection instead of failing
-    // while the node backs off.
+    // the old connection broken, so its batch goes again on a new
+    // connection. The requests after it wait for that connection instead of
+    // failing while the node backs off.
     redis.restart()?;
     let mut statuses = Vec::new();
     for _ in 0..10 {

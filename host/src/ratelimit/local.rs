@@ -37,8 +37,8 @@ pub struct State {
 }
 
 impl Shape {
-    /// Whether requests over the burst wait their turn (a leaky bucket in
-    /// queue mode) instead of being refused.
+    /// Returns whether requests over the burst wait their turn (a leaky
+    /// bucket in queue mode) instead of being rejected.
     pub fn queues(&self) -> bool {
         matches!(*self, Shape::Bucket { queue, .. } if queue > 0)
     }

@@ -894,8 +894,8 @@ enum Counted {
 }
 
 impl Limit {
-    /// Whether a decision of this limit never waits: it is local and does
-    /// not queue requests.
+    /// Returns whether a decision of this limit never waits, because the
+    /// limit is local and does not queue requests.
     fn decides_now(&self) -> bool {
         self.global.is_none() && !self.spec.shape.queues()
     }

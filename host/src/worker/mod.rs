@@ -453,9 +453,9 @@ impl Runtime {
         modules
     }
 
-    /// Waits for a free instance slot, and first for a slot of the route's
-    /// share when its route has one: at once when one is free, else in a
-    /// bounded queue for at most the queue timeout in all.
+    /// Waits for a slot of the route's share, when the route has one, then
+    /// for a slot of the pool. A free slot is taken at once. Otherwise the
+    /// call waits in the bounded queue, for one queue timeout in all.
     async fn reserve<'a>(&'a self, binding: &'a Binding) -> Result<Slots<'a>, WorkerError> {
         let mut deadline = None;
         let route = match &binding.route_slots {

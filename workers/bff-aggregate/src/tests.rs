@@ -336,7 +336,7 @@ fn user_id_that_leaves_its_segment_is_400() {
 }
 
 #[test]
-fn user_id_with_dots_is_fine_in_a_query() {
+fn query_keeps_dotted_user_id() {
     // Only `rows` is fetched for mobile without billing: its user id goes in
     // the query, where a slash or dots change nothing.
     let mut config: serde_json::Value = serde_json::from_str(CONFIG).unwrap();

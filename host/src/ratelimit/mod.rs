@@ -725,8 +725,9 @@ impl RateLimiter {
         }
         if delay_ns > 0 {
             // Dropped here when the client goes away: `places` then gives
-            // the queue places back.
-            tokio::time::sleep(Duration::from_nanos(delay_ns)).await;
+            // the queue places back. Boxed, because only queued requests
+            // sleep and the timer would make every decision's future larger.
+            Box::pin(tokio::time::sleep(Duration::from_nanos(delay_ns))).await;
             places.release();
         }
         Ok(())
@@ -982,8 +983,10 @@ impl Limit {
                     lease::Take::Wait(answered) => {
                         // The asking request's Redis timeout bounds the
                         // wait: it wakes this one when it is done or dropped.
+                        // Boxed, because most decisions do not wait and the
+                        // future of each would grow by its size.
                         waited = true;
-                        answered.await;
+                        Box::pin(answered).await;
                     }
                 }
             }

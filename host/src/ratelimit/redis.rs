@@ -232,15 +232,21 @@ impl RedisBackend {
         let queued_at = Instant::now();
         let deadline = queued_at + self.timeout;
         let link = self.link();
-        let cluster = self.settings.connector.connection(&link, deadline).await?;
-        self.round_trips.fetch_add(1, Ordering::Relaxed);
-        if let Some((connection, generation)) = cluster {
-            let mut key = Vec::new();
-            write_key(&mut key);
-            return self
-                .decide_alone(&link, connection, generation, &key, spec, deadline)
-                .await;
+        // The rare waits (a connection being opened, a cluster's own
+        // command) are boxed, so that this future, which every global
+        // decision creates and moves, stays small.
+        if !link.single_up() {
+            let connecting = self.settings.connector.connection(&link, deadline);
+            let cluster = Box::pin(connecting).await?;
+            if let Some((connection, generation)) = cluster {
+                self.round_trips.fetch_add(1, Ordering::Relaxed);
+                let mut key = Vec::new();
+                write_key(&mut key);
+                let alone = self.decide_alone(&link, connection, generation, &key, spec, deadline);
+                return Box::pin(alone).await;
+            }
         }
+        self.round_trips.fetch_add(1, Ordering::Relaxed);
         // The batch's timer bounds the wait, so this needs no timer of its own.
         let start = || {
             tokio::spawn(batch::flush_loop(link.clone(), self.settings.clone()));
@@ -466,6 +472,18 @@ impl Connector {
 }
 
 impl Link {
+    /// Returns whether the connection to a single server is up, so that a
+    /// decision can join the next batch without waiting.
+    fn single_up(&self) -> bool {
+        matches!(
+            &*self.state.lock().unwrap_or_else(PoisonError::into_inner),
+            LinkState::Up {
+                connection: Connection::Single(_),
+                ..
+            }
+        )
+    }
+
     /// Returns the connection when it is up, without waiting.
     pub(super) fn connection_now(&self) -> Option<(Connection, u64)> {
         match &*self.state.lock().unwrap_or_else(PoisonError::into_inner) {

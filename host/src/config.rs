@@ -368,6 +368,7 @@ pub struct RuntimeConfig {
     pub queue_timeout: Duration,
     /// The largest memory cap a worker may be given; the size of each pool
     /// slot. Default: 64 MiB.
+    #[serde(with = "size")]
     pub max_memory: ByteSize,
     /// Limits on the requests workers send to upstreams with `fetch`.
     pub fetch: FetchConfig,
@@ -388,6 +389,7 @@ pub struct FetchConfig {
     pub max_timeout: Duration,
     /// The largest response body a worker receives; a larger one fails with
     /// `response-too-large`. Default: 1 MiB.
+    #[serde(with = "size")]
     pub max_response_body: ByteSize,
     /// Requests in one `send` call; the rest fail with `invalid-request`.
     /// Default: 16.
@@ -677,7 +679,7 @@ pub struct RouteConfig {
     /// The upstream requests go to unless a worker routes them elsewhere.
     pub upstream: Option<Spanned<String>>,
     /// The largest request body accepted. Default: 10 MiB.
-    #[serde(default = "default_max_body")]
+    #[serde(default = "default_max_body", with = "size")]
     pub max_body: ByteSize,
     /// Time allowed for the upstream exchange as a whole: every attempt,
     /// the backoffs between them and the response body. Default: none.
@@ -824,7 +826,7 @@ pub struct WorkerConfig {
     pub cpu_deadline: Duration,
     /// Linear memory the instance may grow to; must not exceed
     /// `runtime.max_memory`. Default: 16 MiB.
-    #[serde(default = "default_worker_memory")]
+    #[serde(default = "default_worker_memory", with = "size::spanned")]
     pub max_memory: Spanned<ByteSize>,
     /// The worker's own settings, readable through its `config` import.
     #[serde(default)]
@@ -901,6 +903,75 @@ pub const MAX_INSTANCES: u32 = 4096;
 /// Formats a size in binary units, as the config writes them.
 pub fn binary(size: ByteSize) -> String {
     size.to_string_as(true)
+}
+
+/// Reads a size: a number of bytes, or a string of a number and a unit
+/// (`"512KiB"`, `"10MiB"`, `"1GB"`). The deserializer of bytesize 1 names
+/// neither the problem nor the expected form: a negative number reads
+/// "expected integer overflow".
+mod size {
+    use std::fmt;
+
+    use bytesize::ByteSize;
+    use serde::de::{self, Deserializer, Visitor};
+
+    const EXPECTED: &str = "a size: a number of bytes, or a string such as \"512KiB\" or \"10MiB\"";
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<ByteSize, D::Error> {
+        deserializer.deserialize_any(SizeVisitor)
+    }
+
+    /// Reads a size and keeps its place in the file, for later checks.
+    pub mod spanned {
+        use bytesize::ByteSize;
+        use serde::{Deserialize, Deserializer};
+        use toml::Spanned;
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(
+            deserializer: D,
+        ) -> Result<Spanned<ByteSize>, D::Error> {
+            let size = Spanned::<super::Size>::deserialize(deserializer)?;
+            Ok(Spanned::new(size.span(), size.into_inner().0))
+        }
+    }
+
+    pub struct Size(ByteSize);
+
+    impl<'de> serde::Deserialize<'de> for Size {
+        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Size, D::Error> {
+            deserializer.deserialize_any(SizeVisitor).map(Size)
+        }
+    }
+
+    struct SizeVisitor;
+
+    impl Visitor<'_> for SizeVisitor {
+        type Value = ByteSize;
+
+        fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+            formatter.write_str(EXPECTED)
+        }
+
+        fn visit_u64<E: de::Error>(self, bytes: u64) -> Result<ByteSize, E> {
+            Ok(ByteSize::b(bytes))
+        }
+
+        fn visit_i64<E: de::Error>(self, bytes: i64) -> Result<ByteSize, E> {
+            u64::try_from(bytes)
+                .map(ByteSize::b)
+                .map_err(|_| E::custom(format!("invalid size {bytes}: a size cannot be negative")))
+        }
+
+        fn visit_str<E: de::Error>(self, text: &str) -> Result<ByteSize, E> {
+            if text.trim_start().starts_with('-') {
+                return Err(E::custom(format!(
+                    "invalid size {text:?}: a size cannot be negative"
+                )));
+            }
+            text.parse::<ByteSize>()
+                .map_err(|_| E::custom(format!("invalid size {text:?}: expected {EXPECTED}")))
+        }
+    }
 }
 
 /// Checks a route's `host`: a DNS name, or `*.` and a DNS name.

@@ -398,6 +398,29 @@ fn check_rejects_invalid_values() {
             ),
             ":25: redis.connect_timeout: must be more than zero",
         ),
+        (
+            VALID.replace("prefix = \"/users\"", "prefix = \"/users\"\nmax_body = -5"),
+            "invalid size -5: a size cannot be negative",
+        ),
+        (
+            VALID.replace(
+                "prefix = \"/users\"",
+                "prefix = \"/users\"\nmax_body = \"-5MiB\"",
+            ),
+            "invalid size \"-5MiB\": a size cannot be negative",
+        ),
+        (
+            VALID.replace(
+                "add-header.wasm\"",
+                "add-header.wasm\"\nmax_memory = \"5 potatoes\"",
+            ),
+            "invalid size \"5 potatoes\": expected a size: a number of bytes, \
+             or a string such as \"512KiB\" or \"10MiB\"",
+        ),
+        (
+            format!("{VALID}\n[runtime]\nmax_memory = 1.5\n"),
+            "invalid type: floating point `1.5`, expected a size",
+        ),
     ];
     for (text, expected) in cases {
         let stderr = check_fails(&text);

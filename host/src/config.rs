@@ -1793,28 +1793,31 @@ impl Config {
         self.source.text[..end].matches('\n').count() + 1
     }
 
-    /// Returns the line of `key = ...` in the `[table]` section, or 0 when
-    /// the key is written another way (a dotted key or an inline table).
-    /// For fields that serde does not record a span for.
+    /// Returns the line of `key` in `table` (a dotted path such as
+    /// `upstreams.origin.breaker`), however the file writes them: as
+    /// `[table]` sections, dotted keys or inline tables. Returns 0 when the
+    /// key is not in the file. For fields that serde does not record a span
+    /// for.
     pub fn line_of_key(&self, table: &str, key: &str) -> usize {
-        let header = format!("[{table}]");
-        let mut lines = self.source.text.lines().enumerate();
-        if !lines.any(|(_, line)| line.trim() == header) {
+        let text = self.source.text.as_str();
+        let Ok(document) = toml_edit::ImDocument::parse(text) else {
             return 0;
-        }
-        for (index, line) in lines {
-            let line = line.trim_start();
-            if line.starts_with('[') {
-                break;
-            }
-            let is_key = line
-                .strip_prefix(key)
-                .is_some_and(|rest| rest.trim_start().starts_with('='));
-            if is_key {
-                return index + 1;
+        };
+        let mut item = document.as_item();
+        for segment in table.split('.') {
+            match item.get(segment) {
+                Some(inner) => item = inner,
+                None => return 0,
             }
         }
-        0
+        let span = item
+            .as_table_like()
+            .and_then(|table| table.get_key_value(key))
+            .and_then(|(key, _)| key.span());
+        match span {
+            Some(span) => text[..span.start].matches('\n').count() + 1,
+            None => 0,
+        }
     }
 
     /// Returns [`Config::line_of_key`], or `fallback` when the key is written

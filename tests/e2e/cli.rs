@@ -421,6 +421,20 @@ fn check_rejects_invalid_values() {
             format!("{VALID}\n[runtime]\nmax_memory = 1.5\n"),
             "invalid type: floating point `1.5`, expected a size",
         ),
+        (
+            VALID.replace(
+                "targets = [\"127.0.0.1:9\"]",
+                "targets = [\"127.0.0.1:9\"]\n\nbreaker = { cool_down = \"1s\", window = \"0s\" }",
+            ),
+            ":7: upstreams.users.breaker.window: must be more than zero",
+        ),
+        (
+            VALID.replace(
+                "targets = [\"127.0.0.1:9\"]",
+                "targets = [\"127.0.0.1:9\"]\nretry.budget_percent = 101",
+            ),
+            ":6: upstreams.users.retry.budget_percent: must be from 0 to 100",
+        ),
     ];
     for (text, expected) in cases {
         let stderr = check_fails(&text);

@@ -234,8 +234,25 @@ pub fn load_node(path: &Path) -> anyhow::Result<(Config, Node)> {
 }
 
 fn serve(path: &Path) -> anyhow::Result<()> {
+    ignore_hangup_while_starting()?;
     let (config, node) = load_node(path)?;
     run_node(&config, node)
+}
+
+/// Keeps SIGHUP from ending the process while the node starts. The node
+/// handles SIGHUP once it serves, but loading its modules can take seconds,
+/// and the default action of a SIGHUP sent then (by logrotate, say) is to
+/// end the process. A tokio handler, once registered, stays for the
+/// process's life, so SIGHUPs before the node's own handler are dropped.
+pub fn ignore_hangup_while_starting() -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()?;
+    let _entered = runtime.enter();
+    let hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("cannot install the SIGHUP handler")?;
+    drop(hangup);
+    Ok(())
 }
 
 /// Serves a built node until Ctrl-C or SIGTERM, printing its addresses.

@@ -26,6 +26,7 @@ const IPHONE: &str = "Mozilla/5.0 (iPhone; CPU iPhone OS 18_1 like Mac OS X) Mob
 /// Starts the demo upstreams and a node in front of them, and serves until
 /// Ctrl-C.
 pub fn run(listen: SocketAddr, http_listen: SocketAddr, modules: &Path) -> anyhow::Result<()> {
+    crate::cli::ignore_hangup_while_starting()?;
     for module in ["add-header.wasm", "path-router.wasm", "device-router.wasm"] {
         let path = modules.join(module);
         if !path.exists() {

@@ -661,6 +661,161 @@ async fn compiled_modules_come_from_cache_on_restart() -> Result {
     Ok(())
 }
 
+/// A config with the fixture worker on `/` and add-header on `/added`, with
+/// its module cache in `cache`.
+fn cached_pair_config(upstream: &Upstream, cache: &std::path::Path) -> String {
+    format!(
+        "[[listeners]]\naddr = \"127.0.0.1:0\"\n[runtime]\ncache_dir = {:?}\n{}\
+         [[routes]]\nname = \"added\"\nprefix = \"/added\"\nupstream = \"app\"\n\n\
+         [[routes.workers]]\nmodule = \"{{modules}}/add-header.wasm\"\n\
+         [routes.workers.config]\nheaders = {{ \"x-edge\" = \"hello\" }}\n\n{}",
+        cache.display().to_string(),
+        app(upstream),
+        fixture_route("counter", "/", "counter", "")
+    )
+}
+
+/// Returns the cache entries in `cache`, with the entry of the module whose
+/// file is `module` first.
+fn cache_entries(cache: &std::path::Path, module: &str) -> Vec<std::path::PathBuf> {
+    let bytes = std::fs::read(crate::harness::modules_dir().join(module)).unwrap();
+    let hash = edge::worker::content_hash(&bytes);
+    let mut entries: Vec<_> = std::fs::read_dir(cache)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .collect();
+    entries.sort_by_key(|path| !path.display().to_string().contains(&hash));
+    entries
+}
+
+#[tokio::test]
+async fn damaged_cache_entry_is_compiled_again() -> Result {
+    let upstream = Upstream::echo().await;
+    let cache = tempfile::tempdir()?;
+    let config = cached_pair_config(&upstream, cache.path());
+    drop(Node::start(&config)?);
+    let entry = cache_entries(cache.path(), "add-header.wasm").remove(0);
+    let mut bytes = std::fs::read(&entry)?;
+    let middle = bytes.len() / 2;
+    for byte in &mut bytes[middle..middle + 64] {
+        *byte = !*byte;
+    }
+    std::fs::write(&entry, bytes)?;
+
+    let node = Node::start(&config)?;
+    let log = node.log();
+    assert!(log.contains("digest does not match"), "{log}");
+    let loaded = log
+        .lines()
+        .find(|line| line.contains("add-header.wasm hash="))
+        .unwrap_or_default();
+    assert!(loaded.contains("cache=Compiled"), "{log}");
+    let got = get(&node.url("/added")).await?;
+    assert_eq!(got.status, 200);
+    assert_eq!(upstream.last().headers["x-edge"], "hello");
+    drop(node);
+    // The entry was written again, and the next start loads it.
+    let node = Node::start(&config)?;
+    assert!(
+        !node.log_contains("digest does not match"),
+        "{}",
+        node.log()
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn cache_entry_of_another_module_is_not_run() -> Result {
+    let upstream = Upstream::echo().await;
+    let cache = tempfile::tempdir()?;
+    let config = cached_pair_config(&upstream, cache.path());
+    drop(Node::start(&config)?);
+    let entries = cache_entries(cache.path(), "add-header.wasm");
+    assert_eq!(entries.len(), 2, "{entries:?}");
+    // The fixture worker's compiled code under add-header's name.
+    std::fs::copy(&entries[1], &entries[0])?;
+
+    let node = Node::start(&config)?;
+    let log = node.log();
+    assert!(log.contains("belongs to another module"), "{log}");
+    let got = get(&node.url("/added")).await?;
+    assert_eq!(got.status, 200, "{:?}", got.body);
+    assert_eq!(upstream.last().headers["x-edge"], "hello");
+    Ok(())
+}
+
+#[tokio::test]
+async fn cache_entry_that_is_no_file_is_skipped() -> Result {
+    let upstream = Upstream::echo().await;
+    let cache = tempfile::tempdir()?;
+    let config = cached_pair_config(&upstream, cache.path());
+    drop(Node::start(&config)?);
+    let entry = cache_entries(cache.path(), "add-header.wasm").remove(0);
+    std::fs::remove_file(&entry)?;
+    // A FIFO blocks a reader until a writer opens it.
+    let path = std::ffi::CString::new(entry.display().to_string())?;
+    // SAFETY: `path` is a valid C string for the duration of the call.
+    assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+
+    let node = Node::start(&config)?;
+    assert!(node.log_contains("not a regular file"), "{}", node.log());
+    assert_eq!(get(&node.url("/added")).await?.status, 200);
+    Ok(())
+}
+
+#[tokio::test]
+async fn cache_is_private_to_the_node_user() -> Result {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    let upstream = Upstream::echo().await;
+    let parent = tempfile::tempdir()?;
+    let cache = parent.path().join("cache");
+    drop(Node::start(&cached_pair_config(&upstream, &cache))?);
+    let mode = std::fs::metadata(&cache)?.permissions().mode();
+    assert_eq!(mode & 0o777, 0o700, "folder mode {mode:o}");
+    for entry in cache_entries(&cache, "add-header.wasm") {
+        let mode = std::fs::metadata(&entry)?.permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "{} mode {mode:o}", entry.display());
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn sighup_while_starting_does_not_stop_the_node() -> Result {
+    use std::io::BufRead as _;
+
+    let upstream = Upstream::echo().await;
+    let dir = tempfile::tempdir()?;
+    // A cold cache, so the node compiles both modules before it listens.
+    let config = cached_pair_config(&upstream, &dir.path().join("cache")).replace(
+        "{modules}",
+        &crate::harness::modules_dir().display().to_string(),
+    );
+    let path = dir.path().join("edge.toml");
+    std::fs::write(&path, config)?;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_edge"))
+        .args(["serve", "--config", &path.display().to_string()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    std::thread::sleep(Duration::from_millis(200));
+    // logrotate may send SIGHUP at any time, also while a node starts.
+    let pid = child.id().to_string();
+    assert!(std::process::Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()?
+        .success());
+    let stdout = std::io::BufReader::new(child.stdout.take().expect("piped stdout"));
+    let listening = stdout
+        .lines()
+        .map_while(std::result::Result::ok)
+        .any(|line| line.starts_with("listening on "));
+    let _ = std::process::Command::new("kill").arg(&pid).status();
+    let status = child.wait()?;
+    assert!(listening, "the node ended before listening: {status}");
+    Ok(())
+}
+
 /// A route with the fixture worker built for wasm32-unknown-unknown, which
 /// imports no WASI.
 fn no_wasi_route(name: &str, prefix: &str, mode: &str, extra: &str) -> String {

@@ -4,8 +4,20 @@
 //! compiled artifact must match to load: the engine's settings and the
 //! wasmtime version. A restart, or a second route using the same bytes, loads
 //! the entry in well under a millisecond instead of compiling again.
+//!
+//! An entry is native code that the node runs outside the WebAssembly
+//! sandbox, and wasmtime 48 checks only its layout and engine header, not
+//! its code. So each entry ends with a SHA-256 of its compiled bytes and of
+//! the module's hash. An entry that was damaged, cut short or copied from
+//! another module's fails that check, and the module is compiled again.
+//! Entries are read into memory, not mapped, so a file changed while the
+//! node runs cannot fault it. The folder is created for the node's user
+//! only. Anyone who can write to it can still write a valid entry of their
+//! own, so it must be writable only by that user.
 
 use std::hash::{Hash, Hasher};
+use std::io::Write as _;
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
@@ -35,8 +47,20 @@ pub enum CacheOutcome {
 impl ModuleCache {
     /// Opens (and creates) the cache folder for `engine`.
     pub fn new(dir: PathBuf, engine: &Engine) -> anyhow::Result<ModuleCache> {
-        std::fs::create_dir_all(&dir)
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
             .with_context(|| format!("cannot create module cache folder {}", dir.display()))?;
+        if let Ok(metadata) = std::fs::metadata(&dir) {
+            if metadata.permissions().mode() & 0o022 != 0 {
+                tracing::warn!(
+                    folder = %dir.display(),
+                    "the module cache folder is writable by other users, who can make the node \
+                     run code of their own; make it writable only by the node's user"
+                );
+            }
+        }
         Ok(ModuleCache {
             dir,
             engine_key: engine_key(engine),
@@ -63,27 +87,36 @@ impl ModuleCache {
         hash: &str,
     ) -> anyhow::Result<(Component, CacheOutcome)> {
         let entry = self.entry_path(hash);
-        if entry.exists() {
-            // SAFETY: entries are written only by `store` below from
-            // `Component::serialize` of this same engine configuration (the
-            // file name includes its compatibility hash), and are replaced
-            // atomically by rename, so a reader never sees a partial file.
-            #[allow(unsafe_code)]
-            let loaded = unsafe { Component::deserialize_file(engine, &entry) };
-            match loaded {
-                Ok(component) => return Ok((component, CacheOutcome::Hit)),
-                Err(error) => tracing::warn!(
-                    entry = %entry.display(),
-                    error = %format!("{error:#}"),
-                    "ignoring unreadable module cache entry"
-                ),
+        match read_entry(&entry, hash) {
+            Ok(Some(compiled)) => {
+                // SAFETY: `read_entry` checked the entry's digest, so these
+                // are the bytes that `store` wrote from `Component::serialize`
+                // of this module, for this engine configuration (the file
+                // name includes its compatibility hash). The folder must be
+                // writable only by the node's user (see the module docs).
+                #[allow(unsafe_code)]
+                let loaded = unsafe { Component::deserialize(engine, compiled) };
+                match loaded {
+                    Ok(component) => return Ok((component, CacheOutcome::Hit)),
+                    Err(error) => tracing::warn!(
+                        entry = %entry.display(),
+                        error = %format!("{error:#}"),
+                        "ignoring unreadable module cache entry"
+                    ),
+                }
             }
+            Ok(None) => {}
+            Err(error) => tracing::warn!(
+                entry = %entry.display(),
+                error = %format!("{error:#}"),
+                "ignoring unreadable module cache entry"
+            ),
         }
         let component = Component::new(engine, bytes)?;
         if self.read_only {
             return Ok((component, CacheOutcome::Compiled));
         }
-        if let Err(error) = self.store(&component, &entry) {
+        if let Err(error) = self.store(&component, &entry, hash) {
             tracing::warn!(
                 entry = %entry.display(),
                 error = %format!("{error:#}"),
@@ -97,13 +130,69 @@ impl ModuleCache {
         self.dir.join(format!("{hash}-{}.cwasm", self.engine_key))
     }
 
-    fn store(&self, component: &Component, entry: &Path) -> anyhow::Result<()> {
-        let bytes = component.serialize()?;
-        let temporary = entry.with_extension(format!("tmp{}", std::process::id()));
-        std::fs::write(&temporary, bytes)?;
-        std::fs::rename(&temporary, entry)?;
-        Ok(())
+    fn store(&self, component: &Component, entry: &Path, hash: &str) -> anyhow::Result<()> {
+        let mut bytes = component.serialize()?;
+        let digest = entry_digest(&bytes, hash);
+        bytes.extend_from_slice(&digest);
+        bytes.extend_from_slice(ENTRY_MAGIC);
+        // A random part keeps two nodes in separate PID namespaces, which
+        // share a cache folder, from writing the same temporary file.
+        let temporary = entry.with_extension(format!(
+            "tmp{}-{:016x}",
+            std::process::id(),
+            fastrand::u64(..)
+        ));
+        let written = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&temporary)
+            .and_then(|mut file| file.write_all(&bytes))
+            .and_then(|()| std::fs::rename(&temporary, entry));
+        if written.is_err() {
+            let _ = std::fs::remove_file(&temporary);
+        }
+        Ok(written?)
     }
+}
+
+/// The end of every entry, after its digest.
+const ENTRY_MAGIC: &[u8; 16] = b"edge-cwasm-v1\0\0\0";
+
+/// Returns the SHA-256 that binds an entry's compiled bytes to the module
+/// whose hash is `hash`.
+fn entry_digest(compiled: &[u8], hash: &str) -> [u8; 32] {
+    let mut digest = Sha256::new();
+    digest.update(compiled);
+    digest.update(hash.as_bytes());
+    digest.finalize().into()
+}
+
+/// Reads the cache entry at `path` of the module whose hash is `hash`.
+/// Returns its compiled bytes when it is intact, `None` when there is no
+/// entry, and an error saying why an entry cannot be used.
+fn read_entry(path: &Path, hash: &str) -> anyhow::Result<Option<Vec<u8>>> {
+    let metadata = match std::fs::metadata(path) {
+        Ok(metadata) => metadata,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(error) => return Err(error.into()),
+    };
+    // A FIFO or a device would block the read or never end.
+    anyhow::ensure!(metadata.is_file(), "not a regular file");
+    let mut bytes = std::fs::read(path)?;
+    let trailer = 32 + ENTRY_MAGIC.len();
+    anyhow::ensure!(
+        bytes.len() > trailer && bytes.ends_with(ENTRY_MAGIC),
+        "not an entry of this edge version"
+    );
+    let compiled_len = bytes.len() - trailer;
+    let digest = entry_digest(&bytes[..compiled_len], hash);
+    anyhow::ensure!(
+        bytes[compiled_len..compiled_len + 32] == digest,
+        "its digest does not match: the entry is damaged or belongs to another module"
+    );
+    bytes.truncate(compiled_len);
+    Ok(Some(bytes))
 }
 
 /// Returns the part of an entry's name that identifies the engine's

@@ -446,6 +446,25 @@ fn check_rejects_invalid_values() {
 }
 
 #[test]
+fn check_names_the_pool_under_an_address_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), VALID);
+    // 4 GB of address space: less than the instance pool's reservation.
+    let output = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -v 4000000 && exec {:?} check {path:?}",
+            env!("CARGO_BIN_EXE_edge")
+        ))
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("runtime.max_instances = 128"), "{stderr}");
+    assert!(stderr.contains("ulimit -v"), "{stderr}");
+}
+
+#[test]
 fn module_error_is_reported_once() {
     let stderr = check_fails(&VALID.replace("add-header.wasm", "missing.wasm"));
     assert_eq!(stderr.matches("cannot read file").count(), 1, "{stderr}");

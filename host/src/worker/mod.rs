@@ -265,7 +265,16 @@ impl Runtime {
         let config = engine::engine_config(settings.max_instances, settings.max_memory);
         let engine = Engine::new(&config)
             .map_err(anyhow::Error::from)
-            .context("cannot create the wasmtime engine")?;
+            .with_context(|| {
+                format!(
+                    "cannot create the wasmtime engine. Its instance pool reserves virtual \
+                     address space (not memory) for runtime.max_instances = {} slots of \
+                     runtime.max_memory = {} each, plus guard regions; lower them, or raise \
+                     the process's address-space limit (ulimit -v, systemd LimitAS=)",
+                    settings.max_instances,
+                    crate::config::binary(bytesize::ByteSize::b(settings.max_memory as u64)),
+                )
+            })?;
 
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)

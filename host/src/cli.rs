@@ -87,7 +87,9 @@ enum RoutesCommand {
         config: PathBuf,
         /// The request method, such as GET.
         method: String,
-        /// The request path, such as /users/7 (it is normalised first).
+        /// The request target: a path such as /users/7 (normalised first), or
+        /// an absolute URL such as http://example.com/users/7, whose host
+        /// then replaces --host.
         path: String,
         /// The Host header of the request.
         #[arg(long)]
@@ -448,6 +450,24 @@ fn explain(path: &Path, method: &str, raw_path: &str, host: Option<&str>) -> any
             refusal.message()
         )
     })?;
+    // A fragment never reaches the node's routing: hyper drops it.
+    let raw_path = raw_path
+        .split_once('#')
+        .map_or(raw_path, |(before, _)| before);
+    // An absolute-form target (`http://host/path`) names the host itself,
+    // which the node takes over any Host header.
+    let absolute = raw_path
+        .parse::<http::Uri>()
+        .ok()
+        .filter(|uri| uri.scheme().is_some());
+    let (host, raw_path) = match &absolute {
+        Some(uri) => {
+            let host = uri.authority().map(http::uri::Authority::as_str);
+            let target = uri.path_and_query().map_or("/", |target| target.as_str());
+            (host, target)
+        }
+        None => (host, raw_path),
+    };
     if let Some(host) = host {
         crate::pipeline::check_host(host.as_bytes()).map_err(|reason| {
             anyhow::anyhow!("the Host {host:?} {reason} (the node responds 400 invalid_host)")

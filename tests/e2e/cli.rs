@@ -633,6 +633,23 @@ fn routes_explain_checks_like_the_node() {
         stdout.contains("the query \"next=/users\" plays no part in routing"),
         "{stdout}"
     );
+
+    // hyper drops a fragment before the node routes the request.
+    let output = explain(&["GET", "/users/7#top"]);
+    assert!(output.status.success());
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("request: GET /users/7\n"), "{stdout}");
+    assert!(stdout.contains("matches route \"users\""), "{stdout}");
+
+    // An absolute-form target names its host, as the node reads it.
+    let output = explain(&["GET", "http://api.example.com/users/7"]);
+    assert!(output.status.success());
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        stdout.contains("request: GET /users/7 (host api.example.com)"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("matches route \"users\""), "{stdout}");
 }
 
 #[test]

@@ -75,6 +75,49 @@ fn relative_within_tree(target: &Path, base: &Path) -> Option<PathBuf> {
     Some(relative)
 }
 
+/// Returns why cargo rejects `name` as a package name, or why it would not
+/// build as a worker, for names that pass the character check.
+fn reserved_crate_name(name: &str) -> Option<&'static str> {
+    const KEYWORDS: &[&str] = &[
+        "abstract", "as", "async", "await", "become", "box", "break", "const", "continue", "crate",
+        "do", "dyn", "else", "enum", "extern", "false", "final", "fn", "for", "gen", "if", "impl",
+        "in", "let", "loop", "macro", "match", "mod", "move", "mut", "override", "priv", "pub",
+        "ref", "return", "self", "static", "struct", "super", "trait", "true", "try", "type",
+        "typeof", "unsafe", "unsized", "use", "virtual", "where", "while", "yield",
+    ];
+    // Cargo treats '-' and '_' in package names as the same character.
+    let name = name.replace('-', "_");
+    if KEYWORDS.contains(&name.as_str()) {
+        return Some("it is a Rust keyword");
+    }
+    match name.as_str() {
+        "test" => Some("it conflicts with Rust's built-in test library"),
+        "std" | "core" | "alloc" | "proc_macro" => Some("it is the name of a Rust library"),
+        "edge_sdk" => Some("it is the name of the guest SDK the worker depends on"),
+        _ => None,
+    }
+}
+
+/// Returns whether `dir` holds the guest SDK's crate.
+fn is_guest_sdk(dir: &Path) -> bool {
+    let Ok(manifest) = std::fs::read_to_string(dir.join("Cargo.toml")) else {
+        return false;
+    };
+    let Ok(manifest) = manifest.parse::<toml::Table>() else {
+        return false;
+    };
+    manifest
+        .get("package")
+        .and_then(|package| package.get("name"))
+        .and_then(toml::Value::as_str)
+        == Some("edge-sdk")
+}
+
+/// Formats `text` as a TOML string.
+fn toml_string(text: &str) -> String {
+    toml::Value::String(text.to_owned()).to_string()
+}
+
 /// Creates a worker crate named `name` in `dir`.
 pub fn new_worker(
     name: &str,
@@ -93,6 +136,9 @@ pub fn new_worker(
              '_', starting with a letter"
         );
     }
+    if let Some(reason) = reserved_crate_name(name) {
+        bail!("{name:?} cannot name a worker crate: {reason}; choose another name");
+    }
     let root = dir.join(name);
     if root.exists() {
         bail!("{} already exists", root.display());
@@ -101,18 +147,26 @@ pub fn new_worker(
         (_, Some(url)) => SdkSource::Git(url),
         (path, None) => {
             let path = path.map_or_else(default_sdk_path, Path::to_owned);
-            SdkSource::Path(std::fs::canonicalize(&path).with_context(|| {
+            let resolved = std::fs::canonicalize(&path).with_context(|| {
                 format!(
                     "guest SDK not found at {}; pass --sdk-path or --sdk-git",
                     path.display()
                 )
-            })?)
+            })?;
+            if !is_guest_sdk(&resolved) {
+                bail!(
+                    "{} is not the guest SDK: its Cargo.toml does not name the package \
+                     edge-sdk; pass the guest-sdk folder of an Edge checkout",
+                    path.display()
+                );
+            }
+            SdkSource::Path(resolved)
         }
     };
     std::fs::create_dir_all(root.join("src"))
         .with_context(|| format!("cannot create {}", root.display()))?;
     let dependency = match sdk {
-        SdkSource::Git(url) => format!("edge-sdk = {{ git = {url:?} }}"),
+        SdkSource::Git(url) => format!("edge-sdk = {{ git = {} }}", toml_string(url)),
         SdkSource::Path(path) => {
             let root = std::fs::canonicalize(&root)
                 .with_context(|| format!("cannot resolve {}", root.display()))?;
@@ -120,7 +174,8 @@ pub fn new_worker(
             // workers/) gets a relative path, which still works after a move
             // or a clone elsewhere.
             let path = relative_within_tree(&path, &root).unwrap_or(path);
-            format!("edge-sdk = {{ path = {:?} }}", path.display().to_string())
+            let path = toml_string(&path.display().to_string());
+            format!("edge-sdk = {{ path = {path} }}")
         }
     };
     let manifest = format!(

@@ -653,6 +653,51 @@ fn routes_explain_checks_like_the_node() {
 }
 
 #[test]
+fn worker_new_rejects_names_cargo_rejects() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().display().to_string();
+    let cases = [
+        ("fn", "it is a Rust keyword"),
+        ("self", "it is a Rust keyword"),
+        ("test", "conflicts with Rust's built-in test library"),
+        ("std", "it is the name of a Rust library"),
+        ("edge-sdk", "the name of the guest SDK"),
+    ];
+    for (name, reason) in cases {
+        let output = edge(&["worker", "new", name, "--dir", &root]);
+        assert!(!output.status.success(), "{name} was accepted");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(reason), "{name}: {stderr}");
+        assert!(!dir.path().join(name).exists(), "{name} was created");
+    }
+}
+
+#[test]
+fn worker_new_checks_its_sdk_source() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().display().to_string();
+    let output = edge(&["worker", "new", "a", "--dir", &root, "--sdk-path", &root]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("is not the guest SDK"), "{stderr}");
+
+    // A URL with characters TOML escapes still gives a manifest cargo reads.
+    let url = "https://example.com/x\u{7f}y\"z";
+    let output = edge(&["worker", "new", "b", "--dir", &root, "--sdk-git", url]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let manifest = std::fs::read_to_string(dir.path().join("b/Cargo.toml")).unwrap();
+    let manifest: toml::Table = manifest.parse().unwrap();
+    assert_eq!(
+        manifest["dependencies"]["edge-sdk"]["git"].as_str(),
+        Some(url)
+    );
+}
+
+#[test]
 fn worker_new_relative_sdk_path() {
     let dir = tempfile::tempdir_in(crate::harness::repo_root()).unwrap();
     let root = dir.path().display().to_string();

@@ -233,8 +233,13 @@ fn check_reports_line_and_field() {
 #[test]
 fn check_rejects_bad_modules_with_reason() {
     let dir = tempfile::tempdir().unwrap();
-    let cases: [(&str, &[u8], &str); 4] = [
+    let cases: [(&str, &[u8], &str); 5] = [
         ("text.wasm", b"this is not wasm", "not a WebAssembly binary"),
+        (
+            "short.wasm",
+            b"\0asm",
+            "4 bytes is too short for its 8-byte header",
+        ),
         (
             "core.wasm",
             b"\0asm\x01\0\0\0",

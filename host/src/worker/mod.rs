@@ -742,8 +742,14 @@ const BACKTRACE_FRAMES: usize = 3;
 /// Checks the binary header, so that a core module or a non-wasm file gets
 /// a message naming what it is.
 fn check_component_header(bytes: &[u8]) -> Result<(), String> {
-    if bytes.len() < 8 || &bytes[..4] != WASM_MAGIC {
+    if !bytes.starts_with(WASM_MAGIC) {
         return Err("not a WebAssembly binary (it does not start with \\0asm)".to_owned());
+    }
+    if bytes.len() < 8 {
+        return Err(format!(
+            "not a WebAssembly binary: {} bytes is too short for its 8-byte header",
+            bytes.len()
+        ));
     }
     let version: [u8; 4] = bytes[4..8].try_into().expect("slice of 4 bytes");
     if version == CORE_MODULE_VERSION {

@@ -28,6 +28,9 @@ use crate::worker::{
     Secret,
 };
 
+/// The shortest secret value a worker may be given, in bytes.
+pub const MIN_SECRET_LEN: usize = 8;
+
 /// A route, ready to serve.
 #[derive(Debug)]
 pub struct Route {
@@ -377,15 +380,29 @@ impl Node {
                 };
                 let mut secrets = HashMap::with_capacity(worker.secrets.len());
                 for (secret_name, source) in &worker.secrets {
-                    let value = source.get_ref().resolve().map_err(|message| {
+                    let invalid = |message: &str| {
                         config.invalid(
                             config.line_of(source.span().start),
                             &format!(
                                 "routes[{index}].workers[{worker_index}].secrets.{secret_name}"
                             ),
-                            &message,
+                            message,
                         )
-                    })?;
+                    };
+                    let value = source
+                        .get_ref()
+                        .resolve()
+                        .map_err(|message| invalid(&message))?;
+                    if value.len() < MIN_SECRET_LEN {
+                        return Err(invalid(&format!(
+                            "the value is {} bytes long; a secret must be at least \
+                             {MIN_SECRET_LEN} bytes, because the node removes secrets from \
+                             worker logs by their value, and a shorter one matches ordinary \
+                             text and shows in the pattern it leaves",
+                            value.len()
+                        ))
+                        .into());
+                    }
                     secrets.insert(secret_name.clone(), Secret(value));
                 }
                 let path = config.resolve(worker.module.get_ref());

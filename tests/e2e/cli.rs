@@ -824,6 +824,22 @@ fn check_rejects_client_auth_without_ca() {
 }
 
 #[test]
+fn check_rejects_a_short_secret() {
+    let config = VALID.replace(
+        "headers = { \"x-a\" = \"1\" }",
+        "headers = { \"x-a\" = \"1\" }\n[routes.workers.secrets]\nsigning = \"e\"",
+    );
+    let error = check_fails(&config);
+    assert!(
+        error.contains(
+            ":17: routes[0].workers[0].secrets.signing: the value is 1 bytes long; \
+             a secret must be at least 8 bytes"
+        ),
+        "{error}"
+    );
+}
+
+#[test]
 fn check_reports_unset_secret_variable() {
     let config = VALID.replace(
         "headers = { \"x-a\" = \"1\" }",

@@ -273,6 +273,10 @@ impl Node {
     }
 
     fn build_with(config: &Config, files: FileAccess) -> Result<Node, BuildError> {
+        crate::worker::check_cache_dir(&config.cache_dir()).map_err(|message| {
+            let line = config.line_of_key("runtime", "cache_dir");
+            config.invalid(line, "runtime.cache_dir", &message)
+        })?;
         let settings = RuntimeSettings {
             cache_dir: config.cache_dir(),
             read_only_cache: files == FileAccess::ReadOnly,

@@ -824,6 +824,33 @@ fn check_rejects_client_auth_without_ca() {
 }
 
 #[test]
+fn check_rejects_an_unusable_cache_dir() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("file"), "").unwrap();
+    std::os::unix::fs::symlink("missing", dir.path().join("dangling")).unwrap();
+    let cases = [
+        ("file", "file is not a folder"),
+        (
+            "dangling",
+            "is a symbolic link to a path that does not exist",
+        ),
+        ("file/below", "file is not a folder"),
+        ("/dev/null", "/dev/null is not a folder"),
+    ];
+    for (cache_dir, expected) in cases {
+        let path = if cache_dir.starts_with('/') {
+            cache_dir.to_owned()
+        } else {
+            dir.path().join(cache_dir).display().to_string()
+        };
+        let config = format!("{VALID}\n[runtime]\ncache_dir = {path:?}\n");
+        let stderr = check_fails(&config);
+        assert!(stderr.contains(":24: runtime.cache_dir: "), "{stderr}");
+        assert!(stderr.contains(expected), "{cache_dir}: {stderr}");
+    }
+}
+
+#[test]
 fn check_rejects_a_short_secret() {
     let config = VALID.replace(
         "headers = { \"x-a\" = \"1\" }",

@@ -195,6 +195,68 @@ fn read_entry(path: &Path, hash: &str) -> anyhow::Result<Option<Vec<u8>>> {
     Ok(Some(bytes))
 }
 
+/// Checks that `dir` is a folder, or that it can be created, without
+/// creating or changing anything. Returns the reason when the node could not
+/// use it.
+pub fn check_dir(dir: &Path) -> Result<(), String> {
+    use rustix::fs::{accessat, Access, AtFlags, CWD};
+
+    match std::fs::metadata(dir) {
+        Ok(metadata) if metadata.is_dir() => return Ok(()),
+        Ok(_) => return Err(format!("{} is not a folder", dir.display())),
+        // NotADirectory: a part of the path is a file, reported below.
+        Err(error)
+            if !matches!(
+                error.kind(),
+                std::io::ErrorKind::NotFound | std::io::ErrorKind::NotADirectory
+            ) =>
+        {
+            return Err(format!("cannot read {}: {error}", dir.display()));
+        }
+        Err(_) => {}
+    }
+    if std::fs::symlink_metadata(dir).is_ok() {
+        return Err(format!(
+            "{} is a symbolic link to a path that does not exist",
+            dir.display()
+        ));
+    }
+    // The node creates the missing folders below the nearest one that exists.
+    let existing = dir
+        .ancestors()
+        .skip(1)
+        .map(|folder| {
+            if folder.as_os_str().is_empty() {
+                Path::new(".")
+            } else {
+                folder
+            }
+        })
+        .find(|folder| std::fs::symlink_metadata(folder).is_ok())
+        .unwrap_or(Path::new("/"));
+    if !existing.is_dir() {
+        return Err(format!(
+            "cannot create {}: {} is not a folder",
+            dir.display(),
+            existing.display()
+        ));
+    }
+    accessat(
+        CWD,
+        existing,
+        Access::WRITE_OK | Access::EXEC_OK,
+        AtFlags::EACCESS,
+    )
+    .map_err(|error| {
+        format!(
+            "cannot create {}: the folder {} does not allow it ({})",
+            dir.display(),
+            existing.display(),
+            std::io::Error::from(error)
+        )
+    })
+}
+
 /// Returns the part of an entry's name that identifies the engine's
 /// compilation settings and wasmtime's version.
 fn engine_key(engine: &Engine) -> String {

@@ -43,7 +43,7 @@ use wasmtime::component::{
 use wasmtime::{Engine, Store, Trap, UpdateDeadline, WasmBacktrace};
 
 use cache::ModuleCache;
-pub use cache::{content_hash, CacheOutcome};
+pub use cache::{check_dir as check_cache_dir, content_hash, CacheOutcome};
 pub use crypto::AllowedUpstreams;
 use crypto::HostCrypto;
 use fetch::FetchState;

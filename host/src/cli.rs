@@ -293,7 +293,13 @@ pub fn run_node(config: &Config, node: Node) -> anyhow::Result<()> {
     }
     tracing::info!(node = %config.node.name, threads = config.threads(), "serving");
     wait_for_signal()?;
-    tracing::info!("shutting down; draining open connections");
+    if let Err(error) = stop_on_second_signal(node.clone()) {
+        tracing::warn!(error = %format!("{error:#}"), "a second signal will not cut the drain short");
+    }
+    tracing::info!(
+        drain_timeout = ?config.node.drain_timeout,
+        "shutting down; draining open connections (send SIGTERM or Ctrl-C again to stop at once)"
+    );
     node.lifecycle.set(crate::node::Phase::Draining);
     server.shutdown();
     // Lines wait in the writer's batch for up to its flush interval.
@@ -398,6 +404,42 @@ fn print_dev_certificate_hint(ca: &Path, addr: std::net::SocketAddr) {
          && sudo update-ca-certificates",
         ca.display()
     );
+}
+
+/// Ends the process at once when a second SIGTERM or Ctrl-C comes during
+/// the drain, after writing out the access log's pending lines, so that an
+/// operator need not wait out `drain_timeout` or send SIGKILL. The signals
+/// are listened for before this returns, so none sent after it is missed.
+fn stop_on_second_signal(node: Arc<Node>) -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot build the signal runtime")?;
+    let (mut terminate, mut interrupt) = {
+        let _entered = runtime.enter();
+        let terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+        let interrupt = signal(SignalKind::interrupt()).context("cannot listen for Ctrl-C")?;
+        (terminate, interrupt)
+    };
+    std::thread::Builder::new()
+        .name("edge-stop".to_owned())
+        .spawn(move || {
+            runtime.block_on(async {
+                tokio::select! {
+                    _ = terminate.recv() => {}
+                    _ = interrupt.recv() => {}
+                }
+            });
+            tracing::warn!("second signal: stopping without waiting for open connections");
+            if let Some(access_log) = &node.access_log {
+                access_log.flush();
+            }
+            std::process::exit(1);
+        })
+        .context("cannot start the thread that listens for a second signal")?;
+    Ok(())
 }
 
 fn wait_for_signal() -> anyhow::Result<()> {

@@ -879,6 +879,41 @@ async fn shutdown_lets_requests_in_flight_finish() -> Result {
 }
 
 #[tokio::test]
+async fn second_signal_cuts_the_drain_short() -> Result {
+    let slow = Upstream::start(|_| Reply::Delay(Duration::from_secs(5))).await;
+    let mut node = Node::start(&one_route(&slow))?;
+    let url = node.url("/slow");
+    let in_flight = tokio::spawn(async move { get(&url).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    node.signal("TERM");
+    assert!(
+        node.log_contains("draining open connections"),
+        "{}",
+        node.log()
+    );
+    let signalled = std::time::Instant::now();
+    node.signal("TERM");
+    let status = tokio::task::spawn_blocking(move || {
+        let status = node.wait_exit();
+        (status, node.log())
+    })
+    .await?;
+    let (status, log) = status;
+    // The default drain_timeout is 10 s, and the request in flight takes 5 s.
+    assert!(signalled.elapsed() < Duration::from_secs(3), "{log}");
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "node exit: {status:?}"
+    );
+    assert!(log.contains("second signal: stopping"), "{log}");
+    assert!(
+        in_flight.await?.is_err(),
+        "the request in flight was cut off"
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn malformed_chunked_body_gets_400() -> Result {
     let upstream = Upstream::echo().await;
     let config = one_route(&upstream);

@@ -847,6 +847,42 @@ async fn no_wasi_worker_logs_its_panic() -> Result {
 }
 
 #[tokio::test]
+async fn no_wasi_panic_past_the_log_cap_is_kept() -> Result {
+    let upstream = Upstream::echo().await;
+    // 100 log lines, past the cap of 64 a call, then a panic.
+    let route = no_wasi_route(
+        "leak",
+        "/",
+        "secret-leak",
+        "[routes.workers.secrets]\nsigning = \"value-of-the-secret\"",
+    )
+    .replace(
+        "mode = \"secret-leak\"",
+        "mode = \"secret-leak\"\nname = \"signing\"",
+    );
+    let node = Node::start(&format!("{}{route}", app(&upstream)))?;
+    let got = get(&node.url("/")).await?;
+    assert_eq!(got.status, 500);
+    assert_eq!(got.json()["error"], "worker_failed");
+    assert!(node.log_contains("worker call failed"), "{}", node.log());
+    let log = node.log();
+    let failed = log
+        .lines()
+        .find(|line| line.contains("worker call failed"))
+        .unwrap_or_default();
+    assert!(
+        failed.contains("last error line, over the log cap: worker panicked"),
+        "{log}"
+    );
+    assert!(
+        failed.contains("giving up with the secret [secret signing]"),
+        "{log}"
+    );
+    assert!(!log.contains("value-of-the-secret"), "{log}");
+    Ok(())
+}
+
+#[tokio::test]
 async fn no_wasi_worker_state_never_survives() -> Result {
     let upstream = Upstream::echo().await;
     let config = format!(

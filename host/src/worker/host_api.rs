@@ -42,6 +42,10 @@ pub struct StoreState {
     pub(super) fetch: FetchState,
     /// Log lines the guest wrote in this call, kept or not.
     pub(super) log_lines: u32,
+    /// The last error line the caps dropped in this call, redacted. A call
+    /// that fails names it, because it is often the panic message of a
+    /// worker built without WASI.
+    pub(super) dropped_error: Option<String>,
 }
 
 /// A WASI context that grants nothing, with the guest's stderr captured.
@@ -90,6 +94,7 @@ impl StoreState {
             crypto,
             host_wait: Duration::ZERO,
             log_lines: 0,
+            dropped_error: None,
         }
     }
 
@@ -212,6 +217,18 @@ impl std::fmt::Debug for Secret {
 }
 
 impl WorkerSettings {
+    /// Returns a guest's log message as the node prints it: secrets
+    /// redacted, cut to [`MAX_LOG_BYTES`], on one line.
+    fn printable(&self, message: &str) -> String {
+        // Redact before cutting, so that a cut cannot leave part of a secret.
+        let redacted = self.redact(message);
+        let mut end = redacted.len().min(MAX_LOG_BYTES);
+        while !redacted.is_char_boundary(end) {
+            end -= 1;
+        }
+        one_line(&redacted[..end]).into_owned()
+    }
+
     /// Prepares the config table of a worker bound to `route`.
     pub fn new(
         route: Arc<str>,
@@ -292,15 +309,12 @@ impl log::Host for StoreState {
         }
         self.log_lines += 1;
         if self.log_lines > MAX_LOG_LINES {
+            if level == log::Level::Error {
+                self.dropped_error = Some(self.settings.printable(&message));
+            }
             return;
         }
-        // Redact before cutting, so that a cut cannot leave part of a secret.
-        let redacted = self.settings.redact(&message);
-        let mut end = redacted.len().min(MAX_LOG_BYTES);
-        while !redacted.is_char_boundary(end) {
-            end -= 1;
-        }
-        let message = one_line(&redacted[..end]);
+        let message = self.settings.printable(&message);
         let route = &*self.settings.route;
         let worker = &*self.settings.module;
         let Some(suppressed) = self
@@ -308,6 +322,9 @@ impl log::Host for StoreState {
             .log_throttle
             .admit_per_second(LOG_LINES_PER_SECOND)
         else {
+            if level == log::Level::Error {
+                self.dropped_error = Some(message);
+            }
             return;
         };
         if suppressed > 0 {

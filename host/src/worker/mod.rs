@@ -717,6 +717,9 @@ fn classify_trap(
     if !stderr.is_empty() {
         message.push_str(&format!("; stderr: {stderr}"));
     }
+    if let Some(line) = &store.data().dropped_error {
+        message.push_str(&format!("; last error line, over the log cap: {line}"));
+    }
     WorkerError::Failed(message)
 }
 

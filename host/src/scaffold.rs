@@ -98,7 +98,7 @@ fn reserved_crate_name(name: &str) -> Option<&'static str> {
     }
 }
 
-/// Returns whether `dir` holds the guest SDK's crate.
+/// Returns whether `dir` contains the guest SDK's crate.
 fn is_guest_sdk(dir: &Path) -> bool {
     let Ok(manifest) = std::fs::read_to_string(dir.join("Cargo.toml")) else {
         return false;

@@ -898,6 +898,7 @@ async fn second_signal_cuts_the_drain_short() -> Result {
         (status, node.log())
     })
     .await?;
+
     let (status, log) = status;
     // The default drain_timeout is 10 s, and the request in flight takes 5 s.
     assert!(signalled.elapsed() < Duration::from_secs(3), "{log}");

@@ -847,7 +847,7 @@ async fn no_wasi_worker_logs_its_panic() -> Result {
 }
 
 #[tokio::test]
-async fn no_wasi_panic_past_the_log_cap_is_kept() -> Result {
+async fn no_wasi_panic_survives_log_cap() -> Result {
     let upstream = Upstream::echo().await;
     // 100 log lines, past the cap of 64 a call, then a panic.
     let route = no_wasi_route(
@@ -861,9 +861,11 @@ async fn no_wasi_panic_past_the_log_cap_is_kept() -> Result {
         "mode = \"secret-leak\"\nname = \"signing\"",
     );
     let node = Node::start(&format!("{}{route}", app(&upstream)))?;
+
     let got = get(&node.url("/")).await?;
     assert_eq!(got.status, 500);
     assert_eq!(got.json()["error"], "worker_failed");
+
     assert!(node.log_contains("worker call failed"), "{}", node.log());
     let log = node.log();
     let failed = log

@@ -32,7 +32,14 @@ enum Command {
     /// and without creating or changing any file.
     Check {
         /// The node's TOML config file.
-        config: PathBuf,
+        #[arg(
+            required_unless_present = "config_flag",
+            conflicts_with = "config_flag"
+        )]
+        config: Option<PathBuf>,
+        /// The node's TOML config file, as `serve --config` takes it.
+        #[arg(long = "config", short = 'c', value_name = "CONFIG")]
+        config_flag: Option<PathBuf>,
     },
     /// Start a demo node with built-in demo upstreams and the example workers.
     Demo {
@@ -141,7 +148,13 @@ pub fn main() -> ExitCode {
     }
     let result = match cli.command {
         Command::Serve { config } => serve(&config),
-        Command::Check { config } => check(&config),
+        Command::Check {
+            config,
+            config_flag,
+        } => match config.or(config_flag) {
+            Some(config) => check(&config),
+            None => unreachable!("clap requires one of the two"),
+        },
         Command::Demo {
             listen,
             http_listen,
@@ -310,6 +323,7 @@ pub fn run_node(config: &Config, node: Node) -> anyhow::Result<()> {
     for thread in side_threads {
         let _ = thread.join();
     }
+    tracing::info!("stopped");
     Ok(())
 }
 
@@ -468,14 +482,22 @@ fn check(path: &Path) -> anyhow::Result<()> {
     }
     let workers: usize = node.routes.iter().map(|r| r.workers.len()).sum();
     println!(
-        "{}: ok ({} listeners, {} upstreams, {} routes, {} workers)",
+        "{}: ok ({}, {}, {}, {})",
         config.source.name,
-        config.listeners.len(),
-        config.upstreams.len(),
-        config.routes.len(),
-        workers
+        counted(config.listeners.len(), "listener"),
+        counted(config.upstreams.len(), "upstream"),
+        counted(config.routes.len(), "route"),
+        counted(workers, "worker"),
     );
     Ok(())
+}
+
+/// Formats `count` with `noun`, plural unless the count is one.
+fn counted(count: usize, noun: &str) -> String {
+    match count {
+        1 => format!("1 {noun}"),
+        _ => format!("{count} {noun}s"),
+    }
 }
 
 fn explain(path: &Path, method: &str, raw_path: &str, host: Option<&str>) -> anyhow::Result<()> {

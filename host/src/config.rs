@@ -68,7 +68,7 @@ pub struct ConfigSource {
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     /// The socket address. Default: `127.0.0.1:9901`.
-    #[serde(default = "default_admin_addr")]
+    #[serde(default = "default_admin_addr", with = "socket_addr::spanned")]
     pub addr: Spanned<SocketAddr>,
     /// The bearer token, at least 16 characters. Set this or `token_file`.
     pub token: Option<Spanned<String>>,
@@ -203,6 +203,7 @@ fn is_node_name(name: &str) -> bool {
 #[serde(deny_unknown_fields)]
 pub struct ListenerConfig {
     /// The socket address, such as `0.0.0.0:8080`. Port 0 picks a free port.
+    #[serde(with = "socket_addr::spanned")]
     pub addr: Spanned<SocketAddr>,
     /// Peers whose `X-Forwarded-For` is trusted and appended to; for every
     /// other peer the header is replaced. Default: none.
@@ -430,6 +431,7 @@ impl Default for RuntimeConfig {
 pub struct UpstreamConfig {
     /// Target addresses, such as `127.0.0.1:9000`; requests go to them in
     /// turn.
+    #[serde(deserialize_with = "socket_addr::deserialize_list")]
     pub targets: Spanned<Vec<SocketAddr>>,
     /// Time allowed to open a TCP connection to a target. Default: 2s.
     #[serde(default = "default_connect_timeout", with = "humantime_serde")]
@@ -903,6 +905,59 @@ pub const MAX_INSTANCES: u32 = 4096;
 /// Formats a size in binary units, as the config writes them.
 pub fn binary(size: ByteSize) -> String {
     size.to_string_as(true)
+}
+
+/// Reads socket addresses, with an error that says the expected form. The
+/// standard library's reads "invalid socket address syntax".
+mod socket_addr {
+    use std::net::{IpAddr, SocketAddr};
+
+    use serde::de::{self, Deserialize, Deserializer};
+    use toml::Spanned;
+
+    /// A socket address as the config writes it: an IP address and a port.
+    pub struct Addr(SocketAddr);
+
+    impl<'de> Deserialize<'de> for Addr {
+        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Addr, D::Error> {
+            let text = String::deserialize(deserializer)?;
+            match text.parse::<SocketAddr>() {
+                Ok(addr) => Ok(Addr(addr)),
+                Err(_) if text.parse::<IpAddr>().is_ok() => Err(de::Error::custom(format!(
+                    "invalid address {text:?}: it has no port; write it as 127.0.0.1:9000 \
+                     or [::1]:9000"
+                ))),
+                Err(_) => Err(de::Error::custom(format!(
+                    "invalid address {text:?}: expected an IP address and a port, such as \
+                     127.0.0.1:9000 or [::1]:9000 (host names are not resolved)"
+                ))),
+            }
+        }
+    }
+
+    /// Reads one address and keeps its place in the file.
+    pub mod spanned {
+        use serde::{Deserialize, Deserializer};
+        use std::net::SocketAddr;
+        use toml::Spanned;
+
+        pub fn deserialize<'de, D: Deserializer<'de>>(
+            deserializer: D,
+        ) -> Result<Spanned<SocketAddr>, D::Error> {
+            let addr = Spanned::<super::Addr>::deserialize(deserializer)?;
+            Ok(Spanned::new(addr.span(), addr.into_inner().0))
+        }
+    }
+
+    /// Reads a list of addresses and keeps its place in the file.
+    pub fn deserialize_list<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Spanned<Vec<SocketAddr>>, D::Error> {
+        let list = Spanned::<Vec<Addr>>::deserialize(deserializer)?;
+        let span = list.span();
+        let addrs = list.into_inner().into_iter().map(|addr| addr.0).collect();
+        Ok(Spanned::new(span, addrs))
+    }
 }
 
 /// Reads a size: a number of bytes, or a string of a number and a unit
@@ -1401,7 +1456,13 @@ impl Config {
         let Some(admin) = &self.admin else {
             return Ok(());
         };
-        let line = self.line_of(admin.addr.span().start);
+        // A defaulted addr has no place in the file, so the error names the
+        // [admin] table's line instead.
+        let line = if admin.addr.span().is_empty() {
+            self.line_of_table("admin")
+        } else {
+            self.line_of(admin.addr.span().start)
+        };
         let addr = admin.addr.get_ref();
         if let Some(listener) = self
             .listeners
@@ -1818,6 +1879,16 @@ impl Config {
             Some(span) => text[..span.start].matches('\n').count() + 1,
             None => 0,
         }
+    }
+
+    /// Returns the line of the `[table]` header, or 0 when the file has none.
+    pub fn line_of_table(&self, table: &str) -> usize {
+        let header = format!("[{table}]");
+        self.source
+            .text
+            .lines()
+            .position(|line| line.trim() == header)
+            .map_or(0, |index| index + 1)
     }
 
     /// Returns [`Config::line_of_key`], or `fallback` when the key is written

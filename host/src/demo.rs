@@ -63,7 +63,9 @@ pub fn run(listen: SocketAddr, http_listen: SocketAddr, modules: &Path) -> anyho
     println!("  {curl} {base}/api/users/7          # routed to the users upstream");
     println!("  {curl} -X POST {base}/api/checkout # routed to the payments upstream");
     println!("  {curl} {base}/api/unknown          # answered 404 by the path-router worker");
-    println!("  {curl} {base}/                     # the web upstream, x-powered-by added");
+    println!(
+        "  {curl} {base}/                     # the web upstream: x-powered-by, x-device-class"
+    );
     println!("  {curl} -A '{IPHONE}' {base}/home   # device-router: /mobile/home, x-device-class");
     println!("  {curl} --path-as-is '{base}/api/../api/users/7'  # normalised before routing");
     println!("  curl -i http://{http_listen}/api/users/7   # 308 redirect to HTTPS");

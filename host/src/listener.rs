@@ -62,7 +62,15 @@ impl Server {
         let mut addrs = Vec::new();
         for listener in listeners {
             let addr = *listener.addr.get_ref();
-            let socket = bind(addr).with_context(|| format!("cannot listen on {addr}"))?;
+            let socket = bind(addr).map_err(|error| {
+                let hint = if error.kind() == std::io::ErrorKind::AddrInUse {
+                    "; another process listens there (a node still running?): stop it, or \
+                     change listeners[].addr"
+                } else {
+                    ""
+                };
+                anyhow::anyhow!("cannot listen on {addr}: {error}{hint}")
+            })?;
             addrs.push(socket.local_addr()?);
             bound.push(socket);
         }

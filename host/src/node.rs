@@ -24,8 +24,8 @@ use crate::route::{HostMatch, PathMatch, RouteRule, Router};
 use crate::tls::{CertificateFiles, ListenerTls, ServerSettings, TlsError, UpstreamTls};
 use crate::trace::SpanQueue;
 use crate::worker::{
-    AllowedUpstreams, Binding, FetchAccess, FetchLimits, LoadError, Runtime, RuntimeSettings,
-    Secret,
+    AllowedUpstreams, Binding, FetchAccess, FetchLimits, LoadError, LogThrottle, Runtime,
+    RuntimeSettings, Secret,
 };
 
 /// The shortest secret value a worker may be given, in bytes.
@@ -56,6 +56,8 @@ pub struct Route {
     pub response_headers: Vec<(HeaderName, HeaderValue)>,
     /// Whether the route's context limits ever get their value.
     pub context_watch: ContextWatch,
+    /// Bounds the warnings about requests that found no upstream.
+    pub no_upstream_log: LogThrottle,
 }
 
 /// A watch for a limit keyed by a context value that no worker ever sets,
@@ -509,6 +511,7 @@ impl Node {
                 workers,
                 response_headers,
                 context_watch: ContextWatch::default(),
+                no_upstream_log: LogThrottle::default(),
             });
         }
 

@@ -332,7 +332,17 @@ async fn serve(
         }
         view = Some(request_view);
     }
-    let upstream_index = upstream.ok_or(Refusal::NoUpstream)?;
+    let Some(upstream_index) = upstream else {
+        if let Some(suppressed) = route.no_upstream_log.admit() {
+            tracing::warn!(
+                route = %route.name,
+                suppressed,
+                "request answered 500 no_upstream: the route has no upstream and no worker \
+                 chose one; set the route's upstream, or make a worker route or respond"
+            );
+        }
+        return Err(Refusal::NoUpstream);
+    };
     exchange.upstream = Some(upstream_index);
     let upstream = &node.upstreams[upstream_index];
 

@@ -170,10 +170,18 @@ pub fn new_worker(
         SdkSource::Path(path) => {
             let root = std::fs::canonicalize(&root)
                 .with_context(|| format!("cannot resolve {}", root.display()))?;
-            // A crate in the same tree as the SDK (say, this repository's
-            // workers/) gets a relative path, which still works after a move
-            // or a clone elsewhere.
-            let path = relative_within_tree(&path, &root).unwrap_or(path);
+            // A crate inside the SDK's checkout (say, its workers/) gets a
+            // relative path, which still works after the checkout moves or
+            // is cloned elsewhere. Any other crate gets an absolute path,
+            // which still works after the crate moves.
+            let inside = path
+                .parent()
+                .is_some_and(|checkout| root.starts_with(checkout));
+            let path = if inside {
+                relative_within_tree(&path, &root).unwrap_or(path)
+            } else {
+                path
+            };
             let path = toml_string(&path.display().to_string());
             format!("edge-sdk = {{ path = {path} }}")
         }
@@ -184,8 +192,10 @@ name = "{name}"
 version = "0.1.0"
 edition = "2021"
 
-# Build with `edge worker build .`, which produces a wasm32-wasip2 component,
-# or with `edge worker build --no-wasi .` for one that imports no WASI.
+# Build with `edge worker build PATH-TO-THIS-FOLDER`, run from the folder of
+# your edge.toml: it writes modules/{name}.wasm there, a wasm32-wasip2
+# component. `--out DIR` writes it elsewhere, and `--no-wasi` builds one that
+# imports no WASI.
 [lib]
 crate-type = ["cdylib"]
 
@@ -230,6 +240,12 @@ export_worker!(MyWorker);
 /// to `out/<crate name>.wasm`.
 pub fn build_worker(path: &Path, out: &Path, target: WorkerTarget) -> anyhow::Result<()> {
     let manifest = path.join("Cargo.toml");
+    if !path.exists() {
+        bail!(
+            "{} not found; pass the worker crate's folder",
+            path.display()
+        );
+    }
     if !manifest.exists() {
         bail!(
             "{} has no Cargo.toml; pass the worker crate's folder",
@@ -297,8 +313,14 @@ pub fn build_worker(path: &Path, out: &Path, target: WorkerTarget) -> anyhow::Re
     })?;
     let size = std::fs::metadata(&destination)?.len();
     println!("built {} ({size} bytes)", destination.display());
+    // A config resolves a relative module path from its own folder, which
+    // need not be this one.
+    let relative_to = match std::env::current_dir() {
+        Ok(dir) if destination.is_relative() => format!(" (relative to {})", dir.display()),
+        _ => String::new(),
+    };
     println!(
-        "bind it to a route with: module = {:?}",
+        "bind it to a route with: module = {:?}{relative_to}",
         destination.display().to_string()
     );
     Ok(())

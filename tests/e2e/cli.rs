@@ -47,7 +47,7 @@ fn check_accepts_a_valid_config() {
         String::from_utf8_lossy(&output.stderr)
     );
     assert!(
-        stdout.contains("ok (1 listeners, 1 upstreams, 2 routes, 1 workers)"),
+        stdout.contains("ok (1 listener, 1 upstream, 2 routes, 1 worker)"),
         "{stdout}"
     );
 }
@@ -221,6 +221,11 @@ fn check_reports_line_and_field() {
             "[admin]\naddr = \"127.0.0.1:28098\"\ntoken = \"0123456789abcdef0123\"\n\n\
              [[listeners]]\naddr = \"127.0.0.1:28098\"\n",
             "admin.addr: 127.0.0.1:28098 clashes with 127.0.0.1:28098",
+        ),
+        // The default admin address: the error names the [admin] table.
+        (
+            "[[listeners]]\naddr = \"127.0.0.1:9901\"\n\n[admin]\ntoken = \"0123456789abcdef0123\"\n",
+            ":4: admin.addr: 127.0.0.1:9901 clashes with 127.0.0.1:9901",
         ),
     ];
     for (listeners, expected) in clashes {
@@ -439,6 +444,15 @@ fn check_rejects_invalid_values() {
                 "targets = [\"127.0.0.1:9\"]\nretry.budget_percent = 101",
             ),
             ":6: upstreams.users.retry.budget_percent: must be from 0 to 100",
+        ),
+        (
+            VALID.replace("127.0.0.1:9", "localhost:9"),
+            "invalid address \"localhost:9\": expected an IP address and a port, \
+             such as 127.0.0.1:9000 or [::1]:9000 (host names are not resolved)",
+        ),
+        (
+            VALID.replace("addr = \"127.0.0.1:0\"", "addr = \"127.0.0.1\""),
+            "invalid address \"127.0.0.1\": it has no port",
         ),
     ];
     for (text, expected) in cases {
@@ -703,6 +717,59 @@ fn worker_new_checks_its_sdk_source() {
 }
 
 #[test]
+fn worker_new_outside_the_checkout_uses_an_absolute_sdk_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().display().to_string();
+    let created = edge(&["worker", "new", "far-worker", "--dir", &root]);
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    let manifest = std::fs::read_to_string(dir.path().join("far-worker/Cargo.toml")).unwrap();
+    let manifest: toml::Table = manifest.parse().unwrap();
+    let path = manifest["dependencies"]["edge-sdk"]["path"]
+        .as_str()
+        .unwrap();
+    assert_eq!(
+        std::path::Path::new(path),
+        crate::harness::repo_root()
+            .join("guest-sdk")
+            .canonicalize()
+            .unwrap()
+    );
+}
+
+#[test]
+fn worker_build_names_a_missing_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("nope").display().to_string();
+    let output = edge(&["worker", "build", &missing]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("nope not found"), "{stderr}");
+}
+
+#[test]
+fn serve_says_why_it_cannot_listen() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), &VALID.replace("127.0.0.1:0", &addr));
+    let output = edge(&["serve", "--config", &path]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("cannot listen on {addr}: Address already in use")),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("stop it, or change listeners[].addr"),
+        "{stderr}"
+    );
+}
+
+#[test]
 fn worker_new_relative_sdk_path() {
     let dir = tempfile::tempdir_in(crate::harness::repo_root()).unwrap();
     let root = dir.path().display().to_string();
@@ -848,6 +915,17 @@ fn check_rejects_an_unusable_cache_dir() {
         assert!(stderr.contains(":24: runtime.cache_dir: "), "{stderr}");
         assert!(stderr.contains(expected), "{cache_dir}: {stderr}");
     }
+}
+
+#[test]
+fn check_takes_the_config_as_serve_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = write_config(dir.path(), VALID);
+    let output = edge(&["check", "--config", &path]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    let output = edge(&["check"]);
+    assert!(!output.status.success());
 }
 
 #[test]

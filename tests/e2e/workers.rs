@@ -296,6 +296,9 @@ async fn stderr_output_never_fails_worker() -> Result {
         log.contains("earlier bytes not kept"),
         "the log says that earlier output was dropped: {log}"
     );
+    // A guest gets no environment, so the standard library's hint to set
+    // RUST_BACKTRACE cannot help.
+    assert!(!log.contains("RUST_BACKTRACE"), "{log}");
     Ok(())
 }
 
@@ -813,6 +816,27 @@ async fn sighup_while_starting_does_not_stop_the_node() -> Result {
     let _ = std::process::Command::new("kill").arg(&pid).status();
     let status = child.wait()?;
     assert!(listening, "the node ended before listening: {status}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn route_without_upstream_logs_why() -> Result {
+    let upstream = Upstream::echo().await;
+    // The worker lets the request through, and the route names no upstream.
+    let route = fixture_route("nowhere", "/", "log-many", "")
+        .replace("upstream = \"app\"\n", "")
+        .replace("mode = \"log-many\"", "mode = \"log-many\"\nlines = 1");
+    let node = Node::start(&format!("{}{route}", app(&upstream)))?;
+
+    let got = get(&node.url("/")).await?;
+    assert_eq!(got.status, 500);
+    assert_eq!(got.json()["error"], "no_upstream");
+    assert_eq!(upstream.count(), 0);
+
+    assert!(node.log_contains("no_upstream"), "{}", node.log());
+    let log = node.log();
+    assert!(log.contains("route=nowhere"), "{log}");
+    assert!(log.contains("set the route's upstream"), "{log}");
     Ok(())
 }
 

@@ -104,11 +104,23 @@ impl StoreState {
         match &self.wasi {
             Some(wasi) => {
                 let text = wasi.stderr.text();
+                let text = without_backtrace_hint(text.trim_end());
                 one_line(&self.settings.redact(text.trim_end())).into_owned()
             }
             None => String::new(),
         }
     }
+}
+
+/// The line the Rust standard library adds to a panic message. A guest
+/// gets no environment variables, so setting it on the node changes nothing.
+const BACKTRACE_HINT: &str =
+    "note: run with `RUST_BACKTRACE=1` environment variable to display a backtrace";
+
+/// Removes the standard library's backtrace hint from the end of a guest's
+/// stderr, because following it cannot help.
+fn without_backtrace_hint(text: &str) -> &str {
+    text.strip_suffix(BACKTRACE_HINT).unwrap_or(text)
 }
 
 /// Escapes the line breaks and other control characters (but tabs) of a

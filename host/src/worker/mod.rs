@@ -428,7 +428,7 @@ impl Runtime {
             .await
             .map_err(|e| LoadError {
                 path: binding.module.path.clone(),
-                message: format!("its `hooks` call failed: {e}"),
+                message: format!("it failed to start, before it read its config: {e}"),
             })?
             .map_err(|message| LoadError {
                 path: binding.module.path.clone(),

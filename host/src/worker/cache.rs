@@ -52,6 +52,7 @@ impl ModuleCache {
             .mode(0o700)
             .create(&dir)
             .with_context(|| format!("cannot create module cache folder {}", dir.display()))?;
+        remove_stale_temporaries(&dir);
         if let Ok(metadata) = std::fs::metadata(&dir) {
             if metadata.permissions().mode() & 0o022 != 0 {
                 tracing::warn!(
@@ -154,6 +155,56 @@ impl ModuleCache {
         }
         Ok(written?)
     }
+}
+
+/// How old a temporary file of `store` must be before a starting node
+/// removes it: older than any write that may still be under way.
+const STALE_TEMPORARY_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Removes the temporary files that writes which failed or were cut short
+/// (a full disk, a killed node) left in the cache folder.
+fn remove_stale_temporaries(dir: &Path) {
+    let Ok(files) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for file in files.flatten() {
+        let name = file.file_name();
+        if !name.to_str().is_some_and(is_temporary_name) {
+            continue;
+        }
+        let age = file
+            .metadata()
+            .and_then(|metadata| metadata.modified())
+            .ok()
+            .and_then(|modified| modified.elapsed().ok());
+        if age.is_none_or(|age| age < STALE_TEMPORARY_AGE) {
+            continue;
+        }
+        match std::fs::remove_file(file.path()) {
+            Ok(()) => {
+                tracing::info!(file = %file.path().display(), "removed a stale module cache temporary file")
+            }
+            Err(error) => tracing::warn!(
+                file = %file.path().display(),
+                %error,
+                "cannot remove a stale module cache temporary file"
+            ),
+        }
+    }
+}
+
+/// Returns whether `name` is that of a temporary file of `store`: a module
+/// hash, a dash, the engine key and `.tmp` with the writer's id.
+fn is_temporary_name(name: &str) -> bool {
+    let Some((entry, _)) = name.split_once(".tmp") else {
+        return false;
+    };
+    let Some((hash, key)) = entry.split_once('-') else {
+        return false;
+    };
+    let hex =
+        |text: &str, len: usize| text.len() == len && text.bytes().all(|b| b.is_ascii_hexdigit());
+    hex(hash, 64) && hex(key, 16)
 }
 
 /// The end of every entry, after its digest.
@@ -268,4 +319,38 @@ fn engine_key(engine: &Engine) -> String {
 /// Returns the lower-case hex SHA-256 of a module's bytes.
 pub fn content_hash(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HASH: &str = "b974e40ce42045c7c5a442d790b895bba4612a18a133febfcbef99772d06cfb3";
+
+    #[test]
+    fn stale_temporaries_are_removed_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = dir
+            .path()
+            .join(format!("{HASH}-9251c85941f77eeb.tmp7211-00000000000000ff"));
+        let fresh = dir
+            .path()
+            .join(format!("{HASH}-9251c85941f77eeb.tmp7212-00000000000000fe"));
+        let entry = dir.path().join(format!("{HASH}-9251c85941f77eeb.cwasm"));
+        let other = dir.path().join("notes.tmp1");
+        for path in [&old, &fresh, &entry, &other] {
+            std::fs::write(path, b"x").unwrap();
+        }
+        let two_hours_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+        for path in [&old, &entry, &other] {
+            let file = std::fs::File::options().write(true).open(path).unwrap();
+            file.set_modified(two_hours_ago).unwrap();
+        }
+
+        ModuleCache::new(dir.path().to_owned(), &Engine::default()).unwrap();
+        assert!(!old.exists(), "a stale temporary file is removed");
+        assert!(fresh.exists(), "a write that may be under way is kept");
+        assert!(entry.exists(), "entries are kept");
+        assert!(other.exists(), "files of other programs are kept");
+    }
 }

@@ -62,7 +62,9 @@ pub fn run(listen: SocketAddr, http_listen: SocketAddr, modules: &Path) -> anyho
     println!("redirects plain HTTP on {http_listen} to it. Try, in another terminal:");
     println!("  {curl} {base}/api/users/7          # routed to the users upstream");
     println!("  {curl} -X POST {base}/api/checkout # routed to the payments upstream");
-    println!("  {curl} {base}/api/unknown          # answered 404 by the path-router worker");
+    println!(
+        "  {curl} {base}/api/unknown          # answered 404 no_rule by the path-router worker"
+    );
     println!(
         "  {curl} {base}/                     # the web upstream: x-powered-by, x-device-class"
     );

@@ -64,7 +64,7 @@ async fn path_router() -> Result {
 
     let wrong_method = get(&node.url("/checkout")).await?;
     assert_eq!(wrong_method.status, 404);
-    assert_eq!(wrong_method.json()["error"], "no_route");
+    assert_eq!(wrong_method.json()["error"], "no_rule");
     let unknown = get(&node.url("/nothing")).await?;
     assert_eq!(unknown.status, 404);
     assert_eq!(unknown.header("content-type"), Some("application/json"));
@@ -587,7 +587,7 @@ async fn demo_serves_its_routes() -> Result {
         .await?
         .got;
     assert_eq!(unknown.status, 404);
-    assert_eq!(unknown.json()["error"], "no_route");
+    assert_eq!(unknown.json()["error"], "no_rule");
     let site = client.get(https, "localhost", "/", &[]).await?.got;
     assert_eq!(site.json()["upstream"], "web");
     assert_eq!(site.header("x-powered-by"), Some("edge"));

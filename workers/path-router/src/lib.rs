@@ -27,8 +27,9 @@
 //!   `/api/orders` goes on as `/orders` and `/api` as `/`.
 //!
 //! A match routes the request to the rule's upstream. When no rule matches,
-//! the worker responds 404 with `{"error":"no_route","message":"no rule
-//! matches GET /x"}`. An invalid config makes every request fail with 500 and
+//! the worker responds 404 with `{"error":"no_rule","message":"no rule
+//! matches GET /x"}`, a code of its own, so that a client can tell it from the
+//! node's `no_route`. An invalid config makes every request fail with 500 and
 //! `{"error":"worker_config_invalid","message":"..."}`, and logs an error.
 
 use edge_sdk::{Action, Request, RequestChanges, Response, Worker};
@@ -183,7 +184,7 @@ impl Worker for PathRouter {
             }
             None => {
                 let message = format!("no rule matches {} {}", request.method, request.path);
-                error_response(404, "no_route", message)
+                error_response(404, "no_rule", message)
             }
         }
     }
@@ -394,7 +395,7 @@ mod tests {
         let body: serde_json::Value = serde_json::from_slice(&response.body).unwrap();
         assert_eq!(
             body,
-            serde_json::json!({"error": "no_route", "message": "no rule matches GET /checkout"})
+            serde_json::json!({"error": "no_rule", "message": "no rule matches GET /checkout"})
         );
     }
 

@@ -289,7 +289,7 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     let request = request();
     let engines = [
-        ("runtime", engine::engine_config(2, 64 << 20)),
+        ("runtime", engine::engine_config(2, 64 << 20, true)),
         ("prototype", prototype_config()),
     ];
     println!("best of {ROUNDS} rounds of {calls} calls, thread CPU µs per call:");

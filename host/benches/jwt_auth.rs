@@ -101,6 +101,7 @@ fn main() -> anyhow::Result<()> {
         queue_timeout: Duration::from_millis(20),
         max_memory: 64 << 20,
         upstreams: Default::default(),
+        instance_pool: true,
     })?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -48,6 +48,7 @@ fn main() -> anyhow::Result<()> {
         queue_timeout: Duration::from_millis(20),
         max_memory: 64 << 20,
         upstreams: Default::default(),
+        instance_pool: true,
     };
     let runtime = Runtime::new(&settings)?;
     let rt = tokio::runtime::Builder::new_current_thread()

@@ -79,6 +79,7 @@ impl Worker {
             queue_timeout: Duration::from_millis(20),
             max_memory: 64 << 20,
             upstreams: Default::default(),
+            instance_pool: true,
         };
         let runtime = Runtime::new(&settings)?;
         let loaded = runtime.load(std::path::Path::new(module))?;

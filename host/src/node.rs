@@ -287,6 +287,7 @@ impl Node {
             queue_timeout: config.runtime.queue_timeout,
             max_memory: config.runtime.max_memory.as_u64() as usize,
             upstreams: Arc::new(config.upstreams.keys().cloned().collect()),
+            instance_pool: config.routes.iter().any(|route| !route.workers.is_empty()),
         };
         let runtime = Runtime::new(&settings).map_err(BuildError::Runtime)?;
         let clock = SystemClock::from_env().map_err(BuildError::RateLimit)?;

@@ -481,6 +481,25 @@ fn check_names_the_pool_under_an_address_limit() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("runtime.max_instances = 128"), "{stderr}");
     assert!(stderr.contains("ulimit -v"), "{stderr}");
+
+    // A node without workers reserves no instance pool.
+    let no_workers = VALID.replace(
+        "\n[[routes.workers]]\nmodule = \"{modules}/add-header.wasm\"\n\
+         [routes.workers.config]\nheaders = { \"x-a\" = \"1\" }\n",
+        "\n",
+    );
+    assert!(!no_workers.contains("[[routes.workers]]"), "{no_workers}");
+    let path = write_config(dir.path(), &no_workers);
+    let output = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -v 4000000 && exec {:?} check {path:?}",
+            env!("CARGO_BIN_EXE_edge")
+        ))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
 }
 
 #[test]

@@ -15,7 +15,9 @@ pub const MAX_WASM_STACK: usize = 512 << 10;
 
 /// Returns the engine configuration of a runtime with `max_instances`
 /// instance slots, each with linear memories of at most `max_memory` bytes.
-pub fn engine_config(max_instances: u32, max_memory: usize) -> wasmtime::Config {
+/// Without `pooled`, instances are allocated on demand and nothing is
+/// reserved at start.
+pub fn engine_config(max_instances: u32, max_memory: usize, pooled: bool) -> wasmtime::Config {
     let mut pool = PoolingAllocationConfig::default();
     // A Rust component for wasm32-wasip2 contains a few core instances,
     // one or two memories and a few tables, so leave room for that per
@@ -39,7 +41,11 @@ pub fn engine_config(max_instances: u32, max_memory: usize) -> wasmtime::Config 
         .async_stack_size(ASYNC_STACK_SIZE)
         .max_wasm_stack(MAX_WASM_STACK)
         .epoch_interruption(true)
-        .allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
+        .allocation_strategy(if pooled {
+            InstanceAllocationStrategy::Pooling(pool)
+        } else {
+            InstanceAllocationStrategy::OnDemand
+        });
     // `perf` can then name the functions of guests in its profiles.
     if std::env::var_os("EDGE_PERF_MAP").is_some_and(|value| value == "1") {
         config.profiler(wasmtime::ProfilingStrategy::PerfMap);

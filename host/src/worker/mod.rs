@@ -121,6 +121,9 @@ pub struct RuntimeSettings {
     pub max_memory: usize,
     /// The names of the node's upstreams, for the `upstreams` import.
     pub upstreams: Arc<HashSet<String>>,
+    /// Whether instances come from a pool that is reserved at start. A node
+    /// without workers needs none, and then reserves no address space.
+    pub instance_pool: bool,
 }
 
 /// The failure of a worker call that returned no decision.
@@ -262,7 +265,11 @@ pub struct Runtime {
 impl Runtime {
     /// Creates the engine, instance pool, linker, cache and epoch ticker.
     pub fn new(settings: &RuntimeSettings) -> anyhow::Result<Runtime> {
-        let config = engine::engine_config(settings.max_instances, settings.max_memory);
+        let config = engine::engine_config(
+            settings.max_instances,
+            settings.max_memory,
+            settings.instance_pool,
+        );
         let engine = Engine::new(&config)
             .map_err(anyhow::Error::from)
             .with_context(|| {

@@ -524,13 +524,17 @@ fn explain(path: &Path, method: &str, raw_path: &str, host: Option<&str>) -> any
         .parse::<http::Uri>()
         .ok()
         .filter(|uri| uri.scheme().is_some());
-    let (host, raw_path) = match &absolute {
-        Some(uri) => {
-            let host = uri.authority().map(http::uri::Authority::as_str);
-            let target = uri.path_and_query().map_or("/", |target| target.as_str());
-            (host, target)
-        }
-        None => (host, raw_path),
+    // `path()` is `/` for a target with no path, as the node sends it.
+    let target = absolute.as_ref().map(|uri| match uri.query() {
+        Some(query) => format!("{}?{query}", uri.path()),
+        None => uri.path().to_owned(),
+    });
+    let (host, raw_path) = match (&absolute, &target) {
+        (Some(uri), Some(target)) => (
+            uri.authority().map(http::uri::Authority::as_str),
+            target.as_str(),
+        ),
+        _ => (host, raw_path),
     };
     if let Some(host) = host {
         crate::pipeline::check_host(host.as_bytes()).map_err(|reason| {

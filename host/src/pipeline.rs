@@ -1048,6 +1048,12 @@ fn prepare_upstream_request(
             .unwrap_or_else(|| PathAndQuery::from_static("/")),
     };
     parts.uri = Uri::from(path_and_query);
+    // An absolute-form target with neither path nor query (`http://host#top`)
+    // leaves an empty one, which hyper would send as an empty request target.
+    // HTTP/1.1 requires `/` there (RFC 9112, section 3.2.1).
+    if parts.uri.path().is_empty() {
+        parts.uri = Uri::from_static("/");
+    }
     parts.version = http::Version::HTTP_11;
 
     let headers = &mut parts.headers;

@@ -688,6 +688,15 @@ fn routes_explain_checks_like_the_node() {
         "{stdout}"
     );
     assert!(stdout.contains("matches route \"users\""), "{stdout}");
+
+    // With no path, the target is `/`, as the node sends it.
+    let output = explain(&["GET", "http://api.example.com?next=1#top"]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("request: GET / (host api.example.com)"),
+        "{stdout}"
+    );
 }
 
 #[test]

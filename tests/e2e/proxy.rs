@@ -285,6 +285,29 @@ async fn absolute_form_target_decides_the_host() -> Result {
 }
 
 #[tokio::test]
+async fn absolute_form_target_without_a_path_goes_as_slash() -> Result {
+    let upstream = Upstream::echo().await;
+    let node = Node::start(&one_route(&upstream))?;
+    let cases = [
+        ("http://a.example#top", "/"),
+        ("http://a.example#/p", "/"),
+        ("http://a.example?q=1", "/?q=1"),
+        ("http://a.example?q=1#top", "/?q=1"),
+        ("http://a.example", "/"),
+    ];
+    for (target, expected) in cases {
+        let response = raw_request(
+            node.addr,
+            format!("GET {target} HTTP/1.1\r\nHost: a.example\r\nConnection: close\r\n\r\n"),
+        )
+        .await?;
+        assert!(response.starts_with("HTTP/1.1 200"), "{target}: {response}");
+        assert_eq!(upstream.last().target, expected, "{target}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
 async fn bad_host_headers_get_400() -> Result {
     let upstream = Upstream::echo().await;
     let config = one_route(&upstream);

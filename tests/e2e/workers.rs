@@ -767,6 +767,53 @@ async fn cache_entry_that_is_no_file_is_skipped() -> Result {
 }
 
 #[tokio::test]
+async fn cache_entry_others_could_write_is_not_trusted() -> Result {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    let upstream = Upstream::echo().await;
+    let parent = tempfile::tempdir()?;
+    let cache = parent.path().join("cache");
+    let config = cached_pair_config(&upstream, &cache);
+    drop(Node::start(&config)?);
+    let entry = cache_entries(&cache, "add-header.wasm").remove(0);
+    std::fs::set_permissions(&entry, std::fs::Permissions::from_mode(0o666))?;
+
+    let node = Node::start(&config)?;
+    assert!(
+        node.log_contains("other users can write to it"),
+        "{}",
+        node.log()
+    );
+    assert_eq!(get(&node.url("/added")).await?.status, 200);
+    drop(node);
+    // Compiled again and written back, private.
+    let mode = std::fs::metadata(&entry)?.permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "mode {mode:o}");
+
+    // A huge file in an entry's place is not read whole.
+    let file = std::fs::File::create(&entry)?;
+    file.set_len(1 << 30)?;
+    let node = Node::start(&config)?;
+    assert!(
+        node.log_contains("far more than its module"),
+        "{}",
+        node.log()
+    );
+    assert_eq!(get(&node.url("/added")).await?.status, 200);
+    drop(node);
+
+    // A cache folder that others can write gets a warning at start.
+    std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o777))?;
+    let node = Node::start(&config)?;
+    assert!(
+        node.log_contains("another user can replace the module cache's entries"),
+        "{}",
+        node.log()
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn cache_is_private_to_the_node_user() -> Result {
     use std::os::unix::fs::PermissionsExt as _;
 

@@ -17,7 +17,7 @@
 
 use std::hash::{Hash, Hasher};
 use std::io::Write as _;
-use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _, PermissionsExt as _};
+use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 
 use anyhow::Context as _;
@@ -53,15 +53,7 @@ impl ModuleCache {
             .create(&dir)
             .with_context(|| format!("cannot create module cache folder {}", dir.display()))?;
         remove_stale_temporaries(&dir);
-        if let Ok(metadata) = std::fs::metadata(&dir) {
-            if metadata.permissions().mode() & 0o022 != 0 {
-                tracing::warn!(
-                    folder = %dir.display(),
-                    "the module cache folder is writable by other users, who can make the node \
-                     run code of their own; make it writable only by the node's user"
-                );
-            }
-        }
+        warn_if_shared(&dir);
         Ok(ModuleCache {
             dir,
             engine_key: engine_key(engine),
@@ -72,6 +64,7 @@ impl ModuleCache {
     /// Opens the cache folder for `engine` to read entries only: the folder
     /// is not created, and compiled modules are not stored.
     pub fn read_only(dir: PathBuf, engine: &Engine) -> ModuleCache {
+        warn_if_shared(&dir);
         ModuleCache {
             dir,
             engine_key: engine_key(engine),
@@ -88,7 +81,7 @@ impl ModuleCache {
         hash: &str,
     ) -> anyhow::Result<(Component, CacheOutcome)> {
         let entry = self.entry_path(hash);
-        match read_entry(&entry, hash) {
+        match read_entry(&entry, hash, bytes.len()) {
             Ok(Some(compiled)) => {
                 // SAFETY: `read_entry` checked the entry's digest, so these
                 // are the bytes that `store` wrote from `Component::serialize`
@@ -207,6 +200,50 @@ fn is_temporary_name(name: &str) -> bool {
     hex(hash, 64) && hex(key, 16)
 }
 
+/// Warns when another user could replace the cache folder's entries: when
+/// the folder, or a folder above it, is writable by others without the
+/// sticky bit, or the folder belongs to another user.
+fn warn_if_shared(dir: &Path) {
+    use std::os::unix::fs::MetadataExt as _;
+
+    let Ok(dir) = std::fs::canonicalize(dir) else {
+        return;
+    };
+    let user = rustix::process::geteuid().as_raw();
+    let Ok(metadata) = std::fs::metadata(&dir) else {
+        return;
+    };
+    let problem = if metadata.uid() != user {
+        Some(dir.clone())
+    } else {
+        // The sticky bit (as on /tmp) keeps others from renaming what they
+        // do not own.
+        dir.ancestors().find_map(|folder| {
+            let metadata = std::fs::metadata(folder).ok()?;
+            let mode = metadata.mode();
+            (mode & 0o022 != 0 && mode & 0o1000 == 0).then(|| folder.to_owned())
+        })
+    };
+    if let Some(folder) = problem {
+        tracing::warn!(
+            folder = %folder.display(),
+            cache = %dir.display(),
+            "another user can replace the module cache's entries, and so make the node run \
+             code of their own; keep the cache folder and the folders above it writable only \
+             by the node's user"
+        );
+    }
+}
+
+/// Returns the largest entry that the cache reads for a module of
+/// `module_len` bytes. Compiled code is a few times the size of its module at
+/// most; the bound keeps a huge file from being read whole into memory.
+fn max_entry_len(module_len: usize) -> u64 {
+    (module_len as u64)
+        .saturating_mul(16)
+        .saturating_add(64 << 20)
+}
+
 /// The end of every entry, after its digest.
 const ENTRY_MAGIC: &[u8; 16] = b"edge-cwasm-v1\0\0\0";
 
@@ -222,7 +259,9 @@ fn entry_digest(compiled: &[u8], hash: &str) -> [u8; 32] {
 /// Reads the cache entry at `path` of the module whose hash is `hash`.
 /// Returns its compiled bytes when it is intact, `None` when there is no
 /// entry, and an error saying why an entry cannot be used.
-fn read_entry(path: &Path, hash: &str) -> anyhow::Result<Option<Vec<u8>>> {
+fn read_entry(path: &Path, hash: &str, module_len: usize) -> anyhow::Result<Option<Vec<u8>>> {
+    use std::os::unix::fs::MetadataExt as _;
+
     let metadata = match std::fs::metadata(path) {
         Ok(metadata) => metadata,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -230,6 +269,18 @@ fn read_entry(path: &Path, hash: &str) -> anyhow::Result<Option<Vec<u8>>> {
     };
     // A FIFO or a device would block the read or never end.
     anyhow::ensure!(metadata.is_file(), "not a regular file");
+    // The digest has no key, so an entry that another user could have
+    // written is not trusted, whatever it contains.
+    anyhow::ensure!(
+        metadata.uid() == rustix::process::geteuid().as_raw(),
+        "it belongs to another user"
+    );
+    anyhow::ensure!(metadata.mode() & 0o022 == 0, "other users can write to it");
+    anyhow::ensure!(
+        metadata.len() <= max_entry_len(module_len),
+        "it is {} bytes, far more than its module's {module_len} bytes compile to",
+        metadata.len()
+    );
     let mut bytes = std::fs::read(path)?;
     let trailer = 32 + ENTRY_MAGIC.len();
     anyhow::ensure!(

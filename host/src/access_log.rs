@@ -117,6 +117,12 @@ pub struct Record {
     pub user: Option<String>,
 }
 
+impl std::fmt::Debug for AccessLog {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AccessLog").finish_non_exhaustive()
+    }
+}
+
 impl AccessLog {
     /// Opens the sink and starts the writer thread with a channel of
     /// `capacity` lines.

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant, SystemTime};
 use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH};
 use http::{Method, Response, Uri, Version};
 
-use crate::access_log::{LoggedBody, Record};
+use crate::access_log::{AccessLog, LoggedBody, Record};
 use crate::metrics::Reason;
 use crate::node::{Node, RouteObserve};
 use crate::proxy::ResponseBody;
@@ -65,6 +65,10 @@ struct RequestLine {
     uri: Uri,
     version: Version,
     bytes_in: Option<u64>,
+    /// The connection's peer, for a line written when the request is
+    /// dropped before the pipeline worked out the client.
+    peer: IpAddr,
+    log: Arc<AccessLog>,
 }
 
 /// The observability headers of requests that matched no route.
@@ -78,8 +82,15 @@ const UNROUTED: RouteObserve = RouteObserve {
 impl Exchange {
     /// Starts the state of a request that arrived at `started`, keeping its
     /// request line when the node writes an access log.
-    pub fn new<B>(node: &Node, request: &http::Request<B>, started: Instant) -> Exchange {
-        let request_line = node.access_log.is_some().then(|| RequestLine {
+    pub fn new<B>(
+        node: &Node,
+        request: &http::Request<B>,
+        started: Instant,
+        peer: IpAddr,
+    ) -> Exchange {
+        let request_line = node.access_log.as_ref().map(|log| RequestLine {
+            peer,
+            log: Arc::clone(log),
             time: SystemTime::now(),
             method: request.method().clone(),
             uri: request.uri().clone(),
@@ -155,13 +166,27 @@ impl Exchange {
                 headers.insert(X_REQUEST_ID.clone(), id.clone());
             }
         }
-        let (Some(log), Some(line)) = (&node.access_log, self.request_line) else {
+        let Some(line) = self.request_line.take() else {
             return response;
         };
+        let record = self.record(line, client, status, head);
+        response
+            .map(|body| ResponseBody::Logged(Box::new(LoggedBody::new(body, record.0, record.1))))
+    }
+
+    /// Builds the access-log record of the request, whose response head
+    /// took `head`, and returns it with the log it goes to.
+    fn record(
+        &mut self,
+        line: RequestLine,
+        client: IpAddr,
+        status: u16,
+        head: Duration,
+    ) -> (Box<Record>, Arc<AccessLog>) {
         let record = Box::new(Record {
             time: line.time,
             started: self.started,
-            request_id: self.request_id,
+            request_id: self.request_id.take(),
             trace_id: self.trace.as_ref().map(|trace| trace.trace_id),
             span_id: self.trace.as_ref().map(|trace| trace.span_id),
             client,
@@ -181,13 +206,32 @@ impl Exchange {
             workers: self.worker_time,
             upstream_time: self.upstream_time,
             completed: false,
-            user: self.user,
+            user: self.user.take(),
         });
-        response.map(|body| {
-            ResponseBody::Logged(Box::new(LoggedBody::new(body, record, Arc::clone(log))))
-        })
+        (record, line.log)
     }
 }
+
+impl Drop for Exchange {
+    /// Writes the access-log line of a request dropped before its response
+    /// head was ready: its client went away, or the node stopped first. The
+    /// line has status 499, as nginx logs such requests, and reason
+    /// `client_closed`.
+    fn drop(&mut self) {
+        let Some(line) = self.request_line.take() else {
+            return;
+        };
+        let client = self.client.unwrap_or(line.peer);
+        self.reason = Reason::ClientClosed;
+        let head = self.started.elapsed();
+        let (record, log) = self.record(line, client, STATUS_CLIENT_CLOSED, head);
+        log.send(record);
+    }
+}
+
+/// The status the access log records for a request whose client went away
+/// before the response, as nginx does.
+const STATUS_CLIENT_CLOSED: u16 = 499;
 
 impl Exchange {
     /// Completes the request's span with its outcome and hands every span

@@ -68,10 +68,13 @@ pub enum Reason {
     WorkerBusy,
     RateLimited,
     RateLimitUnavailable,
+    /// The client went away, or the node stopped, before the response head
+    /// was ready. Only the access log records it, with status 499.
+    ClientClosed,
 }
 
 impl Reason {
-    const COUNT: usize = Reason::RateLimitUnavailable as usize + 1;
+    const COUNT: usize = Reason::ClientClosed as usize + 1;
 
     /// Returns the label value: `proxied`, `worker_response`, `auth_failed`,
     /// `redirect`, or the refusal's `error` code.
@@ -100,6 +103,7 @@ impl Reason {
             Reason::WorkerBusy => "worker_busy",
             Reason::RateLimited => "rate_limited",
             Reason::RateLimitUnavailable => "ratelimit_unavailable",
+            Reason::ClientClosed => "client_closed",
         }
     }
 
@@ -133,7 +137,7 @@ impl Reason {
     pub fn is_refusal(self) -> bool {
         !matches!(
             self,
-            Reason::Proxied | Reason::WorkerResponse | Reason::Redirect
+            Reason::Proxied | Reason::WorkerResponse | Reason::Redirect | Reason::ClientClosed
         )
     }
 }
@@ -571,6 +575,7 @@ fn reason_from_index(index: usize) -> Option<Reason> {
         Reason::WorkerBusy,
         Reason::RateLimited,
         Reason::RateLimitUnavailable,
+        Reason::ClientClosed,
     ];
     ALL.get(index).copied()
 }

@@ -97,7 +97,7 @@ pub async fn handle(
     request: Request<Incoming>,
 ) -> Response<ResponseBody> {
     let listener = connection.listener;
-    let mut exchange = Exchange::new(node, &request, Instant::now());
+    let mut exchange = Exchange::new(node, &request, Instant::now(), connection.peer.ip());
     // The rate limit that decided, when the route has any: its state goes
     // on every response of the route.
     let mut shown = None;

@@ -498,6 +498,30 @@ async fn access_log_lines_carry_fields_without_secrets() -> Result {
     Ok(())
 }
 
+#[tokio::test]
+async fn access_log_keeps_requests_clients_gave_up() -> Result {
+    let slow = Upstream::start(|_| Reply::Delay(Duration::from_secs(3))).await;
+    let config = format!(
+        "[access_log]\npath = \"access.log\"\n\n[upstreams.app]\ntargets = [\"{}\"]\n\n\
+         [[routes]]\nname = \"slow\"\nupstream = \"app\"\n",
+        slow.addr
+    );
+    let node = Node::start(&config)?;
+    // The client gives up before the upstream's response head.
+    let url = node.url("/abandoned");
+    let gave_up = tokio::time::timeout(Duration::from_millis(300), get(&url)).await;
+    assert!(gave_up.is_err(), "the request finished: {gave_up:?}");
+
+    let lines = access_log_lines(&node.dir().join("access.log"), 1).await?;
+    let line = &lines[0];
+    assert_eq!(line["status"], 499, "{line}");
+    assert_eq!(line["reason"], "client_closed", "{line}");
+    assert_eq!(line["path"], "/abandoned", "{line}");
+    assert_eq!(line["route"], "slow", "{line}");
+    assert_eq!(line["completed"], false, "{line}");
+    Ok(())
+}
+
 /// Waits up to five seconds for the file at `path` to have `lines` lines,
 /// and returns them parsed.
 async fn access_log_lines(path: &std::path::Path, lines: usize) -> Result<Vec<serde_json::Value>> {

@@ -346,9 +346,11 @@ pub struct UpstreamTlsConfig {
 /// port (not 0, which picks a free one) on the same address, or on any
 /// address when either is unspecified (`0.0.0.0` or `::`).
 fn addresses_clash(a: &SocketAddr, b: &SocketAddr) -> bool {
+    // An IPv4-mapped IPv6 address (`[::ffff:127.0.0.1]`) binds the IPv4 one.
+    let (ip_a, ip_b) = (a.ip().to_canonical(), b.ip().to_canonical());
     a.port() == b.port()
         && a.port() != 0
-        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+        && (ip_a == ip_b || ip_a.is_unspecified() || ip_b.is_unspecified())
 }
 
 /// Settings of the worker runtime shared by every route.

@@ -275,7 +275,16 @@ impl Node {
     }
 
     fn build_with(config: &Config, files: FileAccess) -> Result<Node, BuildError> {
-        crate::worker::check_cache_dir(&config.cache_dir()).map_err(|message| {
+        let cache_dir = config.cache_dir();
+        let usable = match &config.runtime.cache_dir {
+            // An empty path is the config's own folder, and `/` the root:
+            // the entries would mix with other files.
+            Some(dir) if dir.as_os_str().is_empty() || cache_dir == std::path::Path::new("/") => {
+                Err("must name a folder of its own, not \"\" or /".to_owned())
+            }
+            _ => crate::worker::check_cache_dir(&cache_dir),
+        };
+        usable.map_err(|message| {
             let line = config.line_of_key("runtime", "cache_dir");
             config.invalid(line, "runtime.cache_dir", &message)
         })?;

@@ -144,6 +144,9 @@ pub fn new_worker(
         bail!("{} already exists", root.display());
     }
     let sdk = match (sdk_path, sdk_git) {
+        (_, Some(url)) if url.trim().is_empty() => {
+            bail!("--sdk-git is empty; pass the URL of a git repository of Edge")
+        }
         (_, Some(url)) => SdkSource::Git(url),
         (path, None) => {
             let path = path.map_or_else(default_sdk_path, Path::to_owned);
@@ -182,8 +185,13 @@ pub fn new_worker(
             } else {
                 path
             };
-            let path = toml_string(&path.display().to_string());
-            format!("edge-sdk = {{ path = {path} }}")
+            let Some(path) = path.to_str() else {
+                bail!(
+                    "the guest SDK's path {} is not UTF-8, which Cargo.toml cannot hold",
+                    path.display()
+                );
+            };
+            format!("edge-sdk = {{ path = {} }}", toml_string(path))
         }
     };
     let manifest = format!(

@@ -222,6 +222,11 @@ fn check_reports_line_and_field() {
              [[listeners]]\naddr = \"127.0.0.1:28098\"\n",
             "admin.addr: 127.0.0.1:28098 clashes with 127.0.0.1:28098",
         ),
+        (
+            "[admin]\naddr = \"[::ffff:127.0.0.1]:28098\"\ntoken = \"0123456789abcdef0123\"\n\n\
+             [[listeners]]\naddr = \"127.0.0.1:28098\"\n",
+            "admin.addr: [::ffff:127.0.0.1]:28098 clashes with 127.0.0.1:28098",
+        ),
         // The default admin address: the error names the [admin] table.
         (
             "[[listeners]]\naddr = \"127.0.0.1:9901\"\n\n[admin]\ntoken = \"0123456789abcdef0123\"\n",
@@ -728,6 +733,11 @@ fn worker_new_checks_its_sdk_source() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("is not the guest SDK"), "{stderr}");
 
+    let output = edge(&["worker", "new", "c", "--dir", &root, "--sdk-git", ""]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--sdk-git is empty"), "{stderr}");
+
     // A URL with characters TOML escapes still gives a manifest cargo reads.
     let url = "https://example.com/x\u{7f}y\"z";
     let output = edge(&["worker", "new", "b", "--dir", &root, "--sdk-git", url]);
@@ -931,9 +941,11 @@ fn check_rejects_an_unusable_cache_dir() {
         ),
         ("file/below", "file is not a folder"),
         ("/dev/null", "/dev/null is not a folder"),
+        ("/", "must name a folder of its own"),
+        ("", "must name a folder of its own"),
     ];
     for (cache_dir, expected) in cases {
-        let path = if cache_dir.starts_with('/') {
+        let path = if cache_dir.is_empty() || cache_dir.starts_with('/') {
             cache_dir.to_owned()
         } else {
             dir.path().join(cache_dir).display().to_string()

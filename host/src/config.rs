@@ -925,7 +925,7 @@ mod socket_addr {
             let text = String::deserialize(deserializer)?;
             match text.parse::<SocketAddr>() {
                 Ok(addr) => Ok(Addr(addr)),
-                Err(_) if text.parse::<IpAddr>().is_ok() => Err(de::Error::custom(format!(
+                Err(_) if is_ip_without_port(&text) => Err(de::Error::custom(format!(
                     "invalid address {text:?}: it has no port; write it as 127.0.0.1:9000 \
                      or [::1]:9000"
                 ))),
@@ -935,6 +935,16 @@ mod socket_addr {
                 ))),
             }
         }
+    }
+
+    /// Returns whether `text` is an IP address alone, such as `127.0.0.1`,
+    /// `::1` or `[::1]`.
+    fn is_ip_without_port(text: &str) -> bool {
+        let ip = match text.strip_prefix('[') {
+            Some(rest) => rest.strip_suffix(']').unwrap_or(rest),
+            None => text,
+        };
+        ip.parse::<IpAddr>().is_ok()
     }
 
     /// Reads one address and keeps its place in the file.
@@ -1166,6 +1176,11 @@ impl Config {
                 let field = format!("upstreams.{name}.targets");
                 return Err(self.invalid(line, &field, "at least one target is required"));
             }
+            if let Some(target) = upstream.targets.get_ref().iter().find(|t| t.port() == 0) {
+                let field = format!("upstreams.{name}.targets");
+                let message = format!("{target} has port 0, on which no server listens");
+                return Err(self.invalid(line, &field, &message));
+            }
             self.validate_resilience(name, upstream, line)?;
             let server_name = upstream.tls.as_ref().and_then(|t| t.server_name.as_ref());
             if let Some(server_name) = server_name {
@@ -1253,7 +1268,7 @@ impl Config {
                 let cap = *worker.max_memory.get_ref();
                 if cap < ByteSize::kib(64) {
                     // One WebAssembly page; below it no module can run.
-                    let message = format!("{} is under 64 KiB", binary(cap));
+                    let message = format!("{} bytes is under 64 KiB", cap.as_u64());
                     let line = self.line_of(worker.max_memory.span().start).max(line);
                     let field = field(&format!("workers[{worker_index}].max_memory"));
                     return Err(self.invalid(line, &field, &message));

@@ -384,7 +384,7 @@ fn check_rejects_invalid_values() {
                 "add-header.wasm\"",
                 "add-header.wasm\"\nmax_memory = \"0B\"",
             ),
-            "routes[0].workers[0].max_memory: 0 B is under 64 KiB",
+            "routes[0].workers[0].max_memory: 0 bytes is under 64 KiB",
         ),
         (
             format!(
@@ -458,6 +458,18 @@ fn check_rejects_invalid_values() {
         (
             VALID.replace("addr = \"127.0.0.1:0\"", "addr = \"127.0.0.1\""),
             "invalid address \"127.0.0.1\": it has no port",
+        ),
+        (
+            VALID.replace("addr = \"127.0.0.1:0\"", "addr = \"[::1]\""),
+            "invalid address \"[::1]\": it has no port",
+        ),
+        (
+            VALID.replace("127.0.0.1:9\"", "127.0.0.1:0\""),
+            ":5: upstreams.users.targets: 127.0.0.1:0 has port 0, on which no server listens",
+        ),
+        (
+            VALID.replace("add-header.wasm\"", "add-header.wasm\"\nmax_memory = 65535"),
+            "routes[0].workers[0].max_memory: 65535 bytes is under 64 KiB",
         ),
     ];
     for (text, expected) in cases {

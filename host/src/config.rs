@@ -909,8 +909,8 @@ pub fn binary(size: ByteSize) -> String {
     size.to_string_as(true)
 }
 
-/// Reads socket addresses, with an error that says the expected form. The
-/// standard library's reads "invalid socket address syntax".
+/// Reads socket addresses, with an error that names the expected form. The
+/// standard library's parser fails with "invalid socket address syntax".
 mod socket_addr {
     use std::net::{IpAddr, SocketAddr};
 

@@ -150,8 +150,8 @@ impl ModuleCache {
     }
 }
 
-/// How old a temporary file of `store` must be before a starting node
-/// removes it: older than any write that may still be under way.
+/// The age after which a starting node removes a temporary file of
+/// `store`: older than any write that may still be under way.
 const STALE_TEMPORARY_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// Removes the temporary files that writes which failed or were cut short

@@ -909,6 +909,13 @@ pub fn binary(size: ByteSize) -> String {
     size.to_string_as(true)
 }
 
+/// Returns `value` with its inner value converted by `convert`, keeping its
+/// place in the file.
+fn map_spanned<T, U>(value: Spanned<T>, convert: impl FnOnce(T) -> U) -> Spanned<U> {
+    let span = value.span();
+    Spanned::new(span, convert(value.into_inner()))
+}
+
 /// Reads socket addresses, with an error that names the expected form. The
 /// standard library's parser fails with "invalid socket address syntax".
 mod socket_addr {
@@ -957,7 +964,7 @@ mod socket_addr {
             deserializer: D,
         ) -> Result<Spanned<SocketAddr>, D::Error> {
             let addr = Spanned::<super::Addr>::deserialize(deserializer)?;
-            Ok(Spanned::new(addr.span(), addr.into_inner().0))
+            Ok(super::super::map_spanned(addr, |addr| addr.0))
         }
     }
 
@@ -966,9 +973,9 @@ mod socket_addr {
         deserializer: D,
     ) -> Result<Spanned<Vec<SocketAddr>>, D::Error> {
         let list = Spanned::<Vec<Addr>>::deserialize(deserializer)?;
-        let span = list.span();
-        let addrs = list.into_inner().into_iter().map(|addr| addr.0).collect();
-        Ok(Spanned::new(span, addrs))
+        Ok(super::map_spanned(list, |list| {
+            list.into_iter().map(|addr| addr.0).collect()
+        }))
     }
 }
 
@@ -998,7 +1005,7 @@ mod size {
             deserializer: D,
         ) -> Result<Spanned<ByteSize>, D::Error> {
             let size = Spanned::<super::Size>::deserialize(deserializer)?;
-            Ok(Spanned::new(size.span(), size.into_inner().0))
+            Ok(super::super::map_spanned(size, |size| size.0))
         }
     }
 

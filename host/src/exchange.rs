@@ -169,9 +169,8 @@ impl Exchange {
         let Some(line) = self.request_line.take() else {
             return response;
         };
-        let record = self.record(line, client, status, head);
-        response
-            .map(|body| ResponseBody::Logged(Box::new(LoggedBody::new(body, record.0, record.1))))
+        let (record, log) = self.record(line, client, status, head);
+        response.map(|body| ResponseBody::Logged(Box::new(LoggedBody::new(body, record, log))))
     }
 
     /// Builds the access-log record of the request, whose response head

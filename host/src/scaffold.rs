@@ -163,6 +163,12 @@ pub fn new_worker(
                     path.display()
                 );
             }
+            if resolved.to_str().is_none() {
+                bail!(
+                    "the guest SDK's path {} is not UTF-8, which Cargo.toml cannot hold",
+                    resolved.display()
+                );
+            }
             SdkSource::Path(resolved)
         }
     };
@@ -185,13 +191,9 @@ pub fn new_worker(
             } else {
                 path
             };
-            let Some(path) = path.to_str() else {
-                bail!(
-                    "the guest SDK's path {} is not UTF-8, which Cargo.toml cannot hold",
-                    path.display()
-                );
-            };
-            format!("edge-sdk = {{ path = {} }}", toml_string(path))
+            // UTF-8, as checked above, so `display` loses nothing.
+            let path = toml_string(&path.display().to_string());
+            format!("edge-sdk = {{ path = {path} }}")
         }
     };
     let manifest = format!(

@@ -738,6 +738,8 @@ fn worker_new_rejects_names_cargo_rejects() {
 
 #[test]
 fn worker_new_checks_its_sdk_source() {
+    use std::os::unix::ffi::OsStrExt as _;
+
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().display().to_string();
     let output = edge(&["worker", "new", "a", "--dir", &root, "--sdk-path", &root]);
@@ -749,6 +751,20 @@ fn worker_new_checks_its_sdk_source() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("--sdk-git is empty"), "{stderr}");
+
+    // An SDK folder whose path is not UTF-8 cannot go into Cargo.toml.
+    let odd = dir.path().join(std::ffi::OsStr::from_bytes(b"sdk-\xff"));
+    std::fs::create_dir(&odd).unwrap();
+    std::fs::write(odd.join("Cargo.toml"), "[package]\nname = \"edge-sdk\"\n").unwrap();
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_edge"))
+        .args(["worker", "new", "d", "--dir", &root, "--sdk-path"])
+        .arg(&odd)
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("is not UTF-8"), "{stderr}");
+    assert!(!dir.path().join("d").exists(), "the crate was created");
 
     // A URL with characters TOML escapes still gives a manifest cargo reads.
     let url = "https://example.com/x\u{7f}y\"z";
@@ -767,7 +783,7 @@ fn worker_new_checks_its_sdk_source() {
 }
 
 #[test]
-fn worker_new_outside_the_checkout_uses_an_absolute_sdk_path() {
+fn worker_new_outside_checkout_absolute_sdk() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().display().to_string();
     let created = edge(&["worker", "new", "far-worker", "--dir", &root]);
@@ -802,8 +818,8 @@ fn worker_build_names_a_missing_folder() {
 
 #[test]
 fn serve_says_why_it_cannot_listen() {
-    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = taken.local_addr().unwrap().to_string();
+    let occupant = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = occupant.local_addr().unwrap().to_string();
     let dir = tempfile::tempdir().unwrap();
     let path = write_config(dir.path(), &VALID.replace("127.0.0.1:0", &addr));
     let output = edge(&["serve", "--config", &path]);

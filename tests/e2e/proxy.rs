@@ -285,7 +285,7 @@ async fn absolute_form_target_decides_the_host() -> Result {
 }
 
 #[tokio::test]
-async fn absolute_form_target_without_a_path_goes_as_slash() -> Result {
+async fn absolute_form_without_path_sends_slash() -> Result {
     let upstream = Upstream::echo().await;
     let node = Node::start(&one_route(&upstream))?;
     let cases = [

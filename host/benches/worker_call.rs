@@ -43,6 +43,7 @@ fn main() -> anyhow::Result<()> {
     let settings = RuntimeSettings {
         cache_dir: cache.path().to_owned(),
         read_only_cache: false,
+        cache_retention: Default::default(),
         max_instances: 2,
         queue_limit: 2,
         queue_timeout: Duration::from_millis(20),

@@ -74,6 +74,7 @@ impl Worker {
         let settings = RuntimeSettings {
             cache_dir: cache_dir.to_owned(),
             read_only_cache: false,
+            cache_retention: Default::default(),
             max_instances: 2,
             queue_limit: 2,
             queue_timeout: Duration::from_millis(20),

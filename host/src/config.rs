@@ -360,6 +360,15 @@ pub struct RuntimeConfig {
     /// The folder of the compiled-module cache, relative to the config file.
     /// Default: `.edge-cache` beside the config file.
     pub cache_dir: Option<PathBuf>,
+    /// The total size of the cache's entries that a starting node keeps; the
+    /// least recently used go first, never those of the node's own modules.
+    /// Default: 1 GiB.
+    #[serde(with = "size")]
+    pub cache_max_size: ByteSize,
+    /// Entries no node has used for longer than this are removed at start.
+    /// Default: 30 days.
+    #[serde(with = "humantime_serde")]
+    pub cache_max_age: Duration,
     /// Worker instances that may exist at once across the node; this sizes the
     /// instance pool. Default: 128.
     pub max_instances: u32,
@@ -418,6 +427,8 @@ impl Default for RuntimeConfig {
     fn default() -> Self {
         Self {
             cache_dir: None,
+            cache_max_size: ByteSize::b(crate::worker::Retention::default().max_size),
+            cache_max_age: crate::worker::Retention::default().max_age,
             max_instances: 128,
             queue_limit: 1024,
             queue_timeout: Duration::from_millis(20),

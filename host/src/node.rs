@@ -24,8 +24,8 @@ use crate::route::{HostMatch, PathMatch, RouteRule, Router};
 use crate::tls::{CertificateFiles, ListenerTls, ServerSettings, TlsError, UpstreamTls};
 use crate::trace::SpanQueue;
 use crate::worker::{
-    AllowedUpstreams, Binding, FetchAccess, FetchLimits, LoadError, LogThrottle, Runtime,
-    RuntimeSettings, Secret,
+    AllowedUpstreams, Binding, FetchAccess, FetchLimits, LoadError, LogThrottle, Retention,
+    Runtime, RuntimeSettings, Secret,
 };
 
 /// The shortest secret value a worker may be given, in bytes.
@@ -291,6 +291,10 @@ impl Node {
         let settings = RuntimeSettings {
             cache_dir: config.cache_dir(),
             read_only_cache: files == FileAccess::ReadOnly,
+            cache_retention: Retention {
+                max_size: config.runtime.cache_max_size.as_u64(),
+                max_age: config.runtime.cache_max_age,
+            },
             max_instances: config.runtime.max_instances,
             queue_limit: config.runtime.queue_limit,
             queue_timeout: config.runtime.queue_timeout,
@@ -585,6 +589,8 @@ impl Node {
             }
             None => None,
         };
+        // Every module is loaded, so the entries the node needs are known.
+        runtime.prune_cache();
         let spans = start_span_export(config, &registry)?;
         let request_ids =
             config.access_log.is_some() || routes.iter().any(|route| route.observe.request_id);

@@ -3,7 +3,8 @@
 
 use std::time::{Duration, Instant};
 
-use crate::harness::{get, send, Node, Reply, Result, TlsClient, Upstream};
+use crate::cli::write_config;
+use crate::harness::{edge, get, send, Node, Reply, Result, TlsClient, Upstream};
 
 /// A route `name` on `prefix` to upstream `app`, running the fixture worker
 /// with `mode` and extra TOML for its entry.
@@ -810,6 +811,78 @@ async fn cache_entry_others_could_write_is_not_trusted() -> Result {
         "{}",
         node.log()
     );
+    Ok(())
+}
+
+/// Writes a cache entry for a module no node loads (its hash is `fill`
+/// repeated), of another engine key, last used `age` ago.
+fn foreign_cache_entry(cache: &std::path::Path, fill: &str, age: Duration) -> std::path::PathBuf {
+    let path = cache.join(format!("{}-0123456789abcdef.cwasm", fill.repeat(32)));
+    std::fs::write(&path, vec![0; 4096]).unwrap();
+    let file = std::fs::File::options().write(true).open(&path).unwrap();
+    file.set_modified(std::time::SystemTime::now() - age)
+        .unwrap();
+    path
+}
+
+#[tokio::test]
+async fn cache_prune_keeps_own_entries() -> Result {
+    let upstream = Upstream::echo().await;
+    let dir = tempfile::tempdir()?;
+    let cache = dir.path().join("cache");
+    let config = cached_pair_config(&upstream, &cache);
+    drop(Node::start(&config)?);
+    let own = cache_entries(&cache, "add-header.wasm");
+    assert_eq!(own.len(), 2, "{own:?}");
+    let two_hours = Duration::from_secs(7200);
+    let old_own = std::fs::File::options().write(true).open(&own[0])?;
+    old_own.set_modified(std::time::SystemTime::now() - two_hours)?;
+    let stale = foreign_cache_entry(&cache, "ab", two_hours);
+    let recent = foreign_cache_entry(&cache, "cd", Duration::ZERO);
+    let other = cache.join("README");
+    std::fs::write(&other, "not an entry")?;
+
+    // `edge check` reads the cache and changes nothing.
+    let checked = edge(&["check", &write_config(dir.path(), &config)]);
+    assert!(checked.status.success(), "{checked:?}");
+    assert!(stale.exists());
+
+    let with_age = config.replace("[runtime]\n", "[runtime]\ncache_max_age = \"1h\"\n");
+    let node = Node::start(&with_age)?;
+    assert!(
+        node.log_contains("pruned the module cache"),
+        "{}",
+        node.log()
+    );
+    assert!(
+        !stale.exists(),
+        "an entry unused for longer than the age goes"
+    );
+    assert!(recent.exists(), "a recently used entry stays");
+    assert!(
+        own.iter().all(|entry| entry.exists()),
+        "the node's own entries stay"
+    );
+    assert!(other.exists(), "files that are not entries stay");
+    let used = std::fs::metadata(&own[0])?.modified()?;
+    assert!(
+        used.elapsed()? < two_hours,
+        "a loaded entry counts as used now"
+    );
+    assert_eq!(get(&node.url("/added")).await?.status, 200);
+    drop(node);
+
+    // A size the node's own entries alone exceed: everything else goes,
+    // they stay, and the log tells to raise the size.
+    let tiny = config.replace("[runtime]\n", "[runtime]\ncache_max_size = \"1KiB\"\n");
+    let node = Node::start(&tiny)?;
+    assert!(
+        !recent.exists(),
+        "the least recently used go to fit the size"
+    );
+    assert!(own.iter().all(|entry| entry.exists()));
+    assert!(node.log_contains("raise it"), "{}", node.log());
+    assert_eq!(get(&node.url("/added")).await?.status, 200);
     Ok(())
 }
 

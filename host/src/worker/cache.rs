@@ -14,11 +14,21 @@
 //! node runs cannot fault it. The folder is created for the node's user
 //! only. Anyone who can write to it can still write a valid entry of their
 //! own, so it must be writable only by that user.
+//!
+//! Each module version, and each wasmtime version or engine setting, adds
+//! entries. A starting node keeps the cache within its retention: an entry
+//! read or written counts as used then (its modification time is set), and
+//! after the node has loaded its modules it removes the entries no node used
+//! within the retention's age, then the least recently used until the rest
+//! fit its size. Entries the node itself loaded are never removed.
 
+use std::collections::HashSet;
 use std::hash::{Hash, Hasher};
 use std::io::Write as _;
 use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
 use sha2::{Digest, Sha256};
@@ -33,6 +43,38 @@ pub struct ModuleCache {
     engine_key: String,
     /// Whether entries are only read, never written.
     read_only: bool,
+    /// The limits of [`ModuleCache::prune`].
+    retention: Retention,
+    /// The entries this node loaded or wrote, which pruning keeps.
+    in_use: Mutex<HashSet<PathBuf>>,
+}
+
+/// How much of the cache a node keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Retention {
+    /// The total size of the entries; the least recently used go first.
+    pub max_size: u64,
+    /// Entries not used for longer than this are removed.
+    pub max_age: Duration,
+}
+
+impl Default for Retention {
+    /// 1 GiB, and 30 days.
+    fn default() -> Self {
+        Retention {
+            max_size: 1 << 30,
+            max_age: Duration::from_secs(30 * 86_400),
+        }
+    }
+}
+
+/// The entries one [`ModuleCache::prune`] removed and kept, and their sizes.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Pruned {
+    pub removed: usize,
+    pub removed_bytes: u64,
+    pub kept: usize,
+    pub kept_bytes: u64,
 }
 
 /// The source of a loaded component.
@@ -46,7 +88,7 @@ pub enum CacheOutcome {
 
 impl ModuleCache {
     /// Opens (and creates) the cache folder for `engine`.
-    pub fn new(dir: PathBuf, engine: &Engine) -> anyhow::Result<ModuleCache> {
+    pub fn new(dir: PathBuf, engine: &Engine, retention: Retention) -> anyhow::Result<ModuleCache> {
         std::fs::DirBuilder::new()
             .recursive(true)
             .mode(0o700)
@@ -58,6 +100,8 @@ impl ModuleCache {
             dir,
             engine_key: engine_key(engine),
             read_only: false,
+            retention,
+            in_use: Mutex::default(),
         })
     }
 
@@ -69,6 +113,11 @@ impl ModuleCache {
             dir,
             engine_key: engine_key(engine),
             read_only: true,
+            retention: Retention {
+                max_size: u64::MAX,
+                max_age: Duration::MAX,
+            },
+            in_use: Mutex::default(),
         }
     }
 
@@ -91,7 +140,10 @@ impl ModuleCache {
                 #[allow(unsafe_code)]
                 let loaded = unsafe { Component::deserialize(engine, compiled) };
                 match loaded {
-                    Ok(component) => return Ok((component, CacheOutcome::Hit)),
+                    Ok(component) => {
+                        self.note_use(&entry, true);
+                        return Ok((component, CacheOutcome::Hit));
+                    }
                     Err(error) => tracing::warn!(
                         entry = %entry.display(),
                         error = %format!("{error:#}"),
@@ -110,14 +162,127 @@ impl ModuleCache {
         if self.read_only {
             return Ok((component, CacheOutcome::Compiled));
         }
-        if let Err(error) = self.store(&component, &entry, hash) {
-            tracing::warn!(
+        match self.store(&component, &entry, hash) {
+            Ok(()) => self.note_use(&entry, false),
+            Err(error) => tracing::warn!(
                 entry = %entry.display(),
                 error = %format!("{error:#}"),
                 "failed to write module cache entry"
-            );
+            ),
         }
         Ok((component, CacheOutcome::Compiled))
+    }
+
+    /// Records that this node uses `entry`, and when `touch` is set, sets its
+    /// modification time to now: pruning takes it as the time of last use.
+    fn note_use(&self, entry: &Path, touch: bool) {
+        if self.read_only {
+            return;
+        }
+        if touch {
+            let touched = std::fs::File::options()
+                .write(true)
+                .open(entry)
+                .and_then(|file| file.set_modified(SystemTime::now()));
+            if let Err(error) = touched {
+                tracing::warn!(
+                    entry = %entry.display(),
+                    %error,
+                    "cannot record the use of a module cache entry; pruning may remove it early"
+                );
+            }
+        }
+        self.in_use
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(entry.to_owned());
+    }
+
+    /// Removes the entries not used within the retention's age, then the
+    /// least recently used of the rest until all fit its size. Keeps the
+    /// entries this node loaded or wrote, and every file that is not an
+    /// entry. Does nothing to a read-only cache.
+    pub fn prune(&self) -> Pruned {
+        let mut pruned = Pruned::default();
+        if self.read_only {
+            return pruned;
+        }
+        let Ok(files) = std::fs::read_dir(&self.dir) else {
+            return pruned;
+        };
+
+        let in_use = self
+            .in_use
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone();
+        let now = SystemTime::now();
+        // Entries that may go: path, size, time of last use.
+        let mut candidates = Vec::new();
+        for file in files.flatten() {
+            if !file.file_name().to_str().is_some_and(is_entry_name) {
+                continue;
+            }
+            let Ok(metadata) = std::fs::symlink_metadata(file.path()) else {
+                continue;
+            };
+            if !metadata.is_file() {
+                continue;
+            }
+            let path = file.path();
+            if in_use.contains(&path) {
+                pruned.kept += 1;
+                pruned.kept_bytes += metadata.len();
+                continue;
+            }
+            let used = metadata.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+            candidates.push((path, metadata.len(), used));
+        }
+
+        // Oldest last use first.
+        candidates.sort_by_key(|&(_, _, used)| used);
+        let mut total = pruned.kept_bytes + candidates.iter().map(|&(_, len, _)| len).sum::<u64>();
+        for (path, len, used) in candidates {
+            let age = now.duration_since(used).unwrap_or(Duration::ZERO);
+            if age <= self.retention.max_age && total <= self.retention.max_size {
+                pruned.kept += 1;
+                pruned.kept_bytes += len;
+                continue;
+            }
+            match std::fs::remove_file(&path) {
+                Ok(()) => {
+                    pruned.removed += 1;
+                    pruned.removed_bytes += len;
+                    total -= len;
+                }
+                Err(error) => {
+                    tracing::warn!(entry = %path.display(), %error, "cannot remove a module cache entry");
+                    pruned.kept += 1;
+                    pruned.kept_bytes += len;
+                }
+            }
+        }
+
+        if pruned.removed > 0 {
+            tracing::info!(
+                folder = %self.dir.display(),
+                removed = pruned.removed,
+                removed_bytes = pruned.removed_bytes,
+                kept = pruned.kept,
+                kept_bytes = pruned.kept_bytes,
+                "pruned the module cache"
+            );
+        }
+        if pruned.kept_bytes > self.retention.max_size {
+            tracing::warn!(
+                folder = %self.dir.display(),
+                kept_bytes = pruned.kept_bytes,
+                max_size = self.retention.max_size,
+                "the module cache's entries of this node's own modules exceed \
+                 runtime.cache_max_size; raise it"
+            );
+        }
+        pruned
     }
 
     fn entry_path(&self, hash: &str) -> PathBuf {
@@ -189,10 +354,19 @@ fn remove_stale_temporaries(dir: &Path) {
 /// Returns whether `name` is that of a temporary file of `store`: a module
 /// hash, a dash, the engine key and `.tmp` with the writer's id.
 fn is_temporary_name(name: &str) -> bool {
-    let Some((entry, _)) = name.split_once(".tmp") else {
-        return false;
-    };
-    let Some((hash, key)) = entry.split_once('-') else {
+    name.split_once(".tmp")
+        .is_some_and(|(stem, _)| is_entry_stem(stem))
+}
+
+/// Returns whether `name` is that of an entry: a module hash, a dash, the
+/// engine key and `.cwasm`.
+fn is_entry_name(name: &str) -> bool {
+    name.strip_suffix(".cwasm").is_some_and(is_entry_stem)
+}
+
+/// Returns whether `stem` is a module hash, a dash and an engine key.
+fn is_entry_stem(stem: &str) -> bool {
+    let Some((hash, key)) = stem.split_once('-') else {
         return false;
     };
     let hex =
@@ -378,6 +552,82 @@ mod tests {
 
     const HASH: &str = "b974e40ce42045c7c5a442d790b895bba4612a18a133febfcbef99772d06cfb3";
 
+    const KEEP_ALL: Retention = Retention {
+        max_size: u64::MAX,
+        max_age: Duration::MAX,
+    };
+
+    /// Writes an entry of `len` bytes for the module hash that ends in
+    /// `last`, last used `age` ago.
+    fn entry(dir: &Path, last: char, len: usize, age: Duration) -> PathBuf {
+        let hash = format!("{}{last}", &HASH[..63]);
+        let path = dir.join(format!("{hash}-9251c85941f77eeb.cwasm"));
+        std::fs::write(&path, vec![0; len]).unwrap();
+        let file = std::fs::File::options().write(true).open(&path).unwrap();
+        file.set_modified(SystemTime::now() - age).unwrap();
+        path
+    }
+
+    #[test]
+    fn prune_removes_stale_then_least_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let day = Duration::from_secs(86_400);
+        let retention = Retention {
+            max_size: 2_500,
+            max_age: 30 * day,
+        };
+        let cache = ModuleCache::new(dir.path().to_owned(), &Engine::default(), retention).unwrap();
+        let own = entry(dir.path(), '0', 1_000, 60 * day);
+        cache.note_use(&own, true);
+        let stale = entry(dir.path(), '1', 10, 31 * day);
+        let least_recent = entry(dir.path(), '2', 1_000, 3 * day);
+        let recent = entry(dir.path(), '3', 1_000, day);
+        let other = dir.path().join("notes.cwasm");
+        std::fs::write(&other, vec![0; 10_000]).unwrap();
+
+        let pruned = cache.prune();
+        assert!(
+            own.exists(),
+            "an entry the node uses is kept, whatever its age"
+        );
+        assert!(
+            !stale.exists(),
+            "an entry unused for longer than the age goes"
+        );
+        assert!(
+            !least_recent.exists(),
+            "the least recently used goes to fit the size"
+        );
+        assert!(recent.exists());
+        assert!(other.exists(), "files that are not entries are kept");
+        assert_eq!(
+            pruned,
+            Pruned {
+                removed: 2,
+                removed_bytes: 1_010,
+                kept: 2,
+                kept_bytes: 2_000
+            }
+        );
+        let used = std::fs::metadata(&own).unwrap().modified().unwrap();
+        assert!(
+            used.elapsed().unwrap() < day,
+            "a loaded entry counts as used now"
+        );
+    }
+
+    #[test]
+    fn prune_skips_read_only_cache() {
+        let dir = tempfile::tempdir().unwrap();
+        let stale = entry(dir.path(), '1', 10, Duration::from_secs(86_400 * 400));
+        let cache = ModuleCache::read_only(dir.path().to_owned(), &Engine::default());
+        cache.note_use(&stale, true);
+        assert_eq!(cache.prune(), Pruned::default());
+        assert!(stale.exists());
+        let used = std::fs::metadata(&stale).unwrap().modified().unwrap();
+        assert!(used.elapsed().unwrap() > Duration::from_secs(86_400));
+    }
+
     #[test]
     fn stale_temporaries_are_removed_at_open() {
         let dir = tempfile::tempdir().unwrap();
@@ -398,7 +648,7 @@ mod tests {
             file.set_modified(two_hours_ago).unwrap();
         }
 
-        ModuleCache::new(dir.path().to_owned(), &Engine::default()).unwrap();
+        ModuleCache::new(dir.path().to_owned(), &Engine::default(), KEEP_ALL).unwrap();
         assert!(!old.exists(), "a stale temporary file is removed");
         assert!(fresh.exists(), "a write that may be under way is kept");
         assert!(entry.exists(), "entries are kept");

@@ -43,7 +43,7 @@ use wasmtime::component::{
 use wasmtime::{Engine, Store, Trap, UpdateDeadline, WasmBacktrace};
 
 use cache::ModuleCache;
-pub use cache::{check_dir as check_cache_dir, content_hash, CacheOutcome};
+pub use cache::{check_dir as check_cache_dir, content_hash, CacheOutcome, Pruned, Retention};
 pub use crypto::AllowedUpstreams;
 use crypto::HostCrypto;
 use fetch::FetchState;
@@ -115,6 +115,8 @@ pub struct RuntimeSettings {
     /// Whether the module cache is only read: its folder is not created
     /// and compiled modules are not stored, as `edge check` needs.
     pub read_only_cache: bool,
+    /// What the module cache keeps when [`Runtime::prune_cache`] runs.
+    pub cache_retention: Retention,
     pub max_instances: u32,
     pub queue_limit: usize,
     pub queue_timeout: Duration,
@@ -294,7 +296,11 @@ impl Runtime {
         let cache = if settings.read_only_cache {
             ModuleCache::read_only(settings.cache_dir.clone(), &engine)
         } else {
-            ModuleCache::new(settings.cache_dir.clone(), &engine)?
+            ModuleCache::new(
+                settings.cache_dir.clone(),
+                &engine,
+                settings.cache_retention,
+            )?
         };
         let ticker = EpochTicker::spawn(engine.clone())?;
         Ok(Runtime {
@@ -312,6 +318,12 @@ impl Runtime {
             ticker,
             crypto: Arc::new(HostCrypto::default()),
         })
+    }
+
+    /// Removes the module cache's entries past its retention, keeping those
+    /// of the modules loaded so far. Call it once every module is loaded.
+    pub fn prune_cache(&self) -> Pruned {
+        self.cache.prune()
     }
 
     /// Loads (or returns the already loaded) module at `path`, checking

@@ -672,6 +672,10 @@ fn default_max_idle() -> usize {
     64
 }
 
+fn default_case_sensitive() -> bool {
+    true
+}
+
 /// A route: which requests it matches, the workers that run on them and the
 /// upstream they go to.
 #[derive(Debug, Clone, Deserialize)]
@@ -691,6 +695,15 @@ pub struct RouteConfig {
     pub path: Option<Spanned<String>>,
     /// Matches a path with named segments, such as `/{device}/home`.
     pub pattern: Option<Spanned<String>>,
+    /// Whether the path rule's letters match only in the same case. With
+    /// `false`, `/ADMIN/x` matches the prefix `/admin`. Default: true.
+    #[serde(default = "default_case_sensitive")]
+    pub case_sensitive: bool,
+    /// Request headers removed once the route matches, before its limits,
+    /// workers and upstream see the request, such as
+    /// `x-http-method-override`. Default: none.
+    #[serde(default)]
+    pub remove_request_headers: Vec<Spanned<String>>,
     /// The upstream requests go to unless a worker routes them elsewhere.
     pub upstream: Option<Spanned<String>>,
     /// The largest request body accepted. Default: 10 MiB.
@@ -947,6 +960,9 @@ mod socket_addr {
                     "invalid address {text:?}: it has no port; write it as 127.0.0.1:9000 \
                      or [::1]:9000"
                 ))),
+                Err(_) if has_port_out_of_range(&text) => Err(de::Error::custom(format!(
+                    "invalid address {text:?}: the port must be from 0 to 65535"
+                ))),
                 Err(_) => Err(de::Error::custom(format!(
                     "invalid address {text:?}: expected an IP address and a port, such as \
                      127.0.0.1:9000 or [::1]:9000 (host names are not resolved)"
@@ -963,6 +979,17 @@ mod socket_addr {
             None => text,
         };
         ip.parse::<IpAddr>().is_ok()
+    }
+
+    /// Returns whether `text` is an IP address, a colon and a number above
+    /// 65535.
+    fn has_port_out_of_range(text: &str) -> bool {
+        text.rsplit_once(':').is_some_and(|(ip, port)| {
+            is_ip_without_port(ip)
+                && !port.is_empty()
+                && port.bytes().all(|b| b.is_ascii_digit())
+                && port.parse::<u16>().is_err()
+        })
     }
 
     /// Reads one address and keeps its place in the file.
@@ -1053,9 +1080,31 @@ mod size {
                     "invalid size {text:?}: a size cannot be negative"
                 )));
             }
-            text.parse::<ByteSize>()
-                .map_err(|_| E::custom(format!("invalid size {text:?}: expected {EXPECTED}")))
+            let too_large =
+                || E::custom(format!("invalid size {text:?}: the largest size is 16 EiB"));
+            match text.parse::<ByteSize>() {
+                // bytesize saturates a number and unit past 2^64 - 1 bytes.
+                Ok(size) if size.as_u64() == u64::MAX && text.trim() != u64::MAX.to_string() => {
+                    Err(too_large())
+                }
+                Ok(size) => Ok(size),
+                Err(_) if is_too_large(text) => Err(too_large()),
+                Err(_) => Err(E::custom(format!(
+                    "invalid size {text:?}: expected {EXPECTED}"
+                ))),
+            }
         }
+    }
+
+    /// Returns whether `text` is a number and a unit that bytesize reads
+    /// when the number is 1, so that only the number's size stopped it.
+    fn is_too_large(text: &str) -> bool {
+        let text = text.trim();
+        let unit_start = text
+            .find(|c: char| !c.is_ascii_digit() && c != '.')
+            .unwrap_or(text.len());
+        let (number, unit) = text.split_at(unit_start);
+        number.parse::<f64>().is_ok() && format!("1{unit}").parse::<ByteSize>().is_ok()
     }
 }
 

@@ -54,6 +54,8 @@ pub struct Route {
     pub observe: RouteObserve,
     /// Headers appended to every response of the route.
     pub response_headers: Vec<(HeaderName, HeaderValue)>,
+    /// Request headers removed once the route matches.
+    pub remove_request_headers: Vec<HeaderName>,
     /// Whether the route's context limits ever get their value.
     pub context_watch: ContextWatch,
     /// Bounds the warnings about requests that found no upstream.
@@ -382,6 +384,7 @@ impl Node {
                     .filter_map(|m| Method::from_bytes(m.to_ascii_uppercase().as_bytes()).ok())
                     .collect(),
                 path,
+                case_sensitive: route.case_sensitive,
             });
             let mut workers = Vec::new();
             // The route's share of the instance pool, which all its workers'
@@ -504,6 +507,19 @@ impl Node {
                     })?;
                 response_headers.push(header);
             }
+            let mut remove_request_headers = Vec::with_capacity(route.remove_request_headers.len());
+            for (position, name) in route.remove_request_headers.iter().enumerate() {
+                let header = crate::pipeline::removable_request_header(name.get_ref()).map_err(
+                    |message| {
+                        config.invalid(
+                            config.line_of(name.span().start),
+                            &format!("routes[{index}].remove_request_headers[{position}]"),
+                            &message,
+                        )
+                    },
+                )?;
+                remove_request_headers.push(header);
+            }
             let observability = &route.observability;
             routes.push(Route {
                 observe: RouteObserve {
@@ -524,6 +540,7 @@ impl Node {
                 timeout: route.timeout,
                 workers,
                 response_headers,
+                remove_request_headers,
                 context_watch: ContextWatch::default(),
                 no_upstream_log: LogThrottle::default(),
             });

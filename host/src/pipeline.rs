@@ -192,6 +192,9 @@ async fn serve(
     let matched = matched.ok_or(Refusal::NoRoute)?;
     let route = &node.routes[matched.index];
     exchange.route = Some(matched.index);
+    for name in &route.remove_request_headers {
+        parts.headers.remove(name);
+    }
     if route.observe.trace_context || node.spans.is_some() {
         exchange.trace = Some(TraceContext::from_request(&parts.headers));
     }
@@ -233,6 +236,14 @@ async fn serve(
             return Err(Refusal::BodyTooLarge {
                 limit: route.max_body,
             });
+        }
+        // `0005` is valid, but an upstream could read leading zeros another
+        // way, so the length goes upstream as a plain number.
+        let written = parts.headers[header::CONTENT_LENGTH].as_bytes();
+        if written.len() > 1 && written[0] == b'0' {
+            parts
+                .headers
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(length));
         }
     }
 
@@ -909,7 +920,7 @@ static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host"
 
 /// Headers that describe one connection and never cross a proxy (RFC 9110,
 /// section 7.6.1), besides those the `Connection` header names.
-static HOP_BY_HOP: [HeaderName; 9] = [
+static HOP_BY_HOP: [HeaderName; 10] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -919,6 +930,9 @@ static HOP_BY_HOP: [HeaderName; 9] = [
     header::UPGRADE,
     header::PROXY_AUTHENTICATE,
     header::PROXY_AUTHORIZATION,
+    // The settings of an `Upgrade: h2c` request, which belong to its
+    // connection (RFC 7540, section 3.2.1).
+    HeaderName::from_static("http2-settings"),
 ];
 
 /// Removes hop-by-hop headers, including every header named in
@@ -992,14 +1006,13 @@ fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
         "upgrade" => 6,
         "proxy-authenticate" => 7,
         "proxy-authorization" => 8,
+        "http2-settings" => 9,
         _ => return None,
     };
     debug_assert_eq!(HOP_BY_HOP[index], name);
     Some(index)
 }
 
-/// True for headers that describe the message framing or the connection,
-/// which the node sets itself: `Content-Length` and the hop-by-hop headers.
 /// Checks one entry of a route's `response_headers` and returns it as a
 /// header, or returns the reason it cannot be one.
 pub(crate) fn response_header(
@@ -1018,6 +1031,24 @@ pub(crate) fn response_header(
     Ok((header_name, header_value))
 }
 
+/// Checks one entry of a route's `remove_request_headers` and returns it as
+/// a header name, or returns the reason the node cannot remove it.
+pub(crate) fn removable_request_header(name: &str) -> Result<HeaderName, String> {
+    let header_name = HeaderName::from_bytes(name.as_bytes())
+        .map_err(|_| format!("{name:?} is not a valid header name"))?;
+    if header_name == header::HOST {
+        return Err("host names the upstream's virtual host, and a request needs it".to_owned());
+    }
+    if is_managed(&header_name) {
+        return Err(format!(
+            "{name} is a framing or hop-by-hop header, which the node handles itself"
+        ));
+    }
+    Ok(header_name)
+}
+
+/// True for headers that describe the message framing or the connection,
+/// which the node sets itself: `Content-Length` and the hop-by-hop headers.
 fn is_managed(name: &HeaderName) -> bool {
     *name == header::CONTENT_LENGTH || hop_by_hop_index(name).is_some()
 }

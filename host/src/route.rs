@@ -257,22 +257,36 @@ impl PathMatch {
 
     /// Matches a normalised path, returning named parameter values.
     pub fn matches(&self, path: &str) -> Option<Vec<(String, String)>> {
+        self.matches_case(path, true)
+    }
+
+    /// Matches a normalised path as [`PathMatch::matches`] does, comparing
+    /// the rule's text with ASCII case ignored unless `case_sensitive`.
+    pub fn matches_case(&self, path: &str, case_sensitive: bool) -> Option<Vec<(String, String)>> {
+        let same = |rule: &str, text: &str| {
+            if case_sensitive {
+                rule == text
+            } else {
+                rule.eq_ignore_ascii_case(text)
+            }
+        };
         match self {
             PathMatch::Prefix(prefix) => {
                 let hit = prefix == "/"
-                    || path
-                        .strip_prefix(prefix.as_str())
-                        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'));
+                    || path.get(..prefix.len()).is_some_and(|head| {
+                        let rest = &path[prefix.len()..];
+                        same(prefix, head) && (rest.is_empty() || rest.starts_with('/'))
+                    });
                 hit.then(Vec::new)
             }
-            PathMatch::Exact(exact) => (exact == path).then(Vec::new),
+            PathMatch::Exact(exact) => same(exact, path).then(Vec::new),
             PathMatch::Pattern(segments) => {
                 let mut params = Vec::new();
                 let mut parts = path[1..].split('/');
                 for segment in segments {
                     let part = parts.next()?;
                     match segment {
-                        PatternSegment::Literal(literal) if literal == part => {}
+                        PatternSegment::Literal(literal) if same(literal, part) => {}
                         PatternSegment::Param(name) if !part.is_empty() => {
                             params.push((name.clone(), part.to_owned()));
                         }
@@ -376,6 +390,8 @@ pub struct RouteRule {
     /// Empty for any method.
     pub methods: Vec<Method>,
     pub path: PathMatch,
+    /// Whether the path rule's letters must match in case.
+    pub case_sensitive: bool,
 }
 
 /// A route that matched, with its parameter values.
@@ -427,7 +443,7 @@ impl Router {
             if !rule.methods.is_empty() && !rule.methods.contains(method) {
                 return None;
             }
-            let params = rule.path.matches(path)?;
+            let params = rule.path.matches_case(path, rule.case_sensitive)?;
             Some(RouteMatch {
                 index: rule.index,
                 params,
@@ -450,8 +466,13 @@ impl Router {
                 } else if !rule.methods.is_empty() && !rule.methods.contains(method) {
                     let list: Vec<&str> = rule.methods.iter().map(Method::as_str).collect();
                     Some(format!("method {method} is not one of {}", list.join(", ")))
-                } else if rule.path.matches(path).is_none() {
-                    Some(format!("{} does not match {path}", rule.path))
+                } else if rule.path.matches_case(path, rule.case_sensitive).is_none() {
+                    let case = if rule.case_sensitive {
+                        ""
+                    } else {
+                        " (any case)"
+                    };
+                    Some(format!("{}{case} does not match {path}", rule.path))
                 } else {
                     None
                 };
@@ -574,6 +595,23 @@ mod tests {
     }
 
     #[test]
+    fn case_insensitive_rules_ignore_ascii_case() {
+        let prefix = PathMatch::prefix("/users").unwrap();
+        assert!(prefix.matches("/USERS/7").is_none());
+        assert!(prefix.matches_case("/USERS/7", false).is_some());
+        assert!(prefix.matches_case("/UsersX", false).is_none());
+        // A multi-byte character where the prefix ends is no match.
+        assert!(prefix.matches_case("/user\u{e9}/7", false).is_none());
+        let exact = PathMatch::exact("/Me").unwrap();
+        assert!(exact.matches_case("/mE", false).is_some());
+        let pattern = PathMatch::pattern("/{device}/home").unwrap();
+        assert_eq!(
+            pattern.matches_case("/TV/HOME", false),
+            Some(vec![("device".to_owned(), "TV".to_owned())])
+        );
+    }
+
+    #[test]
     fn pattern_captures_named_segments() {
         let pattern = PathMatch::pattern("/{device}/home").unwrap();
         let params = pattern.matches("/mobile/home").unwrap();
@@ -591,6 +629,7 @@ mod tests {
             host: HostMatch::parse(host),
             methods: methods.iter().map(|m| m.parse().unwrap()).collect(),
             path,
+            case_sensitive: true,
         }
     }
 

@@ -433,6 +433,18 @@ fn check_rejects_invalid_values() {
              or a string such as \"512KiB\" or \"10MiB\"",
         ),
         (
+            format!("{VALID}\n[runtime]\nmax_memory = \"20000PiB\"\n"),
+            "invalid size \"20000PiB\": the largest size is 16 EiB",
+        ),
+        (
+            format!("{VALID}\n[runtime]\nmax_memory = \"99999999999999999999\"\n"),
+            "invalid size \"99999999999999999999\": the largest size is 16 EiB",
+        ),
+        (
+            VALID.replace("127.0.0.1:9", "127.0.0.1:99999"),
+            "invalid address \"127.0.0.1:99999\": the port must be from 0 to 65535",
+        ),
+        (
             format!("{VALID}\n[runtime]\nmax_memory = 1.5\n"),
             "invalid type: floating point `1.5`, expected a size",
         ),

@@ -264,6 +264,84 @@ async fn path_is_normalised_before_routing() -> Result {
 }
 
 #[tokio::test]
+async fn case_insensitive_route_matches_any_case() -> Result {
+    let (admin, other) = (Upstream::echo().await, Upstream::echo().await);
+    let config = format!(
+        "{}{}\n[[routes]]\nname = \"admin\"\nprefix = \"/admin\"\nupstream = \"admin\"\n\
+         case_sensitive = false\n\n\
+         [[routes]]\nname = \"reports\"\npattern = \"/reports/{{id}}/pdf\"\nupstream = \"admin\"\n\
+         case_sensitive = false\n\n\
+         [[routes]]\nname = \"users\"\nprefix = \"/users\"\nupstream = \"admin\"\n\n\
+         [[routes]]\nname = \"rest\"\nprefix = \"/\"\nupstream = \"other\"\n",
+        upstream_block("admin", &admin),
+        upstream_block("other", &other)
+    );
+    let node = Node::start(&config)?;
+    for sent in ["/admin/x", "/ADMIN/x", "/%41dmin/x", "/Reports/7/PDF"] {
+        assert_eq!(get(&node.url(sent)).await?.status, 200, "{sent}");
+        assert_eq!(admin.last().target, sent.replace("%41", "A"), "{sent}");
+    }
+    assert_eq!(other.count(), 0);
+    // Whole segments still: `/administrator` is not below `/admin`.
+    get(&node.url("/ADMINistrator")).await?;
+    assert_eq!(other.count(), 1);
+    // Other routes still match case-sensitively.
+    get(&node.url("/USERS/1")).await?;
+    assert_eq!(other.count(), 2);
+
+    let dir = tempfile::tempdir()?;
+    let with_listener = format!("[[listeners]]\naddr = \"127.0.0.1:0\"\n{config}");
+    let path = crate::cli::write_config(dir.path(), &with_listener);
+    let explained =
+        crate::harness::edge(&["routes", "explain", "--config", &path, "GET", "/USERS"]);
+    let text = String::from_utf8_lossy(&explained.stdout);
+    assert!(text.contains("(any case) does not match /USERS"), "{text}");
+    Ok(())
+}
+
+#[tokio::test]
+async fn route_removes_listed_request_headers() -> Result {
+    let upstream = Upstream::echo().await;
+    let config = format!(
+        "{}\n[[routes]]\nname = \"app\"\nprefix = \"/\"\nupstream = \"app\"\n\
+         remove_request_headers = [\"X-HTTP-Method-Override\", \"x-debug\"]\n",
+        upstream_block("app", &upstream)
+    );
+    let node = Node::start(&config)?;
+    let response = raw_request(
+        node.addr,
+        "POST /items HTTP/1.1\r\nHost: test\r\nX-HTTP-Method-Override: DELETE\r\n\
+         X-Debug: 1\r\nX-Kept: 1\r\nContent-Length: 0005\r\nConnection: close\r\n\r\nhello",
+    )
+    .await?;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    let seen = upstream.last();
+    assert!(!seen.headers.contains_key("x-http-method-override"));
+    assert!(!seen.headers.contains_key("x-debug"));
+    assert_eq!(seen.headers["x-kept"], "1");
+    // A length with leading zeros goes upstream as a plain number.
+    assert_eq!(seen.headers["content-length"], "5");
+    assert_eq!(seen.body_len, 5);
+
+    for (name, reason) in [
+        ("host", "a request needs it"),
+        ("transfer-encoding", "hop-by-hop"),
+        ("content-length", "framing"),
+        ("bad name", "not a valid header name"),
+    ] {
+        let bad = format!("[[listeners]]\naddr = \"127.0.0.1:0\"\n{config}")
+            .replace("\"x-debug\"", &format!("{name:?}"));
+        let dir = tempfile::tempdir()?;
+        let output = crate::harness::edge(&["check", &crate::cli::write_config(dir.path(), &bad)]);
+        let text = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{name}");
+        assert!(text.contains("remove_request_headers[1]"), "{text}");
+        assert!(text.contains(reason), "{text}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
 async fn absolute_form_target_decides_the_host() -> Result {
     let (public, secret) = (Upstream::echo().await, Upstream::echo().await);
     let config = format!(
@@ -546,7 +624,8 @@ async fn hop_by_hop_headers_removed_both_ways() -> Result {
     let response = raw_request(
         node.addr,
         "GET /hop HTTP/1.1\r\nHost: test\r\nConnection: close, x-hop\r\nX-Hop: 1\r\nX-End: 1\r\n\
-         Keep-Alive: timeout=5\r\nTE: trailers\r\nUpgrade: foo\r\nProxy-Authorization: secret\r\n\r\n",
+         Keep-Alive: timeout=5\r\nTE: trailers\r\nUpgrade: foo\r\nProxy-Authorization: secret\r\n\
+         HTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\n",
     )
     .await?;
     let seen = upstream.last().headers;
@@ -557,6 +636,7 @@ async fn hop_by_hop_headers_removed_both_ways() -> Result {
         "te",
         "upgrade",
         "proxy-authorization",
+        "http2-settings",
     ] {
         assert!(
             !seen.contains_key(name),

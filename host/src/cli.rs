@@ -306,7 +306,8 @@ pub fn run_node(config: &Config, node: Node) -> anyhow::Result<()> {
     }
     tracing::info!(node = %config.node.name, threads = config.threads(), "serving");
     wait_for_signal()?;
-    if let Err(error) = stop_on_second_signal(node.clone()) {
+    let forced = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if let Err(error) = stop_on_second_signal(node.clone(), server.stopper(), forced.clone()) {
         tracing::warn!(error = %format!("{error:#}"), "a second signal will not cut the drain short");
     }
     tracing::info!(
@@ -324,6 +325,9 @@ pub fn run_node(config: &Config, node: Node) -> anyhow::Result<()> {
         let _ = thread.join();
     }
     tracing::info!("stopped");
+    if forced.load(std::sync::atomic::Ordering::SeqCst) {
+        std::process::exit(1);
+    }
     Ok(())
 }
 
@@ -424,7 +428,15 @@ fn print_dev_certificate_hint(ca: &Path, addr: std::net::SocketAddr) {
 /// the drain, after writing out the access log's pending lines, so that an
 /// operator need not wait out `drain_timeout` or send SIGKILL. The signals
 /// are listened for before this returns, so none sent after it is missed.
-fn stop_on_second_signal(node: Arc<Node>) -> anyhow::Result<()> {
+/// How long a second signal waits for the serving threads to drop their
+/// requests before the process ends without them.
+const FORCED_STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
+
+fn stop_on_second_signal(
+    node: Arc<Node>,
+    stopper: crate::listener::Stopper,
+    forced: Arc<std::sync::atomic::AtomicBool>,
+) -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
 
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -447,6 +459,15 @@ fn stop_on_second_signal(node: Arc<Node>) -> anyhow::Result<()> {
                 }
             });
             tracing::warn!("second signal: stopping without waiting for open connections");
+            // The serving threads drop their requests, which writes their
+            // access-log lines, and the main thread then exits with status 1.
+            forced.store(true, std::sync::atomic::Ordering::SeqCst);
+            stopper.stop_now();
+            std::thread::sleep(FORCED_STOP_GRACE);
+            tracing::warn!(
+                grace = ?FORCED_STOP_GRACE,
+                "serving threads did not stop in time; exiting without them"
+            );
             if let Some(access_log) = &node.access_log {
                 access_log.flush();
             }

@@ -46,7 +46,21 @@ pub struct Server {
     /// The bound address of each listener, in config order.
     pub addrs: Vec<SocketAddr>,
     shutdown: watch::Sender<bool>,
+    /// Ends the drain at once.
+    stop_now: Arc<watch::Sender<bool>>,
     threads: Vec<JoinHandle<()>>,
+}
+
+/// A handle that ends a node's drain at once, from another thread.
+#[derive(Clone)]
+pub struct Stopper(Arc<watch::Sender<bool>>);
+
+impl Stopper {
+    /// Closes the connections still open in the drain. Their requests in
+    /// flight are dropped, and each writes its access-log line.
+    pub fn stop_now(&self) {
+        let _ = self.0.send(true);
+    }
 }
 
 impl Server {
@@ -76,6 +90,7 @@ impl Server {
         }
         set_redirect_ports(&node, &addrs);
         let (shutdown, shutdown_rx) = watch::channel(false);
+        let (stop_now, stop_now_rx) = watch::channel(false);
 
         let mut senders = Vec::new();
         let mut handles = Vec::new();
@@ -83,14 +98,15 @@ impl Server {
             let (sender, receiver) = mpsc::unbounded_channel();
             senders.push(sender);
             let node = node.clone();
-            let shutdown_rx = shutdown_rx.clone();
+            let stops = Stops {
+                shutdown: shutdown_rx.clone(),
+                stop_now: stop_now_rx.clone(),
+            };
             let header_timeouts: Vec<Duration> =
                 listeners.iter().map(|l| l.header_timeout).collect();
             let handle = std::thread::Builder::new()
                 .name(format!("edge-serve-{index}"))
-                .spawn(move || {
-                    serve_thread(node, receiver, shutdown_rx, header_timeouts, drain_timeout)
-                })
+                .spawn(move || serve_thread(node, receiver, stops, header_timeouts, drain_timeout))
                 .context("cannot start a serving thread")?;
             handles.push(handle);
         }
@@ -120,8 +136,14 @@ impl Server {
         Ok(Server {
             addrs,
             shutdown,
+            stop_now: Arc::new(stop_now),
             threads: handles,
         })
+    }
+
+    /// Returns a handle that ends the drain at once.
+    pub fn stopper(&self) -> Stopper {
+        Stopper(self.stop_now.clone())
     }
 
     /// Stops accepting, lets open connections finish within the drain
@@ -245,13 +267,24 @@ fn accept_thread(
     });
 }
 
+/// The signals a serving thread watches: the start of the drain, and its
+/// end before the drain timeout.
+struct Stops {
+    shutdown: watch::Receiver<bool>,
+    stop_now: watch::Receiver<bool>,
+}
+
 fn serve_thread(
     node: Arc<Node>,
     mut connections: mpsc::UnboundedReceiver<Accepted>,
-    mut shutdown: watch::Receiver<bool>,
+    stops: Stops,
     header_timeouts: Vec<Duration>,
     drain_timeout: Duration,
 ) {
+    let Stops {
+        mut shutdown,
+        mut stop_now,
+    } = stops;
     runtime().block_on(async move {
         let builders: Vec<Arc<Builders>> = header_timeouts
             .iter()
@@ -368,14 +401,17 @@ fn serve_thread(
                 _ = shutdown.wait_for(|stop| *stop) => break,
             }
         }
-        if tokio::time::timeout(drain_timeout, graceful.shutdown())
-            .await
-            .is_err()
-        {
-            tracing::warn!(
-                ?drain_timeout,
-                "connections still open after the drain timeout; closing them"
-            );
+        tokio::select! {
+            drained = tokio::time::timeout(drain_timeout, graceful.shutdown()) => {
+                if drained.is_err() {
+                    tracing::warn!(
+                        ?drain_timeout,
+                        "connections still open after the drain timeout; closing them"
+                    );
+                }
+            }
+            // The runtime drops the connections' tasks when this returns.
+            _ = stop_now.wait_for(|stop| *stop) => {}
         }
     });
 }

@@ -984,7 +984,11 @@ async fn shutdown_lets_requests_in_flight_finish() -> Result {
 #[tokio::test]
 async fn second_signal_cuts_the_drain_short() -> Result {
     let slow = Upstream::start(|_| Reply::Delay(Duration::from_secs(5))).await;
-    let mut node = Node::start(&one_route(&slow))?;
+    let config = format!(
+        "[access_log]\npath = \"access.log\"\n\n{}",
+        one_route(&slow)
+    );
+    let mut node = Node::start(&config)?;
     let url = node.url("/slow");
     let in_flight = tokio::spawn(async move { get(&url).await });
     tokio::time::sleep(Duration::from_millis(200)).await;
@@ -998,22 +1002,30 @@ async fn second_signal_cuts_the_drain_short() -> Result {
     node.signal("TERM");
     let status = tokio::task::spawn_blocking(move || {
         let status = node.wait_exit();
-        (status, node.log())
+        // The node's folder goes with it.
+        let access_log = std::fs::read_to_string(node.dir().join("access.log"));
+        (status, node.log(), access_log)
     })
     .await?;
 
-    let (status, log) = status;
+    let (status, log, access_log) = status;
     // The default drain_timeout is 10 s, and the request in flight takes 5 s.
-    assert!(signalled.elapsed() < Duration::from_secs(3), "{log}");
+    assert!(signalled.elapsed() < Duration::from_secs(2), "{log}");
     assert!(
         status.is_some_and(|s| !s.success()),
         "node exit: {status:?}"
     );
     assert!(log.contains("second signal: stopping"), "{log}");
+    assert!(!log.contains("did not stop in time"), "{log}");
     assert!(
         in_flight.await?.is_err(),
         "the request in flight was cut off"
     );
+    // The request cut off still has its access-log line.
+    let text = access_log?;
+    let line: serde_json::Value = serde_json::from_str(text.lines().next().unwrap_or_default())?;
+    assert_eq!(line["path"], "/slow", "{text}");
+    assert_eq!(line["status"], 499, "{text}");
     Ok(())
 }
 

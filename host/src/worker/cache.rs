@@ -217,6 +217,7 @@ impl ModuleCache {
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
         let now = SystemTime::now();
+        let mut own_bytes = 0;
         // Entries that may go: path, size, time of last use.
         let mut candidates = Vec::new();
         for file in files.flatten() {
@@ -232,7 +233,7 @@ impl ModuleCache {
             let path = file.path();
             if in_use.contains(&path) {
                 pruned.kept += 1;
-                pruned.kept_bytes += metadata.len();
+                own_bytes += metadata.len();
                 continue;
             }
             let used = metadata.modified().unwrap_or(SystemTime::UNIX_EPOCH);
@@ -241,7 +242,8 @@ impl ModuleCache {
 
         // Oldest last use first.
         candidates.sort_by_key(|&(_, _, used)| used);
-        let mut total = pruned.kept_bytes + candidates.iter().map(|&(_, len, _)| len).sum::<u64>();
+        pruned.kept_bytes = own_bytes;
+        let mut total = own_bytes + candidates.iter().map(|&(_, len, _)| len).sum::<u64>();
         for (path, len, used) in candidates {
             let age = now.duration_since(used).unwrap_or(Duration::ZERO);
             if age <= self.retention.max_age && total <= self.retention.max_size {
@@ -273,10 +275,10 @@ impl ModuleCache {
                 "pruned the module cache"
             );
         }
-        if pruned.kept_bytes > self.retention.max_size {
+        if own_bytes > self.retention.max_size {
             tracing::warn!(
                 folder = %self.dir.display(),
-                kept_bytes = pruned.kept_bytes,
+                own_bytes,
                 max_size = self.retention.max_size,
                 "the module cache's entries of this node's own modules exceed \
                  runtime.cache_max_size; raise it"

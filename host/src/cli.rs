@@ -551,6 +551,12 @@ fn explain(path: &Path, method: &str, raw_path: &str, host: Option<&str>) -> any
         Some(query) => format!("{}?{query}", uri.path()),
         None => uri.path().to_owned(),
     });
+    if absolute.is_none() && !raw_path.starts_with('/') {
+        anyhow::bail!(
+            "{raw_path:?} is not a request target: write a path that starts with '/', or an \
+             absolute URI such as http://example.com/path (the node responds 400 to others)"
+        );
+    }
     let (host, raw_path) = match (&absolute, &target) {
         (Some(uri), Some(target)) => (
             uri.authority().map(http::uri::Authority::as_str),

@@ -691,6 +691,14 @@ fn routes_explain_checks_like_the_node() {
     );
     assert!(stderr.contains("400 invalid_host"), "{stderr}");
 
+    // Neither a path nor an absolute URI: hyper rejects such a target.
+    for target in ["users/7", "http://exa mple.com/users"] {
+        let output = explain(&["GET", target]);
+        assert!(!output.status.success(), "{target}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("is not a request target"), "{stderr}");
+    }
+
     // The query is not part of the path a route matches.
     let output = explain(&["GET", "/mobile/home?next=/users"]);
     assert!(output.status.success());

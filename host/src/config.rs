@@ -1108,6 +1108,27 @@ mod size {
     }
 }
 
+/// Adds a hint to the toml crate's "duplicate key" error for an array of
+/// tables whose first `[[name]]` comes after a table inside it, such as
+/// `[[routes.workers]]` before `[[routes]]`: the message alone names no cause.
+fn with_table_order_hint(message: &str) -> String {
+    let Some(name) = message
+        .split("duplicate key `")
+        .nth(1)
+        .and_then(|rest| rest.split_once('`'))
+        .map(|(name, _)| name)
+    else {
+        return message.to_owned();
+    };
+    if !message.contains(&format!("[[{name}]]")) {
+        return message.to_owned();
+    }
+    format!(
+        "{message}\nhint: a table inside [[{name}]], such as [[{name}.workers]] or \
+         [{name}.config], comes before the first [[{name}]]; write [[{name}]] first"
+    )
+}
+
 /// Checks a route's `host`: a DNS name, or `*.` and a DNS name.
 fn is_host_rule(host: &str) -> bool {
     let name = host.strip_prefix("*.").unwrap_or(host);
@@ -1172,7 +1193,7 @@ impl Config {
     pub fn parse(source: ConfigSource) -> Result<Config, ConfigError> {
         let mut config: Config = toml::from_str(&source.text).map_err(|e| ConfigError::Parse {
             file: source.name.clone(),
-            message: e.to_string().trim_end().to_owned(),
+            message: with_table_order_hint(e.to_string().trim_end()),
         })?;
         config.source = source;
         config.validate()?;

@@ -595,7 +595,15 @@ fn explain(path: &Path, method: &str, raw_path: &str, host: Option<&str>) -> any
         Some(verdict) => {
             let route = &node.routes[verdict.rule.index];
             let config_route = &config.routes[verdict.rule.index];
-            println!("matches route {:?} ({})", route.name, verdict.rule.path);
+            let case = if verdict.rule.case_sensitive {
+                ""
+            } else {
+                ", any case"
+            };
+            println!(
+                "matches route {:?} ({}{case})",
+                route.name, verdict.rule.path
+            );
             match &config_route.upstream {
                 Some(upstream) => {
                     println!("  upstream: {}", upstream.get_ref());

@@ -28,6 +28,31 @@ use crate::worker::{
     Runtime, RuntimeSettings, Secret,
 };
 
+/// Returns the part of a route that reads request header `name`: one of its
+/// limits, or the hash key of its upstream.
+fn header_needed_by(
+    name: &HeaderName,
+    limits: &[Limit],
+    hash_key: Option<&crate::balance::HashKey>,
+) -> Option<String> {
+    use crate::balance::HashKey;
+    use crate::ratelimit::KeySource;
+
+    if let Some(limit) = limits
+        .iter()
+        .find(|limit| matches!(&limit.spec.key, KeySource::Header(key) if key == name))
+    {
+        return Some(format!("the limit {:?}", limit.spec.name));
+    }
+    match hash_key {
+        Some(HashKey::Header(key)) if key == name => Some("the upstream's hash_key".to_owned()),
+        Some(HashKey::Cookie(_)) if name == http::header::COOKIE => {
+            Some("the upstream's hash_key".to_owned())
+        }
+        _ => None,
+    }
+}
+
 /// The shortest secret value a worker may be given, in bytes.
 pub const MIN_SECRET_LEN: usize = 8;
 
@@ -374,6 +399,19 @@ impl Node {
                     &message,
                 )
             })?;
+            if !route.case_sensitive && !path.to_string().is_ascii() {
+                return Err(config
+                    .invalid(
+                        config.line_of(route.name.span().start),
+                        &format!("routes[{index}].case_sensitive"),
+                        &format!(
+                            "the {path} has letters beyond ASCII, which case_sensitive = false \
+                             does not fold (an upstream may read É as é); \
+                             write the rule in ASCII or keep the route case-sensitive"
+                        ),
+                    )
+                    .into());
+            }
             rules.push(RouteRule {
                 index,
                 name: name.to_string(),
@@ -507,17 +545,30 @@ impl Node {
                     })?;
                 response_headers.push(header);
             }
+            let hash_key = route
+                .upstream
+                .as_ref()
+                .and_then(|name| config.upstreams.get(name.get_ref()))
+                .and_then(|upstream| upstream.hash_key.as_ref())
+                .and_then(|key| crate::balance::HashKey::parse(key.get_ref()).ok());
             let mut remove_request_headers = Vec::with_capacity(route.remove_request_headers.len());
             for (position, name) in route.remove_request_headers.iter().enumerate() {
-                let header = crate::pipeline::removable_request_header(name.get_ref()).map_err(
-                    |message| {
+                let header = crate::pipeline::removable_request_header(name.get_ref())
+                    .and_then(|header| {
+                        match header_needed_by(&header, &limits, hash_key.as_ref()) {
+                            Some(user) => Err(format!(
+                            "{user} reads {header}, so removing it would change what the route does"
+                        )),
+                            None => Ok(header),
+                        }
+                    })
+                    .map_err(|message| {
                         config.invalid(
                             config.line_of(name.span().start),
                             &format!("routes[{index}].remove_request_headers[{position}]"),
                             &message,
                         )
-                    },
-                )?;
+                    })?;
                 remove_request_headers.push(header);
             }
             let observability = &route.observability;

@@ -1039,6 +1039,19 @@ pub(crate) fn removable_request_header(name: &str) -> Result<HeaderName, String>
     if header_name == header::HOST {
         return Err("host names the upstream's virtual host, and a request needs it".to_owned());
     }
+    let forwarding = [
+        &X_FORWARDED_FOR,
+        &X_FORWARDED_PROTO,
+        &X_FORWARDED_HOST,
+        &header::FORWARDED,
+        &header::VIA,
+    ];
+    if forwarding.contains(&&header_name) {
+        return Err(format!(
+            "{name} is a forwarding header, which the node reads from trusted proxies and sets \
+             itself"
+        ));
+    }
     if is_managed(&header_name) {
         return Err(format!(
             "{name} is a framing or hop-by-hop header, which the node handles itself"

@@ -296,6 +296,21 @@ async fn case_insensitive_route_matches_any_case() -> Result {
         crate::harness::edge(&["routes", "explain", "--config", &path, "GET", "/USERS"]);
     let text = String::from_utf8_lossy(&explained.stdout);
     assert!(text.contains("(any case) does not match /USERS"), "{text}");
+    let explained =
+        crate::harness::edge(&["routes", "explain", "--config", &path, "GET", "/ADMIN"]);
+    let text = String::from_utf8_lossy(&explained.stdout);
+    assert!(
+        text.contains("matches route \"admin\" (prefix /admin, any case)"),
+        "{text}"
+    );
+
+    // Letters beyond ASCII are not folded, so such a rule is rejected.
+    let accented = with_listener.replace("prefix = \"/admin\"", "prefix = \"/caf%C3%A9\"");
+    let output = crate::harness::edge(&["check", &crate::cli::write_config(dir.path(), &accented)]);
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{text}");
+    assert!(text.contains("routes[0].case_sensitive"), "{text}");
+    assert!(text.contains("letters beyond ASCII"), "{text}");
     Ok(())
 }
 
@@ -328,6 +343,8 @@ async fn route_removes_listed_request_headers() -> Result {
         ("transfer-encoding", "hop-by-hop"),
         ("content-length", "framing"),
         ("bad name", "not a valid header name"),
+        ("x-forwarded-for", "forwarding header"),
+        ("via", "forwarding header"),
     ] {
         let bad = format!("[[listeners]]\naddr = \"127.0.0.1:0\"\n{config}")
             .replace("\"x-debug\"", &format!("{name:?}"));
@@ -338,6 +355,18 @@ async fn route_removes_listed_request_headers() -> Result {
         assert!(text.contains("remove_request_headers[1]"), "{text}");
         assert!(text.contains(reason), "{text}");
     }
+
+    // A limit of the route that counts by the header would lose its key.
+    let limited = format!(
+        "[[listeners]]\naddr = \"127.0.0.1:0\"\n{config}\n[[routes.limits]]\n\
+         key = \"header:x-debug\"\nalgorithm = \"fixed_window\"\nrate = \"10/s\"\n"
+    );
+    let dir = tempfile::tempdir()?;
+    let output = crate::harness::edge(&["check", &crate::cli::write_config(dir.path(), &limited)]);
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{text}");
+    assert!(text.contains("remove_request_headers[1]"), "{text}");
+    assert!(text.contains("reads x-debug"), "{text}");
     Ok(())
 }
 

@@ -290,6 +290,9 @@ pub fn run_node(config: &Config, node: Node) -> anyhow::Result<()> {
         config.threads(),
         config.node.drain_timeout,
     )?;
+    // Every module is loaded and the listeners are bound, so the node will
+    // serve, and the cache entries it needs are known.
+    node.runtime.prune_cache();
     // Ready before the addresses are printed, which is when scripts and
     // tests start to send requests.
     node.lifecycle.set(crate::node::Phase::Serving);

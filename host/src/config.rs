@@ -961,7 +961,7 @@ mod socket_addr {
                      or [::1]:9000"
                 ))),
                 Err(_) if has_port_out_of_range(&text) => Err(de::Error::custom(format!(
-                    "invalid address {text:?}: the port must be from 0 to 65535"
+                    "invalid address {text:?}: the port must be at most 65535"
                 ))),
                 Err(_) => Err(de::Error::custom(format!(
                     "invalid address {text:?}: expected an IP address and a port, such as \
@@ -985,7 +985,9 @@ mod socket_addr {
     /// 65535.
     fn has_port_out_of_range(text: &str) -> bool {
         text.rsplit_once(':').is_some_and(|(ip, port)| {
-            is_ip_without_port(ip)
+            // An IPv6 address needs brackets before its port.
+            (ip.parse::<std::net::Ipv4Addr>().is_ok() || ip.starts_with('['))
+                && is_ip_without_port(ip)
                 && !port.is_empty()
                 && port.bytes().all(|b| b.is_ascii_digit())
                 && port.parse::<u16>().is_err()
@@ -1027,7 +1029,9 @@ mod size {
     use bytesize::ByteSize;
     use serde::de::{self, Deserializer, Visitor};
 
-    const EXPECTED: &str = "a size: a number of bytes, or a string such as \"512KiB\" or \"10MiB\"";
+    const EXPECTED: &str =
+        "a size: a number of bytes, or a string such as \"512KiB\" or \"10MiB\" \
+                            (units B, KB to PB, KiB to PiB)";
 
     pub fn deserialize<'de, D: Deserializer<'de>>(deserializer: D) -> Result<ByteSize, D::Error> {
         deserializer.deserialize_any(SizeVisitor)
@@ -1075,36 +1079,54 @@ mod size {
         }
 
         fn visit_str<E: de::Error>(self, text: &str) -> Result<ByteSize, E> {
-            if text.trim_start().starts_with('-') {
-                return Err(E::custom(format!(
-                    "invalid size {text:?}: a size cannot be negative"
-                )));
-            }
-            let too_large =
-                || E::custom(format!("invalid size {text:?}: the largest size is 16 EiB"));
-            match text.parse::<ByteSize>() {
-                // bytesize saturates a number and unit past 2^64 - 1 bytes.
-                Ok(size) if size.as_u64() == u64::MAX && text.trim() != u64::MAX.to_string() => {
-                    Err(too_large())
-                }
-                Ok(size) => Ok(size),
-                Err(_) if is_too_large(text) => Err(too_large()),
-                Err(_) => Err(E::custom(format!(
-                    "invalid size {text:?}: expected {EXPECTED}"
-                ))),
-            }
+            parse(text).map_err(|reason| E::custom(format!("invalid size {text:?}: {reason}")))
         }
     }
 
-    /// Returns whether `text` is a number and a unit that bytesize reads
-    /// when the number is 1, so that only the number's size stopped it.
-    fn is_too_large(text: &str) -> bool {
+    /// Reads a number and an optional unit that bytesize knows, exactly: the
+    /// parser of bytesize 1 saturates past 2^64 - 1 bytes and rounds a
+    /// fraction of a byte down.
+    fn parse(text: &str) -> Result<ByteSize, String> {
         let text = text.trim();
+        if text.starts_with('-') {
+            return Err("a size cannot be negative".to_owned());
+        }
         let unit_start = text
             .find(|c: char| !c.is_ascii_digit() && c != '.')
             .unwrap_or(text.len());
         let (number, unit) = text.split_at(unit_start);
-        number.parse::<f64>().is_ok() && format!("1{unit}").parse::<ByteSize>().is_ok()
+        let unit = unit.trim_start();
+        let expected = || format!("expected {EXPECTED}");
+        let factor = if unit.is_empty() {
+            1
+        } else {
+            format!("1{unit}")
+                .parse::<ByteSize>()
+                .map_err(|_| expected())?
+                .as_u64()
+        };
+        let too_large = || format!("the largest size is {} bytes", u64::MAX);
+        let bytes = if number.bytes().all(|b| b.is_ascii_digit()) {
+            let count: u128 = number.parse().map_err(|_| {
+                if number.is_empty() {
+                    expected()
+                } else {
+                    too_large()
+                }
+            })?;
+            u64::try_from(count * u128::from(factor)).map_err(|_| too_large())?
+        } else {
+            let count: f64 = number.parse().map_err(|_| expected())?;
+            let bytes = count * factor as f64;
+            if bytes >= u64::MAX as f64 {
+                return Err(too_large());
+            }
+            if bytes.fract() != 0.0 {
+                return Err(format!("{bytes} is not a whole number of bytes"));
+            }
+            bytes as u64
+        };
+        Ok(ByteSize::b(bytes))
     }
 }
 
@@ -1666,6 +1688,10 @@ impl Config {
                 let message = "a TLS listener cannot redirect to HTTPS; \
                                set redirect_https on a plain-HTTP listener";
                 return Err(self.invalid(line, &field("redirect_https"), message));
+            }
+            if redirect.port == Some(0) {
+                let message = "must be from 1 to 65535: a client cannot connect to port 0";
+                return Err(self.invalid(line, &field("redirect_https.port"), message));
             }
             if redirect.port.is_none() && !self.listeners.iter().any(|l| l.tls.is_some()) {
                 let message = "set `port`: the config has no TLS listener to take it from";

@@ -657,8 +657,6 @@ impl Node {
             }
             None => None,
         };
-        // Every module is loaded, so the entries the node needs are known.
-        runtime.prune_cache();
         let spans = start_span_export(config, &registry)?;
         let request_ids =
             config.access_log.is_some() || routes.iter().any(|route| route.observe.request_id);

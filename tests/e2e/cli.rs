@@ -434,15 +434,30 @@ fn check_rejects_invalid_values() {
         ),
         (
             format!("{VALID}\n[runtime]\nmax_memory = \"20000PiB\"\n"),
-            "invalid size \"20000PiB\": the largest size is 16 EiB",
+            "invalid size \"20000PiB\": the largest size is 18446744073709551615 bytes",
         ),
         (
             format!("{VALID}\n[runtime]\nmax_memory = \"99999999999999999999\"\n"),
-            "invalid size \"99999999999999999999\": the largest size is 16 EiB",
+            "invalid size \"99999999999999999999\": the largest size is 18446744073709551615 bytes",
+        ),
+        (
+            format!("{VALID}\n[runtime]\ncache_max_size = \"0.4B\"\n"),
+            "invalid size \"0.4B\": 0.4 is not a whole number of bytes",
+        ),
+        (
+            VALID.replace("127.0.0.1:9", "[::1]:99999"),
+            "invalid address \"[::1]:99999\": the port must be at most 65535",
+        ),
+        (
+            VALID.replace(
+                "addr = \"127.0.0.1:0\"",
+                "addr = \"127.0.0.1:0\"\nredirect_https = { port = 0 }",
+            ),
+            "listeners[0].redirect_https.port: must be from 1 to 65535",
         ),
         (
             VALID.replace("127.0.0.1:9", "127.0.0.1:99999"),
-            "invalid address \"127.0.0.1:99999\": the port must be from 0 to 65535",
+            "invalid address \"127.0.0.1:99999\": the port must be at most 65535",
         ),
         (
             format!("{VALID}\n[runtime]\nmax_memory = 1.5\n"),

@@ -848,6 +848,17 @@ async fn cache_prune_keeps_own_entries() -> Result {
     assert!(stale.exists());
 
     let with_age = config.replace("[runtime]\n", "[runtime]\ncache_max_age = \"1h\"\n");
+    // A node that cannot listen does not serve, and prunes nothing.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let busy = with_age.replace("127.0.0.1:0", &taken.local_addr()?.to_string());
+    let failed = edge(&["serve", "--config", &write_config(dir.path(), &busy)]);
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(stderr.contains("cannot listen"), "{stderr}");
+    assert!(
+        stale.exists(),
+        "a node that failed to start pruned the cache"
+    );
+
     let node = Node::start(&with_age)?;
     assert!(
         node.log_contains("pruned the module cache"),

@@ -25,7 +25,7 @@
 use std::collections::HashSet;
 use std::hash::{Hash, Hasher};
 use std::io::Write as _;
-use std::os::unix::fs::{DirBuilderExt as _, OpenOptionsExt as _};
+use std::os::unix::fs::{DirBuilderExt as _, MetadataExt as _, OpenOptionsExt as _};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
@@ -217,6 +217,7 @@ impl ModuleCache {
             .unwrap_or_else(PoisonError::into_inner)
             .clone();
         let now = SystemTime::now();
+        let user = rustix::process::geteuid().as_raw();
         let mut own_bytes = 0;
         // Entries that may go: path, size, time of last use.
         let mut candidates = Vec::new();
@@ -227,7 +228,9 @@ impl ModuleCache {
             let Ok(metadata) = std::fs::symlink_metadata(file.path()) else {
                 continue;
             };
-            if !metadata.is_file() {
+            // Files of other users are not this node's to remove, and loading
+            // never trusts them anyway.
+            if !metadata.is_file() || metadata.uid() != user {
                 continue;
             }
             let path = file.path();
@@ -236,7 +239,7 @@ impl ModuleCache {
                 own_bytes += metadata.len();
                 continue;
             }
-            let used = metadata.modified().unwrap_or(SystemTime::UNIX_EPOCH);
+            let used = last_use(metadata.modified().ok(), now);
             candidates.push((path, metadata.len(), used));
         }
 
@@ -366,22 +369,37 @@ fn is_entry_name(name: &str) -> bool {
     name.strip_suffix(".cwasm").is_some_and(is_entry_stem)
 }
 
-/// Returns whether `stem` is a module hash, a dash and an engine key.
+/// Returns whether `stem` is a module hash, a dash and an engine key, in
+/// lower-case hex as the node writes them.
 fn is_entry_stem(stem: &str) -> bool {
     let Some((hash, key)) = stem.split_once('-') else {
         return false;
     };
-    let hex =
-        |text: &str, len: usize| text.len() == len && text.bytes().all(|b| b.is_ascii_hexdigit());
+    let hex = |text: &str, len: usize| {
+        text.len() == len && text.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+    };
     hex(hash, 64) && hex(key, 16)
+}
+
+/// How far ahead of the clock a modification time may be and still count as
+/// a time of use: nodes that share a folder over a network disagree a little.
+const CLOCK_SLACK: Duration = Duration::from_secs(3600);
+
+/// Returns an entry's time of last use from its modification time. A time
+/// further ahead than [`CLOCK_SLACK`] (a clock that was wrong, a copy from
+/// such a host) is unknown and counts as the oldest, so that such an entry
+/// goes first instead of never.
+fn last_use(modified: Option<SystemTime>, now: SystemTime) -> SystemTime {
+    match modified {
+        Some(time) if time <= now + CLOCK_SLACK => time.min(now),
+        _ => SystemTime::UNIX_EPOCH,
+    }
 }
 
 /// Warns when another user could replace the cache folder's entries: when
 /// the folder, or a folder above it, is writable by others without the
 /// sticky bit, or the folder belongs to another user.
 fn warn_if_shared(dir: &Path) {
-    use std::os::unix::fs::MetadataExt as _;
-
     let Ok(dir) = std::fs::canonicalize(dir) else {
         return;
     };
@@ -436,8 +454,6 @@ fn entry_digest(compiled: &[u8], hash: &str) -> [u8; 32] {
 /// Returns its compiled bytes when it is intact, `None` when there is no
 /// entry, and an error saying why an entry cannot be used.
 fn read_entry(path: &Path, hash: &str, module_len: usize) -> anyhow::Result<Option<Vec<u8>>> {
-    use std::os::unix::fs::MetadataExt as _;
-
     let metadata = match std::fs::metadata(path) {
         Ok(metadata) => metadata,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => return Ok(None),
@@ -586,6 +602,10 @@ mod tests {
         let recent = entry(dir.path(), '3', 1_000, day);
         let other = dir.path().join("notes.cwasm");
         std::fs::write(&other, vec![0; 10_000]).unwrap();
+        let upper = dir
+            .path()
+            .join(format!("{}-9251C85941F77EEB.cwasm", HASH.to_uppercase()));
+        std::fs::write(&upper, vec![0; 10]).unwrap();
 
         let pruned = cache.prune();
         assert!(
@@ -602,6 +622,7 @@ mod tests {
         );
         assert!(recent.exists());
         assert!(other.exists(), "files that are not entries are kept");
+        assert!(upper.exists(), "names the node does not write are kept");
         assert_eq!(
             pruned,
             Pruned {
@@ -616,6 +637,17 @@ mod tests {
             used.elapsed().unwrap() < day,
             "a loaded entry counts as used now"
         );
+    }
+
+    #[test]
+    fn modification_times_ahead_count_as_oldest() {
+        let now = SystemTime::now();
+        let hour = Duration::from_secs(3600);
+        assert_eq!(last_use(Some(now - hour), now), now - hour);
+        // A little ahead, as a node with a clock a few minutes fast writes.
+        assert_eq!(last_use(Some(now + hour / 2), now), now);
+        assert_eq!(last_use(Some(now + 48 * hour), now), SystemTime::UNIX_EPOCH);
+        assert_eq!(last_use(None, now), SystemTime::UNIX_EPOCH);
     }
 
     #[test]

@@ -25,8 +25,15 @@ enum Command {
     /// Serve requests with the routes, workers and upstreams of a config file.
     Serve {
         /// The node's TOML config file.
-        #[arg(long, short)]
-        config: PathBuf,
+        #[arg(long = "config", short = 'c', value_name = "CONFIG")]
+        config_flag: Option<PathBuf>,
+        /// The node's TOML config file, as `check` takes it.
+        #[arg(
+            value_name = "CONFIG",
+            required_unless_present = "config_flag",
+            conflicts_with = "config_flag"
+        )]
+        config: Option<PathBuf>,
     },
     /// Validate a config file and load its worker modules, without serving
     /// and without creating or changing any file.
@@ -51,7 +58,8 @@ enum Command {
         /// request to HTTPS.
         #[arg(long, default_value = "127.0.0.1:8080")]
         http_listen: std::net::SocketAddr,
-        /// Folder with add-header.wasm and path-router.wasm.
+        /// Folder with the example workers the demo runs: add-header.wasm,
+        /// path-router.wasm and device-router.wasm.
         #[arg(long, default_value = "modules")]
         modules: PathBuf,
     },
@@ -147,7 +155,13 @@ pub fn main() -> ExitCode {
         quiet_on_closed_stdout();
     }
     let result = match cli.command {
-        Command::Serve { config } => serve(&config),
+        Command::Serve {
+            config,
+            config_flag,
+        } => match config.or(config_flag) {
+            Some(config) => serve(&config),
+            None => unreachable!("clap requires one of the two"),
+        },
         Command::Check {
             config,
             config_flag,

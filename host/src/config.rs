@@ -1130,10 +1130,17 @@ mod size {
     }
 }
 
-/// Adds a hint to the toml crate's "duplicate key" error for an array of
-/// tables whose first `[[name]]` comes after a table inside it, such as
-/// `[[routes.workers]]` before `[[routes]]`: the message alone names no cause.
+/// Adds a hint to two errors of the toml crate whose message names no
+/// cause: a `[name]` table where a list of tables is expected, and a
+/// "duplicate key" for an array of tables whose first `[[name]]` comes after
+/// a table inside it, such as `[[routes.workers]]` before `[[routes]]`.
 fn with_table_order_hint(message: &str) -> String {
+    if let Some(name) = single_bracket_list(message) {
+        return format!(
+            "{message}\nhint: {name} is a list of tables: write [[{name}]], with two brackets, \
+             for each entry"
+        );
+    }
     let Some(name) = message
         .split("duplicate key `")
         .nth(1)
@@ -1149,6 +1156,19 @@ fn with_table_order_hint(message: &str) -> String {
         "{message}\nhint: a table inside [[{name}]], such as [[{name}.workers]] or \
          [{name}.config], comes before the first [[{name}]]; write [[{name}]] first"
     )
+}
+
+/// Returns `name` when the toml crate's error is for a `[name]` table where
+/// the config expects a list of tables, such as `[routes]`.
+fn single_bracket_list(message: &str) -> Option<&str> {
+    if !message.contains("invalid type: map, expected a sequence") {
+        return None;
+    }
+    message.lines().find_map(|line| {
+        let (_, code) = line.split_once(" | ")?;
+        let name = code.trim().strip_prefix('[')?.strip_suffix(']')?;
+        (!name.starts_with('[') && !name.is_empty()).then_some(name)
+    })
 }
 
 /// Checks a route's `host`: a DNS name, or `*.` and a DNS name.

@@ -275,7 +275,7 @@ async fn serve(
                 action.is_err(),
             );
             note_context(exchange, &context);
-            let action = action.map_err(|e| worker_refusal(route, binding, e))?;
+            let action = action.map_err(|e| worker_refusal(route, binding, exchange, e))?;
             let changes = match action {
                 wit::Action::Continue(changes) => changes,
                 wit::Action::Respond(response) => {
@@ -297,12 +297,12 @@ async fn serve(
                         _ => Reason::WorkerResponse,
                     };
                     return worker_response(response)
-                        .map_err(|reason| invalid_decision(route, binding, &reason));
+                        .map_err(|reason| invalid_decision(route, binding, exchange, &reason));
                 }
                 wit::Action::Route(to) => {
                     upstream = Some(node.upstream_index(&to.upstream).ok_or_else(|| {
                         let reason = format!("routed to unknown upstream {:?}", to.upstream);
-                        invalid_decision(route, binding, &reason)
+                        invalid_decision(route, binding, exchange, &reason)
                     })?);
                     to.changes
                 }
@@ -313,7 +313,7 @@ async fn serve(
                 &mut request_view,
                 &mut worker_path,
             )
-            .map_err(|reason| invalid_decision(route, binding, &reason))?;
+            .map_err(|reason| invalid_decision(route, binding, exchange, &reason))?;
             // Limits keyed by a context value this worker set run before the
             // next worker, so an over-quota user triggers nothing more.
             let ready = pending_limits.ready(&route.limits, &context);
@@ -1296,14 +1296,14 @@ async fn run_response_hooks<B>(
             changes.is_err(),
         );
         note_context(exchange, context);
-        let changes = changes.map_err(|e| worker_refusal(route, binding, e))?;
+        let changes = changes.map_err(|e| worker_refusal(route, binding, exchange, e))?;
         apply_header_changes(
             response.headers_mut(),
             None,
             &changes.remove_headers,
             changes.set_headers,
         )
-        .map_err(|reason| invalid_decision(route, binding, &reason))?;
+        .map_err(|reason| invalid_decision(route, binding, exchange, &reason))?;
         remove_hop_by_hop(response.headers_mut());
     }
     Ok(())
@@ -1311,16 +1311,23 @@ async fn run_response_hooks<B>(
 
 /// Logs a failed worker call with its route and module, and returns the
 /// refusal to send.
-fn worker_refusal(route: &Route, binding: &Binding, error: WorkerError) -> Refusal {
+fn worker_refusal(
+    route: &Route,
+    binding: &Binding,
+    exchange: &Exchange,
+    error: WorkerError,
+) -> Refusal {
     let refusal = match &error {
         WorkerError::Busy => Refusal::WorkerBusy,
         WorkerError::Timeout(_) => Refusal::WorkerTimeout,
         WorkerError::Failed(_) => Refusal::WorkerFailed,
     };
     if let Some(suppressed) = binding.log_throttle.admit() {
+        let request_id = exchange.request_id.as_ref().and_then(|id| id.to_str().ok());
         tracing::warn!(
             route = %route.name,
             worker = binding.module_name(),
+            request_id = %request_id.unwrap_or("-"),
             error = %error,
             suppressed,
             "worker call failed"
@@ -1329,10 +1336,16 @@ fn worker_refusal(route: &Route, binding: &Binding, error: WorkerError) -> Refus
     refusal
 }
 
-fn invalid_decision(route: &Route, binding: &Binding, reason: &str) -> Refusal {
+fn invalid_decision(
+    route: &Route,
+    binding: &Binding,
+    exchange: &Exchange,
+    reason: &str,
+) -> Refusal {
     worker_refusal(
         route,
         binding,
+        exchange,
         WorkerError::Failed(format!("worker {reason}")),
     )
 }

@@ -212,8 +212,10 @@ crate-type = ["cdylib"]
 [dependencies]
 {dependency}
 
+# Speed over size, as the repository's own workers: each request gets a
+# fresh instance, and a larger module costs nothing more to instantiate.
 [profile.release]
-opt-level = "s"
+opt-level = 3
 
 # A worker is its own workspace, even inside another project's folder.
 [workspace]

@@ -115,6 +115,51 @@ fn check_creates_and_changes_no_files() {
 }
 
 #[test]
+fn check_hints_at_list_tables() {
+    let head =
+        "[[listeners]]\naddr = \"127.0.0.1:0\"\n[upstreams.a]\ntargets = [\"127.0.0.1:9\"]\n";
+    let route = "name = \"r\"\nprefix = \"/\"\nupstream = \"a\"\n";
+    let cases = [
+        (
+            format!("{head}[routes]\n{route}"),
+            "hint: routes is a list of tables: write [[routes]], with two brackets",
+        ),
+        (
+            format!("{head}[[routes.workers]]\nmodule = \"x.wasm\"\n[[routes]]\n{route}"),
+            "hint: a table inside [[routes]], such as [[routes.workers]] or [routes.config], \
+             comes before the first [[routes]]",
+        ),
+    ];
+    for (text, expected) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let output = edge(&["check", &write_config(dir.path(), &text)]);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{text}");
+        assert!(stderr.contains(expected), "{stderr}");
+    }
+}
+
+#[test]
+fn serve_takes_the_config_as_an_argument() {
+    let dir = tempfile::tempdir().unwrap();
+    // A taken port stops the node once it has read the config.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let text = VALID.replace("127.0.0.1:0", &taken.local_addr().unwrap().to_string());
+    let path = write_config(dir.path(), &text);
+    for args in [
+        vec!["serve", path.as_str()],
+        vec!["serve", "--config", path.as_str()],
+    ] {
+        let output = edge(&args);
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(!output.status.success(), "{args:?}");
+        assert!(stderr.contains("cannot listen on"), "{args:?}: {stderr}");
+    }
+    let both = edge(&["serve", &path, "--config", &path]);
+    assert!(!both.status.success());
+}
+
+#[test]
 fn check_rejects_unusable_access_log_path() {
     let dir = tempfile::tempdir().unwrap();
     let folder = dir.path().display().to_string();

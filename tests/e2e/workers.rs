@@ -204,6 +204,9 @@ async fn looping_worker_stops_at_deadline() -> Result {
     let got = get(&node.url("/loop")).await?;
     assert_eq!(got.status, 503);
     assert_eq!(got.json()["error"], "worker_timeout");
+    // The log line carries the id the client got, to match the two.
+    let request_id = got.header("x-request-id").unwrap_or_default().to_owned();
+    assert!(!request_id.is_empty());
     assert_eq!(got.header("retry-after"), Some("1"));
     assert!(started.elapsed() < Duration::from_secs(2));
     assert_eq!(get(&node.url("/after")).await?.status, 200);
@@ -216,6 +219,7 @@ async fn looping_worker_stops_at_deadline() -> Result {
             && log.contains("fixture-worker.wasm"),
         "{log}"
     );
+    assert!(log.contains(&format!("request_id={request_id}")), "{log}");
     Ok(())
 }
 

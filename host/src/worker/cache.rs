@@ -256,6 +256,14 @@ impl ModuleCache {
             }
             match std::fs::remove_file(&path) {
                 Ok(()) => {
+                    if pruned.removed < NAMED_REMOVALS {
+                        tracing::info!(
+                            entry = %path.display(),
+                            unused_secs = age.as_secs(),
+                            bytes = len,
+                            "removed a module cache entry"
+                        );
+                    }
                     pruned.removed += 1;
                     pruned.removed_bytes += len;
                     total -= len;
@@ -380,6 +388,9 @@ fn is_entry_stem(stem: &str) -> bool {
     };
     hex(hash, 64) && hex(key, 16)
 }
+
+/// The removals that one prune logs by name; the summary counts the rest.
+const NAMED_REMOVALS: usize = 16;
 
 /// How far ahead of the clock a modification time may be and still count as
 /// a time of use: nodes that share a folder over a network disagree a little.

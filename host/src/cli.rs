@@ -445,10 +445,10 @@ fn print_dev_certificate_hint(ca: &Path, addr: std::net::SocketAddr) {
 /// requests before the process ends without them.
 const FORCED_STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Ends the drain at once when a second SIGTERM or Ctrl-C comes during it:
-/// the open connections close, their requests write their access-log lines,
-/// and the main thread exits with status 1 (`forced`), so that an operator
-/// need not wait out `drain_timeout` or send SIGKILL. The signals are
+/// Ends the drain at once when a second SIGTERM or Ctrl-C comes during it,
+/// so that an operator need not wait out `drain_timeout` or send SIGKILL.
+/// The open connections close, their requests write their access-log lines,
+/// and the main thread exits with status 1 (`forced`). The signals are
 /// listened for before this returns, so none sent after it is missed.
 fn stop_on_second_signal(
     node: Arc<Node>,

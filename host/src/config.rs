@@ -1083,9 +1083,9 @@ mod size {
         }
     }
 
-    /// Reads a number and an optional unit that bytesize knows, exactly: the
-    /// parser of bytesize 1 saturates past 2^64 - 1 bytes and rounds a
-    /// fraction of a byte down.
+    /// Reads a number and an optional bytesize unit exactly. The parser of
+    /// bytesize 1 saturates past 2^64 - 1 bytes and rounds a fraction of a
+    /// byte down.
     fn parse(text: &str) -> Result<ByteSize, String> {
         let text = text.trim();
         if text.starts_with('-') {

@@ -16,11 +16,11 @@
 //! own, so it must be writable only by that user.
 //!
 //! Each module version, and each wasmtime version or engine setting, adds
-//! entries. A starting node keeps the cache within its retention: an entry
-//! read or written counts as used then (its modification time is set), and
-//! after the node has loaded its modules it removes the entries no node used
-//! within the retention's age, then the least recently used until the rest
-//! fit its size. Entries the node itself loaded are never removed.
+//! entries. A starting node keeps the cache within its retention. An entry
+//! read or written counts as used then: its modification time is set. Once
+//! the node serves, it removes the entries no node used within the
+//! retention's age, then the least recently used until the rest fit its
+//! size. Entries the node itself loaded are never removed.
 
 use std::collections::HashSet;
 use std::hash::{Hash, Hasher};

@@ -115,7 +115,7 @@ pub struct RuntimeSettings {
     /// Whether the module cache is only read: its folder is not created
     /// and compiled modules are not stored, as `edge check` needs.
     pub read_only_cache: bool,
-    /// What the module cache keeps when [`Runtime::prune_cache`] runs.
+    /// The module cache's limits for [`Runtime::prune_cache`].
     pub cache_retention: Retention,
     pub max_instances: u32,
     pub queue_limit: usize,

@@ -535,6 +535,34 @@ async fn sections_are_requested_concurrently() -> Result {
 }
 
 #[tokio::test]
+async fn sections_past_call_limit_go_in_next_call() -> Result {
+    let services = Services::healthy().await;
+    let extra = format!(
+        "[runtime.fetch]\nmax_requests_per_call = 2\n\n{}",
+        services.toml()
+    );
+    let node = Node::start(&home_config(&extra, &sections("2s", false), SHAPES))?;
+    let got = get_home(&node, "/tv/home").await?;
+    assert_eq!(got.status, 200, "{:?}", got.body);
+    assert_eq!(got.json()["partial"], json!([]), "{:?}", got.body);
+    assert_eq!(got.json()["billing"]["plan"], "premium");
+    assert_eq!(services.counts(), [1, 1, 1]);
+
+    // The limit per worker call still caps them all.
+    let services = Services::healthy().await;
+    let extra = format!(
+        "[runtime.fetch]\nmax_requests_per_call = 1\nmax_requests_per_hook = 2\n\n{}",
+        services.toml()
+    );
+    let node = Node::start(&home_config(&extra, &sections("2s", false), SHAPES))?;
+    let got = get_home(&node, "/tv/home").await?;
+    assert_eq!(got.status, 200, "{:?}", got.body);
+    assert_eq!(got.json()["partial"], json!(["billing"]), "{:?}", got.body);
+    assert_eq!(services.counts(), [1, 1, 0]);
+    Ok(())
+}
+
+#[tokio::test]
 async fn fan_out_carries_request_id() -> Result {
     let services = Services::healthy().await;
     let node = home_node(&services, "2s", false)?;

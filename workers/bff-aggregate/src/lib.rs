@@ -217,6 +217,12 @@ fn render_path(
     Ok(rendered)
 }
 
+/// Returns whether a fetch result is the node's refusal of a request past
+/// its limit of requests per `send` call.
+fn is_over_call_limit(result: &Result<fetch::Response, FetchError>) -> bool {
+    matches!(result, Err(FetchError::InvalidRequest(reason)) if reason.ends_with("requests per fetch call"))
+}
+
 /// Builds a section's request, or returns why it cannot be sent.
 fn section_request(
     config: &Config,
@@ -312,14 +318,38 @@ fn aggregate(config: &Config, request: &Request) -> Action {
             return action;
         }
     }
-    let mut results = fetch::send(requests).into_iter();
-    for ((section, shape), outcome) in planned.iter().zip(outcomes.iter_mut()) {
-        if outcome.is_none() {
-            let result = results
-                .next()
-                .unwrap_or(Err(FetchError::InvalidRequest("no result".to_string())));
-            *outcome = Some(section_value(section, shape, result));
+    // The sections to send, by their index in `planned`.
+    let mut unsent: Vec<usize> = (0..planned.len())
+        .filter(|&index| outcomes[index].is_none())
+        .collect();
+    while !unsent.is_empty() {
+        let results = fetch::send(requests);
+        // The node sends at most its per-call number of requests, and
+        // answers the rest with an error: those go in the next call.
+        let sent = results
+            .iter()
+            .position(is_over_call_limit)
+            .unwrap_or(results.len());
+        for (&index, result) in unsent.iter().zip(results).take(sent.max(1)) {
+            let (section, shape) = planned[index];
+            outcomes[index] = Some(section_value(section, shape, result));
         }
+        unsent.drain(..sent.max(1).min(unsent.len()));
+        // Built again, because `send` took them.
+        let mut next = Vec::with_capacity(unsent.len());
+        unsent.retain(|&index| {
+            match section_request(config, planned[index].0, request, &device, user.as_deref()) {
+                Ok(built) => {
+                    next.push(built);
+                    true
+                }
+                Err(reason) => {
+                    outcomes[index] = Some(Err(reason));
+                    false
+                }
+            }
+        });
+        requests = next;
     }
 
     let mut body = Map::new();

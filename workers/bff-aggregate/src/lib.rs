@@ -324,8 +324,8 @@ fn aggregate(config: &Config, request: &Request) -> Action {
         .collect();
     while !unsent.is_empty() {
         let results = fetch::send(requests);
-        // The node sends at most its per-call number of requests, and
-        // answers the rest with an error: those go in the next call.
+        // The node sends at most its per-call number of requests and
+        // returns an error for the rest, which go in the next call.
         let sent = results
             .iter()
             .position(is_over_call_limit)

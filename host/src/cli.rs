@@ -96,16 +96,20 @@ enum Command {
 enum RoutesCommand {
     /// Show which route a request matches, the workers that run on it, and
     /// why every other route does not match.
+    #[command(
+        override_usage = "edge routes explain [OPTIONS] CONFIG METHOD TARGET\n       \
+                          edge routes explain [OPTIONS] --config CONFIG METHOD TARGET"
+    )]
     Explain {
         /// The node's TOML config file.
-        #[arg(long, short)]
-        config: PathBuf,
-        /// The request method, such as GET.
-        method: String,
-        /// The request target: a path such as /users/7 (normalised first), or
-        /// an absolute URL such as http://example.com/users/7, whose host
-        /// then replaces --host.
-        path: String,
+        #[arg(long = "config", short = 'c', value_name = "CONFIG")]
+        config_flag: Option<PathBuf>,
+        /// [CONFIG] METHOD TARGET. CONFIG is the config file, unless --config
+        /// gives it. METHOD is the request method, such as GET. TARGET is a
+        /// path such as /users/7 (normalised first), or an absolute URL such
+        /// as http://example.com/users/7, whose host then replaces --host.
+        #[arg(num_args = 2..=3, required = true, value_name = "ARG")]
+        args: Vec<String>,
         /// The Host header of the request.
         #[arg(long)]
         host: Option<String>,
@@ -175,11 +179,22 @@ pub fn main() -> ExitCode {
             modules,
         } => crate::demo::run(listen, http_listen, &modules),
         Command::Routes(RoutesCommand::Explain {
-            config,
-            method,
-            path,
+            config_flag,
+            args,
             host,
-        }) => explain(&config, &method, &path, host.as_deref()),
+        }) => match (config_flag, args.as_slice()) {
+            (Some(config), [method, path]) => explain(&config, method, path, host.as_deref()),
+            (None, [config, method, path]) => {
+                explain(Path::new(config), method, path, host.as_deref())
+            }
+            (Some(_), _) => Err(anyhow::anyhow!(
+                "with --config, give the method and the target only, such as GET /users/7"
+            )),
+            (None, _) => Err(anyhow::anyhow!(
+                "give the config file, the method and the target, such as \
+                 edge routes explain edge.toml GET /users/7, or use --config"
+            )),
+        },
         Command::Worker(WorkerCommand::New {
             name,
             dir,

@@ -1097,6 +1097,7 @@ mod size {
         let (number, unit) = text.split_at(unit_start);
         let unit = unit.trim_start();
         let expected = || format!("expected {EXPECTED}");
+
         let factor = if unit.is_empty() {
             1
         } else {
@@ -1106,27 +1107,59 @@ mod size {
                 .as_u64()
         };
         let too_large = || format!("the largest size is {} bytes", u64::MAX);
-        let bytes = if number.bytes().all(|b| b.is_ascii_digit()) {
-            let count: u128 = number.parse().map_err(|_| {
-                if number.is_empty() {
-                    expected()
-                } else {
-                    too_large()
-                }
+
+        // The number as an integer and a power of ten to divide it by, so
+        // that `1.001KB` is exactly 1001 bytes.
+        let (whole, fraction) = number.split_once('.').unwrap_or((number, ""));
+        let digits_only = |text: &str| text.bytes().all(|b| b.is_ascii_digit());
+        if whole.is_empty() && fraction.is_empty() || !digits_only(whole) || !digits_only(fraction)
+        {
+            return Err(expected());
+        }
+        let fraction = fraction.trim_end_matches('0');
+        let scale = u32::try_from(fraction.len())
+            .ok()
+            .and_then(|places| 10u128.checked_pow(places))
+            .ok_or_else(|| format!("{number} has too many decimal places"))?;
+        let scaled: u128 = format!("{whole}{fraction}")
+            .trim_start_matches('0')
+            .parse()
+            .or_else(|error: std::num::ParseIntError| match error.kind() {
+                std::num::IntErrorKind::Empty => Ok(0),
+                _ => Err(too_large()),
             })?;
-            u64::try_from(count * u128::from(factor)).map_err(|_| too_large())?
-        } else {
-            let count: f64 = number.parse().map_err(|_| expected())?;
-            let bytes = count * factor as f64;
-            if bytes >= u64::MAX as f64 {
-                return Err(too_large());
-            }
-            if bytes.fract() != 0.0 {
-                return Err(format!("{bytes} is not a whole number of bytes"));
-            }
-            bytes as u64
-        };
+
+        let total = scaled
+            .checked_mul(u128::from(factor))
+            .ok_or_else(too_large)?;
+        if total % scale != 0 {
+            return Err(format!("{number}{unit} is not a whole number of bytes"));
+        }
+        let bytes = u64::try_from(total / scale).map_err(|_| too_large())?;
         Ok(ByteSize::b(bytes))
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::parse;
+
+        #[test]
+        fn sizes_parse_exactly() {
+            let bytes = |text: &str| parse(text).map(|size| size.as_u64());
+            assert_eq!(bytes("1.001KB"), Ok(1001));
+            assert_eq!(bytes("1.5KiB"), Ok(1536));
+            assert_eq!(bytes("1.1PB"), Ok(1_100_000_000_000_000));
+            assert_eq!(bytes("10 MiB"), Ok(10 << 20));
+            assert_eq!(bytes("18446744073709551615.0B"), Ok(u64::MAX));
+            assert_eq!(bytes("18446744073709551614B"), Ok(u64::MAX - 1));
+            assert!(bytes("18446744073709551616").is_err());
+            assert!(bytes("20000PiB").is_err());
+            assert!(bytes("0.4B").is_err());
+            assert!(bytes("1.0000000000000000000001KiB").is_err());
+            assert!(bytes("1.2.3KB").is_err());
+            assert!(bytes(".").is_err());
+            assert!(bytes("17EiB").is_err());
+        }
     }
 }
 
@@ -1153,8 +1186,8 @@ fn with_table_order_hint(message: &str) -> String {
         return message.to_owned();
     }
     format!(
-        "{message}\nhint: a table inside [[{name}]], such as [[{name}.workers]] or \
-         [{name}.config], comes before the first [[{name}]]; write [[{name}]] first"
+        "{message}\nhint: a table inside [[{name}]] comes before the first [[{name}]]; write \
+         [[{name}]] first"
     )
 }
 

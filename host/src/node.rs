@@ -28,12 +28,13 @@ use crate::worker::{
     Runtime, RuntimeSettings, Secret,
 };
 
-/// Returns the part of a route that reads request header `name`: one of its
-/// limits, or the hash key of its upstream.
+/// Returns the part of the node that reads request header `name` after a
+/// route matched: one of the route's limits, or the hash key of an upstream,
+/// where the route or a worker on it may send the request.
 fn header_needed_by(
     name: &HeaderName,
     limits: &[Limit],
-    hash_key: Option<&crate::balance::HashKey>,
+    hash_keys: &[(&str, crate::balance::HashKey)],
 ) -> Option<String> {
     use crate::balance::HashKey;
     use crate::ratelimit::KeySource;
@@ -44,13 +45,14 @@ fn header_needed_by(
     {
         return Some(format!("the limit {:?}", limit.spec.name));
     }
-    match hash_key {
-        Some(HashKey::Header(key)) if key == name => Some("the upstream's hash_key".to_owned()),
-        Some(HashKey::Cookie(_)) if name == http::header::COOKIE => {
-            Some("the upstream's hash_key".to_owned())
-        }
-        _ => None,
-    }
+    hash_keys.iter().find_map(|(upstream, key)| {
+        let reads = match key {
+            HashKey::Header(key) => key == name,
+            HashKey::Cookie(_) => name == http::header::COOKIE,
+            HashKey::ClientIp => false,
+        };
+        reads.then(|| format!("the hash_key of upstream {upstream:?}"))
+    })
 }
 
 /// The shortest secret value a worker may be given, in bytes.
@@ -405,8 +407,8 @@ impl Node {
                         config.line_of(route.name.span().start),
                         &format!("routes[{index}].case_sensitive"),
                         &format!(
-                            "the {path} has letters beyond ASCII, which case_sensitive = false \
-                             does not fold (an upstream may read É as é); \
+                            "the {path} has characters beyond ASCII, whose case \
+                             case_sensitive = false does not fold (an upstream may read É as é); \
                              write the rule in ASCII or keep the route case-sensitive"
                         ),
                     )
@@ -545,20 +547,34 @@ impl Node {
                     })?;
                 response_headers.push(header);
             }
-            let hash_key = route
-                .upstream
-                .as_ref()
-                .and_then(|name| config.upstreams.get(name.get_ref()))
-                .and_then(|upstream| upstream.hash_key.as_ref())
-                .and_then(|key| crate::balance::HashKey::parse(key.get_ref()).ok());
+            // A worker may send the request to any upstream, so every
+            // upstream's hash key counts.
+            let hash_keys: Vec<(&str, crate::balance::HashKey)> = config
+                .upstreams
+                .iter()
+                .filter_map(|(name, upstream)| {
+                    let key = upstream.hash_key.as_ref()?;
+                    Some((
+                        name.as_str(),
+                        crate::balance::HashKey::parse(key.get_ref()).ok()?,
+                    ))
+                })
+                .collect();
             let mut remove_request_headers = Vec::with_capacity(route.remove_request_headers.len());
             for (position, name) in route.remove_request_headers.iter().enumerate() {
                 let header = crate::pipeline::removable_request_header(name.get_ref())
                     .and_then(|header| {
-                        match header_needed_by(&header, &limits, hash_key.as_ref()) {
+                        if header == crate::trace::X_REQUEST_ID && route.observability.request_id {
+                            return Err("the node sets x-request-id on the upstream request, \
+                                        from the client's id when it is valid; set \
+                                        observability.request_id = false on the route instead"
+                                .to_owned());
+                        }
+                        match header_needed_by(&header, &limits, &hash_keys) {
                             Some(user) => Err(format!(
-                            "{user} reads {header}, so removing it would change what the route does"
-                        )),
+                                "{user} reads {header}, so removing it would change what the \
+                                 route does"
+                            )),
                             None => Ok(header),
                         }
                     })

@@ -1323,15 +1323,23 @@ fn worker_refusal(
         WorkerError::Failed(_) => Refusal::WorkerFailed,
     };
     if let Some(suppressed) = binding.log_throttle.admit() {
-        let request_id = exchange.request_id.as_ref().and_then(|id| id.to_str().ok());
-        tracing::warn!(
-            route = %route.name,
-            worker = binding.module_name(),
-            request_id = %request_id.unwrap_or("-"),
-            error = %error,
-            suppressed,
-            "worker call failed"
-        );
+        match exchange.request_id.as_ref().and_then(|id| id.to_str().ok()) {
+            Some(request_id) => tracing::warn!(
+                route = %route.name,
+                worker = binding.module_name(),
+                request_id = %request_id,
+                error = %error,
+                suppressed,
+                "worker call failed"
+            ),
+            None => tracing::warn!(
+                route = %route.name,
+                worker = binding.module_name(),
+                error = %error,
+                suppressed,
+                "worker call failed"
+            ),
+        }
     }
     refusal
 }

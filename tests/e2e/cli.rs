@@ -126,8 +126,8 @@ fn check_hints_at_list_tables() {
         ),
         (
             format!("{head}[[routes.workers]]\nmodule = \"x.wasm\"\n[[routes]]\n{route}"),
-            "hint: a table inside [[routes]], such as [[routes.workers]] or [routes.config], \
-             comes before the first [[routes]]",
+            "hint: a table inside [[routes]] comes before the first [[routes]]; write \
+             [[routes]] first",
         ),
     ];
     for (text, expected) in cases {
@@ -487,7 +487,7 @@ fn check_rejects_invalid_values() {
         ),
         (
             format!("{VALID}\n[runtime]\ncache_max_size = \"0.4B\"\n"),
-            "invalid size \"0.4B\": 0.4 is not a whole number of bytes",
+            "invalid size \"0.4B\": 0.4B is not a whole number of bytes",
         ),
         (
             VALID.replace("127.0.0.1:9", "[::1]:99999"),
@@ -750,6 +750,19 @@ fn routes_explain_checks_like_the_node() {
         "{stderr}"
     );
     assert!(stderr.contains("400 invalid_host"), "{stderr}");
+
+    // The config file may come first instead of with --config.
+    let output = edge(&["routes", "explain", &path, "GET", "/users/7"]);
+    assert!(output.status.success(), "{output:?}");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(stdout.contains("matches route \"users\""), "{stdout}");
+    let output = edge(&["routes", "explain", "GET", "/users/7"]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("give the config file, the method and the target"),
+        "{stderr}"
+    );
 
     // Neither a path nor an absolute URI: hyper rejects such a target.
     for target in ["users/7", "http://exa mple.com/users"] {

@@ -310,7 +310,7 @@ async fn case_insensitive_route_matches_any_case() -> Result {
     let text = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "{text}");
     assert!(text.contains("routes[0].case_sensitive"), "{text}");
-    assert!(text.contains("letters beyond ASCII"), "{text}");
+    assert!(text.contains("characters beyond ASCII"), "{text}");
     Ok(())
 }
 
@@ -355,6 +355,29 @@ async fn route_removes_listed_request_headers() -> Result {
         assert!(text.contains("remove_request_headers[1]"), "{text}");
         assert!(text.contains(reason), "{text}");
     }
+
+    // The hash key of any upstream, where a worker may send the request.
+    let hashed = format!(
+        "[[listeners]]\naddr = \"127.0.0.1:0\"\n[upstreams.sticky]\ntargets = [\"127.0.0.1:9\"]\n\
+         balance = \"consistent_hash\"\nhash_key = \"header:x-debug\"\n{config}"
+    );
+    let dir = tempfile::tempdir()?;
+    let output = crate::harness::edge(&["check", &crate::cli::write_config(dir.path(), &hashed)]);
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{text}");
+    assert!(
+        text.contains("the hash_key of upstream \"sticky\" reads x-debug"),
+        "{text}"
+    );
+
+    // The node sets x-request-id itself unless the route turns that off.
+    let request_id = format!("[[listeners]]\naddr = \"127.0.0.1:0\"\n{config}")
+        .replace("\"x-debug\"", "\"x-request-id\"");
+    let output =
+        crate::harness::edge(&["check", &crate::cli::write_config(dir.path(), &request_id)]);
+    let text = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{text}");
+    assert!(text.contains("observability.request_id = false"), "{text}");
 
     // A limit of the route that counts by the header would lose its key.
     let limited = format!(

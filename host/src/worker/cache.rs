@@ -94,7 +94,6 @@ impl ModuleCache {
             .mode(0o700)
             .create(&dir)
             .with_context(|| format!("cannot create module cache folder {}", dir.display()))?;
-        remove_stale_temporaries(&dir);
         warn_if_shared(&dir);
         Ok(ModuleCache {
             dir,
@@ -207,6 +206,7 @@ impl ModuleCache {
         if self.read_only {
             return pruned;
         }
+        remove_stale_temporaries(&self.dir);
         let Ok(files) = std::fs::read_dir(&self.dir) else {
             return pruned;
         };
@@ -239,15 +239,15 @@ impl ModuleCache {
                 own_bytes += metadata.len();
                 continue;
             }
-            let used = last_use(metadata.modified().ok(), now);
-            candidates.push((path, metadata.len(), used));
+            let modified = metadata.modified().ok();
+            candidates.push((path, metadata.len(), last_use(modified, now), modified));
         }
 
         // Oldest last use first.
-        candidates.sort_by_key(|&(_, _, used)| used);
+        candidates.sort_by_key(|&(_, _, used, _)| used);
         pruned.kept_bytes = own_bytes;
-        let mut total = own_bytes + candidates.iter().map(|&(_, len, _)| len).sum::<u64>();
-        for (path, len, used) in candidates {
+        let mut total = own_bytes + candidates.iter().map(|&(_, len, _, _)| len).sum::<u64>();
+        for (path, len, used, modified) in candidates {
             let age = now.duration_since(used).unwrap_or(Duration::ZERO);
             if age <= self.retention.max_age && total <= self.retention.max_size {
                 pruned.kept += 1;
@@ -257,9 +257,13 @@ impl ModuleCache {
             match std::fs::remove_file(&path) {
                 Ok(()) => {
                     if pruned.removed < NAMED_REMOVALS {
+                        // Unknown for a time ahead of the clock.
+                        let unused_secs = modified
+                            .and_then(|modified| now.duration_since(modified).ok())
+                            .map_or_else(|| "unknown".to_owned(), |age| age.as_secs().to_string());
                         tracing::info!(
                             entry = %path.display(),
-                            unused_secs = age.as_secs(),
+                            unused_secs = %unused_secs,
                             bytes = len,
                             "removed a module cache entry"
                         );
@@ -328,8 +332,8 @@ impl ModuleCache {
     }
 }
 
-/// The age after which a starting node removes a temporary file of
-/// `store`: older than any write that may still be under way.
+/// The age after which pruning removes a temporary file of `store`: older
+/// than any write that may still be under way.
 const STALE_TEMPORARY_AGE: std::time::Duration = std::time::Duration::from_secs(3600);
 
 /// Removes the temporary files that writes which failed or were cut short
@@ -338,14 +342,21 @@ fn remove_stale_temporaries(dir: &Path) {
     let Ok(files) = std::fs::read_dir(dir) else {
         return;
     };
+    let user = rustix::process::geteuid().as_raw();
     for file in files.flatten() {
         let name = file.file_name();
         if !name.to_str().is_some_and(is_temporary_name) {
             continue;
         }
-        let age = file
-            .metadata()
-            .and_then(|metadata| metadata.modified())
+        let Ok(metadata) = std::fs::symlink_metadata(file.path()) else {
+            continue;
+        };
+        // Another user's file is not this node's to remove.
+        if !metadata.is_file() || metadata.uid() != user {
+            continue;
+        }
+        let age = metadata
+            .modified()
             .ok()
             .and_then(|modified| modified.elapsed().ok());
         if age.is_none_or(|age| age < STALE_TEMPORARY_AGE) {
@@ -365,10 +376,22 @@ fn remove_stale_temporaries(dir: &Path) {
 }
 
 /// Returns whether `name` is that of a temporary file of `store`: a module
-/// hash, a dash, the engine key and `.tmp` with the writer's id.
+/// hash, a dash, the engine key, `.tmp`, the writer's process id, a dash and
+/// 16 hex digits.
 fn is_temporary_name(name: &str) -> bool {
-    name.split_once(".tmp")
-        .is_some_and(|(stem, _)| is_entry_stem(stem))
+    let Some((stem, writer)) = name.split_once(".tmp") else {
+        return false;
+    };
+    let Some((pid, random)) = writer.split_once('-') else {
+        return false;
+    };
+    is_entry_stem(stem)
+        && !pid.is_empty()
+        && pid.bytes().all(|b| b.is_ascii_digit())
+        && random.len() == 16
+        && random
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
 }
 
 /// Returns whether `name` is that of an entry: a module hash, a dash, the
@@ -674,7 +697,7 @@ mod tests {
     }
 
     #[test]
-    fn stale_temporaries_are_removed_at_open() {
+    fn prune_removes_stale_temporaries() {
         let dir = tempfile::tempdir().unwrap();
         let old = dir
             .path()
@@ -693,7 +716,9 @@ mod tests {
             file.set_modified(two_hours_ago).unwrap();
         }
 
-        ModuleCache::new(dir.path().to_owned(), &Engine::default(), KEEP_ALL).unwrap();
+        let cache = ModuleCache::new(dir.path().to_owned(), &Engine::default(), KEEP_ALL).unwrap();
+        assert!(old.exists(), "opening the cache removes nothing");
+        cache.prune();
         assert!(!old.exists(), "a stale temporary file is removed");
         assert!(fresh.exists(), "a write that may be under way is kept");
         assert!(entry.exists(), "entries are kept");

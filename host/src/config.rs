@@ -315,12 +315,27 @@ pub enum ClientAuth {
     Optional,
 }
 
+/// Reads a redirect's port, from 1 to 65535, with a message that says so
+/// instead of serde's "expected u16".
+fn redirect_port<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<u16>, D::Error> {
+    let port = i64::deserialize(deserializer)?;
+    match u16::try_from(port) {
+        Ok(port) if port > 0 => Ok(Some(port)),
+        _ => Err(serde::de::Error::custom(format!(
+            "invalid port {port}: the port must be from 1 to 65535"
+        ))),
+    }
+}
+
 /// The HTTP-to-HTTPS redirect of a plain-HTTP listener.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RedirectConfig {
     /// The port in the redirect's `https://` URL. Default: the port of the
     /// config's first TLS listener.
+    #[serde(default, deserialize_with = "redirect_port")]
     pub port: Option<u16>,
     /// Path prefixes, on whole segments, that are served as usual instead of
     /// redirected, such as `/.well-known/acme-challenge`. Default: none.
@@ -1741,10 +1756,6 @@ impl Config {
                 let message = "a TLS listener cannot redirect to HTTPS; \
                                set redirect_https on a plain-HTTP listener";
                 return Err(self.invalid(line, &field("redirect_https"), message));
-            }
-            if redirect.port == Some(0) {
-                let message = "must be from 1 to 65535: a client cannot connect to port 0";
-                return Err(self.invalid(line, &field("redirect_https.port"), message));
             }
             if redirect.port.is_none() && !self.listeners.iter().any(|l| l.tls.is_some()) {
                 let message = "set `port`: the config has no TLS listener to take it from";

@@ -498,7 +498,22 @@ fn check_rejects_invalid_values() {
                 "addr = \"127.0.0.1:0\"",
                 "addr = \"127.0.0.1:0\"\nredirect_https = { port = 0 }",
             ),
-            "listeners[0].redirect_https.port: must be from 1 to 65535",
+            "invalid port 0: the port must be from 1 to 65535",
+        ),
+        (
+            VALID.replace(
+                "addr = \"127.0.0.1:0\"",
+                "addr = \"127.0.0.1:0\"\nredirect_https = { port = 70000 }",
+            ),
+            "invalid port 70000: the port must be from 1 to 65535",
+        ),
+        (
+            format!("{VALID}\n[redis]\nurl = \"redis://127.0.0.1:70000\"\n"),
+            "redis.url: \"redis://127.0.0.1:70000\" has port 70000; the port must be at most 65535",
+        ),
+        (
+            format!("{VALID}\n[redis]\nurl = \"redis://127.0.0.1:0/0\"\n"),
+            "redis.url: \"redis://127.0.0.1:0/0\" has port 0",
         ),
         (
             VALID.replace("127.0.0.1:9", "127.0.0.1:99999"),

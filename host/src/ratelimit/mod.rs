@@ -498,9 +498,39 @@ impl LimitSpec {
 /// Checks that `url` is a Redis URL the client accepts.
 pub fn check_redis_url(url: &str) -> Result<(), String> {
     use ::redis::IntoConnectionInfo as _;
+    // The client's own message names neither a port out of range nor port
+    // 0, which it accepts.
+    if let Some(port) = url_port(url) {
+        match port.parse::<u16>() {
+            Ok(0) => return Err(format!("{url:?} has port 0; a client cannot connect to it")),
+            Ok(_) => {}
+            Err(_) => {
+                return Err(format!(
+                    "{url:?} has port {port}; the port must be at most 65535"
+                ))
+            }
+        }
+    }
     url.into_connection_info()
         .map(|_| ())
         .map_err(|e| format!("{url:?} is not a Redis URL ({e}); write redis://HOST:PORT/DB"))
+}
+
+/// Returns the digits of a `redis://` or `rediss://` URL's port, if it
+/// has one.
+fn url_port(url: &str) -> Option<&str> {
+    let rest = url
+        .strip_prefix("redis://")
+        .or_else(|| url.strip_prefix("rediss://"))?;
+    let authority = rest.split(['/', '?', '#']).next()?;
+    let host_port = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    let port = match host_port.strip_prefix('[') {
+        Some(bracketed) => bracketed.split_once("]:")?.1,
+        None => host_port.rsplit_once(':')?.1,
+    };
+    (!port.is_empty() && port.bytes().all(|b| b.is_ascii_digit())).then_some(port)
 }
 
 /// The rate-limit clock: Unix time in nanoseconds, advancing with the

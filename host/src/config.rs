@@ -315,8 +315,8 @@ pub enum ClientAuth {
     Optional,
 }
 
-/// Reads a redirect's port, from 1 to 65535, with a message that says so
-/// instead of serde's "expected u16".
+/// Reads a redirect's port, from 1 to 65535, with an error that names the
+/// range instead of serde's "expected u16".
 fn redirect_port<'de, D: serde::Deserializer<'de>>(
     deserializer: D,
 ) -> Result<Option<u16>, D::Error> {

@@ -140,9 +140,11 @@ impl AccessLog {
             output,
             names,
             written,
+            dropped: dropped.clone(),
             formatter: LineFormatter::default(),
             buffer: Vec::with_capacity(BATCH_BYTES + 4096),
             lines: 0,
+            failures: Failures::default(),
         };
         std::thread::Builder::new()
             .name("edge-access-log".to_owned())
@@ -157,7 +159,7 @@ impl AccessLog {
         match self.sender.try_send(Message::Record(record)) {
             Ok(()) => {}
             Err(TrySendError::Full(_)) => self.dropped.inc(),
-            // The writer thread ended after a write error it logged.
+            // The writer thread is gone, which happens only if it panicked.
             Err(TrySendError::Disconnected(_)) => self.dropped.inc(),
         }
     }
@@ -269,14 +271,28 @@ struct Writer {
     output: Box<dyn Write + Send>,
     names: Names,
     written: IntCounter,
+    /// Counts the lines of batches that could not be written.
+    dropped: IntCounter,
     formatter: LineFormatter,
     buffer: Vec<u8>,
     /// Lines in `buffer`.
     lines: u64,
+    failures: Failures,
 }
 
+/// Failed writes since the last one logged: one line per
+/// [`FAILURE_LOG_INTERVAL`], so that a full disk does not flood the log.
+#[derive(Default)]
+struct Failures {
+    logged_at: Option<Instant>,
+    unlogged: u64,
+}
+
+/// The shortest time between two log lines about failed writes.
+const FAILURE_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
 impl Writer {
-    /// Writes lines in batches until every sender is gone or a write fails.
+    /// Writes lines in batches until every sender is gone.
     ///
     /// The thread blocks until a message arrives, sleeps for
     /// [`FLUSH_INTERVAL`] while more arrive, then formats them all and writes
@@ -287,22 +303,16 @@ impl Writer {
     fn run(mut self, receiver: Receiver<Message>) {
         while let Ok(first) = receiver.recv() {
             let mut replies = Vec::new();
-            if !self.take(first, &mut replies) {
-                return;
-            }
+            self.take(first, &mut replies);
             // Sleep rather than block on the channel, so that senders do not
             // wake this thread for every line. A flush request skips it.
             if replies.is_empty() {
                 std::thread::sleep(FLUSH_INTERVAL);
             }
             while let Ok(message) = receiver.try_recv() {
-                if !self.take(message, &mut replies) {
-                    return;
-                }
+                self.take(message, &mut replies);
             }
-            if !self.write_out() {
-                return;
-            }
+            self.write_out();
             for reply in replies {
                 let _ = reply.try_send(());
             }
@@ -311,19 +321,14 @@ impl Writer {
         self.write_out();
     }
 
-    /// Adds a record to the batch or notes a flush request. Returns false
-    /// once writing failed.
-    fn take(&mut self, message: Message, replies: &mut Vec<SyncSender<()>>) -> bool {
+    /// Adds a record to the batch, notes a flush request, or opens the file
+    /// again.
+    fn take(&mut self, message: Message, replies: &mut Vec<SyncSender<()>>) {
         match message {
             Message::Record(record) => self.format(&record),
-            Message::Flush(reply) => {
-                replies.push(reply);
-                true
-            }
+            Message::Flush(reply) => replies.push(reply),
             Message::Reopen => {
-                if !self.write_out() {
-                    return false;
-                }
+                self.write_out();
                 if let Sink::File(path) = &self.sink {
                     match open(&self.sink) {
                         Ok(output) => {
@@ -335,37 +340,56 @@ impl Writer {
                         ),
                     }
                 }
-                true
             }
         }
     }
 
     /// Formats one record into the batch, writing the batch out when it is
-    /// full. Returns false once writing failed.
-    fn format(&mut self, record: &Record) -> bool {
+    /// full.
+    fn format(&mut self, record: &Record) {
         self.formatter.write(record, &self.names, &mut self.buffer);
         self.lines += 1;
-        self.buffer.len() < BATCH_BYTES || self.write_out()
+        if self.buffer.len() >= BATCH_BYTES {
+            self.write_out();
+        }
     }
 
-    /// Writes the batch to the sink. Returns false, after logging the
-    /// error, when the write failed; the log stops then.
-    fn write_out(&mut self) -> bool {
+    /// Writes the batch to the sink. A batch that fails (a full disk, a
+    /// file system gone read-only) is counted as dropped, and the next
+    /// batch tries again.
+    fn write_out(&mut self) {
         if self.buffer.is_empty() {
-            return true;
+            return;
         }
         let result = self
             .output
             .write_all(&self.buffer)
             .and_then(|()| self.output.flush());
-        if let Err(error) = result {
-            tracing::error!(%error, "cannot write the access log; stopping it");
-            return false;
+        match result {
+            Ok(()) => self.written.inc_by(self.lines),
+            Err(error) => {
+                self.dropped.inc_by(self.lines);
+                self.failures.unlogged += 1;
+                let due = self
+                    .failures
+                    .logged_at
+                    .is_none_or(|at| at.elapsed() >= FAILURE_LOG_INTERVAL);
+                if due {
+                    tracing::error!(
+                        %error,
+                        failed_writes = self.failures.unlogged,
+                        "cannot write the access log; its lines are dropped and counted until \
+                         a write succeeds"
+                    );
+                    self.failures = Failures {
+                        logged_at: Some(Instant::now()),
+                        unlogged: 0,
+                    };
+                }
+            }
         }
-        self.written.inc_by(self.lines);
         self.buffer.clear();
         self.lines = 0;
-        true
     }
 }
 

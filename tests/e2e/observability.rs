@@ -579,6 +579,51 @@ async fn access_log_sighup_and_client() -> Result {
     Ok(())
 }
 
+#[tokio::test]
+async fn access_log_survives_failed_writes() -> Result {
+    let upstream = Upstream::echo().await;
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("access.log");
+    // Every write to /dev/full fails, as on a full disk.
+    std::os::unix::fs::symlink("/dev/full", &path)?;
+    let config = format!(
+        "{}[access_log]\npath = {:?}\n\n[upstreams.app]\ntargets = [\"{}\"]\n\n\
+         [[routes]]\nname = \"api\"\nprefix = \"/\"\nupstream = \"app\"\n",
+        admin_table(),
+        path.display().to_string(),
+        upstream.addr
+    );
+    let node = Node::start(&config)?;
+    for _ in 0..3 {
+        assert_eq!(get(&node.url("/lost")).await?.status, 200);
+    }
+    let mut dropped = 0.0;
+    for _ in 0..100 {
+        dropped = scrape(&node)
+            .await?
+            .iter()
+            .filter(|(name, _, _)| name.ends_with("access_log_dropped_total"))
+            .map(|(_, _, value)| value)
+            .sum();
+        if dropped >= 3.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(dropped, 3.0, "{}", node.log());
+    assert!(node.log_contains("cannot write the access log"), "{}", node.log());
+
+    // Once the file can be written again, SIGHUP opens it, and lines follow.
+    std::fs::remove_file(&path)?;
+    std::fs::write(&path, "")?;
+    node.signal("HUP");
+    assert!(node.log_contains("reopened the access log"), "{}", node.log());
+    assert_eq!(get(&node.url("/kept")).await?.status, 200);
+    let lines = access_log_lines(&path, 1).await?;
+    assert_eq!(lines[0]["path"], "/kept");
+    Ok(())
+}
+
 #[test]
 fn access_log_missing_folder_error() {
     let stderr = crate::cli::check_fails(

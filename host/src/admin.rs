@@ -99,10 +99,18 @@ pub fn start(
                 return;
             }
         };
+        let accept_errors = crate::worker::LogThrottle::default();
         loop {
             tokio::select! {
                 accepted = listener.accept() => {
-                    let Ok((stream, _)) = accepted else { continue };
+                    let stream = match accepted {
+                        Ok((stream, _)) => stream,
+                        Err(error) => {
+                            crate::listener::back_off_after_accept_error(&error, &accept_errors)
+                                .await;
+                            continue;
+                        }
+                    };
                     let node = node.clone();
                     let sessions = sessions.clone();
                     tokio::spawn(async move {

@@ -204,6 +204,16 @@ fn runtime() -> tokio::runtime::Runtime {
         .expect("cannot build a tokio runtime")
 }
 
+/// Waits a little after a failed `accept`, such as when the process is out
+/// of file descriptors, instead of spinning, and logs at most
+/// [`LogThrottle::PER_SECOND`] lines a second.
+pub(crate) async fn back_off_after_accept_error(error: &std::io::Error, log: &LogThrottle) {
+    if let Some(suppressed) = log.admit() {
+        tracing::warn!(%error, suppressed, "accept failed");
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
 fn accept_thread(
     listeners: Vec<std::net::TcpListener>,
     senders: Vec<mpsc::UnboundedSender<Accepted>>,
@@ -249,15 +259,7 @@ fn accept_thread(
                             let _ = senders[turn % senders.len()].send(accepted);
                             turn = turn.wrapping_add(1);
                         }
-                        Err(error) => {
-                            // Out of file descriptors or similar: back off
-                            // instead of spinning, and log at most ten lines
-                            // a second.
-                            if let Some(suppressed) = accept_errors.admit() {
-                                tracing::warn!(%error, suppressed, "accept failed");
-                            }
-                            tokio::time::sleep(Duration::from_millis(50)).await;
-                        }
+                        Err(error) => back_off_after_accept_error(&error, &accept_errors).await,
                     }
                 }
             });

@@ -624,6 +624,53 @@ async fn access_log_survives_failed_writes() -> Result {
     Ok(())
 }
 
+#[tokio::test]
+async fn admin_listener_backs_off_without_file_descriptors() -> Result {
+    let upstream = Upstream::echo().await;
+    let config = format!(
+        "{}[upstreams.app]\ntargets = [\"{}\"]\n\n\
+         [[routes]]\nname = \"api\"\nprefix = \"/\"\nupstream = \"app\"\n",
+        admin_table(),
+        upstream.addr
+    );
+    let node = Node::start(&config)?;
+    let open = std::fs::read_dir(format!("/proc/{}/fd", node.pid()))?.count();
+    // Room for two more files: the third connection finds none.
+    let limit = format!("--nofile={}", open + 2);
+    let status = std::process::Command::new("prlimit")
+        .args(["--pid", &node.pid().to_string(), &limit])
+        .status()?;
+    assert!(status.success());
+    let admin = node.admin_url.clone().expect("admin listener");
+    let addr = admin.trim_start_matches("http://").to_owned();
+    let mut held = Vec::new();
+    for _ in 0..6 {
+        held.push(tokio::net::TcpStream::connect(&addr).await?);
+    }
+    let mut logged = false;
+    for _ in 0..100 {
+        if node.log_contains("accept failed") {
+            logged = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(logged, "{}", node.log());
+    // Closing the connections frees descriptors, and the listener serves
+    // again.
+    drop(held);
+    let mut readiness = 0;
+    for _ in 0..100 {
+        if let Ok(got) = get(&format!("{admin}/readyz")).await {
+            readiness = got.status.as_u16();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(readiness, 200, "{}", node.log());
+    Ok(())
+}
+
 #[test]
 fn access_log_missing_folder_error() {
     let stderr = crate::cli::check_fails(

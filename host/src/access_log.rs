@@ -253,16 +253,34 @@ fn check_file(path: &Path) -> anyhow::Result<()> {
 
 /// Opens the access log's output: stdout, or the file, appended to.
 fn open(sink: &Sink) -> anyhow::Result<Box<dyn Write + Send>> {
-    Ok(match sink {
-        Sink::Stdout => Box::new(std::io::stdout()),
-        Sink::File(path) => Box::new(
-            OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .with_context(|| format!("cannot open access_log.path {}", path.display()))?,
-        ),
-    })
+    use std::os::unix::fs::{FileTypeExt as _, OpenOptionsExt as _};
+
+    let path = match sink {
+        Sink::Stdout => return Ok(Box::new(std::io::stdout())),
+        Sink::File(path) => path,
+    };
+    // Opening a named pipe for writing waits for a reader, which would hang
+    // the start silently; without blocking it fails at once instead.
+    let pipe = std::fs::metadata(path).is_ok_and(|metadata| metadata.file_type().is_fifo());
+    let mut options = OpenOptions::new();
+    options.create(true).append(true);
+    if pipe {
+        options.custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32);
+    }
+    let file = options.open(path).map_err(|error| {
+        let hint = if pipe && error.raw_os_error() == Some(rustix::io::Errno::NXIO.raw_os_error()) {
+            "; it is a named pipe that no process reads: start its reader first"
+        } else {
+            ""
+        };
+        anyhow::anyhow!("cannot open access_log.path {}: {error}{hint}", path.display())
+    })?;
+    if pipe {
+        // Lines then wait for a slow reader, as with a file on a slow disk.
+        let flags = rustix::fs::fcntl_getfl(&file)?;
+        rustix::fs::fcntl_setfl(&file, flags - rustix::fs::OFlags::NONBLOCK)?;
+    }
+    Ok(Box::new(file))
 }
 
 /// The writer thread's state: the sink, and the batch being filled.

@@ -672,6 +672,45 @@ async fn admin_listener_backs_off_without_file_descriptors() -> Result {
 }
 
 #[test]
+fn access_log_pipe_without_reader_fails_fast() {
+    let dir = tempfile::tempdir().unwrap();
+    let pipe = dir.path().join("access.pipe");
+    let made = std::process::Command::new("mkfifo").arg(&pipe).status().unwrap();
+    assert!(made.success());
+    let config = crate::cli::write_config(
+        dir.path(),
+        &format!(
+            "[[listeners]]\naddr = \"127.0.0.1:0\"\n\n[access_log]\npath = {:?}\n\n\
+             [upstreams.app]\ntargets = [\"127.0.0.1:9\"]\n\n\
+             [[routes]]\nname = \"api\"\nupstream = \"app\"\n",
+            pipe.display().to_string()
+        ),
+    );
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_edge"))
+        .args(["serve", &config])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Opening a pipe for writing used to wait for a reader for ever.
+    let mut status = None;
+    for _ in 0..100 {
+        status = child.try_wait().unwrap();
+        if status.is_some() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    if status.is_none() {
+        let _ = child.kill();
+    }
+    let output = child.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(status.is_some_and(|s| !s.success()), "{stderr}");
+    assert!(stderr.contains("a named pipe that no process reads"), "{stderr}");
+}
+
+#[test]
 fn access_log_missing_folder_error() {
     let stderr = crate::cli::check_fails(
         "[[listeners]]\naddr = \"127.0.0.1:0\"\n\n[access_log]\n\

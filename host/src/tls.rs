@@ -120,8 +120,13 @@ impl ServerSettings {
 pub struct ListenerTls {
     settings: ServerSettings,
     current: RwLock<Arc<ServerConfig>>,
-    /// The files' stamps at the last load attempt, to spot changes.
+    /// The files' stamps at the last load that succeeded, to spot changes.
     stamps: Mutex<Vec<Option<FileStamp>>>,
+    /// The files' stamps at the last load that failed, if one failed since:
+    /// the same files are tried again at each check without a new error
+    /// line, because a certificate that is not valid yet, or a key that
+    /// gets readable, loads later without changing its file's stamp.
+    failed: Mutex<Option<Vec<Option<FileStamp>>>>,
     /// Shared by every config of this listener, so that sessions resume
     /// across reloads.
     sessions: Arc<dyn StoresServerSessions>,
@@ -158,6 +163,7 @@ impl ListenerTls {
             settings,
             current: RwLock::new(Arc::new(config)),
             stamps: Mutex::new(stamps),
+            failed: Mutex::new(None),
             sessions,
             ticketer,
             reload_interval,
@@ -175,21 +181,30 @@ impl ListenerTls {
         TlsAcceptor::from(config)
     }
 
-    /// Loads the files again if any changed since the last attempt, or
-    /// always when `force` is set. Returns whether a new config is in use;
+    /// Loads the files again if any changed since the last load that
+    /// succeeded, or always when `force` is set. Returns whether a new config is in use;
     /// on error the old one stays.
     pub fn reload(&self, force: bool) -> Result<bool, TlsError> {
         let stamps = stamp_files(&self.settings.files());
-        {
-            let mut last = self.stamps.lock().unwrap_or_else(|e| e.into_inner());
-            if !force && *last == stamps {
-                return Ok(false);
-            }
-            *last = stamps;
+        let mut last = self.stamps.lock().unwrap_or_else(|e| e.into_inner());
+        if !force && *last == stamps {
+            return Ok(false);
         }
-        let config = build_server_config(&self.settings, &self.sessions, &self.ticketer)?;
-        *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
-        Ok(true)
+        let mut failed = self.failed.lock().unwrap_or_else(|e| e.into_inner());
+        match build_server_config(&self.settings, &self.sessions, &self.ticketer) {
+            Ok(config) => {
+                *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
+                *last = stamps;
+                *failed = None;
+                Ok(true)
+            }
+            // Logged once for these files; they are tried again at each check.
+            Err(_) if !force && failed.as_ref() == Some(&stamps) => Ok(false),
+            Err(error) => {
+                *failed = Some(stamps);
+                Err(error)
+            }
+        }
     }
 
     /// The certificate files, for log lines.

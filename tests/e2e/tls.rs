@@ -452,6 +452,46 @@ async fn failed_reload_keeps_old_certificate() -> Result {
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_retries_certificate_not_yet_valid() -> Result {
+    let upstream = Upstream::echo().await;
+    let pki = Pki::new();
+    std::fs::create_dir(pki.path("next"))?;
+    let node = Node::start(&tls_config(&pki, "reload_interval = \"100ms\"", &upstream))?;
+    let client = TlsClient::new(&pki.ca_file, BOTH);
+    // Valid from three seconds on, whole seconds being the certificate's
+    // resolution.
+    let now = time::OffsetDateTime::now_utc();
+    let issued = pki.ca.issue_valid(
+        &["a.test"],
+        KeyKind::EcdsaP256,
+        now + time::Duration::seconds(3),
+        now + time::Duration::days(30),
+    );
+    let (cert, key) = issued.write(&pki.path("next"), "a");
+    std::fs::rename(key, &pki.a.1)?;
+    std::fs::rename(cert, &pki.a.0)?;
+    let failure = "failed to reload TLS certificates";
+    assert!(node.log_contains(failure), "{}", node.log());
+    let before = client.get(node.addr, "a.test", "/", &[]).await?;
+    assert_eq!(before.peer_cert, pki.a.2, "the old certificate stays");
+
+    // The same files are tried again without changing, and load once valid.
+    let mut reloaded = false;
+    for _ in 0..100 {
+        if node.log().contains("reloaded TLS certificates") {
+            reloaded = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(reloaded, "{}", node.log());
+    assert_eq!(node.log().matches(failure).count(), 1, "{}", node.log());
+    let after = client.get(node.addr, "a.test", "/", &[]).await?;
+    assert_eq!(after.peer_cert, issued.der);
+    Ok(())
+}
+
 /// A route and its upstream, appended to configs that test listener errors,
 /// because a config needs a route.
 const ROUTE: &str = "\n[upstreams.route-upstream]\ntargets = [\"127.0.0.1:9\"]\n\n\

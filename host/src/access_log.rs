@@ -273,7 +273,10 @@ fn open(sink: &Sink) -> anyhow::Result<Box<dyn Write + Send>> {
         } else {
             ""
         };
-        anyhow::anyhow!("cannot open access_log.path {}: {error}{hint}", path.display())
+        anyhow::anyhow!(
+            "cannot open access_log.path {}: {error}{hint}",
+            path.display()
+        )
     })?;
     if pipe {
         // Lines then wait for a slow reader, as with a file on a slow disk.

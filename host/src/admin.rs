@@ -55,12 +55,8 @@ pub fn read_token(config: &Config, admin: &AdminConfig) -> anyhow::Result<String
             let text = std::fs::read_to_string(&path)
                 .map_err(|e| invalid(format!("cannot read {}: {e}", path.display())))?;
             let token = text.lines().next().unwrap_or_default().trim().to_owned();
-            if token.len() < 16 {
-                return Err(invalid(format!(
-                    "the token in {} must be at least 16 characters",
-                    path.display()
-                ))
-                .into());
+            if let Some(problem) = crate::config::token_problem(&token) {
+                return Err(invalid(format!("the token in {} {problem}", path.display())).into());
             }
             Ok(token)
         }

@@ -1219,6 +1219,19 @@ fn single_bracket_list(message: &str) -> Option<&str> {
     })
 }
 
+/// Returns why `token` cannot serve as the admin bearer token: a client
+/// sends it in an `Authorization` header, which holds visible ASCII and no
+/// space around the token.
+pub fn token_problem(token: &str) -> Option<String> {
+    if let Some(bad) = token.chars().find(|c| !c.is_ascii_graphic()) {
+        return Some(format!(
+            "may hold only visible ASCII characters, which an Authorization header carries; \
+             it has {bad:?}"
+        ));
+    }
+    (token.len() < 16).then(|| "must be at least 16 characters".to_owned())
+}
+
 /// Checks a route's `host`: a DNS name, or `*.` and a DNS name.
 fn is_host_rule(host: &str) -> bool {
     let name = host.strip_prefix("*.").unwrap_or(host);
@@ -1350,6 +1363,13 @@ impl Config {
         }
         for (name, upstream) in &self.upstreams {
             let line = self.line_of(upstream.targets.span().start);
+            // As with route names: the name goes into logs, metrics labels
+            // and `edge top`.
+            if name.chars().any(char::is_control) {
+                let line = self.line_of_table(&format!("upstreams.{name}")).max(line);
+                let message = format!("upstream name {name:?} contains a control character");
+                return Err(self.invalid(line, "upstreams", &message));
+            }
             if upstream.targets.get_ref().is_empty() {
                 let field = format!("upstreams.{name}.targets");
                 return Err(self.invalid(line, &field, "at least one target is required"));
@@ -1686,10 +1706,13 @@ impl Config {
                 "admin.token",
                 "the admin listener needs a bearer token; set token or token_file",
             )),
-            (Some(token), None) if token.get_ref().len() < 16 => {
-                let line = self.line_of(token.span().start);
-                Err(self.invalid(line, "admin.token", "must be at least 16 characters"))
-            }
+            (Some(token), None) => match token_problem(token.get_ref()) {
+                Some(problem) => {
+                    let line = self.line_of(token.span().start);
+                    Err(self.invalid(line, "admin.token", &problem))
+                }
+                None => Ok(()),
+            },
             _ => Ok(()),
         }
     }

@@ -724,6 +724,12 @@ fn check_reads_the_admin_token_file() {
         (None, "admin.token_file: cannot read"),
         (Some("short\n"), "must be at least 16 characters"),
         (Some(""), "must be at least 16 characters"),
+        (Some("                \n"), "must be at least 16 characters"),
+        (
+            Some("\u{feff}0123456789abcdef\n"),
+            "may hold only visible ASCII characters",
+        ),
+        (Some("0123456789 abcdef\n"), "it has ' '"),
     ] {
         match contents {
             Some(text) => std::fs::write(&token_file, text).unwrap(),

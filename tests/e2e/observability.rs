@@ -611,13 +611,21 @@ async fn access_log_survives_failed_writes() -> Result {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(dropped, 3.0, "{}", node.log());
-    assert!(node.log_contains("cannot write the access log"), "{}", node.log());
+    assert!(
+        node.log_contains("cannot write the access log"),
+        "{}",
+        node.log()
+    );
 
     // Once the file can be written again, SIGHUP opens it, and lines follow.
     std::fs::remove_file(&path)?;
     std::fs::write(&path, "")?;
     node.signal("HUP");
-    assert!(node.log_contains("reopened the access log"), "{}", node.log());
+    assert!(
+        node.log_contains("reopened the access log"),
+        "{}",
+        node.log()
+    );
     assert_eq!(get(&node.url("/kept")).await?.status, 200);
     let lines = access_log_lines(&path, 1).await?;
     assert_eq!(lines[0]["path"], "/kept");
@@ -675,7 +683,10 @@ async fn admin_listener_backs_off_without_file_descriptors() -> Result {
 fn access_log_pipe_without_reader_fails_fast() {
     let dir = tempfile::tempdir().unwrap();
     let pipe = dir.path().join("access.pipe");
-    let made = std::process::Command::new("mkfifo").arg(&pipe).status().unwrap();
+    let made = std::process::Command::new("mkfifo")
+        .arg(&pipe)
+        .status()
+        .unwrap();
     assert!(made.success());
     let config = crate::cli::write_config(
         dir.path(),
@@ -707,7 +718,10 @@ fn access_log_pipe_without_reader_fails_fast() {
     let output = child.wait_with_output().unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(status.is_some_and(|s| !s.success()), "{stderr}");
-    assert!(stderr.contains("a named pipe that no process reads"), "{stderr}");
+    assert!(
+        stderr.contains("a named pipe that no process reads"),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -638,6 +638,15 @@ fn invalid_resilience_settings_name_the_line_and_field() -> Result {
             "[upstreams.app]\ntargets = [\"127.0.0.1:9\"]\n[admin]\ntoken = \"short\"\n",
             "admin.token: must be at least 16 characters",
         ),
+        (
+            "[upstreams.app]\ntargets = [\"127.0.0.1:9\"]\n[admin]\ntoken = \" 0123456789abcdef \"\n",
+            "admin.token: may hold only visible ASCII characters",
+        ),
+        (
+            "[upstreams.app]\ntargets = [\"127.0.0.1:9\"]\n[upstreams.\"a\\u001b[31m\"]\n\
+             targets = [\"127.0.0.1:9\"]\n",
+            "upstream name \"a\\u{1b}[31m\" contains a control character",
+        ),
     ];
     for (upstream, expected) in cases {
         let text = format!(

@@ -104,7 +104,12 @@ async fn fetch_status(admin: SocketAddr, token: &str) -> anyhow::Result<Value> {
             String::from_utf8_lossy(&body).trim()
         );
     }
-    serde_json::from_slice(&body).context("the status response is not JSON")
+    let status: Value = serde_json::from_slice(&body).context("the status response is not JSON")?;
+    // Any server may answer JSON on that path; an edge node's has these.
+    if !status["node"].is_string() || !status["routes"].is_array() {
+        bail!("{admin} did not answer as an edge admin listener: its /status.json has no node name and routes");
+    }
+    Ok(status)
 }
 
 /// Formats one frame of `status`. With the previous status and the time

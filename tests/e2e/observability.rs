@@ -950,6 +950,22 @@ async fn edge_top_prints_routes_targets_and_limits() -> Result {
     assert!(!refused.status.success());
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("401"), "{stderr}");
+
+    // A server that answers JSON but is no admin listener is named as such.
+    let other =
+        Upstream::start(|_| Reply::Json(Duration::ZERO, serde_json::json!({"ok": true}))).await;
+    let other_addr = other.addr.to_string();
+    // Off this thread, which runs the test server.
+    let wrong = tokio::task::spawn_blocking(move || {
+        crate::harness::edge(&["top", "--admin", &other_addr, "--token", TOKEN, "--once"])
+    })
+    .await?;
+    assert!(!wrong.status.success());
+    let stderr = String::from_utf8_lossy(&wrong.stderr);
+    assert!(
+        stderr.contains("did not answer as an edge admin listener"),
+        "{stderr}"
+    );
     Ok(())
 }
 

@@ -122,10 +122,10 @@ pub struct ListenerTls {
     current: RwLock<Arc<ServerConfig>>,
     /// The files' stamps at the last load that succeeded, to spot changes.
     stamps: Mutex<Vec<Option<FileStamp>>>,
-    /// The files' stamps at the last load that failed, if one failed since:
-    /// the same files are tried again at each check without a new error
-    /// line, because a certificate that is not valid yet, or a key that
-    /// gets readable, loads later without changing its file's stamp.
+    /// The files' stamps at the last load that failed, if one failed since.
+    /// The same files are tried again at each check without a new error
+    /// line: a certificate that is not valid yet, or a key that becomes
+    /// readable, loads later without a change to its file's stamp.
     failed: Mutex<Option<Vec<Option<FileStamp>>>>,
     /// Shared by every config of this listener, so that sessions resume
     /// across reloads.

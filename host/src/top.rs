@@ -105,9 +105,12 @@ async fn fetch_status(admin: SocketAddr, token: &str) -> anyhow::Result<Value> {
         );
     }
     let status: Value = serde_json::from_slice(&body).context("the status response is not JSON")?;
-    // Any server may answer JSON on that path; an edge node's has these.
+    // Any server may return JSON on that path; an edge node's has these.
     if !status["node"].is_string() || !status["routes"].is_array() {
-        bail!("{admin} did not answer as an edge admin listener: its /status.json has no node name and routes");
+        bail!(
+            "{admin} did not respond as an edge admin listener: its /status.json has no node \
+             name and routes"
+        );
     }
     Ok(status)
 }

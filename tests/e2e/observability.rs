@@ -963,7 +963,7 @@ async fn edge_top_prints_routes_targets_and_limits() -> Result {
     assert!(!wrong.status.success());
     let stderr = String::from_utf8_lossy(&wrong.stderr);
     assert!(
-        stderr.contains("did not answer as an edge admin listener"),
+        stderr.contains("did not respond as an edge admin listener"),
         "{stderr}"
     );
     Ok(())

@@ -13,6 +13,17 @@ fn admin_table() -> String {
     format!("[admin]\naddr = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\"\n\n")
 }
 
+/// A node with the admin listener and one route, `api`, from `/` to
+/// `upstream`.
+fn admin_api_config(upstream: &Upstream) -> String {
+    format!(
+        "{}[upstreams.app]\ntargets = [\"{}\"]\n\n\
+         [[routes]]\nname = \"api\"\nprefix = \"/\"\nupstream = \"app\"\n",
+        admin_table(),
+        upstream.addr
+    )
+}
+
 fn fixture_route(name: &str, mode: &str, extra: &str, config: &str) -> String {
     format!(
         "[[routes]]\nname = \"{name}\"\nprefix = \"/{name}\"\nupstream = \"app\"\n\n\
@@ -635,12 +646,7 @@ async fn access_log_survives_failed_writes() -> Result {
 #[tokio::test]
 async fn admin_listener_backs_off_without_file_descriptors() -> Result {
     let upstream = Upstream::echo().await;
-    let config = format!(
-        "{}[upstreams.app]\ntargets = [\"{}\"]\n\n\
-         [[routes]]\nname = \"api\"\nprefix = \"/\"\nupstream = \"app\"\n",
-        admin_table(),
-        upstream.addr
-    );
+    let config = admin_api_config(&upstream);
     let node = Node::start(&config)?;
     let open = std::fs::read_dir(format!("/proc/{}/fd", node.pid()))?.count();
     // Room for two more files: the third connection finds none.
@@ -789,12 +795,7 @@ async fn readiness_false_while_draining() -> Result {
 #[tokio::test]
 async fn status_requires_token_then_cookie() -> Result {
     let upstream = Upstream::echo().await;
-    let config = format!(
-        "{}[upstreams.app]\ntargets = [\"{}\"]\n\n\
-         [[routes]]\nname = \"api\"\nprefix = \"/\"\nupstream = \"app\"\n",
-        admin_table(),
-        upstream.addr
-    );
+    let config = admin_api_config(&upstream);
     let node = Node::start(&config)?;
     let admin = node.admin_url.clone().expect("admin listener");
     assert_eq!(get(&format!("{admin}/status")).await?.status, 401);

@@ -149,6 +149,14 @@ enum WorkerCommand {
     },
 }
 
+/// Returns the config file given as an argument or with `--config`; clap
+/// requires exactly one of the two.
+fn config_file(argument: Option<PathBuf>, flag: Option<PathBuf>) -> PathBuf {
+    argument
+        .or(flag)
+        .expect("clap requires the config file as an argument or with --config")
+}
+
 /// Runs the command line and returns the process exit code.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -162,17 +170,11 @@ pub fn main() -> ExitCode {
         Command::Serve {
             config,
             config_flag,
-        } => match config.or(config_flag) {
-            Some(config) => serve(&config),
-            None => unreachable!("clap requires one of the two"),
-        },
+        } => serve(&config_file(config, config_flag)),
         Command::Check {
             config,
             config_flag,
-        } => match config.or(config_flag) {
-            Some(config) => check(&config),
-            None => unreachable!("clap requires one of the two"),
-        },
+        } => check(&config_file(config, config_flag)),
         Command::Demo {
             listen,
             http_listen,

@@ -1219,8 +1219,8 @@ fn single_bracket_list(message: &str) -> Option<&str> {
     })
 }
 
-/// Returns why `token` cannot serve as the admin bearer token: a client
-/// sends it in an `Authorization` header, which holds visible ASCII and no
+/// Returns why `token` cannot serve as the admin bearer token. A client
+/// sends it in an `Authorization` header, which carries visible ASCII and no
 /// space around the token.
 pub fn token_problem(token: &str) -> Option<String> {
     if let Some(bad) = token.chars().find(|c| !c.is_ascii_graphic()) {

@@ -233,7 +233,7 @@ impl Node {
         None
     }
 
-    /// The node's process id.
+    /// Returns the node's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

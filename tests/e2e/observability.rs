@@ -13,8 +13,8 @@ fn admin_table() -> String {
     format!("[admin]\naddr = \"127.0.0.1:0\"\ntoken = \"{TOKEN}\"\n\n")
 }
 
-/// A node with the admin listener and one route, `api`, from `/` to
-/// `upstream`.
+/// Returns the config of a node with the admin listener and one route,
+/// `api`, from `/` to `upstream`.
 fn admin_api_config(upstream: &Upstream) -> String {
     format!(
         "{}[upstreams.app]\ntargets = [\"{}\"]\n\n\
@@ -657,10 +657,11 @@ async fn admin_listener_backs_off_without_file_descriptors() -> Result {
     assert!(status.success());
     let admin = node.admin_url.clone().expect("admin listener");
     let addr = admin.trim_start_matches("http://").to_owned();
-    let mut held = Vec::new();
+    let mut connections = Vec::new();
     for _ in 0..6 {
-        held.push(tokio::net::TcpStream::connect(&addr).await?);
+        connections.push(tokio::net::TcpStream::connect(&addr).await?);
     }
+
     let mut logged = false;
     for _ in 0..100 {
         if node.log_contains("accept failed") {
@@ -672,7 +673,7 @@ async fn admin_listener_backs_off_without_file_descriptors() -> Result {
     assert!(logged, "{}", node.log());
     // Closing the connections frees descriptors, and the listener serves
     // again.
-    drop(held);
+    drop(connections);
     let mut readiness = 0;
     for _ in 0..100 {
         if let Ok(got) = get(&format!("{admin}/readyz")).await {
@@ -689,11 +690,12 @@ async fn admin_listener_backs_off_without_file_descriptors() -> Result {
 fn access_log_pipe_without_reader_fails_fast() {
     let dir = tempfile::tempdir().unwrap();
     let pipe = dir.path().join("access.pipe");
-    let made = std::process::Command::new("mkfifo")
+    let created = std::process::Command::new("mkfifo")
         .arg(&pipe)
         .status()
         .unwrap();
-    assert!(made.success());
+    assert!(created.success());
+
     let config = crate::cli::write_config(
         dir.path(),
         &format!(
@@ -709,6 +711,7 @@ fn access_log_pipe_without_reader_fails_fast() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
+
     // Opening a pipe for writing used to wait for a reader for ever.
     let mut status = None;
     for _ in 0..100 {
@@ -952,7 +955,7 @@ async fn edge_top_prints_routes_targets_and_limits() -> Result {
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("401"), "{stderr}");
 
-    // A server that answers JSON but is no admin listener is named as such.
+    // A server that returns JSON but is no admin listener is named as such.
     let other =
         Upstream::start(|_| Reply::Json(Duration::ZERO, serde_json::json!({"ok": true}))).await;
     let other_addr = other.addr.to_string();

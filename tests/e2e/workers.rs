@@ -888,7 +888,7 @@ async fn cache_prune_keeps_own_entries() -> Result {
     drop(node);
 
     // A size the node's own entries alone exceed: everything else goes,
-    // they stay, and the log asks for a larger size.
+    // they stay, and the log warns about the size.
     let tiny = config.replace("[runtime]\n", "[runtime]\ncache_max_size = \"1KiB\"\n");
     let node = Node::start(&tiny)?;
     assert!(

@@ -424,7 +424,17 @@ async fn missing_user_is_401_or_partial() -> Result {
 async fn user_id_that_leaves_its_segment_is_400() -> Result {
     let services = Services::healthy().await;
     let node = home_node(&services, "2s", false)?;
-    for user in ["..", ".", "x/../..", "a\\b"] {
+    // Unicode NFKC folds the last three to `..`, `..` and `a\b`, as some
+    // upstreams do after decoding.
+    for (user, reason) in [
+        ("..", "is a dot segment"),
+        (".", "is a dot segment"),
+        ("x/../..", "contains a slash"),
+        ("a\\b", "contains a slash"),
+        ("\u{2025}", "is a dot segment"),
+        ("\u{FE52}\u{FE52}", "is a dot segment"),
+        ("a\u{FE68}b", "contains a slash"),
+    ] {
         let got = send("GET", &node.url("/tv/home"), &[("x-user-id", user)], b"").await?;
         assert_eq!(got.status, 400, "{user:?}");
         assert_eq!(got.header("content-type"), Some("application/json"));
@@ -432,17 +442,43 @@ async fn user_id_that_leaves_its_segment_is_400() -> Result {
         assert_eq!(body["error"], "invalid_user");
         assert_eq!(
             body["message"],
-            format!(
-                "the user id {user:?} {}, so it cannot go in a path",
-                if user.contains(['/', '\\']) {
-                    "contains a slash"
-                } else {
-                    "is a dot segment"
-                }
-            )
+            format!("the user id {user:?} {reason}, so it cannot go in a path")
         );
     }
     assert_eq!(services.counts(), [0, 0, 0], "no upstream was called");
+    Ok(())
+}
+
+#[tokio::test]
+async fn path_parameter_that_leaves_its_segment_is_400() -> Result {
+    let services = Services::healthy().await;
+    let sections = sections("2s", false).replace("/rows?", "/rows/{id}?");
+    let config = home_config(&services.toml(), &sections, SHAPES).replace(
+        "pattern = \"/{device}/home\"",
+        "pattern = \"/{device}/home/{id}\"",
+    );
+    let node = Node::start(&config)?;
+    // `%E2%80%A5` is U+2025, which Unicode NFKC folds to `..`.
+    for (id, value, reason) in [
+        ("%E2%80%A5", "\u{2025}", "is a dot segment"),
+        ("%EF%B9%A8x", "\u{FE68}x", "contains a slash"),
+        ("%EF%BC%9Bx", "\u{FF1B}x", "contains a semicolon"),
+    ] {
+        let got = get_home(&node, &format!("/tv/home/{id}")).await?;
+        assert_eq!(got.status, 400, "{id}");
+        assert_eq!(got.header("content-type"), Some("application/json"));
+        let body = got.json();
+        assert_eq!(body["error"], "invalid_parameter", "{id}");
+        assert_eq!(
+            body["message"],
+            format!("the path parameter \"id\", {value:?}, {reason}, so it cannot go in a path")
+        );
+    }
+    assert_eq!(services.counts(), [0, 0, 0], "no upstream was called");
+
+    let got = get_home(&node, "/tv/home/abc").await?;
+    assert_eq!(got.status, 200, "{:?}", got.body);
+    assert_eq!(services.recs.last().target, "/rows/abc?user=u-7&device=tv");
     Ok(())
 }
 

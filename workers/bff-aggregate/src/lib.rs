@@ -69,6 +69,7 @@ use edge_sdk::fetch::{self, FetchError};
 use edge_sdk::{Action, Request, Response, Worker};
 use serde::Serialize;
 use serde_json::{Map, Value};
+use unicode_normalization::UnicodeNormalization;
 
 use config::{Config, DeviceSource, Section, Shape};
 
@@ -157,18 +158,10 @@ const USER_MISSING: &str = "user_missing";
 /// its segment there: `.` and `..` are dot segments, and many servers decode
 /// `%2F` and `%5C` before they resolve them.
 fn unsafe_segment(value: &str) -> Option<&'static str> {
-    // Some servers fold full-width forms to ASCII (Unicode NFKC) after
-    // decoding, so those count as what they fold to.
-    let folded: String = value
-        .chars()
-        .map(|c| match c {
-            '\u{FF0E}' => '.',
-            '\u{FF0F}' => '/',
-            '\u{FF3C}' => '\\',
-            '\u{FF1B}' => ';',
-            c => c,
-        })
-        .collect();
+    // Some servers fold compatibility forms to ASCII (Unicode NFKC) after
+    // decoding, `‥` to `..` and `﹨` to `\` among them, so a value counts as
+    // what NFKC folds it to.
+    let folded: String = value.nfkc().collect();
     if folded == "." || folded == ".." {
         return Some("is a dot segment");
     }
@@ -180,6 +173,27 @@ fn unsafe_segment(value: &str) -> Option<&'static str> {
         return Some("contains a semicolon");
     }
     None
+}
+
+/// Returns the first route path parameter that a planned section puts in
+/// its path before any `?` and that cannot go there, with its value and why.
+fn unsafe_parameter<'a>(
+    planned: &[(&Section, &Shape)],
+    request: &'a Request,
+) -> Option<(&'a str, &'a str, &'static str)> {
+    request.params.iter().find_map(|(name, value)| {
+        // `{device}` and `{user}` name the device class and the user id.
+        if name == "device" || name == "user" {
+            return None;
+        }
+        let placeholder = format!("{{{name}}}");
+        let in_a_path = planned.iter().any(|(section, _)| {
+            let path = section.path.split('?').next().unwrap_or_default();
+            path.contains(&placeholder)
+        });
+        let reason = unsafe_segment(value).filter(|_| in_a_path)?;
+        Some((name.as_str(), value.as_str(), reason))
+    })
 }
 
 /// Fills the `{NAME}` placeholders of a section's path: `user`, `device`, or
@@ -288,8 +302,12 @@ fn aggregate(config: &Config, request: &Request) -> Action {
         .iter()
         .filter_map(|section| Some((section, shapes.get(&section.name)?)))
         .collect();
-    // A user id that would leave its path segment is the client's error, not
-    // a section's failure.
+    // A route parameter or user id that would leave its path segment is the
+    // client's error, not a section's failure.
+    if let Some((name, value, reason)) = unsafe_parameter(&planned, request) {
+        let message = format!("the path parameter {name:?}, {value:?}, {reason}, so it cannot go in a path");
+        return error_response(400, "invalid_parameter", message);
+    }
     if let Some(user) = &user {
         let in_a_path = planned.iter().any(|(section, _)| {
             let path = section.path.split('?').next().unwrap_or_default();

@@ -305,7 +305,8 @@ fn aggregate(config: &Config, request: &Request) -> Action {
     // A route parameter or user id that would leave its path segment is the
     // client's error, not a section's failure.
     if let Some((name, value, reason)) = unsafe_parameter(&planned, request) {
-        let message = format!("the path parameter {name:?}, {value:?}, {reason}, so it cannot go in a path");
+        let message =
+            format!("the path parameter {name:?}, {value:?}, {reason}, so it cannot go in a path");
         return error_response(400, "invalid_parameter", message);
     }
     if let Some(user) = &user {

@@ -177,3 +177,44 @@ mod tests {
         assert!(!headers.is_empty());
     }
 }
+
+/// Request headers that the node sets, removes or checks on every request it
+/// sends upstream: framing, hop-by-hop and forwarding headers. A worker that
+/// sets one fails the request, or the node overwrites what it set.
+const SET_BY_NODE: [&str; 16] = [
+    "host",
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "upgrade",
+    "te",
+    "trailer",
+    "proxy-connection",
+    "http2-settings",
+    "expect",
+    "via",
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+];
+
+/// Returns why a worker cannot set the request header `name`: it is not a
+/// valid header name (an HTTP token), or the node sets it itself. Workers
+/// check the header names of their config with it, so that a mistake stops
+/// the node at load instead of failing or changing every request.
+pub fn settable_header_problem(name: &str) -> Option<&'static str> {
+    const TOKEN_SYMBOLS: &[u8] = b"!#$%&'*+-.^_`|~";
+    let is_token = !name.is_empty()
+        && name
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || TOKEN_SYMBOLS.contains(&byte));
+    if !is_token {
+        return Some("is not a valid header name");
+    }
+    if SET_BY_NODE.iter().any(|set| set.eq_ignore_ascii_case(name)) {
+        return Some("is a header the node sets itself, so a worker cannot set it");
+    }
+    None
+}

@@ -247,6 +247,11 @@ fn ab_test_invalid_config_rejected() {
         ),
         ("variants = []", "variants: needs at least one variant"),
         (
+            "variant_header = \"Content-Length\"\nvariants = [{ name = \"a\", weight = 1 }]",
+            "variant_header: \"Content-Length\" is a header the node sets itself, so a worker \
+             cannot set it",
+        ),
+        (
             "variants = [{ name = \"a\", weight = \"half\" }]",
             "variants[0].weight: invalid type: string \"half\", expected u32",
         ),

@@ -177,8 +177,8 @@ fn validate(raw: RawConfig) -> Result<Config, String> {
         ("experiment_header", &raw.experiment_header),
         ("variant_header", &raw.variant_header),
     ] {
-        if !is_token(name) {
-            return Err(format!("{field}: {name:?} is not a valid header name"));
+        if let Some(problem) = edge_sdk::settable_header_problem(name) {
+            return Err(format!("{field}: {name:?} {problem}"));
         }
     }
     if raw
@@ -392,6 +392,12 @@ mod tests {
                 r#"{"experiment":"e","variants":[{"name":"a","weight":1}],
                    "variant_header":"X-Experiment"}"#,
                 "variant_header: must differ from experiment_header",
+            ),
+            (
+                r#"{"experiment":"e","variants":[{"name":"a","weight":1}],
+                   "variant_header":"Host"}"#,
+                "variant_header: \"Host\" is a header the node sets itself, so a worker \
+                 cannot set it",
             ),
         ];
         for (json, expected) in cases {

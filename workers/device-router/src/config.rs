@@ -50,11 +50,8 @@ pub fn parse(json: &str) -> Result<Config, String> {
 }
 
 fn validate(raw: RawConfig) -> Result<Config, String> {
-    if !is_token(&raw.header) {
-        return Err(format!(
-            "header: {:?} is not a valid header name",
-            raw.header
-        ));
+    if let Some(problem) = edge_sdk::settable_header_problem(&raw.header) {
+        return Err(format!("header: {:?} {problem}", raw.header));
     }
     let mut upstreams = BTreeMap::new();
     for (key, upstream) in raw.upstreams {
@@ -112,15 +109,6 @@ fn class_key(table: &str, key: &str) -> Result<DeviceClass, String> {
                 "{table}.{key}: unknown device class; expected mobile, tablet, desktop, tv or bot"
             )
         })
-}
-
-/// Returns whether `name` is an HTTP token (RFC 9110, section 5.6.2).
-fn is_token(name: &str) -> bool {
-    const TOKEN_SYMBOLS: &[u8] = b"!#$%&'*+-.^_`|~";
-    !name.is_empty()
-        && name
-            .bytes()
-            .all(|byte| byte.is_ascii_alphanumeric() || TOKEN_SYMBOLS.contains(&byte))
 }
 
 #[cfg(test)]
@@ -189,6 +177,11 @@ mod tests {
             (
                 r#"{"header":"x device"}"#,
                 "header: \"x device\" is not a valid header name",
+            ),
+            (
+                r#"{"header":"Transfer-Encoding"}"#,
+                "header: \"Transfer-Encoding\" is a header the node sets itself, so a worker \
+                 cannot set it",
             ),
             (
                 r#"{"upstream":{"tv":"t"}}"#,

@@ -138,6 +138,10 @@ fn default_user_claim() -> Text<'static> {
     Text::borrowed("sub")
 }
 
+/// The longest `leeway`: a longer one is almost always a mistake, such as
+/// `60h` for `60s`, and would accept tokens that expired long ago.
+const MAX_LEEWAY: Duration = Duration::from_secs(600);
+
 fn default_user_header() -> Text<'static> {
     Text::borrowed("x-user-id")
 }
@@ -218,8 +222,8 @@ impl<'a> Settings<'a> {
                 .values()
                 .map(|name| ("claim_headers", name)),
         ) {
-            if !is_token(name) {
-                return Err(format!("{key}: {name:?} is not a valid header name"));
+            if let Some(problem) = edge_sdk::settable_header_problem(name) {
+                return Err(format!("{key}: {name:?} {problem}"));
             }
         }
         if let Some(cookie) = &config.cookie {
@@ -228,6 +232,13 @@ impl<'a> Settings<'a> {
             }
         }
         let leeway = parse_duration("leeway", config.leeway.as_deref(), Duration::from_secs(60))?;
+        if leeway > MAX_LEEWAY {
+            return Err(format!(
+                "leeway: {:?} is over the limit of 10m; clocks that far apart need fixing, \
+                 and a longer leeway accepts tokens long expired",
+                config.leeway.as_deref().unwrap_or_default()
+            ));
+        }
         let defaults = FetchOptions::default();
         let fetch = FetchOptions {
             min_refetch_interval: parse_duration(
@@ -445,6 +456,32 @@ mod tests {
             .err()
             .unwrap();
         assert!(error.contains("user_header"), "{error}");
+        let error = check(
+            r#"{"algorithms":["HS256"],"hmac_secret_name":"s","claim_headers":{"sub":"Content-Length"}}"#,
+        )
+        .err()
+        .unwrap();
+        assert_eq!(
+            error,
+            "claim_headers: \"Content-Length\" is a header the node sets itself, so a worker \
+             cannot set it"
+        );
+    }
+
+    #[test]
+    fn caps_leeway() {
+        let config = |leeway: &str| {
+            format!(r#"{{"algorithms":["HS256"],"hmac_secret_name":"s","leeway":"{leeway}"}}"#)
+        };
+        assert_eq!(
+            check(&config("10m")).unwrap().leeway,
+            Duration::from_secs(600)
+        );
+        assert_eq!(
+            check(&config("60h")).err().unwrap(),
+            "leeway: \"60h\" is over the limit of 10m; clocks that far apart need fixing, \
+             and a longer leeway accepts tokens long expired"
+        );
     }
 
     #[test]

@@ -147,37 +147,6 @@ pub(crate) fn record_remove(
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn get_ignores_case() {
-        let headers: Headers = [("X-Api-Key", "k1")].into_iter().collect();
-        assert_eq!(headers.get("x-api-key"), Some("k1"));
-        assert_eq!(headers.get("X-API-KEY"), Some("k1"));
-        assert_eq!(headers.get("x-other"), None);
-    }
-
-    #[test]
-    fn append_lowercases_name() {
-        let mut headers = Headers::new();
-        headers.append("Content-Type", "text/plain");
-        assert_eq!(headers.iter().next(), Some(("content-type", "text/plain")));
-    }
-
-    #[test]
-    fn get_all_keeps_order() {
-        let headers: Headers = [("accept", "a"), ("x", "1"), ("accept", "b")]
-            .into_iter()
-            .collect();
-        assert_eq!(headers.get("accept"), Some("a"));
-        assert_eq!(headers.get_all("accept").collect::<Vec<_>>(), ["a", "b"]);
-        assert_eq!(headers.len(), 3);
-        assert!(!headers.is_empty());
-    }
-}
-
 /// Request headers that the node sets, removes or checks on every request it
 /// sends upstream: framing, hop-by-hop and forwarding headers. A worker that
 /// sets one fails the request, or the node overwrites what it set.
@@ -217,4 +186,48 @@ pub fn settable_header_problem(name: &str) -> Option<&'static str> {
         return Some("is a header the node sets itself, so a worker cannot set it");
     }
     None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn get_ignores_case() {
+        let headers: Headers = [("X-Api-Key", "k1")].into_iter().collect();
+        assert_eq!(headers.get("x-api-key"), Some("k1"));
+        assert_eq!(headers.get("X-API-KEY"), Some("k1"));
+        assert_eq!(headers.get("x-other"), None);
+    }
+
+    #[test]
+    fn append_lowercases_name() {
+        let mut headers = Headers::new();
+        headers.append("Content-Type", "text/plain");
+        assert_eq!(headers.iter().next(), Some(("content-type", "text/plain")));
+    }
+
+    #[test]
+    fn get_all_keeps_order() {
+        let headers: Headers = [("accept", "a"), ("x", "1"), ("accept", "b")]
+            .into_iter()
+            .collect();
+        assert_eq!(headers.get("accept"), Some("a"));
+        assert_eq!(headers.get_all("accept").collect::<Vec<_>>(), ["a", "b"]);
+        assert_eq!(headers.len(), 3);
+        assert!(!headers.is_empty());
+    }
+
+    #[test]
+    fn settable_header_problem_names_invalid_and_node_headers() {
+        assert_eq!(settable_header_problem("x-variant"), None);
+        assert_eq!(
+            settable_header_problem("x y"),
+            Some("is not a valid header name")
+        );
+        assert_eq!(
+            settable_header_problem("X-Forwarded-For"),
+            Some("is a header the node sets itself, so a worker cannot set it")
+        );
+    }
 }

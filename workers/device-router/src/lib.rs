@@ -53,11 +53,28 @@ fn is_under(path: &str, prefix: &str) -> bool {
         .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
 }
 
+/// The bytes of a `User-Agent` that are classified. Real ones are a few
+/// hundred bytes long, and matching costs time for every byte, so a client
+/// cannot spend the worker's CPU deadline with a huge one.
+const USER_AGENT_READ: usize = 1024;
+
+/// Returns the first `max` bytes of `text`, or fewer, ending on a character
+/// boundary.
+fn head(text: &str, max: usize) -> &str {
+    let mut end = max.min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
+}
+
 /// Decides the request: the class header, the path prefix and the upstream
 /// of the client's class.
 fn decide(config: &Config, request: &Request) -> Action {
     let class = classify(
-        request.header("user-agent"),
+        request
+            .header("user-agent")
+            .map(|agent| head(agent, USER_AGENT_READ)),
         request.header("sec-ch-ua-mobile"),
     )
     .unwrap_or(config.default_class);
@@ -117,6 +134,22 @@ mod tests {
     use edge_sdk::testing;
 
     use super::*;
+
+    #[test]
+    fn reads_only_the_head_of_a_long_user_agent() {
+        let class_of = |agent: &str| {
+            let action = decide(&config(), &request("/home", &[("user-agent", agent)]));
+            let (Action::Continue(changes) | Action::Route { changes, .. }) = action else {
+                panic!("expected a decision, got {action:?}");
+            };
+            changes
+        };
+        let long_mobile = format!("{IPHONE}{}", "a".repeat(300_000));
+        assert_eq!(class_of(&long_mobile), class_of(IPHONE));
+        let hidden = format!("{}{IPHONE}", "é".repeat(USER_AGENT_READ));
+        assert_eq!(class_of(&hidden), class_of("okhttp/4.12.0"));
+        assert_eq!(head("aé", 2), "a");
+    }
 
     const IPHONE: &str = "Mozilla/5.0 (iPhone; CPU iPhone OS 18_1 like Mac OS X) \
                           AppleWebKit/605.1.15 (KHTML, like Gecko) Version/18.1 Mobile/15E148 \

@@ -73,6 +73,10 @@ pub enum Refusal {
     },
     /// A global rate limit set to `fail_closed` could not reach Redis.
     RateLimitUnavailable { limit: Arc<str> },
+    /// The request's `Via` names this node: it has passed through the node
+    /// before, so sending it on would repeat the loop until something
+    /// runs out.
+    LoopDetected,
 }
 
 impl Refusal {
@@ -97,6 +101,7 @@ impl Refusal {
             | Refusal::CircuitOpen { .. }
             | Refusal::NoHealthyUpstream { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            Refusal::LoopDetected => StatusCode::LOOP_DETECTED,
         }
     }
 
@@ -122,6 +127,7 @@ impl Refusal {
             Refusal::WorkerBusy => "worker_busy",
             Refusal::RateLimited { .. } => "rate_limited",
             Refusal::RateLimitUnavailable { .. } => "ratelimit_unavailable",
+            Refusal::LoopDetected => "loop_detected",
         }
     }
 
@@ -143,9 +149,10 @@ impl Refusal {
             | Refusal::UpstreamTimeout { .. }
             | Refusal::CircuitOpen { .. }
             | Refusal::NoHealthyUpstream { .. } => Source::Upstream,
-            Refusal::NoUpstream | Refusal::WorkerBusy | Refusal::RateLimitUnavailable { .. } => {
-                Source::Host
-            }
+            Refusal::NoUpstream
+            | Refusal::WorkerBusy
+            | Refusal::RateLimitUnavailable { .. }
+            | Refusal::LoopDetected => Source::Host,
         }
     }
 
@@ -200,6 +207,9 @@ impl Refusal {
             Refusal::RateLimitUnavailable { limit } => {
                 format!("rate limit {limit:?} cannot be checked right now; retry shortly")
             }
+            Refusal::LoopDetected => "this request passed through this node before (its Via \
+                                      names the node), so it is not sent on again"
+                .to_owned(),
         }
     }
 

@@ -68,6 +68,7 @@ pub enum Reason {
     WorkerBusy,
     RateLimited,
     RateLimitUnavailable,
+    LoopDetected,
     /// The client went away, or the node stopped, before the response head
     /// was ready. Only the access log records it, with status 499.
     ClientClosed,
@@ -103,6 +104,7 @@ impl Reason {
             Reason::WorkerBusy => "worker_busy",
             Reason::RateLimited => "rate_limited",
             Reason::RateLimitUnavailable => "ratelimit_unavailable",
+            Reason::LoopDetected => "loop_detected",
             Reason::ClientClosed => "client_closed",
         }
     }
@@ -129,6 +131,7 @@ impl Reason {
             Refusal::WorkerBusy => Reason::WorkerBusy,
             Refusal::RateLimited { .. } => Reason::RateLimited,
             Refusal::RateLimitUnavailable { .. } => Reason::RateLimitUnavailable,
+            Refusal::LoopDetected => Reason::LoopDetected,
         }
     }
 
@@ -575,6 +578,7 @@ fn reason_from_index(index: usize) -> Option<Reason> {
         Reason::WorkerBusy,
         Reason::RateLimited,
         Reason::RateLimitUnavailable,
+        Reason::LoopDetected,
         Reason::ClientClosed,
     ];
     ALL.get(index).copied()

@@ -143,6 +143,9 @@ async fn serve(
     canonicalize_host(&mut parts)?;
     check_transfer_coding(&parts.headers)?;
     remove_hop_by_hop(&mut parts.headers);
+    if names_this_node(&parts.headers, &node.via) {
+        return Err(Refusal::LoopDetected);
+    }
     if parts.version == http::Version::HTTP_2 {
         join_cookies(&mut parts.headers);
     }
@@ -1062,6 +1065,18 @@ pub(crate) fn removable_request_header(name: &str) -> Result<HeaderName, String>
 
 /// True for headers that describe the message framing or the connection,
 /// which the node sets itself: `Content-Length` and the hop-by-hop headers.
+/// Returns whether an element of the request's `Via` is `via`, the one this
+/// node adds to the requests it sends: the request came back to the node
+/// through an upstream or a worker fetch that leads to it.
+fn names_this_node(headers: &HeaderMap, via: &HeaderValue) -> bool {
+    headers.get_all(header::VIA).iter().any(|value| {
+        value
+            .as_bytes()
+            .split(|&byte| byte == b',')
+            .any(|element| element.trim_ascii() == via.as_bytes())
+    })
+}
+
 fn is_managed(name: &HeaderName) -> bool {
     *name == header::CONTENT_LENGTH || hop_by_hop_index(name).is_some()
 }

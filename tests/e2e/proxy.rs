@@ -2,7 +2,9 @@
 
 use std::time::Duration;
 
-use crate::harness::{get, get_h2, get_h2_with, raw_request, send, Node, Reply, Result, Upstream};
+use crate::harness::{
+    free_port, get, get_h2, get_h2_with, raw_request, send, Node, Reply, Result, Upstream,
+};
 
 /// A config with one route, `all`, on every path to `upstream`.
 fn one_route(upstream: &Upstream) -> String {
@@ -87,6 +89,46 @@ async fn unmatched_request_gets_404_json() -> Result {
     assert_eq!(got.header("content-type"), Some("application/json"));
     assert_eq!(got.json()["error"], "no_route");
     assert_eq!(upstream.count(), 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn request_back_through_the_node_gets_508() -> Result {
+    let app = Upstream::echo().await;
+    let port = free_port();
+    // The `loop` upstream is the node itself.
+    let config = format!(
+        "[node]\nname = \"loop-node\"\n\n[[listeners]]\naddr = \"127.0.0.1:{port}\"\n\n\
+         [upstreams.loop]\ntargets = [\"127.0.0.1:{port}\"]\n{}\n\
+         [[routes]]\nname = \"loop\"\nprefix = \"/loop\"\nupstream = \"loop\"\n\n\
+         [[routes]]\nname = \"app\"\nprefix = \"/\"\nupstream = \"app\"\n",
+        upstream_block("app", &app)
+    );
+    let node = Node::start(&config)?;
+
+    // The node sends the request to itself once; it refuses it there, and
+    // that refusal comes back through the first pass.
+    let got = get(&node.url("/loop/x")).await?;
+    assert_eq!(got.status, 508);
+    assert_eq!(got.header("content-type"), Some("application/json"));
+    assert_eq!(got.json()["error"], "loop_detected");
+
+    // A client's `Via` that names the node is refused before routing.
+    let via = [("via", "1.0 cache-1, 1.1 loop-node")];
+    let got = send("GET", &node.url("/app"), &via, b"").await?;
+    assert_eq!(got.status, 508);
+    assert_eq!(
+        got.json()["message"],
+        "this request passed through this node before (its Via names the node), so it is not \
+         sent on again"
+    );
+    assert_eq!(app.count(), 0, "nothing reached the upstream");
+
+    // Other proxies' names, and this name inside a longer one, pass.
+    let via = [("via", "1.1 loop-node-2, 1.1 other (loop-node)")];
+    let got = send("GET", &node.url("/app"), &via, b"").await?;
+    assert_eq!(got.status, 200);
+    assert_eq!(app.count(), 1);
     Ok(())
 }
 

@@ -231,6 +231,18 @@ impl<'a> Settings<'a> {
                 return Err(format!("cookie: {cookie:?} is not a valid cookie name"));
             }
         }
+        if config
+            .public_key_pem
+            .as_deref()
+            .is_some_and(|pem| pem.contains("PRIVATE KEY-----"))
+        {
+            return Err(
+                "public_key_pem: holds a private key; give only the public key \
+                        (`openssl pkey -in KEY -pubout`), so that the signing key stays out of \
+                        the config"
+                    .to_string(),
+            );
+        }
         let leeway = parse_duration("leeway", config.leeway.as_deref(), Duration::from_secs(60))?;
         if leeway > MAX_LEEWAY {
             return Err(format!(
@@ -465,6 +477,20 @@ mod tests {
             error,
             "claim_headers: \"Content-Length\" is a header the node sets itself, so a worker \
              cannot set it"
+        );
+    }
+
+    #[test]
+    fn refuses_a_private_key_as_public_key() {
+        let error = check(
+            r#"{"algorithms":["RS256"],
+                "public_key_pem":"-----BEGIN PRIVATE KEY-----\nMIIB\n-----END PRIVATE KEY-----\n"}"#,
+        )
+        .err()
+        .unwrap();
+        assert!(
+            error.starts_with("public_key_pem: holds a private key"),
+            "{error}"
         );
     }
 

@@ -1178,11 +1178,18 @@ mod size {
     }
 }
 
-/// Adds a hint to two errors of the toml crate whose message names no
-/// cause: a `[name]` table where a list of tables is expected, and a
+/// Adds a hint to errors of the toml crate whose message names no cause or
+/// no form: a duration without its unit or quotes, a `[name]` table where a
+/// list of tables is expected, and a
 /// "duplicate key" for an array of tables whose first `[[name]]` comes after
 /// a table inside it, such as `[[routes.workers]]` before `[[routes]]`.
 fn with_table_order_hint(message: &str) -> String {
+    if message.contains("expected a duration") {
+        return format!(
+            "{message}\nhint: write a duration as a string with its unit, such as \"50ms\", \
+             \"2s\" or \"5min\""
+        );
+    }
     if let Some(name) = single_bracket_list(message) {
         return format!(
             "{message}\nhint: {name} is a list of tables: write [[{name}]], with two brackets, \

@@ -221,6 +221,13 @@ fn check_reports_line_and_field() {
         "{bad_type}"
     );
 
+    let no_unit = check_fails(&format!("{VALID}\n[node]\ndrain_timeout = \"20\"\n"));
+    assert!(
+        no_unit.contains(
+            "hint: write a duration as a string with its unit, such as \"50ms\", \"2s\" or \"5min\""
+        ),
+        "{no_unit}"
+    );
     let unknown_field = check_fails(&VALID.replace("prefix = \"/users\"", "prefx = \"/users\""));
     assert!(
         unknown_field.contains("unknown field `prefx`"),
@@ -325,6 +332,10 @@ fn check_rejects_bad_modules_with_reason() {
     }
     let missing = check_fails(&VALID.replace("add-header.wasm", "missing.wasm"));
     assert!(missing.contains("cannot read file"), "{missing}");
+    assert!(
+        missing.contains("build the worker with `edge worker build CRATE_FOLDER`"),
+        "{missing}"
+    );
 }
 
 #[test]

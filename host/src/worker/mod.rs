@@ -333,7 +333,12 @@ impl Runtime {
             path: path.to_owned(),
             message,
         };
-        let bytes = std::fs::read(path).map_err(|e| fail(format!("cannot read file: {e}")))?;
+        let bytes = std::fs::read(path).map_err(|e| {
+            fail(format!(
+                "cannot read file: {e}; build the worker with `edge worker build CRATE_FOLDER`, \
+                 which prints where the module went, or fix the path"
+            ))
+        })?;
         check_component_header(&bytes).map_err(fail)?;
         let hash = content_hash(&bytes);
         if let Some(module) = self.modules.lock().expect("module map poisoned").get(&hash) {
@@ -688,7 +693,8 @@ fn classify_trap(
     }
     if let Some(desired) = limiter.exceeded {
         return WorkerError::Failed(format!(
-            "worker exceeded its memory cap of {} bytes (it asked for {desired})",
+            "worker exceeded its memory cap of {} bytes (it asked for {desired}); raise the \
+             worker's max_memory if it needs that much",
             binding.memory_cap
         ));
     }

@@ -182,10 +182,17 @@ pub fn settable_header_problem(name: &str) -> Option<&'static str> {
     if !is_token {
         return Some("is not a valid header name");
     }
-    if SET_BY_NODE.iter().any(|set| set.eq_ignore_ascii_case(name)) {
+    if is_set_by_node(name) {
         return Some("is a header the node sets itself, so a worker cannot set it");
     }
     None
+}
+
+/// Returns whether the node sets, removes or checks the request header
+/// `name` (ASCII case ignored) on every request it sends upstream: `Host`,
+/// framing, hop-by-hop and forwarding headers.
+pub fn is_set_by_node(name: &str) -> bool {
+    SET_BY_NODE.iter().any(|set| set.eq_ignore_ascii_case(name))
 }
 
 #[cfg(test)]

@@ -10,28 +10,13 @@ use serde::Deserialize;
 /// may not use as its name.
 const RESERVED_KEYS: [&str; 3] = ["device", "user", "partial"];
 
-/// Request headers that `forward_headers` may not name, nor
-/// `upstream_user_header`: the node or the worker sets them on section
-/// requests, or they describe the client's connection, or they claim where
-/// the request came from, which a client could forge.
-const NOT_FORWARDED: [&str; 16] = [
-    "host",
-    "content-length",
-    "transfer-encoding",
-    "connection",
-    "keep-alive",
-    "upgrade",
-    "te",
-    "trailer",
-    "proxy-connection",
-    "expect",
-    "accept",
-    "via",
-    "forwarded",
-    "x-forwarded-for",
-    "x-forwarded-host",
-    "x-forwarded-proto",
-];
+/// Returns whether `forward_headers` and `upstream_user_header` may not
+/// name the request header `name`: the node or the worker (`Accept`) sets it
+/// on section requests, or it describes the client's connection, or it
+/// claims where the request came from, which a client could forge.
+fn not_forwarded(name: &str) -> bool {
+    name.eq_ignore_ascii_case("accept") || edge_sdk::is_set_by_node(name)
+}
 
 /// The worker's config table, as written.
 #[derive(Debug, Deserialize)]
@@ -216,10 +201,7 @@ impl Config {
     /// them its own user id, or a `Host` of its choice.
     fn check_forward_headers(&self) -> Result<(), String> {
         let user_header = &self.upstream_user_header;
-        if NOT_FORWARDED
-            .iter()
-            .any(|managed| managed.eq_ignore_ascii_case(user_header))
-        {
+        if not_forwarded(user_header) {
             return Err(format!(
                 "upstream_user_header {user_header:?} is a header the node or the worker sets \
                  for each section request; choose another, such as x-user-id"
@@ -237,10 +219,7 @@ impl Config {
                      sets itself"
                 ));
             }
-            if NOT_FORWARDED
-                .iter()
-                .any(|managed| managed.eq_ignore_ascii_case(name))
-            {
+            if not_forwarded(name) {
                 return Err(format!(
                     "forward_headers[{index}] {name:?} is set by the node or the worker for \
                      each section request, or could be forged by the client"

@@ -11,9 +11,10 @@ use serde::Deserialize;
 const RESERVED_KEYS: [&str; 3] = ["device", "user", "partial"];
 
 /// Returns whether `forward_headers` and `upstream_user_header` may not
-/// name the request header `name`: the node or the worker (`Accept`) sets it
-/// on section requests, or it describes the client's connection, or it
-/// claims where the request came from, which a client could forge.
+/// name the request header `name`. The node or the worker (`Accept`) sets
+/// such a header on section requests. Others describe the client's
+/// connection, or claim where the request came from, which a client could
+/// forge.
 fn not_forwarded(name: &str) -> bool {
     name.eq_ignore_ascii_case("accept") || edge_sdk::is_set_by_node(name)
 }

@@ -306,9 +306,10 @@ pub fn run_node(config: &Config, node: Node) -> anyhow::Result<()> {
     let node = Arc::new(node);
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut side_threads = Vec::new();
+    let mut admin_addr = None;
     if let Some(admin) = &config.admin {
         let admin = crate::admin::start(node.clone(), config, admin, stopped.clone())?;
-        println!("admin listening on http://{}", admin.addr);
+        admin_addr = Some(admin.addr);
         side_threads.push(admin.thread);
     }
     side_threads.extend(
@@ -327,6 +328,11 @@ pub fn run_node(config: &Config, node: Node) -> anyhow::Result<()> {
     // Ready before the addresses are printed, which is when scripts and
     // tests start to send requests.
     node.lifecycle.set(crate::node::Phase::Serving);
+    // Printed only once the main listeners are bound too, so that a node
+    // that fails to bind them does not seem to serve its admin listener.
+    if let Some(addr) = admin_addr {
+        println!("admin listening on http://{addr}");
+    }
     for (addr, listener) in server.addrs.iter().zip(&node.listeners) {
         match &listener.tls {
             Some(tls) => {

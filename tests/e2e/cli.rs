@@ -946,9 +946,17 @@ fn serve_says_why_it_cannot_listen() {
     let occupant = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = occupant.local_addr().unwrap().to_string();
     let dir = tempfile::tempdir().unwrap();
-    let path = write_config(dir.path(), &VALID.replace("127.0.0.1:0", &addr));
+    // With an admin listener, which binds first: it must not be announced
+    // when the main listener then fails.
+    let config = format!(
+        "[admin]\naddr = \"127.0.0.1:0\"\ntoken = \"0123456789abcdef0123\"\n\n{}",
+        VALID.replace("127.0.0.1:0", &addr)
+    );
+    let path = write_config(dir.path(), &config);
     let output = edge(&["serve", "--config", &path]);
     assert!(!output.status.success());
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(!stdout.contains("listening"), "{stdout}");
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         stderr.contains(&format!("cannot listen on {addr}: Address already in use")),

@@ -148,8 +148,8 @@ pub(crate) fn record_remove(
 }
 
 /// Request headers that the node sets, removes or checks on every request it
-/// sends upstream: framing, hop-by-hop and forwarding headers. A worker that
-/// sets one fails the request, or the node overwrites what it set.
+/// sends upstream. A worker that sets one fails the request, or the node
+/// overwrites the value.
 const SET_BY_NODE: [&str; 16] = [
     "host",
     "content-length",
@@ -169,17 +169,11 @@ const SET_BY_NODE: [&str; 16] = [
     "x-forwarded-proto",
 ];
 
-/// Returns why a worker cannot set the request header `name`: it is not a
-/// valid header name (an HTTP token), or the node sets it itself. Workers
-/// check the header names of their config with it, so that a mistake stops
-/// the node at load instead of failing or changing every request.
+/// Returns why a worker cannot set the request header `name`: the name is
+/// invalid, or the node sets that header itself. Workers check their
+/// config's header names with it, so that a mistake stops the node at load.
 pub fn settable_header_problem(name: &str) -> Option<&'static str> {
-    const TOKEN_SYMBOLS: &[u8] = b"!#$%&'*+-.^_`|~";
-    let is_token = !name.is_empty()
-        && name
-            .bytes()
-            .all(|byte| byte.is_ascii_alphanumeric() || TOKEN_SYMBOLS.contains(&byte));
-    if !is_token {
+    if !is_token(name) {
         return Some("is not a valid header name");
     }
     if is_set_by_node(name) {
@@ -189,10 +183,20 @@ pub fn settable_header_problem(name: &str) -> Option<&'static str> {
 }
 
 /// Returns whether the node sets, removes or checks the request header
-/// `name` (ASCII case ignored) on every request it sends upstream: `Host`,
-/// framing, hop-by-hop and forwarding headers.
+/// `name`, ignoring ASCII case: `Host`, framing, hop-by-hop and forwarding
+/// headers.
 pub fn is_set_by_node(name: &str) -> bool {
     SET_BY_NODE.iter().any(|set| set.eq_ignore_ascii_case(name))
+}
+
+/// Returns whether `text` is an HTTP token (RFC 9110, section 5.6.2), the
+/// form of a header or cookie name.
+pub fn is_token(text: &str) -> bool {
+    const SYMBOLS: &[u8] = b"!#$%&'*+-.^_`|~";
+    !text.is_empty()
+        && text
+            .bytes()
+            .all(|byte| byte.is_ascii_alphanumeric() || SYMBOLS.contains(&byte))
 }
 
 #[cfg(test)]
@@ -226,7 +230,15 @@ mod tests {
     }
 
     #[test]
-    fn settable_header_problem_names_invalid_and_node_headers() {
+    fn is_token_cases() {
+        assert!(is_token("ab_checkout.v2"));
+        assert!(!is_token(""));
+        assert!(!is_token("a b"));
+        assert!(!is_token("a=b"));
+    }
+
+    #[test]
+    fn settable_header_problem_cases() {
         assert_eq!(settable_header_problem("x-variant"), None);
         assert_eq!(
             settable_header_problem("x y"),

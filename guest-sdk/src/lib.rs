@@ -151,7 +151,7 @@ pub mod upstreams;
 
 pub use action::Action;
 pub use config::ConfigError;
-pub use headers::{is_set_by_node, settable_header_problem, HeaderIter, Headers};
+pub use headers::{is_set_by_node, is_token, settable_header_problem, HeaderIter, Headers};
 pub use request::{Request, RequestChanges};
 pub use response::{Response, ResponseChanges, ResponseHead};
 

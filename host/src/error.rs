@@ -73,9 +73,8 @@ pub enum Refusal {
     },
     /// A global rate limit set to `fail_closed` could not reach Redis.
     RateLimitUnavailable { limit: Arc<str> },
-    /// The request's `Via` names this node: it has passed through the node
-    /// before, so sending it on would repeat the loop until something
-    /// runs out.
+    /// A request whose `Via` names this node, so it passed through the node
+    /// before. Sending it on would repeat the loop until a limit runs out.
     LoopDetected,
 }
 

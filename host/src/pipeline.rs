@@ -1065,9 +1065,9 @@ pub(crate) fn removable_request_header(name: &str) -> Result<HeaderName, String>
 
 /// True for headers that describe the message framing or the connection,
 /// which the node sets itself: `Content-Length` and the hop-by-hop headers.
-/// Returns whether an element of the request's `Via` is `via`, the one this
-/// node adds to the requests it sends: the request came back to the node
-/// through an upstream or a worker fetch that leads to it.
+/// Returns whether an element of the request's `Via` is `via`, the element
+/// this node adds to the requests it sends. Such a request came back through
+/// an upstream or a worker fetch that leads to the node.
 fn names_this_node(headers: &HeaderMap, via: &HeaderValue) -> bool {
     headers.get_all(header::VIA).iter().any(|value| {
         value

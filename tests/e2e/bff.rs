@@ -450,7 +450,7 @@ async fn user_id_that_leaves_its_segment_is_400() -> Result {
 }
 
 #[tokio::test]
-async fn path_parameter_that_leaves_its_segment_is_400() -> Result {
+async fn unsafe_path_parameter_gets_400() -> Result {
     let services = Services::healthy().await;
     let sections = sections("2s", false).replace("/rows?", "/rows/{id}?");
     let config = home_config(&services.toml(), &sections, SHAPES).replace(

@@ -93,7 +93,7 @@ async fn unmatched_request_gets_404_json() -> Result {
 }
 
 #[tokio::test]
-async fn request_back_through_the_node_gets_508() -> Result {
+async fn looped_request_gets_508() -> Result {
     let app = Upstream::echo().await;
     let port = free_port();
     // The `loop` upstream is the node itself.
@@ -106,14 +106,14 @@ async fn request_back_through_the_node_gets_508() -> Result {
     );
     let node = Node::start(&config)?;
 
-    // The node sends the request to itself once; it refuses it there, and
-    // that refusal comes back through the first pass.
+    // The node sends the request to itself once and rejects it there. That
+    // rejection comes back as the first pass's upstream response.
     let got = get(&node.url("/loop/x")).await?;
     assert_eq!(got.status, 508);
     assert_eq!(got.header("content-type"), Some("application/json"));
     assert_eq!(got.json()["error"], "loop_detected");
 
-    // A client's `Via` that names the node is refused before routing.
+    // A client's `Via` that names the node is rejected before routing.
     let via = [("via", "1.0 cache-1, 1.1 loop-node")];
     let got = send("GET", &node.url("/app"), &via, b"").await?;
     assert_eq!(got.status, 508);

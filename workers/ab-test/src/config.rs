@@ -3,9 +3,10 @@
 use std::collections::HashSet;
 use std::time::Duration;
 
+use edge_sdk::is_token;
 use serde::Deserialize;
 
-use crate::cookie::{is_attribute_value, is_token, StickyCookie};
+use crate::cookie::{is_attribute_value, StickyCookie};
 
 /// The sticky cookie's lifetime when the config sets none.
 const DEFAULT_MAX_AGE: Duration = Duration::from_secs(30 * 24 * 60 * 60);

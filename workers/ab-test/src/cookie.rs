@@ -49,15 +49,6 @@ impl StickyCookie {
     }
 }
 
-/// Returns whether `name` is a valid cookie name: an HTTP token.
-pub fn is_token(name: &str) -> bool {
-    const TOKEN_SYMBOLS: &[u8] = b"!#$%&'*+-.^_`|~";
-    !name.is_empty()
-        && name
-            .bytes()
-            .all(|byte| byte.is_ascii_alphanumeric() || TOKEN_SYMBOLS.contains(&byte))
-}
-
 /// Returns whether `value` may appear in a cookie attribute such as `Path`
 /// or `Domain`: printable ASCII other than `;`.
 pub fn is_attribute_value(value: &str) -> bool {
@@ -127,11 +118,7 @@ mod tests {
     }
 
     #[test]
-    fn token_and_attribute_checks() {
-        assert!(is_token("ab_checkout.v2"));
-        assert!(!is_token(""));
-        assert!(!is_token("a b"));
-        assert!(!is_token("a=b"));
+    fn attribute_value_checks() {
         assert!(is_attribute_value("/shop"));
         assert!(!is_attribute_value("/a;b"));
         assert!(!is_attribute_value("/a\nb"));

@@ -159,8 +159,8 @@ const USER_MISSING: &str = "user_missing";
 /// `%2F` and `%5C` before they resolve them.
 fn unsafe_segment(value: &str) -> Option<&'static str> {
     // Some servers fold compatibility forms to ASCII (Unicode NFKC) after
-    // decoding, `‥` to `..` and `﹨` to `\` among them, so a value counts as
-    // what NFKC folds it to.
+    // decoding, such as `‥` to `..` and `﹨` to `\`. So the check reads the
+    // value as NFKC folds it.
     let folded: String = value.nfkc().collect();
     if folded == "." || folded == ".." {
         return Some("is a dot segment");
@@ -175,8 +175,8 @@ fn unsafe_segment(value: &str) -> Option<&'static str> {
     None
 }
 
-/// Returns the first route path parameter that a planned section puts in
-/// its path before any `?` and that cannot go there, with its value and why.
+/// Returns the first route path parameter that a planned section puts in its
+/// path before any `?` and that is unsafe there, with its value and the reason.
 fn unsafe_parameter<'a>(
     planned: &[(&Section, &Shape)],
     request: &'a Request,
@@ -186,13 +186,18 @@ fn unsafe_parameter<'a>(
         if name == "device" || name == "user" {
             return None;
         }
-        let placeholder = format!("{{{name}}}");
-        let in_a_path = planned.iter().any(|(section, _)| {
-            let path = section.path.split('?').next().unwrap_or_default();
-            path.contains(&placeholder)
-        });
+        let in_a_path = in_a_section_path(planned, &format!("{{{name}}}"));
         let reason = unsafe_segment(value).filter(|_| in_a_path)?;
         Some((name.as_str(), value.as_str(), reason))
+    })
+}
+
+/// Returns whether a planned section puts `placeholder`, such as `{user}`, in
+/// its path before any `?`.
+fn in_a_section_path(planned: &[(&Section, &Shape)], placeholder: &str) -> bool {
+    planned.iter().any(|(section, _)| {
+        let path = section.path.split('?').next().unwrap_or_default();
+        path.contains(placeholder)
     })
 }
 
@@ -307,13 +312,11 @@ fn aggregate(config: &Config, request: &Request) -> Action {
     if let Some((name, value, reason)) = unsafe_parameter(&planned, request) {
         let message =
             format!("the path parameter {name:?}, {value:?}, {reason}, so it cannot go in a path");
+        edge_sdk::log::info(&message);
         return error_response(400, "invalid_parameter", message);
     }
     if let Some(user) = &user {
-        let in_a_path = planned.iter().any(|(section, _)| {
-            let path = section.path.split('?').next().unwrap_or_default();
-            path.contains("{user}")
-        });
+        let in_a_path = in_a_section_path(&planned, "{user}");
         if let Some(reason) = unsafe_segment(user).filter(|_| in_a_path) {
             let message = format!("the user id {user:?} {reason}, so it cannot go in a path");
             return error_response(400, "invalid_user", message);

@@ -136,7 +136,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn reads_only_the_head_of_a_long_user_agent() {
+    fn long_user_agent_head_only() {
         let class_of = |agent: &str| {
             let action = decide(&config(), &request("/home", &[("user-agent", agent)]));
             let (Action::Continue(changes) | Action::Route { changes, .. }) = action else {

@@ -138,7 +138,7 @@ fn default_user_claim() -> Text<'static> {
     Text::borrowed("sub")
 }
 
-/// The longest `leeway`: a longer one is almost always a mistake, such as
+/// The maximum `leeway`. A longer one is most likely a mistake, such as
 /// `60h` for `60s`, and would accept tokens that expired long ago.
 const MAX_LEEWAY: Duration = Duration::from_secs(600);
 
@@ -227,7 +227,7 @@ impl<'a> Settings<'a> {
             }
         }
         if let Some(cookie) = &config.cookie {
-            if !is_token(cookie) {
+            if !edge_sdk::is_token(cookie) {
                 return Err(format!("cookie: {cookie:?} is not a valid cookie name"));
             }
         }
@@ -237,7 +237,7 @@ impl<'a> Settings<'a> {
             .is_some_and(|pem| pem.contains("PRIVATE KEY-----"))
         {
             return Err(
-                "public_key_pem: holds a private key; give only the public key \
+                "public_key_pem: contains a private key; give only the public key \
                         (`openssl pkey -in KEY -pubout`), so that the signing key stays out of \
                         the config"
                     .to_string(),
@@ -246,8 +246,8 @@ impl<'a> Settings<'a> {
         let leeway = parse_duration("leeway", config.leeway.as_deref(), Duration::from_secs(60))?;
         if leeway > MAX_LEEWAY {
             return Err(format!(
-                "leeway: {:?} is over the limit of 10m; clocks that far apart need fixing, \
-                 and a longer leeway accepts tokens long expired",
+                "leeway: {:?} is over the maximum of 10m, because a longer leeway accepts \
+                 tokens long expired; fix the clocks that far apart instead",
                 config.leeway.as_deref().unwrap_or_default()
             ));
         }
@@ -374,15 +374,6 @@ fn fits(alg: Algorithm, key_type: KeyType) -> bool {
     }
 }
 
-/// Returns whether `name` is an HTTP token (RFC 9110, section 5.6.2).
-fn is_token(name: &str) -> bool {
-    const SYMBOLS: &[u8] = b"!#$%&'*+-.^_`|~";
-    !name.is_empty()
-        && name
-            .bytes()
-            .all(|byte| byte.is_ascii_alphanumeric() || SYMBOLS.contains(&byte))
-}
-
 /// Parses a duration such as `30s`, `500ms`, `5m` or `1h`.
 fn parse_duration(key: &str, text: Option<&str>, default: Duration) -> Result<Duration, String> {
     let Some(text) = text else {
@@ -481,7 +472,7 @@ mod tests {
     }
 
     #[test]
-    fn refuses_a_private_key_as_public_key() {
+    fn private_key_pem_rejected() {
         let error = check(
             r#"{"algorithms":["RS256"],
                 "public_key_pem":"-----BEGIN PRIVATE KEY-----\nMIIB\n-----END PRIVATE KEY-----\n"}"#,
@@ -489,7 +480,7 @@ mod tests {
         .err()
         .unwrap();
         assert!(
-            error.starts_with("public_key_pem: holds a private key"),
+            error.starts_with("public_key_pem: contains a private key"),
             "{error}"
         );
     }
@@ -505,8 +496,8 @@ mod tests {
         );
         assert_eq!(
             check(&config("60h")).err().unwrap(),
-            "leeway: \"60h\" is over the limit of 10m; clocks that far apart need fixing, \
-             and a longer leeway accepts tokens long expired"
+            "leeway: \"60h\" is over the maximum of 10m, because a longer leeway accepts \
+             tokens long expired; fix the clocks that far apart instead"
         );
     }
 

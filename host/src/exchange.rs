@@ -10,6 +10,7 @@ use http::header::{HeaderName, HeaderValue, CONTENT_LENGTH};
 use http::{Method, Response, Uri, Version};
 
 use crate::access_log::{AccessLog, LoggedBody, Record};
+use crate::header_value;
 use crate::metrics::Reason;
 use crate::node::{Node, RouteObserve};
 use crate::proxy::ResponseBody;
@@ -185,7 +186,9 @@ impl Exchange {
         let record = Box::new(Record {
             time: line.time,
             started: self.started,
-            request_id: self.request_id.take(),
+            // A copy, so that a long response does not keep the buffer
+            // the id was cut from.
+            request_id: self.request_id.take().map(|id| header_value::owned(&id)),
             trace_id: self.trace.as_ref().map(|trace| trace.trace_id),
             span_id: self.trace.as_ref().map(|trace| trace.span_id),
             client,
@@ -261,21 +264,24 @@ impl Exchange {
 }
 
 /// Formats a duration as milliseconds with three decimals, such as
-/// `0.412ms`, without allocating a string.
+/// `0.412ms`, without allocating.
 fn duration_value(duration: Duration) -> HeaderValue {
     let micros = duration.as_micros();
-    let mut text = Vec::with_capacity(24);
-    text.extend_from_slice(itoa::Buffer::new().format(micros / 1000).as_bytes());
+    let mut digits = itoa::Buffer::new();
+    let whole = digits.format(micros / 1000).as_bytes();
     let fraction = (micros % 1000) as u16;
-    text.extend_from_slice(&[
+    let mut text = [0u8; 48];
+    text[..whole.len()].copy_from_slice(whole);
+    let end = whole.len() + 6;
+    text[whole.len()..end].copy_from_slice(&[
         b'.',
         b'0' + (fraction / 100) as u8,
         b'0' + (fraction / 10 % 10) as u8,
         b'0' + (fraction % 10) as u8,
+        b'm',
+        b's',
     ]);
-    text.extend_from_slice(b"ms");
-    HeaderValue::from_maybe_shared(bytes::Bytes::from(text))
-        .expect("digits are a valid header value")
+    header_value::shared(&text[..end]).expect("digits are a valid header value")
 }
 
 #[cfg(test)]

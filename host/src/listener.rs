@@ -16,11 +16,11 @@ use anyhow::Context as _;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 
 use crate::config::ListenerConfig;
+use crate::drain::Drain;
 use crate::idle::{Activity, IdleClose, TrackedBody};
 use crate::node::Node;
 use crate::pipeline::{self, Connection};
@@ -310,7 +310,7 @@ fn serve_thread(
                     .filter_map(|upstream| upstream.settings.idle_timeout.as_ref()),
             );
         tokio::spawn(timer::sweep(sweep_granularity(timeouts)));
-        let graceful = GracefulShutdown::new();
+        let drain = Drain::default();
         loop {
             tokio::select! {
                 accepted = connections.recv() => {
@@ -333,7 +333,7 @@ fn serve_thread(
                     let wants_subject = listener.client_subject_header.is_some();
                     let builders = builders[connection.listener].clone();
                     let node = node.clone();
-                    let watcher = graceful.watcher();
+                    let drain = drain.clone();
                     tokio::spawn(async move {
                         let header_timeout = builders.header_timeout;
                         let peer = connection.peer;
@@ -348,7 +348,7 @@ fn serve_thread(
                                 tracing::debug!(%peer, "closing a connection that sent nothing");
                                 return;
                             };
-                            serve(node, connection, &builders, first_bytes, watcher, stream).await;
+                            serve(node, connection, &builders, first_bytes, &drain, stream).await;
                             return;
                         };
                         if tokio::time::timeout(header_timeout, stream.readable()).await.is_err() {
@@ -397,14 +397,14 @@ fn serve_thread(
                             Some(b"h2") => FirstBytes::MaybeHttp2,
                             _ => FirstBytes::Http1,
                         };
-                        serve(node, connection, &builders, first_bytes, watcher, stream).await;
+                        serve(node, connection, &builders, first_bytes, &drain, stream).await;
                     });
                 }
                 _ = shutdown.wait_for(|stop| *stop) => break,
             }
         }
         tokio::select! {
-            drained = tokio::time::timeout(drain_timeout, graceful.shutdown()) => {
+            drained = tokio::time::timeout(drain_timeout, drain.shutdown()) => {
                 if drained.is_err() {
                     tracing::warn!(
                         ?drain_timeout,
@@ -425,7 +425,7 @@ async fn serve<T>(
     connection: Connection,
     builders: &Builders,
     first_bytes: FirstBytes,
-    watcher: hyper_util::server::graceful::Watcher,
+    drain: &Drain,
     stream: T,
 ) where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
@@ -443,7 +443,7 @@ async fn serve<T>(
                 }
             });
             let io = TokioIo::new(stream);
-            watcher
+            drain
                 .watch(builders.http1.serve_connection(io, service))
                 .await
                 .map_err(Into::into)
@@ -467,7 +467,7 @@ async fn serve<T>(
                     Ok::<_, std::convert::Infallible>(response)
                 }
             });
-            watcher
+            drain
                 .watch(builders.auto.serve_connection(io, service))
                 .await
         }

@@ -1141,7 +1141,7 @@ fn prepare_upstream_request(
                 joined.extend_from_slice(b", ");
             }
             joined.extend_from_slice(connection.peer_header.as_bytes());
-            HeaderValue::from_bytes(&joined).expect(
+            crate::header_value::shared(&joined).expect(
                 "header values joined by \", \" and an IP address form a valid header value",
             )
         }

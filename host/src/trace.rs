@@ -49,7 +49,7 @@ fn is_valid_request_id(id: &[u8]) -> bool {
 pub fn new_request_id() -> HeaderValue {
     let mut text = [0u8; 32];
     encode_hex(&fastrand::u128(..).to_be_bytes(), &mut text);
-    HeaderValue::from_bytes(&text).expect("hex digits are a valid header value")
+    crate::header_value::shared(&text).expect("hex digits are a valid header value")
 }
 
 /// The trace context of one request: the trace it belongs to, the node's
@@ -109,7 +109,7 @@ impl TraceContext {
         encode_hex(&self.trace_id, &mut text[3..35]);
         encode_hex(&parent, &mut text[36..52]);
         encode_hex(&[self.flags], &mut text[53..55]);
-        HeaderValue::from_bytes(&text).expect("hex digits are a valid header value")
+        crate::header_value::shared(&text).expect("hex digits are a valid header value")
     }
 
     /// Sets `traceparent` (with `parent` as the parent span) and

@@ -1264,7 +1264,8 @@ fn number(value: u64) -> HeaderValue {
     });
     match SMALL.get(value as usize) {
         Some(value) => value.clone(),
-        None => HeaderValue::from(value),
+        None => crate::header_value::shared(itoa::Buffer::new().format(value).as_bytes())
+            .expect("digits are a valid header value"),
     }
 }
 

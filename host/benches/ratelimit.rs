@@ -255,6 +255,6 @@ fn main() {
         }
     }
     if let Some(backend) = limiter.backend() {
-        eprintln!("redis round trips: {}", backend.round_trips());
+        eprintln!("decisions asked of redis: {}", backend.decisions_asked());
     }
 }

@@ -23,6 +23,7 @@
 //!                     RED metrics, the access-log line, the request's spans
 //! ```
 
+use std::borrow::Cow;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
@@ -165,7 +166,7 @@ async fn serve(
     }
 
     // Route on the normalised path, never the raw one.
-    let uri = parts.uri.clone();
+    let uri = &parts.uri;
     let raw_path = uri.path();
     let path = normalize_path(raw_path).map_err(|e| Refusal::InvalidPath(e.to_string()))?;
     // Raw non-ASCII bytes decode to themselves, but go upstream encoded, as
@@ -363,7 +364,9 @@ async fn serve(
     // Proxy to the upstream, streaming the body both ways.
     let wire_path = match &worker_path {
         Some(path) => Some(encode_path(path)),
-        None if path_changed => Some(encode_path(&path)),
+        // Owned, as the normalised path may borrow the request's URI,
+        // which the request sent on replaces.
+        None if path_changed => Some(Cow::Owned(encode_path(&path).into_owned())),
         None => None,
     };
     prepare_upstream_request(

@@ -195,11 +195,11 @@ impl Upstream {
         async move {
             let mut attempts = attempts?;
             loop {
-                let (target, request, attempt_timeout) = attempts.start(target_addr);
+                let (target, request, attempt_deadline) = attempts.start(target_addr);
                 // The coarse timer: a tokio timer per request costs about a
                 // thousand instructions more, and this timeout needs no
                 // precision.
-                let sent = timer::timeout(attempt_timeout, self.send_to(target, request)).await;
+                let sent = timer::timeout_at(attempt_deadline, self.send_to(target, request)).await;
                 if let Some(result) = attempts.finish(sent) {
                     return result;
                 }
@@ -501,6 +501,8 @@ struct Attempts<'a> {
     /// The attempt in flight ends at the caller's deadline, before the
     /// upstream's `response_timeout`.
     cut_short: bool,
+    /// When the first attempt's target was chosen, until it starts.
+    chosen_at: Option<Instant>,
 }
 
 impl<'a> Attempts<'a> {
@@ -512,7 +514,8 @@ impl<'a> Attempts<'a> {
         timeout: Option<Duration>,
     ) -> Result<Attempts<'a>, Refusal> {
         let settings = &upstream.settings;
-        let deadline = timeout.map(|timeout| Instant::now() + timeout);
+        let now = Instant::now();
+        let deadline = timeout.map(|timeout| now + timeout);
         upstream.budget.deposit();
         let key = match &settings.policy {
             Policy::ConsistentHash(key) => key.hash(request.headers(), client_ip),
@@ -526,7 +529,7 @@ impl<'a> Attempts<'a> {
         // A retry chooses its target before it gives up the failed attempt's
         // outcome, so that a retry with nowhere to go returns that outcome
         // rather than a 503 of its own.
-        let next = upstream.choose(key, 0, Instant::now())?;
+        let next = upstream.choose(key, 0, now)?;
         Ok(Attempts {
             upstream,
             deadline,
@@ -539,17 +542,20 @@ impl<'a> Attempts<'a> {
             next: Some(next),
             current: None,
             cut_short: false,
+            chosen_at: Some(now),
         })
     }
 
-    /// Starts the next attempt: returns its target, its request and its
-    /// timeout, and notes the target's address in `target_addr`.
+    /// Starts the next attempt: returns its target, its request and the
+    /// time it ends, and notes the target's address in `target_addr`.
     fn start(
         &mut self,
         target_addr: &mut Option<SocketAddr>,
-    ) -> (&'a Target, Request<RequestBody>, Duration) {
+    ) -> (&'a Target, Request<RequestBody>, Instant) {
         let upstream = self.upstream;
-        let now = Instant::now();
+        // The first attempt starts as soon as its target is chosen, so it
+        // reuses that reading of the clock.
+        let now = self.chosen_at.take().unwrap_or_else(Instant::now);
         let (index, permit) = self.next.take().expect("a target for each attempt");
         self.tried |= 1 << (index % 64);
         let target = &upstream.targets[index];
@@ -562,7 +568,7 @@ impl<'a> Attempts<'a> {
         self.cut_short = attempt_timeout < response_timeout;
         self.current = Some((index, permit, upstream.count_outstanding(target)));
         let request = self.request.take().expect("a request for each attempt");
-        (target, request, attempt_timeout)
+        (target, request, now + attempt_timeout)
     }
 
     /// Judges the attempt in flight by what it `sent`: returns the response

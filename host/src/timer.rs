@@ -75,21 +75,21 @@ pub async fn sweep(granularity: Duration) {
     }
 }
 
-/// Runs `future` until it completes or `duration` passes, whichever comes
+/// Runs `future` until it completes or `deadline` passes, whichever comes
 /// first; `Err(Elapsed)` when the time ran out. The timer is one of this
 /// module's, so it fires up to one sweep granularity late.
-pub fn timeout<F: Future>(duration: Duration, future: F) -> Timeout<F> {
+pub fn timeout_at<F: Future>(deadline: Instant, future: F) -> Timeout<F> {
     Timeout {
         future,
         sleep: CoarseSleep {
-            deadline: Instant::now() + duration,
+            deadline,
             state: State::Idle,
         },
     }
 }
 
 pin_project_lite::pin_project! {
-    /// The future [`timeout`] returns. It is a struct rather than an `async`
+    /// The future [`timeout_at`] returns. It is a struct rather than an `async`
     /// fn because an async fn keeps its argument and the pinned copy of it
     /// both, which doubled the size of every future that awaits it.
     pub struct Timeout<F> {
@@ -138,7 +138,7 @@ impl Deadline {
     }
 }
 
-/// The error of [`timeout`] when the time ran out.
+/// The error of [`timeout_at`] when the time ran out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Elapsed;
 
@@ -322,16 +322,14 @@ mod tests {
     }
 
     #[test]
-    fn timeout_returns_the_output_or_elapsed() {
+    fn timeout_at_returns_output_or_elapsed() {
         runtime().block_on(async {
             tokio::spawn(sweep(Duration::from_millis(10)));
             tokio::task::yield_now().await;
-            assert_eq!(timeout(Duration::from_secs(5), async { 7 }).await, Ok(7));
+            let soon = |millis| Instant::now() + Duration::from_millis(millis);
+            assert_eq!(timeout_at(soon(5000), async { 7 }).await, Ok(7));
             let never = std::future::pending::<()>();
-            assert_eq!(
-                timeout(Duration::from_millis(20), never).await,
-                Err(Elapsed)
-            );
+            assert_eq!(timeout_at(soon(20), never).await, Err(Elapsed));
             assert_eq!(waiting_count(), 0);
         });
     }

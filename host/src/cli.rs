@@ -327,6 +327,9 @@ pub fn run_node(config: &Config, node: Node) -> anyhow::Result<()> {
     node.runtime.prune_cache();
     // Ready before the addresses are printed, which is when scripts and
     // tests start to send requests.
+    // Listened for before the addresses are printed, so that a signal sent
+    // as soon as they appear drains the node rather than killing it.
+    let mut signals = StopSignals::listen()?;
     node.lifecycle.set(crate::node::Phase::Serving);
     // Printed only once the main listeners are bound too, so that a node
     // that fails to bind them does not seem to serve its admin listener.
@@ -345,9 +348,11 @@ pub fn run_node(config: &Config, node: Node) -> anyhow::Result<()> {
         }
     }
     tracing::info!(node = %config.node.name, threads = config.threads(), "serving");
-    wait_for_signal()?;
+    signals.wait();
     let forced = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    if let Err(error) = stop_on_second_signal(node.clone(), server.stopper(), forced.clone()) {
+    if let Err(error) =
+        stop_on_second_signal(signals, node.clone(), server.stopper(), forced.clone())
+    {
         tracing::warn!(error = %format!("{error:#}"), "a second signal will not cut the drain short");
     }
     tracing::info!(
@@ -471,34 +476,17 @@ const FORCED_STOP_GRACE: std::time::Duration = std::time::Duration::from_secs(2)
 /// Ends the drain at once when a second SIGTERM or Ctrl-C comes during it,
 /// so that an operator need not wait out `drain_timeout` or send SIGKILL.
 /// The open connections close, their requests write their access-log lines,
-/// and the main thread exits with status 1 (`forced`). The signals are
-/// listened for before this returns, so none sent after it is missed.
+/// and the main thread exits with status 1 (`forced`).
 fn stop_on_second_signal(
+    mut signals: StopSignals,
     node: Arc<Node>,
     stopper: crate::listener::Stopper,
     forced: Arc<std::sync::atomic::AtomicBool>,
 ) -> anyhow::Result<()> {
-    use tokio::signal::unix::{signal, SignalKind};
-
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot build the signal runtime")?;
-    let (mut terminate, mut interrupt) = {
-        let _entered = runtime.enter();
-        let terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
-        let interrupt = signal(SignalKind::interrupt()).context("cannot listen for Ctrl-C")?;
-        (terminate, interrupt)
-    };
     std::thread::Builder::new()
         .name("edge-stop".to_owned())
         .spawn(move || {
-            runtime.block_on(async {
-                tokio::select! {
-                    _ = terminate.recv() => {}
-                    _ = interrupt.recv() => {}
-                }
-            });
+            signals.wait();
             tracing::warn!("second signal: stopping without waiting for open connections");
             // The serving threads drop their requests, which writes their
             // access-log lines, and the main thread then exits with status 1.
@@ -518,21 +506,46 @@ fn stop_on_second_signal(
     Ok(())
 }
 
-fn wait_for_signal() -> anyhow::Result<()> {
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("cannot build the signal runtime")?;
-    runtime.block_on(async {
-        let mut terminate =
-            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .context("cannot listen for SIGTERM")?;
-        tokio::select! {
-            result = tokio::signal::ctrl_c() => result.context("cannot listen for Ctrl-C")?,
-            _ = terminate.recv() => {}
-        }
-        Ok(())
-    })
+/// SIGTERM and Ctrl-C (SIGINT), listened for from before the node serves
+/// until it exits. Both waits, for the signal that starts the drain and for
+/// the one that cuts it short, read the same listeners, so a second signal
+/// sent right after the first is not lost between them.
+struct StopSignals {
+    runtime: tokio::runtime::Runtime,
+    terminate: tokio::signal::unix::Signal,
+    interrupt: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    fn listen() -> anyhow::Result<StopSignals> {
+        use tokio::signal::unix::{signal, SignalKind};
+
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("cannot build the signal runtime")?;
+        let entered = runtime.enter();
+        let terminate = signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?;
+        let interrupt = signal(SignalKind::interrupt()).context("cannot listen for Ctrl-C")?;
+        drop(entered);
+        Ok(StopSignals {
+            runtime,
+            terminate,
+            interrupt,
+        })
+    }
+
+    /// Waits for the next SIGTERM or Ctrl-C, or returns at once for one
+    /// that came since the last wait.
+    fn wait(&mut self) {
+        let (terminate, interrupt) = (&mut self.terminate, &mut self.interrupt);
+        self.runtime.block_on(async {
+            tokio::select! {
+                _ = terminate.recv() => {}
+                _ = interrupt.recv() => {}
+            }
+        });
+    }
 }
 
 fn check(path: &Path) -> anyhow::Result<()> {

@@ -196,6 +196,21 @@ impl Node {
         assert!(status.success());
     }
 
+    /// Sends the signals `names`, such as `["TERM", "INT"]`, one right
+    /// after the other from one shell, microseconds apart.
+    pub fn signals_together(&self, names: &[&str]) {
+        let pid = self.child.id().to_string();
+        let script: Vec<String> = names
+            .iter()
+            .map(|name| format!("kill -{name} {pid}"))
+            .collect();
+        let status = Command::new("sh")
+            .args(["-c", &script.join("; ")])
+            .status()
+            .expect("run sh");
+        assert!(status.success());
+    }
+
     /// Everything the node has logged so far.
     pub fn log(&self) -> String {
         self.stderr.lock().unwrap().clone()

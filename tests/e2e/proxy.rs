@@ -1076,6 +1076,33 @@ async fn shutdown_lets_requests_in_flight_finish() -> Result {
 }
 
 #[tokio::test]
+async fn signals_together_stop_at_once() -> Result {
+    let slow = Upstream::start(|_| Reply::Delay(Duration::from_secs(5))).await;
+    let mut node = Node::start(&one_route(&slow))?;
+    let url = node.url("/slow");
+    let in_flight = tokio::spawn(async move { get(&url).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let signalled = std::time::Instant::now();
+    // The second comes while the first is still being handled: it must not
+    // be lost before the node listens for a second signal.
+    node.signals_together(&["TERM", "INT"]);
+    let (status, log) = tokio::task::spawn_blocking(move || (node.wait_exit(), node.log())).await?;
+
+    // The default drain_timeout is 10 s, and the request in flight takes 5 s.
+    assert!(signalled.elapsed() < Duration::from_secs(3), "{log}");
+    assert!(
+        status.is_some_and(|s| !s.success()),
+        "node exit: {status:?}"
+    );
+    assert!(log.contains("second signal: stopping"), "{log}");
+    assert!(
+        in_flight.await?.is_err(),
+        "the request in flight was cut off"
+    );
+    Ok(())
+}
+
+#[tokio::test]
 async fn second_signal_cuts_the_drain_short() -> Result {
     let slow = Upstream::start(|_| Reply::Delay(Duration::from_secs(5))).await;
     let config = format!(

@@ -52,7 +52,14 @@ impl Drain {
     /// dropped.
     pub async fn shutdown(&self) {
         self.shared.draining.store(true, Ordering::SeqCst);
-        let wakers: Vec<Waker> = self.shared.lock_wakers().drain().collect();
+        // Cloned rather than taken, so that each entry stays until its
+        // connection drops it and no key is handed out twice.
+        let wakers: Vec<Waker> = self
+            .shared
+            .lock_wakers()
+            .iter()
+            .map(|(_, waker)| waker.clone())
+            .collect();
         for waker in wakers {
             waker.wake();
         }
@@ -113,7 +120,7 @@ impl<C: GracefulConnection> Future for Watched<C> {
             } else {
                 register(this.shared, this.registered, cx.waker());
                 // The drain may have started while the waker was being
-                // registered, after the wakers were taken.
+                // registered, after the wakers were read.
                 if this.shared.draining.load(Ordering::SeqCst) {
                     *this.shut_down = true;
                     this.connection.as_mut().graceful_shutdown();

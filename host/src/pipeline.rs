@@ -1140,13 +1140,22 @@ fn prepare_upstream_request(
             // which is a valid header value but not UTF-8.
             let mut joined = Vec::new();
             for value in headers.get_all(&X_FORWARDED_FOR) {
-                joined.extend_from_slice(value.as_bytes());
-                joined.extend_from_slice(b", ");
+                // An empty value names no hop, and would leave an empty
+                // element in the list.
+                let hops = value.as_bytes().trim_ascii();
+                if !hops.is_empty() {
+                    joined.extend_from_slice(hops);
+                    joined.extend_from_slice(b", ");
+                }
             }
-            joined.extend_from_slice(connection.peer_header.as_bytes());
-            crate::header_value::shared(&joined).expect(
-                "header values joined by \", \" and an IP address form a valid header value",
-            )
+            if joined.is_empty() {
+                connection.peer_header.clone()
+            } else {
+                joined.extend_from_slice(connection.peer_header.as_bytes());
+                crate::header_value::shared(&joined).expect(
+                    "header values joined by \", \" and an IP address form a valid header value",
+                )
+            }
         }
         _ => connection.peer_header.clone(),
     };

@@ -669,6 +669,20 @@ async fn trusted_proxy_forwarded_for_is_appended() -> Result {
         upstream.last().headers["x-forwarded-for"],
         "198.51.100.1, 203.0.113.5, 127.0.0.1"
     );
+    // An empty value names no hop, so it leaves no empty element.
+    send(
+        "GET",
+        &node.url("/"),
+        &[("x-forwarded-for", ""), ("x-forwarded-for", "203.0.113.5")],
+        b"",
+    )
+    .await?;
+    assert_eq!(
+        upstream.last().headers["x-forwarded-for"],
+        "203.0.113.5, 127.0.0.1"
+    );
+    send("GET", &node.url("/"), &[("x-forwarded-for", " ")], b"").await?;
+    assert_eq!(upstream.last().headers["x-forwarded-for"], "127.0.0.1");
     // A trusted proxy's `Forwarded` chain goes on, with this hop added.
     send(
         "GET",

@@ -1241,8 +1241,9 @@ impl Shown {
 /// Header values of the numbers below this are made once and shared.
 const SMALL_NUMBERS: usize = 4096;
 
-/// Converts a number to a header value, without an allocation below
-/// [`SMALL_NUMBERS`].
+/// Converts a number to a header value without an allocation of its own:
+/// one of the values made once below [`SMALL_NUMBERS`], else one cut from
+/// the thread's buffer of node-made values.
 fn number(value: u64) -> HeaderValue {
     static SMALL: std::sync::LazyLock<Vec<HeaderValue>> = std::sync::LazyLock::new(|| {
         let mut text = String::new();

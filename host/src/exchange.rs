@@ -49,6 +49,10 @@ pub struct Exchange {
     pub worker_time: Duration,
     /// Time from sending the request upstream until its response head.
     pub upstream_time: Duration,
+    /// When the request went upstream, while it waits for the response head.
+    /// A request dropped then, such as by the drain, counts the wait so far
+    /// as its upstream time.
+    pub upstream_since: Option<Instant>,
     /// Time worker calls waited for their fetches.
     pub fetch_wait: Duration,
     /// The user id a worker set on the request context as `user`, for the
@@ -118,6 +122,7 @@ impl Exchange {
             ratelimit_time: Duration::ZERO,
             worker_time: Duration::ZERO,
             upstream_time: Duration::ZERO,
+            upstream_since: None,
             fetch_wait: Duration::ZERO,
             user: None,
             request_line,
@@ -225,6 +230,9 @@ impl Drop for Exchange {
         };
         let client = self.client.unwrap_or(line.peer);
         self.reason = Reason::ClientClosed;
+        if let Some(since) = self.upstream_since {
+            self.upstream_time = since.elapsed();
+        }
         let head = self.started.elapsed();
         let (record, log) = self.record(line, client, STATUS_CLIENT_CLOSED, head);
         log.send(record);

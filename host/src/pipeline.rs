@@ -393,9 +393,11 @@ async fn serve(
     }
     let request = Request::from_parts(parts, RequestBody::new(body, route.max_body));
     let started = Instant::now();
+    exchange.upstream_since = Some(started);
     let sent = upstream
         .send_noting_target(request, client_ip, route.timeout, &mut exchange.target)
         .await;
+    exchange.upstream_since = None;
     // A request that no breaker or health check let through made no call.
     let called = !matches!(
         sent,

@@ -1161,6 +1161,14 @@ async fn second_signal_cuts_the_drain_short() -> Result {
     let line: serde_json::Value = serde_json::from_str(text.lines().next().unwrap_or_default())?;
     assert_eq!(line["path"], "/slow", "{text}");
     assert_eq!(line["status"], 499, "{text}");
+    // It waited for the upstream from about 0.2 s until the second signal,
+    // and that wait counts as upstream time, not the gateway's.
+    let upstream = line["durations_ms"]["upstream"]
+        .as_f64()
+        .unwrap_or_default();
+    let gateway = line["durations_ms"]["gateway"].as_f64().unwrap_or_default();
+    assert!(upstream >= 100.0, "{text}");
+    assert!(gateway < upstream, "{text}");
     Ok(())
 }
 

@@ -255,6 +255,6 @@ fn main() {
         }
     }
     if let Some(backend) = limiter.backend() {
-        eprintln!("decisions asked of redis: {}", backend.decisions_asked());
+        eprintln!("decisions sent to redis: {}", backend.decisions_sent());
     }
 }

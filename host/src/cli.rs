@@ -506,10 +506,10 @@ fn stop_on_second_signal(
     Ok(())
 }
 
-/// SIGTERM and Ctrl-C (SIGINT), listened for from before the node serves
-/// until it exits. Both waits, for the signal that starts the drain and for
-/// the one that cuts it short, read the same listeners, so a second signal
-/// sent right after the first is not lost between them.
+/// The listeners for SIGTERM and Ctrl-C (SIGINT), from before the node
+/// serves until it exits. The wait for the signal that starts the drain and
+/// the wait for the one that cuts it short read the same listeners, so a
+/// second signal sent right after the first is not lost between them.
 struct StopSignals {
     runtime: tokio::runtime::Runtime,
     terminate: tokio::signal::unix::Signal,

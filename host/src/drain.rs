@@ -211,7 +211,7 @@ mod tests {
             .expect("no panic");
     }
 
-    /// With no connection open, the drain returns at once; a connection
+    /// With no connection open, the drain returns at once. A connection
     /// that starts after the drain shuts down at its first poll.
     #[tokio::test]
     async fn drain_without_connections_returns() {

@@ -49,9 +49,9 @@ pub struct Exchange {
     pub worker_time: Duration,
     /// Time from sending the request upstream until its response head.
     pub upstream_time: Duration,
-    /// When the request went upstream, while it waits for the response head.
-    /// A request dropped then, such as by the drain, counts the wait so far
-    /// as its upstream time.
+    /// The time the request went upstream, kept until its response head
+    /// arrives. A request dropped before then, such as by the drain, counts
+    /// the wait so far as its upstream time.
     pub upstream_since: Option<Instant>,
     /// Time worker calls waited for their fetches.
     pub fetch_wait: Duration,
@@ -272,7 +272,7 @@ impl Exchange {
 }
 
 /// Formats a duration as milliseconds with three decimals, such as
-/// `0.412ms`, without allocating.
+/// `0.412ms`, without an allocation of its own.
 fn duration_value(duration: Duration) -> HeaderValue {
     let micros = duration.as_micros();
     let mut digits = itoa::Buffer::new();

@@ -6,9 +6,9 @@
 //! value cut from a shared buffer costs neither: cutting it and cloning it
 //! each add one to the buffer's reference count, and the buffer is freed
 //! when the last value cut from it is dropped. These values live until
-//! their head is written, so a buffer is soon freed; a value kept longer,
-//! such as the access log's request id, is copied out so that it does not
-//! hold a whole buffer.
+//! their head is written, so a buffer is soon freed. A value kept longer,
+//! such as the access log's request id, is copied out, so that it does not
+//! keep a whole buffer alive.
 
 use std::cell::RefCell;
 

@@ -364,8 +364,8 @@ async fn serve(
     // Proxy to the upstream, streaming the body both ways.
     let wire_path = match &worker_path {
         Some(path) => Some(encode_path(path)),
-        // Owned, as the normalised path may borrow the request's URI,
-        // which the request sent on replaces.
+        // Owned, because the normalised path may borrow the request's URI,
+        // which `prepare_upstream_request` replaces.
         None if path_changed => Some(Cow::Owned(encode_path(&path).into_owned())),
         None => None,
     };

@@ -70,7 +70,7 @@ pub struct RedisBackend {
     timeout: Duration,
     sha: String,
     /// Decisions sent to Redis; a batch carries several in one round trip.
-    decisions_asked: AtomicU64,
+    decisions_sent: AtomicU64,
     /// The script's hash, the timeout and the connector, for the batches.
     settings: FlushSettings,
 }
@@ -207,7 +207,7 @@ impl RedisBackend {
             description,
             timeout: config.timeout,
             sha: ::redis::Script::new(SCRIPT).get_hash().to_owned(),
-            decisions_asked: AtomicU64::new(0),
+            decisions_sent: AtomicU64::new(0),
             settings: FlushSettings {
                 sha: Arc::from(::redis::Script::new(SCRIPT).get_hash()),
                 timeout: config.timeout,
@@ -217,8 +217,8 @@ impl RedisBackend {
     }
 
     /// Decisions asked of Redis so far.
-    pub fn decisions_asked(&self) -> u64 {
-        self.decisions_asked.load(Ordering::Relaxed)
+    pub fn decisions_sent(&self) -> u64 {
+        self.decisions_sent.load(Ordering::Relaxed)
     }
 
     /// Decides one request of a limit for the state at the Redis key that
@@ -239,14 +239,14 @@ impl RedisBackend {
             let connecting = self.settings.connector.connection(&link, deadline);
             let cluster = Box::pin(connecting).await?;
             if let Some((connection, generation)) = cluster {
-                self.decisions_asked.fetch_add(1, Ordering::Relaxed);
+                self.decisions_sent.fetch_add(1, Ordering::Relaxed);
                 let mut key = Vec::new();
                 write_key(&mut key);
                 let alone = self.decide_alone(&link, connection, generation, &key, spec, deadline);
                 return Box::pin(alone).await;
             }
         }
-        self.decisions_asked.fetch_add(1, Ordering::Relaxed);
+        self.decisions_sent.fetch_add(1, Ordering::Relaxed);
         // The batch's timer bounds the wait, so this needs no timer of its own.
         let start = || {
             tokio::spawn(batch::flush_loop(link.clone(), self.settings.clone()));

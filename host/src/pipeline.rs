@@ -95,9 +95,12 @@ impl Connection {
 pub async fn handle(
     node: &Node,
     connection: &Connection,
-    request: Request<Incoming>,
+    mut request: Request<Incoming>,
 ) -> Response<ResponseBody> {
     let listener = connection.listener;
+    if request.version() == http::Version::HTTP_2 {
+        trim_field_values(request.headers_mut());
+    }
     let mut exchange = Exchange::new(node, &request, Instant::now(), connection.peer.ip());
     // The rate limit that decided, when the route has any: its state goes
     // on every response of the route.
@@ -412,6 +415,7 @@ async fn serve(
     }
     let mut response = sent?;
     remove_hop_by_hop(response.headers_mut());
+    single_content_length(response.headers_mut());
     // The node speaks its own HTTP version to the client, whatever the
     // upstream spoke.
     *response.version_mut() = http::Version::HTTP_11;
@@ -526,6 +530,7 @@ fn fetch_origin(node: &Node, route: &Route, exchange: &Exchange) -> (FetchOrigin
         request_id,
         trace,
         metrics,
+        client_ip: exchange.client,
     };
     (origin, span_id)
 }
@@ -739,6 +744,27 @@ fn join_cookies(headers: &mut HeaderMap) {
     }
 }
 
+/// Removes spaces and tabs around field values. HTTP/1.1 parsers drop
+/// them (RFC 9112, section 5), but the h2 crate passes them on, although
+/// RFC 9113 (section 8.2.1) makes such a request malformed. Without this,
+/// `k1 ` and `k1` would be two rate-limit keys, while the HTTP/1.1 upstream
+/// reads both as `k1`.
+fn trim_field_values(headers: &mut HeaderMap) {
+    for value in headers.values_mut() {
+        let bytes = value.as_bytes();
+        let trimmed = bytes.trim_ascii();
+        if trimmed.len() == bytes.len() {
+            continue;
+        }
+        // A part of a valid value is valid, so the node's own checks then
+        // read the value that an upstream reads.
+        if let Ok(mut shorter) = HeaderValue::from_bytes(trimmed) {
+            shorter.set_sensitive(value.is_sensitive());
+            *value = shorter;
+        }
+    }
+}
+
 /// Rejects a method with lower-case letters. Methods are case-sensitive
 /// (RFC 9110, section 9.1) and routes match them exactly, but some upstream
 /// frameworks upper-case them, so `delete` could reach a handler that the
@@ -866,6 +892,29 @@ fn check_transfer_coding(headers: &HeaderMap) -> Result<(), Refusal> {
         chunked = true;
     }
     Ok(())
+}
+
+/// Replaces a `Content-Length` sent as a list of one repeated value (`5, 5`,
+/// or two fields of `5`) with that value. hyper accepts such a list when the
+/// values agree, as RFC 9110 (section 8.6) allows, and the node returns 502
+/// when they do not. An HTTP/2 client fails a stream whose length is a list.
+fn single_content_length(headers: &mut HeaderMap) {
+    let mut fields = headers.get_all(header::CONTENT_LENGTH).iter();
+    let (Some(first), second) = (fields.next(), fields.next()) else {
+        return;
+    };
+    if second.is_none() && !first.as_bytes().contains(&b',') {
+        return;
+    }
+    let length = first
+        .as_bytes()
+        .split(|&byte| byte == b',')
+        .next()
+        .unwrap_or_default()
+        .trim_ascii();
+    if let Ok(value) = HeaderValue::from_bytes(length) {
+        headers.insert(header::CONTENT_LENGTH, value);
+    }
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {
@@ -1242,7 +1291,9 @@ fn apply_header_changes(
         }
     }
     // The first value listed for a name replaces the earlier ones; further
-    // values of that name in the same list are added beside it.
+    // values of that name in the same list are added beside it. A list of
+    // one header needs no record of the names it set.
+    let track_names = set.len() > 1;
     let mut set_names: Vec<HeaderName> = Vec::new();
     for wit::Header { name, value } in set {
         let parsed = HeaderName::from_bytes(name.as_bytes())
@@ -1254,21 +1305,26 @@ fn apply_header_changes(
         }
         let header_value = HeaderValue::from_str(&value)
             .map_err(|_| format!("set an invalid value for header {name:?}"))?;
-        let repeated = set_names.contains(&parsed);
+        let repeated = track_names && set_names.contains(&parsed);
         if repeated {
             headers.append(parsed.clone(), header_value);
         } else {
             headers.insert(parsed.clone(), header_value);
-            set_names.push(parsed.clone());
+            if track_names {
+                set_names.push(parsed.clone());
+            }
         }
         if let Some(view) = view.as_deref_mut() {
             if !repeated {
                 view.retain(|h| h.name != parsed.as_str());
             }
-            view.push(wit::Header {
-                name: parsed.as_str().to_owned(),
-                value,
-            });
+            // Workers see names in lower case, as the node stores them.
+            let name = if name == parsed.as_str() {
+                name
+            } else {
+                parsed.as_str().to_owned()
+            };
+            view.push(wit::Header { name, value });
         }
     }
     Ok(())

@@ -66,11 +66,40 @@ pub fn run(options: &TopOptions<'_>) -> anyhow::Result<()> {
                 print!("{frame}");
                 return Ok(());
             }
-            print!("{CLEAR}{frame}");
+            print!("{CLEAR}{}", fit(&frame, terminal_rows()));
             previous = Some((now, status));
             tokio::time::sleep(options.interval).await;
         }
     })
+}
+
+/// Returns the rows of the terminal on standard output, or `None` when it
+/// is not a terminal.
+fn terminal_rows() -> Option<usize> {
+    let size = rustix::termios::tcgetwinsize(std::io::stdout()).ok()?;
+    (size.ws_row > 0).then_some(usize::from(size.ws_row))
+}
+
+/// Cuts `frame` to `rows` lines, so that a node with more routes, targets
+/// or limits than the terminal has rows does not scroll the frame's top
+/// away. The last line then counts the lines left out.
+fn fit(frame: &str, rows: Option<usize>) -> std::borrow::Cow<'_, str> {
+    let lines = frame.lines().count();
+    let Some(rows) = rows.filter(|&rows| lines > rows) else {
+        return frame.into();
+    };
+    let kept = rows.saturating_sub(1);
+    let mut out: String = frame
+        .lines()
+        .take(kept)
+        .flat_map(|line| [line, "\n"])
+        .collect();
+    let _ = write!(
+        out,
+        "({} more lines; a taller terminal shows them)",
+        lines - kept
+    );
+    out.into()
 }
 
 /// Gets `/status.json` from the admin listener at `admin`.
@@ -331,6 +360,21 @@ mod tests {
     use serde_json::json;
 
     use super::*;
+
+    #[test]
+    fn frame_fits_the_terminal() {
+        let frame = "a\nb\nc\nd\n";
+        assert_eq!(fit(frame, None), frame);
+        assert_eq!(fit(frame, Some(4)), frame);
+        assert_eq!(
+            fit(frame, Some(3)),
+            "a\nb\n(2 more lines; a taller terminal shows them)"
+        );
+        assert_eq!(
+            fit(frame, Some(1)),
+            "(4 more lines; a taller terminal shows them)"
+        );
+    }
 
     #[test]
     fn frame_turns_counters_into_rates() {

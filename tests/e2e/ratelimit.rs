@@ -7,7 +7,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use http::StatusCode;
 use tokio::io::AsyncWriteExt;
 
-use crate::harness::{get, send, Got, Node, Redis, RedisCluster, Result, Upstream};
+use crate::harness::{get, get_h2_with, send, Got, Node, Redis, RedisCluster, Result, Upstream};
 
 fn app(upstream: &Upstream) -> String {
     format!("[upstreams.app]\ntargets = [\"{}\"]\n\n", upstream.addr)
@@ -392,6 +392,13 @@ async fn leased_limit_needs_few_redis_calls() -> Result {
     let first = first.expect("a response");
     assert_eq!(header_u64(&first, "ratelimit-limit"), 100);
     assert_eq!(header_u64(&first, "ratelimit-remaining"), 99);
+    // The reset agrees with it: one request to refill, 36 s (not the 360 s
+    // Redis takes to refill the lease of ten).
+    assert!(
+        (35..=36).contains(&header_u64(&first, "ratelimit-reset")),
+        "{:?}",
+        first.headers
+    );
     assert_eq!(
         upstream.count(),
         100,
@@ -421,6 +428,68 @@ async fn leased_limit_needs_few_redis_calls() -> Result {
     }
     assert!((100 - 3 * 9..=100).contains(&total), "{total} admitted");
     assert_eq!(upstream.count(), 100 + total);
+    Ok(())
+}
+
+#[tokio::test]
+async fn leased_burst_takes_little_more_than_it_uses() -> Result {
+    let upstream = Upstream::echo().await;
+    let redis = Redis::start()?;
+    // One request every 100 ms with a burst of 300, ten at a time: a lease
+    // lives 1 s.
+    let config = format!(
+        "{}{}{}",
+        redis_table(&redis),
+        app(&upstream),
+        route(
+            "burst",
+            "/",
+            &limit(
+                "key = \"route\"\nalgorithm = \"token_bucket\"\nrate = \"600/min\"\n\
+                 burst = 300\nscope = \"global\"\nlease = 10",
+            ),
+        ),
+    );
+    let node = Node::start(&config)?;
+    let responses = concurrent(&node.url("/"), 100, &[]).await?;
+    assert_eq!(admitted(&responses), 100);
+    // The requests that waited for a lease and found it used up asked
+    // Redis for themselves alone, so Redis lost at most the nine a lease
+    // leaves unused. Once the node's lease has expired, the next request
+    // shows what Redis had left, less itself.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let after = get(&node.url("/")).await?;
+    let remaining = header_u64(&after, "ratelimit-remaining");
+    assert!(
+        remaining >= 300 - 100 - 9 - 1,
+        "{remaining} remaining after a burst of 100"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn http2_padded_key_is_one_key() -> Result {
+    let upstream = Upstream::echo().await;
+    let config = format!(
+        "{}{}",
+        app(&upstream),
+        route(
+            "keyed",
+            "/",
+            &limit(
+                "key = \"header:x-api-key\"\nalgorithm = \"token_bucket\"\n\
+                 rate = \"1/min\"\nburst = 1",
+            ),
+        ),
+    );
+    let node = Node::start(&config)?;
+    let url = node.url("/");
+    assert_eq!(get_h2_with(&url, &[("x-api-key", "k1")]).await?.status, 200);
+    for padded in ["k1 ", " k1", "k1\t"] {
+        let got = get_h2_with(&url, &[("x-api-key", padded)]).await?;
+        assert_eq!(got.status, StatusCode::TOO_MANY_REQUESTS, "{padded:?}");
+    }
+    assert_eq!(upstream.count(), 1, "a padded key reached the upstream");
     Ok(())
 }
 

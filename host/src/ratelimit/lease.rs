@@ -46,6 +46,8 @@ type Table = HashMap<u64, Lease, BuildHasherDefault<KeyHasher>>;
 /// The leases one node holds for one global limit.
 pub struct Leases {
     shards: [Mutex<Table>; SHARDS],
+    /// The time the bucket takes to produce one request.
+    interval_ns: u64,
     /// How long a lease lives.
     lifetime_ns: u64,
     /// The limit's lease: the largest a key's lease grows.
@@ -105,6 +107,7 @@ impl Leases {
         let lifetime_ns = interval_ns.saturating_mul(lease).max(MIN_LIFETIME_NS);
         Leases {
             shards: std::array::from_fn(|_| Mutex::new(Table::default())),
+            interval_ns,
             lifetime_ns,
             size: lease,
             max_per_shard: max_keys.div_ceil(SHARDS).max(1),
@@ -117,8 +120,9 @@ impl Leases {
     pub fn take(&self, key: u64, now_ns: u64, waited: bool) -> Take {
         let mut shard = self.shard(key);
         if !shard.contains_key(&key) && !self.make_room(&mut shard, now_ns) {
-            // No room to coordinate, so this request calls Redis on its own.
-            return Take::Ask { size: self.size };
+            // No room to coordinate, so this request calls Redis for itself
+            // alone, because the node could not keep the rest of a lease.
+            return Take::Ask { size: 1 };
         }
         let size = self.size;
         let lease = shard.entry(key).or_insert_with(|| Lease {
@@ -152,7 +156,7 @@ impl Leases {
                 allowed: false,
                 limit: lease.limit,
                 remaining: 0,
-                reset_ns: lease.reset_at_ns.saturating_sub(now_ns),
+                reset_ns: self.reset_ns(lease, now_ns),
                 retry_after_ns: lease.expires_ns - now_ns,
                 delay_ns: 0,
             });
@@ -162,7 +166,7 @@ impl Leases {
             allowed: true,
             limit: lease.limit,
             remaining: lease.remaining + lease.left,
-            reset_ns: lease.reset_at_ns.saturating_sub(now_ns),
+            reset_ns: self.reset_ns(lease, now_ns),
             retry_after_ns: 0,
             delay_ns: 0,
         };
@@ -234,6 +238,7 @@ impl Leases {
             return Decision {
                 allowed: true,
                 remaining: lease.remaining + lease.left,
+                reset_ns: self.reset_ns(lease, now_ns),
                 retry_after_ns: 0,
                 ..decision
             };
@@ -255,8 +260,20 @@ impl Leases {
         lease.reset_at_ns = now_ns.saturating_add(decision.reset_ns);
         Decision {
             remaining: lease.remaining + lease.left,
+            reset_ns: self.reset_ns(lease, now_ns),
             ..decision
         }
+    }
+
+    /// The time until the bucket is full when the requests the node still
+    /// holds count as left in it, as the shown remaining counts them.
+    /// Redis's reset counts them as taken: a lease of 100 taken from a full
+    /// bucket of 100 would show 99 remaining with a reset of 100 intervals.
+    fn reset_ns(&self, lease: &Lease, now_ns: u64) -> u64 {
+        lease
+            .reset_at_ns
+            .saturating_sub(now_ns)
+            .saturating_sub(lease.left.saturating_mul(self.interval_ns))
     }
 
     /// Counts the keys the node holds leases or refusals for.
@@ -334,15 +351,18 @@ mod tests {
     #[test]
     fn a_lease_admits_what_it_holds_then_asks_again() {
         // 100 per minute, 10 at a time: a lease lives 6 s.
-        let leases = Leases::new(S * 6 / 10, 10, 1000);
+        let interval = S * 6 / 10;
+        let leases = Leases::new(interval, 10, 1000);
         assert!(decided(&leases, 7, 0).is_none());
-        // Redis granted 10: this request and 9 more; 80 are left in Redis.
-        let shown = leases.keep(7, 0, admitted(100, 80, 30 * S), 10);
-        assert_eq!(shown.remaining, 89);
+        // Redis granted 10: this request and 9 more; 80 are left in Redis,
+        // which refills the 20 taken in 12 s.
+        let shown = leases.keep(7, 0, admitted(100, 80, 20 * interval), 10);
+        // The reset agrees with the remaining: 11 requests to refill.
+        assert_eq!((shown.remaining, shown.reset_ns), (89, 11 * interval));
         for left in (0..9).rev() {
             let decision = decided(&leases, 7, S).expect("a request from the lease");
             assert_eq!(decision.remaining, 80 + left);
-            assert_eq!(decision.reset_ns, 29 * S);
+            assert_eq!(decision.reset_ns, (20 - left) * interval - S);
         }
         assert!(decided(&leases, 7, S).is_none());
     }
@@ -456,6 +476,12 @@ mod tests {
             );
         }
         assert!(leases.len() <= 32, "{} leases", leases.len());
+        // A key without room calls Redis for itself alone, because the rest
+        // of a lease would be lost.
+        assert!(matches!(
+            leases.take(u64::MAX, 0, false),
+            Take::Ask { size: 1 }
+        ));
         // Once they expire, new keys take their places.
         leases.keep(42, S, admitted(1000, 5, S), 10);
         assert!(decided(&leases, 42, S).is_some());

@@ -116,6 +116,9 @@ pub struct FetchOrigin {
     pub trace: Option<FetchTrace>,
     /// The route's metrics, when request metrics are on.
     pub metrics: Option<Arc<RouteMetrics>>,
+    /// The client's address, which saves parsing the request's
+    /// `client-addr` text again.
+    pub client_ip: Option<IpAddr>,
 }
 
 /// The trace a worker's fetches belong to.
@@ -161,7 +164,9 @@ impl FetchState {
             request_id,
             trace: origin.trace,
             metrics: origin.metrics,
-            client_ip: request.client_addr.parse().ok(),
+            client_ip: origin
+                .client_ip
+                .or_else(|| request.client_addr.parse().ok()),
             in_request: true,
             sent: 0,
             waited: Duration::ZERO,

@@ -397,6 +397,13 @@ fn print_upstream(upstream: &crate::proxy::Upstream) {
         "    timeouts: connect {:?}, response headers {:?}, idle body {idle}",
         settings.connect_timeout, settings.response_timeout
     );
+    if let Some(max) = settings.max_in_flight {
+        println!(
+            "    requests in flight: at most {max} per target, then a wait of up to {:?} for a \
+             slot before 503 upstream_busy",
+            settings.queue_timeout
+        );
+    }
     match &settings.breaker {
         Some(b) => println!(
             "    breaker: opens after {} consecutive failures{}; cool-down {:?} up to {:?}; \

@@ -472,6 +472,14 @@ pub struct UpstreamConfig {
     /// Default: 64.
     #[serde(default = "default_max_idle")]
     pub max_idle_per_target: usize,
+    /// Requests in flight to one target at a time, across the node's
+    /// threads: each holds an upstream connection until its response body
+    /// ends. Default: no limit.
+    pub max_requests_per_target: Option<usize>,
+    /// How long a request waits for one of a full target's request slots
+    /// before 503 `upstream_busy`. Default: 1s.
+    #[serde(default = "default_upstream_queue_timeout", with = "humantime_serde")]
+    pub queue_timeout: Duration,
     /// Speaks HTTPS to the targets. Default: plain HTTP.
     pub tls: Option<UpstreamTlsConfig>,
     /// Time a response body may go without data before it is cut off; `0s`
@@ -681,6 +689,10 @@ fn default_connect_timeout() -> Duration {
 
 fn default_response_timeout() -> Duration {
     Duration::from_secs(30)
+}
+
+fn default_upstream_queue_timeout() -> Duration {
+    Duration::from_secs(1)
 }
 
 fn default_max_idle() -> usize {
@@ -1569,7 +1581,7 @@ impl Config {
             }
         }
         let breaker = &upstream.breaker;
-        let checks: [(&str, bool, &str); 9] = [
+        let checks: [(&str, bool, &str); 10] = [
             (
                 "breaker.error_rate_percent",
                 breaker.error_rate_percent > 100,
@@ -1614,6 +1626,11 @@ impl Config {
                 "connect_timeout",
                 upstream.connect_timeout.is_zero(),
                 "must be more than zero",
+            ),
+            (
+                "max_requests_per_target",
+                upstream.max_requests_per_target == Some(0),
+                "must be at least 1; leave it out for no limit",
             ),
         ];
         for (name, failed, message) in checks {

@@ -58,6 +58,9 @@ pub enum Refusal {
     CircuitOpen { upstream: String, retry_after: u64 },
     /// Every target of the upstream fails its health checks or is ejected.
     NoHealthyUpstream { upstream: String, retry_after: u64 },
+    /// The chosen target had `max_requests_per_target` requests in flight
+    /// for the upstream's whole `queue_timeout`.
+    UpstreamBusy { upstream: String },
     /// A worker trapped, panicked, ran out of memory or decided something
     /// invalid.
     WorkerFailed,
@@ -98,7 +101,8 @@ impl Refusal {
             | Refusal::WorkerBusy
             | Refusal::RateLimitUnavailable { .. }
             | Refusal::CircuitOpen { .. }
-            | Refusal::NoHealthyUpstream { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            | Refusal::NoHealthyUpstream { .. }
+            | Refusal::UpstreamBusy { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Refusal::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             Refusal::LoopDetected => StatusCode::LOOP_DETECTED,
         }
@@ -121,6 +125,7 @@ impl Refusal {
             Refusal::UpstreamTimeout { .. } => "upstream_timeout",
             Refusal::CircuitOpen { .. } => "circuit_open",
             Refusal::NoHealthyUpstream { .. } => "no_healthy_upstream",
+            Refusal::UpstreamBusy { .. } => "upstream_busy",
             Refusal::WorkerFailed => "worker_failed",
             Refusal::WorkerTimeout => "worker_timeout",
             Refusal::WorkerBusy => "worker_busy",
@@ -147,7 +152,8 @@ impl Refusal {
             Refusal::UpstreamUnavailable { .. }
             | Refusal::UpstreamTimeout { .. }
             | Refusal::CircuitOpen { .. }
-            | Refusal::NoHealthyUpstream { .. } => Source::Upstream,
+            | Refusal::NoHealthyUpstream { .. }
+            | Refusal::UpstreamBusy { .. } => Source::Upstream,
             Refusal::NoUpstream
             | Refusal::WorkerBusy
             | Refusal::RateLimitUnavailable { .. }
@@ -197,6 +203,9 @@ impl Refusal {
             Refusal::NoHealthyUpstream { upstream, .. } => {
                 format!("upstream {upstream} has no healthy target")
             }
+            Refusal::UpstreamBusy { upstream } => {
+                format!("upstream {upstream} has its maximum of requests in flight; retry shortly")
+            }
             Refusal::WorkerFailed => "a worker on this route failed".to_owned(),
             Refusal::WorkerTimeout => "a worker on this route ran past its CPU deadline".to_owned(),
             Refusal::WorkerBusy => "all worker instances are busy; retry shortly".to_owned(),
@@ -215,9 +224,10 @@ impl Refusal {
     /// Seconds the client should wait before retrying, for 429s and 503s.
     fn retry_after(&self) -> Option<u64> {
         match self {
-            Refusal::WorkerBusy | Refusal::WorkerTimeout | Refusal::RateLimitUnavailable { .. } => {
-                Some(1)
-            }
+            Refusal::WorkerBusy
+            | Refusal::WorkerTimeout
+            | Refusal::RateLimitUnavailable { .. }
+            | Refusal::UpstreamBusy { .. } => Some(1),
             Refusal::RateLimited { retry_after, .. }
             | Refusal::CircuitOpen { retry_after, .. }
             | Refusal::NoHealthyUpstream { retry_after, .. } => Some(*retry_after),

@@ -16,7 +16,8 @@
 //!                     503 worker_timeout or worker_busy; limits keyed by a
 //!                     worker's value run right after that worker
 //! upstream            503 no_healthy_upstream, 503 circuit_open,
-//!                     502 upstream_unavailable, 504 upstream_timeout,
+//!                     503 upstream_busy, 502 upstream_unavailable,
+//!                     504 upstream_timeout,
 //!                     400 invalid_body, 413 body_too_large
 //! response workers    500 worker_failed, 503 worker_timeout or worker_busy
 //! respond             X-Request-Id, X-Request-Duration, X-Gateway-Node,
@@ -404,7 +405,9 @@ async fn serve(
     // A request that no breaker or health check let through made no call.
     let called = !matches!(
         sent,
-        Err(Refusal::CircuitOpen { .. } | Refusal::NoHealthyUpstream { .. })
+        Err(Refusal::CircuitOpen { .. }
+            | Refusal::NoHealthyUpstream { .. }
+            | Refusal::UpstreamBusy { .. })
     );
     if called {
         exchange.upstream_time = started.elapsed();

@@ -27,6 +27,7 @@ use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::balance::{self, Policy};
 use crate::breaker::{Breaker, BreakerSettings, Permit};
@@ -58,6 +59,8 @@ pub struct Target {
     /// Open connections to the target, idle or busy, across every serving
     /// thread's pool.
     pub connections: Arc<AtomicUsize>,
+    /// A permit per request in flight, when the upstream caps them.
+    slots: Option<Arc<Semaphore>>,
 }
 
 /// The settings of an upstream, from its config.
@@ -70,6 +73,10 @@ pub struct UpstreamSettings {
     /// Time a response body may go without a frame; `None` for no limit.
     pub idle_timeout: Option<Duration>,
     pub max_idle: usize,
+    /// Requests in flight to one target at a time; `None` for no limit.
+    pub max_in_flight: Option<usize>,
+    /// How long a request waits for a slot of a full target.
+    pub queue_timeout: Duration,
     pub policy: Policy,
     pub breaker: Option<BreakerSettings>,
     /// Response statuses counted as failures by the breakers and passive
@@ -146,6 +153,9 @@ impl Upstream {
                     health: TargetHealth::default(),
                     outstanding: Arc::new(AtomicUsize::new(0)),
                     connections: Arc::new(AtomicUsize::new(0)),
+                    slots: settings
+                        .max_in_flight
+                        .map(|max| Arc::new(Semaphore::new(max))),
                 }
             })
             .collect();
@@ -195,7 +205,14 @@ impl Upstream {
         async move {
             let mut attempts = attempts?;
             loop {
-                let (target, request, attempt_deadline) = attempts.start(target_addr);
+                // Boxed: only upstreams with a cap wait here.
+                let slot = match attempts.next_target().slots.clone() {
+                    Some(slots) => {
+                        Some(Box::pin(self.wait_for_slot(slots, attempts.deadline)).await?)
+                    }
+                    None => None,
+                };
+                let (target, request, attempt_deadline) = attempts.start(target_addr, slot);
                 // The coarse timer: a tokio timer per request costs about a
                 // thousand instructions more, and this timeout needs no
                 // precision.
@@ -348,12 +365,46 @@ impl Upstream {
         }
     }
 
-    fn count_outstanding(&self, target: &Target) -> Option<Outstanding> {
-        if self.settings.policy != Policy::LeastOutstanding {
+    /// Takes one of a target's request slots, waiting up to the upstream's
+    /// `queue_timeout` (and no later than the caller's deadline) while all
+    /// are in use.
+    async fn wait_for_slot(
+        &self,
+        slots: Arc<Semaphore>,
+        deadline: Option<Instant>,
+    ) -> Result<OwnedSemaphorePermit, Refusal> {
+        if let Ok(slot) = slots.clone().try_acquire_owned() {
+            return Ok(slot);
+        }
+        let mut until = Instant::now() + self.settings.queue_timeout;
+        if let Some(deadline) = deadline {
+            until = until.min(deadline);
+        }
+        match tokio::time::timeout_at(until.into(), slots.acquire_owned()).await {
+            Ok(Ok(slot)) => Ok(slot),
+            // The semaphore is never closed, so only the wait can end it.
+            Ok(Err(_)) | Err(_) => {
+                tracing::debug!(upstream = %self.name, "every request slot of the target stayed in use");
+                Err(Refusal::UpstreamBusy {
+                    upstream: self.name.clone(),
+                })
+            }
+        }
+    }
+
+    /// Marks an attempt in flight to `target`, holding its request `slot`.
+    fn in_flight(&self, target: &Target, slot: Option<OwnedSemaphorePermit>) -> Option<InFlight> {
+        let outstanding = (self.settings.policy == Policy::LeastOutstanding).then(|| {
+            target.outstanding.fetch_add(1, Ordering::Relaxed);
+            target.outstanding.clone()
+        });
+        if outstanding.is_none() && slot.is_none() {
             return None;
         }
-        target.outstanding.fetch_add(1, Ordering::Relaxed);
-        Some(Outstanding(target.outstanding.clone()))
+        Some(InFlight {
+            outstanding,
+            _slot: slot,
+        })
     }
 
     async fn send_to(
@@ -496,8 +547,8 @@ struct Attempts<'a> {
     retries: u32,
     /// The target of the next attempt and its breaker's permit.
     next: Option<(usize, Option<Permit<'a>>)>,
-    /// The attempt in flight: its target, permit and outstanding count.
-    current: Option<(usize, Option<Permit<'a>>, Option<Outstanding>)>,
+    /// The attempt in flight: its target, breaker permit and in-flight mark.
+    current: Option<(usize, Option<Permit<'a>>, Option<InFlight>)>,
     /// The attempt in flight ends at the caller's deadline, before the
     /// upstream's `response_timeout`.
     cut_short: bool,
@@ -546,11 +597,18 @@ impl<'a> Attempts<'a> {
         })
     }
 
+    /// Returns the target of the next attempt.
+    fn next_target(&self) -> &'a Target {
+        let (index, _) = self.next.as_ref().expect("a target for each attempt");
+        &self.upstream.targets[*index]
+    }
+
     /// Starts the next attempt: returns its target, its request and the
     /// time it ends, and notes the target's address in `target_addr`.
     fn start(
         &mut self,
         target_addr: &mut Option<SocketAddr>,
+        slot: Option<OwnedSemaphorePermit>,
     ) -> (&'a Target, Request<RequestBody>, Instant) {
         let upstream = self.upstream;
         // The first attempt starts as soon as its target is chosen, so it
@@ -566,7 +624,7 @@ impl<'a> Attempts<'a> {
             None => response_timeout,
         };
         self.cut_short = attempt_timeout < response_timeout;
-        self.current = Some((index, permit, upstream.count_outstanding(target)));
+        self.current = Some((index, permit, upstream.in_flight(target, slot)));
         let request = self.request.take().expect("a request for each attempt");
         (target, request, now + attempt_timeout)
     }
@@ -580,7 +638,7 @@ impl<'a> Attempts<'a> {
     ) -> Option<Result<Response<PooledBody>, Refusal>> {
         let upstream = self.upstream;
         let settings = &upstream.settings;
-        let (index, permit, outstanding) = self.current.take().expect("an attempt in flight");
+        let (index, permit, in_flight) = self.current.take().expect("an attempt in flight");
         let target = &upstream.targets[index];
         let now = Instant::now();
 
@@ -615,7 +673,7 @@ impl<'a> Attempts<'a> {
                     }
                 }
                 let timeouts = BodyTimeouts::new(settings.idle_timeout, self.deadline);
-                return Some(Ok(response.map(|body| body.watched(outstanding, timeouts))));
+                return Some(Ok(response.map(|body| body.watched(in_flight, timeouts))));
             }
             Ok(Err(SendError::Client(refusal))) => return Some(Err(refusal)),
             Ok(Err(SendError::Upstream { refusal, unsent })) => (refusal, unsent),
@@ -742,11 +800,19 @@ fn repeat(head: &CopiedHead) -> Request<RequestBody> {
 
 /// A request in flight to a target, counted until the response body ends
 /// or is dropped.
-struct Outstanding(Arc<AtomicUsize>);
+/// An attempt in flight, until its response body ends or is dropped: it
+/// counts for the least-outstanding policy, and it holds one of the
+/// target's request slots when the upstream caps them.
+struct InFlight {
+    outstanding: Option<Arc<AtomicUsize>>,
+    _slot: Option<OwnedSemaphorePermit>,
+}
 
-impl Drop for Outstanding {
+impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        if let Some(outstanding) = &self.outstanding {
+            outstanding.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -950,8 +1016,8 @@ pub struct PooledBody {
     sender: Option<http1::SendRequest<RequestBody>>,
     target: usize,
     max_idle: usize,
-    /// Counts the request as in flight until the body ends or is dropped.
-    outstanding: Option<Outstanding>,
+    /// Marks the request in flight until the body ends or is dropped.
+    in_flight: Option<InFlight>,
     timeouts: Option<BodyTimeouts>,
 }
 
@@ -967,25 +1033,25 @@ impl PooledBody {
             sender: Some(sender),
             target,
             max_idle,
-            outstanding: None,
+            in_flight: None,
             timeouts: None,
         };
         body.release_if_done();
         body
     }
 
-    fn watched(mut self, outstanding: Option<Outstanding>, timeouts: Option<BodyTimeouts>) -> Self {
+    fn watched(mut self, in_flight: Option<InFlight>, timeouts: Option<BodyTimeouts>) -> Self {
         if self.inner.is_end_stream() {
             return self;
         }
-        self.outstanding = outstanding;
+        self.in_flight = in_flight;
         self.timeouts = timeouts;
         self
     }
 
     fn release_if_done(&mut self) {
         if self.inner.is_end_stream() {
-            self.outstanding = None;
+            self.in_flight = None;
             self.timeouts = None;
             if let Some(sender) = self.sender.take() {
                 put_idle(self.target, sender, self.max_idle);

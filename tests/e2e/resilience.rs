@@ -309,6 +309,59 @@ async fn least_outstanding_avoids_a_slow_target() -> Result {
 }
 
 #[tokio::test]
+async fn full_target_queues_then_gets_503() -> Result {
+    let slow = Upstream::start(|_| Reply::Delay(Duration::from_millis(500))).await;
+    let config = |queue_timeout: &str| {
+        format!(
+            "[upstreams.app]\ntargets = [\"{}\"]\nmax_requests_per_target = 2\n\
+             queue_timeout = \"{queue_timeout}\"\n\n\
+             [[routes]]\nname = \"app\"\nupstream = \"app\"\n",
+            slow.addr
+        )
+    };
+    let send_five = |url: String| async move {
+        let mut tasks = Vec::new();
+        for _ in 0..5 {
+            let url = url.clone();
+            tasks.push(tokio::spawn(async move { get(&url).await }));
+        }
+        let mut responses = Vec::new();
+        for task in tasks {
+            responses.push(task.await.unwrap()?);
+        }
+        Result::<Vec<Got>>::Ok(responses)
+    };
+
+    // Two requests hold the two slots for 500 ms; the other three wait
+    // 100 ms for one, then get 503 without reaching the upstream.
+    let node = Node::start(&config("100ms"))?;
+    let responses = send_five(node.url("/")).await?;
+    let served = responses.iter().filter(|got| got.status == 200).count();
+    assert_eq!(served, 2);
+    for busy in responses.iter().filter(|got| got.status != 200) {
+        assert_eq!(busy.status, 503);
+        assert_eq!(busy.json()["error"], "upstream_busy");
+        assert_eq!(busy.headers["retry-after"], "1");
+    }
+    assert_eq!(slow.count(), 2, "a refused request reached the upstream");
+    drop(node);
+
+    // With a longer queue every request is served, two at a time: the
+    // last pair starts after two rounds of 500 ms.
+    let node = Node::start(&config("5s"))?;
+    let started = Instant::now();
+    let responses = send_five(node.url("/")).await?;
+    assert!(responses.iter().all(|got| got.status == 200));
+    assert!(
+        started.elapsed() >= Duration::from_millis(1500),
+        "five requests through two slots took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(slow.count(), 2 + 5);
+    Ok(())
+}
+
+#[tokio::test]
 async fn consistent_hash_moves_only_the_removed_targets_keys() -> Result {
     let names = ["a", "b", "c", "d"];
     let up = Arc::new(AtomicBool::new(false));
@@ -633,6 +686,10 @@ fn invalid_resilience_settings_name_the_line_and_field() -> Result {
             "[upstreams.app]\ntargets = [\"127.0.0.1:9\"]\n[upstreams.app.breaker]\n\
              half_open_probes = 0\n",
             "upstreams.app.breaker.half_open_probes: must be at least 1",
+        ),
+        (
+            "[upstreams.app]\ntargets = [\"127.0.0.1:9\"]\nmax_requests_per_target = 0\n",
+            "upstreams.app.max_requests_per_target: must be at least 1",
         ),
         (
             "[upstreams.app]\ntargets = [\"127.0.0.1:9\"]\n[admin]\ntoken = \"short\"\n",

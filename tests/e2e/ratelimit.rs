@@ -33,6 +33,17 @@ fn redis_table(redis: &Redis) -> String {
     format!("[redis]\nurl = \"{}\"\ntimeout = \"2s\"\n\n", redis.url())
 }
 
+/// A config with Redis and one route, `limited`, on every path to `app`,
+/// with one limit of `fields`.
+fn limited_config(redis: &Redis, upstream: &Upstream, fields: &str) -> String {
+    format!(
+        "{}{}{}",
+        redis_table(redis),
+        app(upstream),
+        route("limited", "/", &limit(fields)),
+    )
+}
+
 /// Sends `count` GETs to `url` at once, each on its own connection, with
 /// `headers`.
 async fn concurrent(url: &str, count: usize, headers: &[(&str, &str)]) -> Result<Vec<Got>> {
@@ -437,18 +448,11 @@ async fn leased_burst_takes_little_more_than_it_uses() -> Result {
     let redis = Redis::start()?;
     // One request every 100 ms with a burst of 300, ten at a time: a lease
     // lives 1 s.
-    let config = format!(
-        "{}{}{}",
-        redis_table(&redis),
-        app(&upstream),
-        route(
-            "burst",
-            "/",
-            &limit(
-                "key = \"route\"\nalgorithm = \"token_bucket\"\nrate = \"600/min\"\n\
-                 burst = 300\nscope = \"global\"\nlease = 10",
-            ),
-        ),
+    let config = limited_config(
+        &redis,
+        &upstream,
+        "key = \"route\"\nalgorithm = \"token_bucket\"\nrate = \"600/min\"\n\
+         burst = 300\nscope = \"global\"\nlease = 10",
     );
     let node = Node::start(&config)?;
     let responses = concurrent(&node.url("/"), 100, &[]).await?;
@@ -570,18 +574,11 @@ async fn quiet_key_leases_shrink() -> Result {
     let upstream = Upstream::echo().await;
     let redis = Redis::start()?;
     // Ten a second, five at a time: a lease lives 500 ms.
-    let config = format!(
-        "{}{}{}",
-        redis_table(&redis),
-        app(&upstream),
-        route(
-            "leased",
-            "/",
-            &limit(
-                "key = \"route\"\nalgorithm = \"token_bucket\"\nrate = \"10/s\"\n\
-                 burst = 10\nscope = \"global\"\nlease = 5",
-            ),
-        ),
+    let config = limited_config(
+        &redis,
+        &upstream,
+        "key = \"route\"\nalgorithm = \"token_bucket\"\nrate = \"10/s\"\n\
+         burst = 10\nscope = \"global\"\nlease = 5",
     );
     let nodes = [
         Node::start(&config)?,

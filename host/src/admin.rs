@@ -288,9 +288,8 @@ fn health(node: &Node, now: Instant) -> Value {
                         "last_check_error": health.last_error(),
                         "ejected": !ejected_for.is_zero(),
                         "ejected_for_ms": ejected_for.as_millis() as u64,
-                        "outstanding": target
-                            .outstanding
-                            .load(std::sync::atomic::Ordering::Relaxed),
+                        "outstanding": upstream.in_flight(target),
+                        "max_requests": upstream.settings.max_in_flight,
                     })
                 })
                 .collect();

@@ -399,8 +399,8 @@ fn print_upstream(upstream: &crate::proxy::Upstream) {
     );
     if let Some(max) = settings.max_in_flight {
         println!(
-            "    requests in flight: at most {max} per target, then a wait of up to {:?} for a \
-             slot before 503 upstream_busy",
+            "    requests in flight: at most {max} per target, then a wait of up to {:?} (and no \
+             longer than the route's timeout) for a slot before 503 upstream_busy",
             settings.queue_timeout
         );
     }

@@ -477,9 +477,10 @@ pub struct UpstreamConfig {
     /// ends. Default: no limit.
     pub max_requests_per_target: Option<usize>,
     /// How long a request waits for one of a full target's request slots
-    /// before 503 `upstream_busy`. Default: 1s.
-    #[serde(default = "default_upstream_queue_timeout", with = "humantime_serde")]
-    pub queue_timeout: Duration,
+    /// before 503 `upstream_busy`; only with `max_requests_per_target`.
+    /// Default: 1s.
+    #[serde(default, with = "humantime_serde")]
+    pub queue_timeout: Option<Duration>,
     /// Speaks HTTPS to the targets. Default: plain HTTP.
     pub tls: Option<UpstreamTlsConfig>,
     /// Time a response body may go without data before it is cut off; `0s`
@@ -691,9 +692,8 @@ fn default_response_timeout() -> Duration {
     Duration::from_secs(30)
 }
 
-fn default_upstream_queue_timeout() -> Duration {
-    Duration::from_secs(1)
-}
+/// How long a request waits for a full target's slot by default.
+pub const DEFAULT_UPSTREAM_QUEUE_TIMEOUT: Duration = Duration::from_secs(1);
 
 fn default_max_idle() -> usize {
     64
@@ -1581,7 +1581,7 @@ impl Config {
             }
         }
         let breaker = &upstream.breaker;
-        let checks: [(&str, bool, &str); 10] = [
+        let checks: [(&str, bool, &str); 12] = [
             (
                 "breaker.error_rate_percent",
                 breaker.error_rate_percent > 100,
@@ -1631,6 +1631,18 @@ impl Config {
                 "max_requests_per_target",
                 upstream.max_requests_per_target == Some(0),
                 "must be at least 1; leave it out for no limit",
+            ),
+            (
+                "queue_timeout",
+                upstream.queue_timeout.is_some() && upstream.max_requests_per_target.is_none(),
+                "applies only with max_requests_per_target; set that too, or remove it",
+            ),
+            (
+                "queue_timeout",
+                upstream
+                    .queue_timeout
+                    .is_some_and(|timeout| timeout.is_zero()),
+                "must be more than zero",
             ),
         ];
         for (name, failed, message) in checks {

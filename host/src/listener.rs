@@ -78,8 +78,8 @@ impl Server {
             let addr = *listener.addr.get_ref();
             let socket = bind(addr).map_err(|error| {
                 let hint = if error.kind() == std::io::ErrorKind::AddrInUse {
-                    "; another process listens there (a node still running?): stop it, or \
-                     change listeners[].addr"
+                    "; another process listens there (a node still running?) or a connection \
+                     still uses that port: stop it, or change listeners[].addr"
                 } else {
                     ""
                 };

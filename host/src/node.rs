@@ -722,7 +722,9 @@ fn upstream_settings(upstream: &UpstreamConfig) -> UpstreamSettings {
         idle_timeout: Some(upstream.idle_timeout).filter(|idle| !idle.is_zero()),
         max_idle: upstream.max_idle_per_target,
         max_in_flight: upstream.max_requests_per_target,
-        queue_timeout: upstream.queue_timeout,
+        queue_timeout: upstream
+            .queue_timeout
+            .unwrap_or(crate::config::DEFAULT_UPSTREAM_QUEUE_TIMEOUT),
         policy,
         breaker: breaker.enabled.then(|| BreakerSettings {
             consecutive_failures: breaker.consecutive_failures,

@@ -403,13 +403,15 @@ async fn serve(
         .await;
     exchange.upstream_since = None;
     // A request that no breaker or health check let through made no call.
+    // One that waited for a full target's slot made none either, but its
+    // wait for the upstream counts as upstream time, as when it is served.
     let called = !matches!(
         sent,
         Err(Refusal::CircuitOpen { .. }
             | Refusal::NoHealthyUpstream { .. }
             | Refusal::UpstreamBusy { .. })
     );
-    if called {
+    if called || matches!(sent, Err(Refusal::UpstreamBusy { .. })) {
         exchange.upstream_time = started.elapsed();
     }
     if let (Some(span_id), true) = (client_span, called) {

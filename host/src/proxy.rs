@@ -206,9 +206,12 @@ impl Upstream {
             let mut attempts = attempts?;
             loop {
                 // Boxed: only upstreams with a cap wait here.
-                let slot = match attempts.next_target().slots.clone() {
+                let next = attempts.next_target();
+                let slot = match next.slots.clone() {
                     Some(slots) => {
-                        Some(Box::pin(self.wait_for_slot(slots, attempts.deadline)).await?)
+                        *target_addr = Some(next.addr);
+                        let waiting = self.wait_for_slot(next, slots, attempts.deadline);
+                        Some(Box::pin(waiting).await?)
                     }
                     None => None,
                 };
@@ -365,11 +368,23 @@ impl Upstream {
         }
     }
 
+    /// Returns the requests in flight to `target`, when the node counts
+    /// them: for the least-outstanding policy, or when the upstream caps
+    /// them with `max_requests_per_target`.
+    pub fn in_flight(&self, target: &Target) -> Option<usize> {
+        if self.settings.policy == Policy::LeastOutstanding {
+            return Some(target.outstanding.load(Ordering::Relaxed));
+        }
+        let (max, slots) = self.settings.max_in_flight.zip(target.slots.as_ref())?;
+        Some(max.saturating_sub(slots.available_permits()))
+    }
+
     /// Takes one of a target's request slots, waiting up to the upstream's
     /// `queue_timeout` (and no later than the caller's deadline) while all
     /// are in use.
     async fn wait_for_slot(
         &self,
+        target: &Target,
         slots: Arc<Semaphore>,
         deadline: Option<Instant>,
     ) -> Result<OwnedSemaphorePermit, Refusal> {
@@ -384,7 +399,9 @@ impl Upstream {
             Ok(Ok(slot)) => Ok(slot),
             // The semaphore is never closed, so only the wait can end it.
             Ok(Err(_)) | Err(_) => {
-                tracing::debug!(upstream = %self.name, "every request slot of the target stayed in use");
+                let message = "every request slot of the target stayed in use while the request \
+                               waited (max_requests_per_target)";
+                self.log_failure(target, None, message);
                 Err(Refusal::UpstreamBusy {
                     upstream: self.name.clone(),
                 })
@@ -393,7 +410,11 @@ impl Upstream {
     }
 
     /// Marks an attempt in flight to `target`, holding its request `slot`.
-    fn in_flight(&self, target: &Target, slot: Option<OwnedSemaphorePermit>) -> Option<InFlight> {
+    fn mark_in_flight(
+        &self,
+        target: &Target,
+        slot: Option<OwnedSemaphorePermit>,
+    ) -> Option<InFlight> {
         let outstanding = (self.settings.policy == Policy::LeastOutstanding).then(|| {
             target.outstanding.fetch_add(1, Ordering::Relaxed);
             target.outstanding.clone()
@@ -624,7 +645,7 @@ impl<'a> Attempts<'a> {
             None => response_timeout,
         };
         self.cut_short = attempt_timeout < response_timeout;
-        self.current = Some((index, permit, upstream.in_flight(target, slot)));
+        self.current = Some((index, permit, upstream.mark_in_flight(target, slot)));
         let request = self.request.take().expect("a request for each attempt");
         (target, request, now + attempt_timeout)
     }

@@ -5,6 +5,7 @@
 //! instances.
 
 use std::fmt::Write as _;
+use std::io::Write as _;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -43,6 +44,7 @@ pub fn run(options: &TopOptions<'_>) -> anyhow::Result<()> {
             .trim()
             .to_owned(),
         (None, None) => std::env::var("EDGE_ADMIN_TOKEN")
+            .ok()
             .context("no admin token: pass --token or --token-file, or set EDGE_ADMIN_TOKEN")?,
     };
     let runtime = tokio::runtime::Builder::new_current_thread()
@@ -66,39 +68,63 @@ pub fn run(options: &TopOptions<'_>) -> anyhow::Result<()> {
                 print!("{frame}");
                 return Ok(());
             }
-            print!("{CLEAR}{}", fit(&frame, terminal_rows()));
+            print!("{CLEAR}{}", fit(&frame, terminal_size()));
+            // The last row has no line break, so it waits in the buffer.
+            std::io::stdout()
+                .flush()
+                .context("cannot write to the terminal")?;
             previous = Some((now, status));
             tokio::time::sleep(options.interval).await;
         }
     })
 }
 
-/// Returns the rows of the terminal on standard output, or `None` when it
-/// is not a terminal.
-fn terminal_rows() -> Option<usize> {
-    let size = rustix::termios::tcgetwinsize(std::io::stdout()).ok()?;
-    (size.ws_row > 0).then_some(usize::from(size.ws_row))
+/// The size of a terminal in character cells.
+#[derive(Debug, Clone, Copy)]
+struct TerminalSize {
+    rows: usize,
+    columns: usize,
 }
 
-/// Cuts `frame` to `rows` lines, so that a node with more routes, targets
-/// or limits than the terminal has rows does not scroll the frame's top
-/// away. The last line then counts the lines left out.
-fn fit(frame: &str, rows: Option<usize>) -> std::borrow::Cow<'_, str> {
-    let lines = frame.lines().count();
-    let Some(rows) = rows.filter(|&rows| lines > rows) else {
+/// Returns the size of the terminal on standard output, or `None` when it
+/// is not a terminal.
+fn terminal_size() -> Option<TerminalSize> {
+    let size = rustix::termios::tcgetwinsize(std::io::stdout()).ok()?;
+    (size.ws_row > 0 && size.ws_col > 0).then_some(TerminalSize {
+        rows: usize::from(size.ws_row),
+        columns: usize::from(size.ws_col),
+    })
+}
+
+/// Cuts `frame` to the rows of a terminal of `size`, so that a node with
+/// more routes, targets or limits than the terminal shows does not scroll
+/// the frame's top away. A line wider than the terminal wraps over several
+/// rows. The last row then counts the lines left out.
+fn fit(frame: &str, size: Option<TerminalSize>) -> std::borrow::Cow<'_, str> {
+    let Some(size) = size else {
         return frame.into();
     };
-    let kept = rows.saturating_sub(1);
-    let mut out: String = frame
-        .lines()
-        .take(kept)
-        .flat_map(|line| [line, "\n"])
-        .collect();
-    let _ = write!(
-        out,
-        "({} more lines; a taller terminal shows them)",
-        lines - kept
-    );
+    let rows_of = |line: &str| line.chars().count().div_ceil(size.columns).max(1);
+    let needed: usize = frame.lines().map(rows_of).sum();
+    if needed <= size.rows {
+        return frame.into();
+    }
+    // One row is left for the notice.
+    let mut rows_left = size.rows.saturating_sub(1);
+    let mut out = String::new();
+    let mut kept = 0;
+    for line in frame.lines() {
+        let rows = rows_of(line);
+        if rows > rows_left {
+            break;
+        }
+        rows_left -= rows;
+        out.push_str(line);
+        out.push('\n');
+        kept += 1;
+    }
+    let left_out = frame.lines().count() - kept;
+    let _ = write!(out, "({left_out} more lines; a larger terminal shows them)");
     out.into()
 }
 
@@ -363,16 +389,24 @@ mod tests {
 
     #[test]
     fn frame_fits_the_terminal() {
+        let size = |rows, columns| Some(TerminalSize { rows, columns });
         let frame = "a\nb\nc\nd\n";
         assert_eq!(fit(frame, None), frame);
-        assert_eq!(fit(frame, Some(4)), frame);
+        assert_eq!(fit(frame, size(4, 80)), frame);
         assert_eq!(
-            fit(frame, Some(3)),
-            "a\nb\n(2 more lines; a taller terminal shows them)"
+            fit(frame, size(3, 80)),
+            "a\nb\n(2 more lines; a larger terminal shows them)"
         );
         assert_eq!(
-            fit(frame, Some(1)),
-            "(4 more lines; a taller terminal shows them)"
+            fit(frame, size(1, 80)),
+            "(4 more lines; a larger terminal shows them)"
+        );
+        // A line twice the width takes two rows.
+        let wide = "0123456789\nb\nc\n";
+        assert_eq!(fit(wide, size(4, 5)), wide);
+        assert_eq!(
+            fit(wide, size(3, 5)),
+            "0123456789\n(2 more lines; a larger terminal shows them)"
         );
     }
 

@@ -33,8 +33,8 @@ fn redis_table(redis: &Redis) -> String {
     format!("[redis]\nurl = \"{}\"\ntimeout = \"2s\"\n\n", redis.url())
 }
 
-/// A config with Redis and one route, `limited`, on every path to `app`,
-/// with one limit of `fields`.
+/// Returns a config with Redis and one route, `limited`, on every path to
+/// `app`, with one limit of `fields`.
 fn limited_config(redis: &Redis, upstream: &Upstream, fields: &str) -> String {
     format!(
         "{}{}{}",
@@ -468,6 +468,43 @@ async fn leased_burst_takes_little_more_than_it_uses() -> Result {
         remaining >= 300 - 100 - 9 - 1,
         "{remaining} remaining after a burst of 100"
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn leased_burst_headers_count_what_is_left() -> Result {
+    let upstream = Upstream::echo().await;
+    let redis = Redis::start()?;
+    // Nothing refills during the test: one request every 3 minutes.
+    let config = limited_config(
+        &redis,
+        &upstream,
+        "key = \"route\"\nalgorithm = \"token_bucket\"\nrate = \"20/h\"\n\
+         burst = 20\nscope = \"global\"\nlease = 5",
+    );
+    let node = Node::start(&config)?;
+    let responses = concurrent(&node.url("/"), 10, &[]).await?;
+    assert_eq!(admitted(&responses), 10);
+    // A concurrent response may not yet count a lease whose reply is still
+    // on its way, at most four requests.
+    for got in &responses {
+        let remaining = header_u64(got, "ratelimit-remaining");
+        assert!((10 - 4..20).contains(&remaining), "{remaining} remaining");
+    }
+    // Then each request shows one fewer, whatever order the burst's
+    // replies came in, until the bucket is empty.
+    for expected in (0..10).rev() {
+        let got = get(&node.url("/")).await?;
+        assert_eq!(got.status, 200);
+        assert_eq!(header_u64(&got, "ratelimit-remaining"), expected);
+        let reset = header_u64(&got, "ratelimit-reset");
+        assert_eq!(
+            reset,
+            (20 - expected) * 180,
+            "reset at {expected} remaining"
+        );
+    }
+    assert_eq!(get(&node.url("/")).await?.status, 429);
     Ok(())
 }
 

@@ -313,9 +313,10 @@ async fn full_target_queues_then_gets_503() -> Result {
     let slow = Upstream::start(|_| Reply::Delay(Duration::from_millis(500))).await;
     let config = |queue_timeout: &str| {
         format!(
-            "[upstreams.app]\ntargets = [\"{}\"]\nmax_requests_per_target = 2\n\
+            "{}[upstreams.app]\ntargets = [\"{}\"]\nmax_requests_per_target = 2\n\
              queue_timeout = \"{queue_timeout}\"\n\n\
              [[routes]]\nname = \"app\"\nupstream = \"app\"\n",
+            admin_block(),
             slow.addr
         )
     };
@@ -344,13 +345,25 @@ async fn full_target_queues_then_gets_503() -> Result {
         assert_eq!(busy.headers["retry-after"], "1");
     }
     assert_eq!(slow.count(), 2, "a refused request reached the upstream");
+    assert!(
+        node.log_contains("every request slot of the target stayed in use"),
+        "{}",
+        node.log()
+    );
     drop(node);
 
     // With a longer queue every request is served, two at a time: the
     // last pair starts after two rounds of 500 ms.
     let node = Node::start(&config("5s"))?;
     let started = Instant::now();
-    let responses = send_five(node.url("/")).await?;
+    let sending = tokio::spawn(send_five(node.url("/")));
+    // The admin view counts the two in flight, though the upstream balances
+    // round robin, which counts nothing of its own.
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let target = admin_target(&node, "/health", 0).await?;
+    assert_eq!(target["outstanding"], 2);
+    assert_eq!(target["max_requests"], 2);
+    let responses = sending.await.unwrap()?;
     assert!(responses.iter().all(|got| got.status == 200));
     assert!(
         started.elapsed() >= Duration::from_millis(1500),
@@ -690,6 +703,10 @@ fn invalid_resilience_settings_name_the_line_and_field() -> Result {
         (
             "[upstreams.app]\ntargets = [\"127.0.0.1:9\"]\nmax_requests_per_target = 0\n",
             "upstreams.app.max_requests_per_target: must be at least 1",
+        ),
+        (
+            "[upstreams.app]\ntargets = [\"127.0.0.1:9\"]\nqueue_timeout = \"2s\"\n",
+            "upstreams.app.queue_timeout: applies only with max_requests_per_target",
         ),
         (
             "[upstreams.app]\ntargets = [\"127.0.0.1:9\"]\n[admin]\ntoken = \"short\"\n",

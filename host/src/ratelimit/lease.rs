@@ -67,6 +67,8 @@ struct Lease {
     remaining: u64,
     /// When the limit is reset, on the node's clock.
     reset_at_ns: u64,
+    /// When `remaining` and `reset_at_ns` were taken from a reply.
+    noted_at_ns: u64,
     /// The requests the last lease took.
     granted: u64,
     /// The size of the key's next lease.
@@ -156,7 +158,7 @@ impl Leases {
                 allowed: false,
                 limit: lease.limit,
                 remaining: 0,
-                reset_ns: self.reset_ns(lease, now_ns),
+                reset_ns: self.reset_ns(lease, lease.left, now_ns),
                 retry_after_ns: lease.expires_ns - now_ns,
                 delay_ns: 0,
             });
@@ -166,7 +168,7 @@ impl Leases {
             allowed: true,
             limit: lease.limit,
             remaining: lease.remaining + lease.left,
-            reset_ns: self.reset_ns(lease, now_ns),
+            reset_ns: self.reset_ns(lease, lease.left, now_ns),
             retry_after_ns: 0,
             delay_ns: 0,
         };
@@ -206,18 +208,9 @@ impl Leases {
     /// request.
     pub fn keep(&self, key: u64, now_ns: u64, decision: Decision, granted: u64) -> Decision {
         let left = granted.saturating_sub(1);
-        let expires_ns = if !decision.allowed {
-            now_ns.saturating_add(decision.retry_after_ns)
-        } else if left == 0 {
-            // A lease of one, used by this request: the next may be larger.
-            if let Some(lease) = self.shard(key).get_mut(&key) {
-                lease.next_size = lease.next_size.saturating_mul(2).min(self.size);
-            }
-            return decision;
-        } else {
-            now_ns.saturating_add(self.lifetime_ns)
-        };
-
+        // A grant of one, used by this request, leaves no requests to keep,
+        // but its count of what Redis has left is kept.
+        let single = decision.allowed && left == 0;
         let mut shard = self.shard(key);
         if !shard.contains_key(&key) && !self.make_room(&mut shard, now_ns) {
             // The table is full of live leases: decide this request and keep
@@ -230,6 +223,7 @@ impl Leases {
             ..Lease::default()
         });
         let live = now_ns < lease.expires_ns;
+        self.note_redis_state(lease, now_ns, &decision);
 
         if !decision.allowed && live && lease.left > 0 {
             // A request that asked on its own (see `take`) was refused while
@@ -238,30 +232,63 @@ impl Leases {
             return Decision {
                 allowed: true,
                 remaining: lease.remaining + lease.left,
-                reset_ns: self.reset_ns(lease, now_ns),
+                reset_ns: self.reset_ns(lease, lease.left, now_ns),
                 retry_after_ns: 0,
                 ..decision
             };
         }
 
-        // A grant adds to what the node still holds, and a refusal replaces
-        // it.
-        lease.left = match (decision.allowed, live) {
-            (true, true) => lease.left.saturating_add(left),
-            (true, false) => left,
-            (false, _) => 0,
-        };
-        if decision.allowed {
-            lease.granted = lease.left + 1;
+        if single {
+            // The lease this request asked for held only itself: the next
+            // may be larger.
+            lease.next_size = lease.next_size.saturating_mul(2).min(self.size);
+        } else {
+            // A grant adds to what the node still holds, and a refusal
+            // replaces it.
+            lease.left = match (decision.allowed, live) {
+                (true, true) => lease.left.saturating_add(left),
+                (true, false) => left,
+                (false, _) => 0,
+            };
+            if decision.allowed {
+                lease.granted = lease.left + 1;
+            }
+            lease.expires_ns = if decision.allowed {
+                now_ns.saturating_add(self.lifetime_ns)
+            } else {
+                now_ns.saturating_add(decision.retry_after_ns)
+            };
         }
-        lease.limit = decision.limit;
-        lease.expires_ns = expires_ns;
-        lease.remaining = decision.remaining;
-        lease.reset_at_ns = now_ns.saturating_add(decision.reset_ns);
+        let held = if now_ns < lease.expires_ns {
+            lease.left
+        } else {
+            0
+        };
         Decision {
-            remaining: lease.remaining + lease.left,
-            reset_ns: self.reset_ns(lease, now_ns),
+            remaining: lease.remaining + held,
+            reset_ns: self.reset_ns(lease, held, now_ns),
             ..decision
+        }
+    }
+
+    /// Takes Redis's remaining count and reset time from `decision` when it
+    /// is the latest state of the bucket that the node has seen. Replies of
+    /// one key can arrive out of order: a lease, and the single requests
+    /// that asked alongside it. The reply whose bucket is full latest is the
+    /// latest state, because taking requests moves that moment later and
+    /// time passing does not. Judging by arrival would let an older grant's
+    /// count stand after a newer one, and show more remaining than the
+    /// bucket has. A state noted more than a lease's lifetime ago gives way
+    /// to any reply, so a bucket that Redis lost (a restart or a flush)
+    /// does not keep its old count.
+    fn note_redis_state(&self, lease: &mut Lease, now_ns: u64, decision: &Decision) {
+        let reset_at_ns = now_ns.saturating_add(decision.reset_ns);
+        let old = now_ns >= lease.noted_at_ns.saturating_add(self.lifetime_ns);
+        lease.limit = decision.limit;
+        if reset_at_ns >= lease.reset_at_ns || old {
+            lease.remaining = decision.remaining;
+            lease.reset_at_ns = reset_at_ns;
+            lease.noted_at_ns = now_ns;
         }
     }
 
@@ -269,11 +296,11 @@ impl Leases {
     /// holds count as left in it, as the shown remaining counts them.
     /// Redis's reset counts them as taken: a lease of 100 taken from a full
     /// bucket of 100 would show 99 remaining with a reset of 100 intervals.
-    fn reset_ns(&self, lease: &Lease, now_ns: u64) -> u64 {
+    fn reset_ns(&self, lease: &Lease, held: u64, now_ns: u64) -> u64 {
         lease
             .reset_at_ns
             .saturating_sub(now_ns)
-            .saturating_sub(lease.left.saturating_mul(self.interval_ns))
+            .saturating_sub(held.saturating_mul(self.interval_ns))
     }
 
     /// Counts the keys the node holds leases or refusals for.
@@ -461,6 +488,42 @@ mod tests {
             (15 * S, 15 * S)
         );
         assert!(decided(&leases, 9, 20 * S).is_none(), "asks Redis again");
+    }
+
+    #[test]
+    fn replies_out_of_order_keep_the_latest_count() {
+        // One request a second, five at a time, from a bucket of 20.
+        let leases = Leases::new(S, 5, 1000);
+        // A lease of five leaves 10 in Redis; then two requests that asked
+        // for themselves alone leave 9 and 8. Taking moves the moment the
+        // bucket is full later: 10, 11 and 12 intervals from now.
+        let lease = admitted(20, 10, 10 * S);
+        let singles = [admitted(20, 9, 11 * S), admitted(20, 8, 12 * S)];
+
+        // The lease's reply first: each single's count is newer.
+        let shown = leases.keep(1, 0, lease, 5);
+        assert_eq!(shown.remaining, 10 + 4);
+        assert_eq!(leases.keep(1, 0, singles[0], 1).remaining, 9 + 4);
+        assert_eq!(leases.keep(1, 0, singles[1], 1).remaining, 8 + 4);
+        let next = decided(&leases, 1, 0).expect("from the lease");
+        assert_eq!(next.remaining, 8 + 3);
+        // The reset agrees: 20 - 11 requests to refill.
+        assert_eq!(next.reset_ns, 9 * S);
+
+        // The singles' replies first: the lease's older count does not
+        // replace theirs.
+        assert_eq!(leases.keep(2, 0, singles[0], 1).remaining, 9);
+        assert_eq!(leases.keep(2, 0, singles[1], 1).remaining, 8);
+        assert_eq!(leases.keep(2, 0, lease, 5).remaining, 8 + 4);
+        assert_eq!(
+            decided(&leases, 2, 0).expect("from the lease").remaining,
+            8 + 3
+        );
+
+        // A count noted longer than a lease's lifetime ago gives way, as
+        // after Redis lost the bucket.
+        let restarted = admitted(20, 19, S);
+        assert_eq!(leases.keep(2, 6 * S, restarted, 1).remaining, 19);
     }
 
     #[test]

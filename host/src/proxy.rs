@@ -433,12 +433,13 @@ impl Upstream {
         target: &Target,
         mut request: Request<RequestBody>,
     ) -> Result<Response<PooledBody>, SendError> {
+        let progress = request.body().progress();
         // A pooled connection may have been closed by the target while idle.
         // hyper then returns the unsent request, which goes out on the next
         // pooled connection or a new one.
         while let Some(mut sender) = take_idle(target.id).await {
             match sender.try_send_request(request).await {
-                Ok(response) => return Ok(self.pooled(target, sender, response)),
+                Ok(response) => return Ok(self.pooled(target, sender, response, progress)),
                 Err(mut error) => match error.take_message() {
                     Some(unsent) => request = unsent,
                     None => return Err(self.failure(target, error.into_error(), None)),
@@ -457,7 +458,7 @@ impl Upstream {
             }
         };
         match sender.try_send_request(request).await {
-            Ok(response) => Ok(self.pooled(target, sender, response)),
+            Ok(response) => Ok(self.pooled(target, sender, response, progress)),
             Err(mut error) => {
                 let unsent = error.take_message().map(Box::new);
                 Err(self.failure(target, error.into_error(), unsent))
@@ -521,8 +522,10 @@ impl Upstream {
         target: &Target,
         sender: http1::SendRequest<RequestBody>,
         response: Response<Incoming>,
+        progress: Option<Arc<BodyProgress>>,
     ) -> Response<PooledBody> {
-        response.map(|body| PooledBody::new(body, sender, target.id, self.settings.max_idle))
+        let max_idle = self.settings.max_idle;
+        response.map(|body| PooledBody::new(body, sender, target.id, max_idle, progress))
     }
 
     fn failure(
@@ -559,8 +562,8 @@ struct Attempts<'a> {
     /// A copy of the head, when the request may be sent again after it
     /// left the node.
     head: Option<CopiedHead>,
-    /// Set while the node waits for the client's body.
-    waiting_on_client: Option<Arc<AtomicBool>>,
+    /// How far the client's body has come, when it has one.
+    body_progress: Option<Arc<BodyProgress>>,
     /// The request for the next attempt.
     request: Option<Request<RequestBody>>,
     /// The targets tried, a bit per target index (modulo 64).
@@ -597,7 +600,7 @@ impl<'a> Attempts<'a> {
             && is_idempotent(request.method())
             && request.body().is_empty();
         let head = repeatable.then(|| copy_head(&request));
-        let waiting_on_client = request.body().waiting_on_client();
+        let body_progress = request.body().progress();
         // A retry chooses its target before it gives up the failed attempt's
         // outcome, so that a retry with nowhere to go returns that outcome
         // rather than a 503 of its own.
@@ -607,7 +610,7 @@ impl<'a> Attempts<'a> {
             deadline,
             key,
             head,
-            waiting_on_client,
+            body_progress,
             request: Some(request),
             tried: 0,
             retries: 0,
@@ -700,9 +703,9 @@ impl<'a> Attempts<'a> {
             Ok(Err(SendError::Upstream { refusal, unsent })) => (refusal, unsent),
             Err(_)
                 if self
-                    .waiting_on_client
+                    .body_progress
                     .as_ref()
-                    .is_some_and(|waiting| waiting.load(Ordering::Relaxed)) =>
+                    .is_some_and(|progress| progress.waiting.load(Ordering::Relaxed)) =>
             {
                 // The client, not the upstream, was late: the node was still
                 // waiting for its body. No breaker or health record, and no
@@ -1040,6 +1043,8 @@ pub struct PooledBody {
     /// Marks the request in flight until the body ends or is dropped.
     in_flight: Option<InFlight>,
     timeouts: Option<BodyTimeouts>,
+    /// How far the request's body has gone, when it had one.
+    request_body: Option<Arc<BodyProgress>>,
 }
 
 impl PooledBody {
@@ -1048,6 +1053,7 @@ impl PooledBody {
         sender: http1::SendRequest<RequestBody>,
         target: usize,
         max_idle: usize,
+        request_body: Option<Arc<BodyProgress>>,
     ) -> PooledBody {
         let mut body = PooledBody {
             inner,
@@ -1056,6 +1062,7 @@ impl PooledBody {
             max_idle,
             in_flight: None,
             timeouts: None,
+            request_body,
         };
         body.release_if_done();
         body
@@ -1074,9 +1081,22 @@ impl PooledBody {
         if self.inner.is_end_stream() {
             self.in_flight = None;
             self.timeouts = None;
-            if let Some(sender) = self.sender.take() {
-                put_idle(self.target, sender, self.max_idle);
+            let Some(sender) = self.sender.take() else {
+                return;
+            };
+            // An upstream that responded before reading the whole request
+            // body, such as a 401 or a 413, leaves its connection busy
+            // with the rest of it, which the client may send slowly or
+            // never. Pooled, that connection would hold up the next
+            // request on it until its timeout. It is dropped instead, and
+            // the rest of the body is not sent.
+            if let Some(progress) = &self.request_body {
+                if !progress.sent.load(Ordering::Relaxed) {
+                    progress.abandoned.store(true, Ordering::Relaxed);
+                    return;
+                }
             }
+            put_idle(self.target, sender, self.max_idle);
         }
     }
 }
@@ -1196,29 +1216,48 @@ pub struct RequestBody {
     full: Option<Bytes>,
     limit: u64,
     seen: u64,
-    /// Set while the node waits for the client's next bytes, so that a
-    /// timeout can tell a slow client from a slow upstream. Only bodies
-    /// that have bytes to come get one.
-    waiting_on_client: Option<Arc<AtomicBool>>,
+    /// How far the client's body has come, shared with the attempt and the
+    /// response body. Only bodies that have bytes to come get one.
+    progress: Option<Arc<BodyProgress>>,
 }
+
+/// How far a client's request body has gone upstream.
+#[derive(Debug, Default)]
+pub struct BodyProgress {
+    /// Set while the node waits for the client's next bytes, so that a
+    /// timeout can tell a slow client from a slow upstream.
+    waiting: AtomicBool,
+    /// Set once the last of the body went to the upstream connection.
+    sent: AtomicBool,
+    /// Set when the response ended before the body was sent: the upstream
+    /// responded without reading it all. The rest is not sent, and the
+    /// connection is closed rather than pooled, because hyper would keep it
+    /// busy writing the rest while the pool handed it to another request.
+    abandoned: AtomicBool,
+}
+
+/// The error a request body yields once its response has ended first.
+#[derive(Debug, thiserror::Error)]
+#[error("the upstream responded before it read the whole request body")]
+pub struct ResponseEndedFirst;
 
 impl RequestBody {
     /// Wraps a client body with the route's limit in bytes.
     pub fn new(inner: Incoming, limit: u64) -> RequestBody {
-        let waiting_on_client = (!inner.is_end_stream()).then(Arc::default);
+        let progress = (!inner.is_end_stream()).then(Arc::default);
         RequestBody {
             inner: Some(inner),
             full: None,
             limit,
             seen: 0,
-            waiting_on_client,
+            progress,
         }
     }
 
-    /// Returns a flag that is true while the node waits for the client's
-    /// next bytes of this body; `None` when it has none to send.
-    pub fn waiting_on_client(&self) -> Option<Arc<AtomicBool>> {
-        self.waiting_on_client.clone()
+    /// Returns the progress of this body; `None` when it has no bytes to
+    /// come from the client.
+    pub fn progress(&self) -> Option<Arc<BodyProgress>> {
+        self.progress.clone()
     }
 
     /// Creates an empty body.
@@ -1228,7 +1267,7 @@ impl RequestBody {
             full: None,
             limit: 0,
             seen: 0,
-            waiting_on_client: None,
+            progress: None,
         }
     }
 
@@ -1262,9 +1301,23 @@ impl Body for RequestBody {
         let Some(inner) = &mut this.inner else {
             return Poll::Ready(None);
         };
-        let polled = Pin::new(inner).poll_frame(cx);
-        if let Some(waiting) = &this.waiting_on_client {
-            waiting.store(polled.is_pending(), Ordering::Relaxed);
+        if let Some(progress) = &this.progress {
+            if progress.abandoned.load(Ordering::Relaxed) {
+                return Poll::Ready(Some(Err(Box::new(ResponseEndedFirst))));
+            }
+        }
+        let polled = Pin::new(&mut *inner).poll_frame(cx);
+        if let Some(progress) = &this.progress {
+            progress
+                .waiting
+                .store(polled.is_pending(), Ordering::Relaxed);
+            // hyper stops polling a body whose `is_end_stream` is true, so the
+            // last frame may never be followed by a `None`.
+            let ended = matches!(polled, Poll::Ready(None))
+                || (matches!(polled, Poll::Ready(Some(Ok(_)))) && inner.is_end_stream());
+            if ended {
+                progress.sent.store(true, Ordering::Relaxed);
+            }
         }
         let frame = match polled {
             Poll::Ready(Some(Ok(frame))) => frame,

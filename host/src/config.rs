@@ -1191,11 +1191,18 @@ mod size {
 }
 
 /// Adds a hint to errors of the toml crate whose message names no cause or
-/// no form: a duration without its unit or quotes, a `[name]` table where a
+/// no form: a negative or fractional count, a duration without its unit or
+/// quotes, a `[name]` table where a
 /// list of tables is expected, and a
 /// "duplicate key" for an array of tables whose first `[[name]]` comes after
 /// a table inside it, such as `[[routes.workers]]` before `[[routes]]`.
 fn with_table_order_hint(message: &str) -> String {
+    // serde names the Rust type of a count, which a config's author need
+    // not know.
+    let unsigned = ["expected usize", "expected u64", "expected u32", "expected u16"];
+    if unsigned.iter().any(|expected| message.contains(expected)) {
+        return format!("{message}\nhint: write a whole number of 0 or more, such as 10");
+    }
     if message.contains("expected a duration") {
         return format!(
             "{message}\nhint: write a duration as a string with its unit, such as \"50ms\", \

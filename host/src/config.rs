@@ -1199,7 +1199,12 @@ mod size {
 fn with_table_order_hint(message: &str) -> String {
     // serde names the Rust type of a count, which a config's author need
     // not know.
-    let unsigned = ["expected usize", "expected u64", "expected u32", "expected u16"];
+    let unsigned = [
+        "expected usize",
+        "expected u64",
+        "expected u32",
+        "expected u16",
+    ];
     if unsigned.iter().any(|expected| message.contains(expected)) {
         return format!("{message}\nhint: write a whole number of 0 or more, such as 10");
     }

@@ -473,7 +473,7 @@ pub struct UpstreamConfig {
     #[serde(default = "default_max_idle")]
     pub max_idle_per_target: usize,
     /// Requests in flight to one target at a time, across the node's
-    /// threads: each holds an upstream connection until its response body
+    /// threads: each keeps an upstream connection until its response body
     /// ends. Default: no limit.
     pub max_requests_per_target: Option<usize>,
     /// How long a request waits for one of a full target's request slots

@@ -205,11 +205,11 @@ impl Upstream {
         async move {
             let mut attempts = attempts?;
             loop {
-                // Boxed: only upstreams with a cap wait here.
                 let next = attempts.next_target();
                 let slot = match next.slots.clone() {
                     Some(slots) => {
                         *target_addr = Some(next.addr);
+                        // Boxed: only upstreams with a cap wait here.
                         let waiting = self.wait_for_slot(next, slots, attempts.deadline);
                         Some(Box::pin(waiting).await?)
                     }
@@ -822,10 +822,8 @@ fn repeat(head: &CopiedHead) -> Request<RequestBody> {
     request
 }
 
-/// A request in flight to a target, counted until the response body ends
-/// or is dropped.
-/// An attempt in flight, until its response body ends or is dropped: it
-/// counts for the least-outstanding policy, and it holds one of the
+/// An attempt in flight, until its response body ends or is dropped. It
+/// counts for the least-outstanding policy, and it keeps one of the
 /// target's request slots when the upstream caps them.
 struct InFlight {
     outstanding: Option<Arc<AtomicUsize>>,
@@ -1232,14 +1230,14 @@ pub struct BodyProgress {
     /// Set when the response ended before the body was sent: the upstream
     /// responded without reading it all. The rest is not sent, and the
     /// connection is closed rather than pooled, because hyper would keep it
-    /// busy writing the rest while the pool handed it to another request.
+    /// busy writing the rest while the pool hands it to another request.
     abandoned: AtomicBool,
 }
 
 /// The error a request body yields once its response has ended first.
 #[derive(Debug, thiserror::Error)]
 #[error("the upstream responded before it read the whole request body")]
-pub struct ResponseEndedFirst;
+struct ResponseEndedFirst;
 
 impl RequestBody {
     /// Wraps a client body with the route's limit in bytes.

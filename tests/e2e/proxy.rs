@@ -913,24 +913,24 @@ async fn repeated_upstream_content_length_sent_once() -> Result {
 #[tokio::test]
 async fn early_answer_to_stalled_body_spares_the_pool() -> Result {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    // The upstream answers every request head at once, before any body, as
+    // The upstream responds to every request head at once, before any body, as
     // a 401 or a 413 does.
     let addr = fixed_upstream(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok").await;
     let node = Node::start(&format!(
         "[node]\nthreads = 1\n\n[upstreams.app]\ntargets = [\"{addr}\"]\n\
          response_timeout = \"2s\"\n\n[[routes]]\nname = \"all\"\nupstream = \"app\"\n"
     ))?;
-    // A client sends 10 bytes of a 100,000-byte body, reads its answer and
+    // A client sends 10 bytes of a 100,000-byte body, reads the response and
     // keeps the connection open.
     let mut stalled = tokio::net::TcpStream::connect(node.listener_addr(0)).await?;
     stalled
         .write_all(b"POST /upload HTTP/1.1\r\nhost: a\r\ncontent-length: 100000\r\n\r\n0123456789")
         .await?;
-    let mut answer = [0u8; 12];
-    stalled.read_exact(&mut answer).await?;
-    assert_eq!(&answer, b"HTTP/1.1 200");
+    let mut status_line = [0u8; 12];
+    stalled.read_exact(&mut status_line).await?;
+    assert_eq!(&status_line, b"HTTP/1.1 200");
 
-    // The next requests get their answers at once, not after the response
+    // The next requests get their responses at once, not after the response
     // timeout on a connection still busy with the stalled body.
     for _ in 0..3 {
         let started = std::time::Instant::now();

@@ -483,6 +483,7 @@ async fn leased_burst_headers_count_what_is_left() -> Result {
          burst = 20\nscope = \"global\"\nlease = 5",
     );
     let node = Node::start(&config)?;
+
     let responses = concurrent(&node.url("/"), 10, &[]).await?;
     assert_eq!(admitted(&responses), 10);
     // A concurrent response may not yet count a lease whose reply is still
@@ -491,6 +492,7 @@ async fn leased_burst_headers_count_what_is_left() -> Result {
         let remaining = header_u64(got, "ratelimit-remaining");
         assert!((10 - 4..20).contains(&remaining), "{remaining} remaining");
     }
+
     // Then each request shows one fewer, whatever order the burst's
     // replies came in, until the bucket is empty.
     for expected in (0..10).rev() {

@@ -259,14 +259,14 @@ impl Leases {
                 now_ns.saturating_add(decision.retry_after_ns)
             };
         }
-        let held = if now_ns < lease.expires_ns {
+        let held_by_node = if now_ns < lease.expires_ns {
             lease.left
         } else {
             0
         };
         Decision {
-            remaining: lease.remaining + held,
-            reset_ns: self.reset_ns(lease, held, now_ns),
+            remaining: lease.remaining + held_by_node,
+            reset_ns: self.reset_ns(lease, held_by_node, now_ns),
             ..decision
         }
     }
@@ -292,15 +292,16 @@ impl Leases {
         }
     }
 
-    /// The time until the bucket is full when the requests the node still
-    /// holds count as left in it, as the shown remaining counts them.
+    /// Returns the time until the bucket is full when the `held_by_node`
+    /// requests of the node's lease count as left in it, as the remaining
+    /// count sent to the client counts them.
     /// Redis's reset counts them as taken: a lease of 100 taken from a full
     /// bucket of 100 would show 99 remaining with a reset of 100 intervals.
-    fn reset_ns(&self, lease: &Lease, held: u64, now_ns: u64) -> u64 {
+    fn reset_ns(&self, lease: &Lease, held_by_node: u64, now_ns: u64) -> u64 {
         lease
             .reset_at_ns
             .saturating_sub(now_ns)
-            .saturating_sub(held.saturating_mul(self.interval_ns))
+            .saturating_sub(held_by_node.saturating_mul(self.interval_ns))
     }
 
     /// Counts the keys the node holds leases or refusals for.

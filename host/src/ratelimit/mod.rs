@@ -1008,9 +1008,10 @@ impl Limit {
                     // If that brought nothing it can use, it calls Redis
                     // alongside the current caller, so a limit whose leases
                     // do not outlive a round trip costs one round trip, as
-                    // without a lease. It asks for itself alone: a full
-                    // lease for each of a burst's requests would take most
-                    // of the bucket to this node, where it expires unused.
+                    // without a lease. It requests a lease of one, because a
+                    // full lease for each of a burst's requests would take
+                    // most of the bucket to this node, where it expires
+                    // unused.
                     lease::Take::Wait(_) if waited => {
                         if self.spec.lease > 1 {
                             smaller = Some(Arc::from(global.script.with_lease(1)));

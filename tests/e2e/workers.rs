@@ -427,6 +427,48 @@ async fn deadline_counts_only_the_workers_own_running_time() -> Result {
 }
 
 #[tokio::test]
+async fn deadline_ignores_time_the_node_was_stopped() -> Result {
+    let upstream = Upstream::echo().await;
+    let config = format!(
+        "{}{}",
+        app(&upstream),
+        fixture_route("work", "/", "work", "cpu_deadline = \"1s\"")
+    );
+    let node = Node::start(&config)?;
+    let url = node.url("/work");
+    let work =
+        async |rounds: u64| send("GET", &url, &[("x-rounds", &rounds.to_string())], b"").await;
+
+    // Find a number of rounds that keeps one call busy for about 200 ms.
+    let mut rounds = 1u64 << 16;
+    loop {
+        let started = Instant::now();
+        let got = work(rounds).await?;
+        assert_eq!(got.status, 200, "{:?}", got.body);
+        if started.elapsed() >= Duration::from_millis(200) || rounds >= 1 << 40 {
+            break;
+        }
+        rounds *= 2;
+    }
+
+    // The kernel stops the node for longer than the deadline while the
+    // call runs, as a busy machine does for shorter spells: the call used
+    // a fifth of its deadline and succeeds.
+    let call = tokio::spawn({
+        let url = url.clone();
+        async move { send("GET", &url, &[("x-rounds", &rounds.to_string())], b"").await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    node.signal("STOP");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    node.signal("CONT");
+    let got = call.await??;
+    assert_eq!(got.status, 200, "{:?}", got.body);
+    assert_eq!(upstream.count(), 0);
+    Ok(())
+}
+
+#[tokio::test]
 async fn busy_instances_get_503_worker_busy() -> Result {
     let upstream = Upstream::echo().await;
     // One instance slot and two serving threads: while one thread runs a

@@ -10,9 +10,11 @@
 //!
 //! Bounds: epoch interruption enforces the CPU deadline, with a ticker
 //! thread advancing the engine's epoch every [`EPOCH_TICK`]. A resource
-//! limiter enforces the memory cap by trapping a growth past it. Time a call
-//! spends in a host import waiting for the network (a key set fetch) does not
-//! count against its deadline; such waits have their own timeouts.
+//! limiter enforces the memory cap by trapping a growth past it. The deadline
+//! counts the guest's running time ([`running_time`]): time a call spends in
+//! a host import waiting for the network (a key set fetch, a fetch), yielded
+//! to other requests, or off the CPU does not count; network waits have
+//! their own timeouts.
 //!
 //! Calls are async: a running guest yields to the other requests of its
 //! serving thread at every tick. A synchronous call measured 0.5 to 1.7 µs
@@ -26,6 +28,7 @@ pub mod crypto;
 pub mod engine;
 mod fetch;
 mod host_api;
+mod running_time;
 mod stderr;
 mod upstreams;
 
@@ -33,7 +36,7 @@ use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context as _;
 use tokio::sync::{Semaphore, SemaphorePermit};
@@ -51,6 +54,7 @@ use fetch::FetchState;
 pub use fetch::{FetchAccess, FetchLimits, FetchOrigin, FetchTrace};
 pub use host_api::Secret;
 use host_api::{StoreState, WorkerSettings};
+use running_time::RunningTime;
 
 /// Converts header fields to the WIT form a worker reads. A value that is
 /// not UTF-8 has its invalid bytes replaced with U+FFFD.
@@ -574,9 +578,10 @@ impl Runtime {
     /// `context` moves into the store for the call and back out after it,
     /// with the values the guest set, whether or not the call succeeded.
     ///
-    /// The deadline counts wall time since the call started, minus the time
-    /// the guest waited for its fetches (the fetch timeouts bound that wait)
-    /// and the time it was yielded while other requests on its thread ran.
+    /// The deadline counts the guest's running time (see [`running_time`]):
+    /// neither the time it waited for its fetches (the fetch timeouts bound
+    /// that wait), nor the time it was yielded while other requests on its
+    /// thread ran, nor the time the kernel ran other processes counts.
     async fn call<R>(
         &self,
         binding: &Binding,
@@ -595,40 +600,22 @@ impl Runtime {
         );
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limiter);
-        let started = Instant::now();
         let deadline = binding.cpu_deadline;
-        // Nanoseconds the guest spent yielded to the thread's other tasks,
-        // made on the first tick so that short calls do not pay for it.
-        let mut yielded: Option<Arc<AtomicU64>> = None;
+        let mut running = RunningTime::start();
         store.set_epoch_deadline(1);
         store.epoch_deadline_callback(move |store| {
             // Neither network waits in host imports nor the time other
             // requests on the thread ran while this guest yielded are the
-            // guest's CPU time.
+            // guest's running time.
             let data = store.data();
-            let paused = Duration::from_nanos(
-                yielded
-                    .as_ref()
-                    .map_or(0, |nanos| nanos.load(Ordering::Relaxed)),
-            );
-            let running = started
-                .elapsed()
-                .saturating_sub(data.fetch.waited + data.host_wait + paused);
-            if running >= deadline {
+            let (so_far, yields) = running.tick(data.fetch.waited + data.host_wait);
+            if so_far >= deadline {
                 return Ok(UpdateDeadline::Interrupt);
             }
-            let yielded = yielded.get_or_insert_with(Default::default).clone();
-            // tokio's yield_now wakes the task only after the runtime has
-            // polled its sockets, so other connections on the thread get
-            // their I/O at every tick.
+            let yields = yields.clone();
             Ok(UpdateDeadline::YieldCustom(
                 1,
-                Box::pin(async move {
-                    let paused_at = Instant::now();
-                    tokio::task::yield_now().await;
-                    let paused = paused_at.elapsed().as_nanos() as u64;
-                    yielded.fetch_add(paused, Ordering::Relaxed);
-                }),
+                Box::pin(async move { yields.yield_once().await }),
             ))
         });
         let result = match binding

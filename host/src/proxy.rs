@@ -206,13 +206,20 @@ impl Upstream {
             let mut attempts = attempts?;
             loop {
                 let next = attempts.next_target();
-                let slot = match next.slots.clone() {
-                    Some(slots) => {
-                        *target_addr = Some(next.addr);
-                        // Boxed: only upstreams with a cap wait here.
-                        let waiting = self.wait_for_slot(next, slots, attempts.deadline);
-                        Some(Box::pin(waiting).await?)
-                    }
+                let slot = match &next.slots {
+                    Some(slots) => match slots.clone().try_acquire_owned() {
+                        Ok(slot) => Some(slot),
+                        Err(_) => match attempts.spill_over() {
+                            Some(slot) => Some(slot),
+                            None => {
+                                *target_addr = Some(next.addr);
+                                // Boxed: only upstreams with a cap wait here.
+                                let slots = slots.clone();
+                                let waiting = self.wait_for_slot(next, slots, attempts.deadline);
+                                Some(Box::pin(waiting).await?)
+                            }
+                        },
+                    },
                     None => None,
                 };
                 let (target, request, attempt_deadline) = attempts.start(target_addr, slot);
@@ -625,6 +632,31 @@ impl<'a> Attempts<'a> {
     fn next_target(&self) -> &'a Target {
         let (index, _) = self.next.as_ref().expect("a target for each attempt");
         &self.upstream.targets[*index]
+    }
+
+    /// Moves the next attempt from its full target to another one with a
+    /// free request slot, chosen as the policy would choose among the
+    /// targets not yet tried, and returns that slot. Returns `None`, and
+    /// leaves the next attempt's target as it was, when every target is
+    /// full, down or refused by its breaker.
+    fn spill_over(&mut self) -> Option<OwnedSemaphorePermit> {
+        let upstream = self.upstream;
+        let (first, _) = self.next.as_ref()?;
+        let mut passed = self.tried | 1 << (first % 64);
+        let now = Instant::now();
+        for _ in 1..upstream.targets.len() {
+            let Choice::Target(index, permit) = upstream.choose_excluding(self.key, passed, now)
+            else {
+                return None;
+            };
+            let slots = upstream.targets[index].slots.as_ref()?;
+            if let Ok(slot) = slots.clone().try_acquire_owned() {
+                self.next = Some((index, permit));
+                return Some(slot);
+            }
+            passed |= 1 << (index % 64);
+        }
+        None
     }
 
     /// Starts the next attempt: returns its target, its request and the

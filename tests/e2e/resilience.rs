@@ -375,6 +375,45 @@ async fn full_target_queues_then_gets_503() -> Result {
 }
 
 #[tokio::test]
+async fn full_target_spills_to_a_free_one() -> Result {
+    let slow = Upstream::start(|_| Reply::Delay(Duration::from_secs(3))).await;
+    let fast = Upstream::echo().await;
+    let config = format!(
+        "[upstreams.app]\ntargets = [\"{}\", \"{}\"]\nmax_requests_per_target = 1\n\
+         queue_timeout = \"50ms\"\n\n\
+         [[routes]]\nname = \"app\"\nupstream = \"app\"\n",
+        slow.addr, fast.addr
+    );
+    let node = Node::start(&config)?;
+
+    // Two requests at once take one slot each, so one request is in flight
+    // at the slow target.
+    let url = node.url("/");
+    let in_flight: Vec<_> = (0..2)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { get(&url).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(slow.count(), 1);
+
+    // Round robin sends every other request to the full slow target. Each
+    // of those goes to the fast one instead of waiting 50 ms for the slot
+    // and getting 503.
+    for _ in 0..6 {
+        let got = get(&url).await?;
+        assert_eq!(got.status, 200, "{:?}", got.body);
+    }
+    assert_eq!(slow.count(), 1);
+    assert_eq!(fast.count(), 1 + 6);
+    for request in in_flight {
+        assert_eq!(request.await.unwrap()?.status, 200);
+    }
+    Ok(())
+}
+
+#[tokio::test]
 async fn consistent_hash_moves_only_the_removed_targets_keys() -> Result {
     let names = ["a", "b", "c", "d"];
     let up = Arc::new(AtomicBool::new(false));

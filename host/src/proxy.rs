@@ -19,6 +19,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use futures_util::future::select_all;
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
@@ -205,22 +206,13 @@ impl Upstream {
         async move {
             let mut attempts = attempts?;
             loop {
-                let next = attempts.next_target();
-                let slot = match &next.slots {
-                    Some(slots) => match slots.clone().try_acquire_owned() {
-                        Ok(slot) => Some(slot),
-                        Err(_) => match attempts.spill_over() {
-                            Some(slot) => Some(slot),
-                            None => {
-                                *target_addr = Some(next.addr);
-                                // Boxed: only upstreams with a cap wait here.
-                                let slots = slots.clone();
-                                let waiting = self.wait_for_slot(next, slots, attempts.deadline);
-                                Some(Box::pin(waiting).await?)
-                            }
-                        },
-                    },
-                    None => None,
+                let slot = match attempts.free_slot() {
+                    Ok(slot) => slot,
+                    Err(AllFull) => {
+                        *target_addr = Some(attempts.next_target().addr);
+                        // Boxed: only upstreams with a cap wait here.
+                        Some(Box::pin(self.wait_for_slot(&mut attempts)).await?)
+                    }
                 };
                 let (target, request, attempt_deadline) = attempts.start(target_addr, slot);
                 // The coarse timer: a tokio timer per request costs about a
@@ -265,12 +257,8 @@ impl Upstream {
 
     fn choose_excluding(&self, key: Option<u64>, tried: u64, now: Instant) -> Choice<'_> {
         let count = self.targets.len();
-        let eligible = |index: usize| {
-            let target = &self.targets[index];
-            tried & (1 << (index % 64)) == 0
-                && target.health.is_up(now)
-                && target.breaker.as_ref().is_none_or(|b| b.allows(now))
-        };
+        let eligible =
+            |index: usize| tried & (1 << (index % 64)) == 0 && self.is_eligible(index, now);
         let preferred = match (&self.settings.policy, key) {
             (Policy::ConsistentHash(_), Some(key)) => (0..count)
                 .filter(|&index| eligible(index))
@@ -327,6 +315,13 @@ impl Upstream {
         } else {
             Choice::NoneHealthy(down_wait)
         }
+    }
+
+    /// Returns whether a target is up and its breaker lets a request
+    /// through.
+    fn is_eligible(&self, index: usize, now: Instant) -> bool {
+        let target = &self.targets[index];
+        target.health.is_up(now) && target.breaker.as_ref().is_none_or(|b| b.allows(now))
     }
 
     /// Takes a breaker permit for a target; the inner `None` is for a
@@ -386,34 +381,62 @@ impl Upstream {
         Some(max.saturating_sub(slots.available_permits()))
     }
 
-    /// Takes one of a target's request slots, waiting up to the upstream's
-    /// `queue_timeout` (and no later than the caller's deadline) while all
-    /// are in use.
+    /// Waits for the first request slot to come free at the target of the
+    /// next attempt or at any other target it may go to, and moves the
+    /// attempt to that slot's target. The wait ends after the upstream's
+    /// `queue_timeout`, and no later than the caller's deadline.
     async fn wait_for_slot(
         &self,
-        target: &Target,
-        slots: Arc<Semaphore>,
-        deadline: Option<Instant>,
+        attempts: &mut Attempts<'_>,
     ) -> Result<OwnedSemaphorePermit, Refusal> {
-        if let Ok(slot) = slots.clone().try_acquire_owned() {
-            return Ok(slot);
-        }
         let mut until = Instant::now() + self.settings.queue_timeout;
-        if let Some(deadline) = deadline {
+        if let Some(deadline) = attempts.deadline {
             until = until.min(deadline);
         }
-        match tokio::time::timeout_at(until.into(), slots.acquire_owned()).await {
-            Ok(Ok(slot)) => Ok(slot),
-            // The semaphore is never closed, so only the wait can end it.
-            Ok(Err(_)) | Err(_) => {
-                let message = "every request slot of the target stayed in use while the request \
-                               waited (max_requests_per_target)";
-                self.log_failure(target, None, message);
-                Err(Refusal::UpstreamBusy {
-                    upstream: self.name.clone(),
+        // The attempt starts later than its target was chosen.
+        attempts.chosen_at = None;
+        let chosen = attempts.next_index();
+        // Targets whose breaker turned the request away once it had a slot.
+        let mut passed = 0u64;
+        loop {
+            let now = Instant::now();
+            let waits: Vec<_> = (0..self.targets.len())
+                .filter(|&index| {
+                    let bit = 1 << (index % 64);
+                    passed & bit == 0
+                        && (index == chosen
+                            || (attempts.tried & bit == 0 && self.is_eligible(index, now)))
                 })
+                .filter_map(|index| {
+                    let slots = self.targets[index].slots.clone()?;
+                    Some(Box::pin(
+                        async move { (index, slots.acquire_owned().await) },
+                    ))
+                })
+                .collect();
+            if waits.is_empty() {
+                break;
             }
+            let Ok(((index, acquired), ..)) =
+                tokio::time::timeout_at(until.into(), select_all(waits)).await
+            else {
+                break;
+            };
+            // The semaphores are never closed.
+            let Ok(slot) = acquired else {
+                break;
+            };
+            if attempts.move_to(index) {
+                return Ok(slot);
+            }
+            passed |= 1 << (index % 64);
         }
+        let message = "every target's request slots stayed in use while the request waited \
+                       (max_requests_per_target)";
+        self.log_failure(&self.targets[chosen], None, message);
+        Err(Refusal::UpstreamBusy {
+            upstream: self.name.clone(),
+        })
     }
 
     /// Marks an attempt in flight to `target`, holding its request `slot`.
@@ -560,6 +583,9 @@ impl Upstream {
     }
 }
 
+/// No target an attempt may go to has a free request slot.
+struct AllFull;
+
 /// The state of one call of [`Upstream::send`] between its attempts.
 struct Attempts<'a> {
     upstream: &'a Upstream,
@@ -628,10 +654,45 @@ impl<'a> Attempts<'a> {
         })
     }
 
+    /// Returns the target index of the next attempt.
+    fn next_index(&self) -> usize {
+        let (index, _) = self.next.as_ref().expect("a target for each attempt");
+        *index
+    }
+
     /// Returns the target of the next attempt.
     fn next_target(&self) -> &'a Target {
-        let (index, _) = self.next.as_ref().expect("a target for each attempt");
-        &self.upstream.targets[*index]
+        &self.upstream.targets[self.next_index()]
+    }
+
+    /// Takes a request slot for the next attempt when its upstream caps
+    /// them: at its target, or else at another target with a free one,
+    /// which the attempt then goes to. Returns `None` for an upstream
+    /// without a cap.
+    fn free_slot(&mut self) -> Result<Option<OwnedSemaphorePermit>, AllFull> {
+        let Some(slots) = &self.next_target().slots else {
+            return Ok(None);
+        };
+        if let Ok(slot) = slots.clone().try_acquire_owned() {
+            return Ok(Some(slot));
+        }
+        self.spill_over().map(Some).ok_or(AllFull)
+    }
+
+    /// Sends the next attempt to target `index`, with a breaker permit of
+    /// its own unless it is the target already chosen. Returns `false`
+    /// when that target's breaker turns the request away.
+    fn move_to(&mut self, index: usize) -> bool {
+        if self.next_index() == index {
+            return true;
+        }
+        match self.upstream.admit(index, Instant::now()) {
+            Some(permit) => {
+                self.next = Some((index, permit));
+                true
+            }
+            None => false,
+        }
     }
 
     /// Moves the next attempt from its full target to another one with a

@@ -346,7 +346,7 @@ async fn full_target_queues_then_gets_503() -> Result {
     }
     assert_eq!(slow.count(), 2, "a refused request reached the upstream");
     assert!(
-        node.log_contains("every request slot of the target stayed in use"),
+        node.log_contains("every target's request slots stayed in use"),
         "{}",
         node.log()
     );
@@ -410,6 +410,78 @@ async fn full_target_spills_to_a_free_one() -> Result {
     for request in in_flight {
         assert_eq!(request.await.unwrap()?.status, 200);
     }
+    Ok(())
+}
+
+#[tokio::test]
+async fn queued_request_takes_first_free_slot() -> Result {
+    let slow = Upstream::start(|_| {
+        Reply::Delayed(
+            Duration::from_secs(3),
+            Box::new(Reply::Headers(vec![("x-target", "slow")])),
+        )
+    })
+    .await;
+    let quick = Upstream::start(|_| {
+        Reply::Delayed(
+            Duration::from_millis(500),
+            Box::new(Reply::Headers(vec![("x-target", "quick")])),
+        )
+    })
+    .await;
+    let config = format!(
+        "[upstreams.app]\ntargets = [\"{}\", \"{}\"]\nmax_requests_per_target = 1\n\
+         queue_timeout = \"5s\"\n\n\
+         [[routes]]\nname = \"app\"\nupstream = \"app\"\n",
+        slow.addr, quick.addr
+    );
+    let node = Node::start(&config)?;
+    let url = node.url("/");
+    let in_flight: Vec<_> = (0..2)
+        .map(|_| {
+            let url = url.clone();
+            tokio::spawn(async move { get(&url).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(slow.count(), 1);
+    assert_eq!(quick.count(), 1);
+
+    // Round robin chooses the slow target for the third request, and both
+    // are full. The quick target's slot comes free first and serves it.
+    let got = get(&url).await?;
+    assert_eq!(got.status, 200, "{:?}", got.body);
+    assert_eq!(got.header("x-target"), Some("quick"));
+    assert_eq!(slow.count(), 1);
+    for request in in_flight {
+        assert_eq!(request.await.unwrap()?.status, 200);
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn queue_wait_leaves_response_timeout_whole() -> Result {
+    let slow = Upstream::start(|_| Reply::Delay(Duration::from_millis(1500))).await;
+    let config = format!(
+        "[upstreams.app]\ntargets = [\"{}\"]\nmax_requests_per_target = 1\n\
+         queue_timeout = \"5s\"\nresponse_timeout = \"2s\"\n\n\
+         [[routes]]\nname = \"app\"\nupstream = \"app\"\n",
+        slow.addr
+    );
+    let node = Node::start(&config)?;
+    let url = node.url("/");
+    let first = tokio::spawn({
+        let url = url.clone();
+        async move { get(&url).await }
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+
+    // The second request waits 1.4 s for the slot, then the upstream takes
+    // 1.5 s, within its 2 s response timeout.
+    let second = get(&url).await?;
+    assert_eq!(second.status, 200, "{:?}", second.body);
+    assert_eq!(first.await.unwrap()?.status, 200);
+    assert_eq!(slow.count(), 2);
     Ok(())
 }
 

@@ -187,11 +187,15 @@ fn serve(
             .insert(WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         return response;
     }
+    let path = request.uri().path();
+    if !PATHS.contains(&path) {
+        return not_found();
+    }
     if request.method() != Method::GET {
         return method_not_allowed("GET");
     }
     let now = Instant::now();
-    match request.uri().path() {
+    match path {
         "/breakers" => json_response(breakers(node, now)),
         "/health" => json_response(health(node, now)),
         "/metrics" => {
@@ -205,13 +209,26 @@ fn serve(
         }
         "/status" => crate::status::page(),
         "/status.json" => json_response(crate::status::snapshot(node, now)),
-        _ => error(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            "use /breakers, /health, /metrics, /status, /status.json, /healthz or /readyz",
-        ),
+        _ => not_found(),
     }
 }
+
+fn not_found() -> Response<Full<Bytes>> {
+    error(
+        StatusCode::NOT_FOUND,
+        "not_found",
+        "use /breakers, /health, /metrics, /status, /status.json, /healthz or /readyz",
+    )
+}
+
+/// The paths that need the token, served on GET only.
+const PATHS: [&str; 5] = [
+    "/breakers",
+    "/health",
+    "/metrics",
+    "/status",
+    "/status.json",
+];
 
 /// Compares the bearer token by its SHA-256 digest, so the comparison time
 /// does not depend on how much of the token matched.

@@ -1206,7 +1206,9 @@ fn with_table_order_hint(message: &str) -> String {
         "expected u16",
     ];
     if unsigned.iter().any(|expected| message.contains(expected)) {
-        return format!("{message}\nhint: write a whole number of 0 or more, such as 10");
+        return format!(
+            "{message}\nhint: write a whole number, not negative and not a fraction, such as 10"
+        );
     }
     if message.contains("expected a duration") {
         return format!(

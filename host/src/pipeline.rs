@@ -25,6 +25,7 @@
 //! ```
 
 use std::borrow::Cow;
+use std::collections::HashSet;
 use std::future::Future;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
@@ -1268,6 +1269,12 @@ fn apply_request_changes(
         changes.set_headers,
     )?;
     if let Some(new_path) = changes.path {
+        if new_path.len() > MAX_WORKER_PATH {
+            return Err(format!(
+                "set a path of {} bytes; the maximum is {MAX_WORKER_PATH}",
+                new_path.len()
+            ));
+        }
         if !new_path.starts_with('/') || new_path.bytes().any(|b| b < 0x20 || b == 0x7f) {
             return Err(format!(
                 "set an invalid path {new_path:?}; a path starts with '/' and has no \
@@ -1281,58 +1288,110 @@ fn apply_request_changes(
     Ok(())
 }
 
+/// The longest path a worker may set, in bytes. Encoded with the client's
+/// query, a longer one could pass the 65,534 bytes a request target may
+/// have here, and the request would fail as the client's fault.
+const MAX_WORKER_PATH: usize = 16 * 1024;
+
+/// The most headers a worker may set, or remove, in one list. More would
+/// cost the node time its CPU deadline does not count, and a header map
+/// holds at most about 24,000 entries.
+const MAX_HEADER_CHANGES: usize = 1000;
+
+/// Applies a worker's header changes to `headers`, and to the worker
+/// request `view` when later workers see it. Takes time linear in the
+/// changes and the headers.
 fn apply_header_changes(
     headers: &mut HeaderMap,
-    mut view: Option<&mut Vec<wit::Header>>,
+    view: Option<&mut Vec<wit::Header>>,
     remove: &[String],
     set: Vec<wit::Header>,
 ) -> Result<(), String> {
+    for (verb, count) in [("set", set.len()), ("removed", remove.len())] {
+        if count > MAX_HEADER_CHANGES {
+            return Err(format!(
+                "{verb} {count} headers; a worker may set, or remove, at most \
+                 {MAX_HEADER_CHANGES} in one call"
+            ));
+        }
+    }
+    // One header set, the common case, needs no record of names.
+    if remove.is_empty() && set.len() == 1 {
+        let wit::Header { name, value } = set.into_iter().next().expect("one header");
+        let (parsed, header_value) = checked_header(&name, &value)?;
+        headers
+            .try_insert(parsed.clone(), header_value)
+            .map_err(|_| too_many_headers(&name))?;
+        if let Some(view) = view {
+            view.retain(|h| h.name != parsed.as_str());
+            view.push(view_header(name, &parsed, value));
+        }
+        return Ok(());
+    }
+
+    // Names whose earlier values are gone: removed, or replaced by the
+    // first value set for the name.
+    let mut replaced: HashSet<HeaderName> = HashSet::new();
     for name in remove {
         let parsed = HeaderName::from_bytes(name.as_bytes())
             .map_err(|_| format!("removed an invalid header name {name:?}"))?;
         headers.remove(&parsed);
-        if let Some(view) = view.as_deref_mut() {
-            view.retain(|h| h.name != parsed.as_str());
+        replaced.insert(parsed);
+    }
+    let mut added = Vec::new();
+    // The first value listed for a name replaces the earlier ones; further
+    // values of that name in the same list are added beside it.
+    let mut set_names: HashSet<HeaderName> = HashSet::new();
+    for wit::Header { name, value } in set {
+        let (parsed, header_value) = checked_header(&name, &value)?;
+        let stored = if set_names.contains(&parsed) {
+            headers.try_append(parsed.clone(), header_value).map(drop)
+        } else {
+            set_names.insert(parsed.clone());
+            replaced.insert(parsed.clone());
+            headers.try_insert(parsed.clone(), header_value).map(drop)
+        };
+        stored.map_err(|_| too_many_headers(&name))?;
+        if view.is_some() {
+            added.push(view_header(name, &parsed, value));
         }
     }
-    // The first value listed for a name replaces the earlier ones; further
-    // values of that name in the same list are added beside it. A list of
-    // one header needs no record of the names it set.
-    let track_names = set.len() > 1;
-    let mut set_names: Vec<HeaderName> = Vec::new();
-    for wit::Header { name, value } in set {
-        let parsed = HeaderName::from_bytes(name.as_bytes())
-            .map_err(|_| format!("set an invalid header name {name:?}"))?;
-        if is_managed(&parsed) {
-            return Err(format!(
-                "set the header {name:?}, which the node manages for each connection"
-            ));
-        }
-        let header_value = HeaderValue::from_str(&value)
-            .map_err(|_| format!("set an invalid value for header {name:?}"))?;
-        let repeated = track_names && set_names.contains(&parsed);
-        if repeated {
-            headers.append(parsed.clone(), header_value);
-        } else {
-            headers.insert(parsed.clone(), header_value);
-            if track_names {
-                set_names.push(parsed.clone());
-            }
-        }
-        if let Some(view) = view.as_deref_mut() {
-            if !repeated {
-                view.retain(|h| h.name != parsed.as_str());
-            }
-            // Workers see names in lower case, as the node stores them.
-            let name = if name == parsed.as_str() {
-                name
-            } else {
-                parsed.as_str().to_owned()
-            };
-            view.push(wit::Header { name, value });
-        }
+    if let Some(view) = view {
+        let replaced: HashSet<&str> = replaced.iter().map(HeaderName::as_str).collect();
+        view.retain(|h| !replaced.contains(h.name.as_str()));
+        view.append(&mut added);
     }
     Ok(())
+}
+
+/// Checks a header a worker set: a valid name the node does not manage,
+/// and a valid value.
+fn checked_header(name: &str, value: &str) -> Result<(HeaderName, HeaderValue), String> {
+    let parsed = HeaderName::from_bytes(name.as_bytes())
+        .map_err(|_| format!("set an invalid header name {name:?}"))?;
+    if is_managed(&parsed) {
+        return Err(format!(
+            "set the header {name:?}, which the node manages for each connection"
+        ));
+    }
+    let value = HeaderValue::from_str(value)
+        .map_err(|_| format!("set an invalid value for header {name:?}"))?;
+    Ok((parsed, value))
+}
+
+fn too_many_headers(name: &str) -> String {
+    format!("set more headers than a header map holds, at {name:?}")
+}
+
+/// Returns a header as workers see it: its name in lower case, as the node
+/// stores names.
+fn view_header(name: String, parsed: &HeaderName, value: String) -> wit::Header {
+    let name = if name == parsed.as_str() {
+        name
+    } else {
+        parsed.as_str().to_owned()
+    };
+    wit::Header { name, value }
 }
 
 /// Builds the response a worker chose to send itself.
@@ -1576,6 +1635,64 @@ mod tests {
             .map(|h| h.value.as_str())
             .collect();
         assert_eq!(view_cookies, ["a=1", "b=2"]);
+    }
+
+    #[test]
+    fn header_changes_over_the_cap_fail() {
+        let many = |count: usize| -> Vec<wit::Header> {
+            (0..count)
+                .map(|i| wit::Header {
+                    name: format!("x-h{i}"),
+                    value: "v".to_owned(),
+                })
+                .collect()
+        };
+        let mut headers = HeaderMap::new();
+        let error = apply_header_changes(&mut headers, None, &[], many(30_000)).unwrap_err();
+        assert!(error.contains("set 30000 headers"), "{error}");
+        assert!(headers.is_empty());
+
+        let removed: Vec<String> = (0..1001).map(|i| format!("x-h{i}")).collect();
+        let error = apply_header_changes(&mut headers, None, &removed, Vec::new()).unwrap_err();
+        assert!(error.contains("removed 1001 headers"), "{error}");
+
+        let mut view = Vec::new();
+        apply_header_changes(&mut headers, Some(&mut view), &[], many(1000)).unwrap();
+        assert_eq!(headers.len(), 1000);
+        assert_eq!(view.len(), 1000);
+    }
+
+    #[test]
+    fn removed_and_replaced_names_leave_the_view() {
+        let header = |name: &str, value: &str| wit::Header {
+            name: name.to_owned(),
+            value: value.to_owned(),
+        };
+        let mut headers = HeaderMap::new();
+        let mut view = vec![
+            header("x-gone", "1"),
+            header("x-kept", "2"),
+            header("x-new", "old"),
+        ];
+        let set = vec![
+            header("X-New", "a"),
+            header("x-new", "b"),
+            header("x-other", "c"),
+        ];
+        apply_header_changes(&mut headers, Some(&mut view), &["x-gone".to_owned()], set).unwrap();
+        let names: Vec<_> = view
+            .iter()
+            .map(|h| (h.name.as_str(), h.value.as_str()))
+            .collect();
+        assert_eq!(
+            names,
+            [
+                ("x-kept", "2"),
+                ("x-new", "a"),
+                ("x-new", "b"),
+                ("x-other", "c")
+            ]
+        );
     }
 
     #[test]

@@ -230,7 +230,8 @@ fn check_reports_line_and_field() {
     );
     let negative = check_fails(&format!("{VALID}\n[runtime]\nmax_instances = -1\n"));
     assert!(
-        negative.contains("hint: write a whole number of 0 or more, such as 10"),
+        negative
+            .contains("hint: write a whole number, not negative and not a fraction, such as 10"),
         "{negative}"
     );
     let unknown_field = check_fails(&VALID.replace("prefix = \"/users\"", "prefx = \"/users\""));

@@ -768,6 +768,19 @@ async fn admin_listener_requires_the_bearer_token() -> Result {
             .status,
         200
     );
+    // An unknown path is not found, whatever the method.
+    for method in ["GET", "POST"] {
+        let bearer = format!("Bearer {TOKEN}");
+        let got = send(
+            method,
+            &format!("{admin}/deploy"),
+            &[("authorization", &bearer)],
+            b"",
+        )
+        .await?;
+        assert_eq!(got.status, 404, "{method}");
+        assert_eq!(got.json()["error"], "not_found", "{method}");
+    }
 
     let breakers = admin_get(&node, "/breakers").await?;
     assert_eq!(breakers.status, 200);

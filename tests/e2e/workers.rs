@@ -371,6 +371,31 @@ async fn sleeping_worker_continues() -> Result {
 }
 
 #[tokio::test]
+async fn sleeping_worker_stops_at_deadline() -> Result {
+    let upstream = Upstream::echo().await;
+    let config = format!(
+        "{}{}ms = 5000\n",
+        app(&upstream),
+        fixture_route("sleep", "/", "sleep", "cpu_deadline = \"100ms\"")
+    );
+    let node = Node::start(&config)?;
+
+    // A sleep counts as running time, and is cut off at the deadline
+    // rather than after its 5 s.
+    let started = Instant::now();
+    let got = get(&node.url("/")).await?;
+    assert_eq!(got.status, 503);
+    assert_eq!(got.json()["error"], "worker_timeout");
+    assert!(
+        started.elapsed() < Duration::from_secs(4),
+        "the sleep was not cut off: {:?}",
+        started.elapsed()
+    );
+    assert_eq!(upstream.count(), 0);
+    Ok(())
+}
+
+#[tokio::test]
 async fn deadline_counts_only_the_workers_own_running_time() -> Result {
     let upstream = Upstream::echo().await;
     // One serving thread: concurrent calls take turns at every epoch tick,
@@ -570,6 +595,63 @@ async fn worker_cannot_set_framing_headers() -> Result {
     );
     assert!(
         node.log_contains("which the node manages"),
+        "{}",
+        node.log()
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn worker_header_cap_fails_cleanly() -> Result {
+    let upstream = Upstream::echo().await;
+    let table =
+        |count: usize| -> String { (0..count).map(|i| format!("x-h{i} = \"v\"\n")).collect() };
+    let inline = |count: usize| -> String {
+        let pairs: Vec<String> = (0..count).map(|i| format!("\"x-h{i}\" = \"v\"")).collect();
+        format!("set_headers = {{ {} }}\n", pairs.join(", "))
+    };
+    let config = format!(
+        "{}{}[routes.workers.config.headers]\n{}\n{}{}",
+        app(&upstream),
+        fixture_route("over-cap", "/over-cap", "respond", ""),
+        table(1001),
+        fixture_route("set-over-cap", "/set-over-cap", "set", ""),
+        inline(1001),
+    );
+    let node = Node::start(&config)?;
+
+    // The unit tests check that 1,000 headers pass, which this test's
+    // client could not read in a response.
+    for path in ["/over-cap", "/set-over-cap"] {
+        let got = get(&node.url(path)).await?;
+        assert_eq!(got.status, 500, "{path}");
+        assert_eq!(got.json()["error"], "worker_failed", "{path}");
+    }
+    assert_eq!(upstream.count(), 0);
+    assert!(
+        node.log_contains("set 1001 headers; a worker may set, or remove, at most 1000"),
+        "{}",
+        node.log()
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn worker_path_over_cap_fails_cleanly() -> Result {
+    let upstream = Upstream::echo().await;
+    let config = format!(
+        "{}{}path = \"{}\"\n",
+        app(&upstream),
+        fixture_route("long", "/", "set", ""),
+        "/a".repeat(10_000)
+    );
+    let node = Node::start(&config)?;
+    let got = get(&node.url("/")).await?;
+    assert_eq!(got.status, 500);
+    assert_eq!(got.json()["error"], "worker_failed");
+    assert_eq!(upstream.count(), 0);
+    assert!(
+        node.log_contains("set a path of 20000 bytes; the maximum is 16384"),
         "{}",
         node.log()
     );

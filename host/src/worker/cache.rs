@@ -511,7 +511,7 @@ fn read_entry(path: &Path, hash: &str, module_len: usize) -> anyhow::Result<Opti
     let trailer = 32 + ENTRY_MAGIC.len();
     anyhow::ensure!(
         bytes.len() > trailer && bytes.ends_with(ENTRY_MAGIC),
-        "not an entry of this edge version"
+        "it lacks the end marker: it was cut short, or written by another edge version"
     );
     let compiled_len = bytes.len() - trailer;
     let digest = entry_digest(&bytes[..compiled_len], hash);

@@ -7,13 +7,18 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use wasmtime::component::ResourceTable;
-use wasmtime::ResourceLimiter;
+use std::future::Future;
+
+use wasmtime::component::{Linker, Resource, ResourceTable};
+use wasmtime::{ResourceLimiter, StoreContextMut, Trap};
+use wasmtime_wasi::p2::bindings::io::poll::{Host as PollHost, HostPollable};
+use wasmtime_wasi::p2::DynPollable;
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
 use super::bindings::edge::worker::{clock, config, context, log, secrets, types};
 use super::crypto::{AllowedUpstreams, HostCrypto};
 use super::fetch::{FetchAccess, FetchState};
+use super::running_time::RunningTime;
 use super::stderr::StderrTail;
 use crate::context::RequestContext;
 
@@ -40,6 +45,8 @@ pub struct StoreState {
     pub(super) context: RequestContext,
     /// The call's fetches: its request's id and the time spent waiting.
     pub(super) fetch: FetchState,
+    /// The call's running time, which its CPU deadline counts.
+    pub(super) running: RunningTime,
     /// Log lines the guest wrote in this call, kept or not.
     pub(super) log_lines: u32,
     /// The last error line the caps dropped in this call, redacted. A call
@@ -79,10 +86,12 @@ impl StoreState {
         crypto: Arc<HostCrypto>,
         context: RequestContext,
         fetch: FetchState,
+        running: RunningTime,
     ) -> StoreState {
         StoreState {
             context,
             fetch,
+            running,
             wasi: None,
             table: ResourceTable::new(),
             limiter: MemoryCap {
@@ -401,4 +410,52 @@ impl clock::Host for StoreState {
 fn monotonic_start() -> Instant {
     static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
     *START.get_or_init(Instant::now)
+}
+
+/// The WASI interface whose `poll` and `pollable.block` the node replaces,
+/// as `wasmtime_wasi` defines it.
+const WASI_POLL: &str = "wasi:io/poll@0.2.12";
+
+/// Replaces WASI's `poll` and `pollable.block` with ones that count the time
+/// a guest blocks in them as running time, and end the wait at the guest's
+/// deadline. A guest granted nothing else can block only to sleep.
+pub(super) fn link_counted_poll(linker: &mut Linker<StoreState>) -> wasmtime::Result<()> {
+    linker.allow_shadowing(true);
+    let mut poll = linker.instance(WASI_POLL)?;
+    poll.func_wrap_async(
+        "poll",
+        |mut store: StoreContextMut<'_, StoreState>,
+         (pollables,): (Vec<Resource<DynPollable>>,)| {
+            Box::new(async move {
+                let state = store.data_mut();
+                let waiting = PollHost::poll(&mut state.table, pollables);
+                Ok((counted_sleep(&mut state.running, waiting).await?,))
+            })
+        },
+    )?;
+    poll.func_wrap_async(
+        "[method]pollable.block",
+        |mut store: StoreContextMut<'_, StoreState>, (pollable,): (Resource<DynPollable>,)| {
+            Box::new(async move {
+                let state = store.data_mut();
+                let waiting = HostPollable::block(&mut state.table, pollable);
+                counted_sleep(&mut state.running, waiting).await
+            })
+        },
+    )?;
+    linker.allow_shadowing(false);
+    Ok(())
+}
+
+/// Runs a guest's sleep, counting it as running time, and traps as at the
+/// deadline when the deadline passes first.
+async fn counted_sleep<R>(
+    running: &mut RunningTime,
+    sleep: impl Future<Output = wasmtime::Result<R>>,
+) -> wasmtime::Result<R> {
+    let left = running.left();
+    let start = RunningTime::sleep_begins();
+    let slept = tokio::time::timeout(left, sleep).await;
+    running.sleep_ended(start);
+    slept.unwrap_or_else(|_| Err(Trap::Interrupt.into()))
 }

@@ -294,6 +294,9 @@ impl Runtime {
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .map_err(anyhow::Error::from)
             .context("cannot link WASI")?;
+        host_api::link_counted_poll(&mut linker)
+            .map_err(anyhow::Error::from)
+            .context("cannot link WASI's poll")?;
         bindings::Worker::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| state)
             .map_err(anyhow::Error::from)
             .context("cannot link the worker host API")?;
@@ -597,18 +600,19 @@ impl Runtime {
             self.crypto.clone(),
             std::mem::take(context),
             fetch,
+            RunningTime::start(binding.cpu_deadline),
         );
         let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limiter);
-        let deadline = binding.cpu_deadline;
-        let mut running = RunningTime::start();
         store.set_epoch_deadline(1);
-        store.epoch_deadline_callback(move |store| {
+        store.epoch_deadline_callback(move |mut store| {
             // Neither network waits in host imports nor the time other
             // requests on the thread ran while this guest yielded are the
             // guest's running time.
-            let data = store.data();
-            let (so_far, yields) = running.tick(data.fetch.waited + data.host_wait);
+            let data = store.data_mut();
+            let waited = data.fetch.waited + data.host_wait;
+            let deadline = data.running.deadline();
+            let (so_far, yields) = data.running.tick(waited);
             if so_far >= deadline {
                 return Ok(UpdateDeadline::Interrupt);
             }

@@ -15,6 +15,11 @@
 //! is too, and a busy machine no longer fails calls that used a fraction of
 //! their deadline.
 //!
+//! Time the guest spends blocked in WASI `poll` (a sleep: nothing else it
+//! can wait for blocks) is left out of both figures and counted whole, so a
+//! guest that sleeps is stopped at its deadline too. A sleep is cut off
+//! when the deadline passes.
+//!
 //! A call that ends before the first tick reads only the wall clock when it
 //! starts. Reading the thread's CPU clock is a system call (about 0.26 µs
 //! here), so it is read only at ticks.
@@ -37,8 +42,18 @@ const BEFORE_FIRST_TICK: Duration = EPOCH_TICK.saturating_mul(2);
 /// The running time of one call.
 pub(super) struct RunningTime {
     started: Instant,
+    deadline: Duration,
+    /// The time the guest slept so far, in wall and thread CPU time.
+    slept: Spent,
     /// Set at the first tick.
     ticks: Option<Ticks>,
+}
+
+/// The clocks when a sleep began.
+pub(super) struct SleepStart {
+    wall: Instant,
+    thread: ThreadId,
+    cpu: Duration,
 }
 
 /// The running time counted up to the last tick, and the clocks then.
@@ -58,47 +73,91 @@ struct Readings {
     waited: Duration,
     /// The time the call's yields took so far.
     yielded: Spent,
+    /// The time the guest slept so far.
+    slept: Spent,
 }
 
 impl Readings {
-    fn now(waited: Duration, yields: &Yields) -> Readings {
+    fn now(waited: Duration, yields: &Yields, slept: Spent) -> Readings {
         Readings {
             wall: Instant::now(),
             thread: thread::current().id(),
             cpu: thread_cpu_time(),
             waited,
             yielded: yields.spent(),
+            slept,
         }
     }
 
     /// The guest's running time from `self` to `later`: the smaller of the
     /// wall and the CPU figure. When the call moved to another thread, whose
     /// CPU clock does not measure this call, the wall figure alone counts.
+    /// The sleeps in between count whole.
     fn running_until(&self, later: &Readings) -> Duration {
         let yielded = later.yielded.since(self.yielded);
+        let slept = later.slept.since(self.slept);
         let wall = later
             .wall
             .saturating_duration_since(self.wall)
             .saturating_sub(later.waited.saturating_sub(self.waited))
-            .saturating_sub(yielded.wall);
+            .saturating_sub(yielded.wall)
+            .saturating_sub(slept.wall);
         if later.thread != self.thread {
-            return wall;
+            return wall + slept.wall;
         }
         let cpu = later
             .cpu
             .saturating_sub(self.cpu)
-            .saturating_sub(yielded.cpu);
-        wall.min(cpu)
+            .saturating_sub(yielded.cpu)
+            .saturating_sub(slept.cpu);
+        wall.min(cpu) + slept.wall
     }
 }
 
 impl RunningTime {
-    /// Starts counting a call's running time.
-    pub(super) fn start() -> RunningTime {
+    /// Starts counting the running time of a call with this CPU deadline.
+    pub(super) fn start(deadline: Duration) -> RunningTime {
         RunningTime {
             started: Instant::now(),
+            deadline,
+            slept: Spent::default(),
             ticks: None,
         }
+    }
+
+    pub(super) fn deadline(&self) -> Duration {
+        self.deadline
+    }
+
+    /// Returns the running time left before the deadline, as counted at the
+    /// last tick. The time since then is not counted.
+    pub(super) fn left(&self) -> Duration {
+        let counted = self.ticks.as_ref().map_or(self.slept.wall, |ticks| {
+            ticks.counted + self.slept.since(ticks.at.slept).wall
+        });
+        self.deadline.saturating_sub(counted)
+    }
+
+    /// Notes that the guest starts to sleep.
+    pub(super) fn sleep_begins() -> SleepStart {
+        SleepStart {
+            wall: Instant::now(),
+            thread: thread::current().id(),
+            cpu: thread_cpu_time(),
+        }
+    }
+
+    /// Counts a sleep that began at `start` and ends now.
+    pub(super) fn sleep_ended(&mut self, start: SleepStart) {
+        let wall = start.wall.elapsed();
+        self.slept.wall += wall;
+        // The CPU clocks of two threads cannot be compared, so a sleep that
+        // ended on another thread is taken to have used the whole wall time.
+        self.slept.cpu += if thread::current().id() == start.thread {
+            thread_cpu_time().saturating_sub(start.cpu)
+        } else {
+            wall
+        };
     }
 
     /// Counts the time since the last tick and returns the call's running
@@ -107,19 +166,21 @@ impl RunningTime {
     pub(super) fn tick(&mut self, waited: Duration) -> (Duration, &Arc<Yields>) {
         let ticks = match self.ticks.take() {
             Some(mut ticks) => {
-                let now = Readings::now(waited, &ticks.yields);
+                let now = Readings::now(waited, &ticks.yields, self.slept);
                 ticks.counted += ticks.at.running_until(&now);
                 ticks.at = now;
                 ticks
             }
             None => {
                 let yields = Arc::new(Yields::default());
-                let at = Readings::now(waited, &yields);
+                let at = Readings::now(waited, &yields, self.slept);
                 let counted = at
                     .wall
                     .saturating_duration_since(self.started)
                     .saturating_sub(waited)
-                    .min(BEFORE_FIRST_TICK);
+                    .saturating_sub(self.slept.wall)
+                    .min(BEFORE_FIRST_TICK)
+                    + self.slept.wall;
                 Ticks {
                     counted,
                     at,
@@ -140,7 +201,7 @@ pub(super) struct Yields {
     cpu_nanos: AtomicU64,
 }
 
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Default)]
 struct Spent {
     wall: Duration,
     cpu: Duration,
@@ -210,7 +271,7 @@ mod tests {
 
     #[test]
     fn sleeping_off_the_cpu_does_not_count() {
-        let mut running = RunningTime::start();
+        let mut running = RunningTime::start(Duration::from_secs(1));
         running.tick(Duration::ZERO);
         std::thread::sleep(Duration::from_millis(50));
         let counted = running.tick(Duration::ZERO).0;
@@ -222,7 +283,7 @@ mod tests {
 
     #[test]
     fn running_on_the_cpu_counts() {
-        let mut running = RunningTime::start();
+        let mut running = RunningTime::start(Duration::from_secs(1));
         running.tick(Duration::ZERO);
         spin(Duration::from_millis(30));
         let counted = running.tick(Duration::ZERO).0;
@@ -234,14 +295,14 @@ mod tests {
 
     #[test]
     fn time_before_the_first_tick_is_capped() {
-        let mut running = RunningTime::start();
+        let mut running = RunningTime::start(Duration::from_secs(1));
         std::thread::sleep(Duration::from_millis(30));
         assert_eq!(running.tick(Duration::ZERO).0, BEFORE_FIRST_TICK);
     }
 
     #[test]
     fn host_waits_do_not_count() {
-        let mut running = RunningTime::start();
+        let mut running = RunningTime::start(Duration::from_secs(1));
         running.tick(Duration::ZERO);
         // The thread ran something else for 30 ms while the call waited.
         let waiting = Instant::now();
@@ -253,9 +314,27 @@ mod tests {
         );
     }
 
+    #[test]
+    fn sleeps_count_whole() {
+        let mut running = RunningTime::start(Duration::from_secs(1));
+        let start = RunningTime::sleep_begins();
+        std::thread::sleep(Duration::from_millis(30));
+        running.sleep_ended(start);
+        let left = running.left();
+        assert!(left <= Duration::from_millis(970), "{left:?} left");
+        // Before the first tick, and after it.
+        let counted = running.tick(Duration::ZERO).0;
+        assert!(counted >= Duration::from_millis(30), "{counted:?}");
+        let start = RunningTime::sleep_begins();
+        std::thread::sleep(Duration::from_millis(30));
+        running.sleep_ended(start);
+        let counted = running.tick(Duration::ZERO).0;
+        assert!(counted >= Duration::from_millis(60), "{counted:?}");
+    }
+
     #[tokio::test]
     async fn yields_do_not_count() {
-        let mut running = RunningTime::start();
+        let mut running = RunningTime::start(Duration::from_secs(1));
         let yields = running.tick(Duration::ZERO).1.clone();
         // Another task burns the thread's CPU while the call is yielded.
         let other = tokio::spawn(async { spin(Duration::from_millis(30)) });

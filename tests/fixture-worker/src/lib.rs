@@ -26,7 +26,8 @@
 //! - `config`: responds 200 with the whole config as JSON.
 //! - `log`: writes `fixture log` at each level, then continues.
 //! - `clock`: responds 200 with `{"now_unix_ms":..,"monotonic_ns":..}`.
-//! - `sleep`: sleeps 10 ms with `std::thread::sleep`, then continues.
+//! - `sleep`: sleeps `ms` milliseconds (default 10) with
+//!   `std::thread::sleep`, then continues.
 //! - `context-set`: sets the context value `name` to the request header
 //!   `from_header` (when the request has it) or else to `value` (when given),
 //!   then continues; a rejected value gets 500 `context_rejected`.
@@ -136,6 +137,18 @@ struct LogManyConfig {
 struct SpinConfig {
     /// Milliseconds to busy-wait.
     ms: u64,
+}
+
+/// Config of the `sleep` mode.
+#[derive(Debug, Deserialize)]
+struct SleepConfig {
+    /// Milliseconds to sleep.
+    #[serde(default = "default_sleep_ms")]
+    ms: u64,
+}
+
+fn default_sleep_ms() -> u64 {
+    10
 }
 
 /// Config of the `set` mode.
@@ -606,7 +619,8 @@ fn handle_request(request: Request) -> Result<Action, InvalidConfig> {
         "log" => write_logs(),
         "clock" => read_clock(),
         "sleep" => {
-            std::thread::sleep(std::time::Duration::from_millis(10));
+            let config: SleepConfig = parse_config(&mode)?;
+            std::thread::sleep(std::time::Duration::from_millis(config.ms));
             Action::next()
         }
         "context-set" => set_context(&request, parse_config(&mode)?),

@@ -98,7 +98,13 @@ enum RoutesCommand {
     /// why every other route does not match.
     #[command(
         override_usage = "edge routes explain [OPTIONS] CONFIG METHOD TARGET\n       \
-                          edge routes explain [OPTIONS] --config CONFIG METHOD TARGET"
+                          edge routes explain [OPTIONS] --config CONFIG METHOD TARGET",
+        after_help = "Arguments:\n  \
+                      CONFIG  The node's TOML config file, unless --config gives it\n  \
+                      METHOD  The request method, such as GET\n  \
+                      TARGET  A path such as /users/7 (normalised first), or an absolute URL \
+                      such as\n          http://example.com/users/7, whose host then replaces \
+                      --host"
     )]
     Explain {
         /// The node's TOML config file.
@@ -108,7 +114,7 @@ enum RoutesCommand {
         /// gives it. METHOD is the request method, such as GET. TARGET is a
         /// path such as /users/7 (normalised first), or an absolute URL such
         /// as http://example.com/users/7, whose host then replaces --host.
-        #[arg(num_args = 2..=3, required = true, value_name = "ARG")]
+        #[arg(num_args = 0.., hide = true)]
         args: Vec<String>,
         /// The Host header of the request.
         #[arg(long)]

@@ -1514,10 +1514,17 @@ impl Config {
                     let field = field(&format!("workers[{worker_index}].max_memory"));
                     return Err(self.invalid(line, &field, &message));
                 }
-                if worker.cpu_deadline.is_zero() {
+                if worker.cpu_deadline < crate::worker::EPOCH_TICK {
                     let field = field(&format!("workers[{worker_index}].cpu_deadline"));
+                    // TODO: name the field's own line; `cpu_deadline` keeps no span.
                     let line = self.line_of(worker.module.span().start);
-                    return Err(self.invalid(line, &field, "must be more than zero"));
+                    let message = format!(
+                        "{} is too short: the deadline is checked every {}, so it must be \
+                         at least that",
+                        humantime::format_duration(worker.cpu_deadline),
+                        humantime::format_duration(crate::worker::EPOCH_TICK)
+                    );
+                    return Err(self.invalid(line, &field, &message));
                 }
                 self.validate_fetch(worker, &field(&format!("workers[{worker_index}].fetch")))?;
                 let without_json_form = worker

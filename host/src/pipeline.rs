@@ -1293,9 +1293,9 @@ fn apply_request_changes(
 /// have here, and the request would fail as the client's fault.
 const MAX_WORKER_PATH: usize = 16 * 1024;
 
-/// The most headers a worker may set, or remove, in one list. More would
-/// cost the node time its CPU deadline does not count, and a header map
-/// holds at most about 24,000 entries.
+/// The maximum number of headers a worker may set, or remove, in one list.
+/// More would cost the node time its CPU deadline does not count, and a
+/// header map holds at most about 24,000 entries.
 const MAX_HEADER_CHANGES: usize = 1000;
 
 /// Applies a worker's header changes to `headers`, and to the worker

@@ -736,9 +736,15 @@ pub fn spawn_reloader(
                         }
                         _ = hangup.recv() => {
                             if listeners.is_empty() {
-                                tracing::info!("SIGHUP received");
+                                tracing::info!(
+                                    "SIGHUP received: no TLS listener to reload; the config \
+                                     and worker modules load only at start"
+                                );
                             } else {
-                                tracing::info!("SIGHUP: reloading TLS certificates");
+                                tracing::info!(
+                                    "SIGHUP: reloading TLS certificates; the config and worker \
+                                     modules load only at start"
+                                );
                             }
                             for (index, tls) in &listeners {
                                 reload_listener(*index, tls, true);

@@ -153,6 +153,13 @@ async fn fetch_status(admin: SocketAddr, token: &str) -> anyhow::Result<Value> {
         .await
         .context("cannot read the status response")?
         .to_bytes();
+    if status == http::StatusCode::UNAUTHORIZED {
+        bail!(
+            "the admin listener returned {status}: {}; check the token given by --token, \
+             --token-file or EDGE_ADMIN_TOKEN against the node's admin.token",
+            String::from_utf8_lossy(&body).trim()
+        );
+    }
     if !status.is_success() {
         bail!(
             "the admin listener returned {status}: {}",

@@ -384,6 +384,14 @@ fn check_rejects_invalid_values() {
             ":24: runtime.max_instances: must be from 1 to 4096",
         ),
         (
+            VALID.replace(
+                "module = \"{modules}/add-header.wasm\"",
+                "module = \"{modules}/add-header.wasm\"\ncpu_deadline = \"100us\"",
+            ),
+            "routes[0].workers[0].cpu_deadline: 100us is too short: the deadline is checked \
+             every 1ms, so it must be at least that",
+        ),
+        (
             format!("{VALID}\n[runtime.fetch]\nmax_response_body = \"0\"\n"),
             ":24: runtime.fetch.max_response_body: must be more than zero",
         ),

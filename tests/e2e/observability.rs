@@ -964,6 +964,10 @@ async fn edge_top_prints_routes_targets_and_limits() -> Result {
     assert!(!refused.status.success());
     let stderr = String::from_utf8_lossy(&refused.stderr);
     assert!(stderr.contains("401"), "{stderr}");
+    assert!(
+        stderr.contains("check the token given by --token"),
+        "{stderr}"
+    );
 
     // A server that returns JSON but is no admin listener is named as such.
     let other =

@@ -89,10 +89,10 @@ impl Readings {
         }
     }
 
-    /// The guest's running time from `self` to `later`: the smaller of the
-    /// wall and the CPU figure. When the call moved to another thread, whose
-    /// CPU clock does not measure this call, the wall figure alone counts.
-    /// The sleeps in between count whole.
+    /// Returns the guest's running time from `self` to `later`: the smaller
+    /// of the wall and the CPU figure, plus the sleeps in between. When the
+    /// call moved to another thread, whose CPU clock does not measure this
+    /// call, the wall figure alone counts.
     fn running_until(&self, later: &Readings) -> Duration {
         let yielded = later.yielded.since(self.yielded);
         let slept = later.slept.since(self.slept);

@@ -259,6 +259,8 @@ async fn serve(
     // Request-phase workers, in order.
     let mut upstream = route.upstream;
     let mut worker_path: Option<String> = None;
+    // The worker that set `worker_path` last.
+    let mut path_setter: Option<&Binding> = None;
     let mut view = None;
     if !route.workers.is_empty() {
         let mut request_view = worker_request(&parts, &path, client_ip, route, matched.params);
@@ -316,6 +318,9 @@ async fn serve(
                     to.changes
                 }
             };
+            if changes.path.is_some() {
+                path_setter = Some(binding);
+            }
             apply_request_changes(
                 changes,
                 &mut parts.headers,
@@ -380,7 +385,16 @@ async fn serve(
         connection,
         &upstream.name,
         node,
-    )?;
+    )
+    .map_err(|refusal| match (refusal, path_setter) {
+        // The worker's path, encoded and with the client's query, is too
+        // long for a request target: the worker's fault.
+        (Refusal::InvalidPath(reason), Some(binding)) => {
+            let reason = format!("set a path the upstream request cannot carry: {reason}");
+            invalid_decision(route, binding, exchange, &reason)
+        }
+        (refusal, _) => refusal,
+    })?;
     drop(wire_path);
     if route.observe.request_id {
         if let Some(id) = &exchange.request_id {

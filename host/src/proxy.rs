@@ -206,14 +206,16 @@ impl Upstream {
         async move {
             let mut attempts = attempts?;
             loop {
-                let slot = match attempts.free_slot() {
-                    Ok(slot) => slot,
-                    Err(AllFull) => {
-                        *target_addr = Some(attempts.next_target().addr);
-                        // Boxed: only upstreams with a cap wait here.
-                        Some(Box::pin(self.wait_for_slot(&mut attempts)).await?)
-                    }
-                };
+                let reserved = attempts.reserved.take();
+                let slot =
+                    match reserved.map_or_else(|| attempts.free_slot(), |slot| Ok(Some(slot))) {
+                        Ok(slot) => slot,
+                        Err(AllFull) => {
+                            *target_addr = Some(attempts.next_target().addr);
+                            // Boxed: only upstreams with a cap wait here.
+                            Some(Box::pin(self.wait_for_slot(&mut attempts)).await?)
+                        }
+                    };
                 let (target, request, attempt_deadline) = attempts.start(target_addr, slot);
                 // The coarse timer: a tokio timer per request costs about a
                 // thousand instructions more, and this timeout needs no
@@ -404,8 +406,8 @@ impl Upstream {
                 .filter(|&index| {
                     let bit = 1 << (index % 64);
                     passed & bit == 0
-                        && (index == chosen
-                            || (attempts.tried & bit == 0 && self.is_eligible(index, now)))
+                        && (index == chosen || attempts.tried & bit == 0)
+                        && self.is_eligible(index, now)
                 })
                 .filter_map(|index| {
                     let slots = self.targets[index].slots.clone()?;
@@ -415,6 +417,9 @@ impl Upstream {
                 })
                 .collect();
             if waits.is_empty() {
+                // Every target the request may go to was taken out while it
+                // waited: the refusal is the one a new request would get.
+                self.choose(attempts.key, attempts.tried, now)?;
                 break;
             }
             let Ok(((index, acquired), ..)) =
@@ -426,7 +431,9 @@ impl Upstream {
             let Ok(slot) = acquired else {
                 break;
             };
-            if attempts.move_to(index) {
+            // The slot came free while the target may have gone down or its
+            // breaker opened, often through the request that held the slot.
+            if self.is_eligible(index, Instant::now()) && attempts.move_to(index) {
                 return Ok(slot);
             }
             passed |= 1 << (index % 64);
@@ -604,6 +611,8 @@ struct Attempts<'a> {
     retries: u32,
     /// The target of the next attempt and its breaker's permit.
     next: Option<(usize, Option<Permit<'a>>)>,
+    /// The request slot a retry took when its target was chosen.
+    reserved: Option<OwnedSemaphorePermit>,
     /// The attempt in flight: its target, breaker permit and in-flight mark.
     current: Option<(usize, Option<Permit<'a>>, Option<InFlight>)>,
     /// The attempt in flight ends at the caller's deadline, before the
@@ -648,6 +657,7 @@ impl<'a> Attempts<'a> {
             tried: 0,
             retries: 0,
             next: Some(next),
+            reserved: None,
             current: None,
             cut_short: false,
             chosen_at: Some(now),
@@ -677,6 +687,27 @@ impl<'a> Attempts<'a> {
             return Ok(Some(slot));
         }
         self.spill_over().map(Some).ok_or(AllFull)
+    }
+
+    /// Chooses the target of a retry, and takes its request slot when the
+    /// upstream caps them. Returns `false` when no target can take the
+    /// retry now: a retry never waits for a slot, so the failed attempt's
+    /// outcome is returned at once instead.
+    fn choose_retry(&mut self, now: Instant) -> bool {
+        let Ok(choice) = self.upstream.choose(self.key, self.tried, now) else {
+            return false;
+        };
+        self.next = Some(choice);
+        match self.free_slot() {
+            Ok(slot) => {
+                self.reserved = slot;
+                true
+            }
+            Err(AllFull) => {
+                self.next = None;
+                false
+            }
+        }
     }
 
     /// Sends the next attempt to target `index`, with a breaker permit of
@@ -778,16 +809,14 @@ impl<'a> Attempts<'a> {
                 if retry_status
                     && self.head.is_some()
                     && upstream.may_retry(self.retries, self.deadline, now)
+                    && self.choose_retry(now)
                 {
-                    if let Ok(choice) = upstream.choose(self.key, self.tried, now) {
-                        tracing::debug!(upstream = %upstream.name, target = %target.addr, status,
-                            "retrying upstream request after a retryable status");
-                        drop(response);
-                        self.next = Some(choice);
-                        self.request = self.head.as_ref().map(repeat);
-                        self.retries += 1;
-                        return None;
-                    }
+                    tracing::debug!(upstream = %upstream.name, target = %target.addr, status,
+                        "retrying upstream request after a retryable status");
+                    drop(response);
+                    self.request = self.head.as_ref().map(repeat);
+                    self.retries += 1;
+                    return None;
                 }
                 let timeouts = BodyTimeouts::new(settings.idle_timeout, self.deadline);
                 return Some(Ok(response.map(|body| body.watched(in_flight, timeouts))));
@@ -838,9 +867,8 @@ impl<'a> Attempts<'a> {
         if self.request.is_none() || !upstream.may_retry(self.retries, self.deadline, now) {
             return Some(Err(refusal));
         }
-        match upstream.choose(self.key, self.tried, now) {
-            Ok(choice) => self.next = Some(choice),
-            Err(_) => return Some(Err(refusal)),
+        if !self.choose_retry(now) {
+            return Some(Err(refusal));
         }
         tracing::debug!(upstream = %upstream.name, target = %target.addr, code = refusal.code(),
             "retrying failed upstream request");

@@ -485,6 +485,92 @@ async fn queue_wait_leaves_response_timeout_whole() -> Result {
     Ok(())
 }
 
+/// The `error` code of a response the node made, or "" for an upstream's.
+fn node_error(got: &Got) -> String {
+    serde_json::from_slice::<serde_json::Value>(&got.body)
+        .ok()
+        .and_then(|body| body["error"].as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn queued_request_skips_target_whose_breaker_opened() -> Result {
+    let failing = |_: &_| Reply::Delayed(Duration::from_millis(300), Box::new(Reply::Status(503)));
+    let first = Upstream::start(failing).await;
+    let second = Upstream::start(failing).await;
+    let config = format!(
+        "[upstreams.app]\ntargets = [\"{}\", \"{}\"]\nmax_requests_per_target = 1\n\
+         queue_timeout = \"5s\"\n\
+         [upstreams.app.breaker]\nconsecutive_failures = 1\ncool_down = \"30s\"\n\
+         [upstreams.app.retry]\nmax_retries = 0\n\n\
+         [[routes]]\nname = \"app\"\nupstream = \"app\"\n",
+        first.addr, second.addr
+    );
+    let node = Node::start(&config)?;
+    let url = node.url("/");
+
+    // Two requests hold both slots, and four more queue behind them. The
+    // two fail and open both breakers as their slots come free.
+    let requests: Vec<_> = (0..6)
+        .map(|index| {
+            let url = url.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(if index < 2 { 0 } else { 100 })).await;
+                get(&url).await
+            })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    let mut errors = Vec::new();
+    for request in requests {
+        let got = request.await.unwrap()?;
+        statuses.push(got.status);
+        errors.push(node_error(&got));
+    }
+    assert_eq!(statuses, [503; 6]);
+    assert_eq!(
+        first.count() + second.count(),
+        2,
+        "a queued request reached an open target"
+    );
+    assert_eq!(
+        errors.iter().filter(|e| *e == "circuit_open").count(),
+        4,
+        "{errors:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn retry_never_waits_for_a_slot() -> Result {
+    let held = Upstream::start(|_| Reply::Delay(Duration::from_secs(2))).await;
+    let failing = Upstream::start(|_| Reply::Status(503)).await;
+    let config = format!(
+        "[upstreams.app]\ntargets = [\"{}\", \"{}\"]\nmax_requests_per_target = 1\n\
+         queue_timeout = \"1s\"\n\
+         [upstreams.app.retry]\nmax_retries = 3\n\n\
+         [[routes]]\nname = \"app\"\nupstream = \"app\"\n",
+        held.addr, failing.addr
+    );
+    let node = Node::start(&config)?;
+    let url = node.url("/");
+    let holding = tokio::spawn({
+        let url = url.clone();
+        async move { get(&url).await }
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(held.count(), 1);
+
+    // The failing target answers 503; its retry could only wait for the
+    // held target's slot, so the client gets the upstream's own 503.
+    let got = get(&url).await?;
+    assert_eq!(got.status, 503);
+    assert_eq!(node_error(&got), "", "{:?}", got.body);
+    assert_eq!(held.count(), 1);
+    assert_eq!(holding.await.unwrap()?.status, 200);
+    Ok(())
+}
+
 #[tokio::test]
 async fn consistent_hash_moves_only_the_removed_targets_keys() -> Result {
     let names = ["a", "b", "c", "d"];

@@ -655,6 +655,27 @@ async fn worker_path_over_cap_fails_cleanly() -> Result {
         "{}",
         node.log()
     );
+    drop(node);
+
+    // A path under the cap that percent-encoding triples, with a long
+    // client query, is too long for a request target: the worker's fault.
+    let config = format!(
+        "{}{}path = \"/{}\"\n",
+        app(&upstream),
+        fixture_route("encoded", "/", "set", ""),
+        "é".repeat(8000)
+    );
+    let node = Node::start(&config)?;
+    let query = "q=".to_owned() + &"x".repeat(20_000);
+    let got = get(&node.url(&format!("/?{query}"))).await?;
+    assert_eq!(got.status, 500);
+    assert_eq!(got.json()["error"], "worker_failed");
+    assert_eq!(upstream.count(), 0);
+    assert!(
+        node.log_contains("set a path the upstream request cannot carry"),
+        "{}",
+        node.log()
+    );
     Ok(())
 }
 

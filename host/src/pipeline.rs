@@ -1302,9 +1302,9 @@ fn apply_request_changes(
     Ok(())
 }
 
-/// The longest path a worker may set, in bytes. Encoded with the client's
-/// query, a longer one could pass the 65,534 bytes a request target may
-/// have here, and the request would fail as the client's fault.
+/// The longest path a worker may set, in bytes. A request target may have
+/// 65,534 bytes here; a shorter path that percent-encoding and the client's
+/// query make longer than that fails the worker when the request goes on.
 const MAX_WORKER_PATH: usize = 16 * 1024;
 
 /// The maximum number of headers a worker may set, or remove, in one list.

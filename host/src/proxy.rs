@@ -398,7 +398,8 @@ impl Upstream {
         // The attempt starts later than its target was chosen.
         attempts.chosen_at = None;
         let chosen = attempts.next_index();
-        // Targets whose breaker turned the request away once it had a slot.
+        // Targets that were down, or whose breaker turned the request away,
+        // when their slot came free.
         let mut passed = 0u64;
         loop {
             let now = Instant::now();

@@ -374,27 +374,38 @@ async fn full_target_queues_then_gets_503() -> Result {
     Ok(())
 }
 
+/// A config with one route to the upstream `app` over `targets`, one
+/// request slot per target, and the upstream's `settings` lines.
+fn one_slot_each(targets: &[&Upstream], settings: &str) -> String {
+    let list: Vec<String> = targets.iter().map(|t| format!("\"{}\"", t.addr)).collect();
+    format!(
+        "[upstreams.app]\ntargets = [{}]\nmax_requests_per_target = 1\n{settings}\n\
+         [[routes]]\nname = \"app\"\nupstream = \"app\"\n",
+        list.join(", ")
+    )
+}
+
+/// Sends `count` GET requests to `url` at once.
+fn get_at_once(url: &str, count: usize) -> Vec<tokio::task::JoinHandle<Result<Got>>> {
+    (0..count)
+        .map(|_| {
+            let url = url.to_owned();
+            tokio::spawn(async move { get(&url).await })
+        })
+        .collect()
+}
+
 #[tokio::test]
 async fn full_target_spills_to_a_free_one() -> Result {
     let slow = Upstream::start(|_| Reply::Delay(Duration::from_secs(3))).await;
     let fast = Upstream::echo().await;
-    let config = format!(
-        "[upstreams.app]\ntargets = [\"{}\", \"{}\"]\nmax_requests_per_target = 1\n\
-         queue_timeout = \"50ms\"\n\n\
-         [[routes]]\nname = \"app\"\nupstream = \"app\"\n",
-        slow.addr, fast.addr
-    );
+    let config = one_slot_each(&[&slow, &fast], "queue_timeout = \"50ms\"\n");
     let node = Node::start(&config)?;
 
     // Two requests at once take one slot each, so one request is in flight
     // at the slow target.
     let url = node.url("/");
-    let in_flight: Vec<_> = (0..2)
-        .map(|_| {
-            let url = url.clone();
-            tokio::spawn(async move { get(&url).await })
-        })
-        .collect();
+    let in_flight = get_at_once(&url, 2);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(slow.count(), 1);
 
@@ -429,20 +440,10 @@ async fn queued_request_takes_first_free_slot() -> Result {
         )
     })
     .await;
-    let config = format!(
-        "[upstreams.app]\ntargets = [\"{}\", \"{}\"]\nmax_requests_per_target = 1\n\
-         queue_timeout = \"5s\"\n\n\
-         [[routes]]\nname = \"app\"\nupstream = \"app\"\n",
-        slow.addr, quick.addr
-    );
+    let config = one_slot_each(&[&slow, &quick], "queue_timeout = \"5s\"\n");
     let node = Node::start(&config)?;
     let url = node.url("/");
-    let in_flight: Vec<_> = (0..2)
-        .map(|_| {
-            let url = url.clone();
-            tokio::spawn(async move { get(&url).await })
-        })
-        .collect();
+    let in_flight = get_at_once(&url, 2);
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(slow.count(), 1);
     assert_eq!(quick.count(), 1);
@@ -498,13 +499,11 @@ async fn queued_request_skips_target_whose_breaker_opened() -> Result {
     let failing = |_: &_| Reply::Delayed(Duration::from_millis(300), Box::new(Reply::Status(503)));
     let first = Upstream::start(failing).await;
     let second = Upstream::start(failing).await;
-    let config = format!(
-        "[upstreams.app]\ntargets = [\"{}\", \"{}\"]\nmax_requests_per_target = 1\n\
-         queue_timeout = \"5s\"\n\
+    let config = one_slot_each(
+        &[&first, &second],
+        "queue_timeout = \"5s\"\n\
          [upstreams.app.breaker]\nconsecutive_failures = 1\ncool_down = \"30s\"\n\
-         [upstreams.app.retry]\nmax_retries = 0\n\n\
-         [[routes]]\nname = \"app\"\nupstream = \"app\"\n",
-        first.addr, second.addr
+         [upstreams.app.retry]\nmax_retries = 0\n",
     );
     let node = Node::start(&config)?;
     let url = node.url("/");
@@ -545,12 +544,9 @@ async fn queued_request_skips_target_whose_breaker_opened() -> Result {
 async fn retry_never_waits_for_a_slot() -> Result {
     let held = Upstream::start(|_| Reply::Delay(Duration::from_secs(2))).await;
     let failing = Upstream::start(|_| Reply::Status(503)).await;
-    let config = format!(
-        "[upstreams.app]\ntargets = [\"{}\", \"{}\"]\nmax_requests_per_target = 1\n\
-         queue_timeout = \"1s\"\n\
-         [upstreams.app.retry]\nmax_retries = 3\n\n\
-         [[routes]]\nname = \"app\"\nupstream = \"app\"\n",
-        held.addr, failing.addr
+    let config = one_slot_each(
+        &[&held, &failing],
+        "queue_timeout = \"1s\"\n[upstreams.app.retry]\nmax_retries = 3\n",
     );
     let node = Node::start(&config)?;
     let url = node.url("/");

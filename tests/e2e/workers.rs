@@ -370,6 +370,21 @@ async fn sleeping_worker_continues() -> Result {
     Ok(())
 }
 
+/// Returns a number of rounds of the fixture's `work` mode at `url` that
+/// keeps one call busy for at least `duration`.
+async fn rounds_lasting(url: &str, duration: Duration) -> Result<u64> {
+    let mut rounds = 1u64 << 16;
+    loop {
+        let started = Instant::now();
+        let got = send("GET", url, &[("x-rounds", &rounds.to_string())], b"").await?;
+        assert_eq!(got.status, 200, "{:?}", got.body);
+        if started.elapsed() >= duration || rounds >= 1 << 40 {
+            return Ok(rounds);
+        }
+        rounds *= 2;
+    }
+}
+
 #[tokio::test]
 async fn sleeping_worker_stops_at_deadline() -> Result {
     let upstream = Upstream::echo().await;
@@ -409,20 +424,7 @@ async fn deadline_counts_only_the_workers_own_running_time() -> Result {
     );
     let node = Node::start(&config)?;
     let url = node.url("/work");
-    let work =
-        async |rounds: u64| send("GET", &url, &[("x-rounds", &rounds.to_string())], b"").await;
-
-    // Find a number of rounds that keeps one call busy for about 40 ms.
-    let mut rounds = 1u64 << 16;
-    loop {
-        let started = Instant::now();
-        let got = work(rounds).await?;
-        assert_eq!(got.status, 200, "{:?}", got.body);
-        if started.elapsed() >= Duration::from_millis(40) || rounds >= 1 << 40 {
-            break;
-        }
-        rounds *= 2;
-    }
+    let mut rounds = rounds_lasting(&url, Duration::from_millis(40)).await?;
 
     // Together the calls need more than the deadline, each one less. A
     // machine busy during the calibration makes the calls too short to
@@ -461,20 +463,7 @@ async fn deadline_ignores_time_the_node_was_stopped() -> Result {
     );
     let node = Node::start(&config)?;
     let url = node.url("/work");
-    let work =
-        async |rounds: u64| send("GET", &url, &[("x-rounds", &rounds.to_string())], b"").await;
-
-    // Find a number of rounds that keeps one call busy for about 200 ms.
-    let mut rounds = 1u64 << 16;
-    loop {
-        let started = Instant::now();
-        let got = work(rounds).await?;
-        assert_eq!(got.status, 200, "{:?}", got.body);
-        if started.elapsed() >= Duration::from_millis(200) || rounds >= 1 << 40 {
-            break;
-        }
-        rounds *= 2;
-    }
+    let rounds = rounds_lasting(&url, Duration::from_millis(200)).await?;
 
     // The kernel stops the node for longer than the deadline while the
     // call runs, as a busy machine does for shorter spells: the call used

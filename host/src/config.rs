@@ -424,6 +424,10 @@ pub struct FetchConfig {
     /// Requests one hook call may send over all its `send` calls; the rest
     /// fail with `invalid-request`. Default: 64.
     pub max_requests_per_hook: usize,
+    /// The total time one hook call may wait in its `send` calls. A request
+    /// sent with less left has its timeout cut to what is left. Default: 30s.
+    #[serde(with = "humantime_serde")]
+    pub max_wait_per_hook: Duration,
 }
 
 impl Default for FetchConfig {
@@ -434,6 +438,7 @@ impl Default for FetchConfig {
             max_response_body: ByteSize::mib(1),
             max_requests_per_call: 16,
             max_requests_per_hook: 64,
+            max_wait_per_hook: Duration::from_secs(30),
         }
     }
 }
@@ -1985,6 +1990,9 @@ impl Config {
         }
         if fetch.max_response_body.as_u64() == 0 {
             return Err(invalid("max_response_body", "must be more than zero"));
+        }
+        if fetch.max_wait_per_hook.is_zero() {
+            return Err(invalid("max_wait_per_hook", "must be more than zero"));
         }
         // A response is copied into the worker's memory whole.
         if fetch.max_response_body > self.runtime.max_memory {

@@ -383,6 +383,7 @@ impl Node {
             max_response_body: fetch.max_response_body.as_u64(),
             max_requests_per_call: fetch.max_requests_per_call,
             max_requests_per_hook: fetch.max_requests_per_hook,
+            max_wait_per_hook: fetch.max_wait_per_hook,
         };
 
         // Binding calls each worker's `hooks` export, which is async.

@@ -867,6 +867,41 @@ async fn cpu_deadline_ignores_fetch_wait() -> Result {
     Ok(())
 }
 
+#[tokio::test]
+async fn hook_wait_cap_cuts_fetch_timeouts() -> Result {
+    let slow = Upstream::start(|_| Reply::Delay(Duration::from_secs(3))).await;
+    let config = format!(
+        "[runtime.fetch]\nmax_wait_per_hook = \"300ms\"\n\n{}{}",
+        upstreams(&[("slow", slow.addr.to_string())]),
+        fetch_route(
+            "[\"slow\"]",
+            "[{ upstream = \"slow\", path = \"/slow\", timeout_ms = 5000 }]\nrounds = 2",
+            "",
+        )
+    );
+    let node = Node::start(&config)?;
+
+    // The first request's 5 s timeout is cut to the hook's 300 ms of
+    // waiting. The second, sent after, has nothing left and is not sent.
+    let started = Instant::now();
+    let got = get(&node.url("/fetch")).await?;
+    assert_eq!(got.status, 200);
+    let results = &got.json()["results"];
+    assert_eq!(results[0]["error"], "timed_out");
+    assert_eq!(results[1]["error"], "invalid_request");
+    assert_eq!(
+        results[1]["detail"],
+        "over the limit of 300ms of waiting per worker call"
+    );
+    assert_eq!(slow.count(), 1);
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "the fetch waited {:?}",
+        started.elapsed()
+    );
+    Ok(())
+}
+
 #[test]
 fn explain_lists_fetch_upstreams() {
     let dir = tempfile::tempdir().unwrap();

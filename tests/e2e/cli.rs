@@ -400,6 +400,10 @@ fn check_rejects_invalid_values() {
             ":25: runtime.fetch.max_timeout: 1s is shorter",
         ),
         (
+            format!("{VALID}\n[runtime.fetch]\nmax_wait_per_hook = \"0s\"\n"),
+            ":24: runtime.fetch.max_wait_per_hook: must be more than zero",
+        ),
+        (
             format!("{VALID}\n[runtime.fetch]\n\nmax_requests_per_hook = 0\n"),
             ":25: runtime.fetch.max_requests_per_hook: must be at least 1",
         ),

@@ -53,6 +53,8 @@ pub struct FetchLimits {
     pub max_requests_per_call: usize,
     /// Requests one hook call may send over all its `send` calls.
     pub max_requests_per_hook: usize,
+    /// The total time one hook call may wait in its `send` calls.
+    pub max_wait_per_hook: Duration,
 }
 
 /// The fetch access of one worker binding: the node's upstreams, the names
@@ -193,6 +195,9 @@ impl FetchState {
                 .collect();
         };
         let limits = &access.limits;
+        // Each request's timeout is cut to the hook's wait left, so this
+        // call cannot wait past it.
+        let wait_left = limits.max_wait_per_hook.saturating_sub(self.waited);
         let mut planned = Vec::with_capacity(requests.len());
         for (index, request) in requests.into_iter().enumerate() {
             let plan = if index >= limits.max_requests_per_call {
@@ -205,10 +210,20 @@ impl FetchState {
                     "over the limit of {} requests per worker call",
                     limits.max_requests_per_hook
                 )))
+            } else if wait_left.is_zero() {
+                Err(FetchError::InvalidRequest(format!(
+                    "over the limit of {} of waiting per worker call",
+                    humantime::format_duration(limits.max_wait_per_hook)
+                )))
             } else {
                 let span_id = new_span_id();
                 let trace = self.trace.as_ref().map(|trace| (&trace.context, span_id));
-                access.prepare(request, self.request_id.as_ref(), trace)
+                access
+                    .prepare(request, self.request_id.as_ref(), trace)
+                    .map(|mut plan| {
+                        plan.timeout = plan.timeout.min(wait_left);
+                        plan
+                    })
             };
             if plan.is_ok() {
                 self.sent += 1;

@@ -42,7 +42,9 @@
 //!   one fetch call, and responds 200 with `{"results": [...]}`: per request
 //!   either `{"status", "headers", "body"}` (the body as text) or
 //!   `{"error": "not_allowed" | "timed_out" | "unavailable" |
-//!   "response_too_large" | "invalid_request", "detail": ...}`.
+//!   "response_too_large" | "invalid_request", "detail": ...}`. With
+//!   `rounds` (default 1), it makes that many fetch calls one after
+//!   another and reports every result in order.
 //!
 //! ```toml
 //! [[routes.workers]]
@@ -210,6 +212,13 @@ struct ResponseHeaderConfig {
 #[derive(Debug, Deserialize)]
 struct FetchConfig {
     requests: Vec<FetchRequestConfig>,
+    /// Fetch calls made one after another, each sending every request.
+    #[serde(default = "one_round")]
+    rounds: usize,
+}
+
+fn one_round() -> usize {
+    1
 }
 
 /// One request of the `fetch` mode.
@@ -394,43 +403,51 @@ fn joined_headers(headers: &edge_sdk::Headers) -> BTreeMap<String, String> {
 fn fetch(config: FetchConfig) -> Action {
     use edge_sdk::fetch::{self, FetchError};
 
-    let requests = config
-        .requests
-        .into_iter()
-        .map(|request| {
-            let mut built = fetch::Request::new(request.method, request.upstream, request.path)
-                .body(request.body);
-            for (name, value) in request.headers {
-                built = built.header(name, value);
-            }
-            if let Some(ms) = request.timeout_ms {
-                built = built.timeout(std::time::Duration::from_millis(ms));
-            }
-            built
-        })
-        .collect();
-    let results = fetch::send(requests)
-        .into_iter()
-        .map(|result| match result {
-            Ok(response) => FetchResultBody::Response {
-                status: response.status,
-                headers: joined_headers(&response.headers),
-                body: String::from_utf8_lossy(&response.body).into_owned(),
-            },
-            Err(error) => {
-                let (error, detail) = match error {
-                    FetchError::NotAllowed => ("not_allowed", None),
-                    FetchError::TimedOut => ("timed_out", None),
-                    FetchError::Unavailable(code) => ("unavailable", Some(code)),
-                    FetchError::ResponseTooLarge(cap) => {
-                        ("response_too_large", Some(cap.to_string()))
+    let mut results = Vec::new();
+    for _ in 0..config.rounds {
+        let requests = config
+            .requests
+            .iter()
+            .map(|request| {
+                let mut built = fetch::Request::new(
+                    request.method.clone(),
+                    request.upstream.clone(),
+                    request.path.clone(),
+                )
+                .body(request.body.clone());
+                for (name, value) in &request.headers {
+                    built = built.header(name.clone(), value.clone());
+                }
+                if let Some(ms) = request.timeout_ms {
+                    built = built.timeout(std::time::Duration::from_millis(ms));
+                }
+                built
+            })
+            .collect();
+        results.extend(
+            fetch::send(requests)
+                .into_iter()
+                .map(|result| match result {
+                    Ok(response) => FetchResultBody::Response {
+                        status: response.status,
+                        headers: joined_headers(&response.headers),
+                        body: String::from_utf8_lossy(&response.body).into_owned(),
+                    },
+                    Err(error) => {
+                        let (error, detail) = match error {
+                            FetchError::NotAllowed => ("not_allowed", None),
+                            FetchError::TimedOut => ("timed_out", None),
+                            FetchError::Unavailable(code) => ("unavailable", Some(code)),
+                            FetchError::ResponseTooLarge(cap) => {
+                                ("response_too_large", Some(cap.to_string()))
+                            }
+                            FetchError::InvalidRequest(reason) => ("invalid_request", Some(reason)),
+                        };
+                        FetchResultBody::Error { error, detail }
                     }
-                    FetchError::InvalidRequest(reason) => ("invalid_request", Some(reason)),
-                };
-                FetchResultBody::Error { error, detail }
-            }
-        })
-        .collect();
+                }),
+        );
+    }
     Action::respond(Response::json(200, &FetchBody { results }))
 }
 

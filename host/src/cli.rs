@@ -698,7 +698,7 @@ fn explain(path: &Path, method: &str, raw_path: &str, host: Option<&str>) -> any
                     index + 1,
                     config.resolve(worker.module.get_ref()).display(),
                     &binding.module.hash[..12],
-                    worker.cpu_deadline,
+                    worker.cpu_deadline.get_ref(),
                     crate::config::binary(*worker.max_memory.get_ref()),
                     if binding.response_hook {
                         ", response hook"

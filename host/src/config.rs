@@ -882,8 +882,8 @@ pub struct WorkerConfig {
     pub module: Spanned<PathBuf>,
     /// CPU time allowed per call before 503 `worker_timeout`. Default: 50ms.
     /// A call runs on a serving thread, so keep this short.
-    #[serde(default = "default_cpu_deadline", with = "humantime_serde")]
-    pub cpu_deadline: Duration,
+    #[serde(default = "default_cpu_deadline", with = "duration_spanned")]
+    pub cpu_deadline: Spanned<Duration>,
     /// Linear memory the instance may grow to; must not exceed
     /// `runtime.max_memory`. Default: 16 MiB.
     #[serde(default = "default_worker_memory", with = "size::spanned")]
@@ -947,8 +947,8 @@ impl SecretSource {
     }
 }
 
-fn default_cpu_deadline() -> Duration {
-    Duration::from_millis(50)
+fn default_cpu_deadline() -> Spanned<Duration> {
+    Spanned::new(0..0, Duration::from_millis(50))
 }
 
 fn default_worker_memory() -> Spanned<ByteSize> {
@@ -970,6 +970,30 @@ pub fn binary(size: ByteSize) -> String {
 fn map_spanned<T, U>(value: Spanned<T>, convert: impl FnOnce(T) -> U) -> Spanned<U> {
     let span = value.span();
     Spanned::new(span, convert(value.into_inner()))
+}
+
+/// Reads a duration in humantime's form (`"50ms"`) and keeps its place in
+/// the file.
+mod duration_spanned {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+    use toml::Spanned;
+
+    struct Human(Duration);
+
+    impl<'de> Deserialize<'de> for Human {
+        fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Human, D::Error> {
+            humantime_serde::deserialize(deserializer).map(Human)
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Spanned<Duration>, D::Error> {
+        let duration = Spanned::<Human>::deserialize(deserializer)?;
+        Ok(super::map_spanned(duration, |duration| duration.0))
+    }
 }
 
 /// Reads socket addresses, with an error that names the expected form. The
@@ -1519,14 +1543,14 @@ impl Config {
                     let field = field(&format!("workers[{worker_index}].max_memory"));
                     return Err(self.invalid(line, &field, &message));
                 }
-                if worker.cpu_deadline < crate::worker::EPOCH_TICK {
+                let cpu_deadline = *worker.cpu_deadline.get_ref();
+                if cpu_deadline < crate::worker::EPOCH_TICK {
                     let field = field(&format!("workers[{worker_index}].cpu_deadline"));
-                    // TODO: name the field's own line; `cpu_deadline` keeps no span.
-                    let line = self.line_of(worker.module.span().start);
+                    let line = self.line_of(worker.cpu_deadline.span().start).max(line);
                     let message = format!(
                         "{} is too short: the deadline is checked every {}, so it must be \
                          at least that",
-                        humantime::format_duration(worker.cpu_deadline),
+                        humantime::format_duration(cpu_deadline),
                         humantime::format_duration(crate::worker::EPOCH_TICK)
                     );
                     return Err(self.invalid(line, &field, &message));

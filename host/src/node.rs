@@ -491,7 +491,7 @@ impl Node {
                         name.clone(),
                         &worker.config,
                         secrets,
-                        worker.cpu_deadline,
+                        *worker.cpu_deadline.get_ref(),
                         worker.max_memory.get_ref().as_u64() as usize,
                         fetch,
                         allowed,

@@ -388,7 +388,7 @@ fn check_rejects_invalid_values() {
                 "module = \"{modules}/add-header.wasm\"",
                 "module = \"{modules}/add-header.wasm\"\ncpu_deadline = \"100us\"",
             ),
-            "routes[0].workers[0].cpu_deadline: 100us is too short: the deadline is checked \
+            ":14: routes[0].workers[0].cpu_deadline: 100us is too short: the deadline is checked \
              every 1ms, so it must be at least that",
         ),
         (

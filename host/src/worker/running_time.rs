@@ -15,14 +15,14 @@
 //! is too, and a busy machine no longer fails calls that used a fraction of
 //! their deadline.
 //!
-//! Time the guest spends blocked in WASI `poll` (a sleep: nothing else it
-//! can wait for blocks) is left out of both figures and counted whole, so a
-//! guest that sleeps is stopped at its deadline too. A sleep is cut off
-//! when the deadline passes.
+//! Time the guest spends blocked in WASI `poll` is left out of both figures
+//! and counted whole. WASI grants a guest nothing else to wait for, so such
+//! a block is a sleep, and a guest that sleeps is stopped at its deadline
+//! too: the sleep is cut off when the deadline passes.
 //!
-//! A call that ends before the first tick reads only the wall clock when it
-//! starts. Reading the thread's CPU clock is a system call (about 0.26 µs
-//! here), so it is read only at ticks.
+//! A call that ends before the first tick, and does not sleep, reads only
+//! the wall clock when it starts. Reading the thread's CPU clock is a system
+//! call (about 0.26 µs here), so it is read only at ticks and around sleeps.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;

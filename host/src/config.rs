@@ -1242,7 +1242,7 @@ fn with_table_order_hint(message: &str) -> String {
     if message.contains("expected a duration") {
         return format!(
             "{message}\nhint: write a duration as a string with its unit, such as \"50ms\", \
-             \"2s\" or \"5min\""
+             \"2s\" or \"5min\"; it cannot be negative"
         );
     }
     if let Some(name) = single_bracket_list(message) {

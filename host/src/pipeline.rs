@@ -417,18 +417,17 @@ async fn serve(
         .send_noting_target(request, client_ip, route.timeout, &mut exchange.target)
         .await;
     exchange.upstream_since = None;
-    // A request that no breaker or health check let through made no call.
-    // One that waited for a full target's slot made none either, but its
-    // wait for the upstream counts as upstream time, as when it is served.
+    // A request that no breaker or health check let through made no call,
+    // nor did one that waited for a full target's slot. The time counts as
+    // upstream time all the same: a wait for a slot, however it ended, as
+    // when the request is served, and a refusal at once takes microseconds.
     let called = !matches!(
         sent,
         Err(Refusal::CircuitOpen { .. }
             | Refusal::NoHealthyUpstream { .. }
             | Refusal::UpstreamBusy { .. })
     );
-    if called || matches!(sent, Err(Refusal::UpstreamBusy { .. })) {
-        exchange.upstream_time = started.elapsed();
-    }
+    exchange.upstream_time = started.elapsed();
     if let (Some(span_id), true) = (client_span, called) {
         let name = node.metrics.upstream_names()[upstream_index].clone();
         record_upstream_span(exchange, name, span_id, started, &sent);

@@ -439,8 +439,8 @@ impl Upstream {
             }
             passed |= 1 << (index % 64);
         }
-        let message = "every target's request slots stayed in use while the request waited \
-                       (max_requests_per_target)";
+        let message = "no target took the request while it waited: each was full \
+                       (max_requests_per_target), down or open; the target named was chosen first";
         self.log_failure(&self.targets[chosen], None, message);
         Err(Refusal::UpstreamBusy {
             upstream: self.name.clone(),

@@ -224,7 +224,7 @@ fn check_reports_line_and_field() {
     let no_unit = check_fails(&format!("{VALID}\n[node]\ndrain_timeout = \"20\"\n"));
     assert!(
         no_unit.contains(
-            "hint: write a duration as a string with its unit, such as \"50ms\", \"2s\" or \"5min\""
+            "hint: write a duration as a string with its unit, such as \"50ms\", \"2s\" or \"5min\"; it cannot be negative"
         ),
         "{no_unit}"
     );

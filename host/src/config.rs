@@ -1234,7 +1234,11 @@ fn with_table_order_hint(message: &str) -> String {
         "expected u32",
         "expected u16",
     ];
-    if unsigned.iter().any(|expected| message.contains(expected)) {
+    if let Some(expected) = unsigned
+        .iter()
+        .find(|expected| message.contains(**expected))
+    {
+        let message = message.replace(expected, "expected a whole number");
         return format!(
             "{message}\nhint: write a whole number, not negative and not a fraction, such as 10"
         );

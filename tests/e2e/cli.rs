@@ -234,6 +234,10 @@ fn check_reports_line_and_field() {
             .contains("hint: write a whole number, not negative and not a fraction, such as 10"),
         "{negative}"
     );
+    assert!(
+        negative.contains("expected a whole number") && !negative.contains("usize"),
+        "{negative}"
+    );
     let unknown_field = check_fails(&VALID.replace("prefix = \"/users\"", "prefx = \"/users\""));
     assert!(
         unknown_field.contains("unknown field `prefx`"),

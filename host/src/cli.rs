@@ -713,6 +713,17 @@ fn explain(path: &Path, method: &str, raw_path: &str, host: Option<&str>) -> any
                         .map(|name| name.get_ref().as_str())
                         .collect();
                     println!("    fetch: {}", upstreams.join(", "));
+                    let limits = &config.runtime.fetch;
+                    println!(
+                        "      timeout {} by default, at most {}; at most {} requests a send \
+                         call and {} a hook call, waiting at most {} in all; responses up to {}",
+                        humantime::format_duration(limits.default_timeout),
+                        humantime::format_duration(limits.max_timeout),
+                        limits.max_requests_per_call,
+                        limits.max_requests_per_hook,
+                        humantime::format_duration(limits.max_wait_per_hook),
+                        crate::config::binary(limits.max_response_body),
+                    );
                 }
             }
             if route.limits.is_empty() {

@@ -938,6 +938,13 @@ fn explain_lists_fetch_upstreams() {
         stdout.contains("    fetch: recs, history, billing"),
         "{stdout}"
     );
+    assert!(
+        stdout.contains(
+            "      timeout 1s by default, at most 10s; at most 16 requests a send call and 64 a \
+             hook call, waiting at most 30s in all; responses up to 1.0 MiB"
+        ),
+        "{stdout}"
+    );
 }
 
 #[test]

@@ -1302,13 +1302,13 @@ fn apply_request_changes(
 }
 
 /// The longest path a worker may set, in bytes. A request target may have
-/// 65,534 bytes here; a shorter path that percent-encoding and the client's
-/// query make longer than that fails the worker when the request goes on.
+/// at most 65,534 bytes here. A shorter path that percent-encoding and the
+/// client's query make longer than that fails the worker when it is sent.
 const MAX_WORKER_PATH: usize = 16 * 1024;
 
 /// The maximum number of headers a worker may set, or remove, in one list.
 /// More would cost the node time its CPU deadline does not count, and a
-/// header map holds at most about 24,000 entries.
+/// header map has room for about 24,000 entries at most.
 const MAX_HEADER_CHANGES: usize = 1000;
 
 /// Applies a worker's header changes to `headers`, and to the worker

@@ -692,8 +692,8 @@ impl<'a> Attempts<'a> {
 
     /// Chooses the target of a retry, and takes its request slot when the
     /// upstream caps them. Returns `false` when no target can take the
-    /// retry now: a retry never waits for a slot, so the failed attempt's
-    /// outcome is returned at once instead.
+    /// retry now. The send loop uses the slot taken here, so a retry does
+    /// not wait for one, and the failed attempt's outcome returns at once.
     fn choose_retry(&mut self, now: Instant) -> bool {
         let Ok(choice) = self.upstream.choose(self.key, self.tried, now) else {
             return false;

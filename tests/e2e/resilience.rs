@@ -374,8 +374,8 @@ async fn full_target_queues_then_gets_503() -> Result {
     Ok(())
 }
 
-/// A config with one route to the upstream `app` over `targets`, one
-/// request slot per target, and the upstream's `settings` lines.
+/// Returns a config with one route to the upstream `app` over `targets`,
+/// one request slot per target, and the upstream's `settings` lines.
 fn one_slot_each(targets: &[&Upstream], settings: &str) -> String {
     let list: Vec<String> = targets.iter().map(|t| format!("\"{}\"", t.addr)).collect();
     format!(
@@ -486,7 +486,8 @@ async fn queue_wait_leaves_response_timeout_whole() -> Result {
     Ok(())
 }
 
-/// The `error` code of a response the node made, or "" for an upstream's.
+/// Returns the `error` code of a response the node made, or "" for an
+/// upstream's response.
 fn node_error(got: &Got) -> String {
     serde_json::from_slice::<serde_json::Value>(&got.body)
         .ok()
@@ -549,10 +550,10 @@ async fn queued_request_skips_target_whose_breaker_opened() -> Result {
 
 #[tokio::test]
 async fn retry_never_waits_for_a_slot() -> Result {
-    let held = Upstream::start(|_| Reply::Delay(Duration::from_secs(2))).await;
+    let busy = Upstream::start(|_| Reply::Delay(Duration::from_secs(2))).await;
     let failing = Upstream::start(|_| Reply::Status(503)).await;
     let config = one_slot_each(
-        &[&held, &failing],
+        &[&busy, &failing],
         "queue_timeout = \"1s\"\n[upstreams.app.retry]\nmax_retries = 3\n",
     );
     let node = Node::start(&config)?;
@@ -562,14 +563,14 @@ async fn retry_never_waits_for_a_slot() -> Result {
         async move { get(&url).await }
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(held.count(), 1);
+    assert_eq!(busy.count(), 1);
 
-    // The failing target answers 503; its retry could only wait for the
-    // held target's slot, so the client gets the upstream's own 503.
+    // The failing target responds 503. Its retry could only wait for the
+    // busy target's slot, so the client gets the upstream's own 503.
     let got = get(&url).await?;
     assert_eq!(got.status, 503);
     assert_eq!(node_error(&got), "", "{:?}", got.body);
-    assert_eq!(held.count(), 1);
+    assert_eq!(busy.count(), 1);
     assert_eq!(holding.await.unwrap()?.status, 200);
     Ok(())
 }

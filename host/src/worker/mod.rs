@@ -11,10 +11,10 @@
 //! Bounds: epoch interruption enforces the CPU deadline, with a ticker
 //! thread advancing the engine's epoch every [`EPOCH_TICK`]. A resource
 //! limiter enforces the memory cap by trapping a growth past it. The deadline
-//! counts the guest's running time ([`running_time`]): time a call spends in
-//! a host import waiting for the network (a key set fetch, a fetch), yielded
-//! to other requests, or off the CPU does not count; network waits have
-//! their own timeouts.
+//! counts the guest's running time ([`running_time`]). Time a call spends
+//! waiting for the network in a host import (a key set fetch, a fetch),
+//! yielded to other requests, or off the CPU does not count. Network waits
+//! have their own timeouts.
 //!
 //! Calls are async: a running guest yields to the other requests of its
 //! serving thread at every tick. A synchronous call measured 0.5 to 1.7 µs
@@ -581,10 +581,10 @@ impl Runtime {
     /// `context` moves into the store for the call and back out after it,
     /// with the values the guest set, whether or not the call succeeded.
     ///
-    /// The deadline counts the guest's running time (see [`running_time`]):
-    /// neither the time it waited for its fetches (the fetch timeouts bound
-    /// that wait), nor the time it was yielded while other requests on its
-    /// thread ran, nor the time the kernel ran other processes counts.
+    /// The deadline counts the guest's running time (see [`running_time`]).
+    /// The time it waited for its fetches does not count, because the fetch
+    /// timeouts bound that wait. Neither do its turns yielded to other
+    /// requests, nor the time the kernel ran other processes.
     async fn call<R>(
         &self,
         binding: &Binding,

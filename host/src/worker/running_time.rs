@@ -43,7 +43,7 @@ pub(super) struct RunningTime {
     deadline: Duration,
     /// The time the guest slept so far, in wall and thread CPU time.
     slept: Spent,
-    /// Set at the first tick.
+    /// The count and the clocks at the last tick, from the first tick on.
     ticks: Option<Ticks>,
 }
 
@@ -136,7 +136,7 @@ impl RunningTime {
         self.deadline.saturating_sub(counted)
     }
 
-    /// Notes that the guest starts to sleep.
+    /// Reads the clocks as the guest starts to sleep.
     pub(super) fn sleep_begins() -> SleepStart {
         SleepStart {
             wall: Instant::now(),

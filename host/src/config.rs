@@ -1569,6 +1569,20 @@ impl Config {
                     let line = self.line_of(worker.module.span().start);
                     return Err(self.invalid(line, &field, message));
                 }
+                // Every call copies the config into the worker's memory, in
+                // one host call that the deadline cannot cut short.
+                let json_len = serde_json::to_string(&worker.config).map_or(0, |json| json.len());
+                if json_len > MAX_WORKER_CONFIG {
+                    let field = field(&format!("workers[{worker_index}].config"));
+                    let line = self.line_of(worker.module.span().start);
+                    let message = format!(
+                        "{json_len} bytes as JSON is over the {} a worker's config may take: \
+                         every call copies it into the worker's memory; put large data in \
+                         an upstream the worker fetches",
+                        binary(ByteSize::b(MAX_WORKER_CONFIG as u64))
+                    );
+                    return Err(self.invalid(line, &field, &message));
+                }
             }
         }
         // Last, so that a config under construction gets its other errors
@@ -2221,6 +2235,10 @@ impl Config {
         }
     }
 }
+
+/// The largest JSON form of a worker's config. Copying 1 MiB into a worker
+/// takes about 0.4 ms here, well inside the shortest useful deadline.
+const MAX_WORKER_CONFIG: usize = 1 << 20;
 
 /// Finds the first value under `value` that has no JSON form, which is how a
 /// worker reads its config, and returns its path below `path` with the

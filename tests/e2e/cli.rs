@@ -396,6 +396,14 @@ fn check_rejects_invalid_values() {
              every 1ms, so it must be at least that",
         ),
         (
+            VALID.replace(
+                "headers = { \"x-a\" = \"1\" }",
+                &format!("headers = {{ \"x-a\" = \"{}\" }}", "a".repeat(1 << 20)),
+            ),
+            ":13: routes[0].workers[0].config: 1048598 bytes as JSON is over the 1.0 MiB a \
+             worker's config may take",
+        ),
+        (
             format!("{VALID}\n[runtime.fetch]\nmax_response_body = \"0\"\n"),
             ":24: runtime.fetch.max_response_body: must be more than zero",
         ),

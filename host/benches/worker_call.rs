@@ -5,6 +5,8 @@
 //! Defaults to modules/add-header.wasm with `headers = { "x-bench" = "1" }`.
 //! Each HEADER, written `name: value`, is added to the request. With
 //! `HOOK=response` in the environment, it times `on_response` instead.
+//! `MAX_INSTANCES` sets the size of the instance pool (default 2; a node's
+//! default is 128).
 
 mod common;
 
@@ -39,12 +41,16 @@ fn main() -> anyhow::Result<()> {
         headers.push((name.trim().to_ascii_lowercase(), value.trim().to_owned()));
     }
     let response_hook = std::env::var("HOOK").is_ok_and(|hook| hook == "response");
+    let max_instances = std::env::var("MAX_INSTANCES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
     let cache = tempfile::tempdir()?;
     let settings = RuntimeSettings {
         cache_dir: cache.path().to_owned(),
         read_only_cache: false,
         cache_retention: Default::default(),
-        max_instances: 2,
+        max_instances,
         queue_limit: 2,
         queue_timeout: Duration::from_millis(20),
         max_memory: 64 << 20,

@@ -598,8 +598,10 @@ fn explain(path: &Path, method: &str, raw_path: &str, host: Option<&str>) -> any
         .with_context(|| format!("{method:?} is not an HTTP method"))?;
     crate::pipeline::check_method(&method).map_err(|refusal| {
         anyhow::anyhow!(
-            "{} (the node responds 400 invalid_method)",
-            refusal.message()
+            "{} (the node responds {} {})",
+            refusal.message(),
+            refusal.status().as_u16(),
+            refusal.code()
         )
     })?;
     // A fragment never reaches the node's routing: hyper drops it.

@@ -42,6 +42,12 @@ pub enum Refusal {
     BodyTimeout,
     /// The request body uses a transfer coding other than chunked.
     UnsupportedTransferCoding(String),
+    /// The method asks for something the node does not do: CONNECT, which
+    /// would open a tunnel.
+    UnsupportedMethod(String),
+    /// The request asks to switch protocols, as a WebSocket handshake does;
+    /// the node proxies HTTP requests only.
+    UnsupportedUpgrade(String),
     /// The body is larger than the route allows.
     BodyTooLarge { limit: u64 },
     /// The request sends the header a rate limit keys on more than once, so
@@ -93,7 +99,9 @@ impl Refusal {
             | Refusal::RepeatedKeyHeader { .. } => StatusCode::BAD_REQUEST,
             Refusal::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Refusal::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
-            Refusal::UnsupportedTransferCoding(_) => StatusCode::NOT_IMPLEMENTED,
+            Refusal::UnsupportedTransferCoding(_)
+            | Refusal::UnsupportedMethod(_)
+            | Refusal::UnsupportedUpgrade(_) => StatusCode::NOT_IMPLEMENTED,
             Refusal::NoUpstream | Refusal::WorkerFailed => StatusCode::INTERNAL_SERVER_ERROR,
             Refusal::UpstreamUnavailable { .. } => StatusCode::BAD_GATEWAY,
             Refusal::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -120,6 +128,8 @@ impl Refusal {
             Refusal::RepeatedKeyHeader { .. } => "repeated_key_header",
             Refusal::BodyTimeout => "body_timeout",
             Refusal::UnsupportedTransferCoding(_) => "unsupported_transfer_coding",
+            Refusal::UnsupportedMethod(_) => "unsupported_method",
+            Refusal::UnsupportedUpgrade(_) => "unsupported_upgrade",
             Refusal::NoUpstream => "no_upstream",
             Refusal::UpstreamUnavailable { .. } => "upstream_unavailable",
             Refusal::UpstreamTimeout { .. } => "upstream_timeout",
@@ -147,6 +157,8 @@ impl Refusal {
             | Refusal::RepeatedKeyHeader { .. }
             | Refusal::BodyTimeout
             | Refusal::UnsupportedTransferCoding(_)
+            | Refusal::UnsupportedMethod(_)
+            | Refusal::UnsupportedUpgrade(_)
             | Refusal::RateLimited { .. } => Source::Client,
             Refusal::WorkerFailed | Refusal::WorkerTimeout => Source::Worker,
             Refusal::UpstreamUnavailable { .. }
@@ -178,6 +190,12 @@ impl Refusal {
             }
             Refusal::UnsupportedTransferCoding(coding) => {
                 format!("the transfer coding {coding:?} is not supported; send the body chunked or with a Content-Length")
+            }
+            Refusal::UnsupportedMethod(method) => {
+                format!("the method {method} is not supported: this node proxies requests and does not open tunnels")
+            }
+            Refusal::UnsupportedUpgrade(protocol) => {
+                format!("switching to {protocol:?} is not supported: this node proxies HTTP requests only")
             }
             Refusal::BodyTimeout => {
                 "the request body arrived too slowly; the upstream's response timeout or the \

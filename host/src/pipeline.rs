@@ -39,6 +39,7 @@ use http::request::Parts;
 use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
+use hyper::body::Body as _;
 
 use crate::context::RequestContext;
 use crate::error::Refusal;
@@ -148,6 +149,7 @@ async fn serve(
     check_method(&parts.method)?;
     canonicalize_host(&mut parts)?;
     check_transfer_coding(&parts.headers)?;
+    check_upgrade(&parts.headers)?;
     remove_hop_by_hop(&mut parts.headers);
     if names_this_node(&parts.headers, &node.via) {
         return Err(Refusal::LoopDetected);
@@ -410,6 +412,17 @@ async fn serve(
             None => trace.propagate(&mut parts.headers),
         }
     }
+    // hyper sends a GET or HEAD whose body has no length without that body,
+    // so such a body goes chunked, as any other method's does.
+    if matches!(parts.method, Method::GET | Method::HEAD)
+        && !body.is_end_stream()
+        && !parts.headers.contains_key(header::CONTENT_LENGTH)
+    {
+        parts.headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+    }
     let request = Request::from_parts(parts, RequestBody::new(body, route.max_body));
     let started = Instant::now();
     exchange.upstream_since = Some(started);
@@ -435,6 +448,11 @@ async fn serve(
     let mut response = sent?;
     remove_hop_by_hop(response.headers_mut());
     single_content_length(response.headers_mut());
+    // A 204 has no content, so no length (RFC 9110, section 8.6); HTTP/2
+    // clients fail a stream whose 204 has one.
+    if response.status() == StatusCode::NO_CONTENT {
+        response.headers_mut().remove(header::CONTENT_LENGTH);
+    }
     // The node speaks its own HTTP version to the client, whatever the
     // upstream spoke.
     *response.version_mut() = http::Version::HTTP_11;
@@ -788,20 +806,52 @@ fn trim_field_values(headers: &mut HeaderMap) {
 /// (RFC 9110, section 9.1) and routes match them exactly, but some upstream
 /// frameworks upper-case them, so `delete` could reach a handler that the
 /// route for `DELETE`, and its workers, were meant to guard.
+///
+/// Rejects CONNECT too: the node opens no tunnels, and an upstream's 2xx
+/// to a CONNECT makes hyper close the client's connection unanswered.
 pub(crate) fn check_method(method: &Method) -> Result<(), Refusal> {
     let standard = matches!(
         *method,
         Method::GET | Method::POST | Method::HEAD | Method::PUT | Method::DELETE | Method::OPTIONS
     );
-    if standard
-        || !method
-            .as_str()
-            .bytes()
-            .any(|byte| byte.is_ascii_lowercase())
-    {
+    if standard {
         return Ok(());
     }
-    Err(Refusal::InvalidMethod(method.as_str().to_owned()))
+    if *method == Method::CONNECT {
+        return Err(Refusal::UnsupportedMethod(method.as_str().to_owned()));
+    }
+    if method
+        .as_str()
+        .bytes()
+        .any(|byte| byte.is_ascii_lowercase())
+    {
+        return Err(Refusal::InvalidMethod(method.as_str().to_owned()));
+    }
+    Ok(())
+}
+
+/// Refuses a request to switch to WebSocket (RFC 6455), which the node
+/// cannot carry: sent on as a plain request, it would get a confusing 200
+/// or 400 from the upstream, and an upstream's 101 a 502. Other upgrades,
+/// such as `h2c`, are ignored, as RFC 9110 (section 7.8) allows: the
+/// request goes on without its `Upgrade`.
+fn check_upgrade(headers: &HeaderMap) -> Result<(), Refusal> {
+    let websocket = headers
+        .get_all(header::UPGRADE)
+        .iter()
+        .flat_map(|value| value.as_bytes().split(|&byte| byte == b','))
+        .map(<[u8]>::trim_ascii)
+        .find(|protocol| {
+            // A protocol may name its version: `websocket/13`.
+            let name = protocol.split(|&byte| byte == b'/').next();
+            name.is_some_and(|name| name.eq_ignore_ascii_case(b"websocket"))
+        });
+    match websocket {
+        Some(protocol) => Err(Refusal::UnsupportedUpgrade(
+            String::from_utf8_lossy(protocol).into_owned(),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// Checks that `host` is `host[:port]` as RFC 3986 defines it: a registered

@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::future::select_all;
+use http::header::{self, HeaderMap, HeaderName};
 use http::{Request, Response};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::Full;
@@ -1230,10 +1231,13 @@ impl Body for PooledBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        match &polled {
+        let mut polled = Pin::new(&mut this.inner).poll_frame(cx);
+        match &mut polled {
             Poll::Ready(None) => this.release_if_done(),
-            Poll::Ready(Some(Ok(_))) => {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(trailers) = frame.trailers_mut() {
+                    filter_trailers(trailers);
+                }
                 if let Some(timeouts) = &mut this.timeouts {
                     timeouts.frames += 1;
                 }
@@ -1260,6 +1264,42 @@ impl Body for PooledBody {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// Fields an upstream may not send as trailers, which HTTP/2 clients
+/// receive: those that RFC 9110 (section 6.5.1) rules out, because they
+/// frame, route, authenticate or control the response or describe its
+/// content, and those the node sets itself. An HTTP/2 client fails a stream
+/// whose trailers hold `content-length`.
+static NOT_TRAILERS: [HeaderName; 19] = [
+    header::CONTENT_LENGTH,
+    header::CONTENT_TYPE,
+    header::CONTENT_ENCODING,
+    header::CONTENT_RANGE,
+    header::HOST,
+    header::AUTHORIZATION,
+    header::WWW_AUTHENTICATE,
+    header::PROXY_AUTHENTICATE,
+    header::SET_COOKIE,
+    header::CACHE_CONTROL,
+    header::EXPIRES,
+    header::LOCATION,
+    header::RETRY_AFTER,
+    header::VARY,
+    header::VIA,
+    header::STRICT_TRANSPORT_SECURITY,
+    HeaderName::from_static("x-request-id"),
+    HeaderName::from_static("traceparent"),
+    HeaderName::from_static("x-gateway-node"),
+];
+
+/// Removes the hop-by-hop fields and those in [`NOT_TRAILERS`] from an
+/// upstream's trailers.
+fn filter_trailers(trailers: &mut HeaderMap) {
+    crate::pipeline::remove_hop_by_hop(trailers);
+    for name in &NOT_TRAILERS {
+        trailers.remove(name);
     }
 }
 

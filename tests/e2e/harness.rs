@@ -496,6 +496,8 @@ pub struct Got {
     pub status: StatusCode,
     pub headers: HeaderMap,
     pub body: Bytes,
+    /// The trailer fields after the body, if any came.
+    pub trailers: Option<HeaderMap>,
 }
 
 impl Got {
@@ -518,11 +520,13 @@ impl Got {
 /// Reads a whole response.
 async fn collect(response: Response<Incoming>) -> Result<Got> {
     let (parts, body) = response.into_parts();
-    let body = body.collect().await?.to_bytes();
+    let collected = body.collect().await?;
+    let trailers = collected.trailers().cloned();
     Ok(Got {
         status: parts.status,
         headers: parts.headers,
-        body,
+        body: collected.to_bytes(),
+        trailers,
     })
 }
 

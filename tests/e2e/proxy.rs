@@ -911,6 +911,119 @@ async fn repeated_upstream_content_length_sent_once() -> Result {
 }
 
 #[tokio::test]
+async fn upstream_204_length_is_dropped() -> Result {
+    let addr = fixed_upstream(b"HTTP/1.1 204 No Content\r\ncontent-length: 5\r\n\r\n").await;
+    let node = Node::start(&format!(
+        "[upstreams.app]\ntargets = [\"{addr}\"]\n\n[[routes]]\nname = \"all\"\nupstream = \"app\"\n"
+    ))?;
+    // An HTTP/2 client fails a stream whose 204 has a length.
+    let got = get_h2(&node.url("/")).await?;
+    assert_eq!(got.status, 204);
+    assert_eq!(got.header("content-length"), None);
+    let got = get(&node.url("/")).await?;
+    assert_eq!(got.status, 204);
+    assert_eq!(got.header("content-length"), None);
+    Ok(())
+}
+
+#[tokio::test]
+async fn upstream_trailers_are_filtered() -> Result {
+    let addr = fixed_upstream(
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-checksum\r\n\r\n\
+          5\r\nhello\r\n0\r\ncontent-length: 99\r\nset-cookie: session=evil\r\n\
+          x-request-id: forged\r\nconnection: x-hop\r\nx-hop: 1\r\ngrpc-status: 0\r\n\
+          x-checksum: abc\r\n\r\n",
+    )
+    .await;
+    let node = Node::start(&format!(
+        "[upstreams.app]\ntargets = [\"{addr}\"]\n\n[[routes]]\nname = \"all\"\nupstream = \"app\"\n"
+    ))?;
+    // HTTP/2 carries trailers to the client. With `content-length` among
+    // them the client failed the stream.
+    let got = get_h2(&node.url("/")).await?;
+    assert_eq!(got.status, 200);
+    assert_eq!(got.body, "hello");
+    let trailers = got.trailers.expect("trailers reach an HTTP/2 client");
+    let mut names: Vec<&str> = trailers.keys().map(|name| name.as_str()).collect();
+    names.sort_unstable();
+    assert_eq!(names, ["grpc-status", "x-checksum"]);
+    Ok(())
+}
+
+#[tokio::test]
+async fn connect_gets_501_and_never_goes_upstream() -> Result {
+    let upstream = Upstream::echo().await;
+    let node = Node::start(&one_route(&upstream))?;
+    for target in ["/echo", "127.0.0.1:9"] {
+        let request = format!("CONNECT {target} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
+        let response = raw_request(node.addr, &request).await?;
+        assert!(response.starts_with("HTTP/1.1 501"), "{target}: {response}");
+        assert!(
+            response.contains("\"error\":\"unsupported_method\""),
+            "{target}: {response}"
+        );
+    }
+    assert_eq!(upstream.count(), 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn websocket_upgrade_gets_501_and_other_upgrades_are_ignored() -> Result {
+    let upstream = Upstream::echo().await;
+    let node = Node::start(&one_route(&upstream))?;
+    for upgrade in ["websocket", "WebSocket/13", "h2c, websocket"] {
+        let request = format!(
+            "GET /chat HTTP/1.1\r\nHost: a\r\nUpgrade: {upgrade}\r\nConnection: Upgrade, close\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        );
+        let response = raw_request(node.addr, &request).await?;
+        assert!(response.starts_with("HTTP/1.1 501"), "{upgrade}: {response}");
+        assert!(
+            response.contains("\"error\":\"unsupported_upgrade\""),
+            "{upgrade}: {response}"
+        );
+    }
+    assert_eq!(upstream.count(), 0);
+
+    // The server may ignore an upgrade it does not take (RFC 9110, section
+    // 7.8): an h2c upgrade goes on as a plain request, without `Upgrade`.
+    let response = raw_request(
+        node.addr,
+        "GET /page HTTP/1.1\r\nHost: a\r\nUpgrade: h2c\r\nConnection: Upgrade, HTTP2-Settings\r\n\
+         HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\nConnection: close\r\n\r\n",
+    )
+    .await?;
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    let seen = upstream.last();
+    assert!(seen.headers.get("upgrade").is_none());
+    assert!(seen.headers.get("http2-settings").is_none());
+    Ok(())
+}
+
+#[tokio::test]
+async fn get_and_head_bodies_without_length_reach_the_upstream() -> Result {
+    let upstream = Upstream::echo().await;
+    let node = Node::start(&one_route(&upstream))?;
+    for method in ["GET", "HEAD"] {
+        let request = format!(
+            "{method} /search HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\
+             Connection: close\r\n\r\n5\r\nhello\r\n0\r\n\r\n"
+        );
+        let response = raw_request(node.addr, &request).await?;
+        assert!(response.starts_with("HTTP/1.1 200"), "{method}: {response}");
+        let seen = upstream.last();
+        assert_eq!(seen.method, method);
+        assert_eq!(seen.body_len, 5, "{method}: the body was dropped");
+    }
+    // A GET without a body still goes without one.
+    get(&node.url("/plain")).await?;
+    let seen = upstream.last();
+    assert_eq!(seen.body_len, 0);
+    assert!(seen.headers.get("transfer-encoding").is_none());
+    Ok(())
+}
+
+#[tokio::test]
 async fn early_answer_to_stalled_body_spares_the_pool() -> Result {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     // The upstream responds to every request head at once, before any body, as

@@ -38,8 +38,8 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::uri::PathAndQuery;
 use http::{Method, Request, Response, StatusCode, Uri};
-use hyper::body::Incoming;
 use hyper::body::Body as _;
+use hyper::body::Incoming;
 
 use crate::context::RequestContext;
 use crate::error::Refusal;

@@ -977,7 +977,10 @@ async fn websocket_upgrade_gets_501_and_other_upgrades_are_ignored() -> Result {
              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
         );
         let response = raw_request(node.addr, &request).await?;
-        assert!(response.starts_with("HTTP/1.1 501"), "{upgrade}: {response}");
+        assert!(
+            response.starts_with("HTTP/1.1 501"),
+            "{upgrade}: {response}"
+        );
         assert!(
             response.contains("\"error\":\"unsupported_upgrade\""),
             "{upgrade}: {response}"

@@ -841,7 +841,7 @@ async fn redis_outage_fails_open_or_closed_and_recovers() -> Result {
     );
     let keys = redis.cli(&["--scan", "--pattern", "edge:rl:{open:*"]);
     assert_eq!(keys.lines().count(), 1, "{keys}");
-    assert!(node.log_contains("connected to redis again"));
+    assert!(node.log_contains("redis answers again"));
     Ok(())
 }
 
@@ -867,7 +867,7 @@ async fn restarted_redis_costs_no_request() -> Result {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(statuses, [200; 10], "{}", node.log());
-    assert!(node.log_contains("connected to redis again"));
+    assert!(node.log_contains("redis answers again"));
 
     // A burst that arrives together right after a restart shares one batch
     // on the broken connection: all of it goes again, none of it fails.
@@ -1004,6 +1004,67 @@ async fn hung_redis_costs_at_most_its_timeout() -> Result {
         in_a_row = if ok { in_a_row + 1 } else { 0 };
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    Ok(())
+}
+
+/// The connections Redis has accepted since it started.
+fn connections_received(redis: &Redis) -> u64 {
+    let stats = redis.cli(&["info", "stats"]);
+    stats
+        .lines()
+        .find_map(|line| line.strip_prefix("total_connections_received:"))
+        .and_then(|count| count.trim().parse().ok())
+        .expect("INFO stats has total_connections_received")
+}
+
+#[tokio::test]
+async fn paused_redis_is_not_reconnected_per_request() -> Result {
+    let upstream = Upstream::echo().await;
+    let redis = Redis::start()?;
+    // One serving thread: one link to Redis.
+    let config = format!(
+        "[node]\nthreads = 1\n\n{}",
+        outage_config(&upstream, &redis)
+    );
+    let node = Node::start(&config)?;
+    assert_eq!(get(&node.url("/closed")).await?.status, 200);
+
+    // A paused server (as during a failover) accepts connections but holds
+    // the script's commands, so each new connection times out too.
+    let before = connections_received(&redis);
+    redis.cli(&["client", "pause", "2500", "WRITE"]);
+    let started = Instant::now();
+    let (mut sent, mut waited) = (0, 0);
+    while started.elapsed() < Duration::from_millis(2000) {
+        let began = Instant::now();
+        assert_eq!(get(&node.url("/closed")).await?.status, 503);
+        sent += 1;
+        if began.elapsed() >= Duration::from_millis(90) {
+            waited += 1;
+        }
+    }
+    let opened = connections_received(&redis) - before;
+    // Before, every request waited out the 100 ms timeout on a new
+    // connection: about 20 requests, 20 connections. Now the link backs off
+    // (100, 200, 400, 800 ms) and requests fail at once in between.
+    assert!(
+        opened <= 6,
+        "{opened} connections opened for {sent} requests"
+    );
+    assert!(waited <= 6, "{waited} of {sent} requests waited");
+    assert!(sent >= 50, "only {sent} requests in 2 s");
+
+    let started = Instant::now();
+    while get(&node.url("/closed")).await?.status != 200 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{}",
+            node.log()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(node.log_contains("redis answers again"));
+    assert_eq!(node.log().matches("redis answers again").count(), 1);
     Ok(())
 }
 

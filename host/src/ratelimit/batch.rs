@@ -355,6 +355,7 @@ async fn flush(
         let exchange = exchange(settings, batch, pipeline, &mut connection);
         let error = match before(exchange, expiry.as_mut()).await {
             Some(Ok(replies)) if replies.len() == batch.pending.len().div_ceil(MAX_KEYS) => {
+                batch.link.answered(&settings.connector.description);
                 let Batch {
                     link,
                     pending,
@@ -383,18 +384,19 @@ async fn flush(
             Some(Err(error))
                 if matches!(error.kind(), ErrorKind::Server(_) | ErrorKind::Extension) =>
             {
+                batch.link.answered(&settings.connector.description);
                 batch.fail_all(|_| Failure::Redis(error.clone()));
                 return;
             }
             Some(Err(error)) => error,
             None => {
-                batch.link.mark_down(generation);
+                batch.link.mark_timed_out(generation);
                 batch.fail_all(|_| Failure::Timeout(settings.timeout));
                 return;
             }
         };
         // Any other error means the connection broke.
-        batch.link.mark_down(generation);
+        batch.link.mark_broken(generation);
         if !resent {
             resent = true;
             let reconnect = settings.connector.connection(&batch.link, deadline);

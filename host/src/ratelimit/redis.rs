@@ -21,7 +21,7 @@
 //! its own command.
 
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -79,7 +79,7 @@ pub struct RedisBackend {
 /// the batches that find their connection broken.
 pub(super) struct Connector {
     target: Target,
-    description: Arc<str>,
+    pub(super) description: Arc<str>,
     timeout: Duration,
     connect_timeout: Duration,
 }
@@ -140,11 +140,22 @@ impl Connection {
 /// One serving thread's connection to Redis.
 pub(super) struct Link {
     state: Mutex<LinkState>,
+    /// Whether the connection has answered since it was opened:
+    /// [`ANSWERED`], [`UNANSWERED`] or [`UNANSWERED_AFTER_OUTAGE`]. Read
+    /// with every reply, so it is an atomic beside the lock.
+    answered: AtomicU8,
     /// Woken when a connection attempt ends.
     settled: Notify,
     /// The decisions waiting for the next batch.
     pub(super) batcher: Batcher,
 }
+
+/// The connection has answered a command since it was opened.
+const ANSWERED: u8 = 0;
+/// The thread's first connection has not answered yet.
+const UNANSWERED: u8 = 1;
+/// A connection opened after an outage has not answered yet.
+const UNANSWERED_AFTER_OUTAGE: u8 = 2;
 
 enum LinkState {
     /// Nothing tried yet.
@@ -156,6 +167,9 @@ enum LinkState {
     Up {
         connection: Connection,
         generation: u64,
+        /// The wait before the next attempt, should this connection time
+        /// out before it ever answers.
+        backoff: Duration,
     },
     Down {
         retry_at: Instant,
@@ -280,17 +294,22 @@ impl RedisBackend {
             }
         }
         match reply {
-            Ok(Ok(reply)) => reply_text(&reply).and_then(parse_decision),
+            Ok(Ok(reply)) => {
+                link.answered(&self.description);
+                reply_text(&reply).and_then(parse_decision)
+            }
             Ok(Err(error)) => {
                 // A server error reply leaves the connection usable; any
                 // other error means it broke.
-                if !matches!(error.kind(), ErrorKind::Server(_) | ErrorKind::Extension) {
-                    link.mark_down(generation);
+                if matches!(error.kind(), ErrorKind::Server(_) | ErrorKind::Extension) {
+                    link.answered(&self.description);
+                } else {
+                    link.mark_broken(generation);
                 }
                 Err(Failure::Redis(error))
             }
             Err(_) => {
-                link.mark_down(generation);
+                link.mark_timed_out(generation);
                 Err(Failure::Timeout(self.timeout))
             }
         }
@@ -332,6 +351,7 @@ impl RedisBackend {
                 .get_or_insert_with(|| {
                     Arc::new(Link {
                         state: Mutex::new(LinkState::Idle),
+                        answered: AtomicU8::new(ANSWERED),
                         settled: Notify::new(),
                         batcher: Batcher::default(),
                     })
@@ -356,6 +376,7 @@ impl Connector {
         if let LinkState::Up {
             connection,
             generation,
+            ..
         } = &*link.state.lock().unwrap_or_else(PoisonError::into_inner)
         {
             return Ok(match connection {
@@ -376,6 +397,7 @@ impl Connector {
                     LinkState::Up {
                         connection,
                         generation,
+                        ..
                     } => return Ok(Some((connection.clone(), *generation))),
                     LinkState::Idle => {
                         *state = LinkState::Connecting { wait: true };
@@ -449,12 +471,20 @@ impl Connector {
             let mut state = link.state.lock().unwrap_or_else(PoisonError::into_inner);
             *state = match result {
                 Ok(connection) => {
-                    if was_down {
-                        tracing::info!(redis = %description, "connected to redis again");
-                    }
+                    // A server that accepts connections but holds commands
+                    // (CLIENT PAUSE, during a failover) connects every time,
+                    // so the link counts as back once the connection answers.
+                    tracing::debug!(redis = %description, "connected to redis");
+                    let answered = if was_down {
+                        UNANSWERED_AFTER_OUTAGE
+                    } else {
+                        UNANSWERED
+                    };
+                    link.answered.store(answered, Ordering::Relaxed);
                     LinkState::Up {
                         connection,
                         generation: NEXT_GENERATION.fetch_add(1, Ordering::Relaxed),
+                        backoff,
                     }
                 }
                 Err(error) => {
@@ -490,6 +520,7 @@ impl Link {
             LinkState::Up {
                 connection,
                 generation,
+                ..
             } => Some((connection.clone(), *generation)),
             _ => None,
         }
@@ -503,10 +534,22 @@ impl Link {
         }
     }
 
-    /// Drops the connection of `generation` after a failure, unless a newer
+    /// Notes that the connection answered: the first answer after an
+    /// outage ends it, and is logged.
+    pub(super) fn answered(&self, description: &str) {
+        let answered = self.answered.load(Ordering::Relaxed);
+        if answered != ANSWERED {
+            self.answered.store(ANSWERED, Ordering::Relaxed);
+            if answered == UNANSWERED_AFTER_OUTAGE {
+                tracing::info!(redis = %description, "redis answers again");
+            }
+        }
+    }
+
+    /// Drops the connection of `generation` after it broke, unless a newer
     /// one has replaced it. The next request tries a new connection at once
     /// and waits for it. Later attempts back off.
-    pub(super) fn mark_down(&self, generation: u64) {
+    pub(super) fn mark_broken(&self, generation: u64) {
         let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         if matches!(&*state, LinkState::Up { generation: current, .. } if *current == generation) {
             *state = LinkState::Down {
@@ -514,6 +557,40 @@ impl Link {
                 backoff: FIRST_BACKOFF,
             };
         }
+    }
+
+    /// Drops the connection of `generation` after a command on it timed
+    /// out, unless a newer one has replaced it. A connection that answered
+    /// before is treated as broken. One that never answered was opened to a
+    /// server that accepts connections but holds commands, so the link
+    /// backs off from where it was, and requests fail at once until the
+    /// next attempt, instead of each waiting out the timeout on a new
+    /// connection.
+    pub(super) fn mark_timed_out(&self, generation: u64) {
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let LinkState::Up {
+            generation: current,
+            backoff,
+            ..
+        } = &*state
+        else {
+            return;
+        };
+        if *current != generation {
+            return;
+        }
+        let backoff = *backoff;
+        *state = if self.answered.load(Ordering::Relaxed) == ANSWERED {
+            LinkState::Down {
+                retry_at: Instant::now(),
+                backoff: FIRST_BACKOFF,
+            }
+        } else {
+            LinkState::Down {
+                retry_at: Instant::now() + backoff,
+                backoff: (backoff * 2).min(MAX_BACKOFF),
+            }
+        };
     }
 }
 

@@ -20,30 +20,69 @@ use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
-/// The requests of one connection: the number in flight, and a count of
-/// every start and end, which shows whether anything happened in a period.
+/// The requests of one connection: the number in flight, a count of every
+/// start and end, which shows whether anything happened in a period, and
+/// the requests the client cancelled before their response.
 #[derive(Debug, Default)]
 pub struct Activity {
     in_flight: AtomicUsize,
     events: AtomicU64,
+    ended: AtomicU64,
+    cancelled: AtomicU64,
 }
+
+/// A connection on which at least this many requests ended is closed when
+/// half of them or more were cancelled by the client before their response.
+/// Each such request may have reached the upstream, which keeps working on
+/// it after the node closes its upstream connection, so a client resetting
+/// HTTP/2 streams right after sending them could otherwise put unbounded
+/// work on upstreams over one connection (the HTTP/2 "rapid reset" attack
+/// with a delay, which h2's own count of early resets does not see).
+pub const CANCELLED_MIN_REQUESTS: u64 = 100;
 
 impl Activity {
     /// Counts a request as in flight until the returned guard is dropped.
     pub fn start(self: &Arc<Activity>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.events.fetch_add(1, Ordering::Relaxed);
-        InFlight(self.clone())
+        InFlight {
+            activity: self.clone(),
+            answered: false,
+        }
+    }
+
+    /// Whether the client cancelled so many requests that the connection
+    /// should close: see [`CANCELLED_MIN_REQUESTS`].
+    fn cancels_too_many(&self) -> bool {
+        let ended = self.ended.load(Ordering::Relaxed);
+        ended >= CANCELLED_MIN_REQUESTS && self.cancelled.load(Ordering::Relaxed) * 2 >= ended
     }
 }
 
 /// A request in flight on its connection.
-pub struct InFlight(Arc<Activity>);
+pub struct InFlight {
+    activity: Arc<Activity>,
+    /// Whether the response head was ready; a request dropped before then
+    /// was cancelled by its client.
+    answered: bool,
+}
+
+impl InFlight {
+    /// Notes that the request's response head is ready.
+    pub fn answered(&mut self) {
+        self.answered = true;
+    }
+}
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
-        self.0.events.fetch_add(1, Ordering::Relaxed);
+        let activity = &self.activity;
+        activity.in_flight.fetch_sub(1, Ordering::Relaxed);
+        activity.events.fetch_add(1, Ordering::Relaxed);
+        activity.ended.fetch_add(1, Ordering::Relaxed);
+        if !self.answered {
+            activity.cancelled.fetch_add(1, Ordering::Relaxed);
+        }
     }
 }
 
@@ -118,11 +157,22 @@ impl<T> IdleClose<T> {
         }
     }
 
-    /// Returns true once the connection has been idle for a whole period.
-    /// Otherwise it sets the timer for the next period, which wakes the
-    /// connection's task to check again.
+    /// Returns true once the connection has been idle for a whole period,
+    /// or its client cancelled too many requests. Otherwise it sets the
+    /// timer for the next period, which wakes the connection's task to check
+    /// again.
     fn idle_expired(&mut self, cx: &mut Context<'_>) -> bool {
         if self.closed {
+            return true;
+        }
+        if self.activity.cancels_too_many() {
+            tracing::warn!(
+                cancelled = self.activity.cancelled.load(Ordering::Relaxed),
+                ended = self.activity.ended.load(Ordering::Relaxed),
+                "closing a client connection that cancelled half of its requests or more \
+                 before their response"
+            );
+            self.closed = true;
             return true;
         }
         while self.timer.as_mut().poll(cx).is_ready() {

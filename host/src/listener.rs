@@ -459,10 +459,11 @@ async fn serve<T>(
             ));
             let service = service_fn(move |request| {
                 let context = context.clone();
-                let in_flight = activity.start();
+                let mut in_flight = activity.start();
                 async move {
                     let (node, connection) = &*context;
                     let response = pipeline::handle(node, connection, request).await;
+                    in_flight.answered();
                     let response = response.map(|body| TrackedBody::new(body, in_flight));
                     Ok::<_, std::convert::Infallible>(response)
                 }

@@ -787,6 +787,68 @@ async fn http2_prior_knowledge_is_proxied() -> Result {
     Ok(())
 }
 
+/// Sends GETs for `path` on one HTTP/2 connection, ten at a time, and
+/// cancels each after 20 ms, until the node closes the connection or 300
+/// were sent. Returns how many were sent and whether the node closed it.
+async fn cancel_http2_requests(node: &Node, path: &str) -> Result<(usize, bool)> {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let stream = tokio::net::TcpStream::connect(node.addr).await?;
+    let (sender, connection) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await?;
+    let connection = tokio::spawn(connection);
+    let mut sent = 0;
+    while sent < 300 && !connection.is_finished() {
+        let mut round = Vec::new();
+        for _ in 0..10 {
+            let mut sender = sender.clone();
+            let request = http::Request::get(node.url(path))
+                .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+            round.push(tokio::spawn(async move {
+                let _ =
+                    tokio::time::timeout(Duration::from_millis(20), sender.send_request(request))
+                        .await;
+            }));
+        }
+        for request in round {
+            request.await?;
+        }
+        sent += 10;
+        // Lets the node read the resets before the next round.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let closed = tokio::time::timeout(Duration::from_secs(5), connection)
+        .await
+        .is_ok();
+    Ok((sent, closed))
+}
+
+#[tokio::test]
+async fn http2_client_cancelling_most_requests_is_cut_off() -> Result {
+    let upstream = Upstream::start(|_| Reply::Delay(Duration::from_secs(2))).await;
+    let node = Node::start(&one_route(&upstream))?;
+    let (sent, closed) = cancel_http2_requests(&node, "/slow").await?;
+    // Each cancelled request reached the upstream, which keeps working on
+    // it. The node closes the connection once 100 requests ended and half
+    // or more of them were cancelled.
+    assert!(
+        closed,
+        "the node kept a connection open after {sent} cancelled requests"
+    );
+    assert!(
+        sent <= 150,
+        "{sent} requests were sent before the node closed the connection"
+    );
+    assert!(
+        upstream.count() <= 150,
+        "{} reached the upstream",
+        upstream.count()
+    );
+    assert!(node.log_contains("cancelled half of its requests or more"));
+    // Other connections are served as before.
+    assert_eq!(get_h2(&node.url("/after")).await?.status, 200);
+    Ok(())
+}
+
 #[tokio::test]
 async fn underscore_headers_are_removed() -> Result {
     let upstream = Upstream::echo().await;

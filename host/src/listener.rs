@@ -432,6 +432,7 @@ async fn serve<T>(
 {
     // One reference count per request instead of two.
     let context = Arc::new((node, connection));
+    let errors_context = context.clone();
     let served: Result<(), Box<dyn std::error::Error + Send + Sync>> = match first_bytes {
         FirstBytes::Http1 => {
             let service = service_fn(move |request| {
@@ -474,7 +475,35 @@ async fn serve<T>(
         }
     };
     if let Err(error) = served {
+        let (node, connection) = &*errors_context;
+        note_connection_error(node, connection, &*error);
+    }
+}
+
+/// Counts and logs a request that hyper refused before the node saw it,
+/// which leaves no access-log line. Other connection errors, such as a
+/// client that went away or a header timeout (which hyper also reports for
+/// an idle keep-alive connection), are logged at debug level only.
+fn note_connection_error(
+    node: &Node,
+    connection: &Connection,
+    error: &(dyn std::error::Error + 'static),
+) {
+    let unparsed = error.downcast_ref::<hyper::Error>().is_some_and(|error| {
+        error.is_parse() || error.is_parse_too_large() || error.is_parse_status()
+    });
+    if !unparsed {
         tracing::debug!(%error, "client connection ended with an error");
+        return;
+    }
+    node.metrics.unparsed_requests.inc();
+    if let Some(suppressed) = node.unparsed_log.admit() {
+        tracing::info!(
+            peer = %connection.peer,
+            %error,
+            suppressed,
+            "refused a request before routing it: hyper could not read its head"
+        );
     }
 }
 

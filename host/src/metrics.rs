@@ -185,6 +185,8 @@ pub struct Metrics {
     pub otlp_spans_dropped: IntCounter,
     /// Spans the OTLP collector accepted.
     pub otlp_spans_exported: IntCounter,
+    /// Requests that hyper refused before the node saw them.
+    pub unparsed_requests: IntCounter,
     state: StateMetrics,
 }
 
@@ -428,6 +430,12 @@ impl Metrics {
                 &registry,
                 "otlp_spans_exported_total",
                 "Trace spans the OTLP collector accepted.",
+            ),
+            unparsed_requests: counter(
+                &registry,
+                "unparsed_requests_total",
+                "HTTP/1 requests that hyper refused before the node saw them, with its 400, 414 \
+                 or 431: invalid framing, or a head too large.",
             ),
             registry,
             upstream_names,

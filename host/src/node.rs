@@ -245,6 +245,8 @@ pub struct Node {
     /// that requests get an id on arrival.
     pub request_ids: bool,
     pub lifecycle: Lifecycle,
+    /// Bounds the log lines about requests that hyper could not parse.
+    pub unparsed_log: LogThrottle,
 }
 
 /// An error that kept a node from being built.
@@ -685,6 +687,7 @@ impl Node {
             gateway_node,
             request_ids,
             lifecycle: Lifecycle::default(),
+            unparsed_log: LogThrottle::default(),
             name: config.node.name.clone(),
             via,
             router: Router::new(rules),

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use crate::harness::{get, send, Got, Node, Reply, Result, Upstream};
+use crate::harness::{get, raw_request, send, Got, Node, Reply, Result, Upstream};
 
 const TOKEN: &str = "observability-admin-token";
 
@@ -89,6 +89,32 @@ fn total(samples: &Samples, metric: &str, labels: &[(&str, &str)]) -> f64 {
         })
         .map(|(_, _, value)| value)
         .sum()
+}
+
+#[tokio::test]
+async fn requests_hyper_refuses_are_counted_and_logged() -> Result {
+    let upstream = Upstream::echo().await;
+    let node = Node::start(&admin_api_config(&upstream))?;
+    // Conflicting lengths, and more than 100 header fields: hyper's 400 and
+    // 431, before routing or the access log.
+    let many_fields: String = (0..101).map(|n| format!("X-{n}: 1\r\n")).collect();
+    let requests = [
+        "POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!"
+            .to_owned(),
+        format!("GET /x HTTP/1.1\r\nHost: a\r\n{many_fields}\r\n"),
+    ];
+    for (request, status) in requests.iter().zip(["400", "431"]) {
+        let response = raw_request(node.addr, request).await?;
+        assert!(
+            response.starts_with(&format!("HTTP/1.1 {status}")),
+            "{response}"
+        );
+    }
+    let samples = scrape(&node).await?;
+    assert_eq!(total(&samples, "edge_unparsed_requests_total", &[]), 2.0);
+    assert!(node.log_contains("hyper could not read its head"));
+    assert_eq!(upstream.count(), 0);
+    Ok(())
 }
 
 #[tokio::test]

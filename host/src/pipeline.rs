@@ -149,8 +149,11 @@ async fn serve(
     check_method(&parts.method)?;
     canonicalize_host(&mut parts)?;
     check_transfer_coding(&parts.headers)?;
-    check_upgrade(&parts.headers)?;
-    remove_hop_by_hop(&mut parts.headers);
+    let hop_by_hop = hop_by_hop_present(&parts.headers);
+    if hop_by_hop & UPGRADE_PRESENT != 0 {
+        check_upgrade(&parts.headers)?;
+    }
+    remove_present_hop_by_hop(&mut parts.headers, hop_by_hop);
     if names_this_node(&parts.headers, &node.via) {
         return Err(Refusal::LoopDetected);
     }
@@ -1065,15 +1068,30 @@ static HOP_BY_HOP: [HeaderName; 10] = [
 /// `Connection`, except `Host` and `Content-Length`: a peer cannot strip
 /// those, because the message means something else without them.
 pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    // One pass over the names finds which of them are present. Most messages
-    // carry none, or only `Connection: keep-alive`, so removing only those
-    // present saves a hashed lookup of each absent name.
+    remove_present_hop_by_hop(headers, hop_by_hop_present(headers));
+}
+
+/// Returns which of [`HOP_BY_HOP`] the headers hold, a bit per index. One
+/// pass over the names finds them: most messages carry none, or only
+/// `Connection: keep-alive`, so looking for each name would cost a hashed
+/// lookup apiece.
+fn hop_by_hop_present(headers: &HeaderMap) -> u16 {
     let mut present = 0u16;
     for name in headers.keys() {
         if let Some(index) = hop_by_hop_index(name) {
             present |= 1 << index;
         }
     }
+    present
+}
+
+/// The bit of `Upgrade`, `HOP_BY_HOP[6]`, in [`hop_by_hop_present`]'s
+/// result.
+const UPGRADE_PRESENT: u16 = 1 << 6;
+
+/// Works as [`remove_hop_by_hop`] does, given which hop-by-hop headers are
+/// present.
+fn remove_present_hop_by_hop(headers: &mut HeaderMap, present: u16) {
     if present == 0 {
         return;
     }
@@ -1629,6 +1647,13 @@ mod tests {
             check_host(b"u:p@abs.example"),
             Err("has userinfo (`user@`), which is not allowed")
         );
+    }
+
+    #[test]
+    fn upgrade_bit_is_upgrade() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        assert_eq!(hop_by_hop_present(&headers), UPGRADE_PRESENT);
     }
 
     #[test]

@@ -42,11 +42,10 @@ pub enum Refusal {
     BodyTimeout,
     /// The request body uses a transfer coding other than chunked.
     UnsupportedTransferCoding(String),
-    /// The method asks for something the node does not do: CONNECT, which
-    /// would open a tunnel.
+    /// A CONNECT request. The node opens no tunnels.
     UnsupportedMethod(String),
-    /// The request asks to switch protocols, as a WebSocket handshake does;
-    /// the node proxies HTTP requests only.
+    /// A request to switch to WebSocket. The node proxies HTTP requests
+    /// only.
     UnsupportedUpgrade(String),
     /// The body is larger than the route allows.
     BodyTooLarge { limit: u64 },

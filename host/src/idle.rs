@@ -34,10 +34,10 @@ pub struct Activity {
 /// A connection on which at least this many requests ended is closed when
 /// half of them or more were cancelled by the client before their response.
 /// Each such request may have reached the upstream, which keeps working on
-/// it after the node closes its upstream connection, so a client resetting
-/// HTTP/2 streams right after sending them could otherwise put unbounded
-/// work on upstreams over one connection (the HTTP/2 "rapid reset" attack
-/// with a delay, which h2's own count of early resets does not see).
+/// it after the node closes its upstream connection. Without this, a client
+/// that resets HTTP/2 streams right after sending them could put unbounded
+/// work on upstreams over one connection. That is the HTTP/2 "rapid reset"
+/// attack with a delay, which h2's own count of early resets does not see.
 pub const CANCELLED_MIN_REQUESTS: u64 = 100;
 
 impl Activity {
@@ -62,7 +62,7 @@ impl Activity {
 /// A request in flight on its connection.
 pub struct InFlight {
     activity: Arc<Activity>,
-    /// Whether the response head was ready; a request dropped before then
+    /// Whether the response head was ready. A request dropped before then
     /// was cancelled by its client.
     answered: bool,
 }

@@ -480,10 +480,10 @@ async fn serve<T>(
     }
 }
 
-/// Counts and logs a request that hyper refused before the node saw it,
-/// which leaves no access-log line. Other connection errors, such as a
-/// client that went away or a header timeout (which hyper also reports for
-/// an idle keep-alive connection), are logged at debug level only.
+/// Counts and logs a request that hyper rejected before the node saw it,
+/// which leaves no access-log line. Other connection errors are logged at
+/// debug level only: a client that went away, or a header timeout, which
+/// hyper also reports for an idle keep-alive connection.
 fn note_connection_error(
     node: &Node,
     connection: &Connection,

@@ -185,7 +185,7 @@ pub struct Metrics {
     pub otlp_spans_dropped: IntCounter,
     /// Spans the OTLP collector accepted.
     pub otlp_spans_exported: IntCounter,
-    /// Requests that hyper refused before the node saw them.
+    /// Requests that hyper rejected before the node saw them.
     pub unparsed_requests: IntCounter,
     state: StateMetrics,
 }
@@ -434,7 +434,7 @@ impl Metrics {
             unparsed_requests: counter(
                 &registry,
                 "unparsed_requests_total",
-                "HTTP/1 requests that hyper refused before the node saw them, with its 400, 414 \
+                "HTTP/1 requests that hyper rejected before the node saw them, with its 400, 414 \
                  or 431: invalid framing, or a head too large.",
             ),
             registry,

@@ -451,8 +451,8 @@ async fn serve(
     let mut response = sent?;
     remove_hop_by_hop(response.headers_mut());
     single_content_length(response.headers_mut());
-    // A 204 has no content, so no length (RFC 9110, section 8.6); HTTP/2
-    // clients fail a stream whose 204 has one.
+    // A 204 has no content, so it has no length (RFC 9110, section 8.6).
+    // HTTP/2 clients fail a stream whose 204 has one.
     if response.status() == StatusCode::NO_CONTENT {
         response.headers_mut().remove(header::CONTENT_LENGTH);
     }
@@ -833,11 +833,11 @@ pub(crate) fn check_method(method: &Method) -> Result<(), Refusal> {
     Ok(())
 }
 
-/// Refuses a request to switch to WebSocket (RFC 6455), which the node
-/// cannot carry: sent on as a plain request, it would get a confusing 200
-/// or 400 from the upstream, and an upstream's 101 a 502. Other upgrades,
-/// such as `h2c`, are ignored, as RFC 9110 (section 7.8) allows: the
-/// request goes on without its `Upgrade`.
+/// Rejects a request to switch to WebSocket (RFC 6455), which the node
+/// cannot carry. Sent on as a plain request, it would get a confusing 200
+/// or 400 from the upstream, and an upstream's 101 would become a 502.
+/// Other upgrades, such as `h2c`, are ignored, as RFC 9110 (section 7.8)
+/// allows, and the request goes on without its `Upgrade`.
 fn check_upgrade(headers: &HeaderMap) -> Result<(), Refusal> {
     let websocket = headers
         .get_all(header::UPGRADE)

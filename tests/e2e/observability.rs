@@ -92,7 +92,7 @@ fn total(samples: &Samples, metric: &str, labels: &[(&str, &str)]) -> f64 {
 }
 
 #[tokio::test]
-async fn requests_hyper_refuses_are_counted_and_logged() -> Result {
+async fn unparsed_requests_are_counted() -> Result {
     let upstream = Upstream::echo().await;
     let node = Node::start(&admin_api_config(&upstream))?;
     // Conflicting lengths, and more than 100 header fields: hyper's 400 and

@@ -841,7 +841,7 @@ async fn redis_outage_fails_open_or_closed_and_recovers() -> Result {
     );
     let keys = redis.cli(&["--scan", "--pattern", "edge:rl:{open:*"]);
     assert_eq!(keys.lines().count(), 1, "{keys}");
-    assert!(node.log_contains("redis answers again"));
+    assert!(node.log_contains("redis replies again"));
     Ok(())
 }
 
@@ -867,7 +867,7 @@ async fn restarted_redis_costs_no_request() -> Result {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(statuses, [200; 10], "{}", node.log());
-    assert!(node.log_contains("redis answers again"));
+    assert!(node.log_contains("redis replies again"));
 
     // A burst that arrives together right after a restart shares one batch
     // on the broken connection: all of it goes again, none of it fails.
@@ -1007,7 +1007,7 @@ async fn hung_redis_costs_at_most_its_timeout() -> Result {
     Ok(())
 }
 
-/// The connections Redis has accepted since it started.
+/// Returns the number of connections Redis has accepted since it started.
 fn connections_received(redis: &Redis) -> u64 {
     let stats = redis.cli(&["info", "stats"]);
     stats
@@ -1018,7 +1018,7 @@ fn connections_received(redis: &Redis) -> u64 {
 }
 
 #[tokio::test]
-async fn paused_redis_is_not_reconnected_per_request() -> Result {
+async fn paused_redis_backs_off() -> Result {
     let upstream = Upstream::echo().await;
     let redis = Redis::start()?;
     // One serving thread: one link to Redis.
@@ -1029,8 +1029,8 @@ async fn paused_redis_is_not_reconnected_per_request() -> Result {
     let node = Node::start(&config)?;
     assert_eq!(get(&node.url("/closed")).await?.status, 200);
 
-    // A paused server (as during a failover) accepts connections but holds
-    // the script's commands, so each new connection times out too.
+    // A paused server (as during a failover) accepts connections but does
+    // not run the script's commands, so each new connection times out too.
     let before = connections_received(&redis);
     redis.cli(&["client", "pause", "2500", "WRITE"]);
     let started = Instant::now();
@@ -1063,8 +1063,8 @@ async fn paused_redis_is_not_reconnected_per_request() -> Result {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(node.log_contains("redis answers again"));
-    assert_eq!(node.log().matches("redis answers again").count(), 1);
+    assert!(node.log_contains("redis replies again"));
+    assert_eq!(node.log().matches("redis replies again").count(), 1);
     Ok(())
 }
 

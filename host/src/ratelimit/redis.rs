@@ -140,22 +140,22 @@ impl Connection {
 /// One serving thread's connection to Redis.
 pub(super) struct Link {
     state: Mutex<LinkState>,
-    /// Whether the connection has answered since it was opened:
-    /// [`ANSWERED`], [`UNANSWERED`] or [`UNANSWERED_AFTER_OUTAGE`]. Read
-    /// with every reply, so it is an atomic beside the lock.
-    answered: AtomicU8,
+    /// Whether the connection has replied since it was opened: [`REPLIED`],
+    /// [`NOT_REPLIED`] or [`NOT_REPLIED_AFTER_OUTAGE`]. Read with every
+    /// reply, so it is an atomic beside the lock.
+    replied: AtomicU8,
     /// Woken when a connection attempt ends.
     settled: Notify,
     /// The decisions waiting for the next batch.
     pub(super) batcher: Batcher,
 }
 
-/// The connection has answered a command since it was opened.
-const ANSWERED: u8 = 0;
-/// The thread's first connection has not answered yet.
-const UNANSWERED: u8 = 1;
-/// A connection opened after an outage has not answered yet.
-const UNANSWERED_AFTER_OUTAGE: u8 = 2;
+/// The connection has replied to a command since it was opened.
+const REPLIED: u8 = 0;
+/// The thread's first connection has not replied yet.
+const NOT_REPLIED: u8 = 1;
+/// A connection opened after an outage has not replied yet.
+const NOT_REPLIED_AFTER_OUTAGE: u8 = 2;
 
 enum LinkState {
     /// Nothing tried yet.
@@ -168,7 +168,7 @@ enum LinkState {
         connection: Connection,
         generation: u64,
         /// The wait before the next attempt, should this connection time
-        /// out before it ever answers.
+        /// out before it ever replies.
         backoff: Duration,
     },
     Down {
@@ -295,14 +295,14 @@ impl RedisBackend {
         }
         match reply {
             Ok(Ok(reply)) => {
-                link.answered(&self.description);
+                link.note_reply(&self.description);
                 reply_text(&reply).and_then(parse_decision)
             }
             Ok(Err(error)) => {
                 // A server error reply leaves the connection usable; any
                 // other error means it broke.
                 if matches!(error.kind(), ErrorKind::Server(_) | ErrorKind::Extension) {
-                    link.answered(&self.description);
+                    link.note_reply(&self.description);
                 } else {
                     link.mark_broken(generation);
                 }
@@ -351,7 +351,7 @@ impl RedisBackend {
                 .get_or_insert_with(|| {
                     Arc::new(Link {
                         state: Mutex::new(LinkState::Idle),
-                        answered: AtomicU8::new(ANSWERED),
+                        replied: AtomicU8::new(REPLIED),
                         settled: Notify::new(),
                         batcher: Batcher::default(),
                     })
@@ -471,16 +471,16 @@ impl Connector {
             let mut state = link.state.lock().unwrap_or_else(PoisonError::into_inner);
             *state = match result {
                 Ok(connection) => {
-                    // A server that accepts connections but holds commands
-                    // (CLIENT PAUSE, during a failover) connects every time,
-                    // so the link counts as back once the connection answers.
+                    // A server that accepts connections but does not reply
+                    // (CLIENT PAUSE, as during a failover) connects every
+                    // time, so the link counts as back once it replies.
                     tracing::debug!(redis = %description, "connected to redis");
-                    let answered = if was_down {
-                        UNANSWERED_AFTER_OUTAGE
+                    let replied = if was_down {
+                        NOT_REPLIED_AFTER_OUTAGE
                     } else {
-                        UNANSWERED
+                        NOT_REPLIED
                     };
-                    link.answered.store(answered, Ordering::Relaxed);
+                    link.replied.store(replied, Ordering::Relaxed);
                     LinkState::Up {
                         connection,
                         generation: NEXT_GENERATION.fetch_add(1, Ordering::Relaxed),
@@ -534,14 +534,14 @@ impl Link {
         }
     }
 
-    /// Notes that the connection answered: the first answer after an
-    /// outage ends it, and is logged.
-    pub(super) fn answered(&self, description: &str) {
-        let answered = self.answered.load(Ordering::Relaxed);
-        if answered != ANSWERED {
-            self.answered.store(ANSWERED, Ordering::Relaxed);
-            if answered == UNANSWERED_AFTER_OUTAGE {
-                tracing::info!(redis = %description, "redis answers again");
+    /// Notes that the connection replied. The first reply after an outage
+    /// ends it, and is logged.
+    pub(super) fn note_reply(&self, description: &str) {
+        let replied = self.replied.load(Ordering::Relaxed);
+        if replied != REPLIED {
+            self.replied.store(REPLIED, Ordering::Relaxed);
+            if replied == NOT_REPLIED_AFTER_OUTAGE {
+                tracing::info!(redis = %description, "redis replies again");
             }
         }
     }
@@ -560,9 +560,9 @@ impl Link {
     }
 
     /// Drops the connection of `generation` after a command on it timed
-    /// out, unless a newer one has replaced it. A connection that answered
-    /// before is treated as broken. One that never answered was opened to a
-    /// server that accepts connections but holds commands, so the link
+    /// out, unless a newer one has replaced it. A connection that replied
+    /// before is treated as broken. One that never replied was opened to a
+    /// server that accepts connections but does not reply. The link then
     /// backs off from where it was, and requests fail at once until the
     /// next attempt, instead of each waiting out the timeout on a new
     /// connection.
@@ -580,7 +580,7 @@ impl Link {
             return;
         }
         let backoff = *backoff;
-        *state = if self.answered.load(Ordering::Relaxed) == ANSWERED {
+        *state = if self.replied.load(Ordering::Relaxed) == REPLIED {
             LinkState::Down {
                 retry_at: Instant::now(),
                 backoff: FIRST_BACKOFF,

@@ -733,7 +733,7 @@ async fn redis_cluster_counts_like_one_server() -> Result {
     assert_eq!(sizes.iter().sum::<usize>(), 21, "{sizes:?}");
     assert!(sizes.iter().filter(|&&n| n > 0).count() >= 2, "{sizes:?}");
     for node in &nodes {
-        assert!(!node.log().contains("cannot reach redis"), "{}", node.log());
+        assert!(!node.log().contains("no decision from redis"), "{}", node.log());
     }
     Ok(())
 }
@@ -805,8 +805,8 @@ async fn redis_outage_fails_open_or_closed_and_recovers() -> Result {
         assert!(started.elapsed() < Duration::from_secs(3));
     }
     assert_eq!(upstream.count(), reached);
-    assert!(node.log_contains("global rate limit cannot reach redis; counting on this node"));
-    assert!(node.log_contains("global rate limit cannot reach redis; answering 503"));
+    assert!(node.log_contains("global rate limit has no decision from redis; counting on this node"));
+    assert!(node.log_contains("global rate limit has no decision from redis; answering 503"));
 
     redis.restart()?;
     // Every serving thread reconnects by itself: wait until the fail-closed
@@ -1069,6 +1069,36 @@ async fn paused_redis_backs_off() -> Result {
 }
 
 #[tokio::test]
+async fn wrong_type_key_fails_only_its_request() -> Result {
+    let upstream = Upstream::echo().await;
+    let redis = Redis::start()?;
+    let fields = "key = \"header:x-api-key\"\nalgorithm = \"token_bucket\"\nrate = \"1000/s\"\n\
+                  scope = \"global\"\non_redis_error = \"fail_closed\"";
+    // One serving thread, so that the two keys' requests share batches.
+    let config = format!("[node]\nthreads = 1\n\n{}", limited_config(&redis, &upstream, fields));
+    let node = Node::start(&config)?;
+    let bad = [("x-api-key", "bad")];
+    assert_eq!(send("GET", &node.url("/"), &bad, b"").await?.status, 200);
+    // Another program's value of another type under the bad key's name.
+    let keys = redis.cli(&["--scan", "--pattern", "edge:rl:*"]);
+    let key = keys.trim();
+    assert_eq!(keys.lines().count(), 1, "{keys}");
+    redis.cli(&["del", key]);
+    redis.cli(&["rpush", key, "a"]);
+
+    let url = node.url("/");
+    let (good, bad) = tokio::join!(
+        concurrent(&url, 20, &[("x-api-key", "good")]),
+        concurrent(&url, 20, &[("x-api-key", "bad")]),
+    );
+    let (good, bad) = (good?, bad?);
+    assert_eq!(count(&good, 200), 20, "a good key failed beside the bad one");
+    assert_eq!(count(&bad, 503), 20);
+    assert!(node.log_contains("redis cannot decide for this key: WRONGTYPE"), "{}", node.log());
+    Ok(())
+}
+
+#[tokio::test]
 async fn redis_killed_under_load_never_fails_a_request() -> Result {
     let upstream = Upstream::echo().await;
     let mut redis = Redis::start()?;
@@ -1089,7 +1119,7 @@ async fn redis_killed_under_load_never_fails_a_request() -> Result {
     let statuses = load.await??;
     assert!(statuses.len() > 100, "{}", statuses.len());
     assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
-    assert!(node.log_contains("global rate limit cannot reach redis; counting on this node"));
+    assert!(node.log_contains("global rate limit has no decision from redis; counting on this node"));
     Ok(())
 }
 
@@ -1396,7 +1426,7 @@ async fn flushed_scripts_are_loaded_again() -> Result {
         assert_eq!(got.status, 200);
         assert_eq!(header_u64(&got, "ratelimit-remaining"), remaining);
     }
-    assert!(!node.log().contains("cannot reach redis"), "{}", node.log());
+    assert!(!node.log().contains("no decision from redis"), "{}", node.log());
     Ok(())
 }
 

@@ -23,6 +23,8 @@
 -- granted" (allowed is 0 or 1; granted is the requests taken: 0 when
 -- refused, 1 without a lease), a give back the empty string. One string of
 -- integers costs a client less to parse than arrays of integer replies.
+-- A key whose state cannot be read, such as one of another type, gets "E "
+-- and Redis's error instead, so that it fails its own request only.
 
 -- Needed before Redis 5 to write after reading TIME; a no-op since.
 if redis.replicate_commands then
@@ -239,7 +241,15 @@ if not shared and #ARGV ~= #KEYS then
     return redis.error_reply('ERR expected one ARGV entry or one per key, got ' .. #ARGV .. ' for ' .. #KEYS .. ' keys')
 end
 for i, key in ipairs(KEYS) do
-    decisions[i] = decide(key, parse(shared or ARGV[i]), now)
+    local ok, result = pcall(decide, key, parse(shared or ARGV[i]), now)
+    if ok then
+        decisions[i] = result
+    else
+        -- The error (a table with `err` on some Redis versions), without
+        -- the separator of decisions.
+        local message = type(result) == 'table' and result.err or tostring(result)
+        decisions[i] = 'E ' .. string.gsub(message, ',', ';')
+    end
 end
 write_back()
 return table.concat(decisions, ',')

@@ -1061,7 +1061,7 @@ impl Limit {
                 redis = %global.backend.description,
                 error = %failure,
                 fallbacks,
-                "global rate limit cannot reach redis; {}",
+                "global rate limit has no decision from redis; {}",
                 match self.spec.fail {
                     FailMode::FailOpen => "counting on this node",
                     FailMode::FailClosed => "answering 503",

@@ -58,6 +58,10 @@ pub enum Failure {
     Redis(#[from] RedisError),
     #[error("unexpected reply from the rate-limit script: {0}")]
     Reply(String),
+    /// The script could not decide for the request's key, such as one that
+    /// holds a value of another type.
+    #[error("redis cannot decide for this key: {0}")]
+    Key(String),
 }
 
 /// The Redis server or cluster that global limits count in, shared by every
@@ -695,6 +699,9 @@ pub struct Verdict {
 
 /// Parses one decision of the script's reply.
 pub(super) fn parse_decision(text: &[u8]) -> Result<Verdict, Failure> {
+    if let Some(error) = text.strip_prefix(b"E ") {
+        return Err(Failure::Key(String::from_utf8_lossy(error).into_owned()));
+    }
     let Some(values) = parse_fields(text) else {
         return Err(Failure::Reply(String::from_utf8_lossy(text).into_owned()));
     };

@@ -15,6 +15,8 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker};
 
 use hyper_util::server::graceful::GracefulConnection;
+
+use crate::idle::Activity;
 use slab::Slab;
 use tokio::sync::Notify;
 
@@ -39,12 +41,24 @@ impl Drain {
     /// Wraps a connection so that it shuts down gracefully once the drain
     /// starts. It counts as open until it is dropped.
     pub fn watch<C: GracefulConnection>(&self, connection: C) -> Watched<C> {
+        self.watch_cancels(connection, None)
+    }
+
+    /// Works as [`Drain::watch`] does, and also shuts the connection down
+    /// gracefully once its client cancelled too many upstream calls (see
+    /// [`crate::idle::CANCELLED_MIN_REQUESTS`]).
+    pub fn watch_cancels<C: GracefulConnection>(
+        &self,
+        connection: C,
+        activity: Option<Arc<Activity>>,
+    ) -> Watched<C> {
         self.shared.open.fetch_add(1, Ordering::SeqCst);
         Watched {
             connection,
             shared: self.shared.clone(),
             registered: None,
             shut_down: false,
+            activity,
         }
     }
 
@@ -93,6 +107,8 @@ pin_project_lite::pin_project! {
         // waker to tell whether a later poll comes with another.
         registered: Option<(usize, Waker)>,
         shut_down: bool,
+        // The connection's requests, when it watches their cancels.
+        activity: Option<Arc<Activity>>,
     }
 
     impl<C> PinnedDrop for Watched<C> {
@@ -113,6 +129,19 @@ impl<C: GracefulConnection> Future for Watched<C> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
+        if let (false, Some(activity)) = (*this.shut_down, this.activity.as_ref()) {
+            if activity.cancels_too_many(cx.waker()) {
+                let (calls, cancels) = activity.upstream_counts();
+                tracing::warn!(
+                    calls,
+                    cancels,
+                    "shutting down a client connection that cancelled half of its upstream \
+                     calls or more; its requests in flight finish"
+                );
+                *this.shut_down = true;
+                this.connection.as_mut().graceful_shutdown();
+            }
+        }
         if !*this.shut_down {
             if this.shared.draining.load(Ordering::SeqCst) {
                 *this.shut_down = true;

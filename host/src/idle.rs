@@ -12,32 +12,38 @@ use std::io;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{ready, Context, Poll};
+use std::task::{ready, Context, Poll, Waker};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use http_body::{Body, Frame, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::time::{Instant, Sleep};
 
 /// The requests of one connection: the number in flight, a count of every
 /// start and end, which shows whether anything happened in a period, and
-/// the requests the client cancelled before their response.
+/// the upstream calls that its client cancelled.
 #[derive(Debug, Default)]
 pub struct Activity {
     in_flight: AtomicUsize,
     events: AtomicU64,
-    ended: AtomicU64,
-    cancelled: AtomicU64,
+    upstream_calls: AtomicU64,
+    upstream_cancels: AtomicU64,
+    /// The connection's task, woken when it should shut down.
+    connection_task: AtomicWaker,
 }
 
-/// A connection on which at least this many requests ended is closed when
-/// half of them or more were cancelled by the client before their response.
-/// Each such request may have reached the upstream, which keeps working on
-/// it after the node closes its upstream connection. Without this, a client
-/// that resets HTTP/2 streams right after sending them could put unbounded
-/// work on upstreams over one connection. That is the HTTP/2 "rapid reset"
-/// attack with a delay, which h2's own count of early resets does not see.
+/// A connection whose client cancelled at least this many requests while
+/// their upstream calls were in flight, half of its upstream calls or more,
+/// is shut down gracefully: no new requests, and those in flight finish.
+/// The upstream keeps working on each cancelled request after the node
+/// closes its upstream connection. Without the limit, a client that resets
+/// HTTP/2 streams right after sending them could put unbounded work on
+/// upstreams over one connection. That is the HTTP/2 "rapid reset" attack
+/// with a delay, which h2's own count of early resets does not see.
+/// Requests that never reach an upstream do not count either way, so they
+/// cannot dilute the share.
 pub const CANCELLED_MIN_REQUESTS: u64 = 100;
 
 impl Activity {
@@ -45,43 +51,75 @@ impl Activity {
     pub fn start(self: &Arc<Activity>) -> InFlight {
         self.in_flight.fetch_add(1, Ordering::Relaxed);
         self.events.fetch_add(1, Ordering::Relaxed);
-        InFlight {
-            activity: self.clone(),
-            answered: false,
+        InFlight(self.clone())
+    }
+
+    /// Counts an upstream call. The returned guard counts it as cancelled
+    /// unless [`UpstreamCall::finish`] is called before it is dropped.
+    pub fn upstream_call(&self) -> UpstreamCall<'_> {
+        self.upstream_calls.fetch_add(1, Ordering::Relaxed);
+        UpstreamCall {
+            activity: self,
+            finished: false,
         }
     }
 
-    /// Whether the client cancelled so many requests that the connection
-    /// should close: see [`CANCELLED_MIN_REQUESTS`].
-    fn cancels_too_many(&self) -> bool {
-        let ended = self.ended.load(Ordering::Relaxed);
-        ended >= CANCELLED_MIN_REQUESTS && self.cancelled.load(Ordering::Relaxed) * 2 >= ended
+    /// Whether the client cancelled so many upstream calls that the
+    /// connection should shut down: see [`CANCELLED_MIN_REQUESTS`]. Keeps
+    /// `waker` to wake when that becomes true.
+    pub fn cancels_too_many(&self, waker: &Waker) -> bool {
+        self.connection_task.register(waker);
+        self.cancelled_too_many()
+    }
+
+    fn cancelled_too_many(&self) -> bool {
+        let cancels = self.upstream_cancels.load(Ordering::Relaxed);
+        cancels >= CANCELLED_MIN_REQUESTS
+            && cancels * 2 >= self.upstream_calls.load(Ordering::Relaxed)
+    }
+
+    /// The upstream calls made and cancelled, for the log.
+    pub fn upstream_counts(&self) -> (u64, u64) {
+        (
+            self.upstream_calls.load(Ordering::Relaxed),
+            self.upstream_cancels.load(Ordering::Relaxed),
+        )
     }
 }
 
 /// A request in flight on its connection.
-pub struct InFlight {
-    activity: Arc<Activity>,
-    /// Whether the response head was ready. A request dropped before then
-    /// was cancelled by its client.
-    answered: bool,
-}
-
-impl InFlight {
-    /// Notes that the request's response head is ready.
-    pub fn answered(&mut self) {
-        self.answered = true;
-    }
-}
+pub struct InFlight(Arc<Activity>);
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        let activity = &self.activity;
-        activity.in_flight.fetch_sub(1, Ordering::Relaxed);
-        activity.events.fetch_add(1, Ordering::Relaxed);
-        activity.ended.fetch_add(1, Ordering::Relaxed);
-        if !self.answered {
-            activity.cancelled.fetch_add(1, Ordering::Relaxed);
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.0.events.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// An upstream call in flight, counted as cancelled if dropped unfinished.
+pub struct UpstreamCall<'a> {
+    activity: &'a Activity,
+    finished: bool,
+}
+
+impl UpstreamCall<'_> {
+    /// Notes that the call returned, with a response or an error.
+    pub fn finish(mut self) {
+        self.finished = true;
+    }
+}
+
+impl Drop for UpstreamCall<'_> {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        self.activity
+            .upstream_cancels
+            .fetch_add(1, Ordering::Relaxed);
+        if self.activity.cancelled_too_many() {
+            self.activity.connection_task.wake();
         }
     }
 }
@@ -157,22 +195,11 @@ impl<T> IdleClose<T> {
         }
     }
 
-    /// Returns true once the connection has been idle for a whole period,
-    /// or its client cancelled too many requests. Otherwise it sets the
-    /// timer for the next period, which wakes the connection's task to check
-    /// again.
+    /// Returns true once the connection has been idle for a whole period.
+    /// Otherwise it sets the timer for the next period, which wakes the
+    /// connection's task to check again.
     fn idle_expired(&mut self, cx: &mut Context<'_>) -> bool {
         if self.closed {
-            return true;
-        }
-        if self.activity.cancels_too_many() {
-            tracing::warn!(
-                cancelled = self.activity.cancelled.load(Ordering::Relaxed),
-                ended = self.activity.ended.load(Ordering::Relaxed),
-                "closing a client connection that cancelled half of its requests or more \
-                 before their response"
-            );
-            self.closed = true;
             return true;
         }
         while self.timer.as_mut().poll(cx).is_ready() {

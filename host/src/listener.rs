@@ -430,6 +430,14 @@ async fn serve<T>(
 ) where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    // The requests of a connection that may speak HTTP/2, whose upstream
+    // calls the pipeline counts.
+    let activity = match first_bytes {
+        FirstBytes::Http1 => None,
+        FirstBytes::MaybeHttp2 => Some(Arc::new(Activity::default())),
+    };
+    let mut connection = connection;
+    connection.activity.clone_from(&activity);
     // One reference count per request instead of two.
     let context = Arc::new((node, connection));
     let errors_context = context.clone();
@@ -452,7 +460,8 @@ async fn serve<T>(
         FirstBytes::MaybeHttp2 => {
             // HTTP/2 has no header timer in hyper: the connection closes
             // itself after a header timeout without a request in flight.
-            let activity = Arc::new(Activity::default());
+            let activity = activity.unwrap_or_default();
+            let cancels = Some(activity.clone());
             let io = TokioIo::new(IdleClose::new(
                 stream,
                 activity.clone(),
@@ -460,17 +469,16 @@ async fn serve<T>(
             ));
             let service = service_fn(move |request| {
                 let context = context.clone();
-                let mut in_flight = activity.start();
+                let in_flight = activity.start();
                 async move {
                     let (node, connection) = &*context;
                     let response = pipeline::handle(node, connection, request).await;
-                    in_flight.answered();
                     let response = response.map(|body| TrackedBody::new(body, in_flight));
                     Ok::<_, std::convert::Infallible>(response)
                 }
             });
             drain
-                .watch(builders.auto.serve_connection(io, service))
+                .watch_cancels(builders.auto.serve_connection(io, service), cancels)
                 .await
         }
     };

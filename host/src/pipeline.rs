@@ -44,6 +44,7 @@ use hyper::body::Incoming;
 use crate::context::RequestContext;
 use crate::error::Refusal;
 use crate::exchange::Exchange;
+use crate::idle::Activity;
 use crate::metrics::{Phase, Reason};
 use crate::node::{Node, Route};
 use crate::proxy::{RequestBody, ResponseBody};
@@ -70,6 +71,10 @@ pub struct Connection {
     peer_trusted: bool,
     /// The peer's IP address as a header value, for `X-Forwarded-For`.
     peer_header: HeaderValue,
+    /// The requests of a connection that may speak HTTP/2, whose upstream
+    /// calls the pipeline counts, so that a client cancelling most of them
+    /// gets its connection shut down.
+    pub activity: Option<Arc<Activity>>,
 }
 
 impl Connection {
@@ -89,6 +94,7 @@ impl Connection {
             client_subject: None,
             peer_trusted,
             peer_header,
+            activity: None,
         }
     }
 }
@@ -429,9 +435,13 @@ async fn serve(
     let request = Request::from_parts(parts, RequestBody::new(body, route.max_body));
     let started = Instant::now();
     exchange.upstream_since = Some(started);
+    let call = connection.activity.as_deref().map(Activity::upstream_call);
     let sent = upstream
         .send_noting_target(request, client_ip, route.timeout, &mut exchange.target)
         .await;
+    if let Some(call) = call {
+        call.finish();
+    }
     exchange.upstream_since = None;
     // A request that no breaker or health check let through made no call,
     // nor did one that waited for a full target's slot. The time counts as

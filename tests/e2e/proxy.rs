@@ -788,62 +788,94 @@ async fn http2_prior_knowledge_is_proxied() -> Result {
 }
 
 /// Sends GETs for `path` on one HTTP/2 connection, ten at a time, and
-/// cancels each after 20 ms, until the node closes the connection or 300
-/// were sent. Returns how many were sent and whether the node closed it.
-async fn cancel_http2_requests(node: &Node, path: &str) -> Result<(usize, bool)> {
+/// cancels each after 20 ms, until the node shuts the connection down or
+/// 300 were sent. With `padding`, each round also sends ten requests that
+/// the node rejects itself (a lower-case method). First it sends one GET
+/// for `/kept`, which it never cancels. Returns how many were cancelled,
+/// whether the node closed the connection, and the kept request's status.
+async fn cancel_http2_requests(
+    node: &Node,
+    path: &str,
+    padding: bool,
+) -> Result<(usize, bool, Option<u16>)> {
     use hyper_util::rt::{TokioExecutor, TokioIo};
     let stream = tokio::net::TcpStream::connect(node.addr).await?;
     let (sender, connection) =
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await?;
     let connection = tokio::spawn(connection);
-    let mut sent = 0;
-    while sent < 300 && !connection.is_finished() {
+    let empty = http_body_util::Empty::<bytes::Bytes>::new;
+    let kept = {
+        let mut sender = sender.clone();
+        let request = http::Request::get(node.url("/kept")).body(empty())?;
+        tokio::spawn(async move { sender.send_request(request).await })
+    };
+    let mut cancelled = 0;
+    while cancelled < 300 && !connection.is_finished() {
         let mut round = Vec::new();
         for _ in 0..10 {
-            let mut sender = sender.clone();
-            let request = http::Request::get(node.url(path))
-                .body(http_body_util::Empty::<bytes::Bytes>::new())?;
+            let mut cancelling = sender.clone();
+            let request = http::Request::get(node.url(path)).body(empty())?;
             round.push(tokio::spawn(async move {
-                let _ =
-                    tokio::time::timeout(Duration::from_millis(20), sender.send_request(request))
-                        .await;
+                let _ = tokio::time::timeout(
+                    Duration::from_millis(20),
+                    cancelling.send_request(request),
+                )
+                .await;
             }));
+            if padding {
+                let mut sender = sender.clone();
+                let request = http::Request::builder()
+                    .method(http::Method::from_bytes(b"get")?)
+                    .uri(node.url(path))
+                    .body(empty())?;
+                round.push(tokio::spawn(async move {
+                    let _ = sender.send_request(request).await;
+                }));
+            }
         }
         for request in round {
             request.await?;
         }
-        sent += 10;
+        cancelled += 10;
         // Lets the node read the resets before the next round.
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    let kept = tokio::time::timeout(Duration::from_secs(10), kept).await??;
+    let kept = kept.ok().map(|response| response.status().as_u16());
     let closed = tokio::time::timeout(Duration::from_secs(5), connection)
         .await
         .is_ok();
-    Ok((sent, closed))
+    Ok((cancelled, closed, kept))
 }
 
 #[tokio::test]
 async fn http2_cancelling_client_is_cut_off() -> Result {
     let upstream = Upstream::start(|_| Reply::Delay(Duration::from_secs(2))).await;
     let node = Node::start(&one_route(&upstream))?;
-    let (sent, closed) = cancel_http2_requests(&node, "/slow").await?;
-    // Each cancelled request reached the upstream, which keeps working on
-    // it. The node closes the connection once 100 requests ended and half
-    // or more of them were cancelled.
-    assert!(
-        closed,
-        "the node kept a connection open after {sent} cancelled requests"
-    );
-    assert!(
-        sent <= 150,
-        "{sent} requests were sent before the node closed the connection"
-    );
-    assert!(
-        upstream.count() <= 150,
-        "{} reached the upstream",
-        upstream.count()
-    );
-    assert!(node.log_contains("cancelled half of its requests or more"));
+    for padding in [false, true] {
+        let before = upstream.count();
+        let (cancelled, closed, kept) = cancel_http2_requests(&node, "/slow", padding).await?;
+        // Each cancelled request reached the upstream, which keeps working
+        // on it. Once 100 upstream calls were cancelled, half of them or
+        // more, the node shuts the connection down gracefully. Requests the
+        // node rejects itself do not dilute that share.
+        assert!(
+            closed,
+            "padding {padding}: the connection stayed open after {cancelled} cancels"
+        );
+        assert!(
+            cancelled <= 150,
+            "padding {padding}: {cancelled} cancels before the shutdown"
+        );
+        let reached = upstream.count() - before;
+        assert!(
+            reached <= 151,
+            "padding {padding}: {reached} reached the upstream"
+        );
+        // The request in flight when the shutdown began still finishes.
+        assert_eq!(kept, Some(200), "padding {padding}");
+    }
+    assert!(node.log_contains("cancelled half of its upstream calls or more"));
     // Other connections are served as before.
     assert_eq!(get_h2(&node.url("/after")).await?.status, 200);
     Ok(())

@@ -733,7 +733,11 @@ async fn redis_cluster_counts_like_one_server() -> Result {
     assert_eq!(sizes.iter().sum::<usize>(), 21, "{sizes:?}");
     assert!(sizes.iter().filter(|&&n| n > 0).count() >= 2, "{sizes:?}");
     for node in &nodes {
-        assert!(!node.log().contains("no decision from redis"), "{}", node.log());
+        assert!(
+            !node.log().contains("no decision from redis"),
+            "{}",
+            node.log()
+        );
     }
     Ok(())
 }
@@ -805,7 +809,9 @@ async fn redis_outage_fails_open_or_closed_and_recovers() -> Result {
         assert!(started.elapsed() < Duration::from_secs(3));
     }
     assert_eq!(upstream.count(), reached);
-    assert!(node.log_contains("global rate limit has no decision from redis; counting on this node"));
+    assert!(
+        node.log_contains("global rate limit has no decision from redis; counting on this node")
+    );
     assert!(node.log_contains("global rate limit has no decision from redis; answering 503"));
 
     redis.restart()?;
@@ -1075,7 +1081,10 @@ async fn wrong_type_key_fails_only_its_request() -> Result {
     let fields = "key = \"header:x-api-key\"\nalgorithm = \"token_bucket\"\nrate = \"1000/s\"\n\
                   scope = \"global\"\non_redis_error = \"fail_closed\"";
     // One serving thread, so that the two keys' requests share batches.
-    let config = format!("[node]\nthreads = 1\n\n{}", limited_config(&redis, &upstream, fields));
+    let config = format!(
+        "[node]\nthreads = 1\n\n{}",
+        limited_config(&redis, &upstream, fields)
+    );
     let node = Node::start(&config)?;
     let bad = [("x-api-key", "bad")];
     assert_eq!(send("GET", &node.url("/"), &bad, b"").await?.status, 200);
@@ -1092,9 +1101,17 @@ async fn wrong_type_key_fails_only_its_request() -> Result {
         concurrent(&url, 20, &[("x-api-key", "bad")]),
     );
     let (good, bad) = (good?, bad?);
-    assert_eq!(count(&good, 200), 20, "a good key failed beside the bad one");
+    assert_eq!(
+        count(&good, 200),
+        20,
+        "a good key failed beside the bad one"
+    );
     assert_eq!(count(&bad, 503), 20);
-    assert!(node.log_contains("redis cannot decide for this key: WRONGTYPE"), "{}", node.log());
+    assert!(
+        node.log_contains("redis cannot decide for this key: WRONGTYPE"),
+        "{}",
+        node.log()
+    );
     Ok(())
 }
 
@@ -1119,7 +1136,9 @@ async fn redis_killed_under_load_never_fails_a_request() -> Result {
     let statuses = load.await??;
     assert!(statuses.len() > 100, "{}", statuses.len());
     assert!(statuses.iter().all(|&s| s == 200), "{statuses:?}");
-    assert!(node.log_contains("global rate limit has no decision from redis; counting on this node"));
+    assert!(
+        node.log_contains("global rate limit has no decision from redis; counting on this node")
+    );
     Ok(())
 }
 
@@ -1426,7 +1445,11 @@ async fn flushed_scripts_are_loaded_again() -> Result {
         assert_eq!(got.status, 200);
         assert_eq!(header_u64(&got, "ratelimit-remaining"), remaining);
     }
-    assert!(!node.log().contains("no decision from redis"), "{}", node.log());
+    assert!(
+        !node.log().contains("no decision from redis"),
+        "{}",
+        node.log()
+    );
     Ok(())
 }
 

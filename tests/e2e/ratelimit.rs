@@ -873,7 +873,8 @@ async fn restarted_redis_costs_no_request() -> Result {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(statuses, [200; 10], "{}", node.log());
-    assert!(node.log_contains("redis replies again"));
+    // No decision failed, so the log has no recovery to report.
+    assert!(!node.log().contains("redis replies again"), "{}", node.log());
 
     // A burst that arrives together right after a restart shares one batch
     // on the broken connection: all of it goes again, none of it fails.

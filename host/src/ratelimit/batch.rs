@@ -355,7 +355,7 @@ async fn flush(
         let exchange = exchange(settings, batch, pipeline, &mut connection);
         let error = match before(exchange, expiry.as_mut()).await {
             Some(Ok(replies)) if replies.len() == batch.pending.len().div_ceil(MAX_KEYS) => {
-                batch.link.note_reply(&settings.connector.description);
+                batch.link.note_reply(&settings.connector);
                 let Batch {
                     link,
                     pending,
@@ -384,7 +384,7 @@ async fn flush(
             Some(Err(error))
                 if matches!(error.kind(), ErrorKind::Server(_) | ErrorKind::Extension) =>
             {
-                batch.link.note_reply(&settings.connector.description);
+                batch.link.note_reply(&settings.connector);
                 batch.fail_all(|_| Failure::Redis(error.clone()));
                 return;
             }

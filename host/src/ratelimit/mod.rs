@@ -1053,6 +1053,7 @@ impl Limit {
             asking.failed = true;
         }
         drop(asking);
+        global.backend.note_failure();
         let fallbacks = global.fallbacks.fetch_add(1, Ordering::Relaxed) + 1;
         let now = clock.now_ns();
         if global.log.admit(now, FALLBACK_LOG_INTERVAL).is_some() {

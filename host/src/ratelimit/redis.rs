@@ -21,7 +21,7 @@
 //! its own command.
 
 use std::cell::RefCell;
-use std::sync::atomic::{AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -84,6 +84,9 @@ pub struct RedisBackend {
 pub(super) struct Connector {
     target: Target,
     pub(super) description: Arc<str>,
+    /// Whether a decision failed since Redis last replied, on any thread.
+    /// The first reply after that is logged, once for the node.
+    failed: AtomicBool,
     timeout: Duration,
     connect_timeout: Duration,
 }
@@ -144,22 +147,14 @@ impl Connection {
 /// One serving thread's connection to Redis.
 pub(super) struct Link {
     state: Mutex<LinkState>,
-    /// Whether the connection has replied since it was opened: [`REPLIED`],
-    /// [`NOT_REPLIED`] or [`NOT_REPLIED_AFTER_OUTAGE`]. Read with every
-    /// reply, so it is an atomic beside the lock.
-    replied: AtomicU8,
+    /// Whether the connection has replied since it was opened. Read with
+    /// every reply, so it is an atomic beside the lock.
+    replied: AtomicBool,
     /// Woken when a connection attempt ends.
     settled: Notify,
     /// The decisions waiting for the next batch.
     pub(super) batcher: Batcher,
 }
-
-/// The connection has replied to a command since it was opened.
-const REPLIED: u8 = 0;
-/// The thread's first connection has not replied yet.
-const NOT_REPLIED: u8 = 1;
-/// A connection opened after an outage has not replied yet.
-const NOT_REPLIED_AFTER_OUTAGE: u8 = 2;
 
 enum LinkState {
     /// Nothing tried yet.
@@ -217,6 +212,7 @@ impl RedisBackend {
         let connector = Connector {
             target,
             description: description.clone(),
+            failed: AtomicBool::new(false),
             timeout: config.timeout,
             connect_timeout: config.connect_timeout,
         };
@@ -237,6 +233,15 @@ impl RedisBackend {
     /// Decisions asked of Redis so far.
     pub fn decisions_sent(&self) -> u64 {
         self.decisions_sent.load(Ordering::Relaxed)
+    }
+
+    /// Notes that a decision failed, so that the next reply logs that Redis
+    /// replies again.
+    pub fn note_failure(&self) {
+        self.settings
+            .connector
+            .failed
+            .store(true, Ordering::Relaxed);
     }
 
     /// Decides one request of a limit for the state at the Redis key that
@@ -299,14 +304,14 @@ impl RedisBackend {
         }
         match reply {
             Ok(Ok(reply)) => {
-                link.note_reply(&self.description);
+                link.note_reply(&self.settings.connector);
                 reply_text(&reply).and_then(parse_decision)
             }
             Ok(Err(error)) => {
                 // A server error reply leaves the connection usable; any
                 // other error means it broke.
                 if matches!(error.kind(), ErrorKind::Server(_) | ErrorKind::Extension) {
-                    link.note_reply(&self.description);
+                    link.note_reply(&self.settings.connector);
                 } else {
                     link.mark_broken(generation);
                 }
@@ -355,7 +360,7 @@ impl RedisBackend {
                 .get_or_insert_with(|| {
                     Arc::new(Link {
                         state: Mutex::new(LinkState::Idle),
-                        replied: AtomicU8::new(REPLIED),
+                        replied: AtomicBool::new(true),
                         settled: Notify::new(),
                         batcher: Batcher::default(),
                     })
@@ -405,7 +410,7 @@ impl Connector {
                     } => return Ok(Some((connection.clone(), *generation))),
                     LinkState::Idle => {
                         *state = LinkState::Connecting { wait: true };
-                        self.spawn_connect(link.clone(), FIRST_BACKOFF, false, true);
+                        self.spawn_connect(link.clone(), FIRST_BACKOFF, true);
                     }
                     LinkState::Down { retry_at, backoff } => {
                         if Instant::now() < *retry_at {
@@ -420,7 +425,7 @@ impl Connector {
                         *state = LinkState::Connecting {
                             wait: right_after_break,
                         };
-                        self.spawn_connect(link.clone(), backoff, true, right_after_break);
+                        self.spawn_connect(link.clone(), backoff, right_after_break);
                         if !right_after_break {
                             return Err(Failure::Down);
                         }
@@ -442,7 +447,7 @@ impl Connector {
     /// An attempt that requests wait for (`wait`) is bounded by their
     /// timeout, so a server that accepts connections but never replies
     /// delays them once, not for the whole connect timeout.
-    fn spawn_connect(&self, link: Arc<Link>, backoff: Duration, was_down: bool, wait: bool) {
+    fn spawn_connect(&self, link: Arc<Link>, backoff: Duration, wait: bool) {
         let connect_timeout = if wait {
             self.timeout.min(self.connect_timeout)
         } else {
@@ -479,12 +484,7 @@ impl Connector {
                     // (CLIENT PAUSE, as during a failover) connects every
                     // time, so the link counts as back once it replies.
                     tracing::debug!(redis = %description, "connected to redis");
-                    let replied = if was_down {
-                        NOT_REPLIED_AFTER_OUTAGE
-                    } else {
-                        NOT_REPLIED
-                    };
-                    link.replied.store(replied, Ordering::Relaxed);
+                    link.replied.store(false, Ordering::Relaxed);
                     LinkState::Up {
                         connection,
                         generation: NEXT_GENERATION.fetch_add(1, Ordering::Relaxed),
@@ -538,15 +538,16 @@ impl Link {
         }
     }
 
-    /// Notes that the connection replied. The first reply after an outage
-    /// ends it, and is logged.
-    pub(super) fn note_reply(&self, description: &str) {
-        let replied = self.replied.load(Ordering::Relaxed);
-        if replied != REPLIED {
-            self.replied.store(REPLIED, Ordering::Relaxed);
-            if replied == NOT_REPLIED_AFTER_OUTAGE {
-                tracing::info!(redis = %description, "redis replies again");
-            }
+    /// Notes that the connection replied. The first reply on any thread
+    /// after a decision failed is logged.
+    pub(super) fn note_reply(&self, connector: &Connector) {
+        if !self.replied.load(Ordering::Relaxed) {
+            self.replied.store(true, Ordering::Relaxed);
+        }
+        if connector.failed.load(Ordering::Relaxed)
+            && connector.failed.swap(false, Ordering::Relaxed)
+        {
+            tracing::info!(redis = %connector.description, "redis replies again");
         }
     }
 
@@ -584,7 +585,7 @@ impl Link {
             return;
         }
         let backoff = *backoff;
-        *state = if self.replied.load(Ordering::Relaxed) == REPLIED {
+        *state = if self.replied.load(Ordering::Relaxed) {
             LinkState::Down {
                 retry_at: Instant::now(),
                 backoff: FIRST_BACKOFF,

@@ -1500,7 +1500,14 @@ fn worker_response(response: wit::Response) -> Result<Response<ResponseBody>, St
         .collect();
     let mut headers = HeaderMap::new();
     apply_header_changes(&mut headers, None, &[], own_headers)?;
-    let mut built = Response::new(ResponseBody::full(Bytes::from(response.body)));
+    // A 204 or 304 has no content (RFC 9110, sections 15.3.5 and 15.4.5).
+    // HTTP/2 clients fail a stream whose 204 carries a body or a length.
+    let body = if matches!(status, StatusCode::NO_CONTENT | StatusCode::NOT_MODIFIED) {
+        Bytes::new()
+    } else {
+        Bytes::from(response.body)
+    };
+    let mut built = Response::new(ResponseBody::full(body));
     *built.status_mut() = status;
     *built.headers_mut() = headers;
     Ok(built)

@@ -1269,34 +1269,47 @@ impl Body for PooledBody {
 }
 
 /// Fields an upstream may not send as trailers, which HTTP/2 clients
-/// receive: those that RFC 9110 (section 6.5.1) rules out, because they
-/// frame, route, authenticate or control the response or describe its
-/// content, and those the node sets itself. An HTTP/2 client fails a stream
-/// whose trailers hold `content-length`.
-static NOT_TRAILERS: [HeaderName; 19] = [
+/// receive. They are those that RFC 9110 (section 6.5.1) rules out, because
+/// they frame, route, authenticate or control the response or describe its
+/// content, and those the node sets itself on a response. An HTTP/2 client
+/// fails a stream whose trailers hold `content-length`.
+static NOT_TRAILERS: [HeaderName; 31] = [
     header::CONTENT_LENGTH,
     header::CONTENT_TYPE,
     header::CONTENT_ENCODING,
     header::CONTENT_RANGE,
+    header::CONTENT_DISPOSITION,
+    header::CONTENT_LOCATION,
     header::HOST,
     header::AUTHORIZATION,
     header::WWW_AUTHENTICATE,
     header::PROXY_AUTHENTICATE,
+    header::COOKIE,
     header::SET_COOKIE,
     header::CACHE_CONTROL,
     header::EXPIRES,
+    header::AGE,
     header::LOCATION,
+    header::REFRESH,
     header::RETRY_AFTER,
     header::VARY,
     header::VIA,
     header::STRICT_TRANSPORT_SECURITY,
+    HeaderName::from_static("x-forwarded-for"),
     HeaderName::from_static("x-request-id"),
+    HeaderName::from_static("x-request-duration"),
     HeaderName::from_static("traceparent"),
     HeaderName::from_static("x-gateway-node"),
+    HeaderName::from_static("ratelimit-limit"),
+    HeaderName::from_static("ratelimit-remaining"),
+    HeaderName::from_static("ratelimit-reset"),
+    HeaderName::from_static("x-rate-limit-remaining"),
+    header::ALT_SVC,
 ];
 
 /// Removes the hop-by-hop fields and those in [`NOT_TRAILERS`] from an
 /// upstream's trailers.
+// TODO: also remove the names of the route's `response_headers`, which this body does not know.
 fn filter_trailers(trailers: &mut HeaderMap) {
     crate::pipeline::remove_hop_by_hop(trailers);
     for name in &NOT_TRAILERS {

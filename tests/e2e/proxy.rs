@@ -1025,7 +1025,8 @@ async fn upstream_trailers_are_filtered() -> Result {
     let addr = fixed_upstream(
         b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-checksum\r\n\r\n\
           5\r\nhello\r\n0\r\ncontent-length: 99\r\nset-cookie: session=evil\r\n\
-          x-request-id: forged\r\nconnection: x-hop\r\nx-hop: 1\r\ngrpc-status: 0\r\n\
+          x-request-id: forged\r\nratelimit-remaining: 999\r\nx-request-duration: 0ms\r\n\
+          connection: x-hop\r\nx-hop: 1\r\ngrpc-status: 0\r\n\
           x-checksum: abc\r\n\r\n",
     )
     .await;

@@ -874,7 +874,11 @@ async fn restarted_redis_costs_no_request() -> Result {
     }
     assert_eq!(statuses, [200; 10], "{}", node.log());
     // No decision failed, so the log has no recovery to report.
-    assert!(!node.log().contains("redis replies again"), "{}", node.log());
+    assert!(
+        !node.log().contains("redis replies again"),
+        "{}",
+        node.log()
+    );
 
     // A burst that arrives together right after a restart shares one batch
     // on the broken connection: all of it goes again, none of it fails.

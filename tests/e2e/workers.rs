@@ -4,7 +4,7 @@
 use std::time::{Duration, Instant};
 
 use crate::cli::write_config;
-use crate::harness::{edge, get, send, Node, Reply, Result, TlsClient, Upstream};
+use crate::harness::{edge, get, get_h2, send, Node, Reply, Result, TlsClient, Upstream};
 
 /// A route `name` on `prefix` to upstream `app`, running the fixture worker
 /// with `mode` and extra TOML for its entry.
@@ -689,6 +689,26 @@ async fn own_response_drops_framing_headers() -> Result {
     assert_eq!(got.header("x-kept"), Some("1"));
     assert_eq!(&got.body[..], b"hello");
     assert_eq!(upstream.count(), 0);
+    Ok(())
+}
+
+#[tokio::test]
+async fn own_204_has_no_body() -> Result {
+    let upstream = Upstream::echo().await;
+    let config = format!(
+        "{}{}status = 204\nbody = \"hello\"\n",
+        app(&upstream),
+        fixture_route("own", "/", "respond", "")
+    );
+    let node = Node::start(&config)?;
+    // HTTP/2 clients fail a stream whose 204 has a body or a length.
+    let got = get_h2(&node.url("/")).await?;
+    assert_eq!(got.status, 204);
+    assert_eq!(got.header("content-length"), None);
+    assert!(got.body.is_empty());
+    let got = get(&node.url("/")).await?;
+    assert_eq!(got.status, 204);
+    assert!(got.body.is_empty());
     Ok(())
 }
 

@@ -15,10 +15,10 @@ use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker};
 
 use hyper_util::server::graceful::GracefulConnection;
-
-use crate::idle::Activity;
 use slab::Slab;
 use tokio::sync::Notify;
+
+use crate::idle::Activity;
 
 /// The drain signal of one serving thread and the count of its open
 /// connections. Clones share them.

@@ -78,7 +78,7 @@ impl Activity {
             && cancels * 2 >= self.upstream_calls.load(Ordering::Relaxed)
     }
 
-    /// The upstream calls made and cancelled, for the log.
+    /// Returns the upstream calls made and cancelled, for the log.
     pub fn upstream_counts(&self) -> (u64, u64) {
         (
             self.upstream_calls.load(Ordering::Relaxed),

@@ -422,7 +422,7 @@ fn serve_thread(
 /// it closes or the drain ends.
 async fn serve<T>(
     node: Arc<Node>,
-    connection: Connection,
+    mut connection: Connection,
     builders: &Builders,
     first_bytes: FirstBytes,
     drain: &Drain,
@@ -436,7 +436,6 @@ async fn serve<T>(
         FirstBytes::Http1 => None,
         FirstBytes::MaybeHttp2 => Some(Arc::new(Activity::default())),
     };
-    let mut connection = connection;
     connection.activity.clone_from(&activity);
     // One reference count per request instead of two.
     let context = Arc::new((node, connection));
@@ -510,7 +509,7 @@ fn note_connection_error(
             peer = %connection.peer,
             %error,
             suppressed,
-            "refused a request before routing it: hyper could not read its head"
+            "rejected a request before routing it: hyper could not read its head"
         );
     }
 }

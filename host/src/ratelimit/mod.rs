@@ -1053,7 +1053,10 @@ impl Limit {
             asking.failed = true;
         }
         drop(asking);
-        global.backend.note_failure();
+        // Redis replied to a key it cannot decide for: no outage.
+        if !matches!(failure, redis::Failure::Key(_)) {
+            global.backend.note_failure();
+        }
         let fallbacks = global.fallbacks.fetch_add(1, Ordering::Relaxed) + 1;
         let now = clock.now_ns();
         if global.log.admit(now, FALLBACK_LOG_INTERVAL).is_some() {

@@ -1532,7 +1532,10 @@ impl Config {
                 let cap = *worker.max_memory.get_ref();
                 if cap < ByteSize::kib(64) {
                     // One WebAssembly page; below it no module can run.
-                    let message = format!("{} bytes is under 64 KiB", cap.as_u64());
+                    let message = format!(
+                        "{} bytes is under 64 KiB, one WebAssembly page; raise it to at least that",
+                        cap.as_u64()
+                    );
                     let line = self.line_of(worker.max_memory.span().start).max(line);
                     let field = field(&format!("workers[{worker_index}].max_memory"));
                     return Err(self.invalid(line, &field, &message));

@@ -31,8 +31,19 @@ pub fn run(listen: SocketAddr, http_listen: SocketAddr, modules: &Path) -> anyho
         let path = modules.join(module);
         if !path.exists() {
             anyhow::bail!(
-                "{} is missing; build the example workers first with scripts/build-workers",
+                "{} is missing; build the example workers first with scripts/build-workers, \
+                 or run the demo from the checkout or with --modules CHECKOUT/modules",
                 path.display()
+            );
+        }
+    }
+    // Checked before the banner, so that a taken port is the last thing
+    // printed, with the flag that moves the demo off it.
+    for (addr, flag) in [(listen, "--listen"), (http_listen, "--http-listen")] {
+        if let Err(error) = std::net::TcpListener::bind(addr) {
+            anyhow::bail!(
+                "cannot listen on {addr}: {error}; stop the process that listens there, or pass \
+                 {flag} with a free address"
             );
         }
     }

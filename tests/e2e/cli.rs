@@ -972,6 +972,41 @@ fn worker_build_names_a_missing_folder() {
 }
 
 #[test]
+fn demo_names_its_flag_for_a_taken_port() {
+    let occupant = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = occupant.local_addr().unwrap().to_string();
+    let modules = modules_dir().display().to_string();
+    let cases = [
+        (
+            ["--listen", &addr, "--http-listen", "127.0.0.1:0"],
+            "--listen",
+        ),
+        (
+            ["--listen", "127.0.0.1:0", "--http-listen", &addr],
+            "--http-listen",
+        ),
+    ];
+    for (flags, flag) in cases {
+        let mut args = vec!["demo", "--modules", &modules];
+        args.extend(flags);
+        let output = edge(&args);
+        assert!(!output.status.success());
+        // The error comes before the banner of curl lines, not after it.
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(!stdout.contains("Try, in another terminal"), "{stdout}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            stderr.contains(&format!("cannot listen on {addr}")),
+            "{stderr}"
+        );
+        assert!(
+            stderr.contains(&format!("or pass {flag} with a free address")),
+            "{stderr}"
+        );
+    }
+}
+
+#[test]
 fn serve_says_why_it_cannot_listen() {
     let occupant = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = occupant.local_addr().unwrap().to_string();

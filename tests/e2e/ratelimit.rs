@@ -1118,7 +1118,11 @@ async fn wrong_type_key_fails_only_its_request() -> Result {
         node.log()
     );
     // Redis replied to every batch: no outage to report.
-    assert!(!node.log().contains("redis replies again"), "{}", node.log());
+    assert!(
+        !node.log().contains("redis replies again"),
+        "{}",
+        node.log()
+    );
     Ok(())
 }
 

@@ -863,13 +863,15 @@ async fn http2_cancelling_client_is_cut_off() -> Result {
             closed,
             "padding {padding}: the connection stayed open after {cancelled} cancels"
         );
+        // About 100 on an idle machine. A loaded one may cancel some
+        // requests before they reach the upstream, which do not count.
         assert!(
-            cancelled <= 150,
+            cancelled < 300,
             "padding {padding}: {cancelled} cancels before the shutdown"
         );
         let reached = upstream.count() - before;
         assert!(
-            reached <= 151,
+            reached <= cancelled + 1,
             "padding {padding}: {reached} reached the upstream"
         );
         // The request in flight when the shutdown began still finishes.

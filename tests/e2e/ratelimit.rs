@@ -1059,10 +1059,10 @@ async fn paused_redis_backs_off() -> Result {
     // connection: about 20 requests, 20 connections. Now the link backs off
     // (100, 200, 400, 800 ms) and requests fail at once in between.
     assert!(
-        opened <= 6,
+        opened <= 8,
         "{opened} connections opened for {sent} requests"
     );
-    assert!(waited <= 6, "{waited} of {sent} requests waited");
+    assert!(waited <= 8, "{waited} of {sent} requests waited");
     assert!(sent >= 50, "only {sent} requests in 2 s");
 
     let started = Instant::now();

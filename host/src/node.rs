@@ -81,6 +81,9 @@ pub struct Route {
     pub observe: RouteObserve,
     /// Headers appended to every response of the route.
     pub response_headers: Vec<(HeaderName, HeaderValue)>,
+    /// The names of `response_headers`, which an upstream may not send as
+    /// trailers; `None` when there are none.
+    pub response_header_names: Option<Arc<[HeaderName]>>,
     /// Request headers removed once the route matches.
     pub remove_request_headers: Vec<HeaderName>,
     /// Whether the route's context limits ever get their value.
@@ -609,6 +612,12 @@ impl Node {
                 max_body: route.max_body.as_u64(),
                 timeout: route.timeout,
                 workers,
+                response_header_names: (!response_headers.is_empty()).then(|| {
+                    response_headers
+                        .iter()
+                        .map(|(name, _)| name.clone())
+                        .collect()
+                }),
                 response_headers,
                 remove_request_headers,
                 context_watch: ContextWatch::default(),

@@ -461,6 +461,9 @@ async fn serve(
     let mut response = sent?;
     remove_hop_by_hop(response.headers_mut());
     single_content_length(response.headers_mut());
+    if let Some(names) = &route.response_header_names {
+        response.body_mut().remove_from_trailers(names);
+    }
     // A 204 has no content, so it has no length (RFC 9110, section 8.6).
     // HTTP/2 clients fail a stream whose 204 has one.
     if response.status() == StatusCode::NO_CONTENT {

@@ -1166,6 +1166,8 @@ pub struct PooledBody {
     timeouts: Option<BodyTimeouts>,
     /// How far the request's body has gone, when it had one.
     request_body: Option<Arc<BodyProgress>>,
+    /// The names of the route's `response_headers`, removed from trailers.
+    route_headers: Option<Arc<[HeaderName]>>,
 }
 
 impl PooledBody {
@@ -1184,9 +1186,16 @@ impl PooledBody {
             in_flight: None,
             timeouts: None,
             request_body,
+            route_headers: None,
         };
         body.release_if_done();
         body
+    }
+
+    /// Removes these names, a route's `response_headers`, from the body's
+    /// trailers too.
+    pub fn remove_from_trailers(&mut self, names: &Arc<[HeaderName]>) {
+        self.route_headers = Some(names.clone());
     }
 
     fn watched(mut self, in_flight: Option<InFlight>, timeouts: Option<BodyTimeouts>) -> Self {
@@ -1236,7 +1245,7 @@ impl Body for PooledBody {
             Poll::Ready(None) => this.release_if_done(),
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(trailers) = frame.trailers_mut() {
-                    filter_trailers(trailers);
+                    filter_trailers(trailers, this.route_headers.as_deref());
                 }
                 if let Some(timeouts) = &mut this.timeouts {
                     timeouts.frames += 1;
@@ -1307,12 +1316,11 @@ static NOT_TRAILERS: [HeaderName; 31] = [
     header::ALT_SVC,
 ];
 
-/// Removes the hop-by-hop fields and those in [`NOT_TRAILERS`] from an
-/// upstream's trailers.
-// TODO: also remove the names of the route's `response_headers`, which this body does not know.
-fn filter_trailers(trailers: &mut HeaderMap) {
+/// Removes the hop-by-hop fields, those in [`NOT_TRAILERS`] and the
+/// route's `response_headers` from an upstream's trailers.
+fn filter_trailers(trailers: &mut HeaderMap, route_headers: Option<&[HeaderName]>) {
     crate::pipeline::remove_hop_by_hop(trailers);
-    for name in &NOT_TRAILERS {
+    for name in NOT_TRAILERS.iter().chain(route_headers.unwrap_or_default()) {
         trailers.remove(name);
     }
 }

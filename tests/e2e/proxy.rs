@@ -1028,22 +1028,28 @@ async fn upstream_trailers_are_filtered() -> Result {
         b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-checksum\r\n\r\n\
           5\r\nhello\r\n0\r\ncontent-length: 99\r\nset-cookie: session=evil\r\n\
           x-request-id: forged\r\nratelimit-remaining: 999\r\nx-request-duration: 0ms\r\n\
-          connection: x-hop\r\nx-hop: 1\r\ngrpc-status: 0\r\n\
+          connection: x-hop\r\nx-hop: 1\r\ngrpc-status: 0\r\nx-frame-options: ALLOW\r\n\
           x-checksum: abc\r\n\r\n",
     )
     .await;
+    // The route's own response header may not come as a trailer either.
     let node = Node::start(&format!(
-        "[upstreams.app]\ntargets = [\"{addr}\"]\n\n[[routes]]\nname = \"all\"\nupstream = \"app\"\n"
+        "[upstreams.app]\ntargets = [\"{addr}\"]\n\n[[routes]]\nname = \"all\"\nupstream = \"app\"\n\
+         response_headers = {{ \"x-frame-options\" = \"DENY\" }}\n"
     ))?;
     // HTTP/2 carries trailers to the client. With `content-length` among
     // them the client failed the stream.
     let got = get_h2(&node.url("/")).await?;
     assert_eq!(got.status, 200);
     assert_eq!(got.body, "hello");
-    let trailers = got.trailers.expect("trailers reach an HTTP/2 client");
+    let trailers = got
+        .trailers
+        .as_ref()
+        .expect("trailers reach an HTTP/2 client");
     let mut names: Vec<&str> = trailers.keys().map(|name| name.as_str()).collect();
     names.sort_unstable();
     assert_eq!(names, ["grpc-status", "x-checksum"]);
+    assert_eq!(got.header("x-frame-options"), Some("DENY"));
     Ok(())
 }
 

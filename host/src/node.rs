@@ -82,7 +82,7 @@ pub struct Route {
     /// Headers appended to every response of the route.
     pub response_headers: Vec<(HeaderName, HeaderValue)>,
     /// The names of `response_headers`, which an upstream may not send as
-    /// trailers; `None` when there are none.
+    /// trailers, or `None` when there are none.
     pub response_header_names: Option<Arc<[HeaderName]>>,
     /// Request headers removed once the route matches.
     pub remove_request_headers: Vec<HeaderName>,

@@ -1253,7 +1253,7 @@ impl Body for PooledBody {
                 this.release_if_done();
             }
             // A broken body: the connection is not reusable.
-            // TODO: log it with its upstream and target; this wrapper knows only the target's id.
+            // TODO: log it with its upstream and target; this wrapper stores only the target's id.
             Poll::Ready(Some(Err(_))) => this.sender = None,
             Poll::Pending => {
                 let expired = this.timeouts.as_mut().and_then(|t| t.poll_expired(cx));

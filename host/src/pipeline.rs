@@ -1056,7 +1056,7 @@ fn forwarded_element(peer: IpAddr, proto: &str) -> HeaderValue {
     HeaderValue::from_str(&element).expect("an IP address and a scheme form a valid header value")
 }
 
-static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub(crate) static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 static X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 

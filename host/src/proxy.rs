@@ -1282,45 +1282,48 @@ impl Body for PooledBody {
 /// they frame, route, authenticate or control the response or describe its
 /// content, and those the node sets itself on a response. An HTTP/2 client
 /// fails a stream whose trailers hold `content-length`.
-static NOT_TRAILERS: [HeaderName; 31] = [
-    header::CONTENT_LENGTH,
-    header::CONTENT_TYPE,
-    header::CONTENT_ENCODING,
-    header::CONTENT_RANGE,
-    header::CONTENT_DISPOSITION,
-    header::CONTENT_LOCATION,
-    header::HOST,
-    header::AUTHORIZATION,
-    header::WWW_AUTHENTICATE,
-    header::PROXY_AUTHENTICATE,
-    header::COOKIE,
-    header::SET_COOKIE,
-    header::CACHE_CONTROL,
-    header::EXPIRES,
-    header::AGE,
-    header::LOCATION,
-    header::REFRESH,
-    header::RETRY_AFTER,
-    header::VARY,
-    header::VIA,
-    header::STRICT_TRANSPORT_SECURITY,
-    HeaderName::from_static("x-forwarded-for"),
-    HeaderName::from_static("x-request-id"),
-    HeaderName::from_static("x-request-duration"),
-    HeaderName::from_static("traceparent"),
-    HeaderName::from_static("x-gateway-node"),
-    HeaderName::from_static("ratelimit-limit"),
-    HeaderName::from_static("ratelimit-remaining"),
-    HeaderName::from_static("ratelimit-reset"),
-    HeaderName::from_static("x-rate-limit-remaining"),
-    header::ALT_SVC,
+static NOT_TRAILERS: [&HeaderName; 31] = [
+    &header::CONTENT_LENGTH,
+    &header::CONTENT_TYPE,
+    &header::CONTENT_ENCODING,
+    &header::CONTENT_RANGE,
+    &header::CONTENT_DISPOSITION,
+    &header::CONTENT_LOCATION,
+    &header::HOST,
+    &header::AUTHORIZATION,
+    &header::WWW_AUTHENTICATE,
+    &header::PROXY_AUTHENTICATE,
+    &header::COOKIE,
+    &header::SET_COOKIE,
+    &header::CACHE_CONTROL,
+    &header::EXPIRES,
+    &header::AGE,
+    &header::LOCATION,
+    &header::REFRESH,
+    &header::RETRY_AFTER,
+    &header::VARY,
+    &header::VIA,
+    &header::STRICT_TRANSPORT_SECURITY,
+    &header::ALT_SVC,
+    &crate::pipeline::X_FORWARDED_FOR,
+    &crate::trace::X_REQUEST_ID,
+    &crate::trace::TRACEPARENT,
+    &crate::exchange::X_REQUEST_DURATION,
+    &crate::exchange::X_GATEWAY_NODE,
+    &crate::ratelimit::RATELIMIT_LIMIT,
+    &crate::ratelimit::RATELIMIT_REMAINING,
+    &crate::ratelimit::RATELIMIT_RESET,
+    &crate::ratelimit::X_RATE_LIMIT_REMAINING,
 ];
 
 /// Removes the hop-by-hop fields, those in [`NOT_TRAILERS`] and the
 /// route's `response_headers` from an upstream's trailers.
 fn filter_trailers(trailers: &mut HeaderMap, route_headers: Option<&[HeaderName]>) {
     crate::pipeline::remove_hop_by_hop(trailers);
-    for name in NOT_TRAILERS.iter().chain(route_headers.unwrap_or_default()) {
+    for &name in &NOT_TRAILERS {
+        trailers.remove(name);
+    }
+    for name in route_headers.unwrap_or_default() {
         trailers.remove(name);
     }
 }

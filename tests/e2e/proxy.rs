@@ -791,8 +791,9 @@ async fn http2_prior_knowledge_is_proxied() -> Result {
 /// cancels each after 20 ms, until the node shuts the connection down or
 /// 300 were sent. With `padding`, each round also sends ten requests that
 /// the node rejects itself (a lower-case method). First it sends one GET
-/// for `/kept`, which it never cancels. Returns how many were cancelled,
-/// whether the node closed the connection, and the kept request's status.
+/// for `/uncancelled`, which it never cancels. Returns how many were
+/// cancelled, whether the node closed the connection, and the status of
+/// the uncancelled request.
 async fn cancel_http2_requests(
     node: &Node,
     path: &str,
@@ -804,11 +805,13 @@ async fn cancel_http2_requests(
         hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream)).await?;
     let connection = tokio::spawn(connection);
     let empty = http_body_util::Empty::<bytes::Bytes>::new;
-    let kept = {
+
+    let uncancelled = {
         let mut sender = sender.clone();
-        let request = http::Request::get(node.url("/kept")).body(empty())?;
+        let request = http::Request::get(node.url("/uncancelled")).body(empty())?;
         tokio::spawn(async move { sender.send_request(request).await })
     };
+
     let mut cancelled = 0;
     while cancelled < 300 && !connection.is_finished() {
         let mut round = Vec::new();
@@ -840,12 +843,13 @@ async fn cancel_http2_requests(
         // Lets the node read the resets before the next round.
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let kept = tokio::time::timeout(Duration::from_secs(10), kept).await??;
-    let kept = kept.ok().map(|response| response.status().as_u16());
+
+    let uncancelled = tokio::time::timeout(Duration::from_secs(10), uncancelled).await??;
+    let uncancelled_status = uncancelled.ok().map(|response| response.status().as_u16());
     let closed = tokio::time::timeout(Duration::from_secs(5), connection)
         .await
         .is_ok();
-    Ok((cancelled, closed, kept))
+    Ok((cancelled, closed, uncancelled_status))
 }
 
 #[tokio::test]
@@ -854,7 +858,8 @@ async fn http2_cancelling_client_is_cut_off() -> Result {
     let node = Node::start(&one_route(&upstream))?;
     for padding in [false, true] {
         let before = upstream.count();
-        let (cancelled, closed, kept) = cancel_http2_requests(&node, "/slow", padding).await?;
+        let (cancelled, closed, uncancelled) =
+            cancel_http2_requests(&node, "/slow", padding).await?;
         // Each cancelled request reached the upstream, which keeps working
         // on it. Once 100 upstream calls were cancelled, half of them or
         // more, the node shuts the connection down gracefully. Requests the
@@ -875,7 +880,7 @@ async fn http2_cancelling_client_is_cut_off() -> Result {
             "padding {padding}: {reached} reached the upstream"
         );
         // The request in flight when the shutdown began still finishes.
-        assert_eq!(kept, Some(200), "padding {padding}");
+        assert_eq!(uncancelled, Some(200), "padding {padding}");
     }
     assert!(node.log_contains("cancelled half of its upstream calls or more"));
     // Other connections are served as before.

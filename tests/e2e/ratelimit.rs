@@ -1064,6 +1064,11 @@ async fn paused_redis_backs_off() -> Result {
     );
     assert!(waited <= 8, "{waited} of {sent} requests waited");
     assert!(sent >= 50, "only {sent} requests in 2 s");
+    assert_eq!(
+        upstream.count(),
+        1,
+        "a refused request reached the upstream"
+    );
 
     let started = Instant::now();
     while get(&node.url("/closed")).await?.status != 200 {
@@ -1112,6 +1117,12 @@ async fn wrong_type_key_fails_only_its_request() -> Result {
         "a good key failed beside the bad one"
     );
     assert_eq!(count(&bad, 503), 20);
+    // The first request and the good key's.
+    assert_eq!(
+        upstream.count(),
+        21,
+        "a refused request reached the upstream"
+    );
     assert!(
         node.log_contains("redis cannot decide for this key: WRONGTYPE"),
         "{}",

@@ -59,7 +59,7 @@ pub enum Failure {
     #[error("unexpected reply from the rate-limit script: {0}")]
     Reply(String),
     /// The script could not decide for the request's key, such as one that
-    /// holds a value of another type.
+    /// contains a value of another type.
     #[error("redis cannot decide for this key: {0}")]
     Key(String),
 }

@@ -102,8 +102,8 @@ pub struct Upstream {
     pub tls: Option<UpstreamTls>,
     next: AtomicUsize,
     budget: RetryBudget,
-    /// Limits log lines about failed upstream calls.
-    failures: LogThrottle,
+    /// Log lines about failed calls, shared with the response bodies.
+    failures: Arc<FailureLog>,
 }
 
 /// The failure of one attempt.
@@ -161,6 +161,7 @@ impl Upstream {
                 }
             })
             .collect();
+        let name_for_log = name.clone();
         Upstream {
             name,
             targets,
@@ -169,7 +170,10 @@ impl Upstream {
             settings,
             tls,
             next: AtomicUsize::new(0),
-            failures: LogThrottle::default(),
+            failures: Arc::new(FailureLog {
+                upstream: name_for_log,
+                throttle: LogThrottle::default(),
+            }),
         }
     }
 
@@ -564,7 +568,8 @@ impl Upstream {
         progress: Option<Arc<BodyProgress>>,
     ) -> Response<PooledBody> {
         let max_idle = self.settings.max_idle;
-        response.map(|body| PooledBody::new(body, sender, target.id, max_idle, progress))
+        let failures = self.failures.clone();
+        response.map(|body| PooledBody::new(body, sender, target, failures, max_idle, progress))
     }
 
     fn failure(
@@ -1042,22 +1047,33 @@ impl Upstream {
     /// Logs a failed call as a warning, at most ten lines a second per
     /// upstream, with the number of lines suppressed before this one.
     fn log_failure(&self, target: &Target, error: Option<&dyn std::fmt::Display>, message: &str) {
-        if let Some(suppressed) = self.failures.admit() {
-            match error {
-                Some(error) => tracing::warn!(
-                    upstream = %self.name,
-                    target = %target.addr,
-                    %error,
-                    suppressed,
-                    "{message}"
-                ),
-                None => tracing::warn!(
-                    upstream = %self.name,
-                    target = %target.addr,
-                    suppressed,
-                    "{message}"
-                ),
-            }
+        self.failures.warn(target.addr, error, message);
+    }
+}
+
+/// Logs an upstream's failed calls and response bodies.
+#[derive(Debug)]
+struct FailureLog {
+    upstream: String,
+    throttle: LogThrottle,
+}
+
+impl FailureLog {
+    /// Logs a warning about `target`, at most ten lines a second per
+    /// upstream, with the number of lines suppressed before this one.
+    fn warn(&self, target: SocketAddr, error: Option<&dyn std::fmt::Display>, message: &str) {
+        let Some(suppressed) = self.throttle.admit() else {
+            return;
+        };
+        match error {
+            Some(error) => tracing::warn!(
+                upstream = %self.upstream,
+                %target,
+                %error,
+                suppressed,
+                "{message}"
+            ),
+            None => tracing::warn!(upstream = %self.upstream, %target, suppressed, "{message}"),
         }
     }
 }
@@ -1159,7 +1175,10 @@ pub struct PooledBody {
     inner: Incoming,
     /// The connection, until it goes back to the pool.
     sender: Option<http1::SendRequest<RequestBody>>,
+    /// The target's id, for the pool, and its address, for log lines.
     target: usize,
+    target_addr: SocketAddr,
+    failures: Arc<FailureLog>,
     max_idle: usize,
     /// Marks the request in flight until the body ends or is dropped.
     in_flight: Option<InFlight>,
@@ -1174,14 +1193,17 @@ impl PooledBody {
     fn new(
         inner: Incoming,
         sender: http1::SendRequest<RequestBody>,
-        target: usize,
+        target: &Target,
+        failures: Arc<FailureLog>,
         max_idle: usize,
         request_body: Option<Arc<BodyProgress>>,
     ) -> PooledBody {
         let mut body = PooledBody {
             inner,
             sender: Some(sender),
-            target,
+            target: target.id,
+            target_addr: target.addr,
+            failures,
             max_idle,
             in_flight: None,
             timeouts: None,
@@ -1252,13 +1274,21 @@ impl Body for PooledBody {
                 }
                 this.release_if_done();
             }
-            // A broken body: the connection is not reusable.
-            // TODO: log it with its upstream and target; this wrapper stores only the target's id.
-            Poll::Ready(Some(Err(_))) => this.sender = None,
+            // A broken body: the connection is not reusable. The client
+            // sees its response cut short, so the node says why.
+            Poll::Ready(Some(Err(error))) => {
+                this.sender = None;
+                this.failures
+                    .warn(this.target_addr, Some(error), "upstream response body failed");
+            }
             Poll::Pending => {
                 let expired = this.timeouts.as_mut().and_then(|t| t.poll_expired(cx));
                 if let Some(expired) = expired {
-                    tracing::debug!(error = %expired, "cut off an upstream response body");
+                    this.failures.warn(
+                        this.target_addr,
+                        Some(&expired),
+                        "cut off an upstream response body",
+                    );
                     this.sender = None;
                     this.timeouts = None;
                     return Poll::Ready(Some(Err(Box::new(expired))));

@@ -987,6 +987,48 @@ async fn fixed_upstream(response: &'static [u8]) -> std::net::SocketAddr {
     addr
 }
 
+/// Starts an upstream that answers the first request head on each
+/// connection with the bytes of `response`, then closes the connection.
+async fn closing_upstream(response: &'static [u8]) -> std::net::SocketAddr {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buffer = [0u8; 4096];
+                while let Ok(read @ 1..) = stream.read(&mut buffer).await {
+                    head.extend_from_slice(&buffer[..read]);
+                    if head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        let _ = stream.write_all(response).await;
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+#[tokio::test]
+async fn upstream_body_cut_short_is_logged() -> Result {
+    // The head promises 100 bytes; the connection closes after 5, before
+    // the client has any of them.
+    let addr = closing_upstream(b"HTTP/1.1 200 OK\r\ncontent-length: 100\r\n\r\nhello").await;
+    let node = Node::start(&format!(
+        "[upstreams.app]\ntargets = [\"{addr}\"]\n\n[[routes]]\nname = \"all\"\nupstream = \"app\"\n"
+    ))?;
+    let got = get(&node.url("/")).await;
+    assert!(got.is_err(), "the response was whole: {got:?}");
+    let logged = node.log_contains("upstream response body failed");
+    let log = node.log();
+    assert!(logged, "{log}");
+    assert!(log.contains("upstream=app"), "{log}");
+    assert!(log.contains(&format!("target={addr}")), "{log}");
+    Ok(())
+}
+
 #[tokio::test]
 async fn repeated_upstream_content_length_sent_once() -> Result {
     let responses: [&'static [u8]; 2] = [

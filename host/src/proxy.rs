@@ -102,7 +102,7 @@ pub struct Upstream {
     pub tls: Option<UpstreamTls>,
     next: AtomicUsize,
     budget: RetryBudget,
-    /// Log lines about failed calls, shared with the response bodies.
+    /// The logger of failed calls, shared with the response bodies.
     failures: Arc<FailureLog>,
 }
 
@@ -1275,11 +1275,14 @@ impl Body for PooledBody {
                 this.release_if_done();
             }
             // A broken body: the connection is not reusable. The client
-            // sees its response cut short, so the node says why.
+            // sees its response cut short, so the node logs the cause.
             Poll::Ready(Some(Err(error))) => {
                 this.sender = None;
-                this.failures
-                    .warn(this.target_addr, Some(error), "upstream response body failed");
+                this.failures.warn(
+                    this.target_addr,
+                    Some(error),
+                    "upstream response body failed",
+                );
             }
             Poll::Pending => {
                 let expired = this.timeouts.as_mut().and_then(|t| t.poll_expired(cx));

@@ -51,6 +51,8 @@ pub struct Target {
     pub addr: SocketAddr,
     /// `upstream/address`, for log lines.
     pub label: String,
+    /// The logger of failed calls, shared with the response bodies.
+    log: Arc<FailureLog>,
     /// The hash of the address that consistent hashing scores with.
     identity: u64,
     /// `None` when the upstream's breakers are off.
@@ -102,8 +104,6 @@ pub struct Upstream {
     pub tls: Option<UpstreamTls>,
     next: AtomicUsize,
     budget: RetryBudget,
-    /// The logger of failed calls, shared with the response bodies.
-    failures: Arc<FailureLog>,
 }
 
 /// The failure of one attempt.
@@ -138,6 +138,8 @@ impl Upstream {
         settings: UpstreamSettings,
         tls: Option<UpstreamTls>,
     ) -> Upstream {
+        // Log lines about failed calls are limited across the targets.
+        let failures = Arc::new(LogThrottle::default());
         let targets = addrs
             .iter()
             .enumerate()
@@ -151,6 +153,11 @@ impl Upstream {
                         .clone()
                         .map(|breaker| Breaker::new(label.clone(), breaker)),
                     label,
+                    log: Arc::new(FailureLog {
+                        upstream: name.clone(),
+                        target: addr,
+                        throttle: failures.clone(),
+                    }),
                     identity: balance::target_identity(&addr),
                     health: TargetHealth::default(),
                     outstanding: Arc::new(AtomicUsize::new(0)),
@@ -161,7 +168,6 @@ impl Upstream {
                 }
             })
             .collect();
-        let name_for_log = name.clone();
         Upstream {
             name,
             targets,
@@ -170,10 +176,6 @@ impl Upstream {
             settings,
             tls,
             next: AtomicUsize::new(0),
-            failures: Arc::new(FailureLog {
-                upstream: name_for_log,
-                throttle: LogThrottle::default(),
-            }),
         }
     }
 
@@ -568,8 +570,7 @@ impl Upstream {
         progress: Option<Arc<BodyProgress>>,
     ) -> Response<PooledBody> {
         let max_idle = self.settings.max_idle;
-        let failures = self.failures.clone();
-        response.map(|body| PooledBody::new(body, sender, target, failures, max_idle, progress))
+        response.map(|body| PooledBody::new(body, sender, target, max_idle, progress))
     }
 
     fn failure(
@@ -1047,21 +1048,24 @@ impl Upstream {
     /// Logs a failed call as a warning, at most ten lines a second per
     /// upstream, with the number of lines suppressed before this one.
     fn log_failure(&self, target: &Target, error: Option<&dyn std::fmt::Display>, message: &str) {
-        self.failures.warn(target.addr, error, message);
+        target.log.warn(error, message);
     }
 }
 
-/// Logs an upstream's failed calls and response bodies.
+/// Logs the failed calls and response bodies of one target.
 #[derive(Debug)]
 struct FailureLog {
     upstream: String,
-    throttle: LogThrottle,
+    target: SocketAddr,
+    /// The limit on log lines, shared by the upstream's targets.
+    throttle: Arc<LogThrottle>,
 }
 
 impl FailureLog {
-    /// Logs a warning about `target`, at most ten lines a second per
+    /// Logs a warning about the target, at most ten lines a second per
     /// upstream, with the number of lines suppressed before this one.
-    fn warn(&self, target: SocketAddr, error: Option<&dyn std::fmt::Display>, message: &str) {
+    fn warn(&self, error: Option<&dyn std::fmt::Display>, message: &str) {
+        let target = self.target;
         let Some(suppressed) = self.throttle.admit() else {
             return;
         };
@@ -1175,10 +1179,9 @@ pub struct PooledBody {
     inner: Incoming,
     /// The connection, until it goes back to the pool.
     sender: Option<http1::SendRequest<RequestBody>>,
-    /// The target's id, for the pool, and its address, for log lines.
+    /// The target's id, for the pool.
     target: usize,
-    target_addr: SocketAddr,
-    failures: Arc<FailureLog>,
+    log: Arc<FailureLog>,
     max_idle: usize,
     /// Marks the request in flight until the body ends or is dropped.
     in_flight: Option<InFlight>,
@@ -1194,7 +1197,6 @@ impl PooledBody {
         inner: Incoming,
         sender: http1::SendRequest<RequestBody>,
         target: &Target,
-        failures: Arc<FailureLog>,
         max_idle: usize,
         request_body: Option<Arc<BodyProgress>>,
     ) -> PooledBody {
@@ -1202,8 +1204,7 @@ impl PooledBody {
             inner,
             sender: Some(sender),
             target: target.id,
-            target_addr: target.addr,
-            failures,
+            log: target.log.clone(),
             max_idle,
             in_flight: None,
             timeouts: None,
@@ -1278,20 +1279,13 @@ impl Body for PooledBody {
             // sees its response cut short, so the node logs the cause.
             Poll::Ready(Some(Err(error))) => {
                 this.sender = None;
-                this.failures.warn(
-                    this.target_addr,
-                    Some(error),
-                    "upstream response body failed",
-                );
+                this.log.warn(Some(error), "upstream response body failed");
             }
             Poll::Pending => {
                 let expired = this.timeouts.as_mut().and_then(|t| t.poll_expired(cx));
                 if let Some(expired) = expired {
-                    this.failures.warn(
-                        this.target_addr,
-                        Some(&expired),
-                        "cut off an upstream response body",
-                    );
+                    this.log
+                        .warn(Some(&expired), "cut off an upstream response body");
                     this.sender = None;
                     this.timeouts = None;
                     return Poll::Ready(Some(Err(Box::new(expired))));

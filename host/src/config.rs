@@ -213,6 +213,10 @@ pub struct ListenerConfig {
     /// request's headers. Default: 30s.
     #[serde(default = "default_header_timeout", with = "humantime_serde")]
     pub header_timeout: Duration,
+    /// Time a write to the client may wait for the client to read, before
+    /// the node closes the connection. Default: 60s.
+    #[serde(default = "default_send_timeout", with = "humantime_serde")]
+    pub send_timeout: Duration,
     /// Terminates TLS on this listener. Default: plain HTTP.
     pub tls: Option<ListenerTlsConfig>,
     /// Redirects every request to HTTPS with a 308, except on the
@@ -228,6 +232,10 @@ pub struct ListenerConfig {
 
 fn default_header_timeout() -> Duration {
     Duration::from_secs(30)
+}
+
+fn default_send_timeout() -> Duration {
+    Duration::from_secs(60)
 }
 
 /// TLS settings of a listener.
@@ -1836,6 +1844,9 @@ impl Config {
             // Zero would close every connection whose head arrives in more
             // than one read.
             return Err(self.invalid(line, &field("header_timeout"), "must be more than zero"));
+        }
+        if listener.send_timeout.is_zero() {
+            return Err(self.invalid(line, &field("send_timeout"), "must be more than zero"));
         }
         if let Some(tls) = &listener.tls {
             if tls.certificates.is_empty() && !tls.dev_certificate {

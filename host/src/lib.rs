@@ -32,6 +32,7 @@ pub mod ratelimit;
 pub mod retry;
 pub mod route;
 pub mod scaffold;
+pub mod send_timeout;
 pub mod status;
 pub mod timer;
 pub mod tls;

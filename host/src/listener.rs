@@ -24,6 +24,7 @@ use crate::drain::Drain;
 use crate::idle::{Activity, IdleClose, TrackedBody};
 use crate::node::Node;
 use crate::pipeline::{self, Connection};
+use crate::send_timeout::SendTimeout;
 use crate::timer::{self, CoarseTimer};
 use crate::worker::LogThrottle;
 
@@ -102,11 +103,13 @@ impl Server {
                 shutdown: shutdown_rx.clone(),
                 stop_now: stop_now_rx.clone(),
             };
-            let header_timeouts: Vec<Duration> =
-                listeners.iter().map(|l| l.header_timeout).collect();
+            let timeouts: Vec<(Duration, Duration)> = listeners
+                .iter()
+                .map(|l| (l.header_timeout, l.send_timeout))
+                .collect();
             let handle = std::thread::Builder::new()
                 .name(format!("edge-serve-{index}"))
-                .spawn(move || serve_thread(node, receiver, stops, header_timeouts, drain_timeout))
+                .spawn(move || serve_thread(node, receiver, stops, timeouts, drain_timeout))
                 .context("cannot start a serving thread")?;
             handles.push(handle);
         }
@@ -280,7 +283,7 @@ fn serve_thread(
     node: Arc<Node>,
     mut connections: mpsc::UnboundedReceiver<Accepted>,
     stops: Stops,
-    header_timeouts: Vec<Duration>,
+    listener_timeouts: Vec<(Duration, Duration)>,
     drain_timeout: Duration,
 ) {
     let Stops {
@@ -288,12 +291,13 @@ fn serve_thread(
         mut stop_now,
     } = stops;
     runtime().block_on(async move {
-        let builders: Vec<Arc<Builders>> = header_timeouts
+        let builders: Vec<Arc<Builders>> = listener_timeouts
             .iter()
-            .map(|&timeout| Arc::new(Builders::new(timeout)))
+            .map(|&(header, send)| Arc::new(Builders::new(header, send)))
             .collect();
-        let timeouts = header_timeouts
+        let timeouts = listener_timeouts
             .iter()
+            .map(|(header, _)| header)
             .chain(
                 node.upstreams
                     .iter()
@@ -430,6 +434,8 @@ async fn serve<T>(
 ) where
     T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
 {
+    // TODO: an HTTP/2 stream the client gives no flow-control window waits without limit, as hyper has no per-stream send timer.
+    let stream = SendTimeout::new(stream, builders.send_timeout);
     // The requests of a connection that may speak HTTP/2, whose upstream
     // calls the pipeline counts.
     let activity = match first_bytes {
@@ -551,10 +557,11 @@ struct Builders {
     http1: hyper::server::conn::http1::Builder,
     auto: auto::Builder<TokioExecutor>,
     header_timeout: Duration,
+    send_timeout: Duration,
 }
 
 impl Builders {
-    fn new(header_timeout: Duration) -> Builders {
+    fn new(header_timeout: Duration, send_timeout: Duration) -> Builders {
         // The same HTTP/1 settings on both. `writev(false)` copies small
         // bodies into the head's buffer: one write instead of a vectored
         // one, which measured about 6 % less CPU.
@@ -573,6 +580,7 @@ impl Builders {
             http1,
             auto,
             header_timeout,
+            send_timeout,
         }
     }
 }

@@ -494,6 +494,10 @@ fn check_rejects_invalid_values() {
             "listeners[0].header_timeout: must be more than zero",
         ),
         (
+            VALID.replace("[[listeners]]", "[[listeners]]\nsend_timeout = \"0s\""),
+            "listeners[0].send_timeout: must be more than zero",
+        ),
+        (
             format!(
                 "{VALID}\n[redis]\nurl = \"redis://127.0.0.1:6379\"\nconnect_timeout = \"0s\"\n"
             ),

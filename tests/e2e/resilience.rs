@@ -1038,3 +1038,99 @@ async fn retry_with_every_breaker_open_returns_the_upstream_answer() -> Result {
     assert_eq!(failing.count(), 1);
     Ok(())
 }
+
+/// Sends a GET for `path` on a connection with a small receive buffer, and
+/// returns the connection unread.
+async fn get_without_reading(addr: &str, path: &str) -> Result<tokio::net::TcpStream> {
+    use tokio::io::AsyncWriteExt;
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_recv_buffer_size(4096)?;
+    let mut stream = socket.connect(addr.parse()?).await?;
+    let head = format!("GET {path} HTTP/1.1\r\nhost: localhost\r\n\r\n");
+    stream.write_all(head.as_bytes()).await?;
+    Ok(stream)
+}
+
+/// Sends an HTTP/2 GET for `/big` with the largest flow-control windows, on
+/// a connection with a small receive buffer, and returns the connection
+/// unread: the node may send as much as it has, and the socket fills.
+async fn get_h2_without_reading(addr: &str) -> Result<tokio::net::TcpStream> {
+    use tokio::io::AsyncWriteExt;
+    let socket = tokio::net::TcpSocket::new_v4()?;
+    socket.set_recv_buffer_size(4096)?;
+    let mut stream = socket.connect(addr.parse()?).await?;
+    let mut bytes = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+    // SETTINGS: SETTINGS_INITIAL_WINDOW_SIZE (4) = 2^31 - 1.
+    bytes.extend_from_slice(&[0, 0, 6, 0x4, 0, 0, 0, 0, 0, 0, 4, 0x7f, 0xff, 0xff, 0xff]);
+    // WINDOW_UPDATE of the connection up to 2^31 - 1.
+    let increment: u32 = 0x7fff_ffff - 65_535;
+    bytes.extend_from_slice(&[0, 0, 4, 0x8, 0, 0, 0, 0, 0]);
+    bytes.extend_from_slice(&increment.to_be_bytes());
+    // HEADERS on stream 1, END_STREAM and END_HEADERS: GET and http from
+    // the static table, then `:path: /big` and `:authority: localhost` as
+    // literals with indexed names.
+    let mut block = vec![0x82, 0x86, 0x44, 4];
+    block.extend_from_slice(b"/big");
+    block.extend_from_slice(&[0x41, 9]);
+    block.extend_from_slice(b"localhost");
+    bytes.extend_from_slice(&[0, 0, block.len() as u8, 0x1, 0x5, 0, 0, 0, 1]);
+    bytes.extend_from_slice(&block);
+    stream.write_all(&bytes).await?;
+    Ok(stream)
+}
+
+/// Waits up to ten seconds for a GET of `url` to get 200, and returns the
+/// statuses it got on the way.
+async fn statuses_until_ok(url: &str) -> Result<Vec<u16>> {
+    let mut statuses = Vec::new();
+    for _ in 0..40 {
+        let status = get(url).await?.status.as_u16();
+        statuses.push(status);
+        if status == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    Ok(statuses)
+}
+
+#[tokio::test]
+async fn client_that_stops_reading_is_cut_off() -> Result {
+    let big = Upstream::start(|received| {
+        if received.target == "/big" {
+            Reply::Bytes(64 << 20)
+        } else {
+            Reply::Echo
+        }
+    })
+    .await;
+    let config = format!(
+        "[[listeners]]\naddr = \"127.0.0.1:0\"\nsend_timeout = \"1s\"\n\n{}",
+        one_slot_each(&[&big], "queue_timeout = \"50ms\"\n")
+    );
+    let node = Node::start(&config)?;
+    let addr = node
+        .url("/")
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_owned();
+
+    for protocol in ["HTTP/1.1", "HTTP/2"] {
+        let unread = match protocol {
+            "HTTP/1.1" => get_without_reading(&addr, "/big").await?,
+            _ => get_h2_without_reading(&addr).await?,
+        };
+        // The unread response keeps the target's only slot.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let got = get(&node.url("/")).await?;
+        assert_eq!(got.status, 503, "{protocol}: {:?}", got.body);
+        assert_eq!(got.json()["error"], "upstream_busy", "{protocol}");
+
+        // After the send timeout the node closes that connection, and the
+        // slot serves others again while the client is still connected.
+        let statuses = statuses_until_ok(&node.url("/")).await?;
+        assert_eq!(statuses.last(), Some(&200), "{protocol}: {statuses:?}");
+        drop(unread);
+    }
+    Ok(())
+}

@@ -90,6 +90,9 @@ pub struct Route {
     pub context_watch: ContextWatch,
     /// Bounds the warnings about requests that found no upstream.
     pub no_upstream_log: LogThrottle,
+    /// How the route proxies WebSocket handshakes, or `None` when it
+    /// rejects them.
+    pub websocket: Option<crate::upgrade::WebSocket>,
 }
 
 /// A watch for a limit keyed by a context value that no worker ever sets,
@@ -622,6 +625,9 @@ impl Node {
                 remove_request_headers,
                 context_watch: ContextWatch::default(),
                 no_upstream_log: LogThrottle::default(),
+                websocket: route.websocket.then(|| crate::upgrade::WebSocket {
+                    idle_timeout: route.websocket_idle_timeout,
+                }),
             });
         }
 

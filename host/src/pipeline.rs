@@ -50,6 +50,7 @@ use crate::node::{Node, Route};
 use crate::proxy::{RequestBody, ResponseBody};
 use crate::ratelimit::{KeyInput, LimitSet, Shown};
 use crate::route::{encode_path, encode_query, host_name, normalize_path, resolve_dot_segments};
+use crate::upgrade;
 use crate::trace::{
     new_span_id, AttributeValue, RequestSpans, SpanKind, TraceContext, X_REQUEST_ID,
 };
@@ -75,6 +76,9 @@ pub struct Connection {
     /// calls the pipeline counts, so that a client cancelling most of them
     /// gets its connection shut down.
     pub activity: Option<Arc<Activity>>,
+    /// The serving thread's drain, which waits for the connection's
+    /// WebSocket tunnel; `None` outside a serving thread.
+    pub drain: Option<crate::drain::Drain>,
 }
 
 impl Connection {
@@ -95,6 +99,7 @@ impl Connection {
             peer_trusted,
             peer_header,
             activity: None,
+            drain: None,
         }
     }
 }
@@ -156,9 +161,11 @@ async fn serve(
     canonicalize_host(&mut parts)?;
     check_transfer_coding(&parts.headers)?;
     let hop_by_hop = hop_by_hop_present(&parts.headers);
-    if hop_by_hop & UPGRADE_PRESENT != 0 {
-        check_upgrade(&parts.headers)?;
-    }
+    let upgrade = if hop_by_hop & UPGRADE_PRESENT != 0 {
+        upgrade::requested(&parts.headers)
+    } else {
+        None
+    };
     remove_present_hop_by_hop(&mut parts.headers, hop_by_hop);
     if names_this_node(&parts.headers, &node.via) {
         return Err(Refusal::LoopDetected);
@@ -212,6 +219,14 @@ async fn serve(
     let matched = matched.ok_or(Refusal::NoRoute)?;
     let route = &node.routes[matched.index];
     exchange.route = Some(matched.index);
+    // A switch of protocols only on a route that carries it.
+    let handshake = match upgrade {
+        Some(requested) => {
+            let request = (&parts.method, parts.version, &parts.headers);
+            upgrade::check(route, request, &mut parts.extensions, requested)?
+        }
+        None => None,
+    };
     for name in &route.remove_request_headers {
         parts.headers.remove(name);
     }
@@ -421,6 +436,9 @@ async fn serve(
             None => trace.propagate(&mut parts.headers),
         }
     }
+    if let Some(handshake) = &handshake {
+        handshake.prepare(&mut parts);
+    }
     // hyper sends a GET or HEAD whose body has no length without that body,
     // so such a body goes chunked, as any other method's does.
     if matches!(parts.method, Method::GET | Method::HEAD)
@@ -459,7 +477,18 @@ async fn serve(
         record_upstream_span(exchange, name, span_id, started, &sent);
     }
     let mut response = sent?;
-    remove_hop_by_hop(response.headers_mut());
+    match handshake {
+        // A 101 keeps the fields that switch protocols, and starts the tunnel.
+        Some(handshake) => handshake.answer(
+            node,
+            connection.drain.as_ref(),
+            route,
+            upstream_index,
+            exchange.request_id.as_ref(),
+            &mut response,
+        )?,
+        None => remove_hop_by_hop(response.headers_mut()),
+    }
     single_content_length(response.headers_mut());
     if let Some(names) = &route.response_header_names {
         response.body_mut().remove_from_trailers(names);
@@ -844,30 +873,6 @@ pub(crate) fn check_method(method: &Method) -> Result<(), Refusal> {
         return Err(Refusal::InvalidMethod(method.as_str().to_owned()));
     }
     Ok(())
-}
-
-/// Rejects a request to switch to WebSocket (RFC 6455), which the node
-/// cannot carry. Sent on as a plain request, it would get a confusing 200
-/// or 400 from the upstream, and an upstream's 101 would become a 502.
-/// Other upgrades, such as `h2c`, are ignored, as RFC 9110 (section 7.8)
-/// allows, and the request goes on without its `Upgrade`.
-fn check_upgrade(headers: &HeaderMap) -> Result<(), Refusal> {
-    let websocket = headers
-        .get_all(header::UPGRADE)
-        .iter()
-        .flat_map(|value| value.as_bytes().split(|&byte| byte == b','))
-        .map(<[u8]>::trim_ascii)
-        .find(|protocol| {
-            // A protocol may name its version: `websocket/13`.
-            let name = protocol.split(|&byte| byte == b'/').next();
-            name.is_some_and(|name| name.eq_ignore_ascii_case(b"websocket"))
-        });
-    match websocket {
-        Some(protocol) => Err(Refusal::UnsupportedUpgrade(
-            String::from_utf8_lossy(protocol).into_owned(),
-        )),
-        None => Ok(()),
-    }
 }
 
 /// Checks that `host` is `host[:port]` as RFC 3986 defines it: a registered

@@ -38,6 +38,7 @@ use crate::health::{ActiveSettings, PassiveSettings, TargetHealth};
 use crate::retry::{self, is_idempotent, RetryBudget, RetrySettings};
 use crate::timer::{self, Deadline};
 use crate::tls::UpstreamTls;
+use crate::upgrade::UpgradeRequest;
 use crate::worker::LogThrottle;
 
 /// Boxed error of a body.
@@ -473,10 +474,13 @@ impl Upstream {
         mut request: Request<RequestBody>,
     ) -> Result<Response<PooledBody>, SendError> {
         let progress = request.body().progress();
+        // A WebSocket handshake takes a new connection, which its tunnel
+        // keeps after a 101 and which never returns to the pool.
+        let handshake = request.extensions().get::<UpgradeRequest>().is_some();
         // A pooled connection may have been closed by the target while idle.
         // hyper then returns the unsent request, which goes out on the next
         // pooled connection or a new one.
-        while let Some(mut sender) = take_idle(target.id).await {
+        while let Some(mut sender) = take_idle(target.id).await.filter(|_| !handshake) {
             match sender.try_send_request(request).await {
                 Ok(response) => return Ok(self.pooled(target, sender, response, progress)),
                 Err(mut error) => match error.take_message() {
@@ -497,6 +501,9 @@ impl Upstream {
             }
         };
         match sender.try_send_request(request).await {
+            Ok(response) if handshake => {
+                Ok(response.map(|body| PooledBody::new(body, None, target.id, 0, progress)))
+            }
             Ok(response) => Ok(self.pooled(target, sender, response, progress)),
             Err(mut error) => {
                 let unsent = error.take_message().map(Box::new);
@@ -564,7 +571,7 @@ impl Upstream {
         progress: Option<Arc<BodyProgress>>,
     ) -> Response<PooledBody> {
         let max_idle = self.settings.max_idle;
-        response.map(|body| PooledBody::new(body, sender, target.id, max_idle, progress))
+        response.map(|body| PooledBody::new(body, Some(sender), target.id, max_idle, progress))
     }
 
     fn failure(
@@ -622,6 +629,8 @@ struct Attempts<'a> {
     cut_short: bool,
     /// When the first attempt's target was chosen, until it starts.
     chosen_at: Option<Instant>,
+    /// Whether the request is a WebSocket handshake, which may get a 101.
+    handshake: bool,
 }
 
 impl<'a> Attempts<'a> {
@@ -640,9 +649,13 @@ impl<'a> Attempts<'a> {
             Policy::ConsistentHash(key) => key.hash(request.headers(), client_ip),
             _ => None,
         };
+        let handshake = request.extensions().get::<UpgradeRequest>().is_some();
+        // A copied head loses the handshake's mark, so a handshake goes again
+        // only when it never left the node.
         let repeatable = settings.retry.max_retries > 0
             && is_idempotent(request.method())
-            && request.body().is_empty();
+            && request.body().is_empty()
+            && !handshake;
         let head = repeatable.then(|| copy_head(&request));
         let body_progress = request.body().progress();
         // A retry chooses its target before it gives up the failed attempt's
@@ -663,6 +676,7 @@ impl<'a> Attempts<'a> {
             current: None,
             cut_short: false,
             chosen_at: Some(now),
+            handshake,
         })
     }
 
@@ -793,10 +807,14 @@ impl<'a> Attempts<'a> {
         let now = Instant::now();
 
         let (refusal, unsent) = match sent {
-            // The node removed the client's `Upgrade`, so a switch of
-            // protocols is one the client never asked for: an invalid
-            // response, which the breaker counts.
-            Ok(Ok(response)) if response.status() == http::StatusCode::SWITCHING_PROTOCOLS => {
+            // Unless the request is a WebSocket handshake, the node removed
+            // the client's `Upgrade`, so a switch of protocols is one the
+            // client never asked for: an invalid response, which the breaker
+            // counts.
+            Ok(Ok(response))
+                if response.status() == http::StatusCode::SWITCHING_PROTOCOLS
+                    && !self.handshake =>
+            {
                 upstream.log_failure(target, None, "upstream switched protocols unasked");
                 let refusal = Refusal::UpstreamUnavailable {
                     upstream: upstream.name.clone(),
@@ -1095,7 +1113,9 @@ where
 {
     let (sender, connection) = http1::Builder::new().writev(false).handshake(io).await?;
     tokio::spawn(async move {
-        if let Err(error) = connection.await {
+        // With upgrades, a 101 hands the connection to the response's
+        // `hyper::upgrade::on`, which a WebSocket tunnel takes.
+        if let Err(error) = connection.with_upgrades().await {
             tracing::debug!(%error, "upstream connection ended with an error");
         }
         drop(open);
@@ -1173,14 +1193,14 @@ pub struct PooledBody {
 impl PooledBody {
     fn new(
         inner: Incoming,
-        sender: http1::SendRequest<RequestBody>,
+        sender: Option<http1::SendRequest<RequestBody>>,
         target: usize,
         max_idle: usize,
         request_body: Option<Arc<BodyProgress>>,
     ) -> PooledBody {
         let mut body = PooledBody {
             inner,
-            sender: Some(sender),
+            sender,
             target,
             max_idle,
             in_flight: None,

@@ -213,7 +213,9 @@ impl Refusal {
                 protocol,
                 route_has_websocket: true,
             } => {
-                format!("switching to {protocol:?} is not supported: this route carries WebSocket only")
+                format!(
+                    "switching to {protocol:?} is not supported: this route carries WebSocket only"
+                )
             }
             Refusal::InvalidUpgrade(reason) => reason.clone(),
             Refusal::BodyTimeout => {

@@ -50,10 +50,10 @@ use crate::node::{Node, Route};
 use crate::proxy::{RequestBody, ResponseBody};
 use crate::ratelimit::{KeyInput, LimitSet, Shown};
 use crate::route::{encode_path, encode_query, host_name, normalize_path, resolve_dot_segments};
-use crate::upgrade;
 use crate::trace::{
     new_span_id, AttributeValue, RequestSpans, SpanKind, TraceContext, X_REQUEST_ID,
 };
+use crate::upgrade;
 use crate::worker::{wit, Binding, FetchOrigin, FetchTrace, WorkerError};
 
 /// The connection a request arrived on, with what the node works out once
@@ -221,10 +221,13 @@ async fn serve(
     exchange.route = Some(matched.index);
     // A switch of protocols only on a route that carries it.
     let handshake = match upgrade {
-        Some(requested) => {
-            let request = (&parts.method, parts.version, &parts.headers);
-            upgrade::check(route, request, &mut parts.extensions, requested)?
-        }
+        Some(requested) => upgrade::check(
+            route,
+            &parts.method,
+            parts.version,
+            &mut parts.extensions,
+            requested,
+        )?,
         None => None,
     };
     for name in &route.remove_request_headers {

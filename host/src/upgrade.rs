@@ -39,11 +39,13 @@ pub struct WebSocket {
 /// before the node removes that header with the other hop-by-hop fields.
 #[derive(Debug)]
 pub enum Requested {
-    /// `websocket` (or `websocket/VERSION`), as written, and whether the
-    /// `Connection` header lists `upgrade`.
+    /// `websocket` (or `websocket/VERSION`), as written, whether the
+    /// `Connection` header lists `upgrade`, and whether the request
+    /// announces a body.
     WebSocket {
         protocol: HeaderValue,
         connection_upgrade: bool,
+        body: bool,
     },
     /// Protocols other than WebSocket and `h2c`, as written.
     Other(String),
@@ -61,6 +63,7 @@ pub fn requested(headers: &HeaderMap) -> Option<Requested> {
             return Some(Requested::WebSocket {
                 protocol,
                 connection_upgrade: lists_upgrade(headers),
+                body: has_body(headers),
             });
         }
         if !protocol.eq_ignore_ascii_case(b"h2c") {
@@ -84,7 +87,10 @@ fn protocols<'a>(
 /// Returns whether a protocol is WebSocket, which may name its version:
 /// `websocket/13`.
 fn is_websocket(protocol: &[u8]) -> bool {
-    let name = protocol.split(|&byte| byte == b'/').next().unwrap_or(protocol);
+    let name = protocol
+        .split(|&byte| byte == b'/')
+        .next()
+        .unwrap_or(protocol);
     name.eq_ignore_ascii_case(b"websocket")
 }
 
@@ -119,11 +125,11 @@ pub struct UpgradeRequest;
 /// `OnUpgrade`.
 pub fn check(
     route: &Route,
-    request: (&Method, Version, &HeaderMap),
+    method: &Method,
+    version: Version,
     extensions: &mut http::Extensions,
     requested: Requested,
 ) -> Result<Option<Handshake>, Refusal> {
-    let (method, version, headers) = request;
     let protocol = match requested {
         Requested::Other(_) if route.websocket.is_none() => return Ok(None),
         Requested::Other(protocols) => {
@@ -141,9 +147,13 @@ pub fn check(
         Requested::WebSocket {
             protocol,
             connection_upgrade,
+            body,
         } => {
             if !connection_upgrade {
                 return Err(invalid("its Connection header does not list `upgrade`"));
+            }
+            if body {
+                return Err(invalid("it has a body, which a handshake never has"));
             }
             protocol
         }
@@ -153,9 +163,6 @@ pub fn check(
     }
     if method != Method::GET {
         return Err(invalid("its method must be GET"));
-    }
-    if has_body(headers) {
-        return Err(invalid("it has a body, which a handshake never has"));
     }
     let client = extensions
         .remove::<OnUpgrade>()
@@ -251,7 +258,9 @@ impl Handshake {
             log: TunnelLog {
                 route: route.name.clone(),
                 upstream: upstream.name.clone(),
-                request_id: request_id.and_then(|id| id.to_str().ok()).map(str::to_owned),
+                request_id: request_id
+                    .and_then(|id| id.to_str().ok())
+                    .map(str::to_owned),
             },
             held: None,
         };
@@ -490,7 +499,10 @@ mod tests {
     fn upgrade_headers(upgrade: &str, connection: &str) -> HeaderMap {
         let mut headers = HeaderMap::new();
         headers.insert(header::UPGRADE, HeaderValue::from_str(upgrade).unwrap());
-        headers.insert(header::CONNECTION, HeaderValue::from_str(connection).unwrap());
+        headers.insert(
+            header::CONNECTION,
+            HeaderValue::from_str(connection).unwrap(),
+        );
         headers
     }
 
@@ -500,11 +512,13 @@ mod tests {
         let Some(Requested::WebSocket {
             protocol,
             connection_upgrade,
+            body,
         }) = requested(&headers)
         else {
             panic!("websocket expected");
         };
         assert_eq!(protocol, "WebSocket/13");
+        assert!(!body);
         assert!(connection_upgrade);
     }
 
@@ -536,6 +550,19 @@ mod tests {
     }
 
     #[test]
+    fn requested_notes_a_chunked_body() {
+        let mut headers = upgrade_headers("websocket", "upgrade");
+        headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
+        let Some(Requested::WebSocket { body, .. }) = requested(&headers) else {
+            panic!("websocket expected");
+        };
+        assert!(body);
+    }
+
+    #[test]
     fn has_body_reads_length_and_coding() {
         let mut headers = HeaderMap::new();
         assert!(!has_body(&headers));
@@ -544,7 +571,10 @@ mod tests {
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from_static("5"));
         assert!(has_body(&headers));
         headers.remove(header::CONTENT_LENGTH);
-        headers.insert(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        headers.insert(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
         assert!(has_body(&headers));
     }
 }

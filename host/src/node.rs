@@ -625,7 +625,7 @@ impl Node {
                 remove_request_headers,
                 context_watch: ContextWatch::default(),
                 no_upstream_log: LogThrottle::default(),
-                websocket: route.websocket.then(|| crate::upgrade::WebSocket {
+                websocket: route.websocket.then_some(crate::upgrade::WebSocket {
                     idle_timeout: route.websocket_idle_timeout,
                 }),
             });

@@ -16,7 +16,10 @@ use base64::Engine as _;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::harness::{send, Node, Result};
+use crate::harness::{raw_request, send, Node, Result};
+
+/// Extra header fields of a request.
+type Fields = &'static [(&'static str, &'static str)];
 
 /// The GUID that RFC 6455 (section 1.3) appends to the key.
 const GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
@@ -777,35 +780,28 @@ async fn websocket_open_tunnels_gauge_rises_and_falls() -> Result {
 async fn websocket_refusals_reach_no_upstream() -> Result {
     let upstream = WsUpstream::start(Answer::Echo).await;
     let node = Node::start(&config(&upstream, "", "", ""))?;
-    let cases: [(&[(&str, &str)], u16, &str); 4] = [
-        (&[("upgrade", "irc/6.9")], 501, "unsupported_upgrade"),
-        (&[("content-length", "5")], 400, "invalid_upgrade"),
-        (&[("transfer-encoding", "chunked")], 400, "invalid_upgrade"),
-        (&[("connection", "keep-alive")], 400, "invalid_upgrade"),
+    // A protocol other than WebSocket on a WebSocket route.
+    let request = "GET /ws HTTP/1.1\r\nhost: chat.example\r\nupgrade: irc/6.9\r\n\
+                   connection: upgrade, close\r\n\r\n";
+    let response = raw_request(node.addr, request).await?;
+    assert!(response.starts_with("HTTP/1.1 501"), "{response}");
+    assert!(
+        response.contains("\"error\":\"unsupported_upgrade\""),
+        "{response}"
+    );
+    assert!(response.contains("WebSocket only"), "{response}");
+
+    // Handshakes that RFC 6455 does not allow.
+    let invalid: [Fields; 3] = [
+        &[("content-length", "5")],
+        &[("transfer-encoding", "chunked")],
+        &[("connection", "keep-alive")],
     ];
-    for (extra, status, error) in cases {
-        let stream = TcpStream::connect(node.addr).await?;
-        // `upgrade: irc/6.9` replaces the client's own field below.
-        let mut client = if extra[0].0 == "upgrade" {
-            let mut stream = stream;
-            let request = "GET /ws HTTP/1.1\r\nhost: chat.example\r\nupgrade: irc/6.9\r\n\
-                           connection: upgrade\r\n\r\n";
-            stream.write_all(request.as_bytes()).await?;
-            let head = read_head(&mut stream).await?.ok_or("closed")?;
-            let mut lines = head.split("\r\n");
-            let status = lines.next().unwrap().split(' ').nth(1).unwrap().parse()?;
-            WsClient {
-                stream,
-                status,
-                headers: parse_headers(lines),
-                key: String::new(),
-            }
-        } else {
-            WsClient::handshake(stream, "/ws", extra).await?
-        };
-        assert_eq!(client.status, status, "{extra:?}");
+    for extra in invalid {
+        let mut client = WsClient::connect(node.addr, "/ws", extra).await?;
+        assert_eq!(client.status, 400, "{extra:?}");
         let body: serde_json::Value = serde_json::from_str(&client.body().await?)?;
-        assert_eq!(body["error"], error, "{extra:?}");
+        assert_eq!(body["error"], "invalid_upgrade", "{extra:?}");
     }
     // A POST handshake is no handshake.
     let request = "POST /ws HTTP/1.1\r\nhost: chat.example\r\nupgrade: websocket\r\n\

@@ -69,16 +69,11 @@ impl Drain {
     /// tunnel, as open until the returned guard drops. The drain waits for
     /// it as for a connection, up to the drain timeout, but does not tell it
     /// to stop.
-    pub fn hold(&self) -> Held {
+    pub fn hold(&self) -> DrainGuard {
         self.shared.open.fetch_add(1, Ordering::SeqCst);
-        Held {
+        DrainGuard {
             shared: self.shared.clone(),
         }
-    }
-
-    /// Returns whether the drain has started.
-    pub fn is_draining(&self) -> bool {
-        self.shared.draining.load(Ordering::SeqCst)
     }
 
     /// Starts the drain, and returns when every watched connection has been
@@ -111,11 +106,11 @@ impl Drain {
 }
 
 /// Work that the drain waits for until it drops; see [`Drain::hold`].
-pub struct Held {
+pub struct DrainGuard {
     shared: Arc<Shared>,
 }
 
-impl Drop for Held {
+impl Drop for DrainGuard {
     fn drop(&mut self) {
         self.shared.close_one();
     }

@@ -90,8 +90,8 @@ pub struct Route {
     pub context_watch: ContextWatch,
     /// Bounds the warnings about requests that found no upstream.
     pub no_upstream_log: LogThrottle,
-    /// How the route proxies WebSocket handshakes, or `None` when it
-    /// rejects them.
+    /// The route's WebSocket settings, or `None` when the route rejects
+    /// WebSocket handshakes.
     pub websocket: Option<crate::upgrade::WebSocket>,
 }
 

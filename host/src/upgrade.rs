@@ -1,6 +1,6 @@
 //! WebSocket proxying (RFC 6455) for HTTP/1.1 clients: the checks on a
 //! handshake, the headers it keeps on its way upstream, and the tunnel that
-//! copies bytes both ways once the upstream has answered 101.
+//! copies bytes both ways once the upstream has responded 101.
 //!
 //! A handshake runs the route's limits and workers as any request does and
 //! goes upstream on a new connection that never returns to the pool. After
@@ -23,9 +23,10 @@ use hyper_util::rt::TokioIo;
 use prometheus::IntCounter;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
-use crate::drain::{Drain, Held};
+use crate::drain::{Drain, DrainGuard};
 use crate::error::Refusal;
 use crate::node::{Node, Route};
+use crate::proxy::Upstream;
 
 /// A route's WebSocket settings (`websocket = true`).
 #[derive(Debug, Clone)]
@@ -35,7 +36,7 @@ pub struct WebSocket {
     pub idle_timeout: Option<Duration>,
 }
 
-/// The protocol switch a request asks for in its `Upgrade` header, read
+/// The protocol switch a request names in its `Upgrade` header, read
 /// before the node removes that header with the other hop-by-hop fields.
 #[derive(Debug)]
 pub enum Requested {
@@ -52,8 +53,8 @@ pub enum Requested {
 }
 
 /// Reads the `Upgrade` header of a request. Returns `None` when it names
-/// only `h2c`, a switch to HTTP/2 that the node declines, as RFC 9110
-/// (section 7.8) allows, by answering in HTTP/1.1.
+/// only `h2c`, a switch to HTTP/2 that the node declines by responding in
+/// HTTP/1.1, as RFC 9110 (section 7.8) allows.
 pub fn requested(headers: &HeaderMap) -> Option<Requested> {
     let mut others = Vec::new();
     for protocol in protocols(headers.get_all(header::UPGRADE)) {
@@ -117,7 +118,7 @@ pub struct Handshake {
 #[derive(Debug, Clone, Copy)]
 pub struct UpgradeRequest;
 
-/// Checks a request that asks to switch protocols against its route.
+/// Checks a request to switch protocols against its route.
 /// Returns the handshake to carry on, or `None` when the request goes on as
 /// a plain request without its `Upgrade` (a protocol other than WebSocket
 /// on a route without `websocket`).
@@ -195,11 +196,11 @@ impl Handshake {
         parts.extensions.insert(UpgradeRequest);
     }
 
-    /// Turns the upstream's answer into the client's. A 101 keeps its
+    /// Turns the upstream's response into the client's. A 101 keeps its
     /// `Upgrade` and gets `Connection: upgrade`, and the tunnel starts: it
     /// waits until both sides have switched and then copies bytes. Any
-    /// other answer goes to the client as a normal response, and the
-    /// client's connection stays HTTP.
+    /// other response goes to the client as usual, and the client's
+    /// connection stays HTTP.
     ///
     /// It removes the response's hop-by-hop fields itself, and puts back
     /// those that a 101 needs.
@@ -217,54 +218,24 @@ impl Handshake {
             return Ok(());
         }
         let upstream = &node.upstreams[upstream];
-        let switched_to_websocket = response
-            .headers()
-            .get(header::UPGRADE)
-            .is_some_and(|value| protocols([value]).any(is_websocket));
-        let Some(upstream_side) = switched_to_websocket
-            .then(|| response.extensions_mut().remove::<OnUpgrade>())
-            .flatten()
-        else {
+        let Some((protocol, upstream_side)) = take_switch(response) else {
             tracing::warn!(
                 route = %route.name,
                 upstream = %upstream.name,
-                "upstream answered a WebSocket handshake with 101 to another protocol; \
-                 answering 502"
+                "upstream switched a WebSocket handshake to another protocol; responding 502"
             );
             return Err(Refusal::UpstreamUnavailable {
                 upstream: upstream.name.clone(),
             });
         };
-        let protocol = response.headers()[header::UPGRADE].clone();
-        let idle_timeout = route
-            .websocket
-            .as_ref()
-            .and_then(|websocket| websocket.idle_timeout)
-            .or(upstream.settings.idle_timeout)
-            .filter(|idle| !idle.is_zero());
-        let metrics = &node.metrics;
-        let route_name = &*route.name;
-        let tunnel = Tunnel {
-            client: self.client,
-            upstream: upstream_side,
-            idle_timeout,
-            open: Some(metrics.websocket_tunnels.with_label_values(&[route_name])),
-            to_upstream: metrics
-                .websocket_bytes
-                .with_label_values(&[route_name, "upstream"]),
-            to_client: metrics
-                .websocket_bytes
-                .with_label_values(&[route_name, "client"]),
-            log: TunnelLog {
-                route: route.name.clone(),
-                upstream: upstream.name.clone(),
-                request_id: request_id
-                    .and_then(|id| id.to_str().ok())
-                    .map(str::to_owned),
-            },
-            held: None,
-        };
-        tokio::spawn(tunnel.run(drain.map(Drain::hold)));
+
+        let mut tunnel = Tunnel::new(node, route, upstream, self.client, upstream_side);
+        tunnel.log.request_id = request_id
+            .and_then(|id| id.to_str().ok())
+            .map(str::to_owned);
+        tunnel.drain_guard = drain.map(Drain::hold);
+        tokio::spawn(tunnel.run());
+
         let headers = response.headers_mut();
         // Every hop-by-hop field goes, then these two come back.
         crate::pipeline::remove_hop_by_hop(headers);
@@ -274,7 +245,19 @@ impl Handshake {
     }
 }
 
-/// What the tunnel's closing log line names.
+/// Takes the upstream's side of a 101 that switches to WebSocket, with the
+/// protocol its `Upgrade` names. Returns `None` for a switch to any other
+/// protocol.
+fn take_switch<B>(response: &mut Response<B>) -> Option<(HeaderValue, OnUpgrade)> {
+    let protocol = response.headers().get(header::UPGRADE)?.clone();
+    if !protocols([&protocol]).any(is_websocket) {
+        return None;
+    }
+    let upstream_side = response.extensions_mut().remove::<OnUpgrade>()?;
+    Some((protocol, upstream_side))
+}
+
+/// The fields of a tunnel's closing log line.
 struct TunnelLog {
     route: Arc<str>,
     upstream: String,
@@ -288,15 +271,15 @@ struct Tunnel {
     upstream: OnUpgrade,
     idle_timeout: Option<Duration>,
     /// The route's open-tunnel gauge, raised once both sides have switched.
-    open: Option<prometheus::IntGauge>,
+    open: prometheus::IntGauge,
     to_upstream: IntCounter,
     to_client: IntCounter,
     log: TunnelLog,
     /// Keeps the serving thread's drain waiting for the tunnel.
-    held: Option<Held>,
+    drain_guard: Option<DrainGuard>,
 }
 
-/// Why a tunnel ended, for its log line.
+/// The cause of a tunnel's end, for its log line.
 #[derive(Debug, Clone, Copy)]
 enum Ending {
     /// Both sides closed their halves.
@@ -321,8 +304,45 @@ impl Ending {
 }
 
 impl Tunnel {
-    async fn run(mut self, held: Option<Held>) {
-        self.held = held;
+    /// Prepares the tunnel of `route` to a target of `upstream`, with its
+    /// idle timeout: the route's, else the upstream's.
+    fn new(
+        node: &Node,
+        route: &Route,
+        upstream: &Upstream,
+        client: OnUpgrade,
+        upstream_side: OnUpgrade,
+    ) -> Tunnel {
+        let idle_timeout = route
+            .websocket
+            .as_ref()
+            .and_then(|websocket| websocket.idle_timeout)
+            .or(upstream.settings.idle_timeout)
+            .filter(|idle| !idle.is_zero());
+        let metrics = &node.metrics;
+        let route_name = &*route.name;
+        let bytes = |direction| {
+            metrics
+                .websocket_bytes
+                .with_label_values(&[route_name, direction])
+        };
+        Tunnel {
+            client,
+            upstream: upstream_side,
+            idle_timeout,
+            open: metrics.websocket_tunnels.with_label_values(&[route_name]),
+            to_upstream: bytes("upstream"),
+            to_client: bytes("client"),
+            log: TunnelLog {
+                route: route.name.clone(),
+                upstream: upstream.name.clone(),
+                request_id: None,
+            },
+            drain_guard: None,
+        }
+    }
+
+    async fn run(mut self) {
         let switched = tokio::try_join!(&mut self.client, &mut self.upstream);
         let (client, upstream) = match switched {
             Ok(pair) => pair,
@@ -347,16 +367,14 @@ impl Tunnel {
             read: self.to_client.clone(),
             from_client: false,
         };
+        self.open.inc();
         let mut open = OpenTunnel {
-            gauge: self.open.take(),
+            gauge: self.open,
             activity: activity.clone(),
             ending: Ending::NodeStopped,
             log: self.log,
-            _held: self.held.take(),
+            _drain_guard: self.drain_guard,
         };
-        if let Some(gauge) = &open.gauge {
-            gauge.inc();
-        }
         let idle_timeout = self.idle_timeout;
         open.ending = tokio::select! {
             copied = tokio::io::copy_bidirectional(&mut client, &mut upstream) => match copied {
@@ -390,18 +408,16 @@ async fn idle(activity: &Activity, timeout: Option<Duration>) {
 /// An open tunnel, until it drops: it lowers the gauge and writes the
 /// tunnel's closing log line, also when the node stops with it open.
 struct OpenTunnel {
-    gauge: Option<prometheus::IntGauge>,
+    gauge: prometheus::IntGauge,
     activity: Arc<Activity>,
     ending: Ending,
     log: TunnelLog,
-    _held: Option<Held>,
+    _drain_guard: Option<DrainGuard>,
 }
 
 impl Drop for OpenTunnel {
     fn drop(&mut self) {
-        if let Some(gauge) = &self.gauge {
-            gauge.dec();
-        }
+        self.gauge.dec();
         let activity = &self.activity;
         tracing::info!(
             route = %self.log.route,

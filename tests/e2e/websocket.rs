@@ -37,7 +37,7 @@ fn accept_of(key: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(digest.as_ref())
 }
 
-/// How the upstream answers a handshake.
+/// The upstream's response to a handshake.
 #[derive(Clone, Copy)]
 enum Answer {
     /// 101, then echoes each message. When the client half-closes, it sends
@@ -47,7 +47,7 @@ enum Answer {
     CloseAtOnce,
     /// This status with a small body, on a connection that stays open.
     Status(u16),
-    /// Waits this long, then answers as `Echo` does.
+    /// Waits this long, then responds as `Echo` does.
     Delay(Duration),
 }
 
@@ -362,7 +362,7 @@ impl WsClient {
     }
 }
 
-/// A config with an admin listener and the routes `ws` (`/ws`, with
+/// Builds a config with an admin listener and the routes `ws` (`/ws`, with
 /// `websocket = true` and `route_extra`) and `plain` (`/plain`, without),
 /// both to `upstream`, after `before`.
 fn config(upstream: &WsUpstream, before: &str, upstream_extra: &str, route_extra: &str) -> String {
@@ -812,7 +812,7 @@ async fn websocket_refusals_reach_no_upstream() -> Result {
     assert!(head.starts_with("HTTP/1.1 400"), "{head}");
     assert!(upstream.seen().is_empty(), "{:?}", upstream.seen());
 
-    // `h2c` is declined by answering in HTTP/1.1, as before.
+    // The node declines `h2c` by responding in HTTP/1.1, as before.
     let request = "GET /ws/h2c HTTP/1.1\r\nhost: chat.example\r\nupgrade: h2c\r\n\
                    connection: upgrade, http2-settings\r\nhttp2-settings: AAMAAABkAAQAAP__\r\n\r\n";
     let mut stream = TcpStream::connect(node.addr).await?;

@@ -16,7 +16,7 @@ use base64::Engine as _;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::harness::{raw_request, send, Node, Result};
+use crate::harness::{raw_request, send, KeyKind, Node, Result, TestCa, TlsClient};
 
 /// Extra header fields of a request.
 type Fields = &'static [(&'static str, &'static str)];
@@ -281,9 +281,9 @@ async fn read_frame(stream: &mut (impl AsyncRead + Unpin)) -> Result<Option<(u8,
     Ok(Some((opcode, payload)))
 }
 
-/// A client connection to the node after its handshake.
-struct WsClient {
-    stream: TcpStream,
+/// A client connection to the node after its handshake, over TCP or TLS.
+struct WsClient<S = TcpStream> {
+    stream: S,
     /// The response's status line and lower-case headers.
     status: u16,
     headers: HashMap<String, String>,
@@ -298,12 +298,11 @@ impl WsClient {
         let stream = TcpStream::connect(addr).await?;
         WsClient::handshake(stream, path, extra).await
     }
+}
 
-    async fn handshake(
-        mut stream: TcpStream,
-        path: &str,
-        extra: &[(&str, &str)],
-    ) -> Result<WsClient> {
+impl<S: AsyncRead + AsyncWrite + Unpin> WsClient<S> {
+    /// Sends a handshake on `stream`, as [`WsClient::connect`] does.
+    async fn handshake(mut stream: S, path: &str, extra: &[(&str, &str)]) -> Result<WsClient<S>> {
         let key =
             base64::engine::general_purpose::STANDARD.encode(fastrand::u128(..).to_be_bytes());
         let mut request = format!(
@@ -853,5 +852,40 @@ async fn websocket_slow_handshake_gets_504() -> Result {
     assert!(started.elapsed() < Duration::from_secs(2));
     let body: serde_json::Value = serde_json::from_str(&client.body().await?)?;
     assert_eq!(body["error"], "upstream_timeout");
+    Ok(())
+}
+
+#[tokio::test]
+async fn websocket_over_tls_listener() -> Result {
+    let upstream = WsUpstream::start(Answer::Echo).await;
+    let dir = tempfile::tempdir()?;
+    let ca = TestCa::new("WebSocket test CA");
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.pem())?;
+    let (cert, key) = ca
+        .issue(&["chat.example"], KeyKind::EcdsaP256)
+        .write(dir.path(), "chat");
+    let listener = format!(
+        "[[listeners]]\naddr = \"127.0.0.1:0\"\n[listeners.tls]\n\
+         [[listeners.tls.certificates]]\ncert = {:?}\nkey = {:?}\n\n",
+        cert.display().to_string(),
+        key.display().to_string()
+    );
+    let node = Node::start(&config(&upstream, &listener, "", ""))?;
+    // The client offers only HTTP/1.1: the node has no WebSocket over
+    // HTTP/2.
+    let tls = TlsClient::new(&ca_file, &[b"http/1.1"]);
+    let stream = tls.connect(node.addr, "chat.example").await?;
+    let mut client = WsClient::handshake(stream, "/ws", &[]).await?;
+    assert_eq!(client.status, 101, "{:?}", client.headers);
+    for message in [&b"over tls"[..], &[7u8; 1000][..]] {
+        client.send(BINARY, message).await?;
+        assert_eq!(client.recv().await?, Some((BINARY, message.to_vec())));
+    }
+    let seen = upstream.seen();
+    assert_eq!(
+        seen[0].headers.get("x-forwarded-proto").map(String::as_str),
+        Some("https")
+    );
     Ok(())
 }

@@ -480,7 +480,10 @@ impl Upstream {
         // A pooled connection may have been closed by the target while idle.
         // hyper then returns the unsent request, which goes out on the next
         // pooled connection or a new one.
-        while let Some(mut sender) = take_idle(target.id).await.filter(|_| !handshake) {
+        while !handshake {
+            let Some(mut sender) = take_idle(target.id).await else {
+                break;
+            };
             match sender.try_send_request(request).await {
                 Ok(response) => return Ok(self.pooled(target, sender, response, progress)),
                 Err(mut error) => match error.take_message() {

@@ -54,61 +54,76 @@ enum Answer {
 /// A request head the upstream received.
 #[derive(Debug, Clone)]
 struct Seen {
+    /// The number of the connection it came on, from 0 in accept order.
+    connection: usize,
     method: String,
     target: String,
     /// Lower-case names; repeated fields joined with `, `.
     headers: HashMap<String, String>,
 }
 
+/// What a [`WsUpstream`] records, shared by its connections.
+#[derive(Default)]
+struct Record {
+    seen: Mutex<Vec<Seen>>,
+    /// Tunnels in which the upstream read the end of the client's stream.
+    eofs: AtomicUsize,
+    /// The connections the node closed between requests, by number.
+    closed: Mutex<Vec<usize>>,
+}
+
 /// A WebSocket upstream on loopback. Requests without `Upgrade` get a
 /// plain 200 with the body `plain`.
 struct WsUpstream {
     addr: SocketAddr,
-    seen: Arc<Mutex<Vec<Seen>>>,
-    /// Tunnels in which the upstream read the end of the client's stream.
-    eofs: Arc<AtomicUsize>,
+    record: Arc<Record>,
 }
 
 impl WsUpstream {
     async fn start(answer: Answer) -> WsUpstream {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
-        let seen = Arc::new(Mutex::new(Vec::new()));
-        let eofs = Arc::new(AtomicUsize::new(0));
-        let (seen_by_task, eofs_by_task) = (seen.clone(), eofs.clone());
+        let record = Arc::new(Record::default());
+        let record_by_task = record.clone();
         tokio::spawn(async move {
+            let mut connection = 0;
             while let Ok((stream, _)) = listener.accept().await {
-                let seen = seen_by_task.clone();
-                let eofs = eofs_by_task.clone();
+                let record = record_by_task.clone();
                 tokio::spawn(async move {
-                    let _ = serve_upstream(stream, answer, seen, eofs).await;
+                    let _ = serve_upstream(stream, connection, answer, record).await;
                 });
+                connection += 1;
             }
         });
-        WsUpstream { addr, seen, eofs }
+        WsUpstream { addr, record }
     }
 
     fn seen(&self) -> Vec<Seen> {
-        self.seen.lock().unwrap().clone()
+        self.record.seen.lock().unwrap().clone()
     }
 
     fn eofs(&self) -> usize {
-        self.eofs.load(Ordering::SeqCst)
+        self.record.eofs.load(Ordering::SeqCst)
+    }
+
+    fn closed(&self) -> Vec<usize> {
+        self.record.closed.lock().unwrap().clone()
     }
 }
 
 async fn serve_upstream(
     mut stream: TcpStream,
+    connection: usize,
     answer: Answer,
-    seen: Arc<Mutex<Vec<Seen>>>,
-    eofs: Arc<AtomicUsize>,
+    record: Arc<Record>,
 ) -> Result {
     loop {
         let Some(head) = read_head(&mut stream).await? else {
+            record.closed.lock().unwrap().push(connection);
             return Ok(());
         };
-        let request = parse_request(&head);
-        seen.lock().unwrap().push(request.clone());
+        let request = parse_request(&head, connection);
+        record.seen.lock().unwrap().push(request.clone());
         let Some(key) = request.headers.get("sec-websocket-key") else {
             stream
                 .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nplain")
@@ -147,13 +162,13 @@ async fn serve_upstream(
             }
             Answer::Echo => stream.write_all(switch(protocol).as_bytes()).await?,
         }
-        return echo(stream, eofs).await;
+        return echo(stream, &record.eofs).await;
     }
 }
 
 /// Echoes each message until the client's stream ends, then sends `eof`
 /// and closes, so that a half-close shows in both directions.
-async fn echo(mut stream: TcpStream, eofs: Arc<AtomicUsize>) -> Result {
+async fn echo(mut stream: TcpStream, eofs: &AtomicUsize) -> Result {
     loop {
         match read_frame(&mut stream).await? {
             Some((CLOSE, payload)) => {
@@ -184,12 +199,13 @@ async fn read_head(stream: &mut (impl AsyncRead + Unpin)) -> Result<Option<Strin
     Ok(Some(String::from_utf8(head)?))
 }
 
-fn parse_request(head: &str) -> Seen {
+fn parse_request(head: &str, connection: usize) -> Seen {
     let mut lines = head.split("\r\n");
     let mut request_line = lines.next().unwrap_or_default().split(' ');
     let method = request_line.next().unwrap_or_default().to_owned();
     let target = request_line.next().unwrap_or_default().to_owned();
     Seen {
+        connection,
         method,
         target,
         headers: parse_headers(lines),
@@ -628,6 +644,37 @@ async fn websocket_upstream_refusal_keeps_http() -> Result {
 }
 
 #[tokio::test]
+async fn websocket_handshake_skips_the_pool() -> Result {
+    let upstream = WsUpstream::start(Answer::Status(403)).await;
+    // One serving thread, so that every request sees the same pool.
+    let before = "[node]\nthreads = 1\n\n";
+    let node = Node::start(&config(&upstream, before, "", ""))?;
+    let plain = send("GET", &node.url("/plain/first"), &[], b"").await?;
+    assert_eq!(plain.status, 200);
+    let mut client = WsClient::connect(node.addr, "/ws", &[]).await?;
+    assert_eq!(client.status, 403);
+    assert_eq!(client.body().await?, "refused");
+    let plain = send("GET", &node.url("/plain/second"), &[], b"").await?;
+    assert_eq!(plain.status, 200);
+
+    // The handshake went on a new connection, and the node closed it after
+    // the 403 instead of keeping it for the next request.
+    let seen = upstream.seen();
+    let connections: Vec<usize> = seen.iter().map(|seen| seen.connection).collect();
+    assert_eq!(connections, [0, 1, 0], "{seen:?}");
+    let mut closed = Vec::new();
+    for _ in 0..100 {
+        closed = upstream.closed();
+        if !closed.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(closed, [1]);
+    Ok(())
+}
+
+#[tokio::test]
 async fn websocket_upstream_close_reaches_client() -> Result {
     let upstream = WsUpstream::start(Answer::CloseAtOnce).await;
     let node = Node::start(&config(&upstream, "", "", ""))?;
@@ -830,8 +877,7 @@ async fn websocket_upstream_down_gets_502() -> Result {
     let closed = TcpListener::bind("127.0.0.1:0").await?.local_addr()?;
     let upstream = WsUpstream {
         addr: closed,
-        seen: Arc::default(),
-        eofs: Arc::default(),
+        record: Arc::default(),
     };
     let node = Node::start(&config(&upstream, "", "", ""))?;
     let mut client = WsClient::connect(node.addr, "/ws", &[]).await?;

@@ -49,6 +49,8 @@ enum Answer {
     Status(u16),
     /// Waits this long, then responds as `Echo` does.
     Delay(Duration),
+    /// 101 with `Upgrade: irc/6.9`, which the client did not request.
+    OtherProtocol,
 }
 
 /// A request head the upstream received.
@@ -154,6 +156,12 @@ async fn serve_upstream(
                 stream.write_all(switch(protocol).as_bytes()).await?;
                 write_frame(&mut stream, CLOSE, &[0x03, 0xe8], false).await?;
                 stream.shutdown().await?;
+                return Ok(());
+            }
+            Answer::OtherProtocol => {
+                let reply = "HTTP/1.1 101 Switching Protocols\r\nupgrade: irc/6.9\r\n\
+                             connection: upgrade\r\n\r\n";
+                stream.write_all(reply.as_bytes()).await?;
                 return Ok(());
             }
             Answer::Delay(wait) => {
@@ -856,6 +864,13 @@ async fn websocket_refusals_reach_no_upstream() -> Result {
     stream.write_all(request.as_bytes()).await?;
     let head = read_head(&mut stream).await?.ok_or("closed")?;
     assert!(head.starts_with("HTTP/1.1 400"), "{head}");
+
+    // An HTTP/1.0 handshake is none either.
+    let request = "GET /ws HTTP/1.0\r\nhost: chat.example\r\nupgrade: websocket\r\n\
+                   connection: upgrade\r\n\r\n";
+    let response = raw_request(node.addr, request).await?;
+    assert!(response.starts_with("HTTP/1.0 400"), "{response}");
+    assert!(response.contains("HTTP/1.1"), "{response}");
     assert!(upstream.seen().is_empty(), "{:?}", upstream.seen());
 
     // The node declines `h2c` by responding in HTTP/1.1, as before.
@@ -933,5 +948,18 @@ async fn websocket_over_tls_listener() -> Result {
         seen[0].headers.get("x-forwarded-proto").map(String::as_str),
         Some("https")
     );
+    Ok(())
+}
+
+#[tokio::test]
+async fn websocket_switch_to_other_protocol_gets_502() -> Result {
+    let upstream = WsUpstream::start(Answer::OtherProtocol).await;
+    let node = Node::start(&config(&upstream, "", "", ""))?;
+    let mut client = WsClient::connect(node.addr, "/ws", &[]).await?;
+    assert_eq!(client.status, 502);
+    assert!(client.header("upgrade").is_none(), "{:?}", client.headers);
+    let body: serde_json::Value = serde_json::from_str(&client.body().await?)?;
+    assert_eq!(body["error"], "upstream_unavailable");
+    assert!(node.log_contains("another protocol"), "{}", node.log());
     Ok(())
 }

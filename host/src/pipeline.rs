@@ -9,6 +9,7 @@
 //! normalise path      400 invalid_path
 //! redirect to HTTPS   308 (a redirecting listener), 400 invalid_host
 //! route               404 no_route
+//! WebSocket handshake 501 unsupported_upgrade, 400 invalid_upgrade
 //! rate limits         429 rate_limited, 503 ratelimit_unavailable,
 //!                     400 repeated_key_header
 //! body limit          413 body_too_large
@@ -18,7 +19,8 @@
 //! upstream            503 no_healthy_upstream, 503 circuit_open,
 //!                     503 upstream_busy, 502 upstream_unavailable,
 //!                     504 upstream_timeout,
-//!                     400 invalid_body, 413 body_too_large
+//!                     400 invalid_body, 413 body_too_large; a 101 to a
+//!                     handshake starts its tunnel (`upgrade`)
 //! response workers    500 worker_failed, 503 worker_timeout or worker_busy
 //! respond             X-Request-Id, X-Request-Duration, X-Gateway-Node,
 //!                     RED metrics, the access-log line, the request's spans

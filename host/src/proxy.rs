@@ -480,16 +480,15 @@ impl Upstream {
         // A pooled connection may have been closed by the target while idle.
         // hyper then returns the unsent request, which goes out on the next
         // pooled connection or a new one.
-        while !handshake {
-            let Some(mut sender) = take_idle(target.id).await else {
-                break;
-            };
-            match sender.try_send_request(request).await {
-                Ok(response) => return Ok(self.pooled(target, sender, response, progress)),
-                Err(mut error) => match error.take_message() {
-                    Some(unsent) => request = unsent,
-                    None => return Err(self.failure(target, error.into_error(), None)),
-                },
+        if !handshake {
+            while let Some(mut sender) = take_idle(target.id).await {
+                match sender.try_send_request(request).await {
+                    Ok(response) => return Ok(self.pooled(target, sender, response, progress)),
+                    Err(mut error) => match error.take_message() {
+                        Some(unsent) => request = unsent,
+                        None => return Err(self.failure(target, error.into_error(), None)),
+                    },
+                }
             }
         }
         // Boxed: a new connection is rare, and its future (TLS included)

@@ -122,6 +122,7 @@ pub struct UpgradeRequest;
 /// Returns the handshake to carry on, or `None` when the request goes on as
 /// a plain request without its `Upgrade` (a protocol other than WebSocket
 /// on a route without `websocket`).
+///
 /// `extensions` are the request's, from which a handshake takes hyper's
 /// `OnUpgrade`.
 pub fn check(
@@ -167,6 +168,8 @@ pub fn check(
     }
     let client = extensions
         .remove::<OnUpgrade>()
+        // hyper adds it to every HTTP/1.1 request with `Upgrade`, so this
+        // fails only for a request that did not come from a listener.
         .ok_or_else(|| invalid("its connection cannot be switched"))?;
     Ok(Some(Handshake { protocol, client }))
 }

@@ -657,6 +657,13 @@ impl Node {
             .collect();
         let upstream_list: Vec<String> = upstreams.iter().map(|u| u.name.clone()).collect();
         let registry = Metrics::new(&route_workers, &upstream_list);
+        // A WebSocket route shows 0 open tunnels before its first one.
+        for route in routes.iter().filter(|route| route.websocket.is_some()) {
+            registry
+                .websocket_tunnels
+                .with_label_values(&[&*route.name])
+                .set(0);
+        }
         let access_log = match &config.access_log {
             Some(access_log) => {
                 let sink = match &access_log.path {

@@ -792,8 +792,13 @@ async fn websocket_open_tunnels_gauge_rises_and_falls() -> Result {
     let upstream = WsUpstream::start(Answer::Echo).await;
     let node = Node::start(&config(&upstream, "", "", ""))?;
     let route = [("route", "ws")];
-    // No series until a tunnel of the route opens.
-    assert_eq!(metric(&node, "edge_websocket_tunnels", &route).await?, None);
+    // The series is there, at 0, before the first tunnel.
+    assert_eq!(
+        metric(&node, "edge_websocket_tunnels", &route).await?,
+        Some(0.0)
+    );
+    let plain = [("route", "plain")];
+    assert_eq!(metric(&node, "edge_websocket_tunnels", &plain).await?, None);
 
     let mut first = WsClient::connect(node.addr, "/ws", &[]).await?;
     let mut second = WsClient::connect(node.addr, "/ws", &[]).await?;
@@ -961,5 +966,28 @@ async fn websocket_switch_to_other_protocol_gets_502() -> Result {
     let body: serde_json::Value = serde_json::from_str(&client.body().await?)?;
     assert_eq!(body["error"], "upstream_unavailable");
     assert!(node.log_contains("another protocol"), "{}", node.log());
+    Ok(())
+}
+
+#[tokio::test]
+async fn websocket_workers_change_both_heads() -> Result {
+    let upstream = WsUpstream::start(Answer::Echo).await;
+    let route_extra = "[[routes.workers]]\nmodule = \"{modules}/add-header.wasm\"\n\
+                       [routes.workers.config]\nheaders = { \"x-edge\" = \"hello\" }\n\
+                       response_headers = { \"x-served-by\" = \"edge\" }\n";
+    let node = Node::start(&config(&upstream, "", "", route_extra))?;
+    let mut client = WsClient::connect(node.addr, "/ws", &[]).await?;
+    assert_eq!(client.status, 101, "{:?}", client.headers);
+    assert_eq!(client.header("x-served-by"), Some("edge"));
+    let seen = upstream.seen();
+    assert_eq!(
+        seen[0].headers.get("x-edge").map(String::as_str),
+        Some("hello")
+    );
+    client.send(TEXT, b"after workers").await?;
+    assert_eq!(
+        client.recv().await?,
+        Some((TEXT, b"after workers".to_vec()))
+    );
     Ok(())
 }

@@ -771,6 +771,17 @@ pub struct RouteConfig {
     /// `vary = "User-Agent"` behind a worker that routes by device.
     #[serde(default)]
     pub response_headers: BTreeMap<String, Spanned<String>>,
+    /// Proxies WebSocket handshakes from HTTP/1.1 clients (`GET` with
+    /// `Connection: upgrade` and `Upgrade: websocket`) and, after the
+    /// upstream's 101, the connection's bytes both ways. Without it, such
+    /// a handshake gets 501 `unsupported_upgrade`. Default: false.
+    #[serde(default)]
+    pub websocket: bool,
+    /// With `websocket`: how long a tunnel may carry no bytes either way
+    /// before the node closes both sides; `0s` for no limit. Default: the
+    /// upstream's `idle_timeout`.
+    #[serde(default, with = "humantime_serde")]
+    pub websocket_idle_timeout: Option<Duration>,
 }
 
 /// Switches for the headers the node adds to a route's traffic; each is on
@@ -1495,6 +1506,10 @@ impl Config {
             if route.timeout.is_some_and(|timeout| timeout.is_zero()) {
                 // Zero would refuse every request of the route with 504.
                 return Err(self.invalid(line, &field("timeout"), "must be more than zero"));
+            }
+            if route.websocket_idle_timeout.is_some() && !route.websocket {
+                let message = "applies only to a route with `websocket = true`";
+                return Err(self.invalid(line, &field("websocket_idle_timeout"), message));
             }
             if let Some(max) = &route.max_instances {
                 let pool = self.runtime.max_instances;

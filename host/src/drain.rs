@@ -14,7 +14,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::task::{Context, Poll, Waker};
 
-use hyper_util::server::graceful::GracefulConnection;
+use hyper::body::{Body, Incoming};
+use hyper::rt::{Read, Write};
+use hyper::service::HttpService;
+use hyper_util::server::conn::auto;
 use slab::Slab;
 use tokio::sync::Notify;
 
@@ -22,12 +25,12 @@ use crate::idle::Activity;
 
 /// The drain signal of one serving thread and the count of its open
 /// connections. Clones share them.
-#[derive(Clone, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Drain {
     shared: Arc<Shared>,
 }
 
-#[derive(Default)]
+#[derive(Debug, Default)]
 struct Shared {
     draining: AtomicBool,
     /// The wakers of the connections' tasks, to wake when the drain starts.
@@ -40,14 +43,14 @@ struct Shared {
 impl Drain {
     /// Wraps a connection so that it shuts down gracefully once the drain
     /// starts. It counts as open until it is dropped.
-    pub fn watch<C: GracefulConnection>(&self, connection: C) -> Watched<C> {
+    pub fn watch<C: GracefulShutdown>(&self, connection: C) -> Watched<C> {
         self.watch_cancels(connection, None)
     }
 
     /// Works as [`Drain::watch`] does, and also shuts the connection down
     /// gracefully once its client cancelled too many upstream calls (see
     /// [`crate::idle::CANCELLED_MIN_REQUESTS`]).
-    pub fn watch_cancels<C: GracefulConnection>(
+    pub fn watch_cancels<C: GracefulShutdown>(
         &self,
         connection: C,
         activity: Option<Arc<Activity>>,
@@ -59,6 +62,17 @@ impl Drain {
             registered: None,
             shut_down: false,
             activity,
+        }
+    }
+
+    /// Counts work that outlives its connection's HTTP, such as a WebSocket
+    /// tunnel, as open until the returned guard drops. The drain waits for
+    /// it as for a connection, up to the drain timeout, but does not tell it
+    /// to stop.
+    pub fn hold(&self) -> DrainGuard {
+        self.shared.open.fetch_add(1, Ordering::SeqCst);
+        DrainGuard {
+            shared: self.shared.clone(),
         }
     }
 
@@ -91,7 +105,26 @@ impl Drain {
     }
 }
 
+/// Work that the drain waits for until it drops; see [`Drain::hold`].
+pub struct DrainGuard {
+    shared: Arc<Shared>,
+}
+
+impl Drop for DrainGuard {
+    fn drop(&mut self) {
+        self.shared.close_one();
+    }
+}
+
 impl Shared {
+    /// Counts one connection or held piece of work as closed, and wakes the
+    /// drain when it was the last.
+    fn close_one(&self) {
+        if self.open.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.closed.notify_waiters();
+        }
+    }
+
     fn lock_wakers(&self) -> std::sync::MutexGuard<'_, Slab<Waker>> {
         self.wakers.lock().unwrap_or_else(PoisonError::into_inner)
     }
@@ -117,14 +150,12 @@ pin_project_lite::pin_project! {
             if let Some((key, _)) = this.registered.take() {
                 this.shared.lock_wakers().try_remove(key);
             }
-            if this.shared.open.fetch_sub(1, Ordering::SeqCst) == 1 {
-                this.shared.closed.notify_waiters();
-            }
+            this.shared.close_one();
         }
     }
 }
 
-impl<C: GracefulConnection> Future for Watched<C> {
+impl<C: GracefulShutdown> Future for Watched<C> {
     type Output = C::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
@@ -157,6 +188,57 @@ impl<C: GracefulConnection> Future for Watched<C> {
             }
         }
         this.connection.poll(cx)
+    }
+}
+
+/// A server connection that can finish its request in flight and close.
+/// hyper-util's `GracefulConnection` is sealed and leaves out hyper's
+/// HTTP/1 connection with upgrades, which WebSocket routes need.
+pub trait GracefulShutdown: Future {
+    /// Starts the graceful shutdown; the connection must still be polled.
+    fn graceful_shutdown(self: Pin<&mut Self>);
+}
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+impl<I, S, B> GracefulShutdown for hyper::server::conn::http1::Connection<I, S>
+where
+    S: HttpService<Incoming, ResBody = B>,
+    S::Error: Into<BoxError>,
+    I: Read + Write + Unpin + 'static,
+    B: Body + 'static,
+    B::Error: Into<BoxError>,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        hyper::server::conn::http1::Connection::graceful_shutdown(self);
+    }
+}
+
+impl<I, S, B> GracefulShutdown for hyper::server::conn::http1::UpgradeableConnection<I, S>
+where
+    S: HttpService<Incoming, ResBody = B>,
+    S::Error: Into<BoxError>,
+    I: Read + Write + Unpin + Send + 'static,
+    B: Body + 'static,
+    B::Error: Into<BoxError>,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        hyper::server::conn::http1::UpgradeableConnection::graceful_shutdown(self);
+    }
+}
+
+impl<I, S, E, B> GracefulShutdown for auto::UpgradeableConnection<'_, I, S, E>
+where
+    S: hyper::service::Service<http::Request<Incoming>, Response = http::Response<B>>,
+    S::Future: 'static,
+    S::Error: Into<BoxError>,
+    I: Read + Write + Unpin + Send + 'static,
+    B: Body + 'static,
+    B::Error: Into<BoxError>,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    fn graceful_shutdown(self: Pin<&mut Self>) {
+        auto::UpgradeableConnection::graceful_shutdown(self);
     }
 }
 

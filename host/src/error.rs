@@ -42,11 +42,18 @@ pub enum Refusal {
     BodyTimeout,
     /// The request body uses a transfer coding other than chunked.
     UnsupportedTransferCoding(String),
-    /// A CONNECT request. The node opens no tunnels.
+    /// A CONNECT request. The node opens no CONNECT tunnels.
     UnsupportedMethod(String),
-    /// A request to switch to WebSocket. The node proxies HTTP requests
-    /// only.
-    UnsupportedUpgrade(String),
+    /// A request to switch protocols that the route does not carry:
+    /// WebSocket on a route without `websocket = true`, or a protocol other
+    /// than WebSocket on a route with it.
+    UnsupportedUpgrade {
+        protocol: String,
+        route_has_websocket: bool,
+    },
+    /// A WebSocket handshake that RFC 6455 (section 4.1) does not allow,
+    /// such as one with a body or without `Connection: upgrade`.
+    InvalidUpgrade(String),
     /// The body is larger than the route allows.
     BodyTooLarge { limit: u64 },
     /// The request sends the header a rate limit keys on more than once, so
@@ -95,12 +102,13 @@ impl Refusal {
             | Refusal::InvalidHost(_)
             | Refusal::InvalidMethod(_)
             | Refusal::InvalidBody
+            | Refusal::InvalidUpgrade(_)
             | Refusal::RepeatedKeyHeader { .. } => StatusCode::BAD_REQUEST,
             Refusal::BodyTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             Refusal::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             Refusal::UnsupportedTransferCoding(_)
             | Refusal::UnsupportedMethod(_)
-            | Refusal::UnsupportedUpgrade(_) => StatusCode::NOT_IMPLEMENTED,
+            | Refusal::UnsupportedUpgrade { .. } => StatusCode::NOT_IMPLEMENTED,
             Refusal::NoUpstream | Refusal::WorkerFailed => StatusCode::INTERNAL_SERVER_ERROR,
             Refusal::UpstreamUnavailable { .. } => StatusCode::BAD_GATEWAY,
             Refusal::UpstreamTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
@@ -128,7 +136,8 @@ impl Refusal {
             Refusal::BodyTimeout => "body_timeout",
             Refusal::UnsupportedTransferCoding(_) => "unsupported_transfer_coding",
             Refusal::UnsupportedMethod(_) => "unsupported_method",
-            Refusal::UnsupportedUpgrade(_) => "unsupported_upgrade",
+            Refusal::UnsupportedUpgrade { .. } => "unsupported_upgrade",
+            Refusal::InvalidUpgrade(_) => "invalid_upgrade",
             Refusal::NoUpstream => "no_upstream",
             Refusal::UpstreamUnavailable { .. } => "upstream_unavailable",
             Refusal::UpstreamTimeout { .. } => "upstream_timeout",
@@ -157,7 +166,8 @@ impl Refusal {
             | Refusal::BodyTimeout
             | Refusal::UnsupportedTransferCoding(_)
             | Refusal::UnsupportedMethod(_)
-            | Refusal::UnsupportedUpgrade(_)
+            | Refusal::UnsupportedUpgrade { .. }
+            | Refusal::InvalidUpgrade(_)
             | Refusal::RateLimited { .. } => Source::Client,
             Refusal::WorkerFailed | Refusal::WorkerTimeout => Source::Worker,
             Refusal::UpstreamUnavailable { .. }
@@ -191,11 +201,23 @@ impl Refusal {
                 format!("the transfer coding {coding:?} is not supported; send the body chunked or with a Content-Length")
             }
             Refusal::UnsupportedMethod(method) => {
-                format!("the method {method} is not supported: this node proxies requests and does not open tunnels")
+                format!("the method {method} is not supported: this node proxies requests and opens no CONNECT tunnels; WebSocket needs HTTP/1.1 and `Upgrade: websocket`")
             }
-            Refusal::UnsupportedUpgrade(protocol) => {
-                format!("switching to {protocol:?} is not supported: this node proxies HTTP requests only")
+            Refusal::UnsupportedUpgrade {
+                protocol,
+                route_has_websocket: false,
+            } => {
+                format!("switching to {protocol:?} is not enabled on this route: its config needs `websocket = true`")
             }
+            Refusal::UnsupportedUpgrade {
+                protocol,
+                route_has_websocket: true,
+            } => {
+                format!(
+                    "switching to {protocol:?} is not supported: this route carries WebSocket only"
+                )
+            }
+            Refusal::InvalidUpgrade(reason) => reason.clone(),
             Refusal::BodyTimeout => {
                 "the request body arrived too slowly; the upstream's response timeout or the \
                  route's timeout passed"

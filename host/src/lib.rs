@@ -38,4 +38,5 @@ pub mod timer;
 pub mod tls;
 pub mod top;
 pub mod trace;
+pub mod upgrade;
 pub mod worker;

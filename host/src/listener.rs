@@ -443,6 +443,7 @@ async fn serve<T>(
         FirstBytes::MaybeHttp2 => Some(Arc::new(Activity::default())),
     };
     connection.activity.clone_from(&activity);
+    connection.drain = Some(drain.clone());
     // One reference count per request instead of two.
     let context = Arc::new((node, connection));
     let errors_context = context.clone();
@@ -457,8 +458,9 @@ async fn serve<T>(
                 }
             });
             let io = TokioIo::new(stream);
+            let connection = builders.http1.serve_connection(io, service);
             drain
-                .watch(builders.http1.serve_connection(io, service))
+                .watch(connection.with_upgrades())
                 .await
                 .map_err(Into::into)
         }
@@ -483,7 +485,10 @@ async fn serve<T>(
                 }
             });
             drain
-                .watch_cancels(builders.auto.serve_connection(io, service), cancels)
+                .watch_cancels(
+                    builders.auto.serve_connection_with_upgrades(io, service),
+                    cancels,
+                )
                 .await
         }
     };

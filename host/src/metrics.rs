@@ -58,6 +58,7 @@ pub enum Reason {
     UnsupportedTransferCoding,
     UnsupportedMethod,
     UnsupportedUpgrade,
+    InvalidUpgrade,
     BodyTooLarge,
     RepeatedKeyHeader,
     NoUpstream,
@@ -97,6 +98,7 @@ impl Reason {
             Reason::UnsupportedTransferCoding => "unsupported_transfer_coding",
             Reason::UnsupportedMethod => "unsupported_method",
             Reason::UnsupportedUpgrade => "unsupported_upgrade",
+            Reason::InvalidUpgrade => "invalid_upgrade",
             Reason::BodyTooLarge => "body_too_large",
             Reason::RepeatedKeyHeader => "repeated_key_header",
             Reason::NoUpstream => "no_upstream",
@@ -126,7 +128,8 @@ impl Reason {
             Refusal::BodyTimeout => Reason::BodyTimeout,
             Refusal::UnsupportedTransferCoding(_) => Reason::UnsupportedTransferCoding,
             Refusal::UnsupportedMethod(_) => Reason::UnsupportedMethod,
-            Refusal::UnsupportedUpgrade(_) => Reason::UnsupportedUpgrade,
+            Refusal::UnsupportedUpgrade { .. } => Reason::UnsupportedUpgrade,
+            Refusal::InvalidUpgrade(_) => Reason::InvalidUpgrade,
             Refusal::BodyTooLarge { .. } => Reason::BodyTooLarge,
             Refusal::RepeatedKeyHeader { .. } => Reason::RepeatedKeyHeader,
             Refusal::NoUpstream => Reason::NoUpstream,
@@ -187,6 +190,11 @@ pub struct Metrics {
     pub otlp_spans_exported: IntCounter,
     /// Requests that hyper rejected before the node saw them.
     pub unparsed_requests: IntCounter,
+    /// WebSocket tunnels open now, by route.
+    pub websocket_tunnels: IntGaugeVec,
+    /// Bytes that WebSocket tunnels carried, by route and direction
+    /// (`upstream` for client to upstream, `client` for the reverse).
+    pub websocket_bytes: IntCounterVec,
     state: StateMetrics,
 }
 
@@ -437,6 +445,20 @@ impl Metrics {
                 "HTTP/1 requests that hyper rejected before the node saw them, with its 400, 414 \
                  or 431: invalid framing, or a head too large.",
             ),
+            websocket_tunnels: gauge_vec(
+                &registry,
+                "websocket_tunnels",
+                "WebSocket tunnels open now: handshakes the upstream answered 101 whose \
+                 connections still carry bytes.",
+                &["route"],
+            ),
+            websocket_bytes: counter_vec(
+                &registry,
+                "websocket_bytes_total",
+                "Bytes carried by WebSocket tunnels after the handshake, by direction: upstream \
+                 (from the client) or client (from the upstream).",
+                &["route", "direction"],
+            ),
             registry,
             upstream_names,
             routes,
@@ -585,6 +607,7 @@ fn reason_from_index(index: usize) -> Option<Reason> {
         Reason::UnsupportedTransferCoding,
         Reason::UnsupportedMethod,
         Reason::UnsupportedUpgrade,
+        Reason::InvalidUpgrade,
         Reason::BodyTooLarge,
         Reason::RepeatedKeyHeader,
         Reason::NoUpstream,

@@ -90,6 +90,9 @@ pub struct Route {
     pub context_watch: ContextWatch,
     /// Bounds the warnings about requests that found no upstream.
     pub no_upstream_log: LogThrottle,
+    /// The route's WebSocket settings, or `None` when the route rejects
+    /// WebSocket handshakes.
+    pub websocket: Option<crate::upgrade::WebSocket>,
 }
 
 /// A watch for a limit keyed by a context value that no worker ever sets,
@@ -622,6 +625,9 @@ impl Node {
                 remove_request_headers,
                 context_watch: ContextWatch::default(),
                 no_upstream_log: LogThrottle::default(),
+                websocket: route.websocket.then_some(crate::upgrade::WebSocket {
+                    idle_timeout: route.websocket_idle_timeout,
+                }),
             });
         }
 
@@ -651,6 +657,13 @@ impl Node {
             .collect();
         let upstream_list: Vec<String> = upstreams.iter().map(|u| u.name.clone()).collect();
         let registry = Metrics::new(&route_workers, &upstream_list);
+        // A WebSocket route shows 0 open tunnels before its first one.
+        for route in routes.iter().filter(|route| route.websocket.is_some()) {
+            registry
+                .websocket_tunnels
+                .with_label_values(&[&*route.name])
+                .set(0);
+        }
         let access_log = match &config.access_log {
             Some(access_log) => {
                 let sink = match &access_log.path {

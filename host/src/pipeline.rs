@@ -9,6 +9,7 @@
 //! normalise path      400 invalid_path
 //! redirect to HTTPS   308 (a redirecting listener), 400 invalid_host
 //! route               404 no_route
+//! WebSocket handshake 501 unsupported_upgrade, 400 invalid_upgrade
 //! rate limits         429 rate_limited, 503 ratelimit_unavailable,
 //!                     400 repeated_key_header
 //! body limit          413 body_too_large
@@ -18,7 +19,8 @@
 //! upstream            503 no_healthy_upstream, 503 circuit_open,
 //!                     503 upstream_busy, 502 upstream_unavailable,
 //!                     504 upstream_timeout,
-//!                     400 invalid_body, 413 body_too_large
+//!                     400 invalid_body, 413 body_too_large; a 101 to a
+//!                     handshake starts its tunnel (`upgrade`)
 //! response workers    500 worker_failed, 503 worker_timeout or worker_busy
 //! respond             X-Request-Id, X-Request-Duration, X-Gateway-Node,
 //!                     RED metrics, the access-log line, the request's spans
@@ -53,6 +55,7 @@ use crate::route::{encode_path, encode_query, host_name, normalize_path, resolve
 use crate::trace::{
     new_span_id, AttributeValue, RequestSpans, SpanKind, TraceContext, X_REQUEST_ID,
 };
+use crate::upgrade;
 use crate::worker::{wit, Binding, FetchOrigin, FetchTrace, WorkerError};
 
 /// The connection a request arrived on, with what the node works out once
@@ -75,6 +78,9 @@ pub struct Connection {
     /// calls the pipeline counts, so that a client cancelling most of them
     /// gets its connection shut down.
     pub activity: Option<Arc<Activity>>,
+    /// The serving thread's drain, which waits for the connection's
+    /// WebSocket tunnel; `None` outside a serving thread.
+    pub drain: Option<crate::drain::Drain>,
 }
 
 impl Connection {
@@ -95,6 +101,7 @@ impl Connection {
             peer_trusted,
             peer_header,
             activity: None,
+            drain: None,
         }
     }
 }
@@ -156,9 +163,11 @@ async fn serve(
     canonicalize_host(&mut parts)?;
     check_transfer_coding(&parts.headers)?;
     let hop_by_hop = hop_by_hop_present(&parts.headers);
-    if hop_by_hop & UPGRADE_PRESENT != 0 {
-        check_upgrade(&parts.headers)?;
-    }
+    let upgrade = if hop_by_hop & UPGRADE_PRESENT != 0 {
+        upgrade::requested(&parts.headers)
+    } else {
+        None
+    };
     remove_present_hop_by_hop(&mut parts.headers, hop_by_hop);
     if names_this_node(&parts.headers, &node.via) {
         return Err(Refusal::LoopDetected);
@@ -212,6 +221,17 @@ async fn serve(
     let matched = matched.ok_or(Refusal::NoRoute)?;
     let route = &node.routes[matched.index];
     exchange.route = Some(matched.index);
+    // A switch of protocols only on a route that carries it.
+    let handshake = match upgrade {
+        Some(requested) => upgrade::check(
+            route,
+            &parts.method,
+            parts.version,
+            &mut parts.extensions,
+            requested,
+        )?,
+        None => None,
+    };
     for name in &route.remove_request_headers {
         parts.headers.remove(name);
     }
@@ -421,6 +441,9 @@ async fn serve(
             None => trace.propagate(&mut parts.headers),
         }
     }
+    if let Some(handshake) = &handshake {
+        handshake.prepare(&mut parts);
+    }
     // hyper sends a GET or HEAD whose body has no length without that body,
     // so such a body goes chunked, as any other method's does.
     if matches!(parts.method, Method::GET | Method::HEAD)
@@ -459,7 +482,18 @@ async fn serve(
         record_upstream_span(exchange, name, span_id, started, &sent);
     }
     let mut response = sent?;
-    remove_hop_by_hop(response.headers_mut());
+    match handshake {
+        // A 101 keeps the fields that switch protocols, and starts the tunnel.
+        Some(handshake) => handshake.answer(
+            node,
+            connection.drain.as_ref(),
+            route,
+            upstream_index,
+            exchange.request_id.as_ref(),
+            &mut response,
+        )?,
+        None => remove_hop_by_hop(response.headers_mut()),
+    }
     single_content_length(response.headers_mut());
     if let Some(names) = &route.response_header_names {
         response.body_mut().remove_from_trailers(names);
@@ -844,30 +878,6 @@ pub(crate) fn check_method(method: &Method) -> Result<(), Refusal> {
         return Err(Refusal::InvalidMethod(method.as_str().to_owned()));
     }
     Ok(())
-}
-
-/// Rejects a request to switch to WebSocket (RFC 6455), which the node
-/// cannot carry. Sent on as a plain request, it would get a confusing 200
-/// or 400 from the upstream, and an upstream's 101 would become a 502.
-/// Other upgrades, such as `h2c`, are ignored, as RFC 9110 (section 7.8)
-/// allows, and the request goes on without its `Upgrade`.
-fn check_upgrade(headers: &HeaderMap) -> Result<(), Refusal> {
-    let websocket = headers
-        .get_all(header::UPGRADE)
-        .iter()
-        .flat_map(|value| value.as_bytes().split(|&byte| byte == b','))
-        .map(<[u8]>::trim_ascii)
-        .find(|protocol| {
-            // A protocol may name its version: `websocket/13`.
-            let name = protocol.split(|&byte| byte == b'/').next();
-            name.is_some_and(|name| name.eq_ignore_ascii_case(b"websocket"))
-        });
-    match websocket {
-        Some(protocol) => Err(Refusal::UnsupportedUpgrade(
-            String::from_utf8_lossy(protocol).into_owned(),
-        )),
-        None => Ok(()),
-    }
 }
 
 /// Checks that `host` is `host[:port]` as RFC 3986 defines it: a registered

@@ -38,6 +38,7 @@ use crate::health::{ActiveSettings, PassiveSettings, TargetHealth};
 use crate::retry::{self, is_idempotent, RetryBudget, RetrySettings};
 use crate::timer::{self, Deadline};
 use crate::tls::UpstreamTls;
+use crate::upgrade::UpgradeRequest;
 use crate::worker::LogThrottle;
 
 /// Boxed error of a body.
@@ -479,16 +480,21 @@ impl Upstream {
         mut request: Request<RequestBody>,
     ) -> Result<Response<PooledBody>, SendError> {
         let progress = request.body().progress();
+        // A WebSocket handshake takes a new connection, which its tunnel
+        // keeps after a 101 and which never returns to the pool.
+        let handshake = request.extensions().get::<UpgradeRequest>().is_some();
         // A pooled connection may have been closed by the target while idle.
         // hyper then returns the unsent request, which goes out on the next
         // pooled connection or a new one.
-        while let Some(mut sender) = take_idle(target.id).await {
-            match sender.try_send_request(request).await {
-                Ok(response) => return Ok(self.pooled(target, sender, response, progress)),
-                Err(mut error) => match error.take_message() {
-                    Some(unsent) => request = unsent,
-                    None => return Err(self.failure(target, error.into_error(), None)),
-                },
+        if !handshake {
+            while let Some(mut sender) = take_idle(target.id).await {
+                match sender.try_send_request(request).await {
+                    Ok(response) => return Ok(self.pooled(target, sender, response, progress)),
+                    Err(mut error) => match error.take_message() {
+                        Some(unsent) => request = unsent,
+                        None => return Err(self.failure(target, error.into_error(), None)),
+                    },
+                }
             }
         }
         // Boxed: a new connection is rare, and its future (TLS included)
@@ -503,6 +509,9 @@ impl Upstream {
             }
         };
         match sender.try_send_request(request).await {
+            Ok(response) if handshake => {
+                Ok(response.map(|body| PooledBody::new(body, None, target, 0, progress)))
+            }
             Ok(response) => Ok(self.pooled(target, sender, response, progress)),
             Err(mut error) => {
                 let unsent = error.take_message().map(Box::new);
@@ -570,7 +579,7 @@ impl Upstream {
         progress: Option<Arc<BodyProgress>>,
     ) -> Response<PooledBody> {
         let max_idle = self.settings.max_idle;
-        response.map(|body| PooledBody::new(body, sender, target, max_idle, progress))
+        response.map(|body| PooledBody::new(body, Some(sender), target, max_idle, progress))
     }
 
     fn failure(
@@ -628,6 +637,8 @@ struct Attempts<'a> {
     cut_short: bool,
     /// When the first attempt's target was chosen, until it starts.
     chosen_at: Option<Instant>,
+    /// Whether the request is a WebSocket handshake, which may get a 101.
+    handshake: bool,
 }
 
 impl<'a> Attempts<'a> {
@@ -646,9 +657,13 @@ impl<'a> Attempts<'a> {
             Policy::ConsistentHash(key) => key.hash(request.headers(), client_ip),
             _ => None,
         };
+        let handshake = request.extensions().get::<UpgradeRequest>().is_some();
+        // A copied head loses the handshake's mark, so a handshake goes again
+        // only when it never left the node.
         let repeatable = settings.retry.max_retries > 0
             && is_idempotent(request.method())
-            && request.body().is_empty();
+            && request.body().is_empty()
+            && !handshake;
         let head = repeatable.then(|| copy_head(&request));
         let body_progress = request.body().progress();
         // A retry chooses its target before it gives up the failed attempt's
@@ -669,6 +684,7 @@ impl<'a> Attempts<'a> {
             current: None,
             cut_short: false,
             chosen_at: Some(now),
+            handshake,
         })
     }
 
@@ -799,10 +815,14 @@ impl<'a> Attempts<'a> {
         let now = Instant::now();
 
         let (refusal, unsent) = match sent {
-            // The node removed the client's `Upgrade`, so a switch of
-            // protocols is one the client never asked for: an invalid
-            // response, which the breaker counts.
-            Ok(Ok(response)) if response.status() == http::StatusCode::SWITCHING_PROTOCOLS => {
+            // Unless the request is a WebSocket handshake, the node removed
+            // the client's `Upgrade`, so a switch of protocols is one the
+            // client never asked for: an invalid response, which the breaker
+            // counts.
+            Ok(Ok(response))
+                if response.status() == http::StatusCode::SWITCHING_PROTOCOLS
+                    && !self.handshake =>
+            {
                 upstream.log_failure(target, None, "upstream switched protocols unasked");
                 let refusal = Refusal::UpstreamUnavailable {
                     upstream: upstream.name.clone(),
@@ -1115,7 +1135,9 @@ where
 {
     let (sender, connection) = http1::Builder::new().writev(false).handshake(io).await?;
     tokio::spawn(async move {
-        if let Err(error) = connection.await {
+        // With upgrades, a 101 hands the connection to the response's
+        // `hyper::upgrade::on`, which a WebSocket tunnel takes.
+        if let Err(error) = connection.with_upgrades().await {
             tracing::debug!(%error, "upstream connection ended with an error");
         }
         drop(open);
@@ -1195,14 +1217,14 @@ pub struct PooledBody {
 impl PooledBody {
     fn new(
         inner: Incoming,
-        sender: http1::SendRequest<RequestBody>,
+        sender: Option<http1::SendRequest<RequestBody>>,
         target: &Target,
         max_idle: usize,
         request_body: Option<Arc<BodyProgress>>,
     ) -> PooledBody {
         let mut body = PooledBody {
             inner,
-            sender: Some(sender),
+            sender,
             target: target.id,
             log: target.log.clone(),
             max_idle,

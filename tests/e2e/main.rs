@@ -19,4 +19,5 @@ mod ratelimit;
 mod resilience;
 mod status_page;
 mod tls;
+mod websocket;
 mod workers;

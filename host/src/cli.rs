@@ -291,6 +291,38 @@ fn serve(path: &Path) -> anyhow::Result<()> {
     run_node(&config, node)
 }
 
+/// Raises the soft limit on open files to the hard limit. Each connection
+/// takes a file descriptor, and the soft limit is often 1,024, which a few
+/// hundred clients with their upstream connections reach. The hard limit
+/// stays as the operator set it.
+fn raise_open_files_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource, Rlimit};
+    // The kernel's default cap on a process's open files (`fs.nr_open`),
+    // used when the hard limit is infinite.
+    const NR_OPEN: u64 = 1 << 20;
+    let limit = getrlimit(Resource::Nofile);
+    let maximum = limit.maximum.unwrap_or(NR_OPEN);
+    let Some(current) = limit.current else {
+        return;
+    };
+    if current >= maximum {
+        return;
+    }
+    let raised = Rlimit {
+        current: Some(maximum),
+        maximum: limit.maximum,
+    };
+    match setrlimit(Resource::Nofile, raised) {
+        Ok(()) => tracing::debug!(from = current, to = maximum, "raised the open files limit"),
+        Err(error) => tracing::warn!(
+            %error,
+            limit = current,
+            "failed to raise the open files limit; raise it with `ulimit -n` if clients \
+             get refused"
+        ),
+    }
+}
+
 /// Keeps SIGHUP from ending the process while the node starts. The node
 /// handles SIGHUP once it serves, but loading its modules can take seconds,
 /// and the default action of a SIGHUP sent then (by logrotate, say) is to
@@ -309,6 +341,7 @@ pub fn ignore_hangup_while_starting() -> anyhow::Result<()> {
 
 /// Serves a built node until Ctrl-C or SIGTERM, printing its addresses.
 pub fn run_node(config: &Config, node: Node) -> anyhow::Result<()> {
+    raise_open_files_limit();
     let node = Arc::new(node);
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut side_threads = Vec::new();

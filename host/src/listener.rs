@@ -374,7 +374,14 @@ fn serve_thread(
                             Ok(Err(error)) if crate::tls::is_client_certificate_error(&error) => {
                                 // Worth an operator's eye, unlike the scanners
                                 // and broken clients of the arm below.
-                                tracing::info!(%peer, %error, "rejected a client certificate");
+                                if let Some(suppressed) = CERTIFICATE_REJECTIONS.admit() {
+                                    tracing::info!(
+                                        %peer,
+                                        %error,
+                                        suppressed,
+                                        "rejected a client certificate"
+                                    );
+                                }
                                 return;
                             }
                             Ok(Err(error)) => {
@@ -421,6 +428,10 @@ fn serve_thread(
         }
     });
 }
+
+/// Limits the log lines about rejected client certificates, which any
+/// client can cause with a handshake, across the node's listeners.
+static CERTIFICATE_REJECTIONS: LogThrottle = LogThrottle::new();
 
 /// Serves HTTP on an accepted (and, for TLS, handshaken) connection until
 /// it closes or the drain ends.

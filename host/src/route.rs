@@ -87,7 +87,8 @@ fn resolve_segments<S: AsRef<str>>(segments: &[S], capacity: usize) -> String {
 /// empty segments.
 fn is_normal(raw: &str) -> bool {
     let bytes = raw.as_bytes();
-    if bytes.contains(&b'%') || bytes.contains(&b'\\') {
+    // Raw non-ASCII text is checked for control characters on the way.
+    if bytes.contains(&b'%') || bytes.contains(&b'\\') || !raw.is_ascii() {
         return false;
     }
     let mut segments = raw[1..].split('/').peekable();
@@ -126,7 +127,12 @@ fn decode_segment(raw: &str) -> Result<String, PathError> {
     if decoded.contains(&b';') {
         return Err(PathError::Semicolon);
     }
-    String::from_utf8(decoded).map_err(|_| PathError::NotUtf8)
+    let decoded = String::from_utf8(decoded).map_err(|_| PathError::NotUtf8)?;
+    // The C1 control characters, U+0080 to U+009F, are two bytes in UTF-8.
+    if !decoded.is_ascii() && decoded.chars().any(char::is_control) {
+        return Err(PathError::ForbiddenByte);
+    }
+    Ok(decoded)
 }
 
 /// Characters that must be escaped in a path segment sent upstream.
@@ -562,6 +568,12 @@ mod tests {
         }
         assert_eq!(normalize_path("/a%5cb"), Err(PathError::ForbiddenByte));
         assert_eq!(normalize_path("/a%00"), Err(PathError::ForbiddenByte));
+        // C1 control characters, encoded or raw.
+        assert_eq!(normalize_path("/a%C2%85"), Err(PathError::ForbiddenByte));
+        assert_eq!(normalize_path("/a\u{85}b"), Err(PathError::ForbiddenByte));
+        assert_eq!(normalize_path("/a\u{9f}"), Err(PathError::ForbiddenByte));
+        assert_eq!(normalize_path("/caf%C3%A9").as_deref(), Ok("/café"));
+        assert_eq!(normalize_path("/café").as_deref(), Ok("/café"));
         assert_eq!(normalize_path("/a%zz"), Err(PathError::BadEscape));
         assert_eq!(normalize_path("/a%4"), Err(PathError::BadEscape));
         assert_eq!(normalize_path("/%ff"), Err(PathError::NotUtf8));

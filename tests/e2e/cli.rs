@@ -140,6 +140,48 @@ fn check_hints_at_list_tables() {
 }
 
 #[test]
+fn serve_raises_the_open_files_limit() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let text = format!(
+        "[[listeners]]\naddr = \"127.0.0.1:0\"\n\n[upstreams.app]\ntargets = [\"127.0.0.1:9\"]\n\n\
+         [[routes]]\nname = \"all\"\nupstream = \"app\"\n\n[runtime]\ncache_dir = {:?}\n",
+        crate::harness::shared_cache_dir().display().to_string()
+    );
+    let path = write_config(dir.path(), &text);
+
+    // A soft limit of 256 open files, as some systems still set 1,024.
+    let script = format!(
+        "ulimit -Sn 256 && exec {} serve --config {path}",
+        env!("CARGO_BIN_EXE_edge")
+    );
+    let mut child = std::process::Command::new("sh")
+        .args(["-c", &script])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = std::io::BufReader::new(child.stdout.take().unwrap());
+    let listening = stdout
+        .lines()
+        .map_while(Result::ok)
+        .any(|line| line.starts_with("listening on "));
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id())).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+
+    assert!(listening, "the node did not start");
+    let open_files: Vec<&str> = limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))
+        .unwrap()
+        .split_whitespace()
+        .collect();
+    // `Max open files SOFT HARD files`.
+    assert_eq!(open_files[3], open_files[4], "{limits}");
+}
+
+#[test]
 fn serve_takes_the_config_as_an_argument() {
     let dir = tempfile::tempdir().unwrap();
     // A taken port stops the node once it has read the config.

@@ -730,6 +730,32 @@ async fn mtls_passes_verified_subject() -> Result {
     }
     assert_eq!(rejections(), 2, "{}", node.log());
 
+    // Any client can cause a rejection, so their lines are limited to ten a
+    // second.
+    let started = std::time::Instant::now();
+    for _ in 0..60 {
+        assert!(without.get(node.addr, "a.test", "/", &[]).await.is_err());
+    }
+    let seconds = started.elapsed().as_secs() + 2;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let lines = rejections();
+    assert!(
+        lines <= 2 + 10 * seconds as usize,
+        "{lines} lines in {seconds} s"
+    );
+    assert!(lines < 62, "{}", node.log());
+    // The first line of the next second counts the lines left out.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert!(without.get(node.addr, "a.test", "/", &[]).await.is_err());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let log = node.log();
+    let counted = log
+        .lines()
+        .filter(|line| line.contains("rejected a client certificate"))
+        .filter_map(|line| line.split("suppressed=").nth(1))
+        .any(|rest| !rest.starts_with('0'));
+    assert!(counted, "{log}");
+
     // A plain listener of the same node removes the header too.
     let plain = node.listener_addr(1);
     let forged = crate::harness::send(

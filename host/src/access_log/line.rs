@@ -184,8 +184,9 @@ fn protocol(version: Version) -> &'static str {
 }
 
 /// Appends `text` as a JSON string, quotes included. `"`, `\` and control
-/// characters are escaped (RFC 8259, section 7); everything else, non-ASCII
-/// included, is copied as UTF-8.
+/// characters are escaped (RFC 8259, section 7). The C1 control characters
+/// and U+2028 and U+2029 are escaped too, because many readers take them as
+/// line breaks. Everything else, non-ASCII included, is copied as UTF-8.
 pub fn write_str(out: &mut Vec<u8>, text: &str) {
     out.push(b'"');
     write_escaped(out, text);
@@ -197,28 +198,41 @@ fn write_escaped(out: &mut Vec<u8>, text: &str) {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let bytes = text.as_bytes();
     let mut start = 0;
-    for (index, &byte) in bytes.iter().enumerate() {
-        let escape: &[u8] = match byte {
-            b'"' => b"\\\"",
-            b'\\' => b"\\\\",
-            b'\n' => b"\\n",
-            b'\r' => b"\\r",
-            b'\t' => b"\\t",
-            0x08 => b"\\b",
-            0x0c => b"\\f",
-            0x00..=0x1f => &[
-                b'\\',
-                b'u',
-                b'0',
-                b'0',
-                HEX[usize::from(byte >> 4)],
-                HEX[usize::from(byte & 0x0f)],
-            ],
-            _ => continue,
+    let mut index = 0;
+    while index < bytes.len() {
+        let byte = bytes[index];
+        // The escaped character as a code point, and its length in UTF-8.
+        let (code, length) = match (byte, bytes.get(index + 1), bytes.get(index + 2)) {
+            (b'"', ..) => (0x22, 1),
+            (b'\\', ..) => (0x5c, 1),
+            (0x00..=0x1f, ..) => (u32::from(byte), 1),
+            (0xc2, Some(&next @ 0x80..=0x9f), _) => (u32::from(next), 2),
+            (0xe2, Some(&0x80), Some(&last @ (0xa8 | 0xa9))) => {
+                (0x2000 | u32::from(last & 0x3f), 3)
+            }
+            _ => {
+                index += 1;
+                continue;
+            }
         };
         out.extend_from_slice(&bytes[start..index]);
-        out.extend_from_slice(escape);
-        start = index + 1;
+        match code {
+            0x22 => out.extend_from_slice(b"\\\""),
+            0x5c => out.extend_from_slice(b"\\\\"),
+            0x0a => out.extend_from_slice(b"\\n"),
+            0x0d => out.extend_from_slice(b"\\r"),
+            0x09 => out.extend_from_slice(b"\\t"),
+            0x08 => out.extend_from_slice(b"\\b"),
+            0x0c => out.extend_from_slice(b"\\f"),
+            _ => {
+                out.extend_from_slice(b"\\u");
+                for shift in [12, 8, 4, 0] {
+                    out.push(HEX[((code >> shift) & 0x0f) as usize]);
+                }
+            }
+        }
+        index += length;
+        start = index;
     }
     out.extend_from_slice(&bytes[start..]);
 }
@@ -685,6 +699,12 @@ mod tests {
         assert_eq!(escaped("\n\r\t\u{8}\u{c}"), "\"\\n\\r\\t\\b\\f\"");
         assert_eq!(escaped("\u{0}\u{1f}\u{7f}"), "\"\\u0000\\u001f\u{7f}\"");
         assert_eq!(escaped("é✓😀"), "\"é✓😀\"");
+        // C1 controls and the Unicode line and paragraph separators, which
+        // many readers split lines at; U+00A0 and U+2027 stay raw.
+        assert_eq!(
+            escaped("a\u{85}b\u{2028}c\u{2029}\u{9f}\u{a0}\u{2027}"),
+            "\"a\\u0085b\\u2028c\\u2029\\u009f\u{a0}\u{2027}\""
+        );
     }
 
     proptest! {

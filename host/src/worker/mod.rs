@@ -920,6 +920,14 @@ impl LogThrottle {
     /// Log lines admitted per second.
     pub const PER_SECOND: u64 = 10;
 
+    /// Creates a throttle that has admitted nothing yet, for a `static`.
+    pub const fn new() -> LogThrottle {
+        LogThrottle {
+            state: AtomicU64::new(0),
+            suppressed: AtomicU64::new(0),
+        }
+    }
+
     /// Returns `Some(lines suppressed since the last admitted one)` when a
     /// line may be logged now, else counts it as suppressed.
     pub fn admit(&self) -> Option<u64> {

@@ -76,8 +76,15 @@ pub fn start(
     let token_digest: [u8; 32] = Sha256::digest(token.as_bytes()).into();
     let sessions = crate::status::Sessions::new(admin.session_timeout);
     let addr = *admin.addr.get_ref();
-    let listener = std::net::TcpListener::bind(addr)
-        .with_context(|| format!("cannot listen on {addr} for the admin listener"))?;
+    let listener = std::net::TcpListener::bind(addr).map_err(|error| {
+        let hint = if error.kind() == std::io::ErrorKind::AddrInUse {
+            "; another process listens there (a node still running?): stop it, or change \
+             admin.addr"
+        } else {
+            ""
+        };
+        anyhow::anyhow!("cannot listen on {addr} for the admin listener: {error}{hint}")
+    })?;
     listener.set_nonblocking(true)?;
     let addr = listener.local_addr()?;
     if !addr.ip().is_loopback() {

@@ -1542,8 +1542,10 @@ impl Config {
             if let Some(upstream) = &route.upstream {
                 if !self.upstreams.contains_key(upstream.get_ref()) {
                     let message = format!(
-                        "no upstream named {:?}; declare it as [upstreams.{}]",
+                        "no upstream named {:?}{}; fix the name, or declare it as \
+                         [upstreams.{}]",
                         upstream.get_ref(),
+                        self.declared_upstreams(),
                         upstream.get_ref()
                     );
                     let line = self.line_of(upstream.span().start);
@@ -2085,14 +2087,29 @@ impl Config {
         Ok(())
     }
 
+    /// Lists the declared upstreams for a message about an unknown one:
+    /// ` (declared: "a", "b")`, or nothing when there are none.
+    fn declared_upstreams(&self) -> String {
+        if self.upstreams.is_empty() {
+            return String::new();
+        }
+        let names: Vec<String> = self
+            .upstreams
+            .keys()
+            .map(|name| format!("{name:?}"))
+            .collect();
+        format!(" (declared: {})", names.join(", "))
+    }
+
     /// Checks that a worker's `fetch` list names declared upstreams.
     fn validate_fetch(&self, worker: &WorkerConfig, field: &str) -> Result<(), ConfigError> {
         for name in &worker.fetch {
             if !self.upstreams.contains_key(name.get_ref()) {
                 let message = format!(
-                    "no upstream named {:?}; declare it as [upstreams.{}] or remove it from \
-                     the list",
+                    "no upstream named {:?}{}; fix the name, declare it as [upstreams.{}], \
+                     or remove it from the list",
                     name.get_ref(),
+                    self.declared_upstreams(),
                     name.get_ref()
                 );
                 return Err(self.invalid(self.line_of(name.span().start), field, &message));

@@ -141,7 +141,10 @@ pub fn new_worker(
     }
     let root = dir.join(name);
     if root.exists() {
-        bail!("{} already exists", root.display());
+        bail!(
+            "{} already exists: choose another name, or remove that folder to start over",
+            root.display()
+        );
     }
     let sdk = match (sdk_path, sdk_git) {
         (_, Some(url)) if url.trim().is_empty() => {

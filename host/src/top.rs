@@ -132,7 +132,12 @@ fn fit(frame: &str, size: Option<TerminalSize>) -> std::borrow::Cow<'_, str> {
 async fn fetch_status(admin: SocketAddr, token: &str) -> anyhow::Result<Value> {
     let stream = tokio::net::TcpStream::connect(admin)
         .await
-        .with_context(|| format!("cannot connect to the admin listener at {admin}"))?;
+        .with_context(|| {
+            format!(
+                "cannot connect to the admin listener at {admin}: start the node with an \
+                 [admin] table, or pass --admin with the address it listens on"
+            )
+        })?;
     let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
         .await
         .context("cannot talk HTTP to the admin listener")?;

@@ -256,6 +256,10 @@ fn check_reports_line_and_field() {
         unknown_upstream.contains(":10: routes[0].upstream: no upstream named \"nope\""),
         "{unknown_upstream}"
     );
+    assert!(
+        unknown_upstream.contains("(declared: \"users\"); fix the name"),
+        "{unknown_upstream}"
+    );
 
     let bad_type = check_fails(&VALID.replace("prefix = \"/users\"", "prefix = 7"));
     assert!(
@@ -1077,6 +1081,18 @@ fn serve_says_why_it_cannot_listen() {
         stderr.contains("stop it, or change listeners[].addr"),
         "{stderr}"
     );
+
+    // A taken admin address names its own field.
+    let config = format!("[admin]\naddr = \"{addr}\"\ntoken = \"0123456789abcdef0123\"\n\n{VALID}");
+    let path = write_config(dir.path(), &config);
+    let output = edge(&["serve", "--config", &path]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("cannot listen on {addr} for the admin listener")),
+        "{stderr}"
+    );
+    assert!(stderr.contains("stop it, or change admin.addr"), "{stderr}");
 }
 
 #[test]
@@ -1171,7 +1187,11 @@ fn worker_new_scaffolds_a_crate_that_builds() {
 
     let again = edge(&["worker", "new", "hello-worker", "--dir", &root]);
     assert!(!again.status.success());
-    assert!(String::from_utf8_lossy(&again.stderr).contains("already exists"));
+    let stderr = String::from_utf8_lossy(&again.stderr);
+    assert!(
+        stderr.contains("already exists: choose another name"),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -1010,6 +1010,15 @@ async fn edge_top_prints_routes_targets_and_limits() -> Result {
         stderr.contains("did not respond as an edge admin listener"),
         "{stderr}"
     );
+
+    // Nothing listening: the error names the flag that picks the address.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .to_string();
+    let nobody = crate::harness::edge(&["top", "--admin", &closed, "--token", TOKEN, "--once"]);
+    assert!(!nobody.status.success());
+    let stderr = String::from_utf8_lossy(&nobody.stderr);
+    assert!(stderr.contains("pass --admin"), "{stderr}");
     Ok(())
 }
 

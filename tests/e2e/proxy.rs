@@ -964,6 +964,19 @@ async fn http2_field_values_are_trimmed() -> Result {
 /// Starts an upstream that writes the bytes of `response` for every request
 /// head it reads on a connection, and keeps the connection open.
 async fn fixed_upstream(response: &'static [u8]) -> std::net::SocketAddr {
+    scripted_upstream(response, false).await
+}
+
+/// Starts an upstream that responds to the first request head on each
+/// connection with the bytes of `response`, then closes the connection.
+async fn closing_upstream(response: &'static [u8]) -> std::net::SocketAddr {
+    scripted_upstream(response, true).await
+}
+
+/// Starts an upstream that writes the bytes of `response` for each request
+/// head it reads, and closes the connection after the first one when
+/// `close` is set.
+async fn scripted_upstream(response: &'static [u8], close: bool) -> std::net::SocketAddr {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -976,33 +989,9 @@ async fn fixed_upstream(response: &'static [u8]) -> std::net::SocketAddr {
                     head.extend_from_slice(&buffer[..read]);
                     while let Some(end) = head.windows(4).position(|w| w == b"\r\n\r\n") {
                         head.drain(..end + 4);
-                        if stream.write_all(response).await.is_err() {
+                        if stream.write_all(response).await.is_err() || close {
                             return;
                         }
-                    }
-                }
-            });
-        }
-    });
-    addr
-}
-
-/// Starts an upstream that answers the first request head on each
-/// connection with the bytes of `response`, then closes the connection.
-async fn closing_upstream(response: &'static [u8]) -> std::net::SocketAddr {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((mut stream, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut head = Vec::new();
-                let mut buffer = [0u8; 4096];
-                while let Ok(read @ 1..) = stream.read(&mut buffer).await {
-                    head.extend_from_slice(&buffer[..read]);
-                    if head.windows(4).any(|w| w == b"\r\n\r\n") {
-                        let _ = stream.write_all(response).await;
-                        return;
                     }
                 }
             });

@@ -168,8 +168,9 @@ pub fn check(
     }
     let client = extensions
         .remove::<OnUpgrade>()
-        // hyper adds it to every HTTP/1.1 request with `Upgrade`, so this
-        // fails only for a request that did not come from a listener.
+        // hyper's HTTP/1.1 server adds it to every request with `Upgrade`
+        // (`wants_upgrade` in hyper's `proto/h1/role.rs`), so a listener's
+        // request always has it.
         .ok_or_else(|| invalid("its connection cannot be switched"))?;
     Ok(Some(Handshake { protocol, client }))
 }

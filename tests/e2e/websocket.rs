@@ -654,7 +654,7 @@ async fn websocket_upstream_refusal_keeps_http() -> Result {
 #[tokio::test]
 async fn websocket_handshake_skips_the_pool() -> Result {
     let upstream = WsUpstream::start(Answer::Status(403)).await;
-    // One serving thread, so that every request sees the same pool.
+    // One serving thread, so that every request uses the same pool.
     let before = "[node]\nthreads = 1\n\n";
     let node = Node::start(&config(&upstream, before, "", ""))?;
     let plain = send("GET", &node.url("/plain/first"), &[], b"").await?;
@@ -870,7 +870,7 @@ async fn websocket_refusals_reach_no_upstream() -> Result {
     let head = read_head(&mut stream).await?.ok_or("closed")?;
     assert!(head.starts_with("HTTP/1.1 400"), "{head}");
 
-    // An HTTP/1.0 handshake is none either.
+    // An HTTP/1.0 handshake is invalid too.
     let request = "GET /ws HTTP/1.0\r\nhost: chat.example\r\nupgrade: websocket\r\n\
                    connection: upgrade\r\n\r\n";
     let response = raw_request(node.addr, request).await?;
@@ -938,6 +938,7 @@ async fn websocket_over_tls_listener() -> Result {
         key.display().to_string()
     );
     let node = Node::start(&config(&upstream, &listener, "", ""))?;
+
     // The client offers only HTTP/1.1: the node has no WebSocket over
     // HTTP/2.
     let tls = TlsClient::new(&ca_file, &[b"http/1.1"]);
@@ -948,6 +949,7 @@ async fn websocket_over_tls_listener() -> Result {
         client.send(BINARY, message).await?;
         assert_eq!(client.recv().await?, Some((BINARY, message.to_vec())));
     }
+
     let seen = upstream.seen();
     assert_eq!(
         seen[0].headers.get("x-forwarded-proto").map(String::as_str),

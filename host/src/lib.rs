@@ -18,6 +18,7 @@ pub mod demo;
 pub mod drain;
 pub mod error;
 pub mod exchange;
+pub mod h1;
 pub mod header_value;
 pub mod health;
 pub mod idle;

@@ -2,6 +2,10 @@
 //! a small FIFO pool per serving thread, and the body types that stream
 //! requests and responses through without buffering them.
 //!
+//! Plain HTTP targets use [`h1`], which the request's own task drives.
+//! TLS targets and WebSocket handshakes use hyper's client, whose
+//! connections each run in a task of their own.
+//!
 //! Each serving thread runs its own single-threaded runtime, so the pool is a
 //! thread-local with no lock. A connection returns to the pool when the
 //! response body's last frame has been read, not when the server polls the
@@ -34,6 +38,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use crate::balance::{self, Policy};
 use crate::breaker::{Breaker, BreakerSettings, Permit};
 use crate::error::Refusal;
+use crate::h1;
 use crate::health::{ActiveSettings, PassiveSettings, TargetHealth};
 use crate::retry::{self, is_idempotent, RetryBudget, RetrySettings};
 use crate::timer::{self, Deadline};
@@ -483,6 +488,9 @@ impl Upstream {
         // A WebSocket handshake takes a new connection, which its tunnel
         // keeps after a 101 and which never returns to the pool.
         let handshake = request.extensions().get::<UpgradeRequest>().is_some();
+        if self.tls.is_none() && !handshake {
+            return self.send_plain(target, request, progress).await;
+        }
         // A pooled connection may have been closed by the target while idle.
         // hyper then returns the unsent request, which goes out on the next
         // pooled connection or a new one.
@@ -492,7 +500,7 @@ impl Upstream {
                     Ok(response) => return Ok(self.pooled(target, sender, response, progress)),
                     Err(mut error) => match error.take_message() {
                         Some(unsent) => request = unsent,
-                        None => return Err(self.failure(target, error.into_error(), None)),
+                        None => return Err(self.failure(target, &error.into_error(), None)),
                     },
                 }
             }
@@ -510,12 +518,99 @@ impl Upstream {
         };
         match sender.try_send_request(request).await {
             Ok(response) if handshake => {
-                Ok(response.map(|body| PooledBody::new(body, None, target, 0, progress)))
+                Ok(response
+                    .map(|body| PooledBody::new(Inner::Hyper(body), None, target, 0, progress)))
             }
             Ok(response) => Ok(self.pooled(target, sender, response, progress)),
             Err(mut error) => {
                 let unsent = error.take_message().map(Box::new);
-                Err(self.failure(target, error.into_error(), unsent))
+                Err(self.failure(target, &error.into_error(), unsent))
+            }
+        }
+    }
+
+    /// Sends a request over plain HTTP/1.1 on a connection of this thread's
+    /// pool or a new one, driven by the request's own task ([`h1`]).
+    async fn send_plain(
+        &self,
+        target: &Target,
+        mut request: Request<RequestBody>,
+        progress: Option<Arc<BodyProgress>>,
+    ) -> Result<Response<PooledBody>, SendError> {
+        // An idle connection that the target closed is passed over by
+        // `take_idle_plain`; one that fails on its first write returns the
+        // unsent request, which goes out on the next one.
+        while let Some(connection) = take_idle_plain(target.id) {
+            match connection.send(request).await {
+                Ok(response) => return Ok(self.pooled_plain(target, response, progress)),
+                Err(failure) => match failure.unsent {
+                    Some(unsent) => request = unsent,
+                    None => return Err(self.failure(target, &failure.error, None)),
+                },
+            }
+        }
+        // Boxed: a new connection is rare, and its future would otherwise
+        // make every request's future larger.
+        let stream = match Box::pin(self.connect_tcp(target)).await {
+            Ok(stream) => stream,
+            Err(refusal) => {
+                return Err(SendError::Upstream {
+                    refusal,
+                    unsent: Some(Box::new(request)),
+                })
+            }
+        };
+        let connection = h1::Connection::new(stream, OpenConnection::new(&target.connections));
+        match connection.send(request).await {
+            Ok(response) => Ok(self.pooled_plain(target, response, progress)),
+            Err(failure) => {
+                let unsent = failure.unsent.map(Box::new);
+                Err(self.failure(target, &failure.error, unsent))
+            }
+        }
+    }
+
+    fn pooled_plain(
+        &self,
+        target: &Target,
+        response: Response<h1::ResponseBody<RequestBody>>,
+        progress: Option<Arc<BodyProgress>>,
+    ) -> Response<PooledBody> {
+        let max_idle = self.settings.max_idle;
+        response.map(|body| PooledBody::new(Inner::Plain(body), None, target, max_idle, progress))
+    }
+
+    /// Opens a TCP connection to a target within the connect timeout.
+    async fn connect_tcp(&self, target: &Target) -> Result<TcpStream, Refusal> {
+        let timeout = self.settings.connect_timeout;
+        let stream = self.connected(
+            target,
+            tokio::time::timeout(timeout, TcpStream::connect(target.addr)).await,
+        )?;
+        let _ = stream.set_nodelay(true);
+        Ok(stream)
+    }
+
+    /// Returns the connection that a connect within a timeout made, or logs
+    /// why there is none and returns the refusal for it.
+    fn connected<T>(
+        &self,
+        target: &Target,
+        connecting: Result<std::io::Result<T>, tokio::time::error::Elapsed>,
+    ) -> Result<T, Refusal> {
+        match connecting {
+            Ok(Ok(connected)) => Ok(connected),
+            Ok(Err(error)) => {
+                self.log_failure(target, Some(&error), "connect failed");
+                Err(Refusal::UpstreamUnavailable {
+                    upstream: self.name.clone(),
+                })
+            }
+            Err(_) => {
+                self.log_failure(target, None, "connect timed out");
+                Err(Refusal::UpstreamTimeout {
+                    upstream: self.name.clone(),
+                })
             }
         }
     }
@@ -542,22 +637,7 @@ impl Upstream {
                 }
             }
         });
-        let connected = match connecting.await {
-            Ok(Ok(connected)) => connected,
-            Ok(Err(error)) => {
-                let error: std::io::Error = error;
-                self.log_failure(target, Some(&error), "connect failed");
-                return Err(Refusal::UpstreamUnavailable {
-                    upstream: self.name.clone(),
-                });
-            }
-            Err(_) => {
-                self.log_failure(target, None, "connect timed out");
-                return Err(Refusal::UpstreamTimeout {
-                    upstream: self.name.clone(),
-                });
-            }
-        };
+        let connected = self.connected(target, connecting.await)?;
         let open = OpenConnection::new(&target.connections);
         let handshake = match connected {
             Connected::Plain(stream) => handshake(TokioIo::new(stream), open).await,
@@ -579,25 +659,27 @@ impl Upstream {
         progress: Option<Arc<BodyProgress>>,
     ) -> Response<PooledBody> {
         let max_idle = self.settings.max_idle;
-        response.map(|body| PooledBody::new(body, Some(sender), target, max_idle, progress))
+        response.map(|body| {
+            PooledBody::new(Inner::Hyper(body), Some(sender), target, max_idle, progress)
+        })
     }
 
     fn failure(
         &self,
         target: &Target,
-        error: hyper::Error,
+        error: &(dyn StdError + 'static),
         unsent: Option<Box<Request<RequestBody>>>,
     ) -> SendError {
-        if let Some(too_large) = find_cause::<BodyTooLarge>(&error) {
+        if let Some(too_large) = find_cause::<BodyTooLarge>(error) {
             return SendError::Client(Refusal::BodyTooLarge {
                 limit: too_large.limit,
             });
         }
-        if find_cause::<ClientBodyError>(&error).is_some() {
+        if find_cause::<ClientBodyError>(error).is_some() {
             tracing::debug!(upstream = %self.name, %error, "client request body failed");
             return SendError::Client(Refusal::InvalidBody);
         }
-        self.log_failure(target, Some(&error), "upstream request failed");
+        self.log_failure(target, Some(error), "upstream request failed");
         SendError::Upstream {
             refusal: Refusal::UpstreamUnavailable {
                 upstream: self.name.clone(),
@@ -1109,10 +1191,10 @@ enum Connected {
 }
 
 /// Counts a connection to a target as open until it drops.
-struct OpenConnection(Arc<AtomicUsize>);
+pub(crate) struct OpenConnection(Arc<AtomicUsize>);
 
 impl OpenConnection {
-    fn new(count: &Arc<AtomicUsize>) -> OpenConnection {
+    pub(crate) fn new(count: &Arc<AtomicUsize>) -> OpenConnection {
         count.fetch_add(1, Ordering::Relaxed);
         OpenConnection(count.clone())
     }
@@ -1146,7 +1228,7 @@ where
 }
 
 /// Returns the first error of type `E` in the chain of causes of `error`.
-fn find_cause<E: StdError + 'static>(error: &hyper::Error) -> Option<&E> {
+fn find_cause<'a, E: StdError + 'static>(error: &'a (dyn StdError + 'static)) -> Option<&'a E> {
     let mut cause = error.source();
     while let Some(inner) = cause {
         if let Some(found) = inner.downcast_ref::<E>() {
@@ -1157,10 +1239,42 @@ fn find_cause<E: StdError + 'static>(error: &hyper::Error) -> Option<&E> {
     None
 }
 
+/// Idle connections of one kind, indexed by target id.
+type Pool<T> = RefCell<Vec<VecDeque<T>>>;
+
 thread_local! {
-    /// Idle connections of this thread, indexed by target id.
-    static IDLE: RefCell<Vec<VecDeque<http1::SendRequest<RequestBody>>>> =
-        const { RefCell::new(Vec::new()) };
+    /// Idle hyper connections of this thread: TLS targets.
+    static IDLE: Pool<http1::SendRequest<RequestBody>> = const { RefCell::new(Vec::new()) };
+    /// Idle plain HTTP/1.1 connections of this thread.
+    static IDLE_PLAIN: Pool<h1::Connection> = const { RefCell::new(Vec::new()) };
+}
+
+/// Adds an idle connection to the back of its target's list, unless the
+/// list holds `max_idle` already.
+fn push_idle<T>(pool: &Pool<T>, target: usize, connection: T, max_idle: usize) {
+    let mut idle = pool.borrow_mut();
+    if idle.len() <= target {
+        idle.resize_with(target + 1, VecDeque::new);
+    }
+    let list = &mut idle[target];
+    if list.len() < max_idle {
+        list.push_back(connection);
+    }
+}
+
+/// Takes the longest-idle plain connection to a target that the target
+/// has not closed.
+///
+/// NOTE: nothing watches an idle connection, so one that the target closed
+/// stays open on this side until it is taken or the thread ends.
+fn take_idle_plain(target: usize) -> Option<h1::Connection> {
+    loop {
+        let mut connection =
+            IDLE_PLAIN.with_borrow_mut(|idle| idle.get_mut(target)?.pop_front())?;
+        if connection.is_usable() {
+            return Some(connection);
+        }
+    }
 }
 
 /// Takes the longest-idle connection to a target that is still open, waiting
@@ -1184,21 +1298,13 @@ fn put_idle(target: usize, sender: http1::SendRequest<RequestBody>, max_idle: us
     if sender.is_closed() {
         return;
     }
-    IDLE.with_borrow_mut(|idle| {
-        if idle.len() <= target {
-            idle.resize_with(target + 1, VecDeque::new);
-        }
-        let list = &mut idle[target];
-        if list.len() < max_idle {
-            list.push_back(sender);
-        }
-    });
+    IDLE.with(|pool| push_idle(pool, target, sender, max_idle));
 }
 
 /// A response body from an upstream that returns its connection to the pool
 /// once the last frame has been read.
 pub struct PooledBody {
-    inner: Incoming,
+    inner: Inner,
     /// The connection, until it goes back to the pool.
     sender: Option<http1::SendRequest<RequestBody>>,
     /// The target's id, for the pool.
@@ -1214,9 +1320,26 @@ pub struct PooledBody {
     route_headers: Option<Arc<[HeaderName]>>,
 }
 
+/// A response body as the connection's client reads it.
+enum Inner {
+    /// From hyper's client: TLS targets and WebSocket handshakes.
+    Hyper(Incoming),
+    /// From a plain HTTP/1.1 connection, which the body carries.
+    Plain(h1::ResponseBody<RequestBody>),
+}
+
+impl Inner {
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Inner::Hyper(body) => body.is_end_stream(),
+            Inner::Plain(body) => body.is_end_stream(),
+        }
+    }
+}
+
 impl PooledBody {
     fn new(
-        inner: Incoming,
+        inner: Inner,
         sender: Option<http1::SendRequest<RequestBody>>,
         target: &Target,
         max_idle: usize,
@@ -1256,6 +1379,14 @@ impl PooledBody {
         if self.inner.is_end_stream() {
             self.in_flight = None;
             self.timeouts = None;
+            // A plain connection returns only when the whole request went
+            // out, so the rule below holds for it too.
+            if let Inner::Plain(body) = &mut self.inner {
+                if let Some(connection) = body.take_connection() {
+                    IDLE_PLAIN.with(|pool| push_idle(pool, self.target, connection, self.max_idle));
+                }
+                return;
+            }
             let Some(sender) = self.sender.take() else {
                 return;
             };
@@ -1285,7 +1416,10 @@ impl Body for PooledBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        let mut polled = Pin::new(&mut this.inner).poll_frame(cx);
+        let mut polled = match &mut this.inner {
+            Inner::Hyper(body) => Pin::new(body).poll_frame(cx).map_err(BoxError::from),
+            Inner::Plain(body) => Pin::new(body).poll_frame(cx).map_err(BoxError::from),
+        };
         match &mut polled {
             Poll::Ready(None) => this.release_if_done(),
             Poll::Ready(Some(Ok(frame))) => {
@@ -1301,7 +1435,8 @@ impl Body for PooledBody {
             // sees its response cut short, so the node logs the cause.
             Poll::Ready(Some(Err(error))) => {
                 this.sender = None;
-                this.log.warn(Some(error), "upstream response body failed");
+                this.log
+                    .warn(Some(&**error), "upstream response body failed");
             }
             Poll::Pending => {
                 let expired = this.timeouts.as_mut().and_then(|t| t.poll_expired(cx));
@@ -1314,7 +1449,7 @@ impl Body for PooledBody {
                 }
             }
         }
-        polled.map_err(Into::into)
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
@@ -1322,7 +1457,10 @@ impl Body for PooledBody {
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.inner {
+            Inner::Hyper(body) => body.size_hint(),
+            Inner::Plain(body) => body.size_hint(),
+        }
     }
 }
 

@@ -1,5 +1,7 @@
 //! Routing, forwarding headers, streaming and upstream failures.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::harness::{
@@ -977,11 +979,23 @@ async fn closing_upstream(response: &'static [u8]) -> std::net::SocketAddr {
 /// head it reads, and closes the connection after the first one when
 /// `close` is set.
 async fn scripted_upstream(response: &'static [u8], close: bool) -> std::net::SocketAddr {
+    counted_scripted_upstream(response, close).await.0
+}
+
+/// Starts an upstream as [`scripted_upstream`] does, and returns the count
+/// of connections it has accepted too.
+async fn counted_scripted_upstream(
+    response: &'static [u8],
+    close: bool,
+) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
     tokio::spawn(async move {
         while let Ok((mut stream, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
             tokio::spawn(async move {
                 let mut head = Vec::new();
                 let mut buffer = [0u8; 4096];
@@ -997,7 +1011,139 @@ async fn scripted_upstream(response: &'static [u8], close: bool) -> std::net::So
             });
         }
     });
-    addr
+    (addr, accepted)
+}
+
+#[tokio::test]
+async fn upstream_framings_and_connection_reuse() -> Result {
+    // Each case: the upstream's response, whether the upstream closes the
+    // connection after it, the body the client gets, and whether the node
+    // sends the next request on the same connection.
+    let cases: [(&'static [u8], bool, &str, bool); 9] = [
+        (
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello",
+            false,
+            "hello",
+            true,
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n\
+              2;ext=\"a b\"\r\nhe\r\n3\r\nllo\r\n0\r\n\r\n",
+            false,
+            "hello",
+            true,
+        ),
+        (
+            b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello",
+            false,
+            "hello",
+            true,
+        ),
+        (
+            b"HTTP/1.0 200 OK\r\nconnection: keep-alive\r\ncontent-length: 5\r\n\r\nhello",
+            false,
+            "hello",
+            true,
+        ),
+        // Both framings: chunked wins, and the connection is not trusted
+        // with another request.
+        (
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\ntransfer-encoding: chunked\r\n\r\n\
+              5\r\nhello\r\n0\r\n\r\n",
+            false,
+            "hello",
+            false,
+        ),
+        (
+            b"HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 5\r\n\r\nhello",
+            false,
+            "hello",
+            false,
+        ),
+        (
+            b"HTTP/1.0 200 OK\r\ncontent-length: 5\r\n\r\nhello",
+            false,
+            "hello",
+            false,
+        ),
+        // Bytes past the end of the response.
+        (
+            b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nhello!",
+            false,
+            "hello",
+            false,
+        ),
+        // No length: the body runs until the upstream closes.
+        (b"HTTP/1.1 200 OK\r\n\r\nhello", true, "hello", false),
+    ];
+    for (response, close, body, reused) in cases {
+        let shown = String::from_utf8_lossy(response);
+        let (addr, accepted) = counted_scripted_upstream(response, close).await;
+        // One serving thread, whose pool the second request finds the first
+        // one's connection in.
+        let node = Node::start(&format!(
+            "[node]\nthreads = 1\n\n[upstreams.app]\ntargets = [\"{addr}\"]\n\n[[routes]]\nname = \"all\"\nupstream = \"app\"\n"
+        ))?;
+        for _ in 0..2 {
+            let got = get(&node.url("/")).await?;
+            assert_eq!(got.status, 200, "{shown}");
+            assert_eq!(got.body, body, "{shown}");
+        }
+        let expected = if reused { 1 } else { 2 };
+        assert_eq!(accepted.load(Ordering::SeqCst), expected, "{shown}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn invalid_upstream_responses_get_502() -> Result {
+    let responses: [&'static [u8]; 4] = [
+        b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello",
+        b"HTTP/1.1 200 OK\r\ncontent-length: five\r\n\r\nhello",
+        b"HTTP/1.1 2000 OK\r\n\r\n",
+        b"not http at all\r\n\r\n",
+    ];
+    for response in responses {
+        let shown = String::from_utf8_lossy(response);
+        let addr = fixed_upstream(response).await;
+        let node = Node::start(&format!(
+            "[upstreams.app]\ntargets = [\"{addr}\"]\n[upstreams.app.retry]\nmax_retries = 0\n\n\
+             [[routes]]\nname = \"all\"\nupstream = \"app\"\n"
+        ))?;
+        let got = get(&node.url("/")).await?;
+        assert_eq!(got.status, 502, "{shown}");
+        assert_eq!(got.json()["error"], "upstream_unavailable", "{shown}");
+        assert!(
+            node.log_contains("invalid response head"),
+            "{shown}: {}",
+            node.log()
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn invalid_chunk_cuts_the_response_off() -> Result {
+    let (addr, accepted) = counted_scripted_upstream(
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n",
+        false,
+    )
+    .await;
+    let node = Node::start(&format!(
+        "[node]\nthreads = 1\n\n[upstreams.app]\ntargets = [\"{addr}\"]\n\n\
+         [[routes]]\nname = \"all\"\nupstream = \"app\"\n"
+    ))?;
+    let got = get(&node.url("/")).await;
+    assert!(got.is_err(), "the response was whole: {got:?}");
+    assert!(
+        node.log_contains("invalid chunked encoding"),
+        "{}",
+        node.log()
+    );
+    // The broken connection is not used again.
+    let _ = get(&node.url("/")).await;
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    Ok(())
 }
 
 #[tokio::test]

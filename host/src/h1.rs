@@ -9,7 +9,7 @@
 //! request body. The connection goes back to its owner's pool from the
 //! finished body ([`ResponseBody::take_connection`]).
 //!
-//! Responses are framed as RFC 9112, section 6.3 says: no body for a HEAD
+//! Responses are framed as RFC 9112, section 6.3 sets out: no body for a HEAD
 //! request, 1xx, 204 and 304; chunked when `Transfer-Encoding` ends in
 //! `chunked` (which wins over `Content-Length`, and then the connection is
 //! not reused); `Content-Length` when every value agrees; otherwise the body
@@ -29,22 +29,28 @@ use tokio::net::TcpStream;
 
 use crate::proxy::{BoxError, OpenConnection};
 
-/// The most header fields a response head or a trailer section may have.
+/// The maximum number of header fields in a response head or a trailer
+/// section.
 const MAX_HEADERS: usize = 100;
 
 /// The largest response head, and the largest trailer section, in bytes.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
 
-/// The longest chunk-size line, extensions included.
+/// The maximum length of a chunk-size line, extensions included.
 const MAX_CHUNK_LINE: usize = 4096;
 
-/// The smallest free space a read asks the socket to fill.
+/// The maximum number of chunk extension bytes in a response body, as
+/// hyper limits them.
+const MAX_EXTENSION_BYTES: usize = 16 * 1024;
+
+/// The minimum free space a read offers the socket to fill.
 const MIN_READ: usize = 8 * 1024;
 
-/// The free space a read asks for after a read that filled its space.
+/// The maximum free space a read offers, reached by doubling after reads
+/// that fill theirs.
 const MAX_READ: usize = 64 * 1024;
 
-/// Why an exchange failed.
+/// The failure of an exchange.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("writing the request failed: {0}")]
@@ -90,7 +96,7 @@ pub struct ConnectionState {
     /// Bytes read and not yet consumed. Body frames are split off it, so
     /// they share its allocation until the client has written them.
     read: BytesMut,
-    /// Free space the next read asks for.
+    /// Free space the next read offers.
     read_size: usize,
     /// Bytes to write, from `written` on; its allocation is reused.
     write: Vec<u8>,
@@ -132,11 +138,17 @@ impl Connection {
     /// The check polls the socket once without registering interest, so it
     /// makes no system call when the runtime has seen no event on it.
     pub fn is_usable(&mut self) -> bool {
+        self.poll_usable(&mut Context::from_waker(Waker::noop()))
+    }
+
+    /// Returns whether an idle connection can carry a request, as
+    /// [`Connection::is_usable`] does, and has the socket wake `cx` when
+    /// the upstream closes it or sends anything.
+    pub fn poll_usable(&mut self, cx: &mut Context<'_>) -> bool {
         if !self.read.is_empty() {
             return false;
         }
-        let mut cx = Context::from_waker(Waker::noop());
-        matches!(self.poll_fill(&mut cx), Poll::Pending)
+        matches!(self.poll_fill(cx), Poll::Pending)
     }
 
     /// Sends a request and returns its response once the head has arrived;
@@ -177,6 +189,8 @@ impl Connection {
                     framing,
                     keep_alive,
                     done: false,
+                    extension_bytes: 0,
+                    chunk_error: None,
                 };
                 body.advance_framing();
                 Ok(Response::from_parts(head, body))
@@ -209,7 +223,7 @@ impl Connection {
     }
 }
 
-/// How the request body is framed on the wire.
+/// The framing of a request body on the wire.
 enum OutFraming {
     /// `Content-Length`, with the bytes still to come.
     Length(u64),
@@ -271,6 +285,10 @@ where
         }
         write.extend_from_slice(b" HTTP/1.1\r\n");
         for (name, value) in &parts.headers {
+            // A body that is not sent has no coding to announce.
+            if framing.is_none() && name == header::TRANSFER_ENCODING {
+                continue;
+            }
             write.extend_from_slice(name.as_str().as_bytes());
             write.extend_from_slice(b": ");
             write.extend_from_slice(value.as_bytes());
@@ -364,7 +382,7 @@ where
 
     /// Sends what it can of the rest of the request body without waiting.
     /// A failed write stops the sending but not the exchange, because the
-    /// upstream may have answered before reading the whole body; the
+    /// upstream may have responded before reading the whole body. The
     /// request's own body failing ends the exchange.
     fn poll_request_body(&mut self, cx: &mut Context<'_>) -> Result<(), Error> {
         if self.write_failed || (self.outgoing.is_none() && self.connection.write.is_empty()) {
@@ -425,8 +443,8 @@ impl<B: Body<Data = Bytes>> Outgoing<B> {
 
 /// Chooses the framing of a request body that is not known to be empty,
 /// and adds the header that announces it when the request has none, as
-/// hyper's client does: `Transfer-Encoding` first, then a valid
-/// `Content-Length`, then the body's exact size; a body of unknown size is
+/// hyper's client does. `Transfer-Encoding` decides first, then a valid
+/// `Content-Length`, then the body's exact size. A body of unknown size is
 /// chunked, except on GET, HEAD and CONNECT, where it is not sent at all
 /// (`None`).
 fn request_framing<B: Body>(parts: &mut http::request::Parts, body: &B) -> Option<OutFraming> {
@@ -459,7 +477,7 @@ fn request_framing<B: Body>(parts: &mut http::request::Parts, body: &B) -> Optio
     Some(OutFraming::Chunked)
 }
 
-/// How the response body is framed.
+/// The framing of a response body.
 #[derive(Debug)]
 pub enum InFraming {
     Empty,
@@ -470,7 +488,7 @@ pub enum InFraming {
     Close,
 }
 
-/// Where a chunked body's decoder is.
+/// The position of a chunked body's decoder.
 #[derive(Debug)]
 pub enum ChunkState {
     /// Before a chunk-size line.
@@ -551,8 +569,8 @@ fn parse_head(
     }
 }
 
-/// What a response head's framing fields say, read as the head is parsed
-/// so that no field is looked up again.
+/// The values of a response head's framing fields, read as the head is
+/// parsed so that no field is looked up again.
 #[derive(Default)]
 struct FramingFields {
     /// The agreed `Content-Length`; `Err` when the values are invalid or
@@ -598,6 +616,13 @@ impl FramingFields {
         };
         if status == StatusCode::SWITCHING_PROTOCOLS {
             return Ok((InFraming::Empty, false));
+        }
+        // RFC 9112, section 6.1: such framing is faulty, as hyper's client
+        // treats it too.
+        if self.transfer_encoding && version == Version::HTTP_10 {
+            return Err(Error::InvalidHead(
+                "Transfer-Encoding in an HTTP/1.0 response",
+            ));
         }
         let no_body =
             head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED;
@@ -679,7 +704,7 @@ fn is_chunked(headers: &HeaderMap) -> bool {
         .is_some_and(|last| ends_in_chunked(last.as_bytes()))
 }
 
-/// Returns whether a comma-separated list holds `token`, in any case.
+/// Returns whether a comma-separated list contains `token`, in any case.
 fn lists_token(value: &[u8], token: &[u8]) -> bool {
     value
         .split(|&byte| byte == b',')
@@ -708,6 +733,11 @@ pub struct ResponseBody<B> {
     framing: InFraming,
     keep_alive: bool,
     done: bool,
+    /// Chunk extension bytes so far, which are capped per body as hyper
+    /// caps them.
+    extension_bytes: usize,
+    /// The reason the chunked framing cannot go on.
+    chunk_error: Option<&'static str>,
 }
 
 impl<B> ResponseBody<B>
@@ -783,7 +813,8 @@ where
 
     /// Moves the decoder past what needs no frame: line breaks,
     /// chunk-size lines and an empty trailer section, so that the body
-    /// knows it has ended as soon as its last data has been read.
+    /// reports its end as soon as its last data has been read. Bytes it
+    /// cannot move past set `chunk_error`.
     fn advance_framing(&mut self) {
         let Some(exchange) = &mut self.exchange else {
             return;
@@ -794,34 +825,38 @@ where
             InFraming::Chunked(state) => loop {
                 match state {
                     ChunkState::Size => match parse_chunk_size(read) {
-                        Ok(Some((size, line))) => {
-                            read.advance(line);
-                            *state = match size {
+                        Ok(Some(line)) => {
+                            self.extension_bytes += line.extension;
+                            if self.extension_bytes > MAX_EXTENSION_BYTES {
+                                self.chunk_error = Some("chunk extensions over 16 KiB");
+                                return;
+                            }
+                            read.advance(line.length);
+                            *state = match line.size {
                                 0 => ChunkState::Trailers,
                                 size => ChunkState::Data(size),
                             };
                         }
-                        // Errors surface when the body needs the bytes.
-                        Ok(None) | Err(_) => return,
-                    },
-                    ChunkState::DataEnd => match read.first() {
-                        Some(b'\n') => {
-                            read.advance(1);
-                            *state = ChunkState::Size;
+                        Ok(None) => return,
+                        Err(message) => {
+                            self.chunk_error = Some(message);
+                            return;
                         }
-                        Some(b'\r') if read.get(1) == Some(&b'\n') => {
-                            read.advance(2);
-                            *state = ChunkState::Size;
-                        }
-                        _ => return,
                     },
+                    ChunkState::DataEnd => match line_break(read) {
+                        Ok(true) => *state = ChunkState::Size,
+                        Ok(false) => return,
+                        Err(()) => {
+                            self.chunk_error = Some("no CRLF after a chunk's data");
+                            return;
+                        }
+                    },
+                    // A trailer section that starts with a field is
+                    // `decode`'s: it becomes a frame.
                     ChunkState::Trailers => {
-                        match read.first() {
-                            Some(b'\n') => read.advance(1),
-                            Some(b'\r') if read.get(1) == Some(&b'\n') => read.advance(2),
-                            _ => return,
+                        if line_break(read) == Ok(true) {
+                            self.done = true;
                         }
-                        self.done = true;
                         return;
                     }
                     ChunkState::Data(_) => return,
@@ -830,56 +865,80 @@ where
             InFraming::Length(_) | InFraming::Close => {}
         }
     }
+}
 
-    /// Returns the error for bytes that the decoder cannot move past.
-    fn framing_error(&self) -> Option<Error> {
-        let exchange = self.exchange.as_ref()?;
-        let read = &exchange.connection.read;
-        match &self.framing {
-            InFraming::Chunked(ChunkState::Size) => parse_chunk_size(read).err(),
-            InFraming::Chunked(ChunkState::DataEnd) => match read.as_ref() {
-                [] | [b'\r'] => None,
-                _ => Some(Error::InvalidChunk("no line break after a chunk's data")),
-            },
-            _ => None,
+/// Removes a CRLF at the start of `read` and returns `true`. Returns
+/// `false` when too few bytes have arrived to tell, and `Err` when other
+/// bytes are there.
+fn line_break(read: &mut BytesMut) -> Result<bool, ()> {
+    match read.as_ref() {
+        [b'\r', b'\n', ..] => {
+            read.advance(2);
+            Ok(true)
         }
+        [] | [b'\r'] => Ok(false),
+        _ => Err(()),
     }
 }
 
-/// Parses a chunk-size line at the start of `read` and returns the size and
-/// the line's length, or `None` when the line is not complete yet. Chunk
-/// extensions are ignored.
-fn parse_chunk_size(read: &[u8]) -> Result<Option<(u64, usize)>, Error> {
+/// A chunk-size line.
+#[derive(Debug, PartialEq)]
+struct ChunkLine {
+    size: u64,
+    /// The line's length with its CRLF.
+    length: usize,
+    /// The length of its chunk extensions.
+    extension: usize,
+}
+
+/// Parses a chunk-size line at the start of `read`, or returns `None` when
+/// the line is not complete yet. Chunk extensions are skipped. As RFC 9112
+/// (section 7.1) and hyper's decoder have it, only spaces and tabs may
+/// follow the size, and the line ends in CRLF.
+fn parse_chunk_size(read: &[u8]) -> Result<Option<ChunkLine>, &'static str> {
     let Some(end) = read
         .iter()
         .take(MAX_CHUNK_LINE)
         .position(|&byte| byte == b'\n')
     else {
         if read.len() >= MAX_CHUNK_LINE {
-            return Err(Error::InvalidChunk("chunk-size line too long"));
+            return Err("chunk-size line too long");
         }
         return Ok(None);
     };
-    let line = &read[..end];
-    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let Some(line) = read[..end].strip_suffix(b"\r") else {
+        return Err("chunk-size line not ended by CRLF");
+    };
     let digits = line
         .iter()
         .take_while(|byte| byte.is_ascii_hexdigit())
         .count();
     if digits == 0 {
-        return Err(Error::InvalidChunk("missing chunk size"));
+        return Err("missing chunk size");
     }
     if digits > 16 {
-        return Err(Error::InvalidChunk("chunk size too large"));
+        return Err("chunk size too large");
     }
-    let rest = line[digits..].trim_ascii_start();
-    if !rest.is_empty() && rest[0] != b';' {
-        return Err(Error::InvalidChunk("invalid character after a chunk size"));
+    let rest = &line[digits..];
+    let spaces = rest
+        .iter()
+        .take_while(|&&byte| byte == b' ' || byte == b'\t')
+        .count();
+    let extension = &rest[spaces..];
+    if !extension.is_empty() && extension[0] != b';' {
+        return Err("invalid character after a chunk size");
+    }
+    if extension.contains(&b'\r') {
+        return Err("CR inside a chunk extension");
     }
     let size = line[..digits].iter().fold(0u64, |size, &digit| {
         (size << 4) | u64::from(hex_value(digit))
     });
-    Ok(Some((size, end + 1)))
+    Ok(Some(ChunkLine {
+        size,
+        length: end + 1,
+        extension: extension.len(),
+    }))
 }
 
 fn hex_value(digit: u8) -> u8 {
@@ -948,9 +1007,9 @@ where
                     return Poll::Ready(Some(Err(error)));
                 }
             }
-            if let Some(error) = this.framing_error() {
+            if let Some(message) = this.chunk_error {
                 this.exchange = None;
-                return Poll::Ready(Some(Err(error)));
+                return Poll::Ready(Some(Err(Error::InvalidChunk(message))));
             }
             let exchange = this.exchange.as_mut().expect("checked above");
             match std::task::ready!(exchange.connection.poll_fill(cx)) {
@@ -1046,7 +1105,7 @@ mod tests {
         request
     }
 
-    /// Sends `request` to an upstream that answers `response`, and returns
+    /// Sends `request` to an upstream that responds with `response`, and returns
     /// the response, its collected body (or the body's error), whether the
     /// connection could be reused, and the bytes the upstream read.
     async fn exchange(
@@ -1129,7 +1188,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn connection_close_and_http_1_0_are_not_reused() {
+    async fn closing_responses_are_not_reused() {
         let cases: [&'static [u8]; 3] = [
             b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\nok",
             b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
@@ -1160,17 +1219,45 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn invalid_chunk_fails_the_body() {
-        let response =
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nhello\r\n0\r\n\r\n";
-        let (_, body, reusable, _) = exchange(get("/"), response).await;
+    async fn invalid_chunks_fail_the_body() {
+        // Each starts after a valid head and `Transfer-Encoding: chunked`.
+        let bodies: [&'static [u8]; 4] = [
+            b"zz\r\nhello\r\n0\r\n\r\n",
+            b"5\nhello\r\n0\r\n\r\n",
+            b"5\r\nhello\n0\r\n\r\n",
+            b"5\r\nhelloXY0\r\n\r\n",
+        ];
+        for chunks in bodies {
+            let head: &[u8] = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n";
+            let response = [head, chunks].concat().leak();
+            let (_, body, reusable, _) = exchange(get("/"), response).await;
+            let shown = chunks.escape_ascii();
+            assert!(
+                matches!(body, Err(Error::InvalidChunk(_))),
+                "{shown}: {body:?}"
+            );
+            assert!(!reusable, "{shown}");
+        }
+    }
+
+    #[tokio::test]
+    async fn chunk_extensions_are_capped_per_body() {
+        // Twenty one-byte chunks, each with 1,000 bytes of extensions.
+        let mut response = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        for _ in 0..20 {
+            response.extend_from_slice(b"1;");
+            response.extend_from_slice(&[b'e'; 1000]);
+            response.extend_from_slice(b"\r\nx\r\n");
+        }
+        response.extend_from_slice(b"0\r\n\r\n");
+        let (_, body, _, _) = exchange(get("/"), response.leak()).await;
         assert!(matches!(body, Err(Error::InvalidChunk(_))), "{body:?}");
-        assert!(!reusable);
     }
 
     #[tokio::test]
     async fn invalid_heads_fail_the_exchange() {
-        let cases: [&'static [u8]; 3] = [
+        let cases: [&'static [u8]; 4] = [
+            b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok",
             b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
             b"HTTP/9 200 OK\r\n\r\n",
@@ -1244,14 +1331,30 @@ mod tests {
 
     #[test]
     fn chunk_size_lines() {
-        assert_eq!(parse_chunk_size(b"1a\r\n").unwrap(), Some((26, 4)));
-        assert_eq!(parse_chunk_size(b"FF;ext=1\r\n").unwrap(), Some((255, 10)));
-        assert_eq!(parse_chunk_size(b"0\n").unwrap(), Some((0, 2)));
+        let line = |size, length, extension| {
+            Some(ChunkLine {
+                size,
+                length,
+                extension,
+            })
+        };
+        assert_eq!(parse_chunk_size(b"1a\r\n").unwrap(), line(26, 4, 0));
+        assert_eq!(parse_chunk_size(b"FF;ext=1\r\n").unwrap(), line(255, 10, 6));
+        assert_eq!(parse_chunk_size(b"5 \t;a\r\n").unwrap(), line(5, 7, 2));
         assert_eq!(parse_chunk_size(b"10").unwrap(), None);
-        assert!(parse_chunk_size(b"\r\n").is_err());
-        assert!(parse_chunk_size(b"1 x\r\n").is_err());
-        assert!(parse_chunk_size(b"11111111111111111\r\n").is_err());
-        assert!(parse_chunk_size(&[b'1'; MAX_CHUNK_LINE]).is_err());
+        let invalid: [&[u8]; 8] = [
+            b"\r\n",
+            b"0\n",
+            b"5\r\r\n",
+            b"5\x0c\r\n",
+            b"1 x\r\n",
+            b"5;a\rb\r\n",
+            b"11111111111111111\r\n",
+            &[b'1'; MAX_CHUNK_LINE],
+        ];
+        for line in invalid {
+            assert!(parse_chunk_size(line).is_err(), "{}", line.escape_ascii());
+        }
     }
 
     #[test]

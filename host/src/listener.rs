@@ -314,6 +314,7 @@ fn serve_thread(
                     .filter_map(|upstream| upstream.settings.idle_timeout.as_ref()),
             );
         tokio::spawn(timer::sweep(sweep_granularity(timeouts)));
+        tokio::spawn(crate::proxy::close_idle_connections());
         let drain = Drain::default();
         loop {
             tokio::select! {

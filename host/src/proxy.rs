@@ -19,7 +19,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -537,9 +537,9 @@ impl Upstream {
         mut request: Request<RequestBody>,
         progress: Option<Arc<BodyProgress>>,
     ) -> Result<Response<PooledBody>, SendError> {
-        // An idle connection that the target closed is passed over by
-        // `take_idle_plain`; one that fails on its first write returns the
-        // unsent request, which goes out on the next one.
+        // `take_idle_plain` passes over an idle connection that the target
+        // closed. One that fails on its first write returns the unsent
+        // request, which then goes out on the next one.
         while let Some(connection) = take_idle_plain(target.id) {
             match connection.send(request).await {
                 Ok(response) => return Ok(self.pooled_plain(target, response, progress)),
@@ -1250,7 +1250,7 @@ thread_local! {
 }
 
 /// Adds an idle connection to the back of its target's list, unless the
-/// list holds `max_idle` already.
+/// list contains `max_idle` already.
 fn push_idle<T>(pool: &Pool<T>, target: usize, connection: T, max_idle: usize) {
     let mut idle = pool.borrow_mut();
     if idle.len() <= target {
@@ -1262,11 +1262,44 @@ fn push_idle<T>(pool: &Pool<T>, target: usize, connection: T, max_idle: usize) {
     }
 }
 
+thread_local! {
+    /// The [`close_idle_connections`] task of this thread, while it waits
+    /// for a connection to be pooled.
+    static IDLE_WATCHER: RefCell<Option<Waker>> = const { RefCell::new(None) };
+}
+
+/// Closes this thread's idle plain connections once their target closes
+/// them or sends anything, so that none lingers half-closed in the pool.
+/// Spawn one per serving thread.
+///
+/// No task drives an idle plain connection, so this one polls them all: when
+/// one of their sockets turns readable, and once a second to watch the
+/// connections pooled since. With the pool empty it waits for the next
+/// connection to be pooled, so an idle node does not wake up.
+pub async fn close_idle_connections() {
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    std::future::poll_fn(|cx| {
+        let pooled = IDLE_PLAIN.with_borrow_mut(|idle| {
+            let mut pooled = false;
+            for list in idle.iter_mut() {
+                list.retain_mut(|connection| connection.poll_usable(cx));
+                pooled |= !list.is_empty();
+            }
+            pooled
+        });
+        if pooled {
+            while tick.poll_tick(cx).is_ready() {}
+        } else {
+            IDLE_WATCHER.with_borrow_mut(|watcher| *watcher = Some(cx.waker().clone()));
+        }
+        Poll::<()>::Pending
+    })
+    .await
+}
+
 /// Takes the longest-idle plain connection to a target that the target
 /// has not closed.
-///
-/// NOTE: nothing watches an idle connection, so one that the target closed
-/// stays open on this side until it is taken or the thread ends.
 fn take_idle_plain(target: usize) -> Option<h1::Connection> {
     loop {
         let mut connection =
@@ -1384,6 +1417,10 @@ impl PooledBody {
             if let Inner::Plain(body) = &mut self.inner {
                 if let Some(connection) = body.take_connection() {
                     IDLE_PLAIN.with(|pool| push_idle(pool, self.target, connection, self.max_idle));
+                    // The watcher waits only while the pool is empty.
+                    if let Some(watcher) = IDLE_WATCHER.with_borrow_mut(Option::take) {
+                        watcher.wake();
+                    }
                 }
                 return;
             }
@@ -1516,6 +1553,9 @@ fn filter_trailers(trailers: &mut HeaderMap, route_headers: Option<&[HeaderName]
 }
 
 /// The body sent to the client: the upstream's, or one the node made.
+// The upstream's is the common variant, so boxing it would add an
+// allocation to most requests.
+#[allow(clippy::large_enum_variant)]
 pub enum ResponseBody {
     Upstream(PooledBody),
     Full(Full<Bytes>),

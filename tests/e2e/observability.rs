@@ -1095,3 +1095,46 @@ async fn fetch_carries_request_id_and_trace() -> Result {
     assert_eq!(calls, 4.0);
     Ok(())
 }
+
+#[tokio::test]
+async fn idle_connection_closed_upstream_is_dropped() -> Result {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // An upstream that responds to one request per connection with keep-alive,
+    // then closes the connection while the node holds it idle, as an
+    // upstream's keep-alive timeout does.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buffer = [0u8; 4096];
+                let _ = stream.read(&mut buffer).await;
+                let response = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                let _ = stream.write_all(response).await;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            });
+        }
+    });
+    let node = Node::start(&format!(
+        "{}[node]\nthreads = 1\n\n[upstreams.app]\ntargets = [\"{addr}\"]\n\n\
+         [[routes]]\nname = \"api\"\nprefix = \"/\"\nupstream = \"app\"\n",
+        admin_table()
+    ))?;
+    let got = get(&node.url("/")).await?;
+    assert_eq!(got.status, 200);
+    let open =
+        |samples: &Samples| total(samples, "edge_upstream_connections", &[("upstream", "app")]);
+    assert_eq!(open(&scrape(&node).await?), 1.0);
+    // The node notices the close and drops the connection from its pool.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    let mut samples = scrape(&node).await?;
+    while open(&samples) > 0.0 && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        samples = scrape(&node).await?;
+    }
+    assert_eq!(open(&samples), 0.0);
+    // The next request opens a new connection.
+    let got = get(&node.url("/")).await?;
+    assert_eq!(got.status, 200);
+    Ok(())
+}

@@ -36,6 +36,9 @@ const MAX_HEADERS: usize = 100;
 /// The largest response head, and the largest trailer section, in bytes.
 const MAX_HEAD_BYTES: usize = 64 * 1024;
 
+/// Header fields the node may add to a response on its way to the client.
+const RESPONSE_FIELDS_ADDED: usize = 10;
+
 /// The maximum length of a chunk-size line, extensions included.
 const MAX_CHUNK_LINE: usize = 4096;
 
@@ -551,7 +554,10 @@ fn parse_head(
         let status =
             StatusCode::from_u16(code).map_err(|_| Error::InvalidHead("invalid status code"))?;
         let head = read.split_to(length).freeze();
-        let mut headers = HeaderMap::with_capacity(count);
+        // Room for the fields the node adds to every response (`Via`, the
+        // request id, duration and node name, rate-limit headers), so that
+        // adding them does not grow and rehash the map.
+        let mut headers = HeaderMap::with_capacity(count + RESPONSE_FIELDS_ADDED);
         for &(name_start, name_end, value_start, value_end) in &spans[..count] {
             let name = HeaderName::from_bytes(&head[name_start as usize..name_end as usize])
                 .map_err(|_| Error::InvalidHead("invalid header name"))?;

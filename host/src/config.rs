@@ -485,6 +485,11 @@ pub struct UpstreamConfig {
     /// Default: 64.
     #[serde(default = "default_max_idle")]
     pub max_idle_per_target: usize,
+    /// How long a connection may wait idle in the pool before a request
+    /// takes it; older ones are closed instead. Keep it below the
+    /// upstream's own keep-alive timeout. Default: 60s.
+    #[serde(default = "default_keepalive_timeout", with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
     /// Requests in flight to one target at a time, across the node's
     /// threads: each keeps an upstream connection until its response body
     /// ends. Default: no limit.
@@ -710,6 +715,10 @@ pub const DEFAULT_UPSTREAM_QUEUE_TIMEOUT: Duration = Duration::from_secs(1);
 
 fn default_max_idle() -> usize {
     64
+}
+
+fn default_keepalive_timeout() -> Duration {
+    Duration::from_secs(60)
 }
 
 fn default_case_sensitive() -> bool {

@@ -9,11 +9,12 @@
 //! request body. The connection goes back to its owner's pool from the
 //! finished body ([`ResponseBody::take_connection`]).
 //!
-//! Responses are framed as RFC 9112, section 6.3 sets out: no body for a HEAD
-//! request, 1xx, 204 and 304; chunked when `Transfer-Encoding` ends in
-//! `chunked` (which wins over `Content-Length`, and then the connection is
-//! not reused); `Content-Length` when every value agrees; otherwise the body
-//! runs until the upstream closes the connection.
+//! Responses are framed as RFC 9112, section 6.3 sets out. HEAD requests,
+//! 1xx, 204 and 304 have no body. A body is chunked when
+//! `Transfer-Encoding` is `chunked` alone, which wins over `Content-Length`
+//! (and then the connection is not reused). Otherwise `Content-Length`
+//! frames it when every value agrees, and without one the body runs until
+//! the upstream closes the connection.
 
 use std::io;
 use std::mem::MaybeUninit;
@@ -529,6 +530,9 @@ fn parse_head(
                 return Err(Error::HeadTooLarge)
             }
             httparse::Status::Partial => return Ok(None),
+            httparse::Status::Complete(length) if length > MAX_HEAD_BYTES => {
+                return Err(Error::HeadTooLarge)
+            }
             httparse::Status::Complete(length) => length,
         };
         let start = read.as_ptr() as usize;
@@ -583,8 +587,9 @@ struct FramingFields {
     /// disagree.
     content_length: Option<Result<u64, ()>>,
     transfer_encoding: bool,
-    /// Whether the last `Transfer-Encoding` field ends in `chunked`.
-    chunked: bool,
+    /// The transfer codings listed, and whether any is not `chunked`.
+    codings: usize,
+    other_coding: bool,
     close: bool,
     keep_alive: bool,
 }
@@ -600,7 +605,13 @@ impl FramingFields {
             self.content_length = Some(agreed);
         } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
             self.transfer_encoding = true;
-            self.chunked = ends_in_chunked(value);
+            for coding in value.split(|&byte| byte == b',') {
+                let coding = coding.trim_ascii();
+                if !coding.is_empty() {
+                    self.codings += 1;
+                    self.other_coding |= !coding.eq_ignore_ascii_case(b"chunked");
+                }
+            }
         } else if name.eq_ignore_ascii_case(b"connection") {
             self.close |= lists_token(value, b"close");
             self.keep_alive |= lists_token(value, b"keep-alive");
@@ -635,6 +646,13 @@ impl FramingFields {
         let framing = if no_body {
             InFraming::Empty
         } else if self.transfer_encoding {
+            // Other codings would reach the client undecoded, and without
+            // the field that names them, which is hop-by-hop.
+            if self.other_coding || self.codings != 1 {
+                return Err(Error::InvalidHead(
+                    "a transfer coding other than chunked alone",
+                ));
+            }
             // A message with both is a smuggling attempt or a broken
             // upstream: the length is dropped and the connection closed
             // after it.
@@ -642,12 +660,7 @@ impl FramingFields {
                 headers.remove(header::CONTENT_LENGTH);
                 keep_alive = false;
             }
-            if self.chunked {
-                InFraming::Chunked(ChunkState::Size)
-            } else {
-                keep_alive = false;
-                InFraming::Close
-            }
+            InFraming::Chunked(ChunkState::Size)
         } else {
             match self.content_length {
                 Some(Ok(0)) => InFraming::Empty,
@@ -922,7 +935,12 @@ fn parse_chunk_size(read: &[u8]) -> Result<Option<ChunkLine>, &'static str> {
     if digits == 0 {
         return Err("missing chunk size");
     }
-    if digits > 16 {
+    // Leading zeros are allowed; the value has to fit in 64 bits.
+    let significant = line[..digits]
+        .iter()
+        .skip_while(|&&digit| digit == b'0')
+        .count();
+    if significant > 16 {
         return Err("chunk size too large");
     }
     let rest = &line[digits..];
@@ -1262,7 +1280,10 @@ mod tests {
 
     #[tokio::test]
     async fn invalid_heads_fail_the_exchange() {
-        let cases: [&'static [u8]; 4] = [
+        let cases: [&'static [u8]; 7] = [
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
             b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
             b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok",
             b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
@@ -1273,6 +1294,21 @@ mod tests {
             let sent = connection(stream).send(get("/")).await;
             assert!(sent.is_err(), "{}", String::from_utf8_lossy(response));
         }
+    }
+
+    #[tokio::test]
+    async fn oversized_head_fails_the_exchange() {
+        let field = "a".repeat(MAX_HEAD_BYTES);
+        let response = format!("HTTP/1.1 200 OK\r\nX-Large: {field}\r\nContent-Length: 0\r\n\r\n");
+        let (stream, _served) = upstream(response.into_bytes().leak()).await;
+        let sent = connection(stream).send(get("/")).await;
+        assert!(matches!(
+            sent,
+            Err(SendFailure {
+                error: Error::HeadTooLarge,
+                ..
+            })
+        ));
     }
 
     #[tokio::test]
@@ -1348,6 +1384,8 @@ mod tests {
         assert_eq!(parse_chunk_size(b"FF;ext=1\r\n").unwrap(), line(255, 10, 6));
         assert_eq!(parse_chunk_size(b"5 \t;a\r\n").unwrap(), line(5, 7, 2));
         assert_eq!(parse_chunk_size(b"10").unwrap(), None);
+        let zeros = b"00000000000000000000a\r\n";
+        assert_eq!(parse_chunk_size(zeros).unwrap(), line(10, zeros.len(), 0));
         let invalid: [&[u8]; 8] = [
             b"\r\n",
             b"0\n",

@@ -747,6 +747,7 @@ fn upstream_settings(upstream: &UpstreamConfig) -> UpstreamSettings {
         response_timeout: upstream.response_timeout,
         idle_timeout: Some(upstream.idle_timeout).filter(|idle| !idle.is_zero()),
         max_idle: upstream.max_idle_per_target,
+        keepalive_timeout: upstream.keepalive_timeout,
         max_in_flight: upstream.max_requests_per_target,
         queue_timeout: upstream
             .queue_timeout

@@ -83,6 +83,8 @@ pub struct UpstreamSettings {
     /// Time a response body may go without a frame; `None` for no limit.
     pub idle_timeout: Option<Duration>,
     pub max_idle: usize,
+    /// How long a connection may wait idle in the pool.
+    pub keepalive_timeout: Duration,
     /// Requests in flight to one target at a time; `None` for no limit.
     pub max_in_flight: Option<usize>,
     /// How long a request waits for a slot of a full target.
@@ -495,7 +497,8 @@ impl Upstream {
         // hyper then returns the unsent request, which goes out on the next
         // pooled connection or a new one.
         if !handshake {
-            while let Some(mut sender) = take_idle(target.id).await {
+            let keepalive = self.settings.keepalive_timeout;
+            while let Some(mut sender) = take_idle(target.id, keepalive).await {
                 match sender.try_send_request(request).await {
                     Ok(response) => return Ok(self.pooled(target, sender, response, progress)),
                     Err(mut error) => match error.take_message() {
@@ -540,7 +543,8 @@ impl Upstream {
         // `take_idle_plain` passes over an idle connection that the target
         // closed. One that fails on its first write returns the unsent
         // request, which then goes out on the next one.
-        while let Some(connection) = take_idle_plain(target.id) {
+        let keepalive = self.settings.keepalive_timeout;
+        while let Some(connection) = take_idle_plain(target.id, keepalive) {
             match connection.send(request).await {
                 Ok(response) => return Ok(self.pooled_plain(target, response, progress)),
                 Err(failure) => match failure.unsent {
@@ -1243,10 +1247,13 @@ fn find_cause<'a, E: StdError + 'static>(error: &'a (dyn StdError + 'static)) ->
 type Pool<T> = RefCell<Vec<VecDeque<T>>>;
 
 thread_local! {
-    /// Idle hyper connections of this thread: TLS targets.
-    static IDLE: Pool<http1::SendRequest<RequestBody>> = const { RefCell::new(Vec::new()) };
-    /// Idle plain HTTP/1.1 connections of this thread.
-    static IDLE_PLAIN: Pool<h1::Connection> = const { RefCell::new(Vec::new()) };
+    /// Idle hyper connections of this thread (TLS targets), each with the
+    /// time it became idle.
+    static IDLE: Pool<(Instant, http1::SendRequest<RequestBody>)> =
+        const { RefCell::new(Vec::new()) };
+    /// Idle plain HTTP/1.1 connections of this thread, each with the time it
+    /// became idle.
+    static IDLE_PLAIN: Pool<(Instant, h1::Connection)> = const { RefCell::new(Vec::new()) };
 }
 
 /// Adds an idle connection to the back of its target's list, unless the
@@ -1283,7 +1290,7 @@ pub async fn close_idle_connections() {
         let pooled = IDLE_PLAIN.with_borrow_mut(|idle| {
             let mut pooled = false;
             for list in idle.iter_mut() {
-                list.retain_mut(|connection| connection.poll_usable(cx));
+                list.retain_mut(|(_, connection)| connection.poll_usable(cx));
                 pooled |= !list.is_empty();
             }
             pooled
@@ -1299,12 +1306,12 @@ pub async fn close_idle_connections() {
 }
 
 /// Takes the longest-idle plain connection to a target that the target
-/// has not closed.
-fn take_idle_plain(target: usize) -> Option<h1::Connection> {
+/// has not closed and that has waited at most `keepalive`.
+fn take_idle_plain(target: usize, keepalive: Duration) -> Option<h1::Connection> {
     loop {
-        let mut connection =
+        let (idle_since, mut connection) =
             IDLE_PLAIN.with_borrow_mut(|idle| idle.get_mut(target)?.pop_front())?;
-        if connection.is_usable() {
+        if idle_since.elapsed() <= keepalive && connection.is_usable() {
             return Some(connection);
         }
     }
@@ -1315,10 +1322,11 @@ fn take_idle_plain(target: usize) -> Option<h1::Connection> {
 /// returned connection is often still finishing its last response, and
 /// waiting for it costs a task wake-up: first-in first-out measured about
 /// 0.9 µs per request less than last-in first-out (BENCHMARKS.md).
-async fn take_idle(target: usize) -> Option<http1::SendRequest<RequestBody>> {
+async fn take_idle(target: usize, keepalive: Duration) -> Option<http1::SendRequest<RequestBody>> {
     loop {
-        let mut sender = IDLE.with_borrow_mut(|idle| idle.get_mut(target)?.pop_front())?;
-        if sender.is_closed() {
+        let (idle_since, mut sender) =
+            IDLE.with_borrow_mut(|idle| idle.get_mut(target)?.pop_front())?;
+        if sender.is_closed() || idle_since.elapsed() > keepalive {
             continue;
         }
         if sender.is_ready() || sender.ready().await.is_ok() {
@@ -1331,7 +1339,7 @@ fn put_idle(target: usize, sender: http1::SendRequest<RequestBody>, max_idle: us
     if sender.is_closed() {
         return;
     }
-    IDLE.with(|pool| push_idle(pool, target, sender, max_idle));
+    IDLE.with(|pool| push_idle(pool, target, (Instant::now(), sender), max_idle));
 }
 
 /// A response body from an upstream that returns its connection to the pool
@@ -1416,7 +1424,8 @@ impl PooledBody {
             // out, so the rule below holds for it too.
             if let Inner::Plain(body) = &mut self.inner {
                 if let Some(connection) = body.take_connection() {
-                    IDLE_PLAIN.with(|pool| push_idle(pool, self.target, connection, self.max_idle));
+                    let idle = (Instant::now(), connection);
+                    IDLE_PLAIN.with(|pool| push_idle(pool, self.target, idle, self.max_idle));
                     // The watcher waits only while the pool is empty.
                     if let Some(watcher) = IDLE_WATCHER.with_borrow_mut(Option::take) {
                         watcher.wake();

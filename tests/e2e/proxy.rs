@@ -1096,8 +1096,29 @@ async fn upstream_framings_and_connection_reuse() -> Result {
 }
 
 #[tokio::test]
+async fn connection_idle_past_keepalive_is_not_reused() -> Result {
+    let (addr, accepted) =
+        counted_scripted_upstream(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", false).await;
+    let node = Node::start(&format!(
+        "[node]\nthreads = 1\n\n[upstreams.app]\ntargets = [\"{addr}\"]\n\
+         keepalive_timeout = \"300ms\"\n\n[[routes]]\nname = \"all\"\nupstream = \"app\"\n"
+    ))?;
+    // Back to back, the second request reuses the first one's connection.
+    for _ in 0..2 {
+        assert_eq!(get(&node.url("/")).await?.status, 200);
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    // After the keep-alive timeout, the idle connection is not used again.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(get(&node.url("/")).await?.status, 200);
+    assert_eq!(accepted.load(Ordering::SeqCst), 2);
+    Ok(())
+}
+
+#[tokio::test]
 async fn invalid_upstream_responses_get_502() -> Result {
-    let responses: [&'static [u8]; 4] = [
+    let responses: [&'static [u8]; 5] = [
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
         b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\ncontent-length: 6\r\n\r\nhello",
         b"HTTP/1.1 200 OK\r\ncontent-length: five\r\n\r\nhello",
         b"HTTP/1.1 2000 OK\r\n\r\n",

@@ -272,33 +272,9 @@ where
             false => request_framing(parts, &body),
         };
         connection.written = 0;
-        let write = &mut connection.write;
-        write.clear();
-        write.extend_from_slice(parts.method.as_str().as_bytes());
-        write.push(b' ');
-        // `path` is `/` when the target has only a query.
-        match parts.uri.path_and_query() {
-            Some(target) => {
-                write.extend_from_slice(target.path().as_bytes());
-                if let Some(query) = target.query() {
-                    write.push(b'?');
-                    write.extend_from_slice(query.as_bytes());
-                }
-            }
-            None => write.push(b'/'),
-        }
-        write.extend_from_slice(b" HTTP/1.1\r\n");
-        for (name, value) in &parts.headers {
-            // A body that is not sent has no coding to announce.
-            if framing.is_none() && name == header::TRANSFER_ENCODING {
-                continue;
-            }
-            write.extend_from_slice(name.as_str().as_bytes());
-            write.extend_from_slice(b": ");
-            write.extend_from_slice(value.as_bytes());
-            write.extend_from_slice(b"\r\n");
-        }
-        write.extend_from_slice(b"\r\n");
+        connection.write.clear();
+        encode_head(&mut connection.write, parts, framing.is_some());
+
         let (outgoing, unsent) = match framing {
             Some(framing) => (Some(Box::new(Outgoing { body, framing })), None),
             None => (None, Some(body)),
@@ -443,6 +419,37 @@ impl<B: Body<Data = Bytes>> Outgoing<B> {
             }
         }
     }
+}
+
+/// Encodes a request head as HTTP/1.1 into `write`. Without a body to send,
+/// the head has no `Transfer-Encoding`, because there is no coding to
+/// announce.
+fn encode_head(write: &mut Vec<u8>, parts: &http::request::Parts, body_sent: bool) {
+    write.extend_from_slice(parts.method.as_str().as_bytes());
+    write.push(b' ');
+    // `path` is `/` when the target has only a query.
+    match parts.uri.path_and_query() {
+        Some(target) => {
+            write.extend_from_slice(target.path().as_bytes());
+            if let Some(query) = target.query() {
+                write.push(b'?');
+                write.extend_from_slice(query.as_bytes());
+            }
+        }
+        None => write.push(b'/'),
+    }
+    write.extend_from_slice(b" HTTP/1.1\r\n");
+
+    for (name, value) in &parts.headers {
+        if !body_sent && name == header::TRANSFER_ENCODING {
+            continue;
+        }
+        write.extend_from_slice(name.as_str().as_bytes());
+        write.extend_from_slice(b": ");
+        write.extend_from_slice(value.as_bytes());
+        write.extend_from_slice(b"\r\n");
+    }
+    write.extend_from_slice(b"\r\n");
 }
 
 /// Chooses the framing of a request body that is not known to be empty,
@@ -928,6 +935,7 @@ fn parse_chunk_size(read: &[u8]) -> Result<Option<ChunkLine>, &'static str> {
     let Some(line) = read[..end].strip_suffix(b"\r") else {
         return Err("chunk-size line not ended by CRLF");
     };
+
     let digits = line
         .iter()
         .take_while(|byte| byte.is_ascii_hexdigit())
@@ -943,6 +951,7 @@ fn parse_chunk_size(read: &[u8]) -> Result<Option<ChunkLine>, &'static str> {
     if significant > 16 {
         return Err("chunk size too large");
     }
+
     let rest = &line[digits..];
     let spaces = rest
         .iter()
@@ -955,6 +964,7 @@ fn parse_chunk_size(read: &[u8]) -> Result<Option<ChunkLine>, &'static str> {
     if extension.contains(&b'\r') {
         return Err("CR inside a chunk extension");
     }
+
     let size = line[..digits].iter().fold(0u64, |size, &digit| {
         (size << 4) | u64::from(hex_value(digit))
     });
@@ -1255,12 +1265,12 @@ mod tests {
             let head: &[u8] = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n";
             let response = [head, chunks].concat().leak();
             let (_, body, reusable, _) = exchange(get("/"), response).await;
-            let shown = chunks.escape_ascii();
+            let printable = chunks.escape_ascii();
             assert!(
                 matches!(body, Err(Error::InvalidChunk(_))),
-                "{shown}: {body:?}"
+                "{printable}: {body:?}"
             );
-            assert!(!reusable, "{shown}");
+            assert!(!reusable, "{printable}");
         }
     }
 

@@ -1100,7 +1100,7 @@ async fn fetch_carries_request_id_and_trace() -> Result {
 async fn idle_connection_closed_upstream_is_dropped() -> Result {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     // An upstream that responds to one request per connection with keep-alive,
-    // then closes the connection while the node holds it idle, as an
+    // then closes the connection while it is idle in the node's pool, as an
     // upstream's keep-alive timeout does.
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
@@ -1111,10 +1111,11 @@ async fn idle_connection_closed_upstream_is_dropped() -> Result {
                 let _ = stream.read(&mut buffer).await;
                 let response = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
                 let _ = stream.write_all(response).await;
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                tokio::time::sleep(Duration::from_secs(1)).await;
             });
         }
     });
+
     let node = Node::start(&format!(
         "{}[node]\nthreads = 1\n\n[upstreams.app]\ntargets = [\"{addr}\"]\n\n\
          [[routes]]\nname = \"api\"\nprefix = \"/\"\nupstream = \"app\"\n",
@@ -1122,6 +1123,7 @@ async fn idle_connection_closed_upstream_is_dropped() -> Result {
     ))?;
     let got = get(&node.url("/")).await?;
     assert_eq!(got.status, 200);
+
     let open =
         |samples: &Samples| total(samples, "edge_upstream_connections", &[("upstream", "app")]);
     assert_eq!(open(&scrape(&node).await?), 1.0);

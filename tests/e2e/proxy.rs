@@ -1077,7 +1077,7 @@ async fn upstream_framings_and_connection_reuse() -> Result {
         (b"HTTP/1.1 200 OK\r\n\r\nhello", true, "hello", false),
     ];
     for (response, close, body, reused) in cases {
-        let shown = String::from_utf8_lossy(response);
+        let printable = String::from_utf8_lossy(response);
         let (addr, accepted) = counted_scripted_upstream(response, close).await;
         // One serving thread, whose pool the second request finds the first
         // one's connection in.
@@ -1086,11 +1086,11 @@ async fn upstream_framings_and_connection_reuse() -> Result {
         ))?;
         for _ in 0..2 {
             let got = get(&node.url("/")).await?;
-            assert_eq!(got.status, 200, "{shown}");
-            assert_eq!(got.body, body, "{shown}");
+            assert_eq!(got.status, 200, "{printable}");
+            assert_eq!(got.body, body, "{printable}");
         }
         let expected = if reused { 1 } else { 2 };
-        assert_eq!(accepted.load(Ordering::SeqCst), expected, "{shown}");
+        assert_eq!(accepted.load(Ordering::SeqCst), expected, "{printable}");
     }
     Ok(())
 }
@@ -1125,18 +1125,18 @@ async fn invalid_upstream_responses_get_502() -> Result {
         b"not http at all\r\n\r\n",
     ];
     for response in responses {
-        let shown = String::from_utf8_lossy(response);
+        let printable = String::from_utf8_lossy(response);
         let addr = fixed_upstream(response).await;
         let node = Node::start(&format!(
             "[upstreams.app]\ntargets = [\"{addr}\"]\n[upstreams.app.retry]\nmax_retries = 0\n\n\
              [[routes]]\nname = \"all\"\nupstream = \"app\"\n"
         ))?;
         let got = get(&node.url("/")).await?;
-        assert_eq!(got.status, 502, "{shown}");
-        assert_eq!(got.json()["error"], "upstream_unavailable", "{shown}");
+        assert_eq!(got.status, 502, "{printable}");
+        assert_eq!(got.json()["error"], "upstream_unavailable", "{printable}");
         assert!(
             node.log_contains("invalid response head"),
-            "{shown}: {}",
+            "{printable}: {}",
             node.log()
         );
     }

@@ -85,7 +85,7 @@ pub enum Error {
 /// so that it may go out on another connection.
 pub struct SendFailure<B> {
     pub error: Error,
-    pub unsent: Option<Request<B>>,
+    pub unsent: Option<Box<Request<B>>>,
 }
 
 /// An open HTTP/1.1 connection to an upstream, idle between exchanges.
@@ -159,10 +159,12 @@ impl Connection {
     /// the body reads the rest.
     ///
     /// The request goes out as given, with `Content-Length` or chunked
-    /// framing added when the request has a body and neither header.
+    /// framing added when the request has a body and neither header. It is
+    /// boxed because it moves through the caller's futures, and a request
+    /// that fails unsent comes back in the same form.
     pub async fn send<B>(
         self,
-        request: Request<B>,
+        request: Box<Request<B>>,
     ) -> Result<Response<ResponseBody<B>>, SendFailure<B>>
     where
         B: Body<Data = Bytes> + Unpin,
@@ -179,25 +181,30 @@ impl Connection {
                 true => None,
                 false => body
                     .or(unsent_body)
-                    .map(|body| Request::from_parts(parts, body)),
+                    .map(|body| Box::new(Request::from_parts(parts, body))),
             };
             return Err(SendFailure { error, unsent });
         }
         drop(unsent_body);
         let head_request = parts.method == Method::HEAD;
+        // The response's fields go into the request's map, whose memory is
+        // no longer needed.
+        let mut headers = std::mem::take(&mut parts.headers);
         drop(parts);
-        match std::future::poll_fn(|cx| exchange.poll_head(cx, head_request)).await {
-            Ok((head, framing, keep_alive)) => {
+        let read_head = |cx: &mut Context<'_>| exchange.poll_head(cx, head_request, &mut headers);
+        match std::future::poll_fn(read_head).await {
+            Ok(head) => {
                 let mut body = ResponseBody {
                     exchange: Some(exchange),
-                    framing,
-                    keep_alive,
+                    framing: head.framing,
+                    keep_alive: head.keep_alive,
+                    hop_by_hop_removed: head.hop_by_hop_removed,
                     done: false,
                     extension_bytes: 0,
                     chunk_error: None,
                 };
                 body.advance_framing();
-                Ok(Response::from_parts(head, body))
+                Ok(Response::from_parts(head.parts, body))
             }
             Err(error) => Err(SendFailure {
                 error,
@@ -339,16 +346,18 @@ where
 
     /// Writes the request and reads until a final response head has
     /// arrived, skipping any 1xx response before it.
+    /// The head's fields go into `headers`, which is cleared first.
     fn poll_head(
         &mut self,
         cx: &mut Context<'_>,
         head_request: bool,
-    ) -> Poll<Result<(http::response::Parts, InFraming, bool), Error>> {
+        headers: &mut HeaderMap,
+    ) -> Poll<Result<Head, Error>> {
         loop {
             self.poll_request_body(cx)?;
             let read = &mut self.connection.read;
             if !read.is_empty() {
-                if let Some(head) = parse_head(read, head_request)? {
+                if let Some(head) = parse_head(read, head_request, headers)? {
                     return Poll::Ready(Ok(head));
                 }
             }
@@ -512,13 +521,29 @@ pub enum ChunkState {
     Trailers,
 }
 
+/// A final response head, as the connection read it.
+struct Head {
+    parts: http::response::Parts,
+    framing: InFraming,
+    /// Whether the connection may carry another request after this one.
+    keep_alive: bool,
+    /// Whether the hop-by-hop fields were left out of `parts`.
+    hop_by_hop_removed: bool,
+}
+
 /// Parses a final response head at the start of `read` and removes it, or
 /// returns `None` when more bytes are needed. 1xx responses other than 101
 /// are removed and skipped.
+///
+/// The hop-by-hop fields describe this connection, so they stay out of the
+/// head's fields, unless `Connection` names other fields: the caller then
+/// removes them all ([`crate::pipeline::remove_hop_by_hop`]). The fields go
+/// into `headers`, cleared first, whose memory may then serve again.
 fn parse_head(
     read: &mut BytesMut,
     head_request: bool,
-) -> Result<Option<(http::response::Parts, InFraming, bool)>, Error> {
+    headers: &mut HeaderMap,
+) -> Result<Option<Head>, Error> {
     loop {
         let mut fields = [MaybeUninit::<httparse::Header<'_>>::uninit(); MAX_HEADERS];
         // Where each field's name and value start and end in `read`. The
@@ -565,13 +590,19 @@ fn parse_head(
         let status =
             StatusCode::from_u16(code).map_err(|_| Error::InvalidHead("invalid status code"))?;
         let head = read.split_to(length).freeze();
+        let mut headers = std::mem::take(headers);
+        headers.clear();
         // Room for the fields the node adds to every response (`Via`, the
         // request id, duration and node name, rate-limit headers), so that
         // adding them does not grow and rehash the map.
-        let mut headers = HeaderMap::with_capacity(count + RESPONSE_FIELDS_ADDED);
+        headers.reserve(count + RESPONSE_FIELDS_ADDED);
+        let remove_hop_by_hop = !framing.connection_options;
         for &(name_start, name_end, value_start, value_end) in &spans[..count] {
             let name = HeaderName::from_bytes(&head[name_start as usize..name_end as usize])
                 .map_err(|_| Error::InvalidHead("invalid header name"))?;
+            if remove_hop_by_hop && crate::pipeline::is_hop_by_hop(&name) {
+                continue;
+            }
             let value = head.slice(value_start as usize..value_end as usize);
             let value = HeaderValue::from_maybe_shared(value)
                 .map_err(|_| Error::InvalidHead("invalid header value"))?;
@@ -582,7 +613,12 @@ fn parse_head(
         parts.status = status;
         parts.version = version;
         parts.headers = headers;
-        return Ok(Some((parts, framing, keep_alive)));
+        return Ok(Some(Head {
+            parts,
+            framing,
+            keep_alive,
+            hop_by_hop_removed: remove_hop_by_hop,
+        }));
     }
 }
 
@@ -599,6 +635,9 @@ struct FramingFields {
     other_coding: bool,
     close: bool,
     keep_alive: bool,
+    /// Whether `Connection` lists an option other than `close` and
+    /// `keep-alive`: the name of a field to remove.
+    connection_options: bool,
 }
 
 impl FramingFields {
@@ -620,8 +659,16 @@ impl FramingFields {
                 }
             }
         } else if name.eq_ignore_ascii_case(b"connection") {
-            self.close |= lists_token(value, b"close");
-            self.keep_alive |= lists_token(value, b"keep-alive");
+            for option in value.split(|&byte| byte == b',') {
+                let option = option.trim_ascii();
+                if option.eq_ignore_ascii_case(b"close") {
+                    self.close = true;
+                } else if option.eq_ignore_ascii_case(b"keep-alive") {
+                    self.keep_alive = true;
+                } else if !option.is_empty() {
+                    self.connection_options = true;
+                }
+            }
         }
     }
 
@@ -730,13 +777,6 @@ fn is_chunked(headers: &HeaderMap) -> bool {
         .is_some_and(|last| ends_in_chunked(last.as_bytes()))
 }
 
-/// Returns whether a comma-separated list contains `token`, in any case.
-fn lists_token(value: &[u8], token: &[u8]) -> bool {
-    value
-        .split(|&byte| byte == b',')
-        .any(|item| item.trim_ascii().eq_ignore_ascii_case(token))
-}
-
 fn write_hex(write: &mut Vec<u8>, mut value: usize) {
     let mut digits = [0u8; 16];
     let mut start = digits.len();
@@ -758,6 +798,7 @@ pub struct ResponseBody<B> {
     exchange: Option<Exchange<B>>,
     framing: InFraming,
     keep_alive: bool,
+    hop_by_hop_removed: bool,
     done: bool,
     /// Chunk extension bytes so far, which are capped per body as hyper
     /// caps them.
@@ -783,6 +824,12 @@ where
             return None;
         }
         Some(exchange.connection)
+    }
+
+    /// Returns whether the head's fields are free of hop-by-hop fields
+    /// (see [`parse_head`]).
+    pub fn hop_by_hop_removed(&self) -> bool {
+        self.hop_by_hop_removed
     }
 
     /// Returns whether the whole request body went out, or `true` when the
@@ -1152,7 +1199,7 @@ mod tests {
         Vec<u8>,
     ) {
         let (stream, served) = upstream(response).await;
-        let response = match connection(stream).send(request).await {
+        let response = match connection(stream).send(Box::new(request)).await {
             Ok(response) => response,
             Err(failure) => panic!("the exchange failed: {}", failure.error),
         };
@@ -1197,6 +1244,39 @@ mod tests {
         assert!(!parts.headers.contains_key(header::CONTENT_LENGTH));
         assert_eq!(body.unwrap().to_bytes(), "hello");
         assert!(!reusable);
+    }
+
+    #[tokio::test]
+    async fn hop_by_hop_fields_stay_out_of_the_head() {
+        let (stream, _served) = upstream(
+            b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\
+              Transfer-Encoding: chunked\r\nX-One: 1\r\n\r\n0\r\n\r\n",
+        )
+        .await;
+        let response = connection(stream)
+            .send(Box::new(get("/")))
+            .await
+            .ok()
+            .unwrap();
+        assert!(response.body().hop_by_hop_removed());
+        let names: Vec<_> = response.headers().keys().map(HeaderName::as_str).collect();
+        assert_eq!(names, ["x-one"]);
+
+        // A field that `Connection` names stays for the caller to remove,
+        // as do the others.
+        let (stream, _served) = upstream(
+            b"HTTP/1.1 200 OK\r\nConnection: keep-alive, x-hop\r\nX-Hop: 1\r\n\
+              Content-Length: 0\r\n\r\n",
+        )
+        .await;
+        let response = connection(stream)
+            .send(Box::new(get("/")))
+            .await
+            .ok()
+            .unwrap();
+        assert!(!response.body().hop_by_hop_removed());
+        assert!(response.headers().contains_key(header::CONNECTION));
+        assert!(response.headers().contains_key("x-hop"));
     }
 
     #[tokio::test]
@@ -1301,7 +1381,7 @@ mod tests {
         ];
         for response in cases {
             let (stream, _served) = upstream(response).await;
-            let sent = connection(stream).send(get("/")).await;
+            let sent = connection(stream).send(Box::new(get("/"))).await;
             assert!(sent.is_err(), "{}", String::from_utf8_lossy(response));
         }
     }
@@ -1311,7 +1391,7 @@ mod tests {
         let field = "a".repeat(MAX_HEAD_BYTES);
         let response = format!("HTTP/1.1 200 OK\r\nX-Large: {field}\r\nContent-Length: 0\r\n\r\n");
         let (stream, _served) = upstream(response.into_bytes().leak()).await;
-        let sent = connection(stream).send(get("/")).await;
+        let sent = connection(stream).send(Box::new(get("/"))).await;
         assert!(matches!(
             sent,
             Err(SendFailure {
@@ -1324,7 +1404,11 @@ mod tests {
     #[tokio::test]
     async fn body_cut_short_fails() {
         let (stream, served) = upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhel").await;
-        let response = connection(stream).send(get("/")).await.ok().unwrap();
+        let response = connection(stream)
+            .send(Box::new(get("/")))
+            .await
+            .ok()
+            .unwrap();
         served.await.unwrap();
         let collected = response.into_body().collect().await;
         assert!(

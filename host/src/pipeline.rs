@@ -492,6 +492,7 @@ async fn serve(
             exchange.request_id.as_ref(),
             &mut response,
         )?,
+        None if response.body().hop_by_hop_removed() => {}
         None => remove_hop_by_hop(response.headers_mut()),
     }
     single_content_length(response.headers_mut());
@@ -1242,7 +1243,12 @@ fn names_this_node(headers: &HeaderMap, via: &HeaderValue) -> bool {
 }
 
 fn is_managed(name: &HeaderName) -> bool {
-    *name == header::CONTENT_LENGTH || hop_by_hop_index(name).is_some()
+    *name == header::CONTENT_LENGTH || is_hop_by_hop(name)
+}
+
+/// Returns whether `name` is one of [`HOP_BY_HOP`].
+pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
+    hop_by_hop_index(name).is_some()
 }
 
 /// Turns the request head into the one sent upstream: origin-form URI with

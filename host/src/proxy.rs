@@ -484,7 +484,7 @@ impl Upstream {
     async fn send_to(
         &self,
         target: &Target,
-        mut request: Request<RequestBody>,
+        mut request: Box<Request<RequestBody>>,
     ) -> Result<Response<PooledBody>, SendError> {
         let progress = request.body().progress();
         // A WebSocket handshake takes a new connection, which its tunnel
@@ -499,10 +499,10 @@ impl Upstream {
         if !handshake {
             let keepalive = self.settings.keepalive_timeout;
             while let Some(mut sender) = take_idle(target.id, keepalive).await {
-                match sender.try_send_request(request).await {
+                match sender.try_send_request(*request).await {
                     Ok(response) => return Ok(self.pooled(target, sender, response, progress)),
                     Err(mut error) => match error.take_message() {
-                        Some(unsent) => request = unsent,
+                        Some(unsent) => request = Box::new(unsent),
                         None => return Err(self.failure(target, &error.into_error(), None)),
                     },
                 }
@@ -515,11 +515,11 @@ impl Upstream {
             Err(refusal) => {
                 return Err(SendError::Upstream {
                     refusal,
-                    unsent: Some(Box::new(request)),
+                    unsent: Some(request),
                 })
             }
         };
-        match sender.try_send_request(request).await {
+        match sender.try_send_request(*request).await {
             Ok(response) if handshake => {
                 Ok(response
                     .map(|body| PooledBody::new(Inner::Hyper(body), None, target, 0, progress)))
@@ -537,7 +537,7 @@ impl Upstream {
     async fn send_plain(
         &self,
         target: &Target,
-        mut request: Request<RequestBody>,
+        mut request: Box<Request<RequestBody>>,
         progress: Option<Arc<BodyProgress>>,
     ) -> Result<Response<PooledBody>, SendError> {
         // `take_idle_plain` passes over an idle connection that the target
@@ -560,17 +560,14 @@ impl Upstream {
             Err(refusal) => {
                 return Err(SendError::Upstream {
                     refusal,
-                    unsent: Some(Box::new(request)),
+                    unsent: Some(request),
                 })
             }
         };
         let connection = h1::Connection::new(stream, OpenConnection::new(&target.connections));
         match connection.send(request).await {
             Ok(response) => Ok(self.pooled_plain(target, response, progress)),
-            Err(failure) => {
-                let unsent = failure.unsent.map(Box::new);
-                Err(self.failure(target, &failure.error, unsent))
-            }
+            Err(failure) => Err(self.failure(target, &failure.error, failure.unsent)),
         }
     }
 
@@ -707,8 +704,9 @@ struct Attempts<'a> {
     head: Option<CopiedHead>,
     /// How far the client's body has come, when it has one.
     body_progress: Option<Arc<BodyProgress>>,
-    /// The request for the next attempt.
-    request: Option<Request<RequestBody>>,
+    /// The request for the next attempt. Boxed, because the request moves
+    /// through several futures on its way to the connection.
+    request: Option<Box<Request<RequestBody>>>,
     /// The targets tried, a bit per target index (modulo 64).
     tried: u64,
     retries: u32,
@@ -762,7 +760,7 @@ impl<'a> Attempts<'a> {
             key,
             head,
             body_progress,
-            request: Some(request),
+            request: Some(Box::new(request)),
             tried: 0,
             retries: 0,
             next: Some(next),
@@ -867,7 +865,7 @@ impl<'a> Attempts<'a> {
         &mut self,
         target_addr: &mut Option<SocketAddr>,
         slot: Option<OwnedSemaphorePermit>,
-    ) -> (&'a Target, Request<RequestBody>, Instant) {
+    ) -> (&'a Target, Box<Request<RequestBody>>, Instant) {
         let upstream = self.upstream;
         // The first attempt starts as soon as its target is chosen, so it
         // reuses that reading of the clock.
@@ -928,7 +926,7 @@ impl<'a> Attempts<'a> {
                     tracing::debug!(upstream = %upstream.name, target = %target.addr, status,
                         "retrying upstream request after a retryable status");
                     drop(response);
-                    self.request = self.head.as_ref().map(repeat);
+                    self.request = self.head.as_ref().map(repeat).map(Box::new);
                     self.retries += 1;
                     return None;
                 }
@@ -975,9 +973,7 @@ impl<'a> Attempts<'a> {
 
         // The attempt failed: retry it when the request can go again.
         upstream.record(target, permit, false, now);
-        self.request = unsent
-            .map(|unsent| *unsent)
-            .or_else(|| self.head.as_ref().map(repeat));
+        self.request = unsent.or_else(|| self.head.as_ref().map(repeat).map(Box::new));
         if self.request.is_none() || !upstream.may_retry(self.retries, self.deadline, now) {
             return Some(Err(refusal));
         }
@@ -1399,6 +1395,15 @@ impl PooledBody {
         };
         body.release_if_done();
         body
+    }
+
+    /// Returns whether the connection's client left the hop-by-hop fields
+    /// out of the response head.
+    pub fn hop_by_hop_removed(&self) -> bool {
+        match &self.inner {
+            Inner::Hyper(_) => false,
+            Inner::Plain(body) => body.hop_by_hop_removed(),
+        }
     }
 
     /// Removes these names, a route's `response_headers`, from the body's

@@ -86,10 +86,12 @@ const UNROUTED: RouteObserve = RouteObserve {
 
 impl Exchange {
     /// Starts the state of a request that arrived at `started`, keeping its
-    /// request line when the node writes an access log.
+    /// request line when the node writes an access log. `client_id` is
+    /// `false` when the request is known to carry no `X-Request-Id`.
     pub fn new<B>(
         node: &Node,
         request: &http::Request<B>,
+        client_id: bool,
         started: Instant,
         peer: IpAddr,
     ) -> Exchange {
@@ -106,9 +108,10 @@ impl Exchange {
                 .and_then(|value| value.to_str().ok())
                 .and_then(|value| value.parse().ok()),
         });
-        let request_id = node
-            .request_ids
-            .then(|| crate::trace::request_id(request.headers()));
+        let request_id = node.request_ids.then(|| match client_id {
+            true => crate::trace::request_id(request.headers()),
+            false => crate::trace::new_request_id(),
+        });
         Exchange {
             started,
             request_id,

@@ -117,11 +117,19 @@ pub async fn handle(
     if request.version() == http::Version::HTTP_2 {
         trim_field_values(request.headers_mut());
     }
-    let mut exchange = Exchange::new(node, &request, Instant::now(), connection.peer.ip());
+    let fields = RequestFields::scan(request.headers());
+    let mut exchange = Exchange::new(
+        node,
+        &request,
+        fields.may_have(RequestFields::REQUEST_ID),
+        Instant::now(),
+        connection.peer.ip(),
+    );
     // The rate limit that decided, when the route has any: its state goes
     // on every response of the route.
     let mut shown = None;
-    let mut response = match serve(node, connection, request, &mut shown, &mut exchange).await {
+    let served = serve(node, connection, request, fields, &mut shown, &mut exchange);
+    let mut response = match served.await {
         Ok(response) => response,
         Err(refusal) => {
             exchange.reason = Reason::of(&refusal);
@@ -152,6 +160,7 @@ async fn serve(
     node: &Node,
     connection: &Connection,
     request: Request<Incoming>,
+    mut fields: RequestFields,
     shown: &mut Option<Shown>,
     exchange: &mut Exchange,
 ) -> Result<Response<ResponseBody>, Refusal> {
@@ -161,15 +170,17 @@ async fn serve(
     // hop-by-hop headers before any route or worker looks at the request.
     check_method(&parts.method)?;
     canonicalize_host(&mut parts)?;
-    check_transfer_coding(&parts.headers)?;
-    let hop_by_hop = hop_by_hop_present(&parts.headers);
+    if fields.may_have(RequestFields::TRANSFER_ENCODING) {
+        check_transfer_coding(&parts.headers)?;
+    }
+    let hop_by_hop = fields.hop_by_hop();
     let upgrade = if hop_by_hop & UPGRADE_PRESENT != 0 {
         upgrade::requested(&parts.headers)
     } else {
         None
     };
     remove_present_hop_by_hop(&mut parts.headers, hop_by_hop);
-    if names_this_node(&parts.headers, &node.via) {
+    if fields.may_have(RequestFields::VIA) && names_this_node(&parts.headers, &node.via) {
         return Err(Refusal::LoopDetected);
     }
     if parts.version == http::Version::HTTP_2 {
@@ -188,6 +199,7 @@ async fn serve(
         (&listener.client_subject_header, &connection.client_subject)
     {
         parts.headers.insert(name.clone(), subject.clone());
+        fields = RequestFields::UNKNOWN;
     }
 
     // Route on the normalised path, never the raw one.
@@ -236,7 +248,10 @@ async fn serve(
         parts.headers.remove(name);
     }
     if route.observe.trace_context || node.spans.is_some() {
-        exchange.trace = Some(TraceContext::from_request(&parts.headers));
+        exchange.trace = Some(match fields.may_have(RequestFields::TRACEPARENT) {
+            true => TraceContext::from_request(&parts.headers),
+            false => TraceContext::start(),
+        });
     }
     if node.spans.is_some() {
         let mut spans = RequestSpans::new(exchange.started);
@@ -271,7 +286,11 @@ async fn serve(
     }
 
     // Refuse a body the route cannot take before anything else sees it.
-    if let Some(length) = content_length(&parts.headers) {
+    let length = match fields.may_have(RequestFields::CONTENT_LENGTH) {
+        true => content_length(&parts.headers),
+        false => None,
+    };
+    if let Some(length) = length {
         if length > route.max_body {
             return Err(Refusal::BodyTooLarge {
                 limit: route.max_body,
@@ -387,6 +406,8 @@ async fn serve(
             check_limits(node, route, pending_limits, &input, shown, exchange).await?;
         }
         view = Some(request_view);
+        // Workers may have set any field.
+        fields = RequestFields::UNKNOWN;
     }
     let Some(upstream_index) = upstream else {
         if let Some(suppressed) = route.no_upstream_log.admit() {
@@ -412,6 +433,7 @@ async fn serve(
     };
     prepare_upstream_request(
         &mut parts,
+        fields,
         wire_path.as_deref(),
         connection,
         &upstream.name,
@@ -436,10 +458,9 @@ async fn serve(
     // upstream's parent; else the node's span is.
     let client_span = exchange.spans.is_some().then(new_span_id);
     if let (Some(trace), true) = (&exchange.trace, route.observe.trace_context) {
-        match client_span {
-            Some(span_id) => trace.propagate_with(span_id, &mut parts.headers),
-            None => trace.propagate(&mut parts.headers),
-        }
+        let parent = client_span.unwrap_or(trace.span_id);
+        let client_state = fields.may_have(RequestFields::TRACESTATE);
+        trace.propagate(parent, &mut parts.headers, client_state);
     }
     if let Some(handshake) = &handshake {
         handshake.prepare(&mut parts);
@@ -1088,6 +1109,49 @@ static HOP_BY_HOP: [HeaderName; 10] = [
     HeaderName::from_static("http2-settings"),
 ];
 
+/// Which of the fields that the node removes, reads or replaces on every
+/// request a request head may hold: a bit each, those of [`HOP_BY_HOP`]
+/// first. One pass over the names finds them, and the node looks up only
+/// those present, because looking up an absent name still costs a hash of
+/// it. A clear bit means the field is absent; a set bit, that it may be
+/// there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RequestFields(u32);
+
+impl RequestFields {
+    const TRANSFER_ENCODING: u32 = 1 << 5;
+    const EXPECT: u32 = 1 << 10;
+    const FORWARDED: u32 = 1 << 11;
+    const VIA: u32 = 1 << 12;
+    const CONTENT_LENGTH: u32 = 1 << 13;
+    const X_FORWARDED_FOR: u32 = 1 << 14;
+    const REQUEST_ID: u32 = 1 << 15;
+    const TRACEPARENT: u32 = 1 << 16;
+    const TRACESTATE: u32 = 1 << 17;
+
+    /// Any field may be present, as after workers changed the head.
+    const UNKNOWN: RequestFields = RequestFields(u32::MAX);
+
+    fn scan(headers: &HeaderMap) -> RequestFields {
+        let mut present = 0;
+        for name in headers.keys() {
+            if let Some(index) = field_index(name) {
+                present |= 1 << index;
+            }
+        }
+        RequestFields(present)
+    }
+
+    fn may_have(self, field: u32) -> bool {
+        self.0 & field != 0
+    }
+
+    /// The bits of [`HOP_BY_HOP`], as [`hop_by_hop_present`] returns them.
+    fn hop_by_hop(self) -> u16 {
+        (self.0 & ((1 << HOP_BY_HOP.len()) - 1)) as u16
+    }
+}
+
 /// Removes hop-by-hop headers, including every header named in
 /// `Connection`, except `Host` and `Content-Length`: a peer cannot strip
 /// those, because the message means something else without them.
@@ -1161,9 +1225,14 @@ fn only_connection_options(headers: &HeaderMap) -> bool {
     }
 }
 
-/// Returns the index of `name` in [`HOP_BY_HOP`]. A match on the text
-/// compiles to a switch on its length, cheaper than comparing with each name.
+/// Returns the index of `name` in [`HOP_BY_HOP`].
 fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
+    field_index(name).filter(|&index| index < HOP_BY_HOP.len())
+}
+
+/// Returns the bit of `name` in [`RequestFields`]. A match on the text
+/// compiles to a switch on its length, cheaper than comparing with each name.
+fn field_index(name: &HeaderName) -> Option<usize> {
     let index = match name.as_str() {
         "connection" => 0,
         "keep-alive" => 1,
@@ -1175,9 +1244,17 @@ fn hop_by_hop_index(name: &HeaderName) -> Option<usize> {
         "proxy-authenticate" => 7,
         "proxy-authorization" => 8,
         "http2-settings" => 9,
+        "expect" => 10,
+        "forwarded" => 11,
+        "via" => 12,
+        "content-length" => 13,
+        "x-forwarded-for" => 14,
+        "x-request-id" => 15,
+        "traceparent" => 16,
+        "tracestate" => 17,
         _ => return None,
     };
-    debug_assert_eq!(HOP_BY_HOP[index], name);
+    debug_assert!(index >= HOP_BY_HOP.len() || HOP_BY_HOP[index] == name);
     Some(index)
 }
 
@@ -1257,6 +1334,7 @@ pub(crate) fn is_hop_by_hop(name: &HeaderName) -> bool {
 /// cannot set them.
 fn prepare_upstream_request(
     parts: &mut Parts,
+    fields: RequestFields,
     new_path: Option<&str>,
     connection: &Connection,
     upstream_name: &str,
@@ -1287,7 +1365,9 @@ fn prepare_upstream_request(
 
     let headers = &mut parts.headers;
     // The node answered any `Expect: 100-continue` itself.
-    headers.remove(header::EXPECT);
+    if fields.may_have(RequestFields::EXPECT) {
+        headers.remove(header::EXPECT);
+    }
     match headers.get(header::HOST).cloned() {
         Some(host) => {
             headers.insert(X_FORWARDED_HOST.clone(), host);
@@ -1301,8 +1381,9 @@ fn prepare_upstream_request(
             }
         }
     }
-    let forwarded_for = match headers.get_all(&X_FORWARDED_FOR).iter().next() {
-        Some(_) if connection.peer_trusted => {
+    let client_chain = fields.may_have(RequestFields::X_FORWARDED_FOR) && connection.peer_trusted;
+    let forwarded_for = match client_chain && headers.contains_key(&X_FORWARDED_FOR) {
+        true => {
             // Bytes, not text: an earlier hop's value may hold obs-text,
             // which is a valid header value but not UTF-8.
             let mut joined = Vec::new();
@@ -1324,13 +1405,13 @@ fn prepare_upstream_request(
                 )
             }
         }
-        _ => connection.peer_header.clone(),
+        false => connection.peer_header.clone(),
     };
     headers.insert(X_FORWARDED_FOR.clone(), forwarded_for);
     let proto = if connection.secure { "https" } else { "http" };
     // RFC 7239 `Forwarded` carries the same claims as `X-Forwarded-For`, so
     // only a trusted proxy's chain goes on, with this hop added to it.
-    if headers.contains_key(header::FORWARDED) {
+    if fields.may_have(RequestFields::FORWARDED) && headers.contains_key(header::FORWARDED) {
         if connection.peer_trusted {
             headers.append(
                 header::FORWARDED,
@@ -1690,6 +1771,38 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         assert_eq!(hop_by_hop_present(&headers), UPGRADE_PRESENT);
+    }
+
+    #[test]
+    fn request_fields_are_found_in_one_pass() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::HOST, HeaderValue::from_static("example.com"));
+        headers.insert("x-other", HeaderValue::from_static("1"));
+        let none = RequestFields::scan(&headers);
+        assert_eq!(none, RequestFields(0));
+        for (name, field) in [
+            ("transfer-encoding", RequestFields::TRANSFER_ENCODING),
+            ("expect", RequestFields::EXPECT),
+            ("forwarded", RequestFields::FORWARDED),
+            ("via", RequestFields::VIA),
+            ("content-length", RequestFields::CONTENT_LENGTH),
+            ("x-forwarded-for", RequestFields::X_FORWARDED_FOR),
+            ("x-request-id", RequestFields::REQUEST_ID),
+            ("traceparent", RequestFields::TRACEPARENT),
+            ("tracestate", RequestFields::TRACESTATE),
+        ] {
+            let mut with = headers.clone();
+            with.insert(name, HeaderValue::from_static("1"));
+            let fields = RequestFields::scan(&with);
+            assert!(fields.may_have(field), "{name}");
+            assert_eq!(fields, RequestFields(field), "{name}");
+            assert!(RequestFields::UNKNOWN.may_have(field));
+        }
+        headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        headers.insert(header::VIA, HeaderValue::from_static("1.1 a"));
+        let fields = RequestFields::scan(&headers);
+        assert_eq!(fields.hop_by_hop(), UPGRADE_PRESENT);
+        assert_eq!(fields.hop_by_hop(), hop_by_hop_present(&headers));
     }
 
     #[test]

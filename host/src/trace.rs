@@ -69,6 +69,17 @@ pub struct TraceContext {
 }
 
 impl TraceContext {
+    /// Starts a new sampled trace, with a new span id for the node.
+    pub fn start() -> TraceContext {
+        TraceContext {
+            trace_id: new_trace_id(),
+            span_id: new_span_id(),
+            parent_id: None,
+            flags: 0x01,
+            tracestate: None,
+        }
+    }
+
     /// Continues the client's trace when its `traceparent` is valid, else
     /// starts a new sampled trace. Either way the node gets a new span id.
     pub fn from_request(headers: &HeaderMap) -> TraceContext {
@@ -85,13 +96,7 @@ impl TraceContext {
                 flags,
                 tracestate: tracestate(headers),
             },
-            None => TraceContext {
-                trace_id: new_trace_id(),
-                span_id: new_span_id(),
-                parent_id: None,
-                flags: 0x01,
-                tracestate: None,
-            },
+            None => TraceContext::start(),
         }
     }
 
@@ -112,29 +117,20 @@ impl TraceContext {
         crate::header_value::shared(&text).expect("hex digits are a valid header value")
     }
 
-    /// Sets `traceparent` (with `parent` as the parent span) and
+    /// Sets `traceparent`, with `parent` as the parent span, and
     /// `tracestate` on the headers of a request the node sends on,
-    /// replacing the client's.
-    pub fn propagate_with(&self, parent: [u8; 8], headers: &mut HeaderMap) {
+    /// replacing the client's. `client_state` is `false` when the headers
+    /// are known to hold no `tracestate`, which then needs no removal.
+    pub fn propagate(&self, parent: [u8; 8], headers: &mut HeaderMap, client_state: bool) {
         headers.insert(TRACEPARENT.clone(), self.traceparent_with(parent));
-        self.propagate_state(headers);
-    }
-
-    /// Sets `traceparent` and `tracestate` on the headers of a request the
-    /// node sends on, replacing the client's.
-    pub fn propagate(&self, headers: &mut HeaderMap) {
-        headers.insert(TRACEPARENT.clone(), self.traceparent());
-        self.propagate_state(headers);
-    }
-
-    fn propagate_state(&self, headers: &mut HeaderMap) {
         match &self.tracestate {
             Some(state) => {
                 headers.insert(TRACESTATE.clone(), state.clone());
             }
-            None => {
+            None if client_state => {
                 headers.remove(&TRACESTATE);
             }
+            None => {}
         }
     }
 

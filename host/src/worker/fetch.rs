@@ -389,7 +389,7 @@ impl FetchAccess {
         }
         // The node's own trace context replaces any the worker set.
         if let Some((context, span_id)) = trace {
-            context.propagate_with(span_id, &mut headers);
+            context.propagate(span_id, &mut headers, true);
         }
         headers.append(header::VIA, self.via.clone());
         if !request.body.is_empty() {

@@ -81,11 +81,21 @@ pub enum Error {
     RequestBodyLength,
 }
 
-/// A request that failed, with the request itself when none of it was sent,
+/// What [`Connection::send`] sends.
+pub enum ToSend<'r, B> {
+    /// A request, which the connection takes. It is boxed because it moves
+    /// through the caller's futures.
+    Request(Box<Request<B>>),
+    /// The head of a request without a body, lent by a caller that keeps it
+    /// to send it again elsewhere should this attempt fail.
+    Head(&'r http::request::Parts),
+}
+
+/// A request that failed, with what was to be sent when none of it was,
 /// so that it may go out on another connection.
-pub struct SendFailure<B> {
+pub struct SendFailure<'r, B> {
     pub error: Error,
-    pub unsent: Option<Box<Request<B>>>,
+    pub unsent: Option<ToSend<'r, B>>,
 }
 
 /// An open HTTP/1.1 connection to an upstream, idle between exchanges.
@@ -159,18 +169,32 @@ impl Connection {
     /// the body reads the rest.
     ///
     /// The request goes out as given, with `Content-Length` or chunked
-    /// framing added when the request has a body and neither header. It is
-    /// boxed because it moves through the caller's futures, and a request
-    /// that fails unsent comes back in the same form.
-    pub async fn send<B>(
+    /// framing added when the request has a body and neither header. What
+    /// fails before any of it was written comes back in the same form.
+    pub async fn send<'r, B>(
         self,
-        request: Box<Request<B>>,
-    ) -> Result<Response<ResponseBody<B>>, SendFailure<B>>
+        request: ToSend<'r, B>,
+    ) -> Result<Response<ResponseBody<B>>, SendFailure<'r, B>>
     where
         B: Body<Data = Bytes> + Unpin,
         B::Error: Into<BoxError>,
     {
-        let (mut parts, body) = request.into_parts();
+        let (mut parts, body) = match request {
+            ToSend::Request(request) => request.into_parts(),
+            ToSend::Head(parts) => {
+                let mut exchange = Exchange::start_head(self, parts);
+                if let Err(error) = std::future::poll_fn(|cx| exchange.poll_flush(cx)).await {
+                    let unsent = (!exchange.sent_any).then_some(ToSend::Head(parts));
+                    return Err(SendFailure { error, unsent });
+                }
+                let head_request = parts.method == Method::HEAD;
+                let received = exchange.receive(head_request, HeaderMap::new()).await;
+                return received.map_err(|error| SendFailure {
+                    error,
+                    unsent: None,
+                });
+            }
+        };
         let (mut exchange, unsent_body) = Exchange::start(self, &mut parts, body);
         // A pooled connection that the upstream closed fails on its first
         // write. The head goes out first, before any of the body is read, so
@@ -181,7 +205,7 @@ impl Connection {
                 true => None,
                 false => body
                     .or(unsent_body)
-                    .map(|body| Box::new(Request::from_parts(parts, body))),
+                    .map(|body| ToSend::Request(Box::new(Request::from_parts(parts, body)))),
             };
             return Err(SendFailure { error, unsent });
         }
@@ -189,28 +213,13 @@ impl Connection {
         let head_request = parts.method == Method::HEAD;
         // The response's fields go into the request's map, whose memory is
         // no longer needed.
-        let mut headers = std::mem::take(&mut parts.headers);
+        let headers = std::mem::take(&mut parts.headers);
         drop(parts);
-        let read_head = |cx: &mut Context<'_>| exchange.poll_head(cx, head_request, &mut headers);
-        match std::future::poll_fn(read_head).await {
-            Ok(head) => {
-                let mut body = ResponseBody {
-                    exchange: Some(exchange),
-                    framing: head.framing,
-                    keep_alive: head.keep_alive,
-                    hop_by_hop_removed: head.hop_by_hop_removed,
-                    done: false,
-                    extension_bytes: 0,
-                    chunk_error: None,
-                };
-                body.advance_framing();
-                Ok(Response::from_parts(head.parts, body))
-            }
-            Err(error) => Err(SendFailure {
-                error,
-                unsent: None,
-            }),
-        }
+        let received = exchange.receive(head_request, headers).await;
+        received.map_err(|error| SendFailure {
+            error,
+            unsent: None,
+        })
     }
 
     /// Reads more bytes into `read`; `Ok(0)` is the end of the stream.
@@ -242,7 +251,7 @@ enum OutFraming {
 }
 
 /// The rest of a request body, until all of it is written.
-struct Outgoing<B> {
+struct OutgoingBody<B> {
     body: B,
     framing: OutFraming,
 }
@@ -252,7 +261,7 @@ struct Exchange<B> {
     connection: Connection,
     /// `None` once the whole request body is in the write buffer. Boxed,
     /// so that requests without a body move less.
-    outgoing: Option<Box<Outgoing<B>>>,
+    outgoing: Option<Box<OutgoingBody<B>>>,
     /// Whether any byte of the request reached the socket.
     sent_any: bool,
     /// A write that failed after the head went out. The upstream may still
@@ -270,7 +279,7 @@ where
     /// that is not sent, being empty or on a method that sends none, comes
     /// back with the exchange.
     fn start(
-        mut connection: Connection,
+        connection: Connection,
         parts: &mut http::request::Parts,
         body: B,
     ) -> (Exchange<B>, Option<B>) {
@@ -278,21 +287,55 @@ where
             true => None,
             false => request_framing(parts, &body),
         };
+        let mut exchange = Exchange::begin(connection, parts, framing.is_some());
+        match framing {
+            Some(framing) => {
+                exchange.outgoing = Some(Box::new(OutgoingBody { body, framing }));
+                (exchange, None)
+            }
+            None => (exchange, Some(body)),
+        }
+    }
+
+    /// Encodes the head of a request without a body into the connection's
+    /// write buffer.
+    fn start_head(connection: Connection, parts: &http::request::Parts) -> Exchange<B> {
+        Exchange::begin(connection, parts, false)
+    }
+
+    fn begin(mut connection: Connection, parts: &http::request::Parts, body_sent: bool) -> Self {
         connection.written = 0;
         connection.write.clear();
-        encode_head(&mut connection.write, parts, framing.is_some());
-
-        let (outgoing, unsent) = match framing {
-            Some(framing) => (Some(Box::new(Outgoing { body, framing })), None),
-            None => (None, Some(body)),
-        };
-        let exchange = Exchange {
+        encode_head(&mut connection.write, parts, body_sent);
+        Exchange {
             connection,
-            outgoing,
+            outgoing: None,
             sent_any: false,
             write_failed: false,
+        }
+    }
+
+    /// Reads the response head into `headers`, sending the rest of the
+    /// request body meanwhile, and returns the response, whose body reads
+    /// the rest.
+    async fn receive(
+        mut self,
+        head_request: bool,
+        mut headers: HeaderMap,
+    ) -> Result<Response<ResponseBody<B>>, Error> {
+        let head =
+            std::future::poll_fn(|cx| self.poll_head(cx, head_request, &mut headers)).await?;
+        let mut body = ResponseBody {
+            exchange: Some(self),
+            framing: head.framing,
+            keep_alive: head.keep_alive,
+            hop_by_hop_removed: head.hop_by_hop_removed,
+            done: false,
+            extension_bytes: 0,
+            chunk_error: None,
         };
-        (exchange, unsent)
+        body.advance_framing();
+        Ok(Response::from_parts(head.parts, body))
     }
 
     /// Writes the buffered bytes.
@@ -396,7 +439,7 @@ where
     }
 }
 
-impl<B: Body<Data = Bytes>> Outgoing<B> {
+impl<B: Body<Data = Bytes>> OutgoingBody<B> {
     fn encode_data(&mut self, data: &Bytes, write: &mut Vec<u8>) -> Result<(), Error> {
         match &mut self.framing {
             OutFraming::Length(remaining) => {
@@ -1199,7 +1242,10 @@ mod tests {
         Vec<u8>,
     ) {
         let (stream, served) = upstream(response).await;
-        let response = match connection(stream).send(Box::new(request)).await {
+        let response = match connection(stream)
+            .send(ToSend::Request(Box::new(request)))
+            .await
+        {
             Ok(response) => response,
             Err(failure) => panic!("the exchange failed: {}", failure.error),
         };
@@ -1254,7 +1300,7 @@ mod tests {
         )
         .await;
         let response = connection(stream)
-            .send(Box::new(get("/")))
+            .send(ToSend::Request(Box::new(get("/"))))
             .await
             .ok()
             .unwrap();
@@ -1270,7 +1316,7 @@ mod tests {
         )
         .await;
         let response = connection(stream)
-            .send(Box::new(get("/")))
+            .send(ToSend::Request(Box::new(get("/"))))
             .await
             .ok()
             .unwrap();
@@ -1381,7 +1427,9 @@ mod tests {
         ];
         for response in cases {
             let (stream, _served) = upstream(response).await;
-            let sent = connection(stream).send(Box::new(get("/"))).await;
+            let sent = connection(stream)
+                .send(ToSend::Request(Box::new(get("/"))))
+                .await;
             assert!(sent.is_err(), "{}", String::from_utf8_lossy(response));
         }
     }
@@ -1391,7 +1439,9 @@ mod tests {
         let field = "a".repeat(MAX_HEAD_BYTES);
         let response = format!("HTTP/1.1 200 OK\r\nX-Large: {field}\r\nContent-Length: 0\r\n\r\n");
         let (stream, _served) = upstream(response.into_bytes().leak()).await;
-        let sent = connection(stream).send(Box::new(get("/"))).await;
+        let sent = connection(stream)
+            .send(ToSend::Request(Box::new(get("/"))))
+            .await;
         assert!(matches!(
             sent,
             Err(SendFailure {
@@ -1402,10 +1452,23 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn lent_head_goes_out_as_its_request_would() {
+        let response = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
+        let (_, _, _, owned) = exchange(get("/a?b=c"), response).await;
+        let (parts, _) = get("/a?b=c").into_parts();
+        let (stream, served) = upstream(response).await;
+        let lent = ToSend::<Boxed>::Head(&parts);
+        let response = connection(stream).send(lent).await.ok().unwrap();
+        let body = response.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, "ok");
+        assert_eq!(served.await.unwrap(), owned);
+    }
+
+    #[tokio::test]
     async fn body_cut_short_fails() {
         let (stream, served) = upstream(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhel").await;
         let response = connection(stream)
-            .send(Box::new(get("/")))
+            .send(ToSend::Request(Box::new(get("/"))))
             .await
             .ok()
             .unwrap();

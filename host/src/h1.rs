@@ -63,6 +63,8 @@ pub enum Error {
     Read(#[source] io::Error),
     #[error("the upstream closed the connection before it sent a response")]
     ClosedBeforeResponse,
+    #[error("the upstream closed the connection before the end of the response head")]
+    ClosedInHead,
     #[error("the upstream closed the connection before the end of the response body")]
     IncompleteBody,
     #[error("invalid response head: {0}")]
@@ -405,7 +407,10 @@ where
                 }
             }
             match std::task::ready!(self.connection.poll_fill(cx)) {
-                Ok(0) => return Poll::Ready(Err(Error::ClosedBeforeResponse)),
+                Ok(0) if self.connection.read.is_empty() => {
+                    return Poll::Ready(Err(Error::ClosedBeforeResponse))
+                }
+                Ok(0) => return Poll::Ready(Err(Error::ClosedInHead)),
                 Ok(_) => {}
                 Err(error) => return Poll::Ready(Err(Error::Read(error))),
             }
@@ -745,10 +750,14 @@ impl FramingFields {
         } else if self.transfer_encoding {
             // Other codings would reach the client undecoded, and without
             // the field that names them, which is hop-by-hop.
-            if self.other_coding || self.codings != 1 {
-                return Err(Error::InvalidHead(
-                    "a transfer coding other than chunked alone",
-                ));
+            if self.other_coding {
+                return Err(Error::InvalidHead("a transfer coding other than chunked"));
+            }
+            match self.codings {
+                1 => {}
+                0 => return Err(Error::InvalidHead("an empty Transfer-Encoding")),
+                // Invalid framing (RFC 9112, section 6.1).
+                _ => return Err(Error::InvalidHead("chunked applied more than once")),
             }
             // A message with both is a smuggling attempt or a broken
             // upstream: the length is dropped and the connection closed
@@ -1416,21 +1425,51 @@ mod tests {
 
     #[tokio::test]
     async fn invalid_heads_fail_the_exchange() {
-        let cases: [&'static [u8]; 7] = [
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
-            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
-            b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
-            b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok",
-            b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
-            b"HTTP/9 200 OK\r\n\r\n",
+        let cases: [(&'static [u8], &str); 9] = [
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+                "a transfer coding other than chunked",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n",
+                "a transfer coding other than chunked",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+                "chunked applied more than once",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nTransfer-Encoding: ,\r\n\r\n",
+                "an empty Transfer-Encoding",
+            ),
+            (
+                b"HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+                "Transfer-Encoding in an HTTP/1.0 response",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok",
+                "invalid Content-Length",
+            ),
+            (
+                b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+                "invalid Content-Length",
+            ),
+            (b"HTTP/9 200 OK\r\n\r\n", "invalid response head"),
+            (
+                b"HTTP/1.1 200 OK\r\nX-Bar: ",
+                "before the end of the response head",
+            ),
         ];
-        for response in cases {
+        for (response, message) in cases {
             let (stream, _served) = upstream(response).await;
             let sent = connection(stream)
                 .send(ToSend::Request(Box::new(get("/"))))
                 .await;
-            assert!(sent.is_err(), "{}", String::from_utf8_lossy(response));
+            let Err(failure) = sent else {
+                panic!("{} passed", String::from_utf8_lossy(response));
+            };
+            let error = failure.error.to_string();
+            assert!(error.contains(message), "{error}");
         }
     }
 

@@ -514,11 +514,18 @@ async fn serve(
             &mut response,
         )?,
         None if response.body().hop_by_hop_removed() => {}
-        None => remove_hop_by_hop(response.headers_mut()),
+        None => {
+            // The fields that `Connection` names are hop-by-hop in the
+            // trailers too.
+            let named = remove_hop_by_hop(response.headers_mut());
+            response.body_mut().remove_from_trailers(named);
+        }
     }
     single_content_length(response.headers_mut());
     if let Some(names) = &route.response_header_names {
-        response.body_mut().remove_from_trailers(names);
+        response
+            .body_mut()
+            .remove_route_headers_from_trailers(names);
     }
     // A 204 has no content, so it has no length (RFC 9110, section 8.6).
     // HTTP/2 clients fail a stream whose 204 has one.
@@ -1154,9 +1161,10 @@ impl RequestFields {
 
 /// Removes hop-by-hop headers, including every header named in
 /// `Connection`, except `Host` and `Content-Length`: a peer cannot strip
-/// those, because the message means something else without them.
-pub fn remove_hop_by_hop(headers: &mut HeaderMap) {
-    remove_present_hop_by_hop(headers, hop_by_hop_present(headers));
+/// those, because the message means something else without them. Returns
+/// the names that `Connection` gave.
+pub fn remove_hop_by_hop(headers: &mut HeaderMap) -> Vec<HeaderName> {
+    remove_present_hop_by_hop(headers, hop_by_hop_present(headers))
 }
 
 /// Returns which of [`HOP_BY_HOP`] the headers hold, a bit per index. One
@@ -1179,16 +1187,17 @@ const UPGRADE_PRESENT: u16 = 1 << 6;
 
 /// Works as [`remove_hop_by_hop`] does, given which hop-by-hop headers are
 /// present.
-fn remove_present_hop_by_hop(headers: &mut HeaderMap, present: u16) {
+fn remove_present_hop_by_hop(headers: &mut HeaderMap, present: u16) -> Vec<HeaderName> {
     if present == 0 {
-        return;
+        return Vec::new();
     }
     // `Connection` is HOP_BY_HOP[0]. The options `keep-alive` and `close`
     // name no other header than `Keep-Alive`, which is on the list anyway.
+    let mut named = Vec::new();
     if present & 1 != 0 && !only_connection_options(headers) {
         // The options are split as bytes, not text, so one option with a byte
         // outside ASCII does not keep the others from being removed.
-        let named: Vec<HeaderName> = headers
+        named = headers
             .get_all(header::CONNECTION)
             .iter()
             .flat_map(|value| value.as_bytes().split(|&byte| byte == b','))
@@ -1201,7 +1210,7 @@ fn remove_present_hop_by_hop(headers: &mut HeaderMap, present: u16) {
             .filter_map(|name| HeaderName::from_bytes(name).ok())
             .filter(|name| *name != header::HOST && *name != header::CONTENT_LENGTH)
             .collect();
-        for name in named {
+        for name in &named {
             headers.remove(name);
         }
     }
@@ -1210,6 +1219,7 @@ fn remove_present_hop_by_hop(headers: &mut HeaderMap, present: u16) {
             headers.remove(name);
         }
     }
+    named
 }
 
 /// True when the only `Connection` value is `keep-alive` or `close`, as on

@@ -1425,6 +1425,9 @@ pub struct PooledState {
     request_body: Option<Arc<BodyProgress>>,
     /// The names of the route's `response_headers`, removed from trailers.
     route_headers: Option<Arc<[HeaderName]>>,
+    /// The names that the response head's `Connection` gave, removed from
+    /// trailers.
+    connection_named: Vec<HeaderName>,
 }
 
 /// A response body as the connection's client reads it.
@@ -1476,6 +1479,7 @@ impl PooledBody {
             timeouts: None,
             request_body,
             route_headers: None,
+            connection_named: Vec::new(),
         }));
         body.release_if_done();
         body
@@ -1503,8 +1507,14 @@ impl PooledState {
 
     /// Removes these names, a route's `response_headers`, from the body's
     /// trailers too.
-    pub fn remove_from_trailers(&mut self, names: &Arc<[HeaderName]>) {
+    pub fn remove_route_headers_from_trailers(&mut self, names: &Arc<[HeaderName]>) {
         self.route_headers = Some(names.clone());
+    }
+
+    /// Removes these names, those that the response head's `Connection`
+    /// gave, from the body's trailers.
+    pub fn remove_from_trailers(&mut self, names: Vec<HeaderName>) {
+        self.connection_named = names;
     }
 
     fn release_if_done(&mut self) {
@@ -1561,7 +1571,9 @@ impl Body for PooledBody {
             Poll::Ready(None) => this.release_if_done(),
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(trailers) = frame.trailers_mut() {
-                    filter_trailers(trailers, this.route_headers.as_deref());
+                    let named = this.connection_named.iter();
+                    let route = this.route_headers.as_deref().unwrap_or_default();
+                    filter_trailers(trailers, named.chain(route));
                 }
                 if let Some(timeouts) = &mut this.timeouts {
                     timeouts.frames += 1;
@@ -1640,14 +1652,15 @@ static NOT_TRAILERS: [&HeaderName; 31] = [
     &crate::ratelimit::X_RATE_LIMIT_REMAINING,
 ];
 
-/// Removes the hop-by-hop fields, those in [`NOT_TRAILERS`] and the
-/// route's `response_headers` from an upstream's trailers.
-fn filter_trailers(trailers: &mut HeaderMap, route_headers: Option<&[HeaderName]>) {
+/// Removes the hop-by-hop fields, those in [`NOT_TRAILERS`] and `names`
+/// (those the response head's `Connection` gave, and the route's
+/// `response_headers`) from an upstream's trailers.
+fn filter_trailers<'a>(trailers: &mut HeaderMap, names: impl Iterator<Item = &'a HeaderName>) {
     crate::pipeline::remove_hop_by_hop(trailers);
     for &name in &NOT_TRAILERS {
         trailers.remove(name);
     }
-    for name in route_headers.unwrap_or_default() {
+    for name in names {
         trailers.remove(name);
     }
 }

@@ -464,11 +464,11 @@ impl Router {
             .iter()
             .map(|rule| {
                 let mismatch = if !rule.host.matches(host) {
-                    Some(format!(
-                        "host {} does not match {:?}",
-                        describe_host(&rule.host),
-                        host.unwrap_or("")
-                    ))
+                    let rule_host = describe_host(&rule.host);
+                    Some(match host {
+                        Some(host) => format!("host {rule_host} does not match {host:?}"),
+                        None => format!("host {rule_host}, and the request has none (pass --host)"),
+                    })
                 } else if !rule.methods.is_empty() && !rule.methods.contains(method) {
                     let list: Vec<&str> = rule.methods.iter().map(Method::as_str).collect();
                     Some(format!("method {method} is not one of {}", list.join(", ")))
@@ -677,6 +677,29 @@ mod tests {
         assert_eq!(find(Some("www.example.com"), "GET", "/users"), Some(4));
         assert_eq!(find(Some("example.com"), "GET", "/users"), Some(1));
         assert_eq!(find(None, "GET", "/users/me"), Some(5));
+    }
+
+    #[test]
+    fn explain_names_a_missing_host() {
+        let router = Router::new(vec![rule(
+            0,
+            Some("api.example.com"),
+            &[],
+            PathMatch::prefix("/").unwrap(),
+        )]);
+        let method = Method::GET;
+        let missing = router.explain(None, &method, "/");
+        let reason = missing[0].mismatch.as_deref().unwrap();
+        assert!(
+            reason.ends_with("the request has none (pass --host)"),
+            "{reason}"
+        );
+        let other = router.explain(Some("other.example.com"), &method, "/");
+        let reason = other[0].mismatch.as_deref().unwrap();
+        assert!(
+            reason.ends_with("does not match \"other.example.com\""),
+            "{reason}"
+        );
     }
 
     #[test]

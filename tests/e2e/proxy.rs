@@ -1253,6 +1253,25 @@ async fn upstream_trailers_are_filtered() -> Result {
     names.sort_unstable();
     assert_eq!(names, ["grpc-status", "x-checksum"]);
     assert_eq!(got.header("x-frame-options"), Some("DENY"));
+
+    // A field that the head's `Connection` names is hop-by-hop in the
+    // trailers as well.
+    let addr = fixed_upstream(
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\nconnection: x-foo\r\n\
+          x-foo: head\r\nx-bar: kept\r\n\r\n5\r\nhello\r\n0\r\nx-foo: trailer\r\n\
+          x-t: kept\r\n\r\n",
+    )
+    .await;
+    let node = Node::start(&format!(
+        "[upstreams.app]\ntargets = [\"{addr}\"]\n\n[[routes]]\nname = \"all\"\nupstream = \"app\"\n"
+    ))?;
+    let got = get_h2(&node.url("/")).await?;
+    assert_eq!(got.body, "hello");
+    assert_eq!(got.header("x-foo"), None);
+    assert_eq!(got.header("x-bar"), Some("kept"));
+    let trailers = got.trailers.as_ref().expect("trailers");
+    let names: Vec<&str> = trailers.keys().map(|name| name.as_str()).collect();
+    assert_eq!(names, ["x-t"]);
     Ok(())
 }
 

@@ -1238,6 +1238,14 @@ mod tests {
         request
     }
 
+    /// Sends a GET to an upstream that responds with `response`, and returns
+    /// the response, whose body has not been read.
+    async fn response_to(response: &'static [u8]) -> Response<ResponseBody<Boxed>> {
+        let (stream, _served) = upstream(response).await;
+        let sent = connection(stream).send(ToSend::Request(Box::new(get("/"))));
+        sent.await.ok().expect("the exchange succeeds")
+    }
+
     /// Sends `request` to an upstream that responds with `response`, and returns
     /// the response, its collected body (or the body's error), whether the
     /// connection could be reused, and the bytes the upstream read.
@@ -1303,32 +1311,22 @@ mod tests {
 
     #[tokio::test]
     async fn hop_by_hop_fields_stay_out_of_the_head() {
-        let (stream, _served) = upstream(
+        let response = response_to(
             b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\
               Transfer-Encoding: chunked\r\nX-One: 1\r\n\r\n0\r\n\r\n",
         )
         .await;
-        let response = connection(stream)
-            .send(ToSend::Request(Box::new(get("/"))))
-            .await
-            .ok()
-            .unwrap();
         assert!(response.body().hop_by_hop_removed());
         let names: Vec<_> = response.headers().keys().map(HeaderName::as_str).collect();
         assert_eq!(names, ["x-one"]);
 
         // A field that `Connection` names stays for the caller to remove,
         // as do the others.
-        let (stream, _served) = upstream(
+        let response = response_to(
             b"HTTP/1.1 200 OK\r\nConnection: keep-alive, x-hop\r\nX-Hop: 1\r\n\
               Content-Length: 0\r\n\r\n",
         )
         .await;
-        let response = connection(stream)
-            .send(ToSend::Request(Box::new(get("/"))))
-            .await
-            .ok()
-            .unwrap();
         assert!(!response.body().hop_by_hop_removed());
         assert!(response.headers().contains_key(header::CONNECTION));
         assert!(response.headers().contains_key("x-hop"));

@@ -1310,7 +1310,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn hop_by_hop_fields_stay_out_of_the_head() {
+    async fn hop_by_hop_fields_left_out() {
         let response = response_to(
             b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: timeout=5\r\n\
               Transfer-Encoding: chunked\r\nX-One: 1\r\n\r\n0\r\n\r\n",
@@ -1489,7 +1489,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn lent_head_goes_out_as_its_request_would() {
+    async fn lent_head_sends_same_bytes() {
         let response = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok";
         let (_, _, _, owned) = exchange(get("/a?b=c"), response).await;
         let (parts, _) = get("/a?b=c").into_parts();

@@ -1116,8 +1116,8 @@ static HOP_BY_HOP: [HeaderName; 10] = [
     HeaderName::from_static("http2-settings"),
 ];
 
-/// Which of the fields that the node removes, reads or replaces on every
-/// request a request head may hold: a bit each, those of [`HOP_BY_HOP`]
+/// The presence in a request head of the fields that the node removes,
+/// reads or replaces on every request: a bit each, those of [`HOP_BY_HOP`]
 /// first. One pass over the names finds them, and the node looks up only
 /// those present, because looking up an absent name still costs a hash of
 /// it. A clear bit means the field is absent; a set bit, that it may be
@@ -1784,7 +1784,7 @@ mod tests {
     }
 
     #[test]
-    fn request_fields_are_found_in_one_pass() {
+    fn request_fields_found_in_one_pass() {
         let mut headers = HeaderMap::new();
         headers.insert(header::HOST, HeaderValue::from_static("example.com"));
         headers.insert("x-other", HeaderValue::from_static("1"));

@@ -1409,7 +1409,7 @@ fn put_idle(target: usize, sender: http1::SendRequest<RequestBody>, max_idle: us
 /// The allocation costs less than those copies (callgrind).
 pub struct PooledBody(Box<PooledState>);
 
-/// What a [`PooledBody`] holds.
+/// The state of a [`PooledBody`].
 pub struct PooledState {
     inner: Inner,
     /// The connection, until it goes back to the pool.

@@ -964,7 +964,7 @@ impl<'a> Attempts<'a> {
                 {
                     tracing::debug!(upstream = %upstream.name, target = %target.addr, status,
                         "retrying upstream request after a retryable status");
-                    drop(response);
+                    response.into_body().discard();
                     self.request = self.head.as_ref().and_then(Kept::request);
                     self.retries += 1;
                     return None;
@@ -1483,6 +1483,22 @@ impl PooledBody {
         }));
         body.release_if_done();
         body
+    }
+
+    /// Reads what has arrived of the body, up to 64 KiB, and drops it. A
+    /// short response read whole, such as a retried 503, then returns its
+    /// connection to the pool instead of closing it.
+    fn discard(mut self) {
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut budget: usize = 64 * 1024;
+        while budget > 0 {
+            match Pin::new(&mut self).poll_frame(&mut cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    budget = budget.saturating_sub(frame.data_ref().map_or(1, Bytes::len).max(1));
+                }
+                _ => return,
+            }
+        }
     }
 
     fn watched(mut self, in_flight: Option<InFlight>, timeouts: Option<BodyTimeouts>) -> Self {

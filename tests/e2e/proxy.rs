@@ -1096,6 +1096,28 @@ async fn upstream_framings_and_connection_reuse() -> Result {
 }
 
 #[tokio::test]
+async fn retried_status_keeps_its_connection() -> Result {
+    // Every answer is a short 503, which GET retries once: both attempts
+    // of each request go over the one connection.
+    let (addr, accepted) = counted_scripted_upstream(
+        b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 4\r\n\r\nbusy",
+        false,
+    )
+    .await;
+    let node = Node::start(&format!(
+        "[node]\nthreads = 1\n\n[upstreams.app]\ntargets = [\"{addr}\"]\n\n\
+         [[routes]]\nname = \"all\"\nupstream = \"app\"\n"
+    ))?;
+    for _ in 0..3 {
+        let got = get(&node.url("/")).await?;
+        assert_eq!(got.status, 503);
+        assert_eq!(got.body, "busy");
+    }
+    assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    Ok(())
+}
+
+#[tokio::test]
 async fn connection_idle_past_keepalive_is_not_reused() -> Result {
     let (addr, accepted) =
         counted_scripted_upstream(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok", false).await;

@@ -499,7 +499,7 @@ impl Upstream {
             return self.send_plain(target, request, progress).await;
         }
         // hyper's client takes the request it sends. Only plain targets are
-        // lent a head (see `Kept`), but a copy would do here too.
+        // lent a head (see `RetryHead`), but a copy would do here too.
         let mut request = match request {
             ToSend::Request(request) => request,
             ToSend::Head(parts) => {
@@ -726,7 +726,7 @@ struct Attempts<'a> {
     key: Option<u64>,
     /// The head, when the request may be sent again after it left the
     /// node.
-    head: Option<Kept>,
+    head: Option<RetryHead>,
     /// How far the client's body has come, when it has one.
     body_progress: Option<Arc<BodyProgress>>,
     /// The request for the next attempt, unless a kept head is lent to it.
@@ -778,9 +778,9 @@ impl<'a> Attempts<'a> {
         let (request, head) = match repeatable {
             // A plain target's client encodes a lent head, so the request's
             // own head is kept, and its empty body dropped.
-            true if upstream.tls.is_none() => (None, Some(Kept::Head(request.into_parts().0))),
+            true if upstream.tls.is_none() => (None, Some(RetryHead::Own(request.into_parts().0))),
             true => {
-                let copy = Kept::Copy(copy_head(&request));
+                let copy = RetryHead::Copy(copy_head(&request));
                 (Some(Box::new(request)), Some(copy))
             }
             false => (Some(Box::new(request)), None),
@@ -918,7 +918,7 @@ impl<'a> Attempts<'a> {
         self.current = Some((index, permit, upstream.mark_in_flight(target, slot)));
         let request = match (self.request.take(), &self.head) {
             (Some(request), _) => ToSend::Request(request),
-            (None, Some(Kept::Head(parts))) => ToSend::Head(parts),
+            (None, Some(RetryHead::Own(parts))) => ToSend::Head(parts),
             (None, _) => panic!("a request for each attempt"),
         };
         (target, request, now + attempt_timeout)
@@ -965,7 +965,7 @@ impl<'a> Attempts<'a> {
                     tracing::debug!(upstream = %upstream.name, target = %target.addr, status,
                         "retrying upstream request after a retryable status");
                     response.into_body().discard();
-                    self.request = self.head.as_ref().and_then(Kept::request);
+                    self.request = self.head.as_ref().and_then(RetryHead::request);
                     self.retries += 1;
                     return None;
                 }
@@ -1012,8 +1012,8 @@ impl<'a> Attempts<'a> {
 
         // The attempt failed: retry it when the request can go again.
         upstream.record(target, permit, false, now);
-        self.request = unsent.or_else(|| self.head.as_ref().and_then(Kept::request));
-        let lent = matches!(self.head, Some(Kept::Head(_)));
+        self.request = unsent.or_else(|| self.head.as_ref().and_then(RetryHead::request));
+        let lent = matches!(self.head, Some(RetryHead::Own(_)));
         if (self.request.is_none() && !lent)
             || !upstream.may_retry(self.retries, self.deadline, now)
         {
@@ -1038,22 +1038,22 @@ fn whole_seconds(wait: Duration) -> u64 {
 }
 
 /// The head of a request without a body, kept to send it again.
-enum Kept {
+enum RetryHead {
     /// The request's own head, lent to each attempt: plain targets' client
     /// encodes it without taking it. Copying the head cost about 1,200
     /// instructions per request (callgrind).
-    Head(http::request::Parts),
+    Own(http::request::Parts),
     /// A copy: hyper's client, for TLS targets, takes the request it sends.
     Copy(CopiedHead),
 }
 
-impl Kept {
+impl RetryHead {
     /// Returns the request of another attempt, or `None` for a head that is
     /// lent to it.
     fn request(&self) -> Option<Box<Request<RequestBody>>> {
         match self {
-            Kept::Head(_) => None,
-            Kept::Copy(copy) => Some(Box::new(repeat(copy))),
+            RetryHead::Own(_) => None,
+            RetryHead::Copy(copy) => Some(Box::new(repeat(copy))),
         }
     }
 }

@@ -1014,6 +1014,19 @@ async fn counted_scripted_upstream(
     (addr, accepted)
 }
 
+/// Starts a node with one serving thread, whose pool a request finds the
+/// last one's connection in, in front of a scripted upstream that sends
+/// `response` to every request; returns it with the upstream's count of
+/// accepted connections.
+async fn node_before(response: &'static [u8]) -> Result<(Node, Arc<AtomicUsize>)> {
+    let (addr, accepted) = counted_scripted_upstream(response, false).await;
+    let node = Node::start(&format!(
+        "[node]\nthreads = 1\n\n[upstreams.app]\ntargets = [\"{addr}\"]\n\n\
+         [[routes]]\nname = \"all\"\nupstream = \"app\"\n"
+    ))?;
+    Ok((node, accepted))
+}
+
 #[tokio::test]
 async fn upstream_framings_and_connection_reuse() -> Result {
     // Each case: the upstream's response, whether the upstream closes the
@@ -1097,17 +1110,10 @@ async fn upstream_framings_and_connection_reuse() -> Result {
 
 #[tokio::test]
 async fn retried_status_keeps_its_connection() -> Result {
-    // Every answer is a short 503, which GET retries once: both attempts
+    // Every response is a short 503, which GET retries once: both attempts
     // of each request go over the one connection.
-    let (addr, accepted) = counted_scripted_upstream(
-        b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 4\r\n\r\nbusy",
-        false,
-    )
-    .await;
-    let node = Node::start(&format!(
-        "[node]\nthreads = 1\n\n[upstreams.app]\ntargets = [\"{addr}\"]\n\n\
-         [[routes]]\nname = \"all\"\nupstream = \"app\"\n"
-    ))?;
+    let (node, accepted) =
+        node_before(b"HTTP/1.1 503 Service Unavailable\r\ncontent-length: 4\r\n\r\nbusy").await?;
     for _ in 0..3 {
         let got = get(&node.url("/")).await?;
         assert_eq!(got.status, 503);
@@ -1167,15 +1173,9 @@ async fn invalid_upstream_responses_get_502() -> Result {
 
 #[tokio::test]
 async fn invalid_chunk_cuts_the_response_off() -> Result {
-    let (addr, accepted) = counted_scripted_upstream(
-        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n",
-        false,
-    )
-    .await;
-    let node = Node::start(&format!(
-        "[node]\nthreads = 1\n\n[upstreams.app]\ntargets = [\"{addr}\"]\n\n\
-         [[routes]]\nname = \"all\"\nupstream = \"app\"\n"
-    ))?;
+    let (node, accepted) =
+        node_before(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\nzz\r\n")
+            .await?;
     let got = get(&node.url("/")).await;
     assert!(got.is_err(), "the response was whole: {got:?}");
     assert!(

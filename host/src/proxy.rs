@@ -120,10 +120,13 @@ enum SendError {
     /// and not retried.
     Client(Refusal),
     /// The target failed. `unsent` is the request when it never left the
-    /// node, so it can go to another target whatever its method.
+    /// node, so it can go to another target whatever its method. `stale`
+    /// is set when a pooled connection turned out closed by the target
+    /// after the request went out: a retry then takes a new connection.
     Upstream {
         refusal: Refusal,
         unsent: Option<Box<Request<RequestBody>>>,
+        stale: bool,
     },
 }
 
@@ -231,11 +234,13 @@ impl Upstream {
                             Some(Box::pin(self.wait_for_slot(&mut attempts)).await?)
                         }
                     };
+                let fresh = attempts.fresh;
                 let (target, request, attempt_deadline) = attempts.start(target_addr, slot);
                 // The coarse timer: a tokio timer per request costs about a
                 // thousand instructions more, and this timeout needs no
                 // precision.
-                let sent = timer::timeout_at(attempt_deadline, self.send_to(target, request)).await;
+                let sending = self.send_to(target, request, fresh);
+                let sent = timer::timeout_at(attempt_deadline, sending).await;
                 if let Some(result) = attempts.finish(sent) {
                     return result;
                 }
@@ -481,10 +486,13 @@ impl Upstream {
         })
     }
 
+    /// Sends a request to `target` on a pooled connection, or on a new one
+    /// when `fresh` is set or the pool has none.
     async fn send_to(
         &self,
         target: &Target,
         request: ToSend<'_, RequestBody>,
+        fresh: bool,
     ) -> Result<Response<PooledBody>, SendError> {
         let (progress, handshake) = match &request {
             // A WebSocket handshake takes a new connection, which its tunnel
@@ -496,7 +504,7 @@ impl Upstream {
             ToSend::Head(_) => (None, false),
         };
         if self.tls.is_none() && !handshake {
-            return self.send_plain(target, request, progress).await;
+            return self.send_plain(target, request, progress, fresh).await;
         }
         // hyper's client takes the request it sends. Only plain targets are
         // lent a head (see `RetryHead`), but a copy would do here too.
@@ -509,7 +517,7 @@ impl Upstream {
         // A pooled connection may have been closed by the target while idle.
         // hyper then returns the unsent request, which goes out on the next
         // pooled connection or a new one.
-        if !handshake {
+        if !handshake && !fresh {
             let keepalive = self.settings.keepalive_timeout;
             while let Some(mut sender) = take_idle(target.id, keepalive).await {
                 match sender.try_send_request(*request).await {
@@ -529,6 +537,7 @@ impl Upstream {
                 return Err(SendError::Upstream {
                     refusal,
                     unsent: Some(request),
+                    stale: false,
                 })
             }
         };
@@ -552,17 +561,28 @@ impl Upstream {
         target: &Target,
         mut request: ToSend<'_, RequestBody>,
         progress: Option<Arc<BodyProgress>>,
+        fresh: bool,
     ) -> Result<Response<PooledBody>, SendError> {
         // `take_idle_plain` passes over an idle connection that the target
         // closed. One that fails on its first write returns the unsent
         // request, which then goes out on the next one.
         let keepalive = self.settings.keepalive_timeout;
-        while let Some(connection) = take_idle_plain(target.id, keepalive) {
+        let pooled = || match fresh {
+            true => None,
+            false => take_idle_plain(target.id, keepalive),
+        };
+        while let Some(connection) = pooled() {
             match connection.send(request).await {
                 Ok(response) => return Ok(self.pooled_plain(target, response, progress)),
                 Err(failure) => match failure.unsent {
                     Some(unsent) => request = unsent,
-                    None => return Err(self.failure(target, &failure.error, None)),
+                    None => {
+                        let mut error = self.failure(target, &failure.error, None);
+                        if let SendError::Upstream { stale, .. } = &mut error {
+                            *stale = closed_by_target(&failure.error);
+                        }
+                        return Err(error);
+                    }
                 },
             }
         }
@@ -574,6 +594,7 @@ impl Upstream {
                 return Err(SendError::Upstream {
                     refusal,
                     unsent: owned(request),
+                    stale: false,
                 })
             }
         };
@@ -702,7 +723,18 @@ impl Upstream {
                 upstream: self.name.clone(),
             },
             unsent,
+            stale: false,
         }
+    }
+}
+
+/// Returns whether a pooled connection failed because the target had
+/// closed it: no response at all, or a reset.
+fn closed_by_target(error: &h1::Error) -> bool {
+    match error {
+        h1::Error::ClosedBeforeResponse => true,
+        h1::Error::Read(error) => error.kind() == std::io::ErrorKind::ConnectionReset,
+        _ => false,
     }
 }
 
@@ -749,6 +781,9 @@ struct Attempts<'a> {
     chosen_at: Option<Instant>,
     /// Whether the request is a WebSocket handshake, which may get a 101.
     handshake: bool,
+    /// Whether the next attempt takes a new connection, as after a pooled
+    /// one that the target had closed.
+    fresh: bool,
 }
 
 impl<'a> Attempts<'a> {
@@ -804,6 +839,7 @@ impl<'a> Attempts<'a> {
             cut_short: false,
             chosen_at: Some(now),
             handshake,
+            fresh: false,
         })
     }
 
@@ -973,7 +1009,14 @@ impl<'a> Attempts<'a> {
                 return Some(Ok(response.map(|body| body.watched(in_flight, timeouts))));
             }
             Ok(Err(SendError::Client(refusal))) => return Some(Err(refusal)),
-            Ok(Err(SendError::Upstream { refusal, unsent })) => (refusal, unsent),
+            Ok(Err(SendError::Upstream {
+                refusal,
+                unsent,
+                stale,
+            })) => {
+                self.fresh = stale;
+                (refusal, unsent)
+            }
             Err(_)
                 if self
                     .body_progress

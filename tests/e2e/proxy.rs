@@ -1014,10 +1014,10 @@ async fn counted_scripted_upstream(
     (addr, accepted)
 }
 
-/// Starts a node with one serving thread, whose pool a request finds the
-/// last one's connection in, in front of a scripted upstream that sends
-/// `response` to every request; returns it with the upstream's count of
-/// accepted connections.
+/// Starts a node with one serving thread in front of a scripted upstream
+/// that sends `response` to every request. Returns the node and the
+/// upstream's count of accepted connections. With one thread, a request
+/// finds the last one's connection in the pool.
 async fn node_before(response: &'static [u8]) -> Result<(Node, Arc<AtomicUsize>)> {
     let (addr, accepted) = counted_scripted_upstream(response, false).await;
     let node = Node::start(&format!(
@@ -1120,6 +1120,56 @@ async fn retried_status_keeps_its_connection() -> Result {
         assert_eq!(got.body, "busy");
     }
     assert_eq!(accepted.load(Ordering::SeqCst), 1);
+    Ok(())
+}
+
+#[tokio::test]
+async fn retry_skips_stale_pooled_connections() -> Result {
+    // Each target responds to the first request on a connection and closes
+    // it when the next one arrives, as an upstream closing idle connections
+    // can, so both pools hold a connection that fails once used.
+    async fn closes_on_second_request() -> std::net::SocketAddr {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let mut buffer = [0u8; 4096];
+                    let mut head = Vec::new();
+                    while !head.windows(4).any(|window| window == b"\r\n\r\n") {
+                        match stream.read(&mut buffer).await {
+                            Ok(read @ 1..) => head.extend_from_slice(&buffer[..read]),
+                            _ => return,
+                        }
+                    }
+                    let response = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                    if stream.write_all(response).await.is_err() {
+                        return;
+                    }
+                    // The next request gets no response: the connection closes.
+                    let _ = stream.read(&mut buffer).await;
+                });
+            }
+        });
+        addr
+    }
+    let (a, b) = (
+        closes_on_second_request().await,
+        closes_on_second_request().await,
+    );
+    let node = Node::start(&format!(
+        "[node]\nthreads = 1\n\n[upstreams.app]\ntargets = [\"{a}\", \"{b}\"]\n\n\
+         [[routes]]\nname = \"all\"\nupstream = \"app\"\n"
+    ))?;
+    // The first two requests leave a connection in each target's pool. The
+    // third meets one of them closed, and its retry goes to the other
+    // target on a new connection instead of the other pooled one.
+    for _ in 0..3 {
+        let got = get(&node.url("/")).await?;
+        assert_eq!(got.status, 200, "{:?}", got.body);
+        assert_eq!(got.body, "ok");
+    }
     Ok(())
 }
 

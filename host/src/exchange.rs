@@ -108,9 +108,12 @@ impl Exchange {
                 .and_then(|value| value.to_str().ok())
                 .and_then(|value| value.parse().ok()),
         });
-        let request_id = node.request_ids.then(|| match client_id {
-            true => crate::trace::request_id(request.headers()),
-            false => crate::trace::new_request_id(),
+        let request_id = node.request_ids.then(|| {
+            if client_id {
+                crate::trace::request_id(request.headers())
+            } else {
+                crate::trace::new_request_id()
+            }
         });
         Exchange {
             started,

@@ -83,7 +83,7 @@ pub enum Error {
     RequestBodyLength,
 }
 
-/// What [`Connection::send`] sends.
+/// The request or request head that [`Connection::send`] writes.
 pub enum ToSend<'r, B> {
     /// A request, which the connection takes. It is boxed because it moves
     /// through the caller's futures.
@@ -93,8 +93,8 @@ pub enum ToSend<'r, B> {
     Head(&'r http::request::Parts),
 }
 
-/// A request that failed, with what was to be sent when none of it was,
-/// so that it may go out on another connection.
+/// A failed exchange. When none of the request was written, `unsent`
+/// contains it, so that it may go out on another connection.
 pub struct SendFailure<'r, B> {
     pub error: Error,
     pub unsent: Option<ToSend<'r, B>>,
@@ -184,7 +184,7 @@ impl Connection {
         let (mut parts, body) = match request {
             ToSend::Request(request) => request.into_parts(),
             ToSend::Head(parts) => {
-                let mut exchange = Exchange::start_head(self, parts);
+                let mut exchange = Exchange::begin(self, parts, false);
                 if let Err(error) = std::future::poll_fn(|cx| exchange.poll_flush(cx)).await {
                     let unsent = (!exchange.sent_any).then_some(ToSend::Head(parts));
                     return Err(SendFailure { error, unsent });
@@ -299,12 +299,8 @@ where
         }
     }
 
-    /// Encodes the head of a request without a body into the connection's
-    /// write buffer.
-    fn start_head(connection: Connection, parts: &http::request::Parts) -> Exchange<B> {
-        Exchange::begin(connection, parts, false)
-    }
-
+    /// Encodes the request head into the connection's write buffer, with
+    /// `Transfer-Encoding` only when a body follows.
     fn begin(mut connection: Connection, parts: &http::request::Parts, body_sent: bool) -> Self {
         connection.written = 0;
         connection.write.clear();
@@ -684,7 +680,7 @@ struct FramingFields {
     close: bool,
     keep_alive: bool,
     /// Whether `Connection` lists an option other than `close` and
-    /// `keep-alive`: the name of a field to remove.
+    /// `keep-alive`, which names a field to remove.
     connection_options: bool,
 }
 

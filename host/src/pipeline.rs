@@ -248,10 +248,12 @@ async fn serve(
         parts.headers.remove(name);
     }
     if route.observe.trace_context || node.spans.is_some() {
-        exchange.trace = Some(match fields.may_have(RequestFields::TRACEPARENT) {
-            true => TraceContext::from_request(&parts.headers),
-            false => TraceContext::start(),
-        });
+        let trace = if fields.may_have(RequestFields::TRACEPARENT) {
+            TraceContext::from_request(&parts.headers)
+        } else {
+            TraceContext::start()
+        };
+        exchange.trace = Some(trace);
     }
     if node.spans.is_some() {
         let mut spans = RequestSpans::new(exchange.started);
@@ -286,9 +288,10 @@ async fn serve(
     }
 
     // Refuse a body the route cannot take before anything else sees it.
-    let length = match fields.may_have(RequestFields::CONTENT_LENGTH) {
-        true => content_length(&parts.headers),
-        false => None,
+    let length = if fields.may_have(RequestFields::CONTENT_LENGTH) {
+        content_length(&parts.headers)
+    } else {
+        None
     };
     if let Some(length) = length {
         if length > route.max_body {
@@ -518,7 +521,9 @@ async fn serve(
             // The fields that `Connection` names are hop-by-hop in the
             // trailers too.
             let named = remove_hop_by_hop(response.headers_mut());
-            response.body_mut().remove_from_trailers(named);
+            response
+                .body_mut()
+                .remove_connection_options_from_trailers(named);
         }
     }
     single_content_length(response.headers_mut());

@@ -122,7 +122,7 @@ enum SendError {
     /// The target failed. `unsent` is the request when it never left the
     /// node, so it can go to another target whatever its method. `stale`
     /// is set when a pooled connection turned out closed by the target
-    /// after the request went out: a retry then takes a new connection.
+    /// after the request went out, so that a retry takes a new connection.
     Upstream {
         refusal: Refusal,
         unsent: Option<Box<Request<RequestBody>>>,
@@ -506,8 +506,8 @@ impl Upstream {
         if self.tls.is_none() && !handshake {
             return self.send_plain(target, request, progress, fresh).await;
         }
-        // hyper's client takes the request it sends. Only plain targets are
-        // lent a head (see `RetryHead`), but a copy would do here too.
+        // hyper's client takes the request it sends, so a lent head, which
+        // only plain targets get (see `RetryHead`), goes as a copy.
         let mut request = match request {
             ToSend::Request(request) => request,
             ToSend::Head(parts) => {
@@ -567,9 +567,12 @@ impl Upstream {
         // closed. One that fails on its first write returns the unsent
         // request, which then goes out on the next one.
         let keepalive = self.settings.keepalive_timeout;
-        let pooled = || match fresh {
-            true => None,
-            false => take_idle_plain(target.id, keepalive),
+        let pooled = || {
+            if fresh {
+                None
+            } else {
+                take_idle_plain(target.id, keepalive)
+            }
         };
         while let Some(connection) = pooled() {
             match connection.send(request).await {
@@ -1535,12 +1538,12 @@ impl PooledBody {
         let mut cx = Context::from_waker(Waker::noop());
         let mut budget: usize = 64 * 1024;
         while budget > 0 {
-            match Pin::new(&mut self).poll_frame(&mut cx) {
-                Poll::Ready(Some(Ok(frame))) => {
-                    budget = budget.saturating_sub(frame.data_ref().map_or(1, Bytes::len).max(1));
-                }
-                _ => return,
-            }
+            let Poll::Ready(Some(Ok(frame))) = Pin::new(&mut self).poll_frame(&mut cx) else {
+                return;
+            };
+            // A trailers frame counts as one byte, so the loop always ends.
+            let size = frame.data_ref().map_or(0, Bytes::len);
+            budget = budget.saturating_sub(size.max(1));
         }
     }
 
@@ -1572,7 +1575,7 @@ impl PooledState {
 
     /// Removes these names, those that the response head's `Connection`
     /// gave, from the body's trailers.
-    pub fn remove_from_trailers(&mut self, names: Vec<HeaderName>) {
+    pub fn remove_connection_options_from_trailers(&mut self, names: Vec<HeaderName>) {
         self.connection_named = names;
     }
 
